@@ -1,1 +1,110 @@
-fn main() {}
+//! Command line of `omni-gateway`. Flags are the highest configuration layer;
+//! everything else comes from `.env` and the environment (see `config`).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::Parser;
+use omni_gateway::config::{Config, Layers, VARS};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "omni-gateway",
+    version,
+    about = "Runs Omni: an embedded PostgreSQL and the API worker, supervised, behind one port.",
+    after_help = after_help()
+)]
+struct Cli {
+    /// Address to listen on [OMNI_HOST]
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on [OMNI_PORT]
+    #[arg(long, short)]
+    port: Option<String>,
+    /// PostgreSQL data directory [PGSERVE_DATA_DIR]
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Embedded PostgreSQL port, 0 = any free one [PGSERVE_PORT]
+    #[arg(long)]
+    pg_port: Option<String>,
+    /// Throw-away cluster in RAM [PGSERVE_MEMORY_MODE]
+    #[arg(long)]
+    memory: bool,
+    /// Directory with postgres and initdb [PGSERVE_BIN_DIR]
+    #[arg(long)]
+    bin_dir: Option<String>,
+    /// External PostgreSQL instead of the embedded one [DATABASE_URL]
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Any variable of .env.example, e.g. --set OMNI_BACKUP_KEEP=3 (repeatable)
+    #[arg(long = "set", value_name = "VAR=VALUE")]
+    set: Vec<String>,
+}
+
+fn after_help() -> String {
+    let mut s = String::from("Configuration variables (flag > environment > .env > onboarding settings > default):\n");
+    for v in VARS {
+        let default = if v.default.is_empty() { String::new() } else { format!(" [default: {}]", v.default) };
+        s.push_str(&format!("  {:<30} {}{}\n", v.name, v.help, default));
+    }
+    s
+}
+
+impl Cli {
+    fn flags(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut m = BTreeMap::new();
+        let pairs = [
+            ("OMNI_HOST", &self.host),
+            ("OMNI_PORT", &self.port),
+            ("PGSERVE_DATA_DIR", &self.data_dir),
+            ("PGSERVE_PORT", &self.pg_port),
+            ("PGSERVE_BIN_DIR", &self.bin_dir),
+            ("DATABASE_URL", &self.database_url),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v.clone());
+            }
+        }
+        if self.memory {
+            m.insert("PGSERVE_MEMORY_MODE".into(), "true".into());
+        }
+        for kv in &self.set {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("--set {kv:?}: expected VAR=VALUE"))?;
+            m.insert(k.trim().to_string(), v.to_string());
+        }
+        Ok(m)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("omni-gateway: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    omni_gateway::logging::init(&config.log_level, config.json_logs);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("omni-gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(omni_gateway::app::run(config)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
+    let layers = Layers::from_process(&cwd, cli.flags()?).map_err(|e| e.to_string())?;
+    Config::parse(layers, &cwd).map_err(|e| e.to_string())
+}

@@ -1,0 +1,505 @@
+//! Configuration: every setting the gateway reads, where it came from, and
+//! what it means.
+//!
+//! Precedence, lowest first: built-in default < settings saved by onboarding
+//! (`OMNI_SETTINGS_FILE`) < `.env` in the working directory < process
+//! environment < command-line flag. Each value remembers its origin so the
+//! startup log and error messages can say *why* a value is what it is: an
+//! operator who gets an unexpected data directory must be able to see which
+//! layer chose it.
+//!
+//! Parsing is strict: a port that is not a number or a boolean that is not
+//! one of the usual spellings stops the program with a message that names the
+//! variable. Relative paths are made absolute against the working directory
+//! once, here, so nothing later depends on the working directory again.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One configurable variable: its name, default, and the line of help that
+/// `.env.example` and `--help` show.
+pub struct Var {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every variable the gateway understands, in the order `.env.example` lists
+/// them. Keeping them in one table is what keeps `.env.example`, `--help` and
+/// the parser from drifting apart (a unit test checks `.env.example`).
+pub const VARS: &[Var] = &[
+    Var { name: "OMNI_HOST", default: "127.0.0.1", help: "address the gateway listens on (0.0.0.0 in containers)" },
+    Var { name: "OMNI_PORT", default: "8882", help: "port the gateway listens on (browser UI and /api)" },
+    Var { name: "OMNI_API_KEY", default: "", help: "key for protected endpoints; generated on first start when empty" },
+    Var { name: "OMNI_UI_DIR", default: "./ui-dist", help: "directory holding the browser UI files" },
+    Var { name: "OMNI_API_BIN", default: "", help: "path of the omni-api worker binary; default: next to omni-gateway" },
+    Var { name: "OMNI_SETTINGS_FILE", default: "./data/omni-settings.json", help: "storage settings saved by onboarding, read at the next start" },
+    Var { name: "PGSERVE_PORT", default: "5432", help: "embedded PostgreSQL TCP port, bound to 127.0.0.1 only; 0 picks a free one" },
+    Var { name: "PGSERVE_DATA_DIR", default: "./data/postgres", help: "persistent PostgreSQL cluster directory" },
+    Var { name: "PGSERVE_MEMORY_MODE", default: "false", help: "throw-away cluster in RAM (tmpfs), deleted at exit" },
+    Var { name: "PGSERVE_REQUIRE_EXISTING", default: "false", help: "refuse to create a new cluster: fail if the data dir holds none" },
+    Var { name: "PGSERVE_BIN_DIR", default: "", help: "directory holding postgres, initdb, pg_dump, psql; found automatically when empty" },
+    Var { name: "PGSERVE_USER", default: "postgres", help: "unprivileged account PostgreSQL runs as when the gateway runs as root" },
+    Var { name: "PGSERVE_REPLICATION_URL", default: "", help: "external PostgreSQL to replicate to (logical replication)" },
+    Var { name: "PGSERVE_REPLICATION_DATABASES", default: "", help: "comma-separated database names to replicate, * wildcard" },
+    Var { name: "DATABASE_URL", default: "", help: "use this external PostgreSQL instead of the embedded one" },
+    Var { name: "OMNI_BACKUP_DIR", default: "./data/backups", help: "directory for backup files" },
+    Var { name: "OMNI_BACKUP_INTERVAL", default: "", help: "scheduled backups, e.g. 6h or 1d; empty = off" },
+    Var { name: "OMNI_BACKUP_KEEP", default: "7", help: "how many backups scheduled retention keeps" },
+    Var { name: "OMNI_RESTART_BACKOFF_MS", default: "100", help: "first restart delay of a crashed child; doubles per consecutive crash" },
+    Var { name: "OMNI_RESTART_BACKOFF_MAX_MS", default: "30000", help: "longest restart delay" },
+    Var { name: "OMNI_CRASH_LOOP_LIMIT", default: "6", help: "consecutive quick crashes after which a child is left in the failed state" },
+    Var { name: "OMNI_STABLE_AFTER_S", default: "30", help: "a child up this long is stable: its crash counter resets" },
+    Var { name: "OMNI_STOP_TIMEOUT_S", default: "20", help: "how long a child may take to stop before it is killed" },
+    Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
+    Var { name: "LOG_FORMAT", default: "pretty", help: "pretty for people, json for machines" },
+];
+
+/// Which layer supplied a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    SettingsFile,
+    DotEnv,
+    Environment,
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Default => "default",
+            Origin::SettingsFile => "settings file",
+            Origin::DotEnv => ".env",
+            Origin::Environment => "environment",
+            Origin::Flag => "command line",
+        })
+    }
+}
+
+/// A configuration mistake, worded for the operator who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}={value:?} (from {origin}): {problem}")]
+    Invalid { var: &'static str, value: String, origin: Origin, problem: String },
+    #[error("could not read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} line {line}: {problem}")]
+    DotEnv { path: PathBuf, line: usize, problem: String },
+    #[error("unknown setting {0:?}: see .env.example for the list")]
+    UnknownFlag(String),
+}
+
+/// The raw layers, before parsing. Built once at start.
+#[derive(Default, Debug, Clone)]
+pub struct Layers {
+    pub settings_file: BTreeMap<String, String>,
+    pub dotenv: BTreeMap<String, String>,
+    pub environment: BTreeMap<String, String>,
+    pub flags: BTreeMap<String, String>,
+}
+
+impl Layers {
+    /// Reads the process environment and `.env` (if present) from `cwd`.
+    pub fn from_process(cwd: &Path, flags: BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        for key in flags.keys() {
+            if !VARS.iter().any(|v| v.name == key) {
+                return Err(ConfigError::UnknownFlag(key.clone()));
+            }
+        }
+        let environment = VARS
+            .iter()
+            .filter_map(|v| std::env::var(v.name).ok().map(|val| (v.name.to_string(), val)))
+            .collect();
+        let dotenv = read_dotenv(&cwd.join(".env"))?;
+        Ok(Layers { settings_file: BTreeMap::new(), dotenv, environment, flags })
+    }
+
+    /// The effective raw value of `name` and which layer supplied it.
+    pub fn lookup(&self, name: &'static str) -> (String, Origin) {
+        let layers = [
+            (&self.flags, Origin::Flag),
+            (&self.environment, Origin::Environment),
+            (&self.dotenv, Origin::DotEnv),
+            (&self.settings_file, Origin::SettingsFile),
+        ];
+        for (map, origin) in layers {
+            if let Some(v) = map.get(name) {
+                return (v.clone(), origin);
+            }
+        }
+        let default = VARS.iter().find(|v| v.name == name).map(|v| v.default).unwrap_or_else(|| panic!("{name} is not in config::VARS"));
+        (default.to_string(), Origin::Default)
+    }
+}
+
+/// Parses a `.env` file: `KEY=value` lines, `#` comments, optional `export`,
+/// single or double quotes. Unknown keys are kept (they may be meant for the
+/// worker) but only known ones are ever looked up.
+fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+    };
+    let mut out = BTreeMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(ConfigError::DotEnv { path: path.to_path_buf(), line: i + 1, problem: "expected KEY=value".into() });
+        };
+        let value = value.trim();
+        let value = if value.len() >= 2
+            && ((value.starts_with('"') && value.ends_with('"')) || (value.starts_with('\'') && value.ends_with('\'')))
+        {
+            &value[1..value.len() - 1]
+        } else {
+            // An unquoted value may carry a trailing comment.
+            value.split(" #").next().unwrap_or("").trim()
+        };
+        out.insert(key.trim().to_string(), value.to_string());
+    }
+    Ok(out)
+}
+
+/// A parsed value together with where it came from.
+#[derive(Debug, Clone)]
+pub struct Sourced<T> {
+    pub value: T,
+    pub origin: Origin,
+}
+
+/// Where PostgreSQL comes from.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// A cluster this gateway runs as its child.
+    Embedded(EmbeddedConfig),
+    /// An external server (`DATABASE_URL`): the gateway supervises only the worker.
+    External { url: String },
+}
+
+/// Settings of the embedded cluster.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// Absolute path of the persistent cluster; unused in memory mode.
+    pub data_dir: Sourced<PathBuf>,
+    /// 0 asks for a free port.
+    pub port: Sourced<u16>,
+    pub memory_mode: bool,
+    pub require_existing: bool,
+    pub bin_dir: Option<PathBuf>,
+    /// Account to run PostgreSQL as when the gateway is root.
+    pub run_as: String,
+}
+
+/// How the supervisor treats crashing children.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub crash_loop_limit: u32,
+    pub stable_after: Duration,
+    pub stop_timeout: Duration,
+}
+
+/// Everything the gateway needs, parsed and absolute.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub ui_dir: PathBuf,
+    pub api_bin: Option<PathBuf>,
+    pub settings_file: PathBuf,
+    pub database: Database,
+    pub backup_dir: PathBuf,
+    pub backup_interval: Option<Duration>,
+    pub backup_keep: u32,
+    pub restart: RestartPolicy,
+    pub log_level: String,
+    pub json_logs: bool,
+    /// Working directory at start; every relative path was resolved against it.
+    pub cwd: PathBuf,
+}
+
+struct Parser<'a> {
+    layers: &'a Layers,
+    cwd: &'a Path,
+}
+
+impl Parser<'_> {
+    fn raw(&self, var: &'static str) -> (String, Origin) {
+        self.layers.lookup(var)
+    }
+
+    fn invalid(&self, var: &'static str, problem: impl Into<String>) -> ConfigError {
+        let (value, origin) = self.raw(var);
+        ConfigError::Invalid { var, value, origin, problem: problem.into() }
+    }
+
+    fn string(&self, var: &'static str) -> Option<String> {
+        let (v, _) = self.raw(var);
+        (!v.trim().is_empty()).then(|| v.trim().to_string())
+    }
+
+    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
+        match self.raw(var).0.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" | "" => Ok(false),
+            _ => Err(self.invalid(var, "expected true or false (also accepted: 1/0, yes/no, on/off)")),
+        }
+    }
+
+    fn number<T: std::str::FromStr>(&self, var: &'static str, what: &str) -> Result<T, ConfigError> {
+        self.raw(var).0.trim().parse().map_err(|_| self.invalid(var, format!("expected {what}")))
+    }
+
+    fn port(&self, var: &'static str, allow_zero: bool) -> Result<Sourced<u16>, ConfigError> {
+        let (_, origin) = self.raw(var);
+        let value: u16 = self.number(var, "a port number from 1 to 65535")?;
+        if value == 0 && !allow_zero {
+            return Err(self.invalid(var, "port 0 is not allowed here; expected 1 to 65535"));
+        }
+        Ok(Sourced { value, origin })
+    }
+
+    fn path(&self, var: &'static str) -> Sourced<PathBuf> {
+        let (raw, origin) = self.raw(var);
+        Sourced { value: absolute(self.cwd, Path::new(raw.trim())), origin }
+    }
+
+    fn optional_path(&self, var: &'static str) -> Option<PathBuf> {
+        self.string(var).map(|s| absolute(self.cwd, Path::new(&s)))
+    }
+
+    fn millis(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(self.number(var, "a whole number of milliseconds")?))
+    }
+
+    fn seconds(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_secs(self.number(var, "a whole number of seconds")?))
+    }
+}
+
+/// Joins `p` onto `cwd` when relative and removes `.` components, without
+/// touching the filesystem (the path may not exist yet).
+pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Parses `6h`, `30m`, `1d`, `45s` or `90` (seconds).
+pub fn parse_interval(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+impl Config {
+    /// Parses all layers. `settings_file` contents are loaded here too, since
+    /// where that file lives is itself configurable.
+    pub fn parse(mut layers: Layers, cwd: &Path) -> Result<Config, ConfigError> {
+        let settings_path = Parser { layers: &layers, cwd }.path("OMNI_SETTINGS_FILE").value;
+        layers.settings_file = read_settings_file(&settings_path)?;
+        let p = Parser { layers: &layers, cwd };
+
+        let host: IpAddr = p.number("OMNI_HOST", "an IP address such as 127.0.0.1 or 0.0.0.0")?;
+        let port = p.port("OMNI_PORT", false)?.value;
+        let database = match p.string("DATABASE_URL") {
+            Some(url) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(p.invalid("DATABASE_URL", "expected a URL starting with postgres:// or postgresql://"));
+                }
+                Database::External { url }
+            }
+            None => Database::Embedded(EmbeddedConfig {
+                data_dir: p.path("PGSERVE_DATA_DIR"),
+                port: p.port("PGSERVE_PORT", true)?,
+                memory_mode: p.bool("PGSERVE_MEMORY_MODE")?,
+                require_existing: p.bool("PGSERVE_REQUIRE_EXISTING")?,
+                bin_dir: p.optional_path("PGSERVE_BIN_DIR"),
+                run_as: p.string("PGSERVE_USER").unwrap_or_else(|| "postgres".into()),
+            }),
+        };
+        let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {
+            None => None,
+            Some(s) => Some(parse_interval(&s).ok_or_else(|| p.invalid("OMNI_BACKUP_INTERVAL", "expected a duration such as 30m, 6h or 1d"))?),
+        };
+        let log_format = p.raw("LOG_FORMAT").0.trim().to_ascii_lowercase();
+        let json_logs = match log_format.as_str() {
+            "json" => true,
+            "pretty" | "" => false,
+            _ => return Err(p.invalid("LOG_FORMAT", "expected pretty or json")),
+        };
+        let restart = RestartPolicy {
+            backoff_initial: p.millis("OMNI_RESTART_BACKOFF_MS")?,
+            backoff_max: p.millis("OMNI_RESTART_BACKOFF_MAX_MS")?,
+            crash_loop_limit: p.number("OMNI_CRASH_LOOP_LIMIT", "a whole number of crashes")?,
+            stable_after: p.seconds("OMNI_STABLE_AFTER_S")?,
+            stop_timeout: p.seconds("OMNI_STOP_TIMEOUT_S")?,
+        };
+        if restart.crash_loop_limit == 0 {
+            return Err(p.invalid("OMNI_CRASH_LOOP_LIMIT", "must be at least 1"));
+        }
+        Ok(Config {
+            host,
+            port,
+            api_key: p.string("OMNI_API_KEY"),
+            ui_dir: p.path("OMNI_UI_DIR").value,
+            api_bin: p.optional_path("OMNI_API_BIN"),
+            settings_file: settings_path,
+            database,
+            backup_dir: p.path("OMNI_BACKUP_DIR").value,
+            backup_interval,
+            backup_keep: p.number("OMNI_BACKUP_KEEP", "a whole number of backups")?,
+            restart,
+            log_level: p.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
+            json_logs,
+            cwd: cwd.to_path_buf(),
+        })
+    }
+}
+
+/// Onboarding writes storage settings as a JSON object of variable names to
+/// string values (written by the worker's `POST /setup/initialize`).
+fn read_settings_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+    };
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).map_err(|e| ConfigError::DotEnv {
+        path: path.to_path_buf(),
+        line: e.line(),
+        problem: format!("not a JSON object of settings ({e}); fix or delete the file"),
+    })?;
+    Ok(map
+        .into_iter()
+        .filter(|(k, _)| VARS.iter().any(|v| v.name == k))
+        .map(|(k, v)| {
+            let s = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, s)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(env: &[(&str, &str)]) -> Layers {
+        Layers {
+            environment: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn parse(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse(layers(env), Path::new("/srv/omni"))
+    }
+
+    #[test]
+    fn defaults_resolve_relative_paths_against_the_working_directory() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.port, 8882);
+        let Database::Embedded(e) = c.database else { panic!("embedded by default") };
+        assert_eq!(e.data_dir.value, PathBuf::from("/srv/omni/data/postgres"));
+        assert_eq!(e.data_dir.origin, Origin::Default);
+        assert_eq!(e.port.value, 5432);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("OMNI_PORT", "http"),
+            ("PGSERVE_PORT", "70000"),
+            ("PGSERVE_MEMORY_MODE", "maybe"),
+            ("OMNI_HOST", "localhost:1"),
+            ("LOG_FORMAT", "xml"),
+            ("OMNI_BACKUP_INTERVAL", "often"),
+            ("DATABASE_URL", "mysql://x"),
+        ] {
+            let err = parse(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.starts_with(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn flag_beats_environment_beats_dotenv_beats_settings_file() {
+        let mut l = layers(&[("OMNI_PORT", "2")]);
+        l.flags.insert("OMNI_PORT".into(), "1".into());
+        l.dotenv.insert("OMNI_PORT".into(), "3".into());
+        l.settings_file.insert("OMNI_PORT".into(), "4".into());
+        assert_eq!(l.lookup("OMNI_PORT"), ("1".into(), Origin::Flag));
+        l.flags.clear();
+        assert_eq!(l.lookup("OMNI_PORT"), ("2".into(), Origin::Environment));
+        l.environment.clear();
+        assert_eq!(l.lookup("OMNI_PORT"), ("3".into(), Origin::DotEnv));
+        l.dotenv.clear();
+        assert_eq!(l.lookup("OMNI_PORT"), ("4".into(), Origin::SettingsFile));
+    }
+
+    #[test]
+    fn dotenv_understands_quotes_comments_and_export() {
+        let dir = std::env::temp_dir().join(format!("omni-dotenv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(".env");
+        std::fs::write(&f, "# comment\nexport OMNI_PORT=9000 # inline\nPGSERVE_DATA_DIR=\"/a b\"\n\nLOG_LEVEL='debug'\n").unwrap();
+        let m = read_dotenv(&f).unwrap();
+        assert_eq!(m["OMNI_PORT"], "9000");
+        assert_eq!(m["PGSERVE_DATA_DIR"], "/a b");
+        assert_eq!(m["LOG_LEVEL"], "debug");
+        std::fs::write(&f, "NOEQUALS\n").unwrap();
+        assert!(read_dotenv(&f).unwrap_err().to_string().contains("line 1"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("6h"), Some(Duration::from_secs(21_600)));
+        assert_eq!(parse_interval("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_interval("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_interval("0h"), None);
+        assert_eq!(parse_interval("h"), None);
+    }
+
+    #[test]
+    fn env_example_lists_every_variable_with_its_default() {
+        let text = include_str!("../../.env.example");
+        for v in VARS {
+            let line = format!("{}={}", v.name, v.default);
+            assert!(text.lines().any(|l| l.trim_start_matches("# ").trim() == line), ".env.example lacks `{line}`");
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The embedded cluster: its directory, credentials, and the checks that run
+//! before `postgres` may start on it.
+//!
+//! Safety rules this module keeps (SPEC §3):
+//! * a persistent data directory is never deleted, whatever state it is in;
+//! * a new cluster is created only in a missing or empty directory, and never
+//!   with `PGSERVE_REQUIRE_EXISTING`;
+//! * a `postmaster.pid` of a live PostgreSQL on this directory is never
+//!   touched: the start is refused. A stale one (dead pid, or a pid reused by
+//!   an unrelated process) is removed;
+//! * a cluster of another major version is refused with upgrade instructions;
+//! * the superuser password is random, kept in a 0600 file next to the cluster.
+//!
+//! Memory mode lives in tmpfs and is copied from a cached pristine template
+//! cluster, which is what makes it faster than running `initdb`.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rand::distributions::{Alphanumeric, DistString};
+
+use super::binaries::Binaries;
+use crate::child::{self, ChildSpec};
+use crate::config::{EmbeddedConfig, Origin};
+use crate::privilege::{self, Account};
+
+/// The database the API worker uses.
+pub const APP_DATABASE: &str = "omni";
+/// The superuser initdb creates.
+pub const SUPERUSER: &str = "postgres";
+/// Prefix of memory-mode cluster directories in tmpfs; the gateway's pid follows.
+const MEMORY_PREFIX: &str = "omni-gateway-mem-";
+
+/// A cluster ready to be started (and restarted) by the supervisor.
+#[derive(Debug)]
+pub struct Cluster {
+    pub binaries: Binaries,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    pub password: String,
+    /// Private directory for the Unix socket (short path, mode 0700).
+    pub socket_dir: PathBuf,
+    pub account: Account,
+    pub memory_mode: bool,
+}
+
+impl Cluster {
+    /// Connection URL for `database` over loopback TCP.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}", self.password, self.port)
+    }
+
+    /// tokio-postgres connection settings for health checks.
+    pub fn pg_config(&self, database: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.port)
+            .user(SUPERUSER)
+            .password(&self.password)
+            .dbname(database)
+            .application_name("omni-gateway")
+            .connect_timeout(std::time::Duration::from_secs(2));
+        c
+    }
+
+    /// How to run `postgres` on this cluster; called for every (re)start.
+    pub fn postgres_spec(&self) -> ChildSpec {
+        let mut spec = ChildSpec::new("postgres", self.binaries.postgres())
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(&self.socket_dir)
+            .arg("-c")
+            .arg("listen_addresses=127.0.0.1")
+            .arg("-c")
+            .arg("unix_socket_permissions=0700");
+        if self.memory_mode {
+            // The cluster is thrown away at exit; durability buys nothing.
+            for setting in ["fsync=off", "synchronous_commit=off", "full_page_writes=off"] {
+                spec = spec.arg("-c").arg(setting);
+            }
+        }
+        spec.run_as = self.account.run_as();
+        // Immediate shutdown of the whole cluster if the gateway vanishes.
+        spec.death_signal = nix::sys::signal::Signal::SIGQUIT;
+        spec.env_remove = ["PGDATA", "PGPORT", "PGHOST"].iter().map(Into::into).collect();
+        spec
+    }
+
+    /// Checks that must pass before every start of `postgres`.
+    pub fn preflight(&self) -> Result<()> {
+        clear_stale_pid_file(&self.data_dir)?;
+        check_port_free(self.port)
+    }
+
+    /// Removes what exists only for this run: the socket directory, and in
+    /// memory mode the whole cluster.
+    pub fn cleanup(&self) {
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
+        if self.memory_mode {
+            if let Err(e) = std::fs::remove_dir_all(&self.data_dir) {
+                tracing::warn!("could not remove memory-mode cluster {}: {e}", self.data_dir.display());
+            }
+            let _ = std::fs::remove_file(password_file(&self.data_dir));
+        }
+    }
+}
+
+/// `<data_dir>.password`, next to the cluster rather than inside it, so a
+/// copy of the data directory does not carry the credential.
+pub fn password_file(data_dir: &Path) -> PathBuf {
+    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".password");
+    data_dir.with_file_name(name)
+}
+
+/// Brings a cluster to the point where `postgres` can start: finds or creates
+/// it, checks version, ownership and pid file, and picks the port.
+pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster> {
+    let account = privilege::postgres_account(&cfg.run_as)?;
+    if account.switch {
+        tracing::info!("running as root: PostgreSQL will run as user {} (uid {})", account.name, account.uid);
+    }
+    let port = match cfg.port.value {
+        0 => pick_free_port()?,
+        p => p,
+    };
+    let socket_dir = make_socket_dir(&account)?;
+    let (data_dir, password) = if cfg.memory_mode {
+        prepare_memory(&binaries, &account).await?
+    } else {
+        prepare_persistent(cfg, &binaries, &account).await?
+    };
+    let cluster = Cluster { binaries, data_dir, port, password, socket_dir, account, memory_mode: cfg.memory_mode };
+    if let Err(e) = check_port_free(port) {
+        cluster.cleanup();
+        return Err(e);
+    }
+    Ok(cluster)
+}
+
+async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
+    let dir = &cfg.data_dir.value;
+    let origin = match cfg.data_dir.origin {
+        Origin::Default => "default; set PGSERVE_DATA_DIR to change".to_string(),
+        o => format!("PGSERVE_DATA_DIR from {o}"),
+    };
+    tracing::info!("data directory: {} ({origin})", dir.display());
+    let has_cluster = dir.join("PG_VERSION").is_file();
+    let pw_file = password_file(dir);
+    if has_cluster {
+        check_version(dir, binaries)?;
+        clear_stale_pid_file(dir)?;
+        privilege::check_reachable(dir, account)?;
+        if account.switch {
+            privilege::chown_tree(dir, account)?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("could not set mode 0700 on {}", dir.display()))?;
+        let password = std::fs::read_to_string(&pw_file)
+            .with_context(|| {
+                format!(
+                    "the cluster at {} exists but its password file {} cannot be read. Restore the file, \
+                     or reset the password (`ALTER USER postgres PASSWORD '…'`) and write it there with mode 0600",
+                    dir.display(),
+                    pw_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        return Ok((dir.clone(), password));
+    }
+    if cfg.require_existing {
+        bail!(
+            "PGSERVE_REQUIRE_EXISTING is set and {} holds no PostgreSQL cluster (no PG_VERSION file). \
+             Point PGSERVE_DATA_DIR at the existing cluster (the working directory is {}), or unset PGSERVE_REQUIRE_EXISTING to create a new one",
+            dir.display(),
+            std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default()
+        );
+    }
+    if dir.exists() && std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some() {
+        bail!(
+            "{} is not empty but holds no PostgreSQL cluster (no PG_VERSION file); refusing to touch it. \
+             Point PGSERVE_DATA_DIR at an empty or missing directory, or at an existing cluster",
+            dir.display()
+        );
+    }
+    let started = Instant::now();
+    tracing::info!("initializing a new PostgreSQL {} cluster at {}", binaries.major, dir.display());
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).with_context(|| format!("could not create {}", dir.display()))?;
+    privilege::check_reachable(dir, account)?;
+    privilege::chown_tree(dir, account)?;
+    let password = random_password();
+    run_initdb(binaries, dir, &password, account, false).await?;
+    write_secret(&pw_file, &password)?;
+    tracing::info!("cluster initialized in {} ms", started.elapsed().as_millis());
+    Ok((dir.clone(), password))
+}
+
+async fn prepare_memory(binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
+    let base = tmpfs_base();
+    remove_memory_leftovers(&base);
+    let dir = base.join(format!("{MEMORY_PREFIX}{}", std::process::id()));
+    let (template, password) = ensure_template(binaries, account).await?;
+    let started = Instant::now();
+    copy_tree(&template, &dir).with_context(|| format!("could not copy the template cluster into {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    privilege::chown_tree(&dir, account)?;
+    write_secret(&password_file(&dir), &password)?;
+    tracing::info!("memory mode: throw-away cluster at {} (copied from template in {} ms)", dir.display(), started.elapsed().as_millis());
+    Ok((dir, password))
+}
+
+/// Where memory-mode clusters live: tmpfs where Linux has one.
+fn tmpfs_base() -> PathBuf {
+    #[cfg(target_os = "linux")]
+    {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            return shm.to_path_buf();
+        }
+    }
+    std::env::temp_dir()
+}
+
+/// Deletes memory-mode clusters whose gateway is gone (a crash or `kill -9`
+/// leaves them behind). Only directories with our prefix and a dead or foreign
+/// owner pid are touched.
+fn remove_memory_leftovers(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(MEMORY_PREFIX).and_then(|rest| rest.trim_end_matches(".password").parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == std::process::id() || is_omni_gateway(pid) {
+            continue;
+        }
+        tracing::info!("removing memory-mode leftovers of an earlier run: {}", entry.path().display());
+        let path = entry.path();
+        let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+    }
+}
+
+fn is_omni_gateway(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("omni-gateway"))
+        .unwrap_or(false)
+}
+
+/// A pristine cluster (with the app database) cached per PostgreSQL build, so
+/// memory mode copies instead of running `initdb` every time. Layout:
+/// `<cache>/template-<version>/{cluster/, password}`, built elsewhere and
+/// published by one atomic rename, so concurrent gateways never see half of one.
+async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
+    let cache = cache_dir();
+    let key: String = binaries.version.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+    let template = cache.join(format!("template-{key}"));
+    if let Ok(password) = std::fs::read_to_string(template.join("password")) {
+        if template.join("cluster/PG_VERSION").is_file() {
+            return Ok((template.join("cluster"), password.trim().to_string()));
+        }
+    }
+    tracing::info!("memory mode: building a template cluster once at {} (later starts copy it)", template.display());
+    std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&cache).with_context(|| format!("could not create cache dir {}", cache.display()))?;
+    let work = cache.join(format!("building-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::DirBuilder::new().mode(0o711).create(&work)?;
+    let cluster = work.join("cluster");
+    std::fs::DirBuilder::new().mode(0o700).create(&cluster)?;
+    privilege::check_reachable(&cluster, account)?;
+    privilege::chown_tree(&cluster, account)?;
+    let password = random_password();
+    run_initdb(binaries, &cluster, &password, account, true).await?;
+    create_app_database_offline(binaries, &cluster, account).await?;
+    write_secret(&work.join("password"), &password)?;
+    if std::fs::rename(&work, &template).is_err() {
+        // Another gateway published first; use its template.
+        let _ = std::fs::remove_dir_all(&work);
+        let password = std::fs::read_to_string(template.join("password")).context("reading the template cluster's password")?;
+        return Ok((template.join("cluster"), password.trim().to_string()));
+    }
+    Ok((template.join("cluster"), password))
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("omni-gateway");
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from("/var/cache/omni-gateway");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/omni-gateway"),
+        None => std::env::temp_dir().join("omni-gateway-cache"),
+    }
+}
+
+/// Creates the app database in a template by running `postgres --single`,
+/// which needs no port and no connection.
+async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &Account) -> Result<()> {
+    let mut spec = ChildSpec::new("postgres --single", binaries.postgres()).arg("--single").arg("-D").arg(dir).arg("postgres");
+    spec.run_as = account.run_as();
+    spec.log_output = false;
+    let mut std_cmd = spec_to_input_command(&spec);
+    let mut child = std_cmd.spawn().context("could not run postgres --single")?;
+    child.stdin.take().expect("piped").write_all(format!("CREATE DATABASE {APP_DATABASE};\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("creating the app database in the template failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A short-lived helper command with piped stdin, run as `spec.run_as`.
+fn spec_to_input_command(spec: &ChildSpec) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(&spec.program);
+    cmd.args(&spec.args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    if let Some((uid, gid)) = spec.run_as {
+        cmd.gid(gid).uid(uid);
+    }
+    cmd
+}
+
+/// Runs `initdb`: UTF-8, scram passwords for every connection, superuser `postgres`.
+async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool) -> Result<()> {
+    // initdb reads the password from a file it can open as the target user.
+    let pw_tmp = dir.with_file_name(format!(".initdb-pw-{}", std::process::id()));
+    write_secret(&pw_tmp, password)?;
+    if account.switch {
+        std::os::unix::fs::chown(&pw_tmp, Some(account.uid), Some(account.gid))?;
+    }
+    let mut spec = ChildSpec::new("initdb", binaries.initdb())
+        .arg("-D")
+        .arg(dir)
+        .arg("--username")
+        .arg(SUPERUSER)
+        .arg("--encoding=UTF8")
+        .arg("--locale=C")
+        .arg("--auth=scram-sha-256")
+        .arg(format!("--pwfile={}", pw_tmp.display()));
+    if no_sync {
+        spec = spec.arg("--no-sync");
+    }
+    spec.run_as = account.run_as();
+    spec.env_remove = vec!["PGDATA".into()];
+    let status = child::spawn(spec).await.context("could not run initdb")?.wait().await;
+    let _ = std::fs::remove_file(&pw_tmp);
+    let status = status?;
+    if !status.success() {
+        bail!("initdb failed ({status}); its output is in the log above. The directory {} was left as it is for inspection", dir.display());
+    }
+    Ok(())
+}
+
+/// Compares the cluster's `PG_VERSION` with the binaries' major version.
+pub fn check_version(dir: &Path, binaries: &Binaries) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join("PG_VERSION")).with_context(|| format!("reading {}/PG_VERSION", dir.display()))?;
+    let cluster_major: u32 = text.trim().split('.').next().unwrap_or("").parse().with_context(|| format!("{}/PG_VERSION holds {:?}, not a version", dir.display(), text.trim()))?;
+    if cluster_major != binaries.major {
+        bail!(
+            "the cluster at {dir} was created by PostgreSQL {cluster_major}, but the binaries in {bin} are PostgreSQL {major}; nothing was changed. \
+             Either set PGSERVE_BIN_DIR to PostgreSQL {cluster_major} binaries, or upgrade the cluster: \
+             back it up (`pg_dumpall` with the old binaries), or run `pg_upgrade --old-bindir <PostgreSQL {cluster_major} bin> --new-bindir {bin} --old-datadir {dir} --new-datadir <new dir>` and point PGSERVE_DATA_DIR at the new directory",
+            dir = dir.display(),
+            bin = binaries.dir.display(),
+            major = binaries.major,
+        );
+    }
+    Ok(())
+}
+
+/// Handles `postmaster.pid`: refuses when a live PostgreSQL owns this
+/// directory, removes the file when its pid is dead or belongs to some other
+/// process (pid reuse after a crash or reboot).
+pub fn clear_stale_pid_file(dir: &Path) -> Result<()> {
+    let pid_file = dir.join("postmaster.pid");
+    let Ok(text) = std::fs::read_to_string(&pid_file) else { return Ok(()) };
+    let pid: i32 = text.lines().next().unwrap_or("").trim().parse().unwrap_or(0);
+    if pid > 0 && postgres_owns(pid, dir) {
+        bail!(
+            "PostgreSQL (pid {pid}) is already running on {}; refusing to start a second one on the same data directory. \
+             Stop that server (or the gateway that runs it) first, or use another PGSERVE_DATA_DIR",
+            dir.display()
+        );
+    }
+    tracing::warn!("removing stale {} (pid {pid} is not a PostgreSQL of this data directory)", pid_file.display());
+    std::fs::remove_file(&pid_file).with_context(|| format!("could not remove stale {}", pid_file.display()))?;
+    Ok(())
+}
+
+/// Whether `pid` is a live PostgreSQL whose data directory is `dir`.
+/// The postmaster changes its working directory to the data directory, so
+/// `/proc/<pid>/cwd` tells us without trusting the pid file's contents.
+#[cfg(target_os = "linux")]
+fn postgres_owns(pid: i32, dir: &Path) -> bool {
+    let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+        // Gone, or not ours to inspect: a pid we cannot even see is not our postgres
+        // unless it is alive, in which case be conservative.
+        return pid_alive(pid) && std::fs::metadata(format!("/proc/{pid}")).is_err();
+    };
+    let same_dir = std::fs::canonicalize(dir).map(|d| d == cwd).unwrap_or(false);
+    let is_postgres = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("postgres")).unwrap_or(false);
+    same_dir && is_postgres
+}
+
+#[cfg(not(target_os = "linux"))]
+fn postgres_owns(pid: i32, _dir: &Path) -> bool {
+    // Without /proc, a live process that calls itself postgres is assumed to be ours.
+    let out = std::process::Command::new("ps").args(["-p", &pid.to_string(), "-o", "comm="]).output();
+    pid_alive(pid) && out.map(|o| String::from_utf8_lossy(&o.stdout).contains("postgres")).unwrap_or(true)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
+}
+
+/// Fails with a message naming `PGSERVE_PORT` when the port is taken.
+pub fn check_port_free(port: u16) -> Result<()> {
+    match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "port {port} on 127.0.0.1 is already in use, so the embedded PostgreSQL cannot listen there. \
+             Set PGSERVE_PORT to a free port (or 0 to pick one automatically), or stop whatever listens on {port}"
+        ),
+        Err(e) => Err(e).with_context(|| format!("could not check PGSERVE_PORT={port}")),
+    }
+}
+
+fn pick_free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("could not find a free port for PGSERVE_PORT=0")?.local_addr()?.port())
+}
+
+/// A short private directory for the Unix socket (socket paths are limited
+/// to ~100 bytes, so it cannot live under an arbitrarily deep data dir).
+fn make_socket_dir(account: &Account) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("omni-pg-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("could not create socket dir {}", dir.display()))?;
+    if account.switch {
+        std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid))?;
+    }
+    Ok(dir)
+}
+
+fn random_password() -> String {
+    Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
+}
+
+/// Writes `secret` to `path` with mode 0600 (created that way, never widened).
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("could not write {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Recursive copy preserving modes; the template holds only files and dirs.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if ty.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_file_sits_next_to_the_cluster() {
+        assert_eq!(password_file(Path::new("/srv/data/postgres")), PathBuf::from("/srv/data/postgres.password"));
+    }
+
+    #[test]
+    fn a_taken_port_is_reported_with_the_variable_name() {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let err = check_port_free(l.local_addr().unwrap().port()).unwrap_err().to_string();
+        assert!(err.contains("PGSERVE_PORT"), "{err}");
+    }
+}
