@@ -1,1 +1,594 @@
-//! Test kit shared by the end-to-end tests.
+//! Test kit shared by the end-to-end tests: real PostgreSQL clusters, real
+//! worker processes, real sockets.
+//!
+//! Everything that starts a process returns a guard whose `Drop` stops it
+//! (SIGTERM to its process group, then SIGKILL) and removes its files, so a
+//! failing assertion never leaves a PostgreSQL or a worker behind. Nothing
+//! here sleeps to wait for a condition: [`wait_until`] polls for it.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+// ---------------------------------------------------------------- basics
+
+/// A TCP port that was free a moment ago (bound to 127.0.0.1:0 and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+}
+
+/// `target/<profile>` of this workspace, found from the test executable
+/// (`target/<profile>/deps/<test>`).
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test executable has a directory");
+    if deps.file_name().is_some_and(|name| name == "deps") {
+        deps.parent().unwrap().to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+/// A workspace binary, e.g. `bin_path("omni-api")` → `target/debug/omni-api`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let path = target_profile_dir().join(name);
+    assert!(path.is_file(), "{} does not exist: run `cargo build --workspace` first", path.display());
+    path
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("omni-{label}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A child process in its own process group; dropping it stops the group.
+pub struct ChildGuard {
+    child: Child,
+    /// Set once the child was reaped, so Drop does not signal a reused pid.
+    reaped: Option<ExitStatus>,
+}
+
+impl ChildGuard {
+    /// Spawns `command` as the leader of a new process group.
+    pub fn spawn(command: &mut Command) -> ChildGuard {
+        command.process_group(0);
+        let child = command.spawn().unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+        ChildGuard { child, reaped: None }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// The exit status if the process has exited (reaping it).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.reaped.is_none() {
+            self.reaped = self.child.try_wait().expect("try_wait");
+        }
+        self.reaped
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = self.pid();
+        wait_until(timeout, &format!("process {pid} to exit"), || self.try_status())
+    }
+
+    /// Sends `signal` to the process group.
+    pub fn signal_group(&self, signal: libc::c_int) {
+        if self.reaped.is_none() {
+            // SAFETY: kill(2) with a negative pid signals the group we created.
+            unsafe { libc::kill(-(self.child.id() as libc::pid_t), signal) };
+        }
+    }
+
+    /// SIGKILL to the group, then reap.
+    pub fn kill9(&mut self) {
+        self.signal_group(libc::SIGKILL);
+        if self.reaped.is_none() {
+            self.reaped = Some(self.child.wait().expect("wait"));
+        }
+    }
+
+    /// SIGTERM, up to `grace` to exit, then SIGKILL. Returns the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> ExitStatus {
+        self.signal_group(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_status() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill9();
+        self.reaped.unwrap()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.reaped.is_none() {
+            self.terminate(Duration::from_secs(5));
+        }
+        // Anything left in the group (e.g. backends of a killed postmaster).
+        // SAFETY: as above; ESRCH when the group is gone is fine.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+    }
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// Directory of the PostgreSQL binaries: `PGSERVE_BIN_DIR`, else the newest
+/// `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PGSERVE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).expect("no PostgreSQL found: set PGSERVE_BIN_DIR or install postgresql")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// uid and gid of the `postgres` account, used when the tests run as root.
+fn postgres_account() -> (u32, u32) {
+    let name = CString::new("postgres").unwrap();
+    // SAFETY: getpwnam returns a pointer to static storage or null; read at once.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(!entry.is_null(), "running as root needs a `postgres` user to run PostgreSQL as");
+    // SAFETY: non-null pointer from getpwnam.
+    unsafe { ((*entry).pw_uid, (*entry).pw_gid) }
+}
+
+fn as_postgres_user(command: &mut Command) -> &mut Command {
+    if is_root() {
+        let (uid, gid) = postgres_account();
+        command.uid(uid).gid(gid);
+    }
+    command
+}
+
+fn chown_tree(path: &Path) {
+    if is_root() {
+        let (uid, gid) = postgres_account();
+        let status = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(path).status().expect("chown");
+        assert!(status.success(), "chown -R {}", path.display());
+    }
+}
+
+/// An initialized, never-started cluster shared by every test process of a
+/// build (initdb takes seconds; copying takes milliseconds). Created under a
+/// unique name and renamed into place, so concurrent test processes agree.
+fn template_cluster() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let bin = pg_bin_dir();
+        let version = bin.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let root = target_profile_dir().parent().unwrap().join("tmp");
+        fs::create_dir_all(&root).unwrap();
+        let template = root.join(format!("pg-template-{version}"));
+        if template.join("PG_VERSION").is_file() {
+            return template;
+        }
+        let scratch = TempDir::new("initdb");
+        chown_tree(scratch.path());
+        let data = scratch.path().join("data");
+        let output = as_postgres_user(
+            Command::new(bin.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+        )
+        .output()
+        .expect("run initdb");
+        assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        // Losing the race to another test process is fine: theirs is as good.
+        let _ = fs::rename(&data, &template);
+        template
+    })
+}
+
+/// A PostgreSQL server of its own in a temporary directory.
+pub struct TempPostgres {
+    dir: TempDir,
+    port: u16,
+    bin: PathBuf,
+    server: Option<ChildGuard>,
+}
+
+impl TempPostgres {
+    /// A new, empty cluster, started and answering queries.
+    pub fn start_new() -> TempPostgres {
+        let dir = TempDir::new("pg");
+        let data = dir.path().join("data");
+        let status = Command::new("cp").arg("-a").arg(template_cluster()).arg(&data).status().expect("cp -a");
+        assert!(status.success(), "copying the template cluster");
+        fs::create_dir_all(dir.path().join("sock")).unwrap();
+        chown_tree(dir.path());
+        let mut pg = TempPostgres { dir, port: free_port(), bin: pg_bin_dir(), server: None };
+        pg.start();
+        pg
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// Server log so far, for failure messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the server on the same data directory and port; waits for `SELECT 1`.
+    pub fn start(&mut self) {
+        assert!(self.server.is_none(), "PostgreSQL is already running");
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open postgres.log");
+        let mut command = Command::new(self.bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path().join("sock"))
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "shared_buffers=16MB"])
+            .args(["-c", "max_connections=60"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut server = ChildGuard::spawn(as_postgres_user(&mut command));
+        let url = self.url();
+        wait_until(Duration::from_secs(30), "PostgreSQL to answer SELECT 1", || {
+            if let Some(status) = server.try_status() {
+                panic!("PostgreSQL exited with {status} during start:\n{}", self.log());
+            }
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).ok()?;
+            client.query_one("SELECT 1", &[]).ok().map(|_| ())
+        });
+        self.server = Some(server);
+    }
+
+    /// Fast shutdown (SIGINT), waiting until the server has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            // SAFETY: signalling the postmaster we started.
+            unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGINT) };
+            server.wait_exit(Duration::from_secs(30));
+        }
+    }
+
+    /// SIGKILL to the server's process group.
+    pub fn kill9(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.kill9();
+        }
+    }
+
+    /// A new connection for checks made by the test itself.
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url(), postgres::NoTls).expect("connect to the test PostgreSQL")
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        // Immediate shutdown: the cluster is thrown away anyway.
+        if let Some(mut server) = self.server.take() {
+            unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGQUIT) };
+            server.terminate(Duration::from_secs(5));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the worker
+
+/// The API key workers get unless a test asks for a generated one.
+pub const TEST_API_KEY: &str = "test-api-key-0123456789";
+
+/// How to start an `omni-api` process.
+pub struct WorkerBuilder {
+    env: BTreeMap<String, String>,
+    /// The worker's working directory (SQLite check, relative paths).
+    workdir: TempDir,
+}
+
+impl WorkerBuilder {
+    pub fn new(database_url: &str) -> WorkerBuilder {
+        let workdir = TempDir::new("worker");
+        let ui = workdir.path().join("ui");
+        fs::create_dir_all(&ui).unwrap();
+        fs::write(ui.join("index.html"), "<!doctype html><title>Omni</title>\n").unwrap();
+        let mut env = BTreeMap::new();
+        env.insert("DATABASE_URL".to_owned(), database_url.to_owned());
+        env.insert("OMNI_API_KEY".to_owned(), TEST_API_KEY.to_owned());
+        env.insert("OMNI_UI_DIR".to_owned(), ui.display().to_string());
+        env.insert("LOG_LEVEL".to_owned(), "info".to_owned());
+        WorkerBuilder { env, workdir }
+    }
+
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.insert(name.to_owned(), value.into());
+        self
+    }
+
+    pub fn without_env(mut self, name: &str) -> Self {
+        self.env.remove(name);
+        self
+    }
+
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
+    }
+
+    /// Starts the worker on a free port without waiting for it.
+    pub fn spawn(self) -> Worker {
+        let port = free_port();
+        let log = self.workdir.path().join("worker.log");
+        let file = fs::File::create(&log).unwrap();
+        let mut command = Command::new(bin_path("omni-api"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(&self.env)
+            .env("OMNI_API_LISTEN", format!("127.0.0.1:{port}"))
+            .current_dir(self.workdir.path())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = ChildGuard::spawn(&mut command);
+        Worker { child, port, log, _workdir: self.workdir }
+    }
+
+    /// Starts the worker and waits until `/api/v1/health` answers 200.
+    pub fn start(self) -> Worker {
+        let mut worker = self.spawn();
+        worker.wait_healthy();
+        worker
+    }
+}
+
+/// A running `omni-api` process.
+pub struct Worker {
+    pub child: ChildGuard,
+    pub port: u16,
+    log: PathBuf,
+    _workdir: TempDir,
+}
+
+impl Worker {
+    /// A worker against `pg` with the default test settings, healthy.
+    pub fn start(pg: &TempPostgres) -> Worker {
+        WorkerBuilder::new(&pg.url()).start()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_healthy(&mut self) {
+        let port = self.port;
+        wait_until(Duration::from_secs(60), "omni-api to answer /api/v1/health with 200", || {
+            if let Some(status) = self.child.try_status() {
+                panic!("omni-api exited with {status} during start:\n{}", self.log());
+            }
+            let response = Request::get("/api/v1/health").try_send(port).ok()?;
+            (response.status == 200).then_some(())
+        });
+    }
+
+    /// Starts building a request to this worker.
+    pub fn request(&self, method: &str, path: &str) -> Request {
+        Request::new(method, path).port(self.port)
+    }
+}
+
+// ---------------------------------------------------------------- HTTP
+
+/// A response read off the socket.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Header names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("status {} body is not JSON ({e}): {:?}", self.status, self.text()))
+    }
+}
+
+/// A blocking HTTP/1.1 request over a fresh connection (`Connection: close`),
+/// able to send bytes no well-behaved client would.
+#[derive(Clone)]
+pub struct Request {
+    method: String,
+    /// Sent verbatim: tests need raw `..`, `%2e` and invalid bytes.
+    target: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    port: u16,
+}
+
+impl Request {
+    pub fn new(method: &str, path: impl AsRef<[u8]>) -> Request {
+        Request { method: method.to_owned(), target: path.as_ref().to_vec(), headers: Vec::new(), body: Vec::new(), port: 0 }
+    }
+
+    pub fn get(path: &str) -> Request {
+        Request::new("GET", path)
+    }
+
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.headers.push((name.to_owned(), value.as_ref().to_vec()));
+        self
+    }
+
+    pub fn api_key(self) -> Self {
+        self.header("x-api-key", TEST_API_KEY)
+    }
+
+    pub fn session(self, session: &str) -> Self {
+        self.header("x-session-id", session)
+    }
+
+    pub fn json(self, value: &serde_json::Value) -> Self {
+        self.raw_body("application/json", serde_json::to_vec(value).unwrap())
+    }
+
+    pub fn raw_body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self.header("content-type", content_type)
+    }
+
+    pub fn send(&self) -> Response {
+        self.try_send(self.port).unwrap_or_else(|e| panic!("{} {}: {e}", self.method, String::from_utf8_lossy(&self.target)))
+    }
+
+    /// Sends to `port`; errors only for connection failures and unparsable responses.
+    pub fn try_send(&self, port: u16) -> std::io::Result<Response> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut head = Vec::new();
+        head.extend_from_slice(self.method.as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(&self.target);
+        head.extend_from_slice(format!(" HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n").as_bytes());
+        for (name, value) in &self.headers {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(format!("content-length: {}\r\n\r\n", self.body.len()).as_bytes());
+        // Write from another thread: a server may answer (413) and stop
+        // reading before a large body is sent, and the answer is what counts.
+        let mut writer = stream.try_clone()?;
+        let body = self.body.clone();
+        let sender = std::thread::spawn(move || {
+            let _ = writer.write_all(&head).and_then(|_| writer.write_all(&body));
+        });
+        let mut raw = Vec::new();
+        let read = stream.read_to_end(&mut raw);
+        let _ = sender.join();
+        if raw.is_empty() {
+            read?;
+        }
+        parse_response(&raw).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unparsable response: {:?}", String::from_utf8_lossy(&raw)))
+        })
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Option<Response> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = decode_chunked(&body)?;
+    }
+    Some(Response { status, headers, body })
+}
+
+fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}

@@ -1,0 +1,86 @@
+//! The connection pool, built so the worker outlives PostgreSQL restarts.
+//!
+//! Every checkout verifies the connection with a round trip, so a connection
+//! broken by a restart is discarded instead of handed to a handler; short
+//! wait and connect timeouts turn "database down" into a fast 503 rather than
+//! requests piling up behind a connect that will not succeed.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::errors::ApiError;
+
+/// Upper bound on how long a request waits for a connection.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Enough for two cores' worth of request handlers without exhausting the
+/// `max_connections` of a small embedded cluster.
+const POOL_SIZE: usize = 16;
+
+/// The pool, cloned into every handler.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+pub type Client = deadpool_postgres::Object;
+
+impl Db {
+    pub fn connect(database_url: &str) -> anyhow::Result<Db> {
+        let mut pg_config: tokio_postgres::Config =
+            database_url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
+        pg_config.connect_timeout(CHECKOUT_TIMEOUT);
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("omni-api");
+        }
+        let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CHECKOUT_TIMEOUT))
+            .create_timeout(Some(CHECKOUT_TIMEOUT))
+            .recycle_timeout(Some(CHECKOUT_TIMEOUT))
+            .build()
+            .context("building the connection pool")?;
+        Ok(Db { pool })
+    }
+
+    /// A verified connection, or a 503 error for the client.
+    pub async fn client(&self) -> Result<Client, ApiError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// A connection for start-up work, retried while PostgreSQL is still
+    /// coming up (the gateway starts us right after it is ready, but an
+    /// external database may be slower), giving up after `patience`.
+    pub async fn client_at_start(&self, patience: Duration) -> anyhow::Result<Client> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match self.pool.get().await {
+                Ok(client) => return Ok(client),
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(%error, "database not reachable yet, retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error).context(format!(
+                        "could not connect to DATABASE_URL within {}s; check that PostgreSQL is running and the URL is right",
+                        patience.as_secs()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Health: a real query, bounded in time.
+    pub async fn ping(&self) -> Result<(), ApiError> {
+        let check = async {
+            let client = self.client().await?;
+            client.query_one("SELECT 1", &[]).await?;
+            Ok::<(), ApiError>(())
+        };
+        tokio::time::timeout(CHECKOUT_TIMEOUT, check).await.map_err(|_| ApiError::database_unavailable())?
+    }
+}

@@ -1,0 +1,171 @@
+//! The one error shape every API response uses: `{"detail", "code"}`.
+//!
+//! Handlers return [`ApiError`]; axum's own rejections (bad JSON, oversized
+//! bodies, unmatched methods) are plain text by default, so [`ApiJson`] maps
+//! body rejections and [`json_error_bodies`] rewrites whatever else slips
+//! through, so a client never has to parse anything but JSON. A 500 never
+//! carries internals: the cause goes to the log, the client gets a pointer there.
+
+use axum::{
+    extract::{rejection::JsonRejection, FromRequest, Request},
+    http::{header, HeaderValue, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What happened and, where it helps, what to do about it.
+    pub detail: String,
+    /// A stable, machine-readable slug such as `invalid_key`.
+    pub code: String,
+}
+
+/// An error a handler answers with.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError { status, code, detail: detail.into() }
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    pub fn not_found(code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, detail)
+    }
+
+    pub fn database_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is not reachable right now; retry shortly",
+        )
+    }
+
+    /// An unexpected failure: logged with its cause, reported without it.
+    pub fn internal(context: &str, cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "{context}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("{context}; the worker log has the details"),
+        )
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(error: deadpool_postgres::PoolError) -> ApiError {
+        tracing::warn!(%error, "no database connection");
+        ApiError::database_unavailable()
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(error: tokio_postgres::Error) -> ApiError {
+        // A connection that died between checkout and query is the database
+        // going away, not a bug: answer 503 like a failed checkout.
+        if error.is_closed() || error.as_db_error().is_none() {
+            tracing::warn!(%error, "database connection lost during a request");
+            ApiError::database_unavailable()
+        } else {
+            ApiError::internal("database query failed", error)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.status, self.code, self.detail)
+    }
+}
+
+pub fn error_response(status: StatusCode, code: &str, detail: String) -> Response {
+    (status, Json(ErrorBody { detail, code: code.to_owned() })).into_response()
+}
+
+/// `Json<T>` with rejections in the API's error shape: every malformed body
+/// (syntax, wrong types, missing fields, invalid UTF-8) is a 400, unlike
+/// axum's 422 for type errors, and an oversized one a 413.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the body as JSON with Content-Type: application/json",
+                ),
+                JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("invalid_json", rejection.body_text()),
+                JsonRejection::JsonDataError(_) => ApiError::bad_request("invalid_body", rejection.body_text()),
+                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
+                other => ApiError::bad_request("invalid_body", other.body_text()),
+            }),
+        }
+    }
+}
+
+pub fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the request body is larger than {} bytes", crate::routes::BODY_LIMIT),
+    )
+}
+
+/// Middleware: any error response that is not JSON yet (an axum rejection of
+/// a path or header, a 405 from the router) is rewritten into the API shape,
+/// keeping its status and using its text as the detail.
+pub async fn json_error_bodies(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let detail = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "client_error",
+        _ => "internal_error",
+    };
+    let mut rewritten = error_response(status, code, detail);
+    // Keep headers such as `Allow` on a 405.
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    rewritten.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    rewritten
+}

@@ -1,0 +1,30 @@
+//! `GET /api/v1/health`: liveness and readiness of the worker in one answer.
+//!
+//! The gateway gates traffic on it, so it checks the database with a real
+//! query: a worker that cannot reach PostgreSQL is not ready.
+
+use axum::{extract::State, http::StatusCode, Json};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::routes::AppState;
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `degraded`.
+    status: &'static str,
+    /// `ok` or `unavailable`.
+    database: &'static str,
+}
+
+/// Worker and database health.
+#[utoipa::path(get, path = "/api/v1/health", tag = "health", responses(
+    (status = 200, description = "The worker and its database are ready", body = Health),
+    (status = 503, description = "The database is not reachable", body = Health),
+))]
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    match state.db.ping().await {
+        Ok(()) => (StatusCode::OK, Json(Health { status: "ok", database: "ok" })),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "degraded", database: "unavailable" })),
+    }
+}

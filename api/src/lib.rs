@@ -1,0 +1,22 @@
+//! The Omni API worker (SPEC §6): HTTP API over the PostgreSQL it owns the
+//! schema of, plus the UI files.
+//!
+//! Reading order: [`config`] → [`db`] and [`migrations`] → [`server`] (start
+//! and stop) → [`routes`] → one module per concern of the API ([`health`],
+//! [`preferences`], [`setup`], [`migration_check`], [`auth`],
+//! [`static_files`], [`openapi`]) → [`errors`], the shape of every failure.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod errors;
+pub mod health;
+pub mod migration_check;
+pub mod migrations;
+pub mod openapi;
+pub mod preferences;
+pub mod routes;
+pub mod server;
+pub mod settings;
+pub mod setup;
+pub mod static_files;

@@ -1,0 +1,205 @@
+//! Per-browser-session preferences (SPEC §6).
+//!
+//! A session is identified only by its `x-session-id` UUID; every query is
+//! scoped by it, so one session can never see or change another's keys. The
+//! upsert is a single `INSERT … ON CONFLICT`, so concurrent writers of one
+//! key neither fail nor duplicate it.
+
+use axum::{
+    extract::{FromRequestParts, Path, State},
+    http::request::Parts,
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    errors::{ApiError, ApiJson, ErrorBody},
+    routes::AppState,
+};
+
+pub const SESSION_HEADER: &str = "x-session-id";
+const MAX_KEY_CHARS: usize = 100;
+/// 64 KiB of UTF-8.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// The caller's session, from the `x-session-id` header.
+pub struct SessionId(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(SESSION_HEADER).ok_or_else(|| {
+            ApiError::bad_request("missing_session_id", "send the browser session id as a UUID in the x-session-id header")
+        })?;
+        header
+            .to_str()
+            .ok()
+            .and_then(|text| Uuid::try_parse(text.trim()).ok())
+            .map(SessionId)
+            .ok_or_else(|| ApiError::bad_request("invalid_session_id", "the x-session-id header must be a UUID"))
+    }
+}
+
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Only describes the header in the OpenAPI document.
+struct SessionHeader {
+    /// The browser session's UUID; preferences are isolated per session.
+    #[param(rename = "x-session-id")]
+    x_session_id: Uuid,
+}
+
+/// One preference.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Preference {
+    /// 1–100 characters of `A-Z a-z 0-9 _ . : -`.
+    #[schema(min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9_.:-]{1,100}$")]
+    pub key: String,
+    /// Any string up to 64 KiB of UTF-8 (no NUL characters).
+    #[schema(max_length = 65536)]
+    pub value: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    success: bool,
+}
+
+fn validate_key(key: &str) -> Result<(), ApiError> {
+    let valid = !key.is_empty()
+        && key.len() <= MAX_KEY_CHARS
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("invalid_key", "a preference key is 1–100 characters of A-Z a-z 0-9 _ . : -"))
+    }
+}
+
+fn validate_value(value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(ApiError::bad_request("value_too_long", format!("a preference value is at most {MAX_VALUE_BYTES} bytes")));
+    }
+    // PostgreSQL text cannot hold NUL; refuse it here instead of failing in the database.
+    if value.contains('\0') {
+        return Err(ApiError::bad_request("invalid_value", "a preference value cannot contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Create or replace a preference of this session.
+#[utoipa::path(post, path = "/api/v1/preferences", tag = "preferences", params(SessionHeader),
+    request_body = Preference,
+    responses(
+        (status = 200, description = "Stored", body = Preference),
+        (status = 400, description = "Bad session id, key, value or body", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn upsert(
+    State(state): State<AppState>,
+    SessionId(session): SessionId,
+    ApiJson(preference): ApiJson<Preference>,
+) -> Result<Json<Preference>, ApiError> {
+    validate_key(&preference.key)?;
+    validate_value(&preference.value)?;
+    let client = state.db.client().await?;
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO omni_user_preferences (session_id, key, value) VALUES ($1, $2, $3)
+             ON CONFLICT (session_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+             RETURNING key, value",
+        )
+        .await?;
+    let row = client.query_one(&statement, &[&session, &preference.key, &preference.value]).await?;
+    Ok(Json(Preference { key: row.get(0), value: row.get(1) }))
+}
+
+/// All preferences of this session, ordered by key.
+#[utoipa::path(get, path = "/api/v1/preferences", tag = "preferences", params(SessionHeader), responses(
+    (status = 200, description = "This session's preferences", body = Vec<Preference>),
+    (status = 400, description = "Bad session id", body = ErrorBody),
+    (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn list(State(state): State<AppState>, SessionId(session): SessionId) -> Result<Json<Vec<Preference>>, ApiError> {
+    let client = state.db.client().await?;
+    let statement =
+        client.prepare_cached("SELECT key, value FROM omni_user_preferences WHERE session_id = $1 ORDER BY key").await?;
+    let rows = client.query(&statement, &[&session]).await?;
+    Ok(Json(rows.iter().map(|row| Preference { key: row.get(0), value: row.get(1) }).collect()))
+}
+
+/// One preference of this session.
+#[utoipa::path(get, path = "/api/v1/preferences/{key}", tag = "preferences",
+    params(SessionHeader, ("key" = String, Path, description = "Preference key")),
+    responses(
+        (status = 200, description = "The preference", body = Preference),
+        (status = 400, description = "Bad session id or key", body = ErrorBody),
+        (status = 404, description = "This session has no such key", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn get(
+    State(state): State<AppState>,
+    SessionId(session): SessionId,
+    Path(key): Path<String>,
+) -> Result<Json<Preference>, ApiError> {
+    validate_key(&key)?;
+    let client = state.db.client().await?;
+    let statement =
+        client.prepare_cached("SELECT key, value FROM omni_user_preferences WHERE session_id = $1 AND key = $2").await?;
+    let row = client.query_opt(&statement, &[&session, &key]).await?.ok_or_else(|| not_found(&key))?;
+    Ok(Json(Preference { key: row.get(0), value: row.get(1) }))
+}
+
+/// Delete one preference of this session.
+#[utoipa::path(delete, path = "/api/v1/preferences/{key}", tag = "preferences",
+    params(SessionHeader, ("key" = String, Path, description = "Preference key")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "Bad session id or key", body = ErrorBody),
+        (status = 404, description = "This session has no such key", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn delete(
+    State(state): State<AppState>,
+    SessionId(session): SessionId,
+    Path(key): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    validate_key(&key)?;
+    let client = state.db.client().await?;
+    let statement = client.prepare_cached("DELETE FROM omni_user_preferences WHERE session_id = $1 AND key = $2").await?;
+    match client.execute(&statement, &[&session, &key]).await? {
+        0 => Err(not_found(&key)),
+        _ => Ok(Json(Deleted { success: true })),
+    }
+}
+
+fn not_found(key: &str) -> ApiError {
+    ApiError::not_found("preference_not_found", format!("this session has no preference {key:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_limited_to_the_documented_alphabet_and_length() {
+        for good in ["theme", "ui.theme:dark-mode_2", &"k".repeat(100)] {
+            assert!(validate_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "'; DROP TABLE x;--", "é", "a\0b", &"k".repeat(101)] {
+            assert!(validate_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_are_limited_to_64_kib_without_nul() {
+        assert!(validate_value(&"v".repeat(MAX_VALUE_BYTES)).is_ok());
+        assert!(validate_value(&"v".repeat(MAX_VALUE_BYTES + 1)).is_err());
+        assert!(validate_value("a\0b").is_err());
+        assert!(validate_value("tab\tnewline\n\u{1b}[31m").is_ok());
+    }
+}

@@ -1,0 +1,72 @@
+//! The router: which path goes to which handler, behind which checks.
+//!
+//! Public routes (health, preferences, setup status, the API key before setup
+//! completes, the OpenAPI document) and protected routes (API key required)
+//! are separate sub-routers, so protection is decided here, in one place,
+//! not in each handler. Backups (issue 5) join the protected router. Around
+//! everything: a body limit and the JSON error shape for whatever axum
+//! rejects on its own.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::{extract::DefaultBodyLimit, middleware, Router};
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    auth::{self, ApiKey},
+    config::Config,
+    db::Db,
+    errors,
+    health, migration_check, openapi, preferences, setup, static_files,
+};
+
+/// Largest request body accepted; preference values are at most 64 KiB.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub api_key: Arc<ApiKey>,
+    pub config: Arc<Config>,
+    /// Rendered once the router is built (the document is a product of
+    /// building it); served by `GET /api/v1/openapi.json`.
+    pub openapi: Arc<OnceLock<serde_json::Value>>,
+}
+
+/// The routes with their OpenAPI description. Protection is a route layer on
+/// the protected sub-router, which needs the state to check the key.
+fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
+    let public = OpenApiRouter::new()
+        .routes(routes!(health::health))
+        .routes(routes!(openapi::document))
+        .routes(routes!(preferences::list, preferences::upsert))
+        .routes(routes!(preferences::get, preferences::delete))
+        .routes(routes!(setup::status))
+        .routes(routes!(setup::api_key));
+    let protected = OpenApiRouter::new()
+        .routes(routes!(setup::initialize))
+        .routes(routes!(setup::complete))
+        .routes(routes!(migration_check::status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(public).merge(protected)
+}
+
+/// The complete application.
+pub fn app(db: Db, api_key: ApiKey, config: Config) -> Router {
+    let state = AppState {
+        db,
+        api_key: Arc::new(api_key),
+        config: Arc::new(config),
+        openapi: Arc::new(OnceLock::new()),
+    };
+    let (router, document) = api_routes(&state).split_for_parts();
+    let document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
+    state.openapi.set(document).expect("the router is built once per state");
+    router
+        .fallback(static_files::fallback)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(errors::json_error_bodies))
+        .with_state(state)
+}

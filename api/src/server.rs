@@ -1,0 +1,90 @@
+//! Start-up and shutdown: database, migrations, API key, listener, serving.
+//!
+//! Shutdown is one mechanism: a future that completes on SIGTERM or SIGINT,
+//! handed to axum's graceful shutdown, which stops accepting, lets in-flight
+//! requests finish, and then returns so the process exits 0.
+
+use std::{net::TcpListener as StdListener, os::fd::FromRawFd, time::Duration};
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+
+use crate::{
+    auth,
+    config::{Config, Listen},
+    db::Db,
+    migration_check, migrations, routes,
+};
+
+/// How long start-up waits for the database before giving up.
+const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(
+        ui_dir = %config.ui_dir.display(),
+        backup_dir = %config.backup_dir.display(),
+        data_root = %config.data_root.display(),
+        "starting omni-api"
+    );
+    if let Some(path) = migration_check::find_sqlite(&config.data_root) {
+        tracing::warn!(path = %path.display(), "found an SQLite database from an earlier version; see GET /api/v1/migration/status");
+    }
+
+    let db = Db::connect(&config.database_url)?;
+    let mut client = db.client_at_start(DATABASE_PATIENCE).await?;
+    let applied = migrations::apply(&mut client).await?;
+    if applied.is_empty() {
+        tracing::info!("database schema is up to date");
+    } else {
+        tracing::info!(?applied, "applied migrations");
+    }
+    let api_key = auth::resolve(&client, config.api_key.as_deref()).await?;
+    drop(client);
+
+    let listener = listener(&config.listen)?;
+    let address = listener.local_addr().context("reading the listening address")?;
+    let app = routes::app(db, api_key, config);
+    tracing::info!(%address, "listening; ready when GET /api/v1/health answers 200");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn listener(listen: &Listen) -> anyhow::Result<TcpListener> {
+    let std_listener = match *listen {
+        Listen::Bind(address) => StdListener::bind(address)
+            .with_context(|| format!("OMNI_API_LISTEN: cannot listen on {address}; is another process using it?"))?,
+        Listen::InheritedFd(fd) => {
+            // Check the descriptor is a listening TCP socket before trusting it:
+            // from_raw_fd cannot tell.
+            let mut value: libc::c_int = 0;
+            let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `length` bytes into `value`.
+            let rc = unsafe {
+                libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut value as *mut libc::c_int).cast(), &mut length)
+            };
+            if rc != 0 || value == 0 {
+                bail!("OMNI_API_LISTEN_FD: file descriptor {fd} is not a listening socket");
+            }
+            // SAFETY: the gateway handed this descriptor to us alone; we own it from here on.
+            let listener = unsafe { StdListener::from_raw_fd(fd) };
+            // Keep it out of children we spawn later (pg_dump for backups).
+            // SAFETY: plain fcntl on a descriptor we own.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            listener
+        }
+    };
+    std_listener.set_nonblocking(true).context("making the listening socket non-blocking")?;
+    TcpListener::from_std(std_listener).context("registering the listening socket")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    let name = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down: no new connections, finishing requests in flight");
+}

@@ -1,0 +1,52 @@
+//! Worker-wide settings kept in the `omni_settings` table (key → JSON).
+//!
+//! The database is the one place every worker of a deployment can agree on,
+//! so the generated API key and the setup state live here rather than in a
+//! file next to one worker.
+
+use serde::{de::DeserializeOwned, Serialize};
+use deadpool_postgres::GenericClient;
+
+use crate::errors::ApiError;
+
+/// The generated API key.
+pub const API_KEY: &str = "api_key";
+/// Setup state and the storage settings given to `POST /setup/initialize`.
+pub const SETUP: &str = "setup";
+
+pub async fn get<T: DeserializeOwned>(client: &impl GenericClient, key: &str) -> Result<Option<T>, ApiError> {
+    let row = client.query_opt("SELECT value FROM omni_settings WHERE key = $1", &[&key]).await?;
+    match row {
+        None => Ok(None),
+        Some(row) => serde_json::from_value(row.get(0))
+            .map(Some)
+            .map_err(|e| ApiError::internal(&format!("setting {key:?} in omni_settings is unreadable"), e)),
+    }
+}
+
+pub async fn put<T: Serialize>(client: &impl GenericClient, key: &str, value: &T) -> Result<(), ApiError> {
+    let value = serde_json::to_value(value).map_err(|e| ApiError::internal("encoding a setting", e))?;
+    client
+        .execute(
+            "INSERT INTO omni_settings (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+            &[&key, &value],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Stores `value` unless the key exists; returns the stored value and whether
+/// it was ours. Two workers racing on first start agree on one value.
+pub async fn put_if_absent<T: Serialize + DeserializeOwned>(
+    client: &impl GenericClient,
+    key: &str,
+    value: &T,
+) -> Result<(T, bool), ApiError> {
+    let json = serde_json::to_value(value).map_err(|e| ApiError::internal("encoding a setting", e))?;
+    let inserted = client
+        .execute("INSERT INTO omni_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", &[&key, &json])
+        .await?;
+    let stored = get(client, key).await?.ok_or_else(|| ApiError::internal("reading back a setting", key))?;
+    Ok((stored, inserted == 1))
+}

@@ -1,0 +1,145 @@
+//! Preferences API (SPEC §6): shapes, per-session isolation, limits, and
+//! concurrent upserts, against a real worker and a real PostgreSQL.
+
+use omni_tests::{Request, TempPostgres, Worker};
+use serde_json::json;
+
+fn new_session() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn put(worker: &Worker, session: &str, key: &str, value: &str) -> omni_tests::Response {
+    worker.request("POST", "/api/v1/preferences").session(session).json(&json!({"key": key, "value": value})).send()
+}
+
+#[test]
+fn preferences_round_trip_in_the_documented_shapes() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let session = new_session();
+
+    let stored = put(&worker, &session, "theme", "dark");
+    assert_eq!(stored.status, 200, "{}", stored.text());
+    assert_eq!(stored.json(), json!({"key": "theme", "value": "dark"}));
+
+    let replaced = put(&worker, &session, "theme", "light");
+    assert_eq!(replaced.json(), json!({"key": "theme", "value": "light"}));
+    put(&worker, &session, "api.key:v1", "abc");
+
+    let one = worker.request("GET", "/api/v1/preferences/theme").session(&session).send();
+    assert_eq!((one.status, one.json()), (200, json!({"key": "theme", "value": "light"})));
+
+    let all = worker.request("GET", "/api/v1/preferences").session(&session).send();
+    assert_eq!(
+        (all.status, all.json()),
+        (200, json!([{"key": "api.key:v1", "value": "abc"}, {"key": "theme", "value": "light"}]))
+    );
+
+    let deleted = worker.request("DELETE", "/api/v1/preferences/theme").session(&session).send();
+    assert_eq!((deleted.status, deleted.json()), (200, json!({"success": true})));
+
+    let gone = worker.request("GET", "/api/v1/preferences/theme").session(&session).send();
+    assert_eq!(gone.status, 404);
+    assert_eq!(gone.json()["code"], "preference_not_found");
+    let deleted_again = worker.request("DELETE", "/api/v1/preferences/theme").session(&session).send();
+    assert_eq!(deleted_again.status, 404);
+
+    let empty = worker.request("GET", "/api/v1/preferences").session(&new_session()).send();
+    assert_eq!((empty.status, empty.json()), (200, json!([])));
+}
+
+#[test]
+fn one_session_can_neither_read_list_nor_delete_another_sessions_keys() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let (a, b) = (new_session(), new_session());
+    assert_eq!(put(&worker, &a, "secret", "from-a").status, 200);
+
+    assert_eq!(worker.request("GET", "/api/v1/preferences/secret").session(&b).send().status, 404);
+    assert_eq!(worker.request("GET", "/api/v1/preferences").session(&b).send().json(), json!([]));
+    assert_eq!(worker.request("DELETE", "/api/v1/preferences/secret").session(&b).send().status, 404);
+
+    // B writing the same key creates B's own row and leaves A's alone.
+    assert_eq!(put(&worker, &b, "secret", "from-b").status, 200);
+    let a_value = worker.request("GET", "/api/v1/preferences/secret").session(&a).send().json();
+    assert_eq!(a_value, json!({"key": "secret", "value": "from-a"}));
+    let rows: i64 = pg.client().query_one("SELECT count(*) FROM omni_user_preferences", &[]).unwrap().get(0);
+    assert_eq!(rows, 2);
+}
+
+#[test]
+fn session_id_must_be_a_uuid() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    for (session, code) in [(None, "missing_session_id"), (Some("not-a-uuid"), "invalid_session_id"), (Some(""), "invalid_session_id"), (Some("1' OR '1'='1"), "invalid_session_id")] {
+        let mut request = worker.request("GET", "/api/v1/preferences");
+        if let Some(session) = session {
+            request = request.session(session);
+        }
+        let response = request.send();
+        assert_eq!(response.status, 400, "{session:?}");
+        assert_eq!(response.json()["code"], code, "{session:?}");
+    }
+}
+
+#[test]
+fn keys_and_values_are_limited() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let session = new_session();
+
+    let longest_key = "k".repeat(100);
+    assert_eq!(put(&worker, &session, &longest_key, "v").status, 200);
+    let largest_value = "v".repeat(64 * 1024);
+    assert_eq!(put(&worker, &session, "big", &largest_value).status, 200);
+    assert_eq!(worker.request("GET", "/api/v1/preferences/big").session(&session).send().json()["value"], largest_value);
+
+    for (key, value, code) in [
+        ("k".repeat(101), "v".to_owned(), "invalid_key"),
+        (String::new(), "v".to_owned(), "invalid_key"),
+        ("has space".to_owned(), "v".to_owned(), "invalid_key"),
+        ("slash/key".to_owned(), "v".to_owned(), "invalid_key"),
+        ("ok".to_owned(), "v".repeat(64 * 1024 + 1), "value_too_long"),
+        ("ok".to_owned(), "nul\0byte".to_owned(), "invalid_value"),
+    ] {
+        let response = put(&worker, &session, &key, &value);
+        assert_eq!(response.status, 400, "key {key:?}");
+        assert_eq!(response.json()["code"], code, "key {key:?}");
+    }
+    let count: i64 = pg.client().query_one("SELECT count(*) FROM omni_user_preferences", &[]).unwrap().get(0);
+    assert_eq!(count, 2, "only the two valid preferences are stored");
+}
+
+#[test]
+fn fifty_concurrent_upserts_of_one_key_leave_one_row() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let session = new_session();
+    let port = worker.port;
+
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let session = session.clone();
+                scope.spawn(move || {
+                    Request::new("POST", "/api/v1/preferences")
+                        .port(port)
+                        .session(&session)
+                        .json(&json!({"key": "race", "value": format!("writer-{i}")}))
+                        .send()
+                        .status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let rows = pg
+        .client()
+        .query("SELECT value FROM omni_user_preferences WHERE session_id = $1::text::uuid AND key = 'race'", &[&session])
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let value: String = rows[0].get(0);
+    assert!(value.starts_with("writer-"), "{value}");
+}

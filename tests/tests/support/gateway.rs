@@ -1,0 +1,169 @@
+//! Starting a real `omni-gateway` for end-to-end tests.
+//!
+//! Each gateway runs in its own temporary working directory (so the default
+//! `./data/postgres` lands there), on free ports, with its stderr in a log file
+//! that assertion messages quote. Dropping a [`Gateway`] stops it (SIGTERM,
+//! then SIGKILL) and the directory goes with the [`TempDir`].
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use omni_tests::{bin_path, free_port, pg_bin_dir, wait_until, ChildGuard, Request, Response, TempDir};
+
+pub struct GatewayBuilder {
+    env: BTreeMap<String, String>,
+    cwd: PathBuf,
+}
+
+impl GatewayBuilder {
+    /// A gateway whose working directory is `cwd`.
+    pub fn new(cwd: &Path) -> GatewayBuilder {
+        let mut env = BTreeMap::new();
+        env.insert("OMNI_PORT".to_owned(), free_port().to_string());
+        env.insert("PGSERVE_PORT".to_owned(), free_port().to_string());
+        env.insert("PGSERVE_BIN_DIR".to_owned(), pg_bin_dir().display().to_string());
+        env.insert("LOG_LEVEL".to_owned(), "info".to_owned());
+        GatewayBuilder { env, cwd: cwd.to_path_buf() }
+    }
+
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.insert(name.to_owned(), value.into());
+        self
+    }
+
+    pub fn spawn(self) -> Gateway {
+        let log = self.cwd.join(format!("gateway-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(bin_path("omni-gateway"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .envs(&self.env)
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let port: u16 = self.env["OMNI_PORT"].parse().unwrap();
+        let pg_port: u16 = self.env["PGSERVE_PORT"].parse().unwrap();
+        Gateway { child: ChildGuard::spawn(&mut command), port, pg_port, cwd: self.cwd, log }
+    }
+
+    /// Spawns and waits for `/health` 200.
+    pub fn start(self) -> Gateway {
+        let mut gw = self.spawn();
+        gw.wait_healthy();
+        gw
+    }
+
+    /// Spawns, expects the process to exit by itself, returns its status and log.
+    pub fn run_to_exit(self) -> (ExitStatus, String) {
+        let mut gw = self.spawn();
+        let status = gw.child.wait_exit(Duration::from_secs(60));
+        (status, gw.log())
+    }
+}
+
+pub struct Gateway {
+    pub child: ChildGuard,
+    pub port: u16,
+    pub pg_port: u16,
+    pub cwd: PathBuf,
+    log: PathBuf,
+}
+
+impl Gateway {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        Request::get(path).port(self.port).send()
+    }
+
+    pub fn wait_healthy(&mut self) {
+        let port = self.port;
+        wait_until(Duration::from_secs(60), "the gateway's /health to answer 200", || {
+            if let Some(status) = self.child.try_status() {
+                panic!("omni-gateway exited with {status} before it was ready:\n{}", self.log());
+            }
+            let r = Request::get("/health").try_send(port).ok()?;
+            (r.status == 200).then_some(())
+        });
+    }
+
+    /// The `/gateway/status` entry of `name`.
+    pub fn component(&self, name: &str) -> serde_json::Value {
+        let status = self.get("/gateway/status").json();
+        status["components"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no component {name} in {status}"))
+    }
+
+    pub fn pid_of(&self, name: &str) -> Option<i32> {
+        self.component(name)["pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Waits until `name`'s entry satisfies `pred`, returning it.
+    pub fn wait_component(&self, name: &str, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_until(timeout, what, || {
+            let c = self.component(name);
+            pred(&c).then_some(c)
+        })
+    }
+
+    /// SIGTERM to the gateway alone; waits for its exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: signalling the gateway process we started.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGTERM) };
+        self.child.wait_exit(Duration::from_secs(60))
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.cwd.join("data/postgres")
+    }
+
+    /// A connection to the app database as the superuser, with the password the gateway generated.
+    pub fn db(&self) -> postgres::Client {
+        let password = std::fs::read_to_string(self.cwd.join("data/postgres.password")).expect("password file");
+        let url = format!("postgres://postgres:{}@127.0.0.1:{}/omni", password.trim(), self.pg_port);
+        postgres::Client::connect(&url, postgres::NoTls).expect("connect to the embedded PostgreSQL")
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Pids of live postgres processes whose command line names `dir`.
+pub fn postgres_pids_on(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains("postgres") && c.contains(&needle)
+                })
+                .unwrap_or(false)
+                && alive(*pid)
+        })
+        .collect()
+}
+
+/// A working directory for one gateway.
+pub fn workdir() -> TempDir {
+    TempDir::new("gw")
+}
