@@ -269,6 +269,7 @@ impl<P: Policy> Supervisor<P> {
         if let Some(pid) = pid {
             child::signal_group(pid, Signal::SIGKILL);
         }
+        self.board.update(self.policy.name(), |c| c.pid = None);
         let why = match status {
             Ok(s) => describe_exit(s),
             Err(e) => format!("lost track of the process: {e}"),

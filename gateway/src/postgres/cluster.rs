@@ -263,15 +263,17 @@ fn is_omni_gateway(pid: i32) -> bool {
 /// published by one atomic rename, so concurrent gateways never see half of one.
 async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
     let cache = cache_dir();
-    let key: String = binaries.version.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
-    let template = cache.join(format!("template-{key}"));
+    let number = binaries.version.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())).unwrap_or("unknown");
+    let key: String = number.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
+    let template = cache.join(format!("template-pg{key}"));
     if let Ok(password) = std::fs::read_to_string(template.join("password")) {
         if template.join("cluster/PG_VERSION").is_file() {
             return Ok((template.join("cluster"), password.trim().to_string()));
         }
     }
     tracing::info!("memory mode: building a template cluster once at {} (later starts copy it)", template.display());
-    std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&cache).with_context(|| format!("could not create cache dir {}", cache.display()))?;
+    // 0711: PostgreSQL (another user when the gateway is root) must traverse it.
+    std::fs::DirBuilder::new().mode(0o711).recursive(true).create(&cache).with_context(|| format!("could not create cache dir {}", cache.display()))?;
     let work = cache.join(format!("building-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::DirBuilder::new().mode(0o711).create(&work)?;

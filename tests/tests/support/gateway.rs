@@ -35,6 +35,11 @@ impl GatewayBuilder {
         self
     }
 
+    pub fn without_env(mut self, name: &str) -> Self {
+        self.env.remove(name);
+        self
+    }
+
     pub fn spawn(self) -> Gateway {
         let log = self.cwd.join(format!("gateway-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
@@ -48,7 +53,7 @@ impl GatewayBuilder {
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
-        let port: u16 = self.env["OMNI_PORT"].parse().unwrap();
+        let port: u16 = self.env.get("OMNI_PORT").and_then(|p| p.parse().ok()).unwrap_or(0);
         let pg_port: u16 = self.env["PGSERVE_PORT"].parse().unwrap();
         Gateway { child: ChildGuard::spawn(&mut command), port, pg_port, cwd: self.cwd, log }
     }

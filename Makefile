@@ -1,0 +1,38 @@
+# Two commands matter to a newcomer: `make run` and `make test` (see README.md).
+
+CARGO ?= cargo
+# Tests start real PostgreSQL clusters and processes; nextest runs each test in
+# its own process (and in parallel), plain `cargo test` works too.
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: run dev build test fuzz bench soak clean-data
+
+## Build optimised binaries and start the gateway with default settings.
+run:
+	$(CARGO) build --release --workspace
+	./target/release/omni-gateway
+
+## Debug build, verbose logs.
+dev:
+	$(CARGO) build --workspace
+	LOG_LEVEL=$${LOG_LEVEL:-debug} ./target/debug/omni-gateway
+
+build:
+	$(CARGO) build --workspace
+
+## Every test, against real PostgreSQL and real processes.
+test: build
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --no-fail-fast
+else
+	$(CARGO) test --workspace --no-fail-fast
+endif
+
+## Property-based fuzzing of the API's OpenAPI document (bounded).
+fuzz: build
+	bash tests/fuzz/run.sh
+
+## Benchmarks; each writes its table into BENCHMARKS.md.
+bench:
+	$(CARGO) build --release --workspace
+	python3 bench/startup.py

@@ -1,0 +1,288 @@
+//! The gateway brings PostgreSQL up from nothing and keeps it up (issue 2,
+//! SPEC §3–§4). Every test runs the real `omni-gateway` binary with a real
+//! PostgreSQL in its own temporary directory, on free ports.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gateway::{alive, postgres_pids_on, workdir, GatewayBuilder};
+use omni_tests::{pg_bin_dir, wait_until, ChildGuard};
+
+fn cluster_state(data_dir: &Path) -> String {
+    let out = Command::new(pg_bin_dir().join("pg_controldata")).arg(data_dir).env("LC_ALL", "C").output().expect("pg_controldata");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().find_map(|l| l.strip_prefix("Database cluster state:")).map(|s| s.trim().to_owned()).unwrap_or(text)
+}
+
+/// Creates a cluster in `cwd` with one gateway run, then stops it.
+fn make_cluster(cwd: &Path) {
+    let mut gw = GatewayBuilder::new(cwd).start();
+    assert!(gw.terminate().success());
+}
+
+#[test]
+fn fresh_data_dir_becomes_ready_and_keeps_rows_across_a_clean_restart() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    let log = gw.log();
+    assert!(log.contains("initializing a new PostgreSQL") && log.contains(&dir.path().join("data/postgres").display().to_string()), "{log}");
+    gw.db().batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before restart')").unwrap();
+
+    let status = gw.terminate();
+    assert!(status.success(), "SIGTERM must stop with exit 0, got {status}:\n{}", gw.log());
+    assert_eq!(cluster_state(&gw.data_dir()), "shut down", "a SIGTERM stop must leave a cleanly shut down cluster");
+    assert!(postgres_pids_on(&gw.data_dir()).is_empty());
+
+    let gw2 = GatewayBuilder::new(dir.path()).start();
+    let v: String = gw2.db().query_one("SELECT v FROM kept", &[]).unwrap().get(0);
+    assert_eq!(v, "before restart");
+    let log2 = gw2.log();
+    assert!(!log2.contains("initializing a new"), "an existing cluster must be reused:\n{log2}");
+    assert!(!log2.contains("not properly shut down") && !log2.contains("automatic recovery"), "no crash recovery after a clean stop:\n{log2}");
+}
+
+#[test]
+fn data_dir_belongs_to_the_postgres_account_with_private_modes() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    let data = std::fs::metadata(gw.data_dir()).unwrap();
+    assert_eq!(data.permissions().mode() & 0o777, 0o700);
+    let pw = std::fs::metadata(dir.path().join("data/postgres.password")).unwrap();
+    assert_eq!(pw.permissions().mode() & 0o777, 0o600);
+    let expected_uid = if nix_is_root() { postgres_uid() } else { unsafe { libc::geteuid() } };
+    assert_eq!(data.uid(), expected_uid, "data dir must be owned by the account PostgreSQL runs as");
+    // The postmaster itself runs as that account, never as root.
+    let pid = gw.pid_of("postgres").expect("postgres pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.split_whitespace().skip(1).all(|u| u == expected_uid.to_string()), "{uid_line}");
+}
+
+fn nix_is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn postgres_uid() -> u32 {
+    let out = Command::new("id").args(["-u", "postgres"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn memory_mode_leaves_no_files_after_stop() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_MEMORY_MODE", "true").start();
+    let mem_dir = Path::new("/dev/shm").join(format!("omni-gateway-mem-{}", gw.child.pid()));
+    assert!(mem_dir.join("PG_VERSION").is_file(), "memory cluster expected at {}", mem_dir.display());
+    gw.db_memory().batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)").unwrap();
+    assert!(gw.terminate().success());
+    assert!(!mem_dir.exists(), "{} must be deleted at stop", mem_dir.display());
+    assert!(!dir.path().join("data").exists(), "memory mode must not create a data directory");
+}
+
+trait MemoryDb {
+    fn db_memory(&self) -> postgres::Client;
+}
+
+impl MemoryDb for gateway::Gateway {
+    fn db_memory(&self) -> postgres::Client {
+        let pw = std::fs::read_to_string(format!("/dev/shm/omni-gateway-mem-{}.password", self.child.pid())).unwrap();
+        let url = format!("postgres://postgres:{}@127.0.0.1:{}/omni", pw.trim(), self.pg_port);
+        postgres::Client::connect(&url, postgres::NoTls).unwrap()
+    }
+}
+
+#[test]
+fn memory_mode_cleans_leftovers_of_a_killed_run() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_MEMORY_MODE", "true").start();
+    let mem_dir = Path::new("/dev/shm").join(format!("omni-gateway-mem-{}", gw.child.pid()));
+    gw.child.kill9();
+    assert!(mem_dir.exists(), "a killed gateway cannot clean up after itself");
+    let _gw2 = GatewayBuilder::new(dir.path()).env("PGSERVE_MEMORY_MODE", "true").start();
+    assert!(!mem_dir.exists(), "the next start must remove {}", mem_dir.display());
+}
+
+#[test]
+fn restarts_postgres_after_kill9_with_data_intact() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    gw.db().batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)").unwrap();
+    let old = gw.pid_of("postgres").unwrap();
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    let c = gw.wait_component("postgres", "postgres to be ready again under a new pid", Duration::from_secs(20), |c| {
+        c["state"] == "ready" && c["pid"].as_i64().is_some_and(|p| p as i32 != old)
+    });
+    assert_eq!(c["restarts"], 1, "{c}");
+    assert_eq!(c["last_exit"], "killed by SIGKILL", "{c}");
+    let v: i32 = gw.db().query_one("SELECT v FROM kept", &[]).unwrap().get(0);
+    assert_eq!(v, 42);
+}
+
+#[test]
+fn a_postgres_that_keeps_failing_ends_in_failed_state_without_a_busy_loop() {
+    let dir = workdir();
+    make_cluster(dir.path());
+    // A setting PostgreSQL rejects at every start.
+    let conf = dir.path().join("data/postgres/postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\nshared_buffers = 'not a size'\n");
+    std::fs::write(&conf, text).unwrap();
+
+    let mut gw = GatewayBuilder::new(dir.path())
+        .env("OMNI_RESTART_BACKOFF_MS", "50")
+        .env("OMNI_CRASH_LOOP_LIMIT", "3")
+        .spawn();
+    let c = wait_until(Duration::from_secs(30), "postgres to reach the failed state", || {
+        if let Some(status) = gw.child.try_status() {
+            panic!("the gateway must keep running to show the failure, but exited with {status}:\n{}", gw.log());
+        }
+        let r = omni_tests::Request::get("/gateway/status").try_send(gw.port).ok()?;
+        let c = r.json()["components"][0].clone();
+        (c["state"] == "failed").then_some(c)
+    });
+    assert_eq!(c["restarts"], 2, "3 attempts = first start + 2 restarts: {c}");
+    assert!(c["last_exit"].as_str().unwrap().contains("exit status"), "{c}");
+    assert!(c["pid"].is_null(), "{c}");
+    let health = gw.get("/health");
+    assert_eq!(health.status, 503);
+    assert_eq!(health.json()["components"][0]["state"], "failed");
+    // Observe a window: a failed child stays failed, nothing restarts it.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let again = gw.component("postgres");
+        assert_eq!((again["state"].clone(), again["restarts"].clone()), (c["state"].clone(), c["restarts"].clone()));
+    }
+    assert!(gw.terminate().success());
+}
+
+#[test]
+fn kill9_of_the_gateway_takes_postgres_with_it_and_the_next_start_succeeds() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    let pg = gw.pid_of("postgres").unwrap();
+    let data_dir = gw.data_dir();
+    // SIGKILL to the gateway process only (not its group): nothing can run in it.
+    unsafe { libc::kill(gw.child.pid() as i32, libc::SIGKILL) };
+    gw.child.wait_exit(Duration::from_secs(5));
+    let start = Instant::now();
+    wait_until(Duration::from_secs(2), "every postgres of the data dir to be gone within 2 s", || {
+        (!alive(pg) && postgres_pids_on(&data_dir).is_empty()).then_some(())
+    });
+    eprintln!("postgres gone {} ms after the gateway's kill -9", start.elapsed().as_millis());
+    let gw2 = GatewayBuilder::new(dir.path()).start();
+    gw2.db().query_one("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn stale_pid_file_with_a_dead_pid_does_not_block_the_start() {
+    let dir = workdir();
+    make_cluster(dir.path());
+    let mut dead = ChildGuard::spawn(&mut Command::new("true"));
+    dead.wait_exit(Duration::from_secs(5));
+    let pid_file = dir.path().join("data/postgres/postmaster.pid");
+    std::fs::write(&pid_file, format!("{}\n{}\n", dead.pid(), dir.path().join("data/postgres").display())).unwrap();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    assert!(gw.log().contains("stale"), "{}", gw.log());
+}
+
+#[test]
+fn pid_file_naming_a_live_unrelated_process_is_removed_and_that_process_left_alone() {
+    let dir = workdir();
+    make_cluster(dir.path());
+    let mut bystander = ChildGuard::spawn(Command::new("sleep").arg("600"));
+    let pid_file = dir.path().join("data/postgres/postmaster.pid");
+    std::fs::write(&pid_file, format!("{}\n{}\n", bystander.pid(), dir.path().join("data/postgres").display())).unwrap();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    gw.db().query_one("SELECT 1", &[]).unwrap();
+    assert!(bystander.try_status().is_none(), "the unrelated process must still be running");
+}
+
+#[test]
+fn a_second_gateway_on_a_live_data_dir_refuses_and_leaves_the_first_alone() {
+    let dir = workdir();
+    let mut first = GatewayBuilder::new(dir.path()).start();
+    let (status, log) = GatewayBuilder::new(dir.path()).run_to_exit();
+    assert!(!status.success());
+    assert!(log.contains("already running"), "{log}");
+    first.wait_healthy();
+    first.db().query_one("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn a_cluster_of_another_major_version_is_refused_and_left_untouched() {
+    let dir = workdir();
+    make_cluster(dir.path());
+    let data = dir.path().join("data/postgres");
+    std::fs::write(data.join("PG_VERSION"), "11\n").unwrap();
+    let before = tree_fingerprint(&data);
+    let (status, log) = GatewayBuilder::new(dir.path()).run_to_exit();
+    assert!(!status.success());
+    assert!(log.contains("PostgreSQL 11") && log.contains("pg_upgrade"), "{log}");
+    assert_eq!(tree_fingerprint(&data), before, "no file of the cluster may change");
+}
+
+/// Path, size and modification time of every file below `dir`.
+fn tree_fingerprint(dir: &Path) -> Vec<(String, u64, i64, i64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path().display().to_string(), m.len(), m.mtime(), m.mtime_nsec()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_taken_postgres_port_is_reported_naming_pgserve_port() {
+    let dir = workdir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (status, log) = GatewayBuilder::new(dir.path()).env("PGSERVE_PORT", port.to_string()).run_to_exit();
+    assert!(!status.success());
+    assert!(log.contains("PGSERVE_PORT") && log.contains(&port.to_string()), "{log}");
+}
+
+#[test]
+fn require_existing_refuses_to_create_a_cluster() {
+    let dir = workdir();
+    let (status, log) = GatewayBuilder::new(dir.path()).env("PGSERVE_REQUIRE_EXISTING", "true").run_to_exit();
+    assert!(!status.success());
+    assert!(log.contains("PGSERVE_REQUIRE_EXISTING"), "{log}");
+    assert!(!dir.path().join("data/postgres/PG_VERSION").exists());
+}
+
+#[test]
+fn a_non_empty_directory_without_a_cluster_is_never_touched() {
+    let dir = workdir();
+    let data = dir.path().join("data/postgres");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("precious.txt"), "user data").unwrap();
+    let (status, log) = GatewayBuilder::new(dir.path()).run_to_exit();
+    assert!(!status.success());
+    assert!(log.contains("refusing to touch it"), "{log}");
+    assert_eq!(std::fs::read_to_string(data.join("precious.txt")).unwrap(), "user data");
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
+}
+
+#[test]
+fn invalid_configuration_stops_with_a_message_naming_the_variable() {
+    let dir = workdir();
+    let (status, log) = GatewayBuilder::new(dir.path()).env("PGSERVE_MEMORY_MODE", "sometimes").run_to_exit();
+    assert_eq!(status.code(), Some(2));
+    assert!(log.contains("PGSERVE_MEMORY_MODE"), "{log}");
+    std::fs::write(dir.path().join(".env"), "OMNI_PORT=not-a-port\n").unwrap();
+    let (status, log) = GatewayBuilder::new(dir.path()).without_env("OMNI_PORT").run_to_exit();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("OMNI_PORT"), "{log}");
+}
