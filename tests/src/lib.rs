@@ -354,6 +354,8 @@ pub const TEST_API_KEY: &str = "test-api-key-0123456789";
 /// How to start an `omni-api` process.
 pub struct WorkerBuilder {
     env: BTreeMap<String, String>,
+    /// A listening socket handed to the worker as fd 3 (`OMNI_API_LISTEN_FD`).
+    listener: Option<TcpListener>,
     /// The worker's working directory (SQLite check, relative paths).
     workdir: TempDir,
 }
@@ -369,7 +371,14 @@ impl WorkerBuilder {
         env.insert("OMNI_API_KEY".to_owned(), TEST_API_KEY.to_owned());
         env.insert("OMNI_UI_DIR".to_owned(), ui.display().to_string());
         env.insert("LOG_LEVEL".to_owned(), "info".to_owned());
-        WorkerBuilder { env, workdir }
+        WorkerBuilder { env, workdir, listener: None }
+    }
+
+    /// Hands `listener` to the worker as file descriptor 3, the way the
+    /// gateway does, instead of letting it bind a port itself.
+    pub fn inherit_listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
+        self.env("OMNI_API_LISTEN_FD", "3")
     }
 
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -388,19 +397,40 @@ impl WorkerBuilder {
 
     /// Starts the worker on a free port without waiting for it.
     pub fn spawn(self) -> Worker {
-        let port = free_port();
+        let port = match &self.listener {
+            Some(listener) => listener.local_addr().unwrap().port(),
+            None => free_port(),
+        };
         let log = self.workdir.path().join("worker.log");
         let file = fs::File::create(&log).unwrap();
         let mut command = Command::new(bin_path("omni-api"));
+        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        if self.listener.is_none() {
+            command.env("OMNI_API_LISTEN", format!("127.0.0.1:{port}"));
+        }
         command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(&self.env)
-            .env("OMNI_API_LISTEN", format!("127.0.0.1:{port}"))
             .current_dir(self.workdir.path())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
+        if let Some(listener) = &self.listener {
+            use std::os::fd::AsRawFd;
+            let fd = listener.as_raw_fd();
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    // dup2 clears close-on-exec on the copy; when the socket
+                    // already is fd 3, clear it by hand.
+                    if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0);
+                    } else if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = ChildGuard::spawn(&mut command);
         Worker { child, port, log, _workdir: self.workdir }
     }

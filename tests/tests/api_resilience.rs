@@ -1,0 +1,106 @@
+//! The worker as a process: PostgreSQL restarts under it, concurrent starts,
+//! refused migrations, configuration errors, the inherited socket, shutdown.
+
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use omni_tests::{wait_until, TempPostgres, Worker, WorkerBuilder};
+use serde_json::json;
+
+#[test]
+fn answers_503_while_postgres_restarts_then_recovers_in_the_same_process() {
+    let mut pg = TempPostgres::start_new();
+    let mut worker = Worker::start(&pg);
+    let pid = worker.child.pid();
+    let session = uuid::Uuid::new_v4().to_string();
+    let put = |worker: &Worker, value: &str| {
+        worker.request("POST", "/api/v1/preferences").session(&session).json(&json!({"key": "theme", "value": value})).send()
+    };
+    assert_eq!(put(&worker, "dark").status, 200);
+
+    pg.stop();
+    for (path, expected) in [
+        ("/api/v1/health", json!({"status": "degraded", "database": "unavailable"})),
+        ("/api/v1/preferences", json!({"code": "database_unavailable", "detail": "the database is not reachable right now; retry shortly"})),
+    ] {
+        let started = Instant::now();
+        let response = worker.request("GET", path).session(&session).send();
+        assert!(started.elapsed() < Duration::from_secs(3), "{path} took {:?}; must fail fast", started.elapsed());
+        assert_eq!((response.status, response.json()), (503, expected), "{path}");
+    }
+    assert_eq!(put(&worker, "light").json()["code"], "database_unavailable");
+
+    pg.start();
+    wait_until(Duration::from_secs(15), "health to recover", || {
+        (worker.request("GET", "/api/v1/health").send().status == 200).then_some(())
+    });
+    assert_eq!(put(&worker, "light").status, 200);
+    let value = worker.request("GET", "/api/v1/preferences/theme").session(&session).send().json();
+    assert_eq!(value["value"], "light");
+    assert!(worker.child.try_status().is_none(), "the worker kept running");
+    assert_eq!(worker.child.pid(), pid);
+}
+
+#[test]
+fn two_workers_starting_together_apply_each_migration_once() {
+    let pg = TempPostgres::start_new();
+    // No OMNI_API_KEY: they also race to generate the key, and must agree.
+    let mut first = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").spawn();
+    let mut second = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").spawn();
+    first.wait_healthy();
+    second.wait_healthy();
+
+    let rows = pg.client().query("SELECT version, name FROM omni_schema_migrations ORDER BY version", &[]).unwrap();
+    let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(applied, vec![(1, "0001_initial.sql".to_owned())]);
+    let key = |w: &Worker| w.request("GET", "/api/v1/setup/api-key").send().json()["api_key"].clone();
+    assert_eq!(key(&first), key(&second));
+    let applied_by = [first.log(), second.log()].iter().filter(|log| log.contains("applied migrations")).count();
+    assert_eq!(applied_by, 1, "exactly one worker applied the migrations");
+}
+
+#[test]
+fn refuses_to_start_when_an_applied_migration_changed() {
+    let pg = TempPostgres::start_new();
+    drop(Worker::start(&pg));
+    pg.client().execute("UPDATE omni_schema_migrations SET checksum = 'edited' WHERE version = 1", &[]).unwrap();
+
+    let mut worker = WorkerBuilder::new(&pg.url()).spawn();
+    let status = worker.child.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = worker.log();
+    assert!(log.contains("migration 0001_initial.sql was changed after it was applied"), "{log}");
+}
+
+#[test]
+fn bad_configuration_stops_with_the_variable_named() {
+    let pg = TempPostgres::start_new();
+    for (variable, value) in [("DATABASE_URL", ""), ("OMNI_API_LISTEN", "nowhere"), ("LOG_FORMAT", "xml"), ("OMNI_API_LISTEN_FD", "9")] {
+        let mut worker = WorkerBuilder::new(&pg.url()).env(variable, value).spawn();
+        let status = worker.child.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "{variable}={value:?} must stop the worker");
+        assert!(worker.log().contains(variable), "{variable}: {}", worker.log());
+    }
+}
+
+#[test]
+fn serves_on_a_socket_inherited_from_the_gateway() {
+    let pg = TempPostgres::start_new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let worker = WorkerBuilder::new(&pg.url()).inherit_listener(listener).start();
+    assert_eq!(worker.port, port);
+    assert_eq!(worker.request("GET", "/api/v1/health").send().json(), json!({"status": "ok", "database": "ok"}));
+}
+
+#[test]
+fn exits_zero_on_sigterm() {
+    let pg = TempPostgres::start_new();
+    let mut worker = Worker::start(&pg);
+    worker.child.signal_group(libc::SIGTERM);
+    let status = worker.child.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(worker.log().contains("shutting down"), "{}", worker.log());
+}
