@@ -552,6 +552,11 @@ impl Request {
         self.header("content-type", content_type)
     }
 
+    /// Sends to `port` instead of the one set with [`Request::port`].
+    pub fn send_to(&self, port: u16) -> Response {
+        self.clone().port(port).send()
+    }
+
     pub fn send(&self) -> Response {
         self.try_send(self.port).unwrap_or_else(|e| panic!("{} {}: {e}", self.method, String::from_utf8_lossy(&self.target)))
     }
