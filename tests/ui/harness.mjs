@@ -1,0 +1,264 @@
+// Test kit for the browser tests: the real stack, a real Chromium.
+//
+// startStack() starts target/debug/omni-gateway in a fresh temporary working
+// directory (its own process group, a free port, PGSERVE_PORT=0, a fixed API
+// key, OMNI_UI_DIR = ui-dist) and waits for GET /health. The UI is then used
+// through the gateway's port when the gateway proxies /api to its worker;
+// otherwise (a gateway that does not run the worker yet) an omni-api is
+// started directly against the gateway's PostgreSQL, and `viaGateway` is
+// false so tests that need the gateway can skip with the reason. Every
+// process group is killed at the end, also when a test fails or the runner
+// exits early. Nothing here sleeps in place of a condition: waitFor() polls.
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { chromium } from 'playwright-core';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const UI_DIR = path.join(ROOT, 'ui-dist');
+export const SCREENSHOTS = path.join(ROOT, 'target', 'ui-screenshots');
+const LOGS = path.join(ROOT, 'target', 'ui-logs');
+export const API_KEY = 'sk-omni-ui-test-0123456789abcdefghijklmnop';
+export const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+  '--no-first-run', '--disable-sync', '--disable-quic',
+];
+
+// ---------------------------------------------------------------- processes
+
+/** Process groups still running; killed on exit whatever happens. */
+const groups = new Set();
+process.on('exit', () => {
+  for (const pid of groups) {
+    try { process.kill(-pid, 'SIGKILL'); } catch { /* already gone */ }
+  }
+});
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => process.exit(130));
+}
+
+function binary(name) {
+  const file = path.join(ROOT, 'target', 'debug', name);
+  if (!fs.existsSync(file)) throw new Error(`${file} does not exist: run \`cargo build --workspace\` first`);
+  return file;
+}
+
+/** Spawns `command` as the leader of a new process group, logging to target/ui-logs. */
+function spawnGroup(label, command, args, { cwd, env }) {
+  fs.mkdirSync(LOGS, { recursive: true });
+  const logFile = path.join(LOGS, `${label}-${process.pid}-${Date.now()}.log`);
+  const log = fs.createWriteStream(logFile);
+  const child = spawn(command, args, { cwd, env, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  groups.add(child.pid);
+  const proc = { child, pid: child.pid, output: '', logFile, exited: null };
+  for (const stream of [child.stdout, child.stderr]) {
+    stream.on('data', (chunk) => {
+      proc.output += chunk.toString();
+      log.write(chunk);
+    });
+  }
+  child.on('exit', (code, signal) => {
+    proc.exited = { code, signal };
+    log.end();
+  });
+  return proc;
+}
+
+/** SIGTERM to the group, SIGKILL after `graceMs`. */
+async function stopGroup(proc, graceMs = 5000) {
+  if (!proc) return;
+  const gone = () => proc.exited !== null;
+  if (!gone()) {
+    try { process.kill(-proc.pid, 'SIGTERM'); } catch { /* already gone */ }
+    try {
+      await waitFor(() => gone(), { timeout: graceMs, what: `${proc.pid} to stop` });
+    } catch {
+      try { process.kill(-proc.pid, 'SIGKILL'); } catch { /* already gone */ }
+      await waitFor(() => gone(), { timeout: 5000, what: `${proc.pid} to die` }).catch(() => {});
+    }
+  }
+  // The group may outlive its leader (children of the gateway): make sure.
+  try { process.kill(-proc.pid, 'SIGKILL'); } catch { /* nothing left */ }
+  groups.delete(proc.pid);
+}
+
+// ---------------------------------------------------------------- waiting
+
+/** Polls `check` every 50 ms until it returns a truthy value. */
+export async function waitFor(check, { timeout = 30000, what = 'a condition' } = {}) {
+  const deadline = Date.now() + timeout;
+  let lastError;
+  for (;;) {
+    try {
+      const value = await check();
+      if (value) return value;
+    } catch (error) {
+      lastError = error;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeout} ms waiting for ${what}${lastError ? `: ${lastError.message}` : ''}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.unref();
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+async function status(url) {
+  try {
+    const response = await fetch(url);
+    await response.arrayBuffer();
+    return response.status;
+  } catch {
+    return 0;
+  }
+}
+
+// ---------------------------------------------------------------- the stack
+
+/**
+ * Starts the gateway (and, until the gateway proxies the API, a worker
+ * beside it). Returns { base, viaGateway, gatewayBase, db(), api(), stop() }.
+ */
+export async function startStack(label = 'stack') {
+  const cwd = fs.mkdtempSync(path.join(os.tmpdir(), `omni-ui-${label}-`));
+  // Run as root, PostgreSQL runs as an unprivileged user that must reach its data dir.
+  fs.chmodSync(cwd, 0o755);
+  const port = await freePort();
+  const env = {
+    ...process.env,
+    OMNI_HOST: '127.0.0.1',
+    OMNI_PORT: String(port),
+    PGSERVE_PORT: '0',
+    OMNI_API_KEY: API_KEY,
+    OMNI_UI_DIR: UI_DIR,
+    LOG_FORMAT: 'json',
+  };
+  delete env.DATABASE_URL;
+  const stack = { cwd, gateway: null, worker: null, stop: null };
+  stack.stop = async () => {
+    await stopGroup(stack.worker);
+    await stopGroup(stack.gateway);
+    fs.rmSync(cwd, { recursive: true, force: true });
+  };
+  try {
+    stack.gateway = spawnGroup(`gateway-${label}`, binary('omni-gateway'), [], { cwd, env });
+    stack.gatewayBase = `http://127.0.0.1:${port}`;
+    await waitFor(async () => {
+      if (stack.gateway.exited) throw new Error(`the gateway exited (${JSON.stringify(stack.gateway.exited)}); log: ${stack.gateway.logFile}`);
+      return (await status(`${stack.gatewayBase}/health`)) === 200;
+    }, { timeout: 60000, what: 'the gateway /health to answer 200' });
+
+    const match = stack.gateway.output.match(/PostgreSQL \d+ on 127\.0\.0\.1:(\d+)/);
+    if (!match) throw new Error(`the PostgreSQL port is not in the gateway log ${stack.gateway.logFile}`);
+    const password = fs.readFileSync(path.join(cwd, 'data', 'postgres.password'), 'utf8').trim();
+    stack.pg = { host: '127.0.0.1', port: Number(match[1]), user: 'postgres', password, database: 'omni' };
+
+    await useGatewayOrWorker(stack, env);
+  } catch (error) {
+    await stack.stop();
+    throw error;
+  }
+  stack.api = (p, options = {}) => fetch(`${stack.base}${p}`, options);
+  stack.query = async (sql, params = []) => {
+    const client = new pg.Client(stack.pg);
+    await client.connect();
+    try {
+      return (await client.query(sql, params)).rows;
+    } finally {
+      await client.end();
+    }
+  };
+  return stack;
+}
+
+/**
+ * The one switch between "through the gateway" and "worker started
+ * directly": the gateway is used as soon as it answers /api/v1/health.
+ */
+async function useGatewayOrWorker(stack, env) {
+  if ((await status(`${stack.gatewayBase}/api/v1/health`)) === 200) {
+    stack.base = stack.gatewayBase;
+    stack.viaGateway = true;
+    return;
+  }
+  const workerPort = await freePort();
+  const { user, password, host, port, database } = stack.pg;
+  stack.worker = spawnGroup('worker', binary('omni-api'), [], {
+    cwd: stack.cwd,
+    env: {
+      ...env,
+      DATABASE_URL: `postgres://${user}:${encodeURIComponent(password)}@${host}:${port}/${database}`,
+      OMNI_API_LISTEN: `127.0.0.1:${workerPort}`,
+    },
+  });
+  stack.base = `http://127.0.0.1:${workerPort}`;
+  stack.viaGateway = false;
+  await waitFor(async () => {
+    if (stack.worker.exited) throw new Error(`omni-api exited; log: ${stack.worker.logFile}`);
+    return (await status(`${stack.base}/api/v1/health`)) === 200;
+  }, { timeout: 30000, what: 'omni-api /api/v1/health' });
+}
+
+// ---------------------------------------------------------------- browser
+
+export async function launchBrowser() {
+  if (!fs.existsSync(CHROMIUM)) {
+    throw new Error(`${CHROMIUM} not found: install it with \`apt-get install -y chromium\` (tests/ui/run.sh does)`);
+  }
+  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+}
+
+/** A new browser context (a new tab session) with a page on `stack`. */
+export async function openPage(browser, stack, { width = 1280, height = 800 } = {}) {
+  const context = await browser.newContext({ baseURL: stack.base, viewport: { width, height } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(15000);
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+  page.problems = problems;
+  return { context, page };
+}
+
+/** Signs in through the login page and waits for the dashboard. */
+export async function signIn(page, key = API_KEY) {
+  await page.goto('/login');
+  await page.getByLabel('API key', { exact: true }).fill(key);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+}
+
+export async function localStorageLength(page) {
+  return page.evaluate(() => window.localStorage.length);
+}
+
+/** Saves `name`-1280.png and `name`-360.png under target/ui-screenshots/. */
+export async function screenshots(page, name) {
+  fs.mkdirSync(SCREENSHOTS, { recursive: true });
+  const original = page.viewportSize();
+  for (const [width, height] of [[1280, 800], [360, 740]]) {
+    await page.setViewportSize({ width, height });
+    // Let layout settle for the new width before capturing.
+    await page.evaluate(() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))));
+    await page.screenshot({ path: path.join(SCREENSHOTS, `${name}-${width}.png`), fullPage: true });
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    if (overflow > 0) throw new Error(`${name} overflows horizontally by ${overflow}px at ${width}px wide`);
+  }
+  await page.setViewportSize(original);
+}

@@ -1,0 +1,162 @@
+// The application shell: routes, the top bar, and who may see which page.
+//
+// Routing uses the History API; the server answers index.html for every
+// non-API path, so /login, /setup, /backups and /status survive a reload.
+// A page module exports `render(main, ctx)` and may return a cleanup
+// function, called before the next page renders (the status page closes its
+// WebSocket there).
+
+import { call } from './api.js';
+import { h, replace } from './dom.js';
+import { getApiKey, logout } from './session.js';
+import { currentTheme, loadTheme, toggleTheme } from './theme.js';
+import * as dashboard from './pages/dashboard.js';
+import * as login from './pages/login.js';
+import * as setup from './pages/setup.js';
+import * as backups from './pages/backups.js';
+import * as status from './pages/status.js';
+
+const routes = {
+  '/': { page: dashboard, title: 'Dashboard', nav: true },
+  '/status': { page: status, title: 'Status', nav: true },
+  '/backups': { page: backups, title: 'Backups', nav: true },
+  '/setup': { page: setup, title: 'Setup', nav: true, public: true },
+  '/login': { page: login, title: 'Sign in', public: true, bare: true },
+};
+
+const main = document.getElementById('main');
+const topbar = document.getElementById('topbar');
+let cleanup = null;
+let renderCount = 0;
+
+/** Goes to `path` without reloading the page. */
+export function navigate(path, { replace: replaceEntry = false } = {}) {
+  if (replaceEntry) history.replaceState(null, '', path);
+  else history.pushState(null, '', path);
+  render();
+}
+
+async function setupStatus() {
+  try {
+    return await call('/api/v1/setup/status');
+  } catch {
+    return null;
+  }
+}
+
+function themeButton() {
+  const label = () => (currentTheme() === 'dark' ? 'Light theme' : 'Dark theme');
+  const button = h('button', {
+    type: 'button',
+    class: 'btn btn-sm',
+    id: 'theme-toggle',
+    'aria-pressed': String(currentTheme() === 'dark'),
+    onclick: async () => {
+      try {
+        await toggleTheme();
+      } catch (error) {
+        showToast(`The theme could not be saved: ${error.message}`);
+      }
+    },
+  }, label());
+  window.addEventListener('omni:theme', () => {
+    button.textContent = label();
+    button.setAttribute('aria-pressed', String(currentTheme() === 'dark'));
+  });
+  return button;
+}
+
+function renderTopbar(path, signedIn) {
+  const links = Object.entries(routes)
+    .filter(([, route]) => route.nav)
+    .map(([href, route]) => h('a', { href, 'aria-current': href === path ? 'page' : false }, route.title));
+  replace(topbar,
+    h('a', { class: 'brand', href: '/' }, h('span', { class: 'brand-mark', 'aria-hidden': 'true' }), 'Omni'),
+    signedIn ? h('nav', { class: 'nav', 'aria-label': 'Main' }, links) : null,
+    h('div', { class: 'topbar-actions' },
+      themeButton(),
+      signedIn
+        ? h('button', {
+          type: 'button',
+          class: 'btn btn-sm',
+          onclick: async () => {
+            await logout().catch(() => {});
+            navigate('/login');
+          },
+        }, 'Sign out')
+        : null));
+  topbar.hidden = false;
+}
+
+function showToast(message) {
+  const region = document.getElementById('toast') || document.body.appendChild(
+    h('div', { id: 'toast', class: 'container', role: 'alert' }));
+  replace(region, h('p', { class: 'alert alert-error' }, message));
+}
+
+async function render() {
+  const mine = ++renderCount;
+  if (cleanup) {
+    try { cleanup(); } catch { /* a page's cleanup must not break navigation */ }
+    cleanup = null;
+  }
+  const path = location.pathname.replace(/\/+$/, '') || '/';
+  const route = routes[path];
+  if (!route) {
+    renderTopbar(path, Boolean(await getApiKey().catch(() => null)));
+    replace(main, h('div', { class: 'container narrow' },
+      h('h1', { tabindex: '-1' }, 'Page not found'),
+      h('p', {}, 'There is no page at ', h('code', {}, path), '.'),
+      h('a', { class: 'btn', href: '/' }, 'Go to the dashboard')));
+    return;
+  }
+
+  const [key, setupState] = await Promise.all([getApiKey().catch(() => null), setupStatus()]);
+  if (mine !== renderCount) return;
+  if (!route.public && !key) {
+    // First run goes to onboarding; otherwise the user signs in.
+    navigate(setupState && setupState.requires_setup ? '/setup' : '/login', { replace: true });
+    return;
+  }
+  document.title = `${route.title} · Omni`;
+  if (route.bare) {
+    topbar.hidden = true;
+    topbar.replaceChildren();
+  } else {
+    renderTopbar(path, Boolean(key));
+  }
+  main.replaceChildren();
+  const ctx = { navigate, apiKey: key, setup: setupState };
+  const result = await route.page.render(main, ctx);
+  if (mine !== renderCount) {
+    if (typeof result === 'function') result();
+    return;
+  }
+  cleanup = typeof result === 'function' ? result : null;
+  // Move focus to the page heading so keyboard and screen-reader users land on the new page.
+  const heading = main.querySelector('h1');
+  if (heading && renderCount > 1) {
+    heading.setAttribute('tabindex', '-1');
+    heading.focus({ preventScroll: true });
+  }
+}
+
+// Same-origin links navigate inside the app.
+document.addEventListener('click', (event) => {
+  const link = event.target.closest('a[href]');
+  if (!link || link.target || link.hasAttribute('download') || event.defaultPrevented) return;
+  if (event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) return;
+  const url = new URL(link.href, location.href);
+  if (url.origin !== location.origin || url.pathname.startsWith('/api/')) return;
+  if (url.hash && url.pathname === location.pathname) return;
+  event.preventDefault();
+  navigate(url.pathname + url.search);
+});
+
+window.addEventListener('popstate', render);
+window.addEventListener('omni:signed-out', () => {
+  if (location.pathname !== '/login') navigate('/login', { replace: true });
+});
+
+loadTheme();
+render();

@@ -1,0 +1,60 @@
+// The landing page after sign-in: setup state, services, backups at a glance.
+
+import { call } from '../api.js';
+import { formatBytes, formatDate, h, replace } from '../dom.js';
+import { authedCall } from '../session.js';
+
+function stateBadge(state) {
+  const kind = state === 'ready' ? 'ok' : state === 'failed' ? 'error' : 'warn';
+  return h('span', { class: `badge badge-${kind}` }, state);
+}
+
+export async function render(main, { setup }) {
+  const services = h('div', {}, h('p', { class: 'hint' }, 'Loading…'));
+  const backups = h('div', {}, h('p', { class: 'hint' }, 'Loading…'));
+  const setupDone = setup && !setup.requires_setup;
+
+  replace(main, h('div', { class: 'container' },
+    h('div', { class: 'page-head' },
+      h('div', {}, h('h1', { id: 'dashboard-title' }, 'Dashboard'), h('p', {}, 'This Omni installation at a glance.'))),
+    setup && setup.requires_setup
+      ? h('div', { class: 'alert alert-warn', role: 'status' },
+        h('strong', {}, 'Setup is not complete'),
+        'Choose where Omni keeps its data. ',
+        h('a', { href: '/setup' }, 'Open storage configuration'))
+      : null,
+    h('div', { class: 'grid' },
+      h('section', { class: 'card', 'aria-labelledby': 'card-setup' },
+        h('h2', { id: 'card-setup' }, 'Setup'),
+        h('p', { class: 'stat-value' }, setup ? (setupDone ? 'Complete' : 'Not complete') : 'Unknown'),
+        h('p', { class: 'hint' }, setup && setup.storage
+          ? (setup.storage.memory_mode ? 'In-memory storage' : `Data directory ${setup.storage.data_dir}`)
+          : 'Default storage'),
+        h('a', { href: '/setup' }, setupDone ? 'Review storage settings' : 'Configure storage')),
+      h('section', { class: 'card', 'aria-labelledby': 'card-services' },
+        h('h2', { id: 'card-services' }, 'Services'),
+        services,
+        h('a', { href: '/status' }, 'Open status')),
+      h('section', { class: 'card', 'aria-labelledby': 'card-backups' },
+        h('h2', { id: 'card-backups' }, 'Backups'),
+        backups,
+        h('a', { href: '/backups' }, 'Manage backups')))));
+
+  call('/gateway/status').then((status) => {
+    const components = (status && status.components) || [];
+    replace(services, components.length
+      ? h('ul', { class: 'kv', style: 'list-style:none;padding:0' },
+        components.map((c) => [h('li', {}, c.name), h('li', { style: 'text-align:right' }, stateBadge(c.state))]))
+      : h('p', { class: 'hint' }, 'No components reported.'));
+  }).catch((error) => replace(services, h('p', { class: 'hint' }, error.message)));
+
+  authedCall('/api/v1/backup/list').then((body) => {
+    const list = (body && body.backups) || [];
+    replace(backups,
+      h('p', { class: 'stat-value' }, `${list.length} ${list.length === 1 ? 'backup' : 'backups'}`),
+      h('p', { class: 'hint' }, list.length
+        ? `Newest ${formatDate(list[0].created_at)}, ${formatBytes(list[0].size_bytes)}`
+        : 'No backup yet.'));
+  }).catch((error) => replace(backups, h('p', { class: 'hint' },
+    error.status === 404 ? 'Backups are not available on this server.' : error.message)));
+}
