@@ -134,7 +134,7 @@ pub async fn list(State(state): State<AppState>, SessionId(session): SessionId) 
 
 /// One preference of this session.
 #[utoipa::path(get, path = "/api/v1/preferences/{key}", tag = "preferences",
-    params(SessionHeader, ("key" = String, Path, description = "Preference key")),
+    params(SessionHeader, ("key" = String, Path, description = "Preference key: 1–100 characters of A-Z a-z 0-9 _ . : -", min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9_.:-]{1,100}$")),
     responses(
         (status = 200, description = "The preference", body = Preference),
         (status = 400, description = "Bad session id or key", body = ErrorBody),
@@ -156,7 +156,7 @@ pub async fn get(
 
 /// Delete one preference of this session.
 #[utoipa::path(delete, path = "/api/v1/preferences/{key}", tag = "preferences",
-    params(SessionHeader, ("key" = String, Path, description = "Preference key")),
+    params(SessionHeader, ("key" = String, Path, description = "Preference key: 1–100 characters of A-Z a-z 0-9 _ . : -", min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9_.:-]{1,100}$")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "Bad session id or key", body = ErrorBody),

@@ -31,7 +31,7 @@ pub fn free_port() -> u16 {
 pub fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("test executable has a directory");
-    if deps.file_name().is_some_and(|name| name == "deps") {
+    if deps.file_name().is_some_and(|name| name == "deps" || name == "examples") {
         deps.parent().unwrap().to_path_buf()
     } else {
         deps.to_path_buf()
@@ -356,6 +356,8 @@ pub struct WorkerBuilder {
     env: BTreeMap<String, String>,
     /// A listening socket handed to the worker as fd 3 (`OMNI_API_LISTEN_FD`).
     listener: Option<TcpListener>,
+    /// The `omni-api` executable; the workspace debug build unless set.
+    binary: Option<PathBuf>,
     /// The worker's working directory (SQLite check, relative paths).
     workdir: TempDir,
 }
@@ -371,7 +373,7 @@ impl WorkerBuilder {
         env.insert("OMNI_API_KEY".to_owned(), TEST_API_KEY.to_owned());
         env.insert("OMNI_UI_DIR".to_owned(), ui.display().to_string());
         env.insert("LOG_LEVEL".to_owned(), "info".to_owned());
-        WorkerBuilder { env, workdir, listener: None }
+        WorkerBuilder { env, workdir, listener: None, binary: None }
     }
 
     /// Hands `listener` to the worker as file descriptor 3, the way the
@@ -391,6 +393,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// Runs this executable instead of `target/debug/omni-api` (e.g. a release build).
+    pub fn binary(mut self, path: PathBuf) -> Self {
+        self.binary = Some(path);
+        self
+    }
+
     pub fn workdir(&self) -> &Path {
         self.workdir.path()
     }
@@ -403,7 +411,7 @@ impl WorkerBuilder {
         };
         let log = self.workdir.path().join("worker.log");
         let file = fs::File::create(&log).unwrap();
-        let mut command = Command::new(bin_path("omni-api"));
+        let mut command = Command::new(self.binary.clone().unwrap_or_else(|| bin_path("omni-api")));
         command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
         if self.listener.is_none() {
             command.env("OMNI_API_LISTEN", format!("127.0.0.1:{port}"));

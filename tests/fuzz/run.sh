@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Property-based fuzzing of the worker's OpenAPI document with schemathesis.
+#
+# Starts a throw-away PostgreSQL and omni-api (tests/examples/sandbox.rs),
+# runs schemathesis against /api/v1/openapi.json within a time budget, and
+# fails on any 5xx (`not_a_server_error`). Other checks are reported but only
+# server errors fail the run: 4xx for fuzzed input is the contract.
+#
+#   tests/fuzz/run.sh              # default budget: FUZZ_SECONDS=120
+#   FUZZ_SECONDS=600 tests/fuzz/run.sh
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+budget="${FUZZ_SECONDS:-120}"
+venv="$root/target/fuzz-venv"
+report_dir="$root/target/fuzz-report"
+
+if [[ ! -x "$venv/bin/st" ]]; then
+    echo "fuzz: installing schemathesis into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    "$venv/bin/pip" install --quiet 'schemathesis>=4,<5'
+fi
+
+cargo build --quiet -p omni-api -p omni-tests --example sandbox
+
+# The sandbox lives as long as its stdin: closing our end stops it, and so
+# does this script dying for any reason.
+coproc SANDBOX { exec "$root/target/debug/examples/sandbox"; }
+trap 'exec {SANDBOX[1]}>&- 2>/dev/null || true; wait "$SANDBOX_PID" 2>/dev/null || true' EXIT
+read -r port_line <&"${SANDBOX[0]}"
+read -r key_line <&"${SANDBOX[0]}"
+port="${port_line#port=}"
+api_key="${key_line#api_key=}"
+echo "fuzz: omni-api on 127.0.0.1:$port, budget ${budget}s" >&2
+
+mkdir -p "$report_dir"
+"$venv/bin/st" run "http://127.0.0.1:$port/api/v1/openapi.json" \
+    --checks not_a_server_error \
+    --max-time "$budget" \
+    --workers 2 \
+    --request-timeout 10 \
+    --header "x-api-key: $api_key" \
+    --report junit --report-dir "$report_dir" \
+    --no-color

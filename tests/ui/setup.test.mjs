@@ -1,0 +1,149 @@
+// Onboarding "Storage Configuration": skipping keeps the default storage and
+// completes setup; a full submit stores every setting (checked through the
+// API) and reports that a restart is required. Each flow needs a fresh
+// installation, so each starts its own stack.
+
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, startStack } from './harness.mjs';
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+async function setupStatus(stack) {
+  const response = await stack.api('/api/v1/setup/status');
+  assert.equal(response.status, 200);
+  return response.json();
+}
+
+test('first run opens onboarding; "Skip – use default storage" completes setup with the default storage', async () => {
+  const stack = await startStack('setup-skip');
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await page.goto('/');
+    await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
+    assert.equal(new URL(page.url()).pathname, '/setup');
+    await screenshots(page, 'setup-storage');
+
+    await page.getByRole('button', { name: 'Skip – use default storage' }).click();
+    await page.getByRole('heading', { name: 'Your API key' }).waitFor();
+    assert.equal(await page.getByLabel('API key', { exact: true }).inputValue(), API_KEY);
+    await screenshots(page, 'setup-api-key');
+    await page.getByRole('button', { name: 'Finish setup' }).click();
+    await page.getByRole('heading', { name: 'Setup complete' }).waitFor();
+    await page.getByRole('button', { name: 'Go to the dashboard' }).click();
+    await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+
+    const status = await setupStatus(stack);
+    assert.equal(status.requires_setup, false);
+    assert.equal(status.storage_configured, false);
+    // Completed setup no longer shows the key.
+    assert.equal((await stack.api('/api/v1/setup/api-key')).status, 403);
+    assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await stack.stop();
+  }
+});
+
+test('a full submit validates, summarises, stores the settings and says a restart is required', async () => {
+  const stack = await startStack('setup-full');
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await page.goto('/setup');
+    await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
+
+    // Memory mode warns about data loss; an external URL is checked in the browser.
+    await page.getByRole('radio', { name: /In memory/ }).check();
+    await page.locator('#memory-warning').filter({ hasText: 'deleted every time Omni stops' }).waitFor();
+    await page.getByRole('radio', { name: /External PostgreSQL/ }).check();
+    await page.getByLabel('PostgreSQL URL').fill('mysql://nope');
+    await page.getByRole('button', { name: 'Review settings' }).click();
+    await page.locator('#database_url-error').filter({ hasText: 'postgres://' }).waitFor();
+    assert.equal(await page.getByLabel('PostgreSQL URL').getAttribute('aria-invalid'), 'true');
+    await screenshots(page, 'setup-validation');
+
+    await page.getByRole('radio', { name: /Filesystem/ }).check();
+    await page.getByLabel('Data directory').fill('./data/custom-postgres');
+
+    await page.locator('#replication-section > summary').click();
+    await page.getByLabel('Enable replication').check();
+    await page.getByLabel('Replication target URL').fill('http://not-postgres');
+    await page.getByRole('button', { name: 'Review settings' }).click();
+    await page.locator('#replication_url-error').filter({ hasText: 'postgres://' }).waitFor();
+    await page.getByLabel('Replication target URL').fill('postgres://replicator:s3cret@replica.example.com:5432/postgres');
+    await page.getByLabel('Databases to replicate').fill('omni, app_*');
+
+    await page.locator('#redis-section > summary').click();
+    await page.getByLabel('Enable Redis').check();
+    await page.getByLabel('Redis URL').fill('redis://cache.example.com:6379/0');
+    await page.getByLabel('Key prefix').fill('omni:');
+    await page.getByLabel('Cache lifetime (seconds)').fill('300');
+    await page.getByLabel('Cache instance data in Redis').check();
+    await page.getByRole('button', { name: 'Review settings' }).click();
+
+    await page.getByRole('heading', { name: 'Review storage settings' }).waitFor();
+    const summary = await page.locator('#setup-summary').innerText();
+    assert.match(summary, /\.\/data\/custom-postgres/);
+    assert.match(summary, /replicator:\*\*\*@replica\.example\.com/);
+    assert.doesNotMatch(summary, /s3cret/);
+    await screenshots(page, 'setup-summary');
+
+    await page.getByRole('button', { name: 'Save settings' }).click();
+    await page.getByRole('heading', { name: 'Your API key' }).waitFor();
+    await page.locator('#restart-required').filter({ hasText: 'Restart required' }).waitFor();
+    await page.getByRole('button', { name: 'Finish setup' }).click();
+    await page.getByRole('heading', { name: 'Setup complete' }).waitFor();
+    await page.locator('#restart-required').waitFor();
+    await screenshots(page, 'setup-done');
+
+    const status = await setupStatus(stack);
+    assert.equal(status.requires_setup, false);
+    assert.equal(status.storage_configured, true);
+    assert.deepEqual(status.storage, {
+      data_dir: './data/custom-postgres',
+      memory_mode: false,
+      replication_enabled: true,
+      replication_url: 'postgres://replicator:***@replica.example.com:5432/postgres',
+      replication_databases: 'omni, app_*',
+      redis_enabled: true,
+      redis_url: 'redis://cache.example.com:6379/0',
+      redis_prefix_key: 'omni:',
+      redis_ttl: 300,
+      redis_save_instances: true,
+    });
+
+    // Finishing signed this tab in: the dashboard opens without the login page.
+    await page.getByRole('button', { name: 'Go to the dashboard' }).click();
+    await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+    assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await stack.stop();
+  }
+});
+
+test('a server-side refusal shows the API detail on the review step', async () => {
+  const stack = await startStack('setup-refused');
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await page.goto('/setup');
+    await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
+    // A URL the browser accepts but the server's PostgreSQL URL parser refuses.
+    await page.locator('#replication-section > summary').click();
+    await page.getByLabel('Enable replication').check();
+    await page.getByLabel('Replication target URL').fill('postgres://host/db?sslmode=bogus');
+    await page.getByRole('button', { name: 'Review settings' }).click();
+    await page.getByRole('heading', { name: 'Review storage settings' }).waitFor();
+    await page.getByRole('button', { name: 'Save settings' }).click();
+    await page.locator('#setup-error').filter({ hasText: 'replication_url' }).waitFor();
+    assert.equal((await setupStatus(stack)).storage_configured, false);
+    assert.equal(await localStorageLength(page), 0);
+  } finally {
+    await context.close();
+    await stack.stop();
+  }
+});
