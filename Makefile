@@ -15,7 +15,7 @@ run:
 ## Debug build, verbose logs.
 dev:
 	$(CARGO) build --workspace
-	LOG_LEVEL=$${LOG_LEVEL:-debug} ./target/debug/omni-gateway
+	OMNI_DEV=true LOG_LEVEL=$${LOG_LEVEL:-debug} ./target/debug/omni-gateway
 
 build:
 	$(CARGO) build --workspace

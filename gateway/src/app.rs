@@ -2,98 +2,233 @@
 //! down.
 //!
 //! Up: bind the port → find binaries → prepare the cluster → supervise
-//! PostgreSQL → (worker) → ready. Down, on SIGTERM/SIGINT: stop accepting and
-//! drain → stop the worker → stop PostgreSQL (fast shutdown) → remove what
-//! was only for this run. Every step logs what it is doing.
+//! PostgreSQL → once it is ready, supervise the worker → ready (`READY=1`).
+//! While running: SIGHUP reloads the worker without dropping a request.
+//! Down, on SIGTERM/SIGINT: `STOPPING=1` → stop accepting and drain → stop
+//! the worker → stop PostgreSQL (fast shutdown) → remove what was only for
+//! this run. Every step logs what it is doing.
 
-use std::net::SocketAddr;
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{Config, Database};
 use crate::http::{self, Surface};
+use crate::metrics::Metrics;
 use crate::postgres::{binaries, cluster, PostgresPolicy};
+use crate::proxy::Proxy;
+use crate::sd_notify::{self, Notifier};
 use crate::status::Board;
-use crate::supervisor;
+use crate::upstream::Upstreams;
+use crate::worker::{self, WorkerPolicy};
+use crate::{child, dev, supervisor};
+
+/// Old SQLite databases of the product Omni replaces (SPEC §6).
+pub const SQLITE_PATHS: [&str; 4] = ["./data/automagik-omni.db", "./automagik-omni.db", "./omni.db", "./data/omni.db"];
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+enum Event {
+    Stop(&'static str),
+    Reload,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> Event {
+        tokio::select! {
+            _ = self.term.recv() => Event::Stop("SIGTERM"),
+            _ = self.int.recv() => Event::Stop("SIGINT"),
+            _ = self.hup.recv() => Event::Reload,
+        }
+    }
+}
+
+/// What must be stopped, in reverse start order.
+struct Running {
+    handles: Vec<supervisor::Handle>,
+    stop_http: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    cluster: Option<Arc<cluster::Cluster>>,
+    notifier: Arc<Notifier>,
+}
 
 /// Runs the gateway until a stop signal; returns the process exit code.
 pub async fn run(config: Config) -> Result<i32> {
     let started = Instant::now();
     tracing::info!("omni-gateway {} starting in {}", env!("CARGO_PKG_VERSION"), config.cwd.display());
-
     // Signals first: a Ctrl-C during a slow initdb must still stop cleanly.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut signals = Signals::install()?;
+    let notifier = Arc::new(Notifier::from_env());
+    warn_about_sqlite(&config);
 
     let addr = SocketAddr::new(config.host, config.port);
     let listener = http::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
 
+    let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
     let components: &[&'static str] = match config.database {
-        Database::Embedded(_) => &["postgres"],
-        Database::External { .. } => &[],
+        Database::Embedded(_) => &["postgres", "api"],
+        Database::External { .. } => &["api"],
     };
     let board = Board::new(components);
-    let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
-    let surface = Arc::new(Surface { board: board.clone() });
-    let server = tokio::spawn(http::serve(listener, surface, stop_http_rx, Duration::from_secs(10)));
+    sd_notify::spawn_reporter(notifier.clone(), board.clone());
+    let metrics = Arc::new(Metrics::default());
+    let upstreams = Upstreams::default();
+    let (stop_http, stop_http_rx) = tokio::sync::watch::channel(false);
+    let surface = Arc::new(Surface {
+        board: board.clone(),
+        proxy: Proxy { upstreams: upstreams.clone(), limits: config.http, metrics: metrics.clone() },
+        metrics,
+    });
+    let server = tokio::spawn(http::serve(listener, surface, stop_http_rx, config.http));
+    let mut running = Running { handles: Vec::new(), stop_http, server, cluster: None, notifier: notifier.clone() };
 
-    let mut handles = Vec::new();
-    let mut cluster_for_cleanup = None;
-    if let Database::Embedded(embedded) = &config.database {
-        tracing::info!("looking for PostgreSQL binaries");
-        let bins = tokio::task::spawn_blocking({
+    // PostgreSQL (embedded) or the external URL.
+    let (database_url, pg_bin_dir) = match &config.database {
+        Database::Embedded(embedded) => {
+            tracing::info!("looking for PostgreSQL binaries");
             let explicit = embedded.bin_dir.clone();
-            move || binaries::find(explicit.as_deref())
-        })
-        .await??;
-        tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
-        let cluster = Arc::new(cluster::prepare(embedded, bins).await?);
-        cluster_for_cleanup = Some(cluster.clone());
-        let pg_started = Instant::now();
-        handles.push(supervisor::spawn(PostgresPolicy::new(cluster.clone(), config.restart), config.restart, board.clone()));
-        let outcome = tokio::select! {
-            r = board.wait_ready("postgres") => Some(r),
-            _ = sigterm.recv() => None,
-            _ = sigint.recv() => None,
-        };
-        match outcome {
-            Some(Ok(())) => tracing::info!("PostgreSQL ready in {} ms", pg_started.elapsed().as_millis()),
-            Some(Err(state)) => tracing::error!("PostgreSQL is {state}; the gateway keeps running so /gateway/status shows why"),
-            None => return shutdown(handles, stop_http_tx, server, cluster_for_cleanup).await,
+            let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
+            tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
+            let cluster = Arc::new(cluster::prepare(embedded, bins).await?);
+            running.cluster = Some(cluster.clone());
+            child::start_reaper();
+            let pg_started = Instant::now();
+            running.handles.push(supervisor::spawn(PostgresPolicy::new(cluster.clone(), config.restart), config.restart, board.clone()));
+            tokio::select! {
+                r = board.wait_ready("postgres") => match r {
+                    Ok(()) => tracing::info!("PostgreSQL ready in {} ms", pg_started.elapsed().as_millis()),
+                    Err(state) => tracing::error!("PostgreSQL is {state}; the gateway keeps running so /gateway/status shows why"),
+                },
+                event = signals.next() => if let Event::Stop(name) = event {
+                    tracing::info!("{name} received while starting: stopping");
+                    return shutdown(running).await;
+                },
+            }
+            (cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()))
+        }
+        Database::External { url } => {
+            child::start_reaper();
+            tracing::info!("using the external PostgreSQL of DATABASE_URL; no embedded cluster");
+            let bins = tokio::task::spawn_blocking(|| binaries::find(None).ok()).await?;
+            (url.clone(), bins.map(|b| b.dir))
+        }
+    };
+
+    // The worker, once its database is there.
+    let env = worker_env(&config, &database_url, pg_bin_dir.as_deref());
+    let policy = WorkerPolicy::new(worker_bin.clone(), env, upstreams, config.http.drain_timeout);
+    let api = supervisor::spawn(policy, config.restart, board.clone());
+    if config.dev {
+        dev::watch_worker_binary(&worker_bin, api.commands());
+    }
+    running.handles.push(api);
+
+    let mut ready_rx = board.subscribe();
+    let mut announced = false;
+    loop {
+        if !announced && board.all_ready() {
+            announced = true;
+            tracing::info!("ready in {} ms: http://{addr}", started.elapsed().as_millis());
+            notifier.notify("READY=1");
+        }
+        tokio::select! {
+            event = signals.next() => match event {
+                Event::Stop(name) => {
+                    tracing::info!("{name} received: stopping");
+                    break;
+                }
+                Event::Reload => {
+                    tracing::info!("SIGHUP received: reloading the API worker");
+                    if let Some(api) = running.handles.iter().find(|h| h.name == "api") {
+                        api.reload().await;
+                    }
+                }
+            },
+            changed = ready_rx.changed(), if !announced => {
+                if changed.is_err() {
+                    break;
+                }
+            }
         }
     }
-
-    if board.all_ready() {
-        tracing::info!("ready in {} ms", started.elapsed().as_millis());
-    }
-
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM received: stopping"),
-        _ = sigint.recv() => tracing::info!("SIGINT received: stopping"),
-    }
-    shutdown(handles, stop_http_tx, server, cluster_for_cleanup).await
+    shutdown(running).await
 }
 
 /// Stops in reverse start order and cleans up.
-async fn shutdown(
-    handles: Vec<supervisor::Handle>,
-    stop_http: tokio::sync::watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
-    cluster: Option<Arc<cluster::Cluster>>,
-) -> Result<i32> {
-    let _ = stop_http.send(true);
-    let _ = server.await;
-    for handle in handles.into_iter().rev() {
+async fn shutdown(running: Running) -> Result<i32> {
+    running.notifier.notify("STOPPING=1");
+    let _ = running.stop_http.send(true);
+    let _ = running.server.await;
+    for handle in running.handles.into_iter().rev() {
         tracing::info!("stopping {}", handle.name);
         handle.stop().await;
     }
-    if let Some(c) = cluster {
+    if let Some(c) = running.cluster {
         c.cleanup();
     }
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// What the worker needs to know, all absolute.
+fn worker_env(config: &Config, database_url: &str, pg_bin_dir: Option<&std::path::Path>) -> Vec<(OsString, OsString)> {
+    let gateway_ip = match config.host {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ip => ip,
+    };
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("DATABASE_URL".into(), database_url.into()),
+        ("OMNI_UI_DIR".into(), config.ui_dir.clone().into()),
+        ("OMNI_BACKUP_DIR".into(), config.backup_dir.clone().into()),
+        ("OMNI_BACKUP_KEEP".into(), config.backup_keep.to_string().into()),
+        ("OMNI_SETTINGS_FILE".into(), config.settings_file.clone().into()),
+        ("OMNI_DATA_ROOT".into(), config.cwd.clone().into()),
+        ("OMNI_GATEWAY_URL".into(), format!("http://{}", SocketAddr::new(gateway_ip, config.port)).into()),
+        ("LOG_LEVEL".into(), config.log_level.clone().into()),
+        ("LOG_FORMAT".into(), (if config.json_logs { "json" } else { "pretty" }).into()),
+    ];
+    if let Some(key) = &config.api_key {
+        env.push(("OMNI_API_KEY".into(), key.into()));
+    }
+    if let Some(dir) = pg_bin_dir {
+        env.push(("PGSERVE_BIN_DIR".into(), dir.into()));
+    }
+    if let Some(every) = config.backup_interval {
+        env.push(("OMNI_BACKUP_INTERVAL".into(), format!("{}s", every.as_secs()).into()));
+    }
+    // Listening is arranged by the gateway; a stray value must not confuse the worker.
+    env.push(("OMNI_API_LISTEN".into(), "".into()));
+    env
+}
+
+/// Logs the same warning as `GET /api/v1/migration/status` when an old SQLite database is around.
+fn warn_about_sqlite(config: &Config) {
+    for rel in SQLITE_PATHS {
+        let path = crate::config::absolute(&config.cwd, std::path::Path::new(rel));
+        if path.is_file() {
+            tracing::warn!(
+                "found an old SQLite database at {}: Omni now stores everything in PostgreSQL and will not read it. \
+                 Migrate its data before relying on this installation (see GET /api/v1/migration/status)",
+                path.display()
+            );
+        }
+    }
 }

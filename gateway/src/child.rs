@@ -27,7 +27,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{mpsc, OnceLock};
+use std::collections::HashSet;
+use std::sync::{mpsc, Mutex, OnceLock};
 
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -81,6 +82,19 @@ impl ChildSpec {
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
         self.env.push((k.into(), v.into()));
         self
+    }
+}
+
+/// Pids of the children started here and not yet reaped by their owner.
+/// The reaper leaves these alone; anything else that becomes our zombie is
+/// an orphan to reap. Held locked across fork+insert so the reaper never sees
+/// a child of ours before it is registered.
+static TRACKED: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+
+/// Stops tracking `pid` once its owner has reaped it.
+pub fn forget(pid: u32) {
+    if let Some(set) = TRACKED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        set.remove(&pid);
     }
 }
 
@@ -174,7 +188,14 @@ fn spawn_here(spec: ChildSpec) -> io::Result<Child> {
     }
     let mut tokio_cmd = tokio::process::Command::from(cmd);
     tokio_cmd.kill_on_drop(false);
+    let mut tracked = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
     let child = tokio_cmd.spawn();
+    if let Ok(c) = &child {
+        if let Some(pid) = c.id() {
+            tracked.get_or_insert_with(HashSet::new).insert(pid);
+        }
+    }
+    drop(tracked);
     // The parent's copy of a passed socket is closed here, when `spec` drops.
     drop(spec.pass_fd);
     child
@@ -204,10 +225,16 @@ async fn log_lines(name: String, stream: impl AsyncRead + Unpin) {
     }
 }
 
+/// PostgreSQL messages caused by the gateway's own readiness probes and
+/// stops; expected, so not reported as errors.
+const EXPECTED: &[&str] = &["the database system is starting up", "the database system is shutting down", "terminating connection due to administrator command"];
+
 /// Re-emits one output line, keeping the child's own severity where it says one.
 fn emit(name: &str, line: &str) {
     let upper = line.to_ascii_uppercase();
-    if ["FATAL:", "PANIC:", " ERROR ", "ERROR:", "\"LEVEL\":\"ERROR\""].iter().any(|m| upper.contains(m)) {
+    if EXPECTED.iter().any(|m| line.contains(m)) {
+        tracing::info!(child = name, "{line}");
+    } else if ["FATAL:", "PANIC:", " ERROR ", "ERROR:", "\"LEVEL\":\"ERROR\""].iter().any(|m| upper.contains(m)) {
         tracing::error!(child = name, "{line}");
     } else if ["WARNING:", " WARN ", "\"LEVEL\":\"WARN\""].iter().any(|m| upper.contains(m)) {
         tracing::warn!(child = name, "{line}");
@@ -219,4 +246,55 @@ fn emit(name: &str, line: &str) {
 /// Sends `sig` to the whole process group led by `pid`; a group already gone is fine.
 pub fn signal_group(pid: u32, sig: Signal) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// Reaps orphans: as PID 1 in a container, or as a child subreaper otherwise,
+/// processes whose parent died are re-parented to the gateway, and their
+/// zombies must be collected or they accumulate. Our own children are left to
+/// their owners (tokio's process driver), which is why only untracked pids are
+/// reaped, found through `/proc` on each SIGCHLD.
+#[cfg(target_os = "linux")]
+pub fn start_reaper() {
+    let me = std::process::id();
+    if me != 1 {
+        // SAFETY: plain integer prctl.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            tracing::warn!("could not become a child subreaper: {}", io::Error::last_os_error());
+        }
+    } else {
+        tracing::info!("running as PID 1: reaping orphaned processes");
+    }
+    let Ok(mut sigchld) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) else {
+        tracing::warn!("could not watch SIGCHLD; orphaned processes will not be reaped");
+        return;
+    };
+    tokio::spawn(async move {
+        while sigchld.recv().await.is_some() {
+            reap_orphans(me);
+        }
+    });
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn start_reaper() {}
+
+#[cfg(target_os = "linux")]
+fn reap_orphans(me: u32) {
+    let tracked = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if tracked.as_ref().is_some_and(|t| t.contains(&pid)) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let mut fields = rest.split_whitespace();
+        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else { continue };
+        if state == "Z" && ppid.parse::<u32>().ok() == Some(me) {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            tracing::debug!("reaped orphaned process {pid}");
+        }
+    }
 }

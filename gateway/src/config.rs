@@ -54,6 +54,12 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_CRASH_LOOP_LIMIT", default: "6", help: "consecutive quick crashes after which a child is left in the failed state" },
     Var { name: "OMNI_STABLE_AFTER_S", default: "30", help: "a child up this long is stable: its crash counter resets" },
     Var { name: "OMNI_STOP_TIMEOUT_S", default: "20", help: "how long a child may take to stop before it is killed" },
+    Var { name: "OMNI_UPSTREAM_WAIT_MS", default: "10000", help: "how long a request waits for a restarting worker before 503" },
+    Var { name: "OMNI_UPSTREAM_TIMEOUT_S", default: "300", help: "longest wait for the worker's response headers before 504" },
+    Var { name: "OMNI_HEADER_TIMEOUT_S", default: "15", help: "a client must send its request headers within this time (also the keep-alive idle limit)" },
+    Var { name: "OMNI_MAX_CONNECTIONS", default: "4096", help: "open client connections the gateway accepts at once" },
+    Var { name: "OMNI_DRAIN_TIMEOUT_S", default: "15", help: "at stop or reload, how long in-flight requests may take to finish" },
+    Var { name: "OMNI_DEV", default: "false", help: "development mode: restart the worker when its binary changes (make dev)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
     Var { name: "LOG_FORMAT", default: "pretty", help: "pretty for people, json for machines" },
 ];
@@ -209,6 +215,16 @@ pub struct RestartPolicy {
     pub stop_timeout: Duration,
 }
 
+/// Proxy and HTTP server limits.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub upstream_wait: Duration,
+    pub upstream_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
 /// Everything the gateway needs, parsed and absolute.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -223,6 +239,8 @@ pub struct Config {
     pub backup_interval: Option<Duration>,
     pub backup_keep: u32,
     pub restart: RestartPolicy,
+    pub http: HttpLimits,
+    pub dev: bool,
     pub log_level: String,
     pub json_logs: bool,
     /// Working directory at start; every relative path was resolved against it.
@@ -369,6 +387,19 @@ impl Config {
         if restart.crash_loop_limit == 0 {
             return Err(p.invalid("OMNI_CRASH_LOOP_LIMIT", "must be at least 1"));
         }
+        let http = HttpLimits {
+            upstream_wait: p.millis("OMNI_UPSTREAM_WAIT_MS")?,
+            upstream_timeout: p.seconds("OMNI_UPSTREAM_TIMEOUT_S")?,
+            header_timeout: p.seconds("OMNI_HEADER_TIMEOUT_S")?,
+            max_connections: p.number("OMNI_MAX_CONNECTIONS", "a whole number of connections")?,
+            drain_timeout: p.seconds("OMNI_DRAIN_TIMEOUT_S")?,
+        };
+        if http.header_timeout.is_zero() {
+            return Err(p.invalid("OMNI_HEADER_TIMEOUT_S", "must be at least 1 second"));
+        }
+        if http.max_connections == 0 {
+            return Err(p.invalid("OMNI_MAX_CONNECTIONS", "must be at least 1"));
+        }
         Ok(Config {
             host,
             port,
@@ -381,6 +412,8 @@ impl Config {
             backup_interval,
             backup_keep: p.number("OMNI_BACKUP_KEEP", "a whole number of backups")?,
             restart,
+            http,
+            dev: p.bool("OMNI_DEV")?,
             log_level: p.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             json_logs,
             cwd: cwd.to_path_buf(),

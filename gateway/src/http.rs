@@ -14,18 +14,25 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Semaphore};
 
+use crate::config::HttpLimits;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 use crate::status::{Board, State};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Largest request head (request line + headers) accepted; larger gets 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Shared by every connection.
 pub struct Surface {
     pub board: Board,
+    pub proxy: Proxy,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Binds the gateway's address, naming `OMNI_PORT`/`OMNI_HOST` on failure.
@@ -39,50 +46,78 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Accepts connections until `stop` turns true, then waits up to `drain` for
-/// in-flight requests to finish.
-pub async fn serve(listener: TcpListener, surface: Arc<Surface>, mut stop: watch::Receiver<bool>, drain: Duration) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Accepts connections until `stop` turns true, then lets in-flight requests
+/// finish for up to `limits.drain_timeout`.
+///
+/// Shutdown is one mechanism: every connection task holds a clone of
+/// `stop` (the broadcast to finish) and of `done_tx` (whose closing, once all
+/// clones are dropped, means "all connections are gone").
+pub async fn serve(listener: TcpListener, surface: Arc<Surface>, mut stop: watch::Receiver<bool>, limits: HttpLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let surface = surface.clone();
-                let service = hyper::service::service_fn(move |req| handle(surface.clone(), peer, req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
+        // At the connection limit, stop accepting until one closes: the
+        // kernel's backlog holds further clients instead of us dropping them.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = stop.changed() => break,
-        }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc_surface = surface.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let surface = svc_surface.clone();
+            async move { Ok::<_, Infallible>(route(&surface, peer, req).await) }
+        });
+        let conn = http1.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let mut conn_stop = stop.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = conn_stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+            drop(done);
+        });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!("in-flight requests still running after {} s; closing them", drain.as_secs());
+    drop(done_tx);
+    if tokio::time::timeout(limits.drain_timeout, done_rx.recv()).await.is_err() {
+        tracing::warn!("in-flight requests still running after {} s; closing them", limits.drain_timeout.as_secs());
     }
 }
 
-async fn handle(surface: Arc<Surface>, _peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path();
-    let response = match (req.method(), path) {
-        (&Method::GET | &Method::HEAD, "/health") => health(&surface.board),
-        (&Method::GET | &Method::HEAD, "/gateway/status") => json(StatusCode::OK, &surface.board.to_json()),
-        (_, "/health" | "/gateway/status") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
-        _ => error(StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable", "the API worker is not running; see /gateway/status"),
-    };
-    Ok(response)
+/// Gateway-owned paths are answered here; everything else goes to the worker.
+async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
+    match req.uri().path() {
+        "/health" if is_read => health(&surface.board),
+        "/gateway/status" if is_read => json(StatusCode::OK, &surface.board.to_json()),
+        "/metrics" if is_read => Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(full(surface.metrics.render(&surface.board)))
+            .expect("static response parts are valid"),
+        "/health" | "/gateway/status" | "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        _ => surface.proxy.handle(req, peer).await,
+    }
 }
 
 fn health(board: &Board) -> Response<Body> {

@@ -3,15 +3,22 @@
 //! browser and API clients on one port.
 //!
 //! Reading order follows the life of the process: [`config`] → [`postgres`]
-//! → [`supervisor`] (with [`child`] and [`status`]) → [`http`]; [`app`] wires
-//! them together.
+//! → [`worker`] → [`supervisor`] (with [`child`] and [`status`]) → [`proxy`]
+//! (with [`upstream`]) → [`http`] (with [`metrics`] and [`sd_notify`]);
+//! [`app`] wires them together.
 
 pub mod app;
 pub mod child;
 pub mod config;
+pub mod dev;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod postgres;
 pub mod privilege;
+pub mod proxy;
+pub mod sd_notify;
 pub mod status;
 pub mod supervisor;
+pub mod upstream;
+pub mod worker;

@@ -26,7 +26,7 @@ use anyhow::Result;
 use nix::sys::signal::Signal;
 use rand::Rng;
 use tokio::process::Child;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::child;
@@ -67,10 +67,15 @@ pub trait Policy: Send + 'static {
     fn check(&mut self) -> impl Future<Output = Result<()>> + Send;
     fn stop_signals(&self) -> StopSignals;
     fn timing(&self) -> CheckTiming;
-    /// Called after the child became ready (e.g. to create the app database).
+    /// Called after a run became ready (e.g. to create the app database, or
+    /// to route traffic to a new worker).
     fn on_ready(&mut self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }
+    /// Called when a run ends, whatever the reason (e.g. to stop routing to it).
+    fn on_run_end(&mut self) {}
+    /// Called when a reload's new instance did not become ready and was stopped.
+    fn abandon_candidate(&mut self) {}
 }
 
 /// Requests a running supervisor understands.
@@ -78,8 +83,11 @@ pub trait Policy: Send + 'static {
 pub enum Command {
     /// Stop the child and end supervision (reply when stopped).
     Stop(tokio::sync::oneshot::Sender<()>),
-    /// Restart now, also out of `Failed` (SIGHUP, `make dev`).
+    /// Restart now, also out of `Failed`.
     Restart,
+    /// Start a new instance, switch to it once ready, then stop the old one
+    /// (SIGHUP, `make dev`). Out of `Failed`, the same as `Restart`.
+    Reload,
 }
 
 /// Handle to a running supervisor task.
@@ -102,13 +110,22 @@ impl Handle {
     pub async fn restart(&self) {
         let _ = self.tx.send(Command::Restart).await;
     }
+
+    /// A sender for commands, for tasks that outlive a borrow of the handle.
+    pub fn commands(&self) -> mpsc::Sender<Command> {
+        self.tx.clone()
+    }
+
+    pub async fn reload(&self) {
+        let _ = self.tx.send(Command::Reload).await;
+    }
 }
 
 /// Starts supervising `policy`'s child in a new task.
 pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board) -> Handle {
     let name = policy.name();
     let (tx, rx) = mpsc::channel(8);
-    let task = tokio::spawn(Supervisor { policy, restart, board, commands: rx }.run());
+    let task = tokio::spawn(Supervisor { policy, restart, board, commands: rx, retiring: Vec::new() }.run());
     Handle { name, tx, task }
 }
 
@@ -117,6 +134,8 @@ struct Supervisor<P> {
     restart: RestartPolicy,
     board: Board,
     commands: mpsc::Receiver<Command>,
+    /// Instances replaced by a reload, still draining; awaited before a stop completes.
+    retiring: Vec<JoinHandle<()>>,
 }
 
 /// How one run ended.
@@ -145,6 +164,12 @@ impl<P: Policy> Supervisor<P> {
                 Err(e) => RunEnd::Exited(format!("could not start: {e:#}")),
             };
             let ran_for = started.elapsed();
+            self.policy.on_run_end();
+            if matches!(end, RunEnd::Stop(_)) {
+                for task in self.retiring.drain(..) {
+                    let _ = task.await;
+                }
+            }
             match end {
                 RunEnd::Stop(reply) => {
                     self.board.transition(name, State::Stopped, None);
@@ -167,7 +192,7 @@ impl<P: Policy> Supervisor<P> {
                         let detail = format!("{quick_crashes} crashes in a row, last: {why}; not restarting (fix the cause, then restart the gateway)");
                         self.board.transition(name, State::Failed, Some(detail));
                         match self.wait_command(None).await {
-                            Some(Command::Restart) => {
+                            Some(Command::Restart | Command::Reload) => {
                                 quick_crashes = 0;
                                 continue;
                             }
@@ -187,7 +212,7 @@ impl<P: Policy> Supervisor<P> {
                             let _ = reply.send(());
                             return;
                         }
-                        Some(Command::Restart) => quick_crashes = 0,
+                        Some(Command::Restart | Command::Reload) => quick_crashes = 0,
                         None => {}
                     }
                 }
@@ -215,7 +240,7 @@ impl<P: Policy> Supervisor<P> {
         loop {
             tokio::select! {
                 status = child.wait() => return self.exited(pid, status),
-                cmd = self.commands.recv() => return self.stop_for(cmd, &mut child).await,
+                cmd = self.commands.recv() => return self.stop_for(cmd.map(|c| match c { Command::Reload => Command::Restart, c => c }), &mut child).await,
                 ok = check_once(&mut self.policy, timing.check_timeout) => {
                     if ok.is_ok() {
                         break;
@@ -240,13 +265,21 @@ impl<P: Policy> Supervisor<P> {
 
         // Liveness.
         let mut misses = 0;
+        let mut live_pid = pid;
         let mut tick = tokio::time::interval(timing.live_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tokio::select! {
-                status = child.wait() => return self.exited(pid, status),
-                cmd = self.commands.recv() => return self.stop_for(cmd, &mut child).await,
+                status = child.wait() => return self.exited(live_pid, status),
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Reload) => {
+                        self.reload(&mut child).await;
+                        live_pid = child.id();
+                        misses = 0;
+                    }
+                    other => return self.stop_for(other, &mut child).await,
+                },
                 _ = tick.tick() => {
                     match check_once(&mut self.policy, timing.check_timeout).await {
                         Ok(()) => misses = 0,
@@ -268,6 +301,7 @@ impl<P: Policy> Supervisor<P> {
         // Whatever the leader left behind in its group goes with it.
         if let Some(pid) = pid {
             child::signal_group(pid, Signal::SIGKILL);
+            child::forget(pid);
         }
         self.board.update(self.policy.name(), |c| c.pid = None);
         let why = match status {
@@ -282,7 +316,7 @@ impl<P: Policy> Supervisor<P> {
         self.board.transition(self.policy.name(), State::Stopping, None);
         self.stop_child(child).await;
         match cmd {
-            Some(Command::Restart) => RunEnd::Restart,
+            Some(Command::Restart | Command::Reload) => RunEnd::Restart,
             Some(Command::Stop(reply)) => RunEnd::Stop(Some(reply)),
             None => RunEnd::Stop(None),
         }
@@ -290,30 +324,91 @@ impl<P: Policy> Supervisor<P> {
 
     /// Stops the run with the policy's signals, escalating on timeout.
     async fn stop_child(&mut self, child: &mut Child) {
-        let Some(pid) = child.id() else { return };
+        terminate(self.policy.name(), child, self.policy.stop_signals()).await;
+        self.board.update(self.policy.name(), |c| c.pid = None);
+    }
+
+    /// Blue/green replacement of a ready run: the new instance must pass its
+    /// readiness check before traffic moves to it and the old one is drained.
+    /// If it does not, it is stopped and the old one keeps serving.
+    async fn reload(&mut self, child: &mut Child) {
         let name = self.policy.name();
-        let signals = self.policy.stop_signals();
-        let nix_pid = nix::unistd::Pid::from_raw(pid as i32);
-        let mut steps = vec![(signals.first, signals.grace)];
-        if let Some(second) = signals.second {
-            steps.push((second, Duration::from_secs(5)));
-        }
-        for (sig, wait) in steps {
-            tracing::info!(component = name, "sending {sig} to pid {pid}");
-            let _ = nix::sys::signal::kill(nix_pid, sig);
-            if let Ok(status) = tokio::time::timeout(wait, child.wait()).await {
-                tracing::info!(component = name, "stopped ({})", status.map(describe_exit).unwrap_or_else(|e| e.to_string()));
-                child::signal_group(pid, Signal::SIGKILL);
-                self.board.update(name, |c| c.pid = None);
+        tracing::info!(component = name, "reload: starting a new instance beside the running one");
+        let mut candidate = match self.policy.start().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(component = name, "reload failed, keeping the running instance: {e:#}");
+                self.policy.abandon_candidate();
                 return;
             }
-            tracing::warn!(component = name, "still running {} s after {sig}", wait.as_secs());
+        };
+        let timing = self.policy.timing();
+        let deadline = tokio::time::Instant::now() + timing.start_timeout;
+        let ready = loop {
+            tokio::select! {
+                status = candidate.wait() => {
+                    tracing::error!(component = name, "reload: the new instance exited ({}); keeping the running one", status.map(describe_exit).unwrap_or_else(|e| e.to_string()));
+                    break false;
+                }
+                ok = check_once(&mut self.policy, timing.check_timeout) => {
+                    if ok.is_ok() {
+                        break true;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::error!(component = name, "reload: the new instance was not ready within {} s; keeping the running one", timing.start_timeout.as_secs());
+                        break false;
+                    }
+                    tokio::time::sleep(timing.ready_poll).await;
+                }
+            }
+        };
+        let ready = ready && match self.policy.on_ready().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(component = name, "reload: post-start step failed: {e:#}");
+                false
+            }
+        };
+        if !ready {
+            terminate(name, &mut candidate, self.policy.stop_signals()).await;
+            self.policy.abandon_candidate();
+            return;
         }
-        tracing::warn!(component = name, "killing process group {pid}");
-        child::signal_group(pid, Signal::SIGKILL);
-        let _ = child.wait().await;
-        self.board.update(name, |c| c.pid = None);
+        let mut old = std::mem::replace(child, candidate);
+        self.board.update(name, |c| c.pid = child.id());
+        tracing::info!(component = name, "reload: new instance (pid {}) serving; draining the old one", child.id().unwrap_or(0));
+        let signals = self.policy.stop_signals();
+        self.retiring.retain(|t| !t.is_finished());
+        self.retiring.push(tokio::spawn(async move {
+            terminate(name, &mut old, signals).await;
+        }));
     }
+}
+
+/// Stops `child` with `signals`, escalating on timeout; whatever is left of
+/// its process group is killed at the end.
+pub async fn terminate(name: &'static str, child: &mut Child, signals: StopSignals) {
+    let Some(pid) = child.id() else { return };
+    let nix_pid = nix::unistd::Pid::from_raw(pid as i32);
+    let mut steps = vec![(signals.first, signals.grace)];
+    if let Some(second) = signals.second {
+        steps.push((second, Duration::from_secs(5)));
+    }
+    for (sig, wait) in steps {
+        tracing::info!(component = name, "sending {sig} to pid {pid}");
+        let _ = nix::sys::signal::kill(nix_pid, sig);
+        if let Ok(status) = tokio::time::timeout(wait, child.wait()).await {
+            tracing::info!(component = name, "stopped ({})", status.map(describe_exit).unwrap_or_else(|e| e.to_string()));
+            child::signal_group(pid, Signal::SIGKILL);
+            child::forget(pid);
+            return;
+        }
+        tracing::warn!(component = name, "still running {} s after {sig}", wait.as_secs());
+    }
+    tracing::warn!(component = name, "killing process group {pid}");
+    child::signal_group(pid, Signal::SIGKILL);
+    let _ = child.wait().await;
+    child::forget(pid);
 }
 
 async fn check_once<P: Policy>(policy: &mut P, timeout: Duration) -> Result<()> {
@@ -342,11 +437,6 @@ pub fn describe_exit(s: ExitStatus) -> String {
         Some(sig) => format!("killed by {sig}"),
         None => format!("{s}"),
     }
-}
-
-/// A `watch`-based stop flag for tasks that are not supervisors (the HTTP server, timers).
-pub fn stop_flag() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    watch::channel(false)
 }
 
 #[cfg(test)]

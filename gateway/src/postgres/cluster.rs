@@ -356,7 +356,12 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     }
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
-    let status = child::spawn(spec).await.context("could not run initdb")?.wait().await;
+    let mut initdb = child::spawn(spec).await.context("could not run initdb")?;
+    let pid = initdb.id();
+    let status = initdb.wait().await;
+    if let Some(pid) = pid {
+        child::forget(pid);
+    }
     let _ = std::fs::remove_file(&pw_tmp);
     let status = status?;
     if !status.success() {

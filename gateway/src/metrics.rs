@@ -1,0 +1,85 @@
+//! `/metrics` in the Prometheus text format: proxied requests by status
+//! class, a latency histogram, upstream errors by kind, and each child's
+//! state and restarts (read from the status board at scrape time).
+//!
+//! Plain atomics: recording a request is a few relaxed increments, cheap
+//! enough for the proxy's hot path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use hyper::StatusCode;
+
+use crate::status::{Board, State};
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 13] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const ERROR_KINDS: [&str; 4] = ["unavailable", "connect", "closed", "timeout"];
+const STATES: [State; 6] = [State::Starting, State::Ready, State::Backoff, State::Failed, State::Stopping, State::Stopped];
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Requests by status class 1xx..5xx (index 0..4).
+    by_class: [AtomicU64; 5],
+    /// Cumulative-at-scrape histogram: per-bucket counts, +Inf last.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    latency_micros_sum: AtomicU64,
+    upstream_errors: [AtomicU64; ERROR_KINDS.len()],
+}
+
+impl Metrics {
+    pub fn observe_request(&self, status: StatusCode, took: Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].fetch_add(1, Relaxed);
+        let secs = took.as_secs_f64();
+        let bucket = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.latency_micros_sum.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.upstream_errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn render(&self, board: &Board) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP omni_proxy_requests_total Requests proxied to the API worker, by response status class.\n");
+        out.push_str("# TYPE omni_proxy_requests_total counter\n");
+        for (i, c) in self.by_class.iter().enumerate() {
+            let _ = writeln!(out, "omni_proxy_requests_total{{class=\"{}xx\"}} {}", i + 1, c.load(Relaxed));
+        }
+        out.push_str("# HELP omni_proxy_request_duration_seconds Time from receiving a request to sending the response head.\n");
+        out.push_str("# TYPE omni_proxy_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "omni_proxy_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "omni_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "omni_proxy_request_duration_seconds_sum {}", self.latency_micros_sum.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "omni_proxy_request_duration_seconds_count {cumulative}");
+        out.push_str("# HELP omni_proxy_upstream_errors_total Requests the worker could not answer, by kind.\n");
+        out.push_str("# TYPE omni_proxy_upstream_errors_total counter\n");
+        for (i, k) in ERROR_KINDS.iter().enumerate() {
+            let _ = writeln!(out, "omni_proxy_upstream_errors_total{{kind=\"{k}\"}} {}", self.upstream_errors[i].load(Relaxed));
+        }
+        let snapshot = board.snapshot();
+        out.push_str("# HELP omni_child_restarts_total Restarts of a supervised child since the gateway started.\n");
+        out.push_str("# TYPE omni_child_restarts_total counter\n");
+        for (name, c) in snapshot.iter() {
+            let _ = writeln!(out, "omni_child_restarts_total{{component=\"{name}\"}} {}", c.restarts);
+        }
+        out.push_str("# HELP omni_child_state 1 for the state each supervised child is in.\n");
+        out.push_str("# TYPE omni_child_state gauge\n");
+        for (name, c) in snapshot.iter() {
+            for s in STATES {
+                let _ = writeln!(out, "omni_child_state{{component=\"{name}\",state=\"{s}\"}} {}", u8::from(c.state == s));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,225 @@
+//! Reverse proxy to the API worker, as a fixed pipeline of small phases:
+//!
+//! 1. [`prepare_body`]: decide whether the request could be sent twice
+//!    (no body, or a small one read into memory); large bodies stream.
+//! 2. [`upstream_request`]: rewrite the head: absolute URI to the worker,
+//!    hop-by-hop headers out, `X-Forwarded-*` in, upgrades kept.
+//! 3. pick the upstream ([`Upstreams::wait_for`]), waiting a bounded time
+//!    while the worker restarts.
+//! 4. send, retrying on another generation only when it is safe: nothing
+//!    reached the worker (connect error), or the method is idempotent and
+//!    the body replayable.
+//! 5. [`client_response`]: hop-by-hop headers out, body streamed back; for a
+//!    `101 Switching Protocols`, splice the two upgraded connections.
+//! 6. record metrics.
+//!
+//! Failures answer with the SPEC §5 JSON error shape: 503 when no worker came
+//! up in time, 502 when the worker failed the request, 504 on timeout.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+
+use crate::config::HttpLimits;
+use crate::http::{error, Body};
+use crate::metrics::Metrics;
+use crate::upstream::Upstreams;
+
+/// Bodies up to this size are read into memory so the request can be retried.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+
+pub struct Proxy {
+    pub upstreams: Upstreams,
+    pub limits: HttpLimits,
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+/// The request body as the retry logic sees it.
+enum ReqBody {
+    /// Known completely: may be sent again.
+    Replayable(Bytes),
+    /// Streamed through: can be sent once.
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Replayable(b) if b.is_empty() => Some(Empty::new().map_err(|never| match never {}).boxed()),
+            ReqBody::Replayable(b) => Some(Full::new(b.clone()).map_err(|never| match never {}).boxed()),
+            ReqBody::Stream(s) => s.take().map(|b| b.boxed()),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Replayable(_))
+    }
+}
+
+impl Proxy {
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let response = self.forward(req, peer).await;
+        self.metrics.observe_request(response.status(), started.elapsed());
+        response
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let (req, body) = req.into_parts();
+        let mut body = match prepare_body(&req.headers, body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let idempotent = is_idempotent(&req.method);
+        let deadline = Instant::now() + self.limits.upstream_wait;
+        let mut failed_generation = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Some(upstream) = self.upstreams.wait_for(failed_generation, remaining).await else {
+                self.metrics.upstream_error("unavailable");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "worker_unavailable",
+                    &format!("the API worker is not available (waited {} ms); see /gateway/status", self.limits.upstream_wait.as_millis()),
+                );
+            };
+            let Some(out_body) = body.take() else {
+                self.metrics.upstream_error("closed");
+                return error(StatusCode::BAD_GATEWAY, "upstream_error", "the API worker closed the connection before answering");
+            };
+            let out = match upstream_request(&req, out_body, upstream.addr, peer) {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            match tokio::time::timeout(self.limits.upstream_timeout, upstream.client.request(out)).await {
+                Ok(Ok(resp)) => return client_response(resp, client_upgrade),
+                Ok(Err(e)) => {
+                    let nothing_sent = e.is_connect();
+                    let retry = body.replayable() && (nothing_sent || idempotent) && Instant::now() < deadline;
+                    tracing::debug!("upstream {} failed ({e:?}); retry: {retry}", upstream.addr);
+                    if retry {
+                        failed_generation = Some(upstream.generation);
+                        continue;
+                    }
+                    self.metrics.upstream_error(if nothing_sent { "connect" } else { "closed" });
+                    return error(StatusCode::BAD_GATEWAY, "upstream_error", "the API worker failed while answering this request; it may have restarted, try again");
+                }
+                Err(_) => {
+                    self.metrics.upstream_error("timeout");
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        &format!("the API worker did not answer within {} s", self.limits.upstream_timeout.as_secs()),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Phase 1: small or empty bodies become replayable.
+async fn prepare_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Response<Body>> {
+    let chunked = headers.get(header::TRANSFER_ENCODING).is_some();
+    let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match (chunked, length) {
+        (false, None) | (false, Some(0)) => Ok(ReqBody::Replayable(Bytes::new())),
+        (false, Some(n)) if n <= REPLAYABLE_BODY => match body.collect().await {
+            Ok(collected) => Ok(ReqBody::Replayable(collected.to_bytes())),
+            Err(_) => Err(error(StatusCode::BAD_REQUEST, "incomplete_body", "the request body ended before its Content-Length")),
+        },
+        _ => Ok(ReqBody::Stream(Some(body))),
+    }
+}
+
+/// Phase 2: the request the worker receives.
+fn upstream_request(req: &hyper::http::request::Parts, body: Body, addr: SocketAddr, peer: SocketAddr) -> Result<Request<Body>, Response<Body>> {
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri: Uri = format!("http://{addr}{path}")
+        .parse()
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request_target", "the request target is not a valid path"))?;
+    let mut out = Request::builder().method(req.method.clone()).uri(uri).version(hyper::Version::HTTP_11).body(body).expect("valid parts");
+    let upgrade = wants_upgrade(&req.headers);
+    let headers = out.headers_mut();
+    copy_end_to_end(&req.headers, headers);
+    if upgrade {
+        if let Some(u) = req.headers.get(header::UPGRADE) {
+            headers.insert(header::UPGRADE, u.clone());
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    let host = req.headers.get(header::HOST).cloned().or_else(|| req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let peer_ip = peer.ip().to_string();
+    let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {peer_ip}"),
+        None => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    if let Some(h) = host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+    }
+    Ok(out)
+}
+
+/// Copies headers except hop-by-hop ones and those the `Connection` header names.
+fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || named.iter().any(|t| t == n) || n == "host" {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// Phase 5: the response the client receives.
+fn client_response(mut resp: Response<Incoming>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                    }
+                    Err(e) => tracing::debug!("upgrade failed: {e}"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed());
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    let mut out = Response::builder().status(parts.status).version(hyper::Version::HTTP_11).body(body.boxed()).expect("valid parts");
+    copy_end_to_end(&parts.headers, out.headers_mut());
+    out
+}
