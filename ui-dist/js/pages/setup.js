@@ -269,7 +269,9 @@ export async function render(main, { navigate, apiKey, setup }) {
             const section = field && field.closest('details');
             if (section) section.open = true;
           }
-          replace(errors, names.length === 1 ? found[names[0]] : `Please correct ${names.length} fields: ${names.map((n) => found[n]).join(' ')}`);
+          replace(errors, names.length === 1
+            ? 'Please correct the highlighted field.'
+            : `Please correct the ${names.length} highlighted fields.`);
           const first = form.querySelector(`#${names[0]}`);
           if (first) first.focus();
           return;
