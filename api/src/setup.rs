@@ -28,6 +28,10 @@ pub struct StorageSettings {
     /// Run the cluster in memory (data is lost at exit).
     #[serde(default)]
     pub memory_mode: bool,
+    /// External PostgreSQL to use instead of the embedded one (`postgres://`
+    /// URL); the `DATABASE_URL` environment variable still wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
     #[serde(default)]
     pub replication_enabled: bool,
     /// `postgres://` URL of the server to replicate to; required when replication is enabled.
@@ -56,6 +60,7 @@ impl Default for StorageSettings {
         StorageSettings {
             data_dir: "./data/postgres".to_owned(),
             memory_mode: false,
+            database_url: None,
             replication_enabled: false,
             replication_url: None,
             replication_databases: None,
@@ -128,6 +133,9 @@ impl StorageSettings {
         if data_dir.is_empty() || data_dir.len() > 4096 || has_control_characters(data_dir) {
             return Err(invalid("data_dir must be a non-empty path of at most 4096 characters"));
         }
+        if self.database_url.as_deref().is_some_and(|url| !url.trim().is_empty()) {
+            validate_postgres_url("database_url", self.database_url.as_deref())?;
+        }
         if self.replication_enabled {
             validate_postgres_url("replication_url", self.replication_url.as_deref())?;
         }
@@ -158,7 +166,12 @@ impl StorageSettings {
     /// A copy for display, with passwords in URLs replaced by `***`.
     fn masked(&self) -> StorageSettings {
         let mask = |url: &Option<String>| url.as_deref().map(mask_password);
-        StorageSettings { replication_url: mask(&self.replication_url), redis_url: mask(&self.redis_url), ..self.clone() }
+        StorageSettings {
+            database_url: mask(&self.database_url),
+            replication_url: mask(&self.replication_url),
+            redis_url: mask(&self.redis_url),
+            ..self.clone()
+        }
     }
 }
 
@@ -332,6 +345,7 @@ mod tests {
             StorageSettings { replication_databases: Some("a;b".into()), ..storage() },
             StorageSettings { redis_enabled: true, redis_url: Some("localhost".into()), ..storage() },
             StorageSettings { redis_ttl: Some(-1), ..storage() },
+            StorageSettings { database_url: Some("mysql://x".into()), ..storage() },
         ];
         for case in cases {
             assert!(case.validate().is_err(), "{case:?}");

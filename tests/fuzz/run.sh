@@ -36,6 +36,8 @@ api_key="${key_line#api_key=}"
 echo "fuzz: omni-api on 127.0.0.1:$port, budget ${budget}s" >&2
 
 mkdir -p "$report_dir"
+# schemathesis keeps a cache in its working directory; keep it under target/.
+cd "$report_dir"
 "$venv/bin/st" run "http://127.0.0.1:$port/api/v1/openapi.json" \
     --checks not_a_server_error \
     --max-time "$budget" \

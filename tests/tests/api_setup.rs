@@ -86,6 +86,7 @@ fn initialize_validates_every_field() {
         with("redis_ttl", json!("soon")),
         with("memory_mode", json!("yes")),
         with("db_type", json!("sqlite")),
+        with("database_url", json!("sqlite:///omni.db")),
         missing_data_dir,
     ] {
         let response = worker.request("POST", "/api/v1/setup/initialize").api_key().json(&body).send();
@@ -95,6 +96,14 @@ fn initialize_validates_every_field() {
     }
     let saved: i64 = pg.client().query_one("SELECT count(*) FROM omni_settings WHERE key = 'setup'", &[]).unwrap().get(0);
     assert_eq!(saved, 0, "nothing invalid was stored");
+
+
+    // An external database URL is accepted, stored and shown masked.
+    let external = with("database_url", json!("postgresql://omni:pw@db.example:5432/omni"));
+    let response = worker.request("POST", "/api/v1/setup/initialize").api_key().json(&external).send();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let status = worker.request("GET", "/api/v1/setup/status").send().json();
+    assert_eq!(status["storage"]["database_url"], "postgresql://omni:***@db.example:5432/omni");
 
     // Disabled features need no URLs.
     let minimal = json!({"data_dir": "/var/lib/omni"});

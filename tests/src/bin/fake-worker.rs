@@ -1,0 +1,134 @@
+//! A stand-in for `omni-api` that the gateway supervises and proxies to in
+//! proxy tests, where the real worker's features would get in the way:
+//! arbitrarily large uploads and downloads, a raw protocol upgrade, and
+//! echoing the request head the worker received.
+//!
+//! Speaks the worker's start-up contract: the listening socket arrives as the
+//! fd in `OMNI_API_LISTEN_FD`; `GET /api/v1/health` answers 200 (503 when
+//! `FAKE_UNHEALTHY` is set).
+//!
+//! Routes: `POST /upload` → `{"bytes": N}` after reading the body;
+//! `GET /download?bytes=N` → N bytes streamed in 64 KiB chunks;
+//! `GET /echo` → the received method, path and headers as JSON;
+//! `GET /slow?ms=N` → 200 after N ms; upgrade `echo` → 101, then echoes bytes.
+
+use std::convert::Infallible;
+use std::os::fd::FromRawFd;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).map_err(|never| match never {}).boxed()
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some();
+    let resp = match req.uri().path() {
+        "/api/v1/health" if unhealthy => Response::builder().status(503).body(full("{}")).unwrap(),
+        "/api/v1/health" => Response::new(full(r#"{"status":"ok"}"#)),
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => break,
+                }
+            }
+            Response::new(full(format!(r#"{{"bytes":{n}}}"#)))
+        }
+        "/download" => {
+            let total = query(&req, "bytes").unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_like_stream(total, chunk);
+            Response::builder().header("content-length", total).body(BodyExt::boxed(StreamBody::new(stream))).unwrap()
+        }
+        "/echo" => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.to_str().unwrap_or(""))))
+                .collect();
+            let doc = serde_json::json!({ "method": req.method().as_str(), "path": req.uri().to_string(), "headers": headers });
+            Response::new(full(doc.to_string()))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(100))).await;
+            Response::new(full("slow done"))
+        }
+        "/upgrade" => {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder().status(StatusCode::SWITCHING_PROTOCOLS).header("connection", "upgrade").header("upgrade", "echo").body(full("")).unwrap()
+        }
+        _ => Response::builder().status(404).body(full(r#"{"detail":"not found","code":"not_found"}"#)).unwrap(),
+    };
+    Ok(resp)
+}
+
+/// `total` bytes as a stream of `chunk`-sized frames, produced lazily.
+fn futures_like_stream(total: u64, chunk: Bytes) -> impl hyper::body::Body<Data = Bytes, Error = std::io::Error> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if tx.send(Ok(Frame::data(chunk.slice(..n)))).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+    });
+    http_body_util::StreamBody::new(ReceiverStream(rx))
+}
+
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> hyper::rt::bounds::Http2ServerConnExec<(), ()> for ReceiverStream<T> {}
+
+fn main() {
+    let fd: i32 = std::env::var("OMNI_API_LISTEN_FD").expect("OMNI_API_LISTEN_FD").parse().expect("fd number");
+    // SAFETY: the gateway handed this listening socket over as `fd`.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    std_listener.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        loop {
+            tokio::select! {
+                Ok((stream, _)) = listener.accept() => {
+                    tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle))
+                            .with_upgrades()
+                            .await;
+                    });
+                }
+                _ = term.recv() => return,
+            }
+        }
+    });
+}

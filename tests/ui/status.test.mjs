@@ -1,0 +1,81 @@
+// Status page: every supervised component with its state, pid and restarts,
+// kept current from /api/v1/events or, failing that, /gateway/status. Killing
+// the worker shows its restart count go up without a reload.
+
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack } from './harness.mjs';
+
+let stack;
+let browser;
+before(async () => {
+  stack = await startStack('status');
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+  await stack?.stop();
+});
+
+async function gatewayStatus() {
+  const response = await fetch(`${stack.gatewayBase}/gateway/status`);
+  assert.equal(response.status, 200);
+  return response.json();
+}
+
+test('the status page lists each component with its state and pid', async (t) => {
+  if (!stack.viaGateway) {
+    t.skip('the gateway does not proxy /api to its worker yet, so the UI is not served through it');
+    return;
+  }
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await signIn(page);
+    await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Status' }).click();
+    await page.getByRole('heading', { name: 'Service status' }).waitFor();
+    const status = await gatewayStatus();
+    for (const component of status.components) {
+      const card = page.locator(`[data-component="${component.name}"]`);
+      await card.locator('[data-field="state"]').filter({ hasText: 'ready' }).waitFor();
+      assert.equal(await card.locator('[data-field="pid"]').innerText(), String(component.pid));
+    }
+    await screenshots(page, 'status');
+    assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('killing the worker shows its restart count go up without a reload', async (t) => {
+  const status = stack.viaGateway ? await gatewayStatus() : null;
+  const worker = status?.components.find((c) => c.name === 'api');
+  if (!worker) {
+    t.skip('the gateway does not supervise the API worker yet (no "api" component in /gateway/status)');
+    return;
+  }
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await signIn(page);
+    await page.goto('/status');
+    const card = page.locator('[data-component="api"]');
+    await card.locator('[data-field="pid"]').filter({ hasText: String(worker.pid) }).waitFor();
+    const before = Number(await card.locator('[data-field="restarts"]').innerText());
+    // A marker on the window proves the page was not reloaded.
+    await page.evaluate(() => { window.__noReload = true; });
+
+    process.kill(worker.pid, 'SIGKILL');
+
+    await page.waitForFunction((n) => {
+      const cell = document.querySelector('[data-component="api"] [data-field="restarts"]');
+      return cell && Number(cell.textContent) > n;
+    }, before, { timeout: 30000 });
+    await card.locator('[data-field="state"]').filter({ hasText: 'ready' }).waitFor({ timeout: 30000 });
+    assert.notEqual(await card.locator('[data-field="pid"]').innerText(), String(worker.pid));
+    assert.match(await card.locator('[data-field="last-exit"]').innerText(), /\S/);
+    assert.equal(await page.evaluate(() => window.__noReload), true);
+    assert.equal(await localStorageLength(page), 0);
+  } finally {
+    await context.close();
+  }
+});
