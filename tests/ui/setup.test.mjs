@@ -102,7 +102,9 @@ test('a full submit validates, summarises, stores the settings and says a restar
     const status = await setupStatus(stack);
     assert.equal(status.requires_setup, false);
     assert.equal(status.storage_configured, true);
-    assert.deepEqual(status.storage, {
+    const { database_url: externalUrl, ...storage } = status.storage;
+    assert.ok(externalUrl === undefined || externalUrl === null, `no external database was chosen, got ${externalUrl}`);
+    assert.deepEqual(storage, {
       data_dir: './data/custom-postgres',
       memory_mode: false,
       replication_enabled: true,
@@ -142,6 +144,34 @@ test('a server-side refusal shows the API detail on the review step', async () =
     await page.locator('#setup-error').filter({ hasText: 'replication_url' }).waitFor();
     assert.equal((await setupStatus(stack)).storage_configured, false);
     assert.equal(await localStorageLength(page), 0);
+  } finally {
+    await context.close();
+    await stack.stop();
+  }
+});
+
+test('choosing an external PostgreSQL stores its URL (masked when read back)', async (t) => {
+  const stack = await startStack('setup-external');
+  const { context, page } = await openPage(browser, stack);
+  try {
+    const doc = await (await stack.api('/api/v1/openapi.json')).json();
+    if (!doc.components?.schemas?.StorageSettings?.properties?.database_url) {
+      t.skip('the API does not accept database_url in POST /setup/initialize');
+      return;
+    }
+    await page.goto('/setup');
+    await page.getByRole('radio', { name: /External PostgreSQL/ }).check();
+    await page.getByLabel('PostgreSQL URL').fill('postgresql://omni:hunter2@db.example.com:5432/omni');
+    await page.getByRole('button', { name: 'Review settings' }).click();
+    await page.getByRole('heading', { name: 'Review storage settings' }).waitFor();
+    assert.match(await page.locator('#setup-summary').innerText(), /omni:\*\*\*@db\.example\.com/);
+    await page.getByRole('button', { name: 'Save settings' }).click();
+    await page.getByRole('heading', { name: 'Your API key' }).waitFor();
+    const status = await setupStatus(stack);
+    assert.equal(status.storage.database_url, 'postgresql://omni:***@db.example.com:5432/omni');
+    assert.equal(status.storage.memory_mode, false);
+    assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
   } finally {
     await context.close();
     await stack.stop();
