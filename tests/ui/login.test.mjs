@@ -77,3 +77,19 @@ test('the right key leads to the dashboard and is kept for the tab session only'
     await context.close();
   }
 });
+
+test('signing in works with the keyboard alone', async () => {
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await page.goto('/login');
+    await page.getByRole('heading', { name: 'Sign in' }).waitFor();
+    // The key field has focus on arrival; Enter submits.
+    await page.waitForFunction(() => document.activeElement && document.activeElement.id === 'api-key');
+    await page.keyboard.type(API_KEY);
+    await page.keyboard.press('Enter');
+    await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+    assert.equal(await localStorageLength(page), 0);
+  } finally {
+    await context.close();
+  }
+});

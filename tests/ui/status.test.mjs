@@ -74,6 +74,7 @@ test('killing the worker shows its restart count go up without a reload', async 
     assert.notEqual(await card.locator('[data-field="pid"]').innerText(), String(worker.pid));
     assert.match(await card.locator('[data-field="last-exit"]').innerText(), /\S/);
     assert.equal(await page.evaluate(() => window.__noReload), true);
+    t.diagnostic(`status updates came by: ${await page.locator('#live-mode').innerText()}`);
     assert.equal(await localStorageLength(page), 0);
   } finally {
     await context.close();

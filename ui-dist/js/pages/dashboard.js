@@ -4,6 +4,8 @@ import { call } from '../api.js';
 import { formatBytes, formatDate, h, replace } from '../dom.js';
 import { authedCall } from '../session.js';
 
+const NAMES = { postgres: 'PostgreSQL', api: 'API worker' };
+
 function stateBadge(state) {
   const kind = state === 'ready' ? 'ok' : state === 'failed' ? 'error' : 'warn';
   return h('span', { class: `badge badge-${kind}` }, state);
@@ -44,7 +46,7 @@ export async function render(main, { setup }) {
     const components = (status && status.components) || [];
     replace(services, components.length
       ? h('ul', { class: 'kv', style: 'list-style:none;padding:0' },
-        components.map((c) => [h('li', {}, c.name), h('li', { style: 'text-align:right' }, stateBadge(c.state))]))
+        components.map((c) => [h('li', {}, NAMES[c.name] || c.name), h('li', { style: 'text-align:right' }, stateBadge(c.state))]))
       : h('p', { class: 'hint' }, 'No components reported.'));
   }).catch((error) => replace(services, h('p', { class: 'hint' }, error.message)));
 

@@ -12,6 +12,7 @@ const POLL_MS = 2000;
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
 
+const NAMES = { postgres: 'PostgreSQL', api: 'API worker' };
 const STATE_KIND = { ready: 'ok', starting: 'info', backoff: 'warn', stopping: 'warn', stopped: 'warn', failed: 'error' };
 
 export async function render(main) {
@@ -49,7 +50,7 @@ export async function render(main) {
       const uptime = typeof c.uptime_s === 'number' && c.state === 'ready' ? c.uptime_s + elapsed : c.uptime_s;
       return h('section', { class: 'card', dataset: { component: c.name }, 'aria-labelledby': `component-${c.name}` },
         h('div', { class: 'component-head' },
-          h('h2', { id: `component-${c.name}` }, c.name === 'api' ? 'API worker' : c.name === 'postgres' ? 'PostgreSQL' : c.name),
+          h('h2', { id: `component-${c.name}` }, NAMES[c.name] || c.name),
           h('span', { class: `badge badge-${STATE_KIND[c.state] || 'warn'}`, dataset: { field: 'state' } }, c.state)),
         h('dl', { class: 'kv' },
           h('dt', {}, 'PID'), h('dd', { dataset: { field: 'pid' } }, c.pid ?? '—'),
