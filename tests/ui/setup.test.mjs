@@ -120,6 +120,12 @@ test('a full submit validates, summarises, stores the settings and says a restar
     // Finishing signed this tab in: the dashboard opens without the login page.
     await page.getByRole('button', { name: 'Go to the dashboard' }).click();
     await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+
+    // Later visits review the saved settings instead of onboarding again.
+    await page.goto('/setup');
+    await page.getByText('Setup is complete. Changes apply the next time Omni starts').waitFor();
+    assert.equal(await page.getByLabel('Data directory').inputValue(), './data/custom-postgres');
+    assert.equal(await page.getByRole('button', { name: 'Skip – use default storage' }).count(), 0);
     assert.equal(await localStorageLength(page), 0);
     assert.deepEqual(page.problems, []);
   } finally {

@@ -53,9 +53,9 @@ function initialState(saved) {
   const storage = saved || {};
   return {
     step: 'storage',
-    mode: storage.memory_mode ? 'memory' : 'filesystem',
+    mode: storage.database_url ? 'external' : storage.memory_mode ? 'memory' : 'filesystem',
     data_dir: storage.data_dir || DEFAULT_DATA_DIR,
-    database_url: '',
+    database_url: usable(storage.database_url),
     replication_enabled: Boolean(storage.replication_enabled),
     replication_url: usable(storage.replication_url),
     replication_databases: storage.replication_databases || '',
