@@ -12,6 +12,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// Connections to PostgreSQL. More than a few per core only adds contention:
+/// requests wait briefly for a connection instead of PostgreSQL switching
+/// between many busy backends.
+pub const DEFAULT_POOL_SIZE: usize = 8;
+
 /// Where the worker takes its listening socket from.
 #[derive(Debug, Clone)]
 pub enum Listen {
@@ -50,6 +55,8 @@ pub struct Config {
     /// Directory the SPEC §6 SQLite paths are relative to (`OMNI_DATA_ROOT`,
     /// default: the working directory).
     pub data_root: PathBuf,
+    /// Most connections the pool opens (`OMNI_API_DB_POOL_SIZE`).
+    pub pool_size: usize,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -118,6 +125,13 @@ impl Config {
             Some(other) => return Err(invalid("LOG_FORMAT", format!("{other:?} is neither \"pretty\" nor \"json\""))),
         };
 
+        let pool_size = match get("OMNI_API_DB_POOL_SIZE") {
+            None => DEFAULT_POOL_SIZE,
+            Some(text) => text.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+                invalid("OMNI_API_DB_POOL_SIZE", format!("{text:?} is not a number of connections between 1 and 1000"))
+            })?,
+        };
+
         Ok(Config {
             database_url,
             listen,
@@ -127,6 +141,7 @@ impl Config {
             pg_bin_dir: get("PGSERVE_BIN_DIR").map(|dir| absolute(&cwd, &dir)),
             settings_file: get("OMNI_SETTINGS_FILE").map(|file| absolute(&cwd, &file)),
             data_root: path("OMNI_DATA_ROOT", "."),
+            pool_size,
             log_level,
             log_format,
         })
@@ -164,6 +179,7 @@ mod tests {
             ("OMNI_API_KEY", "short"),
             ("LOG_FORMAT", "xml"),
             ("LOG_LEVEL", "loud=[["),
+            ("OMNI_API_DB_POOL_SIZE", "0"),
         ] {
             let err = config(&[URL, (variable, value)]).unwrap_err();
             assert_eq!(err.variable, variable, "{err}");

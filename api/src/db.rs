@@ -15,9 +15,6 @@ use crate::errors::ApiError;
 
 /// Upper bound on how long a request waits for a connection.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Enough for two cores' worth of request handlers without exhausting the
-/// `max_connections` of a small embedded cluster.
-const POOL_SIZE: usize = 16;
 
 /// The pool, cloned into every handler.
 #[derive(Clone)]
@@ -28,7 +25,7 @@ pub struct Db {
 pub type Client = deadpool_postgres::Object;
 
 impl Db {
-    pub fn connect(database_url: &str) -> anyhow::Result<Db> {
+    pub fn connect(database_url: &str, pool_size: usize) -> anyhow::Result<Db> {
         let mut pg_config: tokio_postgres::Config =
             database_url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
         pg_config.connect_timeout(CHECKOUT_TIMEOUT);
@@ -37,7 +34,7 @@ impl Db {
         }
         let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
         let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
+            .max_size(pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(CHECKOUT_TIMEOUT))
             .create_timeout(Some(CHECKOUT_TIMEOUT))

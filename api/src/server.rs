@@ -30,7 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(path = %path.display(), "found an SQLite database from an earlier version; see GET /api/v1/migration/status");
     }
 
-    let db = Db::connect(&config.database_url)?;
+    let db = Db::connect(&config.database_url, config.pool_size)?;
     let mut client = db.client_at_start(DATABASE_PATIENCE).await?;
     let applied = migrations::apply(&mut client).await?;
     if applied.is_empty() {

@@ -6,7 +6,8 @@
 //! still ends the sandbox: its end of the pipe closes with it.
 //!
 //! Environment: `OMNI_API_BIN` picks the worker executable (default
-//! `target/debug/omni-api`); `LOG_LEVEL` is passed to the worker.
+//! `target/debug/omni-api`); `LOG_LEVEL` and `OMNI_API_DB_POOL_SIZE` are
+//! passed to the worker.
 
 use std::io::Read;
 
@@ -15,6 +16,9 @@ use omni_tests::{TempPostgres, WorkerBuilder, TEST_API_KEY};
 fn main() {
     let pg = TempPostgres::start_new();
     let mut builder = WorkerBuilder::new(&pg.url()).env("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()));
+    if let Ok(size) = std::env::var("OMNI_API_DB_POOL_SIZE") {
+        builder = builder.env("OMNI_API_DB_POOL_SIZE", size);
+    }
     if let Some(binary) = std::env::var_os("OMNI_API_BIN") {
         builder = builder.binary(binary.into());
     }

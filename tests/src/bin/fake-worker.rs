@@ -17,7 +17,7 @@ use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -52,8 +52,8 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
         "/download" => {
             let total = query(&req, "bytes").unwrap_or(0);
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-            let stream = futures_like_stream(total, chunk);
-            Response::builder().header("content-length", total).body(BodyExt::boxed(StreamBody::new(stream))).unwrap()
+            let body = futures_like_stream(total, chunk);
+            Response::builder().header("content-length", total).body(BodyExt::boxed(body)).unwrap()
         }
         "/echo" => {
             let headers: serde_json::Map<String, serde_json::Value> = req
@@ -88,25 +88,33 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
     Ok(resp)
 }
 
-/// `total` bytes as a stream of `chunk`-sized frames, produced lazily.
-fn futures_like_stream(total: u64, chunk: Bytes) -> impl hyper::body::Body<Data = Bytes, Error = std::io::Error> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+/// `total` bytes as `chunk`-sized frames, produced lazily by a task, so
+/// the fake worker's memory stays flat whatever the size.
+fn futures_like_stream(total: u64, chunk: Bytes) -> ChannelBody {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
         let mut left = total;
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
-            if tx.send(Ok(Frame::data(chunk.slice(..n)))).await.is_err() {
+            if tx.send(chunk.slice(..n)).await.is_err() {
                 return;
             }
             left -= n as u64;
         }
     });
-    http_body_util::StreamBody::new(ReceiverStream(rx))
+    ChannelBody(rx)
 }
 
-struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
 
-impl<T> hyper::rt::bounds::Http2ServerConnExec<(), ()> for ReceiverStream<T> {}
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
 
 fn main() {
     let fd: i32 = std::env::var("OMNI_API_LISTEN_FD").expect("OMNI_API_LISTEN_FD").parse().expect("fd number");
