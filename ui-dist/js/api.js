@@ -52,7 +52,14 @@ export async function parse(response) {
 
 export function errorFrom(response, body) {
   const detail = body && typeof body.detail === 'string' && body.detail
-    ? body.detail
+    ? sentence(body.detail)
     : `The server answered ${response.status} ${response.statusText || ''}`.trim() + '.';
   return new ApiError(response.status, body && body.code ? body.code : `http_${response.status}`, detail);
+}
+
+/** The API's detail as a sentence: capitalised, ending with a full stop. */
+function sentence(text) {
+  const trimmed = text.trim();
+  const capitalised = trimmed.charAt(0).toUpperCase() + trimmed.slice(1);
+  return /[.!?)]$/.test(capitalised) ? capitalised : `${capitalised}.`;
 }

@@ -154,6 +154,11 @@ document.addEventListener('click', (event) => {
 });
 
 window.addEventListener('popstate', render);
+// Finishing onboarding signs the tab in: show the navigation at once.
+window.addEventListener('omni:signed-in', () => {
+  const route = routes[location.pathname.replace(/\/+$/, '') || '/'];
+  if (route && !route.bare) renderTopbar(location.pathname, true);
+});
 window.addEventListener('omni:signed-out', () => {
   if (location.pathname !== '/login') navigate('/login', { replace: true });
 });

@@ -74,6 +74,7 @@ export async function login(key) {
   const valid = await validateApiKey(key);
   await setPreference(API_KEY_PREF, valid);
   cachedKey = valid;
+  window.dispatchEvent(new CustomEvent('omni:signed-in'));
   return valid;
 }
 
