@@ -33,6 +33,10 @@ use crate::child;
 use crate::config::RestartPolicy;
 use crate::status::{Board, State};
 
+/// After a reload switches traffic, how long the old instance keeps
+/// accepting before it is told to drain.
+const RELOAD_QUIESCE: Duration = Duration::from_millis(300);
+
 /// How to stop a child: a polite signal, then a firmer one, then SIGKILL to
 /// its whole process group.
 #[derive(Debug, Clone, Copy)]
@@ -380,6 +384,10 @@ impl<P: Policy> Supervisor<P> {
         let signals = self.policy.stop_signals();
         self.retiring.retain(|t| !t.is_finished());
         self.retiring.push(tokio::spawn(async move {
+            // Requests that picked the old instance an instant before the
+            // switch are still on their way to it; let them arrive before it
+            // starts refusing new ones.
+            tokio::time::sleep(RELOAD_QUIESCE).await;
             terminate(name, &mut old, signals).await;
         }));
     }
