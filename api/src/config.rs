@@ -49,12 +49,19 @@ pub struct Config {
     pub backup_dir: PathBuf,
     /// Directory holding `pg_dump`/`psql` (`PGSERVE_BIN_DIR`), for backups.
     pub pg_bin_dir: Option<PathBuf>,
+    /// Newest backups kept after each create, 0 = all (`OMNI_BACKUP_KEEP`).
+    pub backup_keep: usize,
+    /// How often to take a backup (`OMNI_BACKUP_INTERVAL`); off when unset.
+    pub backup_interval: Option<std::time::Duration>,
     /// When set, `POST /setup/initialize` also writes the storage settings
     /// here, because the gateway needs them before PostgreSQL is running.
     pub settings_file: Option<PathBuf>,
     /// Directory the SPEC §6 SQLite paths are relative to (`OMNI_DATA_ROOT`,
     /// default: the working directory).
     pub data_root: PathBuf,
+    /// The gateway that supervises this worker (`OMNI_GATEWAY_URL`, e.g.
+    /// `http://127.0.0.1:8882`); the event stream relays its component states.
+    pub gateway_url: Option<String>,
     /// Most connections the pool opens (`OMNI_API_DB_POOL_SIZE`).
     pub pool_size: usize,
     pub log_level: String,
@@ -132,6 +139,19 @@ impl Config {
             })?,
         };
 
+        let backup_keep = match get("OMNI_BACKUP_KEEP") {
+            None => 7,
+            Some(text) => text
+                .parse()
+                .map_err(|_| invalid("OMNI_BACKUP_KEEP", format!("{text:?} is not a whole number of backups (0 keeps all)")))?,
+        };
+        let backup_interval = match get("OMNI_BACKUP_INTERVAL") {
+            None => None,
+            Some(text) => Some(crate::backups::schedule::parse_interval(&text).ok_or_else(|| {
+                invalid("OMNI_BACKUP_INTERVAL", format!("{text:?} is not a duration such as 30m, 6h, 1d or 3600s"))
+            })?),
+        };
+
         Ok(Config {
             database_url,
             listen,
@@ -139,8 +159,15 @@ impl Config {
             ui_dir: path("OMNI_UI_DIR", "./ui-dist"),
             backup_dir: path("OMNI_BACKUP_DIR", "./data/backups"),
             pg_bin_dir: get("PGSERVE_BIN_DIR").map(|dir| absolute(&cwd, &dir)),
+            backup_keep,
+            backup_interval,
             settings_file: get("OMNI_SETTINGS_FILE").map(|file| absolute(&cwd, &file)),
             data_root: path("OMNI_DATA_ROOT", "."),
+            gateway_url: match get("OMNI_GATEWAY_URL") {
+                None => None,
+                Some(url) if url.starts_with("http://") && url.len() > "http://".len() => Some(url.trim_end_matches('/').to_owned()),
+                Some(url) => return Err(invalid("OMNI_GATEWAY_URL", format!("{url:?} is not an http:// URL such as http://127.0.0.1:8882"))),
+            },
             pool_size,
             log_level,
             log_format,
@@ -180,6 +207,8 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("LOG_LEVEL", "loud=[["),
             ("OMNI_API_DB_POOL_SIZE", "0"),
+            ("OMNI_BACKUP_KEEP", "many"),
+            ("OMNI_BACKUP_INTERVAL", "often"),
         ] {
             let err = config(&[URL, (variable, value)]).unwrap_err();
             assert_eq!(err.variable, variable, "{err}");

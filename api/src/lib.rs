@@ -3,13 +3,15 @@
 //!
 //! Reading order: [`config`] → [`db`] and [`migrations`] → [`server`] (start
 //! and stop) → [`routes`] → one module per concern of the API ([`health`],
-//! [`preferences`], [`setup`], [`migration_check`], [`auth`],
-//! [`static_files`], [`openapi`]) → [`errors`], the shape of every failure.
+//! [`preferences`], [`setup`], [`backups`], [`migration_check`], [`auth`],
+//! [`static_files`], [`openapi`], [`events`]) → [`errors`], the shape of every failure.
 
 pub mod auth;
+pub mod backups;
 pub mod config;
 pub mod db;
 pub mod errors;
+pub mod events;
 pub mod health;
 pub mod migration_check;
 pub mod migrations;

@@ -15,10 +15,11 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::{self, ApiKey},
+    backups,
     config::Config,
     db::Db,
     errors,
-    health, migration_check, openapi, preferences, setup, static_files,
+    events, health, migration_check, openapi, preferences, setup, static_files,
 };
 
 /// Largest request body accepted; preference values are at most 64 KiB.
@@ -44,11 +45,17 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(preferences::list, preferences::upsert))
         .routes(routes!(preferences::get, preferences::delete))
         .routes(routes!(setup::status))
-        .routes(routes!(setup::api_key));
+        .routes(routes!(setup::api_key))
+        .routes(routes!(events::events));
     let protected = OpenApiRouter::new()
         .routes(routes!(setup::initialize))
         .routes(routes!(setup::complete))
         .routes(routes!(migration_check::status))
+        .routes(routes!(backups::http::create))
+        .routes(routes!(backups::http::list))
+        .routes(routes!(backups::http::download))
+        .routes(routes!(backups::http::restore))
+        .routes(routes!(backups::http::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(public).merge(protected)
 }
