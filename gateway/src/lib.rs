@@ -11,6 +11,8 @@ pub mod app;
 pub mod child;
 pub mod config;
 pub mod dev;
+pub mod doctor;
+pub mod external;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use omni_gateway::config::{Config, Layers, VARS};
 
 #[derive(Parser, Debug)]
@@ -39,6 +39,19 @@ struct Cli {
     /// Any variable of .env.example, e.g. --set OMNI_BACKUP_KEEP=3 (repeatable)
     #[arg(long = "set", value_name = "VAR=VALUE")]
     set: Vec<String>,
+    /// What to do; without one, `run`.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start the gateway (the default)
+    Run,
+    /// Check everything a start needs and print a table; exit 1 if something would stop a start
+    Doctor,
+    /// GET /health of a running gateway on OMNI_PORT; exit 0 when it answers 200 (for container HEALTHCHECKs)
+    Healthcheck,
 }
 
 fn after_help() -> String {
@@ -94,10 +107,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match cli.command {
+        Some(Command::Doctor) => return runtime.block_on(doctor(&config)),
+        Some(Command::Healthcheck) => return runtime.block_on(healthcheck(&config)),
+        Some(Command::Run) | None => {}
+    }
     match runtime.block_on(omni_gateway::app::run(config)) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn doctor(config: &Config) -> ExitCode {
+    let report = omni_gateway::doctor::run(config).await;
+    print!("{}", report.render());
+    if report.has_failures() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn healthcheck(config: &Config) -> ExitCode {
+    match omni_gateway::doctor::healthcheck(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omni-gateway healthcheck: {e:#}");
             ExitCode::FAILURE
         }
     }

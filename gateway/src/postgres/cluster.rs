@@ -410,7 +410,7 @@ pub fn clear_stale_pid_file(dir: &Path) -> Result<()> {
 /// The postmaster changes its working directory to the data directory, so
 /// `/proc/<pid>/cwd` tells us without trusting the pid file's contents.
 #[cfg(target_os = "linux")]
-fn postgres_owns(pid: i32, dir: &Path) -> bool {
+pub fn postgres_owns(pid: i32, dir: &Path) -> bool {
     let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
         // Gone, or not ours to inspect: a pid we cannot even see is not our postgres
         // unless it is alive, in which case be conservative.
@@ -422,7 +422,7 @@ fn postgres_owns(pid: i32, dir: &Path) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn postgres_owns(pid: i32, _dir: &Path) -> bool {
+pub fn postgres_owns(pid: i32, _dir: &Path) -> bool {
     // Without /proc, a live process that calls itself postgres is assumed to be ours.
     let out = std::process::Command::new("ps").args(["-p", &pid.to_string(), "-o", "comm="]).output();
     pid_alive(pid) && out.map(|o| String::from_utf8_lossy(&o.stdout).contains("postgres")).unwrap_or(true)

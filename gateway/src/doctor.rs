@@ -1,0 +1,437 @@
+//! `omni-gateway doctor`: everything a start would trip over, checked
+//! beforehand and printed as one table; and `omni-gateway healthcheck`, the
+//! probe a container runtime runs against a gateway that is already up.
+//!
+//! Doctor changes nothing: it runs the same checks the start runs (binary
+//! discovery, cluster version, pid file, ports, reachability for the
+//! unprivileged account; the functions themselves, not copies) but only
+//! reports. Each row is `ok`, `warn` (works, but look at it) or `FAIL` (a
+//! start would stop here), and every non-ok row says what to do. The exit
+//! status is non-zero when any row is `FAIL`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{Config, Database, EmbeddedConfig, Origin};
+use crate::postgres::binaries::{self, Binaries};
+use crate::postgres::cluster;
+use crate::privilege::{self, Account};
+use crate::{app, http, worker};
+
+/// Free space below this stops PostgreSQL soon after start (WAL segments are 16 MiB).
+const DISK_FAIL_BYTES: u64 = 128 * 1024 * 1024;
+/// Free space below this works today but not for long.
+const DISK_WARN_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, but deserves a look.
+    Warn,
+    /// A start would fail on this.
+    Fail,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        })
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub status: Status,
+    /// What was found and, unless `Ok`, how to fix it.
+    pub detail: String,
+}
+
+/// All rows, in the order a start meets them.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    fn add(&mut self, name: impl Into<String>, status: Status, detail: impl Into<String>) {
+        self.checks.push(Check { name: name.into(), status, detail: detail.into() });
+    }
+
+    fn add_result(&mut self, name: impl Into<String>, result: Result<String>) {
+        match result {
+            Ok(detail) => self.add(name, Status::Ok, detail),
+            Err(e) => self.add(name, Status::Fail, format!("{e:#}")),
+        }
+    }
+
+    /// True when something would stop a start.
+    pub fn has_failures(&self) -> bool {
+        self.checks.iter().any(|c| c.status == Status::Fail)
+    }
+
+    /// The table, plus a one-line verdict.
+    pub fn render(&self) -> String {
+        let name_w = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(5).max("check".len());
+        let mut out = format!("{:<name_w$}  {:<6}  {}\n", "check", "status", "detail / fix");
+        out.push_str(&format!("{}  {}  {}\n", "-".repeat(name_w), "-".repeat(6), "-".repeat(12)));
+        for c in &self.checks {
+            out.push_str(&format!("{:<name_w$}  {:<6}  {}\n", c.name, c.status.to_string(), c.detail));
+        }
+        let fails = self.checks.iter().filter(|c| c.status == Status::Fail).count();
+        let warns = self.checks.iter().filter(|c| c.status == Status::Warn).count();
+        out.push('\n');
+        out.push_str(&if fails > 0 {
+            format!("{fails} problem(s) would stop omni-gateway from starting; fix the FAIL rows above and run `omni-gateway doctor` again.\n")
+        } else if warns > 0 {
+            format!("omni-gateway can start; {warns} warning(s) above are worth a look.\n")
+        } else {
+            "everything omni-gateway needs to start is in place.\n".to_string()
+        });
+        out
+    }
+}
+
+/// Runs every check for `config`. Never changes anything on disk.
+pub async fn run(config: &Config) -> Report {
+    let mut report = Report::default();
+    report.add("working directory", Status::Ok, format!("{} (relative paths are resolved against it)", config.cwd.display()));
+
+    let addr = SocketAddr::new(config.host, config.port);
+    report.add_result("OMNI_PORT", http::bind(addr).await.map(|_listener| format!("{addr} is free")));
+    report.add_result(
+        "API worker binary",
+        worker::locate_binary(config.api_bin.as_deref()).map(|p| p.display().to_string()),
+    );
+    if config.ui_dir.join("index.html").is_file() {
+        report.add("UI files", Status::Ok, config.ui_dir.display().to_string());
+    } else {
+        report.add(
+            "UI files",
+            Status::Warn,
+            format!("{} has no index.html: the browser UI will be missing. Set OMNI_UI_DIR to the ui-dist directory", config.ui_dir.display()),
+        );
+    }
+
+    match &config.database {
+        Database::Embedded(embedded) => check_embedded(&mut report, embedded).await,
+        Database::External { url } => check_external(&mut report, url).await,
+    }
+
+    disk_check(&mut report, "free disk (backups)", &config.backup_dir);
+    check_sqlite(&mut report, config);
+    report
+}
+
+async fn check_embedded(report: &mut Report, embedded: &EmbeddedConfig) {
+    let explicit = embedded.bin_dir.clone();
+    let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await.expect("binary discovery does not panic");
+    let bins = match bins {
+        Ok(b) => {
+            report.add("PostgreSQL binaries", Status::Ok, format!("{} in {} (found by {})", b.version, b.dir.display(), b.found_by));
+            Some(b)
+        }
+        Err(e) => {
+            report.add("PostgreSQL binaries", Status::Fail, e.to_string());
+            None
+        }
+    };
+    for tool in ["pg_dump", "psql"] {
+        if let Some(b) = &bins {
+            if !b.tool(tool).is_file() {
+                report.add(
+                    tool,
+                    Status::Warn,
+                    format!("{} is missing: backups and restores will fail. Install the PostgreSQL client package of the same version", b.tool(tool).display()),
+                );
+            }
+        }
+    }
+
+    let account = match privilege::postgres_account(&embedded.run_as) {
+        Ok(a) => {
+            let how = if a.switch { "the gateway runs as root; PostgreSQL will run as" } else { "PostgreSQL runs as the current user," };
+            report.add("PostgreSQL account", Status::Ok, format!("{how} {} (uid {})", a.name, a.uid));
+            Some(a)
+        }
+        Err(e) => {
+            report.add("PostgreSQL account", Status::Fail, format!("{e:#}"));
+            None
+        }
+    };
+
+    if embedded.port.value == 0 {
+        report.add("PGSERVE_PORT", Status::Ok, "0: a free port is picked at each start");
+    } else {
+        let port = embedded.port.value;
+        report.add_result("PGSERVE_PORT", cluster::check_port_free(port).map(|()| format!("127.0.0.1:{port} is free")));
+    }
+
+    if embedded.memory_mode {
+        check_tmpfs(report);
+    } else {
+        check_data_dir(report, embedded, bins.as_ref(), account.as_ref());
+        disk_check(report, "free disk (data)", &embedded.data_dir.value);
+    }
+}
+
+/// The persistent cluster: where it is, whose it is, which version, and whether a PostgreSQL already runs on it.
+fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&Binaries>, account: Option<&Account>) {
+    let dir = &embedded.data_dir.value;
+    let origin = match embedded.data_dir.origin {
+        Origin::Default => "default; set PGSERVE_DATA_DIR to change".to_string(),
+        o => format!("PGSERVE_DATA_DIR from {o}"),
+    };
+    let Ok(meta) = std::fs::metadata(dir) else {
+        if embedded.require_existing {
+            report.add(
+                "data directory",
+                Status::Fail,
+                format!("{} does not exist and PGSERVE_REQUIRE_EXISTING is set. Point PGSERVE_DATA_DIR at the existing cluster, or unset PGSERVE_REQUIRE_EXISTING to create a new one", dir.display()),
+            );
+        } else {
+            report.add("data directory", Status::Ok, format!("{} ({origin}) does not exist yet: a new cluster will be created there", dir.display()));
+        }
+        if let Some(a) = account {
+            report.add_result("reachable by PostgreSQL", privilege::check_reachable(dir, a).map(|()| format!("user {} can traverse every parent of {}", a.name, dir.display())));
+        }
+        return;
+    };
+    if !meta.is_dir() {
+        report.add("data directory", Status::Fail, format!("{} is not a directory. Point PGSERVE_DATA_DIR at a directory", dir.display()));
+        return;
+    }
+    let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid())).ok().flatten().map(|u| u.name).unwrap_or_else(|| meta.uid().to_string());
+    let mode = meta.permissions().mode() & 0o7777;
+    let has_cluster = dir.join("PG_VERSION").is_file();
+    let what = if has_cluster { "holds a cluster" } else { "holds no cluster yet" };
+    report.add("data directory", Status::Ok, format!("{} ({origin}), {what}, owner {owner}, mode {mode:o}", dir.display()));
+
+    if let Some(a) = account {
+        if meta.uid() != a.uid && !a.switch {
+            report.add(
+                "data directory owner",
+                Status::Fail,
+                format!("{} belongs to {owner}, but PostgreSQL would run as {}. Run the gateway as {owner}, or `chown -R {} {}`", dir.display(), a.name, a.name, dir.display()),
+            );
+        } else if meta.uid() != a.uid {
+            report.add("data directory owner", Status::Warn, format!("{} belongs to {owner}; the gateway gives it to {} at start", dir.display(), a.name));
+        }
+        report.add_result("reachable by PostgreSQL", privilege::check_reachable(dir, a).map(|()| format!("user {} can traverse every parent of {}", a.name, dir.display())));
+    }
+    if has_cluster && mode & 0o077 != 0 {
+        report.add("data directory mode", Status::Warn, format!("mode {mode:o} is wider than 700; the gateway tightens it to 700 at start"));
+    }
+
+    if !has_cluster {
+        if embedded.require_existing {
+            report.add(
+                "cluster",
+                Status::Fail,
+                format!("PGSERVE_REQUIRE_EXISTING is set and {} holds no cluster (no PG_VERSION). Point PGSERVE_DATA_DIR at the existing cluster", dir.display()),
+            );
+        } else if std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+            report.add(
+                "cluster",
+                Status::Fail,
+                format!("{} is not empty but holds no cluster (no PG_VERSION); the gateway refuses to touch it. Point PGSERVE_DATA_DIR at an empty or missing directory, or at an existing cluster", dir.display()),
+            );
+        }
+        return;
+    }
+
+    if let Some(b) = bins {
+        report.add_result("cluster version", cluster::check_version(dir, b).map(|()| format!("PostgreSQL {} cluster, same major version as the binaries", b.major)));
+    }
+    let pw = cluster::password_file(dir);
+    if pw.is_file() {
+        report.add("password file", Status::Ok, pw.display().to_string());
+    } else {
+        report.add(
+            "password file",
+            Status::Fail,
+            format!("{} is missing, so the gateway cannot log in to the cluster. Restore it, or reset the password (`ALTER USER postgres PASSWORD '…'`) and write it there with mode 0600", pw.display()),
+        );
+    }
+    check_pid_file(report, dir);
+}
+
+fn check_pid_file(report: &mut Report, dir: &Path) {
+    let pid_file = dir.join("postmaster.pid");
+    let Ok(text) = std::fs::read_to_string(&pid_file) else {
+        report.add("postmaster.pid", Status::Ok, "none: no PostgreSQL runs on this directory");
+        return;
+    };
+    let pid: i32 = text.lines().next().unwrap_or("").trim().parse().unwrap_or(0);
+    if pid > 0 && cluster::postgres_owns(pid, dir) {
+        report.add(
+            "postmaster.pid",
+            Status::Fail,
+            format!("PostgreSQL (pid {pid}) is running on {}. Stop it (or the gateway that runs it) first, or use another PGSERVE_DATA_DIR", dir.display()),
+        );
+    } else {
+        report.add("postmaster.pid", Status::Ok, format!("stale (pid {pid} is not a PostgreSQL of this directory); the gateway removes it at start"));
+    }
+}
+
+/// Memory mode wants a writable tmpfs with room for a cluster.
+fn check_tmpfs(report: &mut Report) {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        report.add(
+            "tmpfs (memory mode)",
+            Status::Warn,
+            format!("/dev/shm is missing: the throw-away cluster goes to {} (disk, slower). Mount a tmpfs at /dev/shm (Docker: --shm-size=256m)", std::env::temp_dir().display()),
+        );
+        return;
+    }
+    let probe = shm.join(format!(".omni-doctor-{}", std::process::id()));
+    if let Err(e) = std::fs::write(&probe, b"probe") {
+        report.add("tmpfs (memory mode)", Status::Fail, format!("/dev/shm is not writable ({e}). Make it writable (mode 1777) or unset PGSERVE_MEMORY_MODE"));
+        return;
+    }
+    let _ = std::fs::remove_file(&probe);
+    match free_bytes(shm) {
+        Ok(free) if free < DISK_FAIL_BYTES => report.add(
+            "tmpfs (memory mode)",
+            Status::Fail,
+            format!("/dev/shm has only {} free; a cluster needs at least {}. Enlarge it (Docker: --shm-size=256m) or unset PGSERVE_MEMORY_MODE", human(free), human(DISK_FAIL_BYTES)),
+        ),
+        Ok(free) => report.add("tmpfs (memory mode)", Status::Ok, format!("/dev/shm writable, {} free", human(free))),
+        Err(e) => report.add("tmpfs (memory mode)", Status::Warn, format!("could not read free space of /dev/shm: {e:#}")),
+    }
+}
+
+/// Free space where `path` is, or would be once created.
+fn disk_check(report: &mut Report, name: &str, path: &Path) {
+    let existing = nearest_existing(path);
+    match free_bytes(&existing) {
+        Ok(free) if free < DISK_FAIL_BYTES => report.add(
+            name,
+            Status::Fail,
+            format!("only {} free at {}; PostgreSQL needs room for WAL. Free space there, or point the directory elsewhere", human(free), existing.display()),
+        ),
+        Ok(free) if free < DISK_WARN_BYTES => {
+            report.add(name, Status::Warn, format!("{} free at {}; the database and backups will fill it soon", human(free), existing.display()))
+        }
+        Ok(free) => report.add(name, Status::Ok, format!("{} free at {}", human(free), existing.display())),
+        Err(e) => report.add(name, Status::Warn, format!("could not read free space at {}: {e:#}", existing.display())),
+    }
+}
+
+fn nearest_existing(path: &Path) -> PathBuf {
+    path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/")).to_path_buf()
+}
+
+fn free_bytes(path: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+fn human(bytes: u64) -> String {
+    const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+    if bytes as f64 >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{} MiB", bytes / (1024 * 1024))
+    }
+}
+
+/// `DATABASE_URL`: the server must answer a real query, as the worker's will.
+async fn check_external(report: &mut Report, url: &str) {
+    report.add("database", Status::Ok, format!("external PostgreSQL of DATABASE_URL ({}); no embedded cluster", crate::external::redact(url)));
+    let db = crate::external::ExternalDatabase::new(url);
+    match db {
+        Ok(db) => report.add_result("DATABASE_URL reachable", db.check().await.map(|()| "SELECT 1 answered".to_string())),
+        Err(e) => report.add("DATABASE_URL reachable", Status::Fail, format!("{e:#}")),
+    }
+    let bins = tokio::task::spawn_blocking(|| binaries::find(None)).await.expect("binary discovery does not panic");
+    match bins {
+        Ok(b) if b.tool("pg_dump").is_file() => report.add("pg_dump (backups)", Status::Ok, format!("{} in {}", b.version, b.dir.display())),
+        _ => report.add(
+            "pg_dump (backups)",
+            Status::Warn,
+            "no PostgreSQL client tools found: backups of the external database will fail. Install the PostgreSQL client package (same major version as the server or newer)",
+        ),
+    }
+}
+
+fn check_sqlite(report: &mut Report, config: &Config) {
+    let found: Vec<String> = app::SQLITE_PATHS
+        .iter()
+        .map(|rel| crate::config::absolute(&config.cwd, Path::new(rel)))
+        .filter(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if found.is_empty() {
+        report.add("old SQLite database", Status::Ok, "none found");
+    } else {
+        report.add(
+            "old SQLite database",
+            Status::Warn,
+            format!("{}: Omni now stores everything in PostgreSQL and will not read it. Migrate its data (see GET /api/v1/migration/status)", found.join(", ")),
+        );
+    }
+}
+
+/// `omni-gateway healthcheck`: `GET /health` on the configured port; `Ok`
+/// only on a 200. For container `HEALTHCHECK`s, so no curl is needed in the image.
+pub async fn healthcheck(config: &Config) -> Result<()> {
+    let ip = match config.host {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ip => ip,
+    };
+    let addr = SocketAddr::new(ip, config.port);
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("nothing answers on {addr}: is omni-gateway running with OMNI_PORT={}?", config.port))?;
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nUser-Agent: omni-gateway-healthcheck\r\n\r\n").await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, anyhow::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), exchange).await.context("GET /health took longer than 5 s")??;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        bail!("GET http://{addr}/health answered {status}: {body}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_failure_fails_the_report_and_the_verdict_says_so() {
+        let mut r = Report::default();
+        r.add("a", Status::Ok, "fine");
+        r.add("b", Status::Warn, "look");
+        assert!(!r.has_failures());
+        assert!(r.render().contains("can start"));
+        r.add("c", Status::Fail, "broken; do X");
+        assert!(r.has_failures());
+        let table = r.render();
+        assert!(table.contains("c      FAIL    broken; do X"), "{table}");
+        assert!(table.contains("would stop omni-gateway from starting"), "{table}");
+    }
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(human(512 * 1024 * 1024), "512 MiB");
+        assert_eq!(human(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
+}
