@@ -95,6 +95,10 @@ pub async fn run(config: Config) -> Result<i32> {
         board: board.clone(),
         proxy: Proxy { upstreams: upstreams.clone(), limits: config.http, metrics: metrics.clone() },
         metrics,
+        database: match &config.database {
+            Database::External { url } => Some(Arc::new(crate::external::ExternalDatabase::new(url)?)),
+            Database::Embedded(_) => None,
+        },
     });
     let server = tokio::spawn(http::serve(listener, surface, stop_http_rx, config.http));
     let mut running = Running { handles: Vec::new(), stop_http, server, cluster: None, notifier: notifier.clone() };

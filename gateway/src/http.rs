@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::HttpLimits;
+use crate::external::ExternalDatabase;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::status::{Board, State};
@@ -33,6 +34,9 @@ pub struct Surface {
     pub board: Board,
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
+    /// With `DATABASE_URL`, the server `/health` must vouch for: nobody
+    /// supervises it, so its state is not on the board.
+    pub database: Option<Arc<ExternalDatabase>>,
 }
 
 /// Binds the gateway's address, naming `OMNI_PORT`/`OMNI_HOST` on failure.
@@ -109,7 +113,7 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, mut stop: watch
 async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
-        "/health" if is_read => health(&surface.board),
+        "/health" if is_read => health(surface).await,
         "/gateway/status" if is_read => json(StatusCode::OK, &surface.board.to_json()),
         "/metrics" if is_read => Response::builder()
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -120,18 +124,29 @@ async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> R
     }
 }
 
-fn health(board: &Board) -> Response<Body> {
+async fn health(surface: &Surface) -> Response<Body> {
+    let board = &surface.board;
     let mut doc = board.to_json();
-    let ok = board.all_ready();
+    let mut problems: Vec<String> = board
+        .snapshot()
+        .iter()
+        .filter(|(_, c)| c.state != State::Ready)
+        .map(|(n, c)| format!("{n} is {}", c.state))
+        .collect();
+    if let Some(db) = &surface.database {
+        let (state, detail) = match db.check().await {
+            Ok(()) => ("ready", None),
+            Err(e) => {
+                problems.push(format!("{e:#}"));
+                ("unavailable", Some(format!("{e:#}")))
+            }
+        };
+        doc["database"] = serde_json::json!({ "kind": "external", "url": db.display_url, "state": state, "detail": detail });
+    }
+    let ok = problems.is_empty();
     doc["status"] = serde_json::Value::from(if ok { "ok" } else { "unavailable" });
     if !ok {
-        let waiting: Vec<String> = board
-            .snapshot()
-            .iter()
-            .filter(|(_, c)| c.state != State::Ready)
-            .map(|(n, c)| format!("{n} is {}", c.state))
-            .collect();
-        doc["detail"] = serde_json::Value::from(waiting.join(", "));
+        doc["detail"] = serde_json::Value::from(problems.join(", "));
     }
     json(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &doc)
 }
