@@ -20,15 +20,17 @@ dev:
 build:
 	$(CARGO) build --workspace
 
-## Every test, against real PostgreSQL and real processes.
+## Every test, against real PostgreSQL, real processes and a real headless
+## Chromium (installed from Debian's packages by tests/ui/run.sh when missing).
 test: build
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
 else
 	$(CARGO) test --workspace --no-fail-fast
 endif
+	bash tests/ui/run.sh
 
-## Property-based fuzzing of the API's OpenAPI document (bounded).
+## Property-based fuzzing of the API's OpenAPI document (FUZZ_SECONDS, default 120).
 fuzz: build
 	bash tests/fuzz/run.sh
 
@@ -36,3 +38,5 @@ fuzz: build
 bench:
 	$(CARGO) build --release --workspace
 	python3 bench/startup.py
+	python3 bench/proxy.py
+	bash bench/api_prefs.sh

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Proxy benchmark: the same small GET straight to the worker, through
+omni-gateway, and through nginx as a keep-alive reverse proxy to the same
+worker, measured side by side with wrk in interleaved rounds.
+
+The stack is the real one (release omni-gateway with its embedded PostgreSQL
+and omni-api). The request is a 3-byte static file, so the worker's own cost
+is small and the proxies' overhead shows. Reports requests/s, p50 and p99
+(medians over rounds), the gateway's CPU time per request and its memory.
+
+Usage: bench/proxy.py [ROUNDS] [SECONDS]   (writes the "Proxy" section of BENCHMARKS.md)
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY = ROOT / "target" / "release" / "omni-gateway"
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+SECONDS = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+CONNECTIONS = 64
+PATH = "/ping.txt"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+def wait_healthy(port, proc):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"omni-gateway exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("omni-gateway not healthy within 120 s")
+
+
+def listening_port(pid):
+    """The TCP port `pid` listens on (the worker's handed-over socket)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            return int(line.split()[3].rsplit(":", 1)[1])
+    raise SystemExit(f"no listening socket found for pid {pid}")
+
+
+def cpu_ticks(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def to_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(port):
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", f"http://127.0.0.1:{port}{PATH}"],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        raise SystemExit(f"wrk reported errors against port {port}:\n{out}")
+    return rps, p50, p99, total
+
+
+def main():
+    if not GATEWAY.exists():
+        raise SystemExit("build first: cargo build --release --workspace")
+    if not shutil.which("wrk") or not shutil.which("nginx"):
+        raise SystemExit("bench/proxy.py needs wrk and nginx: apt-get install wrk nginx-light")
+    work = Path(tempfile.mkdtemp(prefix="omni-proxy-bench-"))
+    os.chmod(work, 0o755)
+    ui = work / "ui"
+    ui.mkdir()
+    (ui / "index.html").write_text("<!doctype html><title>bench</title>\n")
+    (ui / "ping.txt").write_text("ok\n")
+    gw_port, nginx_port = free_port(), free_port()
+    env = dict(os.environ, OMNI_PORT=str(gw_port), PGSERVE_PORT="0", LOG_LEVEL="warn", OMNI_UI_DIR=str(ui),
+               PGSERVE_MEMORY_MODE="true", OMNI_API_KEY="bench-key-0123456789")
+    gw = subprocess.Popen([str(GATEWAY)], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    nginx = None
+    try:
+        wait_healthy(gw_port, gw)
+        api = next(c for c in get_json(f"http://127.0.0.1:{gw_port}/gateway/status")["components"] if c["name"] == "api")
+        worker_port = listening_port(api["pid"])
+        conf = work / "nginx.conf"
+        conf.write_text(f"""
+worker_processes auto;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream worker {{ server 127.0.0.1:{worker_port}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{nginx_port};
+    location / {{
+      proxy_pass http://worker;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}
+}}
+""")
+        nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work), "-g", "daemon off;"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for port in (worker_port, gw_port, nginx_port):
+            for _ in range(100):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{PATH}", timeout=1) as r:
+                        if r.read() == b"ok\n":
+                            break
+                except Exception:
+                    time.sleep(0.05)
+            else:
+                raise SystemExit(f"port {port} does not serve {PATH}")
+        results = {"direct": [], "gateway": [], "nginx": []}
+        gw_cpu, gw_requests = 0, 0
+        for i in range(ROUNDS):
+            for name, port in (("direct", worker_port), ("gateway", gw_port), ("nginx", nginx_port)):
+                before = cpu_ticks(gw.pid)
+                rps, p50, p99, total = wrk(port)
+                if name == "gateway":
+                    gw_cpu += cpu_ticks(gw.pid) - before
+                    gw_requests += total
+                results[name].append((rps, p50, p99))
+                print(f"round {i + 1}/{ROUNDS} {name:8} {rps:9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms", flush=True)
+        rss = rss_kib(gw.pid)
+    finally:
+        if nginx:
+            nginx.send_signal(signal.SIGQUIT)
+            nginx.wait(timeout=10)
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in results.items()}
+    d, g, n = med["direct"], med["gateway"], med["nginx"]
+    cpu_us = gw_cpu / CLK_TCK / gw_requests * 1e6
+    nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    lines = [
+        f"Command: `python3 bench/proxy.py {ROUNDS} {SECONDS}` (run by `make bench`): wrk, {CONNECTIONS} connections, 2 threads, "
+        f"{SECONDS} s per run, {ROUNDS} interleaved rounds, GET of a 3-byte static file served by omni-api; {os.cpu_count()} cores shared by "
+        f"wrk, the proxy and the worker. {nginx_version} as a reverse proxy with upstream keep-alive (128) to the same worker. Medians.",
+        "",
+        "| path | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        f"| direct to the worker | {d[0]:.0f} | {d[1]:.3f} | {d[2]:.3f} |",
+        f"| through omni-gateway | {g[0]:.0f} | {g[1]:.3f} | {g[2]:.3f} |",
+        f"| through nginx | {n[0]:.0f} | {n[1]:.3f} | {n[2]:.3f} |",
+        "",
+        f"- gateway ÷ nginx throughput: **{g[0] / n[0]:.2f}** (target ≥ 1.0); gateway p99 ÷ nginx p99: **{g[2] / n[2]:.2f}** (target ≤ 1.0)",
+        f"- gateway p50 overhead over direct: **{(g[1] - d[1]) * 1000:.0f} µs** (target < 100 µs)",
+        f"- gateway CPU per proxied request: {cpu_us:.1f} µs; resident memory after the runs: {rss / 1024:.1f} MiB",
+    ]
+    write_section("Proxy", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
