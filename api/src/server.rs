@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 
 use crate::{
-    auth,
+    auth, backups,
     config::{Config, Listen},
     db::Db,
     migration_check, migrations, routes,
@@ -41,6 +41,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let api_key = auth::resolve(&client, config.api_key.as_deref()).await?;
     drop(client);
 
+    start_backups(&config);
+
     let listener = listener(&config.listen)?;
     let address = listener.local_addr().context("reading the listening address")?;
     let app = routes::app(db, api_key, config);
@@ -48,6 +50,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Cleans up after interrupted backups and starts the schedule, if any.
+fn start_backups(config: &Config) {
+    let backups = std::sync::Arc::new(backups::Backups::from_config(config));
+    match backups.remove_stale_partials() {
+        Ok(_) | Err(backups::BackupError::Busy) => {}
+        Err(error) => tracing::warn!(%error, "backups: cannot prepare the backup directory"),
+    }
+    if let Some(every) = config.backup_interval {
+        backups::schedule::spawn(backups, every);
+    }
 }
 
 fn listener(listen: &Listen) -> anyhow::Result<TcpListener> {

@@ -1,0 +1,540 @@
+//! Backups (SPEC §6): `pg_dump` files in one directory, and restoring them.
+//!
+//! This module is the one code path for every way a backup is made or used:
+//! the HTTP API ([`http`]), the schedule ([`schedule`]) and the operator CLI
+//! (`omni-gateway backup …`, which links this crate). Its invariants:
+//!
+//! * a client-given name is checked by [`name::is_valid`] before any file is
+//!   touched, and a directory entry is used only if it is a regular file, not a
+//!   symlink, opened with `O_NOFOLLOW`;
+//! * one operation (create, restore, delete) at a time per directory, across
+//!   processes: an `flock` on `.omni_backup.lock`, tried without waiting, so
+//!   a second caller gets [`BackupError::Busy`] at once;
+//! * a backup is written to `.omni_backup_….sql.partial`, fsynced, and given its
+//!   name with a hard link, which fails rather than replace an existing file;
+//!   a failed, cancelled or killed dump leaves only a hidden partial file,
+//!   never listed and removed at the next start;
+//! * a restore runs in one transaction with `ON_ERROR_STOP`, after checking
+//!   that the file is a complete dump and taking a safety backup, so a failed
+//!   restore leaves the database as it was and a successful one can be undone;
+//! * passwords reach `pg_dump`/`psql` through `PGPASSWORD`, never argv.
+
+pub mod http;
+pub mod name;
+pub mod schedule;
+
+use std::{
+    ffi::OsString,
+    fs::{self, File, OpenOptions},
+    io::{self, Seek, SeekFrom},
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, SystemTime},
+};
+
+use tokio::{io::AsyncReadExt, process::Command};
+
+use crate::config::Config;
+
+/// Name of the lock file that serializes operations, in the backup directory.
+const LOCK_FILE: &str = ".omni_backup.lock";
+/// pg_dump writes this line at the very end of a complete plain-format dump.
+const COMPLETE_MARKER: &[u8] = b"-- PostgreSQL database dump complete";
+/// How much of a failing tool's stderr is kept for the error message.
+const STDERR_TAIL: usize = 4096;
+/// How long a restore waits for a lock held by someone else before it rolls
+/// back and tries again, instead of queueing behind (and in front of) the
+/// worker's own requests.
+const RESTORE_LOCK_TIMEOUT: &str = "10s";
+const RESTORE_ATTEMPTS: usize = 3;
+
+/// What can go wrong, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("a backup file name looks like omni_backup_YYYYMMDD_HHMMSS.sql (pattern {})", name::PATTERN)]
+    InvalidName,
+    #[error("there is no backup called {0}; GET /api/v1/backup/list shows the ones there are")]
+    NotFound(String),
+    #[error("another backup operation is running; retry when it has finished")]
+    Busy,
+    #[error("a backup called {0} already exists and is never overwritten; retry in a second")]
+    Exists(String),
+    #[error("no space left on the backup disk ({0}): no backup was written and the database is untouched; free some space (delete old backups) and retry")]
+    DiskFull(String),
+    #[error("{0} is not a complete pg_dump backup (it may be truncated); nothing was restored and the database is unchanged")]
+    Incomplete(String),
+    #[error("pg_dump failed, no backup was written: {0}")]
+    DumpFailed(String),
+    #[error("the restore failed and was rolled back; the database is unchanged: {0}")]
+    RestoreFailed(String),
+    #[error("cannot run {tool}: {source}; set PGSERVE_BIN_DIR to the directory holding pg_dump and psql")]
+    ToolMissing { tool: String, source: io::Error },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+impl BackupError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackupError {
+        let context = context.into();
+        move |source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                BackupError::DiskFull(context)
+            } else {
+                BackupError::Io { context, source }
+            }
+        }
+    }
+}
+
+pub type Result<T, E = BackupError> = std::result::Result<T, E>;
+
+/// One backup file.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct BackupInfo {
+    /// `omni_backup_YYYYMMDD_HHMMSS.sql`
+    #[schema(pattern = r"^omni_backup_[0-9]{8}_[0-9]{6}\.sql$")]
+    pub filename: String,
+    pub size_bytes: u64,
+    /// When the backup was taken (UTC, RFC 3339), from its name.
+    pub created_at: String,
+}
+
+/// A backup just written.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Created {
+    pub backup_file: String,
+    pub size_bytes: u64,
+    /// When it was taken (UTC, RFC 3339).
+    pub timestamp: String,
+}
+
+/// A restore that succeeded.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Restored {
+    pub success: bool,
+    /// The backup now in the database.
+    pub restored: String,
+    /// The backup of the database as it was just before, to undo this restore.
+    pub safety_backup: String,
+    pub message: String,
+}
+
+/// The backup service of one directory and one database.
+#[derive(Debug, Clone)]
+pub struct Backups {
+    /// `OMNI_BACKUP_DIR`, created on first use.
+    dir: PathBuf,
+    /// Where `pg_dump` and `psql` are (`PGSERVE_BIN_DIR`); `PATH` when unset.
+    bin_dir: Option<PathBuf>,
+    /// The database to dump and restore (`DATABASE_URL`).
+    database_url: String,
+    /// Newest backups kept after each create; 0 keeps all (`OMNI_BACKUP_KEEP`).
+    keep: usize,
+}
+
+/// Held for the duration of one operation; dropping it releases the `flock`.
+struct OperationLock(#[allow(dead_code)] File);
+
+/// A partial file removed on drop unless it was given its name: a dump that
+/// fails, or whose task is cancelled, leaves nothing behind.
+struct Partial(Option<PathBuf>);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+impl Backups {
+    pub fn new(dir: PathBuf, bin_dir: Option<PathBuf>, database_url: String, keep: usize) -> Backups {
+        Backups { dir, bin_dir, database_url, keep }
+    }
+
+    pub fn from_config(config: &Config) -> Backups {
+        Backups::new(config.backup_dir.clone(), config.pg_bin_dir.clone(), config.database_url.clone(), config.backup_keep)
+    }
+
+    /// The backup directory, created (mode 0700) if missing, canonical.
+    fn dir(&self) -> Result<PathBuf> {
+        if !self.dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(BackupError::io(format!("creating the backup directory {}", self.dir.display())))?;
+        }
+        fs::canonicalize(&self.dir).map_err(BackupError::io(format!("resolving the backup directory {}", self.dir.display())))
+    }
+
+    fn lock(&self, dir: &Path) -> Result<OperationLock> {
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&path)
+            .map_err(BackupError::io(format!("opening the lock file {}", path.display())))?;
+        // SAFETY: flock on a descriptor we own; a new open file description per
+        // call, so two operations in one process exclude each other too.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = io::Error::last_os_error();
+            return if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Err(BackupError::Busy)
+            } else {
+                Err(BackupError::io(format!("locking {}", path.display()))(error))
+            };
+        }
+        Ok(OperationLock(file))
+    }
+
+    /// Removes partial files left by a dump that was killed, when no
+    /// operation is running (a partial file of a running one is in use).
+    pub fn remove_stale_partials(&self) -> Result<usize> {
+        let dir = self.dir()?;
+        let _lock = self.lock(&dir)?;
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(BackupError::io(format!("reading {}", dir.display())))?.flatten() {
+            let file_name = entry.file_name();
+            let Some(text) = file_name.to_str() else { continue };
+            if text.starts_with(".omni_backup_") && text.ends_with(".partial") && fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(file = text, "removed the partial file of an interrupted backup");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every backup, newest first.
+    pub fn list(&self) -> Result<Vec<BackupInfo>> {
+        let dir = self.dir()?;
+        list_in(&dir)
+    }
+
+    /// When the newest backup was taken, from its name.
+    pub fn newest_time(&self) -> Result<Option<SystemTime>> {
+        Ok(self.list()?.iter().find_map(|b| name::time_of(&b.filename)))
+    }
+
+    /// Opens a backup for reading: the file and its size.
+    pub fn open(&self, name: &str) -> Result<(File, u64)> {
+        if !name::is_valid(name) {
+            return Err(BackupError::InvalidName);
+        }
+        let dir = self.dir()?;
+        open_existing(&dir, name)
+    }
+
+    /// Takes a backup now.
+    pub async fn create(&self) -> Result<Created> {
+        let dir = self.dir()?;
+        let _lock = self.lock(&dir)?;
+        self.create_locked(&dir, None).await
+    }
+
+    /// Deletes a backup.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        if !name::is_valid(name) {
+            return Err(BackupError::InvalidName);
+        }
+        let dir = self.dir()?;
+        let _lock = self.lock(&dir)?;
+        let (file, _) = open_existing(&dir, name)?;
+        drop(file);
+        fs::remove_file(dir.join(name)).map_err(BackupError::io(format!("deleting {name}")))?;
+        sync_dir(&dir)?;
+        tracing::info!(file = name, "deleted backup");
+        Ok(())
+    }
+
+    /// Restores a backup over the current database, after a safety backup.
+    pub async fn restore(&self, name: &str) -> Result<Restored> {
+        if !name::is_valid(name) {
+            return Err(BackupError::InvalidName);
+        }
+        let dir = self.dir()?;
+        let _lock = self.lock(&dir)?;
+        let (mut file, size) = open_existing(&dir, name)?;
+        check_complete(&file, size, name)?;
+        let safety = self.create_locked(&dir, Some(name)).await?;
+        tracing::info!(file = name, safety_backup = %safety.backup_file, "restoring");
+        let mut attempt = 1;
+        loop {
+            file.seek(SeekFrom::Start(0)).map_err(BackupError::io(format!("reading {name}")))?;
+            let input = file.try_clone().map_err(BackupError::io(format!("reading {name}")))?;
+            match self.run_psql(input).await {
+                Ok(()) => break,
+                Err(BackupError::RestoreFailed(message)) if attempt < RESTORE_ATTEMPTS && is_lock_conflict(&message) => {
+                    tracing::warn!(attempt, %message, "restore rolled back on a lock conflict; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        tracing::info!(file = name, "restored");
+        Ok(Restored {
+            success: true,
+            restored: name.to_owned(),
+            message: format!("restored {name}; the database as it was before is saved as {}", safety.backup_file),
+            safety_backup: safety.backup_file,
+        })
+    }
+
+    /// A backup while the operation lock is held; `protect` is a file that
+    /// retention must not delete (the one about to be restored).
+    async fn create_locked(&self, dir: &Path, protect: Option<&str>) -> Result<Created> {
+        let (name, time) = free_name(dir).await?;
+        let final_path = dir.join(&name);
+        let partial_path = dir.join(format!(".{name}.partial"));
+        // We hold the lock, so a partial file of this name is a leftover.
+        let _ = fs::remove_file(&partial_path);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&partial_path)
+            .map_err(BackupError::io(format!("creating {}", partial_path.display())))?;
+        let mut partial = Partial(Some(partial_path.clone()));
+        let sync_handle = file.try_clone().map_err(BackupError::io("duplicating the backup file handle"))?;
+
+        // pg_dump writes straight into the file: no copy through this process,
+        // constant memory whatever the size of the database.
+        let mut command = self.command("pg_dump")?;
+        command.args(["--clean", "--if-exists", "--format=plain", "--no-password"]).stdout(Stdio::from(file));
+        let started = std::time::Instant::now();
+        let (status, stderr) = run(command, "pg_dump").await?;
+        if !status.success() {
+            if stderr.contains("No space left on device") {
+                return Err(BackupError::DiskFull(format!("pg_dump writing into {}", dir.display())));
+            }
+            return Err(BackupError::DumpFailed(describe_failure(status, &stderr)));
+        }
+        tokio::task::spawn_blocking(move || sync_handle.sync_all())
+            .await
+            .map_err(|e| BackupError::io("syncing the backup file")(io::Error::other(e)))?
+            .map_err(BackupError::io(format!("syncing the backup file in {}", dir.display())))?;
+        // link(2) fails with EEXIST instead of replacing: never overwrite.
+        match fs::hard_link(&partial_path, &final_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(BackupError::Exists(name)),
+            Err(e) => return Err(BackupError::io(format!("naming the backup {name}"))(e)),
+        }
+        partial.0 = None;
+        let _ = fs::remove_file(&partial_path);
+        sync_dir(dir)?;
+        let size_bytes = fs::symlink_metadata(&final_path).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(file = %name, size_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
+        self.apply_retention(dir, protect);
+        Ok(Created { backup_file: name, size_bytes, timestamp: name::rfc3339(time) })
+    }
+
+    /// Keeps the newest `keep` backups (safety and scheduled ones alike).
+    fn apply_retention(&self, dir: &Path, protect: Option<&str>) {
+        if self.keep == 0 {
+            return;
+        }
+        let Ok(backups) = list_in(dir) else { return };
+        for old in backups.iter().skip(self.keep).filter(|b| Some(b.filename.as_str()) != protect) {
+            match fs::remove_file(dir.join(&old.filename)) {
+                Ok(()) => tracing::info!(file = %old.filename, keep = self.keep, "retention: deleted an old backup"),
+                Err(error) => tracing::warn!(file = %old.filename, %error, "retention: could not delete an old backup"),
+            }
+        }
+        let _ = sync_dir(dir);
+    }
+
+    async fn run_psql(&self, input: File) -> Result<()> {
+        let mut command = self.command("psql")?;
+        command
+            .args(["--no-psqlrc", "--quiet", "--no-password", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+            .env("PGOPTIONS", format!("-c lock_timeout={RESTORE_LOCK_TIMEOUT} -c client_min_messages=warning"))
+            .stdin(Stdio::from(input))
+            .stdout(Stdio::null());
+        let (status, stderr) = run(command, "psql").await?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(BackupError::RestoreFailed(describe_failure(status, &stderr)))
+        }
+    }
+
+    /// `pg_dump`/`psql` with the connection in `PG*` variables.
+    fn command(&self, tool: &str) -> Result<Command> {
+        let program = match &self.bin_dir {
+            Some(dir) => dir.join(tool),
+            None => PathBuf::from(tool),
+        };
+        let mut command = Command::new(program);
+        command.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        for variable in ["PGSERVICE", "PGSERVICEFILE", "PGPASSFILE", "PGOPTIONS", "PGHOSTADDR"] {
+            command.env_remove(variable);
+        }
+        command.envs(connection_env(&self.database_url)?);
+        Ok(command)
+    }
+}
+
+/// Runs a prepared command, returning its status and the tail of its stderr.
+async fn run(mut command: Command, tool: &str) -> Result<(std::process::ExitStatus, String)> {
+    let mut child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: tool.to_owned(), source })?;
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let collect = async {
+        let mut tail = Vec::new();
+        let mut buffer = [0u8; 8192];
+        loop {
+            match stderr.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    tail.extend_from_slice(&buffer[..n]);
+                    if tail.len() > 2 * STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+            }
+        }
+        tail
+    };
+    let (status, tail) = tokio::join!(child.wait(), collect);
+    let status = status.map_err(BackupError::io(format!("waiting for {tool}")))?;
+    let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..]).trim().to_owned();
+    Ok((status, text))
+}
+
+fn describe_failure(status: std::process::ExitStatus, stderr: &str) -> String {
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error") || l.contains("ERROR") || l.contains("FATAL")).collect();
+    let message = errors.first().copied().unwrap_or(last);
+    if message.is_empty() {
+        format!("exited with {status}")
+    } else {
+        format!("{message} ({status})")
+    }
+}
+
+fn is_lock_conflict(message: &str) -> bool {
+    message.contains("lock timeout") || message.contains("deadlock detected")
+}
+
+/// `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE` from a URL.
+fn connection_env(url: &str) -> Result<Vec<(&'static str, OsString)>> {
+    use std::os::unix::ffi::OsStringExt;
+    use tokio_postgres::config::{Host, SslMode};
+    let config: tokio_postgres::Config = url.parse().map_err(|e| BackupError::Io {
+        context: "DATABASE_URL is not a valid PostgreSQL URL".into(),
+        source: io::Error::other(e),
+    })?;
+    let mut env: Vec<(&'static str, OsString)> = vec![("PGAPPNAME", "omni-backup".into()), ("PGCONNECT_TIMEOUT", "10".into())];
+    match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => env.push(("PGHOST", host.into())),
+        Some(Host::Unix(path)) => env.push(("PGHOST", path.into())),
+        None => {}
+    }
+    if let Some(port) = config.get_ports().first() {
+        env.push(("PGPORT", port.to_string().into()));
+    }
+    if let Some(user) = config.get_user() {
+        env.push(("PGUSER", user.into()));
+    }
+    if let Some(db) = config.get_dbname() {
+        env.push(("PGDATABASE", db.into()));
+    }
+    if let Some(password) = config.get_password() {
+        env.push(("PGPASSWORD", OsString::from_vec(password.to_vec())));
+    }
+    let mode = match config.get_ssl_mode() {
+        SslMode::Disable => "disable",
+        SslMode::Require => "require",
+        _ => "prefer",
+    };
+    env.push(("PGSSLMODE", mode.into()));
+    Ok(env)
+}
+
+/// Backups in `dir`, newest first: regular files with a valid name only.
+fn list_in(dir: &Path) -> Result<Vec<BackupInfo>> {
+    let mut backups = Vec::new();
+    for entry in fs::read_dir(dir).map_err(BackupError::io(format!("reading {}", dir.display())))?.flatten() {
+        let Ok(file_name) = entry.file_name().into_string() else { continue };
+        if !name::is_valid(&file_name) {
+            continue;
+        }
+        let Ok(metadata) = fs::symlink_metadata(entry.path()) else { continue };
+        if !metadata.file_type().is_file() {
+            continue;
+        }
+        let created = name::time_of(&file_name).or_else(|| metadata.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+        backups.push(BackupInfo { created_at: name::rfc3339(created), size_bytes: metadata.len(), filename: file_name });
+    }
+    // Fixed-width timestamps: name order is time order.
+    backups.sort_by(|a, b| b.filename.cmp(&a.filename));
+    Ok(backups)
+}
+
+/// Opens `dir/name` for reading if it is a regular file (not a symlink).
+fn open_existing(dir: &Path, name: &str) -> Result<(File, u64)> {
+    if !name::is_valid(name) {
+        return Err(BackupError::InvalidName);
+    }
+    let path = dir.join(name);
+    let not_found = || BackupError::NotFound(name.to_owned());
+    match fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => return Err(not_found()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+        Err(e) => return Err(BackupError::io(format!("reading {name}"))(e)),
+    }
+    // O_NOFOLLOW: an entry swapped for a symlink since the check is refused.
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) {
+            not_found()
+        } else {
+            BackupError::io(format!("opening {name}"))(e)
+        }
+    })?;
+    let metadata = file.metadata().map_err(BackupError::io(format!("reading {name}")))?;
+    if !metadata.file_type().is_file() {
+        return Err(not_found());
+    }
+    Ok((file, metadata.len()))
+}
+
+/// A dump ends with pg_dump's completion comment; a truncated one does not.
+fn check_complete(file: &File, size: u64, name: &str) -> Result<()> {
+    let mut head = [0u8; 64];
+    let head_len = file.read_at(&mut head, 0).unwrap_or(0);
+    let tail_len = size.min(512);
+    let mut tail = vec![0u8; tail_len as usize];
+    let complete = head[..head_len].starts_with(b"--\n-- PostgreSQL database dump")
+        && file.read_exact_at(&mut tail, size - tail_len).is_ok()
+        && tail.windows(COMPLETE_MARKER.len()).any(|w| w == COMPLETE_MARKER);
+    if complete {
+        Ok(())
+    } else {
+        Err(BackupError::Incomplete(name.to_owned()))
+    }
+}
+
+/// The name for a backup taken now; if a backup of this second exists, the
+/// next second's (waiting for it), so names never collide.
+async fn free_name(dir: &Path) -> Result<(String, SystemTime)> {
+    for _ in 0..3 {
+        let now = SystemTime::now();
+        let name = name::for_time(now);
+        if fs::symlink_metadata(dir.join(&name)).is_err() {
+            return Ok((name, now));
+        }
+        let into_second = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        tokio::time::sleep(Duration::from_nanos(1_000_000_000 - u64::from(into_second)) + Duration::from_millis(5)).await;
+    }
+    Err(BackupError::Exists(name::for_time(SystemTime::now())))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(BackupError::io(format!("syncing {}", dir.display())))
+}

@@ -1,0 +1,113 @@
+//! Scheduled backups (`OMNI_BACKUP_INTERVAL`), with retention applied by
+//! every create (`OMNI_BACKUP_KEEP`).
+//!
+//! The schedule keeps no clock of its own: the next backup is due one
+//! interval after the newest backup in the directory, whoever made it. So a
+//! worker restart neither resets the clock nor fires at once (unless a backup
+//! really is overdue), and two workers briefly running side by side during a
+//! reload do not both make one: the second sees the first's file.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use super::{BackupError, Backups};
+
+/// Longest single sleep, so the loop notices clock changes and backups made
+/// by others in reasonable time.
+const MAX_NAP: Duration = Duration::from_secs(60);
+/// Wait before retrying after a failed or refused scheduled backup.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// `30m`, `6h`, `1d`, `90s` or a bare number of seconds; `None` if invalid or zero.
+pub fn parse_interval(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&text[..i], &text[i..]),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+/// When the next backup is due, given the newest one.
+pub fn next_due(newest: Option<SystemTime>, every: Duration, now: SystemTime) -> SystemTime {
+    match newest {
+        // A newest backup "from the future" (clock moved back) must not stop
+        // the schedule for that long: count from now instead.
+        Some(taken) if taken <= now => taken + every,
+        Some(_) => now + every,
+        None => now,
+    }
+}
+
+/// Runs the schedule until the runtime stops.
+pub fn spawn(backups: Arc<Backups>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tracing::info!(every_s = every.as_secs(), "scheduled backups on");
+    tokio::spawn(async move {
+        loop {
+            let now = SystemTime::now();
+            let newest = match backups.newest_time() {
+                Ok(newest) => newest,
+                Err(error) => {
+                    tracing::warn!(%error, "scheduled backups: cannot read the backup directory");
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    continue;
+                }
+            };
+            let due = next_due(newest, every, now);
+            if let Ok(wait) = due.duration_since(now) {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait.min(MAX_NAP)).await;
+                    continue;
+                }
+            }
+            match backups.create().await {
+                Ok(created) => tracing::info!(file = %created.backup_file, size_bytes = created.size_bytes, "scheduled backup written"),
+                Err(BackupError::Busy) => {
+                    tracing::info!("scheduled backup postponed: another backup operation is running");
+                    tokio::time::sleep(RETRY_AFTER.min(every)).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "scheduled backup failed; retrying later");
+                    tokio::time::sleep(RETRY_AFTER.min(every)).await;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_intervals() {
+        assert_eq!(parse_interval("6h"), Some(Duration::from_secs(21_600)));
+        assert_eq!(parse_interval("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_interval("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_interval("45s"), Some(Duration::from_secs(45)));
+        assert_eq!(parse_interval("45"), Some(Duration::from_secs(45)));
+        for bad in ["", "0s", "h", "6x", "-1h", "1.5h"] {
+            assert_eq!(parse_interval(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn next_backup_counts_from_the_newest() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(next_due(None, hour, now), now);
+        assert_eq!(next_due(Some(now - hour / 2), hour, now), now + hour / 2);
+        assert_eq!(next_due(Some(now - 2 * hour), hour, now), now - hour);
+        assert_eq!(next_due(Some(now + hour), hour, now), now + hour);
+    }
+}
