@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# Omni in one container. omni-gateway is PID 1: it reaps zombies, forwards
+# signals, runs the embedded PostgreSQL as the unprivileged user `postgres`
+# (the gateway itself runs as root only to hand the data directory to that
+# user) and the API worker, and serves everything on port 8882.
+#
+#   docker build -t omni .
+#   docker run -d --name omni -p 8882:8882 -v omni-data:/var/lib/omni --stop-timeout 60 omni
+#   docker exec omni omni-gateway doctor      # what would stop a start, and how to fix it
+#
+# --stop-timeout 60: a graceful stop drains requests and shuts PostgreSQL down
+# cleanly (up to 55 s with the default timeouts); Docker's default of 10 s would
+# SIGKILL it midway (safe, but the next start runs crash recovery).
+# External database instead of the embedded one: -e DATABASE_URL=postgres://…
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p omni-gateway -p omni-api \
+ && install -D -m 0755 -t /out target/release/omni-gateway target/release/omni-api
+
+FROM debian:bookworm-slim
+# PostgreSQL server binaries only: postgresql-common is told not to create a
+# cluster, and nothing starts a service (the gateway runs postgres itself).
+# The client tools (pg_dump, psql) come along and serve backups.
+RUN set -eux; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends postgresql-common; \
+    sed -ri 's/^#?\s*create_main_cluster\s*=.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf; \
+    apt-get install -y --no-install-recommends postgresql-15; \
+    rm -rf /var/lib/apt/lists/* /var/lib/postgresql/*; \
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin postgres; \
+    /usr/lib/postgresql/15/bin/postgres --version
+
+COPY --from=build /out/omni-gateway /out/omni-api /usr/local/bin/
+COPY ui-dist/ /usr/share/omni/ui-dist/
+
+ENV OMNI_HOST=0.0.0.0 \
+    OMNI_PORT=8882 \
+    OMNI_UI_DIR=/usr/share/omni/ui-dist \
+    PGSERVE_BIN_DIR=/usr/lib/postgresql/15/bin \
+    PGSERVE_USER=postgres \
+    NO_COLOR=1
+
+# Relative defaults resolve here: the cluster is /var/lib/omni/data/postgres,
+# backups /var/lib/omni/data/backups. Keep this directory in a volume.
+WORKDIR /var/lib/omni
+VOLUME /var/lib/omni
+EXPOSE 8882
+STOPSIGNAL SIGTERM
+# `omni-gateway healthcheck` GETs /health on OMNI_PORT: 200 only when
+# PostgreSQL (or DATABASE_URL) and the worker are ready. No curl in the image.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["omni-gateway", "healthcheck"]
+# Exec form: the gateway is PID 1 and receives SIGTERM itself.
+ENTRYPOINT ["omni-gateway"]
+CMD ["run"]
