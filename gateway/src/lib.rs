@@ -8,6 +8,7 @@
 //! [`app`] wires them together.
 
 pub mod app;
+pub mod backup_cli;
 pub mod child;
 pub mod config;
 pub mod dev;

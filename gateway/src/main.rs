@@ -52,6 +52,11 @@ enum Command {
     Doctor,
     /// GET /health of a running gateway on OMNI_PORT; exit 0 when it answers 200 (for container HEALTHCHECKs)
     Healthcheck,
+    /// Backups of the database: create, list, restore <name>, delete <name>
+    Backup {
+        #[command(subcommand)]
+        action: omni_gateway::backup_cli::BackupCommand,
+    },
 }
 
 fn after_help() -> String {
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Doctor) => return runtime.block_on(doctor(&config)),
         Some(Command::Healthcheck) => return runtime.block_on(healthcheck(&config)),
+        Some(Command::Backup { action }) => return runtime.block_on(backup(&config, action)),
         Some(Command::Run) | None => {}
     }
     match runtime.block_on(omni_gateway::app::run(config)) {
@@ -136,6 +142,16 @@ async fn healthcheck(config: &Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("omni-gateway healthcheck: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn backup(config: &Config, action: omni_gateway::backup_cli::BackupCommand) -> ExitCode {
+    match omni_gateway::backup_cli::run(config, action).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omni-gateway backup: {e:#}");
             ExitCode::FAILURE
         }
     }
