@@ -109,7 +109,7 @@ impl Policy for WorkerPolicy {
 
     fn timing(&self) -> CheckTiming {
         CheckTiming {
-            ready_poll: Duration::from_millis(10),
+            ready_poll: Duration::from_millis(5),
             start_timeout: Duration::from_secs(60),
             live_interval: Duration::from_secs(2),
             check_timeout: Duration::from_secs(3),

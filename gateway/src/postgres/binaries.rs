@@ -135,14 +135,22 @@ fn version_key(name: &str) -> Vec<u32> {
 
 #[cfg(feature = "download")]
 fn download_fallback(searched: Vec<String>) -> Result<Binaries, FindError> {
-    tracing::info!("no PostgreSQL installation found; downloading PostgreSQL binaries (postgresql_embedded)");
+    tracing::info!("no PostgreSQL installation found; downloading PostgreSQL binaries (postgresql_embedded), this can take a minute");
     let not_found = |why: String| FindError::NotFound { searched: searched.join(", "), download: format!("; the download fallback failed too: {why}") };
+    let install_root = super::cluster::cache_dir().join("downloaded-postgresql");
+    // postgresql_embedded's setup() installs, then runs initdb unless the data
+    // directory looks initialised. The gateway runs initdb itself (as the right
+    // user), so it is handed a throw-away directory that looks initialised.
+    let marker = std::env::temp_dir().join(format!("omni-pg-download-{}", std::process::id()));
+    std::fs::create_dir_all(&marker).and_then(|_| std::fs::write(marker.join("postgresql.conf"), "")).map_err(|e| not_found(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| not_found(e.to_string()))?;
     let dir = runtime.block_on(async {
-        let mut pg = postgresql_embedded::PostgreSQL::default();
+        let settings = postgresql_embedded::Settings { installation_dir: install_root, data_dir: marker.clone(), ..Default::default() };
+        let mut pg = postgresql_embedded::PostgreSQL::new(settings);
         pg.setup().await.map_err(|e| e.to_string())?;
         Ok::<_, String>(pg.settings().binary_dir())
     });
+    let _ = std::fs::remove_dir_all(&marker);
     let dir = dir.map_err(not_found)?;
     probe(&dir, "downloaded (postgresql_embedded)").map_err(not_found)
 }

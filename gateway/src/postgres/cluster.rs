@@ -46,6 +46,10 @@ pub struct Cluster {
     pub socket_dir: PathBuf,
     pub account: Account,
     pub memory_mode: bool,
+    /// A new persistent cluster is written by `initdb --no-sync` and flushed
+    /// by `initdb --sync-only` running beside the first start; this is that
+    /// flush, awaited before PostgreSQL is first reported ready.
+    pub durable: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
 }
 
 impl Cluster {
@@ -132,12 +136,26 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         p => p,
     };
     let socket_dir = make_socket_dir(&account)?;
-    let (data_dir, password) = if cfg.memory_mode {
-        prepare_memory(&binaries, &account).await?
+    let (data_dir, password, needs_sync) = if cfg.memory_mode {
+        let (dir, pw) = prepare_memory(&binaries, &account).await?;
+        (dir, pw, false)
     } else {
         prepare_persistent(cfg, &binaries, &account).await?
     };
-    let cluster = Cluster { binaries, data_dir, port, password, socket_dir, account, memory_mode: cfg.memory_mode };
+    let durable = needs_sync.then(|| {
+        let (binaries, dir, account) = (binaries.clone(), data_dir.clone(), account.clone());
+        tokio::spawn(async move { sync_cluster(&binaries, &dir, &account).await })
+    });
+    let cluster = Cluster {
+        binaries,
+        data_dir,
+        port,
+        password,
+        socket_dir,
+        account,
+        memory_mode: cfg.memory_mode,
+        durable: tokio::sync::Mutex::new(durable),
+    };
     if let Err(e) = check_port_free(port) {
         cluster.cleanup();
         return Err(e);
@@ -145,7 +163,8 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
     Ok(cluster)
 }
 
-async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
+/// Returns the directory, the password, and whether the files still need flushing to disk.
+async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: &Account) -> Result<(PathBuf, String, bool)> {
     let dir = &cfg.data_dir.value;
     let origin = match cfg.data_dir.origin {
         Origin::Default => "default; set PGSERVE_DATA_DIR to change".to_string(),
@@ -174,7 +193,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
             })?
             .trim()
             .to_string();
-        return Ok((dir.clone(), password));
+        return Ok((dir.clone(), password, false));
     }
     if cfg.require_existing {
         bail!(
@@ -200,10 +219,10 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     privilege::check_reachable(dir, account)?;
     privilege::chown_tree(dir, account)?;
     let password = random_password();
-    run_initdb(binaries, dir, &password, account, false).await?;
+    run_initdb(binaries, dir, &password, account, true).await?;
     write_secret(&pw_file, &password)?;
-    tracing::info!("cluster initialized in {} ms", started.elapsed().as_millis());
-    Ok((dir.clone(), password))
+    tracing::info!("cluster initialized in {} ms (flushing it to disk while PostgreSQL starts)", started.elapsed().as_millis());
+    Ok((dir.clone(), password, true))
 }
 
 async fn prepare_memory(binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
@@ -294,7 +313,8 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     Ok((template.join("cluster"), password))
 }
 
-fn cache_dir() -> PathBuf {
+/// Per-machine cache: memory-mode templates and downloaded binaries.
+pub fn cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(x).join("omni-gateway");
     }
@@ -367,6 +387,25 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     if !status.success() {
         bail!("initdb failed ({status}); its output is in the log above. The directory {} was left as it is for inspection", dir.display());
     }
+    Ok(())
+}
+
+/// `initdb --sync-only`: fsyncs every file of a cluster written with `--no-sync`.
+async fn sync_cluster(binaries: &Binaries, dir: &Path, account: &Account) -> Result<()> {
+    let started = Instant::now();
+    let mut spec = ChildSpec::new("initdb --sync-only", binaries.initdb()).arg("--sync-only").arg("-D").arg(dir);
+    spec.run_as = account.run_as();
+    spec.env_remove = vec!["PGDATA".into()];
+    let mut sync = child::spawn(spec).await.context("could not run initdb --sync-only")?;
+    let pid = sync.id();
+    let status = sync.wait().await;
+    if let Some(pid) = pid {
+        child::forget(pid);
+    }
+    if !status?.success() {
+        bail!("flushing the new cluster to disk failed (initdb --sync-only); see its output above");
+    }
+    tracing::info!("new cluster flushed to disk in {} ms", started.elapsed().as_millis());
     Ok(())
 }
 

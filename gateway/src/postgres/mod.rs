@@ -65,6 +65,10 @@ impl Policy for PostgresPolicy {
     }
 
     async fn on_ready(&mut self) -> Result<()> {
+        // A brand-new cluster counts as ready only once it is on disk.
+        if let Some(flush) = self.cluster.durable.lock().await.take() {
+            flush.await.context("the flush of the new cluster did not finish")??;
+        }
         let client = self.client.as_ref().context("no connection after the ready check")?;
         let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&APP_DATABASE]).await?.is_some();
         if !exists {
@@ -80,7 +84,9 @@ impl Policy for PostgresPolicy {
 
     fn timing(&self) -> CheckTiming {
         CheckTiming {
-            ready_poll: Duration::from_millis(20),
+            // A refused connection costs microseconds; poll tightly so start-up
+            // is not padded by the poll interval.
+            ready_poll: Duration::from_millis(5),
             // Crash recovery of a large cluster can take minutes; while the
             // process lives and recovers, it is not restarted.
             start_timeout: Duration::from_secs(600),
