@@ -1,0 +1,67 @@
+//! Development mode and log output (issues 2 and 4): a rebuilt worker binary
+//! is swapped in without a manual restart, UI edits are served at once, and
+//! `LOG_FORMAT=json` gives one JSON object per line.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use std::time::Duration;
+
+use gateway::{alive, workdir, GatewayBuilder};
+use omni_tests::{bin_path, wait_until, Request, TEST_API_KEY};
+
+#[test]
+fn dev_mode_swaps_in_a_rebuilt_worker_and_serves_ui_edits_without_restart() {
+    let dir = workdir();
+    // A private copy of the worker binary stands in for cargo's output file.
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let worker = bin_dir.join("omni-api");
+    std::fs::copy(bin_path("omni-api"), &worker).unwrap();
+    let ui = dir.path().join("ui");
+    std::fs::create_dir_all(&ui).unwrap();
+    std::fs::write(ui.join("index.html"), "<!doctype html><title>v1</title>").unwrap();
+    std::fs::write(ui.join("note.txt"), "first").unwrap();
+
+    let gw = GatewayBuilder::new(dir.path())
+        .env("OMNI_DEV", "true")
+        .env("OMNI_API_BIN", worker.display().to_string())
+        .env("OMNI_UI_DIR", ui.display().to_string())
+        .env("OMNI_API_KEY", TEST_API_KEY)
+        .start();
+    assert_eq!(gw.get("/note.txt").text(), "first");
+    std::fs::write(ui.join("note.txt"), "second").unwrap();
+    assert_eq!(gw.get("/note.txt").text(), "second", "UI files are read from disk on every request");
+
+    let old = gw.pid_of("api").unwrap();
+    // What a rebuild does: a new file replaces the old one.
+    let fresh = bin_dir.join(".omni-api.new");
+    std::fs::copy(bin_path("omni-api"), &fresh).unwrap();
+    std::fs::rename(&fresh, &worker).unwrap();
+    let c = gw.wait_component("api", "the rebuilt worker to be swapped in", Duration::from_secs(30), |c| {
+        c["state"] == "ready" && c["pid"].as_i64().is_some_and(|p| p as i32 != old)
+    });
+    assert_eq!(c["restarts"], 0, "a dev reload is not a crash: {c}");
+    wait_until(Duration::from_secs(20), "the old worker to exit", || (!alive(old)).then_some(()));
+    assert_eq!(Request::get("/api/v1/health").port(gw.port).send().status, 200);
+    assert!(gw.log().contains("worker binary changed"), "{}", gw.log());
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_children_tagged() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("LOG_FORMAT", "json").env("OMNI_API_KEY", TEST_API_KEY).start();
+    assert!(gw.terminate().success());
+    let log = gw.log();
+    let mut children = std::collections::BTreeSet::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string() && v["message"].is_string(), "{line}");
+        if let Some(c) = v["child"].as_str() {
+            children.insert(c.to_owned());
+        }
+    }
+    for expected in ["initdb", "postgres", "api"] {
+        assert!(children.contains(expected), "no line tagged child={expected}: {children:?}");
+    }
+}
