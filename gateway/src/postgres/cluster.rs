@@ -89,6 +89,12 @@ impl Cluster {
             for setting in ["fsync=off", "synchronous_commit=off", "full_page_writes=off"] {
                 spec = spec.arg("-c").arg(setting);
             }
+        } else if cfg!(target_os = "linux") && self.binaries.major >= 14 {
+            // After a crash, PostgreSQL first flushes the whole data directory.
+            // The default opens and fsyncs each of its ~1000 files (over a
+            // second on a busy disk, most of a restart after kill -9); syncfs
+            // flushes the same data in one call. Durability is the same.
+            spec = spec.arg("-c").arg("recovery_init_sync_method=syncfs");
         }
         spec.run_as = self.account.run_as();
         // Immediate shutdown of the whole cluster if the gateway vanishes.
