@@ -40,3 +40,4 @@ bench:
 	python3 bench/startup.py
 	python3 bench/proxy.py
 	bash bench/api_prefs.sh
+	python3 bench/backup.py
