@@ -90,9 +90,9 @@ def to_ms(text):
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def wrk(port):
+def wrk(port, connections=CONNECTIONS, threads=2):
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", f"http://127.0.0.1:{port}{PATH}"],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency", f"http://127.0.0.1:{port}{PATH}"],
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
@@ -160,6 +160,9 @@ http {{
             else:
                 raise SystemExit(f"port {port} does not serve {PATH}")
         results = {"direct": [], "gateway": [], "nginx": []}
+        # One connection, one request at a time: the latency a proxy adds
+        # when it is not queueing behind a saturated machine.
+        unloaded = {"direct": [], "gateway": [], "nginx": []}
         gw_cpu, gw_requests = 0, 0
         for i in range(ROUNDS):
             for name, port in (("direct", worker_port), ("gateway", gw_port), ("nginx", nginx_port)):
@@ -170,6 +173,9 @@ http {{
                     gw_requests += total
                 results[name].append((rps, p50, p99))
                 print(f"round {i + 1}/{ROUNDS} {name:8} {rps:9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms", flush=True)
+                _, p50_1, p99_1, _ = wrk(port, connections=1, threads=1)
+                unloaded[name].append((p50_1, p99_1))
+                print(f"round {i + 1}/{ROUNDS} {name:8} 1 connection: p50 {p50_1 * 1000:.0f} µs  p99 {p99_1 * 1000:.0f} µs", flush=True)
         rss = rss_kib(gw.pid)
     finally:
         if nginx:
@@ -181,6 +187,7 @@ http {{
 
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in results.items()}
     d, g, n = med["direct"], med["gateway"], med["nginx"]
+    one = {k: tuple(statistics.median(r[i] for r in v) for i in range(2)) for k, v in unloaded.items()}
     cpu_us = gw_cpu / CLK_TCK / gw_requests * 1e6
     nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [
@@ -194,8 +201,17 @@ http {{
         f"| through omni-gateway | {g[0]:.0f} | {g[1]:.3f} | {g[2]:.3f} |",
         f"| through nginx | {n[0]:.0f} | {n[1]:.3f} | {n[2]:.3f} |",
         "",
+        "One connection, one request at a time (no queueing), medians:",
+        "",
+        "| path | p50 µs | p99 µs |",
+        "|---|---:|---:|",
+        f"| direct to the worker | {one['direct'][0] * 1000:.0f} | {one['direct'][1] * 1000:.0f} |",
+        f"| through omni-gateway | {one['gateway'][0] * 1000:.0f} | {one['gateway'][1] * 1000:.0f} |",
+        f"| through nginx | {one['nginx'][0] * 1000:.0f} | {one['nginx'][1] * 1000:.0f} |",
+        "",
         f"- gateway ÷ nginx throughput: **{g[0] / n[0]:.2f}** (target ≥ 1.0); gateway p99 ÷ nginx p99: **{g[2] / n[2]:.2f}** (target ≤ 1.0)",
-        f"- gateway p50 overhead over direct: **{(g[1] - d[1]) * 1000:.0f} µs** (target < 100 µs)",
+        f"- gateway p50 overhead over direct, one connection: **{(one['gateway'][0] - one['direct'][0]) * 1000:.0f} µs** (target < 100 µs); "
+        f"at {CONNECTIONS} connections on a saturated machine: {(g[1] - d[1]) * 1000:.0f} µs (nginx: {(n[1] - d[1]) * 1000:.0f} µs)",
         f"- gateway CPU per proxied request: {cpu_us:.1f} µs; resident memory after the runs: {rss / 1024:.1f} MiB",
     ]
     write_section("Proxy", "\n".join(lines))

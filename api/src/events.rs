@@ -31,11 +31,12 @@ const REFRESH: Duration = Duration::from_secs(5);
 #[utoipa::path(get, path = "/api/v1/events", tag = "status", responses(
     (status = 101, description = "WebSocket stream of `/gateway/status` documents"),
     (status = 400, description = "Not a WebSocket handshake"),
-    (status = 503, description = "The worker runs without a gateway (OMNI_GATEWAY_URL unset)"),
+    (status = 404, description = "The worker runs without a gateway (OMNI_GATEWAY_URL unset), so there is no stream"),
 ))]
 pub async fn events(State(state): State<AppState>, ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>) -> Response {
     let Some(gateway) = state.config.gateway_url.clone() else {
-        return ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "no_gateway", "this worker runs without a gateway, so there are no component states to stream").into_response();
+        // Not a server fault: this deployment simply has no such stream.
+        return ApiError::not_found("no_gateway", "this worker runs without a gateway, so there are no component states to stream").into_response();
     };
     match ws {
         Ok(ws) => ws.on_upgrade(move |socket| relay(socket, gateway)).into_response(),

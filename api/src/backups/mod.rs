@@ -195,6 +195,11 @@ impl Backups {
     /// Removes partial files left by a dump that was killed, when no
     /// operation is running (a partial file of a running one is in use).
     pub fn remove_stale_partials(&self) -> Result<usize> {
+        // No directory, no partials: do not create it just to look (memory
+        // mode must leave nothing on disk).
+        if !self.dir.is_dir() {
+            return Ok(0);
+        }
         let dir = self.dir()?;
         let _lock = self.lock(&dir)?;
         let mut removed = 0;
