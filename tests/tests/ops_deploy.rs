@@ -43,7 +43,7 @@ fn service_section() -> Vec<(String, String)> {
 }
 
 fn service_value(key: &str) -> String {
-    service_section().into_iter().filter(|(k, _)| k == key).map(|(_, v)| v).last().unwrap_or_else(|| panic!("the unit sets no {key}="))
+    service_section().into_iter().filter(|(k, _)| k == key).map(|(_, v)| v).next_back().unwrap_or_else(|| panic!("the unit sets no {key}="))
 }
 
 /// systemd time spans as used in the unit: `75s`, `10min`, `2`.
@@ -212,7 +212,7 @@ fn final_stage() -> Vec<(String, String)> {
 }
 
 fn instruction(stage: &[(String, String)], op: &str) -> String {
-    stage.iter().filter(|(o, _)| o == op).map(|(_, a)| a.clone()).last().unwrap_or_else(|| panic!("the image has no {op}"))
+    stage.iter().filter(|(o, _)| o == op).map(|(_, a)| a.clone()).next_back().unwrap_or_else(|| panic!("the image has no {op}"))
 }
 
 /// `ENV A=1 B=2` lines of the stage, as a map.

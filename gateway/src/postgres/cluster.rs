@@ -93,7 +93,8 @@ impl Cluster {
             // After a crash, PostgreSQL first flushes the whole data directory.
             // The default opens and fsyncs each of its ~1000 files (over a
             // second on a busy disk, most of a restart after kill -9); syncfs
-            // flushes the same data in one call. Durability is the same.
+            // flushes the same data in one call. Same durability (Linux 5.8+
+            // also reports write errors from syncfs, as it does for fsync).
             spec = spec.arg("-c").arg("recovery_init_sync_method=syncfs");
         }
         spec.run_as = self.account.run_as();

@@ -188,7 +188,7 @@ fn chaos(gw: &Gateway, stop: &AtomicBool, recoveries: &'static Mutex<Vec<Recover
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let target: &'static str = if rng.next() % 2 == 0 { "postgres" } else { "api" };
+        let target: &'static str = if rng.next().is_multiple_of(2) { "postgres" } else { "api" };
         // Wait until the target is a fair target: ready, and up long enough to count as stable.
         let pid = loop {
             if stop.load(Ordering::Relaxed) {
