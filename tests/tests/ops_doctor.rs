@@ -166,3 +166,39 @@ fn a_dead_postmaster_pid_file_is_reported_as_stale_not_fatal() {
     assert!(d.success, "{}", d.stdout);
     d.assert_row("postmaster.pid", "ok", &["stale", &format!("pid {gone}")]);
 }
+
+#[test]
+fn with_database_url_it_checks_the_external_server_with_a_real_query() {
+    let mut pg = omni_tests::TempPostgres::start_new();
+    let dir = workdir();
+    let up = doctor(dir.path(), &[("DATABASE_URL", pg.url())]);
+    assert!(up.success, "{}", up.stdout);
+    up.assert_row("DATABASE_URL reachable", "ok", &["SELECT 1 answered"]);
+    assert!(!up.stdout.contains("PGSERVE_PORT"), "no embedded cluster, so no embedded checks:\n{}", up.stdout);
+
+    pg.stop();
+    let down = doctor(dir.path(), &[("DATABASE_URL", pg.url())]);
+    assert!(!down.success, "{}", down.stdout);
+    down.assert_row("DATABASE_URL reachable", "FAIL", &[&format!("127.0.0.1:{}", pg.port()), "check that it runs"]);
+}
+
+#[test]
+fn memory_mode_checks_the_tmpfs_instead_of_a_data_directory() {
+    let dir = workdir();
+    let d = doctor(dir.path(), &[("PGSERVE_MEMORY_MODE", "true".into())]);
+    assert!(d.success, "{}", d.stdout);
+    d.assert_row("tmpfs (memory mode)", "ok", &["/dev/shm writable", "free"]);
+    assert!(!d.stdout.contains("\ndata directory "), "memory mode has no data directory to check:\n{}", d.stdout);
+}
+
+#[test]
+fn as_root_a_missing_postgres_account_fails_with_the_command_that_creates_it() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: only root switches to PGSERVE_USER; run the tests as root to cover this");
+        return;
+    }
+    let dir = workdir();
+    let d = doctor(dir.path(), &[("PGSERVE_USER", "omni-no-such-user".into())]);
+    assert!(!d.success, "{}", d.stdout);
+    d.assert_row("PostgreSQL account", "FAIL", &["PGSERVE_USER=omni-no-such-user does not exist", "useradd --system"]);
+}
