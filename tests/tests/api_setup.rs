@@ -179,6 +179,12 @@ fn openapi_document_lists_every_route_the_router_has() {
         "POST /api/v1/setup/complete",
         "GET /api/v1/setup/api-key",
         "GET /api/v1/migration/status",
+        "GET /api/v1/events",
+        "POST /api/v1/backup/create",
+        "GET /api/v1/backup/list",
+        "GET /api/v1/backup/download/{filename}",
+        "POST /api/v1/backup/restore/{filename}",
+        "DELETE /api/v1/backup/{filename}",
     ]
     .into_iter()
     .map(String::from)

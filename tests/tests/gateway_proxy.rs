@@ -16,13 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway::{alive, postgres_pids_on, workdir, Gateway, GatewayBuilder};
-use omni_tests::{bin_path, wait_until, Request, TEST_API_KEY};
+use omni_tests::{bin_path, wait_until, Request, TempPostgres, TEST_API_KEY};
 
-/// A gateway whose worker is `fake-worker`, with no embedded PostgreSQL.
-fn fake_stack(dir: &std::path::Path) -> GatewayBuilder {
-    GatewayBuilder::new(dir)
-        .env("OMNI_API_BIN", bin_path("fake-worker").display().to_string())
-        .env("DATABASE_URL", "postgres://unused@127.0.0.1:1/unused")
+/// A gateway whose worker is `fake-worker`, with an external PostgreSQL
+/// (the kit's, cheap to start) instead of the embedded cluster. The returned
+/// server must outlive the gateway: `/health` checks it.
+fn fake_stack(dir: &std::path::Path) -> (GatewayBuilder, TempPostgres) {
+    let pg = TempPostgres::start_new();
+    let builder = GatewayBuilder::new(dir).env("OMNI_API_BIN", bin_path("fake-worker").display().to_string()).env("DATABASE_URL", pg.url());
+    (builder, pg)
 }
 
 /// The full stack with a known API key.
@@ -201,7 +203,8 @@ fn download(port: u16, size: u64) -> u64 {
 #[test]
 fn streams_200mb_each_way_while_the_gateway_stays_under_50mb() {
     let dir = workdir();
-    let gw = fake_stack(dir.path()).start();
+    let (stack, _pg) = fake_stack(dir.path());
+    let gw = stack.start();
     const SIZE: u64 = 200 * 1024 * 1024;
     assert_eq!(upload(gw.port, SIZE)["bytes"], SIZE);
     assert_eq!(download(gw.port, SIZE), SIZE);
@@ -213,7 +216,8 @@ fn streams_200mb_each_way_while_the_gateway_stays_under_50mb() {
 #[test]
 fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
     let dir = workdir();
-    let gw = fake_stack(dir.path()).start();
+    let (stack, _pg) = fake_stack(dir.path());
+    let gw = stack.start();
     let r = Request::get("/echo")
         .port(gw.port)
         .header("keep-alive", "timeout=5")
@@ -238,7 +242,8 @@ fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
 #[test]
 fn protocol_upgrades_pass_through() {
     let dir = workdir();
-    let gw = fake_stack(dir.path()).start();
+    let (stack, _pg) = fake_stack(dir.path());
+    let gw = stack.start();
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /upgrade HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n").unwrap();
@@ -262,7 +267,8 @@ fn protocol_upgrades_pass_through() {
 #[test]
 fn without_a_ready_worker_requests_wait_then_get_503_json() {
     let dir = workdir();
-    let mut gw = fake_stack(dir.path()).env("FAKE_UNHEALTHY", "1").env("OMNI_UPSTREAM_WAIT_MS", "300").spawn();
+    let (stack, _pg) = fake_stack(dir.path());
+    let mut gw = stack.env("FAKE_UNHEALTHY", "1").env("OMNI_UPSTREAM_WAIT_MS", "300").spawn();
     wait_until(Duration::from_secs(20), "the gateway to listen", || Request::get("/health").try_send(gw.port).ok());
     let started = Instant::now();
     let r = Request::get("/api/v1/anything").port(gw.port).send();
@@ -279,7 +285,8 @@ fn without_a_ready_worker_requests_wait_then_get_503_json() {
 #[test]
 fn a_worker_slower_than_the_upstream_timeout_gets_504_json() {
     let dir = workdir();
-    let gw = fake_stack(dir.path()).env("OMNI_UPSTREAM_TIMEOUT_S", "1").start();
+    let (stack, _pg) = fake_stack(dir.path());
+    let gw = stack.env("OMNI_UPSTREAM_TIMEOUT_S", "1").start();
     let r = Request::get("/slow?ms=5000").port(gw.port).send();
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["code"], "upstream_timeout");
@@ -289,7 +296,8 @@ fn a_worker_slower_than_the_upstream_timeout_gets_504_json() {
 #[test]
 fn a_client_trickling_its_headers_is_dropped_while_others_are_served() {
     let dir = workdir();
-    let gw = fake_stack(dir.path()).env("OMNI_HEADER_TIMEOUT_S", "2").start();
+    let (stack, _pg) = fake_stack(dir.path());
+    let gw = stack.env("OMNI_HEADER_TIMEOUT_S", "2").start();
     let mut slow = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     slow.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let request = b"GET /echo HTTP/1.1\r\nhost: x\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
@@ -381,13 +389,14 @@ fn as_pid_1_it_reaps_orphans_and_stops_cleanly_on_sigterm() {
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let port = omni_tests::free_port();
+    let pg = TempPostgres::start_new();
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["--pid", "--fork", "--mount-proc"])
         .arg(bin_path("omni-gateway"))
         .current_dir(dir.path())
         .env("OMNI_PORT", port.to_string())
         .env("OMNI_API_BIN", &wrapper)
-        .env("DATABASE_URL", "postgres://unused@127.0.0.1:1/unused")
+        .env("DATABASE_URL", pg.url())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("pid1.log")).unwrap());
     let mut unshare = omni_tests::ChildGuard::spawn(&mut cmd);
