@@ -16,28 +16,28 @@ use omni_gateway::config::{Config, Layers, VARS};
 )]
 struct Cli {
     /// Address to listen on [OMNI_HOST]
-    #[arg(long)]
+    #[arg(long, global = true)]
     host: Option<String>,
     /// Port to listen on [OMNI_PORT]
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     port: Option<String>,
     /// PostgreSQL data directory [PGSERVE_DATA_DIR]
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<String>,
     /// Embedded PostgreSQL port, 0 = any free one [PGSERVE_PORT]
-    #[arg(long)]
+    #[arg(long, global = true)]
     pg_port: Option<String>,
     /// Throw-away cluster in RAM [PGSERVE_MEMORY_MODE]
-    #[arg(long)]
+    #[arg(long, global = true)]
     memory: bool,
     /// Directory with postgres and initdb [PGSERVE_BIN_DIR]
-    #[arg(long)]
+    #[arg(long, global = true)]
     bin_dir: Option<String>,
     /// External PostgreSQL instead of the embedded one [DATABASE_URL]
-    #[arg(long)]
+    #[arg(long, global = true)]
     database_url: Option<String>,
     /// Any variable of .env.example, e.g. --set OMNI_BACKUP_KEEP=3 (repeatable)
-    #[arg(long = "set", value_name = "VAR=VALUE")]
+    #[arg(long = "set", value_name = "VAR=VALUE", global = true)]
     set: Vec<String>,
     /// What to do; without one, `run`.
     #[command(subcommand)]

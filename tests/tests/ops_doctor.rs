@@ -44,9 +44,14 @@ impl Doctor {
 
 /// Runs `omni-gateway doctor` in `cwd` with the test defaults overridden by `env`.
 fn doctor(cwd: &Path, env: &[(&str, String)]) -> Doctor {
+    doctor_with_args(cwd, env, &[])
+}
+
+fn doctor_with_args(cwd: &Path, env: &[(&str, String)], args: &[&str]) -> Doctor {
     let mut command = Command::new(bin_path("omni-gateway"));
     command
         .arg("doctor")
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("OMNI_PORT", free_port().to_string())
@@ -96,6 +101,17 @@ fn a_taken_gateway_port_fails_naming_the_port_and_the_variable() {
     assert!(!d.success, "a taken OMNI_PORT must fail:\n{}", d.stdout);
     d.assert_row("OMNI_PORT", "FAIL", &[&port.to_string(), "already in use", "Set OMNI_PORT to a free port"]);
     assert!(d.stdout.contains("would stop omni-gateway from starting"), "{}", d.stdout);
+}
+
+#[test]
+fn flags_after_the_subcommand_apply_to_the_checks() {
+    let dir = workdir();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let d = doctor_with_args(dir.path(), &[], &["--port", &port, "--data-dir", "elsewhere/pg"]);
+    assert!(!d.success, "{}", d.stdout);
+    d.assert_row("OMNI_PORT", "FAIL", &[&port]);
+    d.assert_row("data directory", "ok", &[&dir.path().join("elsewhere/pg").display().to_string(), "PGSERVE_DATA_DIR from command line"]);
 }
 
 #[test]
