@@ -335,6 +335,14 @@ fn main() -> ExitCode {
     if kills == 0 || acknowledged == 0 {
         problems.push("no chaos or no acknowledged writes: the run proves nothing (run longer)".into());
     }
+    // Stop the gateway gracefully; a clean exit is part of the result.
+    let mut gw = gw;
+    // SAFETY: signalling the gateway we started.
+    unsafe { libc::kill(gw.child.pid() as i32, libc::SIGTERM) };
+    let exit = gw.child.wait_exit(Duration::from_secs(90));
+    if !exit.success() {
+        problems.push(format!("the gateway exited with {exit} at stop"));
+    }
     let verdict = if problems.is_empty() { "pass".to_owned() } else { format!("FAIL: {}", problems.join("; ")) };
 
     let row = format!(
@@ -349,14 +357,12 @@ fn main() -> ExitCode {
     );
     append_report(&row);
 
-    // Stop the gateway gracefully; a clean exit is part of the result.
-    let mut gw = gw;
-    // SAFETY: signalling the gateway we started.
-    unsafe { libc::kill(gw.child.pid() as i32, libc::SIGTERM) };
-    let exit = gw.child.wait_exit(Duration::from_secs(90));
-    if !exit.success() {
-        println!("gateway exited with {exit}; log:\n{}", std::fs::read_to_string(&gw.log).unwrap_or_default());
-        return ExitCode::FAILURE;
+    if !problems.is_empty() {
+        // The temporary directory goes away; keep the gateway's log for the post-mortem.
+        let kept = target_profile_dir().parent().unwrap().join("soak-gateway.log");
+        if std::fs::copy(&gw.log, &kept).is_ok() {
+            println!("gateway log kept at {}", kept.display());
+        }
     }
     println!("{verdict}");
     if problems.is_empty() {
