@@ -41,3 +41,8 @@ bench:
 	python3 bench/proxy.py
 	bash bench/api_prefs.sh
 	python3 bench/backup.py
+
+## Chaos soak: kill -9 PostgreSQL and the worker under write load; appends to RELIABILITY.md (SOAK_SECONDS, default 240).
+soak:
+	$(CARGO) build --release --workspace
+	SOAK_SECONDS=$${SOAK_SECONDS:-240} ./target/release/soak
