@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+ROUNDS = int(sys.argv[1]) if __name__ == "__main__" and len(sys.argv) > 1 else 7
 
 
 def pg_bin_dir():
