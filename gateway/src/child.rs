@@ -122,6 +122,17 @@ pub async fn spawn(spec: ChildSpec) -> io::Result<Child> {
     Ok(child)
 }
 
+/// Runs a short-lived helper (initdb and the like) to completion.
+pub async fn run(spec: ChildSpec) -> io::Result<std::process::ExitStatus> {
+    let mut child = spawn(spec).await?;
+    let pid = child.id();
+    let status = child.wait().await;
+    if let Some(pid) = pid {
+        forget(pid);
+    }
+    status
+}
+
 fn start_spawner_thread() -> mpsc::Sender<Request> {
     let handle = tokio::runtime::Handle::current();
     let (tx, rx) = mpsc::channel::<Request>();

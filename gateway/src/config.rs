@@ -323,24 +323,6 @@ pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
     out
 }
 
-/// Parses `6h`, `30m`, `1d`, `45s` or `90` (seconds).
-pub fn parse_interval(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    (secs > 0).then(|| Duration::from_secs(secs))
-}
-
 impl Config {
     /// Parses all layers. `settings_file` contents are loaded here too, since
     /// where that file lives is itself configurable.
@@ -369,7 +351,8 @@ impl Config {
         };
         let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {
             None => None,
-            Some(s) => Some(parse_interval(&s).ok_or_else(|| p.invalid("OMNI_BACKUP_INTERVAL", "expected a duration such as 30m, 6h or 1d"))?),
+            // The worker's parser: the gateway passes the value on, and both must agree.
+            Some(s) => Some(omni_api::backups::schedule::parse_interval(&s).ok_or_else(|| p.invalid("OMNI_BACKUP_INTERVAL", "expected a duration such as 30m, 6h or 1d"))?),
         };
         let log_format = p.raw("LOG_FORMAT").0.trim().to_ascii_lowercase();
         let json_logs = match log_format.as_str() {
@@ -516,15 +499,6 @@ mod tests {
         std::fs::write(&f, "NOEQUALS\n").unwrap();
         assert!(read_dotenv(&f).unwrap_err().to_string().contains("line 1"));
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn intervals() {
-        assert_eq!(parse_interval("6h"), Some(Duration::from_secs(21_600)));
-        assert_eq!(parse_interval("1d"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_interval("90"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_interval("0h"), None);
-        assert_eq!(parse_interval("h"), None);
     }
 
     #[test]

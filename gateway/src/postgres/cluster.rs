@@ -383,14 +383,9 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     }
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
-    let mut initdb = child::spawn(spec).await.context("could not run initdb")?;
-    let pid = initdb.id();
-    let status = initdb.wait().await;
-    if let Some(pid) = pid {
-        child::forget(pid);
-    }
+    let status = child::run(spec).await;
     let _ = std::fs::remove_file(&pw_tmp);
-    let status = status?;
+    let status = status.context("could not run initdb")?;
     if !status.success() {
         bail!("initdb failed ({status}); its output is in the log above. The directory {} was left as it is for inspection", dir.display());
     }
@@ -403,13 +398,8 @@ async fn sync_cluster(binaries: &Binaries, dir: &Path, account: &Account) -> Res
     let mut spec = ChildSpec::new("initdb --sync-only", binaries.initdb()).arg("--sync-only").arg("-D").arg(dir);
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
-    let mut sync = child::spawn(spec).await.context("could not run initdb --sync-only")?;
-    let pid = sync.id();
-    let status = sync.wait().await;
-    if let Some(pid) = pid {
-        child::forget(pid);
-    }
-    if !status?.success() {
+    let status = child::run(spec).await.context("could not run initdb --sync-only")?;
+    if !status.success() {
         bail!("flushing the new cluster to disk failed (initdb --sync-only); see its output above");
     }
     tracing::info!("new cluster flushed to disk in {} ms", started.elapsed().as_millis());
