@@ -2,13 +2,11 @@
 //
 // startStack() starts target/debug/omni-gateway in a fresh temporary working
 // directory (its own process group, a free port, PGSERVE_PORT=0, a fixed API
-// key, OMNI_UI_DIR = ui-dist) and waits for GET /health. The UI is then used
-// through the gateway's port when the gateway proxies /api to its worker;
-// otherwise (a gateway that does not run the worker yet) an omni-api is
-// started directly against the gateway's PostgreSQL, and `viaGateway` is
-// false so tests that need the gateway can skip with the reason. Every
-// process group is killed at the end, also when a test fails or the runner
-// exits early. Nothing here sleeps in place of a condition: waitFor() polls.
+// key, OMNI_UI_DIR = ui-dist) and waits for GET /health, which answers 200
+// only once PostgreSQL and the worker are ready. The browser then uses the
+// gateway's port, as a user does. Every process group is killed at the end,
+// also when a test fails or the runner exits early. Nothing here sleeps in
+// place of a condition: waitFor() polls.
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -170,7 +168,7 @@ export async function startStack(label = 'stack') {
     const password = fs.readFileSync(path.join(cwd, 'data', 'postgres.password'), 'utf8').trim();
     stack.pg = { host: '127.0.0.1', port: Number(match[1]), user: 'postgres', password, database: 'omni' };
 
-    await useGatewayOrWorker(stack, env);
+    await useGateway(stack);
   } catch (error) {
     await stack.stop();
     throw error;
@@ -188,32 +186,12 @@ export async function startStack(label = 'stack') {
   return stack;
 }
 
-/**
- * The one switch between "through the gateway" and "worker started
- * directly": the gateway is used as soon as it answers /api/v1/health.
- */
-async function useGatewayOrWorker(stack, env) {
-  if ((await status(`${stack.gatewayBase}/api/v1/health`)) === 200) {
-    stack.base = stack.gatewayBase;
-    stack.viaGateway = true;
-    return;
-  }
-  const workerPort = await freePort();
-  const { user, password, host, port, database } = stack.pg;
-  stack.worker = spawnGroup('worker', binary('omni-api'), [], {
-    cwd: stack.cwd,
-    env: {
-      ...env,
-      DATABASE_URL: `postgres://${user}:${encodeURIComponent(password)}@${host}:${port}/${database}`,
-      OMNI_API_LISTEN: `127.0.0.1:${workerPort}`,
-    },
-  });
-  stack.base = `http://127.0.0.1:${workerPort}`;
-  stack.viaGateway = false;
-  await waitFor(async () => {
-    if (stack.worker.exited) throw new Error(`omni-api exited; log: ${stack.worker.logFile}`);
-    return (await status(`${stack.base}/api/v1/health`)) === 200;
-  }, { timeout: 30000, what: 'omni-api /api/v1/health' });
+/** Everything goes through the gateway's port, as it does for a user. */
+async function useGateway(stack) {
+  await waitFor(async () => (await status(`${stack.gatewayBase}/api/v1/health`)) === 200,
+    { timeout: 30000, what: 'the worker to answer /api/v1/health through the gateway' });
+  stack.base = stack.gatewayBase;
+  stack.viaGateway = true;
 }
 
 // ---------------------------------------------------------------- browser

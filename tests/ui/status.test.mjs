@@ -23,11 +23,7 @@ async function gatewayStatus() {
   return response.json();
 }
 
-test('the status page lists each component with its state and pid', async (t) => {
-  if (!stack.viaGateway) {
-    t.skip('the gateway does not proxy /api to its worker yet, so the UI is not served through it');
-    return;
-  }
+test('the status page lists each component with its state and pid', async () => {
   const { context, page } = await openPage(browser, stack);
   try {
     await signIn(page);
@@ -48,12 +44,8 @@ test('the status page lists each component with its state and pid', async (t) =>
 });
 
 test('killing the worker shows its restart count go up without a reload', async (t) => {
-  const status = stack.viaGateway ? await gatewayStatus() : null;
-  const worker = status?.components.find((c) => c.name === 'api');
-  if (!worker) {
-    t.skip('the gateway does not supervise the API worker yet (no "api" component in /gateway/status)');
-    return;
-  }
+  const worker = (await gatewayStatus()).components.find((c) => c.name === 'api');
+  assert.ok(worker, 'the gateway supervises the API worker');
   const { context, page } = await openPage(browser, stack);
   try {
     await signIn(page);
@@ -74,6 +66,8 @@ test('killing the worker shows its restart count go up without a reload', async 
     assert.notEqual(await card.locator('[data-field="pid"]').innerText(), String(worker.pid));
     assert.match(await card.locator('[data-field="last-exit"]').innerText(), /\S/);
     assert.equal(await page.evaluate(() => window.__noReload), true);
+    // The event stream closed with the old worker; the page reconnects to the new one.
+    await page.locator('#live-mode').filter({ hasText: 'Live' }).waitFor({ timeout: 30000 });
     t.diagnostic(`status updates came by: ${await page.locator('#live-mode').innerText()}`);
     assert.equal(await localStorageLength(page), 0);
   } finally {
