@@ -404,30 +404,42 @@ impl Config {
     }
 }
 
-/// Onboarding writes storage settings as a JSON object of variable names to
-/// string values (written by the worker's `POST /setup/initialize`).
+/// Onboarding (`POST /api/v1/setup/initialize` on the worker) saves the
+/// storage settings as JSON in the worker's own field names; this maps them
+/// onto the gateway's variables. Replication only counts when enabled.
+/// Unknown fields (Redis settings, which the gateway does not use) are ignored.
 fn read_settings_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
         Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
     };
-    let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).map_err(|e| ConfigError::DotEnv {
+    let doc: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).map_err(|e| ConfigError::DotEnv {
         path: path.to_path_buf(),
         line: e.line(),
-        problem: format!("not a JSON object of settings ({e}); fix or delete the file"),
+        problem: format!("not the JSON object onboarding writes ({e}); fix or delete the file"),
     })?;
-    Ok(map
-        .into_iter()
-        .filter(|(k, _)| VARS.iter().any(|v| v.name == k))
-        .map(|(k, v)| {
-            let s = match v {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, s)
-        })
-        .collect())
+    let text_of = |key: &str| -> Option<String> {
+        match doc.get(key)? {
+            serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    };
+    let mut out = BTreeMap::new();
+    let mut put = |var: &str, value: Option<String>| {
+        if let Some(v) = value {
+            out.insert(var.to_string(), v);
+        }
+    };
+    put("PGSERVE_DATA_DIR", text_of("data_dir"));
+    put("PGSERVE_MEMORY_MODE", text_of("memory_mode"));
+    put("DATABASE_URL", text_of("database_url"));
+    if doc.get("replication_enabled").and_then(|v| v.as_bool()) == Some(true) {
+        put("PGSERVE_REPLICATION_URL", text_of("replication_url"));
+        put("PGSERVE_REPLICATION_DATABASES", text_of("replication_databases"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -498,6 +510,36 @@ mod tests {
         assert_eq!(m["LOG_LEVEL"], "debug");
         std::fs::write(&f, "NOEQUALS\n").unwrap();
         assert!(read_dotenv(&f).unwrap_err().to_string().contains("line 1"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn onboarding_settings_map_to_variables_below_the_environment() {
+        let dir = std::env::temp_dir().join(format!("omni-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("omni-settings.json");
+        std::fs::write(
+            &file,
+            r#"{"data_dir": "./data/elsewhere", "memory_mode": true, "replication_enabled": false,
+                "replication_url": "postgres://r@h/db", "redis_enabled": true, "redis_url": "redis://x"}"#,
+        )
+        .unwrap();
+        let mut l = layers(&[("OMNI_SETTINGS_FILE", file.to_str().unwrap())]);
+        let c = Config::parse(l.clone(), Path::new("/srv/omni")).unwrap();
+        let Database::Embedded(e) = c.database else { panic!("embedded") };
+        assert_eq!(e.data_dir.value, PathBuf::from("/srv/omni/data/elsewhere"));
+        assert_eq!(e.data_dir.origin, Origin::SettingsFile);
+        assert!(e.memory_mode);
+        // Replication was not enabled, so its URL is not taken.
+        let l2 = Config::parse(l.clone(), Path::new("/srv/omni")).unwrap();
+        assert!(matches!(l2.database, Database::Embedded(_)));
+        // The environment still wins.
+        l.environment.insert("PGSERVE_MEMORY_MODE".into(), "false".into());
+        let Database::Embedded(e) = Config::parse(l, Path::new("/srv/omni")).unwrap().database else { panic!() };
+        assert!(!e.memory_mode);
+        std::fs::write(&file, "not json").unwrap();
+        let err = Config::parse(layers(&[("OMNI_SETTINGS_FILE", file.to_str().unwrap())]), Path::new("/")).unwrap_err().to_string();
+        assert!(err.contains("omni-settings.json") && err.contains("fix or delete"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

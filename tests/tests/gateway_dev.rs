@@ -65,3 +65,32 @@ fn json_logs_are_one_object_per_line_with_children_tagged() {
         assert!(children.contains(expected), "no line tagged child={expected}: {children:?}");
     }
 }
+
+#[test]
+fn onboarding_storage_settings_take_effect_at_the_next_start() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let r = Request::new("POST", "/api/v1/setup/initialize")
+        .port(gw.port)
+        .api_key()
+        .json(&serde_json::json!({
+            "data_dir": "./data/postgres", "memory_mode": true,
+            "replication_enabled": false, "replication_url": null, "replication_databases": null,
+            "redis_enabled": false, "redis_url": null, "redis_prefix_key": null, "redis_ttl": null, "redis_save_instances": null
+        }))
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["restart_required"], true);
+    assert!(gw.terminate().success());
+
+    let mut again = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let mem_dir = std::path::Path::new("/dev/shm").join(format!("omni-gateway-mem-{}", again.child.pid()));
+    assert!(mem_dir.join("PG_VERSION").is_file(), "the saved memory_mode must apply:\n{}", again.log());
+    assert!(again.terminate().success());
+
+    // The environment still wins over what onboarding saved.
+    let third = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("PGSERVE_MEMORY_MODE", "false").start();
+    let mem_dir = std::path::Path::new("/dev/shm").join(format!("omni-gateway-mem-{}", third.child.pid()));
+    assert!(!mem_dir.exists());
+    assert!(third.log().contains("data directory:"), "{}", third.log());
+}
