@@ -76,6 +76,12 @@ pub async fn run(config: Config) -> Result<i32> {
     let mut signals = Signals::install()?;
     let notifier = Arc::new(Notifier::from_env());
     warn_about_sqlite(&config);
+    if config.replication_url.is_some() {
+        tracing::warn!(
+            "PGSERVE_REPLICATION_URL is set, but this version does not replicate yet (SPEC §8): nothing is sent to that server. \
+             Use backups (OMNI_BACKUP_INTERVAL) to keep copies elsewhere meanwhile"
+        );
+    }
 
     let addr = SocketAddr::new(config.host, config.port);
     let listener = http::bind(addr).await?;

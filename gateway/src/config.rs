@@ -241,6 +241,8 @@ pub struct Config {
     pub restart: RestartPolicy,
     pub http: HttpLimits,
     pub dev: bool,
+    /// `PGSERVE_REPLICATION_URL`: read so it can be reported; replication itself is not built yet.
+    pub replication_url: Option<String>,
     pub log_level: String,
     pub json_logs: bool,
     /// Working directory at start; every relative path was resolved against it.
@@ -397,6 +399,7 @@ impl Config {
             restart,
             http,
             dev: p.bool("OMNI_DEV")?,
+            replication_url: p.string("PGSERVE_REPLICATION_URL"),
             log_level: p.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             json_logs,
             cwd: cwd.to_path_buf(),
