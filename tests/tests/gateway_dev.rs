@@ -94,3 +94,16 @@ fn onboarding_storage_settings_take_effect_at_the_next_start() {
     assert!(!mem_dir.exists());
     assert!(third.log().contains("data directory:"), "{}", third.log());
 }
+
+#[test]
+fn an_old_sqlite_database_is_reported_at_start_by_the_gateway_and_the_api() {
+    let dir = workdir();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/automagik-omni.db"), b"SQLite format 3\0").unwrap();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let expected = dir.path().join("data/automagik-omni.db").display().to_string();
+    assert!(gw.log().contains("found an old SQLite database") && gw.log().contains(&expected), "{}", gw.log());
+    let status = Request::get("/api/v1/migration/status").port(gw.port).api_key().send().json();
+    assert_eq!(status["sqlite_found"], true, "{status}");
+    assert_eq!(status["migration_recommended"], true, "{status}");
+}
