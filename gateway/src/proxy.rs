@@ -105,10 +105,11 @@ impl Proxy {
                 Ok(Ok(resp)) => return client_response(resp, client_upgrade),
                 Ok(Err(e)) => {
                     let nothing_sent = e.is_connect();
-                    // A retired generation (replaced by a reload) closes its idle
-                    // connections while draining; a request that raced that close
-                    // was not processed, so sending it to the new worker is safe.
-                    let retired = self.upstreams.current().map(|u| u.generation) != Some(upstream.generation);
+                    // A worker replaced by a reload closes its idle connections
+                    // while draining; a request that raced that close was not
+                    // processed, so sending it to the new worker is safe. (Not
+                    // so after a crash: the request may have been committed.)
+                    let retired = upstream.replaced.load(std::sync::atomic::Ordering::Relaxed);
                     let retry = body.replayable() && (nothing_sent || idempotent || retired) && Instant::now() < deadline;
                     tracing::debug!("upstream {} failed ({e:?}); retry: {retry}", upstream.addr);
                     if retry {

@@ -8,7 +8,7 @@
 //! `watch` channel for the next one instead of failing at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub generation: u64,
     pub client: Client<HttpConnector, Body>,
+    /// Set when a reload published a successor while this one still ran:
+    /// it drains gracefully, so a request it dropped was never processed.
+    /// (A crashed worker is withdrawn instead, and this stays false.)
+    pub replaced: AtomicBool,
 }
 
 /// The current upstream, shared by the worker's policy (writer) and the proxy (readers).
@@ -42,8 +46,10 @@ impl Upstreams {
     /// Makes `addr` the upstream; returns its generation.
     pub fn publish(&self, addr: SocketAddr) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let upstream = Arc::new(Upstream { addr, generation, client: pooled_client() });
-        self.tx.send_replace(Some(upstream));
+        let upstream = Arc::new(Upstream { addr, generation, client: pooled_client(), replaced: AtomicBool::new(false) });
+        if let Some(previous) = self.tx.send_replace(Some(upstream)) {
+            previous.replaced.store(true, Ordering::Relaxed);
+        }
         generation
     }
 
@@ -99,4 +105,26 @@ fn pooled_client() -> Client<HttpConnector, Body> {
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(1024)
         .build(connector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_reload_marks_the_previous_worker_replaced() {
+        let ups = Upstreams::default();
+        let a = ups.publish("127.0.0.1:1".parse().unwrap());
+        let first = ups.current().unwrap();
+        let b = ups.publish("127.0.0.1:2".parse().unwrap());
+        assert_ne!(a, b);
+        assert!(first.replaced.load(Ordering::Relaxed), "replaced by a reload");
+        let second = ups.current().unwrap();
+        ups.withdraw(a);
+        assert_eq!(ups.current().unwrap().generation, b, "withdrawing a stale generation changes nothing");
+        ups.withdraw(b);
+        assert!(ups.current().is_none());
+        assert!(!second.replaced.load(Ordering::Relaxed), "a crashed worker is withdrawn, not replaced");
+        assert!(ups.wait_for(None, Duration::from_millis(20)).await.is_none());
+    }
 }
