@@ -293,9 +293,9 @@ impl Backups {
     /// A backup while the operation lock is held; `protect` is a file that
     /// retention must not delete (the one about to be restored).
     async fn create_locked(&self, dir: &Path, protect: Option<&str>) -> Result<Created> {
-        let (name, time) = free_name(dir).await?;
-        let final_path = dir.join(&name);
-        let partial_path = dir.join(format!(".{name}.partial"));
+        // The final name is taken when the dump is complete (see below); the
+        // partial file is named after the start time meanwhile.
+        let partial_path = dir.join(format!(".{}.partial", name::for_time(SystemTime::now())));
         // We hold the lock, so a partial file of this name is a leftover.
         let _ = fs::remove_file(&partial_path);
         let file = OpenOptions::new()
@@ -324,6 +324,11 @@ impl Backups {
             .await
             .map_err(|e| BackupError::io("syncing the backup file")(io::Error::other(e)))?
             .map_err(BackupError::io(format!("syncing the backup file in {}", dir.display())))?;
+        // Named by completion time: a backup started in the same second as
+        // an existing one (a restore's safety backup right after a create)
+        // rarely has to wait for the next second.
+        let (name, time) = free_name(dir).await?;
+        let final_path = dir.join(&name);
         // link(2) fails with EEXIST instead of replacing: never overwrite.
         match fs::hard_link(&partial_path, &final_path) {
             Ok(()) => {}
