@@ -147,6 +147,7 @@ async fn prepare_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Re
 }
 
 /// Phase 2: the request the worker receives.
+#[allow(clippy::result_large_err)] // the error is the response to send, built once per bad request
 fn upstream_request(req: &hyper::http::request::Parts, body: Body, addr: SocketAddr, peer: SocketAddr) -> Result<Request<Body>, Response<Body>> {
     let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = format!("http://{addr}{path}")

@@ -49,11 +49,11 @@ impl Policy for PostgresPolicy {
         self.client = None;
         self.cluster.preflight()?;
         tracing::info!("starting PostgreSQL {} on 127.0.0.1:{}", self.cluster.binaries.major, self.cluster.port);
-        Ok(child::spawn(self.cluster.postgres_spec()).await.context("could not start postgres")?)
+        child::spawn(self.cluster.postgres_spec()).await.context("could not start postgres")
     }
 
     async fn check(&mut self) -> Result<()> {
-        if self.client.as_ref().map_or(true, |c| c.is_closed()) {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = Some(connect(&self.cluster.pg_config("postgres")).await?);
         }
         let client = self.client.as_ref().expect("connected above");
