@@ -161,6 +161,24 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A command for one of the project's binaries as tests run them: a clean
+/// environment (only `PATH` and `HOME` from ours, plus `env`), working
+/// directory `cwd`, no stdin, stdout and stderr into the file `log`.
+pub fn isolated_command(program: &Path, cwd: &Path, env: &BTreeMap<String, String>, log: &Path) -> Command {
+    let file = fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    let mut command = Command::new(program);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .envs(env)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("duplicating the log file handle"))
+        .stderr(file);
+    command
+}
+
 // ---------------------------------------------------------------- PostgreSQL
 
 /// Directory of the PostgreSQL binaries: `PGSERVE_BIN_DIR`, else the newest
@@ -410,18 +428,11 @@ impl WorkerBuilder {
             None => free_port(),
         };
         let log = self.workdir.path().join("worker.log");
-        let file = fs::File::create(&log).unwrap();
-        let mut command = Command::new(self.binary.clone().unwrap_or_else(|| bin_path("omni-api")));
-        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        if self.listener.is_none() {
+        let binary = self.binary.clone().unwrap_or_else(|| bin_path("omni-api"));
+        let mut command = isolated_command(&binary, self.workdir.path(), &self.env, &log);
+        if self.listener.is_none() && !self.env.contains_key("OMNI_API_LISTEN") {
             command.env("OMNI_API_LISTEN", format!("127.0.0.1:{port}"));
         }
-        command
-            .envs(&self.env)
-            .current_dir(self.workdir.path())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
         if let Some(listener) = &self.listener {
             use std::os::fd::AsRawFd;
             let fd = listener.as_raw_fd();

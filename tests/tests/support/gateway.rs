@@ -9,10 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
-use omni_tests::{bin_path, free_port, pg_bin_dir, wait_until, ChildGuard, Request, Response, TempDir};
+use omni_tests::{bin_path, free_port, isolated_command, pg_bin_dir, wait_until, ChildGuard, Request, Response, TempDir};
 
 pub struct GatewayBuilder {
     env: BTreeMap<String, String>,
@@ -42,17 +42,7 @@ impl GatewayBuilder {
 
     pub fn spawn(self) -> Gateway {
         let log = self.cwd.join(format!("gateway-{}.log", uuid::Uuid::new_v4().simple()));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(bin_path("omni-gateway"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
-            .envs(&self.env)
-            .current_dir(&self.cwd)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
+        let mut command = isolated_command(&bin_path("omni-gateway"), &self.cwd, &self.env, &log);
         let port: u16 = self.env.get("OMNI_PORT").and_then(|p| p.parse().ok()).unwrap_or(0);
         let pg_port: u16 = self.env["PGSERVE_PORT"].parse().unwrap();
         Gateway { child: ChildGuard::spawn(&mut command), port, pg_port, cwd: self.cwd, log }
