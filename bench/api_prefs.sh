@@ -71,7 +71,7 @@ echo "$post_line"
 python3 - "$get_line" "$post_line" "$seconds" "$connections" <<'PY'
 import sys
 sys.path.insert(0, "bench")
-from startup import write_section
+from common import write_section
 get, post, seconds, connections = sys.argv[1:]
 def row(line, label):
     f = line.split()

@@ -14,7 +14,6 @@ Usage: bench/backup.py [ROUNDS]   (writes the "Backups" section of BENCHMARKS.md
 """
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,9 +23,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import write_section  # noqa: E402  (one convention for BENCHMARKS.md)
+from common import ROOT, free_port, pg_bin_dir, wait_healthy, write_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 PROFILE = os.environ.get("BENCH_PROFILE", "release")
 GATEWAY = ROOT / "target" / PROFILE / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -34,19 +32,7 @@ KEY = "bench-api-key-0123456789"
 SIZES = [100_000, 1_000_000]
 
 
-def pg_bin_dir():
-    if os.environ.get("PGSERVE_BIN_DIR"):
-        return Path(os.environ["PGSERVE_BIN_DIR"])
-    return sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))[-1]
-
-
 BIN = pg_bin_dir()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port, method, path):
@@ -74,17 +60,7 @@ def main():
     log = open(work / "gateway.log", "w")
     gw = subprocess.Popen([str(GATEWAY)], cwd=work, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                pass
-            if time.time() > deadline or gw.poll() is not None:
-                sys.exit("gateway did not become healthy:\n" + (work / "gateway.log").read_text()[-3000:])
-            time.sleep(0.2)
+        wait_healthy(port, gw, poll=0.2, log=work / "gateway.log")
         password = (work / "data" / "postgres.password").read_text().strip()
         pg_env = dict(os.environ, PGHOST="127.0.0.1", PGPORT=str(pg_port), PGUSER="postgres", PGDATABASE="omni", PGPASSWORD=password)
         backups = work / "data" / "backups"

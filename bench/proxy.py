@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,9 +25,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import write_section  # noqa: E402
+from common import ROOT, free_port, wait_healthy, write_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 SECONDS = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -37,30 +35,9 @@ PATH = "/ping.txt"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.load(r)
-
-
-def wait_healthy(port, proc):
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"omni-gateway exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("omni-gateway not healthy within 120 s")
 
 
 def listening_port(pid):

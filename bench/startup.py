@@ -17,36 +17,23 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, free_port, pg_bin_dir, wait_healthy, write_section  # noqa: E402
+
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if __name__ == "__main__" and len(sys.argv) > 1 else 7
-
-
-def pg_bin_dir():
-    if os.environ.get("PGSERVE_BIN_DIR"):
-        return Path(os.environ["PGSERVE_BIN_DIR"])
-    dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    return dirs[-1]
 
 
 BIN = pg_bin_dir()
 AS_ROOT = os.geteuid() == 0
 PG_USER = pwd.getpwnam("postgres") if AS_ROOT else None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_pg(cmd):
@@ -91,14 +78,6 @@ def bare_warm(data):
     return elapsed
 
 
-def health_ok(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-            return r.status == 200
-    except Exception:
-        return False
-
-
 def gateway(cwd, extra_env):
     """Starts the gateway, waits for /health 200, returns (seconds, rss_kib), stops it."""
     port = free_port()
@@ -107,12 +86,7 @@ def gateway(cwd, extra_env):
     p = subprocess.Popen([str(GATEWAY)], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
-        while not health_ok(port):
-            if p.poll() is not None:
-                raise SystemExit(f"omni-gateway exited with {p.returncode} before it was ready (cwd {cwd})")
-            if time.perf_counter() - t > 60:
-                raise SystemExit("omni-gateway not ready within 60 s")
-            time.sleep(0.002)
+        wait_healthy(port, p, timeout=60)
         elapsed = time.perf_counter() - t
         rss = int(next(line.split()[1] for line in open(f"/proc/{p.pid}/status") if line.startswith("VmRSS")))
     finally:
@@ -169,21 +143,6 @@ def main():
     ]
     write_section("Startup", "\n".join(table))
     print("\n".join(table))
-
-
-def write_section(title, body):
-    """Replaces `## title` … up to the next `## ` in BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's development machine; `make bench` regenerates every section.\n"
-    lines = text.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == f"## {title}"), None)
-    new = [f"## {title}", "", body, ""]
-    if start is None:
-        lines += [""] + new
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        lines[start:end] = new
-    path.write_text("\n".join(lines).rstrip() + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""What every benchmark script shares: where things are, free ports, waiting
+for a gateway to be healthy, and writing one section of BENCHMARKS.md."""
+
+import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pg_bin_dir():
+    """PGSERVE_BIN_DIR, else the newest /usr/lib/postgresql/*/bin."""
+    if os.environ.get("PGSERVE_BIN_DIR"):
+        return Path(os.environ["PGSERVE_BIN_DIR"])
+    return sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))[-1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_ok(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def wait_healthy(port, proc, timeout=120, poll=0.002, log=None):
+    """Polls the gateway on `port` until /health is 200; fails if `proc` exits first."""
+    deadline = time.perf_counter() + timeout
+    while not health_ok(port):
+        if proc.poll() is not None:
+            tail = Path(log).read_text()[-3000:] if log else ""
+            raise SystemExit(f"omni-gateway exited with {proc.returncode} before it was ready\n{tail}")
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"omni-gateway not healthy within {timeout} s")
+        time.sleep(poll)
+
+
+def write_section(title, body):
+    """Replaces `## title` … up to the next `## ` in BENCHMARKS.md (or appends it)."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's development machine; `make bench` regenerates every section.\n"
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip() == f"## {title}"), None)
+    new = [f"## {title}", "", body, ""]
+    if start is None:
+        lines += [""] + new
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        lines[start:end] = new
+    path.write_text("\n".join(lines).rstrip() + "\n")
