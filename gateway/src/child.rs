@@ -56,6 +56,8 @@ pub struct ChildSpec {
     pub pass_fd: Option<(OwnedFd, i32)>,
     /// Re-emit stdout/stderr lines in the log (false: discard).
     pub log_output: bool,
+    /// What the child reads on stdin (default: nothing).
+    pub stdin: Option<std::fs::File>,
 }
 
 impl ChildSpec {
@@ -71,6 +73,7 @@ impl ChildSpec {
             death_signal: Signal::SIGKILL,
             pass_fd: None,
             log_output: true,
+            stdin: None,
         }
     }
 
@@ -149,7 +152,7 @@ fn start_spawner_thread() -> mpsc::Sender<Request> {
     tx
 }
 
-fn spawn_here(spec: ChildSpec) -> io::Result<Child> {
+fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
     let mut cmd = std::process::Command::new(&spec.program);
     cmd.args(&spec.args);
     for k in PRIVATE_ENV {
@@ -166,7 +169,7 @@ fn spawn_here(spec: ChildSpec) -> io::Result<Child> {
         cmd.gid(gid).uid(uid);
     }
     cmd.process_group(0);
-    cmd.stdin(Stdio::null());
+    cmd.stdin(spec.stdin.take().map_or_else(Stdio::null, Stdio::from));
     if spec.log_output {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     } else {

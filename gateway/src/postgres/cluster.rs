@@ -335,30 +335,20 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// Creates the app database in a template by running `postgres --single`,
-/// which needs no port and no connection.
+/// which needs no port and no connection; the statement comes on stdin.
 async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &Account) -> Result<()> {
+    let sql_path = dir.with_file_name(format!(".create-db-{}.sql", std::process::id()));
+    std::fs::write(&sql_path, format!("CREATE DATABASE {APP_DATABASE};\n")).with_context(|| format!("writing {}", sql_path.display()))?;
+    let sql = std::fs::File::open(&sql_path);
+    let _ = std::fs::remove_file(&sql_path);
     let mut spec = ChildSpec::new("postgres --single", binaries.postgres()).arg("--single").arg("-D").arg(dir).arg("postgres");
     spec.run_as = account.run_as();
-    spec.log_output = false;
-    let mut std_cmd = spec_to_input_command(&spec);
-    let mut child = std_cmd.spawn().context("could not run postgres --single")?;
-    child.stdin.take().expect("piped").write_all(format!("CREATE DATABASE {APP_DATABASE};\n").as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("creating the app database in the template failed: {}", String::from_utf8_lossy(&out.stderr));
+    spec.stdin = Some(sql.context("reading back the CREATE DATABASE statement")?);
+    let status = child::run(spec).await.context("could not run postgres --single")?;
+    if !status.success() {
+        bail!("creating the app database in the template failed ({status}); the output of postgres --single is in the log above");
     }
     Ok(())
-}
-
-/// A short-lived helper command with piped stdin, run as `spec.run_as`.
-fn spec_to_input_command(spec: &ChildSpec) -> std::process::Command {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(&spec.program);
-    cmd.args(&spec.args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    if let Some((uid, gid)) = spec.run_as {
-        cmd.gid(gid).uid(uid);
-    }
-    cmd
 }
 
 /// Runs `initdb`: UTF-8, scram passwords for every connection, superuser `postgres`.
