@@ -94,13 +94,11 @@ pub async fn run(config: Config) -> Result<i32> {
     };
     let board = Board::new(components);
     sd_notify::spawn_reporter(notifier.clone(), board.clone());
-    let metrics = Arc::new(Metrics::default());
     let upstreams = Upstreams::default();
     let (stop_http, stop_http_rx) = tokio::sync::watch::channel(false);
     let surface = Arc::new(Surface {
         board: board.clone(),
-        proxy: Proxy { upstreams: upstreams.clone(), limits: config.http, metrics: metrics.clone() },
-        metrics,
+        proxy: Proxy { upstreams: upstreams.clone(), limits: config.http, metrics: Arc::new(Metrics::default()) },
         database: match &config.database {
             Database::External { url } => Some(Arc::new(crate::external::ExternalDatabase::new(url)?)),
             Database::Embedded(_) => None,

@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::HttpLimits;
 use crate::external::ExternalDatabase;
-use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::status::{Board, State};
 
@@ -32,8 +31,8 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Shared by every connection.
 pub struct Surface {
     pub board: Board,
+    /// Also owns the metrics, which `/metrics` renders.
     pub proxy: Proxy,
-    pub metrics: Arc<Metrics>,
     /// With `DATABASE_URL`, the server `/health` must vouch for: nobody
     /// supervises it, so its state is not on the board.
     pub database: Option<Arc<ExternalDatabase>>,
@@ -117,7 +116,7 @@ async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> R
         "/gateway/status" if is_read => json(StatusCode::OK, &surface.board.to_json()),
         "/metrics" if is_read => Response::builder()
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(full(surface.metrics.render(&surface.board)))
+            .body(full(surface.proxy.metrics.render(&surface.board)))
             .expect("static response parts are valid"),
         "/health" | "/gateway/status" | "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
         _ => surface.proxy.handle(req, peer).await,

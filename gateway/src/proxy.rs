@@ -97,7 +97,7 @@ impl Proxy {
                 self.metrics.upstream_error("closed");
                 return error(StatusCode::BAD_GATEWAY, "upstream_error", "the API worker closed the connection before answering");
             };
-            let out = match upstream_request(&req, out_body, upstream.addr, peer) {
+            let out = match upstream_request(&req, client_upgrade.is_some(), out_body, upstream.addr, peer) {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
@@ -148,13 +148,12 @@ async fn prepare_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Re
 
 /// Phase 2: the request the worker receives.
 #[allow(clippy::result_large_err)] // the error is the response to send, built once per bad request
-fn upstream_request(req: &hyper::http::request::Parts, body: Body, addr: SocketAddr, peer: SocketAddr) -> Result<Request<Body>, Response<Body>> {
+fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body, addr: SocketAddr, peer: SocketAddr) -> Result<Request<Body>, Response<Body>> {
     let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = format!("http://{addr}{path}")
         .parse()
         .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request_target", "the request target is not a valid path"))?;
     let mut out = Request::builder().method(req.method.clone()).uri(uri).version(hyper::Version::HTTP_11).body(body).expect("valid parts");
-    let upgrade = wants_upgrade(&req.headers);
     let headers = out.headers_mut();
     copy_end_to_end(&req.headers, headers);
     if upgrade {
