@@ -14,9 +14,12 @@ use std::time::Duration;
 
 use omni_tests::{bin_path, free_port, isolated_command, pg_bin_dir, wait_until, ChildGuard, Request, Response, TempDir};
 
+#[derive(Clone)]
 pub struct GatewayBuilder {
     env: BTreeMap<String, String>,
     cwd: PathBuf,
+    /// Variables the test set itself; the ports among them are never re-picked.
+    chosen: std::collections::BTreeSet<String>,
 }
 
 impl GatewayBuilder {
@@ -27,10 +30,11 @@ impl GatewayBuilder {
         env.insert("PGSERVE_PORT".to_owned(), free_port().to_string());
         env.insert("PGSERVE_BIN_DIR".to_owned(), pg_bin_dir().display().to_string());
         env.insert("LOG_LEVEL".to_owned(), "info".to_owned());
-        GatewayBuilder { env, cwd: cwd.to_path_buf() }
+        GatewayBuilder { env, cwd: cwd.to_path_buf(), chosen: Default::default() }
     }
 
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.chosen.insert(name.to_owned());
         self.env.insert(name.to_owned(), value.into());
         self
     }
@@ -49,10 +53,26 @@ impl GatewayBuilder {
     }
 
     /// Spawns and waits for `/health` 200.
+    ///
+    /// A port from `free_port()` was free when picked, but another process
+    /// (any outgoing connection on this busy machine) may take it before the
+    /// gateway binds it. When the gateway stops at start for that reason and
+    /// the port was picked here, not by the test, it is started again with
+    /// fresh ports; every other early exit fails the test.
     pub fn start(self) -> Gateway {
-        let mut gw = self.spawn();
-        gw.wait_healthy();
-        gw
+        let mut builder = self;
+        for attempt in 1.. {
+            let mut gw = builder.clone().spawn();
+            match gw.try_wait_healthy() {
+                Ok(()) => return gw,
+                Err(log) if attempt < 3 && log.contains("already in use") && !builder.chosen.contains("OMNI_PORT") && !builder.chosen.contains("PGSERVE_PORT") => {
+                    builder.env.insert("OMNI_PORT".to_owned(), free_port().to_string());
+                    builder.env.insert("PGSERVE_PORT".to_owned(), free_port().to_string());
+                }
+                Err(log) => panic!("omni-gateway exited before it was ready:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Spawns, expects the process to exit by itself, returns its status and log.
@@ -81,14 +101,21 @@ impl Gateway {
     }
 
     pub fn wait_healthy(&mut self) {
+        if let Err(log) = self.try_wait_healthy() {
+            panic!("omni-gateway exited before it was ready:\n{log}");
+        }
+    }
+
+    /// Waits for `/health` 200; `Err` with the log if the gateway exits first.
+    fn try_wait_healthy(&mut self) -> Result<(), String> {
         let port = self.port;
         wait_until(Duration::from_secs(60), "the gateway's /health to answer 200", || {
             if let Some(status) = self.child.try_status() {
-                panic!("omni-gateway exited with {status} before it was ready:\n{}", self.log());
+                return Some(Err(format!("exit {status}\n{}", self.log())));
             }
             let r = Request::get("/health").try_send(port).ok()?;
-            (r.status == 200).then_some(())
-        });
+            (r.status == 200).then_some(Ok(()))
+        })
     }
 
     /// The `/gateway/status` entry of `name`.
