@@ -13,17 +13,8 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use serde::Serialize;
-use utoipa::ToSchema;
-
-/// The JSON body of every error response.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// What happened and, where it helps, what to do about it.
-    pub detail: String,
-    /// A stable, machine-readable slug such as `invalid_key`.
-    pub code: String,
-}
+/// The JSON body of every error response; the gateway's own errors use it too.
+pub use omni_contract::error_body::ErrorBody;
 
 /// An error a handler answers with.
 #[derive(Debug)]
@@ -92,7 +83,7 @@ impl IntoResponse for ApiError {
 }
 
 pub fn error_response(status: StatusCode, code: &str, detail: String) -> Response {
-    (status, Json(ErrorBody { detail, code: code.to_owned() })).into_response()
+    (status, Json(ErrorBody::new(code, detail))).into_response()
 }
 
 /// `Json<T>` with rejections in the API's error shape: every malformed body

@@ -18,7 +18,6 @@ use axum::{
     extract::{ws::Message, ws::WebSocket, State, WebSocketUpgrade},
     response::{IntoResponse, Response},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{errors::ApiError, routes::AppState};
 
@@ -34,7 +33,7 @@ const REFRESH: Duration = Duration::from_secs(5);
     (status = 404, description = "The worker runs without a gateway (OMNI_GATEWAY_URL unset), so there is no stream"),
 ))]
 pub async fn events(State(state): State<AppState>, ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>) -> Response {
-    let Some(gateway) = state.config.gateway_url.clone() else {
+    let Some(gateway) = state.settings.gateway_url.clone() else {
         // Not a server fault: this deployment simply has no such stream.
         return ApiError::not_found("no_gateway", "this worker runs without a gateway, so there are no component states to stream").into_response();
     };
@@ -78,16 +77,12 @@ fn change_key(doc: &serde_json::Value) -> String {
     key
 }
 
-/// `GET <gateway>/gateway/status` over a plain HTTP/1.0 connection (loopback,
-/// tiny answer; a full HTTP client would be more code than this).
+/// `GET <gateway>/gateway/status` with the shared loopback probe.
 async fn gateway_status(base: &str) -> anyhow::Result<serde_json::Value> {
-    let authority = base.trim_start_matches("http://");
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(authority)).await??;
-    stream.write_all(format!("GET /gateway/status HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut raw)).await??;
-    let start = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no HTTP head"))? + 4;
-    Ok(serde_json::from_slice(&raw[start..])?)
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse()?;
+    let answer = omni_contract::probe::get(addr, "/gateway/status", Duration::from_secs(2)).await?;
+    anyhow::ensure!(answer.status == 200, "the gateway answered {}", answer.status);
+    Ok(serde_json::from_slice(&answer.body)?)
 }
 
 #[cfg(test)]

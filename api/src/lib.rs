@@ -1,14 +1,15 @@
 //! The Omni API worker (SPEC §6): HTTP API over the PostgreSQL it owns the
 //! schema of, plus the UI files.
 //!
-//! Reading order: [`config`] → [`db`] and [`migrations`] → [`server`] (start
+//! Its settings come from the gateway as a typed value
+//! ([`omni_contract::worker_settings`]); so do the backup service and the error
+//! shape. Reading order: [`db`] and [`migrations`] → [`server`] (start
 //! and stop) → [`routes`] → one module per concern of the API ([`health`],
-//! [`preferences`], [`setup`], [`backups`], [`migration_check`], [`auth`],
+//! [`preferences`], [`setup`], [`backup_routes`], [`migration_check`], [`auth`],
 //! [`static_files`], [`openapi`], [`events`]) → [`errors`], the shape of every failure.
 
 pub mod auth;
-pub mod backups;
-pub mod config;
+pub mod backup_routes;
 pub mod db;
 pub mod errors;
 pub mod events;

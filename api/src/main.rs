@@ -1,20 +1,20 @@
-//! `omni-api`: reads its configuration from the environment, sets up
-//! logging, and runs the worker until SIGTERM/SIGINT.
+//! `omni-api`: reads its settings from the environment (written there by the
+//! gateway, or by hand), sets up logging, and runs the worker until
+//! SIGTERM/SIGINT.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
-use omni_api::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use omni_contract::{logging, worker_settings::WorkerSettings};
 
 fn main() -> ExitCode {
-    let config = match Config::from_env() {
-        Ok(config) => config,
+    let settings = match WorkerSettings::from_env() {
+        Ok(settings) => settings,
         Err(error) => {
             eprintln!("omni-api: configuration error: {error}");
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    logging::init(&settings.log_level, settings.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -22,20 +22,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(omni_api::server::run(config)) {
+    match runtime.block_on(omni_api::server::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log_level).expect("LOG_LEVEL was validated with the configuration");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }

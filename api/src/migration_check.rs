@@ -5,7 +5,7 @@
 //! (`OMNI_DATA_ROOT`, default the working directory); the answer names the
 //! absolute path found so the operator knows exactly which file is meant.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use axum::{extract::State, Json};
 use serde::Serialize;
@@ -13,8 +13,6 @@ use utoipa::ToSchema;
 
 use crate::{errors::ErrorBody, routes::AppState};
 
-/// Where the old product kept its database, in the order it looked.
-pub const SQLITE_CANDIDATES: [&str; 4] = ["data/automagik-omni.db", "automagik-omni.db", "omni.db", "data/omni.db"];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MigrationStatus {
@@ -25,12 +23,8 @@ pub struct MigrationStatus {
     warning_message: Option<String>,
 }
 
-pub fn find_sqlite(root: &Path) -> Option<PathBuf> {
-    SQLITE_CANDIDATES.iter().map(|candidate| root.join(candidate)).find(|path| path.is_file())
-}
-
 pub fn check(root: &Path) -> MigrationStatus {
-    let found = find_sqlite(root);
+    let found = omni_contract::sqlite::find(root);
     MigrationStatus {
         sqlite_found: found.is_some(),
         warning_message: found.as_ref().map(|path| {
@@ -52,5 +46,5 @@ pub fn check(root: &Path) -> MigrationStatus {
 ))]
 pub async fn status(State(state): State<AppState>) -> Json<MigrationStatus> {
     // Four stat calls: cheap enough to run inline on the reactor.
-    Json(check(&state.config.data_root))
+    Json(check(&state.settings.data_root))
 }

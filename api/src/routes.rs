@@ -11,12 +11,12 @@ use std::sync::{Arc, OnceLock};
 
 use axum::{extract::DefaultBodyLimit, middleware, Router};
 use utoipa::OpenApi;
+use omni_contract::worker_settings::WorkerSettings;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::{self, ApiKey},
-    backups,
-    config::Config,
+    backup_routes,
     db::Db,
     errors,
     events, health, migration_check, openapi, preferences, setup, static_files,
@@ -30,7 +30,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 pub struct AppState {
     pub db: Db,
     pub api_key: Arc<ApiKey>,
-    pub config: Arc<Config>,
+    pub settings: Arc<WorkerSettings>,
     /// Rendered once the router is built (the document is a product of
     /// building it); served by `GET /api/v1/openapi.json`.
     pub openapi: Arc<OnceLock<serde_json::Value>>,
@@ -51,21 +51,21 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(setup::initialize))
         .routes(routes!(setup::complete))
         .routes(routes!(migration_check::status))
-        .routes(routes!(backups::http::create))
-        .routes(routes!(backups::http::list))
-        .routes(routes!(backups::http::download))
-        .routes(routes!(backups::http::restore))
-        .routes(routes!(backups::http::delete))
+        .routes(routes!(backup_routes::create))
+        .routes(routes!(backup_routes::list))
+        .routes(routes!(backup_routes::download))
+        .routes(routes!(backup_routes::restore))
+        .routes(routes!(backup_routes::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(public).merge(protected)
 }
 
 /// The complete application.
-pub fn app(db: Db, api_key: ApiKey, config: Config) -> Router {
+pub fn app(db: Db, api_key: ApiKey, config: WorkerSettings) -> Router {
     let state = AppState {
         db,
         api_key: Arc::new(api_key),
-        config: Arc::new(config),
+        settings: Arc::new(config),
         openapi: Arc::new(OnceLock::new()),
     };
     let (router, document) = api_routes(&state).split_for_parts();

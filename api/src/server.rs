@@ -7,26 +7,30 @@
 use std::{net::TcpListener as StdListener, os::fd::FromRawFd, time::Duration};
 
 use anyhow::{bail, Context};
+use omni_contract::{
+    backups,
+    sqlite,
+    worker_settings::{Listen, WorkerSettings},
+};
 use tokio::net::TcpListener;
 
 use crate::{
-    auth, backups,
-    config::{Config, Listen},
+    auth,
     db::Db,
-    migration_check, migrations, routes,
+    migrations, routes,
 };
 
 /// How long start-up waits for the database before giving up.
 const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     tracing::info!(
         ui_dir = %config.ui_dir.display(),
         backup_dir = %config.backup_dir.display(),
         data_root = %config.data_root.display(),
         "starting omni-api"
     );
-    if let Some(path) = migration_check::find_sqlite(&config.data_root) {
+    if let Some(path) = sqlite::find(&config.data_root) {
         tracing::warn!(path = %path.display(), "found an SQLite database from an earlier version; see GET /api/v1/migration/status");
     }
 
@@ -53,8 +57,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Cleans up after interrupted backups and starts the schedule, if any.
-fn start_backups(config: &Config) {
-    let backups = std::sync::Arc::new(backups::Backups::from_config(config));
+fn start_backups(config: &WorkerSettings) {
+    let backups = std::sync::Arc::new(backups::Backups::from_settings(config));
     match backups.remove_stale_partials() {
         Ok(_) | Err(backups::BackupError::Busy) => {}
         Err(error) => tracing::warn!(%error, "backups: cannot prepare the backup directory"),

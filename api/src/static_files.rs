@@ -34,7 +34,7 @@ pub async fn fallback(State(state): State<AppState>, request: Request) -> Respon
         response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    match serve(&state.config.ui_dir, path, request.headers()).await {
+    match serve(&state.settings.ui_dir, path, request.headers()).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }

@@ -8,8 +8,7 @@
 //! the worker → stop PostgreSQL (fast shutdown) → remove what was only for
 //! this run. Every step logs what it is doing.
 
-use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,9 +25,6 @@ use crate::status::Board;
 use crate::upstream::Upstreams;
 use crate::worker::{self, WorkerPolicy};
 use crate::{child, dev, supervisor};
-
-/// Old SQLite databases of the product Omni replaces (SPEC §6).
-pub const SQLITE_PATHS: [&str; 4] = ["./data/automagik-omni.db", "./automagik-omni.db", "./omni.db", "./data/omni.db"];
 
 struct Signals {
     term: Signal,
@@ -140,8 +136,9 @@ pub async fn run(config: Config) -> Result<i32> {
     };
 
     // The worker, once its database is there.
-    let env = worker_env(&config, &database_url, pg_bin_dir.as_deref());
-    let policy = WorkerPolicy::new(worker_bin.clone(), env, upstreams, config.http.drain_timeout);
+    let mut settings = config.worker_settings(&database_url);
+    settings.pg_bin_dir = pg_bin_dir;
+    let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout);
     let api = supervisor::spawn(policy, config.restart, board.clone());
     if config.dev {
         dev::watch_worker_binary(&worker_bin, api.commands());
@@ -195,48 +192,13 @@ async fn shutdown(running: Running) -> Result<i32> {
     Ok(0)
 }
 
-/// What the worker needs to know, all absolute.
-fn worker_env(config: &Config, database_url: &str, pg_bin_dir: Option<&std::path::Path>) -> Vec<(OsString, OsString)> {
-    let gateway_ip = match config.host {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ip => ip,
-    };
-    let mut env: Vec<(OsString, OsString)> = vec![
-        ("DATABASE_URL".into(), database_url.into()),
-        ("OMNI_UI_DIR".into(), config.ui_dir.clone().into()),
-        ("OMNI_BACKUP_DIR".into(), config.backup_dir.clone().into()),
-        ("OMNI_BACKUP_KEEP".into(), config.backup_keep.to_string().into()),
-        ("OMNI_SETTINGS_FILE".into(), config.settings_file.clone().into()),
-        ("OMNI_DATA_ROOT".into(), config.cwd.clone().into()),
-        ("OMNI_GATEWAY_URL".into(), format!("http://{}", SocketAddr::new(gateway_ip, config.port)).into()),
-        ("LOG_LEVEL".into(), config.log_level.clone().into()),
-        ("LOG_FORMAT".into(), (if config.json_logs { "json" } else { "pretty" }).into()),
-    ];
-    if let Some(key) = &config.api_key {
-        env.push(("OMNI_API_KEY".into(), key.into()));
-    }
-    if let Some(dir) = pg_bin_dir {
-        env.push(("PGSERVE_BIN_DIR".into(), dir.into()));
-    }
-    if let Some(every) = config.backup_interval {
-        env.push(("OMNI_BACKUP_INTERVAL".into(), format!("{}s", every.as_secs()).into()));
-    }
-    // Listening is arranged by the gateway; a stray value must not confuse the worker.
-    env.push(("OMNI_API_LISTEN".into(), "".into()));
-    env
-}
-
 /// Logs the same warning as `GET /api/v1/migration/status` when an old SQLite database is around.
 fn warn_about_sqlite(config: &Config) {
-    for rel in SQLITE_PATHS {
-        let path = crate::config::absolute(&config.cwd, std::path::Path::new(rel));
-        if path.is_file() {
-            tracing::warn!(
-                "found an old SQLite database at {}: Omni now stores everything in PostgreSQL and will not read it. \
-                 Migrate its data before relying on this installation (see GET /api/v1/migration/status)",
-                path.display()
-            );
-        }
+    for path in omni_contract::sqlite::find_all(&config.cwd) {
+        tracing::warn!(
+            "found an old SQLite database at {}: Omni now stores everything in PostgreSQL and will not read it. \
+             Migrate its data before relying on this installation (see GET /api/v1/migration/status)",
+            path.display()
+        );
     }
 }

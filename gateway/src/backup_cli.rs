@@ -1,7 +1,7 @@
 //! `omni-gateway backup create|list|restore <name>|delete <name>`: backups
 //! for operators with a shell.
 //!
-//! It runs the worker's own backup code (`omni_api::backups`, linked into this
+//! It runs the worker's own backup code (`omni_contract::backups`, linked into this
 //! binary), not a copy and not an HTTP call, so there is no API key to find
 //! and the rules are the same: same directory, same names, same lock (an
 //! `flock` shared with a running worker, so a CLI restore and an API create
@@ -14,7 +14,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use omni_api::backups::Backups;
+use omni_contract::backups::Backups;
 
 use crate::{
     config::{Config, Database},
@@ -69,7 +69,7 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
 
 fn service(config: &Config, database: Option<(String, Option<std::path::PathBuf>)>) -> Backups {
     let (url, bin_dir) = database.unwrap_or_default();
-    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep as usize)
+    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep)
 }
 
 /// The database URL and the directory of `pg_dump`/`psql`.

@@ -19,6 +19,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use omni_contract::logging::LogFormat;
+use omni_contract::worker_settings::{check, WorkerSettings};
+use omni_contract::paths;
+
 /// One configurable variable: its name, default, and the line of help that
 /// `.env.example` and `--help` show.
 pub struct Var {
@@ -60,6 +64,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_MAX_CONNECTIONS", default: "4096", help: "open client connections the gateway accepts at once" },
     Var { name: "OMNI_DRAIN_TIMEOUT_S", default: "15", help: "at stop or reload, how long in-flight requests may take to finish" },
     Var { name: "OMNI_DEV", default: "false", help: "development mode: restart the worker when its binary changes (make dev)" },
+    Var { name: "OMNI_API_DB_POOL_SIZE", default: "8", help: "most PostgreSQL connections the API worker opens (1 to 1000)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
     Var { name: "LOG_FORMAT", default: "pretty", help: "pretty for people, json for machines" },
 ];
@@ -237,14 +242,16 @@ pub struct Config {
     pub database: Database,
     pub backup_dir: PathBuf,
     pub backup_interval: Option<Duration>,
-    pub backup_keep: u32,
+    pub backup_keep: usize,
+    /// `OMNI_API_DB_POOL_SIZE`, handed to the worker.
+    pub pool_size: usize,
     pub restart: RestartPolicy,
     pub http: HttpLimits,
     pub dev: bool,
     /// `PGSERVE_REPLICATION_URL`: read so it can be reported; replication itself is not built yet.
     pub replication_url: Option<String>,
     pub log_level: String,
-    pub json_logs: bool,
+    pub log_format: LogFormat,
     /// Working directory at start; every relative path was resolved against it.
     pub cwd: PathBuf,
 }
@@ -290,6 +297,11 @@ impl Parser<'_> {
         Ok(Sourced { value, origin })
     }
 
+    /// A value the worker also reads, checked by the worker's own rule.
+    fn shared<T>(&self, var: &'static str, rule: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        rule(self.raw(var).0.trim()).map_err(|problem| self.invalid(var, problem))
+    }
+
     fn path(&self, var: &'static str) -> Sourced<PathBuf> {
         let (raw, origin) = self.raw(var);
         Sourced { value: absolute(self.cwd, Path::new(raw.trim())), origin }
@@ -308,21 +320,9 @@ impl Parser<'_> {
     }
 }
 
-/// Joins `p` onto `cwd` when relative and removes `.` components, without
-/// touching the filesystem (the path may not exist yet).
+/// Joins `p` onto `cwd` when relative and normalises it (the shared rule).
 pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
-    let joined = if p.is_absolute() { p.to_path_buf() } else { cwd.join(p) };
-    let mut out = PathBuf::new();
-    for c in joined.components() {
-        match c {
-            std::path::Component::CurDir => {}
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
+    paths::absolute(cwd, p)
 }
 
 impl Config {
@@ -353,15 +353,16 @@ impl Config {
         };
         let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {
             None => None,
-            // The worker's parser: the gateway passes the value on, and both must agree.
-            Some(s) => Some(omni_api::backups::schedule::parse_interval(&s).ok_or_else(|| p.invalid("OMNI_BACKUP_INTERVAL", "expected a duration such as 30m, 6h or 1d"))?),
+            // The worker's rule: the gateway passes the value on, and both must agree.
+            Some(_) => Some(p.shared("OMNI_BACKUP_INTERVAL", check::backup_interval)?),
         };
-        let log_format = p.raw("LOG_FORMAT").0.trim().to_ascii_lowercase();
-        let json_logs = match log_format.as_str() {
-            "json" => true,
-            "pretty" | "" => false,
-            _ => return Err(p.invalid("LOG_FORMAT", "expected pretty or json")),
-        };
+        let log_format = p.shared("LOG_FORMAT", check::log_format)?;
+        let log_level = p.string("LOG_LEVEL").unwrap_or_else(|| "info".into());
+        p.shared("LOG_LEVEL", check::log_level)?;
+        let api_key = p.string("OMNI_API_KEY");
+        if api_key.is_some() {
+            p.shared("OMNI_API_KEY", check::api_key)?;
+        }
         let restart = RestartPolicy {
             backoff_initial: p.millis("OMNI_RESTART_BACKOFF_MS")?,
             backoff_max: p.millis("OMNI_RESTART_BACKOFF_MAX_MS")?,
@@ -385,24 +386,66 @@ impl Config {
         if http.max_connections == 0 {
             return Err(p.invalid("OMNI_MAX_CONNECTIONS", "must be at least 1"));
         }
-        Ok(Config {
+        let config = Config {
             host,
             port,
-            api_key: p.string("OMNI_API_KEY"),
+            api_key,
             ui_dir: p.path("OMNI_UI_DIR").value,
             api_bin: p.optional_path("OMNI_API_BIN"),
             settings_file: settings_path,
             database,
             backup_dir: p.path("OMNI_BACKUP_DIR").value,
             backup_interval,
-            backup_keep: p.number("OMNI_BACKUP_KEEP", "a whole number of backups")?,
+            backup_keep: p.shared("OMNI_BACKUP_KEEP", check::backup_keep)?,
+            pool_size: p.shared("OMNI_API_DB_POOL_SIZE", check::pool_size)?,
             restart,
             http,
             dev: p.bool("OMNI_DEV")?,
             replication_url: p.string("PGSERVE_REPLICATION_URL"),
-            log_level: p.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
-            json_logs,
+            log_level,
+            log_format,
             cwd: cwd.to_path_buf(),
+        };
+        config.check_worker_settings(&layers)?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// What the worker is told, for `database_url`. The listening socket,
+    /// readiness descriptor and binary directory are the start's to fill in.
+    pub fn worker_settings(&self, database_url: &str) -> WorkerSettings {
+        let gateway_ip = match self.host {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            ip => ip,
+        };
+        let mut s = WorkerSettings::new(database_url, &self.cwd);
+        s.api_key = self.api_key.clone();
+        s.ui_dir = self.ui_dir.clone();
+        s.backup_dir = self.backup_dir.clone();
+        s.backup_keep = self.backup_keep;
+        s.backup_interval = self.backup_interval;
+        s.settings_file = Some(self.settings_file.clone());
+        s.data_root = self.cwd.clone();
+        s.gateway_url = Some(format!("http://{}", std::net::SocketAddr::new(gateway_ip, self.port)));
+        s.pool_size = self.pool_size;
+        s.log_level = self.log_level.clone();
+        s.log_format = self.log_format;
+        s
+    }
+
+    /// Checks what the worker will be given with the worker's own validator,
+    /// before anything starts: a value it would reject stops the gateway
+    /// here, naming the variable, instead of the worker exiting at every start.
+    fn check_worker_settings(&self, layers: &Layers) -> Result<(), ConfigError> {
+        let url = match &self.database {
+            Database::External { url } => url.clone(),
+            Database::Embedded(_) => "postgres://postgres@127.0.0.1:5432/omni".to_string(),
+        };
+        self.worker_settings(&url).validate().map_err(|e| {
+            let (value, origin) = if VARS.iter().any(|v| v.name == e.variable) { layers.lookup(e.variable) } else { (String::new(), Origin::Default) };
+            ConfigError::Invalid { var: e.variable, value, origin, problem: e.message }
         })
     }
 }
@@ -480,6 +523,12 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("OMNI_BACKUP_INTERVAL", "often"),
             ("DATABASE_URL", "mysql://x"),
+            ("DATABASE_URL", "postgres://h:port/x"),
+            ("OMNI_API_KEY", "short"),
+            ("OMNI_API_KEY", "a key with spaces in it"),
+            ("LOG_LEVEL", "x=[["),
+            ("OMNI_API_DB_POOL_SIZE", "0"),
+            ("OMNI_BACKUP_KEEP", "-1"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err().to_string();
             assert!(err.starts_with(var), "{var}: {err}");

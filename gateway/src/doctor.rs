@@ -16,13 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{Config, Database, EmbeddedConfig, Origin};
 use crate::postgres::binaries::{self, Binaries};
 use crate::postgres::cluster;
 use crate::privilege::{self, Account};
-use crate::{app, http, worker};
+use crate::{http, worker};
 
 /// Free space below this stops PostgreSQL soon after start (WAL segments are 16 MiB).
 const DISK_FAIL_BYTES: u64 = 128 * 1024 * 1024;
@@ -101,6 +100,14 @@ impl Report {
         });
         out
     }
+}
+
+/// The report when the configuration itself does not parse: one FAIL row
+/// naming the variable, since nothing else can be checked without it.
+pub fn configuration_failed(error: &str) -> Report {
+    let mut report = Report::default();
+    report.add("configuration", Status::Fail, error.to_string());
+    report
 }
 
 /// Runs every check for `config`. Never changes anything on disk.
@@ -350,7 +357,7 @@ fn human(bytes: u64) -> String {
 
 /// `DATABASE_URL`: the server must answer a real query, as the worker's will.
 async fn check_external(report: &mut Report, url: &str) {
-    report.add("database", Status::Ok, format!("external PostgreSQL of DATABASE_URL ({}); no embedded cluster", crate::external::redact(url)));
+    report.add("database", Status::Ok, format!("external PostgreSQL of DATABASE_URL ({}); no embedded cluster", omni_contract::redact::url_password(url)));
     let db = crate::external::ExternalDatabase::new(url);
     match db {
         Ok(db) => report.add_result("DATABASE_URL reachable", db.check().await.map(|()| "SELECT 1 answered".to_string())),
@@ -368,12 +375,7 @@ async fn check_external(report: &mut Report, url: &str) {
 }
 
 fn check_sqlite(report: &mut Report, config: &Config) {
-    let found: Vec<String> = app::SQLITE_PATHS
-        .iter()
-        .map(|rel| crate::config::absolute(&config.cwd, Path::new(rel)))
-        .filter(|p| p.is_file())
-        .map(|p| p.display().to_string())
-        .collect();
+    let found: Vec<String> = omni_contract::sqlite::find_all(&config.cwd).iter().map(|p| p.display().to_string()).collect();
     if found.is_empty() {
         report.add("old SQLite database", Status::Ok, "none found");
     } else {
@@ -394,19 +396,11 @@ pub async fn healthcheck(config: &Config) -> Result<()> {
         ip => ip,
     };
     let addr = SocketAddr::new(ip, config.port);
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("nothing answers on {addr}: is omni-gateway running with OMNI_PORT={}?", config.port))?;
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nUser-Agent: omni-gateway-healthcheck\r\n\r\n").await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, anyhow::Error>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(5), exchange).await.context("GET /health took longer than 5 s")??;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        bail!("GET http://{addr}/health answered {status}: {body}");
+    let answer = omni_contract::probe::get(addr, "/health", Duration::from_secs(5))
+        .await
+        .with_context(|| format!("GET http://{addr}/health failed: is omni-gateway running with OMNI_PORT={}?", config.port))?;
+    if answer.status != 200 {
+        bail!("GET http://{addr}/health answered {}: {}", answer.status, answer.text());
     }
     Ok(())
 }

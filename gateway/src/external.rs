@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use omni_contract::redact::url_password as redact;
 use tokio::sync::Mutex;
 
 /// How long `/health` waits for the external server before calling it down.
@@ -51,28 +52,5 @@ impl ExternalDatabase {
                 anyhow::bail!("the external PostgreSQL at {} did not answer SELECT 1 within {} s; check that it runs and is reachable", self.display_url, CHECK_TIMEOUT.as_secs())
             }
         }
-    }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some(at) = rest.rfind('@') else { return url.to_string() };
-    let (userinfo, host) = rest.split_at(at);
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(redact("postgres://omni:s3cr@t@db:5432/omni"), "postgres://omni:***@db:5432/omni");
-        assert_eq!(redact("postgresql://db/omni"), "postgresql://db/omni");
-        assert_eq!(redact("postgres://u@db/omni"), "postgres://u@db/omni");
     }
 }

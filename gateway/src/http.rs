@@ -165,5 +165,6 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 
 /// The JSON error shape of SPEC §5.
 pub fn error(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "detail": detail, "code": code }))
+    let body = omni_contract::error_body::ErrorBody::new(code, detail);
+    json(status, &serde_json::to_value(body).expect("two strings serialize"))
 }

@@ -15,7 +15,6 @@ pub mod dev;
 pub mod doctor;
 pub mod external;
 pub mod http;
-pub mod logging;
 pub mod metrics;
 pub mod postgres;
 pub mod privilege;

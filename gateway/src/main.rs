@@ -99,12 +99,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match load(&cli) {
         Ok(c) => c,
+        Err(e) if matches!(cli.command, Some(Command::Doctor)) => {
+            print!("{}", omni_gateway::doctor::configuration_failed(&e).render());
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             eprintln!("omni-gateway: configuration error: {e}");
             return ExitCode::from(2);
         }
     };
-    omni_gateway::logging::init(&config.log_level, config.json_logs);
+    omni_contract::logging::init(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

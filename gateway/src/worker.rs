@@ -8,7 +8,6 @@
 //! published as the proxy's upstream; when its run ends it is withdrawn.
 //! During a reload the new instance is the *candidate* until it is ready.
 
-use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
+
+use omni_contract::probe;
+use omni_contract::worker_settings::{self, Listen, WorkerSettings};
 
 use crate::child::{self, ChildSpec};
 use crate::supervisor::{CheckTiming, Policy, StopSignals};
@@ -25,11 +26,14 @@ use crate::upstream::Upstreams;
 
 /// The fd number the worker finds its listening socket on.
 const LISTEN_FD: i32 = 3;
+/// A health answer takes microseconds; the supervisor's own check timeout is the real limit.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct WorkerPolicy {
     pub bin: PathBuf,
-    /// Environment the worker gets (database URL, key, directories, log settings).
-    pub env: Vec<(OsString, OsString)>,
+    /// What the worker is told (the contract); the listening descriptor is
+    /// filled in for every start.
+    pub settings: WorkerSettings,
     pub upstreams: Upstreams,
     /// How long a stopping worker may take to drain in-flight requests.
     pub drain: Duration,
@@ -40,8 +44,8 @@ pub struct WorkerPolicy {
 }
 
 impl WorkerPolicy {
-    pub fn new(bin: PathBuf, env: Vec<(OsString, OsString)>, upstreams: Upstreams, drain: Duration) -> Self {
-        WorkerPolicy { bin, env, upstreams, drain, current: None, candidate: None }
+    pub fn new(bin: PathBuf, settings: WorkerSettings, upstreams: Upstreams, drain: Duration) -> Self {
+        WorkerPolicy { bin, settings, upstreams, drain, current: None, candidate: None }
     }
 }
 
@@ -69,8 +73,12 @@ impl Policy for WorkerPolicy {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a local port for the worker")?;
         let addr = listener.local_addr()?;
         let mut spec = ChildSpec::new("api", &self.bin);
-        spec.env = self.env.clone();
-        spec.env.push(("OMNI_API_LISTEN_FD".into(), LISTEN_FD.to_string().into()));
+        let mut settings = self.settings.clone();
+        settings.listen = Listen::InheritedFd(LISTEN_FD);
+        // Only the contract's values reach the worker, never a stray one
+        // inherited from the gateway's own environment.
+        spec.env_remove = worker_settings::vars::ALL.iter().map(Into::into).collect();
+        spec.env = settings.to_env().into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         spec.pass_fd = Some((OwnedFd::from(listener), LISTEN_FD));
         spec.death_signal = Signal::SIGKILL;
         let child = child::spawn(spec).await.with_context(|| format!("could not start {}", self.bin.display()))?;
@@ -120,19 +128,9 @@ impl Policy for WorkerPolicy {
 
 /// `GET /api/v1/health` over a fresh connection; `Ok` on a 200.
 async fn health(addr: SocketAddr) -> Result<()> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: omni-gateway\r\n\r\n").await?;
-    let mut head = [0u8; 16];
-    let mut read = 0;
-    while read < 12 {
-        let n = stream.read(&mut head[read..]).await?;
-        if n == 0 {
-            bail!("connection closed before a status line");
-        }
-        read += n;
-    }
-    match &head[9..12] {
-        b"200" => Ok(()),
-        code => bail!("health answered {}", String::from_utf8_lossy(code)),
+    let answer = probe::get(addr, "/api/v1/health", HEALTH_TIMEOUT).await?;
+    match answer.status {
+        200 => Ok(()),
+        code => bail!("health answered {code}: {}", answer.text()),
     }
 }

@@ -1,8 +1,9 @@
 //! Backups (SPEC §6): `pg_dump` files in one directory, and restoring them.
 //!
 //! This module is the one code path for every way a backup is made or used:
-//! the HTTP API ([`http`]), the schedule ([`schedule`]) and the operator CLI
-//! (`omni-gateway backup …`, which links this crate). Its invariants:
+//! the worker's HTTP API (`omni-api`'s `backup_routes`), the schedule
+//! ([`schedule`]) and the operator CLI (`omni-gateway backup …`); both binaries
+//! link this crate. Its invariants:
 //!
 //! * a client-given name is checked by [`name::is_valid`] before any file is
 //!   touched, and a directory entry is used only if it is a regular file, not a
@@ -19,7 +20,6 @@
 //!   restore leaves the database as it was and a successful one can be undone;
 //! * passwords reach `pg_dump`/`psql` through `PGPASSWORD`, never argv.
 
-pub mod http;
 pub mod name;
 pub mod schedule;
 
@@ -35,7 +35,7 @@ use std::{
 
 use tokio::{io::AsyncReadExt, process::Command};
 
-use crate::config::Config;
+use crate::worker_settings::WorkerSettings;
 
 /// Name of the lock file that serializes operations, in the backup directory.
 const LOCK_FILE: &str = ".omni_backup.lock";
@@ -90,10 +90,11 @@ impl BackupError {
 pub type Result<T, E = BackupError> = std::result::Result<T, E>;
 
 /// One backup file.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BackupInfo {
     /// `omni_backup_YYYYMMDD_HHMMSS.sql`
-    #[schema(pattern = r"^omni_backup_[0-9]{8}_[0-9]{6}\.sql$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^omni_backup_[0-9]{8}_[0-9]{6}\.sql$"))]
     pub filename: String,
     pub size_bytes: u64,
     /// When the backup was taken (UTC, RFC 3339), from its name.
@@ -101,7 +102,8 @@ pub struct BackupInfo {
 }
 
 /// A backup just written.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Created {
     pub backup_file: String,
     pub size_bytes: u64,
@@ -110,7 +112,8 @@ pub struct Created {
 }
 
 /// A restore that succeeded.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Restored {
     pub success: bool,
     /// The backup now in the database.
@@ -153,8 +156,9 @@ impl Backups {
         Backups { dir, bin_dir, database_url, keep }
     }
 
-    pub fn from_config(config: &Config) -> Backups {
-        Backups::new(config.backup_dir.clone(), config.pg_bin_dir.clone(), config.database_url.clone(), config.backup_keep)
+    /// The worker's backup service, as its settings describe it.
+    pub fn from_settings(settings: &WorkerSettings) -> Backups {
+        Backups::new(settings.backup_dir.clone(), settings.pg_bin_dir.clone(), settings.database_url.clone(), settings.backup_keep)
     }
 
     /// The backup directory, created (mode 0700) if missing, canonical.

@@ -20,24 +20,6 @@ const MAX_NAP: Duration = Duration::from_secs(60);
 /// Wait before retrying after a failed or refused scheduled backup.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// `30m`, `6h`, `1d`, `90s` or a bare number of seconds; `None` if invalid or zero.
-pub fn parse_interval(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => (&text[..i], &text[i..]),
-        None => (text, "s"),
-    };
-    let n: u64 = number.parse().ok()?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    (seconds > 0).then(|| Duration::from_secs(seconds))
-}
-
 /// When the next backup is due, given the newest one.
 pub fn next_due(newest: Option<SystemTime>, every: Duration, now: SystemTime) -> SystemTime {
     match newest {
@@ -88,18 +70,6 @@ pub fn spawn(backups: Arc<Backups>, every: Duration) -> tokio::task::JoinHandle<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_intervals() {
-        assert_eq!(parse_interval("6h"), Some(Duration::from_secs(21_600)));
-        assert_eq!(parse_interval("1d"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_interval("30m"), Some(Duration::from_secs(1800)));
-        assert_eq!(parse_interval("45s"), Some(Duration::from_secs(45)));
-        assert_eq!(parse_interval("45"), Some(Duration::from_secs(45)));
-        for bad in ["", "0s", "h", "6x", "-1h", "1.5h"] {
-            assert_eq!(parse_interval(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn next_backup_counts_from_the_newest() {

@@ -16,7 +16,7 @@ use axum::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::{BackupError, BackupInfo, Backups, Created, Restored};
+use omni_contract::backups::{BackupError, BackupInfo, Backups, Created, Restored};
 use crate::{
     errors::{ApiError, ErrorBody},
     routes::AppState,
@@ -65,7 +65,7 @@ impl From<BackupError> for ApiError {
 }
 
 fn service(state: &AppState) -> Backups {
-    Backups::from_config(&state.config)
+    Backups::from_settings(&state.settings)
 }
 
 /// Runs `work` to completion even if the client goes away.

@@ -1,0 +1,20 @@
+//! `omni-contract`: what `omni-gateway` and `omni-api` must agree on, in one
+//! crate both depend on (the gateway depends on this, not on the worker).
+//!
+//! * [`worker_settings`]: the typed settings the gateway hands the worker
+//!   through its environment, with the one validator both sides run;
+//! * [`backups`]: the backup service, run by the worker's API and schedule
+//!   and by `omni-gateway backup …` alike;
+//! * [`error_body`]: the JSON error shape every HTTP client sees;
+//! * [`logging`], [`interval`], [`paths`], [`redact`], [`sqlite`], [`probe`]:
+//!   small rules that must read the same on both sides.
+
+pub mod backups;
+pub mod error_body;
+pub mod interval;
+pub mod logging;
+pub mod paths;
+pub mod probe;
+pub mod redact;
+pub mod sqlite;
+pub mod worker_settings;

@@ -1,0 +1,70 @@
+//! Log output of both binaries: one line per event on stderr, for people
+//! (`LOG_FORMAT=pretty`, colour only on a terminal) or for machines
+//! (`LOG_FORMAT=json`, one object per line for log shippers).
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl LogFormat {
+    /// `pretty` (or empty) and `json`, in any case; `None` otherwise.
+    pub fn parse(text: &str) -> Option<LogFormat> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "pretty" | "" => Some(LogFormat::Pretty),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Pretty => "pretty",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// `LOG_LEVEL` as a filter: a level (`info`) or a full tracing filter.
+pub fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    EnvFilter::try_new(level)
+}
+
+/// Installs the global subscriber. `level` must have passed [`filter`]
+/// (configuration checks it); a bad one falls back to `info`.
+pub fn init(level: &str, format: LogFormat) {
+    let filter = filter(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Pretty => builder.with_target(false).with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_parse_in_any_case_and_round_trip() {
+        assert_eq!(LogFormat::parse("JSON"), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse(""), Some(LogFormat::Pretty));
+        assert_eq!(LogFormat::parse("xml"), None);
+        for f in [LogFormat::Pretty, LogFormat::Json] {
+            assert_eq!(LogFormat::parse(f.as_str()), Some(f));
+        }
+    }
+
+    #[test]
+    fn levels_and_filters_are_checked() {
+        assert!(filter("debug").is_ok());
+        assert!(filter("info,omni_api=trace").is_ok());
+        assert!(filter("x=[[").is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! A small HTTP/1.1 GET for loopback probes: the gateway's health checks of
+//! the worker, `omni-gateway healthcheck` and `doctor`, and the worker's read
+//! of `/gateway/status`. One client (hyper's), one timeout covering connect,
+//! head and body, and a bounded body, instead of a parser per caller.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+/// Largest body a probe reads; status documents are a few KiB.
+const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The status and body of a probe.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as text, for error messages.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("nothing answers on {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("no answer from {addr} within {} ms", .timeout.as_millis())]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("bad HTTP exchange with {addr}: {detail}")]
+    Http { addr: SocketAddr, detail: String },
+}
+
+/// `GET path` on `addr` over a fresh connection, all within `timeout`.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, ProbeError> {
+    match tokio::time::timeout(timeout, exchange(addr, path)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Timeout { addr, timeout }),
+    }
+}
+
+async fn exchange(addr: SocketAddr, path: &str) -> Result<Answer, ProbeError> {
+    let http = |detail: String| ProbeError::Http { addr, detail };
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ProbeError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| http(e.to_string()))?;
+    let driver = tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::USER_AGENT, concat!("omni-probe/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| http(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| http(e.to_string()))?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), BODY_LIMIT).collect().await.map_err(|e| http(e.to_string()))?.to_bytes();
+    driver.abort();
+    Ok(Answer { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn one_shot_server(reply: &'static [u8]) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            socket.write_all(reply).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn reads_status_and_body() {
+        let addr = one_shot_server(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown").await;
+        let answer = get(addr, "/health", Duration::from_secs(2)).await.unwrap();
+        assert_eq!((answer.status, answer.text().as_str()), (503, "down"));
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let addr = one_shot_server(b"").await;
+        let listener_gone = get(addr, "/", Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(listener_gone, ProbeError::Http { .. } | ProbeError::Timeout { .. }), "{listener_gone}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(matches!(get(addr, "/", Duration::from_secs(1)).await, Err(ProbeError::Connect { .. })));
+    }
+}
