@@ -33,6 +33,22 @@ impl Modify for ApiKeyScheme {
     }
 }
 
+/// Every operation that takes a JSON body also answers 415 (not sent as
+/// `application/json`) and 413 (over the body limit) before its handler runs;
+/// stated here once for all of them.
+pub fn document_body_rejections(document: &mut serde_json::Value) {
+    let error_body = serde_json::json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } });
+    let Some(paths) = document["paths"].as_object_mut() else { return };
+    for operation in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.values_mut()) {
+        if operation.get("requestBody").is_none() {
+            continue;
+        }
+        let responses = &mut operation["responses"];
+        responses["413"] = serde_json::json!({ "description": format!("The body is larger than {} bytes", crate::routes::BODY_LIMIT), "content": error_body });
+        responses["415"] = serde_json::json!({ "description": "The body was not sent as Content-Type: application/json", "content": error_body });
+    }
+}
+
 /// This document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta", responses(
     (status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json"),

@@ -21,8 +21,8 @@ use crate::{
 
 pub const SESSION_HEADER: &str = "x-session-id";
 const MAX_KEY_CHARS: usize = 100;
-/// 64 KiB of UTF-8.
-pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Characters, as JSON Schema's `maxLength` counts them (at most 256 KiB of UTF-8).
+pub const MAX_VALUE_CHARS: usize = 64 * 1024;
 
 /// The caller's session, from the `x-session-id` header.
 pub struct SessionId(Uuid);
@@ -59,8 +59,8 @@ pub struct Preference {
     /// 1–100 characters of `A-Z a-z 0-9 _ . : -`.
     #[schema(min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9_.:-]{1,100}$")]
     pub key: String,
-    /// Any string up to 64 KiB of UTF-8 (no NUL characters).
-    #[schema(max_length = 65536)]
+    /// Any string of at most 65 536 characters, without NUL.
+    #[schema(max_length = 65536, pattern = "^[^\\x00]*$")]
     pub value: String,
 }
 
@@ -81,8 +81,8 @@ fn validate_key(key: &str) -> Result<(), ApiError> {
 }
 
 fn validate_value(value: &str) -> Result<(), ApiError> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(ApiError::bad_request("value_too_long", format!("a preference value is at most {MAX_VALUE_BYTES} bytes")));
+    if value.chars().count() > MAX_VALUE_CHARS {
+        return Err(ApiError::bad_request("value_too_long", format!("a preference value is at most {MAX_VALUE_CHARS} characters")));
     }
     // PostgreSQL text cannot hold NUL; refuse it here instead of failing in the database.
     if value.contains('\0') {
@@ -197,8 +197,8 @@ mod tests {
 
     #[test]
     fn values_are_limited_to_64_kib_without_nul() {
-        assert!(validate_value(&"v".repeat(MAX_VALUE_BYTES)).is_ok());
-        assert!(validate_value(&"v".repeat(MAX_VALUE_BYTES + 1)).is_err());
+        assert!(validate_value(&"é".repeat(MAX_VALUE_CHARS)).is_ok());
+        assert!(validate_value(&"v".repeat(MAX_VALUE_CHARS + 1)).is_err());
         assert!(validate_value("a\0b").is_err());
         assert!(validate_value("tab\tnewline\n\u{1b}[31m").is_ok());
     }

@@ -69,7 +69,9 @@ pub fn app(db: Db, api_key: ApiKey, config: WorkerSettings) -> Router {
         openapi: Arc::new(OnceLock::new()),
     };
     let (router, document) = api_routes(&state).split_for_parts();
-    let document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
+    let mut document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
+    setup::rules::document(&mut document["components"]["schemas"]["StorageSettings"]);
+    openapi::document_body_rejections(&mut document);
     state.openapi.set(document).expect("the router is built once per state");
     router
         .fallback(static_files::fallback)

@@ -18,23 +18,89 @@ use crate::{
     settings,
 };
 
+/// What a field of the onboarding form may hold. The OpenAPI document states
+/// these exact patterns ([`rules::document`]) and the handler checks them with
+/// the same strings, so
+/// what a client reads is what is enforced (the fuzzer's schema checks hold
+/// us to it). They use only explicit character ranges, which JSON Schema's
+/// (ECMA-262) and Rust's regex engines read alike.
+pub mod rules {
+    use std::sync::LazyLock;
+
+    use regex::Regex;
+
+    /// A path: no control characters (Unicode Cc), at least one character
+    /// that is not a space.
+    pub const PATH: &str = r"^[^\x00-\x1f\x7f-\x9f]*[^ \x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$";
+    pub const PATH_MAX_CHARS: usize = 4096;
+    /// Empty (none), or a `postgres://` URL that PostgreSQL's clients parse:
+    /// `postgres[ql]://[user[:password]@]host[:port][/database][?sslmode=…]`,
+    /// with anything outside the plain characters percent-encoded.
+    pub const POSTGRES_URL: &str = concat!(
+        r"^$|^postgres(ql)?://",
+        r"(([A-Za-z0-9._~-]|%[2-7][0-9A-Fa-f])+(:([A-Za-z0-9._~!$&'()*+,;=-]|%[2-7][0-9A-Fa-f])*)?@)?",
+        r"[A-Za-z0-9.-]+",
+        r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?",
+        r"(/([A-Za-z0-9._~-]|%[2-7][0-9A-Fa-f])*)?",
+        r"(\?sslmode=(disable|prefer|require))?$",
+    );
+    /// Empty, or `redis://`/`rediss://` and at least one more character, no spaces or controls.
+    pub const REDIS_URL: &str = r"^$|^rediss?://[^ \x00-\x1f\x7f-\x9f]+$";
+    /// Empty, or database names (letters, digits, `_`, `-`, `*` wildcards; at most 63 each) separated by commas.
+    pub const DATABASE_LIST: &str = r"^ *([A-Za-z0-9_*-]{1,63} *(, *[A-Za-z0-9_*-]{1,63} *)*)?$";
+    /// Up to 256 characters without control characters.
+    pub const PREFIX: &str = r"^[^\x00-\x1f\x7f-\x9f]{0,256}$";
+
+    const ALL: [&str; 5] = [PATH, POSTGRES_URL, REDIS_URL, DATABASE_LIST, PREFIX];
+    static COMPILED: LazyLock<Vec<Regex>> = LazyLock::new(|| ALL.iter().map(|p| Regex::new(p).expect("the rule patterns are valid")).collect());
+
+    /// Whether `text` matches `pattern`, one of the rules above.
+    pub fn is_match(pattern: &str, text: &str) -> bool {
+        let i = ALL.iter().position(|p| *p == pattern).expect("a pattern of this module");
+        COMPILED[i].is_match(text)
+    }
+
+    /// States the rules in the OpenAPI document: each field's pattern, and
+    /// the fields that become required when their feature is enabled.
+    pub fn document(schema: &mut serde_json::Value) {
+        let properties = &mut schema["properties"];
+        for (field, pattern) in [
+            ("data_dir", PATH),
+            ("database_url", POSTGRES_URL),
+            ("replication_url", POSTGRES_URL),
+            ("replication_databases", DATABASE_LIST),
+            ("redis_url", REDIS_URL),
+            ("redis_prefix_key", PREFIX),
+        ] {
+            properties[field]["pattern"] = pattern.into();
+        }
+        let required_when = |flag: &str, field: &str| {
+            serde_json::json!({
+                "if": { "properties": { flag: { "const": true } }, "required": [flag] },
+                "then": { "properties": { field: { "type": "string", "minLength": 1 } }, "required": [field] },
+            })
+        };
+        schema["allOf"] = serde_json::json!([required_when("replication_enabled", "replication_url"), required_when("redis_enabled", "redis_url")]);
+    }
+}
+
 /// Storage settings, as the onboarding form sends them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
-    /// Directory of the embedded PostgreSQL cluster.
-    #[schema(min_length = 1, example = "./data/postgres")]
+    /// Directory of the embedded PostgreSQL cluster: 1–4096 characters, no control characters.
+    #[schema(min_length = 1, max_length = 4096, example = "./data/postgres")]
     pub data_dir: String,
     /// Run the cluster in memory (data is lost at exit).
     #[serde(default)]
     pub memory_mode: bool,
     /// External PostgreSQL to use instead of the embedded one (`postgres://`
-    /// URL); the `DATABASE_URL` environment variable still wins.
+    /// URL, empty for none); the `DATABASE_URL` environment variable still wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
     #[serde(default)]
     pub replication_enabled: bool,
-    /// `postgres://` URL of the server to replicate to; required when replication is enabled.
+    /// `postgres://` URL of the server to replicate to; required (non-empty) when replication is enabled.
     #[serde(default)]
     pub replication_url: Option<String>,
     /// Comma-separated database names to replicate; `*` is a wildcard.
@@ -42,17 +108,33 @@ pub struct StorageSettings {
     pub replication_databases: Option<String>,
     #[serde(default)]
     pub redis_enabled: bool,
-    /// `redis://` or `rediss://` URL; required when Redis is enabled.
+    /// `redis://` or `rediss://` URL; required (non-empty) when Redis is enabled.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// At most 256 characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub redis_prefix_key: Option<String>,
     /// Cache entry lifetime in seconds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json_integer")]
     #[schema(minimum = 0)]
     pub redis_ttl: Option<i64>,
     #[serde(default)]
     pub redis_save_instances: Option<bool>,
+}
+
+/// An optional integer as JSON Schema counts one: `691` and `691.0` alike
+/// (serde's `i64` refuses the second, which the document calls an integer).
+fn json_integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Number>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64).map(|f| f as i64))
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number of seconds"))),
+    }
 }
 
 impl Default for StorageSettings {
@@ -114,48 +196,36 @@ fn invalid(detail: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_setup", detail)
 }
 
-fn has_control_characters(text: &str) -> bool {
-    text.chars().any(char::is_control)
-}
-
-fn validate_postgres_url(field: &str, url: Option<&str>) -> Result<(), ApiError> {
-    let url = url.map(str::trim).filter(|u| !u.is_empty()).ok_or_else(|| invalid(format!("{field} is required when enabled")))?;
-    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
-    if !is_url || has_control_characters(url) || url.parse::<tokio_postgres::Config>().is_err() {
-        return Err(invalid(format!("{field} must be a postgres:// or postgresql:// URL")));
+fn validate_postgres_url(field: &str, url: Option<&str>, required: bool) -> Result<(), ApiError> {
+    match url {
+        None | Some("") if required => Err(invalid(format!("{field} is required when enabled"))),
+        None | Some("") => Ok(()),
+        // The pattern is built so that every URL it admits parses; the
+        // parse stays as the last word of the client library.
+        Some(url) if rules::is_match(rules::POSTGRES_URL, url) && url.parse::<tokio_postgres::Config>().is_ok() => Ok(()),
+        Some(_) => Err(invalid(format!("{field} must be a postgres:// or postgresql:// URL (pattern {})", rules::POSTGRES_URL))),
     }
-    Ok(())
 }
 
 impl StorageSettings {
     fn validate(&self) -> Result<(), ApiError> {
-        let data_dir = self.data_dir.trim();
-        if data_dir.is_empty() || data_dir.len() > 4096 || has_control_characters(data_dir) {
-            return Err(invalid("data_dir must be a non-empty path of at most 4096 characters"));
+        if self.data_dir.chars().count() > rules::PATH_MAX_CHARS || !rules::is_match(rules::PATH, &self.data_dir) {
+            return Err(invalid("data_dir must be a path of 1 to 4096 characters, not only spaces, without control characters"));
         }
-        if self.database_url.as_deref().is_some_and(|url| !url.trim().is_empty()) {
-            validate_postgres_url("database_url", self.database_url.as_deref())?;
+        validate_postgres_url("database_url", self.database_url.as_deref(), false)?;
+        validate_postgres_url("replication_url", self.replication_url.as_deref(), self.replication_enabled)?;
+        if self.replication_databases.as_deref().is_some_and(|d| !rules::is_match(rules::DATABASE_LIST, d)) {
+            return Err(invalid("replication_databases is a comma-separated list of database names (letters, digits, _ - and * wildcards)"));
         }
-        if self.replication_enabled {
-            validate_postgres_url("replication_url", self.replication_url.as_deref())?;
-        }
-        if let Some(databases) = self.replication_databases.as_deref().filter(|d| !d.trim().is_empty()) {
-            let valid_name =
-                |name: &str| !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-*".contains(&b));
-            if !databases.split(',').map(str::trim).all(valid_name) {
-                return Err(invalid("replication_databases is a comma-separated list of database names (letters, digits, _ - and * wildcards)"));
+        match self.redis_url.as_deref() {
+            None | Some("") if self.redis_enabled => return Err(invalid("redis_url is required when Redis is enabled")),
+            Some(url) if !rules::is_match(rules::REDIS_URL, url) => {
+                return Err(invalid("redis_url must be a redis:// or rediss:// URL without spaces"));
             }
+            _ => {}
         }
-        if self.redis_enabled {
-            let url = self.redis_url.as_deref().map(str::trim).unwrap_or("");
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) || url.len() <= "rediss://".len() || has_control_characters(url) {
-                return Err(invalid("redis_url must be a redis:// or rediss:// URL when Redis is enabled"));
-            }
-        }
-        if let Some(prefix) = &self.redis_prefix_key {
-            if prefix.len() > 256 || has_control_characters(prefix) {
-                return Err(invalid("redis_prefix_key is at most 256 characters without control characters"));
-            }
+        if self.redis_prefix_key.as_deref().is_some_and(|p| !rules::is_match(rules::PREFIX, p)) {
+            return Err(invalid("redis_prefix_key is at most 256 characters without control characters"));
         }
         if self.redis_ttl.is_some_and(|ttl| ttl < 0) {
             return Err(invalid("redis_ttl must be zero or a positive number of seconds"));
@@ -163,7 +233,7 @@ impl StorageSettings {
         Ok(())
     }
 
-    /// A copy for display, with passwords in URLs replaced by `***`.
+/// A copy for display, with passwords in URLs replaced by `***`.
     fn masked(&self) -> StorageSettings {
         let mask = |url: &Option<String>| url.as_deref().map(omni_contract::redact::url_password);
         StorageSettings {
@@ -305,6 +375,79 @@ pub async fn api_key(State(state): State<AppState>) -> Result<Json<ApiKeyRespons
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Random URLs assembled from every character the pattern admits in
+    /// each part: each matches the pattern, and each must parse, so the
+    /// documented pattern never admits a URL the handler then refuses.
+    #[test]
+    fn every_url_the_pattern_admits_parses() {
+        use rand::{seq::SliceRandom, Rng};
+        let mut rng = rand::thread_rng();
+        let plain: Vec<char> = ('A'..='Z').chain('a'..='z').chain('0'..='9').chain("._~-".chars()).collect();
+        let password_extra: Vec<char> = "!$&'()*+,;=".chars().collect();
+        let mut part = |chars: &[char], extra: &[char], max: usize, rng: &mut rand::rngs::ThreadRng| -> String {
+            let n = rng.gen_range(1..=max);
+            (0..n)
+                .map(|_| match rng.gen_range(0..10) {
+                    0 => format!("%{}{:X}", rng.gen_range(2..=7), rng.gen_range(0..16)),
+                    1 if !extra.is_empty() => extra.choose(rng).unwrap().to_string(),
+                    _ => chars.choose(rng).unwrap().to_string(),
+                })
+                .collect()
+        };
+        let host_chars: Vec<char> = ('a'..='z').chain('0'..='9').chain(".-".chars()).collect();
+        for _ in 0..5000 {
+            let mut url = String::from(if rng.gen() { "postgres://" } else { "postgresql://" });
+            if rng.gen() {
+                url += &part(&plain, &[], 8, &mut rng);
+                if rng.gen() {
+                    url.push(':');
+                    url += &part(&plain, &password_extra, 12, &mut rng);
+                }
+                url.push('@');
+            }
+            url += &part(&host_chars, &[], 10, &mut rng).replace('%', "");
+            if rng.gen() {
+                url += &format!(":{}", rng.gen_range(1..=65535u32));
+            }
+            if rng.gen() {
+                url.push('/');
+                url += &part(&plain, &[], 8, &mut rng);
+            }
+            if rng.gen() {
+                url += ["?sslmode=disable", "?sslmode=prefer", "?sslmode=require"].choose(&mut rng).unwrap();
+            }
+            assert!(rules::is_match(rules::POSTGRES_URL, &url), "generated outside the pattern: {url}");
+            assert!(url.parse::<tokio_postgres::Config>().is_ok(), "admitted by the pattern but does not parse: {url}");
+        }
+    }
+
+    #[test]
+    fn an_integral_float_is_an_integer() {
+        let parse = |ttl: &str| serde_json::from_str::<StorageSettings>(&format!(r#"{{"data_dir": "x", "redis_ttl": {ttl}}}"#));
+        assert_eq!(parse("691.0").unwrap().redis_ttl, Some(691));
+        assert_eq!(parse("691").unwrap().redis_ttl, Some(691));
+        assert_eq!(parse("null").unwrap().redis_ttl, None);
+        assert!(parse("1.5").is_err());
+        assert!(parse("\"3\"").is_err());
+    }
+
+    #[test]
+    fn the_rules_refuse_what_they_should() {
+        for url in ["mysql://x", "postgres://", "postgres://h:0/db", "postgres://h:65536", "postgres://h/db?foo=bar", " postgres://h/db", "postgres://h/%00"] {
+            assert!(!rules::is_match(rules::POSTGRES_URL, url), "{url}");
+        }
+        for path in ["", " ", "   ", "a\nb", "a\u{85}b"] {
+            assert!(!rules::is_match(rules::PATH, path), "{path:?}");
+        }
+        for path in ["./data/postgres", " x ", "/srv/ö m n i", "\u{2003}"] {
+            assert!(rules::is_match(rules::PATH, path), "{path:?}");
+        }
+        assert!(rules::is_match(rules::DATABASE_LIST, "omni, app_*,x-y"));
+        assert!(!rules::is_match(rules::DATABASE_LIST, "a;b"));
+        assert!(rules::is_match(rules::REDIS_URL, "redis://x"));
+        assert!(!rules::is_match(rules::REDIS_URL, "redis://"));
+    }
 
     fn storage() -> StorageSettings {
         StorageSettings::default()
