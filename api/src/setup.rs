@@ -385,7 +385,7 @@ mod tests {
         let mut rng = rand::thread_rng();
         let plain: Vec<char> = ('A'..='Z').chain('a'..='z').chain('0'..='9').chain("._~-".chars()).collect();
         let password_extra: Vec<char> = "!$&'()*+,;=".chars().collect();
-        let mut part = |chars: &[char], extra: &[char], max: usize, rng: &mut rand::rngs::ThreadRng| -> String {
+        let part = |chars: &[char], extra: &[char], max: usize, rng: &mut rand::rngs::ThreadRng| -> String {
             let n = rng.gen_range(1..=max);
             (0..n)
                 .map(|_| match rng.gen_range(0..10) {
