@@ -3,17 +3,32 @@
 //!
 //! Up: bind the port → find binaries → prepare the cluster → supervise
 //! PostgreSQL → once it is ready, supervise the worker → ready (`READY=1`).
-//! While running: SIGHUP reloads the worker without dropping a request.
-//! Down, on SIGTERM/SIGINT: `STOPPING=1` → stop accepting and drain → stop
-//! the worker → stop PostgreSQL (fast shutdown) → remove what was only for
-//! this run. Every step logs what it is doing.
+//! While running: SIGHUP retries at once a child in `backoff` or `failed`,
+//! and reloads a running worker without dropping a request.
+//! Down, on SIGTERM/SIGINT: the gateway turns `stopping` (`/health` answers
+//! 503 from this moment) and says `STOPPING=1` → in-flight requests drain →
+//! stop the worker → stop PostgreSQL (fast shutdown) → background tasks are
+//! cancelled and awaited → remove what was only for this run. Every step
+//! logs what it is doing.
+//!
+//! One shutdown mechanism: every task the gateway starts (HTTP connections
+//! and tunnels, supervisors and the instances they retire, the systemd
+//! reporter and watchdog, the orphan reaper, the dev watcher) runs on one
+//! [`TaskTracker`] and is told to stop through a [`CancellationToken`] —
+//! the HTTP server by its own token, since it drains first; supervisors by a
+//! command, since they stop in order. Nothing is left running when [`run`]
+//! returns.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Database};
 use crate::http::{self, Surface};
@@ -21,10 +36,14 @@ use crate::metrics::Metrics;
 use crate::postgres::{binaries, cluster, PostgresPolicy};
 use crate::proxy::Proxy;
 use crate::sd_notify::{self, Notifier};
-use crate::status::Board;
+use crate::status::{Board, State};
 use crate::upstream::Upstreams;
 use crate::worker::{self, WorkerPolicy};
 use crate::{child, dev, supervisor};
+
+/// Once the children are down, how long the remaining tasks may take to
+/// notice their cancellation before the gateway exits anyway.
+const TASKS_GRACE: Duration = Duration::from_secs(10);
 
 struct Signals {
     term: Signal,
@@ -57,9 +76,15 @@ impl Signals {
 
 /// What must be stopped, in reverse start order.
 struct Running {
+    board: Board,
     handles: Vec<supervisor::Handle>,
-    stop_http: tokio::sync::watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
+    /// Begins the HTTP drain; `server` ends once it is over.
+    stop_http: CancellationToken,
+    server: JoinHandle<()>,
+    /// Cancelled once the children are down: reporter, watchdog, reaper, dev watcher.
+    stop_background: CancellationToken,
+    /// Every task above; awaited before `run` returns.
+    tasks: TaskTracker,
     cluster: Option<Arc<cluster::Cluster>>,
     notifier: Arc<Notifier>,
 }
@@ -88,21 +113,50 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::Embedded(_) => &["postgres", "api"],
         Database::External { .. } => &["api"],
     };
+    let database = match &config.database {
+        Database::External { url } => Some(Arc::new(crate::external::ExternalDatabase::new(url)?)),
+        Database::Embedded(_) => None,
+    };
     let board = Board::new(components);
-    sd_notify::spawn_reporter(notifier.clone(), board.clone());
+    let tasks = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    sd_notify::spawn_reporter(notifier.clone(), board.clone(), &tasks, stop_background.clone());
     let upstreams = Upstreams::default();
-    let (stop_http, stop_http_rx) = tokio::sync::watch::channel(false);
     let surface = Arc::new(Surface {
         board: board.clone(),
-        proxy: Proxy { upstreams: upstreams.clone(), limits: config.http, metrics: Arc::new(Metrics::default()) },
-        database: match &config.database {
-            Database::External { url } => Some(Arc::new(crate::external::ExternalDatabase::new(url)?)),
-            Database::Embedded(_) => None,
+        proxy: Proxy {
+            upstreams: upstreams.clone(),
+            limits: config.http,
+            metrics: Arc::new(Metrics::default()),
+            tunnels: TaskTracker::new(),
+            close_tunnels: CancellationToken::new(),
         },
+        database,
     });
-    let server = tokio::spawn(http::serve(listener, surface, stop_http_rx, config.http));
-    let mut running = Running { handles: Vec::new(), stop_http, server, cluster: None, notifier: notifier.clone() };
+    let stop_http = CancellationToken::new();
+    let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http));
+    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier };
 
+    // From here on every way out goes through the same orderly stop.
+    let outcome = supervise(&config, &mut running, &mut signals, worker_bin, upstreams, addr, started).await;
+    if let Err(e) = &outcome {
+        tracing::error!("{e:#}");
+    }
+    shutdown(running).await;
+    Ok(if outcome.is_ok() { 0 } else { 1 })
+}
+
+/// Starts the children in order and serves until a stop signal.
+async fn supervise(
+    config: &Config,
+    running: &mut Running,
+    signals: &mut Signals,
+    worker_bin: PathBuf,
+    upstreams: Upstreams,
+    addr: SocketAddr,
+    started: Instant,
+) -> Result<()> {
+    let board = running.board.clone();
     // PostgreSQL (embedded) or the external URL.
     let (database_url, pg_bin_dir) = match &config.database {
         Database::Embedded(embedded) => {
@@ -112,36 +166,35 @@ pub async fn run(config: Config) -> Result<i32> {
             tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
             let cluster = Arc::new(cluster::prepare(embedded, bins).await?);
             running.cluster = Some(cluster.clone());
-            child::start_reaper();
+            child::start_reaper(&running.tasks, running.stop_background.clone());
             let pg_started = Instant::now();
-            running.handles.push(supervisor::spawn(PostgresPolicy::new(cluster.clone(), config.restart), config.restart, board.clone()));
-            tokio::select! {
-                r = board.wait_ready("postgres") => match r {
-                    Ok(()) => tracing::info!("PostgreSQL ready in {} ms", pg_started.elapsed().as_millis()),
-                    Err(state) => tracing::error!("PostgreSQL is {state}; the gateway keeps running so /gateway/status shows why"),
-                },
-                event = signals.next() => if let Event::Stop(name) = event {
-                    tracing::info!("{name} received while starting: stopping");
-                    return shutdown(running).await;
-                },
+            let policy = PostgresPolicy::new(cluster.clone(), config.restart);
+            running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None));
+            // The worker applies migrations at start, so it waits for PostgreSQL;
+            // meanwhile the gateway serves /gateway/status, which says why it waits.
+            if !wait_first_ready(&board, "postgres", signals, running).await {
+                return Ok(());
             }
+            tracing::info!("PostgreSQL ready in {} ms", pg_started.elapsed().as_millis());
             (cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()))
         }
         Database::External { url } => {
-            child::start_reaper();
+            child::start_reaper(&running.tasks, running.stop_background.clone());
             tracing::info!("using the external PostgreSQL of DATABASE_URL; no embedded cluster");
             let bins = tokio::task::spawn_blocking(|| binaries::find(None).ok()).await?;
             (url.clone(), bins.map(|b| b.dir))
         }
     };
 
-    // The worker, once its database is there.
+    // The worker, once its database is there. Its failures while PostgreSQL
+    // was down are not its own: it is retried as soon as PostgreSQL is back.
     let mut settings = config.worker_settings(&database_url);
     settings.pg_bin_dir = pg_bin_dir;
     let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout);
-    let api = supervisor::spawn(policy, config.restart, board.clone());
+    let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
+    let api = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
     if config.dev {
-        dev::watch_worker_binary(&worker_bin, api.commands());
+        dev::watch_worker_binary(&worker_bin, api.commands(), &running.tasks, running.stop_background.clone());
     }
     running.handles.push(api);
 
@@ -151,45 +204,85 @@ pub async fn run(config: Config) -> Result<i32> {
         if !announced && board.all_ready() {
             announced = true;
             tracing::info!("ready in {} ms: http://{addr}", started.elapsed().as_millis());
-            notifier.notify("READY=1");
+            running.notifier.notify("READY=1");
         }
         tokio::select! {
             event = signals.next() => match event {
                 Event::Stop(name) => {
                     tracing::info!("{name} received: stopping");
-                    break;
+                    return Ok(());
                 }
-                Event::Reload => {
-                    tracing::info!("SIGHUP received: reloading the API worker");
-                    if let Some(api) = running.handles.iter().find(|h| h.name == "api") {
-                        api.reload().await;
-                    }
-                }
+                Event::Reload => on_sighup(running).await,
             },
             changed = ready_rx.changed(), if !announced => {
                 if changed.is_err() {
-                    break;
+                    return Ok(());
                 }
             }
         }
     }
-    shutdown(running).await
+}
+
+/// Waits until `name` is ready for the first time, acting on signals
+/// meanwhile; false when a stop came first.
+async fn wait_first_ready(board: &Board, name: &str, signals: &mut Signals, running: &Running) -> bool {
+    let mut rx = board.subscribe();
+    loop {
+        if board.state(name) == Some(State::Ready) {
+            return true;
+        }
+        tokio::select! {
+            _ = rx.changed() => {}
+            event = signals.next() => match event {
+                Event::Stop(sig) => {
+                    tracing::info!("{sig} received while starting: stopping");
+                    return false;
+                }
+                Event::Reload => on_sighup(running).await,
+            },
+        }
+    }
+}
+
+/// SIGHUP: a child that is down (`backoff`, `failed`) is retried at once;
+/// a running worker is reloaded without dropping a request.
+async fn on_sighup(running: &Running) {
+    for handle in &running.handles {
+        match running.board.state(handle.name) {
+            Some(State::Backoff | State::Failed) => {
+                tracing::info!("SIGHUP received: retrying {} now", handle.name);
+                handle.restart().await;
+            }
+            _ if handle.name == "api" => {
+                tracing::info!("SIGHUP received: reloading the API worker");
+                handle.reload().await;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Stops in reverse start order and cleans up.
-async fn shutdown(running: Running) -> Result<i32> {
+async fn shutdown(running: Running) {
+    // A load balancer must see the 503 before connections start to close.
+    running.board.set_stopping();
     running.notifier.notify("STOPPING=1");
-    let _ = running.stop_http.send(true);
+    tracing::info!("stopping: /health answers 503; draining in-flight requests");
+    running.stop_http.cancel();
     let _ = running.server.await;
     for handle in running.handles.into_iter().rev() {
         tracing::info!("stopping {}", handle.name);
         handle.stop().await;
     }
+    running.stop_background.cancel();
+    running.tasks.close();
+    if tokio::time::timeout(TASKS_GRACE, running.tasks.wait()).await.is_err() {
+        tracing::warn!("{} background tasks still running {} s after the stop; exiting anyway", running.tasks.len(), TASKS_GRACE.as_secs());
+    }
     if let Some(c) = running.cluster {
         c.cleanup();
     }
     tracing::info!("stopped");
-    Ok(0)
 }
 
 /// Logs the same warning as `GET /api/v1/migration/status` when an old SQLite database is around.

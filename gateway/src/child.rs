@@ -268,7 +268,7 @@ pub fn signal_group(pid: u32, sig: Signal) {
 /// their owners (tokio's process driver), which is why only untracked pids are
 /// reaped, found through `/proc` on each SIGCHLD.
 #[cfg(target_os = "linux")]
-pub fn start_reaper() {
+pub fn start_reaper(tasks: &tokio_util::task::TaskTracker, stop: tokio_util::sync::CancellationToken) {
     let me = std::process::id();
     if me != 1 {
         // SAFETY: plain integer prctl.
@@ -282,15 +282,15 @@ pub fn start_reaper() {
         tracing::warn!("could not watch SIGCHLD; orphaned processes will not be reaped");
         return;
     };
-    tokio::spawn(async move {
-        while sigchld.recv().await.is_some() {
+    tasks.spawn(async move {
+        while stop.run_until_cancelled(sigchld.recv()).await.flatten().is_some() {
             reap_orphans(me);
         }
     });
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn start_reaper() {}
+pub fn start_reaper(_tasks: &tokio_util::task::TaskTracker, _stop: tokio_util::sync::CancellationToken) {}
 
 #[cfg(target_os = "linux")]
 fn reap_orphans(me: u32) {

@@ -54,9 +54,9 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_BACKUP_INTERVAL", default: "", help: "scheduled backups, e.g. 6h or 1d; empty = off" },
     Var { name: "OMNI_BACKUP_KEEP", default: "7", help: "how many backups scheduled retention keeps" },
     Var { name: "OMNI_RESTART_BACKOFF_MS", default: "100", help: "first restart delay of a crashed child; doubles per consecutive crash" },
-    Var { name: "OMNI_RESTART_BACKOFF_MAX_MS", default: "30000", help: "longest restart delay" },
-    Var { name: "OMNI_CRASH_LOOP_LIMIT", default: "6", help: "consecutive quick crashes after which a child is left in the failed state" },
-    Var { name: "OMNI_STABLE_AFTER_S", default: "30", help: "a child up this long is stable: its crash counter resets" },
+    Var { name: "OMNI_RESTART_BACKOFF_MAX_MS", default: "30000", help: "longest restart delay (at most 1 hour); a failing child is retried forever, at least this often" },
+    Var { name: "OMNI_CRASH_LOOP_LIMIT", default: "6", help: "consecutive quick crashes after which a child is flagged crash-looping (error in the log, /metrics gauge); retries go on" },
+    Var { name: "OMNI_STABLE_AFTER_S", default: "30", help: "a child ready this long is stable: its crash counter and restart delay start over" },
     Var { name: "OMNI_STOP_TIMEOUT_S", default: "20", help: "how long a child may take to stop before it is killed" },
     Var { name: "OMNI_UPSTREAM_WAIT_MS", default: "10000", help: "how long a request waits for a restarting worker before 503" },
     Var { name: "OMNI_UPSTREAM_TIMEOUT_S", default: "300", help: "longest wait for the worker's response headers before 504" },
@@ -210,12 +210,20 @@ pub struct EmbeddedConfig {
     pub run_as: String,
 }
 
-/// How the supervisor treats crashing children.
+/// The longest `OMNI_RESTART_BACKOFF_MAX_MS` may be.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(3600);
+
+/// How the supervisor treats crashing children: retried forever, with
+/// these delays (see `supervisor::decide`).
 #[derive(Debug, Clone, Copy)]
 pub struct RestartPolicy {
+    /// Delay before the first restart; doubles with each failure in a row.
     pub backoff_initial: Duration,
+    /// The cap on that delay: a failing child is retried at least this often.
     pub backoff_max: Duration,
+    /// Quick failures in a row that flag a child as crash-looping (retries go on).
     pub crash_loop_limit: u32,
+    /// A run ready this long is stable: the failure count starts over.
     pub stable_after: Duration,
     pub stop_timeout: Duration,
 }
@@ -373,6 +381,18 @@ impl Config {
         if restart.crash_loop_limit == 0 {
             return Err(p.invalid("OMNI_CRASH_LOOP_LIMIT", "must be at least 1"));
         }
+        // A zero delay would restart a crashing child in a busy loop.
+        if restart.backoff_initial.is_zero() {
+            return Err(p.invalid("OMNI_RESTART_BACKOFF_MS", "must be at least 1 ms"));
+        }
+        if restart.backoff_max < restart.backoff_initial {
+            return Err(p.invalid("OMNI_RESTART_BACKOFF_MAX_MS", "must be at least OMNI_RESTART_BACKOFF_MS"));
+        }
+        // The cap is the only limit on retries; a cap of days would be a
+        // child left down by a setting.
+        if restart.backoff_max > MAX_RESTART_DELAY {
+            return Err(p.invalid("OMNI_RESTART_BACKOFF_MAX_MS", "must be at most 3600000 (1 hour): a failing child is always retried"));
+        }
         let http = HttpLimits {
             upstream_wait: p.millis("OMNI_UPSTREAM_WAIT_MS")?,
             upstream_timeout: p.seconds("OMNI_UPSTREAM_TIMEOUT_S")?,
@@ -529,6 +549,10 @@ mod tests {
             ("LOG_LEVEL", "x=[["),
             ("OMNI_API_DB_POOL_SIZE", "0"),
             ("OMNI_BACKUP_KEEP", "-1"),
+            ("OMNI_RESTART_BACKOFF_MS", "0"),
+            ("OMNI_RESTART_BACKOFF_MAX_MS", "50"),
+            ("OMNI_RESTART_BACKOFF_MAX_MS", "86400000"),
+            ("OMNI_CRASH_LOOP_LIMIT", "0"),
         ] {
             let err = parse(&[(var, value)]).unwrap_err().to_string();
             assert!(err.starts_with(var), "{var}: {err}");

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::supervisor::Command;
 
 /// Watches `bin` (through its directory, since builds replace the file) and
-/// sends `Reload` once writes to it have settled.
-pub fn watch_worker_binary(bin: &Path, commands: mpsc::Sender<Command>) {
+/// sends `Reload` once writes to it have settled, until `stop`.
+pub fn watch_worker_binary(bin: &Path, commands: mpsc::Sender<Command>, tasks: &TaskTracker, stop: CancellationToken) {
     let bin: PathBuf = bin.to_path_buf();
     let Some(dir) = bin.parent().map(Path::to_path_buf) else { return };
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -37,15 +39,21 @@ pub fn watch_worker_binary(bin: &Path, commands: mpsc::Sender<Command>) {
         return;
     }
     tracing::info!("dev mode: the worker restarts when {} changes", bin.display());
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let _watcher = watcher;
-        while rx.recv().await.is_some() {
-            // A build writes the file in several steps; wait for quiet.
-            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {}
-            tracing::info!("dev mode: worker binary changed; reloading");
-            if commands.send(Command::Reload).await.is_err() {
-                return;
+        let changes = async {
+            while rx.recv().await.is_some() {
+                // A build writes the file in several steps; wait for quiet.
+                while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {}
+                tracing::info!("dev mode: worker binary changed; reloading");
+                if commands.send(Command::Reload).await.is_err() {
+                    return;
+                }
             }
+        };
+        tokio::select! {
+            _ = changes => {}
+            _ = stop.cancelled() => {}
         }
     });
 }

@@ -3,7 +3,9 @@
 //!
 //! The listener is bound before anything slow happens, so a taken port is
 //! reported at once and `/health` answers 503 with component states while
-//! PostgreSQL and the worker are still starting.
+//! PostgreSQL and the worker are still starting. At stop it stays bound
+//! through the drain, so `/health` answers 503 (not "connection refused")
+//! while in-flight requests finish.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,13 +17,15 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::HttpLimits;
 use crate::external::ExternalDatabase;
 use crate::proxy::Proxy;
-use crate::status::{Board, State};
+use crate::status::{Board, GatewayState, State};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -49,67 +53,116 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Accepts connections until `stop` turns true, then lets in-flight requests
-/// finish for up to `limits.drain_timeout`.
+/// Serves until `stop` is cancelled, then drains: connections already open
+/// finish their in-flight requests (for up to `limits.drain_timeout`) while
+/// the listener stays open so `/health` keeps answering 503 to load
+/// balancers; proxied requests on connections accepted during the drain are
+/// refused with 503. After the drain, whatever is still open (slow requests,
+/// upgraded connections) is closed, and every task is awaited.
 ///
-/// Shutdown is one mechanism: every connection task holds a clone of
-/// `stop` (the broadcast to finish) and of `done_tx` (whose closing, once all
-/// clones are dropped, means "all connections are gone").
-pub async fn serve(listener: TcpListener, surface: Arc<Surface>, mut stop: watch::Receiver<bool>, limits: HttpLimits) {
+/// Shutdown is one mechanism: `stop` says "finish", `close_all` says "now",
+/// and each connection task runs on a [`TaskTracker`] whose `wait` is the
+/// "all done".
+pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: CancellationToken, limits: HttpLimits) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    // Connections accepted before the stop: the drain waits for these.
+    let open = TaskTracker::new();
+    // Connections accepted during the drain: answered at once, never waited for.
+    let late = TaskTracker::new();
+    let close_all = CancellationToken::new();
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
     loop {
-        // At the connection limit, stop accepting until one closes: the
-        // kernel's backlog holds further clients instead of us dropping them.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            _ = stop.changed() => break,
+        let Some((stream, peer, permit)) = (tokio::select! {
+            accepted = accept(&listener, &slots) => accepted,
+            _ = stop.cancelled() => break,
+        }) else {
+            continue;
         };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let svc_surface = surface.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let surface = svc_surface.clone();
-            async move { Ok::<_, Infallible>(route(&surface, peer, req).await) }
-        });
-        let conn = http1.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        let mut conn_stop = stop.clone();
-        let done = done_tx.clone();
-        tokio::spawn(async move {
+        let conn = http1.serve_connection(TokioIo::new(stream), service(&surface, peer, false)).with_upgrades();
+        let (stop, close_all) = (stop.clone(), close_all.clone());
+        open.spawn(async move {
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = conn_stop.changed() => {
+                _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = close_all.cancelled() => {}
+                    }
                 }
             }
             drop(permit);
-            drop(done);
         });
     }
-    drop(listener);
-    drop(done_tx);
-    if tokio::time::timeout(limits.drain_timeout, done_rx.recv()).await.is_err() {
+
+    // The drain. `/health` already answers 503 (the board says stopping).
+    open.close();
+    let mut http1_closing = http1.clone();
+    http1_closing.keep_alive(false);
+    let answer_late = async {
+        loop {
+            let Some((stream, peer, permit)) = accept(&listener, &slots).await else { continue };
+            let conn = http1_closing.serve_connection(TokioIo::new(stream), service(&surface, peer, true));
+            let close_all = close_all.clone();
+            late.spawn(async move {
+                tokio::select! {
+                    _ = conn => {}
+                    _ = close_all.cancelled() => {}
+                }
+                drop(permit);
+            });
+        }
+    };
+    let drained = tokio::select! {
+        _ = open.wait() => true,
+        _ = answer_late => unreachable!("answering during the drain only ends with the drain"),
+        _ = tokio::time::sleep(limits.drain_timeout) => false,
+    };
+    if !drained {
         tracing::warn!("in-flight requests still running after {} s; closing them", limits.drain_timeout.as_secs());
+    }
+    drop(listener);
+    close_all.cancel();
+    surface.proxy.close_tunnels.cancel();
+    surface.proxy.tunnels.close();
+    late.close();
+    open.wait().await;
+    late.wait().await;
+    surface.proxy.tunnels.wait().await;
+}
+
+/// Waits for a connection slot and a client; `None` after an accept error
+/// (out of file descriptors and the like), having paused so as not to spin.
+async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    // At the connection limit, stop accepting until one closes: the
+    // kernel's backlog holds further clients instead of us dropping them.
+    let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
+    match listener.accept().await {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer, permit))
+        }
+        Err(e) => {
+            tracing::warn!("accept failed: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
     }
 }
 
+/// The request handler of one connection; `draining` for those accepted after a stop began.
+fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
+    let surface = surface.clone();
+    hyper::service::service_fn(move |req| {
+        let surface = surface.clone();
+        async move { Ok::<_, Infallible>(route(&surface, peer, req, draining).await) }
+    })
+}
+
 /// Gateway-owned paths are answered here; everything else goes to the worker.
-async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>, draining: bool) -> Response<Body> {
     let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/health" if is_read => health(surface).await,
@@ -119,6 +172,9 @@ async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> R
             .body(full(surface.proxy.metrics.render(&surface.board)))
             .expect("static response parts are valid"),
         "/health" | "/gateway/status" | "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        // A client that connected after the stop began gets a clear answer
+        // instead of a request the drain would have to wait for.
+        _ if draining => error(StatusCode::SERVICE_UNAVAILABLE, "gateway_stopping", "the gateway is stopping; retry in a moment or on another instance"),
         _ => surface.proxy.handle(req, peer).await,
     }
 }
@@ -126,12 +182,15 @@ async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>) -> R
 async fn health(surface: &Surface) -> Response<Body> {
     let board = &surface.board;
     let mut doc = board.to_json();
-    let mut problems: Vec<String> = board
-        .snapshot()
-        .iter()
-        .filter(|(_, c)| c.state != State::Ready)
-        .map(|(n, c)| format!("{n} is {}", c.state))
-        .collect();
+    let snapshot = board.snapshot();
+    let mut problems: Vec<String> = Vec::new();
+    if snapshot.gateway == GatewayState::Stopping {
+        problems.push("the gateway is stopping".into());
+    }
+    problems.extend(snapshot.iter().filter(|(_, c)| c.state != State::Ready).map(|(n, c)| match &c.detail {
+        Some(d) => format!("{n} is {} ({d})", c.state),
+        None => format!("{n} is {}", c.state),
+    }));
     if let Some(db) = &surface.database {
         let (state, detail) = match db.check().await {
             Ok(()) => ("ready", None),

@@ -1,6 +1,7 @@
 //! `/metrics` in the Prometheus text format: proxied requests by status
 //! class, a latency histogram, upstream errors by kind, and each child's
-//! state and restarts (read from the status board at scrape time).
+//! state, restarts, failures in a row and crash-loop flag (read from the
+//! status board at scrape time).
 //!
 //! Plain atomics: recording a request is a few relaxed increments, cheap
 //! enough for the proxy's hot path.
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 
-use crate::status::{Board, State};
+use crate::status::{Board, GatewayState, State};
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 13] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -73,6 +74,19 @@ impl Metrics {
         for (name, c) in snapshot.iter() {
             let _ = writeln!(out, "omni_child_restarts_total{{component=\"{name}\"}} {}", c.restarts);
         }
+        out.push_str("# HELP omni_child_restart_attempts Failed starts or runs in a row without a stable run (0 once stable).\n");
+        out.push_str("# TYPE omni_child_restart_attempts gauge\n");
+        for (name, c) in snapshot.iter() {
+            let _ = writeln!(out, "omni_child_restart_attempts{{component=\"{name}\"}} {}", c.attempts);
+        }
+        out.push_str("# HELP omni_child_crash_looping 1 while a child has failed OMNI_CRASH_LOOP_LIMIT times in a row without a stable run; it is still being retried.\n");
+        out.push_str("# TYPE omni_child_crash_looping gauge\n");
+        for (name, c) in snapshot.iter() {
+            let _ = writeln!(out, "omni_child_crash_looping{{component=\"{name}\"}} {}", u8::from(c.crash_looping));
+        }
+        out.push_str("# HELP omni_gateway_stopping 1 once the gateway has begun to stop (it answers /health with 503).\n");
+        out.push_str("# TYPE omni_gateway_stopping gauge\n");
+        let _ = writeln!(out, "omni_gateway_stopping {}", u8::from(snapshot.gateway == GatewayState::Stopping));
         out.push_str("# HELP omni_child_state 1 for the state each supervised child is in.\n");
         out.push_str("# TYPE omni_child_state gauge\n");
         for (name, c) in snapshot.iter() {
@@ -81,5 +95,26 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_looping_child_shows_in_its_gauge() {
+        let board = Board::new(&["postgres", "api"]);
+        board.update("api", |c| {
+            c.attempts = 6;
+            c.crash_looping = true;
+        });
+        let text = Metrics::default().render(&board);
+        assert!(text.contains("omni_child_crash_looping{component=\"api\"} 1"), "{text}");
+        assert!(text.contains("omni_child_crash_looping{component=\"postgres\"} 0"), "{text}");
+        assert!(text.contains("omni_child_restart_attempts{component=\"api\"} 6"), "{text}");
+        assert!(text.contains("omni_gateway_stopping 0"), "{text}");
+        board.set_stopping();
+        assert!(Metrics::default().render(&board).contains("omni_gateway_stopping 1"));
     }
 }

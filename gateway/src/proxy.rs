@@ -25,6 +25,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::HttpLimits;
 use crate::http::{error, Body};
@@ -41,6 +43,10 @@ pub struct Proxy {
     pub upstreams: Upstreams,
     pub limits: HttpLimits,
     pub metrics: std::sync::Arc<Metrics>,
+    /// Upgraded connections (WebSockets) spliced to the worker; they outlive
+    /// their HTTP exchange, so the HTTP server closes and awaits them at stop.
+    pub tunnels: TaskTracker,
+    pub close_tunnels: CancellationToken,
 }
 
 /// The request body as the retry logic sees it.
@@ -102,7 +108,7 @@ impl Proxy {
                 Err(resp) => return resp,
             };
             match tokio::time::timeout(self.limits.upstream_timeout, upstream.client.request(out)).await {
-                Ok(Ok(resp)) => return client_response(resp, client_upgrade),
+                Ok(Ok(resp)) => return client_response(resp, client_upgrade, &self.tunnels, &self.close_tunnels),
                 Ok(Err(e)) => {
                     let nothing_sent = e.is_connect();
                     // A worker replaced by a reload closes its idle connections
@@ -207,16 +213,23 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Phase 5: the response the client receives.
-fn client_response(mut resp: Response<Incoming>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
+fn client_response(mut resp: Response<Incoming>, client_upgrade: Option<hyper::upgrade::OnUpgrade>, tunnels: &TaskTracker, close_tunnels: &CancellationToken) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((client, upstream)) => {
-                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+            let close = close_tunnels.clone();
+            tunnels.spawn(async move {
+                let splice = async {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                        }
+                        Err(e) => tracing::debug!("upgrade failed: {e}"),
                     }
-                    Err(e) => tracing::debug!("upgrade failed: {e}"),
+                };
+                tokio::select! {
+                    _ = splice => {}
+                    _ = close.cancelled() => {}
                 }
             });
             let (parts, _) = resp.into_parts();

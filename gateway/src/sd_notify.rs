@@ -1,6 +1,7 @@
 //! systemd's notify protocol (`Type=notify`): `READY=1` once the service is
 //! usable, `STATUS=` lines as components change, `WATCHDOG=1` keep-alives at
-//! half of `WATCHDOG_USEC`, and `STOPPING=1` when a stop begins.
+//! half of `WATCHDOG_USEC` while every supervision loop makes progress, and
+//! `STOPPING=1` when a stop begins.
 //!
 //! Messages are datagrams to the Unix socket named by `NOTIFY_SOCKET` (a path,
 //! or `@name` in the abstract namespace). Without that variable every call is
@@ -8,9 +9,13 @@
 //! Children never see these variables (see `child`).
 
 use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::status::Board;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::status::{Board, GatewayState, State};
 
 pub struct Notifier {
     socket: Option<(UnixDatagram, String)>,
@@ -70,31 +75,60 @@ fn send_abstract(_sock: &UnixDatagram, _name: &str, _message: &str) -> std::io::
 
 /// One line summarising the components, for `STATUS=`.
 pub fn status_line(board: &Board) -> String {
-    let parts: Vec<String> = board.snapshot().iter().map(|(n, c)| format!("{n} {}", c.state)).collect();
-    if parts.is_empty() {
-        "starting".into()
-    } else {
-        parts.join(", ")
+    let snapshot = board.snapshot();
+    let parts: Vec<String> = snapshot
+        .iter()
+        .map(|(n, c)| match c.state {
+            State::Backoff => format!("{n} backoff (attempt {}{})", c.attempts, if c.crash_looping { ", crash loop" } else { "" }),
+            State::Ready if c.reloading => format!("{n} ready (reloading)"),
+            state => format!("{n} {state}"),
+        })
+        .collect();
+    let line = if parts.is_empty() { "starting".into() } else { parts.join(", ") };
+    match snapshot.gateway {
+        GatewayState::Stopping => format!("stopping: {line}"),
+        GatewayState::Running => line,
     }
 }
 
-/// Keeps systemd informed: `STATUS=` on every change, `WATCHDOG=1` on the
-/// interval systemd asked for. Runs until the board is dropped.
-pub fn spawn_reporter(notifier: std::sync::Arc<Notifier>, board: Board) {
+/// Keeps systemd informed until `stop`: `STATUS=` on every change, and
+/// `WATCHDOG=1` on the interval systemd asked for, but only while every
+/// supervision loop keeps its heartbeat promise (see `status`). A loop
+/// stuck in an await makes the pings stop, and systemd restarts the
+/// gateway: the watchdog vouches for supervision, not just for a live
+/// runtime.
+pub fn spawn_reporter(notifier: Arc<Notifier>, board: Board, tasks: &TaskTracker, stop: CancellationToken) {
     if !notifier.enabled() {
         return;
     }
     if let Some(every) = Notifier::watchdog_interval() {
-        let n = notifier.clone();
-        tokio::spawn(async move {
+        let (n, board, stop) = (notifier.clone(), board.clone(), stop.clone());
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut withheld = false;
             loop {
-                tick.tick().await;
-                n.notify("WATCHDOG=1");
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let stalled = board.stalled(std::time::Instant::now());
+                if stalled.is_empty() {
+                    if withheld {
+                        tracing::info!("supervision is making progress again; watchdog pings resume");
+                    }
+                    withheld = false;
+                    n.notify("WATCHDOG=1");
+                } else if !withheld {
+                    withheld = true;
+                    tracing::error!(
+                        "supervision of {} made no progress in the time it promised; withholding the systemd watchdog ping so the service manager restarts the gateway",
+                        stalled.join(", ")
+                    );
+                }
             }
         });
     }
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut rx = board.subscribe();
         let mut last = String::new();
         loop {
@@ -103,9 +137,29 @@ pub fn spawn_reporter(notifier: std::sync::Arc<Notifier>, board: Board) {
                 notifier.notify(&format!("STATUS={line}"));
                 last = line;
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_says_why_a_child_is_down_and_when_the_gateway_stops() {
+        let board = Board::new(&["postgres", "api"]);
+        board.transition("postgres", State::Ready, None);
+        board.update("api", |c| {
+            c.attempts = 7;
+            c.crash_looping = true;
+        });
+        board.transition("api", State::Backoff, None);
+        assert_eq!(status_line(&board), "postgres ready, api backoff (attempt 7, crash loop)");
+        board.set_stopping();
+        assert!(status_line(&board).starts_with("stopping: "));
+    }
 }

@@ -21,7 +21,7 @@ use omni_contract::probe;
 use omni_contract::worker_settings::{self, Listen, WorkerSettings};
 
 use crate::child::{self, ChildSpec};
-use crate::supervisor::{CheckTiming, Policy, StopSignals};
+use crate::supervisor::{self, CheckTiming, Policy, StopSignals};
 use crate::upstream::Upstreams;
 
 /// The fd number the worker finds its listening socket on.
@@ -81,7 +81,12 @@ impl Policy for WorkerPolicy {
         spec.env = settings.to_env().into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         spec.pass_fd = Some((OwnedFd::from(listener), LISTEN_FD));
         spec.death_signal = Signal::SIGKILL;
-        let child = child::spawn(spec).await.with_context(|| format!("could not start {}", self.bin.display()))?;
+        let child = child::spawn(spec).await.map_err(|e| {
+            // A binary that is missing or not executable stays so until someone acts: no retry can fix it.
+            let unfixable = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
+            let e = anyhow::Error::new(e).context(format!("could not start {}", self.bin.display()));
+            if unfixable { supervisor::permanent(e) } else { e }
+        })?;
         tracing::info!("started API worker (pid {}) on {addr}", child.id().unwrap_or(0));
         self.candidate = Some(addr);
         Ok(child)

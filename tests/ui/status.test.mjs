@@ -3,6 +3,8 @@
 // the worker shows its restart count go up without a reload.
 
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack } from './harness.mjs';
 
@@ -71,6 +73,35 @@ test('killing the worker shows its restart count go up without a reload', async 
     t.diagnostic(`status updates came by: ${await page.locator('#live-mode').innerText()}`);
     assert.equal(await localStorageLength(page), 0);
   } finally {
+    await context.close();
+  }
+});
+
+test('a PostgreSQL that keeps failing shows backoff, the next retry and the crash-loop flag, then recovers', async () => {
+  const conf = path.join(stack.cwd, 'data', 'postgres', 'postgresql.conf');
+  const good = fs.readFileSync(conf, 'utf8');
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await signIn(page);
+    await page.goto('/status');
+    const card = page.locator('[data-component="postgres"]');
+    await card.locator('[data-field="state"]').filter({ hasText: 'ready' }).waitFor();
+    // A setting PostgreSQL rejects at every start, then a crash.
+    fs.writeFileSync(conf, `${good}\nshared_buffers = 'not a size'\n`);
+    const postgres = (await gatewayStatus()).components.find((c) => c.name === 'postgres');
+    process.kill(postgres.pid, 'SIGKILL');
+
+    // Six quick failures (about 6 s of growing delays) flag a crash loop; retries go on.
+    await card.locator('[data-field="crash-looping"]').waitFor({ timeout: 30000 });
+    await card.locator('[data-field="state"]').filter({ hasText: 'backoff' }).waitFor({ timeout: 30000 });
+    assert.match(await card.locator('[data-field="next-retry"]').innerText(), /^in \d+(\.\d)? s$/);
+    assert.ok(Number(await card.locator('[data-field="attempts"]').innerText()) >= 6);
+    await screenshots(page, 'status-crash-loop');
+
+    fs.writeFileSync(conf, good);
+    await card.locator('[data-field="state"]').filter({ hasText: 'ready' }).waitFor({ timeout: 30000 });
+  } finally {
+    fs.writeFileSync(conf, good);
     await context.close();
   }
 });

@@ -7,13 +7,21 @@
 //! fd in `OMNI_API_LISTEN_FD`; `GET /api/v1/health` answers 200 (503 when
 //! `FAKE_UNHEALTHY` is set).
 //!
+//! Misbehaviour on demand, for supervision tests (each variable names a file):
+//! `FAKE_REQUIRE_FILE`: exit 1 at start unless the file exists;
+//! `FAKE_NEVER_READY_IF_FILE`: if the file exists at start, health answers
+//! 503 for this instance's whole life; `FAKE_EVENTS`: append a line per start
+//! (`start <pid> <unix ms>`) and per `/slow` request (`slow <pid> <unix ms>`).
+//!
 //! Routes: `POST /upload` → `{"bytes": N}` after reading the body;
 //! `GET /download?bytes=N` → N bytes streamed in 64 KiB chunks;
 //! `GET /echo` → the received method, path and headers as JSON;
 //! `GET /slow?ms=N` → 200 after N ms; upgrade `echo` → 101, then echoes bytes.
 
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,8 +41,24 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// Set at start from `FAKE_NEVER_READY_IF_FILE`.
+static NEVER_READY: AtomicBool = AtomicBool::new(false);
+
+/// Appends `what <pid> <unix ms>` to the `FAKE_EVENTS` file, if set.
+fn record(what: &str) {
+    let Some(path) = std::env::var_os("FAKE_EVENTS") else { return };
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let line = format!("{what} {} {ms}\n", std::process::id());
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open FAKE_EVENTS");
+    file.write_all(line.as_bytes()).expect("write FAKE_EVENTS");
+}
+
+fn file_named_by(var: &str) -> Option<bool> {
+    std::env::var_os(var).map(|p| std::path::Path::new(&p).exists())
+}
+
 async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some();
+    let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some() || NEVER_READY.load(Ordering::Relaxed);
     let resp = match req.uri().path() {
         "/api/v1/health" if unhealthy => Response::builder().status(503).body(full("{}")).unwrap(),
         "/api/v1/health" => Response::new(full(r#"{"status":"ok"}"#)),
@@ -65,6 +89,7 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
             Response::new(full(doc.to_string()))
         }
         "/slow" => {
+            record("slow");
             tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(100))).await;
             Response::new(full("slow done"))
         }
@@ -117,6 +142,12 @@ impl hyper::body::Body for ChannelBody {
 }
 
 fn main() {
+    record("start");
+    if file_named_by("FAKE_REQUIRE_FILE") == Some(false) {
+        eprintln!("fake-worker: FAKE_REQUIRE_FILE does not exist yet; exiting");
+        std::process::exit(1);
+    }
+    NEVER_READY.store(file_named_by("FAKE_NEVER_READY_IF_FILE") == Some(true), Ordering::Relaxed);
     let fd: i32 = std::env::var("OMNI_API_LISTEN_FD").expect("OMNI_API_LISTEN_FD").parse().expect("fd number");
     // SAFETY: the gateway handed this listening socket over as `fd`.
     let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };

@@ -1,7 +1,8 @@
 //! Chaos soak (`make soak`, issue 7): writers upsert sequence-numbered
-//! preferences through a real gateway while a chaos loop `kill -9`s
-//! PostgreSQL or the API worker at random; at the end every acknowledged
-//! write must be readable through the API.
+//! preferences through a real gateway, running with its **default**
+//! settings, while a chaos loop `kill -9`s PostgreSQL or the API worker at
+//! random; at the end every acknowledged write must be readable through the
+//! API.
 //!
 //! * A write is *acknowledged* only when the gateway answered 200. Anything
 //!   else (an error status, a reset connection) may or may not have landed,
@@ -11,17 +12,22 @@
 //!   end a key must hold at least the highest acknowledged sequence number
 //!   written to it; every acknowledged write above what it holds is *lost*.
 //! * Chaos: every 0.5–2 s, SIGKILL to the pid `/gateway/status` shows for a
-//!   randomly chosen component (PostgreSQL's postmaster or the worker). Only a
-//!   component that has been ready for at least `OMNI_STABLE_AFTER_S` is a
-//!   target, so each kill is a fresh crash for the supervisor rather than part
-//!   of a crash loop (which it rightly answers with growing backoff).
-//! * Recovery: from the kill until `/gateway/status` shows that component
-//!   ready again under a new pid.
+//!   randomly chosen component (PostgreSQL's postmaster or the worker) that
+//!   has one (starting or ready); a round where neither has one (both in
+//!   backoff) kills nothing. With the default `OMNI_STABLE_AFTER_S` (30 s)
+//!   this is a crash loop, and the supervisor answers it with restart delays
+//!   growing to the cap (`OMNI_RESTART_BACKOFF_MAX_MS`, 30 s): the soak
+//!   proves that it never gives up and that the stack comes back.
+//! * Recovery of a kill: from the kill until `/gateway/status` shows that
+//!   component ready again under a new pid. *Back after chaos*: from the end
+//!   of the chaos until `/health` answers 200; it must be within the cap plus
+//!   5 s.
 //!
 //! Runs the gateway from the same `target/<profile>` as this binary, in a
 //! temporary directory, persistent mode (fsync on), free ports; everything is
 //! stopped and removed at the end, also on Ctrl-C. Prints the figures, appends
-//! a row to RELIABILITY.md, and exits 1 on a lost write or a recovery over 3 s.
+//! a row to RELIABILITY.md, and exits 1 on a lost write, a kill that never
+//! recovered, or a stack not back within the cap plus 5 s.
 //!
 //! Settings: `SOAK_SECONDS` (default 60), `SOAK_WRITERS` (default 4),
 //! `SOAK_REPORT` (default: RELIABILITY.md of this repository; empty: none).
@@ -38,12 +44,13 @@ use std::time::{Duration, Instant};
 use omni_tests::{bin_path, free_port, pg_bin_dir, target_profile_dir, wait_until, ChildGuard, Request, TempDir};
 use serde_json::{json, Value};
 
-/// Recoveries slower than this fail the soak (issue 7).
-const RECOVERY_LIMIT: Duration = Duration::from_secs(3);
+/// The gateway's default restart-delay cap (`OMNI_RESTART_BACKOFF_MAX_MS`).
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// After the chaos, the stack must answer `/health` 200 within this: one
+/// capped delay, plus the time to start.
+const BACK_AFTER_CHAOS_LIMIT: Duration = Duration::from_secs(BACKOFF_CAP.as_secs() + 5);
 /// Keys per writer: small enough that most writes are updates of an existing row.
 const KEYS_PER_WRITER: u64 = 16;
-/// A component must have been up this long to be killed again (see module docs).
-const STABLE_AFTER_S: u64 = 1;
 
 /// Set by SIGINT/SIGTERM: finish early, still clean up and report.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -112,7 +119,6 @@ impl Gateway {
             .env("OMNI_PORT", port.to_string())
             .env("PGSERVE_PORT", "0")
             .env("PGSERVE_BIN_DIR", pg_bin_dir())
-            .env("OMNI_STABLE_AFTER_S", STABLE_AFTER_S.to_string())
             .env("LOG_LEVEL", "info")
             .env("NO_COLOR", "1")
             .current_dir(dir.path())
@@ -138,17 +144,21 @@ impl Gateway {
         Gateway { child, port, log, _dir: dir }
     }
 
-    /// `(pid, state, uptime_s)` of `name`, from `/gateway/status`.
-    fn component(&self, name: &str) -> Option<(i32, String, f64)> {
+    /// `(pid, state)` of `name`, from `/gateway/status`; `None` while it has no process.
+    fn component(&self, name: &str) -> Option<(i32, String)> {
         component_at(self.port, name)
+    }
+
+    fn healthy(&self) -> bool {
+        Request::get("/health").try_send(self.port).is_ok_and(|r| r.status == 200)
     }
 }
 
-fn component_at(port: u16, name: &str) -> Option<(i32, String, f64)> {
+fn component_at(port: u16, name: &str) -> Option<(i32, String)> {
     let r = Request::get("/gateway/status").try_send(port).ok()?;
     let status: Value = (r.status == 200).then(|| r.json())?;
     let c = status["components"].as_array()?.iter().find(|c| c["name"] == name)?.clone();
-    Some((c["pid"].as_i64()? as i32, c["state"].as_str()?.to_owned(), c["uptime_s"].as_f64().unwrap_or(0.0)))
+    Some((c["pid"].as_i64()? as i32, c["state"].as_str()?.to_owned()))
 }
 
 fn writer(port: u16, index: usize, stop: Arc<AtomicBool>) -> (String, Acks) {
@@ -188,31 +198,28 @@ fn chaos(gw: &Gateway, stop: &AtomicBool, recoveries: &'static Mutex<Vec<Recover
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let target: &'static str = if rng.next().is_multiple_of(2) { "postgres" } else { "api" };
-        // Wait until the target is a fair target: ready, and up long enough to count as stable.
-        let pid = loop {
-            if stop.load(Ordering::Relaxed) {
-                return monitors;
-            }
-            match gw.component(target) {
-                Some((pid, state, up)) if state == "ready" && up >= STABLE_AFTER_S as f64 => break pid,
-                _ => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
+        let first: &'static str = if rng.next().is_multiple_of(2) { "postgres" } else { "api" };
+        let second = if first == "postgres" { "api" } else { "postgres" };
+        // A component in backoff has no process to kill; try the other one.
+        let victim = [first, second].into_iter().find_map(|name| match gw.component(name) {
+            Some((pid, state)) if state == "ready" || state == "starting" => Some((name, pid)),
+            _ => None,
+        });
+        let Some((target, pid)) = victim else { continue };
         // SAFETY: SIGKILL to a pid the gateway reports as its child right now.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let killed_at = Instant::now();
         kills.fetch_add(1, Ordering::Relaxed);
         monitors.push(std::thread::spawn(move || {
             loop {
-                if let Some((new_pid, state, _)) = component_at(port, target) {
+                if let Some((new_pid, state)) = component_at(port, target) {
                     if state == "ready" && new_pid != pid {
                         recoveries.lock().unwrap().push(Recovery { component: target, took: killed_at.elapsed() });
                         return;
                     }
                 }
-                if killed_at.elapsed() > Duration::from_secs(120) {
-                    recoveries.lock().unwrap().push(Recovery { component: target, took: killed_at.elapsed() });
+                if killed_at.elapsed() > Duration::from_secs(300) {
+                    // Never recovered: the verdict counts kills against recoveries.
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -261,6 +268,12 @@ fn main() -> ExitCode {
         chaos_stop.store(true, Ordering::SeqCst);
         chaos_handle.join().unwrap()
     });
+    // From the end of the chaos until the whole stack answers again.
+    let chaos_ended = Instant::now();
+    while !gw.healthy() && chaos_ended.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let back_after_chaos = chaos_ended.elapsed();
     for m in monitors {
         m.join().unwrap();
     }
@@ -318,6 +331,7 @@ fn main() -> ExitCode {
     println!("recoveries             {}", recs.len());
     println!("slowest recovery       {:.2} s (postgres {:.2} s, api {:.2} s)", slowest.as_secs_f64(), slowest_of("postgres").as_secs_f64(), slowest_of("api").as_secs_f64());
     println!("median recovery        {:.2} s", median.as_secs_f64());
+    println!("back after chaos       {:.2} s (limit {} s: the backoff cap + 5 s)", back_after_chaos.as_secs_f64(), BACK_AFTER_CHAOS_LIMIT.as_secs());
     for e in lost_examples.iter().take(10) {
         println!("LOST: {e}");
     }
@@ -326,8 +340,8 @@ fn main() -> ExitCode {
     if lost > 0 {
         problems.push(format!("{lost} acknowledged writes lost"));
     }
-    if slowest > RECOVERY_LIMIT {
-        problems.push(format!("slowest recovery {:.2} s is over {} s", slowest.as_secs_f64(), RECOVERY_LIMIT.as_secs()));
+    if back_after_chaos > BACK_AFTER_CHAOS_LIMIT {
+        problems.push(format!("/health answered 200 only {:.2} s after the chaos, over {} s", back_after_chaos.as_secs_f64(), BACK_AFTER_CHAOS_LIMIT.as_secs()));
     }
     if recs.len() as u64 != kills {
         problems.push(format!("{kills} kills but {} recoveries", recs.len()));
@@ -346,7 +360,7 @@ fn main() -> ExitCode {
     let verdict = if problems.is_empty() { "pass".to_owned() } else { format!("FAIL: {}", problems.join("; ")) };
 
     let row = format!(
-        "| {} | {:.0} | {writers} | {attempts} | {acknowledged} | {lost} | {availability:.2} % | {kills} ({} pg, {} api) | {} | {:.2} s | {:.2} s | {profile} | {verdict} |",
+        "| {} | {:.0} | {writers} | {attempts} | {acknowledged} | {lost} | {availability:.2} % | {kills} ({} pg, {} api) | {} | {:.2} s | {:.2} s | {:.2} s | {profile} | {verdict} |",
         now_utc(),
         ran_for.as_secs_f64(),
         count("postgres"),
@@ -354,6 +368,7 @@ fn main() -> ExitCode {
         recs.len(),
         slowest.as_secs_f64(),
         median.as_secs_f64(),
+        back_after_chaos.as_secs_f64(),
     );
     append_report(&row);
 
@@ -382,18 +397,19 @@ fn now_utc() -> String {
 
 const REPORT_HEADER: &str = "# Reliability
 
-Figures from the chaos soak (`make soak`, `tests/src/bin/soak.rs`): writers
-upsert sequence-numbered preferences through the gateway while PostgreSQL's
-postmaster or the API worker is `kill -9`ed every 0.5–2 s at random (a
-component is killed again only once it has been ready for 1 s, the soak's
-`OMNI_STABLE_AFTER_S`). A write counts as acknowledged only on a 200. Lost
-writes are acknowledged writes missing at the end (must be 0); availability is
-the share of write attempts answered 200; a recovery runs from the kill until
-`/gateway/status` shows the component ready under a new pid (must be under 3 s).
-Persistent mode, `fsync` on. Each run appends a row.
+Figures from the chaos soak (`make soak`, `tests/src/bin/soak.rs`), with the
+gateway's default settings: writers upsert sequence-numbered preferences
+through the gateway while PostgreSQL's postmaster or the API worker is
+`kill -9`ed every 0.5–2 s at random. A write counts as acknowledged only on a
+200. Lost writes are acknowledged writes missing at the end (must be 0);
+availability is the share of write attempts answered 200; a recovery runs from
+a kill until `/gateway/status` shows the component ready under a new pid;
+*back after chaos* runs from the end of the chaos until `/health` answers 200
+(must be within the 30 s backoff cap + 5 s). Persistent mode, `fsync` on.
+Each run appends a row.
 
-| date | seconds | writers | attempts | acknowledged | lost | availability | kills | recoveries | slowest recovery | median recovery | build | result |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| date | seconds | writers | attempts | acknowledged | lost | availability | kills | recoveries | slowest recovery | median recovery | back after chaos | build | result |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 ";
 
 fn append_report(row: &str) {

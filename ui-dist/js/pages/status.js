@@ -42,22 +42,32 @@ export async function render(main) {
     if (!snapshot) return;
     const elapsed = (performance.now() - receivedAt) / 1000;
     const components = snapshot.components;
-    const healthy = components.length > 0 && components.every((c) => c.state === 'ready');
+    const stopping = snapshot.gateway?.state === 'stopping';
+    const healthy = !stopping && components.length > 0 && components.every((c) => c.state === 'ready');
     const failed = components.some((c) => c.state === 'failed');
     overall.className = `badge badge-${healthy ? 'ok' : failed ? 'error' : 'warn'}`;
-    overall.textContent = healthy ? 'All services ready' : failed ? 'A service has failed' : 'Degraded';
+    overall.textContent = stopping ? 'Gateway stopping' : healthy ? 'All services ready' : failed ? 'A service has failed' : 'Degraded';
     replace(grid, components.map((c) => {
       const uptime = typeof c.uptime_s === 'number' && c.state === 'ready' ? c.uptime_s + elapsed : c.uptime_s;
+      // A child in backoff is retried for ever; say which attempt and when the next one comes.
+      const nextRetry = typeof c.next_retry_s === 'number' ? Math.max(0, c.next_retry_s - elapsed) : null;
       return h('section', { class: 'card', dataset: { component: c.name }, 'aria-labelledby': `component-${c.name}` },
-        h('div', { class: 'component-head' },
+        // Wrapping keeps a long state badge from breaking the name mid-word.
+        h('div', { class: 'component-head', style: 'flex-wrap:wrap' },
           h('h2', { id: `component-${c.name}` }, NAMES[c.name] || c.name),
           h('span', { class: `badge badge-${STATE_KIND[c.state] || 'warn'}`, dataset: { field: 'state' } }, c.state)),
+        c.reloading || c.crash_looping ? h('div', { style: 'display:flex;gap:.4rem;flex-wrap:wrap;margin-bottom:.75rem' },
+          c.reloading ? h('span', { class: 'badge badge-info', dataset: { field: 'reloading' } }, 'reloading') : null,
+          c.crash_looping ? h('span', { class: 'badge badge-error', dataset: { field: 'crash-looping' } }, 'crash loop') : null) : null,
         h('dl', { class: 'kv' },
           h('dt', {}, 'PID'), h('dd', { dataset: { field: 'pid' } }, c.pid ?? '—'),
           h('dt', {}, 'Uptime'), h('dd', { dataset: { field: 'uptime' } }, uptime === null || uptime === undefined ? '—' : formatDuration(uptime)),
           h('dt', {}, 'Restarts'), h('dd', { dataset: { field: 'restarts' } }, String(c.restarts ?? 0)),
+          c.attempts && c.state !== 'ready' ? [h('dt', {}, 'Failures in a row'), h('dd', { dataset: { field: 'attempts' } }, String(c.attempts))] : null,
+          nextRetry === null ? null : [h('dt', {}, 'Next retry'), h('dd', { dataset: { field: 'next-retry' } }, `in ${nextRetry.toFixed(nextRetry < 10 ? 1 : 0)} s`)],
           h('dt', {}, 'Last exit'), h('dd', { dataset: { field: 'last-exit' } }, c.last_exit || '—'),
-          c.detail ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null));
+          // In backoff the fields above say it all, and keep counting down.
+          c.detail && c.state !== 'backoff' ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null));
     }));
   }
 
