@@ -68,11 +68,15 @@ async fn relay(mut socket: WebSocket, gateway: String) {
     }
 }
 
-/// The fields whose change is news (uptime changes every poll and is not).
+/// The fields whose change is news (uptime and the retry countdown change
+/// every poll and are not).
 fn change_key(doc: &serde_json::Value) -> String {
-    let mut key = String::new();
+    let mut key = format!("{};", doc["gateway"]["state"]);
     for c in doc["components"].as_array().into_iter().flatten() {
-        key.push_str(&format!("{}|{}|{}|{}|{};", c["name"], c["state"], c["pid"], c["restarts"], c["last_exit"]));
+        key.push_str(&format!(
+            "{}|{}|{}|{}|{}|{}|{}|{};",
+            c["name"], c["state"], c["pid"], c["restarts"], c["last_exit"], c["attempts"], c["crash_looping"], c["reloading"]
+        ));
     }
     key
 }
