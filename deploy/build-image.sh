@@ -43,6 +43,10 @@ if [ -z "$cli" ]; then
   exit 1
 fi
 
+if ! docker version >/dev/null 2>&1; then
+  echo "no Docker daemon answers${DOCKER_HOST:+ at DOCKER_HOST=$DOCKER_HOST}: start it (systemctl start docker) or point DOCKER_HOST at one" >&2
+  exit 1
+fi
 sh deploy/base-image.sh
 
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/omni-image.XXXXXX")

@@ -142,6 +142,21 @@ fn a_bind_mounted_directory_of_another_uid_is_made_usable_on_first_start() {
 }
 
 #[test]
+fn a_bind_mounted_directory_postgres_cannot_traverse_is_refused_with_the_fix() {
+    // Mode 700 of another uid: root in the container may enter, PostgreSQL's
+    // account may not. Changing the modes of the operator's own directory is
+    // not the gateway's call; it stops and says what to run.
+    let host_dir = TempDir::new("docker-bind700");
+    std::os::unix::fs::chown(host_dir.path(), Some(4321), Some(4321)).unwrap();
+    std::fs::set_permissions(host_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let (c, _port) = start_gateway("bind700", &format!("{}:/var/lib/omni", host_dir.path().display()));
+    wait_until(Duration::from_secs(60), "the gateway to stop", || (!c.is_running()).then_some(()));
+    assert_ne!(c.inspect("{{.State.ExitCode}}"), "0");
+    let logs = c.logs();
+    assert!(logs.contains("cannot reach /var/lib/omni/data/postgres") && logs.contains("chmod o+x /var/lib/omni"), "{logs}");
+}
+
+#[test]
 fn doctor_inside_a_healthy_container_describes_it_and_exits_zero() {
     let volume = Volume::new("data");
     let (c, port) = start_gateway("doctor", &format!("{}:/var/lib/omni", volume.name));
