@@ -10,7 +10,8 @@
 //! directory of another uid; a clean stop needs no crash recovery at the next
 //! start; after `kill -9` acknowledged data is there; `doctor` passes inside
 //! a healthy container; a second `omni-gateway run` inside it refuses and
-//! leaves the live `postmaster.pid` alone; nothing that serves runs as root.
+//! leaves the live `postmaster.pid` alone, while a PostgreSQL killed inside
+//! it is restarted; nothing that serves runs as root.
 //!
 //! systemd: the shipped unit becomes active with its status text, reloads
 //! under load without a failed request, is restarted after `kill -9`, and
@@ -190,6 +191,28 @@ fn a_second_gateway_run_inside_the_container_refuses_and_leaves_the_live_pid_fil
     assert_eq!(Request::get("/health").send_to(port).status, 200, "the running instance must keep serving");
     assert_eq!(Request::get("/gateway/status").send_to(port).json()["components"][0]["pid"], postgres_before, "its PostgreSQL must not have restarted");
     write_preference(port, "after", "second-run");
+}
+
+#[test]
+fn a_postgres_killed_inside_the_container_is_restarted_without_ptrace_rights() {
+    // The gateway (root without CAP_SYS_PTRACE or CAP_IPC_OWNER) must judge
+    // the dead postmaster's pid file stale and restart it, not refuse.
+    let volume = Volume::new("data");
+    let (c, port) = start_gateway("pgkill", &format!("{}:/var/lib/omni", volume.name));
+    wait_health_200(&c, port, Duration::from_secs(120));
+    write_preference(port, "before", "kill");
+    let postgres = || Request::get("/gateway/status").send_to(port).json()["components"][0].clone();
+    let old = postgres()["pid"].as_i64().expect("postgres pid");
+    c.exec_ok(&["kill", "-9", &old.to_string()]);
+    let restarted = Instant::now();
+    wait_until(Duration::from_secs(60), "PostgreSQL to be restarted and ready", || {
+        let now = postgres();
+        (now["state"] == "ready" && now["pid"].as_i64().is_some_and(|p| p != old)).then_some(())
+    });
+    wait_health_200(&c, port, Duration::from_secs(30));
+    eprintln!("postgres killed in the container: ready again after {:.1} s", restarted.elapsed().as_secs_f64());
+    assert!(!c.logs().contains("may belong to a running PostgreSQL"), "{}", c.logs());
+    assert_eq!(read_preference(port, "before").as_deref(), Some("kill"));
 }
 
 #[test]

@@ -16,7 +16,9 @@
 //! Facts are gathered first ([`Facts::gather`]: `kill(pid, 0)` as `pg_ctl
 //! status` does, `/proc/<pid>/stat`, `cmdline` and `cwd`, and the SysV
 //! shared-memory interlock recorded on the file's 7th line, checked with
-//! `shmctl(IPC_STAT)` as the postmaster itself does), then judged by a pure
+//! `shmctl(IPC_STAT)` as the postmaster itself does, or read from
+//! `/proc/sysvipc/shm` where a container's root may not stat the postgres
+//! user's segment), then judged by a pure
 //! function ([`judge`]) that the unit tests below exercise case by case.
 
 use std::os::unix::fs::MetadataExt;
@@ -310,9 +312,26 @@ fn shmem_state(key: u32, id: i32) -> Shmem {
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINVAL) | Some(libc::EIDRM) => Shmem::Gone,
-            _ => Shmem::Unreadable(format!("shared memory id {id}: {e}")),
+            // Root without CAP_IPC_OWNER (a container's) may not stat the
+            // postgres user's segment; the world-readable list still shows it.
+            _ => match std::fs::read_to_string("/proc/sysvipc/shm").ok().and_then(|t| sysvipc_entry(&t, id)) {
+                Some((k, _)) if k != key => Shmem::Reused,
+                Some((_, 0)) => Shmem::Detached,
+                Some((_, n)) => Shmem::Attached(n),
+                None => Shmem::Unreadable(format!("shared memory id {id}: {e}")),
+            },
         }
     }
+}
+
+/// Key and attach count of segment `id` in `/proc/sysvipc/shm`
+/// ("key shmid perms size cpid lpid nattch …", key in decimal).
+fn sysvipc_entry(table: &str, id: i32) -> Option<(u32, u64)> {
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1)?.parse::<i32>().ok()? == id).then_some(())?;
+        Some((f.first()?.parse::<i64>().ok()? as u32, f.get(6)?.parse().ok()?))
+    })
 }
 
 /// Reads and judges `<dir>/postmaster.pid`; `None` when there is none.
@@ -459,6 +478,14 @@ mod tests {
     fn attached_shared_memory_wins_over_a_cwd_elsewhere() {
         let f = Facts { shmem: Shmem::Attached(2), ..running("bash", Cwd::Elsewhere("/".into())) };
         assert!(matches!(judge(&f), Verdict::Live(_)));
+    }
+
+    #[test]
+    fn reads_a_segment_from_proc_sysvipc_shm() {
+        let table = "       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid      atime      dtime      ctime                   rss                  swap\n\
+                       5432001          3   600                    56    43    61      0   100   101   100   101 1764078000 1764078001 1764077990                  4096                     0\n";
+        assert_eq!(sysvipc_entry(table, 3), Some((5432001, 0)));
+        assert_eq!(sysvipc_entry(table, 4), None);
     }
 
     #[test]
