@@ -115,12 +115,12 @@ pub fn docker() -> &'static Docker {
     })
 }
 
-fn docker_cli() -> &'static str {
-    "docker"
-}
+/// The client: any version talks to the daemon (API negotiation); builds go
+/// through deploy/build-image.sh, which picks a BuildKit-capable one.
+const CLI: &str = "docker";
 
 fn answers(host: &str) -> bool {
-    Command::new(docker_cli())
+    Command::new(CLI)
         .args(["version", "--format", "{{.Server.Version}}"])
         .env("DOCKER_HOST", host)
         .stdout(Stdio::null())
@@ -148,7 +148,7 @@ fn find_or_start_daemon() -> String {
     }
     let which = |name: &str| Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
     assert!(
-        which("dockerd") && which(docker_cli()),
+        which("dockerd") && which(CLI),
         "the Docker tests need a Docker engine: apt-get install docker.io (.ci/run does), then run them as root; no daemon answers and dockerd is not installed"
     );
     assert!(unsafe { libc::geteuid() } == 0, "the Docker tests start their own dockerd, which needs root");
@@ -220,7 +220,7 @@ fn stop_own_daemon() {
 impl Docker {
     /// `docker <args>` against this daemon.
     pub fn command(&self) -> Command {
-        let mut c = Command::new(docker_cli());
+        let mut c = Command::new(CLI);
         c.env("DOCKER_HOST", &self.host).stdin(Stdio::null());
         c
     }
