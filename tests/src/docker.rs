@@ -269,6 +269,10 @@ impl Docker {
                     let _ = self.output(&["rmi", old]);
                 }
             }
+            // vfs stores every layer in full: keep the build cache (the apt
+            // layers, the slow part) to the most recently used few GB.
+            let _ = self.output(&["image", "prune", "-f"]);
+            let _ = self.output(&["builder", "prune", "-f", "--keep-storage", "4gb"]);
         }
         built.push((image, tag.clone()));
         tag
