@@ -5,7 +5,7 @@ CARGO ?= cargo
 # its own process (and in parallel), plain `cargo test` works too.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: run dev build test fuzz bench soak clean-data
+.PHONY: run dev build test fuzz bench soak clean-data image
 
 ## Build optimised binaries and start the gateway with default settings.
 run:
@@ -46,3 +46,9 @@ bench:
 soak:
 	$(CARGO) build --release --workspace
 	SOAK_SECONDS=$${SOAK_SECONDS:-240} ./target/release/soak
+
+## Docker image omni-gateway:local from the release binaries (no rust image
+## needed; debian:bookworm-slim is made with debootstrap when it cannot be pulled).
+image:
+	$(CARGO) build --release -p omni-gateway -p omni-api
+	sh deploy/build-image.sh -t omni-gateway:local -b target/release

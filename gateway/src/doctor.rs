@@ -8,6 +8,14 @@
 //! reports. Each row is `ok`, `warn` (works, but look at it) or `FAIL` (a
 //! start would stop here), and every non-ok row says what to do. The exit
 //! status is non-zero when any row is `FAIL`.
+//!
+//! Next to a running gateway (`docker exec omni omni-gateway doctor`) the
+//! port, the PostgreSQL port and the pid file are taken by that gateway, not
+//! by a stranger. Doctor recognises it — `OMNI_PORT` answers
+//! `/gateway/status` like an omni-gateway, and the pid file names the
+//! PostgreSQL that gateway reports as its child — and describes it with ok
+//! rows ("in use by the running gateway (pid N)") instead of reporting what a
+//! second start would trip over.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -20,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use crate::config::{Config, Database, EmbeddedConfig, Origin};
 use crate::postgres::binaries::{self, Binaries};
 use crate::postgres::cluster;
+use crate::postgres::pidfile::{self, Verdict};
 use crate::privilege::{self, Account};
 use crate::{http, worker};
 
@@ -61,6 +70,8 @@ pub struct Check {
 #[derive(Debug, Default)]
 pub struct Report {
     pub checks: Vec<Check>,
+    /// The gateway found serving on `OMNI_PORT`, if any.
+    pub running: Option<RunningGateway>,
 }
 
 impl Report {
@@ -93,6 +104,12 @@ impl Report {
         out.push('\n');
         out.push_str(&if fails > 0 {
             format!("{fails} problem(s) would stop omni-gateway from starting; fix the FAIL rows above and run `omni-gateway doctor` again.\n")
+        } else if let Some(running) = &self.running {
+            if running.healthy {
+                format!("{} is running and healthy; the rows above describe it.\n", running.who())
+            } else {
+                format!("{} is running but not healthy; see the warn rows above.\n", running.who())
+            }
         } else if warns > 0 {
             format!("omni-gateway can start; {warns} warning(s) above are worth a look.\n")
         } else {
@@ -116,7 +133,26 @@ pub async fn run(config: &Config) -> Report {
     report.add("working directory", Status::Ok, format!("{} (relative paths are resolved against it)", config.cwd.display()));
 
     let addr = SocketAddr::new(config.host, config.port);
-    report.add_result("OMNI_PORT", http::bind(addr).await.map(|_listener| format!("{addr} is free")));
+    match http::bind(addr).await {
+        Ok(_listener) => report.add("OMNI_PORT", Status::Ok, format!("{addr} is free")),
+        Err(e) => match RunningGateway::find(probe_addr(config)).await {
+            Some(running) => {
+                report.add("OMNI_PORT", Status::Ok, format!("{addr} is in use by {}", running.who()));
+                let states = running.components.iter().map(|(name, state, _)| format!("{name} {state}")).collect::<Vec<_>>().join(", ");
+                if running.healthy {
+                    report.add("running gateway", Status::Ok, format!("/health answers 200 ({states})"));
+                } else {
+                    report.add(
+                        "running gateway",
+                        Status::Warn,
+                        format!("/health does not answer 200 ({states}). GET /gateway/status shows each component's last exit; its log says why"),
+                    );
+                }
+                report.running = Some(running);
+            }
+            None => report.add("OMNI_PORT", Status::Fail, format!("{e:#}")),
+        },
+    }
     report.add_result(
         "API worker binary",
         worker::locate_binary(config.api_bin.as_deref()).map(|p| p.display().to_string()),
@@ -182,7 +218,12 @@ async fn check_embedded(report: &mut Report, embedded: &EmbeddedConfig) {
         report.add("PGSERVE_PORT", Status::Ok, "0: a free port is picked at each start");
     } else {
         let port = embedded.port.value;
-        report.add_result("PGSERVE_PORT", cluster::check_port_free(port).map(|()| format!("127.0.0.1:{port} is free")));
+        let theirs = report.running.as_ref().and_then(|r| r.postgres_pid().filter(|pid| postgres_port(*pid) == Some(port)).map(|pid| (pid, r.who())));
+        match (cluster::check_port_free(port), theirs) {
+            (Ok(()), _) => report.add("PGSERVE_PORT", Status::Ok, format!("127.0.0.1:{port} is free")),
+            (Err(_), Some((pid, who))) => report.add("PGSERVE_PORT", Status::Ok, format!("127.0.0.1:{port} is in use by PostgreSQL (pid {pid}) of {who}")),
+            (Err(e), None) => report.add("PGSERVE_PORT", Status::Fail, format!("{e:#}")),
+        }
     }
 
     if embedded.memory_mode {
@@ -271,25 +312,98 @@ fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&
             format!("{} is missing, so the gateway cannot log in to the cluster. Restore it, or reset the password (`ALTER USER postgres PASSWORD '…'`) and write it there with mode 0600", pw.display()),
         );
     }
-    check_pid_file(report, dir);
+    let running = report.running.as_ref().and_then(|r| r.postgres_pid().map(|pid| (pid, r.who())));
+    check_pid_file(report, dir, running);
 }
 
-fn check_pid_file(report: &mut Report, dir: &Path) {
-    let pid_file = dir.join("postmaster.pid");
-    let Ok(text) = std::fs::read_to_string(&pid_file) else {
+/// The start's own judgement ([`pidfile::inspect`]); a live file is fine
+/// when it names the PostgreSQL of the gateway running here.
+fn check_pid_file(report: &mut Report, dir: &Path, running: Option<(i32, String)>) {
+    let Some(inspection) = pidfile::inspect(dir) else {
         report.add("postmaster.pid", Status::Ok, "none: no PostgreSQL runs on this directory");
         return;
     };
-    let pid: i32 = text.lines().next().unwrap_or("").trim().parse().unwrap_or(0);
-    if pid > 0 && cluster::postgres_owns(pid, dir) {
-        report.add(
+    let pid = inspection.pid();
+    match (&inspection.verdict, running) {
+        (Verdict::Stale(reason), _) => report.add("postmaster.pid", Status::Ok, format!("stale ({reason}); the gateway removes it at start")),
+        (_, Some((theirs, who))) if pid == Some(theirs) => {
+            report.add("postmaster.pid", Status::Ok, format!("in use by PostgreSQL (pid {theirs}) of {who}"))
+        }
+        (Verdict::Live(reason), _) => report.add("postmaster.pid", Status::Fail, format!("{reason} ({}). {}", dir.display(), pidfile::advice(&inspection))),
+        (Verdict::CannotTell(reason), _) => report.add(
             "postmaster.pid",
             Status::Fail,
-            format!("PostgreSQL (pid {pid}) is running on {}. Stop it (or the gateway that runs it) first, or use another PGSERVE_DATA_DIR", dir.display()),
-        );
-    } else {
-        report.add("postmaster.pid", Status::Ok, format!("stale (pid {pid} is not a PostgreSQL of this directory); the gateway removes it at start"));
+            format!("may belong to a running PostgreSQL: {reason}. {}", pidfile::advice(&inspection)),
+        ),
     }
+}
+
+/// A gateway answering on `OMNI_PORT`, as `/gateway/status` describes it.
+#[derive(Debug, Clone)]
+pub struct RunningGateway {
+    /// The gateway's own pid: the parent of its children, when they are
+    /// visible from here (not when it runs in another PID namespace).
+    pub pid: Option<i32>,
+    /// `/health` answered 200.
+    pub healthy: bool,
+    /// Name, state and pid of each component.
+    pub components: Vec<(String, String, Option<i32>)>,
+}
+
+impl RunningGateway {
+    /// Asks `addr` whether it is an omni-gateway: only one answers
+    /// `/gateway/status` with a `components` list.
+    async fn find(addr: SocketAddr) -> Option<RunningGateway> {
+        let timeout = Duration::from_secs(3);
+        let status = omni_contract::probe::get(addr, "/gateway/status", timeout).await.ok().filter(|a| a.status == 200)?;
+        let json: serde_json::Value = serde_json::from_slice(&status.body).ok()?;
+        let components: Vec<(String, String, Option<i32>)> = json["components"]
+            .as_array()?
+            .iter()
+            .map(|c| {
+                let pid = c["pid"].as_i64().and_then(|p| i32::try_from(p).ok());
+                (c["name"].as_str().unwrap_or("?").to_string(), c["state"].as_str().unwrap_or("?").to_string(), pid)
+            })
+            .collect();
+        let healthy = omni_contract::probe::get(addr, "/health", timeout).await.is_ok_and(|a| a.status == 200);
+        let pid = components.iter().filter_map(|(_, _, pid)| *pid).find_map(parent_pid);
+        Some(RunningGateway { pid, healthy, components })
+    }
+
+    fn postgres_pid(&self) -> Option<i32> {
+        self.components.iter().find(|(name, _, _)| name == "postgres").and_then(|(_, _, pid)| *pid)
+    }
+
+    /// "the running gateway (pid N)", for rows and the verdict.
+    pub fn who(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("the running gateway (pid {pid})"),
+            None => "a running gateway (its pid is not visible from here)".to_string(),
+        }
+    }
+}
+
+/// Field 4 of `/proc/<pid>/stat` (readable without ptrace rights).
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 1..)?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The `-p` a postmaster was started with, from its command line.
+fn postgres_port(pid: i32) -> Option<u16> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    args.windows(2).find(|w| w[0] == "-p").and_then(|w| w[1].parse().ok())
+}
+
+/// Where to reach the gateway of `config`: loopback when it listens on every interface.
+fn probe_addr(config: &Config) -> SocketAddr {
+    let ip = match config.host {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, config.port)
 }
 
 /// Memory mode wants a writable tmpfs with room for a cluster.
@@ -390,12 +504,7 @@ fn check_sqlite(report: &mut Report, config: &Config) {
 /// `omni-gateway healthcheck`: `GET /health` on the configured port; `Ok`
 /// only on a 200. For container `HEALTHCHECK`s, so no curl is needed in the image.
 pub async fn healthcheck(config: &Config) -> Result<()> {
-    let ip = match config.host {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        ip => ip,
-    };
-    let addr = SocketAddr::new(ip, config.port);
+    let addr = probe_addr(config);
     let answer = omni_contract::probe::get(addr, "/health", Duration::from_secs(5))
         .await
         .with_context(|| format!("GET http://{addr}/health failed: is omni-gateway running with OMNI_PORT={}?", config.port))?;

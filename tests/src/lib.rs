@@ -6,6 +6,8 @@
 //! failing assertion never leaves a PostgreSQL or a worker behind. Nothing
 //! here sleeps to wait for a condition: [`wait_until`] polls for it.
 
+pub mod docker;
+
 use std::{
     collections::BTreeMap,
     ffi::CString,

@@ -1,7 +1,8 @@
 //! The systemd unit (`deploy/omni-gateway.service`) and the `Dockerfile`
-//! (issue 7). Neither systemd as PID 1 nor Docker runs on the test machines,
-//! so these tests check what can be checked for real: `systemd-analyze
-//! verify` accepts the unit without a warning; the unit's stop timeout covers
+//! (issue 7), checked without a container: `ops_docker.rs` runs both for
+//! real (the image under Docker, the unit under systemd in a container);
+//! these are the quick checks beside it: `systemd-analyze verify` accepts
+//! the unit without a warning; the unit's stop timeout covers
 //! the gateway's own stop budget; the gateway started the way the unit starts
 //! it (its environment, `ExecStart`, `NOTIFY_SOCKET`, `WATCHDOG_USEC`) does
 //! what `Type=notify` and `KillMode=mixed` expect; and the image's entrypoint,

@@ -1,7 +1,8 @@
 //! `omni-gateway doctor` (issue 7): on a healthy machine it exits 0; whatever
 //! would stop a start (a taken port, a missing binary directory, a cluster of
 //! another major version, a PostgreSQL already running on the data directory)
-//! makes it exit non-zero with a row that names the problem and the fix.
+//! makes it exit non-zero with a row that names the problem and the fix;
+//! next to a running gateway it describes that gateway and exits 0.
 //! Every test runs the real binary against real directories and sockets.
 
 #[path = "support/gateway.rs"]
@@ -152,14 +153,29 @@ fn a_cluster_of_another_major_version_fails_with_upgrade_instructions() {
 }
 
 #[test]
-fn a_running_gateway_makes_doctor_report_its_postgres_and_ports() {
+fn next_to_a_running_gateway_doctor_reports_it_healthy_and_exits_zero() {
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).start();
     let d = doctor(dir.path(), &[("OMNI_PORT", gw.port.to_string()), ("PGSERVE_PORT", gw.pg_port.to_string())]);
+    assert!(d.success, "the ports and the pid file are the running gateway's own, not problems:\n{}", d.stdout);
+    let pid = gw.pid_of("postgres").expect("postgres pid");
+    let who = format!("the running gateway (pid {})", gw.child.pid());
+    d.assert_row("OMNI_PORT", "ok", &[&gw.port.to_string(), "in use by", &who]);
+    d.assert_row("running gateway", "ok", &["200", "postgres ready", "api ready"]);
+    d.assert_row("PGSERVE_PORT", "ok", &[&gw.pg_port.to_string(), &format!("PostgreSQL (pid {pid})"), &who]);
+    d.assert_row("postmaster.pid", "ok", &[&format!("PostgreSQL (pid {pid})"), &who]);
+    assert!(d.stdout.contains(&format!("{who} is running and healthy")), "{}", d.stdout);
+}
+
+#[test]
+fn a_postgres_running_on_the_data_directory_without_its_gateway_on_omni_port_fails() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    // Another OMNI_PORT: the PostgreSQL on this directory belongs to no gateway doctor can see.
+    let d = doctor(dir.path(), &[("PGSERVE_PORT", gw.pg_port.to_string())]);
     assert!(!d.success, "a second start on a live cluster would fail, so doctor must too:\n{}", d.stdout);
     let pid = gw.pid_of("postgres").expect("postgres pid");
-    d.assert_row("postmaster.pid", "FAIL", &[&format!("pid {pid}"), "Stop it"]);
-    d.assert_row("OMNI_PORT", "FAIL", &[&gw.port.to_string()]);
+    d.assert_row("postmaster.pid", "FAIL", &[&format!("pid {pid}"), "already running", "Stop that server"]);
     d.assert_row("PGSERVE_PORT", "FAIL", &[&gw.pg_port.to_string()]);
 }
 

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use rand::distributions::{Alphanumeric, DistString};
 
 use super::binaries::Binaries;
+use super::pidfile;
 use crate::child::{self, ChildSpec};
 use crate::config::{EmbeddedConfig, Origin};
 use crate::privilege::{self, Account};
@@ -106,7 +107,7 @@ impl Cluster {
 
     /// Checks that must pass before every start of `postgres`.
     pub fn preflight(&self) -> Result<()> {
-        clear_stale_pid_file(&self.data_dir)?;
+        pidfile::clear_stale(&self.data_dir)?;
         check_port_free(self.port)
     }
 
@@ -182,7 +183,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     let pw_file = password_file(dir);
     if has_cluster {
         check_version(dir, binaries)?;
-        clear_stale_pid_file(dir)?;
+        pidfile::clear_stale(dir)?;
         privilege::check_reachable(dir, account)?;
         if account.switch {
             privilege::chown_tree(dir, account)?;
@@ -411,54 +412,6 @@ pub fn check_version(dir: &Path, binaries: &Binaries) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Handles `postmaster.pid`: refuses when a live PostgreSQL owns this
-/// directory, removes the file when its pid is dead or belongs to some other
-/// process (pid reuse after a crash or reboot).
-pub fn clear_stale_pid_file(dir: &Path) -> Result<()> {
-    let pid_file = dir.join("postmaster.pid");
-    let Ok(text) = std::fs::read_to_string(&pid_file) else { return Ok(()) };
-    let pid: i32 = text.lines().next().unwrap_or("").trim().parse().unwrap_or(0);
-    if pid > 0 && postgres_owns(pid, dir) {
-        bail!(
-            "PostgreSQL (pid {pid}) is already running on {}; refusing to start a second one on the same data directory. \
-             Stop that server (or the gateway that runs it) first, or use another PGSERVE_DATA_DIR",
-            dir.display()
-        );
-    }
-    tracing::warn!("removing stale {} (pid {pid} is not a PostgreSQL of this data directory)", pid_file.display());
-    std::fs::remove_file(&pid_file).with_context(|| format!("could not remove stale {}", pid_file.display()))?;
-    Ok(())
-}
-
-/// Whether `pid` is a live PostgreSQL whose data directory is `dir`.
-/// The postmaster changes its working directory to the data directory, so
-/// `/proc/<pid>/cwd` tells us without trusting the pid file's contents.
-#[cfg(target_os = "linux")]
-pub fn postgres_owns(pid: i32, dir: &Path) -> bool {
-    let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
-        // Gone, or not ours to inspect: a pid we cannot even see is not our postgres
-        // unless it is alive, in which case be conservative.
-        return pid_alive(pid) && std::fs::metadata(format!("/proc/{pid}")).is_err();
-    };
-    let same_dir = std::fs::canonicalize(dir).map(|d| d == cwd).unwrap_or(false);
-    let is_postgres = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("postgres")).unwrap_or(false);
-    same_dir && is_postgres
-}
-
-#[cfg(not(target_os = "linux"))]
-pub fn postgres_owns(pid: i32, _dir: &Path) -> bool {
-    // Without /proc, a live process that calls itself postgres is assumed to be ours.
-    let out = std::process::Command::new("ps").args(["-p", &pid.to_string(), "-o", "comm="]).output();
-    pid_alive(pid) && out.map(|o| String::from_utf8_lossy(&o.stdout).contains("postgres")).unwrap_or(true)
-}
-
-fn pid_alive(pid: i32) -> bool {
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(e) => e == nix::errno::Errno::EPERM,
-    }
 }
 
 /// Fails with a message naming `PGSERVE_PORT` when the port is taken.

@@ -3,6 +3,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod pidfile;
 
 use std::sync::Arc;
 use std::time::Duration;
