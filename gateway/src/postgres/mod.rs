@@ -1,9 +1,16 @@
 //! The embedded PostgreSQL: finding binaries, preparing the cluster, and the
 //! supervision policy that runs `postgres` as a direct child.
+//!
+//! Readiness is PostgreSQL's own word first, then a real query: the postmaster
+//! writes `ready` into line 8 of `postmaster.pid` once it accepts connections
+//! (what `pg_ctl -w` reads), and only then does the check connect and run
+//! `SELECT 1`. Connecting earlier would be refused with `FATAL: the database
+//! system is starting up`, one log line per attempt.
 
 pub mod binaries;
 pub mod cluster;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,11 +30,57 @@ pub struct PostgresPolicy {
     pub restart: RestartPolicy,
     /// Kept open between checks; dropped on any error and reconnected.
     client: Option<tokio_postgres::Client>,
+    /// The postmaster of the current run, to tell its `postmaster.pid` from a stale one.
+    pid: Option<u32>,
 }
 
 impl PostgresPolicy {
     pub fn new(cluster: Arc<Cluster>, restart: RestartPolicy) -> Self {
-        PostgresPolicy { cluster, restart, client: None }
+        PostgresPolicy { cluster, restart, client: None, pid: None }
+    }
+
+    /// Waits until the postmaster of this run says `ready` in its pid file.
+    /// The file is re-read every millisecond: a read costs microseconds, and
+    /// the wait ends within a millisecond of PostgreSQL being ready. The
+    /// supervisor bounds the wait (its check timeout) and notices an exit.
+    async fn wait_accepting(&self) {
+        // PostgreSQL before 10 writes no status line; connecting is all there is.
+        let Some(pid) = self.pid.filter(|_| self.cluster.binaries.major >= 10) else { return };
+        let pid_file = self.cluster.data_dir.join("postmaster.pid");
+        while postmaster_status(&pid_file, pid) != PostmasterStatus::Accepting {
+            tokio::time::sleep(PID_FILE_POLL).await;
+        }
+    }
+}
+
+/// Between two reads of `postmaster.pid` while PostgreSQL starts.
+const PID_FILE_POLL: Duration = Duration::from_millis(1);
+
+/// What `postmaster.pid` says about the postmaster `pid`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PostmasterStatus {
+    /// `ready` (or `standby`): connections are accepted.
+    Accepting,
+    /// `starting`, `stopping`, no status line yet, or no file.
+    NotYet,
+    /// The file belongs to another process (a stale file not yet replaced).
+    Other,
+}
+
+/// Reads line 1 (pid) and line 8 (status) of `postmaster.pid`, as `pg_ctl` does.
+pub fn postmaster_status(pid_file: &Path, pid: u32) -> PostmasterStatus {
+    let Ok(text) = std::fs::read_to_string(pid_file) else { return PostmasterStatus::NotYet };
+    parse_postmaster_status(&text, pid)
+}
+
+fn parse_postmaster_status(text: &str, pid: u32) -> PostmasterStatus {
+    let mut lines = text.lines();
+    if lines.next().and_then(|l| l.trim().parse::<u32>().ok()) != Some(pid) {
+        return PostmasterStatus::Other;
+    }
+    match lines.nth(6).map(str::trim) {
+        Some("ready" | "standby") => PostmasterStatus::Accepting,
+        _ => PostmasterStatus::NotYet,
     }
 }
 
@@ -49,11 +102,14 @@ impl Policy for PostgresPolicy {
         self.client = None;
         self.cluster.preflight()?;
         tracing::info!("starting PostgreSQL {} on 127.0.0.1:{}", self.cluster.binaries.major, self.cluster.port);
-        child::spawn(self.cluster.postgres_spec()).await.context("could not start postgres")
+        let child = child::spawn(self.cluster.postgres_spec()).await.context("could not start postgres")?;
+        self.pid = child.id();
+        Ok(child)
     }
 
     async fn check(&mut self) -> Result<()> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.wait_accepting().await;
             self.client = Some(connect(&self.cluster.pg_config("postgres")).await?);
         }
         let client = self.client.as_ref().expect("connected above");
@@ -84,8 +140,8 @@ impl Policy for PostgresPolicy {
 
     fn timing(&self) -> CheckTiming {
         CheckTiming {
-            // A refused connection costs microseconds; poll tightly so start-up
-            // is not padded by the poll interval.
+            // A check waits on the pid file itself; this only spaces out
+            // retries after a failed connection.
             ready_poll: Duration::from_millis(5),
             // Crash recovery of a large cluster can take minutes; while the
             // process lives and recovers, it is not restarted.
@@ -94,5 +150,21 @@ impl Policy for PostgresPolicy {
             check_timeout: Duration::from_secs(3),
             failures_before_restart: 3,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postmaster_pid_status_is_read_as_pg_ctl_reads_it() {
+        let file = |status: &str| format!("4242\n/srv/data\n1767225600\n5432\n/tmp\n127.0.0.1\n  5432001    98304\n{status}\n");
+        assert_eq!(parse_postmaster_status(&file("ready   "), 4242), PostmasterStatus::Accepting);
+        assert_eq!(parse_postmaster_status(&file("standby "), 4242), PostmasterStatus::Accepting);
+        assert_eq!(parse_postmaster_status(&file("starting"), 4242), PostmasterStatus::NotYet);
+        assert_eq!(parse_postmaster_status(&file("stopping"), 4242), PostmasterStatus::NotYet);
+        assert_eq!(parse_postmaster_status("4242\n/srv/data\n", 4242), PostmasterStatus::NotYet);
+        assert_eq!(parse_postmaster_status(&file("ready   "), 1), PostmasterStatus::Other);
     }
 }
