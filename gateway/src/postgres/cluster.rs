@@ -22,9 +22,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rand::distributions::{Alphanumeric, DistString};
+use tracing::Level;
 
 use super::binaries::Binaries;
-use crate::child::{self, ChildSpec};
+use crate::child::{self, ChildSpec, Output};
 use crate::config::{EmbeddedConfig, Origin};
 use crate::privilege::{self, Account};
 
@@ -32,6 +33,8 @@ use crate::privilege::{self, Account};
 pub const APP_DATABASE: &str = "omni";
 /// The superuser initdb creates.
 pub const SUPERUSER: &str = "postgres";
+/// What PostgreSQL puts before each log line; `child.rs` reads the severity after it.
+const LOG_LINE_PREFIX: &str = "[%p] ";
 /// Prefix of memory-mode cluster directories in tmpfs; the gateway's pid follows.
 const MEMORY_PREFIX: &str = "omni-gateway-mem-";
 
@@ -83,7 +86,12 @@ impl Cluster {
             .arg("-c")
             .arg("listen_addresses=127.0.0.1")
             .arg("-c")
-            .arg("unix_socket_permissions=0700");
+            .arg("unix_socket_permissions=0700")
+            // The gateway's log line carries the time and the level; PostgreSQL's
+            // prefix keeps only the process id, which tells backends apart.
+            .arg("-c")
+            .arg(format!("log_line_prefix={LOG_LINE_PREFIX}"));
+        spec.output = Output::Postgres { routine: Level::INFO };
         if self.memory_mode {
             // The cluster is thrown away at exit; durability buys nothing.
             for setting in ["fsync=off", "synchronous_commit=off", "full_page_writes=off"] {
@@ -183,7 +191,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     if has_cluster {
         check_version(dir, binaries)?;
         clear_stale_pid_file(dir)?;
-        privilege::check_reachable(dir, account)?;
+        privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
         if account.switch {
             privilege::chown_tree(dir, account)?;
         }
@@ -223,7 +231,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         std::fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
     }
     std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).with_context(|| format!("could not create {}", dir.display()))?;
-    privilege::check_reachable(dir, account)?;
+    privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
     privilege::chown_tree(dir, account)?;
     let password = random_password();
     run_initdb(binaries, dir, &password, account, true).await?;
@@ -291,7 +299,8 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     let cache = cache_dir();
     let number = binaries.version.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())).unwrap_or("unknown");
     let key: String = number.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
-    let template = cache.join(format!("template-pg{key}"));
+    // "-checksums": templates built before clusters got data checksums are not reused.
+    let template = cache.join(format!("template-pg{key}-checksums"));
     if let Ok(password) = std::fs::read_to_string(template.join("password")) {
         if template.join("cluster/PG_VERSION").is_file() {
             return Ok((template.join("cluster"), password.trim().to_string()));
@@ -341,7 +350,15 @@ async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &
     std::fs::write(&sql_path, format!("CREATE DATABASE {APP_DATABASE};\n")).with_context(|| format!("writing {}", sql_path.display()))?;
     let sql = std::fs::File::open(&sql_path);
     let _ = std::fs::remove_file(&sql_path);
-    let mut spec = ChildSpec::new("postgres --single", binaries.postgres()).arg("--single").arg("-D").arg(dir).arg("postgres");
+    let mut spec = ChildSpec::new("postgres --single", binaries.postgres())
+        .arg("--single")
+        .arg("-D")
+        .arg(dir)
+        .arg("-c")
+        .arg(format!("log_line_prefix={LOG_LINE_PREFIX}"))
+        .arg("postgres");
+    // Its banner and prompts are chatter; errors still stand out.
+    spec.output = Output::Postgres { routine: Level::DEBUG };
     spec.run_as = account.run_as();
     spec.stdin = Some(sql.context("reading back the CREATE DATABASE statement")?);
     let status = child::run(spec).await.context("could not run postgres --single")?;
@@ -351,7 +368,9 @@ async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &
     Ok(())
 }
 
-/// Runs `initdb`: UTF-8, scram passwords for every connection, superuser `postgres`.
+/// Runs `initdb`: UTF-8, scram passwords for every connection, superuser
+/// `postgres`, data checksums on (so corruption on disk is reported, not
+/// read back as data; the cost is a checksum per page read from or written to disk).
 async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool) -> Result<()> {
     // initdb reads the password from a file it can open as the target user.
     let pw_tmp = dir.with_file_name(format!(".initdb-pw-{}", std::process::id()));
@@ -367,7 +386,10 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
         .arg("--encoding=UTF8")
         .arg("--locale=C")
         .arg("--auth=scram-sha-256")
+        .arg("--data-checksums")
         .arg(format!("--pwfile={}", pw_tmp.display()));
+    // Its progress report is for debugging; the caller logs one line with the outcome.
+    spec.output = Output::Text { routine: Level::DEBUG };
     if no_sync {
         spec = spec.arg("--no-sync");
     }
@@ -377,7 +399,7 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     let _ = std::fs::remove_file(&pw_tmp);
     let status = status.context("could not run initdb")?;
     if !status.success() {
-        bail!("initdb failed ({status}); its output is in the log above. The directory {} was left as it is for inspection", dir.display());
+        bail!("initdb failed ({status}); its error is in the log above (LOG_LEVEL=debug shows all of its output). The directory {} was left as it is for inspection", dir.display());
     }
     Ok(())
 }
@@ -386,6 +408,7 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
 async fn sync_cluster(binaries: &Binaries, dir: &Path, account: &Account) -> Result<()> {
     let started = Instant::now();
     let mut spec = ChildSpec::new("initdb --sync-only", binaries.initdb()).arg("--sync-only").arg("-D").arg(dir);
+    spec.output = Output::Text { routine: Level::DEBUG };
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
     let status = child::run(spec).await.context("could not run initdb --sync-only")?;
