@@ -84,6 +84,7 @@ pub async fn run(config: Config) -> Result<i32> {
     tracing::info!("listening on http://{addr}");
 
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
+    let worker_account = worker::prepare_account(&config, &worker_bin)?;
     let components: &[&'static str] = match config.database {
         Database::Embedded(_) => &["postgres", "api"],
         Database::External { .. } => &["api"],
@@ -138,7 +139,7 @@ pub async fn run(config: Config) -> Result<i32> {
     // The worker, once its database is there.
     let mut settings = config.worker_settings(&database_url);
     settings.pg_bin_dir = pg_bin_dir;
-    let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout);
+    let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout, worker_account);
     let api = supervisor::spawn(policy, config.restart, board.clone());
     if config.dev {
         dev::watch_worker_binary(&worker_bin, api.commands());
