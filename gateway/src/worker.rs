@@ -9,8 +9,9 @@
 //! write end of a pipe is the worker's fd 4 (`OMNI_API_READY_FD=4`), and the
 //! worker writes a newline there once its migrations are applied and it
 //! serves. A readiness check awaits that newline. A worker that closes the
-//! pipe without one (a build that does not announce) is checked with
-//! `GET /api/v1/health` instead. Liveness, once ready, is always
+//! pipe without one, or stays silent for [`ANNOUNCE_PATIENCE`] (a build or a
+//! stand-in that does not announce), is checked with `GET /api/v1/health`
+//! as well. Liveness, once ready, is always
 //! `GET /api/v1/health` answering 200 (the worker checks its database there).
 //! Once ready, the instance is published as the proxy's upstream; when its
 //! run ends it is withdrawn. During a reload the new instance is the
@@ -45,6 +46,11 @@ use crate::upstream::Upstreams;
 const LISTEN_FD: i32 = 3;
 /// The fd number of the write end of the worker's readiness pipe.
 const READY_FD: i32 = 4;
+/// How long the worker may be silent on its readiness pipe before it is
+/// also asked `GET /api/v1/health`: longer than an announcing worker takes
+/// to apply a usual migration, short enough that one that never announces
+/// still starts in reasonable time.
+const ANNOUNCE_PATIENCE: Duration = Duration::from_secs(5);
 /// A health answer takes microseconds; the supervisor's own check timeout is the real limit.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -171,17 +177,20 @@ impl Policy for WorkerPolicy {
 
     async fn check(&mut self) -> Result<()> {
         if let Some((pipe, started)) = self.ready_pipe.as_mut() {
-            let announced = announcement(pipe).await;
-            let waited = started.elapsed();
-            self.ready_pipe = None;
-            match announced {
-                Announcement::Ready => {
-                    tracing::info!("API worker announced it is ready ({} ms after its start)", waited.as_millis());
+            let patience = ANNOUNCE_PATIENCE.saturating_sub(started.elapsed());
+            match tokio::time::timeout(patience, announcement(pipe)).await {
+                Ok(Announcement::Ready) => {
+                    tracing::info!("API worker announced it is ready ({} ms after its start)", started.elapsed().as_millis());
+                    self.ready_pipe = None;
                     return Ok(());
                 }
-                Announcement::Closed => {
-                    tracing::debug!("the API worker closed its readiness pipe without announcing; checking GET /api/v1/health instead")
+                Ok(Announcement::Closed) => {
+                    tracing::debug!("the API worker closed its readiness pipe without announcing; checking GET /api/v1/health instead");
+                    self.ready_pipe = None;
                 }
+                // Silent so far: keep listening (a later newline still
+                // counts), and ask over HTTP meanwhile.
+                Err(_) => {}
             }
         }
         let addr = self.candidate.or(self.current.map(|(a, _)| a)).context("no worker instance to check")?;
