@@ -5,7 +5,10 @@
 //!
 //! Speaks the worker's start-up contract: the listening socket arrives as the
 //! fd in `OMNI_API_LISTEN_FD`; `GET /api/v1/health` answers 200 (503 when
-//! `FAKE_UNHEALTHY` is set).
+//! `FAKE_UNHEALTHY` is set); readiness is announced on `OMNI_API_READY_FD`
+//! (never when unhealthy), `FAKE_READY_DELAY_MS` after the start.
+//! `GET /health-hits-before-ready` counts the health requests that came
+//! before the announcement (the gateway should make none).
 //!
 //! Routes: `POST /upload` → `{"bytes": N}` after reading the body;
 //! `GET /download?bytes=N` → N bytes streamed in 64 KiB chunks;
@@ -13,7 +16,9 @@
 //! `GET /slow?ms=N` → 200 after N ms; upgrade `echo` → 101, then echoes bytes.
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,9 +38,18 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// Set once readiness was announced on `OMNI_API_READY_FD`.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+/// `GET /api/v1/health` requests received before that.
+static HITS_BEFORE_READY: AtomicU64 = AtomicU64::new(0);
+
 async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some();
+    if req.uri().path() == "/api/v1/health" && !ANNOUNCED.load(Ordering::SeqCst) {
+        HITS_BEFORE_READY.fetch_add(1, Ordering::SeqCst);
+    }
     let resp = match req.uri().path() {
+        "/health-hits-before-ready" => Response::new(full(HITS_BEFORE_READY.load(Ordering::SeqCst).to_string())),
         "/api/v1/health" if unhealthy => Response::builder().status(503).body(full("{}")).unwrap(),
         "/api/v1/health" => Response::new(full(r#"{"status":"ok"}"#)),
         "/upload" => {
@@ -123,6 +137,16 @@ fn main() {
     std_listener.set_nonblocking(true).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
+        let ready_fd = std::env::var("OMNI_API_READY_FD").ok().and_then(|fd| fd.parse::<i32>().ok());
+        if let (Some(fd), None) = (ready_fd, std::env::var_os("FAKE_UNHEALTHY")) {
+            let delay = std::env::var("FAKE_READY_DELAY_MS").ok().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                ANNOUNCED.store(true, Ordering::SeqCst);
+                // SAFETY: the gateway handed this pipe over as `fd`; dropping the file closes it.
+                let _ = unsafe { std::fs::File::from_raw_fd(fd) }.write_all(b"\n");
+            });
+        }
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         loop {
