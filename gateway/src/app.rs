@@ -117,8 +117,8 @@ pub async fn run(config: Config) -> Result<i32> {
             let pg_started = Instant::now();
             running.handles.push(supervisor::spawn(PostgresPolicy::new(cluster.clone(), config.restart), config.restart, board.clone()));
             tokio::select! {
-                r = board.wait_ready("postgres") => match r {
-                    Ok(()) => tracing::info!("PostgreSQL ready in {} ms", pg_started.elapsed().as_millis()),
+                r = crate::postgres::worker_may_start(&cluster, &board) => match r {
+                    Ok(()) => tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis()),
                     Err(state) => tracing::error!("PostgreSQL is {state}; the gateway keeps running so /gateway/status shows why"),
                 },
                 event = signals.next() => if let Event::Stop(name) = event {

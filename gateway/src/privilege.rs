@@ -109,6 +109,11 @@ pub fn chown_tree(dir: &Path, account: &Account) -> Result<()> {
     Ok(())
 }
 
+/// Whether every one of `paths` (that exists) belongs to `account`, user and group.
+pub fn owns_all(paths: &[&Path], account: &Account) -> bool {
+    paths.iter().all(|p| std::fs::symlink_metadata(p).map(|m| m.uid() == account.uid && m.gid() == account.gid).unwrap_or(true))
+}
+
 fn give(path: &Path, meta: &std::fs::Metadata, account: &Account) -> Result<()> {
     if meta.uid() != account.uid || meta.gid() != account.gid {
         std::os::unix::fs::lchown(path, Some(account.uid), Some(account.gid))

@@ -136,8 +136,20 @@ pub fn prepare_account(config: &crate::config::Config, bin: &Path) -> Result<Acc
     if account.switch {
         tracing::info!("running as root: the API worker will run as user {} (uid {})", account.name, account.uid);
         crate::privilege::check_executable(bin, &account).context("OMNI_API_BIN")?;
-        crate::privilege::prepare_backup_dir(&config.backup_dir, &account)?;
-        crate::privilege::prepare_settings_file(&config.settings_file, &account)?;
+        let memory_mode = matches!(&config.database, crate::config::Database::Embedded(e) if e.memory_mode);
+        // Memory mode leaves nothing on disk: directories that are not
+        // there are not created for a run that keeps nothing (the worker
+        // then reports that it cannot create them, should it need them).
+        if memory_mode && !config.backup_dir.is_dir() {
+            tracing::info!("memory mode: {} is not created; backups through the API need it, writable by user {}", config.backup_dir.display(), account.name);
+        } else {
+            crate::privilege::prepare_backup_dir(&config.backup_dir, &account)?;
+        }
+        if memory_mode && !config.settings_file.parent().is_some_and(Path::is_dir) {
+            tracing::info!("memory mode: the directory of {} is not created; onboarding needs it to save settings", config.settings_file.display());
+        } else {
+            crate::privilege::prepare_settings_file(&config.settings_file, &account)?;
+        }
         crate::privilege::warn_unless_readable(&config.ui_dir, &account, "OMNI_UI_DIR");
     }
     Ok(account)

@@ -53,6 +53,10 @@ pub struct Cluster {
     /// by `initdb --sync-only` running beside the first start; this is that
     /// flush, awaited before PostgreSQL is first reported ready.
     pub durable: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
+    /// The app database is there before PostgreSQL starts (an existing
+    /// cluster, or a copy of the memory-mode template), so the worker may
+    /// connect as soon as PostgreSQL accepts connections.
+    pub app_database_exists: bool,
 }
 
 impl Cluster {
@@ -170,6 +174,8 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         account,
         memory_mode: cfg.memory_mode,
         durable: tokio::sync::Mutex::new(durable),
+        // Only a cluster initialised by this start lacks it.
+        app_database_exists: !needs_sync,
     };
     if let Err(e) = check_port_free(port) {
         cluster.cleanup();
@@ -192,7 +198,13 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         check_version(dir, binaries)?;
         clear_stale_pid_file(dir)?;
         privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
-        if account.switch {
+        // Walking a cluster's thousand files costs milliseconds on every
+        // start; it is needed when the cluster came from elsewhere (a copy
+        // made as root, a volume from an image with another account), which
+        // shows on its top-level files. A lone stray file deeper down is
+        // reported by PostgreSQL itself, naming the file.
+        if account.switch && !privilege::owns_all(&[dir, &dir.join("PG_VERSION"), &dir.join("global"), &dir.join("global/pg_control"), &dir.join("base"), &dir.join("pg_wal")], account) {
+            tracing::info!("giving {} to user {}", dir.display(), account.name);
             privilege::chown_tree(dir, account)?;
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

@@ -6,6 +6,12 @@
 //! (what `pg_ctl -w` reads), and only then does the check connect and run
 //! `SELECT 1`. Connecting earlier would be refused with `FATAL: the database
 //! system is starting up`, one log line per attempt.
+//!
+//! The worker need not wait for that check: when the app database already
+//! exists, it may start as soon as PostgreSQL accepts connections
+//! ([`worker_may_start`]), so its connection and migration check run beside
+//! the gateway's own. Each first connection after a start costs a backend
+//! and its catalog caches, milliseconds that would otherwise add up.
 
 pub mod binaries;
 pub mod cluster;
@@ -20,6 +26,7 @@ use tokio::process::Child;
 
 use crate::child;
 use crate::config::RestartPolicy;
+use crate::status::{Board, State};
 use crate::supervisor::{CheckTiming, Policy, StopSignals};
 use cluster::{Cluster, APP_DATABASE};
 
@@ -50,6 +57,31 @@ impl PostgresPolicy {
         while postmaster_status(&pid_file, pid) != PostmasterStatus::Accepting {
             tokio::time::sleep(PID_FILE_POLL).await;
         }
+    }
+}
+
+/// Returns when the worker may be started: once PostgreSQL accepts
+/// connections if the app database is already there, else once PostgreSQL
+/// is ready (its first start creates the app database). `Err` with the state
+/// if PostgreSQL failed or stopped first.
+pub async fn worker_may_start(cluster: &Cluster, board: &Board) -> std::result::Result<(), State> {
+    if !cluster.app_database_exists || cluster.binaries.major < 10 {
+        return board.wait_ready("postgres").await;
+    }
+    let pid_file = cluster.data_dir.join("postmaster.pid");
+    let accepting = async {
+        loop {
+            // Only the pid file of the run the supervisor started counts.
+            let pid = board.snapshot().get("postgres").and_then(|c| c.pid);
+            if pid.is_some_and(|pid| postmaster_status(&pid_file, pid) == PostmasterStatus::Accepting) {
+                return;
+            }
+            tokio::time::sleep(PID_FILE_POLL).await;
+        }
+    };
+    tokio::select! {
+        ready = board.wait_ready("postgres") => ready,
+        () = accepting => Ok(()),
     }
 }
 
@@ -126,7 +158,9 @@ impl Policy for PostgresPolicy {
             flush.await.context("the flush of the new cluster did not finish")??;
         }
         let client = self.client.as_ref().context("no connection after the ready check")?;
-        let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&APP_DATABASE]).await?.is_some();
+        // One unprepared round trip; the name is our constant.
+        let rows = client.simple_query(&format!("SELECT 1 FROM pg_database WHERE datname = '{APP_DATABASE}'")).await?;
+        let exists = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)));
         if !exists {
             tracing::info!("creating database {APP_DATABASE}");
             client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
