@@ -246,7 +246,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
     privilege::chown_tree(dir, account)?;
     let password = random_password();
-    run_initdb(binaries, dir, &password, account, true).await?;
+    run_initdb(binaries, dir, &password, account, true, &[]).await?;
     write_secret(&pw_file, &password)?;
     tracing::info!("cluster initialized in {} ms (flushing it to disk while PostgreSQL starts)", started.elapsed().as_millis());
     Ok((dir.clone(), password, true))
@@ -258,9 +258,8 @@ async fn prepare_memory(binaries: &Binaries, account: &Account) -> Result<(PathB
     let dir = base.join(format!("{MEMORY_PREFIX}{}", std::process::id()));
     let (template, password) = ensure_template(binaries, account).await?;
     let started = Instant::now();
-    copy_tree(&template, &dir).with_context(|| format!("could not copy the template cluster into {}", dir.display()))?;
+    copy_tree(&template, &dir, account.run_as()).with_context(|| format!("could not copy the template cluster into {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    privilege::chown_tree(&dir, account)?;
     write_secret(&password_file(&dir), &password)?;
     tracing::info!("memory mode: throw-away cluster at {} (copied from template in {} ms)", dir.display(), started.elapsed().as_millis());
     Ok((dir, password))
@@ -311,8 +310,9 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     let cache = cache_dir();
     let number = binaries.version.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())).unwrap_or("unknown");
     let key: String = number.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
-    // "-checksums": templates built before clusters got data checksums are not reused.
-    let template = cache.join(format!("template-pg{key}-checksums"));
+    // The suffixes tell templates built before clusters got data checksums
+    // and small WAL segments apart, so those are not reused.
+    let template = cache.join(format!("template-pg{key}-checksums-wal1"));
     if let Ok(password) = std::fs::read_to_string(template.join("password")) {
         if template.join("cluster/PG_VERSION").is_file() {
             return Ok((template.join("cluster"), password.trim().to_string()));
@@ -329,7 +329,10 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     privilege::check_reachable(&cluster, account)?;
     privilege::chown_tree(&cluster, account)?;
     let password = random_password();
-    run_initdb(binaries, &cluster, &password, account, true).await?;
+    // 1 MB WAL segments instead of 16: the segment initdb preallocates is
+    // copied at every memory-mode start, and a throw-away cluster never
+    // archives WAL, where the segment size would matter.
+    run_initdb(binaries, &cluster, &password, account, true, &["--wal-segsize=1"]).await?;
     create_app_database_offline(binaries, &cluster, account).await?;
     write_secret(&work.join("password"), &password)?;
     if std::fs::rename(&work, &template).is_err() {
@@ -383,7 +386,7 @@ async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &
 /// Runs `initdb`: UTF-8, scram passwords for every connection, superuser
 /// `postgres`, data checksums on (so corruption on disk is reported, not
 /// read back as data; the cost is a checksum per page read from or written to disk).
-async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool) -> Result<()> {
+async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool, extra: &[&str]) -> Result<()> {
     // initdb reads the password from a file it can open as the target user.
     let pw_tmp = dir.with_file_name(format!(".initdb-pw-{}", std::process::id()));
     write_secret(&pw_tmp, password)?;
@@ -405,6 +408,7 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     if no_sync {
         spec = spec.arg("--no-sync");
     }
+    spec.args.extend(extra.iter().map(Into::into));
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
     let status = child::run(spec).await;
@@ -541,20 +545,55 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
     Ok(())
 }
 
-/// Recursive copy preserving modes; the template holds only files and dirs.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if ty.is_file() {
-            std::fs::copy(entry.path(), &target)?;
+/// Copies a template cluster, keeping modes and giving every copy to
+/// `owner`: directories first, then the files on a few threads (the copy is
+/// most of a memory-mode start, and it is a thousand files of kernel work
+/// that parallelises well). The template holds only files and directories.
+fn copy_tree(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    let give = |path: &Path| match owner {
+        Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    };
+    let mut dirs = vec![(from.to_path_buf(), to.to_path_buf())];
+    let mut files = Vec::new();
+    let mut i = 0;
+    while i < dirs.len() {
+        let (source, target) = dirs[i].clone();
+        std::fs::create_dir(&target)?;
+        for entry in std::fs::read_dir(&source)? {
+            let entry = entry?;
+            let ty = entry.file_type()?;
+            if ty.is_dir() {
+                dirs.push((entry.path(), target.join(entry.file_name())));
+            } else if ty.is_file() {
+                files.push((entry.path(), target.join(entry.file_name())));
+            }
         }
+        i += 1;
     }
-    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> std::io::Result<()> {
+                    while let Some((source, target)) = files.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                        std::fs::copy(source, target)?;
+                        give(target)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(std::io::Error::other("a copying thread panicked"))))
+    })?;
+    // Modes last: a 0700 directory copied first would still take files (we
+    // may be root), but this keeps the order obvious.
+    for (source, target) in dirs.iter().rev() {
+        std::fs::set_permissions(target, std::fs::metadata(source)?.permissions())?;
+        give(target)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
