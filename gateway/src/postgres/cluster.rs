@@ -53,10 +53,11 @@ pub struct Cluster {
     /// by `initdb --sync-only` running beside the first start; this is that
     /// flush, awaited before PostgreSQL is first reported ready.
     pub durable: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
-    /// The app database is there before PostgreSQL starts (an existing
-    /// cluster, or a copy of the memory-mode template), so the worker may
-    /// connect as soon as PostgreSQL accepts connections.
-    pub app_database_exists: bool,
+    /// Whether the app database exists: from the start for an existing
+    /// cluster or a copy of the memory-mode template, once created for a new
+    /// one. The worker may connect as soon as it is true and PostgreSQL
+    /// accepts connections.
+    pub app_database: tokio::sync::watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -175,7 +176,7 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         memory_mode: cfg.memory_mode,
         durable: tokio::sync::Mutex::new(durable),
         // Only a cluster initialised by this start lacks it.
-        app_database_exists: !needs_sync,
+        app_database: tokio::sync::watch::Sender::new(!needs_sync),
     };
     if let Err(e) = check_port_free(port) {
         cluster.cleanup();

@@ -10,7 +10,8 @@
 //! The worker need not wait for that check: when the app database already
 //! exists, it may start as soon as PostgreSQL accepts connections
 //! ([`worker_may_start`]), so its connection and migration check run beside
-//! the gateway's own. Each first connection after a start costs a backend
+//! the gateway's own; on a new cluster, as soon as the app database is
+//! created, while the new files are still being flushed to disk. Each first connection after a start costs a backend
 //! and its catalog caches, milliseconds that would otherwise add up.
 
 pub mod binaries;
@@ -60,16 +61,21 @@ impl PostgresPolicy {
     }
 }
 
-/// Returns when the worker may be started: once PostgreSQL accepts
-/// connections if the app database is already there, else once PostgreSQL
-/// is ready (its first start creates the app database). `Err` with the state
+/// Returns when the worker may be started: once the app database exists
+/// (from the start, or once the first start created it) and PostgreSQL
+/// accepts connections, which is before the gateway's own check and, for a
+/// new cluster, before its flush to disk has finished. `Err` with the state
 /// if PostgreSQL failed or stopped first.
 pub async fn worker_may_start(cluster: &Cluster, board: &Board) -> std::result::Result<(), State> {
-    if !cluster.app_database_exists || cluster.binaries.major < 10 {
+    if cluster.binaries.major < 10 {
         return board.wait_ready("postgres").await;
     }
     let pid_file = cluster.data_dir.join("postmaster.pid");
+    let mut app_database = cluster.app_database.subscribe();
     let accepting = async {
+        if app_database.wait_for(|exists| *exists).await.is_err() {
+            return std::future::pending().await;
+        }
         loop {
             // Only the pid file of the run the supervisor started counts.
             let pid = board.snapshot().get("postgres").and_then(|c| c.pid);
@@ -153,10 +159,6 @@ impl Policy for PostgresPolicy {
     }
 
     async fn on_ready(&mut self) -> Result<()> {
-        // A brand-new cluster counts as ready only once it is on disk.
-        if let Some(flush) = self.cluster.durable.lock().await.take() {
-            flush.await.context("the flush of the new cluster did not finish")??;
-        }
         let client = self.client.as_ref().context("no connection after the ready check")?;
         // One unprepared round trip; the name is our constant.
         let rows = client.simple_query(&format!("SELECT 1 FROM pg_database WHERE datname = '{APP_DATABASE}'")).await?;
@@ -164,6 +166,12 @@ impl Policy for PostgresPolicy {
         if !exists {
             tracing::info!("creating database {APP_DATABASE}");
             client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
+        }
+        // The worker may start now, while a new cluster is still being flushed.
+        self.cluster.app_database.send_replace(true);
+        // A brand-new cluster counts as ready only once it is on disk.
+        if let Some(flush) = self.cluster.durable.lock().await.take() {
+            flush.await.context("the flush of the new cluster did not finish")??;
         }
         Ok(())
     }
