@@ -7,6 +7,11 @@
 //! with the SHA-256 of its text; if a file changes after it was applied, the
 //! worker refuses to start rather than run against a schema it does not
 //! describe.
+//!
+//! The usual start finds everything applied. That is checked first with two
+//! plain queries, without a transaction or the lock (reading the applied list
+//! is safe at any time, and nothing needs to be written), which keeps the
+//! worker's start-up, and so the gateway's, five round trips shorter.
 
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
@@ -31,6 +36,9 @@ pub fn checksum(sql: &str) -> String {
 
 /// Applies pending migrations; returns the names of those applied now.
 pub async fn apply(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<&'static str>> {
+    if all_applied(client).await? {
+        return Ok(Vec::new());
+    }
     let tx = client.transaction().await.context("starting the migration transaction")?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await.context("taking the migration lock")?;
     tx.batch_execute(
@@ -50,22 +58,7 @@ pub async fn apply(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<&'
         .context("reading applied migrations")?;
     let mut applied_now = Vec::new();
     for row in &rows {
-        let (version, name, recorded): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
-        let Some(migration) = MIGRATIONS.iter().find(|m| m.version == version) else {
-            bail!(
-                "the database has migration {name} applied, which this omni-api does not know; \
-                 it was migrated by a newer version — run that version or restore a backup"
-            );
-        };
-        if checksum(migration.sql) != recorded {
-            bail!(
-                "migration {} was changed after it was applied to this database (checksum {} recorded, {} now); \
-                 restore the original file and put the change in a new migration",
-                migration.name,
-                recorded,
-                checksum(migration.sql)
-            );
-        }
+        verify_applied(row.get(0), row.get(1), row.get(2))?;
     }
     for migration in MIGRATIONS.iter().filter(|m| !rows.iter().any(|r| r.get::<_, i32>(0) == m.version)) {
         tx.batch_execute(migration.sql).await.with_context(|| format!("applying migration {}", migration.name))?;
@@ -79,6 +72,48 @@ pub async fn apply(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<&'
     }
     tx.commit().await.context("committing migrations")?;
     Ok(applied_now)
+}
+
+/// Whether every embedded migration is recorded (and every recorded one is
+/// known and unchanged), read with two unprepared queries. `false` when the
+/// bookkeeping table does not exist yet (asked first, rather than selecting
+/// from it and failing, which PostgreSQL would log as an error).
+async fn all_applied(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    let exists = client.simple_query("SELECT to_regclass('omni_schema_migrations') IS NOT NULL").await.context("looking for omni_schema_migrations")?;
+    let exists = exists.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t")));
+    if !exists {
+        return Ok(false);
+    }
+    let messages = client.simple_query("SELECT version, name, checksum FROM omni_schema_migrations").await.context("reading applied migrations")?;
+    let mut recorded = Vec::new();
+    for message in &messages {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+            let version: i32 = row.get(0).and_then(|v| v.parse().ok()).context("omni_schema_migrations holds a version that is not a number")?;
+            verify_applied(version, row.get(1).unwrap_or_default().to_owned(), row.get(2).unwrap_or_default().to_owned())?;
+            recorded.push(version);
+        }
+    }
+    Ok(MIGRATIONS.iter().all(|m| recorded.contains(&m.version)))
+}
+
+/// Refuses a recorded migration this worker does not know, or one whose file changed since.
+fn verify_applied(version: i32, name: String, recorded: String) -> anyhow::Result<()> {
+    let Some(migration) = MIGRATIONS.iter().find(|m| m.version == version) else {
+        bail!(
+            "the database has migration {name} applied, which this omni-api does not know; \
+             it was migrated by a newer version — run that version or restore a backup"
+        );
+    };
+    if checksum(migration.sql) != recorded {
+        bail!(
+            "migration {} was changed after it was applied to this database (checksum {} recorded, {} now); \
+             restore the original file and put the change in a new migration",
+            migration.name,
+            recorded,
+            checksum(migration.sql)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

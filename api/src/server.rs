@@ -1,10 +1,22 @@
 //! Start-up and shutdown: database, migrations, API key, listener, serving.
 //!
+//! Readiness is announced, so the gateway need not poll: when started with
+//! `OMNI_API_READY_FD`, the worker writes a newline to that descriptor once
+//! migrations are applied and the listener is about to be served, then
+//! closes it (the s6 notification protocol). Started by hand, without it,
+//! `GET /api/v1/health` is how to tell.
+//!
 //! Shutdown is one mechanism: a future that completes on SIGTERM or SIGINT,
 //! handed to axum's graceful shutdown, which stops accepting, lets in-flight
 //! requests finish, and then returns so the process exits 0.
 
-use std::{net::TcpListener as StdListener, os::fd::FromRawFd, time::Duration};
+use std::{
+    fs::File,
+    io::Write,
+    net::TcpListener as StdListener,
+    os::fd::{FromRawFd, RawFd},
+    time::Duration,
+};
 
 use anyhow::{bail, Context};
 use omni_contract::{
@@ -24,6 +36,8 @@ use crate::{
 const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
 
 pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
+    // Taken first, so no child started later (pg_dump) inherits it.
+    let ready = config.ready_fd.and_then(readiness_descriptor);
     tracing::info!(
         ui_dir = %config.ui_dir.display(),
         backup_dir = %config.backup_dir.display(),
@@ -50,10 +64,40 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     let listener = listener(&config.listen)?;
     let address = listener.local_addr().context("reading the listening address")?;
     let app = routes::app(db, api_key, config);
-    tracing::info!(%address, "listening; ready when GET /api/v1/health answers 200");
+    if let Some(file) = ready {
+        announce_ready(file);
+        tracing::info!(%address, "listening; readiness announced to the gateway");
+    } else {
+        tracing::info!(%address, "listening; ready when GET /api/v1/health answers 200");
+    }
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Takes ownership of the readiness descriptor, if it is an open pipe or
+/// FIFO, and marks it close-on-exec. Anything else is reported and left
+/// alone: owning (and later closing) a descriptor that is not ours could
+/// close a file some library opened.
+fn readiness_descriptor(fd: RawFd) -> Option<File> {
+    // SAFETY: fstat writes into the zeroed struct; an invalid fd is an error return.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        tracing::warn!(fd, "OMNI_API_READY_FD names no open pipe; readiness will not be announced (GET /api/v1/health still tells)");
+        return None;
+    }
+    // SAFETY: plain fcntl on an open descriptor.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the descriptor is open, and the gateway handed it to us alone.
+    Some(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Writes the newline that says "ready" and closes the descriptor. A gateway
+/// that went away is no reason to stop serving, so a failure is only logged.
+fn announce_ready(mut file: File) {
+    if let Err(error) = file.write_all(b"\n") {
+        tracing::warn!(%error, "could not announce readiness on OMNI_API_READY_FD");
+    }
 }
 
 /// Cleans up after interrupted backups and starts the schedule, if any.

@@ -44,9 +44,25 @@ pub async fn put_if_absent<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<(T, bool), ApiError> {
     let json = serde_json::to_value(value).map_err(|e| ApiError::internal("encoding a setting", e))?;
-    let inserted = client
-        .execute("INSERT INTO omni_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", &[&key, &json])
+    // One statement (every worker start runs this for the API key): the new
+    // row, or the one already there.
+    let row = client
+        .query_opt(
+            "WITH inserted AS (
+                 INSERT INTO omni_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING value
+             )
+             SELECT value, true FROM inserted
+             UNION ALL
+             SELECT value, false FROM omni_settings WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM inserted)",
+            &[&key, &json],
+        )
         .await?;
-    let stored = get(client, key).await?.ok_or_else(|| ApiError::internal("reading back a setting", key))?;
-    Ok((stored, inserted == 1))
+    let (stored, ours) = match row {
+        Some(row) => (row.get::<_, serde_json::Value>(0), row.get::<_, bool>(1)),
+        // Another worker inserted it after this statement's snapshot was
+        // taken: a new statement sees it.
+        None => return Ok((get(client, key).await?.ok_or_else(|| ApiError::internal("reading back a setting", key))?, false)),
+    };
+    let stored = serde_json::from_value(stored).map_err(|e| ApiError::internal(&format!("setting {key:?} in omni_settings is unreadable"), e))?;
+    Ok((stored, ours))
 }

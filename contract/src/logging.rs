@@ -1,5 +1,5 @@
 //! Log output of both binaries: one line per event on stderr, for people
-//! (`LOG_FORMAT=pretty`, colour only on a terminal) or for machines
+//! (`LOG_FORMAT=pretty`, colour only on a terminal without `NO_COLOR`) or for machines
 //! (`LOG_FORMAT=json`, one object per line for log shippers).
 
 use std::io::IsTerminal;
@@ -43,8 +43,15 @@ pub fn init(level: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
-        LogFormat::Pretty => builder.with_target(false).with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Pretty => builder.with_target(false).with_ansi(colour()).init(),
     }
+}
+
+/// Colour codes only for a person at a terminal: never into a file, a pipe
+/// (the gateway reading a child) or a journal, and never with `NO_COLOR` set
+/// (<https://no-color.org>).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]

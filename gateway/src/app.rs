@@ -34,6 +34,7 @@ use crate::config::{Config, Database};
 use crate::http::{self, Surface};
 use crate::metrics::Metrics;
 use crate::postgres::{binaries, cluster, PostgresPolicy};
+use crate::privilege::Account;
 use crate::proxy::Proxy;
 use crate::sd_notify::{self, Notifier};
 use crate::status::{Board, State};
@@ -109,6 +110,7 @@ pub async fn run(config: Config) -> Result<i32> {
     tracing::info!("listening on http://{addr}");
 
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
+    let worker_account = worker::prepare_account(&config, &worker_bin)?;
     let components: &[&'static str] = match config.database {
         Database::Embedded(_) => &["postgres", "api"],
         Database::External { .. } => &["api"],
@@ -138,7 +140,7 @@ pub async fn run(config: Config) -> Result<i32> {
     let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier };
 
     // From here on every way out goes through the same orderly stop.
-    let outcome = supervise(&config, &mut running, &mut signals, worker_bin, upstreams, addr, started).await;
+    let outcome = supervise(&config, &mut running, &mut signals, (worker_bin, worker_account), upstreams, addr, started).await;
     if let Err(e) = &outcome {
         tracing::error!("{e:#}");
     }
@@ -151,7 +153,7 @@ async fn supervise(
     config: &Config,
     running: &mut Running,
     signals: &mut Signals,
-    worker_bin: PathBuf,
+    (worker_bin, worker_account): (PathBuf, Account),
     upstreams: Upstreams,
     addr: SocketAddr,
     started: Instant,
@@ -170,12 +172,13 @@ async fn supervise(
             let pg_started = Instant::now();
             let policy = PostgresPolicy::new(cluster.clone(), config.restart);
             running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None));
-            // The worker applies migrations at start, so it waits for PostgreSQL;
-            // meanwhile the gateway serves /gateway/status, which says why it waits.
-            if !wait_first_ready(&board, "postgres", signals, running).await {
+            // The worker applies migrations at start, so it waits for PostgreSQL
+            // to accept connections on the app database; meanwhile the gateway
+            // serves /gateway/status, which says why it waits.
+            if !wait_first(crate::postgres::worker_may_start(&cluster, &board), signals, running).await {
                 return Ok(());
             }
-            tracing::info!("PostgreSQL ready in {} ms", pg_started.elapsed().as_millis());
+            tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
             (cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()))
         }
         Database::External { url } => {
@@ -190,7 +193,7 @@ async fn supervise(
     // was down are not its own: it is retried as soon as PostgreSQL is back.
     let mut settings = config.worker_settings(&database_url);
     settings.pg_bin_dir = pg_bin_dir;
-    let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout);
+    let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout, worker_account);
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
     let api = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
     if config.dev {
@@ -223,16 +226,12 @@ async fn supervise(
     }
 }
 
-/// Waits until `name` is ready for the first time, acting on signals
-/// meanwhile; false when a stop came first.
-async fn wait_first_ready(board: &Board, name: &str, signals: &mut Signals, running: &Running) -> bool {
-    let mut rx = board.subscribe();
+/// Waits for `until` while answering signals: `false` when a stop came first.
+async fn wait_first(until: impl std::future::Future<Output = ()>, signals: &mut Signals, running: &Running) -> bool {
+    tokio::pin!(until);
     loop {
-        if board.state(name) == Some(State::Ready) {
-            return true;
-        }
         tokio::select! {
-            _ = rx.changed() => {}
+            () = &mut until => return true,
             event = signals.next() => match event {
                 Event::Stop(sig) => {
                     tracing::info!("{sig} received while starting: stopping");

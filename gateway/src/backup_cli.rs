@@ -9,6 +9,11 @@
 //! configuration names: `DATABASE_URL`, or the embedded cluster, which must be
 //! running (its port is read from `postmaster.pid`, its password from the file
 //! next to the data directory).
+//!
+//! Run as root, it works as the API worker's account (`OMNI_API_USER`): it
+//! reads what only root may (the cluster's password) first, then switches
+//! for good, so the backups and the lock file it leaves are the worker's to
+//! list, restore and delete, as if the API had made them.
 
 use std::path::Path;
 
@@ -19,6 +24,7 @@ use omni_contract::backups::Backups;
 use crate::{
     config::{Config, Database},
     postgres::{binaries, cluster},
+    privilege,
 };
 
 #[derive(Subcommand, Debug)]
@@ -41,6 +47,11 @@ pub enum BackupCommand {
 
 /// Runs one backup command, printing what it did on stdout.
 pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
+    let needs_database = matches!(command, BackupCommand::Create | BackupCommand::Restore { .. });
+    let database = if needs_database { Some(database(config)?) } else { None };
+    let account = privilege::worker_account(&config.api_user)?;
+    privilege::prepare_backup_dir(&config.backup_dir, &account)?;
+    privilege::become_account(&account)?;
     match command {
         BackupCommand::List => {
             let backups = service(config, None).list()?;
@@ -52,11 +63,11 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
             }
         }
         BackupCommand::Create => {
-            let created = service(config, Some(database(config)?)).create().await?;
+            let created = service(config, database).create().await?;
             println!("{}  {} bytes  {}", created.backup_file, created.size_bytes, config.backup_dir.display());
         }
         BackupCommand::Restore { name } => {
-            let restored = service(config, Some(database(config)?)).restore(&name).await?;
+            let restored = service(config, database).restore(&name).await?;
             println!("restored {}; the database as it was before is saved as {}", restored.restored, restored.safety_backup);
         }
         BackupCommand::Delete { name } => {

@@ -19,7 +19,10 @@
 //!   confuse the service manager.
 //!
 //! Output is read line by line and re-emitted as log events tagged with the
-//! child's name.
+//! child's name, each at the child's own severity and with one timestamp: the
+//! gateway's. A child's own prefix is parsed away rather than nested inside
+//! ours ([`Output`] says how to read each child: PostgreSQL's `LOG:`/`FATAL:`
+//! lines, the worker's JSON lines, a tool's plain text).
 
 use std::ffi::OsString;
 use std::io;
@@ -33,6 +36,32 @@ use std::sync::{mpsc, Mutex, OnceLock};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
+use tracing::Level;
+
+/// How many descriptors one child may be handed (a fixed array between fork
+/// and exec, where nothing may allocate).
+pub const MAX_PASSED_FDS: usize = 4;
+/// Passed descriptors are first moved at or above this number, so that moving
+/// them to their targets never overwrites one not yet moved.
+const FIRST_SPARE_FD: i32 = 64;
+
+/// How a child's output lines become log events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Not logged (stdout and stderr go to /dev/null).
+    Discard,
+    /// PostgreSQL started with `log_line_prefix='[%p] '`: the severity word
+    /// (`LOG:`, `WARNING:`, `FATAL:` …) picks the level, `DETAIL:`/`HINT:`
+    /// lines follow the line they belong to, and `routine` is the level of
+    /// `LOG:` lines and of unrecognised ones.
+    Postgres { routine: Level },
+    /// The worker's `LOG_FORMAT=json` lines: level, message and fields are
+    /// taken from the JSON; its own timestamp is dropped.
+    Json,
+    /// A tool's plain text (initdb): `error:`/`warning:` lines keep their
+    /// severity, everything else is logged at `routine`.
+    Text { routine: Level },
+}
 
 /// Variables that belong to the gateway's own service manager.
 const PRIVATE_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
@@ -52,10 +81,11 @@ pub struct ChildSpec {
     pub run_as: Option<(u32, u32)>,
     /// Sent to the child when the gateway dies, however it dies.
     pub death_signal: Signal,
-    /// A socket handed to the child as this fd number (for the worker's listener).
-    pub pass_fd: Option<(OwnedFd, i32)>,
-    /// Re-emit stdout/stderr lines in the log (false: discard).
-    pub log_output: bool,
+    /// Descriptors handed to the child under these numbers (the worker's
+    /// listening socket and its readiness pipe). At most [`MAX_PASSED_FDS`].
+    pub pass_fds: Vec<(OwnedFd, i32)>,
+    /// How to read the child's stdout/stderr into the log.
+    pub output: Output,
     /// What the child reads on stdin (default: nothing).
     pub stdin: Option<std::fs::File>,
 }
@@ -71,8 +101,8 @@ impl ChildSpec {
             cwd: None,
             run_as: None,
             death_signal: Signal::SIGKILL,
-            pass_fd: None,
-            log_output: true,
+            pass_fds: Vec::new(),
+            output: Output::Text { routine: Level::INFO },
             stdin: None,
         }
     }
@@ -109,17 +139,20 @@ static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
 /// child; its output is already being logged.
 pub async fn spawn(spec: ChildSpec) -> io::Result<Child> {
     let name = spec.name.clone();
-    let log_output = spec.log_output;
+    let output = spec.output;
+    if spec.pass_fds.len() > MAX_PASSED_FDS {
+        return Err(io::Error::other(format!("{name}: at most {MAX_PASSED_FDS} descriptors can be passed to a child")));
+    }
     let tx = SPAWNER.get_or_init(start_spawner_thread);
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     tx.send((spec, reply_tx)).map_err(|_| io::Error::other("spawner thread is gone"))?;
     let mut child = reply_rx.await.map_err(|_| io::Error::other("spawner thread dropped the request"))??;
-    if log_output {
+    if output != Output::Discard {
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(log_lines(name.clone(), out));
+            tokio::spawn(log_lines(name.clone(), output, out));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(log_lines(name, err));
+            tokio::spawn(log_lines(name, output, err));
         }
     }
     Ok(child)
@@ -170,14 +203,17 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
     }
     cmd.process_group(0);
     cmd.stdin(spec.stdin.take().map_or_else(Stdio::null, Stdio::from));
-    if spec.log_output {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    } else {
+    if spec.output == Output::Discard {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     let parent = std::process::id() as i32;
     let death_signal = spec.death_signal as i32;
-    let pass_fd = spec.pass_fd.as_ref().map(|(fd, target)| (fd.as_raw_fd(), *target));
+    let mut passed = [(-1, -1); MAX_PASSED_FDS];
+    for (slot, (fd, target)) in passed.iter_mut().zip(&spec.pass_fds) {
+        *slot = (fd.as_raw_fd(), *target);
+    }
     // SAFETY: between fork and exec only async-signal-safe calls are made
     // (prctl, getppid, dup2, fcntl, _exit); nothing allocates.
     unsafe {
@@ -187,13 +223,19 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
                 // The gateway died before the signal was armed.
                 libc::_exit(1);
             }
-            if let Some((fd, target)) = pass_fd {
-                if fd == target {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, target) < 0 {
+            // Two steps, so a descriptor whose number is another one's
+            // target is moved out of the way before it is overwritten. The
+            // spare copies are close-on-exec; dup2 clears that flag on the
+            // targets.
+            let mut spare = [-1; MAX_PASSED_FDS];
+            for (i, &(fd, _)) in passed.iter().enumerate().filter(|(_, (fd, _))| *fd >= 0) {
+                spare[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, FIRST_SPARE_FD);
+                if spare[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (i, &(_, target)) in passed.iter().enumerate().filter(|(_, (fd, _))| *fd >= 0) {
+                if libc::dup2(spare[i], target) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -210,8 +252,10 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
         }
     }
     drop(tracked);
-    // The parent's copy of a passed socket is closed here, when `spec` drops.
-    drop(spec.pass_fd);
+    // The parent's copies of passed descriptors are closed here: the child
+    // alone holds them from now on (an EOF on the readiness pipe means the
+    // worker closed it or died).
+    drop(spec.pass_fds);
     child
 }
 
@@ -232,28 +276,146 @@ fn set_parent_death_signal(_sig: i32) -> io::Result<()> {
     Ok(())
 }
 
-async fn log_lines(name: String, stream: impl AsyncRead + Unpin) {
+async fn log_lines(name: String, output: Output, stream: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
+    // The level of the last PostgreSQL message, for its DETAIL/HINT lines.
+    let mut last = Level::INFO;
     while let Ok(Some(line)) = lines.next_line().await {
-        emit(&name, &line);
+        let line = strip_escapes(&line);
+        let parsed = parse_line(output, &line, last);
+        last = parsed.level;
+        emit(&name, &parsed);
     }
 }
 
-/// PostgreSQL messages caused by the gateway's own readiness probes and
-/// stops; expected, so not reported as errors.
+/// One output line as the gateway logs it.
+#[derive(Debug, PartialEq)]
+struct Parsed {
+    level: Level,
+    /// PostgreSQL's process id from the line prefix (a backend's, usually).
+    pid: Option<u32>,
+    message: String,
+}
+
+/// PostgreSQL messages caused by the gateway's own stops (and, from older
+/// clusters' logs, probes); expected, so never reported as errors.
 const EXPECTED: &[&str] = &["the database system is starting up", "the database system is shutting down", "terminating connection due to administrator command"];
 
-/// Re-emits one output line, keeping the child's own severity where it says one.
-fn emit(name: &str, line: &str) {
-    let upper = line.to_ascii_uppercase();
-    if EXPECTED.iter().any(|m| line.contains(m)) {
-        tracing::info!(child = name, "{line}");
-    } else if ["FATAL:", "PANIC:", " ERROR ", "ERROR:", "\"LEVEL\":\"ERROR\""].iter().any(|m| upper.contains(m)) {
-        tracing::error!(child = name, "{line}");
-    } else if ["WARNING:", " WARN ", "\"LEVEL\":\"WARN\""].iter().any(|m| upper.contains(m)) {
-        tracing::warn!(child = name, "{line}");
-    } else {
-        tracing::info!(child = name, "{line}");
+fn parse_line(output: Output, line: &str, previous: Level) -> Parsed {
+    match output {
+        Output::Postgres { routine } => parse_postgres(line, routine, previous),
+        Output::Json => parse_json(line).unwrap_or_else(|| Parsed { level: Level::WARN, pid: None, message: line.to_owned() }),
+        Output::Text { routine } => {
+            let lower = line.to_ascii_lowercase();
+            let level = if lower.contains("error:") || lower.contains("fatal:") || lower.contains("panic:") {
+                Level::ERROR
+            } else if lower.contains("warning:") {
+                Level::WARN
+            } else {
+                routine
+            };
+            Parsed { level, pid: None, message: line.to_owned() }
+        }
+        Output::Discard => Parsed { level: Level::TRACE, pid: None, message: String::new() },
+    }
+}
+
+/// `[1234] FATAL:  message` → error, pid 1234, `FATAL: message`. The
+/// severity word is dropped where the level says the same (LOG, WARNING,
+/// ERROR) and kept where it says more (FATAL, PANIC, DETAIL, HINT …).
+fn parse_postgres(line: &str, routine: Level, previous: Level) -> Parsed {
+    let (pid, rest) = match line.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+        Some((digits, rest)) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => (digits.parse().ok(), rest),
+        _ => (None, line),
+    };
+    let Some((word, text)) = rest.split_once(':').filter(|(w, _)| !w.is_empty() && w.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())) else {
+        // A continuation line (a multi-line statement) or a stray one.
+        let level = if rest.starts_with(|c: char| c.is_whitespace()) { previous } else { routine };
+        return Parsed { level, pid, message: rest.to_owned() };
+    };
+    let text = text.trim_start();
+    let expected = EXPECTED.iter().any(|m| text.contains(m));
+    let (level, keep_word) = match word {
+        "LOG" | "INFO" | "NOTICE" => (routine, false),
+        "WARNING" => (Level::WARN, false),
+        "ERROR" => (Level::ERROR, false),
+        // Our own stop ending a connection: routine, and worded as such.
+        "FATAL" | "PANIC" if expected => (Level::INFO, false),
+        "FATAL" | "PANIC" => (Level::ERROR, true),
+        "DETAIL" | "HINT" | "CONTEXT" | "STATEMENT" | "QUERY" | "LOCATION" => (previous, true),
+        w if w.starts_with("DEBUG") => (Level::DEBUG, false),
+        _ => return Parsed { level: routine, pid, message: rest.to_owned() },
+    };
+    let message = if keep_word { format!("{word}: {text}") } else { text.to_owned() };
+    Parsed { level, pid, message }
+}
+
+/// A tracing JSON line (`{"timestamp", "level", "message", "target", …fields}`):
+/// the level and message, with the other fields appended as `key=value`.
+fn parse_json(line: &str) -> Option<Parsed> {
+    let serde_json::Value::Object(map) = serde_json::from_str(line).ok()? else { return None };
+    let level = match map.get("level")?.as_str()? {
+        "ERROR" => Level::ERROR,
+        "WARN" => Level::WARN,
+        "INFO" => Level::INFO,
+        "DEBUG" => Level::DEBUG,
+        _ => Level::TRACE,
+    };
+    let mut message = map.get("message").map(|m| m.as_str().map(str::to_owned).unwrap_or_else(|| m.to_string())).unwrap_or_default();
+    for (key, value) in &map {
+        if matches!(key.as_str(), "timestamp" | "level" | "message" | "target" | "span" | "spans" | "threadName" | "threadId") {
+            continue;
+        }
+        match value.as_str() {
+            Some(text) if !text.is_empty() && !text.contains(char::is_whitespace) => message.push_str(&format!(" {key}={text}")),
+            _ => message.push_str(&format!(" {key}={value}")),
+        }
+    }
+    Some(Parsed { level, pid: None, message: one_line(&message) })
+}
+
+/// A message that spans lines (a logged SQL statement) as one log line, so
+/// every line of the gateway's log starts with its own timestamp.
+fn one_line(text: &str) -> String {
+    if !text.contains('\n') {
+        return text.to_owned();
+    }
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// Terminal escape sequences (colours) removed: the log may be a file.
+fn strip_escapes(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains('\x1b') {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        // CSI: ESC [ parameters… final byte in @..~
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out.into()
+}
+
+fn emit(name: &str, p: &Parsed) {
+    let (pid, message) = (p.pid, p.message.as_str());
+    match p.level {
+        Level::ERROR => tracing::error!(child = name, pid, "{message}"),
+        Level::WARN => tracing::warn!(child = name, pid, "{message}"),
+        Level::INFO => tracing::info!(child = name, pid, "{message}"),
+        Level::DEBUG => tracing::debug!(child = name, pid, "{message}"),
+        _ => tracing::trace!(child = name, pid, "{message}"),
     }
 }
 
@@ -310,5 +472,62 @@ fn reap_orphans(me: u32) {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
             tracing::debug!("reaped orphaned process {pid}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PG: Output = Output::Postgres { routine: Level::INFO };
+
+    fn pg(line: &str, previous: Level) -> Parsed {
+        parse_line(PG, line, previous)
+    }
+
+    #[test]
+    fn postgres_severities_become_levels_without_their_prefix() {
+        assert_eq!(pg("[42] LOG:  database system is ready to accept connections", Level::INFO), Parsed { level: Level::INFO, pid: Some(42), message: "database system is ready to accept connections".into() });
+        assert_eq!(pg("[7] WARNING:  worrying", Level::INFO).level, Level::WARN);
+        let fatal = pg("[7] FATAL:  password authentication failed for user \"x\"", Level::INFO);
+        assert_eq!((fatal.level, fatal.message.as_str()), (Level::ERROR, "FATAL: password authentication failed for user \"x\""));
+        // Continuation lines follow the message they belong to.
+        assert_eq!(pg("[7] DETAIL:  Connection matched pg_hba.conf line 1", Level::ERROR).level, Level::ERROR);
+        assert_eq!(pg("\tSELECT 1", Level::WARN).level, Level::WARN);
+        // Caused by the gateway's own stops: expected.
+        let stop = pg("[9] FATAL:  terminating connection due to administrator command", Level::INFO);
+        assert_eq!((stop.level, stop.message.as_str()), (Level::INFO, "terminating connection due to administrator command"));
+        // A routine level of debug (postgres --single) quiets LOG lines only.
+        let quiet = Output::Postgres { routine: Level::DEBUG };
+        assert_eq!(parse_line(quiet, "[1] LOG:  checkpoint starting", Level::INFO).level, Level::DEBUG);
+        assert_eq!(parse_line(quiet, "[1] ERROR:  syntax error", Level::INFO).level, Level::ERROR);
+        assert_eq!(parse_line(quiet, "backend> ", Level::INFO).level, Level::DEBUG);
+    }
+
+    #[test]
+    fn worker_json_lines_keep_level_message_and_fields_but_not_their_timestamp() {
+        let line = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"WARN","message":"slow","elapsed_ms":12,"path":"/api/v1/x","target":"omni_api::x"}"#;
+        let p = parse_line(Output::Json, line, Level::INFO);
+        assert_eq!(p.level, Level::WARN);
+        assert_eq!(p.message, "slow elapsed_ms=12 path=/api/v1/x");
+        assert!(!p.message.contains("2026"));
+        let multi = r#"{"level":"DEBUG","message":"executing CREATE TABLE x (\n    a int\n)"}"#;
+        assert_eq!(parse_line(Output::Json, multi, Level::INFO).message, "executing CREATE TABLE x ( a int )");
+        // Anything else the worker prints (a panic) is not lost, and stands out.
+        assert_eq!(parse_line(Output::Json, "thread 'main' panicked at src/main.rs:1", Level::INFO).level, Level::WARN);
+    }
+
+    #[test]
+    fn tool_text_is_routine_except_errors_and_warnings() {
+        let initdb = Output::Text { routine: Level::DEBUG };
+        assert_eq!(parse_line(initdb, "creating subdirectories ... ok", Level::INFO).level, Level::DEBUG);
+        assert_eq!(parse_line(initdb, "initdb: error: directory \"x\" exists but is not empty", Level::INFO).level, Level::ERROR);
+        assert_eq!(parse_line(initdb, "initdb: warning: enabling \"trust\" authentication", Level::INFO).level, Level::WARN);
+    }
+
+    #[test]
+    fn colour_codes_are_removed() {
+        assert_eq!(strip_escapes("\x1b[2m2026\x1b[0m \x1b[32m INFO\x1b[0m hello"), "2026  INFO hello");
+        assert_eq!(strip_escapes("plain"), "plain");
     }
 }

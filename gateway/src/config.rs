@@ -47,6 +47,7 @@ pub const VARS: &[Var] = &[
     Var { name: "PGSERVE_REQUIRE_EXISTING", default: "false", help: "refuse to create a new cluster: fail if the data dir holds none" },
     Var { name: "PGSERVE_BIN_DIR", default: "", help: "directory holding postgres, initdb, pg_dump, psql; found automatically when empty" },
     Var { name: "PGSERVE_USER", default: "postgres", help: "unprivileged account PostgreSQL runs as when the gateway runs as root" },
+    Var { name: "OMNI_API_USER", default: "", help: "unprivileged account the API worker runs as when the gateway runs as root; default: PGSERVE_USER" },
     Var { name: "PGSERVE_REPLICATION_URL", default: "", help: "external PostgreSQL to replicate to (logical replication)" },
     Var { name: "PGSERVE_REPLICATION_DATABASES", default: "", help: "comma-separated database names to replicate, * wildcard" },
     Var { name: "DATABASE_URL", default: "", help: "use this external PostgreSQL instead of the embedded one" },
@@ -253,6 +254,8 @@ pub struct Config {
     pub backup_keep: usize,
     /// `OMNI_API_DB_POOL_SIZE`, handed to the worker.
     pub pool_size: usize,
+    /// `OMNI_API_USER`, else `PGSERVE_USER`: the worker's account when the gateway is root.
+    pub api_user: String,
     pub restart: RestartPolicy,
     pub http: HttpLimits,
     pub dev: bool,
@@ -418,6 +421,7 @@ impl Config {
             backup_interval,
             backup_keep: p.shared("OMNI_BACKUP_KEEP", check::backup_keep)?,
             pool_size: p.shared("OMNI_API_DB_POOL_SIZE", check::pool_size)?,
+            api_user: p.string("OMNI_API_USER").or_else(|| p.string("PGSERVE_USER")).unwrap_or_else(|| "postgres".into()),
             restart,
             http,
             dev: p.bool("OMNI_DEV")?,

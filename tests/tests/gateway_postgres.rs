@@ -47,6 +47,14 @@ fn fresh_data_dir_becomes_ready_and_keeps_rows_across_a_clean_restart() {
 }
 
 #[test]
+fn a_new_cluster_has_data_checksums_on() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    let on: String = gw.db().query_one("SHOW data_checksums", &[]).unwrap().get(0);
+    assert_eq!(on, "on");
+}
+
+#[test]
 fn data_dir_belongs_to_the_postgres_account_with_private_modes() {
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).start();

@@ -5,7 +5,17 @@
 //! download through `postgresql_embedded` when built with the `download`
 //! feature. A system installation always wins over a download, so a machine
 //! with PostgreSQL installed never touches the network.
+//!
+//! What a search learns is cached in `binaries.json` in the cache directory:
+//! running `pg_config` (a shell script on Debian) and `postgres --version`
+//! costs about 20 ms, a fifth of a warm start. Each entry is keyed by a
+//! *stamp*, the path, size and modification time of every file and
+//! directory its answer depends on (the binaries, `pg_config`, the
+//! directories searched); a changed stamp means the answer is worked out
+//! again, so installing or upgrading PostgreSQL is noticed at the next start.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,10 +53,21 @@ pub enum FindError {
 
 /// Checks that `dir` holds `postgres` and `initdb` that run, and reads the version.
 pub fn probe(dir: &Path, found_by: &'static str) -> Result<Binaries, String> {
+    probe_cached(dir, found_by, &mut Cache::default())
+}
+
+fn probe_cached(dir: &Path, found_by: &'static str, cache: &mut Cache) -> Result<Binaries, String> {
     for exe in ["postgres", "initdb"] {
         let p = dir.join(exe);
         if !p.is_file() {
             return Err(format!("{} is missing", p.display()));
+        }
+    }
+    let stamp = stamp(&[&dir.join("postgres"), &dir.join("initdb")]);
+    let key = dir.to_string_lossy().into_owned();
+    if let Some(entry) = cache.probes.get(&key).filter(|e| e.stamp == stamp) {
+        if let Some(major) = parse_major(&entry.version) {
+            return Ok(Binaries { dir: dir.to_path_buf(), major, version: entry.version.clone(), found_by });
         }
     }
     let out = Command::new(dir.join("postgres"))
@@ -55,8 +76,99 @@ pub fn probe(dir: &Path, found_by: &'static str) -> Result<Binaries, String> {
         .map_err(|e| format!("could not run {}/postgres --version: {e}", dir.display()))?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let major = parse_major(&version).ok_or_else(|| format!("unexpected `postgres --version` output {version:?}"))?;
+    cache.probes.insert(key, Probed { stamp, version: version.clone() });
+    cache.changed = true;
     Ok(Binaries { dir: dir.to_path_buf(), major, version, found_by })
 }
+
+/// `binaries.json`: what earlier searches learned.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Cache {
+    /// Directory → its binaries' version.
+    #[serde(default)]
+    probes: BTreeMap<String, Probed>,
+    /// The outcome of the automatic search.
+    #[serde(default)]
+    search: Option<Searched>,
+    /// Whether anything was learned that the file does not hold yet.
+    #[serde(skip)]
+    changed: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Probed {
+    stamp: String,
+    version: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Searched {
+    stamp: String,
+    dir: PathBuf,
+    found_by: String,
+}
+
+impl Cache {
+    fn path() -> PathBuf {
+        super::cluster::cache_dir().join("binaries.json")
+    }
+
+    /// The cache, or an empty one when there is none or it is unreadable.
+    fn load() -> Cache {
+        std::fs::read(Cache::path()).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+    }
+
+    /// Written to a temporary file and renamed, so concurrent gateways never
+    /// read half of one. A cache that cannot be written only costs time.
+    fn save(&self) {
+        if !self.changed {
+            return;
+        }
+        let path = Cache::path();
+        let temp = path.with_file_name(format!(".binaries.json.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(path.parent().expect("the cache file has a directory"))?;
+            std::fs::write(&temp, serde_json::to_vec_pretty(self)?)?;
+            std::fs::rename(&temp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&temp);
+            tracing::debug!("could not write the binaries cache {}: {e}", path.display());
+        }
+    }
+}
+
+/// Path, size and modification time (ns) of each path, following symlinks;
+/// `-` for one that does not exist.
+fn stamp(paths: &[&Path]) -> String {
+    let mut out = String::new();
+    for path in paths {
+        match std::fs::metadata(path) {
+            Ok(m) => out.push_str(&format!("{}:{}:{}.{};", path.display(), m.len(), m.mtime(), m.mtime_nsec())),
+            Err(_) => out.push_str(&format!("{}:-;", path.display())),
+        }
+    }
+    out
+}
+
+/// What the automatic search's answer depends on: `PATH` and the
+/// `pg_config` it finds, and every directory the search lists or looks in
+/// (installing a version adds an entry, which changes the directory's time).
+fn search_stamp() -> String {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let pg_config = std::env::split_paths(&path_var).map(|d| d.join("pg_config")).find(|p| p.is_file());
+    let mut watched: Vec<PathBuf> = pg_config.into_iter().collect();
+    watched.extend(
+        ["/usr/lib/postgresql", "/usr", "/opt/homebrew/opt", "/usr/local/opt", "/Applications/Postgres.app/Contents/Versions", "/usr/local/pgsql/bin", "/usr/local/bin", "/usr/bin"]
+            .iter()
+            .map(PathBuf::from),
+    );
+    let refs: Vec<&Path> = watched.iter().map(PathBuf::as_path).collect();
+    format!("PATH={};{}", path_var.to_string_lossy(), stamp(&refs))
+}
+
+/// The `found_by` labels [`candidates`] gives, so a cached one maps back to its `&'static str`.
+const FOUND_BY: &[&str] = &["pg_config --bindir", "newest /usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "Homebrew", "Postgres.app", "usual install location"];
 
 /// `postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → 15; `9.6.24` → 9.
 pub fn parse_major(version: &str) -> Option<u32> {
@@ -66,13 +178,29 @@ pub fn parse_major(version: &str) -> Option<u32> {
 
 /// Searches in SPEC order. `explicit` is `PGSERVE_BIN_DIR`.
 pub fn find(explicit: Option<&Path>) -> Result<Binaries, FindError> {
+    let mut cache = Cache::load();
+    let found = find_with(explicit, &mut cache);
+    cache.save();
+    found
+}
+
+fn find_with(explicit: Option<&Path>, cache: &mut Cache) -> Result<Binaries, FindError> {
     if let Some(dir) = explicit {
-        return probe(dir, "PGSERVE_BIN_DIR").map_err(|problem| FindError::BadExplicitDir { dir: dir.to_path_buf(), problem });
+        return probe_cached(dir, "PGSERVE_BIN_DIR", cache).map_err(|problem| FindError::BadExplicitDir { dir: dir.to_path_buf(), problem });
+    }
+    let stamp = search_stamp();
+    let remembered = cache.search.as_ref().filter(|s| s.stamp == stamp).and_then(|s| Some((s.dir.clone(), *FOUND_BY.iter().find(|f| **f == s.found_by)?)));
+    if let Some((dir, how)) = remembered {
+        if let Ok(b) = probe_cached(&dir, how, cache) {
+            return Ok(b);
+        }
     }
     let mut searched = Vec::new();
     for (dir, how) in candidates() {
         searched.push(dir.display().to_string());
-        if let Ok(b) = probe(&dir, how) {
+        if let Ok(b) = probe_cached(&dir, how, cache) {
+            cache.search = Some(Searched { stamp, dir: b.dir.clone(), found_by: how.to_owned() });
+            cache.changed = true;
             return Ok(b);
         }
     }
@@ -180,6 +308,40 @@ mod tests {
         let mut v = vec!["9.6", "16", "15", "postgresql@14"];
         v.sort_by_key(|n| std::cmp::Reverse(version_key(n)));
         assert_eq!(v, ["16", "15", "postgresql@14", "9.6"]);
+    }
+
+    #[test]
+    fn a_probe_is_remembered_until_the_binaries_change() {
+        let dir = std::env::temp_dir().join(format!("omni-bin-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let postgres = dir.join("postgres");
+        for exe in ["postgres", "initdb"] {
+            std::fs::write(dir.join(exe), "#!/bin/sh\necho 'postgres (PostgreSQL) 15.1'\n").unwrap();
+            std::fs::set_permissions(dir.join(exe), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let mut cache = Cache::default();
+        assert_eq!(probe_cached(&dir, "test", &mut cache).unwrap().major, 15);
+        assert!(cache.changed, "a new answer is to be saved");
+
+        // A script that fails, with the same size and time: the stamp is the
+        // same, so the answer comes from the cache without running it.
+        let mtime = std::fs::metadata(&postgres).unwrap().modified().unwrap();
+        std::fs::write(&postgres, "#!/bin/sh\nexit 1 # same length as before...\n").unwrap();
+        std::fs::File::options().write(true).open(&postgres).unwrap().set_modified(mtime).unwrap();
+        assert_eq!(std::fs::metadata(&postgres).unwrap().len(), "#!/bin/sh\necho 'postgres (PostgreSQL) 15.1'\n".len() as u64);
+        assert_eq!(probe_cached(&dir, "test", &mut cache).unwrap().version, "postgres (PostgreSQL) 15.1");
+
+        // Any change of size or time: probed again.
+        std::fs::write(&postgres, "#!/bin/sh\nexit 1\n").unwrap();
+        assert!(probe_cached(&dir, "test", &mut cache).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_search_label_can_be_read_back_from_the_cache() {
+        for (_, how) in candidates() {
+            assert!(FOUND_BY.contains(&how), "{how} is missing from FOUND_BY");
+        }
     }
 
     #[test]

@@ -22,10 +22,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rand::distributions::{Alphanumeric, DistString};
+use tracing::Level;
 
 use super::binaries::Binaries;
 use super::pidfile;
-use crate::child::{self, ChildSpec};
+use crate::child::{self, ChildSpec, Output};
 use crate::config::{EmbeddedConfig, Origin};
 use crate::privilege::{self, Account};
 
@@ -33,6 +34,8 @@ use crate::privilege::{self, Account};
 pub const APP_DATABASE: &str = "omni";
 /// The superuser initdb creates.
 pub const SUPERUSER: &str = "postgres";
+/// What PostgreSQL puts before each log line; `child.rs` reads the severity after it.
+const LOG_LINE_PREFIX: &str = "[%p] ";
 /// Prefix of memory-mode cluster directories in tmpfs; the gateway's pid follows.
 const MEMORY_PREFIX: &str = "omni-gateway-mem-";
 
@@ -51,6 +54,11 @@ pub struct Cluster {
     /// by `initdb --sync-only` running beside the first start; this is that
     /// flush, awaited before PostgreSQL is first reported ready.
     pub durable: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
+    /// Whether the app database exists: from the start for an existing
+    /// cluster or a copy of the memory-mode template, once created for a new
+    /// one. The worker may connect as soon as it is true and PostgreSQL
+    /// accepts connections.
+    pub app_database: tokio::sync::watch::Sender<bool>,
 }
 
 impl Cluster {
@@ -84,7 +92,12 @@ impl Cluster {
             .arg("-c")
             .arg("listen_addresses=127.0.0.1")
             .arg("-c")
-            .arg("unix_socket_permissions=0700");
+            .arg("unix_socket_permissions=0700")
+            // The gateway's log line carries the time and the level; PostgreSQL's
+            // prefix keeps only the process id, which tells backends apart.
+            .arg("-c")
+            .arg(format!("log_line_prefix={LOG_LINE_PREFIX}"));
+        spec.output = Output::Postgres { routine: Level::INFO };
         if self.memory_mode {
             // The cluster is thrown away at exit; durability buys nothing.
             for setting in ["fsync=off", "synchronous_commit=off", "full_page_writes=off"] {
@@ -163,6 +176,8 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         account,
         memory_mode: cfg.memory_mode,
         durable: tokio::sync::Mutex::new(durable),
+        // Only a cluster initialised by this start lacks it.
+        app_database: tokio::sync::watch::Sender::new(!needs_sync),
     };
     if let Err(e) = check_port_free(port) {
         cluster.cleanup();
@@ -184,8 +199,14 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     if has_cluster {
         check_version(dir, binaries)?;
         pidfile::clear_stale(dir)?;
-        privilege::check_reachable(dir, account)?;
-        if account.switch {
+        privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
+        // Walking a cluster's thousand files costs milliseconds on every
+        // start; it is needed when the cluster came from elsewhere (a copy
+        // made as root, a volume from an image with another account), which
+        // shows on its top-level files. A lone stray file deeper down is
+        // reported by PostgreSQL itself, naming the file.
+        if account.switch && !privilege::owns_all(&[dir, &dir.join("PG_VERSION"), &dir.join("global"), &dir.join("global/pg_control"), &dir.join("base"), &dir.join("pg_wal")], account) {
+            tracing::info!("giving {} to user {}", dir.display(), account.name);
             privilege::chown_tree(dir, account)?;
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -224,10 +245,10 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         std::fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
     }
     std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).with_context(|| format!("could not create {}", dir.display()))?;
-    privilege::check_reachable(dir, account)?;
+    privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
     privilege::chown_tree(dir, account)?;
     let password = random_password();
-    run_initdb(binaries, dir, &password, account, true).await?;
+    run_initdb(binaries, dir, &password, account, true, &[]).await?;
     write_secret(&pw_file, &password)?;
     tracing::info!("cluster initialized in {} ms (flushing it to disk while PostgreSQL starts)", started.elapsed().as_millis());
     Ok((dir.clone(), password, true))
@@ -239,9 +260,8 @@ async fn prepare_memory(binaries: &Binaries, account: &Account) -> Result<(PathB
     let dir = base.join(format!("{MEMORY_PREFIX}{}", std::process::id()));
     let (template, password) = ensure_template(binaries, account).await?;
     let started = Instant::now();
-    copy_tree(&template, &dir).with_context(|| format!("could not copy the template cluster into {}", dir.display()))?;
+    copy_tree(&template, &dir, account.run_as()).with_context(|| format!("could not copy the template cluster into {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    privilege::chown_tree(&dir, account)?;
     write_secret(&password_file(&dir), &password)?;
     tracing::info!("memory mode: throw-away cluster at {} (copied from template in {} ms)", dir.display(), started.elapsed().as_millis());
     Ok((dir, password))
@@ -292,7 +312,9 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     let cache = cache_dir();
     let number = binaries.version.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())).unwrap_or("unknown");
     let key: String = number.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
-    let template = cache.join(format!("template-pg{key}"));
+    // The suffixes tell templates built before clusters got data checksums
+    // and small WAL segments apart, so those are not reused.
+    let template = cache.join(format!("template-pg{key}-checksums-wal1"));
     if let Ok(password) = std::fs::read_to_string(template.join("password")) {
         if template.join("cluster/PG_VERSION").is_file() {
             return Ok((template.join("cluster"), password.trim().to_string()));
@@ -309,7 +331,10 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     privilege::check_reachable(&cluster, account)?;
     privilege::chown_tree(&cluster, account)?;
     let password = random_password();
-    run_initdb(binaries, &cluster, &password, account, true).await?;
+    // 1 MB WAL segments instead of 16: the segment initdb preallocates is
+    // copied at every memory-mode start, and a throw-away cluster never
+    // archives WAL, where the segment size would matter.
+    run_initdb(binaries, &cluster, &password, account, true, &["--wal-segsize=1"]).await?;
     create_app_database_offline(binaries, &cluster, account).await?;
     write_secret(&work.join("password"), &password)?;
     if std::fs::rename(&work, &template).is_err() {
@@ -342,7 +367,15 @@ async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &
     std::fs::write(&sql_path, format!("CREATE DATABASE {APP_DATABASE};\n")).with_context(|| format!("writing {}", sql_path.display()))?;
     let sql = std::fs::File::open(&sql_path);
     let _ = std::fs::remove_file(&sql_path);
-    let mut spec = ChildSpec::new("postgres --single", binaries.postgres()).arg("--single").arg("-D").arg(dir).arg("postgres");
+    let mut spec = ChildSpec::new("postgres --single", binaries.postgres())
+        .arg("--single")
+        .arg("-D")
+        .arg(dir)
+        .arg("-c")
+        .arg(format!("log_line_prefix={LOG_LINE_PREFIX}"))
+        .arg("postgres");
+    // Its banner and prompts are chatter; errors still stand out.
+    spec.output = Output::Postgres { routine: Level::DEBUG };
     spec.run_as = account.run_as();
     spec.stdin = Some(sql.context("reading back the CREATE DATABASE statement")?);
     let status = child::run(spec).await.context("could not run postgres --single")?;
@@ -352,8 +385,10 @@ async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &
     Ok(())
 }
 
-/// Runs `initdb`: UTF-8, scram passwords for every connection, superuser `postgres`.
-async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool) -> Result<()> {
+/// Runs `initdb`: UTF-8, scram passwords for every connection, superuser
+/// `postgres`, data checksums on (so corruption on disk is reported, not
+/// read back as data; the cost is a checksum per page read from or written to disk).
+async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool, extra: &[&str]) -> Result<()> {
     // initdb reads the password from a file it can open as the target user.
     let pw_tmp = dir.with_file_name(format!(".initdb-pw-{}", std::process::id()));
     write_secret(&pw_tmp, password)?;
@@ -368,17 +403,21 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
         .arg("--encoding=UTF8")
         .arg("--locale=C")
         .arg("--auth=scram-sha-256")
+        .arg("--data-checksums")
         .arg(format!("--pwfile={}", pw_tmp.display()));
+    // Its progress report is for debugging; the caller logs one line with the outcome.
+    spec.output = Output::Text { routine: Level::DEBUG };
     if no_sync {
         spec = spec.arg("--no-sync");
     }
+    spec.args.extend(extra.iter().map(Into::into));
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
     let status = child::run(spec).await;
     let _ = std::fs::remove_file(&pw_tmp);
     let status = status.context("could not run initdb")?;
     if !status.success() {
-        bail!("initdb failed ({status}); its output is in the log above. The directory {} was left as it is for inspection", dir.display());
+        bail!("initdb failed ({status}); its error is in the log above (LOG_LEVEL=debug shows all of its output). The directory {} was left as it is for inspection", dir.display());
     }
     Ok(())
 }
@@ -387,6 +426,7 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
 async fn sync_cluster(binaries: &Binaries, dir: &Path, account: &Account) -> Result<()> {
     let started = Instant::now();
     let mut spec = ChildSpec::new("initdb --sync-only", binaries.initdb()).arg("--sync-only").arg("-D").arg(dir);
+    spec.output = Output::Text { routine: Level::DEBUG };
     spec.run_as = account.run_as();
     spec.env_remove = vec!["PGDATA".into()];
     let status = child::run(spec).await.context("could not run initdb --sync-only")?;
@@ -459,20 +499,55 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
     Ok(())
 }
 
-/// Recursive copy preserving modes; the template holds only files and dirs.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if ty.is_file() {
-            std::fs::copy(entry.path(), &target)?;
+/// Copies a template cluster, keeping modes and giving every copy to
+/// `owner`: directories first, then the files on a few threads (the copy is
+/// most of a memory-mode start, and it is a thousand files of kernel work
+/// that parallelises well). The template holds only files and directories.
+fn copy_tree(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    let give = |path: &Path| match owner {
+        Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    };
+    let mut dirs = vec![(from.to_path_buf(), to.to_path_buf())];
+    let mut files = Vec::new();
+    let mut i = 0;
+    while i < dirs.len() {
+        let (source, target) = dirs[i].clone();
+        std::fs::create_dir(&target)?;
+        for entry in std::fs::read_dir(&source)? {
+            let entry = entry?;
+            let ty = entry.file_type()?;
+            if ty.is_dir() {
+                dirs.push((entry.path(), target.join(entry.file_name())));
+            } else if ty.is_file() {
+                files.push((entry.path(), target.join(entry.file_name())));
+            }
         }
+        i += 1;
     }
-    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> std::io::Result<()> {
+                    while let Some((source, target)) = files.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                        std::fs::copy(source, target)?;
+                        give(target)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(std::io::Error::other("a copying thread panicked"))))
+    })?;
+    // Modes last: a 0700 directory copied first would still take files (we
+    // may be root), but this keeps the order obvious.
+    for (source, target) in dirs.iter().rev() {
+        std::fs::set_permissions(target, std::fs::metadata(source)?.permissions())?;
+        give(target)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,10 +1,24 @@
 //! The embedded PostgreSQL: finding binaries, preparing the cluster, and the
 //! supervision policy that runs `postgres` as a direct child.
+//!
+//! Readiness is PostgreSQL's own word first, then a real query: the postmaster
+//! writes `ready` into line 8 of `postmaster.pid` once it accepts connections
+//! (what `pg_ctl -w` reads), and only then does the check connect and run
+//! `SELECT 1`. Connecting earlier would be refused with `FATAL: the database
+//! system is starting up`, one log line per attempt.
+//!
+//! The worker need not wait for that check: when the app database already
+//! exists, it may start as soon as PostgreSQL accepts connections
+//! ([`worker_may_start`]), so its connection and migration check run beside
+//! the gateway's own; on a new cluster, as soon as the app database is
+//! created, while the new files are still being flushed to disk. Each first connection after a start costs a backend
+//! and its catalog caches, milliseconds that would otherwise add up.
 
 pub mod binaries;
 pub mod cluster;
 pub mod pidfile;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +28,7 @@ use tokio::process::Child;
 
 use crate::child;
 use crate::config::RestartPolicy;
+use crate::status::{Board, State};
 use crate::supervisor::{CheckTiming, Policy, StopSignals};
 use cluster::{Cluster, APP_DATABASE};
 
@@ -24,11 +39,97 @@ pub struct PostgresPolicy {
     pub restart: RestartPolicy,
     /// Kept open between checks; dropped on any error and reconnected.
     client: Option<tokio_postgres::Client>,
+    /// The postmaster of the current run, to tell its `postmaster.pid` from a stale one.
+    pid: Option<u32>,
 }
 
 impl PostgresPolicy {
     pub fn new(cluster: Arc<Cluster>, restart: RestartPolicy) -> Self {
-        PostgresPolicy { cluster, restart, client: None }
+        PostgresPolicy { cluster, restart, client: None, pid: None }
+    }
+
+    /// Waits until the postmaster of this run says `ready` in its pid file.
+    /// The file is re-read every millisecond: a read costs microseconds, and
+    /// the wait ends within a millisecond of PostgreSQL being ready. The
+    /// supervisor bounds the wait (its check timeout) and notices an exit.
+    async fn wait_accepting(&self) {
+        // PostgreSQL before 10 writes no status line; connecting is all there is.
+        let Some(pid) = self.pid.filter(|_| self.cluster.binaries.major >= 10) else { return };
+        let pid_file = self.cluster.data_dir.join("postmaster.pid");
+        while postmaster_status(&pid_file, pid) != PostmasterStatus::Accepting {
+            tokio::time::sleep(PID_FILE_POLL).await;
+        }
+    }
+}
+
+/// Returns when the worker may be started: once the app database exists
+/// (from the start, or once the first start created it) and PostgreSQL
+/// accepts connections, which is before the gateway's own check and, for a
+/// new cluster, before its flush to disk has finished.
+pub async fn worker_may_start(cluster: &Cluster, board: &Board) {
+    if cluster.binaries.major < 10 {
+        return until_ready(board).await;
+    }
+    let pid_file = cluster.data_dir.join("postmaster.pid");
+    let mut app_database = cluster.app_database.subscribe();
+    let accepting = async {
+        if app_database.wait_for(|exists| *exists).await.is_err() {
+            return std::future::pending().await;
+        }
+        loop {
+            // Only the pid file of the run the supervisor started counts.
+            let pid = board.snapshot().get("postgres").and_then(|c| c.pid);
+            if pid.is_some_and(|pid| postmaster_status(&pid_file, pid) == PostmasterStatus::Accepting) {
+                return;
+            }
+            tokio::time::sleep(PID_FILE_POLL).await;
+        }
+    };
+    tokio::select! {
+        () = until_ready(board) => {}
+        () = accepting => {}
+    }
+}
+
+/// Until PostgreSQL is `ready`. It is retried until it is, so this only
+/// ends by being ready (the caller also listens for a stop).
+async fn until_ready(board: &Board) {
+    let mut rx = board.subscribe();
+    while board.state("postgres") != Some(State::Ready) {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Between two reads of `postmaster.pid` while PostgreSQL starts.
+const PID_FILE_POLL: Duration = Duration::from_millis(1);
+
+/// What `postmaster.pid` says about the postmaster `pid`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PostmasterStatus {
+    /// `ready` (or `standby`): connections are accepted.
+    Accepting,
+    /// `starting`, `stopping`, no status line yet, or no file.
+    NotYet,
+    /// The file belongs to another process (a stale file not yet replaced).
+    Other,
+}
+
+/// Reads line 1 (pid) and line 8 (status) of `postmaster.pid`, as `pg_ctl` does.
+pub fn postmaster_status(pid_file: &Path, pid: u32) -> PostmasterStatus {
+    let Ok(text) = std::fs::read_to_string(pid_file) else { return PostmasterStatus::NotYet };
+    parse_postmaster_status(&text, pid)
+}
+
+fn parse_postmaster_status(text: &str, pid: u32) -> PostmasterStatus {
+    let mut lines = text.lines();
+    if lines.next().and_then(|l| l.trim().parse::<u32>().ok()) != Some(pid) {
+        return PostmasterStatus::Other;
+    }
+    match lines.nth(6).map(str::trim) {
+        Some("ready" | "standby") => PostmasterStatus::Accepting,
+        _ => PostmasterStatus::NotYet,
     }
 }
 
@@ -48,13 +149,24 @@ impl Policy for PostgresPolicy {
 
     async fn start(&mut self) -> Result<Child> {
         self.client = None;
+        // A cluster of another major, or binaries that are gone, stay so until
+        // someone acts: `failed`, not retried (SIGHUP retries). A taken port or
+        // a live pid file may clear up by themselves: backoff.
+        cluster::check_version(&self.cluster.data_dir, &self.cluster.binaries).map_err(crate::supervisor::permanent)?;
         self.cluster.preflight()?;
         tracing::info!("starting PostgreSQL {} on 127.0.0.1:{}", self.cluster.binaries.major, self.cluster.port);
-        child::spawn(self.cluster.postgres_spec()).await.context("could not start postgres")
+        let child = child::spawn(self.cluster.postgres_spec()).await.map_err(|e| {
+            let unfixable = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
+            let e = anyhow::Error::new(e).context("could not start postgres");
+            if unfixable { crate::supervisor::permanent(e) } else { e }
+        })?;
+        self.pid = child.id();
+        Ok(child)
     }
 
     async fn check(&mut self) -> Result<()> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.wait_accepting().await;
             self.client = Some(connect(&self.cluster.pg_config("postgres")).await?);
         }
         let client = self.client.as_ref().expect("connected above");
@@ -66,15 +178,19 @@ impl Policy for PostgresPolicy {
     }
 
     async fn on_ready(&mut self) -> Result<()> {
-        // A brand-new cluster counts as ready only once it is on disk.
-        if let Some(flush) = self.cluster.durable.lock().await.take() {
-            flush.await.context("the flush of the new cluster did not finish")??;
-        }
         let client = self.client.as_ref().context("no connection after the ready check")?;
-        let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&APP_DATABASE]).await?.is_some();
+        // One unprepared round trip; the name is our constant.
+        let rows = client.simple_query(&format!("SELECT 1 FROM pg_database WHERE datname = '{APP_DATABASE}'")).await?;
+        let exists = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)));
         if !exists {
             tracing::info!("creating database {APP_DATABASE}");
             client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
+        }
+        // The worker may start now, while a new cluster is still being flushed.
+        self.cluster.app_database.send_replace(true);
+        // A brand-new cluster counts as ready only once it is on disk.
+        if let Some(flush) = self.cluster.durable.lock().await.take() {
+            flush.await.context("the flush of the new cluster did not finish")??;
         }
         Ok(())
     }
@@ -85,8 +201,8 @@ impl Policy for PostgresPolicy {
 
     fn timing(&self) -> CheckTiming {
         CheckTiming {
-            // A refused connection costs microseconds; poll tightly so start-up
-            // is not padded by the poll interval.
+            // A check waits on the pid file itself; this only spaces out
+            // retries after a failed connection.
             ready_poll: Duration::from_millis(5),
             // Crash recovery of a large cluster can take minutes; while the
             // process lives and recovers, it is not restarted.
@@ -95,5 +211,21 @@ impl Policy for PostgresPolicy {
             check_timeout: Duration::from_secs(3),
             failures_before_restart: 3,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postmaster_pid_status_is_read_as_pg_ctl_reads_it() {
+        let file = |status: &str| format!("4242\n/srv/data\n1767225600\n5432\n/tmp\n127.0.0.1\n  5432001    98304\n{status}\n");
+        assert_eq!(parse_postmaster_status(&file("ready   "), 4242), PostmasterStatus::Accepting);
+        assert_eq!(parse_postmaster_status(&file("standby "), 4242), PostmasterStatus::Accepting);
+        assert_eq!(parse_postmaster_status(&file("starting"), 4242), PostmasterStatus::NotYet);
+        assert_eq!(parse_postmaster_status(&file("stopping"), 4242), PostmasterStatus::NotYet);
+        assert_eq!(parse_postmaster_status("4242\n/srv/data\n", 4242), PostmasterStatus::NotYet);
+        assert_eq!(parse_postmaster_status(&file("ready   "), 1), PostmasterStatus::Other);
     }
 }

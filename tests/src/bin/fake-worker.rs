@@ -5,7 +5,10 @@
 //!
 //! Speaks the worker's start-up contract: the listening socket arrives as the
 //! fd in `OMNI_API_LISTEN_FD`; `GET /api/v1/health` answers 200 (503 when
-//! `FAKE_UNHEALTHY` is set).
+//! `FAKE_UNHEALTHY` is set); readiness is announced on `OMNI_API_READY_FD`
+//! (never when unhealthy or never ready), `FAKE_READY_DELAY_MS` after the start.
+//! `GET /health-hits-before-ready` counts the health requests that came
+//! before the announcement (the gateway should make none).
 //!
 //! Misbehaviour on demand, for supervision tests (each variable names a file):
 //! `FAKE_REQUIRE_FILE`: exit 1 at start unless the file exists;
@@ -19,9 +22,9 @@
 //! `GET /slow?ms=N` → 200 after N ms; upgrade `echo` → 101, then echoes bytes.
 
 use std::convert::Infallible;
-use std::io::Write as _;
+use std::io::Write;
 use std::os::fd::FromRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +46,10 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 
 /// Set at start from `FAKE_NEVER_READY_IF_FILE`.
 static NEVER_READY: AtomicBool = AtomicBool::new(false);
+/// Set once readiness was announced on `OMNI_API_READY_FD`.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+/// `GET /api/v1/health` requests received before that.
+static HITS_BEFORE_READY: AtomicU64 = AtomicU64::new(0);
 
 /// Appends `what <pid> <unix ms>` to the `FAKE_EVENTS` file, if set.
 fn record(what: &str) {
@@ -59,7 +66,11 @@ fn file_named_by(var: &str) -> Option<bool> {
 
 async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some() || NEVER_READY.load(Ordering::Relaxed);
+    if req.uri().path() == "/api/v1/health" && !ANNOUNCED.load(Ordering::SeqCst) {
+        HITS_BEFORE_READY.fetch_add(1, Ordering::SeqCst);
+    }
     let resp = match req.uri().path() {
+        "/health-hits-before-ready" => Response::new(full(HITS_BEFORE_READY.load(Ordering::SeqCst).to_string())),
         "/api/v1/health" if unhealthy => Response::builder().status(503).body(full("{}")).unwrap(),
         "/api/v1/health" => Response::new(full(r#"{"status":"ok"}"#)),
         "/upload" => {
@@ -154,6 +165,17 @@ fn main() {
     std_listener.set_nonblocking(true).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
+        let ready_fd = std::env::var("OMNI_API_READY_FD").ok().and_then(|fd| fd.parse::<i32>().ok());
+        let never_ready = std::env::var_os("FAKE_UNHEALTHY").is_some() || NEVER_READY.load(Ordering::Relaxed);
+        if let (Some(fd), false) = (ready_fd, never_ready) {
+            let delay = std::env::var("FAKE_READY_DELAY_MS").ok().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                ANNOUNCED.store(true, Ordering::SeqCst);
+                // SAFETY: the gateway handed this pipe over as `fd`; dropping the file closes it.
+                let _ = unsafe { std::fs::File::from_raw_fd(fd) }.write_all(b"\n");
+            });
+        }
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         loop {

@@ -1,0 +1,96 @@
+//! What an operator reads (issue "Gateway core, second pass"): the gateway's
+//! log written to a file has one timestamp and one level per line, children's
+//! lines included, no terminal colour codes, and no `FATAL` on a clean start;
+//! the worker's readiness comes from its announcement, not from polling.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use gateway::{workdir, GatewayBuilder};
+use omni_tests::{bin_path, Request, TempPostgres};
+
+/// `2026-01-31T12:34:56.123456Z` at the start of `text`, if there is one.
+fn leading_timestamp(text: &str) -> Option<&str> {
+    let b = text.as_bytes();
+    let shape = b"dddd-dd-ddTdd:dd:dd";
+    if b.len() < shape.len() || !shape.iter().zip(b).all(|(s, c)| if *s == b'd' { c.is_ascii_digit() } else { s == c }) {
+        return None;
+    }
+    let end = text.find(' ')?;
+    text[..end].ends_with('Z').then(|| &text[..end])
+}
+
+/// Also a date the way PostgreSQL's default prefix writes it: `2026-01-31 12:34:56`.
+fn starts_with_a_date(text: &str) -> bool {
+    let b = text.trim_start().as_bytes();
+    b.len() >= 10 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[7] == b'-'
+}
+
+const LEVELS: [&str; 5] = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+
+/// Checks every line of a log written to a file; returns the messages.
+fn assert_readable(log: &str) -> Vec<String> {
+    assert!(!log.contains('\x1b'), "a log written to a file must have no terminal escape codes:\n{log}");
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let stamp = leading_timestamp(line).unwrap_or_else(|| panic!("a line without its own timestamp: {line:?}\n\nin:\n{log}"));
+        let rest = line[stamp.len()..].trim_start();
+        let level = LEVELS.iter().find(|l| rest.starts_with(*l)).unwrap_or_else(|| panic!("no level after the timestamp: {line:?}"));
+        let message = rest[level.len()..].trim_start();
+        // A child's own prefix must not survive inside ours.
+        assert!(!starts_with_a_date(message), "a second timestamp in {line:?}");
+        assert!(!LEVELS.iter().any(|l| message.starts_with(&format!("{l} "))), "a second level in {line:?}");
+        assert!(!message.contains(" UTC ["), "PostgreSQL's own prefix in {line:?}");
+        messages.push(message.to_owned());
+    }
+    messages
+}
+
+#[test]
+fn a_log_file_has_one_timestamp_and_level_per_line_and_no_fatal_on_fresh_and_warm_starts() {
+    let dir = workdir();
+    for start in ["fresh cluster", "warm restart"] {
+        let mut gw = GatewayBuilder::new(dir.path()).start();
+        let session = uuid::Uuid::new_v4().to_string();
+        let r = Request::new("POST", "/api/v1/preferences").port(gw.port).session(&session).json(&serde_json::json!({"key": "k", "value": "v"})).send();
+        assert_eq!(r.status, 200, "{start}");
+        assert!(gw.terminate().success());
+        let log = gw.log();
+        let messages = assert_readable(&log);
+        assert!(!log.contains("FATAL"), "{start}: a clean start and stop must log no FATAL line:\n{log}");
+        // Children's lines are there, at their own level, tagged with the child.
+        assert!(log.lines().any(|l| l.contains(" INFO ") && l.contains("database system is ready to accept connections") && l.contains("child=\"postgres\"")), "{log}");
+        assert!(log.lines().any(|l| l.contains(" INFO ") && l.contains("starting omni-api") && l.contains("child=\"api\"")), "{log}");
+        if start == "fresh cluster" {
+            // initdb's progress report is debug chatter; one line says what happened.
+            assert!(!log.contains("creating subdirectories"), "initdb's chatter belongs at debug level:\n{log}");
+            assert_eq!(messages.iter().filter(|m| m.starts_with("cluster initialized in")).count(), 1, "{log}");
+        }
+    }
+}
+
+#[test]
+fn the_workers_readiness_is_its_announcement() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    assert!(gw.terminate().success());
+    let log = gw.log();
+    assert!(log.contains("API worker announced it is ready"), "{log}");
+    assert!(log.contains("readiness announced to the gateway"), "the worker's side of it:\n{log}");
+}
+
+#[test]
+fn no_health_request_reaches_a_worker_before_it_announces_itself() {
+    let dir = workdir();
+    let pg = TempPostgres::start_new();
+    // A stand-in worker that announces 400 ms after its start and counts the
+    // GET /api/v1/health requests that come before.
+    let gw = GatewayBuilder::new(dir.path())
+        .env("OMNI_API_BIN", bin_path("fake-worker").display().to_string())
+        .env("DATABASE_URL", pg.url())
+        .env("FAKE_READY_DELAY_MS", "400")
+        .start();
+    assert!(gw.log().contains("API worker announced it is ready"), "{}", gw.log());
+    let hits = Request::get("/health-hits-before-ready").port(gw.port).send().text();
+    assert_eq!(hits, "0", "the gateway polled the worker before it said it was ready");
+}

@@ -1,0 +1,168 @@
+//! Least privilege (SPEC §4): run as root, the gateway runs the API worker
+//! as an unprivileged account (`OMNI_API_USER`, by default `PGSERVE_USER`),
+//! and everything the worker writes still works: backups and restores through
+//! the API, backups made by the root CLI, onboarding's settings file.
+//!
+//! These tests need root; as another user there is nothing to drop and they
+//! say so and return.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use std::ffi::CString;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use gateway::{workdir, Gateway, GatewayBuilder};
+use omni_tests::{bin_path, pg_bin_dir, Request, TempPostgres, TEST_API_KEY};
+use serde_json::json;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn skip_unless_root() -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED: only a gateway run as root switches accounts; run the tests as root to cover this");
+    }
+    !is_root()
+}
+
+fn uid_of(name: &str) -> u32 {
+    let c = CString::new(name).unwrap();
+    // SAFETY: getpwnam returns static storage or null; read at once.
+    let entry = unsafe { libc::getpwnam(c.as_ptr()) };
+    assert!(!entry.is_null(), "no user {name}");
+    // SAFETY: non-null pointer from getpwnam.
+    unsafe { (*entry).pw_uid }
+}
+
+/// Real, effective, saved and filesystem uids of a process, from /proc.
+fn uids(pid: i32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().skip(1).map(|u| u.parse().unwrap()).collect()
+}
+
+fn api(gw: &Gateway, method: &str, path: &str) -> omni_tests::Response {
+    Request::new(method, path).port(gw.port).api_key().send()
+}
+
+/// `omni-gateway <args>` run as root in `cwd`, as an operator would beside a running gateway.
+fn cli(cwd: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin_path("omni-gateway"))
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PGSERVE_BIN_DIR", pg_bin_dir())
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn as_root_the_worker_runs_unprivileged_and_backups_restores_and_the_cli_still_work() {
+    if skip_unless_root() {
+        return;
+    }
+    let postgres = uid_of("postgres");
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let worker = gw.pid_of("api").expect("worker pid");
+    assert!(uids(worker).iter().all(|u| *u == postgres), "omni-api must run as postgres (uid {postgres}), not root: {:?}", uids(worker));
+    assert!(gw.log().contains("the API worker will run as user postgres"), "{}", gw.log());
+
+    // A backup and a restore through the API.
+    let session = uuid::Uuid::new_v4().to_string();
+    let set = |value: &str| {
+        let r = Request::new("POST", "/api/v1/preferences").port(gw.port).session(&session).json(&json!({"key": "theme", "value": value})).send();
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    set("dark");
+    let created = api(&gw, "POST", "/api/v1/backup/create");
+    assert_eq!(created.status, 200, "{}", created.text());
+    let name = created.json()["backup_file"].as_str().unwrap().to_owned();
+    let backups = dir.path().join("data/backups");
+    let file = std::fs::metadata(backups.join(&name)).unwrap();
+    assert_eq!(file.uid(), postgres, "a backup made by the worker is the worker's");
+    let folder = std::fs::metadata(&backups).unwrap();
+    assert_eq!((folder.uid(), folder.permissions().mode() & 0o777), (postgres, 0o700), "the backup directory is the worker's, private");
+    set("light");
+    let restored = api(&gw, "POST", &format!("/api/v1/backup/restore/{name}"));
+    assert_eq!(restored.status, 200, "{}", restored.text());
+    let theme = Request::get("/api/v1/preferences/theme").port(gw.port).session(&session).send().json();
+    assert_eq!(theme["value"], "dark");
+
+    // The root CLI leaves a backup the worker can list and delete.
+    let (ok, out) = cli(dir.path(), &["backup", "create"]);
+    assert!(ok, "{out}");
+    let cli_name = out.split_whitespace().next().unwrap().to_owned();
+    assert_eq!(std::fs::metadata(backups.join(&cli_name)).unwrap().uid(), postgres, "the CLI works as the worker's account");
+    let listed = api(&gw, "GET", "/api/v1/backup/list").json();
+    assert!(listed["backups"].as_array().unwrap().iter().any(|b| b["filename"] == cli_name.as_str()), "{listed}");
+    let deleted = api(&gw, "DELETE", &format!("/api/v1/backup/{cli_name}"));
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert!(!backups.join(&cli_name).exists());
+    // And another API backup after the CLI took the lock file first.
+    assert_eq!(api(&gw, "POST", "/api/v1/backup/create").status, 200);
+
+    // The cluster's secret stays root's.
+    let password = std::fs::metadata(dir.path().join("data/postgres.password")).unwrap();
+    assert_eq!((password.uid(), password.permissions().mode() & 0o777), (0, 0o600));
+}
+
+#[test]
+fn as_root_onboarding_settings_are_saved_by_the_unprivileged_worker() {
+    if skip_unless_root() {
+        return;
+    }
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let body = json!({"data_dir": "./data/elsewhere", "memory_mode": false, "replication_enabled": false});
+    let r = Request::new("POST", "/api/v1/setup/initialize").port(gw.port).api_key().json(&body).send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let file = std::fs::metadata(dir.path().join("data/omni-settings.json")).unwrap();
+    assert_eq!((file.uid(), file.permissions().mode() & 0o777), (uid_of("postgres"), 0o600));
+    // The worker could add its file, but not remove root's beside it.
+    let data = std::fs::metadata(dir.path().join("data")).unwrap();
+    assert_eq!(data.permissions().mode() & 0o1000, 0o1000, "sticky, so the password file stays root's");
+}
+
+#[test]
+fn as_root_with_database_url_the_worker_still_runs_unprivileged() {
+    if skip_unless_root() {
+        return;
+    }
+    let pg = TempPostgres::start_new();
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("DATABASE_URL", pg.url()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let worker = gw.pid_of("api").expect("worker pid");
+    let postgres = uid_of("postgres");
+    assert!(uids(worker).iter().all(|u| *u == postgres), "{:?}", uids(worker));
+    let created = api(&gw, "POST", "/api/v1/backup/create");
+    assert_eq!(created.status, 200, "{}", created.text());
+}
+
+#[test]
+fn omni_api_user_chooses_the_workers_account_and_a_missing_one_stops_the_start() {
+    if skip_unless_root() {
+        return;
+    }
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_USER", "nobody").env("OMNI_API_KEY", TEST_API_KEY).start();
+    let nobody = uid_of("nobody");
+    assert!(uids(gw.pid_of("api").unwrap()).iter().all(|u| *u == nobody));
+    // PostgreSQL keeps its own account.
+    assert!(uids(gw.pid_of("postgres").unwrap()).iter().all(|u| *u == uid_of("postgres")));
+    assert_eq!(api(&gw, "POST", "/api/v1/backup/create").status, 200);
+    drop(gw);
+
+    let other = workdir();
+    let (status, log) = GatewayBuilder::new(other.path()).env("OMNI_API_USER", "omni-no-such-user").run_to_exit();
+    assert!(!status.success());
+    assert!(log.contains("OMNI_API_USER=omni-no-such-user does not exist") && log.contains("useradd"), "{log}");
+}
