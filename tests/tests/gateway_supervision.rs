@@ -44,6 +44,17 @@ fn signal(gw: &Gateway, sig: libc::c_int) {
     unsafe { libc::kill(gw.child.pid() as i32, sig) };
 }
 
+/// A `FAKE_EVENTS` file the worker can append to: run as root, the gateway
+/// starts it as the unprivileged worker account, which cannot create files
+/// in the test's directory.
+fn events_file(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("events.log");
+    std::fs::write(&path, "").expect("creating the events file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("opening the events file to the worker");
+    path
+}
+
 /// `(event, pid, unix ms)` lines fake-worker wrote to its `FAKE_EVENTS` file.
 fn events(path: &Path) -> Vec<(String, i32, u64)> {
     std::fs::read_to_string(path)
@@ -70,7 +81,7 @@ fn a_child_failing_at_start_20_times_is_retried_no_faster_than_the_cap_and_ready
     let dir = workdir();
     let (stack, _pg) = fake_stack(dir.path());
     let required = dir.path().join("worker-may-start");
-    let events_file = dir.path().join("events.log");
+    let events_file = events_file(dir.path());
     let cap = Duration::from_millis(400);
     let gw = stack
         .env("FAKE_REQUIRE_FILE", required.display().to_string())
@@ -153,7 +164,7 @@ fn sigterm_during_a_reload_whose_new_worker_never_gets_ready_exits_at_once() {
     let dir = workdir();
     let (stack, _pg) = fake_stack(dir.path());
     let hang = dir.path().join("next-worker-never-ready");
-    let events_file = dir.path().join("events.log");
+    let events_file = events_file(dir.path());
     let mut gw = stack.env("FAKE_NEVER_READY_IF_FILE", hang.display().to_string()).env("FAKE_EVENTS", events_file.display().to_string()).start();
     let serving = gw.pid_of("api").unwrap();
     std::fs::write(&hang, "").unwrap();
@@ -182,7 +193,7 @@ fn sigterm_during_a_reload_whose_new_worker_never_gets_ready_exits_at_once() {
 fn health_turns_503_as_soon_as_sigterm_arrives_while_in_flight_requests_drain() {
     let dir = workdir();
     let (stack, _pg) = fake_stack(dir.path());
-    let events_file = dir.path().join("events.log");
+    let events_file = events_file(dir.path());
     let mut gw = stack.env("FAKE_EVENTS", events_file.display().to_string()).start();
     let port = gw.port;
     let slow = std::thread::spawn(move || Request::get("/slow?ms=3000").port(port).send());
