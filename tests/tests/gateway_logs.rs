@@ -94,3 +94,14 @@ fn no_health_request_reaches_a_worker_before_it_announces_itself() {
     let hits = Request::get("/health-hits-before-ready").port(gw.port).send().text();
     assert_eq!(hits, "0", "the gateway polled the worker before it said it was ready");
 }
+
+#[test]
+fn a_worker_started_by_hand_logs_to_a_file_without_colour_and_says_how_to_tell_it_is_ready() {
+    let pg = TempPostgres::start_new();
+    let mut worker = omni_tests::WorkerBuilder::new(&pg.url()).env("LOG_FORMAT", "pretty").start();
+    worker.child.terminate(std::time::Duration::from_secs(10));
+    let log = worker.log();
+    assert!(!log.contains('\x1b'), "{log}");
+    assert!(log.contains("ready when GET /api/v1/health answers 200"), "without OMNI_API_READY_FD nothing is announced:\n{log}");
+    assert_readable(&log);
+}
