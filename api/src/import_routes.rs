@@ -128,7 +128,7 @@ pub async fn import(State(state): State<AppState>, Query(query): Query<ImportQue
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let (path, dry_run, upload) = match content_type.as_str() {
+    let (path, dry_run, upload): (PathBuf, bool, Option<Upload>) = match content_type.as_str() {
         "application/json" => {
             let ApiJson(body) = ApiJson::<ImportRequest>::from_request(request, &state).await?;
             if let Some(path) = &body.path {
@@ -165,6 +165,7 @@ pub async fn import(State(state): State<AppState>, Query(query): Query<ImportQue
                 *running = Some(progress.clone());
             }
         })),
+        label: upload.as_ref().map(|u| format!("the uploaded file ({} bytes)", u.1)),
     };
     let work = tokio::spawn(async move {
         let result = import::run(&path, &settings.database_url, options).await;
@@ -200,8 +201,8 @@ fn resolve(root: &Path, given: Option<&str>) -> Result<PathBuf, ApiError> {
     Ok(canonical)
 }
 
-/// The temporary file an upload went into, removed on drop.
-struct Upload(PathBuf);
+/// The temporary file an upload went into (and its size), removed on drop.
+struct Upload(PathBuf, u64);
 
 impl Drop for Upload {
     fn drop(&mut self) {
@@ -247,7 +248,7 @@ async fn receive(dir: &Path, request: Request) -> Result<Upload, ApiError> {
         .open(&path)
         .await
         .map_err(io_error(&shown))?;
-    let upload = Upload(path);
+    let mut upload = Upload(path, 0);
     let mut body = request.into_body().into_data_stream();
     let mut size: u64 = 0;
     while let Some(chunk) = body.next().await {
@@ -259,6 +260,7 @@ async fn receive(dir: &Path, request: Request) -> Result<Upload, ApiError> {
         file.write_all(&chunk).await.map_err(io_error(&shown))?;
     }
     file.flush().await.map_err(io_error(&shown))?;
+    upload.1 = size;
     tracing::info!(bytes = size, "import: upload received");
     Ok(upload)
 }

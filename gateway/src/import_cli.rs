@@ -51,7 +51,7 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<()> {
             *last = p.table.clone();
         }
     };
-    let options = import::Options { dry_run: args.dry_run, backups: Some(backups), progress: Some(Arc::new(progress)) };
+    let options = import::Options { dry_run: args.dry_run, backups: Some(backups), progress: Some(Arc::new(progress)), label: None };
     let report = import::run(&path, &url, options).await?;
     eprint!("{}", report.render());
     println!("{}", serde_json::to_string_pretty(&report).context("writing the report")?);

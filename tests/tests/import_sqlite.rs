@@ -395,3 +395,41 @@ fn the_migration_defines_what_the_importer_writes() {
         assert_eq!(actual, expected, "{}", table.name);
     }
 }
+
+#[test]
+fn a_large_table_keeps_its_indexes_and_references_and_a_bad_parent_is_still_caught() {
+    let pg = TempPostgres::start_new();
+    let (worker, root) = worker(&pg);
+    let file = root.join("data/automagik-omni.db");
+    fixture::large(&file, 12_000, 50);
+    // A trace PostgreSQL cannot take: its payload, copied straight in, breaks
+    // the reference when it is made again after the copy.
+    let db = rusqlite::Connection::open(&file).unwrap();
+    db.execute("UPDATE message_traces SET received_at = 'the day before yesterday' WHERE trace_id = '00000000-0000-4000-8000-000000000007'", []).unwrap();
+    drop(db);
+    let mut pgdb = pg.client();
+    let shape = |db: &mut postgres::Client| -> (i64, i64) {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_indexes WHERE tablename LIKE 'omni\\_%'),
+                        (SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid::regclass::text LIKE 'omni\\_%')",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let before = shape(&mut pgdb);
+
+    let report = imported(&worker, json!({}));
+    assert_eq!(counts(&report, "omni_message_traces"), [12_000, 11_999, 0, 0, 1]);
+    assert_eq!(counts(&report, "omni_trace_payloads"), [12_000, 11_999, 0, 0, 1]);
+    let payloads = table(&report, "omni_trace_payloads");
+    assert!(payloads["skipped"][0]["reason"].as_str().unwrap().contains("orphan"), "{payloads}");
+    assert!(payloads["skipped"][0]["examples"][0].as_str().unwrap().contains("000000000007"), "{payloads}");
+    assert_eq!(shape(&mut pgdb), before, "every index and foreign key is there after the import");
+    let orphans: i64 = pgdb
+        .query_one("SELECT count(*) FROM omni_trace_payloads p WHERE NOT EXISTS (SELECT 1 FROM omni_message_traces t WHERE t.trace_id = p.trace_id)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0);
+}

@@ -89,6 +89,26 @@ pub struct Options {
     pub backups: Option<Backups>,
     /// Called as the import moves on (at least once per table and twice a second).
     pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    /// What to call the file in the report, the log and errors, instead of
+    /// its path (an upload's temporary file means nothing to its sender).
+    pub label: Option<String>,
+}
+
+impl ImportError {
+    /// The same error with the file called `label` instead of `path`.
+    fn relabel(self, path: &str, label: &str) -> ImportError {
+        let swap = |text: String| if text == path { label.to_owned() } else { text };
+        match self {
+            ImportError::NotFound(p) => ImportError::NotFound(swap(p)),
+            ImportError::NotAFile(p) => ImportError::NotAFile(swap(p)),
+            ImportError::Empty(p) => ImportError::Empty(swap(p)),
+            ImportError::NotSqlite(p) => ImportError::NotSqlite(swap(p)),
+            ImportError::Corrupt { path: p, detail } => ImportError::Corrupt { path: swap(p), detail },
+            ImportError::Unreadable { path: p, source } => ImportError::Unreadable { path: swap(p), source },
+            ImportError::NoOmniTables(p) => ImportError::NoOmniTables(swap(p)),
+            other => other,
+        }
+    }
 }
 
 /// Checks, without importing, that `path` is a readable, healthy SQLite
@@ -102,7 +122,8 @@ pub async fn run(path: &Path, database_url: &str, options: Options) -> Result<Im
     let started = Instant::now();
     let started_at = SystemTime::now();
     let now = started_at.duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-    let shown = path.display().to_string();
+    let real = path.display().to_string();
+    let shown = options.label.clone().unwrap_or_else(|| real.clone());
 
     let opened = path.to_path_buf();
     let (source, plans, counts) = blocking(move || {
@@ -111,7 +132,8 @@ pub async fn run(path: &Path, database_url: &str, options: Options) -> Result<Im
         let counts = plans.iter().map(|p| source.count(p)).collect::<Result<Vec<_>, _>>()?;
         Ok((source, plans, counts))
     })
-    .await?;
+    .await
+    .map_err(|e| e.relabel(&real, &shown))?;
     tracing::info!(source = %shown, dry_run = options.dry_run, rows = counts.iter().sum::<u64>(), "import: the SQLite file passed its checks");
 
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
@@ -287,7 +309,19 @@ impl TableImporter<'_> {
         if direct {
             self.tx.batch_execute("SAVEPOINT import_direct").await?;
             let copy = format!("COPY {} ({columns}) FROM STDIN (FORMAT binary)", table.name);
-            match self.copy(index, &copy, Mode::Direct).await {
+            let bulk = self.counts[index] >= BULK_ROWS;
+            let result = async {
+                let deferred = if bulk { Some(defer_checks(self.tx, table.name).await?) } else { None };
+                let stats = self.copy(index, &copy, Mode::Direct).await?;
+                if let Some(deferred) = deferred {
+                    // One sort per index and one join per reference, instead
+                    // of an index insertion and a trigger per row.
+                    self.tx.batch_execute(&deferred.join(";\n")).await?;
+                }
+                Ok::<_, ImportError>(stats)
+            }
+            .await;
+            match result {
                 Ok(stats) => {
                     self.tx.batch_execute("RELEASE SAVEPOINT import_direct").await?;
                     report.rows_in_file = stats.rows;
@@ -491,6 +525,42 @@ async fn settle(tx: &Transaction<'_>, plan: &TablePlan, staging: &str, report: &
         report.conflicts += collided;
     }
     Ok(())
+}
+
+/// From this many rows on, a table copied straight in gets its plain
+/// indexes and foreign keys dropped for the copy and made again after it.
+const BULK_ROWS: u64 = 10_000;
+
+/// Drops `table`'s plain (non-unique) indexes and its foreign keys, inside
+/// the import's transaction, and returns the statements that make them
+/// again exactly as they were (re-adding a foreign key checks every row, so
+/// nothing goes unchecked; a failure rolls the savepoint back).
+async fn defer_checks(tx: &Transaction<'_>, table: &str) -> Result<Vec<String>, ImportError> {
+    let indexes = tx
+        .query(
+            &format!(
+                "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index
+                 WHERE indrelid = '{table}'::regclass AND NOT indisprimary AND NOT indisunique"
+            ),
+            &[],
+        )
+        .await?;
+    let references = tx
+        .query(&format!("SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '{table}'::regclass AND contype = 'f'"), &[])
+        .await?;
+    let mut drop = vec!["SET LOCAL maintenance_work_mem = '256MB'".to_owned()];
+    let mut remake = Vec::new();
+    for row in &indexes {
+        drop.push(format!("DROP INDEX {}", row.get::<_, &str>(0)));
+        remake.push(row.get::<_, String>(1));
+    }
+    for row in &references {
+        let name = quote(row.get::<_, &str>(0));
+        drop.push(format!("ALTER TABLE {table} DROP CONSTRAINT {name}"));
+        remake.push(format!("ALTER TABLE {table} ADD CONSTRAINT {name} {}", row.get::<_, &str>(1)));
+    }
+    tx.batch_execute(&drop.join(";\n")).await?;
+    Ok(remake)
 }
 
 /// A column default as SQL, for the INSERT from a staging table.
