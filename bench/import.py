@@ -241,8 +241,10 @@ def main():
         f"| Omni importer (`POST /api/v1/migration/import`) | {med['importer']:.1f} s | {rate['importer']:,.0f} | {mem['importer']:.0f} MiB | ≥ 200,000 rows/s, < 100 MB |",
         f"| pgloader, data only | {med['pgloader']:.1f} s | {rate['pgloader']:,.0f} | {mem['pgloader']:.0f} MiB | |",
         "",
-        f"Importer ÷ pgloader throughput: {ratio:.2f}× (target ≥ 1.0×). The importer's own report: "
-        f"{report['rows_per_second']:,} rows/s over {report['duration_ms'] / 1000:.1f} s.",
+        f"Importer ÷ pgloader throughput: {ratio:.2f}× (target ≥ 1.0×). The importer's own report (last round): "
+        f"{report['rows_per_second']:,} rows/s over {report['duration_ms'] / 1000:.1f} s, of which "
+        f"{report['checks_ms'] / 1000:.1f} s checking the file before writing (`PRAGMA quick_check` reads all of it); "
+        f"the copy itself: {total_rows / max((report['duration_ms'] - report['checks_ms']) / 1000, 0.001):,.0f} rows/s.",
     ]
     write_section("SQLite import", "\n".join(lines))
     print("\n".join(lines))

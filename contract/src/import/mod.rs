@@ -134,6 +134,7 @@ pub async fn run(path: &Path, database_url: &str, options: Options) -> Result<Im
     })
     .await
     .map_err(|e| e.relabel(&real, &shown))?;
+    let checks = started.elapsed();
     tracing::info!(source = %shown, dry_run = options.dry_run, rows = counts.iter().sum::<u64>(), "import: the SQLite file passed its checks");
 
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
@@ -201,6 +202,7 @@ pub async fn run(path: &Path, database_url: &str, options: Options) -> Result<Im
         dry_run: options.dry_run,
         started_at: crate::backups::name::rfc3339(started_at),
         duration_ms: elapsed.as_millis() as u64,
+        checks_ms: checks.as_millis() as u64,
         rows_per_second: (rows_in_file as f64 / elapsed.as_secs_f64().max(0.001)) as u64,
         safety_backup,
         rows_in_file,

@@ -59,6 +59,10 @@ pub struct ImportReport {
     /// When the import started (UTC, RFC 3339).
     pub started_at: String,
     pub duration_ms: u64,
+    /// Of which checking the file (header, `PRAGMA quick_check`, its tables)
+    /// before anything was written.
+    #[serde(default)]
+    pub checks_ms: u64,
     /// Rows of the file handled per second.
     pub rows_per_second: u64,
     /// The backup taken just before writing (none for a dry run).
@@ -76,7 +80,7 @@ impl ImportReport {
     /// The report as a plain-text table, for a terminal or the log.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "{} {}: {} rows in the file, {} imported, {} already present, {} conflicts, {} skipped in {:.1} s ({} rows/s)\n",
+            "{} {}: {} rows in the file, {} imported, {} already present, {} conflicts, {} skipped in {:.1} s (checks {:.1} s; {} rows/s)\n",
             if self.dry_run { "dry run of" } else { "import of" },
             self.source,
             self.rows_in_file,
@@ -85,6 +89,7 @@ impl ImportReport {
             self.conflicts,
             self.skipped,
             self.duration_ms as f64 / 1000.0,
+            self.checks_ms as f64 / 1000.0,
             self.rows_per_second,
         );
         if let Some(backup) = &self.safety_backup {
