@@ -47,7 +47,7 @@ use crate::backups::{BackupError, Backups};
 /// The `omni_settings` key under which the last import's report is kept.
 pub const LAST_REPORT_KEY: &str = "sqlite_import";
 /// Transaction advisory lock held for the length of an import ("omni" + "imp").
-const LOCK_KEY: i64 = 0x6f6d_6e69_696d_70;
+const LOCK_KEY: i64 = 0x006f_6d6e_6969_6d70;
 
 /// What can go wrong, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,9 @@ pub enum ImportError {
     Internal(String),
 }
 
+/// Told where an import is (see [`Options::progress`]).
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
 /// How to import.
 #[derive(Clone, std::default::Default)]
 pub struct Options {
@@ -88,7 +91,7 @@ pub struct Options {
     /// Where the safety backup goes before anything is written.
     pub backups: Option<Backups>,
     /// Called as the import moves on (at least once per table and twice a second).
-    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    pub progress: Option<ProgressFn>,
     /// What to call the file in the report, the log and errors, instead of
     /// its path (an upload's temporary file means nothing to its sender).
     pub label: Option<String>,

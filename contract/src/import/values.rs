@@ -129,8 +129,11 @@ pub fn boolean(value: ValueRef<'_>) -> Option<bool> {
     match value {
         ValueRef::Integer(0) => Some(false),
         ValueRef::Integer(1) => Some(true),
-        ValueRef::Real(r) if r == 0.0 => Some(false),
-        ValueRef::Real(r) if r == 1.0 => Some(true),
+        ValueRef::Real(r) => match r {
+            0.0 => Some(false),
+            1.0 => Some(true),
+            _ => None,
+        },
         ValueRef::Text(t) => match std::str::from_utf8(t).ok()?.trim().to_ascii_lowercase().as_str() {
             "0" | "false" | "f" => Some(false),
             "1" | "true" | "t" => Some(true),
