@@ -66,7 +66,8 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<MigrationStatu
     status.last_import = omni_contract::import::last_report(&client).await?;
     status.running_import = import_routes::running();
     // Once the file found has been imported, the warning has done its job.
-    if status.last_import.as_ref().is_some_and(|r| Some(&r.source) == status.sqlite_path.as_ref()) {
+    let found = status.sqlite_path.as_ref().and_then(|p| std::fs::canonicalize(p).ok()).map(|p| p.display().to_string());
+    if status.last_import.as_ref().is_some_and(|r| Some(&r.source) == found.as_ref()) {
         status.migration_recommended = false;
     }
     Ok(Json(status))
