@@ -5,7 +5,8 @@
 //! ([`omni_contract::worker_settings`]); so do the backup service and the error
 //! shape. Reading order: [`db`] and [`migrations`] → [`server`] (start
 //! and stop) → [`routes`] → one module per concern of the API ([`health`],
-//! [`preferences`], [`setup`], [`backup_routes`], [`migration_check`], [`auth`],
+//! [`preferences`], [`setup`], [`backup_routes`], [`migration_check`] and
+//! [`import_routes`], [`auth`],
 //! [`static_files`], [`openapi`], [`events`]) → [`errors`], the shape of every failure.
 
 pub mod auth;
@@ -14,6 +15,7 @@ pub mod db;
 pub mod errors;
 pub mod events;
 pub mod health;
+pub mod import_routes;
 pub mod migration_check;
 pub mod migrations;
 pub mod openapi;

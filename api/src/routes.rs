@@ -19,7 +19,7 @@ use crate::{
     backup_routes,
     db::Db,
     errors,
-    events, health, migration_check, openapi, preferences, setup, static_files,
+    events, health, import_routes, migration_check, openapi, preferences, setup, static_files,
 };
 
 /// Largest request body accepted; preference values are at most 64 KiB.
@@ -51,6 +51,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(setup::initialize))
         .routes(routes!(setup::complete))
         .routes(routes!(migration_check::status))
+        .routes(routes!(import_routes::import))
         .routes(routes!(backup_routes::create))
         .routes(routes!(backup_routes::list))
         .routes(routes!(backup_routes::download))
@@ -72,6 +73,7 @@ pub fn app(db: Db, api_key: ApiKey, config: WorkerSettings) -> Router {
     let mut document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
     setup::rules::document(&mut document["components"]["schemas"]["StorageSettings"]);
     openapi::document_body_rejections(&mut document);
+    import_routes::document(&mut document);
     state.openapi.set(document).expect("the router is built once per state");
     router
         .fallback(static_files::fallback)

@@ -5,12 +5,15 @@
 //!   through its environment, with the one validator both sides run;
 //! * [`backups`]: the backup service, run by the worker's API and schedule
 //!   and by `omni-gateway backup …` alike;
+//! * [`import`]: the SQLite importer, run by the worker's API and by
+//!   `omni-gateway import-sqlite` alike;
 //! * [`error_body`]: the JSON error shape every HTTP client sees;
 //! * [`logging`], [`interval`], [`paths`], [`redact`], [`sqlite`], [`probe`]:
 //!   small rules that must read the same on both sides.
 
 pub mod backups;
 pub mod error_body;
+pub mod import;
 pub mod interval;
 pub mod logging;
 pub mod paths;

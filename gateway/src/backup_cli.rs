@@ -83,8 +83,8 @@ fn service(config: &Config, database: Option<(String, Option<std::path::PathBuf>
     Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep)
 }
 
-/// The database URL and the directory of `pg_dump`/`psql`.
-fn database(config: &Config) -> Result<(String, Option<std::path::PathBuf>)> {
+/// The database URL and the directory of `pg_dump`/`psql` (also used by `import-sqlite`).
+pub(crate) fn database(config: &Config) -> Result<(String, Option<std::path::PathBuf>)> {
     match &config.database {
         Database::External { url } => Ok((url.clone(), binaries::find(None).ok().map(|b| b.dir))),
         Database::Embedded(embedded) => {

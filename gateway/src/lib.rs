@@ -15,6 +15,7 @@ pub mod dev;
 pub mod doctor;
 pub mod external;
 pub mod http;
+pub mod import_cli;
 pub mod metrics;
 pub mod postgres;
 pub mod privilege;

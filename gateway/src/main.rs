@@ -57,6 +57,8 @@ enum Command {
         #[command(subcommand)]
         action: omni_gateway::backup_cli::BackupCommand,
     },
+    /// Import the old SQLite database (default: the one found) into the running gateway's PostgreSQL
+    ImportSqlite(omni_gateway::import_cli::ImportArgs),
 }
 
 fn after_help() -> String {
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
         Some(Command::Doctor) => return runtime.block_on(doctor(&config)),
         Some(Command::Healthcheck) => return runtime.block_on(healthcheck(&config)),
         Some(Command::Backup { action }) => return runtime.block_on(backup(&config, action)),
+        Some(Command::ImportSqlite(args)) => return runtime.block_on(import_sqlite(&config, args)),
         Some(Command::Run) | None => {}
     }
     match runtime.block_on(omni_gateway::app::run(config)) {
@@ -156,6 +159,16 @@ async fn backup(config: &Config, action: omni_gateway::backup_cli::BackupCommand
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("omni-gateway backup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn import_sqlite(config: &Config, args: omni_gateway::import_cli::ImportArgs) -> ExitCode {
+    match omni_gateway::import_cli::run(config, args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omni-gateway import-sqlite: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -42,7 +42,7 @@ echo "fuzz: omni-api on 127.0.0.1:$port, budget ${budget}s" >&2
 mkdir -p "$report_dir"
 # schemathesis keeps a cache in its working directory; keep it under target/.
 cd "$report_dir"
-"$venv/bin/st" run "http://127.0.0.1:$port/api/v1/openapi.json" \
+"$venv/bin/st" --config-file "$root/tests/fuzz/schemathesis.toml" run "http://127.0.0.1:$port/api/v1/openapi.json" \
     --checks all \
     --max-time "$budget" \
     --workers 2 \

@@ -1,7 +1,7 @@
 // The application shell: routes, the top bar, and who may see which page.
 //
 // Routing uses the History API; the server answers index.html for every
-// non-API path, so /login, /setup, /backups and /status survive a reload.
+// non-API path, so /login, /setup, /backups, /status and /import survive a reload.
 // A page module exports `render(main, ctx)` and may return a cleanup
 // function, called before the next page renders (the status page closes its
 // WebSocket there).
@@ -15,12 +15,15 @@ import * as login from './pages/login.js';
 import * as setup from './pages/setup.js';
 import * as backups from './pages/backups.js';
 import * as status from './pages/status.js';
+import * as importPage from './pages/import.js';
 
 const routes = {
   '/': { page: dashboard, title: 'Dashboard', nav: true },
   '/status': { page: status, title: 'Status', nav: true },
   '/backups': { page: backups, title: 'Backups', nav: true },
   '/setup': { page: setup, title: 'Setup', nav: true, public: true },
+  // Reached from the dashboard's notice when an old database is found.
+  '/import': { page: importPage, title: 'Import', nav: false },
   '/login': { page: login, title: 'Sign in', public: true, bare: true },
 };
 

@@ -1,4 +1,5 @@
-// The landing page after sign-in: setup state, services, backups at a glance.
+// The landing page after sign-in: setup state, services, backups at a glance,
+// and a notice when an old SQLite database waits to be imported.
 
 import { call } from '../api.js';
 import { formatBytes, formatDate, h, replace } from '../dom.js';
@@ -14,6 +15,7 @@ function stateBadge(state) {
 export async function render(main, { setup }) {
   const services = h('div', {}, h('p', { class: 'hint' }, 'Loading…'));
   const backups = h('div', {}, h('p', { class: 'hint' }, 'Loading…'));
+  const migration = h('div', { id: 'migration-notice' });
   const setupDone = setup && !setup.requires_setup;
 
   replace(main, h('div', { class: 'container' },
@@ -25,6 +27,7 @@ export async function render(main, { setup }) {
         'Choose where Omni keeps its data. ',
         h('a', { href: '/setup' }, 'Open storage configuration'))
       : null,
+    migration,
     h('div', { class: 'grid' },
       h('section', { class: 'card', 'aria-labelledby': 'card-setup' },
         h('h2', { id: 'card-setup' }, 'Setup'),
@@ -49,6 +52,15 @@ export async function render(main, { setup }) {
         components.map((c) => [h('li', {}, NAMES[c.name] || c.name), h('li', { style: 'text-align:right' }, stateBadge(c.state))]))
       : h('p', { class: 'hint' }, 'No components reported.'));
   }).catch((error) => replace(services, h('p', { class: 'hint' }, error.message)));
+
+  authedCall('/api/v1/migration/status').then((check) => {
+    if (!check || !check.sqlite_found || !check.migration_recommended) return;
+    replace(migration, h('div', { class: 'alert alert-warn', role: 'status' },
+      h('strong', {}, 'An old database was found'),
+      'An SQLite file from an earlier version of Omni is at ', h('code', {}, check.sqlite_path),
+      '. Its data is not in PostgreSQL yet. ',
+      h('a', { href: '/import', id: 'review-import' }, 'Review and import it')));
+  }).catch(() => { /* the notice is a hint; the import page reports errors */ });
 
   authedCall('/api/v1/backup/list').then((body) => {
     const list = (body && body.backups) || [];
