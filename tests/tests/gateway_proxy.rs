@@ -439,7 +439,7 @@ fn gateway_endpoints_report_components_and_metrics() {
         assert_eq!(c["state"], "ready");
         assert!(c["pid"].as_i64().unwrap() > 0);
         assert!(c["uptime_s"].as_f64().is_some());
-        assert_eq!(c["restarts"], 0);
+        assert_eq!(c["restarts"], 0, "{status:#}\n{}", gw.log());
     }
     assert_eq!(gw.get("/api/v1/health").status, 200);
     let metrics = gw.get("/metrics").text();
