@@ -54,7 +54,7 @@ fn two_workers_starting_together_apply_each_migration_once() {
 
     let rows = pg.client().query("SELECT version, name FROM omni_schema_migrations ORDER BY version", &[]).unwrap();
     let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(applied, vec![(1, "0001_initial.sql".to_owned())]);
+    assert_eq!(applied, vec![(1, "0001_initial.sql".to_owned()), (2, "0002_omni_schema.sql".to_owned())]);
     let key = |w: &Worker| w.request("GET", "/api/v1/setup/api-key").send().json()["api_key"].clone();
     assert_eq!(key(&first), key(&second));
     let applied_by = [first.log(), second.log()].iter().filter(|log| log.contains("applied migrations")).count();

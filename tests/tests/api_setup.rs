@@ -135,7 +135,7 @@ fn migration_status_reports_an_old_sqlite_database() {
     let none = clean.request("GET", "/api/v1/migration/status").api_key().send();
     assert_eq!(
         (none.status, none.json()),
-        (200, json!({"sqlite_found": false, "sqlite_path": null, "migration_recommended": false, "warning_message": null}))
+        (200, json!({"sqlite_found": false, "sqlite_path": null, "migration_recommended": false, "warning_message": null, "last_import": null, "running_import": null}))
     );
     assert_eq!(clean.request("GET", "/api/v1/migration/status").send().status, 401);
 
@@ -179,6 +179,7 @@ fn openapi_document_lists_every_route_the_router_has() {
         "POST /api/v1/setup/complete",
         "GET /api/v1/setup/api-key",
         "GET /api/v1/migration/status",
+        "POST /api/v1/migration/import",
         "GET /api/v1/events",
         "POST /api/v1/backup/create",
         "GET /api/v1/backup/list",
