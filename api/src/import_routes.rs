@@ -19,7 +19,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -47,12 +50,15 @@ const UPLOAD_PREFIX: &str = ".omni_import_";
 /// An upload file older than this was left by a killed worker.
 const STALE_UPLOAD: Duration = Duration::from_secs(3600);
 
-/// Where the running import is, if one runs in this worker.
-static RUNNING: Mutex<Option<Progress>> = Mutex::new(None);
+/// Where the running import is, if one runs in this worker, with the number
+/// of the request it belongs to: a second request, refused as busy, must not
+/// clear the first one's progress.
+static RUNNING: Mutex<Option<(u64, Progress)>> = Mutex::new(None);
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// The running import's progress, for `GET /migration/status`.
 pub fn running() -> Option<Progress> {
-    RUNNING.lock().map(|p| p.clone()).unwrap_or(None)
+    RUNNING.lock().ok().and_then(|p| p.as_ref().map(|(_, progress)| progress.clone()))
 }
 
 /// Import a file on this machine.
@@ -157,12 +163,13 @@ pub async fn import(State(state): State<AppState>, Query(query): Query<ImportQue
     };
 
     let settings = Arc::clone(&state.settings);
+    let request = REQUESTS.fetch_add(1, Ordering::Relaxed);
     let options = import::Options {
         dry_run,
         backups: Some(omni_contract::backups::Backups::from_settings(&settings)),
-        progress: Some(Arc::new(|progress: &Progress| {
+        progress: Some(Arc::new(move |progress: &Progress| {
             if let Ok(mut running) = RUNNING.lock() {
-                *running = Some(progress.clone());
+                *running = Some((request, progress.clone()));
             }
         })),
         label: upload.as_ref().map(|u| format!("the uploaded file ({} bytes)", u.1)),
@@ -170,7 +177,9 @@ pub async fn import(State(state): State<AppState>, Query(query): Query<ImportQue
     let work = tokio::spawn(async move {
         let result = import::run(&path, &settings.database_url, options).await;
         if let Ok(mut running) = RUNNING.lock() {
-            *running = None;
+            if running.as_ref().is_some_and(|(owner, _)| *owner == request) {
+                *running = None;
+            }
         }
         // The upload's temporary file goes once the import is over.
         drop(upload);

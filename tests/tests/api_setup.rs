@@ -135,10 +135,7 @@ fn migration_status_reports_an_old_sqlite_database() {
     let none = clean.request("GET", "/api/v1/migration/status").api_key().send();
     assert_eq!(
         (none.status, none.json()),
-        (
-            200,
-            json!({"sqlite_found": false, "sqlite_path": null, "migration_recommended": false, "warning_message": null, "last_import": null, "running_import": null})
-        )
+        (200, json!({"sqlite_found": false, "sqlite_path": null, "migration_recommended": false, "warning_message": null, "last_import": null, "running_import": null}))
     );
     assert_eq!(clean.request("GET", "/api/v1/migration/status").send().status, 401);
 

@@ -70,14 +70,21 @@ fn wait_import_gone(db: &mut postgres::Client) {
 const TRACES: u64 = 120_000;
 
 #[test]
-fn kill_9_of_the_worker_mid_import_leaves_no_row_and_a_rerun_completes() {
+fn kill_9_of_the_worker_mid_import_leaves_no_row_and_a_rerun_completes_and_a_second_import_waits_its_turn() {
     let pg = TempPostgres::start_new();
     let root = TempDir::new("import-root");
     std::fs::create_dir_all(root.path().join("data")).unwrap();
     fixture::large(&root.path().join("data/automagik-omni.db"), TRACES, 400);
 
+    fixture::old_era(&root.path().join("data/small.db"));
     let mut worker = worker_on(&pg, root.path());
     let in_flight = import_until_payloads(&worker);
+    // One import at a time: a second (of a small file, checked in no time) is
+    // refused at once, and leaves the first's progress alone.
+    let second = worker.request("POST", "/api/v1/migration/import").api_key().json(&json!({"path": "data/small.db", "dry_run": true})).send();
+    assert_eq!((second.status, second.json()["code"].clone()), (409, json!("import_busy")), "{}", second.text());
+    let status = worker.request("GET", "/api/v1/migration/status").api_key().send().json();
+    assert_eq!(status["running_import"]["table"], "omni_trace_payloads", "{status}");
     worker.child.kill9();
     let _ = in_flight.join();
     let mut db = pg.client();
