@@ -5,25 +5,9 @@
 #[path = "support/gateway.rs"]
 mod gateway;
 
-use std::{path::Path, process::Command};
-
-use gateway::{workdir, GatewayBuilder};
-use omni_tests::{bin_path, pg_bin_dir, Request, TEST_API_KEY};
+use gateway::{cli, workdir, GatewayBuilder};
+use omni_tests::{Request, TEST_API_KEY};
 use serde_json::json;
-
-/// Runs `omni-gateway <args>` in `cwd`, as an operator would next to a running gateway.
-fn cli(cwd: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin_path("omni-gateway"))
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PGSERVE_BIN_DIR", pg_bin_dir())
-        .env("LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 #[test]
 fn cli_creates_lists_and_restores_with_the_api_code_path() {

@@ -12,10 +12,9 @@ mod gateway;
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 
 use gateway::{workdir, Gateway, GatewayBuilder};
-use omni_tests::{bin_path, pg_bin_dir, Request, TempPostgres, TEST_API_KEY};
+use omni_tests::{Request, TempPostgres, TEST_API_KEY};
 use serde_json::json;
 
 fn is_root() -> bool {
@@ -50,18 +49,10 @@ fn api(gw: &Gateway, method: &str, path: &str) -> omni_tests::Response {
     Request::new(method, path).port(gw.port).api_key().send()
 }
 
-/// `omni-gateway <args>` run as root in `cwd`, as an operator would beside a running gateway.
+/// `omni-gateway <args>` run as root in `cwd`, its stdout and stderr together.
 fn cli(cwd: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin_path("omni-gateway"))
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PGSERVE_BIN_DIR", pg_bin_dir())
-        .env("LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let (ok, out, err) = gateway::cli(cwd, args);
+    (ok, format!("{out}{err}"))
 }
 
 #[test]

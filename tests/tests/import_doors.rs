@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use gateway::{workdir, GatewayBuilder};
+use gateway::{cli, workdir, GatewayBuilder};
 use omni_tests::{bin_path, pg_bin_dir, wait_until, Request, TempDir, TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
 use serde_json::{json, Value};
 
@@ -171,20 +171,6 @@ fn a_50_mb_upload_through_the_gateway_imports_with_the_api_key_only_and_within_t
     // Not a database, as an upload: 422, nothing written.
     let junk = Request::new("POST", "/api/v1/migration/import").api_key().raw_body("application/octet-stream", b"hello".to_vec()).send_to(gw.port);
     assert_eq!((junk.status, junk.json()["code"].clone()), (422, json!("not_sqlite")));
-}
-
-/// Runs `omni-gateway <args>` in `cwd`, as an operator would next to a running gateway.
-fn cli(cwd: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin_path("omni-gateway"))
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PGSERVE_BIN_DIR", pg_bin_dir())
-        .env("LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]

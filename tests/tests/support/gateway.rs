@@ -185,6 +185,21 @@ pub fn postgres_pids_on(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Runs `omni-gateway <args>` in `cwd`, as an operator would next to a
+/// running gateway: success, stdout, stderr.
+pub fn cli(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin_path("omni-gateway"))
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PGSERVE_BIN_DIR", pg_bin_dir())
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .expect("running omni-gateway");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// A working directory for one gateway.
 pub fn workdir() -> TempDir {
     TempDir::new("gw")
