@@ -8,6 +8,8 @@ mod gateway;
 #[path = "support/sqlite_fixture.rs"]
 mod fixture;
 
+use fixture::TABLES;
+
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -19,17 +21,6 @@ use std::{
 use gateway::{cli, workdir, GatewayBuilder};
 use omni_tests::{bin_path, pg_bin_dir, wait_until, Request, TempDir, TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
 use serde_json::{json, Value};
-
-const TABLES: [&str; 8] = [
-    "omni_global_settings",
-    "omni_setting_change_history",
-    "omni_instance_configs",
-    "omni_users",
-    "omni_user_external_ids",
-    "omni_access_rules",
-    "omni_message_traces",
-    "omni_trace_payloads",
-];
 
 fn rows(db: &mut postgres::Client) -> i64 {
     TABLES.iter().map(|t| db.query_one(&format!("SELECT count(*) FROM {t}"), &[]).unwrap().get::<_, i64>(0)).sum()

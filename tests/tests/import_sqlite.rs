@@ -6,22 +6,12 @@
 #[path = "support/sqlite_fixture.rs"]
 mod fixture;
 
+use fixture::TABLES;
+
 use std::path::{Path, PathBuf};
 
 use omni_tests::{pg_bin_dir, Response, TempPostgres, Worker, WorkerBuilder};
 use serde_json::{json, Value};
-
-/// The eight tables, parents first.
-const TABLES: [&str; 8] = [
-    "omni_global_settings",
-    "omni_setting_change_history",
-    "omni_instance_configs",
-    "omni_users",
-    "omni_user_external_ids",
-    "omni_access_rules",
-    "omni_message_traces",
-    "omni_trace_payloads",
-];
 
 /// A worker whose data root (its working directory) has a `data/` directory.
 fn worker(pg: &TempPostgres) -> (Worker, PathBuf) {

@@ -12,6 +12,18 @@ use std::path::Path;
 
 use rusqlite::{params, Connection};
 
+/// Omni's eight tables, parents first.
+pub const TABLES: [&str; 8] = [
+    "omni_global_settings",
+    "omni_setting_change_history",
+    "omni_instance_configs",
+    "omni_users",
+    "omni_user_external_ids",
+    "omni_access_rules",
+    "omni_message_traces",
+    "omni_trace_payloads",
+];
+
 /// A payload as the old product stored it: base64 of zlib-compressed JSON.
 pub const PAYLOAD: &str = "eJyrVkrLz1eyUkpKLFKqBQAdegQ0";
 
