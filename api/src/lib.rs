@@ -16,6 +16,7 @@ pub mod errors;
 pub mod events;
 pub mod health;
 pub mod import_routes;
+pub mod lingering;
 pub mod migration_check;
 pub mod migrations;
 pub mod openapi;

@@ -19,7 +19,7 @@ use crate::{
     backup_routes,
     db::Db,
     errors,
-    events, health, import_routes, migration_check, openapi, preferences, setup, static_files,
+    events, health, import_routes, lingering, migration_check, openapi, preferences, setup, static_files,
 };
 
 /// Largest request body accepted; preference values are at most 64 KiB.
@@ -79,5 +79,6 @@ pub fn app(db: Db, api_key: ApiKey, config: WorkerSettings) -> Router {
         .fallback(static_files::fallback)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(errors::json_error_bodies))
+        .layer(middleware::from_fn(lingering::drain_unread_body))
         .with_state(state)
 }

@@ -229,3 +229,24 @@ fn cli_refuses_a_file_it_cannot_read_before_touching_the_database() {
     assert!(!out.status.success());
     assert!(err.contains("cannot read") && err.contains("nothing was written"), "{err}");
 }
+
+/// The worker answers 401 before reading a byte of the body; the connection
+/// must still carry that answer to the client, every time, not a reset that
+/// the gateway can only turn into 502.
+#[test]
+fn an_upload_refused_before_its_body_is_read_gets_its_answer_through_the_gateway_every_time() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let body = vec![0u8; 16 << 20];
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| Request::new("POST", "/api/v1/migration/import").raw_body("application/octet-stream", body.clone()).send_to(gw.port).status)
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    // Over the upload limit by its declared length: not drained, answered, closed.
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "POST /api/v1/migration/import HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\nSQLite", 1u64 << 40).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 401"), "{}", String::from_utf8_lossy(&answer));
+}
