@@ -18,7 +18,6 @@ pub mod health;
 pub mod import_routes;
 pub mod lingering;
 pub mod migration_check;
-pub mod migrations;
 pub mod openapi;
 pub mod preferences;
 pub mod routes;

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use omni_contract::{
-    backups,
+    backups, migrations,
     sqlite,
     worker_settings::{Listen, WorkerSettings},
 };
@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use crate::{
     auth,
     db::Db,
-    migrations, routes,
+    routes,
 };
 
 /// How long start-up waits for the database before giving up.

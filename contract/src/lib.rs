@@ -7,6 +7,8 @@
 //!   and by `omni-gateway backup …` alike;
 //! * [`import`]: the SQLite importer, run by the worker's API and by
 //!   `omni-gateway import-sqlite` alike;
+//! * [`migrations`]: the schema (`migrations/*.sql`, embedded), applied by
+//!   the worker at start and by the gateway into its memory-mode template;
 //! * [`error_body`]: the JSON error shape every HTTP client sees;
 //! * [`logging`], [`interval`], [`paths`], [`redact`], [`sqlite`], [`probe`]:
 //!   small rules that must read the same on both sides.
@@ -16,6 +18,7 @@ pub mod error_body;
 pub mod import;
 pub mod interval;
 pub mod logging;
+pub mod migrations;
 pub mod paths;
 pub mod probe;
 pub mod redact;

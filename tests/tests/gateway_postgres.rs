@@ -92,6 +92,23 @@ fn memory_mode_leaves_no_files_after_stop() {
     assert!(!dir.path().join("data").exists(), "memory mode must not create a data directory");
 }
 
+/// The template a memory-mode start copies already holds the schema: the
+/// worker applies no migration at start, and Omni's tables are there.
+#[test]
+fn memory_mode_starts_with_the_schema_in_place() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_MEMORY_MODE", "true").start();
+    let tables: i64 = gw.db_memory().query_one("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'omni\\_%'", &[]).unwrap().get(0);
+    assert!(tables >= 10, "{tables} omni_ tables");
+    let log = gw.log();
+    assert!(log.contains("database schema is up to date") && !log.contains("applied migrations"), "{log}");
+    // A second start copies the same template: no migration either.
+    assert!(gw.terminate().success());
+    let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_MEMORY_MODE", "true").start();
+    let log = gw.log();
+    assert!(log.contains("database schema is up to date") && !log.contains("applied migrations"), "{log}");
+}
+
 trait MemoryDb {
     fn db_memory(&self) -> postgres::Client;
 }

@@ -314,7 +314,8 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     let key: String = number.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
     // The suffixes tell templates built before clusters got data checksums
     // and small WAL segments apart, so those are not reused.
-    let template = cache.join(format!("template-pg{key}-checksums-wal1"));
+    // The schema's fingerprint too: a build with other migrations bakes its own.
+    let template = cache.join(format!("template-pg{key}-checksums-wal1-schema-{}", omni_contract::migrations::fingerprint()));
     if let Ok(password) = std::fs::read_to_string(template.join("password")) {
         if template.join("cluster/PG_VERSION").is_file() {
             return Ok((template.join("cluster"), password.trim().to_string()));
@@ -336,6 +337,7 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     // archives WAL, where the segment size would matter.
     run_initdb(binaries, &cluster, &password, account, true, &["--wal-segsize=1"]).await?;
     create_app_database_offline(binaries, &cluster, account).await?;
+    apply_migrations_offline(binaries, &cluster, &password, account).await?;
     write_secret(&work.join("password"), &password)?;
     if std::fs::rename(&work, &template).is_err() {
         // Another gateway published first; use its template.
@@ -358,6 +360,66 @@ pub fn cache_dir() -> PathBuf {
         Some(h) => PathBuf::from(h).join(".cache/omni-gateway"),
         None => std::env::temp_dir().join("omni-gateway-cache"),
     }
+}
+
+/// Applies the schema (`omni_contract::migrations`, the worker's own code and
+/// files) to the template, so every memory-mode start copies a cluster whose
+/// schema is in place and the worker's start finds nothing to do. Runs a
+/// postmaster that listens on a Unix socket in a private directory only: no
+/// TCP port is taken, nothing else can reach it.
+async fn apply_migrations_offline(binaries: &Binaries, dir: &Path, password: &str, account: &Account) -> Result<()> {
+    let socket_dir = std::env::temp_dir().join(format!("omni-template-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&socket_dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&socket_dir).with_context(|| format!("creating {}", socket_dir.display()))?;
+    privilege::chown_tree(&socket_dir, account)?;
+    let mut spec = ChildSpec::new("postgres (template)", binaries.postgres())
+        .arg("-D")
+        .arg(dir)
+        .arg("-k")
+        .arg(&socket_dir)
+        .arg("-c")
+        .arg("listen_addresses=")
+        .arg("-c")
+        .arg("fsync=off")
+        .arg("-c")
+        .arg(format!("log_line_prefix={LOG_LINE_PREFIX}"));
+    spec.output = Output::Postgres { routine: Level::DEBUG };
+    spec.run_as = account.run_as();
+    let mut server = child::spawn(spec).await.context("could not start postgres on the template")?;
+    let pid = server.id().context("the template's postgres has no pid")?;
+    let applied = async {
+        let pid_file = dir.join("postmaster.pid");
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while super::postmaster_status(&pid_file, pid) != super::PostmasterStatus::Accepting {
+            if let Some(status) = server.try_wait()? {
+                bail!("postgres exited ({status}) while starting on the template; its output is in the log above");
+            }
+            if Instant::now() > deadline {
+                bail!("postgres did not accept connections on the template within 60 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(&socket_dir).user(SUPERUSER).password(password).dbname(APP_DATABASE).application_name("omni-gateway template");
+        let mut client = super::connect(&config).await.context("connecting to the template")?;
+        let applied = omni_contract::migrations::apply(&mut client).await?;
+        tracing::info!(?applied, "memory mode: schema applied to the template");
+        Ok(())
+    }
+    .await;
+    child::signal_group(pid, nix::sys::signal::Signal::SIGINT);
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), server.wait()).await;
+    if !matches!(stopped, Ok(Ok(status)) if status.success()) {
+        child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = server.wait().await;
+        child::forget(pid);
+        let _ = std::fs::remove_dir_all(&socket_dir);
+        applied?;
+        bail!("postgres on the template did not stop cleanly; the template is not used");
+    }
+    child::forget(pid);
+    let _ = std::fs::remove_dir_all(&socket_dir);
+    applied
 }
 
 /// Creates the app database in a template by running `postgres --single`,

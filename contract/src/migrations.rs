@@ -1,5 +1,6 @@
 //! Schema migrations: the SQL files in `migrations/`, embedded at build time
-//! and applied at start.
+//! and applied by the worker at start (and by the gateway into its
+//! memory-mode template, so a copy of it starts with the schema in place).
 //!
 //! All pending migrations run in one transaction holding a transaction-level
 //! advisory lock, so two workers starting together serialize: the second
@@ -32,6 +33,17 @@ const LOCK_KEY: i64 = 0x6f6d_6e69;
 
 pub fn checksum(sql: &str) -> String {
     Sha256::digest(sql.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Twelve hex digits naming this build's schema (every migration's name and
+/// text): a cluster prepared with one schema is never mistaken for another.
+pub fn fingerprint() -> String {
+    let mut all = Sha256::new();
+    for m in MIGRATIONS {
+        all.update(m.name.as_bytes());
+        all.update(checksum(m.sql).as_bytes());
+    }
+    all.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Applies pending migrations; returns the names of those applied now.

@@ -1,4 +1,5 @@
-//! Embeds `migrations/NNNN_name.sql` into the worker at compile time.
+//! Embeds `migrations/NNNN_name.sql` into `omni-contract` at compile time
+//! (the worker applies them; the gateway bakes them into its memory-mode template).
 //!
 //! The list is generated rather than written by hand so a new file in
 //! `migrations/` cannot be forgotten, and a badly named one fails the build
