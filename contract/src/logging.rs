@@ -32,8 +32,17 @@ impl LogFormat {
 }
 
 /// `LOG_LEVEL` as a filter: a level (`info`) or a full tracing filter.
+///
+/// The PostgreSQL driver is held at `info` unless the filter names it: at
+/// `debug` it logs every statement's parameters, which carry the API key,
+/// preference values and, with accounts, password hashes. Someone debugging
+/// the driver itself asks for it by name (`LOG_LEVEL=debug,tokio_postgres=debug`).
 pub fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
-    EnvFilter::try_new(level)
+    let filter = EnvFilter::try_new(level)?;
+    if level.contains("tokio_postgres") {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive("tokio_postgres=info".parse()?))
 }
 
 /// Installs the global subscriber. `level` must have passed [`filter`]
@@ -73,5 +82,11 @@ mod tests {
         assert!(filter("debug").is_ok());
         assert!(filter("info,omni_api=trace").is_ok());
         assert!(filter("x=[[").is_err());
+    }
+
+    #[test]
+    fn the_driver_stays_at_info_unless_named() {
+        assert!(filter("debug").unwrap().to_string().contains("tokio_postgres=info"));
+        assert!(!filter("debug,tokio_postgres=trace").unwrap().to_string().contains("tokio_postgres=info"));
     }
 }

@@ -7,7 +7,7 @@
 mod gateway;
 
 use gateway::{workdir, GatewayBuilder};
-use omni_tests::{bin_path, Request, TempPostgres};
+use omni_tests::{bin_path, Request, TempPostgres, TEST_API_KEY};
 
 /// `2026-01-31T12:34:56.123456Z` at the start of `text`, if there is one.
 fn leading_timestamp(text: &str) -> Option<&str> {
@@ -104,4 +104,20 @@ fn a_worker_started_by_hand_logs_to_a_file_without_colour_and_says_how_to_tell_i
     assert!(!log.contains('\x1b'), "{log}");
     assert!(log.contains("ready when GET /api/v1/health answers 200"), "without OMNI_API_READY_FD nothing is announced:\n{log}");
     assert_readable(&log);
+}
+
+/// `LOG_LEVEL=debug` (what `make dev` sets) shows the statements the
+/// gateway and the worker send, never their parameters: the API key, a
+/// preference's value.
+#[test]
+fn debug_logs_show_no_statement_parameters() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("LOG_LEVEL", "debug").start();
+    let secret = "value-that-must-not-be-logged-7f3a";
+    let put = Request::new("POST", "/api/v1/preferences").session("0b7c2f7e-3d2a-4b8e-9c61-5a0f5d1e2c3b").json(&serde_json::json!({ "key": "theme", "value": secret })).send_to(gw.port);
+    assert!(put.status < 300, "{}", put.text());
+    let log = gw.log();
+    assert!(log.contains("DEBUG"), "debug lines are written: {log}");
+    assert!(!log.contains(TEST_API_KEY), "the API key is in the log:\n{log}");
+    assert!(!log.contains(secret), "a preference value is in the log:\n{log}");
 }
