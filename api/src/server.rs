@@ -6,6 +6,10 @@
 //! closes it (the s6 notification protocol). Started by hand, without it,
 //! `GET /api/v1/health` is how to tell.
 //!
+//! Started early by the gateway, with `OMNI_API_START_FD`, the worker does
+//! what needs no database (settings, logging, pool, listener) and then waits
+//! for a newline on that descriptor before it connects.
+//!
 //! Shutdown is one mechanism: a future that completes on SIGTERM or SIGINT,
 //! handed to axum's graceful shutdown, which stops accepting, lets in-flight
 //! requests finish, and then returns so the process exits 0.
@@ -36,8 +40,9 @@ use crate::{
 const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
 
 pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
-    // Taken first, so no child started later (pg_dump) inherits it.
-    let ready = config.ready_fd.and_then(readiness_descriptor);
+    // Taken first, so no child started later (pg_dump) inherits them.
+    let ready = config.ready_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_READY_FD", "readiness will not be announced (GET /api/v1/health still tells)"));
+    let start = config.start_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_START_FD", "connecting to the database at once"));
     tracing::info!(
         ui_dir = %config.ui_dir.display(),
         backup_dir = %config.backup_dir.display(),
@@ -49,6 +54,13 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     }
 
     let db = Db::connect(&config.database_url, config.pool_size)?;
+    let listener = listener(&config.listen)?;
+    if let Some(start) = start {
+        if !start_signal(start).await {
+            tracing::info!("the gateway withdrew this start before the database was ready; exiting");
+            return Ok(());
+        }
+    }
     let mut client = db.client_at_start(DATABASE_PATIENCE).await?;
     let applied = migrations::apply(&mut client).await?;
     if applied.is_empty() {
@@ -61,7 +73,6 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
 
     start_backups(&config);
 
-    let listener = listener(&config.listen)?;
     let address = listener.local_addr().context("reading the listening address")?;
     let app = routes::app(db, api_key, config);
     if let Some(file) = ready {
@@ -75,21 +86,41 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Takes ownership of the readiness descriptor, if it is an open pipe or
-/// FIFO, and marks it close-on-exec. Anything else is reported and left
-/// alone: owning (and later closing) a descriptor that is not ours could
-/// close a file some library opened.
-fn readiness_descriptor(fd: RawFd) -> Option<File> {
+/// Takes ownership of the descriptor `fd` named by `variable`, if it is an
+/// open pipe or FIFO, and marks it close-on-exec. Anything else is reported
+/// (with what happens instead, `fallback`) and left alone: owning (and later
+/// closing) a descriptor that is not ours could close a file some library opened.
+fn pipe_descriptor(fd: RawFd, variable: &str, fallback: &str) -> Option<File> {
     // SAFETY: fstat writes into the zeroed struct; an invalid fd is an error return.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFIFO {
-        tracing::warn!(fd, "OMNI_API_READY_FD names no open pipe; readiness will not be announced (GET /api/v1/health still tells)");
+        tracing::warn!(fd, "{variable} names no open pipe; {fallback}");
         return None;
     }
     // SAFETY: plain fcntl on an open descriptor.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: the descriptor is open, and the gateway handed it to us alone.
     Some(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Waits on the start pipe: true at a newline (the database accepts
+/// connections), false when the pipe closes without one (the gateway
+/// stopped, or started another instance instead).
+async fn start_signal(mut pipe: File) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 64];
+        loop {
+            match std::io::Read::read(&mut pipe, &mut buf) {
+                Ok(0) => return false,
+                Ok(n) if buf[..n].contains(&b'\n') => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Writes the newline that says "ready" and closes the descriptor. A gateway

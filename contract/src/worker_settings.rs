@@ -22,6 +22,7 @@ pub mod vars {
     pub const LISTEN: &str = "OMNI_API_LISTEN";
     pub const LISTEN_FD: &str = "OMNI_API_LISTEN_FD";
     pub const READY_FD: &str = "OMNI_API_READY_FD";
+    pub const START_FD: &str = "OMNI_API_START_FD";
     pub const API_KEY: &str = "OMNI_API_KEY";
     pub const UI_DIR: &str = "OMNI_UI_DIR";
     pub const BACKUP_DIR: &str = "OMNI_BACKUP_DIR";
@@ -38,8 +39,8 @@ pub mod vars {
     /// Every variable the worker reads. The gateway removes these from what
     /// it passes on, then writes its own values, so a stray one in the
     /// gateway's environment never reaches the worker unchecked.
-    pub const ALL: [&str; 16] = [
-        DATABASE_URL, LISTEN, LISTEN_FD, READY_FD, API_KEY, UI_DIR, BACKUP_DIR, PG_BIN_DIR, BACKUP_KEEP, BACKUP_INTERVAL,
+    pub const ALL: [&str; 17] = [
+        DATABASE_URL, LISTEN, LISTEN_FD, READY_FD, START_FD, API_KEY, UI_DIR, BACKUP_DIR, PG_BIN_DIR, BACKUP_KEEP, BACKUP_INTERVAL,
         SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT,
     ];
 }
@@ -74,6 +75,13 @@ pub struct WorkerSettings {
     /// newline there once it serves, and closes it. Set by the gateway, so it
     /// need not poll; absent when the worker runs on its own.
     pub ready_fd: Option<RawFd>,
+    /// A pipe to wait on before connecting to the database
+    /// (`OMNI_API_START_FD`): a newline there means "the database accepts
+    /// connections now", the pipe closing without one means "give up" (the
+    /// worker exits 0). The gateway starts the worker while PostgreSQL is
+    /// still starting, so the worker's own start overlaps PostgreSQL's;
+    /// absent, the worker connects at once.
+    pub start_fd: Option<RawFd>,
     /// A fixed key from the operator (`OMNI_API_KEY`); when absent the worker
     /// generates one on first start and keeps it in the database.
     pub api_key: Option<String>,
@@ -174,6 +182,7 @@ impl WorkerSettings {
             database_url: database_url.into(),
             listen: Listen::Bind(DEFAULT_LISTEN.parse().expect("a valid default address")),
             ready_fd: None,
+            start_fd: None,
             api_key: None,
             ui_dir: paths::absolute(base, Path::new("./ui-dist")),
             backup_dir: paths::absolute(base, Path::new("./data/backups")),
@@ -217,6 +226,7 @@ impl WorkerSettings {
             }
         };
         s.ready_fd = get(vars::READY_FD).map(|fd| check::fd(&fd).map_err(|m| invalid(vars::READY_FD, m))).transpose()?;
+        s.start_fd = get(vars::START_FD).map(|fd| check::fd(&fd).map_err(|m| invalid(vars::START_FD, m))).transpose()?;
         s.api_key = checked(vars::API_KEY, &check::api_key)?;
         if let Some(level) = checked(vars::LOG_LEVEL, &check::log_level)? {
             s.log_level = level;
@@ -256,6 +266,9 @@ impl WorkerSettings {
         }
         if let Some(fd) = self.ready_fd {
             env.push((vars::READY_FD, fd.to_string()));
+        }
+        if let Some(fd) = self.start_fd {
+            env.push((vars::START_FD, fd.to_string()));
         }
         if let Some(key) = &self.api_key {
             env.push((vars::API_KEY, key.clone()));
@@ -315,6 +328,7 @@ mod tests {
             ("OMNI_API_LISTEN", "localhost"),
             ("OMNI_API_LISTEN_FD", "three"),
             ("OMNI_API_READY_FD", "-1"),
+            ("OMNI_API_START_FD", "x"),
             ("OMNI_API_KEY", "short"),
             ("OMNI_API_KEY", "sixteen chars with spaces"),
             ("LOG_FORMAT", "xml"),
@@ -348,6 +362,7 @@ mod tests {
         let mut s = WorkerSettings::new("postgres://postgres:pw@127.0.0.1:5432/omni", Path::new("/srv/omni"));
         s.listen = Listen::InheritedFd(3);
         s.ready_fd = Some(4);
+        s.start_fd = Some(5);
         s.api_key = Some("sk-omni-0123456789abcdef".into());
         s.pg_bin_dir = Some("/usr/lib/postgresql/15/bin".into());
         s.backup_keep = 0;

@@ -159,8 +159,16 @@ async fn supervise(
     started: Instant,
 ) -> Result<()> {
     let board = running.board.clone();
+    // The worker's policy, for the database at `url`. Its failures while
+    // PostgreSQL was down are not its own: it is retried as soon as
+    // PostgreSQL is back.
+    let worker_policy = |url: &str, pg_bin_dir: Option<PathBuf>| {
+        let mut settings = config.worker_settings(url);
+        settings.pg_bin_dir = pg_bin_dir;
+        WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone())
+    };
     // PostgreSQL (embedded) or the external URL.
-    let (database_url, pg_bin_dir) = match &config.database {
+    let policy = match &config.database {
         Database::Embedded(embedded) => {
             tracing::info!("looking for PostgreSQL binaries");
             let explicit = embedded.bin_dir.clone();
@@ -172,28 +180,26 @@ async fn supervise(
             let pg_started = Instant::now();
             let policy = PostgresPolicy::new(cluster.clone(), config.restart);
             running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None));
-            // The worker applies migrations at start, so it waits for PostgreSQL
-            // to accept connections on the app database; meanwhile the gateway
-            // serves /gateway/status, which says why it waits.
+            // The worker applies migrations at start, so it connects once
+            // PostgreSQL accepts connections on the app database. Its process
+            // is started now, to be ready to connect by then; meanwhile the
+            // gateway serves /gateway/status, which says why it waits.
+            let mut policy = worker_policy(&cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()));
+            policy.prestart().await;
             if !wait_first(crate::postgres::worker_may_start(&cluster, &board), signals, running).await {
                 return Ok(());
             }
             tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
-            (cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()))
+            policy
         }
         Database::External { url } => {
             child::start_reaper(&running.tasks, running.stop_background.clone());
             tracing::info!("using the external PostgreSQL of DATABASE_URL; no embedded cluster");
             let bins = tokio::task::spawn_blocking(|| binaries::find(None).ok()).await?;
-            (url.clone(), bins.map(|b| b.dir))
+            worker_policy(url, bins.map(|b| b.dir))
         }
     };
 
-    // The worker, once its database is there. Its failures while PostgreSQL
-    // was down are not its own: it is retried as soon as PostgreSQL is back.
-    let mut settings = config.worker_settings(&database_url);
-    settings.pg_bin_dir = pg_bin_dir;
-    let policy = WorkerPolicy::new(worker_bin.clone(), settings, upstreams, config.http.drain_timeout, worker_account);
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
     let api = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
     if config.dev {

@@ -17,6 +17,13 @@
 //! run ends it is withdrawn. During a reload the new instance is the
 //! *candidate* until it is ready.
 //!
+//! Started early: the first instance is spawned while PostgreSQL is still
+//! starting ([`WorkerPolicy::prestart`]), with the read end of a third pipe
+//! as fd 5 (`OMNI_API_START_FD=5`). It does what needs no database and
+//! waits; the first `start` writes the newline that lets it connect. Its
+//! process start thus overlaps PostgreSQL's instead of following it. If the
+//! gateway stops first, the pipe closes and the worker exits by itself.
+//!
 //! Run as root, the gateway starts the worker as an unprivileged account
 //! (`OMNI_API_USER`, by default PostgreSQL's): nothing that parses HTTP runs
 //! as root. The worker logs JSON lines, which `child.rs` re-emits at their
@@ -46,6 +53,8 @@ use crate::upstream::Upstreams;
 const LISTEN_FD: i32 = 3;
 /// The fd number of the write end of the worker's readiness pipe.
 const READY_FD: i32 = 4;
+/// The fd number of the read end of a pre-started worker's start pipe.
+const START_FD: i32 = 5;
 /// How long the worker may be silent on its readiness pipe before it is
 /// also asked `GET /api/v1/health`: longer than an announcing worker takes
 /// to apply a usual migration, short enough that one that never announces
@@ -71,11 +80,90 @@ pub struct WorkerPolicy {
     /// The read end of the candidate's readiness pipe, until it announced
     /// itself (or closed the pipe without doing so), and when it was started.
     ready_pipe: Option<(pipe::Receiver, Instant)>,
+    /// A pre-started instance waiting for its start signal.
+    held: Option<Held>,
+}
+
+/// A worker spawned ahead of its start ([`WorkerPolicy::prestart`]).
+struct Held {
+    child: Child,
+    addr: SocketAddr,
+    ready_read: pipe::Receiver,
+    /// Write end of its start pipe: a newline starts it, dropping it stops it.
+    go: std::fs::File,
 }
 
 impl WorkerPolicy {
     pub fn new(bin: PathBuf, settings: WorkerSettings, upstreams: Upstreams, drain: Duration, account: Account) -> Self {
-        WorkerPolicy { bin, settings, upstreams, drain, account, current: None, candidate: None, ready_pipe: None }
+        WorkerPolicy { bin, settings, upstreams, drain, account, current: None, candidate: None, ready_pipe: None, held: None }
+    }
+
+    /// Spawns the first instance now, to wait for its database: the first
+    /// [`Policy::start`] only signals it. A failure here is logged and left
+    /// to that start, which spawns one the usual way.
+    pub async fn prestart(&mut self) {
+        let (start_read, start_write) = match pipe_pair("start") {
+            Ok(pair) => pair,
+            Err(e) => return tracing::warn!("could not pre-start the API worker: {e:#}"),
+        };
+        match self.spawn(Some(start_read)).await {
+            Ok((child, addr, ready_read)) => {
+                tracing::info!("started API worker (pid {}) on {addr} as user {}; it waits for PostgreSQL to be ready before it connects", child.id().unwrap_or(0), self.account.name);
+                self.held = Some(Held { child, addr, ready_read, go: std::fs::File::from(start_write) });
+            }
+            Err(e) => tracing::warn!("could not pre-start the API worker: {e:#}"),
+        }
+    }
+
+    /// Spawns an instance; with `start_read`, one that waits for its start signal.
+    async fn spawn(&mut self, start_read: Option<OwnedFd>) -> Result<(Child, SocketAddr, pipe::Receiver)> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a local port for the worker")?;
+        let addr = listener.local_addr()?;
+        let mut spec = ChildSpec::new("api", &self.bin);
+        let (ready_read, ready_write) = readiness_pipe()?;
+        let mut settings = self.settings.clone();
+        settings.listen = Listen::InheritedFd(LISTEN_FD);
+        settings.ready_fd = Some(READY_FD);
+        settings.start_fd = start_read.is_some().then_some(START_FD);
+        // JSON, so child.rs can re-emit each line at its level under one
+        // timestamp; the gateway's own LOG_FORMAT decides what operators see.
+        settings.log_format = LogFormat::Json;
+        // Only the contract's values reach the worker, never a stray one
+        // inherited from the gateway's own environment.
+        spec.env_remove = worker_settings::vars::ALL.iter().map(Into::into).collect();
+        spec.env = settings.to_env().into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        spec.env.extend(self.account.login_env());
+        spec.run_as = self.account.run_as();
+        spec.pass_fds = vec![(OwnedFd::from(listener), LISTEN_FD), (ready_write, READY_FD)];
+        if let Some(fd) = start_read {
+            spec.pass_fds.push((fd, START_FD));
+        }
+        spec.death_signal = Signal::SIGKILL;
+        spec.output = Output::Json;
+        let child = child::spawn(spec).await.map_err(|e| {
+            // A binary that is missing or not executable stays so until someone acts: no retry can fix it.
+            let unfixable = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
+            let e = anyhow::Error::new(e).context(format!("could not start {}", self.bin.display()));
+            if unfixable { supervisor::permanent(e) } else { e }
+        })?;
+        Ok((child, addr, ready_read))
+    }
+
+    /// The pre-started instance, told to start, if it is still alive.
+    fn release_held(&mut self) -> Option<(Child, SocketAddr, pipe::Receiver)> {
+        let mut held = self.held.take()?;
+        if !matches!(held.child.try_wait(), Ok(None)) {
+            tracing::warn!("the pre-started API worker exited before PostgreSQL was ready; starting another");
+            if let Some(pid) = held.child.id() {
+                child::forget(pid);
+            }
+            return None;
+        }
+        if let Err(e) = std::io::Write::write_all(&mut held.go, b"\n") {
+            tracing::warn!("could not signal the pre-started API worker ({e}); starting another");
+            return None;
+        }
+        Some((held.child, held.addr, held.ready_read))
     }
 }
 
@@ -100,15 +188,20 @@ async fn announcement(pipe: &mut pipe::Receiver) -> Announcement {
     }
 }
 
-/// A pipe whose ends are close-on-exec: only the child's dup of the write end survives exec.
-fn readiness_pipe() -> Result<(pipe::Receiver, OwnedFd)> {
+/// A pipe whose ends are close-on-exec: only the child's dup of one end survives exec.
+fn pipe_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1; 2];
     // SAFETY: pipe2 fills `fds` with two new descriptors on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("creating the worker's readiness pipe");
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("creating the worker's {what} pipe"));
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The readiness pipe: its read end watched by the gateway, its write end for the worker.
+fn readiness_pipe() -> Result<(pipe::Receiver, OwnedFd)> {
+    let (read, write) = pipe_pair("readiness")?;
     Ok((pipe::Receiver::from_owned_fd(read).context("watching the worker's readiness pipe")?, write))
 }
 
@@ -161,32 +254,14 @@ impl Policy for WorkerPolicy {
     }
 
     async fn start(&mut self) -> Result<Child> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a local port for the worker")?;
-        let addr = listener.local_addr()?;
-        let mut spec = ChildSpec::new("api", &self.bin);
-        let (ready_read, ready_write) = readiness_pipe()?;
-        let mut settings = self.settings.clone();
-        settings.listen = Listen::InheritedFd(LISTEN_FD);
-        settings.ready_fd = Some(READY_FD);
-        // JSON, so child.rs can re-emit each line at its level under one
-        // timestamp; the gateway's own LOG_FORMAT decides what operators see.
-        settings.log_format = LogFormat::Json;
-        // Only the contract's values reach the worker, never a stray one
-        // inherited from the gateway's own environment.
-        spec.env_remove = worker_settings::vars::ALL.iter().map(Into::into).collect();
-        spec.env = settings.to_env().into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        spec.env.extend(self.account.login_env());
-        spec.run_as = self.account.run_as();
-        spec.pass_fds = vec![(OwnedFd::from(listener), LISTEN_FD), (ready_write, READY_FD)];
-        spec.death_signal = Signal::SIGKILL;
-        spec.output = Output::Json;
-        let child = child::spawn(spec).await.map_err(|e| {
-            // A binary that is missing or not executable stays so until someone acts: no retry can fix it.
-            let unfixable = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
-            let e = anyhow::Error::new(e).context(format!("could not start {}", self.bin.display()));
-            if unfixable { supervisor::permanent(e) } else { e }
-        })?;
-        tracing::info!("started API worker (pid {}) on {addr} as user {}", child.id().unwrap_or(0), self.account.name);
+        let (child, addr, ready_read) = match self.release_held() {
+            Some(held) => held,
+            None => {
+                let (child, addr, ready_read) = self.spawn(None).await?;
+                tracing::info!("started API worker (pid {}) on {addr} as user {}", child.id().unwrap_or(0), self.account.name);
+                (child, addr, ready_read)
+            }
+        };
         self.candidate = Some(addr);
         self.ready_pipe = Some((ready_read, Instant::now()));
         Ok(child)

@@ -296,3 +296,62 @@ fn chaos_with_default_settings_recovers_within_the_backoff_cap_and_loses_no_writ
     assert!(back <= (DEFAULT_BACKOFF_CAP + Duration::from_secs(5)).as_secs_f64(), "/health was 200 again {back} s after the chaos");
     assert!(figure("acknowledged writes") > 0.0);
 }
+
+/// A `PGSERVE_BIN_DIR` whose `postgres` starts only once `gate` exists
+/// (everything else is the real binaries), so a test can hold PostgreSQL's
+/// start as long as it likes.
+fn gated_postgres(dir: &Path, gate: &Path) -> std::path::PathBuf {
+    let real = omni_tests::pg_bin_dir();
+    let bin = dir.join("gated-bin");
+    std::fs::create_dir(&bin).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap().flatten() {
+        if entry.file_name() != "postgres" {
+            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+        }
+    }
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in --version|-V) ;; *) while [ ! -e '{}' ]; do sleep 0.02; done ;; esac\nexec '{}' \"$@\"\n",
+        gate.display(),
+        real.join("postgres").display()
+    );
+    std::fs::write(bin.join("postgres"), script).unwrap();
+    std::fs::set_permissions(bin.join("postgres"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// The pid in the gateway's "started API worker (pid N)" line, once logged.
+fn started_worker_pid(gw: &Gateway) -> Option<i32> {
+    let log = gw.log();
+    let (_, rest) = log.split_once("started API worker (pid ")?;
+    rest.split(')').next()?.parse().ok()
+}
+
+/// The worker's process starts while PostgreSQL is still starting and waits
+/// for it (no connection attempt, so no `FATAL: the database system is
+/// starting up`); that same process then serves. A gateway stopped while
+/// PostgreSQL still starts exits cleanly and leaves no worker behind.
+#[test]
+fn the_worker_starts_beside_postgresql_and_a_stop_before_postgresql_is_up_leaves_no_worker() {
+    let dir = workdir();
+    let gate = dir.path().join("postgres-may-start");
+    let bin = gated_postgres(dir.path(), &gate);
+
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_BIN_DIR", bin.display().to_string()).spawn();
+    let early = wait_until(Duration::from_secs(60), "the worker to start while PostgreSQL is held", || started_worker_pid(&gw));
+    assert!(alive(early));
+    assert!(!gw.log().contains("PostgreSQL accepts connections"), "{}", gw.log());
+    let api = wait_until(Duration::from_secs(10), "/gateway/status to answer", || try_component(gw.port, "api"));
+    assert_ne!(api["state"], "ready", "{api}");
+    std::fs::write(&gate, b"").unwrap();
+    gw.wait_healthy();
+    let api = gw.component("api");
+    assert_eq!((api["pid"].as_i64(), api["restarts"].as_i64()), (Some(early as i64), Some(0)), "the early worker serves: {api}");
+    assert!(gw.terminate().success());
+    assert!(!gw.log().contains("FATAL"), "{}", gw.log());
+
+    std::fs::remove_file(&gate).unwrap();
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_BIN_DIR", bin.display().to_string()).spawn();
+    let early = wait_until(Duration::from_secs(60), "the worker to start while PostgreSQL is held", || started_worker_pid(&gw));
+    assert!(gw.terminate().success(), "{}", gw.log());
+    wait_until(Duration::from_secs(10), "the early worker to be gone", || (!alive(early)).then_some(()));
+}
