@@ -284,6 +284,23 @@ async fn shutdown(running: Running) {
     if tokio::time::timeout(TASKS_GRACE, running.tasks.wait()).await.is_err() {
         tracing::warn!("{} background tasks still running {} s after the stop; exiting anyway", running.tasks.len(), TASKS_GRACE.as_secs());
     }
+    if let Some(c) = &running.cluster {
+        // A new cluster stopped before its first flush ended: the flush is
+        // finished, not cut off, so what initdb wrote survives a power loss.
+        if let Some(flush) = c.durable.lock().await.take() {
+            tracing::info!("finishing the flush of the new cluster to disk");
+            match flush.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("flushing the new cluster failed: {e:#}"),
+                Err(e) => tracing::warn!("flushing the new cluster failed: {e}"),
+            }
+        }
+    }
+    // The children's last lines ("database system is shut down") are logged
+    // before the gateway's own last one.
+    if tokio::time::timeout(TASKS_GRACE, child::output_drained()).await.is_err() {
+        tracing::warn!("a child's output was still open {} s after the stop", TASKS_GRACE.as_secs());
+    }
     if let Some(c) = running.cluster {
         c.cleanup();
     }

@@ -149,13 +149,23 @@ pub async fn spawn(spec: ChildSpec) -> io::Result<Child> {
     let mut child = reply_rx.await.map_err(|_| io::Error::other("spawner thread dropped the request"))??;
     if output != Output::Discard {
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(log_lines(name.clone(), output, out));
+            OUTPUT_READERS.spawn(log_lines(name.clone(), output, out));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(log_lines(name, output, err));
+            OUTPUT_READERS.spawn(log_lines(name, output, err));
         }
     }
     Ok(child)
+}
+
+/// The tasks re-emitting children's output; each ends when its pipe closes.
+static OUTPUT_READERS: std::sync::LazyLock<tokio_util::task::TaskTracker> = std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
+
+/// Returns once every child's output has been read to its end (children
+/// that exited have closed their pipes), so their last lines are logged.
+pub async fn output_drained() {
+    OUTPUT_READERS.close();
+    OUTPUT_READERS.wait().await;
 }
 
 /// Runs a short-lived helper (initdb and the like) to completion.

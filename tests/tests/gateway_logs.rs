@@ -121,3 +121,16 @@ fn debug_logs_show_no_statement_parameters() {
     assert!(!log.contains(TEST_API_KEY), "the API key is in the log:\n{log}");
     assert!(!log.contains(secret), "a preference value is in the log:\n{log}");
 }
+
+/// A stop logs the children's last words before the gateway's own last line.
+#[test]
+fn a_stop_logs_postgresqls_last_line_before_the_gateways_last() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    assert!(gw.terminate().success());
+    let log = gw.log();
+    let shut = log.find("database system is shut down").unwrap_or_else(|| panic!("PostgreSQL's last line is missing:\n{log}"));
+    let last = log.trim_end().lines().last().unwrap_or_default();
+    assert!(last.ends_with("stopped") && !last.contains("child="), "the gateway's own line comes last: {last}");
+    assert!(shut < log.len() - last.len(), "{log}");
+}
