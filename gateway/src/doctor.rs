@@ -153,10 +153,19 @@ pub async fn run(config: &Config) -> Report {
             None => report.add("OMNI_PORT", Status::Fail, format!("{e:#}")),
         },
     }
-    report.add_result(
-        "API worker binary",
-        worker::locate_binary(config.api_bin.as_deref()).map(|p| p.display().to_string()),
-    );
+    let worker_bin = worker::locate_binary(config.api_bin.as_deref());
+    match privilege::worker_account(&config.api_user) {
+        Ok(a) if a.switch => {
+            let reachable = worker_bin.as_ref().ok().map(|bin| privilege::check_executable(bin, &a));
+            match reachable {
+                Some(Err(e)) => report.add("API worker account", Status::Fail, format!("{e:#}")),
+                _ => report.add("API worker account", Status::Ok, format!("the gateway runs as root; the API worker will run as {} (uid {})", a.name, a.uid)),
+            }
+        }
+        Ok(a) => report.add("API worker account", Status::Ok, format!("the API worker runs as the current user, {} (uid {})", a.name, a.uid)),
+        Err(e) => report.add("API worker account", Status::Fail, format!("{e:#}")),
+    }
+    report.add_result("API worker binary", worker_bin.map(|p| p.display().to_string()));
     if config.ui_dir.join("index.html").is_file() {
         report.add("UI files", Status::Ok, config.ui_dir.display().to_string());
     } else {

@@ -234,3 +234,17 @@ fn as_root_a_missing_postgres_account_fails_with_the_command_that_creates_it() {
     assert!(!d.success, "{}", d.stdout);
     d.assert_row("PostgreSQL account", "FAIL", &["PGSERVE_USER=omni-no-such-user does not exist", "useradd --system"]);
 }
+
+#[test]
+fn as_root_a_missing_worker_account_fails_naming_omni_api_user() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: only root switches to OMNI_API_USER; run the tests as root to cover this");
+        return;
+    }
+    let dir = workdir();
+    let d = doctor(dir.path(), &[("OMNI_API_USER", "omni-no-such-worker".into())]);
+    assert!(!d.success, "{}", d.stdout);
+    d.assert_row("API worker account", "FAIL", &["OMNI_API_USER=omni-no-such-worker does not exist", "useradd --system"]);
+    let ok = doctor(dir.path(), &[]);
+    ok.assert_row("API worker account", "ok", &["will run as postgres"]);
+}
