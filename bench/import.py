@@ -11,6 +11,12 @@ build, embedded PostgreSQL) and in each round, interleaved:
   pgloader   the same file into a second database of the same cluster with
              the same schema pre-created (migrations/0002), `data only`;
              peak RSS from wait4
+  floor      PostgreSQL alone: the importer's result, exported once as
+             binary COPY files, loaded back by the server itself (COPY FROM
+             a file, no client at all) into the emptied tables in one
+             transaction, with the same plain indexes and foreign keys
+             dropped and made again afterwards as the importer does: what
+             the server needs for these rows however fast its client is
 Both targets are emptied between rounds.
 
 Usage: bench/import.py [ROUNDS]   (writes the "SQLite import" section of BENCHMARKS.md)
@@ -182,7 +188,34 @@ def main():
         worker_pid = next(c["pid"] for c in status["components"] if c["name"] == "api")
 
         truncate = "TRUNCATE " + ", ".join(TABLES) + " CASCADE"
-        times = {"importer": [], "pgloader": []}
+        exports = work / "floor"
+        exports.mkdir()
+        os.chmod(exports, 0o777)
+
+        def psql_out(sql):
+            return subprocess.run([str(BIN / "psql"), "-X", "-At", "-d", "omni", "-c", sql], env=pg_env, check=True,
+                                  capture_output=True, text=True).stdout
+
+        def floor_script():
+            """The floor's SQL: per table, plain indexes and foreign keys dropped,
+            COPY FROM the exported file, then made again (the importer's bulk path)."""
+            lines = ["\\timing off", "BEGIN;", truncate + ";", "SET LOCAL maintenance_work_mem = '256MB';"]
+            for t in TABLES:
+                indexes = psql_out(f"SELECT indexrelid::regclass::text || '|' || pg_get_indexdef(indexrelid) FROM pg_index "
+                                   f"WHERE indrelid = '{t}'::regclass AND NOT indisprimary AND NOT indisunique").split("\n")
+                fks = psql_out(f"SELECT conname || '|' || pg_get_constraintdef(oid) FROM pg_constraint "
+                               f"WHERE conrelid = '{t}'::regclass AND contype = 'f'").split("\n")
+                indexes = [i.split("|", 1) for i in indexes if i]
+                fks = [f.split("|", 1) for f in fks if f]
+                lines += [f"DROP INDEX {name};" for name, _ in indexes]
+                lines += [f"ALTER TABLE {t} DROP CONSTRAINT {name};" for name, _ in fks]
+                lines.append(f"COPY {t} FROM '{exports / t}.bin' (FORMAT binary);")
+                lines += [f"{definition};" for _, definition in indexes]
+                lines += [f"ALTER TABLE {t} ADD CONSTRAINT {name} {definition};" for name, definition in fks]
+            lines.append("COMMIT;")
+            return "\n".join(lines) + "\n"
+
+        times = {"importer": [], "pgloader": [], "floor": []}
         rss = {"importer": [], "pgloader": []}
         report = None
         for _ in range(ROUNDS):
@@ -199,6 +232,19 @@ def main():
             rss["importer"].append(vm_hwm_kib(worker_pid) / 1024)
             assert report["imported"] == total_rows, report
             print(f"importer: {times['importer'][-1]:.1f} s, {rss['importer'][-1]:.0f} MiB", file=sys.stderr)
+
+            if not any(exports.iterdir()):
+                for t in TABLES:
+                    psql("omni", f"COPY {t} TO '{exports / t}.bin' (FORMAT binary)")
+                script = work / "floor.sql"
+                script.write_text(floor_script())
+            started = time.perf_counter()
+            subprocess.run([str(BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "omni", "-f", str(script)],
+                           env=pg_env, check=True, stdout=subprocess.DEVNULL)
+            times["floor"].append(time.perf_counter() - started)
+            loaded = int(psql_out(" + ".join(f"(SELECT count(*) FROM {t})" for t in TABLES).join(["SELECT ", ""])))
+            assert loaded == total_rows, f"the floor loaded {loaded} of {total_rows} rows"
+            print(f"floor: {times['floor'][-1]:.1f} s", file=sys.stderr)
 
             psql("pgl", truncate)
             started = time.perf_counter()
@@ -223,6 +269,7 @@ def main():
 
     med = {k: statistics.median(v) for k, v in times.items()}
     mem = {k: max(v) for k, v in rss.items()}
+    floor_ratio = med["floor"] / med["importer"]
     rate = {k: total_rows / v for k, v in med.items()}
     ratio = rate["importer"] / rate["pgloader"]
     rounds = f"medians of {ROUNDS} interleaved rounds" if ROUNDS > 1 else "one round"
@@ -240,6 +287,9 @@ def main():
         "|---|---:|---:|---:|---|",
         f"| Omni importer (`POST /api/v1/migration/import`) | {med['importer']:.1f} s | {rate['importer']:,.0f} | {mem['importer']:.0f} MiB | ≥ 200,000 rows/s, < 100 MB |",
         f"| pgloader, data only | {med['pgloader']:.1f} s | {rate['pgloader']:,.0f} | {mem['pgloader']:.0f} MiB | |",
+        f"| floor: the server alone, `COPY FROM` files of the same rows, same index and foreign-key rebuilds, one transaction | {med['floor']:.1f} s | {rate['floor']:,.0f} | | |",
+        "",
+        f"Importer ÷ floor throughput: {floor_ratio:.2f}× (the importer's time includes its checks, the safety backup and the HTTP round trip).",
         "",
         f"Importer ÷ pgloader throughput: {ratio:.2f}× (target ≥ 1.0×). The importer's own report (last round): "
         f"{report['rows_per_second']:,} rows/s over {report['duration_ms'] / 1000:.1f} s, of which "
