@@ -172,6 +172,18 @@ async fn supervise(
             let pg_started = Instant::now();
             let policy = PostgresPolicy::new(cluster.clone(), config.restart);
             running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None));
+            // After a major upgrade: its record on the status board, and the
+            // planner statistics rebuilt once PostgreSQL is ready (postgres/upgrade.rs).
+            if let Ok(Some(record)) = crate::postgres::upgrade::load(&cluster.data_dir) {
+                board.set_upgrade(record.to_json());
+            }
+            {
+                let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stop_background.clone());
+                running.tasks.spawn(async move {
+                    let ready = crate::postgres::worker_may_start(&cluster, &board);
+                    crate::postgres::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
+                });
+            }
             // The worker applies migrations at start, so it waits for PostgreSQL
             // to accept connections on the app database; meanwhile the gateway
             // serves /gateway/status, which says why it waits.
