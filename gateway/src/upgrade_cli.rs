@@ -38,7 +38,7 @@ pub async fn run(config: &Config, args: UpgradeArgs) -> Result<()> {
         return Ok(());
     }
     let account = privilege::postgres_account(&embedded.run_as)?;
-    upgrade::recover(data_dir, &account).await?;
+    upgrade::recover(data_dir).await?;
     let explicit = embedded.bin_dir.clone();
     let new = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
     let Some(major) = upgrade::cluster_major(data_dir) else {

@@ -197,7 +197,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     tracing::info!("data directory: {} ({origin})", dir.display());
     // An upgrade interrupted by a crash is finished or undone first: the
     // data directory may be missing for the instant between two renames.
-    super::upgrade::recover(dir, account).await?;
+    super::upgrade::recover(dir).await?;
     let has_cluster = dir.join("PG_VERSION").is_file();
     let pw_file = password_file(dir);
     if has_cluster {

@@ -176,9 +176,8 @@ fn save(record: &Record) -> Result<()> {
         std::fs::rename(&temp, &path)?;
         sync_dir(&path)
     };
-    write().map_err(|e| {
+    write().inspect_err(|_| {
         let _ = std::fs::remove_file(&temp);
-        e
     })
     .with_context(|| format!("could not write the upgrade state file {}", path.display()))
 }
@@ -195,7 +194,7 @@ pub fn cluster_major(dir: &Path) -> Option<u32> {
 
 /// The start's hook: an upgrade left unfinished by a crash (a state file not
 /// at `done`) is finished or rolled back.
-pub async fn recover(data_dir: &Path, account: &Account) -> Result<()> {
+pub async fn recover(data_dir: &Path) -> Result<()> {
     let Some(record) = load(data_dir)? else { return Ok(()) };
     match record.step {
         Step::Done => Ok(()),
@@ -212,7 +211,7 @@ pub async fn recover(data_dir: &Path, account: &Account) -> Result<()> {
                 record.step,
                 format_utc(record.started_at)
             );
-            roll_back(&record, account).await
+            roll_back(&record).await
         }
     }
 }
@@ -408,7 +407,7 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
     }
     match outcome {
         Ok(()) if check_only => {
-            roll_back(&record, account).await?;
+            roll_back(&record).await?;
             tracing::info!("upgrade check passed in {} s; nothing was changed", started.elapsed().as_secs());
             Ok(record)
         }
@@ -423,7 +422,7 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
         Err(e) => {
             let step = record.step;
             tracing::error!("the upgrade failed at step {step:?}: {e:#}; rolling back");
-            match roll_back(&record, account).await {
+            match roll_back(&record).await {
                 Ok(()) => Err(e.context(format!(
                     "the {} from PostgreSQL {} to {} failed (step {step:?}) and was rolled back: the PostgreSQL {} cluster at {} is as it was. \
                      Fix the cause and start again, or set PGSERVE_BIN_DIR to PostgreSQL {} binaries to run it as it is",
@@ -514,7 +513,7 @@ fn finish(mut record: Record) -> Result<Record> {
 /// running, undoes a partial swap, deletes the new cluster (only it), and
 /// removes the state file. Refuses, deleting nothing, when the directories
 /// are not what the record says.
-async fn roll_back(record: &Record, account: &Account) -> Result<()> {
+async fn roll_back(record: &Record) -> Result<()> {
     let data = &record.data_dir;
     for dir in [data, &record.staging, &record.old_copy] {
         stop_leftover_server(dir, &[record.old_port, record.new_port]).await?;
@@ -535,7 +534,6 @@ async fn roll_back(record: &Record, account: &Account) -> Result<()> {
     // A postmaster.pid left by a server pg_upgrade ran is stale now; the start removes it.
     std::fs::remove_file(state_file(data)).with_context(|| format!("could not remove {}", state_file(data).display()))?;
     sync_dir(data)?;
-    let _ = account;
     tracing::info!("rolled back: the PostgreSQL {} cluster at {} is as it was", record.from, data.display());
     Ok(())
 }
