@@ -202,6 +202,28 @@ fn a_failing_pg_upgrade_check_is_rolled_back() {
 }
 
 #[test]
+fn a_cluster_without_data_checksums_is_upgraded_with_them_off() {
+    let dir = workdir();
+    let data = dir.path().join("data/postgres");
+    let session = cluster_15_with_data(dir.path(), None);
+    // Clusters of earlier gateway versions had no checksums. The new cluster
+    // must match, or pg_upgrade --check refuses the pair.
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{PG15}/pg_checksums"), "--disable", "-D"])
+        .arg(&data)
+        .output()
+        .expect("pg_checksums");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut gw = gateway_with(dir.path(), &pg17(), None).start();
+    assert!(gw.log().contains("data checksums off") && gw.log().contains("upgrade done"), "{}", gw.log());
+    let checksums: String = gw.db().query_one("SHOW data_checksums", &[]).unwrap().get(0);
+    assert_eq!(checksums, "off");
+    assert_original_data(&gw, &session);
+    assert!(gw.terminate().success());
+}
+
+#[test]
 fn kill_9_during_pg_upgrade_is_rolled_back_and_the_next_start_upgrades() {
     let dir = workdir();
     let data = dir.path().join("data/postgres");
