@@ -136,6 +136,29 @@ fn an_older_cluster_is_upgraded_at_start_and_cleanup_deletes_the_old_copy() {
 }
 
 #[test]
+fn upgrade_on_demand_refuses_beside_a_running_server_and_upgrades_a_stopped_cluster() {
+    let dir = workdir();
+    let data = dir.path().join("data/postgres");
+    let session = cluster_15_with_data(dir.path(), None);
+
+    let mut running = gateway_with(dir.path(), PG15, None).start();
+    let (ok, stdout, stderr) = cli(dir.path(), &pg17(), &["upgrade"]);
+    assert!(!ok, "{stdout}\n{stderr}");
+    assert!(stderr.contains("postmaster.pid") && stderr.contains("Stop that server"), "{stderr}");
+    assert_untouched_15(&data, &stderr);
+    assert!(running.terminate().success());
+
+    let (ok, stdout, stderr) = cli(dir.path(), &pg17(), &["upgrade"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("upgraded from PostgreSQL 15 to 17 on "), "{stdout}");
+    assert_eq!(major(&data), Some(17));
+    let mut gw = gateway_with(dir.path(), &pg17(), None).start();
+    assert!(!gw.log().contains("upgrade step"), "already upgraded:\n{}", gw.log());
+    assert_original_data(&gw, &session);
+    assert!(gw.terminate().success());
+}
+
+#[test]
 fn missing_old_binaries_refuse_the_start_naming_what_to_install() {
     let dir = workdir();
     let data = dir.path().join("data/postgres");
