@@ -105,6 +105,10 @@ fn an_older_cluster_is_upgraded_at_start_and_cleanup_deletes_the_old_copy() {
     assert!(stdout.contains("upgrade check passed") && stdout.contains("pg_upgrade --"), "{stdout}");
     assert!(stderr.contains("Clusters are compatible"), "pg_upgrade --check ran:\n{stderr}");
     assert_untouched_15(&data, &stderr);
+    // doctor says what the start will do.
+    let (_, stdout, _) = cli(dir.path(), &pg17(), &["doctor"]);
+    let row = stdout.lines().find(|l| l.starts_with("cluster version")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.contains("ok") && row.contains("the start upgrades it to 17") && row.contains(PG15), "{row}");
 
     let mut gw = gateway_with(dir.path(), &pg17(), None).start();
     let log = gw.log();

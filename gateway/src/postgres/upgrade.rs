@@ -250,8 +250,19 @@ fn refusal(data_dir: &Path, new: &Binaries, why: &str) -> anyhow::Error {
     anyhow::anyhow!("{base}. The automatic upgrade (PGSERVE_AUTO_UPGRADE) cannot run: {why}")
 }
 
-/// Every check that can be made without changing anything.
+/// Every check that can be made without changing anything (but for two
+/// scratch files beside the data directory that tell whether it can clone).
 pub fn plan(cfg: &EmbeddedConfig, data_dir: &Path, new: &Binaries, account: &Account) -> Result<Plan> {
+    plan_with(cfg, data_dir, new, account, true)
+}
+
+/// [`plan`] for `doctor`, which writes nothing: the method is taken to be a
+/// full copy, the most space the upgrade can need.
+pub fn plan_read_only(cfg: &EmbeddedConfig, data_dir: &Path, new: &Binaries, account: &Account) -> Result<Plan> {
+    plan_with(cfg, data_dir, new, account, false)
+}
+
+fn plan_with(cfg: &EmbeddedConfig, data_dir: &Path, new: &Binaries, account: &Account, probe_clone: bool) -> Result<Plan> {
     let from = cluster_major(data_dir).with_context(|| format!("{} holds no PostgreSQL cluster (no readable PG_VERSION)", data_dir.display()))?;
     if from >= new.major {
         bail!("the cluster at {} is PostgreSQL {from} and the binaries in {} are PostgreSQL {}: there is nothing to upgrade", data_dir.display(), new.dir.display(), new.major);
@@ -297,7 +308,7 @@ pub fn plan(cfg: &EmbeddedConfig, data_dir: &Path, new: &Binaries, account: &Acc
             parent.display()
         );
     }
-    let method = if can_clone(parent) { Method::Clone } else { Method::Copy };
+    let method = if probe_clone && can_clone(parent) { Method::Clone } else { Method::Copy };
     let size = dir_size(data_dir, true).with_context(|| format!("measuring {}", data_dir.display()))?;
     let needed = SPARE_BYTES + if method == Method::Copy { size } else { 0 };
     let stat = nix::sys::statvfs::statvfs(parent).with_context(|| format!("reading the free space of {}", parent.display()))?;
