@@ -220,6 +220,11 @@ fn a_failing_pg_upgrade_check_is_rolled_back() {
     let (status, log) = gateway_with(dir.path(), &pg17(), None).run_to_exit();
     assert!(!status.success(), "{log}");
     assert!(log.contains("pg_upgrade --check failed"), "{log}");
+    // What pg_upgrade refused is listed in its logs, kept beside the data directory.
+    let kept = beside(&data, ".upgrade-logs");
+    assert!(log.contains(&kept.display().to_string()), "{log}");
+    let listed = std::process::Command::new("grep").args(["-rl", "holds_oids"]).arg(&kept).output().unwrap();
+    assert!(listed.status.success(), "the table pg_upgrade refused is named in {}", kept.display());
     assert!(log.contains("rolled back: the PostgreSQL 15 cluster") && log.contains("is as it was"), "{log}");
     assert_untouched_15(&data, &log);
 

@@ -717,7 +717,7 @@ async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Acco
         .arg("--username")
         .arg(SUPERUSER)
         .arg(plan.method.flag())
-        // Statistics come from vacuumdb in the background, after the start.
+        // For both servers' scram authentication; libpq reads it, and it is never on a command line.
         .env("PGPASSWORD", password);
     if check {
         spec = spec.arg("--check");
@@ -729,12 +729,17 @@ async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Acco
     spec.env_remove = ["PGDATA", "PGPORT", "PGHOST", "PGUSER", "PGDATABASE"].iter().map(Into::into).collect();
     let status = child::run(spec).await.context("could not run pg_upgrade")?;
     if !status.success() {
+        // Its detailed logs, and the lists of what it refused (such as
+        // `tables_using_reg.txt`), live in the new cluster the rollback
+        // deletes: they are moved beside the data directory first.
         let logs = plan.staging.join("pg_upgrade_output.d");
-        bail!(
-            "pg_upgrade{} failed ({status}); its report is in the log above{}",
-            if check { " --check" } else { "" },
-            if logs.exists() { " (its detailed logs are deleted with the new cluster at the rollback)" } else { "" }
-        );
+        let kept = sibling(&plan.data_dir, ".upgrade-logs");
+        let _ = std::fs::remove_dir_all(&kept);
+        let where_ = match logs.exists().then(|| std::fs::rename(&logs, &kept)) {
+            Some(Ok(())) => format!("; its detailed logs and any list of what it refused are kept in {}", kept.display()),
+            _ => String::new(),
+        };
+        bail!("pg_upgrade{} failed ({status}); its report is in the log above{where_}", if check { " --check" } else { "" });
     }
     Ok(())
 }
