@@ -186,6 +186,18 @@ async fn supervise(
             // gateway serves /gateway/status, which says why it waits.
             let mut policy = worker_policy(&cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()));
             policy.prestart().await;
+            // After a major upgrade: its record on the status board, and the
+            // planner statistics rebuilt once PostgreSQL is ready (postgres/upgrade.rs).
+            if let Ok(Some(record)) = crate::postgres::upgrade::load(&cluster.data_dir) {
+                board.set_upgrade(record.to_json());
+            }
+            {
+                let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stop_background.clone());
+                running.tasks.spawn(async move {
+                    let ready = crate::postgres::worker_may_start(&cluster, &board);
+                    crate::postgres::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
+                });
+            }
             if !wait_first(crate::postgres::worker_may_start(&cluster, &board), signals, running).await {
                 return Ok(());
             }

@@ -68,6 +68,9 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_API_DB_POOL_SIZE", default: "8", help: "most PostgreSQL connections the API worker opens (1 to 1000)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
     Var { name: "LOG_FORMAT", default: "pretty", help: "pretty for people, json for machines" },
+    // Major upgrades (postgres/upgrade.rs).
+    Var { name: "PGSERVE_AUTO_UPGRADE", default: "true", help: "upgrade a cluster of an older PostgreSQL major in place at start (pg_upgrade, old copy kept); false refuses to start instead" },
+    Var { name: "PGSERVE_OLD_BIN_DIR", default: "", help: "binaries of the cluster's older PostgreSQL major, for the upgrade; found automatically when empty" },
 ];
 
 /// Which layer supplied a value.
@@ -209,6 +212,10 @@ pub struct EmbeddedConfig {
     pub bin_dir: Option<PathBuf>,
     /// Account to run PostgreSQL as when the gateway is root.
     pub run_as: String,
+    /// Upgrade a cluster of an older major at start instead of refusing it.
+    pub auto_upgrade: bool,
+    /// `PGSERVE_OLD_BIN_DIR`: where the older major's binaries are, for the upgrade.
+    pub old_bin_dir: Option<PathBuf>,
 }
 
 /// The longest `OMNI_RESTART_BACKOFF_MAX_MS` may be.
@@ -360,6 +367,8 @@ impl Config {
                 require_existing: p.bool("PGSERVE_REQUIRE_EXISTING")?,
                 bin_dir: p.optional_path("PGSERVE_BIN_DIR"),
                 run_as: p.string("PGSERVE_USER").unwrap_or_else(|| "postgres".into()),
+                auto_upgrade: p.bool("PGSERVE_AUTO_UPGRADE")?,
+                old_bin_dir: p.optional_path("PGSERVE_OLD_BIN_DIR"),
             }),
         };
         let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {

@@ -309,7 +309,23 @@ fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&
     }
 
     if let Some(b) = bins {
-        report.add_result("cluster version", cluster::check_version(dir, b).map(|()| format!("PostgreSQL {} cluster, same major version as the binaries", b.major)));
+        let older = crate::postgres::upgrade::cluster_major(dir).is_some_and(|m| m < b.major);
+        match account {
+            // The start would upgrade it (postgres/upgrade.rs): what it would do, or why it could not.
+            Some(a) if older && embedded.auto_upgrade => report.add_result(
+                "cluster version",
+                crate::postgres::upgrade::plan_read_only(embedded, dir, b, a).and_then(|p| {
+                    if p.free < p.needed {
+                        anyhow::bail!("PostgreSQL {} cluster to upgrade to {}, but only {} MB are free and a full copy needs about {} MB (less if the filesystem can clone files). Free some space", p.from, b.major, p.free >> 20, p.needed >> 20);
+                    }
+                    Ok(format!("PostgreSQL {} cluster: the start upgrades it to {} (old binaries {}; `omni-gateway upgrade --check` tries it)", p.from, b.major, p.old.dir.display()))
+                }),
+            ),
+            _ => report.add_result("cluster version", cluster::check_version(dir, b).map(|()| format!("PostgreSQL {} cluster, same major version as the binaries", b.major))),
+        }
+    }
+    if let Ok(Some(record)) = crate::postgres::upgrade::load(dir) {
+        report.add("last upgrade", Status::Ok, record.summary());
     }
     let pw = cluster::password_file(dir);
     if pw.is_file() {

@@ -23,5 +23,6 @@ pub mod proxy;
 pub mod sd_notify;
 pub mod status;
 pub mod supervisor;
+pub mod upgrade_cli;
 pub mod upstream;
 pub mod worker;

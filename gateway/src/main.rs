@@ -59,6 +59,8 @@ enum Command {
     },
     /// Import the old SQLite database (default: the one found) into the running gateway's PostgreSQL
     ImportSqlite(omni_gateway::import_cli::ImportArgs),
+    /// Upgrade the embedded cluster to the binaries' PostgreSQL major (the start does it too); --check, --cleanup
+    Upgrade(omni_gateway::upgrade_cli::UpgradeArgs),
 }
 
 fn after_help() -> String {
@@ -123,6 +125,7 @@ fn main() -> ExitCode {
         Some(Command::Healthcheck) => return runtime.block_on(healthcheck(&config)),
         Some(Command::Backup { action }) => return runtime.block_on(backup(&config, action)),
         Some(Command::ImportSqlite(args)) => return runtime.block_on(import_sqlite(&config, args)),
+        Some(Command::Upgrade(args)) => return runtime.block_on(upgrade(&config, args)),
         Some(Command::Run) | None => {}
     }
     match runtime.block_on(omni_gateway::app::run(config)) {
@@ -169,6 +172,16 @@ async fn import_sqlite(config: &Config, args: omni_gateway::import_cli::ImportAr
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("omni-gateway import-sqlite: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn upgrade(config: &Config, args: omni_gateway::upgrade_cli::UpgradeArgs) -> ExitCode {
+    match omni_gateway::upgrade_cli::run(config, args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omni-gateway upgrade: {e:#}");
             ExitCode::FAILURE
         }
     }

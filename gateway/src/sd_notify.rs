@@ -49,6 +49,12 @@ impl Notifier {
         }
     }
 
+    /// Asks systemd to wait `by` longer for `READY=1` (or for the stop): a
+    /// long step such as a major upgrade sends this again before it runs out.
+    pub fn extend_timeout(&self, by: Duration) {
+        self.notify(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros()));
+    }
+
     /// The watchdog interval asked for by systemd, if it is meant for us.
     pub fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;

@@ -139,6 +139,8 @@ pub struct ComponentJson<'a> {
 pub struct Snapshot {
     pub components: Vec<(&'static str, Component)>,
     pub gateway: GatewayState,
+    /// The last major upgrade of the cluster (`postgres::upgrade::Record::to_json`), shown until its record is gone.
+    pub upgrade: Option<serde_json::Value>,
 }
 
 impl Snapshot {
@@ -160,7 +162,7 @@ pub struct Board {
 
 impl Board {
     pub fn new(names: &[&'static str]) -> Self {
-        let snapshot = Snapshot { components: names.iter().map(|n| (*n, Component::new())).collect(), gateway: GatewayState::Running };
+        let snapshot = Snapshot { components: names.iter().map(|n| (*n, Component::new())).collect(), gateway: GatewayState::Running, upgrade: None };
         Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default() }
     }
 
@@ -249,6 +251,11 @@ impl Board {
         stalled(beats.iter().map(|(n, d)| (*n, *d)), now)
     }
 
+    /// Records the cluster's last major upgrade for `/gateway/status`.
+    pub fn set_upgrade(&self, upgrade: serde_json::Value) {
+        self.tx.send_modify(|s| s.upgrade = Some(upgrade));
+    }
+
     /// The `/gateway/status` document.
     pub fn to_json(&self) -> serde_json::Value {
         let snap = self.tx.borrow();
@@ -269,7 +276,11 @@ impl Board {
                 detail: c.detail.as_deref(),
             })
             .collect();
-        serde_json::json!({ "gateway": { "state": snap.gateway }, "components": components })
+        let mut doc = serde_json::json!({ "gateway": { "state": snap.gateway }, "components": components });
+        if let Some(upgrade) = &snap.upgrade {
+            doc["upgrade"] = upgrade.clone();
+        }
+        doc
     }
 }
 

@@ -261,6 +261,51 @@ fn version_key(name: &str) -> Vec<u32> {
     name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect()
 }
 
+/// The binaries of one given major (the older cluster's, for an upgrade):
+/// `explicit` (`PGSERVE_OLD_BIN_DIR`) when set, else that major's usual
+/// directories, else any directory of the general search holding it. `Err`
+/// says where it looked, for a message that names what to install.
+pub fn find_major(major: u32, explicit: Option<&Path>) -> Result<Binaries, String> {
+    let mut cache = Cache::load();
+    let found = find_major_with(major, explicit, &mut cache);
+    cache.save();
+    found
+}
+
+fn find_major_with(major: u32, explicit: Option<&Path>, cache: &mut Cache) -> Result<Binaries, String> {
+    if let Some(dir) = explicit {
+        let b = probe_cached(dir, "PGSERVE_OLD_BIN_DIR", cache).map_err(|problem| format!("PGSERVE_OLD_BIN_DIR={}: {problem}", dir.display()))?;
+        if b.major != major {
+            return Err(format!("PGSERVE_OLD_BIN_DIR={} holds PostgreSQL {}, not {major}", dir.display(), b.major));
+        }
+        return Ok(b);
+    }
+    let mut dirs: Vec<(PathBuf, &'static str)> = [
+        format!("/usr/lib/postgresql/{major}/bin"),
+        format!("/usr/pgsql-{major}/bin"),
+        format!("/opt/homebrew/opt/postgresql@{major}/bin"),
+        format!("/usr/local/opt/postgresql@{major}/bin"),
+        format!("/Applications/Postgres.app/Contents/Versions/{major}/bin"),
+    ]
+    .into_iter()
+    .map(|d| (PathBuf::from(d), "usual place of that major"))
+    .collect();
+    dirs.extend(candidates());
+    let mut searched = Vec::new();
+    for (dir, how) in dirs {
+        if searched.contains(&dir) {
+            continue;
+        }
+        if let Ok(b) = probe_cached(&dir, how, cache) {
+            if b.major == major {
+                return Ok(b);
+            }
+        }
+        searched.push(dir);
+    }
+    Err(format!("no PostgreSQL {major} binaries found (looked in: {})", searched.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")))
+}
+
 #[cfg(feature = "download")]
 fn download_fallback(searched: Vec<String>) -> Result<Binaries, FindError> {
     tracing::info!("no PostgreSQL installation found; downloading PostgreSQL binaries (postgresql_embedded), this can take a minute");

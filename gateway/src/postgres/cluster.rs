@@ -8,7 +8,8 @@
 //! * a `postmaster.pid` of a live PostgreSQL on this directory is never
 //!   touched: the start is refused. A stale one (dead pid, or a pid reused by
 //!   an unrelated process) is removed;
-//! * a cluster of another major version is refused with upgrade instructions;
+//! * a cluster of an older major is upgraded in place (`upgrade.rs`) or, with
+//!   `PGSERVE_AUTO_UPGRADE=false`, refused with upgrade instructions; a newer one is refused;
 //! * the superuser password is random, kept in a 0600 file next to the cluster.
 //!
 //! Memory mode lives in tmpfs and is copied from a cached pristine template
@@ -194,9 +195,15 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         o => format!("PGSERVE_DATA_DIR from {o}"),
     };
     tracing::info!("data directory: {} ({origin})", dir.display());
+    // An upgrade interrupted by a crash is finished or undone first: the
+    // data directory may be missing for the instant between two renames.
+    super::upgrade::recover(dir).await?;
     let has_cluster = dir.join("PG_VERSION").is_file();
     let pw_file = password_file(dir);
     if has_cluster {
+        // An older major is upgraded here (PGSERVE_AUTO_UPGRADE); anything
+        // else that does not match is refused by check_version below.
+        super::upgrade::before_start(cfg, dir, binaries, account).await?;
         check_version(dir, binaries)?;
         pidfile::clear_stale(dir)?;
         privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
@@ -503,6 +510,15 @@ async fn sync_cluster(binaries: &Binaries, dir: &Path, account: &Account) -> Res
 pub fn check_version(dir: &Path, binaries: &Binaries) -> Result<()> {
     let text = std::fs::read_to_string(dir.join("PG_VERSION")).with_context(|| format!("reading {}/PG_VERSION", dir.display()))?;
     let cluster_major: u32 = text.trim().split('.').next().unwrap_or("").parse().with_context(|| format!("{}/PG_VERSION holds {:?}, not a version", dir.display(), text.trim()))?;
+    if cluster_major > binaries.major {
+        bail!(
+            "the cluster at {dir} was created by PostgreSQL {cluster_major}, newer than the binaries in {bin} (PostgreSQL {major}); nothing was changed. \
+             A cluster cannot be downgraded: install PostgreSQL {cluster_major} (for example `apt-get install postgresql-{cluster_major}`) and set PGSERVE_BIN_DIR to its bin directory",
+            dir = dir.display(),
+            bin = binaries.dir.display(),
+            major = binaries.major,
+        );
+    }
     if cluster_major != binaries.major {
         bail!(
             "the cluster at {dir} was created by PostgreSQL {cluster_major}, but the binaries in {bin} are PostgreSQL {major}; nothing was changed. \

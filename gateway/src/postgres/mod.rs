@@ -17,6 +17,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod pidfile;
+pub mod upgrade;
 
 use std::path::Path;
 use std::sync::Arc;

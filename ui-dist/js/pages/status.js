@@ -29,10 +29,14 @@ export async function render(main) {
   let backoff = BACKOFF_MIN_MS;
   let snapshot = null;
   let receivedAt = 0;
+  // The cluster's last major upgrade (GET /gateway/status `upgrade`); kept
+  // across event messages that do not carry it.
+  let upgrade = null;
 
   function show(status) {
     if (!status || !Array.isArray(status.components)) return;
     snapshot = status;
+    if (status.upgrade) upgrade = status.upgrade;
     receivedAt = performance.now();
     replace(error);
     draw();
@@ -67,7 +71,9 @@ export async function render(main) {
           nextRetry === null ? null : [h('dt', {}, 'Next retry'), h('dd', { dataset: { field: 'next-retry' } }, `in ${nextRetry.toFixed(nextRetry < 10 ? 1 : 0)} s`)],
           h('dt', {}, 'Last exit'), h('dd', { dataset: { field: 'last-exit' } }, c.last_exit || '—'),
           // In backoff the fields above say it all, and keep counting down.
-          c.detail && c.state !== 'backoff' ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null));
+          c.detail && c.state !== 'backoff' ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null,
+          // "upgraded from PostgreSQL 15 to 17 on …, old copy kept at …"
+          c.name === 'postgres' && upgrade?.summary ? [h('dt', {}, 'Upgrade'), h('dd', { dataset: { field: 'upgrade' } }, upgrade.summary)] : null));
     }));
   }
 
