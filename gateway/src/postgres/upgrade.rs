@@ -526,6 +526,7 @@ fn finish(mut record: Record) -> Result<Record> {
 /// are not what the record says.
 async fn roll_back(record: &Record) -> Result<()> {
     let data = &record.data_dir;
+    stop_orphaned_upgrade_processes(&[data, &record.staging, &record.old_copy]).await?;
     for dir in [data, &record.staging, &record.old_copy] {
         stop_leftover_server(dir, &[record.old_port, record.new_port]).await?;
     }
@@ -547,6 +548,72 @@ async fn roll_back(record: &Record) -> Result<()> {
     sync_dir(data)?;
     tracing::info!("rolled back: the PostgreSQL {} cluster at {} is as it was", record.from, data.display());
     Ok(())
+}
+
+/// Stops what an interrupted `pg_upgrade` left working on `dirs`: itself,
+/// `pg_ctl`, the shell `pg_ctl` starts a server through (none of them is
+/// the gateway's child once it was killed), and servers in binary-upgrade
+/// mode (`-b`). Killed in that order of discovery until none is left, since
+/// an orphaned `pg_ctl` may still be starting a server after the gateway
+/// restarted, one whose `postmaster.pid` does not exist yet. A server not in
+/// binary-upgrade mode is never touched here (the pid-file check judges it).
+async fn stop_orphaned_upgrade_processes(dirs: &[&Path]) -> Result<()> {
+    let names: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut asked = std::collections::HashMap::<i32, Instant>::new();
+    loop {
+        let found = upgrade_processes(&names);
+        if found.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("processes of the interrupted upgrade do not stop (pids {found:?}); stop them by hand and start again");
+        }
+        for (pid, server) in found {
+            let target = nix::unistd::Pid::from_raw(pid);
+            if !server {
+                tracing::warn!("stopping process {pid} of the interrupted upgrade (pg_upgrade, pg_ctl or its shell)");
+                let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+            } else {
+                let since = *asked.entry(pid).or_insert_with(|| {
+                    tracing::warn!("stopping the PostgreSQL (pid {pid}) pg_upgrade left running (binary-upgrade mode)");
+                    let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGINT);
+                    Instant::now()
+                });
+                if since.elapsed() > Duration::from_secs(30) {
+                    let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGQUIT);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Live processes whose command line names one of `dirs` and that belong to
+/// an upgrade: `(pid, is a binary-upgrade server)`.
+fn upgrade_processes(dirs: &[String]) -> Vec<(i32, bool)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let me = std::process::id() as i32;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me && process_alive(*pid))
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            if !args.iter().any(|a| dirs.iter().any(|d| a.contains(d.as_str()))) {
+                return None;
+            }
+            let program = Path::new(args.first()?).file_name()?.to_string_lossy().into_owned();
+            let text = args.join(" ");
+            match program.as_str() {
+                "pg_upgrade" | "pg_ctl" => Some((pid, false)),
+                "sh" | "bash" | "dash" if text.contains("pg_ctl") || text.contains("postgres") => Some((pid, false)),
+                "postgres" | "postmaster" if args.iter().any(|a| a == "-b") || text.contains(" -b ") => Some((pid, true)),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// Stops a server that `pg_upgrade` started and could not stop (the gateway
