@@ -83,10 +83,14 @@ pub fn change_sql(relations: &Relations, msg: &Message) -> Result<Option<String>
         Message::Update { rel, old, new } => {
             let rel = rel_of(rel)?;
             let full = full_identity(rel);
+            // A key that did not change (no old key sent) is not set again:
+            // an identity column GENERATED ALWAYS may only be set to DEFAULT.
+            let key_changed = full || old.is_some();
             let sets: Vec<String> = rel
                 .columns
                 .iter()
                 .zip(new)
+                .filter(|(c, _)| key_changed || !c.key)
                 .filter_map(|(c, v)| value_sql(v).map(|v| format!("{} = {v}", ident(&c.name))))
                 .collect();
             if sets.is_empty() {
@@ -129,7 +133,9 @@ pub fn change_sql(relations: &Relations, msg: &Message) -> Result<Option<String>
 fn insert_sql(rel: &Relation, new: &[Value]) -> String {
     let (cols, vals): (Vec<String>, Vec<String>) =
         rel.columns.iter().zip(new).filter_map(|(c, v)| value_sql(v).map(|v| (ident(&c.name), v))).unzip();
-    let head = format!("INSERT INTO {} ({}) VALUES ({})", qualified(rel), cols.join(", "), vals.join(", "));
+    // OVERRIDING SYSTEM VALUE: the source's value of an identity column
+    // GENERATED ALWAYS is the one to keep.
+    let head = format!("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})", qualified(rel), cols.join(", "), vals.join(", "));
     if full_identity(rel) {
         return head;
     }
@@ -179,7 +185,7 @@ mod tests {
         let sql = change_sql(&items(b'd', true), &Message::Insert { rel: 1, new: vec![text("1"), text("it's")] }).unwrap().unwrap();
         assert_eq!(
             sql,
-            r#"INSERT INTO "public"."it""ems" ("id", "note") VALUES ('1', 'it''s') ON CONFLICT ("id") DO UPDATE SET "note" = EXCLUDED."note""#
+            r#"INSERT INTO "public"."it""ems" ("id", "note") OVERRIDING SYSTEM VALUE VALUES ('1', 'it''s') ON CONFLICT ("id") DO UPDATE SET "note" = EXCLUDED."note""#
         );
     }
 
@@ -188,6 +194,9 @@ mod tests {
         let msg = Message::Update { rel: 1, old: Some(vec![text("1"), Value::Null]), new: vec![text("2"), Value::Unchanged] };
         let sql = change_sql(&items(b'd', true), &msg).unwrap().unwrap();
         assert_eq!(sql, r#"UPDATE "public"."it""ems" SET "id" = '2' WHERE "id" = '1'"#);
+        let same_key = Message::Update { rel: 1, old: None, new: vec![text("2"), text("n")] };
+        let sql = change_sql(&items(b'd', true), &same_key).unwrap().unwrap();
+        assert_eq!(sql, r#"UPDATE "public"."it""ems" SET "note" = 'n' WHERE "id" = '2'"#, "an unchanged key is not set");
     }
 
     #[test]

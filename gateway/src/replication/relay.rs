@@ -99,7 +99,9 @@ impl DbRelay {
         let src = crate::postgres::connect(&self.source).await.with_context(|| format!("connecting to the embedded database {db}"))?;
         let tgt = crate::postgres::connect(&self.target).await.context("connecting to the replication target")?;
         let progress_table = prepare_target(&tgt).await?;
-        src.batch_execute("SET application_name = 'omni-relay'").await?;
+        // Every peek starts a decoding session, which PostgreSQL logs at LOG:
+        // twenty lines a second in the gateway's log is noise.
+        src.batch_execute("SET application_name = 'omni-relay'; SET log_min_messages = warning; SET client_min_messages = warning").await?;
         source::prepare(&src).await?;
 
         let slot = self.slot();
@@ -340,7 +342,7 @@ async fn apply_tolerant(tgt: &Client, statements: &[Stmt], record: &str) -> Resu
 /// The progress table on the target, created when missing; returns its
 /// qualified name (in the target role's first schema).
 async fn prepare_target(tgt: &Client) -> Result<String> {
-    tgt.batch_execute("SET standard_conforming_strings = on; SET application_name = 'omni-relay'").await?;
+    tgt.batch_execute("SET standard_conforming_strings = on; SET application_name = 'omni-relay'; SET client_min_messages = warning").await?;
     let schema: Option<String> = tgt.query_one("SELECT current_schema()", &[]).await?.get(0);
     let Some(schema) = schema else {
         bail!("the target role has no schema to create tables in (its search_path names none that exists); grant it one")
