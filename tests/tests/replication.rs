@@ -318,15 +318,25 @@ fn replicates_into_postgres_17() {
     let dir = workdir();
     let gw = replicating_gateway(dir.path(), &target_url);
     put_preference(&gw, "33333333-3333-4333-8333-333333333333", "lang", "fr");
-    gw.db()
-        .batch_execute(
-            "CREATE TABLE t17 (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v numeric, at timestamptz DEFAULT now());
-             INSERT INTO t17 (v) SELECT i / 3.0 FROM generate_series(1, 200) i;
-             ALTER TABLE t17 ADD COLUMN w text; UPDATE t17 SET w = 'w' || id WHERE id % 2 = 0; DELETE FROM t17 WHERE id > 190;",
-        )
-        .unwrap();
+    let mut db = gw.db();
+    // One statement per query string, as applications send them (see README
+    // for query strings that mix DDL with other commands).
+    for sql in [
+        "CREATE TABLE t17 (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v numeric, at timestamptz DEFAULT now())",
+        "INSERT INTO t17 (v) SELECT i / 3.0 FROM generate_series(1, 200) i",
+        "ALTER TABLE t17 ADD COLUMN w text",
+        "UPDATE t17 SET w = 'w' || id WHERE id % 2 = 0",
+        "DELETE FROM t17 WHERE id > 190",
+        "CREATE TABLE made_as AS SELECT id, v * 2 AS doubled FROM t17 WHERE id <= 10",
+        "UPDATE made_as SET doubled = 0 WHERE id = 1",
+        "SELECT id INTO selected_into FROM t17 WHERE id > 185",
+    ] {
+        db.batch_execute(sql).unwrap();
+    }
     let tables = wait_identical(&gw, &target_url, Duration::from_secs(30));
     assert!(tables["public.t17"].lines().count() == 190, "{}", tables["public.t17"].lines().count());
+    assert_eq!(tables["public.made_as"].lines().count(), 10, "CREATE TABLE AS arrives with its rows, once");
+    assert_eq!(tables["public.selected_into"].lines().count(), 5, "SELECT INTO arrives with its rows, once");
     let version: String = connect(&target_url).query_one("SHOW server_version", &[]).unwrap().get(0);
     assert!(version.starts_with("17"), "{version}");
 }
@@ -368,4 +378,32 @@ fn replication_beside_database_url_is_refused_with_a_message() {
     assert!(!status.success());
     assert!(log.contains("PGSERVE_REPLICATION_URL") && log.contains("DATABASE_URL"), "{log}");
     assert!(!log.contains("secret"), "the password is never shown: {log}");
+}
+
+#[test]
+fn an_invalidated_slot_is_reported_and_a_full_copy_runs_by_itself() {
+    let mut target = TempPostgres::start_new();
+    let target_url = target_database(&target, "replica");
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).env("PGSERVE_REPLICATION_MAX_WAL_MB", "1").start();
+    gw.wait_component("replication", "the relay to stream", Duration::from_secs(60), |c| c["state"] == "ready");
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE big (id serial PRIMARY KEY, pad text)").unwrap();
+    wait_identical(&gw, &target_url, Duration::from_secs(30));
+
+    target.stop();
+    // Write well past the 1 MB cap; checkpoints then drop the WAL the slot held.
+    wait_until(Duration::from_secs(120), "the slot to be invalidated", || {
+        db.batch_execute("INSERT INTO big (pad) SELECT repeat('x', 1000) FROM generate_series(1, 4000); SELECT pg_switch_wal(); CHECKPOINT").unwrap();
+        let s: String = db.query_one("SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'omni_relay_omni'", &[]).unwrap().get(0);
+        (s == "lost").then_some(())
+    });
+    target.start();
+    let c = gw.wait_component("replication", "a full copy after the invalidation", Duration::from_secs(60), |c| {
+        c["state"] == "ready" && c["last_copy"].as_str().is_some_and(|s| s.contains("invalidated"))
+    });
+    assert!(c["last_copy"].as_str().unwrap().contains("PGSERVE_REPLICATION_MAX_WAL_MB"), "{c}");
+    db.batch_execute("INSERT INTO big (pad) VALUES ('after the re-copy')").unwrap();
+    let tables = wait_identical(&gw, &target_url, Duration::from_secs(30));
+    assert!(tables["public.big"].contains("after the re-copy"));
 }

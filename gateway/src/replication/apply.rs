@@ -153,6 +153,11 @@ fn insert_sql(rel: &Relation, new: &[Value]) -> String {
 pub struct Ddl {
     pub sql: String,
     pub search_path: String,
+    /// `CREATE TABLE … AS`: its rows were decoded before the command ended,
+    /// so the table is made right after the transaction's previous DDL,
+    /// before those rows.
+    #[serde(default)]
+    pub before_rows: bool,
 }
 
 /// The statements that replay `ddl` on the target: under the search path it
@@ -220,7 +225,7 @@ mod tests {
 
     #[test]
     fn ddl_runs_under_its_source_search_path() {
-        let sql = ddl_sql(&Ddl { sql: "ALTER TABLE t ADD COLUMN c int;".into(), search_path: "\"$user\", public".into() });
+        let sql = ddl_sql(&Ddl { sql: "ALTER TABLE t ADD COLUMN c int;".into(), search_path: "\"$user\", public".into(), before_rows: false });
         assert_eq!(sql, "SELECT set_config('search_path', '\"$user\", public', true); ALTER TABLE t ADD COLUMN c int; SET LOCAL search_path TO DEFAULT");
     }
 }

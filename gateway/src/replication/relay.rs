@@ -231,14 +231,17 @@ impl DbRelay {
             let msg = pgoutput::decode(data)?;
             match msg {
                 Message::Begin { final_lsn, commit_time_us, .. } => {
-                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new() });
+                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new(), after_last_ddl: 0 });
                 }
                 Message::Relation(rel) => {
                     relations.insert(rel.oid, rel);
                 }
                 Message::Logical { prefix, content, .. } if prefix == DDL_PREFIX => {
                     let ddl: Ddl = serde_json::from_slice(&content).context("a captured DDL message is not the JSON the capture writes")?;
-                    txn.as_mut().context("DDL outside a transaction")?.statements.push(Stmt { sql: apply::ddl_sql(&ddl), ddl: true });
+                    let t = txn.as_mut().context("DDL outside a transaction")?;
+                    let at = if ddl.before_rows { t.after_last_ddl } else { t.statements.len() };
+                    t.statements.insert(at, Stmt { sql: apply::ddl_sql(&ddl), ddl: true });
+                    t.after_last_ddl = at + 1;
                 }
                 Message::Commit { commit_lsn, end_lsn, .. } => {
                     let t = txn.take().context("commit without begin")?;
@@ -281,6 +284,8 @@ struct Txn {
     commit_lsn: u64,
     commit_time_us: i64,
     statements: Vec<Stmt>,
+    /// Where a DDL that must precede its rows goes: after the previous DDL.
+    after_last_ddl: usize,
 }
 
 fn pg_time(us: i64) -> SystemTime {

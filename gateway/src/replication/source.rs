@@ -25,8 +25,9 @@ pub const HEARTBEAT_PREFIX: &str = "omni_relay_heartbeat";
 /// DDL the capture replays on the target: what shapes tables and the types,
 /// sequences and indexes they use. Functions, roles, grants, extensions and
 /// event triggers are left out: the target's role may not be allowed them,
-/// and rows do not depend on them. `CREATE TABLE AS`/`SELECT INTO` are left
-/// out too (the rows would arrive twice); see README.
+/// and rows do not depend on them. `CREATE TABLE AS`/`SELECT INTO` are
+/// sent as a plain `CREATE TABLE` of the new table's columns: replaying the
+/// query would make its rows twice (they are decoded like any insert).
 const CAPTURED_TAGS: &str = "'CREATE TABLE','ALTER TABLE','DROP TABLE','CREATE INDEX','ALTER INDEX','DROP INDEX',\
 'CREATE SEQUENCE','ALTER SEQUENCE','DROP SEQUENCE','CREATE SCHEMA','ALTER SCHEMA','DROP SCHEMA',\
 'CREATE TYPE','ALTER TYPE','DROP TYPE','CREATE DOMAIN','ALTER DOMAIN','DROP DOMAIN'";
@@ -46,8 +47,24 @@ CREATE OR REPLACE FUNCTION omni_relay.capture_ddl() RETURNS event_trigger LANGUA
 DECLARE
     statement_key text := md5(current_query() || statement_timestamp()::text);
     r record;
+    created text;
 BEGIN
-    IF coalesce(current_setting('omni_relay.internal', true), '') = 'on' OR tg_tag NOT IN ({CAPTURED_TAGS}) THEN
+    IF coalesce(current_setting('omni_relay.internal', true), '') = 'on' OR tg_tag NOT IN ({CAPTURED_TAGS}, 'CREATE TABLE AS', 'SELECT INTO') THEN
+        RETURN;
+    END IF;
+    IF tg_tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+        FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
+            SELECT format('CREATE TABLE IF NOT EXISTS %s (%s)', r.objid::regclass,
+                          string_agg(format('%I %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum))
+              INTO created FROM pg_attribute WHERE attrelid = r.objid AND attnum > 0 AND NOT attisdropped;
+            -- Its rows were written before this trigger ran: the table must
+            -- be made before them on the target.
+            PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}',
+                json_build_object('sql', created, 'search_path', current_setting('search_path'), 'before_rows', true)::text);
+            PERFORM set_config('omni_relay.internal', 'on', true);
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', r.objid::regclass);
+            PERFORM set_config('omni_relay.internal', 'off', true);
+        END LOOP;
         RETURN;
     END IF;
     -- A table without a primary key could not be updated or deleted once
