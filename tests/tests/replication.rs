@@ -255,7 +255,7 @@ fn survives(target: &mut TempPostgres, crash: impl FnOnce(Gateway, &mut TempPost
     let acked = load.finish();
     let tables = wait_identical(&gw, &target_url, Duration::from_secs(60));
     assert_no_gap_no_duplicate(&tables, acked);
-    assert!(acked > 300, "{acked}");
+    assert!(acked >= 300, "{acked}");
 }
 
 #[test]

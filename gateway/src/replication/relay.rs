@@ -97,6 +97,15 @@ impl DbRelay {
     pub async fn run(&self, stop: &CancellationToken, announce_ready: impl Fn()) -> Result<()> {
         let db = &self.source_db;
         let src = crate::postgres::connect(&self.source).await.with_context(|| format!("connecting to the embedded database {db}"))?;
+        // The WAL held for the target is shown even while the target is unreachable.
+        if let Ok(held) = slot_lag(&src, &self.slot()).await {
+            self.set(|v| {
+                v.lag_bytes = held.max(0) as u64;
+                if held > 0 {
+                    v.lag_seconds = v.last_applied.and_then(|t| t.elapsed().ok()).map_or(v.lag_seconds, |d| d.as_secs_f64());
+                }
+            });
+        }
         let tgt = crate::postgres::connect(&self.target).await.context("connecting to the replication target")?;
         let progress_table = prepare_target(&tgt).await?;
         // Every peek starts a decoding session, which PostgreSQL logs at LOG:

@@ -32,6 +32,9 @@ const CAPTURED_TAGS: &str = "'CREATE TABLE','ALTER TABLE','DROP TABLE','CREATE I
 'CREATE SEQUENCE','ALTER SEQUENCE','DROP SEQUENCE','CREATE SCHEMA','ALTER SCHEMA','DROP SCHEMA',\
 'CREATE TYPE','ALTER TYPE','DROP TYPE','CREATE DOMAIN','ALTER DOMAIN','DROP DOMAIN'";
 
+/// The capture runs as its owner (the superuser, `SECURITY DEFINER`): DDL
+/// by a role that may not emit logical messages is captured all the same.
+///
 /// Installs (idempotently) the publication, the DDL capture and `REPLICA
 /// IDENTITY FULL` on tables without a primary key, which otherwise could not
 /// be updated or deleted once published. Committed before the slot is made:
@@ -43,7 +46,7 @@ pub async fn prepare(client: &Client) -> Result<()> {
     }
     let function = format!(
         r#"
-CREATE OR REPLACE FUNCTION omni_relay.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+CREATE OR REPLACE FUNCTION omni_relay.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
     statement_key text := md5(current_query() || statement_timestamp()::text);
     r record;
