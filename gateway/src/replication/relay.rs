@@ -5,10 +5,12 @@
 //! over an ordinary connection and decoded here (`pgoutput.rs`); the slot is
 //! moved with `pg_replication_slot_advance` only after the target committed.
 //!
-//! **Exactly once.** Each source transaction is applied in one target
+//! **Exactly once.** Each source transaction is applied whole in one target
 //! transaction that also writes its commit LSN into the progress table
-//! (`omni_relay_progress`, one row per source database). A transaction whose
-//! commit LSN is at or below the recorded one is skipped. So whatever dies
+//! (`omni_relay_progress`, one row per source database); consecutive small
+//! transactions of one peek may share a target transaction, in order, which
+//! then records the last one's LSN. A transaction whose commit LSN is at or
+//! below the recorded one is skipped. So whatever dies
 //! when (gateway, embedded PostgreSQL, target): a transaction is either
 //! committed on the target together with its LSN, and skipped when peeked
 //! again, or not at all, and the slot still returns it.
@@ -56,6 +58,11 @@ use super::source::{self, SlotState, ToolTarget, DDL_PREFIX, PUBLICATION};
 use super::status::RelayView;
 use crate::status::State;
 
+/// Source transactions applied together in one target transaction, up to
+/// this much SQL: each stays whole and in order, and the group records the
+/// last one's LSN, so exactly-once holds; one round trip and one target
+/// commit serve many small transactions.
+const GROUP_BYTES: usize = 4 << 20;
 /// Changes decoded per peek (whole transactions: the limit is checked at commits).
 const PEEK_CHANGES: i32 = 20_000;
 /// Between peeks while nothing is pending: bounds the lag when idle.
@@ -132,6 +139,7 @@ impl DbRelay {
             self.set(|v| v.last_copy = Some(format!("{db}: {why}")));
         }
         let mut progress = progress.expect("read or made above");
+        self.refresh_tables(&src).await;
         announce_ready();
         tracing::info!(database = %db, "replication streaming from {} (applied up to {})", slot, lsn_to_string(progress.lsn));
 
@@ -235,12 +243,14 @@ impl DbRelay {
         let mut out = Batch::default();
         let mut relations = Relations::new();
         let mut txn: Option<Txn> = None;
+        let mut pending: Vec<Txn> = Vec::new();
+        let mut pending_bytes = 0;
         for row in rows {
             let data: &[u8] = row.get(0);
             let msg = pgoutput::decode(data)?;
             match msg {
                 Message::Begin { final_lsn, commit_time_us, .. } => {
-                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new(), after_last_ddl: 0 });
+                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new(), after_last_ddl: 0, window: false });
                 }
                 Message::Relation(rel) => {
                     relations.insert(rel.oid, rel);
@@ -255,14 +265,25 @@ impl DbRelay {
                 Message::Commit { commit_lsn, end_lsn, .. } => {
                     let t = txn.take().context("commit without begin")?;
                     debug_assert_eq!(t.commit_lsn, commit_lsn);
+                    let mut t = t;
                     if t.commit_lsn > progress.lsn {
                         let window = t.commit_lsn <= progress.copy_lsn;
-                        if !t.statements.is_empty() {
-                            apply_transaction(tgt, progress_table, &self.source_db, &t, window).await?;
-                            out.applied += 1;
-                            out.last_commit = Some(pg_time(t.commit_time_us));
-                        }
+                        t.window = window;
                         progress.lsn = t.commit_lsn;
+                        if !t.statements.is_empty() {
+                            out.last_commit = Some(pg_time(t.commit_time_us));
+                            if window {
+                                out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
+                                out.applied += flush(tgt, progress_table, &self.source_db, &mut vec![t]).await?;
+                            } else {
+                                pending_bytes += t.statements.iter().map(|s| s.sql.len()).sum::<usize>();
+                                pending.push(t);
+                                if pending_bytes >= GROUP_BYTES {
+                                    out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
+                                    pending_bytes = 0;
+                                }
+                            }
+                        }
                     }
                     out.confirm = Some(end_lsn);
                 }
@@ -273,8 +294,23 @@ impl DbRelay {
                 }
             }
         }
+        // The slot is confirmed only after this returns: everything is on the target.
+        out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
         Ok(out)
     }
+}
+
+/// Applies `txns` (complete source transactions, in commit order) and
+/// empties it; returns how many were applied.
+async fn flush(tgt: &Client, progress_table: &str, db: &str, txns: &mut Vec<Txn>) -> Result<u64> {
+    if txns.is_empty() {
+        return Ok(0);
+    }
+    let window = txns.len() == 1 && txns[0].window;
+    apply_transactions(tgt, progress_table, db, txns, window).await?;
+    let n = txns.len() as u64;
+    txns.clear();
+    Ok(n)
 }
 
 #[derive(Default)]
@@ -295,6 +331,8 @@ struct Txn {
     statements: Vec<Stmt>,
     /// Where a DDL that must precede its rows goes: after the previous DDL.
     after_last_ddl: usize,
+    /// Committed before the copy's snapshot LSN: applied alone, tolerantly.
+    window: bool,
 }
 
 fn pg_time(us: i64) -> SystemTime {
@@ -302,22 +340,24 @@ fn pg_time(us: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_micros(unix_us)
 }
 
-/// One source transaction in one target transaction, with its LSN. Inside
-/// the copy window each statement may find its work already done (see the
-/// module docs) and is tried under a savepoint.
-async fn apply_transaction(tgt: &Client, progress_table: &str, db: &str, t: &Txn, window: bool) -> Result<()> {
+/// Source transactions in one target transaction, with the last one's LSN.
+/// Inside the copy window (then alone) each statement may find its work
+/// already done (see the module docs) and is tried under a savepoint.
+async fn apply_transactions(tgt: &Client, progress_table: &str, db: &str, txns: &[Txn], window: bool) -> Result<()> {
+    let (first, last) = (txns.first().expect("not empty"), txns.last().expect("not empty"));
     let record = format!(
         "INSERT INTO {progress_table} (source_database, lsn, copy_lsn, applied_at) VALUES ({}, {lsn}, {lsn}, now())
          ON CONFLICT (source_database) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = EXCLUDED.applied_at",
         literal(db),
-        lsn = literal(&lsn_to_string(t.commit_lsn))
+        lsn = literal(&lsn_to_string(last.commit_lsn))
     );
     let result = if window {
-        apply_tolerant(tgt, &t.statements, &record).await
+        apply_tolerant(tgt, &first.statements, &record).await
     } else {
-        let mut sql = String::with_capacity(t.statements.iter().map(|s| s.sql.len() + 2).sum::<usize>() + record.len() + 16);
+        let size = txns.iter().flat_map(|t| &t.statements).map(|s| s.sql.len() + 2).sum::<usize>();
+        let mut sql = String::with_capacity(size + record.len() + 16);
         sql.push_str("BEGIN;\n");
-        for s in &t.statements {
+        for s in txns.iter().flat_map(|t| &t.statements) {
             sql.push_str(&s.sql);
             sql.push_str(";\n");
         }
@@ -327,11 +367,13 @@ async fn apply_transaction(tgt: &Client, progress_table: &str, db: &str, t: &Txn
     };
     if let Err(e) = result {
         let _ = tgt.batch_execute("ROLLBACK").await;
-        let which = if t.statements.iter().any(|s| s.ddl) { " (it carries DDL)" } else { "" };
-        return Err(e).context(format!(
-            "applying the source transaction committed at {}{which} on the target; it is retried, nothing after it is applied until it succeeds",
-            lsn_to_string(t.commit_lsn)
-        ));
+        let which = if txns.iter().flat_map(|t| &t.statements).any(|s| s.ddl) { " (they carry DDL)" } else { "" };
+        let range = if txns.len() == 1 {
+            format!("the source transaction committed at {}", lsn_to_string(first.commit_lsn))
+        } else {
+            format!("{} source transactions committed from {} to {}", txns.len(), lsn_to_string(first.commit_lsn), lsn_to_string(last.commit_lsn))
+        };
+        return Err(e).context(format!("applying {range}{which} on the target; retried, nothing after it is applied until it succeeds"));
     }
     Ok(())
 }
