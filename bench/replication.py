@@ -224,7 +224,7 @@ def main():
         gw.wait(60)
         stop(target)
 
-    cmd = f"python3 bench/replication.py {RATE} {TXNS}"
+    cmd = ("" if PROFILE == "release" else f"BENCH_PROFILE={PROFILE} ") + f"python3 bench/replication.py {RATE} {TXNS}"
     body = "\n".join([
         f"`{cmd}` — gateway {PROFILE} build, PostgreSQL {BIN.parent.name} on both sides, one machine with 2 cores shared with other engineers' builds and tests at the time (busy).",
         "",
@@ -235,7 +235,7 @@ def main():
         f"| catch-up after the target was down, {TXNS} transactions × 10 rows | {relay_rate:,.0f} rows/s | {native_rate:,.0f} rows/s | {relay_rate / native_rate:.2f}× (target ≥ 0.8×) |",
         f"| gateway CPU per replicated row during catch-up | {cpu_per_row_us:.1f} µs | — | — |",
         "",
-        "The relay applies each source transaction in its own target transaction (one round trip of its statements plus the progress row); native replication runs in the target's own apply worker.",
+        "The relay applies each source transaction whole, a run of small ones in one target transaction with the last LSN (one round trip); native replication runs in the target's own apply worker, timed from `ENABLE` (its worker start included), the relay from streaming again (its retry delay left out). Lag is sampled by polling the target with `psql` every ~10 ms plus a process start, so it is an upper bound. The `debug` profile of this workspace is optimised (opt-level 1, dependencies 2); `make bench` uses the release build.",
     ])
     write_section("Replication", body)
     print(body)
