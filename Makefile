@@ -43,6 +43,7 @@ bench:
 	python3 bench/backup.py
 	python3 bench/import.py
 	python3 bench/upgrade.py
+	python3 bench/replication.py
 
 ## Chaos soak: kill -9 PostgreSQL and the worker under write load; appends to RELIABILITY.md (SOAK_SECONDS, default 240).
 soak:

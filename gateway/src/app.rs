@@ -88,6 +88,8 @@ struct Running {
     tasks: TaskTracker,
     cluster: Option<Arc<cluster::Cluster>>,
     notifier: Arc<Notifier>,
+    /// The replication relay, when configured; stopped before the children.
+    relay: Option<crate::replication::Running>,
 }
 
 /// Runs the gateway until a stop signal; returns the process exit code.
@@ -98,12 +100,6 @@ pub async fn run(config: Config) -> Result<i32> {
     let mut signals = Signals::install()?;
     let notifier = Arc::new(Notifier::from_env());
     warn_about_sqlite(&config);
-    if config.replication_url.is_some() {
-        tracing::warn!(
-            "PGSERVE_REPLICATION_URL is set, but this version does not replicate yet (SPEC §8): nothing is sent to that server. \
-             Use backups (OMNI_BACKUP_INTERVAL) to keep copies elsewhere meanwhile"
-        );
-    }
 
     let addr = SocketAddr::new(config.host, config.port);
     let listener = http::bind(addr).await?;
@@ -137,7 +133,7 @@ pub async fn run(config: Config) -> Result<i32> {
     });
     let stop_http = CancellationToken::new();
     let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http));
-    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier };
+    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None };
 
     // From here on every way out goes through the same orderly stop.
     let outcome = supervise(&config, &mut running, &mut signals, (worker_bin, worker_account), upstreams, addr, started).await;
@@ -202,6 +198,9 @@ async fn supervise(
                 return Ok(());
             }
             tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
+            if let Some(replication) = &config.replication {
+                running.relay = Some(crate::replication::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
+            }
             policy
         }
         Database::External { url } => {
@@ -287,6 +286,10 @@ async fn shutdown(running: Running) {
     tracing::info!("stopping: /health answers 503; draining in-flight requests");
     running.stop_http.cancel();
     let _ = running.server.await;
+    if let Some(relay) = running.relay {
+        tracing::info!("stopping the replication relay");
+        relay.stop().await;
+    }
     for handle in running.handles.into_iter().rev() {
         tracing::info!("stopping {}", handle.name);
         handle.stop().await;

@@ -71,6 +71,8 @@ pub const VARS: &[Var] = &[
     // Major upgrades (postgres/upgrade.rs).
     Var { name: "PGSERVE_AUTO_UPGRADE", default: "true", help: "upgrade a cluster of an older PostgreSQL major in place at start (pg_upgrade, old copy kept); false refuses to start instead" },
     Var { name: "PGSERVE_OLD_BIN_DIR", default: "", help: "binaries of the cluster's older PostgreSQL major, for the upgrade; found automatically when empty" },
+    // Replication relay (issue 11).
+    Var { name: "PGSERVE_REPLICATION_MAX_WAL_MB", default: "1024", help: "cap on WAL kept for the replication slot (max_slot_wal_keep_size); past it the slot is invalidated and a full re-copy runs" },
 ];
 
 /// Which layer supplied a value.
@@ -216,6 +218,9 @@ pub struct EmbeddedConfig {
     pub auto_upgrade: bool,
     /// `PGSERVE_OLD_BIN_DIR`: where the older major's binaries are, for the upgrade.
     pub old_bin_dir: Option<PathBuf>,
+    /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
+    /// needs `wal_level=logical` and caps the slot's WAL at this.
+    pub replication_wal_mb: Option<u64>,
 }
 
 /// The longest `OMNI_RESTART_BACKOFF_MAX_MS` may be.
@@ -266,8 +271,10 @@ pub struct Config {
     pub restart: RestartPolicy,
     pub http: HttpLimits,
     pub dev: bool,
-    /// `PGSERVE_REPLICATION_URL`: read so it can be reported; replication itself is not built yet.
+    /// `PGSERVE_REPLICATION_URL`: the relay's target when set (`replication` holds it parsed).
     pub replication_url: Option<String>,
+    /// The replication relay's settings, when `PGSERVE_REPLICATION_URL` is set (embedded cluster only).
+    pub replication: Option<crate::replication::ReplicationConfig>,
     pub log_level: String,
     pub log_format: LogFormat,
     /// Working directory at start; every relative path was resolved against it.
@@ -338,6 +345,37 @@ impl Parser<'_> {
     }
 }
 
+/// `PGSERVE_REPLICATION_*`: refused beside `DATABASE_URL` (the external
+/// server's own replication is the tool there), checked otherwise.
+fn parse_replication(p: &Parser<'_>, database: &Database) -> Result<Option<crate::replication::ReplicationConfig>, ConfigError> {
+    let max_wal_mb: u64 = p.number("PGSERVE_REPLICATION_MAX_WAL_MB", "a whole number of megabytes")?;
+    if max_wal_mb == 0 {
+        return Err(p.invalid("PGSERVE_REPLICATION_MAX_WAL_MB", "must be at least 1"));
+    }
+    let Some(url) = p.string("PGSERVE_REPLICATION_URL") else { return Ok(None) };
+    if matches!(database, Database::External { .. }) {
+        return Err(ConfigError::Invalid {
+            var: "PGSERVE_REPLICATION_URL",
+            value: omni_contract::redact::url_password(&url),
+            origin: p.raw("PGSERVE_REPLICATION_URL").1,
+            problem: "replication relays the embedded PostgreSQL; with DATABASE_URL set there is none. Use the external server's own replication, and unset PGSERVE_REPLICATION_URL".into(),
+        });
+    }
+    if let Err(problem) = crate::replication::ReplicationConfig::parse_url(&url) {
+        return Err(ConfigError::Invalid {
+            var: "PGSERVE_REPLICATION_URL",
+            value: omni_contract::redact::url_password(&url),
+            origin: p.raw("PGSERVE_REPLICATION_URL").1,
+            problem,
+        });
+    }
+    let databases = p
+        .string("PGSERVE_REPLICATION_DATABASES")
+        .map(|s| s.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect())
+        .unwrap_or_default();
+    Ok(Some(crate::replication::ReplicationConfig { url, databases, max_wal_mb }))
+}
+
 /// Joins `p` onto `cwd` when relative and normalises it (the shared rule).
 pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
     paths::absolute(cwd, p)
@@ -369,8 +407,14 @@ impl Config {
                 run_as: p.string("PGSERVE_USER").unwrap_or_else(|| "postgres".into()),
                 auto_upgrade: p.bool("PGSERVE_AUTO_UPGRADE")?,
                 old_bin_dir: p.optional_path("PGSERVE_OLD_BIN_DIR"),
+                replication_wal_mb: None,
             }),
         };
+        let replication = parse_replication(&p, &database)?;
+        let mut database = database;
+        if let (Database::Embedded(e), Some(r)) = (&mut database, &replication) {
+            e.replication_wal_mb = Some(r.max_wal_mb);
+        }
         let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {
             None => None,
             // The worker's rule: the gateway passes the value on, and both must agree.
@@ -435,6 +479,7 @@ impl Config {
             http,
             dev: p.bool("OMNI_DEV")?,
             replication_url: p.string("PGSERVE_REPLICATION_URL"),
+            replication,
             log_level,
             log_format,
             cwd: cwd.to_path_buf(),

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod postgres;
 pub mod privilege;
 pub mod proxy;
+pub mod replication;
 pub mod sd_notify;
 pub mod status;
 pub mod supervisor;

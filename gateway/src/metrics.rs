@@ -94,6 +94,9 @@ impl Metrics {
                 let _ = writeln!(out, "omni_child_state{{component=\"{name}\",state=\"{s}\"}} {}", u8::from(c.state == s));
             }
         }
+        if let Some(relay) = board.replication() {
+            out.push_str(&relay.metrics());
+        }
         out
     }
 }

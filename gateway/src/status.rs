@@ -158,12 +158,16 @@ impl Snapshot {
 pub struct Board {
     tx: watch::Sender<Snapshot>,
     heartbeats: Arc<Mutex<HashMap<&'static str, Instant>>>,
+    /// The replication relay's picture, when it runs. Kept beside the
+    /// supervised children, not among them: replication is not on the
+    /// request path, so it never fails `/health` or holds back readiness.
+    replication: Arc<Mutex<Option<Arc<Mutex<crate::replication::status::RelayView>>>>>,
 }
 
 impl Board {
     pub fn new(names: &[&'static str]) -> Self {
         let snapshot = Snapshot { components: names.iter().map(|n| (*n, Component::new())).collect(), gateway: GatewayState::Running, upgrade: None };
-        Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default() }
+        Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default(), replication: Arc::default() }
     }
 
     /// Applies `f` to `name`'s entry and wakes every watcher.
@@ -256,8 +260,28 @@ impl Board {
         self.tx.send_modify(|s| s.upgrade = Some(upgrade));
     }
 
+    /// Shows the replication relay's picture in `/gateway/status` and `/metrics`.
+    pub fn set_replication(&self, view: Arc<Mutex<crate::replication::status::RelayView>>) {
+        *self.replication.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    /// The replication relay's picture now, when it runs.
+    pub fn replication(&self) -> Option<crate::replication::status::RelayView> {
+        let view = self.replication.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let v = view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Some(v)
+    }
+
     /// The `/gateway/status` document.
     pub fn to_json(&self) -> serde_json::Value {
+        let mut doc = self.children_json();
+        if let (Some(relay), Some(list)) = (self.replication(), doc["components"].as_array_mut()) {
+            list.push(relay.to_json());
+        }
+        doc
+    }
+
+    fn children_json(&self) -> serde_json::Value {
         let snap = self.tx.borrow();
         let tenths = |d: Duration| (d.as_secs_f64() * 10.0).round() / 10.0;
         let components: Vec<_> = snap

@@ -60,6 +60,9 @@ pub struct Cluster {
     /// one. The worker may connect as soon as it is true and PostgreSQL
     /// accepts connections.
     pub app_database: tokio::sync::watch::Sender<bool>,
+    /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the replication relay runs:
+    /// `wal_level=logical` and the slot's WAL cap are added to the server's settings.
+    pub replication_wal_mb: Option<u64>,
 }
 
 impl Cluster {
@@ -111,6 +114,11 @@ impl Cluster {
             // flushes the same data in one call. Same durability (Linux 5.8+
             // also reports write errors from syncfs, as it does for fsync).
             spec = spec.arg("-c").arg("recovery_init_sync_method=syncfs");
+        }
+        if let Some(mb) = self.replication_wal_mb {
+            for setting in crate::replication::server_settings(mb) {
+                spec = spec.arg("-c").arg(setting);
+            }
         }
         spec.run_as = self.account.run_as();
         // Immediate shutdown of the whole cluster if the gateway vanishes.
@@ -179,6 +187,7 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         durable: tokio::sync::Mutex::new(durable),
         // Only a cluster initialised by this start lacks it.
         app_database: tokio::sync::watch::Sender::new(!needs_sync),
+        replication_wal_mb: cfg.replication_wal_mb,
     };
     if let Err(e) = check_port_free(port) {
         cluster.cleanup();

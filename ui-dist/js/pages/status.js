@@ -12,8 +12,20 @@ const POLL_MS = 2000;
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
 
-const NAMES = { postgres: 'PostgreSQL', api: 'API worker' };
+const NAMES = { postgres: 'PostgreSQL', api: 'API worker', replication: 'Replication' };
 const STATE_KIND = { ready: 'ok', starting: 'info', backoff: 'warn', stopping: 'warn', stopped: 'warn', failed: 'error' };
+
+// The replication relay's own fields: where it sends, how far behind it is.
+function replicationRows(c) {
+  const lastApplied = typeof c.last_applied_unix === 'number' ? new Date(c.last_applied_unix * 1000).toLocaleString() : '—';
+  return [
+    h('dt', {}, 'Target'), h('dd', { dataset: { field: 'target' } }, c.target || '—'),
+    h('dt', {}, 'Lag'), h('dd', { dataset: { field: 'lag' } }, `${c.lag_bytes ?? 0} bytes, ${(c.lag_seconds ?? 0).toFixed(1)} s`),
+    h('dt', {}, 'Last applied'), h('dd', { dataset: { field: 'last-applied' } }, lastApplied),
+    h('dt', {}, 'Tables'), h('dd', { dataset: { field: 'tables' } }, String(c.tables ?? 0)),
+    c.last_copy ? [h('dt', {}, 'Last full copy'), h('dd', {}, c.last_copy)] : null,
+  ];
+}
 
 export async function render(main) {
   const grid = h('div', { class: 'grid', id: 'components' }, h('p', { class: 'loading' }, 'Loading status…'));
@@ -70,6 +82,7 @@ export async function render(main) {
           c.attempts && c.state !== 'ready' ? [h('dt', {}, 'Failures in a row'), h('dd', { dataset: { field: 'attempts' } }, String(c.attempts))] : null,
           nextRetry === null ? null : [h('dt', {}, 'Next retry'), h('dd', { dataset: { field: 'next-retry' } }, `in ${nextRetry.toFixed(nextRetry < 10 ? 1 : 0)} s`)],
           h('dt', {}, 'Last exit'), h('dd', { dataset: { field: 'last-exit' } }, c.last_exit || '—'),
+          c.name === 'replication' ? replicationRows(c) : null,
           // In backoff the fields above say it all, and keep counting down.
           c.detail && c.state !== 'backoff' ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null,
           // "upgraded from PostgreSQL 15 to 17 on …, old copy kept at …"
