@@ -111,7 +111,8 @@ pub async fn run(config: Config) -> Result<i32> {
 
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
     let worker_account = worker::prepare_account(&config, &worker_bin)?;
-    let components: &[&'static str] = match config.database {
+    let components: &[&'static str] = match &config.database {
+        Database::Embedded(e) if !e.memory_mode => &["postgres", "api", "wal"],
         Database::Embedded(_) => &["postgres", "api"],
         Database::External { .. } => &["api"],
     };
@@ -166,7 +167,11 @@ async fn supervise(
             let explicit = embedded.bin_dir.clone();
             let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
             tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
-            let cluster = Arc::new(cluster::prepare(embedded, bins).await?);
+            let mut prepared = cluster::prepare(embedded, bins).await?;
+            if !embedded.memory_mode {
+                prepared.extra_settings = crate::wal::server_settings(&config.wal);
+            }
+            let cluster = Arc::new(prepared);
             running.cluster = Some(cluster.clone());
             child::start_reaper(&running.tasks, running.stop_background.clone());
             let pg_started = Instant::now();
@@ -188,6 +193,15 @@ async fn supervise(
             (url.clone(), bins.map(|b| b.dir))
         }
     };
+
+    // Point-in-time recovery (wal/): the WAL streamer, third supervised child,
+    // started before the worker and so stopped after it (under OMNI_WAL_SYNC
+    // the worker's last commits wait for the streamer).
+    if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
+        let base_backups = crate::wal::spawn_base_backups(cluster.clone(), config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone());
+        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups);
+        running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+    }
 
     // The worker, once its database is there. Its failures while PostgreSQL
     // was down are not its own: it is retried as soon as PostgreSQL is back.

@@ -68,6 +68,10 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_API_DB_POOL_SIZE", default: "8", help: "most PostgreSQL connections the API worker opens (1 to 1000)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
     Var { name: "LOG_FORMAT", default: "pretty", help: "pretty for people, json for machines" },
+    // Point-in-time recovery (wal/): streamed WAL and base backups.
+    Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production" },
+    Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
+    Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
 ];
 
 /// Which layer supplied a value.
@@ -265,6 +269,19 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Working directory at start; every relative path was resolved against it.
     pub cwd: PathBuf,
+    /// `OMNI_WAL_DIR`, `OMNI_WAL_SYNC`, `OMNI_PITR_WINDOW`: point-in-time recovery.
+    pub wal: WalConfig,
+}
+
+/// Point-in-time recovery settings (see `wal/`).
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// Where `pg_receivewal` writes segments and base backups go (`base/`).
+    pub dir: PathBuf,
+    /// Synchronous replication to the streamer: no acknowledged commit is lost.
+    pub sync: bool,
+    /// How far back a restore can go; retention keeps what this needs.
+    pub window: Duration,
 }
 
 struct Parser<'a> {
@@ -429,6 +446,12 @@ impl Config {
             log_level,
             log_format,
             cwd: cwd.to_path_buf(),
+            wal: WalConfig {
+                dir: p.path("OMNI_WAL_DIR").value,
+                sync: p.bool("OMNI_WAL_SYNC")?,
+                window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
+                    .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
+            },
         };
         config.check_worker_settings(&layers)?;
         Ok(config)

@@ -25,3 +25,6 @@ pub mod status;
 pub mod supervisor;
 pub mod upstream;
 pub mod worker;
+// Point-in-time recovery: the WAL streamer, base backups, restore to a time.
+pub mod restore_cli;
+pub mod wal;

@@ -59,6 +59,8 @@ enum Command {
     },
     /// Import the old SQLite database (default: the one found) into the running gateway's PostgreSQL
     ImportSqlite(omni_gateway::import_cli::ImportArgs),
+    /// Point-in-time recovery from OMNI_WAL_DIR, with the gateway stopped: --to <RFC 3339 time|latest>, --window, --discard-previous
+    Restore(omni_gateway::restore_cli::RestoreArgs),
 }
 
 fn after_help() -> String {
@@ -123,6 +125,7 @@ fn main() -> ExitCode {
         Some(Command::Healthcheck) => return runtime.block_on(healthcheck(&config)),
         Some(Command::Backup { action }) => return runtime.block_on(backup(&config, action)),
         Some(Command::ImportSqlite(args)) => return runtime.block_on(import_sqlite(&config, args)),
+        Some(Command::Restore(args)) => return runtime.block_on(restore(&config, args)),
         Some(Command::Run) | None => {}
     }
     match runtime.block_on(omni_gateway::app::run(config)) {
@@ -169,6 +172,16 @@ async fn import_sqlite(config: &Config, args: omni_gateway::import_cli::ImportAr
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("omni-gateway import-sqlite: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn restore(config: &Config, args: omni_gateway::restore_cli::RestoreArgs) -> ExitCode {
+    match omni_gateway::restore_cli::run(config, args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omni-gateway restore: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -434,7 +434,7 @@ fn gateway_endpoints_report_components_and_metrics() {
     let gw: Gateway = real_stack(dir.path()).start();
     let status = gw.get("/gateway/status").json();
     let names: Vec<_> = status["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(names, ["postgres", "api"]);
+    assert_eq!(names, ["postgres", "api", "wal"]);
     for c in status["components"].as_array().unwrap() {
         assert_eq!(c["state"], "ready");
         assert!(c["pid"].as_i64().unwrap() > 0);

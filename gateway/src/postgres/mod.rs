@@ -184,6 +184,9 @@ impl Policy for PostgresPolicy {
         let exists = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)));
         if !exists {
             tracing::info!("creating database {APP_DATABASE}");
+            // Under OMNI_WAL_SYNC a commit waits for the WAL streamer, which
+            // starts only once PostgreSQL is ready: this one must not.
+            client.simple_query("SET synchronous_commit = local").await?;
             client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
         }
         // The worker may start now, while a new cluster is still being flushed.

@@ -1,0 +1,118 @@
+//! Point-in-time recovery: continuous WAL, base backups, restore to a time.
+//!
+//! In persistent mode the gateway runs `pg_receivewal` as a third supervised
+//! child ([`receiver::ReceiverPolicy`], the same supervision loop as
+//! PostgreSQL and the worker). It streams through its own replication slot,
+//! so nothing is missed across restarts, and flushes every chunk it receives
+//! (`--synchronous`), so losing the data directory loses at most what had not
+//! reached the streamer yet: milliseconds normally, nothing with
+//! `OMNI_WAL_SYNC=true` (commits then wait for the streamer's flush).
+//!
+//! Layout of `OMNI_WAL_DIR`:
+//!
+//! ```text
+//! stream/              the streamer's directory; its newest segment is `.partial`
+//! stream-<UTC stamp>/  what an earlier stream/ held, moved aside by a restore
+//!                      (the restored cluster starts a new timeline from there)
+//! base/<id>/           plain base backups (pg_basebackup, with a manifest,
+//!                      checked by pg_verifybackup); base/<id>.json: when it began and ended
+//! ```
+//!
+//! A restore ([`restore`]) copies the newest base backup that ended before
+//! the target and replays WAL from every stream directory up to the target.
+
+pub mod archive;
+pub mod base;
+pub mod receiver;
+pub mod restore;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::child::ChildSpec;
+use crate::config::WalConfig;
+use crate::postgres::cluster::{self, Cluster};
+
+/// The streamer's physical replication slot.
+pub const SLOT: &str = "omni_wal";
+/// The streamer's `application_name`, named by `synchronous_standby_names`.
+pub const APPLICATION_NAME: &str = "omni_wal";
+/// Most WAL the slot may hold back when the streamer cannot keep up (its disk
+/// is full, it is down): beyond this PostgreSQL drops it rather than fill its
+/// own disk, and the slot reports `lost` (the status says so).
+pub const MAX_SLOT_WAL_KEEP: &str = "1024MB";
+
+/// The server settings streaming needs, as `-c` values.
+pub fn server_settings(wal: &WalConfig) -> Vec<String> {
+    let mut settings = vec![
+        "wal_level=replica".to_string(),
+        "max_wal_senders=10".to_string(),
+        format!("max_slot_wal_keep_size={MAX_SLOT_WAL_KEEP}"),
+    ];
+    if wal.sync {
+        settings.push(format!("synchronous_standby_names={APPLICATION_NAME}"));
+    }
+    settings
+}
+
+/// A PostgreSQL client tool (`pg_receivewal`, `pg_basebackup`) connecting
+/// to the running cluster as its superuser, run as PostgreSQL's account so
+/// everything it writes belongs to that account.
+pub(crate) fn tool(cluster: &Cluster, name: &str) -> ChildSpec {
+    let mut spec = ChildSpec::new(name, cluster.binaries.tool(name))
+        .arg("-h")
+        .arg("127.0.0.1")
+        .arg("-p")
+        .arg(cluster.port.to_string())
+        .arg("-U")
+        .arg(cluster::SUPERUSER)
+        .arg("--no-password")
+        // Only in the child's environment, never on its command line.
+        .env("PGPASSWORD", &cluster.password)
+        .env("PGAPPNAME", APPLICATION_NAME);
+    spec.env.extend(cluster.account.login_env());
+    spec.run_as = cluster.account.run_as();
+    spec.env_remove = ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"].iter().map(Into::into).collect();
+    spec
+}
+
+/// Starts the base-backup task: the first backup once streaming runs on a
+/// stream directory that has none, then one every `every` (the backup
+/// schedule, `OMNI_BACKUP_INTERVAL`), each verified and followed by retention.
+/// Returns the sender the streamer uses to ask for a backup now.
+pub fn spawn_base_backups(cluster: Arc<Cluster>, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken) -> mpsc::Sender<()> {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    tasks.spawn(async move {
+        let mut tick = every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        loop {
+            let scheduled = async {
+                match tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                asked = rx.recv() => if asked.is_none() { return },
+                () = scheduled => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                result = base::take(&cluster, &wal) => match result {
+                    Ok(_) => {
+                        if let Err(e) = base::apply_retention(&wal) {
+                            tracing::error!("WAL retention failed: {e:#}");
+                        }
+                    }
+                    Err(e) => tracing::error!("base backup failed: {e:#}. Point-in-time recovery needs one; the next try is at the next scheduled backup (OMNI_BACKUP_INTERVAL) or the next start of streaming"),
+                },
+            }
+        }
+    });
+    tx
+}

@@ -1,0 +1,142 @@
+//! Point-in-time recovery end to end: the real gateway streams WAL with
+//! `pg_receivewal` into `./data/wal`, takes its first base backup, and
+//! `omni-gateway restore --to <time|latest>` (gateway stopped) brings the
+//! data back.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use omni_tests::wait_until;
+use gateway::{cli, postgres_pids_on, workdir, Gateway, GatewayBuilder};
+
+/// Waits until the first verified base backup is recorded.
+fn wait_for_base_backup(gw: &Gateway) {
+    let base = gw.cwd.join("data/wal/base");
+    wait_until(Duration::from_secs(120), "the first verified base backup", || {
+        std::fs::read_dir(&base).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".json")).then_some(())
+    });
+    wait_until(Duration::from_secs(30), "the wal component to be ready", || (gw.component("wal")["state"] == "ready").then_some(()));
+}
+
+/// Waits until the streamer has flushed everything written so far.
+fn wait_archived(db: &mut postgres::Client) {
+    let lsn: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    wait_until(Duration::from_secs(30), "the WAL streamer to flush the writes", || {
+        let q = format!("SELECT coalesce((SELECT flush_lsn >= '{lsn}'::pg_lsn FROM pg_stat_replication WHERE application_name = 'omni_wal'), false)");
+        db.query_one(&q, &[]).unwrap().get::<_, bool>(0).then_some(())
+    });
+}
+
+fn restore(cwd: &Path, to: &str) -> String {
+    let (ok, stdout, stderr) = cli(cwd, &["restore", "--to", to]);
+    assert!(ok, "omni-gateway restore --to {to} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[test]
+fn pitr_restore_to_a_time_keeps_what_came_before_and_drops_what_came_after() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    wait_for_base_backup(&gw);
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE pitr_rows (id int PRIMARY KEY, phase text NOT NULL)").unwrap();
+    for i in 0..50 {
+        db.execute("INSERT INTO pitr_rows VALUES ($1, 'A')", &[&i]).unwrap();
+    }
+    // The server's clock, the one commit times are stamped with.
+    let t: String = db.query_one(r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#, &[]).unwrap().get(0);
+    for i in 50..100 {
+        db.execute("INSERT INTO pitr_rows VALUES ($1, 'B')", &[&i]).unwrap();
+    }
+    wait_archived(&mut db);
+    drop(db);
+    assert!(gw.terminate().success(), "{}", gw.log());
+
+    let out = restore(dir.path(), &t);
+    assert!(out.contains("before-restore"), "the old data directory is kept and named: {out}");
+
+    let gw = GatewayBuilder::new(dir.path()).start();
+    let mut db = gw.db();
+    let mut count = |phase: &str| db.query_one("SELECT count(*) FROM pitr_rows WHERE phase = $1", &[&phase]).unwrap().get::<_, i64>(0);
+    assert_eq!(count("A"), 50, "every write before {t} is back\n{}", gw.log());
+    assert_eq!(count("B"), 0, "no write after {t} is back");
+}
+
+/// Writes one row per commit until `kill` says stop; returns each id with the
+/// moment its commit was acknowledged.
+fn write_load(mut db: postgres::Client, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<(i32, Instant)> {
+    let mut acked = Vec::new();
+    for i in 0.. {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        match db.execute("INSERT INTO pitr_load VALUES ($1)", &[&i]) {
+            Ok(_) => acked.push((i, Instant::now())),
+            Err(_) => break,
+        }
+    }
+    acked
+}
+
+fn lose_everything_then_restore_latest(sync: bool) {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("OMNI_WAL_SYNC", sync.to_string()).start();
+    wait_for_base_backup(&gw);
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE pitr_load (id int PRIMARY KEY)").unwrap();
+    drop(db);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (gw.db(), stop.clone());
+        std::thread::spawn(move || write_load(db, stop))
+    };
+    // A few seconds of load, then everything dies at once.
+    wait_until(Duration::from_secs(30), "two seconds of write load", || {
+        std::thread::sleep(Duration::from_millis(100));
+        (gw.db().query_one("SELECT count(*) FROM pitr_load", &[]).unwrap().get::<_, i64>(0) > 200).then_some(())
+    });
+    let data_dir = gw.data_dir();
+    let postgres = postgres_pids_on(&data_dir);
+    let killed_at = Instant::now();
+    gw.child.kill9();
+    for pid in postgres {
+        // SAFETY: SIGKILL to a postgres process of this test's cluster.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    wait_until(Duration::from_secs(30), "every postgres process to be gone", || postgres_pids_on(&data_dir).is_empty().then_some(()));
+    std::fs::remove_dir_all(&data_dir).unwrap();
+
+    restore(dir.path(), "latest");
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_WAL_SYNC", sync.to_string()).start();
+    let present: std::collections::HashSet<i32> = gw.db().query("SELECT id FROM pitr_load", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let first_lost = acked.iter().find(|(id, _)| !present.contains(id));
+    let loss_window = first_lost.map_or(Duration::ZERO, |(_, at)| killed_at.saturating_duration_since(*at));
+    println!(
+        "OMNI_WAL_SYNC={sync}: {} writes acknowledged, {} restored, {} acknowledged writes lost, loss window {:.3} s",
+        acked.len(),
+        present.len(),
+        acked.iter().filter(|(id, _)| !present.contains(id)).count(),
+        loss_window.as_secs_f64()
+    );
+    assert!(!acked.is_empty() && present.len() > 200, "the load ran and came back");
+    if sync {
+        assert_eq!(loss_window, Duration::ZERO, "with OMNI_WAL_SYNC=true no acknowledged write is lost");
+    } else {
+        assert!(loss_window <= Duration::from_secs(1), "lost writes acknowledged {:.3} s before the kill", loss_window.as_secs_f64());
+    }
+}
+
+#[test]
+fn pitr_restore_latest_after_losing_the_data_directory_loses_at_most_a_second() {
+    lose_everything_then_restore_latest(false);
+}
+
+#[test]
+fn pitr_restore_latest_with_wal_sync_loses_nothing() {
+    lose_everything_then_restore_latest(true);
+}
