@@ -20,7 +20,7 @@ use super::archive;
 use crate::child::{self, ChildSpec, Output};
 use crate::config::WalConfig;
 use crate::postgres::binaries::Binaries;
-use crate::postgres::cluster::Cluster;
+use super::Server;
 use crate::privilege::Account;
 
 /// What `base/<id>.json` records.
@@ -44,15 +44,15 @@ impl BaseBackup {
 }
 
 /// Takes a base backup of the running cluster and verifies it.
-pub async fn take(cluster: &Cluster, wal: &WalConfig) -> Result<BaseBackup> {
-    archive::prepare(&wal.dir, &cluster.account)?;
+pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
+    archive::prepare(&wal.dir, &server.account)?;
     let started_at = Utc::now();
     let clock = Instant::now();
     let id = started_at.format("%Y%m%dT%H%M%S%.3fZ").to_string();
     let base = archive::base_dir(&wal.dir);
     let partial = base.join(format!(".{id}.partial"));
     tracing::info!("base backup {id}: copying the cluster into {}", partial.display());
-    let mut spec = super::tool(cluster, "pg_basebackup")
+    let mut spec = super::tool(server, "pg_basebackup")
         .arg("-D")
         .arg(&partial)
         .arg("--format=plain")
@@ -66,7 +66,7 @@ pub async fn take(cluster: &Cluster, wal: &WalConfig) -> Result<BaseBackup> {
             bail!("pg_basebackup failed ({status}); its error is in the log above");
         }
         tracing::info!("base backup {id}: copied in {} ms; verifying with pg_verifybackup", clock.elapsed().as_millis());
-        verify(&cluster.binaries, &cluster.account, &partial).await?;
+        verify(&server.binaries, &server.account, &partial).await?;
         let start_segment = start_segment(&partial)?;
         let bytes = tree_size(&partial);
         let backup = BaseBackup { id: id.clone(), started_at, finished_at: Utc::now(), bytes, start_segment };

@@ -23,10 +23,10 @@
 
 pub mod archive;
 pub mod base;
+pub mod cli;
 pub mod receiver;
 pub mod restore;
 
-use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -58,23 +58,40 @@ pub fn server_settings(wal: &WalConfig) -> Vec<String> {
     settings
 }
 
+/// What a client tool needs to reach the running cluster: the gateway's own
+/// [`Cluster`], or one the CLI found through `postmaster.pid`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub binaries: crate::postgres::binaries::Binaries,
+    pub port: u16,
+    pub password: String,
+    /// PostgreSQL's account: the tools run as it, so what they write is its.
+    pub account: crate::privilege::Account,
+}
+
+impl Server {
+    pub fn of(cluster: &Cluster) -> Server {
+        Server { binaries: cluster.binaries.clone(), port: cluster.port, password: cluster.password.clone(), account: cluster.account.clone() }
+    }
+}
+
 /// A PostgreSQL client tool (`pg_receivewal`, `pg_basebackup`) connecting
 /// to the running cluster as its superuser, run as PostgreSQL's account so
 /// everything it writes belongs to that account.
-pub(crate) fn tool(cluster: &Cluster, name: &str) -> ChildSpec {
-    let mut spec = ChildSpec::new(name, cluster.binaries.tool(name))
+pub(crate) fn tool(server: &Server, name: &str) -> ChildSpec {
+    let mut spec = ChildSpec::new(name, server.binaries.tool(name))
         .arg("-h")
         .arg("127.0.0.1")
         .arg("-p")
-        .arg(cluster.port.to_string())
+        .arg(server.port.to_string())
         .arg("-U")
         .arg(cluster::SUPERUSER)
         .arg("--no-password")
         // Only in the child's environment, never on its command line.
-        .env("PGPASSWORD", &cluster.password)
+        .env("PGPASSWORD", &server.password)
         .env("PGAPPNAME", APPLICATION_NAME);
-    spec.env.extend(cluster.account.login_env());
-    spec.run_as = cluster.account.run_as();
+    spec.env.extend(server.account.login_env());
+    spec.run_as = server.account.run_as();
     spec.env_remove = ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"].iter().map(Into::into).collect();
     spec
 }
@@ -83,8 +100,9 @@ pub(crate) fn tool(cluster: &Cluster, name: &str) -> ChildSpec {
 /// stream directory that has none, then one every `every` (the backup
 /// schedule, `OMNI_BACKUP_INTERVAL`), each verified and followed by retention.
 /// Returns the sender the streamer uses to ask for a backup now.
-pub fn spawn_base_backups(cluster: Arc<Cluster>, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken) -> mpsc::Sender<()> {
+pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken) -> mpsc::Sender<()> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
+    let server = Server::of(&cluster);
     tasks.spawn(async move {
         let mut tick = every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         loop {
@@ -103,7 +121,7 @@ pub fn spawn_base_backups(cluster: Arc<Cluster>, wal: WalConfig, every: Option<s
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                result = base::take(&cluster, &wal) => match result {
+                result = base::take(&server, &wal) => match result {
                     Ok(_) => {
                         if let Err(e) = base::apply_retention(&wal) {
                             tracing::error!("WAL retention failed: {e:#}");

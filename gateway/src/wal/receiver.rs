@@ -83,7 +83,7 @@ impl Policy for ReceiverPolicy {
         self.ensure_slot().await?;
         let stream = archive::stream_dir(&self.wal.dir);
         tracing::info!("streaming WAL into {} (slot {SLOT}{})", stream.display(), if self.wal.sync { ", commits wait for it: OMNI_WAL_SYNC" } else { "" });
-        let mut spec = super::tool(&self.cluster, "pg_receivewal")
+        let mut spec = super::tool(&super::Server::of(&self.cluster), "pg_receivewal")
             .arg("-D")
             .arg(&stream)
             .arg("--slot")

@@ -18,7 +18,7 @@
 //! found first ([`commit_after`], reading commit times with `pg_waldump`) and
 //! recovered to the end of the archive.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -180,7 +180,9 @@ impl Restore<'_> {
         Ok(())
     }
 
-    async fn recover(&self, backup: &base::BaseBackup, stop_at: Option<DateTime<Utc>>) -> Result<()> {
+    /// Copies `backup` into the (absent) data directory and recovers it;
+    /// returns how many app tables the recovered cluster has.
+    async fn recover(&self, backup: &base::BaseBackup, stop_at: Option<DateTime<Utc>>) -> Result<i64> {
         let copied = Instant::now();
         let (from, to, owner) = (backup.dir(&self.wal.dir), self.data_dir.to_path_buf(), self.account.run_as());
         tokio::task::spawn_blocking(move || cluster::copy_tree(&from, &to, owner)).await?.context("copying the base backup")?;
@@ -228,7 +230,7 @@ impl Restore<'_> {
         outcome
     }
 
-    async fn until_promoted(&self, child: &mut tokio::process::Child, port: u16) -> Result<()> {
+    async fn until_promoted(&self, child: &mut tokio::process::Child, port: u16) -> Result<i64> {
         let config = |db: &str| {
             let mut c = tokio_postgres::Config::new();
             c.host("127.0.0.1").port(port).user(SUPERUSER).password(self.password).dbname(db).connect_timeout(Duration::from_secs(2));
@@ -259,9 +261,68 @@ impl Restore<'_> {
         }
         tracing::info!("recovery finished and promoted in {} ms; checking the app database", started.elapsed().as_millis());
         let client = crate::postgres::connect(&config(APP_DATABASE)).await.context("the restored cluster does not open the app database")?;
-        client.simple_query("SELECT 1").await.context("the restored app database does not answer")?;
-        Ok(())
+        let row = client.query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[]).await.context("the restored app database does not answer")?;
+        Ok(row.get(0))
     }
+}
+
+/// What `drill.json` in `OMNI_WAL_DIR` records about the last restore drill.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Drill {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    pub base_backup: Option<String>,
+    /// Tables of the app database in the restored copy.
+    pub app_tables: Option<i64>,
+    pub took_ms: u64,
+    /// Why it failed.
+    pub detail: Option<String>,
+}
+
+/// The restore drill: the newest base backup is checked with
+/// `pg_verifybackup`, restored with all the WAL after it into a temporary
+/// cluster on a free port, its app database opened and its tables counted,
+/// and the copy removed. The result is recorded in `drill.json` either way.
+pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, password: &str) -> Drill {
+    let started = Instant::now();
+    let scratch = std::env::temp_dir().join(format!("omni-drill-{}", std::process::id()));
+    let backup = base::list(&wal.dir).pop();
+    let outcome = async {
+        let backup = backup.clone().with_context(|| format!("no verified base backup in {} to drill", archive::base_dir(&wal.dir).display()))?;
+        tracing::info!("restore drill: checking base backup {} with pg_verifybackup", backup.id);
+        base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
+        std::fs::DirBuilder::new().mode(0o700).create(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        if let Some((uid, gid)) = account.run_as() {
+            std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))?;
+        }
+        let data_dir = scratch.join("data");
+        tracing::info!("restore drill: restoring {} and its WAL into {}", backup.id, data_dir.display());
+        let restore = Restore { data_dir: &data_dir, wal, binaries, account, password };
+        let tables = restore.recover(&backup, None).await?;
+        if tables == 0 {
+            bail!("the restored app database has no tables");
+        }
+        Ok(tables)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let result = Drill {
+        at: Utc::now(),
+        ok: outcome.is_ok(),
+        base_backup: backup.map(|b| b.id),
+        app_tables: outcome.as_ref().ok().copied(),
+        took_ms: started.elapsed().as_millis() as u64,
+        detail: outcome.as_ref().err().map(|e| format!("{e:#}")),
+    };
+    match &result.detail {
+        None => tracing::info!("restore drill passed: base backup {} restored with its WAL, {} app tables, in {} ms", result.base_backup.as_deref().unwrap_or("?"), result.app_tables.unwrap_or(0), result.took_ms),
+        Some(why) => tracing::error!("RESTORE DRILL FAILED: {why}. The newest backup may not restore: take a new base backup and look at the disk of OMNI_WAL_DIR"),
+    }
+    let path = wal.dir.join("drill.json");
+    if let Err(e) = serde_json::to_vec_pretty(&result).map_err(std::io::Error::other).and_then(|j| std::fs::write(&path, j)) {
+        tracing::warn!("could not record the drill result in {}: {e}", path.display());
+    }
+    result
 }
 
 /// Stops the recovery `postgres`: a clean shutdown after a success (a
