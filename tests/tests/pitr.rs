@@ -140,3 +140,58 @@ fn pitr_restore_latest_after_losing_the_data_directory_loses_at_most_a_second() 
 fn pitr_restore_latest_with_wal_sync_loses_nothing() {
     lose_everything_then_restore_latest(true);
 }
+
+/// The directory of the one base backup the first start took.
+fn only_base_backup(cwd: &Path) -> std::path::PathBuf {
+    let base = cwd.join("data/wal/base");
+    let dirs: Vec<_> = std::fs::read_dir(&base).unwrap().flatten().filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.')).map(|e| e.path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn pitr_the_drill_passes_on_a_good_base_backup_and_fails_loudly_on_a_corrupted_one() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    wait_for_base_backup(&gw);
+    assert!(gw.terminate().success());
+
+    let (ok, out, err) = cli(dir.path(), &["backup", "verify"]);
+    assert!(ok && out.contains("restore drill passed"), "{out}{err}");
+
+    // A data file of the app database, damaged on the backup disk.
+    let backup = only_base_backup(dir.path());
+    let file = std::fs::read_dir(backup.join("base")).unwrap().flatten().flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten()).map(|f| f.path()).find(|p| std::fs::metadata(p).unwrap().len() > 8192).unwrap();
+    flip_byte(&file, 100);
+    let (ok, out, err) = cli(dir.path(), &["backup", "verify"]);
+    assert!(!ok, "a corrupted backup must fail the drill: {out}");
+    assert!(err.contains("restore drill FAILED") && err.contains("pg_verifybackup"), "{err}");
+    let recorded: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("data/wal/drill.json")).unwrap()).unwrap();
+    assert_eq!(recorded["ok"], false, "{recorded}");
+}
+
+#[test]
+fn pitr_a_restore_that_fails_midway_puts_the_previous_data_directory_back() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    wait_for_base_backup(&gw);
+    gw.db().batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)").unwrap();
+    assert!(gw.terminate().success());
+
+    // The backup's control file is damaged: PostgreSQL refuses to start on the copy.
+    let backup = only_base_backup(dir.path());
+    flip_byte(&backup.join("global/pg_control"), 20);
+    let (ok, out, err) = cli(dir.path(), &["restore", "--to", "latest"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("previous data directory is back"), "{err}");
+
+    let gw = GatewayBuilder::new(dir.path()).start();
+    let v: i32 = gw.db().query_one("SELECT v FROM kept", &[]).unwrap().get(0);
+    assert_eq!(v, 42, "the data directory as it was serves again");
+}
