@@ -121,6 +121,7 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::Embedded(_) => None,
     };
     let board = Board::new(components);
+    let streams_wal = components.contains(&"wal");
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
     sd_notify::spawn_reporter(notifier.clone(), board.clone(), &tasks, stop_background.clone());
@@ -130,7 +131,7 @@ pub async fn run(config: Config) -> Result<i32> {
         proxy: Proxy {
             upstreams: upstreams.clone(),
             limits: config.http,
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone()))),
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
         },

@@ -41,6 +41,10 @@ fn pitr_restore_to_a_time_keeps_what_came_before_and_drops_what_came_after() {
     let dir = workdir();
     let mut gw = GatewayBuilder::new(dir.path()).start();
     wait_for_base_backup(&gw);
+    let metrics = gw.get("/metrics").text();
+    for gauge in ["omni_wal_newest_archived_age_seconds", "omni_wal_newest_base_backup_age_seconds", "omni_child_state{component=\"wal\",state=\"ready\"} 1"] {
+        assert!(metrics.contains(gauge), "/metrics lacks {gauge}:\n{metrics}");
+    }
     let mut db = gw.db();
     db.batch_execute("CREATE TABLE pitr_rows (id int PRIMARY KEY, phase text NOT NULL)").unwrap();
     for i in 0..50 {

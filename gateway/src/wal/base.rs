@@ -99,6 +99,18 @@ pub async fn verify(binaries: &Binaries, account: &Account, dir: &Path) -> Resul
     Ok(())
 }
 
+/// Removes `base/.<id>.partial/` directories a killed gateway left behind.
+/// Called before the first backup of a run, when none can be in progress.
+pub fn remove_partials(wal_dir: &Path) {
+    for entry in std::fs::read_dir(archive::base_dir(wal_dir)).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".partial") {
+            tracing::info!("removing an unfinished base backup of an earlier run: {}", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn record_path(wal_dir: &Path, id: &str) -> PathBuf {
     archive::base_dir(wal_dir).join(format!("{id}.json"))
 }

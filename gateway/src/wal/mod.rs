@@ -102,8 +102,9 @@ pub(crate) fn tool(server: &Server, name: &str) -> ChildSpec {
 /// Returns the sender the streamer uses to ask for a backup now.
 pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken) -> mpsc::Sender<()> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let server = Server::of(&cluster);
+    let server = Server::of(cluster);
     tasks.spawn(async move {
+        base::remove_partials(&wal.dir);
         let mut tick = every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         loop {
             let scheduled = async {

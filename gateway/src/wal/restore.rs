@@ -279,6 +279,11 @@ pub struct Drill {
     pub detail: Option<String>,
 }
 
+/// The last drill's record, if any.
+pub fn last_drill(wal_dir: &Path) -> Option<Drill> {
+    serde_json::from_slice(&std::fs::read(wal_dir.join("drill.json")).ok()?).ok()
+}
+
 /// The restore drill: the newest base backup is checked with
 /// `pg_verifybackup`, restored with all the WAL after it into a temporary
 /// cluster on a free port, its app database opened and its tables counted,
