@@ -72,6 +72,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production" },
     Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
     Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
+    Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand)" },
 ];
 
 /// Which layer supplied a value.
@@ -282,6 +283,8 @@ pub struct WalConfig {
     pub sync: bool,
     /// How far back a restore can go; retention keeps what this needs.
     pub window: Duration,
+    /// Between two scheduled restore drills.
+    pub drill_every: Duration,
 }
 
 struct Parser<'a> {
@@ -451,6 +454,8 @@ impl Config {
                 sync: p.bool("OMNI_WAL_SYNC")?,
                 window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
                     .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
+                drill_every: omni_contract::interval::parse(&p.raw("OMNI_BACKUP_DRILL_INTERVAL").0)
+                    .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
             },
         };
         config.check_worker_settings(&layers)?;

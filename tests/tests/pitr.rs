@@ -199,3 +199,20 @@ fn pitr_a_restore_that_fails_midway_puts_the_previous_data_directory_back() {
     let v: i32 = gw.db().query_one("SELECT v FROM kept", &[]).unwrap().get(0);
     assert_eq!(v, 42, "the data directory as it was serves again");
 }
+
+#[test]
+fn pitr_a_scheduled_drill_restores_the_newest_base_backup_and_shows_in_metrics() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_BACKUP_DRILL_INTERVAL", "3s").start();
+    wait_for_base_backup(&gw);
+    let drill = dir.path().join("data/wal/drill.json");
+    let recorded = wait_until(Duration::from_secs(120), "a scheduled drill to be recorded", || {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&drill).ok()?).ok()?;
+        Some(json)
+    });
+    assert_eq!(recorded["ok"], true, "{recorded}\n{}", gw.log());
+    assert!(recorded["app_tables"].as_i64().unwrap() > 0, "{recorded}");
+    let metrics = gw.get("/metrics").text();
+    assert!(metrics.contains("omni_wal_last_good_drill_age_seconds"), "{metrics}");
+    assert!(gw.log().contains("restore drill passed"), "the drill says what it did in the log");
+}

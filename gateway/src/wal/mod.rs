@@ -135,3 +135,36 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
     });
     tx
 }
+
+/// Starts the scheduled restore drill: every `OMNI_BACKUP_DRILL_INTERVAL`
+/// after the last one recorded (so restarts do not postpone it), the newest
+/// base backup and its WAL are restored into a temporary cluster
+/// ([`restore::drill`]); the result goes to `drill.json`, the log (an error
+/// when it fails) and `/metrics`.
+pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop: CancellationToken) {
+    let server = Server::of(cluster);
+    tasks.spawn(async move {
+        loop {
+            let last = restore::last_drill(&wal.dir).map(|d| d.at);
+            let due = last.map_or(wal.drill_every, |at| {
+                let next = at + chrono::Duration::from_std(wal.drill_every).unwrap_or(chrono::Duration::MAX);
+                (next - chrono::Utc::now()).to_std().unwrap_or(std::time::Duration::ZERO)
+            });
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(due.min(wal.drill_every)) => {}
+            }
+            if base::list(&wal.dir).is_empty() {
+                tracing::info!("restore drill: no verified base backup yet; trying again in {} s", wal.drill_every.as_secs());
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wal.drill_every) => continue,
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = restore::drill(&wal, &server.binaries, &server.account, &server.password) => {}
+            }
+        }
+    });
+}
