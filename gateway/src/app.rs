@@ -199,8 +199,8 @@ async fn supervise(
     // started before the worker and so stopped after it (under OMNI_WAL_SYNC
     // the worker's last commits wait for the streamer).
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
-        let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone());
-        crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone());
+        let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
+        crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
         let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups);
         running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
     }

@@ -61,7 +61,12 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
         .arg("--manifest-checksums=CRC32C");
     spec.output = Output::Text { routine: Level::INFO };
     let result = async {
-        let status = child::run(spec).await.context("could not run pg_basebackup")?;
+        let mut child = child::spawn(spec).await.context("could not run pg_basebackup")?;
+        // Dropped unfinished (the gateway stops): the copy is stopped too, and
+        // pg_basebackup removes what it wrote.
+        let running = KillOnDrop(child.id());
+        let status = child.wait().await.context("waiting for pg_basebackup")?;
+        running.finished();
         if !status.success() {
             bail!("pg_basebackup failed ({status}); its error is in the log above");
         }
@@ -83,6 +88,28 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
         }
     }
     result
+}
+
+/// Sends SIGTERM to a tool's process group unless it finished.
+struct KillOnDrop(Option<u32>);
+
+impl KillOnDrop {
+    fn finished(mut self) {
+        if let Some(pid) = self.0.take() {
+            child::forget(pid);
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            tracing::info!("stopping the base backup in progress (pid {pid})");
+            // SAFETY: signalling the process group of a child we started and have not reaped.
+            unsafe { libc::kill(-(pid as i32), libc::SIGTERM) };
+            child::forget(pid);
+        }
+    }
 }
 
 /// `pg_verifybackup`: every file against the manifest's checksums, and the

@@ -100,7 +100,7 @@ pub(crate) fn tool(server: &Server, name: &str) -> ChildSpec {
 /// stream directory that has none, then one every `every` (the backup
 /// schedule, `OMNI_BACKUP_INTERVAL`), each verified and followed by retention.
 /// Returns the sender the streamer uses to ask for a backup now.
-pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken) -> mpsc::Sender<()> {
+pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) -> mpsc::Sender<()> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let server = Server::of(cluster);
     tasks.spawn(async move {
@@ -122,6 +122,8 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
             }
             tokio::select! {
                 () = stop.cancelled() => return,
+                // A copy in progress must not outlive PostgreSQL, which stops first.
+                () = gateway_stopping(&board) => return,
                 result = base::take(&server, &wal) => match result {
                     Ok(_) => {
                         if let Err(e) = base::apply_retention(&wal) {
@@ -136,12 +138,22 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
     tx
 }
 
+/// Returns once the gateway has begun to stop.
+async fn gateway_stopping(board: &crate::status::Board) {
+    let mut rx = board.subscribe();
+    while board.gateway() != crate::status::GatewayState::Stopping {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Starts the scheduled restore drill: every `OMNI_BACKUP_DRILL_INTERVAL`
 /// after the last one recorded (so restarts do not postpone it), the newest
 /// base backup and its WAL are restored into a temporary cluster
 /// ([`restore::drill`]); the result goes to `drill.json`, the log (an error
 /// when it fails) and `/metrics`.
-pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop: CancellationToken) {
+pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) {
     let server = Server::of(cluster);
     tasks.spawn(async move {
         loop {
@@ -163,6 +175,7 @@ pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop
             }
             tokio::select! {
                 () = stop.cancelled() => return,
+                () = gateway_stopping(&board) => return,
                 _ = restore::drill(&wal, &server.binaries, &server.account, &server.password) => {}
             }
         }
