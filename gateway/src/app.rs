@@ -46,6 +46,10 @@ use crate::{child, dev, supervisor};
 /// notice their cancellation before the gateway exits anyway.
 const TASKS_GRACE: Duration = Duration::from_secs(10);
 
+/// At stop, how long a base backup in progress may take to finish before
+/// PostgreSQL is stopped under it.
+const BASE_BACKUP_GRACE: Duration = Duration::from_secs(30);
+
 struct Signals {
     term: Signal,
     int: Signal,
@@ -88,6 +92,8 @@ struct Running {
     tasks: TaskTracker,
     cluster: Option<Arc<cluster::Cluster>>,
     notifier: Arc<Notifier>,
+    /// Point-in-time recovery's base-backup task, waited for at stop before PostgreSQL goes.
+    base_backups: Option<crate::wal::BaseBackups>,
 }
 
 /// Runs the gateway until a stop signal; returns the process exit code.
@@ -139,7 +145,7 @@ pub async fn run(config: Config) -> Result<i32> {
     });
     let stop_http = CancellationToken::new();
     let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http));
-    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier };
+    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, base_backups: None };
 
     // From here on every way out goes through the same orderly stop.
     let outcome = supervise(&config, &mut running, &mut signals, (worker_bin, worker_account), upstreams, addr, started).await;
@@ -201,7 +207,8 @@ async fn supervise(
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
         let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
         crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
-        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups);
+        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups.ask.clone());
+        running.base_backups = Some(base_backups);
         running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
     }
 
@@ -285,6 +292,9 @@ async fn shutdown(running: Running) {
     tracing::info!("stopping: /health answers 503; draining in-flight requests");
     running.stop_http.cancel();
     let _ = running.server.await;
+    if let Some(base_backups) = &running.base_backups {
+        base_backups.finish(BASE_BACKUP_GRACE).await;
+    }
     for handle in running.handles.into_iter().rev() {
         tracing::info!("stopping {}", handle.name);
         handle.stop().await;

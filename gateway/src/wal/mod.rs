@@ -96,13 +96,38 @@ pub(crate) fn tool(server: &Server, name: &str) -> ChildSpec {
     spec
 }
 
+/// The base-backup task, as the rest of the gateway sees it.
+pub struct BaseBackups {
+    /// Asks for a base backup now (the streamer, when its stream has none).
+    pub ask: mpsc::Sender<()>,
+    /// Held while a base backup is being taken.
+    busy: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl BaseBackups {
+    /// At stop, before PostgreSQL goes: lets a base backup in progress
+    /// finish (so it is neither lost nor cut off with errors in the log),
+    /// for at most `within`; after that PostgreSQL's stop ends it.
+    pub async fn finish(&self, within: std::time::Duration) {
+        if self.busy.try_lock().is_ok() {
+            return;
+        }
+        tracing::info!("waiting up to {} s for the base backup in progress to finish", within.as_secs());
+        if tokio::time::timeout(within, self.busy.lock()).await.is_err() {
+            tracing::warn!("the base backup in progress did not finish within {} s; stopping PostgreSQL ends it", within.as_secs());
+        }
+    }
+}
+
 /// Starts the base-backup task: the first backup once streaming runs on a
 /// stream directory that has none, then one every `every` (the backup
-/// schedule, `OMNI_BACKUP_INTERVAL`), each verified and followed by retention.
-/// Returns the sender the streamer uses to ask for a backup now.
-pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) -> mpsc::Sender<()> {
+/// schedule, `OMNI_BACKUP_INTERVAL`), each verified and followed by
+/// retention. None is started once the gateway is stopping.
+pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) -> BaseBackups {
     let (tx, mut rx) = mpsc::channel::<()>(1);
+    let busy = std::sync::Arc::new(tokio::sync::Mutex::new(()));
     let server = Server::of(cluster);
+    let held = busy.clone();
     tasks.spawn(async move {
         base::remove_partials(&wal.dir);
         let mut tick = every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
@@ -117,13 +142,16 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
             };
             tokio::select! {
                 () = stop.cancelled() => return,
+                () = gateway_stopping(&board) => return,
                 asked = rx.recv() => if asked.is_none() { return },
                 () = scheduled => {}
             }
+            let _busy = held.lock().await;
+            if board.gateway() == crate::status::GatewayState::Stopping {
+                return;
+            }
             tokio::select! {
                 () = stop.cancelled() => return,
-                // A copy in progress must not outlive PostgreSQL, which stops first.
-                () = gateway_stopping(&board) => return,
                 result = base::take(&server, &wal) => match result {
                     Ok(_) => {
                         if let Err(e) = base::apply_retention(&wal) {
@@ -135,7 +163,7 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
             }
         }
     });
-    tx
+    BaseBackups { ask: tx, busy }
 }
 
 /// Returns once the gateway has begun to stop.
