@@ -50,6 +50,7 @@ impl From<BackupError> for ApiError {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "backup_disk_full", detail)
             }
             BackupError::Incomplete(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "backup_incomplete", detail),
+            BackupError::Changed(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "backup_changed", detail),
             BackupError::RestoreFailed(_) => {
                 tracing::error!("{detail}");
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "restore_failed", detail)
@@ -109,6 +110,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<BackupList>, Api
         (status = 400, description = "Not a backup file name", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such backup", body = ErrorBody),
+        (status = 422, description = "The file changed since it was made (its sha256 differs from the recorded one); nothing is sent", body = ErrorBody),
 ))]
 pub async fn download(State(state): State<AppState>, Path(filename): Path<String>) -> Result<Response, ApiError> {
     let backups = service(&state);
@@ -137,7 +139,7 @@ pub async fn download(State(state): State<AppState>, Path(filename): Path<String
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such backup", body = ErrorBody),
         (status = 409, description = "Another backup operation is running", body = ErrorBody),
-        (status = 422, description = "Incomplete or failing backup; rolled back, the database is unchanged", body = ErrorBody),
+        (status = 422, description = "Incomplete, changed since it was made (sha256 mismatch) or failing backup; the database is unchanged", body = ErrorBody),
         (status = 507, description = "No space left for the safety backup", body = ErrorBody),
 ))]
 pub async fn restore(State(state): State<AppState>, Path(filename): Path<String>) -> Result<Json<Restored>, ApiError> {

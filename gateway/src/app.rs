@@ -46,6 +46,10 @@ use crate::{child, dev, supervisor};
 /// notice their cancellation before the gateway exits anyway.
 const TASKS_GRACE: Duration = Duration::from_secs(10);
 
+/// At stop, how long a base backup in progress may take to finish before
+/// PostgreSQL is stopped under it.
+const BASE_BACKUP_GRACE: Duration = Duration::from_secs(30);
+
 struct Signals {
     term: Signal,
     int: Signal,
@@ -90,6 +94,8 @@ struct Running {
     notifier: Arc<Notifier>,
     /// The replication relay, when configured; stopped before the children.
     relay: Option<crate::replication::Running>,
+    /// Point-in-time recovery's base-backup task, waited for at stop before PostgreSQL goes.
+    base_backups: Option<crate::wal::BaseBackups>,
 }
 
 /// Runs the gateway until a stop signal; returns the process exit code.
@@ -107,7 +113,8 @@ pub async fn run(config: Config) -> Result<i32> {
 
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
     let worker_account = worker::prepare_account(&config, &worker_bin)?;
-    let components: &[&'static str] = match config.database {
+    let components: &[&'static str] = match &config.database {
+        Database::Embedded(e) if !e.memory_mode => &["postgres", "api", "wal"],
         Database::Embedded(_) => &["postgres", "api"],
         Database::External { .. } => &["api"],
     };
@@ -116,6 +123,7 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::Embedded(_) => None,
     };
     let board = Board::new(components);
+    let streams_wal = components.contains(&"wal");
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
     sd_notify::spawn_reporter(notifier.clone(), board.clone(), &tasks, stop_background.clone());
@@ -125,7 +133,7 @@ pub async fn run(config: Config) -> Result<i32> {
         proxy: Proxy {
             upstreams: upstreams.clone(),
             limits: config.http,
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone()))),
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
         },
@@ -133,7 +141,7 @@ pub async fn run(config: Config) -> Result<i32> {
     });
     let stop_http = CancellationToken::new();
     let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http));
-    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None };
+    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None, base_backups: None };
 
     // From here on every way out goes through the same orderly stop.
     let outcome = supervise(&config, &mut running, &mut signals, (worker_bin, worker_account), upstreams, addr, started).await;
@@ -170,7 +178,11 @@ async fn supervise(
             let explicit = embedded.bin_dir.clone();
             let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
             tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
-            let cluster = Arc::new(cluster::prepare(embedded, bins).await?);
+            let mut prepared = cluster::prepare(embedded, bins).await?;
+            if !embedded.memory_mode {
+                prepared.extra_settings = crate::wal::server_settings(&config.wal);
+            }
+            let cluster = Arc::new(prepared);
             running.cluster = Some(cluster.clone());
             child::start_reaper(&running.tasks, running.stop_background.clone());
             let pg_started = Instant::now();
@@ -210,6 +222,17 @@ async fn supervise(
             worker_policy(url, bins.map(|b| b.dir))
         }
     };
+
+    // Point-in-time recovery (wal/): the WAL streamer, third supervised child,
+    // started before the worker and so stopped after it (under OMNI_WAL_SYNC
+    // the worker's last commits wait for the streamer).
+    if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
+        let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
+        crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
+        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups.ask.clone());
+        running.base_backups = Some(base_backups);
+        running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+    }
 
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
     let api = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
@@ -289,6 +312,9 @@ async fn shutdown(running: Running) {
     if let Some(relay) = running.relay {
         tracing::info!("stopping the replication relay");
         relay.stop().await;
+    }
+    if let Some(base_backups) = &running.base_backups {
+        base_backups.finish(BASE_BACKUP_GRACE).await;
     }
     for handle in running.handles.into_iter().rev() {
         tracing::info!("stopping {}", handle.name);

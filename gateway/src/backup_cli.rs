@@ -43,10 +43,18 @@ pub enum BackupCommand {
         /// omni_backup_YYYYMMDD_HHMMSS.sql
         name: String,
     },
+    /// Take a base backup for point-in-time recovery now (pg_basebackup, then pg_verifybackup) into OMNI_WAL_DIR/base
+    Base,
+    /// Restore drill: restore the newest base backup and its WAL into a temporary cluster, check it, remove it; exit 1 if it fails
+    Verify,
 }
 
 /// Runs one backup command, printing what it did on stdout.
 pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
+    // Point-in-time recovery: PostgreSQL's tools, run as PostgreSQL's account.
+    if matches!(command, BackupCommand::Base | BackupCommand::Verify) {
+        return crate::wal::cli::run(config, matches!(command, BackupCommand::Verify)).await;
+    }
     let needs_database = matches!(command, BackupCommand::Create | BackupCommand::Restore { .. });
     let database = if needs_database { Some(database(config)?) } else { None };
     let account = privilege::worker_account(&config.api_user)?;
@@ -74,6 +82,7 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
             service(config, None).delete(&name)?;
             println!("deleted {name}");
         }
+        BackupCommand::Base | BackupCommand::Verify => unreachable!("handled before the account switch"),
     }
     Ok(())
 }
@@ -108,7 +117,7 @@ pub(crate) fn database(config: &Config) -> Result<(String, Option<std::path::Pat
 
 /// The port of the PostgreSQL running on `data_dir`, from its `postmaster.pid`
 /// (line 1: pid, line 4: port).
-fn running_port(data_dir: &Path) -> Result<u16> {
+pub(crate) fn running_port(data_dir: &Path) -> Result<u16> {
     let not_running = || {
         anyhow::anyhow!(
             "the gateway is not running (no PostgreSQL on {}); start it first with `omni-gateway`, then run this command again",

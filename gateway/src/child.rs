@@ -88,6 +88,9 @@ pub struct ChildSpec {
     pub output: Output,
     /// What the child reads on stdin (default: nothing).
     pub stdin: Option<std::fs::File>,
+    /// Where the child's stdout goes instead of the log, for a tool whose
+    /// output is data to read (`pg_waldump`); stderr is still logged.
+    pub stdout: Option<std::fs::File>,
 }
 
 impl ChildSpec {
@@ -104,6 +107,7 @@ impl ChildSpec {
             pass_fds: Vec::new(),
             output: Output::Text { routine: Level::INFO },
             stdin: None,
+            stdout: None,
         }
     }
 
@@ -217,6 +221,9 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
     } else {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    if let Some(file) = spec.stdout.take() {
+        cmd.stdout(Stdio::from(file));
     }
     let parent = std::process::id() as i32;
     let death_signal = spec.death_signal as i32;

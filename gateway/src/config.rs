@@ -73,6 +73,11 @@ pub const VARS: &[Var] = &[
     Var { name: "PGSERVE_OLD_BIN_DIR", default: "", help: "binaries of the cluster's older PostgreSQL major, for the upgrade; found automatically when empty" },
     // Replication relay (issue 11).
     Var { name: "PGSERVE_REPLICATION_MAX_WAL_MB", default: "1024", help: "cap on WAL kept for the replication slot (max_slot_wal_keep_size); past it the slot is invalidated and a full re-copy runs" },
+    // Point-in-time recovery (wal/): streamed WAL and base backups.
+    Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production" },
+    Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
+    Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
+    Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand)" },
 ];
 
 /// Which layer supplied a value.
@@ -279,6 +284,21 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Working directory at start; every relative path was resolved against it.
     pub cwd: PathBuf,
+    /// `OMNI_WAL_DIR`, `OMNI_WAL_SYNC`, `OMNI_PITR_WINDOW`: point-in-time recovery.
+    pub wal: WalConfig,
+}
+
+/// Point-in-time recovery settings (see `wal/`).
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// Where `pg_receivewal` writes segments and base backups go (`base/`).
+    pub dir: PathBuf,
+    /// Synchronous replication to the streamer: no acknowledged commit is lost.
+    pub sync: bool,
+    /// How far back a restore can go; retention keeps what this needs.
+    pub window: Duration,
+    /// Between two scheduled restore drills.
+    pub drill_every: Duration,
 }
 
 struct Parser<'a> {
@@ -483,6 +503,14 @@ impl Config {
             log_level,
             log_format,
             cwd: cwd.to_path_buf(),
+            wal: WalConfig {
+                dir: p.path("OMNI_WAL_DIR").value,
+                sync: p.bool("OMNI_WAL_SYNC")?,
+                window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
+                    .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
+                drill_every: omni_contract::interval::parse(&p.raw("OMNI_BACKUP_DRILL_INTERVAL").0)
+                    .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
+            },
         };
         config.check_worker_settings(&layers)?;
         Ok(config)

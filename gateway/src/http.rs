@@ -187,7 +187,7 @@ async fn health(surface: &Surface) -> Response<Body> {
     if snapshot.gateway == GatewayState::Stopping {
         problems.push("the gateway is stopping".into());
     }
-    problems.extend(snapshot.iter().filter(|(_, c)| c.state != State::Ready).map(|(n, c)| match &c.detail {
+    problems.extend(snapshot.iter().filter(|(n, c)| c.state != State::Ready && !crate::status::is_auxiliary(n)).map(|(n, c)| match &c.detail {
         Some(d) => format!("{n} is {} ({d})", c.state),
         None => format!("{n} is {}", c.state),
     }));

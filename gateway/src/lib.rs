@@ -27,3 +27,6 @@ pub mod supervisor;
 pub mod upgrade_cli;
 pub mod upstream;
 pub mod worker;
+// Point-in-time recovery: the WAL streamer, base backups, restore to a time.
+pub mod restore_cli;
+pub mod wal;

@@ -61,6 +61,8 @@ enum Command {
     ImportSqlite(omni_gateway::import_cli::ImportArgs),
     /// Upgrade the embedded cluster to the binaries' PostgreSQL major (the start does it too); --check, --cleanup
     Upgrade(omni_gateway::upgrade_cli::UpgradeArgs),
+    /// Point-in-time recovery from OMNI_WAL_DIR, with the gateway stopped: --to <RFC 3339 time|latest>, --window, --discard-previous
+    Restore(omni_gateway::restore_cli::RestoreArgs),
 }
 
 fn after_help() -> String {
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         Some(Command::Backup { action }) => return runtime.block_on(backup(&config, action)),
         Some(Command::ImportSqlite(args)) => return runtime.block_on(import_sqlite(&config, args)),
         Some(Command::Upgrade(args)) => return runtime.block_on(upgrade(&config, args)),
+        Some(Command::Restore(args)) => return runtime.block_on(restore(&config, args)),
         Some(Command::Run) | None => {}
     }
     match runtime.block_on(omni_gateway::app::run(config)) {
@@ -182,6 +185,16 @@ async fn upgrade(config: &Config, args: omni_gateway::upgrade_cli::UpgradeArgs) 
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("omni-gateway upgrade: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn restore(config: &Config, args: omni_gateway::restore_cli::RestoreArgs) -> ExitCode {
+    match omni_gateway::restore_cli::run(config, args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omni-gateway restore: {e:#}");
             ExitCode::FAILURE
         }
     }

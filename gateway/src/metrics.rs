@@ -27,9 +27,18 @@ pub struct Metrics {
     buckets: [AtomicU64; BUCKETS.len() + 1],
     latency_micros_sum: AtomicU64,
     upstream_errors: [AtomicU64; ERROR_KINDS.len()],
+    /// `OMNI_WAL_DIR` when WAL is streamed (persistent mode): the ages of
+    /// the newest archived WAL, base backup and good drill are read from it
+    /// at scrape time.
+    wal_dir: Option<std::path::PathBuf>,
 }
 
 impl Metrics {
+    pub fn with_wal_dir(mut self, wal_dir: Option<std::path::PathBuf>) -> Self {
+        self.wal_dir = wal_dir;
+        self
+    }
+
     pub fn observe_request(&self, status: StatusCode, took: Duration) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].fetch_add(1, Relaxed);
@@ -97,9 +106,31 @@ impl Metrics {
         if let Some(relay) = board.replication() {
             out.push_str(&relay.metrics());
         }
+        if let Some(dir) = &self.wal_dir {
+            render_wal_ages(&mut out, dir);
+        }
         out
     }
 }
+
+/// Point-in-time recovery ages, in seconds; a gauge is absent while there is
+/// nothing to measure (no WAL yet, no base backup, no good drill), which an
+/// alert on `absent(...)` catches.
+fn render_wal_ages(out: &mut String, wal_dir: &std::path::Path) {
+    let now = chrono::Utc::now();
+    let age = |t: chrono::DateTime<chrono::Utc>| (now - t).num_milliseconds().max(0) as f64 / 1000.0;
+    let gauges = [
+        ("omni_wal_newest_archived_age_seconds", "Seconds since the WAL streamer last wrote into OMNI_WAL_DIR.", crate::wal::archive::newest_write(wal_dir).map(chrono::DateTime::<chrono::Utc>::from)),
+        ("omni_wal_newest_base_backup_age_seconds", "Seconds since the newest verified base backup ended.", crate::wal::base::list(wal_dir).last().map(|b| b.finished_at)),
+        ("omni_wal_last_good_drill_age_seconds", "Seconds since the last restore drill that passed (omni-gateway backup verify).", crate::wal::restore::last_drill(wal_dir).filter(|d| d.ok).map(|d| d.at)),
+    ];
+    for (name, help, at) in gauges {
+        if let Some(at) = at {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", age(at));
+        }
+    }
+}
+
 
 #[cfg(test)]
 mod tests {

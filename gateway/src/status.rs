@@ -234,9 +234,10 @@ impl Board {
         self.tx.subscribe()
     }
 
-    /// True when every component is ready.
+    /// True when every component that serves requests is ready (an
+    /// [`AUXILIARY`] one is shown, but does not hold readiness back).
     pub fn all_ready(&self) -> bool {
-        self.tx.borrow().iter().all(|(_, c)| c.state == State::Ready)
+        self.tx.borrow().iter().all(|(n, c)| c.state == State::Ready || is_auxiliary(n))
     }
 
     /// The supervision loop of `name` promises to beat again within `within`.
@@ -306,6 +307,15 @@ impl Board {
         }
         doc
     }
+}
+
+/// Components whose outage does not stop the gateway from serving: the WAL
+/// streamer (point-in-time recovery degrades, PostgreSQL keeps serving;
+/// `/gateway/status` and the log say so, `/health` stays 200).
+pub const AUXILIARY: &[&str] = &["wal"];
+
+pub fn is_auxiliary(name: &str) -> bool {
+    AUXILIARY.contains(&name)
 }
 
 /// The watchdog's decision: which loops missed the deadline they promised.

@@ -432,9 +432,11 @@ fn find_process(marker: &str) -> Option<i32> {
 fn gateway_endpoints_report_components_and_metrics() {
     let dir = workdir();
     let gw: Gateway = real_stack(dir.path()).start();
+    // The WAL streamer does not hold back readiness (it is auxiliary); it follows within moments.
+    gw.wait_component("wal", "the WAL streamer to be ready", std::time::Duration::from_secs(30), |c| c["state"] == "ready");
     let status = gw.get("/gateway/status").json();
     let names: Vec<_> = status["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(names, ["postgres", "api"]);
+    assert_eq!(names, ["postgres", "api", "wal"]);
     for c in status["components"].as_array().unwrap() {
         assert_eq!(c["state"], "ready");
         assert!(c["pid"].as_i64().unwrap() > 0);

@@ -18,7 +18,11 @@
 //! * a restore runs in one transaction with `ON_ERROR_STOP`, after checking
 //!   that the file is a complete dump and taking a safety backup, so a failed
 //!   restore leaves the database as it was and a successful one can be undone;
-//! * passwords reach `pg_dump`/`psql` through `PGPASSWORD`, never argv.
+//! * passwords reach `pg_dump`/`psql` through `PGPASSWORD`, never argv;
+//! * every backup gets its sha256 recorded when made (`<name>.sha256`, the
+//!   format of `sha256sum`), and a restore or download first checks it: a
+//!   file that changed since is refused ([`BackupError::Changed`]). A backup
+//!   from before checksums were recorded has none and is used with a warning.
 
 pub mod name;
 pub mod schedule;
@@ -64,6 +68,8 @@ pub enum BackupError {
     DiskFull(String),
     #[error("{0} is not a complete pg_dump backup (it may be truncated); nothing was restored and the database is unchanged")]
     Incomplete(String),
+    #[error("{0} changed since it was made: its sha256 differs from the one recorded then ({0}.sha256). It was not used; restore another backup, or recover the file from a copy")]
+    Changed(String),
     #[error("pg_dump failed, no backup was written: {0}")]
     DumpFailed(String),
     #[error("the restore failed and was rolled back; the database is unchanged: {0}")]
@@ -235,7 +241,9 @@ impl Backups {
             return Err(BackupError::InvalidName);
         }
         let dir = self.dir()?;
-        open_existing(&dir, name)
+        let (file, size) = open_existing(&dir, name)?;
+        check_checksum(&dir, name, &file)?;
+        Ok((file, size))
     }
 
     /// Takes a backup now.
@@ -255,6 +263,7 @@ impl Backups {
         let (file, _) = open_existing(&dir, name)?;
         drop(file);
         fs::remove_file(dir.join(name)).map_err(BackupError::io(format!("deleting {name}")))?;
+        remove_checksum(&dir, name);
         sync_dir(&dir)?;
         tracing::info!(file = name, "deleted backup");
         Ok(())
@@ -268,6 +277,7 @@ impl Backups {
         let dir = self.dir()?;
         let _lock = self.lock(&dir)?;
         let (mut file, size) = open_existing(&dir, name)?;
+        check_checksum(&dir, name, &file)?;
         check_complete(&file, size, name)?;
         let safety = self.create_locked(&dir, Some(name)).await?;
         tracing::info!(file = name, safety_backup = %safety.backup_file, "restoring");
@@ -341,6 +351,11 @@ impl Backups {
         }
         partial.0 = None;
         let _ = fs::remove_file(&partial_path);
+        if let Err(e) = record_checksum(dir, &name) {
+            // A backup whose checksum could not be recorded is not kept.
+            let _ = fs::remove_file(&final_path);
+            return Err(e);
+        }
         sync_dir(dir)?;
         let size_bytes = fs::symlink_metadata(&final_path).map(|m| m.len()).unwrap_or(0);
         tracing::info!(file = %name, size_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
@@ -356,7 +371,10 @@ impl Backups {
         let Ok(backups) = list_in(dir) else { return };
         for old in backups.iter().skip(self.keep).filter(|b| Some(b.filename.as_str()) != protect) {
             match fs::remove_file(dir.join(&old.filename)) {
-                Ok(()) => tracing::info!(file = %old.filename, keep = self.keep, "retention: deleted an old backup"),
+                Ok(()) => {
+                    remove_checksum(dir, &old.filename);
+                    tracing::info!(file = %old.filename, keep = self.keep, "retention: deleted an old backup");
+                }
                 Err(error) => tracing::warn!(file = %old.filename, %error, "retention: could not delete an old backup"),
             }
         }
@@ -547,6 +565,69 @@ async fn free_name(dir: &Path) -> Result<(String, SystemTime)> {
         tokio::time::sleep(Duration::from_nanos(1_000_000_000 - u64::from(into_second)) + Duration::from_millis(5)).await;
     }
     Err(BackupError::Exists(name::for_time(SystemTime::now())))
+}
+
+/// `<name>.sha256` beside the backup.
+fn checksum_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sha256"))
+}
+
+/// The sha256 of `file`, read from its start, as lowercase hex.
+fn sha256_of(mut file: &File) -> io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `<name>.sha256` (temporary file, fsync, rename) for the backup just named.
+fn record_checksum(dir: &Path, name: &str) -> Result<()> {
+    let (file, _) = open_existing(dir, name)?;
+    let digest = sha256_of(&file).map_err(BackupError::io(format!("reading {name} for its sha256")))?;
+    let path = checksum_path(dir, name);
+    let tmp = dir.join(format!(".{name}.sha256.partial"));
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
+        io::Write::write_all(&mut f, format!("{digest}  {name}\n").as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        BackupError::io(format!("recording the sha256 of {name}"))(e)
+    })
+}
+
+/// Refuses a backup whose content no longer matches its recorded sha256.
+fn check_checksum(dir: &Path, name: &str, file: &File) -> Result<()> {
+    let recorded = match fs::read_to_string(checksum_path(dir, name)) {
+        Ok(text) => text.split_whitespace().next().unwrap_or_default().to_ascii_lowercase(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            tracing::warn!(file = name, "no sha256 was recorded for this backup (made before checksums were): it cannot be checked");
+            return Ok(());
+        }
+        Err(e) => return Err(BackupError::io(format!("reading {name}.sha256"))(e)),
+    };
+    let actual = sha256_of(file).map_err(BackupError::io(format!("reading {name} for its sha256")))?;
+    if actual != recorded {
+        tracing::error!(file = name, recorded = %recorded, actual = %actual, "backup changed since it was made: refused");
+        return Err(BackupError::Changed(name.to_owned()));
+    }
+    Ok(())
+}
+
+fn remove_checksum(dir: &Path, name: &str) {
+    let _ = fs::remove_file(checksum_path(dir, name));
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -63,6 +63,9 @@ pub struct Cluster {
     /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the replication relay runs:
     /// `wal_level=logical` and the slot's WAL cap are added to the server's settings.
     pub replication_wal_mb: Option<u64>,
+    /// More `-c name=value` server settings, added by features that need
+    /// them (the WAL streamer: `wal::server_settings`).
+    pub extra_settings: Vec<String>,
 }
 
 impl Cluster {
@@ -114,6 +117,9 @@ impl Cluster {
             // flushes the same data in one call. Same durability (Linux 5.8+
             // also reports write errors from syncfs, as it does for fsync).
             spec = spec.arg("-c").arg("recovery_init_sync_method=syncfs");
+        }
+        for setting in &self.extra_settings {
+            spec = spec.arg("-c").arg(setting);
         }
         if let Some(mb) = self.replication_wal_mb {
             for setting in crate::replication::server_settings(mb) {
@@ -188,6 +194,7 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         // Only a cluster initialised by this start lacks it.
         app_database: tokio::sync::watch::Sender::new(!needs_sync),
         replication_wal_mb: cfg.replication_wal_mb,
+        extra_settings: Vec::new(),
     };
     if let Err(e) = check_port_free(port) {
         cluster.cleanup();
@@ -553,13 +560,13 @@ pub fn check_port_free(port: u16) -> Result<()> {
     }
 }
 
-fn pick_free_port() -> Result<u16> {
+pub(crate) fn pick_free_port() -> Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("could not find a free port for PGSERVE_PORT=0")?.local_addr()?.port())
 }
 
 /// A short private directory for the Unix socket (socket paths are limited
 /// to ~100 bytes, so it cannot live under an arbitrarily deep data dir).
-fn make_socket_dir(account: &Account) -> Result<PathBuf> {
+pub(crate) fn make_socket_dir(account: &Account) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("omni-pg-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
     std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("could not create socket dir {}", dir.display()))?;
     if account.switch {
@@ -590,7 +597,7 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
 /// `owner`: directories first, then the files on a few threads (the copy is
 /// most of a memory-mode start, and it is a thousand files of kernel work
 /// that parallelises well). The template holds only files and directories.
-fn copy_tree(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+pub(crate) fn copy_tree(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     let give = |path: &Path| match owner {
         Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
         None => Ok(()),

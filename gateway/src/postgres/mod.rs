@@ -103,6 +103,30 @@ async fn until_ready(board: &Board) {
     }
 }
 
+/// After the postmaster was killed, its server processes notice and exit
+/// by themselves, most at once; a walsender sending a base backup (the WAL
+/// streamer's first one runs right after a start) only once its current file
+/// is out. Until they are gone a new postmaster is refused; waiting up to
+/// this long for them turns a failed start and a backoff into one start.
+const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+
+async fn wait_for_orphaned_backends(data_dir: &Path) {
+    use pidfile::{Existence, Shmem};
+    let deadline = std::time::Instant::now() + ORPHAN_GRACE;
+    let mut logged = false;
+    while std::time::Instant::now() < deadline {
+        let orphans = pidfile::inspect(data_dir).is_some_and(|i| matches!(i.facts.shmem, Shmem::Attached(_)) && i.facts.existence != Existence::Running);
+        if !orphans {
+            return;
+        }
+        if !logged {
+            tracing::info!("the previous postmaster is gone but some of its server processes are still exiting; waiting up to {} s for them", ORPHAN_GRACE.as_secs());
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Between two reads of `postmaster.pid` while PostgreSQL starts.
 const PID_FILE_POLL: Duration = Duration::from_millis(1);
 
@@ -154,6 +178,7 @@ impl Policy for PostgresPolicy {
         // someone acts: `failed`, not retried (SIGHUP retries). A taken port or
         // a live pid file may clear up by themselves: backoff.
         cluster::check_version(&self.cluster.data_dir, &self.cluster.binaries).map_err(crate::supervisor::permanent)?;
+        wait_for_orphaned_backends(&self.cluster.data_dir).await;
         self.cluster.preflight()?;
         tracing::info!("starting PostgreSQL {} on 127.0.0.1:{}", self.cluster.binaries.major, self.cluster.port);
         let child = child::spawn(self.cluster.postgres_spec()).await.map_err(|e| {
@@ -185,6 +210,9 @@ impl Policy for PostgresPolicy {
         let exists = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)));
         if !exists {
             tracing::info!("creating database {APP_DATABASE}");
+            // Under OMNI_WAL_SYNC a commit waits for the WAL streamer, which
+            // starts only once PostgreSQL is ready: this one must not.
+            client.simple_query("SET synchronous_commit = local").await?;
             client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
         }
         // The worker may start now, while a new cluster is still being flushed.

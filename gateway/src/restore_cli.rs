@@ -1,0 +1,64 @@
+//! `omni-gateway restore --to <time|latest>`: point-in-time recovery from
+//! the WAL archive, for an operator with a shell, with the gateway stopped
+//! (the case of a lost or damaged data directory). `--window` prints what can
+//! be reached; `--discard-previous` deletes the data directories earlier
+//! restores moved aside.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::config::{Config, Database};
+use crate::postgres::{binaries, cluster};
+use crate::privilege;
+use crate::wal::restore::{self, Restore, Target};
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// `latest`, or an RFC 3339 time such as 2026-11-25T16:00:00Z
+    #[arg(long, value_name = "TIME|latest", required_unless_present_any = ["window", "discard_previous"])]
+    pub to: Option<Target>,
+    /// Print the recoverable window and exit
+    #[arg(long, conflicts_with_all = ["to", "discard_previous"])]
+    pub window: bool,
+    /// Delete the data directories that earlier restores moved aside
+    #[arg(long, conflicts_with = "to")]
+    pub discard_previous: bool,
+}
+
+pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
+    let embedded = match &config.database {
+        Database::Embedded(e) if !e.memory_mode => e,
+        Database::Embedded(_) => bail!("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive to restore from"),
+        Database::External { .. } => bail!("DATABASE_URL names an external PostgreSQL: restore it with its own tools; this restores the embedded cluster"),
+    };
+    let data_dir = &embedded.data_dir.value;
+    if args.window {
+        let w = restore::window(&config.wal.dir);
+        println!("recoverable window: {w} (OMNI_WAL_DIR={})", config.wal.dir.display());
+        return Ok(());
+    }
+    if args.discard_previous {
+        let previous = restore::previous_dirs(data_dir);
+        if previous.is_empty() {
+            println!("no data directory from before a restore next to {}", data_dir.display());
+        }
+        for dir in previous {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("deleting {}", dir.display()))?;
+            println!("deleted {}", dir.display());
+        }
+        return Ok(());
+    }
+    let target = args.to.expect("clap requires --to here");
+    let bins = binaries::find(embedded.bin_dir.as_deref())?;
+    let account = privilege::postgres_account(&embedded.run_as)?;
+    let password_file = cluster::password_file(data_dir);
+    let password = std::fs::read_to_string(&password_file)
+        .with_context(|| format!("reading the cluster password from {} (it is kept next to the data directory, and a restore needs it)", password_file.display()))?;
+    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: password.trim() }.run(target).await?;
+    println!("restored base backup {} and the WAL up to {} into {} in {:.1} s", restored.base_backup, restored.target, data_dir.display(), restored.took.as_secs_f64());
+    if let Some(previous) = restored.previous {
+        println!("the data directory as it was is kept at {}; `omni-gateway restore --discard-previous` deletes it", previous.display());
+    }
+    println!("start the gateway (`omni-gateway`) to serve the restored data");
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Base backups: `pg_basebackup` into `base/.<id>.partial/` (plain format,
+//! with its manifest and the WAL it needs), checked with `pg_verifybackup`,
+//! then renamed to `base/<id>/` with `base/<id>.json` beside it. Only a
+//! verified backup gets a name; a failed one leaves nothing behind.
+//!
+//! Retention keeps every backup that ended inside `OMNI_PITR_WINDOW`, plus
+//! the newest one that ended before it (the window's start replays from
+//! there), and never the last one; WAL segments older than the oldest kept
+//! backup's start are deleted with it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::Level;
+
+use super::archive;
+use crate::child::{self, ChildSpec, Output};
+use crate::config::WalConfig;
+use crate::postgres::binaries::Binaries;
+use super::Server;
+use crate::privilege::Account;
+
+/// What `base/<id>.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BaseBackup {
+    pub id: String,
+    pub started_at: DateTime<Utc>,
+    /// A restore can reach any time from here on (the backup is consistent
+    /// only once its end has been replayed).
+    pub finished_at: DateTime<Utc>,
+    pub bytes: u64,
+    /// `START WAL LOCATION` file of its `backup_label`: WAL before it is not
+    /// needed to restore it.
+    pub start_segment: String,
+}
+
+impl BaseBackup {
+    pub fn dir(&self, wal_dir: &Path) -> PathBuf {
+        archive::base_dir(wal_dir).join(&self.id)
+    }
+}
+
+/// Takes a base backup of the running cluster and verifies it.
+pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
+    archive::prepare(&wal.dir, &server.account)?;
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let id = started_at.format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    let base = archive::base_dir(&wal.dir);
+    let partial = base.join(format!(".{id}.partial"));
+    tracing::info!("base backup {id}: copying the cluster into {}", partial.display());
+    let mut spec = super::tool(server, "pg_basebackup")
+        .arg("-D")
+        .arg(&partial)
+        .arg("--format=plain")
+        .arg("--wal-method=stream")
+        .arg("--checkpoint=fast")
+        .arg("--manifest-checksums=CRC32C");
+    spec.output = Output::Text { routine: Level::INFO };
+    let result = async {
+        let mut child = child::spawn(spec).await.context("could not run pg_basebackup")?;
+        // Dropped unfinished (the gateway stops): the copy is stopped too, and
+        // pg_basebackup removes what it wrote.
+        let running = KillOnDrop(child.id());
+        let status = child.wait().await.context("waiting for pg_basebackup")?;
+        running.finished();
+        if !status.success() {
+            bail!("pg_basebackup failed ({status}); its error is in the log above");
+        }
+        tracing::info!("base backup {id}: copied in {} ms; verifying with pg_verifybackup", clock.elapsed().as_millis());
+        verify(&server.binaries, &server.account, &partial).await?;
+        let start_segment = start_segment(&partial)?;
+        let bytes = tree_size(&partial);
+        let backup = BaseBackup { id: id.clone(), started_at, finished_at: Utc::now(), bytes, start_segment };
+        let dir = backup.dir(&wal.dir);
+        std::fs::rename(&partial, &dir).with_context(|| format!("could not rename {} to {}", partial.display(), dir.display()))?;
+        write_record(&wal.dir, &backup)?;
+        Ok(backup)
+    }
+    .await;
+    match &result {
+        Ok(b) => tracing::info!("base backup {id}: verified and kept ({} MB, {} ms in all)", b.bytes / 1_000_000, clock.elapsed().as_millis()),
+        Err(_) => {
+            let _ = std::fs::remove_dir_all(&partial);
+        }
+    }
+    result
+}
+
+/// Sends SIGTERM to a tool's process group unless it finished.
+struct KillOnDrop(Option<u32>);
+
+impl KillOnDrop {
+    fn finished(mut self) {
+        if let Some(pid) = self.0.take() {
+            child::forget(pid);
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            tracing::info!("stopping the base backup in progress (pid {pid})");
+            // SAFETY: signalling the process group of a child we started and have not reaped.
+            unsafe { libc::kill(-(pid as i32), libc::SIGTERM) };
+            child::forget(pid);
+        }
+    }
+}
+
+/// `pg_verifybackup`: every file against the manifest's checksums, and the
+/// backup's own WAL parsed from start to end.
+pub async fn verify(binaries: &Binaries, account: &Account, dir: &Path) -> Result<()> {
+    let mut spec = ChildSpec::new("pg_verifybackup", binaries.tool("pg_verifybackup")).arg("--quiet").arg(dir);
+    spec.output = Output::Text { routine: Level::WARN };
+    spec.run_as = account.run_as();
+    spec.env.extend(account.login_env());
+    let status = child::run(spec).await.context("could not run pg_verifybackup")?;
+    if !status.success() {
+        bail!("pg_verifybackup found {} damaged ({status}); what it found is in the log above", dir.display());
+    }
+    Ok(())
+}
+
+/// Removes `base/.<id>.partial/` directories a killed gateway left behind.
+/// Called before the first backup of a run, when none can be in progress.
+pub fn remove_partials(wal_dir: &Path) {
+    for entry in std::fs::read_dir(archive::base_dir(wal_dir)).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".partial") {
+            tracing::info!("removing an unfinished base backup of an earlier run: {}", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn record_path(wal_dir: &Path, id: &str) -> PathBuf {
+    archive::base_dir(wal_dir).join(format!("{id}.json"))
+}
+
+fn write_record(wal_dir: &Path, backup: &BaseBackup) -> Result<()> {
+    let path = record_path(wal_dir, &backup.id);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(backup)?).with_context(|| format!("could not write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("could not write {}", path.display()))
+}
+
+/// Verified base backups, oldest first.
+pub fn list(wal_dir: &Path) -> Vec<BaseBackup> {
+    let mut backups: Vec<BaseBackup> = std::fs::read_dir(archive::base_dir(wal_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|e| serde_json::from_slice::<BaseBackup>(&std::fs::read(e.path()).ok()?).ok())
+        .filter(|b| b.dir(wal_dir).is_dir())
+        .collect();
+    backups.sort_by_key(|b| b.finished_at);
+    backups
+}
+
+/// The WAL file named on `backup_label`'s `START WAL LOCATION` line.
+fn start_segment(dir: &Path) -> Result<String> {
+    let label = std::fs::read_to_string(dir.join("backup_label")).with_context(|| format!("reading {}/backup_label", dir.display()))?;
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION:"))
+        .and_then(|l| l.split("(file ").nth(1))
+        .map(|f| f.trim_end_matches(')').trim().to_string())
+        .with_context(|| format!("{}/backup_label names no start WAL file", dir.display()))
+}
+
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for entry in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Which backups retention keeps: every one that ended within `window` of
+/// `now`, the newest that ended before that, and in any case the newest.
+pub fn keep(backups: &[BaseBackup], now: DateTime<Utc>, window: std::time::Duration) -> Vec<&BaseBackup> {
+    let cutoff = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let newest_before = backups.iter().rev().find(|b| b.finished_at < cutoff);
+    let newest = backups.last();
+    backups
+        .iter()
+        .filter(|b| b.finished_at >= cutoff || Some(*b) == newest_before || Some(*b) == newest)
+        .collect()
+}
+
+/// Deletes base backups and WAL segments the window no longer needs.
+pub fn apply_retention(wal: &WalConfig) -> Result<()> {
+    let backups = list(&wal.dir);
+    let kept = keep(&backups, Utc::now(), wal.window);
+    let Some(oldest) = kept.first() else { return Ok(()) };
+    for b in backups.iter().filter(|b| !kept.contains(b)) {
+        tracing::info!("retention: deleting base backup {} (ended {}, before OMNI_PITR_WINDOW needs it)", b.id, b.finished_at.to_rfc3339_opts(SecondsFormat::Secs, true));
+        std::fs::remove_dir_all(b.dir(&wal.dir)).with_context(|| format!("deleting {}", b.dir(&wal.dir).display()))?;
+        std::fs::remove_file(record_path(&wal.dir, &b.id))?;
+    }
+    let first_needed = &oldest.start_segment[8..];
+    let mut removed = 0;
+    for dir in archive::stream_dirs(&wal.dir) {
+        for seg in archive::segments(&dir).into_iter().filter(|s| s.position() < first_needed) {
+            std::fs::remove_file(&seg.path).with_context(|| format!("deleting {}", seg.path.display()))?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!("retention: deleted {removed} WAL segments older than base backup {}", oldest.id);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup(day: u32) -> BaseBackup {
+        let at: DateTime<Utc> = format!("2026-11-{day:02}T00:00:00Z").parse().unwrap();
+        BaseBackup { id: format!("{day}"), started_at: at, finished_at: at, bytes: 0, start_segment: format!("00000001{:016X}", day) }
+    }
+
+    #[test]
+    fn retention_keeps_what_the_window_start_replays_from() {
+        let backups: Vec<_> = (1..=10).map(backup).collect();
+        let now: DateTime<Utc> = "2026-11-10T12:00:00Z".parse().unwrap();
+        let ids: Vec<_> = keep(&backups, now, std::time::Duration::from_secs(3 * 86_400)).iter().map(|b| b.id.clone()).collect();
+        // The window starts on the 7th at noon: the backup of the 7th (midnight) covers it.
+        assert_eq!(ids, ["7", "8", "9", "10"]);
+    }
+
+    #[test]
+    fn retention_never_deletes_the_newest_backup() {
+        let backups: Vec<_> = (1..=2).map(backup).collect();
+        let now: DateTime<Utc> = "2026-12-30T00:00:00Z".parse().unwrap();
+        let ids: Vec<_> = keep(&backups, now, std::time::Duration::from_secs(86_400)).iter().map(|b| b.id.clone()).collect();
+        assert_eq!(ids, ["2"]);
+    }
+}

@@ -1,0 +1,46 @@
+//! `omni-gateway backup base` and `omni-gateway backup verify`: a base backup
+//! of the running cluster now, and the restore drill on demand.
+
+use anyhow::{bail, Context, Result};
+
+use super::{base, restore, Server};
+use crate::config::{Config, Database, EmbeddedConfig};
+use crate::postgres::{binaries, cluster};
+use crate::privilege;
+
+fn embedded(config: &Config) -> Result<&EmbeddedConfig> {
+    match &config.database {
+        Database::Embedded(e) if !e.memory_mode => Ok(e),
+        Database::Embedded(_) => bail!("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive"),
+        Database::External { .. } => bail!("DATABASE_URL names an external PostgreSQL: point-in-time recovery covers the embedded cluster only"),
+    }
+}
+
+/// `verify`: the drill; otherwise a base backup.
+pub async fn run(config: &Config, verify: bool) -> Result<()> {
+    let embedded = embedded(config)?;
+    let data_dir = &embedded.data_dir.value;
+    let bins = binaries::find(embedded.bin_dir.as_deref())?;
+    let account = privilege::postgres_account(&embedded.run_as)?;
+    let password_file = cluster::password_file(data_dir);
+    let password = std::fs::read_to_string(&password_file).with_context(|| format!("reading the cluster password from {}", password_file.display()))?;
+    if verify {
+        let drill = restore::drill(&config.wal, &bins, &account, password.trim()).await;
+        if !drill.ok {
+            bail!("restore drill FAILED: {}", drill.detail.unwrap_or_default());
+        }
+        println!(
+            "restore drill passed: base backup {} and its WAL restored into a temporary cluster ({} app tables) in {:.1} s; removed again",
+            drill.base_backup.unwrap_or_default(),
+            drill.app_tables.unwrap_or(0),
+            drill.took_ms as f64 / 1000.0
+        );
+        return Ok(());
+    }
+    let port = crate::backup_cli::running_port(data_dir)?;
+    let server = Server { binaries: bins, port, password: password.trim().to_string(), account };
+    let backup = base::take(&server, &config.wal).await?;
+    base::apply_retention(&config.wal)?;
+    println!("{}  {} bytes  verified  {}", backup.id, backup.bytes, backup.dir(&config.wal.dir).display());
+    Ok(())
+}
