@@ -150,54 +150,35 @@ async fn doctor(config: &Config) -> ExitCode {
     }
 }
 
-async fn healthcheck(config: &Config) -> ExitCode {
-    match omni_gateway::doctor::healthcheck(config).await {
+/// A subcommand's outcome as the exit code, its error on stderr under its name.
+fn exit_code(command: &str, outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("omni-gateway healthcheck: {e:#}");
+            eprintln!("omni-gateway {command}: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn healthcheck(config: &Config) -> ExitCode {
+    exit_code("healthcheck", omni_gateway::doctor::healthcheck(config).await)
 }
 
 async fn backup(config: &Config, action: omni_gateway::backup_cli::BackupCommand) -> ExitCode {
-    match omni_gateway::backup_cli::run(config, action).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("omni-gateway backup: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("backup", omni_gateway::backup_cli::run(config, action).await)
 }
 
 async fn import_sqlite(config: &Config, args: omni_gateway::import_cli::ImportArgs) -> ExitCode {
-    match omni_gateway::import_cli::run(config, args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("omni-gateway import-sqlite: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("import-sqlite", omni_gateway::import_cli::run(config, args).await)
 }
 
 async fn upgrade(config: &Config, args: omni_gateway::upgrade_cli::UpgradeArgs) -> ExitCode {
-    match omni_gateway::upgrade_cli::run(config, args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("omni-gateway upgrade: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("upgrade", omni_gateway::upgrade_cli::run(config, args).await)
 }
 
 async fn restore(config: &Config, args: omni_gateway::restore_cli::RestoreArgs) -> ExitCode {
-    match omni_gateway::restore_cli::run(config, args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("omni-gateway restore: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("restore", omni_gateway::restore_cli::run(config, args).await)
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {

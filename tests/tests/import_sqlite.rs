@@ -55,8 +55,10 @@ fn counts(report: &Value, name: &str) -> [u64; 5] {
     [n("rows_in_file"), n("imported"), n("already_present"), n("conflicts"), skipped]
 }
 
+/// Backups in the data root's backup directory (their `.sha256` files aside).
 fn backups(root: &Path) -> usize {
-    std::fs::read_dir(root.join("data/backups")).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("omni_backup_")).count()).unwrap_or(0)
+    let is_backup = |name: &str| name.starts_with("omni_backup_") && name.ends_with(".sql");
+    std::fs::read_dir(root.join("data/backups")).map(|d| d.flatten().filter(|e| is_backup(&e.file_name().to_string_lossy())).count()).unwrap_or(0)
 }
 
 #[test]
