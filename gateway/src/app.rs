@@ -45,6 +45,9 @@ use crate::{child, dev, supervisor};
 /// Once the children are down, how long the remaining tasks may take to
 /// notice their cancellation before the gateway exits anyway.
 const TASKS_GRACE: Duration = Duration::from_secs(10);
+/// Without `OMNI_WAL_SYNC`, the WAL streamer starts once the stack serves,
+/// or after this long if it does not serve by then.
+const WAL_STREAMER_PATIENCE: Duration = Duration::from_secs(10);
 
 /// At stop, how long a base backup in progress may take to finish before
 /// PostgreSQL is stopped under it.
@@ -223,15 +226,23 @@ async fn supervise(
         }
     };
 
-    // Point-in-time recovery (wal/): the WAL streamer, third supervised child,
-    // started before the worker and so stopped after it (under OMNI_WAL_SYNC
-    // the worker's last commits wait for the streamer).
+    // Point-in-time recovery (wal/): the WAL streamer, third supervised child.
+    // Under OMNI_WAL_SYNC commits wait for it, so it starts before the worker
+    // (and stops after it). Otherwise nothing waits for it: it starts once
+    // the stack serves (or after WAL_STREAMER_PATIENCE), so its start, and a
+    // new cluster's first base backup, do not slow the service's own start.
+    // Nothing is missed meanwhile: its slot keeps the WAL until it is streamed.
+    let mut deferred_wal = None;
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
         let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
         crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
         let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups.ask.clone());
         running.base_backups = Some(base_backups);
-        running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+        if config.wal.sync {
+            running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+        } else {
+            deferred_wal = Some(policy);
+        }
     }
 
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
@@ -243,13 +254,20 @@ async fn supervise(
 
     let mut ready_rx = board.subscribe();
     let mut announced = false;
+    let wal_deadline = tokio::time::Instant::now() + WAL_STREAMER_PATIENCE;
     loop {
         if !announced && board.all_ready() {
             announced = true;
             tracing::info!("ready in {} ms: http://{addr}", started.elapsed().as_millis());
             running.notifier.notify("READY=1");
         }
+        if announced || tokio::time::Instant::now() >= wal_deadline {
+            if let Some(policy) = deferred_wal.take() {
+                running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+            }
+        }
         tokio::select! {
+            () = tokio::time::sleep_until(wal_deadline), if deferred_wal.is_some() => {}
             event = signals.next() => match event {
                 Event::Stop(name) => {
                     tracing::info!("{name} received: stopping");
