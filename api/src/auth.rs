@@ -78,7 +78,7 @@ pub async fn require_api_key(State(state): State<AppState>, request: Request, ne
             "missing_api_key",
             "this endpoint needs the API key in the x-api-key header",
         )),
-        Some(given) if state.api_key.matches(given.as_bytes()) => Ok(next.run(request).await),
+        Some(given) if state.api_key().matches(given.as_bytes()) => Ok(next.run(request).await),
         Some(_) => Err(ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "invalid_api_key", "the x-api-key header does not match the API key")),
     }
 }

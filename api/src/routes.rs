@@ -29,7 +29,9 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
-    pub api_key: Arc<ApiKey>,
+    /// Set once, from the database, before the first request is served
+    /// (the router is built while the worker waits for its database).
+    pub api_key: Arc<OnceLock<ApiKey>>,
     pub settings: Arc<WorkerSettings>,
     /// Rendered once the router is built (the document is a product of
     /// building it); served by `GET /api/v1/openapi.json`.
@@ -61,11 +63,19 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(public).merge(protected)
 }
 
-/// The complete application.
-pub fn app(db: Db, api_key: ApiKey, config: WorkerSettings) -> Router {
+impl AppState {
+    /// The API key; resolved before the listener serves.
+    pub fn api_key(&self) -> &ApiKey {
+        self.api_key.get().expect("the API key is resolved before the first request is served")
+    }
+}
+
+/// The complete application, and where its API key goes once it is known.
+pub fn app(db: Db, config: WorkerSettings) -> (Router, Arc<OnceLock<ApiKey>>) {
+    let api_key = Arc::new(OnceLock::new());
     let state = AppState {
         db,
-        api_key: Arc::new(api_key),
+        api_key: api_key.clone(),
         settings: Arc::new(config),
         openapi: Arc::new(OnceLock::new()),
     };
@@ -75,10 +85,11 @@ pub fn app(db: Db, api_key: ApiKey, config: WorkerSettings) -> Router {
     openapi::document_body_rejections(&mut document);
     import_routes::document(&mut document);
     state.openapi.set(document).expect("the router is built once per state");
-    router
+    let router = router
         .fallback(static_files::fallback)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(errors::json_error_bodies))
         .layer(middleware::from_fn(lingering::drain_unread_body))
-        .with_state(state)
+        .with_state(state);
+    (router, api_key)
 }

@@ -55,6 +55,9 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
 
     let db = Db::connect(&config.database_url, config.pool_size)?;
     let listener = listener(&config.listen)?;
+    // The router (and its OpenAPI document) needs no database: built now,
+    // while a pre-started worker still waits for its start signal.
+    let (app, api_key_slot) = routes::app(db.clone(), config.clone());
     if let Some(start) = start {
         if !start_signal(start).await {
             tracing::info!("the gateway withdrew this start before the database was ready; exiting");
@@ -70,11 +73,11 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     }
     let api_key = auth::resolve(&client, config.api_key.as_deref()).await?;
     drop(client);
+    let _ = api_key_slot.set(api_key);
 
     start_backups(&config);
 
     let address = listener.local_addr().context("reading the listening address")?;
-    let app = routes::app(db, api_key, config);
     if let Some(file) = ready {
         announce_ready(file);
         tracing::info!(%address, "listening; readiness announced to the gateway");

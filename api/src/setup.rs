@@ -369,7 +369,7 @@ pub async fn api_key(State(state): State<AppState>) -> Result<Json<ApiKeyRespons
             "setup is complete, so the API key is no longer shown; find it in the log of the first start or set OMNI_API_KEY",
         ));
     }
-    Ok(Json(ApiKeyResponse { api_key: state.api_key.expose().to_owned() }))
+    Ok(Json(ApiKeyResponse { api_key: state.api_key().expose().to_owned() }))
 }
 
 #[cfg(test)]
