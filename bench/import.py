@@ -275,7 +275,7 @@ def main():
     rounds = f"medians of {ROUNDS} interleaved rounds" if ROUNDS > 1 else "one round"
     lines = [
         f"`python3 bench/import.py {ROUNDS}` (run by `make bench`) — {rounds}, release build, {version}, {pgloader_version}, "
-        f"one shared machine ({os.cpu_count()} cores, other builds running: expect noise). The file: {TRACES:,} message traces, "
+        f"one machine ({os.cpu_count()} cores). The file: {TRACES:,} message traces, "
         f"{TRACES:,} trace payloads of {PAYLOAD_BYTES} bytes and the smaller tables, {total_rows:,} rows, {size / 1e6:.0f} MB, "
         "prefixed era (so pgloader maps tables by name). Both load into the same cluster and the same pre-created schema "
         "(migrations/0002: indexes and foreign keys in place); the importer's time is the client's, through the gateway, and "
