@@ -39,6 +39,10 @@ const MAX_IDLE: Duration = Duration::from_secs(5);
 
 /// The middleware; outermost, so it sees every answer.
 pub async fn drain_unread_body(request: Request, next: Next) -> Response {
+    // Most requests (every GET) have no body: nothing can be left unread.
+    if HttpBody::is_end_stream(request.body()) {
+        return next.run(request).await;
+    }
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let left = Arc::new(Mutex::new(None));
     let request = request.map(|body| Body::new(Tracked { inner: Some(body), left: left.clone(), ended: false }));
