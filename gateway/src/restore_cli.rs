@@ -54,7 +54,7 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     let password_file = cluster::password_file(data_dir);
     let password = std::fs::read_to_string(&password_file)
         .with_context(|| format!("reading the cluster password from {} (it is kept next to the data directory, and a restore needs it)", password_file.display()))?;
-    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: password.trim() }.run(target).await?;
+    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: password.trim(), progress: None }.run(target).await?;
     println!("restored base backup {} and the WAL up to {} into {} in {:.1} s", restored.base_backup, restored.target, data_dir.display(), restored.took.as_secs_f64());
     if let Some(previous) = restored.previous {
         println!("the data directory as it was is kept at {}; `omni-gateway restore --discard-previous` deletes it", previous.display());

@@ -10,25 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use omni_tests::wait_until;
-use gateway::{cli, postgres_pids_on, workdir, Gateway, GatewayBuilder};
-
-/// Waits until the first verified base backup is recorded.
-fn wait_for_base_backup(gw: &Gateway) {
-    let base = gw.cwd.join("data/wal/base");
-    wait_until(Duration::from_secs(120), "the first verified base backup", || {
-        std::fs::read_dir(&base).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".json")).then_some(())
-    });
-    wait_until(Duration::from_secs(30), "the wal component to be ready", || (gw.component("wal")["state"] == "ready").then_some(()));
-}
-
-/// Waits until the streamer has flushed everything written so far.
-fn wait_archived(db: &mut postgres::Client) {
-    let lsn: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
-    wait_until(Duration::from_secs(30), "the WAL streamer to flush the writes", || {
-        let q = format!("SELECT coalesce((SELECT flush_lsn >= '{lsn}'::pg_lsn FROM pg_stat_replication WHERE application_name = 'omni_wal'), false)");
-        db.query_one(&q, &[]).unwrap().get::<_, bool>(0).then_some(())
-    });
-}
+use gateway::{cli, wait_for_base_backup, write_a_note_t_write_b, postgres_pids_on, workdir, GatewayBuilder};
 
 fn restore(cwd: &Path, to: &str) -> String {
     let (ok, stdout, stderr) = cli(cwd, &["restore", "--to", to]);
@@ -45,18 +27,7 @@ fn pitr_restore_to_a_time_keeps_what_came_before_and_drops_what_came_after() {
     for gauge in ["omni_wal_newest_archived_age_seconds", "omni_wal_newest_base_backup_age_seconds", "omni_child_state{component=\"wal\",state=\"ready\"} 1"] {
         assert!(metrics.contains(gauge), "/metrics lacks {gauge}:\n{metrics}");
     }
-    let mut db = gw.db();
-    db.batch_execute("CREATE TABLE pitr_rows (id int PRIMARY KEY, phase text NOT NULL)").unwrap();
-    for i in 0..50 {
-        db.execute("INSERT INTO pitr_rows VALUES ($1, 'A')", &[&i]).unwrap();
-    }
-    // The server's clock, the one commit times are stamped with.
-    let t: String = db.query_one(r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#, &[]).unwrap().get(0);
-    for i in 50..100 {
-        db.execute("INSERT INTO pitr_rows VALUES ($1, 'B')", &[&i]).unwrap();
-    }
-    wait_archived(&mut db);
-    drop(db);
+    let t = write_a_note_t_write_b(&gw);
     assert!(gw.terminate().success(), "{}", gw.log());
 
     let out = restore(dir.path(), &t);

@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack } from './harness.mjs';
+import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack, waitFor } from './harness.mjs';
 
 let stack;
 let browser;
@@ -76,6 +76,78 @@ test('create → listed → delete → gone', async () => {
     const listed = await (await stack.api('/api/v1/backup/list', { headers: { 'x-api-key': API_KEY } })).json();
     assert.ok(!listed.backups.some((b) => b.filename === filename));
     assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('the Actions label of a backup row stays whole at 360 px', async () => {
+  await stack.api('/api/v1/backup/create', { method: 'POST', headers: { 'x-api-key': API_KEY } });
+  const { context, page } = await openPage(browser, stack, { width: 360, height: 740 });
+  try {
+    await signIn(page);
+    await page.goto('/backups');
+    const cell = page.locator('#backup-table td[data-label="Actions"]').first();
+    await cell.waitFor();
+    // The ::before label is one line: its height is one line of its font.
+    const lines = await cell.evaluate((td) => {
+      const style = getComputedStyle(td, '::before');
+      return { whiteSpace: style.whiteSpace, flexShrink: style.flexShrink };
+    });
+    assert.deepEqual(lines, { whiteSpace: 'nowrap', flexShrink: '0' });
+    await screenshots(page, 'backups-360');
+  } finally {
+    await context.close();
+  }
+});
+
+test('point-in-time recovery: the window is shown and a restore to a picked time brings that moment back', async () => {
+  const headers = { 'x-api-key': API_KEY };
+  const window = await waitFor(async () => {
+    const response = await stack.api('/api/v1/backup/window', { headers });
+    const body = await response.json();
+    return response.status === 200 && body.earliest && body.streaming ? body : null;
+  }, { timeout: 120000, what: 'a recoverable window with streaming on' });
+  assert.ok(window.base_backups.length >= 1 && window.base_backups[0].verified);
+
+  await stack.query('CREATE TABLE ui_pitr (phase text)');
+  await stack.query("INSERT INTO ui_pitr VALUES ('A')");
+  // The picker has second resolution: T is a whole second after A, B more than a second after T.
+  const [{ t }] = await stack.query("SELECT to_char(date_trunc('second', clock_timestamp() AT TIME ZONE 'UTC') + interval '1 second', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS t");
+  await waitFor(async () => (await stack.query('SELECT clock_timestamp() > $1::timestamptz + interval \'1.2 second\' AS ok', [t]))[0].ok, { what: 'T to pass' });
+  await stack.query("INSERT INTO ui_pitr VALUES ('B')");
+  await waitFor(async () => (await stack.query("SELECT coalesce((SELECT flush_lsn >= pg_current_wal_lsn() FROM pg_stat_replication WHERE application_name = 'omni_wal'), false) AS ok"))[0].ok, { what: 'the streamer to archive B' });
+
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await signIn(page);
+    await page.goto('/backups');
+    await page.locator('#pitr-earliest').waitFor();
+    assert.match(await page.locator('#pitr-window').innerText(), /restore the database to any moment from .+ to now/);
+    await screenshots(page, 'backups-pitr');
+    const local = await page.evaluate((iso) => {
+      const d = new Date(iso);
+      const pad = (n) => String(n).padStart(2, '0');
+      return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+    }, t);
+    await page.locator('#pitr-time').fill(local);
+    await page.getByRole('button', { name: 'Restore to this time' }).click();
+    const dialog = page.getByRole('dialog', { name: 'Restore the database to this time?' });
+    await dialog.waitFor();
+    assert.match(await dialog.innerText(), /Everything written after that moment/);
+    await dialog.getByRole('button', { name: 'Restore' }).click();
+    // The session was opened after T: it is rewound with the data, and the
+    // sign-in page says why.
+    const notice = page.locator('#login-notice');
+    await notice.filter({ hasText: 'Restored to' }).waitFor({ timeout: 300000 });
+    assert.match(await notice.innerText(), /Your session began after that moment.*sign in again/);
+    await screenshots(page, 'backups-pitr-restored');
+    await signIn(page);
+    await page.goto('/backups');
+    await page.locator('#pitr-earliest').waitFor();
+    const rows = await stack.query('SELECT phase FROM ui_pitr ORDER BY phase');
+    assert.deepEqual(rows.map((r) => r.phase), ['A']);
     assert.deepEqual(page.problems, []);
   } finally {
     await context.close();

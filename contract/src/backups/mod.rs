@@ -18,6 +18,10 @@
 //! * a restore runs in one transaction with `ON_ERROR_STOP`, after checking
 //!   that the file is a complete dump and taking a safety backup, so a failed
 //!   restore leaves the database as it was and a successful one can be undone;
+//! * one restore (or import) at a time across every worker on the database:
+//!   [`crate::leader::exclusive`], a session advisory lock, tried without
+//!   waiting; a finished restore is announced on it, so every worker resets
+//!   its connection pool;
 //! * passwords reach `pg_dump`/`psql` through `PGPASSWORD`, never argv;
 //! * every backup gets its sha256 recorded when made (`<name>.sha256`, the
 //!   format of `sha256sum`), and a restore or download first checks it: a
@@ -279,6 +283,11 @@ impl Backups {
         let (mut file, size) = open_existing(&dir, name)?;
         check_checksum(&dir, name, &file)?;
         check_complete(&file, size, name)?;
+        // Other gateways' workers share the database, not this directory's lock.
+        let cluster = crate::leader::exclusive(&self.database_url)
+            .await
+            .map_err(|e| BackupError::io("taking the database's restore lock (is PostgreSQL reachable?)")(io::Error::other(e)))?
+            .ok_or(BackupError::Busy)?;
         let safety = self.create_locked(&dir, Some(name)).await?;
         tracing::info!(file = name, safety_backup = %safety.backup_file, "restoring");
         let mut attempt = 1;
@@ -296,6 +305,7 @@ impl Backups {
             }
         }
         tracing::info!(file = name, "restored");
+        cluster.announce_restored(name).await;
         Ok(Restored {
             success: true,
             restored: name.to_owned(),

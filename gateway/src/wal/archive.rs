@@ -93,6 +93,34 @@ pub fn newest_write(wal_dir: &Path) -> Option<std::time::SystemTime> {
         .max()
 }
 
+/// WAL segment size (initdb's default, which this project never changes).
+pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Bytes free for the archive on `dir`'s file system.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// Removes `.partial` segments that are neither empty nor full size: what
+/// `pg_receivewal` leaves when its disk fills while it pads a new segment
+/// with zeros (before any WAL is written into it). It refuses to start on
+/// such a file ("has N bytes, should be 0 or 16777216"), so streaming would
+/// never resume; the slot still holds that WAL, which is streamed again.
+pub fn remove_short_partials(stream: &Path) -> usize {
+    let mut removed = 0;
+    for seg in segments(stream).into_iter().filter(|s| s.partial) {
+        let len = std::fs::metadata(&seg.path).map(|m| m.len()).unwrap_or(0);
+        if len != 0 && len != SEGMENT_BYTES {
+            tracing::warn!("removing {} ({len} bytes: cut short while being padded, the disk was full); its WAL is streamed again from the slot", seg.path.display());
+            if std::fs::remove_file(&seg.path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// `restore_command` for recovery from this archive: a segment is looked up
 /// in every stream directory, complete files first, then `.partial` ones
 /// (the newest segment is only ever `.partial`; recovery to `latest` ends

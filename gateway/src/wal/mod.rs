@@ -24,6 +24,7 @@
 pub mod archive;
 pub mod base;
 pub mod cli;
+pub mod online;
 pub mod receiver;
 pub mod restore;
 
@@ -43,14 +44,14 @@ pub const APPLICATION_NAME: &str = "omni_wal";
 /// Most WAL the slot may hold back when the streamer cannot keep up (its disk
 /// is full, it is down): beyond this PostgreSQL drops it rather than fill its
 /// own disk, and the slot reports `lost` (the status says so).
-pub const MAX_SLOT_WAL_KEEP: &str = "1024MB";
+pub const MAX_SLOT_WAL_KEEP_MB: u64 = 1024;
 
 /// The server settings streaming needs, as `-c` values.
 pub fn server_settings(wal: &WalConfig) -> Vec<String> {
     let mut settings = vec![
         "wal_level=replica".to_string(),
         "max_wal_senders=10".to_string(),
-        format!("max_slot_wal_keep_size={MAX_SLOT_WAL_KEEP}"),
+        format!("max_slot_wal_keep_size={MAX_SLOT_WAL_KEEP_MB}MB"),
     ];
     if wal.sync {
         settings.push(format!("synchronous_standby_names={APPLICATION_NAME}"));
@@ -105,6 +106,12 @@ pub struct BaseBackups {
 }
 
 impl BaseBackups {
+    /// The lock held while a base backup is taken (an on-demand one, a
+    /// restore: [`online`], take it too).
+    pub fn lock(&self) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.busy.clone()
+    }
+
     /// At stop, before PostgreSQL goes: lets a base backup in progress
     /// finish (so it is neither lost nor cut off with errors in the log),
     /// for at most `within`; after that PostgreSQL's stop ends it.

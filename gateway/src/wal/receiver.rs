@@ -30,11 +30,19 @@ pub struct ReceiverPolicy {
     base_backup: mpsc::Sender<()>,
     /// Kept open between checks; dropped on any error.
     client: Option<tokio_postgres::Client>,
+    /// Held by a point-in-time restore ([`super::online`]): a start waits for it.
+    hold: Option<super::online::Hold>,
 }
 
 impl ReceiverPolicy {
     pub fn new(cluster: Arc<Cluster>, wal: WalConfig, restart: RestartPolicy, base_backup: mpsc::Sender<()>) -> Self {
-        ReceiverPolicy { cluster, wal, restart, base_backup, client: None }
+        ReceiverPolicy { cluster, wal, restart, base_backup, client: None, hold: None }
+    }
+
+    /// Starts wait while a point-in-time restore holds `hold`.
+    pub fn with_hold(mut self, hold: super::online::Hold) -> Self {
+        self.hold = Some(hold);
+        self
     }
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client> {
@@ -52,17 +60,25 @@ impl ReceiverPolicy {
     /// the streamer was away longer than the cap allows) is made anew, and
     /// the gap is said out loud.
     async fn ensure_slot(&mut self) -> Result<()> {
+        let (wal_dir, account) = (self.wal.dir.clone(), self.cluster.account.clone());
         let client = self.client().await?;
         let row = client.query_opt("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT]).await?;
         let status: Option<Option<String>> = row.map(|r| r.get(0));
         if let Some(Some(status)) = &status {
             if status == "lost" {
                 tracing::error!(
-                    "the WAL slot {SLOT} lost WAL (the streamer was down or its disk full while more than {} was written): \
+                    "the WAL slot {SLOT} lost WAL (the streamer was down or its disk full while more than {} MB was written): \
                      point-in-time recovery has a gap until the next base backup; making the slot anew",
-                    super::MAX_SLOT_WAL_KEEP
+                    super::MAX_SLOT_WAL_KEEP_MB
                 );
                 client.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT]).await?;
+                // pg_receivewal resumes after the newest segment it finds,
+                // which the server no longer has: the stream so far (still
+                // good for restores up to the gap) is moved aside, and the
+                // new one starts at the new slot in an empty directory.
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+                let old = archive::retire_stream(&wal_dir, &stamp, &account)?;
+                tracing::warn!("the WAL streamed before the gap stays in {} for restores to points before it", old.display());
             } else {
                 return Ok(());
             }
@@ -79,9 +95,23 @@ impl Policy for ReceiverPolicy {
     }
 
     async fn start(&mut self) -> Result<Child> {
+        if let Some(hold) = &self.hold {
+            hold.wait("the WAL streamer").await;
+        }
         archive::prepare(&self.wal.dir, &self.cluster.account)?;
-        self.ensure_slot().await?;
         let stream = archive::stream_dir(&self.wal.dir);
+        archive::remove_short_partials(&stream);
+        // A full disk is said as such in the status (not only "exit status 1").
+        if let Some(free) = archive::free_bytes(&stream).filter(|free| *free < archive::SEGMENT_BYTES) {
+            bail!(
+                "OMNI_WAL_DIR is full ({} MB free on {}; a WAL segment needs 16 MB). PostgreSQL keeps serving and its slot keeps the WAL \
+                 (up to {} MB); free space there and streaming resumes by itself",
+                free / 1_000_000,
+                stream.display(),
+                super::MAX_SLOT_WAL_KEEP_MB
+            );
+        }
+        self.ensure_slot().await?;
         tracing::info!("streaming WAL into {} (slot {SLOT}{})", stream.display(), if self.wal.sync { ", commits wait for it: OMNI_WAL_SYNC" } else { "" });
         let mut spec = super::tool(&super::Server::of(&self.cluster), "pg_receivewal")
             .arg("-D")

@@ -108,6 +108,9 @@ pub struct Restore<'a> {
     pub account: &'a Account,
     /// The superuser password (`<data_dir>.password`): the base backup has the same one.
     pub password: &'a str,
+    /// Told each step and how far the restore got (0–100), for
+    /// `/gateway/status` when the gateway restores while it runs.
+    pub progress: Option<&'a (dyn Fn(&str, u8) + Sync)>,
 }
 
 impl Restore<'_> {
@@ -118,6 +121,7 @@ impl Restore<'_> {
                 .context("PostgreSQL still runs on this data directory: stop the gateway first (or restore through POST /api/v1/backup/restore-to)")?;
         }
         let backup = self.pick_base(target)?;
+        self.report("reading commit times in the WAL archive", 10);
         let stop_at = match target {
             Target::Latest => None,
             Target::Time(t) if commit_after(self.wal, self.binaries, t).await? => Some(t),
@@ -127,6 +131,7 @@ impl Restore<'_> {
             }
         };
         let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        self.report("moving the data directory aside", 20);
         let previous = self.move_aside(&stamp)?;
         tracing::info!("restoring base backup {} into {}", backup.id, self.data_dir.display());
         let result = self.recover(&backup, stop_at).await;
@@ -139,6 +144,12 @@ impl Restore<'_> {
         }
         archive::retire_stream(&self.wal.dir, &stamp, self.account)?;
         Ok(Restored { base_backup: backup.id, target, previous, took: started.elapsed() })
+    }
+
+    fn report(&self, step: &str, percent: u8) {
+        if let Some(progress) = self.progress {
+            progress(step, percent);
+        }
     }
 
     fn pick_base(&self, target: Target) -> Result<base::BaseBackup> {
@@ -184,6 +195,7 @@ impl Restore<'_> {
     /// returns how many app tables the recovered cluster has.
     async fn recover(&self, backup: &base::BaseBackup, stop_at: Option<DateTime<Utc>>) -> Result<i64> {
         let copied = Instant::now();
+        self.report(&format!("copying base backup {}", backup.id), 25);
         let (from, to, owner) = (backup.dir(&self.wal.dir), self.data_dir.to_path_buf(), self.account.run_as());
         tokio::task::spawn_blocking(move || cluster::copy_tree(&from, &to, owner)).await?.context("copying the base backup")?;
         std::fs::set_permissions(self.data_dir, std::fs::Permissions::from_mode(0o700))?;
@@ -224,13 +236,15 @@ impl Restore<'_> {
         spec.env_remove = ["PGDATA", "PGPORT", "PGHOST"].iter().map(Into::into).collect();
         let mut child = child::spawn(spec).await.context("could not start postgres for the restore")?;
         let pid = child.id();
-        let outcome = self.until_promoted(&mut child, port).await;
+        let span = (segment_lsn(&backup.start_segment), newest_segment_end(&self.wal.dir));
+        let outcome = self.until_promoted(&mut child, port, span).await;
         stop(&mut child, pid, outcome.is_ok()).await;
         let _ = std::fs::remove_dir_all(&socket_dir);
         outcome
     }
 
-    async fn until_promoted(&self, child: &mut tokio::process::Child, port: u16) -> Result<i64> {
+    /// `span`: the replay's first and (at most) last WAL position, for the percentage.
+    async fn until_promoted(&self, child: &mut tokio::process::Child, port: u16, span: (Option<u64>, Option<u64>)) -> Result<i64> {
         let config = |db: &str| {
             let mut c = tokio_postgres::Config::new();
             c.host("127.0.0.1").port(port).user(SUPERUSER).password(self.password).dbname(db).connect_timeout(Duration::from_secs(2));
@@ -250,6 +264,10 @@ impl Restore<'_> {
                     let (recovering, lsn): (bool, String) = (row.get(0), row.get(1));
                     if !recovering {
                         break;
+                    }
+                    if let (Some(from), Some(to), Some(at)) = (span.0, span.1, parse_lsn(&lsn)) {
+                        let done = (at.saturating_sub(from) as f64 / to.saturating_sub(from).max(1) as f64).clamp(0.0, 1.0);
+                        self.report(&format!("replaying WAL (at {lsn})"), 40 + (done * 50.0) as u8);
                     }
                     if reported.elapsed() >= PROGRESS_EVERY {
                         tracing::info!("replaying WAL: at {lsn} after {} s", started.elapsed().as_secs());
@@ -302,7 +320,7 @@ pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, pass
         }
         let data_dir = scratch.join("data");
         tracing::info!("restore drill: restoring {} and its WAL into {}", backup.id, data_dir.display());
-        let restore = Restore { data_dir: &data_dir, wal, binaries, account, password };
+        let restore = Restore { data_dir: &data_dir, wal, binaries, account, password, progress: None };
         let tables = restore.recover(&backup, None).await?;
         if tables == 0 {
             bail!("the restored app database has no tables");
@@ -344,6 +362,26 @@ async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) 
         }
         child::forget(pid);
     }
+}
+
+/// WAL segments are 16 MB unless initdb was told otherwise (this project never is).
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The WAL position where a segment (`TTTTTTTTXXXXXXXXYYYYYYYY`) begins.
+fn segment_lsn(name: &str) -> Option<u64> {
+    let (log, seg) = (u64::from_str_radix(name.get(8..16)?, 16).ok()?, u64::from_str_radix(name.get(16..24)?, 16).ok()?);
+    Some((log << 32) + seg * SEGMENT_BYTES)
+}
+
+/// Where the archive's newest segment ends.
+fn newest_segment_end(wal_dir: &Path) -> Option<u64> {
+    archive::stream_dirs(wal_dir).iter().flat_map(|d| archive::segments(d)).filter_map(|s| segment_lsn(&s.name)).max().map(|l| l + SEGMENT_BYTES)
+}
+
+/// `0/3000060` → its byte position.
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.split_once('/')?;
+    Some((u64::from_str_radix(high, 16).ok()? << 32) + u64::from_str_radix(low, 16).ok()?)
 }
 
 /// `<data_dir>.before-restore-<stamp>`.
@@ -441,6 +479,12 @@ mod tests {
         let times = commit_times(out);
         assert_eq!(times.len(), 2);
         assert_eq!(times[1].to_rfc3339_opts(SecondsFormat::Micros, true), "2026-11-25T16:12:02.000001Z");
+    }
+
+    #[test]
+    fn wal_positions_of_segments_and_lsns_agree() {
+        assert_eq!(segment_lsn("000000010000000000000003"), parse_lsn("0/3000000"));
+        assert_eq!(segment_lsn("000000020000000100000000"), parse_lsn("1/0"));
     }
 
     #[test]

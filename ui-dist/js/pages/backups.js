@@ -1,4 +1,9 @@
-// Backups (SPEC §6): create, list, download, restore, delete.
+// Backups (SPEC §6): create, list, download, restore, delete; and
+// point-in-time recovery (issue 14): the recoverable window, a time picker
+// to restore to a moment, "take a base backup now", base backups with their
+// verification. A restore to a time answers only once the database serves
+// again; meanwhile the page shows its step and percentage from
+// /gateway/status.
 //
 // Downloads need the x-api-key header, which a plain link cannot send, so the
 // file is fetched and handed to the browser as a blob. Restore and delete ask
@@ -7,7 +12,7 @@
 
 import { ApiError, errorFrom } from '../api.js';
 import { formatBytes, formatDate, h, replace } from '../dom.js';
-import { authedCall, authedFetch } from '../session.js';
+import { authedCall, authedFetch, signedOutAfterRestore, whoAmI } from '../session.js';
 
 const NAME = /^omni_backup_[0-9]{8}_[0-9]{6}\.sql$/;
 
@@ -47,10 +52,169 @@ function confirmDialog({ title, body, confirmLabel, danger }) {
   });
 }
 
+/** `YYYY-MM-DDTHH:MM:SS` in local time, for a datetime-local input. */
+function localInputValue(date) {
+  const pad = (n) => String(n).padStart(2, '0');
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}T${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
+}
+
+/** The point-in-time recovery card. */
+function pointInTime() {
+  const message = h('div', { id: 'pitr-message', role: 'status', 'aria-live': 'polite' });
+  const windowText = h('p', { id: 'pitr-window' }, 'Loading the recoverable window…');
+  const picker = h('input', { type: 'datetime-local', id: 'pitr-time', step: '1', required: true });
+  const restoreButton = h('button', { type: 'button', class: 'btn btn-danger', id: 'pitr-restore', onclick: restoreToTime }, 'Restore to this time');
+  const baseButton = h('button', { type: 'button', class: 'btn', id: 'take-base-backup', onclick: takeBase }, 'Take a base backup now');
+  const progress = h('progress', { id: 'pitr-progress', max: '100', value: '0', hidden: true, 'aria-label': 'Restore progress' });
+  const list = h('div', { class: 'table-wrap', id: 'base-backups' });
+  let busy = false;
+
+  function say(kind, text, strong) {
+    replace(message, h('div', { class: `alert alert-${kind}`, role: kind === 'error' ? 'alert' : 'status' },
+      strong ? h('strong', {}, strong) : null, text));
+  }
+
+  function setBusy(value) {
+    busy = value;
+    for (const el of [picker, restoreButton, baseButton]) el.disabled = value;
+  }
+
+  async function refresh() {
+    let w;
+    try {
+      w = await authedCall('/api/v1/backup/window');
+    } catch (error) {
+      if (error instanceof ApiError && (error.status === 404 || error.status === 409)) {
+        replace(windowText, h('span', { id: 'pitr-unavailable' }, `Point-in-time recovery is not available here: ${error.message}`));
+        setBusy(true);
+      } else {
+        replace(windowText, error.message);
+      }
+      return;
+    }
+    if (!w.earliest) {
+      replace(windowText, 'No verified base backup yet: the recoverable window starts with the first one, taken as soon as WAL streaming runs.');
+      restoreButton.disabled = true;
+    } else {
+      const latest = w.streaming ? new Date() : new Date(w.latest);
+      replace(windowText, 'You can restore the database to any moment from ',
+        h('time', { datetime: w.earliest, id: 'pitr-earliest' }, formatDate(w.earliest)), ' to ',
+        w.streaming ? h('strong', {}, 'now') : h('time', { datetime: w.latest, id: 'pitr-latest' }, formatDate(w.latest)),
+        w.streaming ? ' (changes are archived continuously).' : ' (WAL streaming is not running right now).');
+      picker.min = localInputValue(new Date(w.earliest));
+      picker.max = localInputValue(latest);
+      if (!picker.value) picker.value = localInputValue(latest);
+    }
+    const backups = w.base_backups || [];
+    replace(list, backups.length ? h('table', { class: 'responsive', id: 'base-backup-table' },
+      h('caption', { class: 'visually-hidden' }, 'Base backups, newest first'),
+      h('thead', {}, h('tr', {},
+        h('th', { scope: 'col' }, 'Base backup'), h('th', { scope: 'col' }, 'Size'),
+        h('th', { scope: 'col' }, 'Finished'), h('th', { scope: 'col' }, 'Verification'))),
+      h('tbody', {}, backups.map((b) => h('tr', { dataset: { id: b.id } },
+        h('td', { class: 'file mono' }, b.id),
+        h('td', { class: 'num', 'data-label': 'Size' }, formatBytes(b.bytes)),
+        h('td', { 'data-label': 'Finished' }, h('time', { datetime: b.finished_at }, formatDate(b.finished_at))),
+        h('td', { 'data-label': 'Verification' }, b.verified ? 'Verified (pg_verifybackup)' : 'Not verified'))))) : h('p', { class: 'empty' }, 'No base backup yet.'));
+    if (w.last_drill) {
+      list.append(h('p', { id: 'pitr-drill', class: w.last_drill.ok ? '' : 'alert alert-error' },
+        w.last_drill.ok ? `Last restore drill passed on ${formatDate(w.last_drill.at)}.` : `The last restore drill FAILED on ${formatDate(w.last_drill.at)}: ${w.last_drill.detail || ''}`));
+    }
+  }
+
+  async function takeBase() {
+    if (busy) return;
+    setBusy(true);
+    say('info', 'Taking a base backup and verifying it…');
+    try {
+      const b = await authedCall('/api/v1/backup/base', { method: 'POST' });
+      say('ok', `${b.id} (${formatBytes(b.bytes)}), verified with pg_verifybackup`, 'Base backup taken');
+    } catch (error) {
+      say('error', error.message, 'The base backup was not taken');
+    } finally {
+      setBusy(false);
+      await refresh();
+    }
+  }
+
+  /** Shows the restore's step from /gateway/status until `done` resolves. */
+  async function followProgress(done) {
+    progress.hidden = false;
+    let finished = false;
+    done.finally(() => { finished = true; });
+    while (!finished) {
+      try {
+        const status = await (await fetch('/gateway/status', { headers: { accept: 'application/json' } })).json();
+        const r = status.restore;
+        if (r && r.state === 'running') {
+          progress.value = r.percent;
+          say('info', `${r.step} (${r.percent}%)`, 'Restoring… ');
+        }
+      } catch { /* the gateway answers again in a moment */ }
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+    progress.hidden = true;
+  }
+
+  async function restoreToTime() {
+    if (busy || !picker.value) return;
+    const when = new Date(picker.value);
+    if (Number.isNaN(when.getTime())) return;
+    const target = when.toISOString();
+    const confirmed = await confirmDialog({
+      title: 'Restore the database to this time?',
+      body: [
+        h('p', {}, 'The database will be rewound to ', h('strong', { id: 'pitr-confirm-time' }, formatDate(target)),
+          '. Everything written after that moment will no longer be in it.'),
+        h('p', {}, 'While it restores, the database is stopped and requests that need it answer "unavailable"; this page shows the progress. ',
+          'The current data is not deleted: the server keeps it aside (omni-gateway restore --discard-previous removes it), ',
+          'and if anything fails it is put back and serves again.'),
+      ],
+      confirmLabel: 'Restore',
+      danger: true,
+    });
+    if (!confirmed) return;
+    setBusy(true);
+    say('info', `Restoring to ${formatDate(target)}…`, 'Restoring… ');
+    const call = authedCall('/api/v1/backup/restore-to', { method: 'POST', json: { target_time: target } });
+    const watching = followProgress(call);
+    let sessionGone = false;
+    try {
+      const result = await call;
+      await watching;
+      say('ok', `From base backup ${result.base_backup} in ${(result.took_ms / 1000).toFixed(1)} s; the database serves again.`,
+        `Restored to ${formatDate(target)}. `);
+      // Sessions live in the database too: one opened after that moment is
+      // gone with the rest. Say so on the sign-in page instead of a bare sign-out.
+      if (!(await whoAmI({ fresh: true }).catch(() => true))) {
+        sessionGone = true;
+        signedOutAfterRestore(`Restored to ${formatDate(target)}. Your session began after that moment, so it was rewound with the data: sign in again.`);
+      }
+    } catch (error) {
+      await watching;
+      say('error', error.message, 'The restore did not happen. ');
+    } finally {
+      setBusy(false);
+      if (!sessionGone) await refresh();
+    }
+  }
+
+  const card = h('section', { class: 'card', 'aria-labelledby': 'pitr-title', id: 'pitr' },
+    h('h2', { id: 'pitr-title' }, 'Point-in-time recovery'),
+    windowText,
+    h('div', { class: 'actions' },
+      h('label', { for: 'pitr-time' }, 'Restore to '), picker, restoreButton, baseButton),
+    progress,
+    message,
+    list);
+  return { card, refresh };
+}
+
 export async function render(main) {
   const message = h('div', { id: 'backup-message', role: 'status', 'aria-live': 'polite' });
   const list = h('div', { class: 'table-wrap' }, h('p', { class: 'loading' }, 'Loading backups…'));
   let busy = false;
+  const pitr = pointInTime();
 
   const createButton = h('button', { type: 'button', class: 'btn btn-primary', id: 'create-backup', onclick: create }, 'Create backup');
 
@@ -198,6 +362,7 @@ export async function render(main) {
       h('div', {}, h('h1', {}, 'Backups'), h('p', {}, 'Full copies of the database, made with pg_dump.')),
       createButton),
     message,
-    h('section', { class: 'card', 'aria-label': 'Backup files' }, list)));
-  await refresh();
+    h('section', { class: 'card', 'aria-label': 'Backup files' }, list),
+    pitr.card));
+  await Promise.all([refresh(), pitr.refresh()]);
 }

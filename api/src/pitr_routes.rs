@@ -1,0 +1,181 @@
+//! Point-in-time recovery (issue 14), behind the API key:
+//! `GET /api/v1/backup/window`, `POST /api/v1/backup/base`,
+//! `POST /api/v1/backup/restore-to`.
+//!
+//! The WAL archive and the cluster belong to the gateway, so these handlers
+//! only check their input and ask the gateway on loopback
+//! (`OMNI_GATEWAY_URL` + `/gateway/internal/pitr/…`, with the per-start
+//! secret `OMNI_GATEWAY_TOKEN`), relaying its answer. A restore answers once
+//! the restored cluster serves again: this worker stays up through it (its
+//! pool answers 503 while PostgreSQL is down and reconnects after), holding
+//! the request open; the gateway's proxy allows it that long. Progress is in
+//! `GET /gateway/status` (`restore`) meanwhile.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::{extract::State, http::StatusCode, Json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{
+    errors::{ApiError, ApiJson, ErrorBody},
+    routes::AppState,
+};
+
+/// What `target_time` must look like.
+pub const TARGET_PATTERN: &str = r"^(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2}))$";
+/// Reading the window is quick.
+const QUICK: Duration = Duration::from_secs(30);
+/// A base backup copies the whole cluster.
+const BASE_BACKUP_LIMIT: Duration = Duration::from_secs(6 * 3600);
+/// A restore replays up to an hour of WAL, then stops and starts.
+const RESTORE_LIMIT: Duration = Duration::from_secs(3600 + 600);
+
+#[derive(Deserialize, ToSchema)]
+pub struct RestoreTo {
+    /// `latest` (everything archived), or an RFC 3339 time inside the
+    /// recoverable window (`GET /api/v1/backup/window`).
+    #[schema(pattern = r"^(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2}))$", example = "2026-11-25T16:00:00Z")]
+    target_time: String,
+}
+
+/// A verified base backup (`pg_basebackup`, checked by `pg_verifybackup`).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BaseBackup {
+    id: String,
+    #[schema(format = DateTime)]
+    started_at: String,
+    /// A restore can reach any time from here on.
+    #[schema(format = DateTime)]
+    finished_at: String,
+    bytes: u64,
+    /// Always true: only a backup that passed `pg_verifybackup` is kept.
+    verified: bool,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Drill {
+    #[schema(format = DateTime)]
+    at: String,
+    ok: bool,
+    detail: Option<String>,
+}
+
+/// What a restore can reach.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Window {
+    /// The end of the oldest verified base backup; null before the first one.
+    #[schema(format = DateTime)]
+    earliest: Option<String>,
+    /// The last write into the WAL archive; null before the first base backup.
+    #[schema(format = DateTime)]
+    latest: Option<String>,
+    /// Whether WAL streams now (then any time up to now can be reached).
+    streaming: bool,
+    /// Newest first.
+    base_backups: Vec<BaseBackup>,
+    /// The last restore drill.
+    last_drill: Option<Drill>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RestoredTo {
+    /// `latest` or the time restored to.
+    target: String,
+    /// The base backup the restore started from.
+    base_backup: String,
+    /// The data directory as it was, kept aside
+    /// (`omni-gateway restore --discard-previous` deletes it).
+    previous_data_dir: Option<String>,
+    took_ms: u64,
+    serving: bool,
+}
+
+fn target_pattern() -> &'static regex::Regex {
+    static PATTERN: OnceLock<regex::Regex> = OnceLock::new();
+    PATTERN.get_or_init(|| regex::Regex::new(TARGET_PATTERN).expect("a valid pattern"))
+}
+
+/// Asks the gateway; its JSON errors are passed on as they are.
+async fn gateway<T: serde::de::DeserializeOwned>(state: &AppState, method: axum::http::Method, what: &str, body: Option<serde_json::Value>, limit: Duration) -> Result<T, ApiError> {
+    let (Some(url), Some(token)) = (&state.settings.gateway_url, &state.settings.gateway_token) else {
+        return Err(ApiError::not_found(
+            "no_gateway",
+            "this worker runs without a gateway (OMNI_GATEWAY_URL/OMNI_GATEWAY_TOKEN unset), and point-in-time recovery is the gateway's: run omni-gateway",
+        ));
+    };
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().map_err(|e| ApiError::internal("OMNI_GATEWAY_URL is not host:port", e))?;
+    let path = format!("/gateway/internal/pitr/{what}");
+    let body = body.map(|b| axum::body::Bytes::from(b.to_string()));
+    let answer = omni_contract::probe::send(addr, method, &path, &[("x-omni-gateway-token", token)], body, limit)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "gateway_unreachable", format!("the gateway did not answer: {e}")))?;
+    if answer.status == 200 {
+        return serde_json::from_slice(&answer.body).map_err(|e| ApiError::internal("the gateway's answer was not understood", e));
+    }
+    let error: omni_contract::error_body::ErrorBody = serde_json::from_slice(&answer.body).map_err(|e| ApiError::internal("the gateway's error was not understood", e))?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Err(ApiError::new(status, leak_code(&error.code), error.detail))
+}
+
+/// The gateway's error codes, as the `&'static str` an [`ApiError`] carries.
+fn leak_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large",
+    ];
+    KNOWN.iter().find(|k| **k == code).copied().unwrap_or("gateway_error")
+}
+
+/// The recoverable window, the base backups with their verification, the last drill.
+#[utoipa::path(get, path = "/api/v1/backup/window", tag = "backups", security(("api_key" = [])), responses(
+    (status = 200, description = "The window: `earliest`/`latest` are those of `omni-gateway restore --window`", body = Window),
+    (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+    (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
+    (status = 409, description = "No WAL archive here: `DATABASE_URL` or memory mode (`pitr_unavailable`)", body = ErrorBody),
+    (status = 502, description = "The gateway did not answer", body = ErrorBody),
+    (status = 503, description = "The gateway is still starting", body = ErrorBody),
+))]
+pub async fn window(State(state): State<AppState>) -> Result<Json<Window>, ApiError> {
+    gateway(&state, axum::http::Method::GET, "window", None, QUICK).await.map(Json)
+}
+
+/// Take a base backup now; answers once it is copied and verified.
+#[utoipa::path(post, path = "/api/v1/backup/base", tag = "backups", security(("api_key" = [])), responses(
+    (status = 200, description = "Taken and verified with pg_verifybackup", body = BaseBackup),
+    (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+    (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
+    (status = 409, description = "No WAL archive here (`pitr_unavailable`), or a restore or another base backup is running (`pitr_busy`)", body = ErrorBody),
+    (status = 500, description = "pg_basebackup or pg_verifybackup failed; nothing was kept", body = ErrorBody),
+    (status = 502, description = "The gateway did not answer", body = ErrorBody),
+    (status = 503, description = "PostgreSQL is not serving, or the gateway is still starting", body = ErrorBody),
+))]
+pub async fn base(State(state): State<AppState>) -> Result<Json<BaseBackup>, ApiError> {
+    gateway(&state, axum::http::Method::POST, "base", None, BASE_BACKUP_LIMIT).await.map(Json)
+}
+
+/// Restore the database to a point in time; answers once it serves again.
+///
+/// The gateway stops the WAL streamer and PostgreSQL, moves the data
+/// directory aside, restores the newest base backup before the target,
+/// replays WAL up to it and starts again; any failure puts the previous data
+/// directory back. Progress: `GET /gateway/status` → `restore`.
+#[utoipa::path(post, path = "/api/v1/backup/restore-to", tag = "backups", security(("api_key" = [])),
+    request_body = RestoreTo,
+    responses(
+        (status = 200, description = "Restored and serving again", body = RestoredTo),
+        (status = 400, description = "Bad body, `target_time` not `latest` or an RFC 3339 time (`invalid_target_time`), or outside the recoverable window (`outside_window`, the message gives the window)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
+        (status = 409, description = "No WAL archive here (`pitr_unavailable`), no base backup yet (`no_base_backup`), or a restore or base backup is already running (`pitr_busy`)", body = ErrorBody),
+        (status = 500, description = "The restore failed; the previous data directory is back and serving (`restore_failed`)", body = ErrorBody),
+        (status = 502, description = "The gateway did not answer", body = ErrorBody),
+        (status = 503, description = "The gateway is still starting", body = ErrorBody),
+))]
+pub async fn restore_to(State(state): State<AppState>, ApiJson(body): ApiJson<RestoreTo>) -> Result<Json<RestoredTo>, ApiError> {
+    let target = body.target_time.trim();
+    if !target_pattern().is_match(target) {
+        return Err(ApiError::bad_request("invalid_target_time", format!("{target:?} is neither \"latest\" nor an RFC 3339 time such as 2026-11-25T16:00:00Z")));
+    }
+    gateway(&state, axum::http::Method::POST, "restore-to", Some(serde_json::json!({ "target_time": target })), RESTORE_LIMIT).await.map(Json)
+}
