@@ -47,10 +47,14 @@ fn contents(client: &mut postgres::Client) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Waits until the target holds exactly the source's tables and rows.
+/// Waits until the target holds exactly the app database's tables and rows.
 fn wait_identical(gw: &Gateway, target_url: &str, timeout: Duration) -> BTreeMap<String, String> {
-    let mut source = gw.db();
-    source.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").unwrap();
+    wait_identical_db(gw, "omni", target_url, timeout)
+}
+
+/// Waits until the target holds exactly the tables and rows of the embedded database `db`.
+fn wait_identical_db(gw: &Gateway, db: &str, target_url: &str, timeout: Duration) -> BTreeMap<String, String> {
+    let mut source = connect(&embedded_url(gw).replace("/omni", &format!("/{db}")));
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let want = contents(&mut source);
@@ -311,6 +315,99 @@ fn target_killed_and_down_for_30_s_under_writes_shows_backoff_and_catches_up() {
     });
 }
 
+/// `PGSERVE_REPLICATION_DATABASES` adds databases of the embedded cluster,
+/// each into its namesake on the target server, created by the relay when
+/// its role may. Until then the status says what is missing, the app
+/// database streams regardless.
+#[test]
+fn another_database_goes_into_its_namesake_created_once_the_role_may() {
+    let target = TempPostgres::start_new();
+    let mut admin = target.client();
+    admin.batch_execute("CREATE ROLE rep LOGIN").unwrap();
+    admin.batch_execute("CREATE DATABASE copy OWNER rep").unwrap();
+    let copy_url = format!("postgres://rep@127.0.0.1:{}/copy", target.port());
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &copy_url).env("PGSERVE_REPLICATION_DATABASES", "omni,extra").start();
+    put_preference(&gw, "44444444-4444-4444-8444-444444444444", "theme", "dark");
+    wait_identical(&gw, &copy_url, Duration::from_secs(30));
+    // The rows arrive before the copy is recorded on the target; streaming starts after.
+    gw.wait_component("replication", "the app database to stream", Duration::from_secs(30), |c| c["per_database"][0]["state"] == "ready");
+    let waiting = |what: &str, needle: &'static str| {
+        gw.wait_component("replication", what, Duration::from_secs(30), move |c| {
+            c["per_database"][1]["state"] == "backoff" && c["per_database"][1]["detail"].as_str().is_some_and(|d| d.contains(needle))
+        })
+    };
+    // The embedded cluster has no database `extra` yet.
+    let status = waiting("extra to wait for its embedded database", "connecting to the embedded database extra");
+    assert_eq!(status["per_database"][0]["state"], "ready", "the app database streams meanwhile: {status}");
+    assert_eq!(status["state"], "backoff", "the component shows the database holding it back: {status}");
+    assert!(status["detail"].as_str().unwrap().starts_with("extra: "), "{status}");
+
+    gw.db().batch_execute("CREATE DATABASE extra").unwrap();
+    let extra_url = embedded_url(&gw).replace("/omni", "/extra");
+    connect(&extra_url)
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes SELECT i, 'note ' || i FROM generate_series(1, 300) i")
+        .unwrap();
+    // The target server has no `extra` and `rep` may not create databases: the status says what to do.
+    let status = waiting("extra to wait for a database on the target", "CREATEDB");
+    assert!(!status.to_string().contains("rep@"), "no credentials in the status: {status}");
+
+    target.client().batch_execute("ALTER ROLE rep CREATEDB").unwrap();
+    let target_extra = format!("postgres://rep@127.0.0.1:{}/extra", target.port());
+    let tables = wait_identical_db(&gw, "extra", &target_extra, Duration::from_secs(30));
+    assert_eq!(tables["public.notes"].lines().count(), 300);
+    connect(&extra_url).batch_execute("UPDATE notes SET body = 'changed' WHERE id <= 10; CREATE TABLE later (k text PRIMARY KEY); INSERT INTO later VALUES ('a')").unwrap();
+    let tables = wait_identical_db(&gw, "extra", &target_extra, Duration::from_secs(10));
+    assert!(tables.contains_key("public.later"), "{:?}", tables.keys());
+    let owner: String = connect(&target_extra).query_one("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = 'extra'", &[]).unwrap().get(0);
+    assert_eq!(owner, "rep", "the relay created the database with its own role");
+    let status = gw.wait_component("replication", "both databases to stream", Duration::from_secs(10), |c| c["state"] == "ready");
+    assert_eq!(status["databases"], json!(["omni", "extra"]));
+    assert_eq!(status["per_database"][1]["target_database"], "extra");
+    // The app database still streams into the URL's database, untouched by the other.
+    put_preference(&gw, "44444444-4444-4444-8444-444444444444", "lang", "de");
+    let app = wait_identical(&gw, &copy_url, Duration::from_secs(10));
+    assert!(!app.contains_key("public.notes"), "extra's tables stay out of the app database's target");
+}
+
+/// `*`: every database of the embedded cluster that is not a template,
+/// listed at the start.
+#[test]
+fn a_star_replicates_every_database_but_the_templates() {
+    let target = TempPostgres::start_new();
+    let copy_url = target_database(&target, "copy");
+    let dir = workdir();
+    {
+        let mut gw = GatewayBuilder::new(dir.path()).start();
+        gw.db().batch_execute("CREATE DATABASE second").unwrap();
+        connect(&embedded_url(&gw).replace("/omni", "/second"))
+            .batch_execute("CREATE TABLE s (id int PRIMARY KEY, v text); INSERT INTO s SELECT i, md5(i::text) FROM generate_series(1, 100) i")
+            .unwrap();
+        assert!(gw.terminate().success());
+    }
+    let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &copy_url).env("PGSERVE_REPLICATION_DATABASES", "*").start();
+    let status = gw.wait_component("replication", "every database to stream", Duration::from_secs(60), |c| c["state"] == "ready");
+    assert_eq!(status["databases"], json!(["omni", "postgres", "second"]), "templates are left out: {status}");
+    let second_url = format!("postgres://postgres@127.0.0.1:{}/second", target.port());
+    let tables = wait_identical_db(&gw, "second", &second_url, Duration::from_secs(10));
+    assert_eq!(tables["public.s"].lines().count(), 100);
+    wait_identical(&gw, &copy_url, Duration::from_secs(10));
+}
+
+/// A list that would send a second database into the URL's own database is
+/// refused before anything starts, naming the variable.
+#[test]
+fn a_database_list_colliding_with_the_urls_database_is_refused_at_start() {
+    let dir = workdir();
+    let (status, log) = GatewayBuilder::new(dir.path())
+        .env("PGSERVE_REPLICATION_URL", "postgres://rep:secret@127.0.0.1:9/copy")
+        .env("PGSERVE_REPLICATION_DATABASES", "omni,copy")
+        .run_to_exit();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("PGSERVE_REPLICATION_DATABASES") && log.contains("copy"), "{log}");
+    assert!(!log.contains("secret"), "{log}");
+}
+
 #[test]
 fn replicates_into_postgres_17() {
     let target = TempPostgres::start_new_with(&pg17_bin_dir());
@@ -380,6 +477,12 @@ fn replication_beside_database_url_is_refused_with_a_message() {
     assert!(!log.contains("secret"), "the password is never shown: {log}");
 }
 
+/// Past `PGSERVE_REPLICATION_MAX_WAL_MB` while the target is down, the relay
+/// drops its slot and says so; once the target is back a full copy runs by
+/// itself. A copy that fails (here: a view on the target blocks
+/// `pg_restore --clean`) is retried as a copy, never followed by streaming
+/// from the slot it made, which would skip what the target missed. The small
+/// cap is the relay's alone: the point-in-time recovery stream is not cut.
 #[test]
 fn an_invalidated_slot_is_reported_and_a_full_copy_runs_by_itself() {
     let mut target = TempPostgres::start_new();
@@ -387,30 +490,79 @@ fn an_invalidated_slot_is_reported_and_a_full_copy_runs_by_itself() {
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).env("PGSERVE_REPLICATION_MAX_WAL_MB", "1").start();
     gw.wait_component("replication", "the relay to stream", Duration::from_secs(60), |c| c["state"] == "ready");
+    gw.wait_component("wal", "the WAL streamer", Duration::from_secs(60), |c| c["state"] == "ready");
     let mut db = gw.db();
     db.batch_execute("CREATE TABLE big (id serial PRIMARY KEY, pad text)").unwrap();
     wait_identical(&gw, &target_url, Duration::from_secs(30));
+    connect(&target_url).batch_execute("CREATE VIEW holds_big AS SELECT * FROM public.big").unwrap();
 
     target.stop();
-    // Past the 1 MB cap: each switch starts a new segment, and the checkpoint
-    // drops the ones the slot held (kept small: the re-copy is what is timed).
-    wait_until(Duration::from_secs(120), "the slot to be invalidated", || {
-        db.batch_execute("INSERT INTO big (pad) SELECT repeat('x', 1000) FROM generate_series(1, 100); SELECT pg_switch_wal(); CHECKPOINT").unwrap();
-        let s: String = db.query_one("SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'omni_relay_omni'", &[]).unwrap().get(0);
-        (s == "lost").then_some(())
+    // Past the 1 MB cap: each switch starts a new segment (kept small: the
+    // re-copy is what is timed). The relay checks at each retry.
+    wait_until(Duration::from_secs(120), "the relay to drop its slot", || {
+        db.batch_execute("INSERT INTO big (pad) SELECT repeat('x', 1000) FROM generate_series(1, 100); SELECT pg_switch_wal()").unwrap();
+        let n: i64 = db.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'omni_relay_omni'", &[]).unwrap().get(0);
+        (n == 0).then_some(())
     });
+    db.batch_execute("INSERT INTO big (pad) VALUES ('while the target was away')").unwrap();
     target.start();
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let c = loop {
-        let c = gw.component("replication");
-        if c["state"] == "ready" && c["last_copy"].as_str().is_some_and(|s| s.contains("invalidated")) {
-            break c;
-        }
-        assert!(std::time::Instant::now() < deadline, "no full copy after the invalidation: {c}\n{}", gw.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // The copy fails on the view, and keeps failing as a copy.
+    let failing = gw.wait_component("replication", "the copy to fail on the view, twice", Duration::from_secs(60), |c| {
+        c["state"] == "backoff"
+            && c["per_database"][0]["attempts"].as_u64().is_some_and(|a| a >= 2)
+            && c["detail"].as_str().is_some_and(|d| d.contains("pg_restore") && d.contains("holds_big"))
+    });
+    assert_ne!(failing["per_database"][0]["state"], "ready", "{failing}");
+    connect(&target_url).batch_execute("DROP VIEW holds_big").unwrap();
+    let c = gw.wait_component("replication", "a full copy after the invalidation", Duration::from_secs(90), |c| {
+        c["state"] == "ready" && c["last_copy"].as_str().is_some_and(|s| s.contains("invalidated"))
+    });
     assert!(c["last_copy"].as_str().unwrap().contains("PGSERVE_REPLICATION_MAX_WAL_MB"), "{c}");
     db.batch_execute("INSERT INTO big (pad) VALUES ('after the re-copy')").unwrap();
     let tables = wait_identical(&gw, &target_url, Duration::from_secs(30));
-    assert!(tables["public.big"].contains("after the re-copy"));
+    assert!(tables["public.big"].contains("while the target was away") && tables["public.big"].contains("after the re-copy"));
+    let log = gw.log();
+    assert!(log.contains("more than PGSERVE_REPLICATION_MAX_WAL_MB=1 allows"), "the drop is said in the log");
+    assert!(!log.contains("omni_wal lost WAL"), "the point-in-time recovery stream kept its WAL:\n{log}");
+    let cap: String = db.query_one("SHOW max_slot_wal_keep_size", &[]).unwrap().get(0);
+    assert_eq!(cap, "1GB", "PostgreSQL's cap, shared by every slot, stays the streamer's");
+}
+
+/// `sslmode`/`sslrootcert` in `PGSERVE_REPLICATION_URL` mean what they mean
+/// to libpq: with `verify-full` a certificate from another CA is refused
+/// (shown as `backoff`), the right CA replicates — the relay's connections
+/// and the initial copy's `pg_restore` alike, since the target rejects every
+/// unencrypted connection of the relay's role.
+#[test]
+fn tls_to_the_target_with_verify_full_refuses_a_strangers_certificate_and_encrypts_everything() {
+    let mut target = TempPostgres::start_new();
+    let ca = target.with_tls_required_for("rep");
+    let other_ca = omni_tests::make_test_ca(ca.parent().unwrap(), "stranger");
+    let mut admin = target.client();
+    admin.batch_execute("CREATE ROLE rep LOGIN").unwrap();
+    admin.batch_execute("CREATE DATABASE copy OWNER rep").unwrap();
+    let url = |ca: &std::path::Path| format!("postgres://rep@127.0.0.1:{}/copy?sslmode=verify-full&sslrootcert={}", target.port(), ca.display());
+    // The test's own view of the target, as the superuser (not bound to TLS).
+    let check_url = format!("postgres://postgres@127.0.0.1:{}/copy", target.port());
+
+    let dir = workdir();
+    {
+        let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", url(&other_ca)).start();
+        put_preference(&gw, "55555555-5555-4555-8555-555555555555", "theme", "dark");
+        let refused = gw.wait_component("replication", "a certificate from another CA to be refused", Duration::from_secs(30), |c| {
+            c["state"] == "backoff" && c["detail"].as_str().is_some_and(|d| d.to_lowercase().contains("certificate"))
+        });
+        assert!(!refused.to_string().contains("rep@"), "{refused}");
+        assert_eq!(gw.get("/health").status, 200, "replication is not on the request path");
+        assert!(gw.terminate().success());
+    }
+    let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", url(&ca)).start();
+    put_preference(&gw, "55555555-5555-4555-8555-555555555555", "lang", "pt");
+    let tables = wait_identical(&gw, &check_url, Duration::from_secs(30));
+    assert!(tables["public.omni_user_preferences"].contains("pt"), "{tables:?}");
+    let encrypted: i64 = connect(&check_url)
+        .query_one("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'rep' AND s.ssl", &[])
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the relay's connection to the target is encrypted");
 }

@@ -19,6 +19,7 @@ pub mod pgoutput;
 pub mod relay;
 pub mod source;
 pub mod status;
+pub mod tls;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ use crate::postgres::cluster::{Cluster, APP_DATABASE};
 use crate::status::{Board, State};
 use crate::supervisor::{decide, Decision, Outcome};
 use relay::DbRelay;
-use status::RelayView;
+use status::{DbView, RelayView};
 
 /// The relay's retries are cheap (two connections): never wait longer than
 /// this for a target that came back.
@@ -46,7 +47,7 @@ pub struct ReplicationConfig {
     pub url: String,
     /// `PGSERVE_REPLICATION_DATABASES` as written; empty = `omni` alone.
     pub databases: Vec<String>,
-    /// `PGSERVE_REPLICATION_MAX_WAL_MB`: `max_slot_wal_keep_size`.
+    /// `PGSERVE_REPLICATION_MAX_WAL_MB`: the most WAL the relay's slot may hold.
     pub max_wal_mb: u64,
 }
 
@@ -56,7 +57,9 @@ impl ReplicationConfig {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err("expected a URL starting with postgres:// or postgresql://".into());
         }
-        let config: tokio_postgres::Config = url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        let (url, tls) = tls::split_url(url)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        tls::configure(&mut config, &tls);
         if config.get_dbname().is_none() {
             return Err("the URL must name the database omni replicates into (postgres://user:password@host:5432/DATABASE)".into());
         }
@@ -64,6 +67,11 @@ impl ReplicationConfig {
             return Err("the URL must name a user (postgres://USER:password@host:5432/database)".into());
         }
         Ok(config)
+    }
+
+    /// The URL's TLS settings (`sslmode`, `sslrootcert`).
+    pub fn tls(&self) -> Result<tls::TargetTls, String> {
+        tls::split_url(&self.url).map(|(_, t)| t)
     }
 
     /// `host:port/database`, what the status shows of the target.
@@ -81,16 +89,62 @@ impl ReplicationConfig {
         }
     }
 
-    /// Embedded databases to replicate. Only the app database for now:
-    /// `PGSERVE_REPLICATION_DATABASES` beyond `omni` is reported, not acted on.
-    pub fn replicated_databases(&self) -> Vec<String> {
-        vec![APP_DATABASE.to_string()]
+    /// `*` in `PGSERVE_REPLICATION_DATABASES`: every database of the
+    /// embedded cluster that is not a template (resolved at each start).
+    pub fn wants_every_database(&self) -> bool {
+        self.databases.iter().any(|d| d == "*")
+    }
+
+    /// The embedded databases to replicate when they are named: the app
+    /// database always, then the list in its order, without repeats.
+    pub fn named_databases(&self) -> Vec<String> {
+        let mut out = vec![APP_DATABASE.to_string()];
+        for d in &self.databases {
+            if d != "*" && !out.contains(d) {
+                out.push(d.clone());
+            }
+        }
+        out
+    }
+
+    /// Where the embedded database `db` goes on the target server: the app
+    /// database into the URL's database, every other into the database of
+    /// the same name. `Err` when that would share a target database with
+    /// the app database (two databases' tables in one would collide).
+    pub fn target_database(&self, db: &str) -> Result<String, String> {
+        let url_db = Self::parse_url(&self.url)?.get_dbname().unwrap_or_default().to_string();
+        if db == APP_DATABASE {
+            return Ok(url_db);
+        }
+        if db == url_db {
+            return Err(format!(
+                "the embedded database {db} would be replicated into {db} on the target, which PGSERVE_REPLICATION_URL already gives to the app database {APP_DATABASE}: point the URL at another database, or leave {db} out of PGSERVE_REPLICATION_DATABASES"
+            ));
+        }
+        Ok(db.to_string())
+    }
+
+    /// Checks the list as written (the `doctor` and start-up check).
+    pub fn check_databases(&self) -> Result<(), String> {
+        for d in &self.databases {
+            if d == "*" {
+                continue;
+            }
+            if d.len() > 63 || d.contains('\0') {
+                return Err(format!("{d:?} is not a PostgreSQL database name (at most 63 bytes)"));
+            }
+            self.target_database(d)?;
+        }
+        Ok(())
     }
 }
 
-/// Server settings the embedded cluster needs for the relay.
+/// Server settings the embedded cluster needs for the relay. The relay keeps
+/// its own cap (`relay.rs`); PostgreSQL's, one for every slot, is never set
+/// below the WAL streamer's, so a small relay cap cannot cut point-in-time
+/// recovery's stream.
 pub fn server_settings(max_wal_mb: u64) -> [String; 2] {
-    ["wal_level=logical".to_string(), format!("max_slot_wal_keep_size={max_wal_mb}MB")]
+    ["wal_level=logical".to_string(), format!("max_slot_wal_keep_size={}MB", max_wal_mb.max(crate::wal::MAX_SLOT_WAL_KEEP_MB))]
 }
 
 /// The running relay, for the stop.
@@ -108,52 +162,103 @@ impl Running {
     }
 }
 
-/// Starts the relay for the app database; the board shows it as `replication`.
+/// Starts the relay: one supervised run per replicated database, shown
+/// together on the board as `replication`.
 pub fn spawn(config: &ReplicationConfig, cluster: &Arc<Cluster>, restart: RestartPolicy, board: &Board, tasks: &TaskTracker) -> Result<Running> {
-    let target = ReplicationConfig::parse_url(&config.url).map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_URL")?;
-    let databases = config.replicated_databases();
-    let extra: Vec<&String> = config.databases.iter().filter(|d| d.as_str() != APP_DATABASE).collect();
-    if !extra.is_empty() {
-        tracing::warn!(
-            "PGSERVE_REPLICATION_DATABASES names {extra:?}: this version replicates the app database {APP_DATABASE} only; the others are not sent"
-        );
-    }
-    let view = Arc::new(Mutex::new(RelayView::new(config.display_target(), databases.clone())));
+    ReplicationConfig::parse_url(&config.url).map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_URL")?;
+    config.check_databases().map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_DATABASES")?;
+    let view = Arc::new(Mutex::new(RelayView::new(config.display_target())));
     board.set_replication(view.clone());
-    let relay = DbRelay {
-        source_db: APP_DATABASE.to_string(),
-        source: cluster.pg_config(APP_DATABASE),
-        target,
-        bin_dir: cluster.binaries.dir.clone(),
-        view,
-    };
-    tracing::info!("replicating {databases:?} to {}", config.display_target());
     let stop = CancellationToken::new();
     let restart = RestartPolicy { backoff_max: restart.backoff_max.min(MAX_RETRY_DELAY), ..restart };
-    let task = tasks.spawn(supervise(relay, restart, stop.clone()));
+    let tls = Arc::new(config.tls().map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_URL")?);
+    let (config, cluster, runs, token) = (config.clone(), cluster.clone(), tasks.clone(), stop.clone());
+    let task = tasks.spawn(async move {
+        let Some(databases) = databases_to_replicate(&config, &cluster, &view, &token).await else { return };
+        tracing::info!("replicating {databases:?} to {}", config.display_target());
+        let mut handles = Vec::new();
+        for (index, db) in databases.iter().enumerate() {
+            let mut target = ReplicationConfig::parse_url(&config.url).expect("checked above");
+            let target_db = config.target_database(db);
+            view.lock().unwrap_or_else(|e| e.into_inner()).dbs.push(DbView::new(db.clone(), target_db.clone().unwrap_or_default()));
+            let relay = DbRelay {
+                source_db: db.clone(),
+                source: cluster.pg_config(db),
+                create_from: (db != APP_DATABASE).then(|| target.clone()),
+                target: target.dbname(target_db.as_deref().unwrap_or(db)).clone(),
+                tls: tls.clone(),
+                bin_dir: cluster.binaries.dir.clone(),
+                view: view.clone(),
+                index,
+                max_wal_bytes: i64::try_from(config.max_wal_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX),
+                dropped_over_cap: Default::default(),
+            };
+            match target_db {
+                Ok(_) => handles.push(runs.spawn(supervise(relay, restart, token.clone()))),
+                // Only a `*` list reaches this (a named one is checked at
+                // start): that database is shown as not replicable, the others go on.
+                Err(why) => transition(&relay, State::Failed, Some(why)),
+            }
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+    });
     Ok(Running { stop, task })
 }
 
-/// Runs the relay until `stop`, retrying failed runs with backoff.
+/// The databases to replicate: the named ones, or with `*` every database
+/// of the embedded cluster that accepts connections and is not a template
+/// (listed once, at this start: a database created later joins at the next
+/// start or SIGHUP-free restart of the gateway). `None` when stopped first.
+async fn databases_to_replicate(config: &ReplicationConfig, cluster: &Cluster, view: &Mutex<RelayView>, stop: &CancellationToken) -> Option<Vec<String>> {
+    if !config.wants_every_database() {
+        return Some(config.named_databases());
+    }
+    loop {
+        let listed = async {
+            let client = crate::postgres::connect(&cluster.pg_config(APP_DATABASE)).await?;
+            let rows = client.query("SELECT datname::text FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname", &[]).await?;
+            anyhow::Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+        };
+        match listed.await {
+            Ok(all) => {
+                let mut out = config.named_databases();
+                out.extend(all.into_iter().filter(|d| !out.contains(d)).collect::<Vec<_>>());
+                view.lock().unwrap_or_else(|e| e.into_inner()).detail = None;
+                return Some(out);
+            }
+            Err(e) => {
+                view.lock().unwrap_or_else(|e| e.into_inner()).detail = Some(format!("listing the embedded databases for PGSERVE_REPLICATION_DATABASES=*: {e:#}"));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Runs one database's relay until `stop`, retrying failed runs with backoff.
 async fn supervise(relay: DbRelay, restart: RestartPolicy, stop: CancellationToken) {
     let mut failures = 0;
     let mut first = true;
     loop {
-        transition(&relay.view, State::Starting, (failures > 0).then(|| format!("attempt {}", failures + 1)));
+        transition(&relay, State::Starting, (failures > 0).then(|| format!("attempt {}", failures + 1)));
         if !first {
-            relay.view.lock().unwrap_or_else(|e| e.into_inner()).restarts += 1;
+            relay.set(|v| v.restarts += 1);
         }
         first = false;
         let ready_at: Mutex<Option<Instant>> = Mutex::new(None);
         let result = tokio::select! {
             r = relay.run(&stop, || {
                 *ready_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                transition(&relay.view, State::Ready, None);
+                transition(&relay, State::Ready, None);
             }) => r,
             _ = stop.cancelled() => Ok(()),
         };
         if stop.is_cancelled() {
-            transition(&relay.view, State::Stopped, None);
+            transition(&relay, State::Stopped, None);
             return;
         }
         let why = match result {
@@ -166,40 +271,41 @@ async fn supervise(relay: DbRelay, restart: RestartPolicy, stop: CancellationTok
             unreachable!("only Permanent outcomes give up")
         };
         failures = attempt;
-        {
-            let mut v = relay.view.lock().unwrap_or_else(|e| e.into_inner());
+        relay.set(|v| {
             v.attempts = attempt;
             v.next_retry = Some(Instant::now() + delay);
-        }
-        transition(&relay.view, State::Backoff, Some(format!("attempt {attempt}, next in {:.1} s, last: {why}", delay.as_secs_f64())));
+        });
+        transition(&relay, State::Backoff, Some(format!("attempt {attempt}, next in {:.1} s, last: {why}", delay.as_secs_f64())));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => {
-                transition(&relay.view, State::Stopped, None);
+                transition(&relay, State::Stopped, None);
                 return;
             }
         }
     }
 }
 
-/// Moves the relay's state, logging the change as the board does for children.
-fn transition(view: &Mutex<RelayView>, state: State, detail: Option<String>) {
-    let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
-    if v.state != state {
-        match (&detail, state) {
-            (Some(d), State::Backoff) => tracing::warn!(component = "replication", "{} → {state}: {d}", v.state),
-            (Some(d), _) => tracing::info!(component = "replication", "{} → {state}: {d}", v.state),
-            (None, _) => tracing::info!(component = "replication", "{} → {state}", v.state),
+/// Moves one database's relay state, logging the change as the board does for children.
+fn transition(relay: &DbRelay, state: State, detail: Option<String>) {
+    let db = relay.source_db.clone();
+    relay.set(|v| {
+        if v.state != state {
+            match (&detail, state) {
+                (Some(d), State::Backoff | State::Failed) => tracing::warn!(component = "replication", database = %db, "{} → {state}: {d}", v.state),
+                (Some(d), _) => tracing::info!(component = "replication", database = %db, "{} → {state}: {d}", v.state),
+                (None, _) => tracing::info!(component = "replication", database = %db, "{} → {state}", v.state),
+            }
         }
-    }
-    if state != State::Backoff {
-        v.next_retry = None;
-    }
-    if state == State::Ready {
-        v.attempts = 0;
-    }
-    v.state = state;
-    v.detail = detail;
+        if state != State::Backoff {
+            v.next_retry = None;
+        }
+        if state == State::Ready {
+            v.attempts = 0;
+        }
+        v.state = state;
+        v.detail = detail;
+    });
 }
 
 #[cfg(test)]
@@ -212,6 +318,21 @@ mod tests {
         assert!(ReplicationConfig::parse_url("postgres://u:p@h:5433").is_err(), "no database");
         let c = ReplicationConfig { url: "postgres://u:secret@db.example:5433/copy".into(), databases: vec![], max_wal_mb: 1024 };
         assert_eq!(c.display_target(), "db.example:5433/copy");
-        assert_eq!(server_settings(64), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=64MB".to_string()]);
+        assert_eq!(server_settings(64), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=1024MB".to_string()]);
+        assert_eq!(server_settings(4096), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=4096MB".to_string()]);
+    }
+
+    #[test]
+    fn other_databases_go_into_their_namesakes_and_never_into_the_app_databases_target() {
+        let c = |dbs: &[&str]| ReplicationConfig { url: "postgres://u@h/copy".into(), databases: dbs.iter().map(|d| d.to_string()).collect(), max_wal_mb: 1 };
+        assert_eq!(c(&[]).named_databases(), ["omni"]);
+        assert_eq!(c(&["extra", "omni", "extra", "*"]).named_databases(), ["omni", "extra"]);
+        assert!(c(&["extra", "*"]).wants_every_database());
+        assert_eq!(c(&[]).target_database("omni").unwrap(), "copy");
+        assert_eq!(c(&[]).target_database("extra").unwrap(), "extra");
+        let clash = c(&["copy"]).check_databases().unwrap_err();
+        assert!(clash.contains("PGSERVE_REPLICATION_URL") && clash.contains("copy"), "{clash}");
+        assert!(c(&[&"x".repeat(64)]).check_databases().is_err());
+        assert!(c(&["*", "extra"]).check_databases().is_ok());
     }
 }

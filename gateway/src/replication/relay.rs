@@ -55,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 use super::apply::{self, literal, Ddl, Relations};
 use super::pgoutput::{self, lsn_to_string, parse_lsn, Message};
 use super::source::{self, SlotState, ToolTarget, DDL_PREFIX, PUBLICATION};
-use super::status::RelayView;
+use super::status::{DbView, RelayView};
 use crate::status::State;
 
 /// Source transactions applied together in one target transaction, up to
@@ -80,9 +80,20 @@ pub struct DbRelay {
     /// The embedded cluster, for the relay's own connections.
     pub source: tokio_postgres::Config,
     pub target: tokio_postgres::Config,
+    /// For a database other than the app's: the URL's own database, from
+    /// which the target database is created when missing.
+    pub create_from: Option<tokio_postgres::Config>,
+    /// TLS to the target (`sslmode`, `sslrootcert` of the URL).
+    pub tls: Arc<super::tls::TargetTls>,
     /// `pg_dump`/`pg_restore` of the embedded cluster.
     pub bin_dir: PathBuf,
+    /// The relay's picture, and which of its databases this one is.
     pub view: Arc<Mutex<RelayView>>,
+    pub index: usize,
+    /// `PGSERVE_REPLICATION_MAX_WAL_MB`, in bytes: the most WAL the slot may hold.
+    pub max_wal_bytes: i64,
+    /// The relay dropped its slot for holding more than that; the next copy says why.
+    pub dropped_over_cap: std::sync::atomic::AtomicBool,
 }
 
 /// What the target says has been applied for this database.
@@ -96,24 +107,29 @@ impl DbRelay {
         format!("omni_relay_{}", self.source_db.to_ascii_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
     }
 
-    fn set(&self, f: impl FnOnce(&mut RelayView)) {
-        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()));
+    pub fn set(&self, f: impl FnOnce(&mut DbView)) {
+        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()).dbs[self.index]);
     }
 
     /// Runs until `stop` (then `Ok`) or a failure (`Err`, retried by the caller).
     pub async fn run(&self, stop: &CancellationToken, announce_ready: impl Fn()) -> Result<()> {
         let db = &self.source_db;
         let src = crate::postgres::connect(&self.source).await.with_context(|| format!("connecting to the embedded database {db}"))?;
-        // The WAL held for the target is shown even while the target is unreachable.
+        // The WAL held for the target is shown even while the target is
+        // unreachable, and the cap is kept then too (each retry passes here).
         if let Ok(held) = slot_lag(&src, &self.slot()).await {
             self.set(|v| {
-                v.lag_bytes = held.max(0) as u64;
-                if held > 0 {
+                v.lag_bytes = held.lag.max(0) as u64;
+                if held.lag > 0 {
                     v.lag_seconds = v.last_applied.and_then(|t| t.elapsed().ok()).map_or(v.lag_seconds, |d| d.as_secs_f64());
                 }
             });
+            let _ = self.keep_cap(&src, held).await?;
         }
-        let tgt = crate::postgres::connect(&self.target).await.context("connecting to the replication target")?;
+        if let Some(admin) = &self.create_from {
+            ensure_target_database(admin, &self.tls, self.target.get_dbname().unwrap_or(db)).await?;
+        }
+        let tgt = super::tls::connect(&self.target, &self.tls).await.context("connecting to the replication target")?;
         let progress_table = prepare_target(&tgt).await?;
         // Every peek starts a decoding session, which PostgreSQL logs at LOG:
         // twenty lines a second in the gateway's log is noise.
@@ -124,8 +140,9 @@ impl DbRelay {
         let state = source::slot_state(&src, &slot).await?;
         let mut progress = read_progress(&tgt, &progress_table, db).await?;
         if state != SlotState::Usable || progress.is_none() {
+            let over_cap = self.dropped_over_cap.load(std::sync::atomic::Ordering::SeqCst);
             let why = match (&state, &progress) {
-                (SlotState::Lost, _) => "the replication slot was invalidated (it held more WAL than PGSERVE_REPLICATION_MAX_WAL_MB allows)",
+                _ if over_cap || state == SlotState::Lost => "the replication slot was invalidated (it held more WAL than PGSERVE_REPLICATION_MAX_WAL_MB allows)",
                 (SlotState::Missing, Some(_)) => "the replication slot is gone",
                 (_, None) => "the target has no copy of this database yet",
                 _ => "",
@@ -136,6 +153,7 @@ impl DbRelay {
                 v.detail = Some(format!("copying {db}: {why}"));
             });
             progress = Some(self.copy(&src, &tgt, &progress_table, &slot).await?);
+            self.dropped_over_cap.store(false, std::sync::atomic::Ordering::SeqCst);
             self.set(|v| v.last_copy = Some(format!("{db}: {why}")));
         }
         let mut progress = progress.expect("read or made above");
@@ -165,7 +183,11 @@ impl DbRelay {
             if let Some(t) = batch.last_commit {
                 last_applied_commit = Some(t);
             }
-            let lag_bytes = slot_lag(&src, &slot).await?;
+            let held = slot_lag(&src, &slot).await?;
+            if self.keep_cap(&src, held).await? {
+                bail!("the replication slot held more WAL than PGSERVE_REPLICATION_MAX_WAL_MB allows: dropped, a full copy follows");
+            }
+            let lag_bytes = held.lag;
             let idle = rows.is_empty();
             self.set(|v| {
                 v.lag_bytes = lag_bytes.max(0) as u64;
@@ -203,10 +225,38 @@ impl DbRelay {
         }
     }
 
+    /// `PGSERVE_REPLICATION_MAX_WAL_MB` is the relay's own cap, kept here:
+    /// PostgreSQL's `max_slot_wal_keep_size` is one setting for every slot,
+    /// and the WAL streamer's slot (point-in-time recovery) must not be
+    /// invalidated by a smaller one. A slot holding more is dropped, as
+    /// PostgreSQL would invalidate it; the next run copies anew. Returns
+    /// whether it dropped the slot.
+    async fn keep_cap(&self, src: &Client, held: Held) -> Result<bool> {
+        if held.held <= self.max_wal_bytes {
+            return Ok(false);
+        }
+        source::drop_slot(src, &self.slot()).await?;
+        self.dropped_over_cap.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(
+            database = %self.source_db,
+            "the replication slot held {} MB of WAL, more than PGSERVE_REPLICATION_MAX_WAL_MB={} allows: dropped it; a full copy runs once the target takes it",
+            held.held >> 20,
+            self.max_wal_bytes >> 20
+        );
+        Ok(true)
+    }
+
     /// The initial copy (see the module docs); returns the progress it recorded.
     async fn copy(&self, src: &Client, tgt: &Client, progress_table: &str, slot: &str) -> Result<Progress> {
         let db = &self.source_db;
         let started = Instant::now();
+        // Whatever progress the target recorded belongs to the old slot: it
+        // goes first, so a copy that fails midway (leaving the new slot) is
+        // copied again by the next run, never streamed from a slot that
+        // skipped everything between the two.
+        tgt.execute(&format!("DELETE FROM {progress_table} WHERE source_database = $1"), &[db])
+            .await
+            .context("clearing the old progress on the target")?;
         source::drop_slot(src, slot).await?;
         let slot_start = source::create_slot(src, slot).await?;
         tracing::info!(database = %db, "created replication slot {slot} at {}", lsn_to_string(slot_start));
@@ -218,7 +268,8 @@ impl DbRelay {
         let copy_lsn = parse_lsn(&row.get::<_, String>(1)).context("the snapshot's LSN")?;
         tracing::info!(database = %db, "copying schema and rows as of snapshot {snapshot} (changes up to {} replayed idempotently)", lsn_to_string(copy_lsn));
         let source_tools = ToolTarget::from_config(&self.source)?;
-        let target_tools = ToolTarget::from_config(&self.target)?;
+        let mut target_tools = ToolTarget::from_config(&self.target)?;
+        target_tools.tls_env = self.tls.libpq_env();
         source::copy(&self.bin_dir, &source_tools, &snapshot, &target_tools, &source::work_dir(db)).await?;
         snap.batch_execute("COMMIT").await?;
         sync_sequences(src, tgt).await;
@@ -395,6 +446,30 @@ async fn apply_tolerant(tgt: &Client, statements: &[Stmt], record: &str) -> Resu
     Ok(())
 }
 
+/// Creates the database `name` on the target server when it is missing,
+/// connected through the URL's database. A role that may not create
+/// databases gets an error saying what to do (retried with backoff, so the
+/// relay goes on by itself once someone created it).
+async fn ensure_target_database(admin: &tokio_postgres::Config, tls: &super::tls::TargetTls, name: &str) -> Result<()> {
+    let client = super::tls::connect(admin, tls).await.context("connecting to the replication target")?;
+    if client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some() {
+        return Ok(());
+    }
+    match client.batch_execute(&format!("CREATE DATABASE {}", apply::ident(name))).await {
+        Ok(()) => {
+            tracing::info!(database = %name, "created the database {name} on the replication target");
+            Ok(())
+        }
+        // Another gateway or a person created it meanwhile.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => bail!(
+            "the target server has no database {name} and the replication role may not create one: create it there (CREATE DATABASE {}) or grant the role CREATEDB",
+            apply::ident(name)
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("creating the database {name} on the replication target"))),
+    }
+}
+
 /// The progress table on the target, created when missing; returns its
 /// qualified name (in the target role's first schema).
 async fn prepare_target(tgt: &Client) -> Result<String> {
@@ -422,15 +497,25 @@ async fn read_progress(tgt: &Client, table: &str, db: &str) -> Result<Option<Pro
     Ok(row.and_then(|r| Some(Progress { lsn: parse_lsn(&r.get::<_, String>(0))?, copy_lsn: parse_lsn(&r.get::<_, String>(1))? })))
 }
 
-async fn slot_lag(src: &Client, slot: &str) -> Result<i64> {
+/// The slot's distance from the current WAL position.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// To what the target confirmed: the lag.
+    lag: i64,
+    /// To the oldest WAL the slot keeps on disk (`restart_lsn`).
+    held: i64,
+}
+
+async fn slot_lag(src: &Client, slot: &str) -> Result<Held> {
     let row = src
         .query_opt(
-            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, (pg_current_wal_lsn() - restart_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
     match row {
-        Some(r) => Ok(r.get::<_, Option<i64>>(0).unwrap_or(0)),
+        Some(r) => Ok(Held { lag: r.get::<_, Option<i64>>(0).unwrap_or(0), held: r.get::<_, Option<i64>>(1).unwrap_or(0) }),
         None => bail!("the replication slot {slot} disappeared"),
     }
 }

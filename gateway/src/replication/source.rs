@@ -162,6 +162,8 @@ pub struct ToolTarget {
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
+    /// `PGSSLMODE`/`PGSSLROOTCERT` (the target's; none for the embedded cluster).
+    pub tls_env: Vec<(&'static str, String)>,
 }
 
 impl ToolTarget {
@@ -177,11 +179,15 @@ impl ToolTarget {
             user: c.get_user().context("the URL names no user")?.to_string(),
             password: c.get_password().map(|p| String::from_utf8_lossy(p).into_owned()),
             dbname: c.get_dbname().context("the URL names no database")?.to_string(),
+            tls_env: Vec::new(),
         })
     }
 
     fn apply(&self, cmd: &mut tokio::process::Command) {
-        cmd.env_remove("PGSERVICE").env_remove("PGPASSFILE");
+        for inherited in ["PGSERVICE", "PGPASSFILE", "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"] {
+            cmd.env_remove(inherited);
+        }
+        cmd.envs(self.tls_env.iter().map(|(k, v)| (*k, v)));
         cmd.env("PGHOST", &self.host).env("PGPORT", self.port.to_string()).env("PGUSER", &self.user).env("PGDATABASE", &self.dbname);
         match &self.password {
             Some(p) => cmd.env("PGPASSWORD", p),
@@ -247,8 +253,8 @@ fn conninfo_quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-async fn run(mut cmd: tokio::process::Command, what: &str) -> Result<String> {
-    let out = cmd.stdin(std::process::Stdio::null()).output().await.with_context(|| format!("running {what}"))?;
+async fn run(cmd: tokio::process::Command, what: &str) -> Result<String> {
+    let out = crate::child::output(cmd).await.with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         bail!("{what} failed ({}): {}", out.status, err.trim());
