@@ -360,3 +360,37 @@ fn a_disk_full_midway_is_rolled_back() {
     assert_original_data(&next, &session);
     assert!(next.terminate().success());
 }
+
+/// `pg_upgrade` moves data, not configuration: the old cluster's own
+/// settings (its `postgresql.conf`, `ALTER SYSTEM`, `pg_hba.conf`) are
+/// carried into the new cluster, except what the new major would refuse,
+/// which is named instead of stopping the start.
+#[test]
+fn the_old_clusters_own_settings_are_carried_over_and_removed_ones_named() {
+    let dir = workdir();
+    let data = dir.path().join("data/postgres");
+    {
+        let mut gw = gateway_with(dir.path(), PG15, None).start();
+        gw.db().batch_execute("ALTER SYSTEM SET maintenance_work_mem = '77MB'").unwrap();
+        assert!(gw.terminate().success(), "{}", gw.log());
+    }
+    let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+    std::io::Write::write_all(&mut conf, b"\n# the user's own\nwork_mem = '7MB'   # for the reports\nold_snapshot_threshold = 5\n").unwrap();
+    let mut hba = std::fs::OpenOptions::new().append(true).open(data.join("pg_hba.conf")).unwrap();
+    std::io::Write::write_all(&mut hba, b"# the user's own rule\nhost all all 10.11.12.0/24 scram-sha-256\n").unwrap();
+
+    let mut gw = gateway_with(dir.path(), &pg17(), None).start();
+    assert_eq!(major(&data), Some(17), "{}", gw.log());
+    let mut db = gw.db();
+    let show = |db: &mut postgres::Client, name: &str| -> String { db.query_one(&format!("SHOW {name}"), &[]).unwrap().get(0) };
+    assert_eq!(show(&mut db, "work_mem"), "7MB", "postgresql.conf's setting carried over");
+    assert_eq!(show(&mut db, "maintenance_work_mem"), "77MB", "ALTER SYSTEM's setting carried over");
+    let rules: i64 = db.query_one("SELECT count(*) FROM pg_hba_file_rules WHERE address = '10.11.12.0'", &[]).unwrap().get(0);
+    assert_eq!(rules, 1, "pg_hba.conf copied");
+    let upgrade = gw.get("/gateway/status").json()["upgrade"].clone();
+    let skipped = upgrade["settings_skipped"].to_string();
+    assert!(skipped.contains("old_snapshot_threshold") && skipped.contains("unknown to the new PostgreSQL major"), "{upgrade}");
+    assert!(upgrade["settings_carried"].to_string().contains("work_mem"), "{upgrade}");
+    assert!(gw.log().contains("not carried into PostgreSQL 17: old_snapshot_threshold"), "{}", gw.log());
+    assert!(gw.terminate().success());
+}

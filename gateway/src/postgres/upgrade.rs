@@ -109,6 +109,12 @@ pub struct Record {
     /// Whether `upgrade --cleanup` deleted the old copy.
     #[serde(default)]
     pub old_copy_removed: bool,
+    /// The old cluster's own settings carried into the new one (`upgrade_settings.rs`).
+    #[serde(default)]
+    pub settings_carried: Vec<String>,
+    /// Its settings left out, each with why.
+    #[serde(default)]
+    pub settings_skipped: Vec<String>,
 }
 
 impl Record {
@@ -135,6 +141,8 @@ impl Record {
             "method": self.method,
             "finished_at": self.finished_at.map(format_utc),
             "old_copy": if self.old_copy_removed { None } else { Some(&self.old_copy) },
+            "settings_carried": self.settings_carried,
+            "settings_skipped": self.settings_skipped,
             "summary": self.summary(),
         })
     }
@@ -400,6 +408,8 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
         finished_at: None,
         analyzed: false,
         old_copy_removed: false,
+        settings_carried: Vec::new(),
+        settings_skipped: Vec::new(),
     };
     save(&record)?;
     let notifier = Notifier::from_env();
@@ -482,6 +492,18 @@ async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkD
     std::fs::DirBuilder::new().mode(0o700).create(&plan.staging).with_context(|| format!("could not create {}", plan.staging.display()))?;
     privilege::chown_tree(&plan.staging, account)?;
     initdb(&plan.new, &plan.staging, &settings, &password, account, work).await?;
+    let carried = super::upgrade_settings::carry(&plan.data_dir, &plan.staging, &plan.new, plan.from)?;
+    if !carried.settings.is_empty() {
+        tracing::info!("carried the old cluster's own settings into the new one: {}", carried.settings.join(", "));
+    }
+    for skipped in &carried.skipped {
+        tracing::warn!("not carried into PostgreSQL {}: {skipped}", plan.new.major);
+    }
+    record.settings_carried = carried.settings;
+    record.settings_skipped = carried.skipped;
+    if !check_only {
+        save(record)?;
+    }
     tracing::info!("upgrade step 3/{total}: pg_upgrade --check");
     pg_upgrade(plan, record, &password, account, work, true).await?;
     if check_only {
