@@ -1,4 +1,7 @@
-//! The API key: where it comes from and how requests prove they have it.
+//! The API key, and how a request to a protected route proves who it is:
+//! the key in `x-api-key`, or the session cookie of a signed-in browser
+//! ([`require_auth`]). Failed key checks count towards the brute-force
+//! limits of [`crate::rate_limit`].
 //!
 //! An operator-given `OMNI_API_KEY` wins. Otherwise the first worker to start
 //! generates `sk-omni-` + 32 random bytes (URL-safe base64) and stores it in
@@ -6,17 +9,20 @@
 //! only the worker that generated it logs it. Comparison is constant-time over
 //! SHA-256 digests, so neither content nor length leaks through timing.
 
+use std::net::SocketAddr;
+
 use axum::{
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     middleware::Next,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::{db::Client, errors::ApiError, routes::AppState, settings};
+use crate::{accounts::Role, db::Client, errors::ApiError, rate_limit, routes::AppState, sessions, settings};
 
 pub const HEADER: &str = "x-api-key";
 
@@ -70,17 +76,114 @@ pub async fn resolve(client: &Client, configured: Option<&str>) -> anyhow::Resul
     Ok(ApiKey::new(key))
 }
 
-/// Middleware for protected routes: 401 unless `x-api-key` is the key.
-pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
-    match request.headers().get(HEADER) {
-        None => Err(ApiError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "missing_api_key",
-            "this endpoint needs the API key in the x-api-key header",
-        )),
-        Some(given) if state.api_key().matches(given.as_bytes()) => Ok(next.run(request).await),
-        Some(_) => Err(ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "invalid_api_key", "the x-api-key header does not match the API key")),
+/// Who a request acts as, once authenticated. Handlers behind the protected
+/// router read it from the request extensions.
+#[derive(Clone, Debug)]
+pub enum Principal {
+    /// The API key (header or a session opened with it): full rights.
+    ApiKey,
+    Account { id: i64, username: String, role: Role },
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Principal::ApiKey | Principal::Account { role: Role::Admin, .. })
     }
+}
+
+/// The header a state-changing request authenticated by the session cookie
+/// must carry (`X-Omni-Client: ui`). A cross-site form or image cannot set a
+/// header, so this is the CSRF defence, on top of `SameSite=Strict`.
+pub const CLIENT_HEADER: &str = "x-omni-client";
+
+fn changes_state(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// 403 for a cookie-authenticated state change without `X-Omni-Client: ui`.
+pub fn require_client_header(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    if changes_state(method) && headers.get(CLIENT_HEADER).is_none_or(|v| v.as_bytes() != b"ui") {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "client_header_required",
+            "a request that changes state with the session cookie must send the header X-Omni-Client: ui",
+        ));
+    }
+    Ok(())
+}
+
+pub fn too_many_attempts(blocked: rate_limit::Blocked) -> Response {
+    let seconds = blocked.0.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+        format!("too many failed attempts from this address or for this account; retry in {seconds} s"),
+    )
+    .into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+/// Checks an `x-api-key` value, counting a failure against the address and
+/// the key: `Ok(true)` when it matches, `Ok(false)` when not, `Err` with the
+/// 429 to send when the address or the key is blocked.
+pub fn check_api_key(state: &AppState, address: &str, given: &[u8]) -> Result<bool, Response> {
+    state.limiter.check(address, rate_limit::API_KEY_ACCOUNT).map_err(too_many_attempts)?;
+    if state.api_key().matches(given) {
+        state.limiter.succeed(address, rate_limit::API_KEY_ACCOUNT);
+        Ok(true)
+    } else {
+        state.limiter.fail(address, rate_limit::API_KEY_ACCOUNT);
+        tracing::warn!(%address, "a request sent a wrong API key");
+        Ok(false)
+    }
+}
+
+/// The worker's TCP peer, when the server records it.
+pub fn peer<B>(request: &axum::http::Request<B>) -> Option<SocketAddr> {
+    request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
+/// Middleware for protected routes: the request proves who it is with
+/// `x-api-key` or with the session cookie (which, for a state change, also
+/// needs `X-Omni-Client: ui`); otherwise 401. The [`Principal`] goes into
+/// the request extensions.
+pub async fn require_auth(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let principal = if let Some(given) = request.headers().get(HEADER) {
+        let address = rate_limit::client_address(request.headers(), peer(&request));
+        match check_api_key(&state, &address, given.as_bytes()) {
+            Err(blocked) => return blocked,
+            Ok(false) => {
+                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the x-api-key header does not match the API key")
+                    .into_response()
+            }
+            Ok(true) => Principal::ApiKey,
+        }
+    } else {
+        match sessions::current(&state, request.headers()).await {
+            Err(error) => return error.into_response(),
+            Ok(Some(session)) => {
+                if let Err(error) = require_client_header(request.method(), request.headers()) {
+                    return error.into_response();
+                }
+                session.principal
+            }
+            Ok(None) => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "not_signed_in",
+                    "sign in (POST /api/v1/auth/login) or send the API key in the x-api-key header",
+                )
+                .into_response()
+            }
+        }
+    };
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 #[cfg(test)]

@@ -4,11 +4,18 @@
 //! broken by a restart is discarded instead of handed to a handler; short
 //! wait and connect timeouts turn "database down" into a fast 503 rather than
 //! requests piling up behind a connect that will not succeed.
+//!
+//! Beside the pool, the worker's one dedicated session
+//! ([`omni_contract::leader`]): it holds the leader lock when this worker
+//! leads, and hears restores announced by any worker on the database, upon
+//! which the pool is reset ([`Db::reset`]).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use omni_contract::leader::Leadership;
 use tokio_postgres::NoTls;
 
 use crate::errors::ApiError;
@@ -20,6 +27,9 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// Started once the schema is in place ([`Db::lead`]); read by the
+    /// health answer, which says whether this worker leads.
+    leadership: Arc<OnceLock<Leadership>>,
 }
 
 pub type Client = deadpool_postgres::Object;
@@ -41,7 +51,7 @@ impl Db {
             .recycle_timeout(Some(CHECKOUT_TIMEOUT))
             .build()
             .context("building the connection pool")?;
-        Ok(Db { pool })
+        Ok(Db { pool, leadership: Arc::new(OnceLock::new()) })
     }
 
     /// A verified connection, or a 503 error for the client.
@@ -69,6 +79,29 @@ impl Db {
                 }
             }
         }
+    }
+
+    /// Starts the leadership session on `database_url`; a restore announced
+    /// on it resets this pool.
+    pub fn lead(&self, database_url: &str) -> Leadership {
+        let db = self.clone();
+        let leadership = self.leadership.get_or_init(|| Leadership::spawn(database_url.to_owned(), move || db.reset()));
+        leadership.clone()
+    }
+
+    /// Whether this worker leads; `None` before the leadership session starts.
+    pub fn is_leader(&self) -> Option<bool> {
+        self.leadership.get().map(Leadership::is_leader)
+    }
+
+    /// Forgets every idle connection and every prepared statement, so the
+    /// next request plans against the tables as they are now (after a
+    /// restore replaced them). Connections in use are verified on return as
+    /// usual; their statement caches are cleared here too.
+    pub fn reset(&self) {
+        self.pool.manager().statement_caches.clear();
+        let dropped = self.pool.retain(|_, _| false);
+        tracing::info!(closed = dropped.removed.len(), "connection pool reset");
     }
 
     /// Health: a real query, bounded in time.

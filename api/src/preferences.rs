@@ -1,9 +1,14 @@
-//! Per-browser-session preferences (SPEC §6).
+//! Preferences (SPEC §6): of the signed-in account, or of an anonymous
+//! browser session.
 //!
-//! A session is identified only by its `x-session-id` UUID; every query is
-//! scoped by it, so one session can never see or change another's keys. The
-//! upsert is a single `INSERT … ON CONFLICT`, so concurrent writers of one
-//! key neither fail nor duplicate it.
+//! A request whose session cookie belongs to an account reads and writes
+//! that account's preferences (every tab, every device; a write also needs
+//! `X-Omni-Client: ui`, as every cookie-authenticated change does). Any
+//! other request is scoped by its `x-session-id` UUID, as before accounts
+//! existed: the sign-in page's theme, and existing clients. Every query is
+//! scoped by exactly one owner, so one session or account can never see or
+//! change another's keys. The upsert is a single `INSERT … ON CONFLICT`, so
+//! concurrent writers of one key neither fail nor duplicate it.
 
 use axum::{
     extract::{FromRequestParts, Path, State},
@@ -15,8 +20,10 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
+    auth::{self, Principal},
     errors::{ApiError, ApiJson, ErrorBody},
     routes::AppState,
+    sessions,
 };
 
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -43,11 +50,73 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionId {
     }
 }
 
+/// Whose preferences a request addresses.
+#[derive(Clone, Copy)]
+pub enum Owner {
+    Account(i64),
+    Session(Uuid),
+}
+
+/// The `x-session-id` header, when it is a UUID.
+pub fn session_header(headers: &axum::http::HeaderMap) -> Option<Uuid> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).and_then(|t| Uuid::try_parse(t.trim()).ok())
+}
+
+impl FromRequestParts<AppState> for Owner {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(session) = sessions::current(state, &parts.headers).await? {
+            if let Principal::Account { id, .. } = session.principal {
+                auth::require_client_header(&parts.method, &parts.headers)?;
+                return Ok(Owner::Account(id));
+            }
+        }
+        let SessionId(session) = SessionId::from_request_parts(parts, state).await?;
+        Ok(Owner::Session(session))
+    }
+}
+
+impl Owner {
+    /// The `WHERE` condition selecting this owner's rows, with `$1` its id.
+    fn column(self) -> &'static str {
+        match self {
+            Owner::Account(_) => "account_id",
+            Owner::Session(_) => "session_id",
+        }
+    }
+
+    fn id(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Owner::Account(id) => id,
+            Owner::Session(id) => id,
+        }
+    }
+}
+
+/// At sign-in: the anonymous session's theme becomes the account's, unless
+/// the account has one already.
+pub async fn carry_theme_over(client: &impl deadpool_postgres::GenericClient, session: Uuid, account: i64) -> Result<(), ApiError> {
+    client
+        .execute(
+            "INSERT INTO omni_user_preferences (account_id, key, value)
+             SELECT $2, key, value FROM omni_user_preferences WHERE session_id = $1 AND key = 'theme'
+             ON CONFLICT (account_id, key) DO NOTHING",
+            &[&session, &account],
+        )
+        .await?;
+    Ok(())
+}
+
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)] // Only describes the header in the OpenAPI document.
 struct SessionHeader {
     /// The browser session's UUID; preferences are isolated per session.
+    /// A request carrying an account's session cookie may leave it out: it
+    /// then addresses that account's preferences. (OpenAPI cannot say "one
+    /// of a header or a cookie", so the document states the stricter rule
+    /// every cookie-less client must follow.)
     #[param(rename = "x-session-id")]
     x_session_id: Uuid,
 }
@@ -97,24 +166,26 @@ fn validate_value(value: &str) -> Result<(), ApiError> {
     responses(
         (status = 200, description = "Stored", body = Preference),
         (status = 400, description = "Bad session id, key, value or body", body = ErrorBody),
+        (status = 403, description = "Sent with an account's session cookie but without X-Omni-Client: ui", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
 ))]
 pub async fn upsert(
     State(state): State<AppState>,
-    SessionId(session): SessionId,
+    owner: Owner,
     ApiJson(preference): ApiJson<Preference>,
 ) -> Result<Json<Preference>, ApiError> {
     validate_key(&preference.key)?;
     validate_value(&preference.value)?;
     let client = state.db.client().await?;
+    let column = owner.column();
     let statement = client
-        .prepare_cached(
-            "INSERT INTO omni_user_preferences (session_id, key, value) VALUES ($1, $2, $3)
-             ON CONFLICT (session_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
-             RETURNING key, value",
-        )
+        .prepare_cached(&format!(
+            "INSERT INTO omni_user_preferences ({column}, key, value) VALUES ($1, $2, $3)
+             ON CONFLICT ({column}, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+             RETURNING key, value"
+        ))
         .await?;
-    let row = client.query_one(&statement, &[&session, &preference.key, &preference.value]).await?;
+    let row = client.query_one(&statement, &[owner.id(), &preference.key, &preference.value]).await?;
     Ok(Json(Preference { key: row.get(0), value: row.get(1) }))
 }
 
@@ -124,11 +195,12 @@ pub async fn upsert(
     (status = 400, description = "Bad session id", body = ErrorBody),
     (status = 503, description = "Database unavailable", body = ErrorBody),
 ))]
-pub async fn list(State(state): State<AppState>, SessionId(session): SessionId) -> Result<Json<Vec<Preference>>, ApiError> {
+pub async fn list(State(state): State<AppState>, owner: Owner) -> Result<Json<Vec<Preference>>, ApiError> {
     let client = state.db.client().await?;
-    let statement =
-        client.prepare_cached("SELECT key, value FROM omni_user_preferences WHERE session_id = $1 ORDER BY key").await?;
-    let rows = client.query(&statement, &[&session]).await?;
+    let statement = client
+        .prepare_cached(&format!("SELECT key, value FROM omni_user_preferences WHERE {} = $1 ORDER BY key", owner.column()))
+        .await?;
+    let rows = client.query(&statement, &[owner.id()]).await?;
     Ok(Json(rows.iter().map(|row| Preference { key: row.get(0), value: row.get(1) }).collect()))
 }
 
@@ -143,14 +215,15 @@ pub async fn list(State(state): State<AppState>, SessionId(session): SessionId) 
 ))]
 pub async fn get(
     State(state): State<AppState>,
-    SessionId(session): SessionId,
+    owner: Owner,
     Path(key): Path<String>,
 ) -> Result<Json<Preference>, ApiError> {
     validate_key(&key)?;
     let client = state.db.client().await?;
-    let statement =
-        client.prepare_cached("SELECT key, value FROM omni_user_preferences WHERE session_id = $1 AND key = $2").await?;
-    let row = client.query_opt(&statement, &[&session, &key]).await?.ok_or_else(|| not_found(&key))?;
+    let statement = client
+        .prepare_cached(&format!("SELECT key, value FROM omni_user_preferences WHERE {} = $1 AND key = $2", owner.column()))
+        .await?;
+    let row = client.query_opt(&statement, &[owner.id(), &key]).await?.ok_or_else(|| not_found(&key))?;
     Ok(Json(Preference { key: row.get(0), value: row.get(1) }))
 }
 
@@ -160,18 +233,21 @@ pub async fn get(
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "Bad session id or key", body = ErrorBody),
+        (status = 403, description = "Sent with an account's session cookie but without X-Omni-Client: ui", body = ErrorBody),
         (status = 404, description = "This session has no such key", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
 ))]
 pub async fn delete(
     State(state): State<AppState>,
-    SessionId(session): SessionId,
+    owner: Owner,
     Path(key): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
     validate_key(&key)?;
     let client = state.db.client().await?;
-    let statement = client.prepare_cached("DELETE FROM omni_user_preferences WHERE session_id = $1 AND key = $2").await?;
-    match client.execute(&statement, &[&session, &key]).await? {
+    let statement = client
+        .prepare_cached(&format!("DELETE FROM omni_user_preferences WHERE {} = $1 AND key = $2", owner.column()))
+        .await?;
+    match client.execute(&statement, &[owner.id(), &key]).await? {
         0 => Err(not_found(&key)),
         _ => Ok(Json(Deleted { success: true })),
     }

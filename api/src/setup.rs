@@ -1,4 +1,5 @@
-//! Onboarding (SPEC §6): storage settings, completing setup, the first key.
+//! Onboarding (SPEC §6): storage settings, the first admin account,
+//! completing setup, the first key.
 //!
 //! Storage settings are stored in the database and, when the gateway asks for
 //! it with `OMNI_SETTINGS_FILE`, also written to a file: the gateway needs
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
+    accounts,
     errors::{ApiError, ApiJson, ErrorBody},
     routes::AppState,
     settings,
@@ -170,6 +172,8 @@ pub struct SetupStatus {
     storage_configured: bool,
     /// The saved storage settings, if any (secrets in URLs are masked).
     storage: Option<StorageSettings>,
+    /// True once an account exists (`POST /setup/admin` was called).
+    admin_created: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -264,10 +268,12 @@ async fn lock_setup(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), ApiEr
 pub async fn status(State(state): State<AppState>) -> Result<Json<SetupStatus>, ApiError> {
     let client = state.db.client().await?;
     let setup = load(&client).await?;
+    let admin_created: bool = client.query_one("SELECT EXISTS (SELECT 1 FROM omni_accounts)", &[]).await?.get(0);
     Ok(Json(SetupStatus {
         requires_setup: !setup.completed,
         storage_configured: setup.storage.is_some(),
         storage: setup.storage.as_ref().map(StorageSettings::masked),
+        admin_created,
     }))
 }
 
@@ -370,6 +376,59 @@ pub async fn api_key(State(state): State<AppState>) -> Result<Json<ApiKeyRespons
         ));
     }
     Ok(Json(ApiKeyResponse { api_key: state.api_key().expose().to_owned() }))
+}
+
+/// The first admin account, as onboarding creates it.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminAccount {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_.-]{0,63}$", min_length = 1, max_length = 64)]
+    username: String,
+    /// 8–1024 characters, without NUL.
+    #[schema(min_length = 8, max_length = 1024, pattern = "^[^\\x00]*$")]
+    password: String,
+}
+
+/// Create the first admin account and sign this browser in with it; allowed
+/// only while no account exists and setup is not complete.
+#[utoipa::path(post, path = "/api/v1/setup/admin", tag = "setup", request_body = AdminAccount, responses(
+    (status = 201, description = "The admin account exists; the session cookie is set", body = crate::sessions::Me,
+        headers(("set-cookie" = String, description = "omni_session=…; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000 [; Secure]"))),
+    (status = 400, description = "Bad username, password or body", body = ErrorBody),
+    (status = 403, description = "Setup is complete", body = ErrorBody),
+    (status = 409, description = "An account exists already", body = ErrorBody),
+    (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn admin(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<AdminAccount>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let account = accounts::NewAccount { username: body.username, password: body.password, role: accounts::Role::Admin };
+    accounts::validate_username(&account.username)?;
+    accounts::validate_password(&account.password)?;
+    let mut client = state.db.client().await?;
+    let tx = client.transaction().await?;
+    lock_setup(&tx).await?;
+    if load(&tx).await?.completed {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "setup_complete", "setup is complete; an admin creates accounts on the Accounts page"));
+    }
+    let exists: bool = tx.query_one("SELECT EXISTS (SELECT 1 FROM omni_accounts)", &[]).await?.get(0);
+    if exists {
+        return Err(ApiError::new(StatusCode::CONFLICT, "accounts_exist", "the admin account was created already; sign in with it"));
+    }
+    accounts::insert(&tx, &account).await?;
+    let id: i64 = tx.query_one("SELECT id FROM omni_accounts WHERE username = $1", &[&account.username]).await?.get(0);
+    if let Some(session) = crate::preferences::session_header(&headers) {
+        crate::preferences::carry_theme_over(&tx, session, id).await?;
+    }
+    tx.commit().await?;
+    let set_cookie = crate::sessions::open(&state, &headers, Some(id)).await?;
+    let mut response =
+        (StatusCode::CREATED, Json(serde_json::json!({ "username": account.username, "role": "admin" }))).into_response();
+    response.headers_mut().insert(axum::http::header::SET_COOKIE, set_cookie);
+    Ok(response)
 }
 
 #[cfg(test)]

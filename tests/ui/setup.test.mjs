@@ -27,8 +27,13 @@ test('first run opens onboarding; "Skip – use default storage" completes setup
     await screenshots(page, 'setup-storage');
 
     await page.getByRole('button', { name: 'Skip – use default storage' }).click();
-    await page.getByRole('heading', { name: 'Your API key' }).waitFor();
+    await page.getByRole('heading', { name: 'Create the admin account' }).waitFor();
+    // The storage kept is the one the gateway runs, with where its directory came from.
+    const kept = await page.locator('#storage-kept').innerText();
+    assert.ok(kept.includes(`${stack.cwd}/data/postgres`) && kept.includes('(the default)'), kept);
     assert.equal(await page.getByLabel('API key', { exact: true }).inputValue(), API_KEY);
+    await page.getByLabel('Password', { exact: true }).fill('correct horse battery');
+    await page.getByLabel('Repeat the password').fill('correct horse battery');
     await screenshots(page, 'setup-api-key');
     await page.getByRole('button', { name: 'Finish setup' }).click();
     await page.getByRole('heading', { name: 'Setup complete' }).waitFor();
@@ -92,8 +97,10 @@ test('a full submit validates, summarises, stores the settings and says a restar
     await screenshots(page, 'setup-summary');
 
     await page.getByRole('button', { name: 'Save settings' }).click();
-    await page.getByRole('heading', { name: 'Your API key' }).waitFor();
+    await page.getByRole('heading', { name: 'Create the admin account' }).waitFor();
     await page.locator('#restart-required').filter({ hasText: 'Restart required' }).waitFor();
+    await page.getByLabel('Password', { exact: true }).fill('correct horse battery');
+    await page.getByLabel('Repeat the password').fill('correct horse battery');
     await page.getByRole('button', { name: 'Finish setup' }).click();
     await page.getByRole('heading', { name: 'Setup complete' }).waitFor();
     await page.locator('#restart-required').waitFor();
@@ -169,7 +176,7 @@ test('choosing an external PostgreSQL stores its URL (masked when read back)', a
     await page.getByRole('heading', { name: 'Review storage settings' }).waitFor();
     assert.match(await page.locator('#setup-summary').innerText(), /omni:\*\*\*@db\.example\.com/);
     await page.getByRole('button', { name: 'Save settings' }).click();
-    await page.getByRole('heading', { name: 'Your API key' }).waitFor();
+    await page.getByRole('heading', { name: 'Create the admin account' }).waitFor();
     const status = await setupStatus(stack);
     assert.equal(status.storage.database_url, 'postgresql://omni:***@db.example.com:5432/omni');
     assert.equal(status.storage.memory_mode, false);

@@ -50,10 +50,13 @@ test('the theme stays after a reload, is stored for the session, and is not seen
 
     // Another context is another session: light theme, and no row for it.
     const other = second.page;
-    const themeLookup = other.waitForResponse((r) => new URL(r.url()).pathname === '/api/v1/preferences/theme');
+    // Preferences are read once per page load, as a list (no 404 per missing key).
+    const themeLookup = other.waitForResponse((r) => new URL(r.url()).pathname === '/api/v1/preferences');
     await other.goto('/login');
     await other.getByRole('heading', { name: 'Sign in' }).waitFor();
-    assert.equal((await themeLookup).status(), 404);
+    const lookup = await themeLookup;
+    assert.equal(lookup.status(), 200);
+    assert.deepEqual(await lookup.json(), []);
     await other.evaluate(() => new Promise((resolve) => requestAnimationFrame(resolve)));
     assert.notEqual(await theme(other), 'dark');
     const otherId = await other.evaluate(() => sessionStorage.getItem('omni.sessionId'));

@@ -1,16 +1,23 @@
-// The browser session: its id, the API key kept for it, and its preferences.
+// Who is signed in, and the preferences that follow them.
 //
-// The session id is a random UUID in sessionStorage, so it lives as long as
-// the tab. Everything else (the API key, the theme) is kept server-side
-// through the preferences API under that id (SPEC §6–§7); nothing goes to
-// localStorage. Every helper is async because each one may ask the server.
+// Signing in opens a server-side session whose token lives in an HttpOnly
+// cookie (issue 15): scripts here never see it, and neither the password nor
+// the API key is kept anywhere after the sign-in request. Every tab and
+// every browser restart shares the cookie, so one sign-in serves them all.
+// Every request sends `X-Omni-Client: ui`, which the server requires for
+// cookie-authenticated changes (cross-site forms cannot send it).
+//
+// Preferences: signed in with an account, they belong to the account; on the
+// sign-in page they belong to the tab's anonymous session id (a random UUID
+// in sessionStorage, SPEC §6), whose theme carries over at sign-in. They are
+// read once per page load as a list, not key by key.
 
 import { ApiError, call } from './api.js';
 
 const SESSION_ID = 'omni.sessionId';
-const API_KEY_PREF = 'api_key';
+export const CLIENT_HEADERS = { 'x-omni-client': 'ui' };
 
-/** The tab's session id, created on first use. */
+/** The tab's anonymous session id, created on first use. */
 export function sessionId() {
   let id = sessionStorage.getItem(SESSION_ID);
   if (!id || !/^[0-9a-f-]{36}$/i.test(id)) {
@@ -21,22 +28,36 @@ export function sessionId() {
 }
 
 function sessionHeaders() {
-  return { 'x-session-id': sessionId() };
+  return { 'x-session-id': sessionId(), ...CLIENT_HEADERS };
 }
 
-/** A preference of this session, or null when it is not set. */
-export async function getPreference(key) {
-  try {
-    const body = await call(`/api/v1/preferences/${encodeURIComponent(key)}`, { headers: sessionHeaders() });
-    return body ? body.value : null;
-  } catch (error) {
-    if (error instanceof ApiError && error.status === 404) return null;
-    throw error;
+// ---------------------------------------------------------------- preferences
+
+// This page load's preferences: a Promise of a Map, or undefined before the first read.
+let preferences;
+
+function loadPreferences() {
+  if (!preferences) {
+    preferences = call('/api/v1/preferences', { headers: sessionHeaders() })
+      .then((list) => new Map((list || []).map(({ key, value }) => [key, value])))
+      .catch((error) => {
+        preferences = undefined;
+        throw error;
+      });
   }
+  return preferences;
+}
+
+/** A preference, or null when it is not set. */
+export async function getPreference(key) {
+  const map = await loadPreferences();
+  return map.has(key) ? map.get(key) : null;
 }
 
 export async function setPreference(key, value) {
-  return call('/api/v1/preferences', { method: 'POST', json: { key, value }, headers: sessionHeaders() });
+  const stored = await call('/api/v1/preferences', { method: 'POST', json: { key, value }, headers: sessionHeaders() });
+  if (preferences) (await preferences.catch(() => new Map())).set(key, value);
+  return stored;
 }
 
 export async function deletePreference(key) {
@@ -45,70 +66,123 @@ export async function deletePreference(key) {
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 404)) throw error;
   }
+  if (preferences) (await preferences.catch(() => new Map())).delete(key);
 }
 
-// Memory cache of the key for this page load; undefined means "not asked yet".
-let cachedKey;
+/** Forgets the preferences read so far (the owner changed: signed in or out). */
+export function forgetPreferences() {
+  preferences = undefined;
+}
 
-/** The API key kept for this session, or null when signed out. */
-export async function getApiKey() {
-  if (cachedKey === undefined) {
-    cachedKey = await getPreference(API_KEY_PREF);
+// ---------------------------------------------------------------- the signed-in account
+
+// {username, role} of the signed-in account (username null for the API key),
+// null when signed out, undefined before the first question to the server.
+let current;
+const channel = typeof BroadcastChannel === 'function' ? new BroadcastChannel('omni-session') : null;
+
+/** Who is signed in, or null. */
+export async function whoAmI({ fresh = false } = {}) {
+  if (current === undefined || fresh) {
+    try {
+      current = await call('/api/v1/auth/me', { headers: CLIENT_HEADERS });
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 401)) throw error;
+      current = null;
+    }
   }
-  return cachedKey;
+  return current;
 }
 
-/**
- * Checks `key` against a protected endpoint; throws an ApiError carrying the
- * API's `detail` when it is refused.
- */
-export async function validateApiKey(key) {
+function signedIn(me) {
+  current = me;
+  forgetPreferences();
+  channel?.postMessage('signed-in');
+  window.dispatchEvent(new CustomEvent('omni:signed-in', { detail: me }));
+  return me;
+}
+
+/** After a point-in-time restore rewound the sessions table: signed out, with why. */
+export function signedOutAfterRestore(message) {
+  signedOut(message);
+}
+
+function signedOut(message) {
+  current = null;
+  forgetPreferences();
+  window.dispatchEvent(new CustomEvent('omni:signed-out', { detail: message }));
+}
+
+/** Signs in with a username and password; throws an ApiError with the API's reason. */
+export async function login(username, password) {
+  if (!username.trim() || !password) throw new ApiError(400, 'missing_credentials', 'Enter your username and password.');
+  const me = await call('/api/v1/auth/login', { method: 'POST', json: { username: username.trim(), password }, headers: sessionHeaders() });
+  return signedIn(me);
+}
+
+/** Signs in with the API key (the key is sent once and kept nowhere). */
+export async function loginWithKey(key) {
   const trimmed = (key || '').trim();
   if (!trimmed) throw new ApiError(400, 'missing_api_key', 'Enter the API key.');
-  await call('/api/v1/migration/status', { headers: { 'x-api-key': trimmed } });
-  return trimmed;
+  const me = await call('/api/v1/auth/login', { method: 'POST', json: { api_key: trimmed }, headers: sessionHeaders() });
+  return signedIn(me);
 }
 
-/** Validates `key`, then keeps it for this session. */
-export async function login(key) {
-  const valid = await validateApiKey(key);
-  await setPreference(API_KEY_PREF, valid);
-  cachedKey = valid;
-  window.dispatchEvent(new CustomEvent('omni:signed-in'));
-  return valid;
+/** Called after onboarding created the admin account and its session. */
+export function adoptSession(me) {
+  return signedIn(me);
 }
 
+/** Ends this browser's session; every tab of it is signed out. */
 export async function logout() {
-  cachedKey = null;
-  await deletePreference(API_KEY_PREF);
+  try {
+    await call('/api/v1/auth/logout', { method: 'POST', headers: CLIENT_HEADERS });
+  } finally {
+    channel?.postMessage('signed-out');
+    signedOut('You signed out.');
+  }
 }
 
-/** Forgets the cached key so the next getApiKey() asks the server again. */
-export function forgetCachedKey() {
-  cachedKey = undefined;
+/** Ends every session of the account, on every device. */
+export async function logoutEverywhere() {
+  try {
+    await call('/api/v1/auth/logout-all', { method: 'POST', headers: CLIENT_HEADERS });
+  } finally {
+    channel?.postMessage('signed-out');
+    signedOut('You signed out everywhere.');
+  }
 }
+
+// Another tab signed in or out: follow it.
+channel?.addEventListener('message', (event) => {
+  if (event.data === 'signed-out') signedOut('You signed out in another tab.');
+  if (event.data === 'signed-in') {
+    forgetPreferences();
+    whoAmI({ fresh: true }).then((me) => me && window.dispatchEvent(new CustomEvent('omni:signed-in', { detail: me }))).catch(() => {});
+  }
+});
+// Coming back to a tab: the session may have ended meanwhile (another device, an admin).
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState !== 'visible' || !current) return;
+  whoAmI({ fresh: true }).then((me) => { if (!me) signedOut('Your session has ended.'); }).catch(() => {});
+});
 
 /**
- * A call to a protected endpoint with the session's key. A 401 means the key
- * changed or was removed: the session is signed out and the error rethrown,
- * and the app sends the user to the login page.
+ * A call to a protected endpoint with the session cookie. A 401 means the
+ * session ended: the tab is signed out and the error rethrown.
  */
 export async function authedCall(path, options = {}) {
-  const key = await getApiKey();
-  if (!key) throw new ApiError(401, 'missing_api_key', 'Sign in with the API key first.');
   try {
-    return await call(path, { ...options, headers: { ...(options.headers || {}), 'x-api-key': key } });
+    return await call(path, { ...options, headers: { ...(options.headers || {}), ...CLIENT_HEADERS } });
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) {
-      await logout().catch(() => {});
-      window.dispatchEvent(new CustomEvent('omni:signed-out', { detail: error.message }));
-    }
+    if (error instanceof ApiError && error.status === 401) signedOut(error.message);
     throw error;
   }
 }
 
-/** A raw fetch with the key, for downloads. */
+/** A raw fetch with the session cookie, for downloads and uploads. */
 export async function authedFetch(path, init = {}) {
-  const key = await getApiKey();
-  return fetch(path, { ...init, headers: { ...(init.headers || {}), 'x-api-key': key || '' } });
+  const response = await fetch(path, { ...init, headers: { ...(init.headers || {}), ...CLIENT_HEADERS } });
+  if (response.status === 401) signedOut('Your session has ended.');
+  return response;
 }

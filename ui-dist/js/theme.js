@@ -1,4 +1,5 @@
-// Light/dark theme, kept per session through the preferences API.
+// Light/dark theme, kept through the preferences API: the signed-in
+// account's (every tab and device), or the anonymous tab session's.
 //
 // index.html applies the value cached in sessionStorage before first paint;
 // loadTheme() then confirms it from the server, which is the source of truth

@@ -1,14 +1,15 @@
 // Onboarding "Storage Configuration": choose storage, review, save, then the
-// API-key step that completes setup (SPEC §6: POST /setup/initialize and
-// POST /setup/complete). Validation here mirrors the server's so mistakes are
+// step that creates the admin account (POST /setup/admin, which signs this
+// browser in), shows the API key once for scripts, and completes setup
+// (SPEC §6: POST /setup/initialize and POST /setup/complete). Validation here mirrors the server's so mistakes are
 // caught early; the server validates again and its `detail` is shown as is.
 
 import { ApiError, call } from '../api.js';
 import { h, replace } from '../dom.js';
-import { login } from '../session.js';
+import { adoptSession, authedCall, sessionId } from '../session.js';
 
 const DEFAULT_DATA_DIR = './data/postgres';
-const STEPS = [['storage', 'Storage'], ['summary', 'Review'], ['key', 'API key'], ['done', 'Done']];
+const STEPS = [['storage', 'Storage'], ['summary', 'Review'], ['key', 'Admin account'], ['done', 'Done']];
 
 /** Whether the server accepts an external database URL in the setup form. */
 async function acceptsDatabaseUrl() {
@@ -18,6 +19,24 @@ async function acceptsDatabaseUrl() {
     return Boolean(schema && schema.properties && schema.properties.database_url);
   } catch {
     return false;
+  }
+}
+
+/**
+ * The storage the running gateway uses and where its data directory came
+ * from (GET /gateway/status `storage`), as a sentence; null when unknown.
+ */
+async function effectiveStorage() {
+  try {
+    const status = await call('/gateway/status');
+    const storage = status && status.storage;
+    if (!storage) return null;
+    if (storage.kind === 'external') return 'an external PostgreSQL (DATABASE_URL)';
+    if (storage.kind === 'memory') return 'an in-memory PostgreSQL (data lost at exit)';
+    const origin = storage.data_dir_origin === 'default' ? 'the default' : `set by ${storage.data_dir_origin}`;
+    return `an embedded PostgreSQL in ${storage.data_dir} (${origin})`;
+  } catch {
+    return null;
   }
 }
 
@@ -135,12 +154,12 @@ function restartCallout(result) {
     : h('div', { class: 'alert alert-ok', role: 'status' }, result.message || 'Storage settings saved.');
 }
 
-export async function render(main, { navigate, apiKey, setup }) {
+export async function render(main, { navigate, me, setup }) {
   const requiresSetup = !setup || setup.requires_setup;
   const container = h('div', { class: 'container narrow' });
   replace(main, container);
 
-  if (!apiKey && !requiresSetup) {
+  if (!me && !requiresSetup) {
     replace(container,
       h('h1', {}, 'Storage configuration'),
       h('div', { class: 'alert alert-info' }, 'Setup is already complete. Sign in to review the storage settings.'),
@@ -148,11 +167,12 @@ export async function render(main, { navigate, apiKey, setup }) {
     return;
   }
 
-  const databaseUrlAccepted = await acceptsDatabaseUrl();
+  const [databaseUrlAccepted, inEffect] = await Promise.all([acceptsDatabaseUrl(), effectiveStorage()]);
   const s = initialState(setup && setup.storage);
-  let key = apiKey;
+  let key = null;
+  let signedIn = me;
 
-  /** The key to call protected setup endpoints with: the session's, or on first run the generated one. */
+  /** On first run, the generated key, readable until setup completes; held in memory only. */
   async function setupKey() {
     if (key) return key;
     const body = await call('/api/v1/setup/api-key');
@@ -160,7 +180,9 @@ export async function render(main, { navigate, apiKey, setup }) {
     return key;
   }
 
+  /** A protected setup call: with the session once signed in, else (first run) with the generated key. */
   async function protectedCall(path, options) {
+    if (signedIn) return authedCall(path, options);
     const k = await setupKey();
     return call(path, { ...options, headers: { 'x-api-key': k } });
   }
@@ -314,7 +336,7 @@ export async function render(main, { navigate, apiKey, setup }) {
       stepList('storage'),
       h('h1', {}, 'Storage Configuration'),
       h('p', { class: 'hint' }, requiresSetup
-        ? 'Choose where Omni stores its data. You can skip this and keep the default: an embedded PostgreSQL in ./data/postgres.'
+        ? `Choose where Omni stores its data. You can skip this and keep what runs now: ${inEffect || 'an embedded PostgreSQL in ./data/postgres'}.`
         : 'Setup is complete. Changes apply the next time Omni starts; environment variables still take precedence.'),
       h('section', { class: 'card' }, form));
     syncMode();
@@ -330,6 +352,7 @@ export async function render(main, { navigate, apiKey, setup }) {
     ];
     if (s.mode === 'filesystem') rows.push(['Data directory', body.data_dir]);
     if (s.mode === 'external') rows.push(['Database URL', mask(s.database_url.trim())]);
+    if (inEffect) rows.push(['In effect now', inEffect]);
     rows.push(['Replication', s.replication_enabled ? 'Enabled' : 'Off']);
     if (s.replication_enabled) {
       rows.push(['Replication target', mask(body.replication_url)]);
@@ -387,29 +410,70 @@ export async function render(main, { navigate, apiKey, setup }) {
 
   // ---------------------------------------------------------------- step 3
   async function keyStep() {
+    const title = 'Create the admin account';
     const error = h('div', { class: 'alert alert-error', role: 'alert', id: 'setup-error' });
-    replace(container, stepList('key'), h('h1', {}, 'Your API key'), h('p', { class: 'loading' }, 'Loading…'));
-    let shown;
+    replace(container, stepList('key'), h('h1', {}, title), h('p', { class: 'loading' }, 'Loading…'));
+    let shown = null;
     try {
       shown = await setupKey();
     } catch (err) {
-      replace(container, stepList('key'), h('h1', {}, 'Your API key'),
-        h('div', { class: 'alert alert-error', role: 'alert' }, err.message),
-        h('a', { class: 'btn', href: '/login' }, 'Sign in'));
-      return;
+      if (!signedIn) {
+        replace(container, stepList('key'), h('h1', {}, title),
+          h('div', { class: 'alert alert-error', role: 'alert' }, err.message),
+          h('a', { class: 'btn', href: '/login' }, 'Sign in'));
+        return;
+      }
     }
-    const keyInput = h('input', { id: 'generated-key', type: 'text', readonly: true, value: shown, 'aria-describedby': 'key-hint' });
+    const needsAccount = !signedIn && !(setup && setup.admin_created);
+    const accountField = (id, label, attrs, hint) => h('div', { class: 'field' },
+      h('label', { for: id }, label),
+      h('input', { id, name: id, required: true, spellcheck: 'false', ...attrs, ...(hint ? { 'aria-describedby': `${id}-hint` } : {}) }),
+      hint ? h('p', { class: 'hint', id: `${id}-hint` }, hint) : null);
+    const accountFields = needsAccount
+      ? h('fieldset', { class: 'field-group' },
+        h('legend', {}, 'Admin account'),
+        accountField('admin-username', 'Username', { type: 'text', autocomplete: 'username', autocapitalize: 'none', value: 'admin' },
+          '1–64 characters: lower-case letters, digits, _ . - (starting with a letter or digit).'),
+        accountField('admin-password', 'Password', { type: 'password', autocomplete: 'new-password', minlength: 8 }, 'At least 8 characters.'),
+        accountField('admin-password-again', 'Repeat the password', { type: 'password', autocomplete: 'new-password' }))
+      : h('p', { class: 'alert alert-info' }, signedIn
+        ? `Signed in as ${signedIn.username || 'the API key'}.`
+        : 'The admin account exists already; sign in with it to finish.');
     const copied = h('span', { role: 'status', class: 'hint' });
+    const keyInput = shown ? h('input', { id: 'generated-key', type: 'text', readonly: true, value: shown, 'aria-describedby': 'key-hint' }) : null;
     const finish = h('button', {
       type: 'button',
       class: 'btn btn-primary',
       id: 'finish-setup',
       onclick: async () => {
-        finish.disabled = true;
         replace(error);
+        if (needsAccount) {
+          const username = container.querySelector('#admin-username').value.trim();
+          const password = container.querySelector('#admin-password').value;
+          const again = container.querySelector('#admin-password-again').value;
+          if (!/^[a-z0-9][a-z0-9_.-]{0,63}$/.test(username)) { replace(error, 'The username is 1–64 characters of a-z 0-9 _ . - and starts with a letter or digit.'); return; }
+          if (password.length < 8) { replace(error, 'The password needs at least 8 characters.'); return; }
+          if (password !== again) { replace(error, 'The two passwords differ.'); return; }
+          finish.disabled = true;
+          try {
+            const created = await call('/api/v1/setup/admin', {
+              method: 'POST',
+              json: { username, password },
+              headers: { 'x-session-id': sessionId(), 'x-omni-client': 'ui' },
+            });
+            signedIn = adoptSession(created);
+          } catch (err) {
+            replace(error, err.message);
+            finish.disabled = false;
+            return;
+          }
+        } else if (!signedIn) {
+          navigate('/login');
+          return;
+        }
+        finish.disabled = true;
         try {
           await protectedCall('/api/v1/setup/complete', { method: 'POST' });
-          await login(shown);
           show('done');
         } catch (err) {
           replace(error, err.message);
@@ -420,11 +484,12 @@ export async function render(main, { navigate, apiKey, setup }) {
 
     replace(container,
       stepList('key'),
-      h('h1', {}, 'Your API key'),
+      h('h1', {}, title),
       restartCallout(s.result),
-      s.skipped ? h('div', { class: 'alert alert-info', role: 'status' }, 'Default storage kept: an embedded PostgreSQL in ./data/postgres.') : null,
+      s.skipped ? h('div', { class: 'alert alert-info', role: 'status', id: 'storage-kept' }, `Storage kept as it runs now: ${inEffect || 'an embedded PostgreSQL in ./data/postgres'}.`) : null,
       h('section', { class: 'card' },
-        h('div', { class: 'field' },
+        accountFields,
+        keyInput ? h('div', { class: 'field' },
           h('label', { for: 'generated-key' }, 'API key'),
           h('div', { class: 'key-box' },
             keyInput,
@@ -442,8 +507,8 @@ export async function render(main, { navigate, apiKey, setup }) {
               },
             }, 'Copy')),
           h('p', { class: 'hint', id: 'key-hint' },
-            'API clients send it in the x-api-key header, and you sign in with it. Keep it safe: it is no longer shown once setup is complete.'),
-          copied),
+            'For scripts and API clients: they send it in the x-api-key header. Keep it safe: it is no longer shown once setup is complete. People sign in with their account.'),
+          copied) : null,
         error,
         h('div', { class: 'actions' },
           finish,
@@ -457,7 +522,7 @@ export async function render(main, { navigate, apiKey, setup }) {
       h('h1', {}, requiresSetup ? 'Setup complete' : 'Storage settings saved'),
       restartCallout(s.result),
       h('div', { class: 'alert alert-ok', role: 'status', id: 'setup-done' },
-        requiresSetup ? 'Omni is ready. You are signed in for this browser tab.' : 'The new settings are stored.'),
+        requiresSetup ? 'Omni is ready. You are signed in with the admin account in this browser.' : 'The new settings are stored.'),
       h('div', { class: 'actions' },
         h('button', { type: 'button', class: 'btn btn-primary', onclick: () => navigate('/') }, 'Go to the dashboard')));
   }

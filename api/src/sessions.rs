@@ -1,0 +1,314 @@
+//! Browser sign-in sessions (issue 15): `POST /api/v1/auth/login`,
+//! `/logout`, `/logout-all`, `GET /api/v1/auth/me`.
+//!
+//! A session is a row in `omni_auth_sessions`; the browser holds a random
+//! 256-bit token in the `omni_session` cookie (`HttpOnly; SameSite=Strict;
+//! Path=/`, plus `Secure` when the request came over HTTPS as
+//! `X-Forwarded-Proto` says) and the row holds only the token's SHA-256. A
+//! session ends after [`IDLE`] without use or [`ABSOLUTE`] after sign-in,
+//! whichever comes first, at sign-out, at "sign out everywhere", and at once
+//! when its account is disabled, deleted or given a new password: every
+//! request reads the row and the account's disabled flag.
+//!
+//! Failed sign-ins count towards the limits of [`crate::rate_limit`].
+
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{
+    extract::{ConnectInfo, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Extension, Json,
+};
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    accounts::{self, Role},
+    auth::{self, Principal},
+    errors::{ApiError, ApiJson, ErrorBody},
+    preferences, rate_limit,
+    routes::AppState,
+};
+
+pub const COOKIE: &str = "omni_session";
+/// A session unused for this long has ended.
+pub const IDLE: Duration = Duration::from_secs(3 * 24 * 3600);
+/// A session ends this long after sign-in, however much it is used.
+pub const ABSOLUTE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A valid session of the current request.
+pub struct Session {
+    pub id: Uuid,
+    pub principal: Principal,
+}
+
+fn digest(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The session token from the `Cookie` header(s), if any.
+fn token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// The request's session, if its cookie names one that is still valid. The
+/// lookup refreshes `last_seen_at` (at most once a minute per session).
+pub async fn current(state: &AppState, headers: &HeaderMap) -> Result<Option<Session>, ApiError> {
+    let Some(token) = token(headers) else { return Ok(None) };
+    let client = state.db.client().await?;
+    let idle = IDLE.as_secs_f64();
+    let row = client
+        .query_opt(
+            "SELECT s.id, s.account_id, a.username, a.role, coalesce(a.disabled, false),
+                    s.last_seen_at < now() - interval '1 minute'
+             FROM omni_auth_sessions s LEFT JOIN omni_accounts a ON a.id = s.account_id
+             WHERE s.token_digest = $1 AND s.expires_at > now()
+               AND s.last_seen_at > now() - make_interval(secs => $2)",
+            &[&digest(token), &idle],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let (id, account_id, disabled, stale): (Uuid, Option<i64>, bool, bool) = (row.get(0), row.get(1), row.get(4), row.get(5));
+    if disabled {
+        return Ok(None);
+    }
+    if stale {
+        client.execute("UPDATE omni_auth_sessions SET last_seen_at = now() WHERE id = $1", &[&id]).await?;
+    }
+    let principal = match account_id {
+        None => Principal::ApiKey,
+        Some(account_id) => Principal::Account { id: account_id, username: row.get(2), role: Role::parse(row.get(3)) },
+    };
+    Ok(Some(Session { id, principal }))
+}
+
+fn secure(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').next().is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
+}
+
+fn cookie(headers: &HeaderMap, value: &str, max_age: u64) -> HeaderValue {
+    let secure = if secure(headers) { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!("{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"))
+        .expect("the cookie is plain ASCII")
+}
+
+/// Opens a session for `account_id` (None: the API key) and returns the
+/// `Set-Cookie` value.
+pub async fn open(state: &AppState, headers: &HeaderMap, account_id: Option<i64>) -> Result<HeaderValue, ApiError> {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let client = state.db.client().await?;
+    client
+        .execute(
+            "INSERT INTO omni_auth_sessions (id, token_digest, account_id, expires_at)
+             VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+            &[&Uuid::new_v4(), &digest(&token), &account_id, &ABSOLUTE.as_secs_f64()],
+        )
+        .await?;
+    Ok(cookie(headers, &token, ABSOLUTE.as_secs()))
+}
+
+/// Sign in with a username and password.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordLogin {
+    /// Compared in lower case.
+    #[schema(min_length = 1, max_length = 64)]
+    username: String,
+    #[schema(min_length = 1, max_length = 1024)]
+    password: String,
+}
+
+/// Sign in with the API key (for scripts that want a session).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyLogin {
+    #[schema(min_length = 1, max_length = 1024)]
+    api_key: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Login {
+    Password(PasswordLogin),
+    ApiKey(ApiKeyLogin),
+}
+
+/// Who is signed in.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// The account's name; null for the API key.
+    username: Option<String>,
+    role: Role,
+}
+
+impl Me {
+    fn of(principal: &Principal) -> Me {
+        match principal {
+            Principal::ApiKey => Me { username: None, role: Role::Admin },
+            Principal::Account { username, role, .. } => Me { username: Some(username.clone()), role: *role },
+        }
+    }
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "the username or password is wrong")
+}
+
+/// Sign in: opens a session and sets its cookie.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = Login,
+    params(("x-session-id" = Option<Uuid>, Header, description = "The anonymous session whose theme carries over to the account (when it has none)")),
+    responses(
+        (status = 200, description = "Signed in; the session cookie is set", body = Me,
+            headers(("set-cookie" = String, description = "omni_session=…; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000 [; Secure]"))),
+        (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 401, description = "Wrong username, password or API key", body = ErrorBody),
+        (status = 403, description = "The account is disabled", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts from this address or for this account; see Retry-After", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn login(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    ApiJson(login): ApiJson<Login>,
+) -> Result<Response, ApiError> {
+    let address = rate_limit::client_address(&headers, peer.map(|p| p.0 .0));
+    let (account_id, me) = match login {
+        Login::ApiKey(ApiKeyLogin { api_key }) => match auth::check_api_key(&state, &address, api_key.as_bytes()) {
+            Err(blocked) => return Ok(blocked),
+            Ok(false) => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is wrong")),
+            Ok(true) => (None, Me::of(&Principal::ApiKey)),
+        },
+        Login::Password(PasswordLogin { username, password }) => {
+            let username = username.trim().to_lowercase();
+            let limited = format!("account:{username}");
+            if let Err(blocked) = state.limiter.check(&address, &limited) {
+                return Ok(auth::too_many_attempts(blocked));
+            }
+            let client = state.db.client().await?;
+            // PostgreSQL text cannot hold a NUL, so no account has one: such a
+            // name is an unknown account (401 after the same hash work), not
+            // a query error.
+            let row = if username.contains('\0') {
+                None
+            } else {
+                client.query_opt("SELECT id, password_hash, role, disabled FROM omni_accounts WHERE username = $1", &[&username]).await?
+            };
+            let stored = row.as_ref().map(|r| r.get::<_, String>(1));
+            if !accounts::verify(password, stored).await? {
+                state.limiter.fail(&address, &limited);
+                tracing::warn!(%address, %username, "failed sign-in");
+                return Err(invalid_credentials());
+            }
+            let row = row.expect("a verified password has an account");
+            if row.get::<_, bool>(3) {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "account_disabled", "this account is disabled; ask an admin"));
+            }
+            state.limiter.succeed(&address, &limited);
+            let id: i64 = row.get(0);
+            client.execute("UPDATE omni_accounts SET last_login_at = now() WHERE id = $1", &[&id]).await?;
+            if let Some(session) = preferences::session_header(&headers) {
+                preferences::carry_theme_over(&client, session, id).await?;
+            }
+            tracing::info!(%username, "signed in");
+            (Some(id), Me { username: Some(username), role: Role::parse(row.get(2)) })
+        }
+    };
+    let set_cookie = open(&state, &headers, account_id).await?;
+    let mut response = Json(me).into_response();
+    response.headers_mut().insert(header::SET_COOKIE, set_cookie);
+    Ok(response)
+}
+
+/// A response that tells the browser to drop the cookie.
+fn signed_out(headers: &HeaderMap) -> Response {
+    let mut response = Json(serde_json::json!({ "success": true })).into_response();
+    response.headers_mut().insert(header::SET_COOKIE, cookie(headers, "", 0));
+    response
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SignedOut {
+    success: bool,
+}
+
+/// Sign out: ends this session (if any) and clears the cookie.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses(
+    (status = 200, description = "Signed out; the cookie is cleared", body = SignedOut),
+    (status = 403, description = "Sent with the session cookie but without X-Omni-Client: ui", body = ErrorBody),
+    (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(token) = token(&headers) {
+        auth::require_client_header(&axum::http::Method::POST, &headers)?;
+        let client = state.db.client().await?;
+        client.execute("DELETE FROM omni_auth_sessions WHERE token_digest = $1", &[&digest(token)]).await?;
+    }
+    Ok(signed_out(&headers))
+}
+
+/// Sign out everywhere: ends every session of the signed-in account (for
+/// the API key: every session opened with the key).
+#[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("api_key" = [])), responses(
+    (status = 200, description = "Every session of the account has ended; the cookie is cleared", body = SignedOut),
+    (status = 401, description = "Not signed in", body = ErrorBody),
+    (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn logout_all(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let client = state.db.client().await?;
+    let ended = match &principal {
+        Principal::ApiKey => client.execute("DELETE FROM omni_auth_sessions WHERE account_id IS NULL", &[]).await?,
+        Principal::Account { id, .. } => client.execute("DELETE FROM omni_auth_sessions WHERE account_id = $1", &[id]).await?,
+    };
+    tracing::info!(ended, "signed out everywhere");
+    Ok(signed_out(&headers))
+}
+
+/// Who this request is signed in as.
+#[utoipa::path(get, path = "/api/v1/auth/me", tag = "auth", security(("api_key" = [])), responses(
+    (status = 200, description = "The signed-in account (username null for the API key)", body = Me),
+    (status = 401, description = "Not signed in", body = ErrorBody),
+    (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn me(Extension(principal): Extension<Principal>) -> Json<Me> {
+    Json(Me::of(&principal))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cookie_is_found_among_others_and_is_secure_only_over_https() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, "a=1; omni_session=tok; b=2".parse().unwrap());
+        assert_eq!(token(&headers), Some("tok"));
+        let plain = cookie(&headers, "x", 5);
+        assert_eq!(plain, "omni_session=x; HttpOnly; SameSite=Strict; Path=/; Max-Age=5");
+        headers.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert!(cookie(&headers, "x", 5).to_str().unwrap().ends_with("; Secure"));
+    }
+}
