@@ -6,6 +6,16 @@
 //! worker restart neither resets the clock nor fires at once (unless a backup
 //! really is overdue), and two workers briefly running side by side during a
 //! reload do not both make one: the second sees the first's file.
+//!
+//! Several workers on one database (several gateways behind a load
+//! balancer) run the schedule only on the leader ([`crate::leader`]): the
+//! loop starts when this worker takes the lock and is dropped (a dump in
+//! progress killed, its partial file removed) the moment it loses it. So
+//! each interval gets exactly one backup, and retention, which follows each
+//! create, runs on one worker only. With one backup directory shared by
+//! every gateway (the README's "More than one machine"), a new leader counts
+//! from the old one's last backup, so a hand-over neither repeats nor resets
+//! the clock.
 
 use std::{
     sync::Arc,
@@ -13,6 +23,7 @@ use std::{
 };
 
 use super::{BackupError, Backups};
+use crate::leader::{self, Leadership};
 
 /// Longest single sleep, so the loop notices clock changes and backups made
 /// by others in reasonable time.
@@ -31,40 +42,44 @@ pub fn next_due(newest: Option<SystemTime>, every: Duration, now: SystemTime) ->
     }
 }
 
-/// Runs the schedule until the runtime stops.
-pub fn spawn(backups: Arc<Backups>, every: Duration) -> tokio::task::JoinHandle<()> {
-    tracing::info!(every_s = every.as_secs(), "scheduled backups on");
-    tokio::spawn(async move {
-        loop {
-            let now = SystemTime::now();
-            let newest = match backups.newest_time() {
-                Ok(newest) => newest,
-                Err(error) => {
-                    tracing::warn!(%error, "scheduled backups: cannot read the backup directory");
-                    tokio::time::sleep(RETRY_AFTER).await;
-                    continue;
-                }
-            };
-            let due = next_due(newest, every, now);
-            if let Ok(wait) = due.duration_since(now) {
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait.min(MAX_NAP)).await;
-                    continue;
-                }
+/// Runs the schedule whenever this worker leads, until the runtime stops.
+pub fn spawn(backups: Arc<Backups>, every: Duration, leadership: Leadership) -> tokio::task::JoinHandle<()> {
+    tracing::info!(every_s = every.as_secs(), "scheduled backups on; they run on the worker holding the leader lock");
+    leader::while_leading(leadership, move || run(backups.clone(), every))
+}
+
+/// The schedule's loop, for as long as the caller lets it run.
+async fn run(backups: Arc<Backups>, every: Duration) {
+    tracing::info!(every_s = every.as_secs(), "scheduled backups: running here (this worker leads)");
+    loop {
+        let now = SystemTime::now();
+        let newest = match backups.newest_time() {
+            Ok(newest) => newest,
+            Err(error) => {
+                tracing::warn!(%error, "scheduled backups: cannot read the backup directory");
+                tokio::time::sleep(RETRY_AFTER).await;
+                continue;
             }
-            match backups.create().await {
-                Ok(created) => tracing::info!(file = %created.backup_file, size_bytes = created.size_bytes, "scheduled backup written"),
-                Err(BackupError::Busy) => {
-                    tracing::info!("scheduled backup postponed: another backup operation is running");
-                    tokio::time::sleep(RETRY_AFTER.min(every)).await;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "scheduled backup failed; retrying later");
-                    tokio::time::sleep(RETRY_AFTER.min(every)).await;
-                }
+        };
+        let due = next_due(newest, every, now);
+        if let Ok(wait) = due.duration_since(now) {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait.min(MAX_NAP)).await;
+                continue;
             }
         }
-    })
+        match backups.create().await {
+            Ok(created) => tracing::info!(file = %created.backup_file, size_bytes = created.size_bytes, "scheduled backup written"),
+            Err(BackupError::Busy) => {
+                tracing::info!("scheduled backup postponed: another backup operation is running");
+                tokio::time::sleep(RETRY_AFTER.min(every)).await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "scheduled backup failed; retrying later");
+                tokio::time::sleep(RETRY_AFTER.min(every)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
