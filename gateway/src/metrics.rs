@@ -19,6 +19,39 @@ const BUCKETS: [f64; 13] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 const ERROR_KINDS: [&str; 4] = ["unavailable", "connect", "closed", "timeout"];
 const STATES: [State; 6] = [State::Starting, State::Ready, State::Backoff, State::Failed, State::Stopping, State::Stopped];
 
+/// A reading of the request counters (all cumulative since the start).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counters {
+    pub requests: u64,
+    /// Responses with a 5xx status.
+    pub server_errors: u64,
+    /// Per latency bucket (upper bounds in [`BUCKETS`]), +Inf last; not cumulative.
+    pub buckets: [u64; BUCKETS.len() + 1],
+    pub upstream_errors: u64,
+}
+
+/// The latency at quantile `q` (0..1) of the requests counted in `buckets`
+/// (per-bucket counts, +Inf last), in seconds, interpolated linearly inside
+/// its bucket; `None` without requests. The +Inf bucket reads as 10 s.
+pub fn quantile(buckets: &[u64; BUCKETS.len() + 1], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0.0;
+    for (i, n) in buckets.iter().enumerate() {
+        let next = seen + *n as f64;
+        if next >= rank && *n > 0 {
+            let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+            let upper = BUCKETS.get(i).copied().unwrap_or(BUCKETS[BUCKETS.len() - 1]);
+            return Some(lower + (upper - lower) * ((rank - seen) / *n as f64).clamp(0.0, 1.0));
+        }
+        seen = next;
+    }
+    Some(BUCKETS[BUCKETS.len() - 1])
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Requests by status class 1xx..5xx (index 0..4).
@@ -52,6 +85,25 @@ impl Metrics {
         if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
             self.upstream_errors[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// The counters now, for the history sampler (`metrics_history.rs`).
+    pub fn counters(&self) -> Counters {
+        let mut buckets = [0; BUCKETS.len() + 1];
+        for (i, b) in self.buckets.iter().enumerate() {
+            buckets[i] = b.load(Relaxed);
+        }
+        Counters {
+            requests: self.by_class.iter().map(|c| c.load(Relaxed)).sum(),
+            server_errors: self.by_class[4].load(Relaxed),
+            buckets,
+            upstream_errors: self.upstream_errors.iter().map(|c| c.load(Relaxed)).sum(),
+        }
+    }
+
+    /// `OMNI_WAL_DIR`, when WAL is streamed.
+    pub fn wal_dir(&self) -> Option<&std::path::Path> {
+        self.wal_dir.as_deref()
     }
 
     pub fn render(&self, board: &Board) -> String {
@@ -150,5 +202,23 @@ mod tests {
         assert!(text.contains("omni_gateway_stopping 0"), "{text}");
         board.set_stopping();
         assert!(Metrics::default().render(&board).contains("omni_gateway_stopping 1"));
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_their_bucket() {
+        let metrics = Metrics::default();
+        assert_eq!(quantile(&metrics.counters().buckets, 0.5), None, "no requests, no latency");
+        for _ in 0..99 {
+            metrics.observe_request(StatusCode::OK, Duration::from_micros(700));
+        }
+        metrics.observe_request(StatusCode::BAD_GATEWAY, Duration::from_millis(400));
+        let c = metrics.counters();
+        assert_eq!((c.requests, c.server_errors), (100, 1));
+        let p50 = quantile(&c.buckets, 0.5).unwrap();
+        assert!((0.0005..=0.001).contains(&p50), "{p50}");
+        let p99 = quantile(&c.buckets, 0.99).unwrap();
+        assert!(p99 <= 0.001, "99 of 100 are under 1 ms: {p99}");
+        let p100 = quantile(&c.buckets, 1.0).unwrap();
+        assert!((0.25..=0.5).contains(&p100), "{p100}");
     }
 }

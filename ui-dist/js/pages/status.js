@@ -1,14 +1,23 @@
-// Service status: every supervised component, live.
+// Service status: every supervised component, live, and charts of the
+// last hour.
 //
-// Updates arrive over the WebSocket /api/v1/events (messages shaped like
-// GET /gateway/status). While the socket is not open the page polls
-// /gateway/status every 2 s, and it reconnects with exponential backoff,
-// so the page stays current through worker restarts without a reload.
+// Updates arrive as server-sent events from the gateway itself
+// (GET /gateway/events, documents shaped like GET /gateway/status), so the
+// stream stays open while the worker restarts. While it is not open the
+// page polls /gateway/status every 2 s, and it reconnects with exponential
+// backoff. The charts read GET /gateway/metrics/history (API key) every 5 s;
+// a restart seen on the stream is marked on them at once, before the next
+// sample.
 
 import { call } from '../api.js';
 import { formatDuration, h, replace } from '../dom.js';
+import { authedCall } from '../session.js';
+import { lineChart } from '../chart.js';
 
 const POLL_MS = 2000;
+const HISTORY_MS = 5000;
+/** The charts' time span. */
+const SPAN_MS = 60 * 60 * 1000;
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
 
@@ -33,8 +42,15 @@ export async function render(main) {
   const live = h('span', { class: 'live', id: 'live-mode', role: 'status' }, 'Connecting…');
   const error = h('div', { id: 'status-error', role: 'alert' });
 
+  const charts = h('div', { class: 'charts', id: 'charts' }, h('p', { class: 'loading' }, 'Loading history…'));
+  const historyNote = h('div', { id: 'history-note', role: 'status' });
   let closed = false;
   let socket = null;
+  let historyTimer = null;
+  let history = null;
+  // Restarts seen on the event stream, marked before the history has them.
+  const liveRestarts = [];
+  let lastRestarts = null;
   let pollTimer = null;
   let reconnectTimer = null;
   let tickTimer = null;
@@ -49,6 +65,7 @@ export async function render(main) {
     if (!status || !Array.isArray(status.components)) return;
     snapshot = status;
     if (status.upgrade) upgrade = status.upgrade;
+    noteRestarts(status.components);
     receivedAt = performance.now();
     replace(error);
     draw();
@@ -82,12 +99,78 @@ export async function render(main) {
           c.attempts && c.state !== 'ready' ? [h('dt', {}, 'Failures in a row'), h('dd', { dataset: { field: 'attempts' } }, String(c.attempts))] : null,
           nextRetry === null ? null : [h('dt', {}, 'Next retry'), h('dd', { dataset: { field: 'next-retry' } }, `in ${nextRetry.toFixed(nextRetry < 10 ? 1 : 0)} s`)],
           h('dt', {}, 'Last exit'), h('dd', { dataset: { field: 'last-exit' } }, c.last_exit || '—'),
+          // Several gateways on one database: one worker leads (runs the scheduled backups).
+          typeof c.leader === 'boolean' ? [h('dt', {}, 'Scheduled backups'), h('dd', { dataset: { field: 'leader' } }, c.leader ? 'leader: run here' : 'follower: another gateway runs them')] : null,
           c.name === 'replication' ? replicationRows(c) : null,
           // In backoff the fields above say it all, and keep counting down.
           c.detail && c.state !== 'backoff' ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null,
           // "upgraded from PostgreSQL 15 to 17 on …, old copy kept at …"
           c.name === 'postgres' && upgrade?.summary ? [h('dt', {}, 'Upgrade'), h('dd', { dataset: { field: 'upgrade' } }, upgrade.summary)] : null));
     }));
+  }
+
+  function noteRestarts(components) {
+    const now = Date.now();
+    const counts = Object.fromEntries(components.map((c) => [c.name, c.restarts ?? 0]));
+    if (lastRestarts) {
+      let added = false;
+      for (const c of components) {
+        if ((counts[c.name] ?? 0) > (lastRestarts[c.name] ?? 0)) {
+          liveRestarts.push({ unixMs: now, label: `${NAMES[c.name] || c.name} restarted${c.last_exit ? ` (${c.last_exit})` : ''}` });
+          added = true;
+        }
+      }
+      if (added) drawCharts();
+    }
+    lastRestarts = counts;
+  }
+
+  async function loadHistory() {
+    try {
+      history = await authedCall('/gateway/metrics/history');
+      drawCharts();
+      replace(historyNote);
+    } catch (err) {
+      // Keep what is drawn (a worker restart makes the check fail for a moment).
+      replace(historyNote, h('p', { class: 'alert alert-warn' }, `History not refreshed: ${err.message}`));
+      if (!history) replace(charts);
+    }
+  }
+
+  function drawCharts() {
+    if (!history) return;
+    const to = Date.now();
+    const samples = history.samples || [];
+    const first = samples.length ? samples[0].unix_ms : to;
+    const from = Math.max(to - SPAN_MS, Math.min(first, to - 5 * 60 * 1000));
+    const series = (key) => samples.map((s) => [s.unix_ms, s[key] ?? null]);
+    // Restarts the history recorded, plus the ones seen live and not yet in it.
+    const recorded = (history.restarts || []).map((r) => ({ unixMs: r.unix_ms, label: `${NAMES[r.component] || r.component} restarted${r.last_exit ? ` (${r.last_exit})` : ''}` }));
+    const newest = recorded.length ? recorded[recorded.length - 1].unixMs : 0;
+    const markers = recorded.concat(liveRestarts.filter((m) => m.unixMs > newest + 2000));
+    const range = [from, to];
+    // One column below 45 rem, two above (styles.css .charts).
+    const wide = charts.clientWidth;
+    const width = wide >= 720 ? (wide - 16) / 2 : wide || 600;
+    const list = [
+      lineChart({ title: 'Requests', unit: 'per second', series: [
+        { name: 'requests/s', className: 's1', points: series('requests_per_s') },
+        // Requests the worker could not answer (down, refused, timed out).
+        { name: 'upstream errors/s', className: 's2', points: samples.map((s) => [s.unix_ms, (s.upstream_errors ?? 0) / (history.interval_s || 5)]) },
+      ], markers, range, width }),
+      lineChart({ title: 'Latency', unit: 'ms', series: [
+        { name: 'p50', className: 's1', points: series('p50_ms') },
+        { name: 'p99', className: 's2', points: series('p99_ms') },
+      ], markers, range, width }),
+    ];
+    const storage = [
+      ['replication_lag_s', 'replication lag'], ['wal_age_s', 'newest WAL'], ['base_backup_age_s', 'newest base backup'],
+    ].filter(([key]) => samples.some((s) => typeof s[key] === 'number'));
+    if (storage.length) {
+      list.push(lineChart({ title: 'Storage', unit: 'seconds behind or old', series: storage.map(([key, name], i) => ({ name, className: `s${i + 1}`, points: series(key) })), markers, range, width }));
+    }
+    replace(charts, list);
+    charts.dataset.markers = String(markers.length);
   }
 
   async function poll() {
@@ -112,9 +195,10 @@ export async function render(main) {
 
   function connect() {
     if (closed) return;
+    // Public like /gateway/status: EventSource cannot send headers, and the
+    // stream carries nothing the status endpoint does not already show.
     try {
-      const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-      socket = new WebSocket(`${scheme}//${location.host}/api/v1/events`);
+      socket = new EventSource('/gateway/events');
     } catch {
       scheduleReconnect();
       return;
@@ -123,19 +207,20 @@ export async function render(main) {
       backoff = BACKOFF_MIN_MS;
       stopPolling();
       live.replaceChildren(h('span', { class: 'badge badge-ok' }, 'Live'));
-      // The socket only speaks on changes; take a snapshot now.
-      poll();
     });
-    socket.addEventListener('message', (event) => {
+    socket.addEventListener('status', (event) => {
       try {
         show(JSON.parse(event.data));
       } catch {
-        // Not a status message: ignore it.
+        // Not a status document: ignore it.
       }
     });
-    socket.addEventListener('close', () => {
+    socket.addEventListener('error', () => {
+      // Our own backoff replaces EventSource's fixed retry.
+      socket?.close();
       socket = null;
       if (closed) return;
+      live.textContent = 'Reconnecting…';
       startPolling();
       scheduleReconnect();
     });
@@ -157,10 +242,18 @@ export async function render(main) {
       h('div', {}, h('h1', {}, 'Service status'), h('p', {}, 'Processes supervised by the Omni gateway.')),
       h('div', { style: 'display:flex;gap:.75rem;align-items:center;flex-wrap:wrap' }, overall, live)),
     error,
-    grid));
+    grid,
+    h('section', { class: 'card history', 'aria-labelledby': 'history-title' },
+      h('div', { class: 'component-head' }, h('h2', { id: 'history-title' }, 'Last hour'),
+        h('a', { href: '/logs', class: 'btn btn-sm' }, 'Open logs')),
+      historyNote,
+      charts)));
 
   startPolling();
   connect();
+  loadHistory();
+  historyTimer = setInterval(loadHistory, HISTORY_MS);
+  window.addEventListener('resize', drawCharts);
   tickTimer = setInterval(draw, 1000);
 
   return () => {
@@ -168,6 +261,8 @@ export async function render(main) {
     stopPolling();
     clearTimeout(reconnectTimer);
     clearInterval(tickTimer);
+    clearInterval(historyTimer);
+    window.removeEventListener('resize', drawCharts);
     if (socket) socket.close();
   };
 }
