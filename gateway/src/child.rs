@@ -135,6 +135,49 @@ pub fn forget(pid: u32) {
     }
 }
 
+/// Stops tracking a pid when dropped: after its owner's wait, or when the
+/// wait is abandoned (tokio then reaps the child itself).
+struct Tracked(Option<u32>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            forget(pid);
+        }
+    }
+}
+
+/// Runs a short command to completion (`pg_dump`, `postgres --version`) and
+/// returns its output. Every child the gateway waits for must be started
+/// through here or [`spawn`]: the orphan reaper collects any zombie it does
+/// not know, and a wait that finds its child already reaped fails with
+/// "No child processes".
+pub async fn output(mut cmd: tokio::process::Command) -> io::Result<std::process::Output> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = spawn_registered(|| cmd.spawn(), |c| c.id())?;
+    let _guard = Tracked(child.id());
+    child.wait_with_output().await
+}
+
+/// [`output`] for code that is not async (the binaries' probe at start).
+pub fn output_blocking(cmd: &mut std::process::Command) -> io::Result<std::process::Output> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = spawn_registered(|| cmd.spawn(), |c| Some(c.id()))?;
+    let _guard = Tracked(Some(child.id()));
+    child.wait_with_output()
+}
+
+/// Forks with [`TRACKED`] locked and registers the new pid before unlocking,
+/// so the reaper never sees a child of ours before it is registered.
+fn spawn_registered<C>(spawn: impl FnOnce() -> io::Result<C>, pid: impl Fn(&C) -> Option<u32>) -> io::Result<C> {
+    let mut tracked = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
+    let child = spawn()?;
+    if let Some(pid) = pid(&child) {
+        tracked.get_or_insert_with(HashSet::new).insert(pid);
+    }
+    Ok(child)
+}
+
 type Request = (ChildSpec, tokio::sync::oneshot::Sender<io::Result<Child>>);
 
 static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
@@ -261,14 +304,7 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
     }
     let mut tokio_cmd = tokio::process::Command::from(cmd);
     tokio_cmd.kill_on_drop(false);
-    let mut tracked = TRACKED.lock().unwrap_or_else(|e| e.into_inner());
-    let child = tokio_cmd.spawn();
-    if let Ok(c) = &child {
-        if let Some(pid) = c.id() {
-            tracked.get_or_insert_with(HashSet::new).insert(pid);
-        }
-    }
-    drop(tracked);
+    let child = spawn_registered(|| tokio_cmd.spawn(), |c| c.id());
     // The parent's copies of passed descriptors are closed here: the child
     // alone holds them from now on (an EOF on the readiness pipe means the
     // worker closed it or died).
@@ -495,6 +531,32 @@ fn reap_orphans(me: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The relay's `pg_dump` once failed with "No child processes": the
+    /// reaper had collected it. Short commands run beside the reaper, many
+    /// at once, are each waited for by their caller.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_commands_are_left_to_their_caller_by_the_orphan_reaper() {
+        let (tasks, stop) = (tokio_util::task::TaskTracker::new(), tokio_util::sync::CancellationToken::new());
+        start_reaper(&tasks, stop.clone());
+        let runs = (0..8).map(|_| {
+            tokio::spawn(async {
+                for _ in 0..40 {
+                    let out = output(tokio::process::Command::new("true")).await.expect("waited for by its caller");
+                    assert!(out.status.success());
+                }
+            })
+        });
+        for run in runs.collect::<Vec<_>>() {
+            run.await.unwrap();
+        }
+        for _ in 0..40 {
+            assert!(output_blocking(&mut std::process::Command::new("true")).expect("waited for by its caller").status.success());
+        }
+        stop.cancel();
+        assert!(TRACKED.lock().unwrap().as_ref().is_none_or(|t| t.is_empty()), "every pid is forgotten after its wait");
+    }
 
     const PG: Output = Output::Postgres { routine: Level::INFO };
 
