@@ -39,11 +39,13 @@ bench:
 	$(CARGO) build --release --workspace
 	python3 bench/startup.py
 	python3 bench/proxy.py
+	python3 bench/logs.py
 	bash bench/api_prefs.sh
 	python3 bench/backup.py
 	python3 bench/import.py
 	python3 bench/upgrade.py
 	python3 bench/replication.py
+	python3 bench/pitr.py
 
 ## Chaos soak: kill -9 PostgreSQL and the worker under write load; appends to RELIABILITY.md (SOAK_SECONDS, default 240).
 soak:

@@ -15,6 +15,11 @@ pub struct Health {
     status: &'static str,
     /// `ok` or `unavailable`.
     database: &'static str,
+    /// Whether this worker holds the leader lock, so runs the scheduled
+    /// backups and their retention for every gateway on the database;
+    /// absent while its leadership session is not started yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader: Option<bool>,
 }
 
 /// Worker and database health.
@@ -24,7 +29,7 @@ pub struct Health {
 ))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     match state.db.ping().await {
-        Ok(()) => (StatusCode::OK, Json(Health { status: "ok", database: "ok" })),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "degraded", database: "unavailable" })),
+        Ok(()) => (StatusCode::OK, Json(Health { status: "ok", database: "ok", leader: state.db.is_leader() })),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "degraded", database: "unavailable", leader: state.db.is_leader() })),
     }
 }

@@ -17,7 +17,7 @@ use crate::routes::AppState;
     info(title = "Omni API", description = "The Omni API worker: preferences, setup, migration check."),
     modifiers(&ApiKeyScheme),
     tags(
-        (name = "health"), (name = "preferences"), (name = "setup"), (name = "migration"), (name = "meta"),
+        (name = "health"), (name = "preferences"), (name = "auth"), (name = "accounts"), (name = "setup"), (name = "migration"), (name = "meta"),
     )
 )]
 pub struct ApiDoc;
@@ -30,6 +30,13 @@ impl Modify for ApiKeyScheme {
             .components
             .get_or_insert_with(Default::default)
             .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(crate::auth::HEADER))));
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
+            "session_cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                crate::sessions::COOKIE,
+                "The session cookie set by POST /api/v1/auth/login (HttpOnly; SameSite=Strict). A request that changes state with it must also send X-Omni-Client: ui, or it is refused with 403.",
+            ))),
+        );
     }
 }
 
@@ -46,6 +53,34 @@ pub fn document_body_rejections(document: &mut serde_json::Value) {
         let responses = &mut operation["responses"];
         responses["413"] = serde_json::json!({ "description": format!("The body is larger than {} bytes", crate::routes::BODY_LIMIT), "content": error_body });
         responses["415"] = serde_json::json!({ "description": "The body was not sent as Content-Type: application/json", "content": error_body });
+    }
+}
+
+/// Every protected operation (those that name the `api_key` scheme) also
+/// accepts the session cookie, and answers 403 to a cookie-authenticated
+/// state change without `X-Omni-Client: ui` and 429 while failed API-key
+/// checks from the address are being limited; stated here once for all.
+pub fn document_sessions(document: &mut serde_json::Value) {
+    let error_body = serde_json::json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } });
+    let Some(paths) = document["paths"].as_object_mut() else { return };
+    for (method, operation) in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.iter_mut()) {
+        let protected = operation["security"].as_array().is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
+        if !protected {
+            continue;
+        }
+        operation["security"] = serde_json::json!([{ "api_key": [] }, { "session_cookie": [] }]);
+        let responses = &mut operation["responses"];
+        if responses.get("401").is_none() {
+            responses["401"] = serde_json::json!({ "description": "Neither a valid x-api-key nor a valid session cookie", "content": error_body });
+        }
+        if method != "get" && responses.get("403").is_none() {
+            responses["403"] = serde_json::json!({ "description": "Sent with the session cookie but without X-Omni-Client: ui", "content": error_body });
+        }
+        responses["429"] = serde_json::json!({
+            "description": "Too many failed API-key checks from this address; see Retry-After",
+            "headers": { "retry-after": { "description": "Seconds to wait", "schema": { "type": "integer" } } },
+            "content": error_body,
+        });
     }
 }
 

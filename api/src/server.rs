@@ -75,7 +75,8 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     drop(client);
     let _ = api_key_slot.set(api_key);
 
-    start_backups(&config);
+    let leadership = db.lead(&config.database_url);
+    start_backups(&config, leadership);
 
     let address = listener.local_addr().context("reading the listening address")?;
     if let Some(file) = ready {
@@ -84,7 +85,8 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     } else {
         tracing::info!(%address, "listening; ready when GET /api/v1/health answers 200");
     }
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
+    // The peer address is the client's when no gateway stands in between (rate_limit::client_address).
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -134,15 +136,16 @@ fn announce_ready(mut file: File) {
     }
 }
 
-/// Cleans up after interrupted backups and starts the schedule, if any.
-fn start_backups(config: &WorkerSettings) {
+/// Cleans up after interrupted backups and starts the schedule, if any (it
+/// runs while this worker leads).
+fn start_backups(config: &WorkerSettings, leadership: omni_contract::leader::Leadership) {
     let backups = std::sync::Arc::new(backups::Backups::from_settings(config));
     match backups.remove_stale_partials() {
         Ok(_) | Err(backups::BackupError::Busy) => {}
         Err(error) => tracing::warn!(%error, "backups: cannot prepare the backup directory"),
     }
     if let Some(every) = config.backup_interval {
-        backups::schedule::spawn(backups, every);
+        backups::schedule::spawn(backups, every, leadership);
     }
 }
 

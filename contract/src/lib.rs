@@ -17,6 +17,7 @@ pub mod backups;
 pub mod error_body;
 pub mod import;
 pub mod interval;
+pub mod leader;
 pub mod logging;
 pub mod migrations;
 pub mod paths;

@@ -48,12 +48,25 @@ pub fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::Pars
 /// Installs the global subscriber. `level` must have passed [`filter`]
 /// (configuration checks it); a bad one falls back to `info`.
 pub fn init(level: &str, format: LogFormat) {
+    init_with(level, format, None);
+}
+
+/// A layer that sees every event the filter lets through, beside stderr
+/// (the gateway's in-memory log ring).
+pub type ExtraLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// [`init`], with `extra` receiving the same events as stderr: one filter
+/// decides for both, so the ring holds exactly what the log shows.
+pub fn init_with(level: &str, format: LogFormat, extra: Option<ExtraLayer>) {
+    use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = filter(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
-        LogFormat::Pretty => builder.with_target(false).with_ansi(colour()).init(),
-    }
+    let stderr: ExtraLayer = match format {
+        LogFormat::Json => fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr).boxed(),
+        LogFormat::Pretty => fmt::layer().with_target(false).with_ansi(colour()).with_writer(std::io::stderr).boxed(),
+    };
+    let mut layers = vec![stderr];
+    layers.extend(extra);
+    tracing_subscriber::registry().with(layers.with_filter(filter)).init();
 }
 
 /// Colour codes only for a person at a terminal: never into a file, a pipe

@@ -46,6 +46,40 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answ
     }
 }
 
+/// `method path` on `addr` with `headers` and a JSON `body` (empty when
+/// `None`), all within `timeout`: the worker's calls of the gateway's
+/// internal endpoints, some of which answer only once a long job is done.
+pub async fn send(addr: SocketAddr, method: hyper::Method, path: &str, headers: &[(&str, &str)], body: Option<Bytes>, timeout: Duration) -> Result<Answer, ProbeError> {
+    let http = |detail: String| ProbeError::Http { addr, detail };
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ProbeError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| http(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::USER_AGENT, concat!("omni-probe/", env!("CARGO_PKG_VERSION")));
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(http_body_util::Full::new(body.unwrap_or_default())).map_err(|e| http(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|e| http(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), BODY_LIMIT).collect().await.map_err(|e| http(e.to_string()))?.to_bytes();
+        driver.abort();
+        Ok(Answer { status, body })
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Timeout { addr, timeout }),
+    }
+}
+
 async fn exchange(addr: SocketAddr, path: &str) -> Result<Answer, ProbeError> {
     let http = |detail: String| ProbeError::Http { addr, detail };
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ProbeError::Connect { addr, source })?;

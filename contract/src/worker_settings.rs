@@ -32,6 +32,7 @@ pub mod vars {
     pub const SETTINGS_FILE: &str = "OMNI_SETTINGS_FILE";
     pub const DATA_ROOT: &str = "OMNI_DATA_ROOT";
     pub const GATEWAY_URL: &str = "OMNI_GATEWAY_URL";
+    pub const GATEWAY_TOKEN: &str = "OMNI_GATEWAY_TOKEN";
     pub const POOL_SIZE: &str = "OMNI_API_DB_POOL_SIZE";
     pub const LOG_LEVEL: &str = "LOG_LEVEL";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
@@ -39,9 +40,9 @@ pub mod vars {
     /// Every variable the worker reads. The gateway removes these from what
     /// it passes on, then writes its own values, so a stray one in the
     /// gateway's environment never reaches the worker unchecked.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         DATABASE_URL, LISTEN, LISTEN_FD, READY_FD, START_FD, API_KEY, UI_DIR, BACKUP_DIR, PG_BIN_DIR, BACKUP_KEEP, BACKUP_INTERVAL,
-        SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT,
+        SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT, GATEWAY_TOKEN,
     ];
 }
 
@@ -104,6 +105,11 @@ pub struct WorkerSettings {
     /// The gateway that supervises this worker (`OMNI_GATEWAY_URL`, e.g.
     /// `http://127.0.0.1:8882`); the event stream relays its component states.
     pub gateway_url: Option<String>,
+    /// The secret of the gateway's internal endpoints (`OMNI_GATEWAY_TOKEN`,
+    /// `/gateway/internal/…`: base backups and restores of the embedded
+    /// cluster, asked for through the worker's API). Made anew at every
+    /// gateway start and handed over in the environment only; never logged.
+    pub gateway_token: Option<String>,
     /// Most connections the pool opens (`OMNI_API_DB_POOL_SIZE`).
     pub pool_size: usize,
     /// `LOG_LEVEL`: a level or a tracing filter.
@@ -170,6 +176,13 @@ pub mod check {
         }
     }
 
+    pub fn gateway_token(token: &str) -> Result<(), String> {
+        if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err("must be at least 32 letters and digits (the gateway makes one at every start)".into());
+        }
+        Ok(())
+    }
+
     pub fn fd(text: &str) -> Result<RawFd, String> {
         text.trim().parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or_else(|| format!("{text:?} is not a file descriptor number"))
     }
@@ -192,6 +205,7 @@ impl WorkerSettings {
             settings_file: None,
             data_root: base.to_path_buf(),
             gateway_url: None,
+            gateway_token: None,
             pool_size: DEFAULT_POOL_SIZE,
             log_level: "info".into(),
             log_format: LogFormat::Pretty,
@@ -242,6 +256,7 @@ impl WorkerSettings {
         }
         s.backup_interval = get(vars::BACKUP_INTERVAL).map(|t| check::backup_interval(&t).map_err(|m| invalid(vars::BACKUP_INTERVAL, m))).transpose()?;
         s.gateway_url = get(vars::GATEWAY_URL).map(|u| check::gateway_url(&u).map_err(|m| invalid(vars::GATEWAY_URL, m))).transpose()?;
+        s.gateway_token = checked(vars::GATEWAY_TOKEN, &check::gateway_token)?;
         if let Some(dir) = path(vars::UI_DIR) {
             s.ui_dir = dir;
         }
@@ -290,6 +305,9 @@ impl WorkerSettings {
         if let Some(url) = &self.gateway_url {
             env.push((vars::GATEWAY_URL, url.clone()));
         }
+        if let Some(token) = &self.gateway_token {
+            env.push((vars::GATEWAY_TOKEN, token.clone()));
+        }
         env.push((vars::POOL_SIZE, self.pool_size.to_string()));
         env.push((vars::LOG_LEVEL, self.log_level.clone()));
         env.push((vars::LOG_FORMAT, self.log_format.as_str().to_owned()));
@@ -337,6 +355,7 @@ mod tests {
             ("OMNI_BACKUP_KEEP", "many"),
             ("OMNI_BACKUP_INTERVAL", "often"),
             ("OMNI_GATEWAY_URL", "https://x"),
+            ("OMNI_GATEWAY_TOKEN", "short"),
         ] {
             let mut vars = vec![(variable, value)];
             if variable != "DATABASE_URL" {
@@ -369,6 +388,7 @@ mod tests {
         s.backup_interval = Some(Duration::from_secs(6 * 3600));
         s.settings_file = Some("/srv/omni/data/omni-settings.json".into());
         s.gateway_url = Some("http://127.0.0.1:8882".into());
+        s.gateway_token = Some("0123456789abcdef0123456789abcdef".into());
         s.pool_size = 3;
         s.log_level = "debug,hyper=info".into();
         s.log_format = LogFormat::Json;

@@ -99,6 +99,8 @@ struct Running {
     relay: Option<crate::replication::Running>,
     /// Point-in-time recovery's base-backup task, waited for at stop before PostgreSQL goes.
     base_backups: Option<crate::wal::BaseBackups>,
+    /// The worker's channel to the gateway (`/gateway/internal/…`).
+    internal: Arc<crate::internal::Internal>,
 }
 
 /// Runs the gateway until a stop signal; returns the process exit code.
@@ -126,25 +128,49 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::Embedded(_) => None,
     };
     let board = Board::new(components);
+    // What onboarding's summary shows as the storage in effect (issue 17).
+    board.set_storage(match &config.database {
+        Database::Embedded(e) => serde_json::json!({
+            "kind": if e.memory_mode { "memory" } else { "embedded" },
+            "data_dir": e.data_dir.value.display().to_string(),
+            "data_dir_origin": e.data_dir.origin.to_string(),
+            "memory_mode": e.memory_mode,
+        }),
+        Database::External { .. } => serde_json::json!({ "kind": "external" }),
+    });
+    let internal = Arc::new(crate::internal::Internal::new(match &config.database {
+        Database::Embedded(e) if !e.memory_mode => None,
+        Database::Embedded(_) => Some("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive, so there are no base backups or point-in-time restores"),
+        Database::External { .. } => Some("DATABASE_URL names an external PostgreSQL: point-in-time recovery covers the embedded cluster only; use that server's own backup tools"),
+    }));
     let streams_wal = components.contains(&"wal");
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
     sd_notify::spawn_reporter(notifier.clone(), board.clone(), &tasks, stop_background.clone());
     let upstreams = Upstreams::default();
+    let stop_http = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone())));
+    let history = crate::metrics_history::History::default();
+    history.spawn(metrics.clone(), board.clone(), &tasks, stop_background.clone());
     let surface = Arc::new(Surface {
         board: board.clone(),
         proxy: Proxy {
             upstreams: upstreams.clone(),
             limits: config.http,
-            metrics: Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone()))),
+            metrics,
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
         },
         database,
+        logs: crate::logring::installed(),
+        history,
+        auth: crate::gateway_auth::GatewayAuth::new(upstreams.clone()),
+        streams: TaskTracker::new(),
+        stop_streams: stop_http.clone(),
+        internal: internal.clone(),
     });
-    let stop_http = CancellationToken::new();
     let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http));
-    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None, base_backups: None };
+    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None, base_backups: None, internal };
 
     // From here on every way out goes through the same orderly stop.
     let outcome = supervise(&config, &mut running, &mut signals, (worker_bin, worker_account), upstreams, addr, started).await;
@@ -166,14 +192,19 @@ async fn supervise(
     started: Instant,
 ) -> Result<()> {
     let board = running.board.clone();
+    let gateway_token = running.internal.token.clone();
     // The worker's policy, for the database at `url`. Its failures while
     // PostgreSQL was down are not its own: it is retried as soon as
     // PostgreSQL is back.
     let worker_policy = |url: &str, pg_bin_dir: Option<PathBuf>| {
         let mut settings = config.worker_settings(url);
         settings.pg_bin_dir = pg_bin_dir;
-        WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone())
+        settings.gateway_token = Some(gateway_token.clone());
+        WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
+    // A point-in-time restore holds PostgreSQL's and the streamer's starts (wal/online.rs).
+    let hold = crate::wal::online::Hold::default();
+    let mut postgres_commands = None;
     // PostgreSQL (embedded) or the external URL.
     let policy = match &config.database {
         Database::Embedded(embedded) => {
@@ -185,12 +216,15 @@ async fn supervise(
             if !embedded.memory_mode {
                 prepared.extra_settings = crate::wal::server_settings(&config.wal);
             }
+            crate::logring::installed().add_secret(&prepared.password);
             let cluster = Arc::new(prepared);
             running.cluster = Some(cluster.clone());
             child::start_reaper(&running.tasks, running.stop_background.clone());
             let pg_started = Instant::now();
-            let policy = PostgresPolicy::new(cluster.clone(), config.restart);
-            running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None));
+            let policy = PostgresPolicy::new(cluster.clone(), config.restart).with_hold(hold.clone());
+            let postgres = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None);
+            postgres_commands = Some(postgres.commands());
+            running.handles.push(postgres);
             // The worker applies migrations at start, so it connects once
             // PostgreSQL accepts connections on the app database. Its process
             // is started now, to be ready to connect by then; meanwhile the
@@ -236,10 +270,18 @@ async fn supervise(
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
         let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
         crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
-        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster, config.wal.clone(), config.restart, base_backups.ask.clone());
+        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster.clone(), config.wal.clone(), config.restart, base_backups.ask.clone()).with_hold(hold.clone());
+        if let Some(postgres) = postgres_commands.clone() {
+            let online = crate::wal::online::Online::new(cluster, config.wal.clone(), board.clone(), hold.clone(), base_backups.lock(), postgres, config.restart.stop_timeout);
+            let _ = running.internal.online.set(Arc::new(online));
+        }
         running.base_backups = Some(base_backups);
         if config.wal.sync {
-            running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+            let streamer = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
+            if let Some(online) = running.internal.online.get() {
+                online.set_streamer(streamer.commands());
+            }
+            running.handles.push(streamer);
         } else {
             deferred_wal = Some(policy);
         }
@@ -263,7 +305,11 @@ async fn supervise(
         }
         if announced || tokio::time::Instant::now() >= wal_deadline {
             if let Some(policy) = deferred_wal.take() {
-                running.handles.push(supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres")));
+                let streamer = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
+                if let Some(online) = running.internal.online.get() {
+                    online.set_streamer(streamer.commands());
+                }
+                running.handles.push(streamer);
             }
         }
         tokio::select! {

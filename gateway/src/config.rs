@@ -72,7 +72,7 @@ pub const VARS: &[Var] = &[
     Var { name: "PGSERVE_AUTO_UPGRADE", default: "true", help: "upgrade a cluster of an older PostgreSQL major in place at start (pg_upgrade, old copy kept); false refuses to start instead" },
     Var { name: "PGSERVE_OLD_BIN_DIR", default: "", help: "binaries of the cluster's older PostgreSQL major, for the upgrade; found automatically when empty" },
     // Replication relay (issue 11).
-    Var { name: "PGSERVE_REPLICATION_MAX_WAL_MB", default: "1024", help: "cap on WAL kept for the replication slot (max_slot_wal_keep_size); past it the slot is invalidated and a full re-copy runs" },
+    Var { name: "PGSERVE_REPLICATION_MAX_WAL_MB", default: "1024", help: "cap on WAL kept for the replication slot; past it the relay drops the slot and a full re-copy runs" },
     // Point-in-time recovery (wal/): streamed WAL and base backups.
     Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production" },
     Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
@@ -224,7 +224,7 @@ pub struct EmbeddedConfig {
     /// `PGSERVE_OLD_BIN_DIR`: where the older major's binaries are, for the upgrade.
     pub old_bin_dir: Option<PathBuf>,
     /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
-    /// needs `wal_level=logical` and caps the slot's WAL at this.
+    /// needs `wal_level=logical` (the relay keeps this cap on its slot itself).
     pub replication_wal_mb: Option<u64>,
 }
 
@@ -393,7 +393,11 @@ fn parse_replication(p: &Parser<'_>, database: &Database) -> Result<Option<crate
         .string("PGSERVE_REPLICATION_DATABASES")
         .map(|s| s.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect())
         .unwrap_or_default();
-    Ok(Some(crate::replication::ReplicationConfig { url, databases, max_wal_mb }))
+    let config = crate::replication::ReplicationConfig { url, databases, max_wal_mb };
+    if let Err(problem) = config.check_databases() {
+        return Err(p.invalid("PGSERVE_REPLICATION_DATABASES", problem));
+    }
+    Ok(Some(config))
 }
 
 /// Joins `p` onto `cwd` when relative and normalises it (the shared rule).

@@ -1,5 +1,6 @@
 //! The gateway's one port: its own endpoints (`/health`, `/gateway/status`,
-//! `/metrics`) and everything else handed to the API worker.
+//! `/metrics`, and the logs, history and streams of `observe.rs`) and
+//! everything else handed to the API worker.
 //!
 //! The listener is bound before anything slow happens, so a taken port is
 //! reported at once and `/health` answers 503 with component states while
@@ -40,6 +41,19 @@ pub struct Surface {
     /// With `DATABASE_URL`, the server `/health` must vouch for: nobody
     /// supervises it, so its state is not on the board.
     pub database: Option<Arc<ExternalDatabase>>,
+    /// The recent log, for `/gateway/logs` and its stream.
+    pub logs: Arc<crate::logring::LogRing>,
+    /// The last hour of counters, for `/gateway/metrics/history`.
+    pub history: crate::metrics_history::History,
+    /// Asks the worker whether a request may read the protected endpoints.
+    pub auth: crate::gateway_auth::GatewayAuth,
+    /// The live streams' tasks (`observe.rs`); awaited after the drain.
+    pub streams: TaskTracker,
+    /// Cancelled when the gateway begins to stop: streams end at once, so
+    /// the drain does not wait for responses that never finish.
+    pub stop_streams: CancellationToken,
+    /// `/gateway/internal/…`, the worker's channel to the gateway.
+    pub internal: Arc<crate::internal::Internal>,
 }
 
 /// Binds the gateway's address, naming `OMNI_PORT`/`OMNI_HOST` on failure.
@@ -125,6 +139,8 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
     }
     drop(listener);
     close_all.cancel();
+    surface.streams.close();
+    surface.streams.wait().await;
     surface.proxy.close_tunnels.cancel();
     surface.proxy.tunnels.close();
     late.close();
@@ -162,7 +178,7 @@ fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyp
 }
 
 /// Gateway-owned paths are answered here; everything else goes to the worker.
-async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>, draining: bool) -> Response<Body> {
+async fn route(surface: &Arc<Surface>, peer: SocketAddr, req: Request<Incoming>, draining: bool) -> Response<Body> {
     let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/health" if is_read => health(surface).await,
@@ -171,7 +187,13 @@ async fn route(surface: &Surface, peer: SocketAddr, req: Request<Incoming>, drai
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(full(surface.proxy.metrics.render(&surface.board)))
             .expect("static response parts are valid"),
+        "/gateway/logs" if is_read => crate::observe::logs(surface, req).await,
+        "/gateway/logs/stream" if is_read => crate::observe::logs_stream(surface, req).await,
+        "/gateway/metrics/history" if is_read => crate::observe::metrics_history(surface, req).await,
+        "/gateway/events" if is_read => crate::observe::events(surface).await,
         "/health" | "/gateway/status" | "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        "/gateway/logs" | "/gateway/logs/stream" | "/gateway/metrics/history" | "/gateway/events" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        path if path.starts_with("/gateway/internal/") => crate::internal::handle(&surface.internal, req).await,
         // A client that connected after the stop began gets a clear answer
         // instead of a request the drain would have to wait for.
         _ if draining => error(StatusCode::SERVICE_UNAVAILABLE, "gateway_stopping", "the gateway is stopping; retry in a moment or on another instance"),

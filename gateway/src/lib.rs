@@ -14,8 +14,14 @@ pub mod config;
 pub mod dev;
 pub mod doctor;
 pub mod external;
+pub mod gateway_auth;
 pub mod http;
+pub mod internal;
 pub mod import_cli;
+// Seeing inside: the log ring, the metrics history, and their HTTP endpoints.
+pub mod logring;
+pub mod metrics_history;
+pub mod observe;
 pub mod metrics;
 pub mod postgres;
 pub mod privilege;

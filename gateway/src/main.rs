@@ -114,7 +114,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    omni_contract::logging::init(&config.log_level, config.log_format);
+    let ring = omni_gateway::logring::LogRing::new();
+    for secret in config.api_key.iter() {
+        ring.add_secret(secret);
+    }
+    let database_url = match &config.database {
+        omni_gateway::config::Database::External { url } => Some(url.as_str()),
+        omni_gateway::config::Database::Embedded(_) => None,
+    };
+    for url in [database_url, config.replication_url.as_deref()].into_iter().flatten() {
+        ring.add_url_secret(url);
+    }
+    omni_gateway::logring::install(ring.clone());
+    omni_contract::logging::init_with(&config.log_level, config.log_format, Some(Box::new(ring.layer())));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -107,7 +107,8 @@ impl Proxy {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
-            match tokio::time::timeout(self.limits.upstream_timeout, upstream.client.request(out)).await {
+            let timeout = crate::wal::online::upstream_timeout(req.uri.path(), self.limits.upstream_timeout);
+            match tokio::time::timeout(timeout, upstream.client.request(out)).await {
                 Ok(Ok(resp)) => return client_response(resp, client_upgrade, &self.tunnels, &self.close_tunnels),
                 Ok(Err(e)) => {
                     let nothing_sent = e.is_connect();
@@ -130,7 +131,7 @@ impl Proxy {
                     return error(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
-                        &format!("the API worker did not answer within {} s", self.limits.upstream_timeout.as_secs()),
+                        &format!("the API worker did not answer within {} s", timeout.as_secs()),
                     );
                 }
             }
@@ -177,7 +178,16 @@ fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    // The gateway itself speaks plain HTTP. Behind a TLS-terminating proxy
+    // (deploy/nginx-lb.conf sets it) `https` is kept, so the worker marks its
+    // session cookie `Secure`; anything else becomes `http`. A client that
+    // claims https over plain HTTP only gets a cookie its browser will not
+    // send back over http: no gain for it.
+    let proto = match req.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or("").trim()) {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        _ => "http",
+    };
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     if let Some(h) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h);
     }

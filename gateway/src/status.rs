@@ -132,6 +132,10 @@ pub struct ComponentJson<'a> {
     pub reloading: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'a str>,
+    /// The worker's last health answer: whether it holds the leader lock
+    /// (runs the scheduled backups for every gateway on the database).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<bool>,
 }
 
 /// All components, in start order (PostgreSQL first), and the gateway's own state.
@@ -141,6 +145,12 @@ pub struct Snapshot {
     pub gateway: GatewayState,
     /// The last major upgrade of the cluster (`postgres::upgrade::Record::to_json`), shown until its record is gone.
     pub upgrade: Option<serde_json::Value>,
+    /// The storage in effect and where each setting came from, for
+    /// onboarding's summary (`{"kind", "data_dir", "data_dir_origin", "memory_mode"}`).
+    pub storage: Option<serde_json::Value>,
+    /// The last point-in-time restore of this run (`wal::online`): its step
+    /// and percentage while it runs, then how it ended.
+    pub restore: Option<serde_json::Value>,
 }
 
 impl Snapshot {
@@ -162,12 +172,15 @@ pub struct Board {
     /// supervised children, not among them: replication is not on the
     /// request path, so it never fails `/health` or holds back readiness.
     replication: Arc<Mutex<Option<Arc<Mutex<crate::replication::status::RelayView>>>>>,
+    /// Whether the serving worker leads, from its health answer; `None`
+    /// when unknown (no worker serves, or one that does not say).
+    leader: Arc<Mutex<Option<bool>>>,
 }
 
 impl Board {
     pub fn new(names: &[&'static str]) -> Self {
-        let snapshot = Snapshot { components: names.iter().map(|n| (*n, Component::new())).collect(), gateway: GatewayState::Running, upgrade: None };
-        Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default(), replication: Arc::default() }
+        let snapshot = Snapshot { components: names.iter().map(|n| (*n, Component::new())).collect(), gateway: GatewayState::Running, upgrade: None, storage: None, restore: None };
+        Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default(), replication: Arc::default(), leader: Arc::default() }
     }
 
     /// Applies `f` to `name`'s entry and wakes every watcher.
@@ -256,9 +269,19 @@ impl Board {
         stalled(beats.iter().map(|(n, d)| (*n, *d)), now)
     }
 
+    /// Records the storage in effect for `/gateway/status`.
+    pub fn set_storage(&self, storage: serde_json::Value) {
+        self.tx.send_modify(|s| s.storage = Some(storage));
+    }
+
     /// Records the cluster's last major upgrade for `/gateway/status`.
     pub fn set_upgrade(&self, upgrade: serde_json::Value) {
         self.tx.send_modify(|s| s.upgrade = Some(upgrade));
+    }
+
+    /// Records a point-in-time restore's progress for `/gateway/status`.
+    pub fn set_restore(&self, restore: serde_json::Value) {
+        self.tx.send_modify(|s| s.restore = Some(restore));
     }
 
     /// Shows the replication relay's picture in `/gateway/status` and `/metrics`.
@@ -273,6 +296,19 @@ impl Board {
         Some(v)
     }
 
+    /// Records whether the serving worker leads, logging a change.
+    pub fn set_leader(&self, leader: Option<bool>) {
+        let mut current = self.leader.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != leader {
+            match leader {
+                Some(true) => tracing::info!("this gateway's worker leads: scheduled backups run here"),
+                Some(false) => tracing::info!("this gateway's worker follows: another gateway's worker runs the scheduled backups"),
+                None => {}
+            }
+            *current = leader;
+        }
+    }
+
     /// The `/gateway/status` document.
     pub fn to_json(&self) -> serde_json::Value {
         let mut doc = self.children_json();
@@ -285,6 +321,7 @@ impl Board {
     fn children_json(&self) -> serde_json::Value {
         let snap = self.tx.borrow();
         let tenths = |d: Duration| (d.as_secs_f64() * 10.0).round() / 10.0;
+        let leader = *self.leader.lock().unwrap_or_else(|e| e.into_inner());
         let components: Vec<_> = snap
             .iter()
             .map(|(name, c)| ComponentJson {
@@ -299,11 +336,18 @@ impl Board {
                 crash_looping: c.crash_looping,
                 reloading: c.reloading,
                 detail: c.detail.as_deref(),
+                leader: if name == "api" { leader } else { None },
             })
             .collect();
         let mut doc = serde_json::json!({ "gateway": { "state": snap.gateway }, "components": components });
         if let Some(upgrade) = &snap.upgrade {
             doc["upgrade"] = upgrade.clone();
+        }
+        if let Some(storage) = &snap.storage {
+            doc["storage"] = storage.clone();
+        }
+        if let Some(restore) = &snap.restore {
+            doc["restore"] = restore.clone();
         }
         doc
     }

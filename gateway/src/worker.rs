@@ -82,6 +82,8 @@ pub struct WorkerPolicy {
     ready_pipe: Option<(pipe::Receiver, Instant)>,
     /// A pre-started instance waiting for its start signal.
     held: Option<Held>,
+    /// Where the worker's "do I lead?" (its health answer) is shown.
+    board: Option<crate::status::Board>,
 }
 
 /// A worker spawned ahead of its start ([`WorkerPolicy::prestart`]).
@@ -95,7 +97,14 @@ struct Held {
 
 impl WorkerPolicy {
     pub fn new(bin: PathBuf, settings: WorkerSettings, upstreams: Upstreams, drain: Duration, account: Account) -> Self {
-        WorkerPolicy { bin, settings, upstreams, drain, account, current: None, candidate: None, ready_pipe: None, held: None }
+        WorkerPolicy { bin, settings, upstreams, drain, account, current: None, candidate: None, ready_pipe: None, held: None, board: None }
+    }
+
+    /// Shows on `board` whether the serving worker leads (several gateways
+    /// on one database), as each liveness check reads it.
+    pub fn reporting_leader_to(mut self, board: crate::status::Board) -> Self {
+        self.board = Some(board);
+        self
     }
 
     /// Spawns the first instance now, to wait for its database: the first
@@ -258,7 +267,7 @@ impl Policy for WorkerPolicy {
             Some(held) => held,
             None => {
                 let (child, addr, ready_read) = self.spawn(None).await?;
-                tracing::info!("started API worker (pid {}) on {addr} as user {}", child.id().unwrap_or(0), self.account.name);
+                tracing::info!(component = "api", "started API worker (pid {}) on {addr} as user {}", child.id().unwrap_or(0), self.account.name);
                 (child, addr, ready_read)
             }
         };
@@ -272,7 +281,7 @@ impl Policy for WorkerPolicy {
             let patience = ANNOUNCE_PATIENCE.saturating_sub(started.elapsed());
             match tokio::time::timeout(patience, announcement(pipe)).await {
                 Ok(Announcement::Ready) => {
-                    tracing::info!("API worker announced it is ready ({} ms after its start)", started.elapsed().as_millis());
+                    tracing::info!(component = "api", "API worker announced it is ready ({} ms after its start)", started.elapsed().as_millis());
                     self.ready_pipe = None;
                     return Ok(());
                 }
@@ -286,7 +295,12 @@ impl Policy for WorkerPolicy {
             }
         }
         let addr = self.candidate.or(self.current.map(|(a, _)| a)).context("no worker instance to check")?;
-        health(addr).await
+        let leader = health(addr).await?;
+        // A candidate's answer is not shown before it serves.
+        if let (Some(board), None) = (&self.board, self.candidate) {
+            board.set_leader(leader);
+        }
+        Ok(())
     }
 
     async fn on_ready(&mut self) -> Result<()> {
@@ -298,6 +312,9 @@ impl Policy for WorkerPolicy {
     }
 
     fn on_run_end(&mut self) {
+        if let Some(board) = &self.board {
+            board.set_leader(None);
+        }
         if let Some((_, generation)) = self.current.take() {
             self.upstreams.withdraw(generation);
         }
@@ -327,11 +344,12 @@ impl Policy for WorkerPolicy {
     }
 }
 
-/// `GET /api/v1/health` over a fresh connection; `Ok` on a 200.
-async fn health(addr: SocketAddr) -> Result<()> {
+/// `GET /api/v1/health` over a fresh connection; `Ok` on a 200, with the
+/// answer's `leader` (absent from a worker that does not say).
+async fn health(addr: SocketAddr) -> Result<Option<bool>> {
     let answer = probe::get(addr, "/api/v1/health", HEALTH_TIMEOUT).await?;
     match answer.status {
-        200 => Ok(()),
+        200 => Ok(serde_json::from_slice::<serde_json::Value>(&answer.body).ok().and_then(|doc| doc["leader"].as_bool())),
         code => bail!("health answered {code}: {}", answer.text()),
     }
 }

@@ -14,7 +14,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Mutex, OnceLock},
@@ -234,6 +234,22 @@ fn chown_tree(path: &Path) {
     }
 }
 
+/// A self-signed test CA in `dir` (`<name>.pem`, `<name>.key`); returns the
+/// PEM file, readable by every account.
+pub fn make_test_ca(dir: &Path, name: &str) -> PathBuf {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-subj", &format!("/CN=omni test {name}")])
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(out.status.success(), "openssl req -x509: {}", String::from_utf8_lossy(&out.stderr));
+    let pem = dir.join(format!("{name}.pem"));
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&pem, fs::Permissions::from_mode(0o644)).unwrap();
+    pem
+}
+
 /// An initialized, never-started cluster of the binaries in `bin`, shared by
 /// every test process of a build (initdb takes seconds; copying takes
 /// milliseconds). Created under a unique name and renamed into place, so
@@ -371,6 +387,40 @@ impl TempPostgres {
         if let Some(mut server) = self.server.take() {
             server.kill9();
         }
+    }
+
+    /// Turns TLS on with a server certificate for `127.0.0.1` signed by a
+    /// test CA made here (openssl), and requires TLS of `role` (its
+    /// unencrypted connections are rejected; the test's own superuser
+    /// connections stay as they are). Returns the CA's PEM file, readable by
+    /// every account.
+    pub fn with_tls_required_for(&mut self, role: &str) -> PathBuf {
+        let certs = self.dir.path().join("tls");
+        fs::create_dir_all(&certs).unwrap();
+        let ca = make_test_ca(&certs, "ca");
+        let data = self.dir.path().join("data");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(&certs).output().expect("openssl (Debian package openssl)");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+        fs::write(certs.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"]);
+        for f in ["server.crt", "server.key"] {
+            fs::copy(certs.join(f), data.join(f)).unwrap();
+        }
+        let hba = fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        fs::write(data.join("pg_hba.conf"), format!("hostnossl all {role} all reject\nhostssl all {role} 127.0.0.1/32 trust\n{hba}")).unwrap();
+        chown_tree(&data);
+        fs::set_permissions(data.join("server.key"), fs::Permissions::from_mode(0o600)).unwrap();
+        let mut c = self.client();
+        c.batch_execute("ALTER SYSTEM SET ssl = on").unwrap();
+        c.query_one("SELECT pg_reload_conf()", &[]).unwrap();
+        wait_until(Duration::from_secs(10), "TLS to be on after the reload", || {
+            let on: String = self.client().query_one("SHOW ssl", &[]).ok()?.get(0);
+            (on == "on").then_some(())
+        });
+        ca
     }
 
     /// A new connection for checks made by the test itself.

@@ -214,10 +214,33 @@ export async function openPage(browser, stack, { width = 1280, height = 800 } = 
   return { context, page };
 }
 
-/** Signs in through the login page and waits for the dashboard. */
+/** Signs in with the API key through the login page and waits for the dashboard. */
 export async function signIn(page, key = API_KEY) {
   await page.goto('/login');
+  await page.getByRole('button', { name: 'Use an API key instead' }).click();
   await page.getByLabel('API key', { exact: true }).fill(key);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
+}
+
+/** The admin account createAdmin() makes. */
+export const ADMIN = { username: 'admin', password: 'correct horse battery' };
+
+/** Creates the admin account over the API (as onboarding does) and completes setup. */
+export async function createAdmin(stack, { username, password } = ADMIN) {
+  const created = await stack.api('/api/v1/setup/admin', {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ username, password }),
+  });
+  if (created.status !== 201) throw new Error(`POST /api/v1/setup/admin answered ${created.status}: ${await created.text()}`);
+  const done = await stack.api('/api/v1/setup/complete', { method: 'POST', headers: { 'x-api-key': API_KEY } });
+  if (done.status !== 200) throw new Error(`POST /api/v1/setup/complete answered ${done.status}`);
+}
+
+/** Signs in with a username and password through the login page and waits for the dashboard. */
+export async function signInAs(page, { username, password } = ADMIN) {
+  await page.goto('/login');
+  await page.getByLabel('Username').fill(username);
+  await page.getByLabel('Password').fill(password);
   await page.getByRole('button', { name: 'Sign in' }).click();
   await page.getByRole('heading', { name: 'Dashboard' }).waitFor();
 }

@@ -1,5 +1,5 @@
 // Status page: every supervised component with its state, pid and restarts,
-// kept current from /api/v1/events or, failing that, /gateway/status. Killing
+// kept current from /gateway/events or, failing that, /gateway/status. Killing
 // the worker shows its restart count go up without a reload.
 
 import assert from 'node:assert/strict';
@@ -39,6 +39,29 @@ test('the status page lists each component with its state and pid', async () => 
     }
     await screenshots(page, 'status');
     assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('the worker card says whether this gateway leads the scheduled backups', async () => {
+  // Alone on its database, this gateway's worker takes the leader lock
+  // within a second; the gateway reads it on its next liveness check.
+  const deadline = Date.now() + 15000;
+  let api;
+  do {
+    api = (await gatewayStatus()).components.find((c) => c.name === 'api');
+    if (api?.leader === true) break;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  } while (Date.now() < deadline);
+  assert.equal(api?.leader, true, `the only gateway leads: ${JSON.stringify(api)}`);
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await signIn(page);
+    await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Status' }).click();
+    const card = page.locator('[data-component="api"]');
+    await card.locator('[data-field="leader"]').filter({ hasText: 'leader: run here' }).waitFor();
     assert.deepEqual(page.problems, []);
   } finally {
     await context.close();

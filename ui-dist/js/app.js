@@ -1,14 +1,14 @@
 // The application shell: routes, the top bar, and who may see which page.
 //
 // Routing uses the History API; the server answers index.html for every
-// non-API path, so /login, /setup, /backups, /status and /import survive a reload.
+// non-API path, so /login, /setup, /backups, /status, /logs and /import survive a reload.
 // A page module exports `render(main, ctx)` and may return a cleanup
 // function, called before the next page renders (the status page closes its
-// WebSocket there).
+// event stream there).
 
 import { call } from './api.js';
 import { h, replace } from './dom.js';
-import { getApiKey, logout } from './session.js';
+import { logout, logoutEverywhere, whoAmI } from './session.js';
 import { currentTheme, loadTheme, toggleTheme } from './theme.js';
 import * as dashboard from './pages/dashboard.js';
 import * as login from './pages/login.js';
@@ -16,14 +16,19 @@ import * as setup from './pages/setup.js';
 import * as backups from './pages/backups.js';
 import * as status from './pages/status.js';
 import * as importPage from './pages/import.js';
+import * as accounts from './pages/accounts.js';
+import * as logs from './pages/logs.js';
 
 const routes = {
   '/': { page: dashboard, title: 'Dashboard', nav: true },
   '/status': { page: status, title: 'Status', nav: true },
+  '/logs': { page: logs, title: 'Logs', nav: true },
   '/backups': { page: backups, title: 'Backups', nav: true },
   '/setup': { page: setup, title: 'Setup', nav: true, public: true },
   // Reached from the dashboard's notice when an old database is found.
   '/import': { page: importPage, title: 'Import', nav: false },
+  // Admins only (the server refuses others): linked from the account menu.
+  '/accounts': { page: accounts, title: 'Accounts', nav: false },
   '/login': { page: login, title: 'Sign in', public: true, bare: true },
 };
 
@@ -69,6 +74,31 @@ function themeButton() {
   return button;
 }
 
+/** The account menu: who is signed in, Accounts for admins, signing out here or everywhere. */
+function accountMenu(me) {
+  const name = me.username || 'API key';
+  const close = (details) => details.removeAttribute('open');
+  // A menu item that ends this session (or all of the account's) and goes to the sign-in page.
+  const signOutItem = (label, end) => h('button', {
+    type: 'button',
+    class: 'btn btn-sm',
+    role: 'menuitem',
+    onclick: async () => {
+      close(menu);
+      await end().catch(() => {});
+      navigate('/login');
+    },
+  }, label);
+  const menu = h('details', { class: 'account-menu', id: 'account-menu' },
+    h('summary', { class: 'btn btn-sm', 'aria-label': `Account: ${name}` }, name),
+    h('div', { class: 'account-menu-items', role: 'menu' },
+      h('p', { class: 'hint' }, me.username ? `Signed in as ${me.username} (${me.role})` : 'Signed in with the API key'),
+      me.role === 'admin' ? h('a', { href: '/accounts', role: 'menuitem', onclick: () => close(menu) }, 'Accounts') : null,
+      signOutItem('Sign out', logout),
+      signOutItem('Sign out everywhere', logoutEverywhere)));
+  return menu;
+}
+
 function renderTopbar(path, signedIn) {
   const links = Object.entries(routes)
     .filter(([, route]) => route.nav)
@@ -78,16 +108,7 @@ function renderTopbar(path, signedIn) {
     signedIn ? h('nav', { class: 'nav', 'aria-label': 'Main' }, links) : null,
     h('div', { class: 'topbar-actions' },
       themeButton(),
-      signedIn
-        ? h('button', {
-          type: 'button',
-          class: 'btn btn-sm',
-          onclick: async () => {
-            await logout().catch(() => {});
-            navigate('/login');
-          },
-        }, 'Sign out')
-        : null));
+      signedIn ? accountMenu(signedIn) : null));
   topbar.hidden = false;
 }
 
@@ -106,7 +127,7 @@ async function render() {
   const path = location.pathname.replace(/\/+$/, '') || '/';
   const route = routes[path];
   if (!route) {
-    renderTopbar(path, Boolean(await getApiKey().catch(() => null)));
+    renderTopbar(path, await whoAmI().catch(() => null));
     replace(main, h('div', { class: 'container narrow' },
       h('h1', { tabindex: '-1' }, 'Page not found'),
       h('p', {}, 'There is no page at ', h('code', {}, path), '.'),
@@ -114,9 +135,9 @@ async function render() {
     return;
   }
 
-  const [key, setupState] = await Promise.all([getApiKey().catch(() => null), setupStatus()]);
+  const [me, setupState] = await Promise.all([whoAmI().catch(() => null), setupStatus()]);
   if (mine !== renderCount) return;
-  if (!route.public && !key) {
+  if (!route.public && !me) {
     // First run goes to onboarding; otherwise the user signs in.
     navigate(setupState && setupState.requires_setup ? '/setup' : '/login', { replace: true });
     return;
@@ -126,10 +147,11 @@ async function render() {
     topbar.hidden = true;
     topbar.replaceChildren();
   } else {
-    renderTopbar(path, Boolean(key));
+    renderTopbar(path, me);
   }
   main.replaceChildren();
-  const ctx = { navigate, apiKey: key, setup: setupState };
+  const ctx = { navigate, me, setup: setupState, notice: signedOutNotice };
+  signedOutNotice = null;
   const result = await route.page.render(main, ctx);
   if (mine !== renderCount) {
     if (typeof result === 'function') result();
@@ -158,12 +180,18 @@ document.addEventListener('click', (event) => {
 
 window.addEventListener('popstate', render);
 // Finishing onboarding signs the tab in: show the navigation at once.
-window.addEventListener('omni:signed-in', () => {
+window.addEventListener('omni:signed-in', (event) => {
+  loadTheme();
   const route = routes[location.pathname.replace(/\/+$/, '') || '/'];
-  if (route && !route.bare) renderTopbar(location.pathname, true);
+  if (route && !route.bare) renderTopbar(location.pathname, event.detail);
 });
-window.addEventListener('omni:signed-out', () => {
-  if (location.pathname !== '/login') navigate('/login', { replace: true });
+// Why the last sign-out happened, shown once on the sign-in page.
+let signedOutNotice = null;
+
+window.addEventListener('omni:signed-out', (event) => {
+  signedOutNotice = event.detail || null;
+  loadTheme();
+  if (location.pathname !== '/login' && location.pathname !== '/setup') navigate('/login', { replace: true });
 });
 
 loadTheme();

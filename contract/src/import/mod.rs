@@ -12,7 +12,9 @@
 //!   transaction, after a safety backup ([`crate::backups`]); an error, a
 //!   cancelled task, a killed worker or a killed PostgreSQL leaves no row of
 //!   the import behind. A dry run is the same transaction, rolled back;
-//! * **one import at a time**: a transaction advisory lock, tried without waiting;
+//! * **one import at a time**: a transaction advisory lock, tried without
+//!   waiting; it also excludes a restore on any worker of the database
+//!   ([`crate::leader::OPERATION_KEY`]);
 //! * **idempotent**: a row whose key is present is "already present" (same
 //!   content) or a "conflict" (different content, left as it is), never
 //!   written twice;
@@ -162,7 +164,10 @@ pub async fn run(path: &Path, database_url: &str, options: Options) -> Result<Im
     let tx = client.transaction().await?;
     // Held until commit or rollback, so it is free again the moment this
     // import is over, whichever way it ends.
-    let locked: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&LOCK_KEY]).await?.get(0);
+    let locked: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1) AND pg_try_advisory_xact_lock($2)", &[&LOCK_KEY, &crate::leader::OPERATION_KEY])
+        .await?
+        .get(0);
     if !locked {
         return Err(ImportError::Busy);
     }

@@ -70,9 +70,7 @@ fn probe_cached(dir: &Path, found_by: &'static str, cache: &mut Cache) -> Result
             return Ok(Binaries { dir: dir.to_path_buf(), major, version: entry.version.clone(), found_by });
         }
     }
-    let out = Command::new(dir.join("postgres"))
-        .arg("--version")
-        .output()
+    let out = crate::child::output_blocking(Command::new(dir.join("postgres")).arg("--version"))
         .map_err(|e| format!("could not run {}/postgres --version: {e}", dir.display()))?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let major = parse_major(&version).ok_or_else(|| format!("unexpected `postgres --version` output {version:?}"))?;
@@ -210,7 +208,7 @@ fn find_with(explicit: Option<&Path>, cache: &mut Cache) -> Result<Binaries, Fin
 /// Candidate directories, best first.
 fn candidates() -> Vec<(PathBuf, &'static str)> {
     let mut out = Vec::new();
-    if let Ok(o) = Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(o) = crate::child::output_blocking(Command::new("pg_config").arg("--bindir")) {
         if o.status.success() {
             let dir = String::from_utf8_lossy(&o.stdout).trim().to_string();
             if !dir.is_empty() {

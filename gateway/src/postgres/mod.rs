@@ -18,6 +18,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod pidfile;
 pub mod upgrade;
+pub mod upgrade_settings;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,11 +43,21 @@ pub struct PostgresPolicy {
     client: Option<tokio_postgres::Client>,
     /// The postmaster of the current run, to tell its `postmaster.pid` from a stale one.
     pid: Option<u32>,
+    /// Held by a point-in-time restore (`wal::online`): a start waits for it.
+    hold: Option<crate::wal::online::Hold>,
+    /// No check has run since this run's start (see `check`).
+    first_check: bool,
 }
 
 impl PostgresPolicy {
     pub fn new(cluster: Arc<Cluster>, restart: RestartPolicy) -> Self {
-        PostgresPolicy { cluster, restart, client: None, pid: None }
+        PostgresPolicy { cluster, restart, client: None, pid: None, hold: None, first_check: false }
+    }
+
+    /// Starts wait while a point-in-time restore holds `hold`.
+    pub fn with_hold(mut self, hold: crate::wal::online::Hold) -> Self {
+        self.hold = Some(hold);
+        self
     }
 
     /// Waits until the postmaster of this run says `ready` in its pid file.
@@ -174,6 +185,9 @@ impl Policy for PostgresPolicy {
 
     async fn start(&mut self) -> Result<Child> {
         self.client = None;
+        if let Some(hold) = &self.hold {
+            hold.wait("PostgreSQL").await;
+        }
         // A cluster of another major, or binaries that are gone, stay so until
         // someone acts: `failed`, not retried (SIGHUP retries). A taken port or
         // a live pid file may clear up by themselves: backoff.
@@ -187,12 +201,21 @@ impl Policy for PostgresPolicy {
             if unfixable { crate::supervisor::permanent(e) } else { e }
         })?;
         self.pid = child.id();
+        self.first_check = true;
         Ok(child)
     }
 
     async fn check(&mut self) -> Result<()> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.wait_accepting().await;
+            // The first check of a run whose app database exists: the pid
+            // file's `ready` is PostgreSQL's own word (what `pg_ctl -w` waits
+            // for), and the worker is connecting right now. The gateway's
+            // own connection, a second new backend competing for the same
+            // cores, waits for the next (liveness) check.
+            if std::mem::take(&mut self.first_check) && self.cluster.binaries.major >= 10 && *self.cluster.app_database.borrow() {
+                return Ok(());
+            }
             self.client = Some(connect(&self.cluster.pg_config("postgres")).await?);
         }
         let client = self.client.as_ref().expect("connected above");
@@ -204,7 +227,11 @@ impl Policy for PostgresPolicy {
     }
 
     async fn on_ready(&mut self) -> Result<()> {
-        let client = self.client.as_ref().context("no connection after the ready check")?;
+        let Some(client) = self.client.as_ref() else {
+            // Ready by the pid file (`check`): the app database exists and
+            // the cluster is not new, so there is nothing to create or flush.
+            return Ok(());
+        };
         // One unprepared round trip; the name is our constant.
         let rows = client.simple_query(&format!("SELECT 1 FROM pg_database WHERE datname = '{APP_DATABASE}'")).await?;
         let exists = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)));

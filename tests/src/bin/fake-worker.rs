@@ -20,6 +20,11 @@
 //! `GET /download?bytes=N` → N bytes streamed in 64 KiB chunks;
 //! `GET /echo` → the received method, path and headers as JSON;
 //! `GET /slow?ms=N` → 200 after N ms; upgrade `echo` → 101, then echoes bytes.
+//! For the gateway's log ring: `GET /api/v1/auth/check` → 204 for the kit's
+//! `x-api-key`, 401 otherwise (the real worker's contract);
+//! `GET /flood?lines=N&len=L` → N lines of L characters on stderr;
+//! `GET /say-env` → every environment variable's value on stderr (whatever
+//! the worker was handed must not reach the gateway's log ring unredacted).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -73,6 +78,30 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
         "/health-hits-before-ready" => Response::new(full(HITS_BEFORE_READY.load(Ordering::SeqCst).to_string())),
         "/api/v1/health" if unhealthy => Response::builder().status(503).body(full("{}")).unwrap(),
         "/api/v1/health" => Response::new(full(r#"{"status":"ok"}"#)),
+        "/api/v1/auth/check" if req.headers().get("x-api-key").is_some_and(|k| k.as_bytes() == omni_tests::TEST_API_KEY.as_bytes()) => {
+            Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap()
+        }
+        "/api/v1/auth/check" => Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("content-type", "application/json")
+            .body(full(r#"{"detail":"this endpoint needs the API key in the x-api-key header","code":"missing_api_key"}"#))
+            .unwrap(),
+        "/flood" => {
+            let (lines, len) = (query(&req, "lines").unwrap_or(1000), query(&req, "len").unwrap_or(100) as usize);
+            let text = "f".repeat(len);
+            let mut err = std::io::BufWriter::new(std::io::stderr().lock());
+            for i in 0..lines {
+                let _ = writeln!(err, "flood {i} {text}");
+            }
+            let _ = err.flush();
+            Response::new(full(format!(r#"{{"lines":{lines}}}"#)))
+        }
+        "/say-env" => {
+            for (name, value) in std::env::vars() {
+                eprintln!("env {name}={value}");
+            }
+            Response::new(full("{}"))
+        }
         "/upload" => {
             let mut body = req.into_body();
             let mut n: u64 = 0;

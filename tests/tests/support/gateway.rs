@@ -204,3 +204,38 @@ pub fn cli(cwd: &Path, args: &[&str]) -> (bool, String, String) {
 pub fn workdir() -> TempDir {
     TempDir::new("gw")
 }
+
+/// Waits until the first verified base backup is recorded (point-in-time recovery).
+pub fn wait_for_base_backup(gw: &Gateway) {
+    let base = gw.cwd.join("data/wal/base");
+    wait_until(Duration::from_secs(120), "the first verified base backup", || {
+        std::fs::read_dir(&base).ok()?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".json")).then_some(())
+    });
+    wait_until(Duration::from_secs(30), "the wal component to be ready", || (gw.component("wal")["state"] == "ready").then_some(()));
+}
+
+/// Waits until the WAL streamer has flushed everything written so far.
+pub fn wait_archived(db: &mut postgres::Client) {
+    let lsn: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    wait_until(Duration::from_secs(30), "the WAL streamer to flush the writes", || {
+        let q = format!("SELECT coalesce((SELECT flush_lsn >= '{lsn}'::pg_lsn FROM pg_stat_replication WHERE application_name = 'omni_wal'), false)");
+        db.query_one(&q, &[]).unwrap().get::<_, bool>(0).then_some(())
+    });
+}
+
+/// Writes A (50 rows of `pitr_rows`), notes T on the server's clock (the one
+/// commit times are stamped with), writes B (50 more), and waits until the
+/// WAL streamer has archived them; returns T as RFC 3339.
+pub fn write_a_note_t_write_b(gw: &Gateway) -> String {
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE pitr_rows (id int PRIMARY KEY, phase text NOT NULL)").unwrap();
+    for i in 0..50 {
+        db.execute("INSERT INTO pitr_rows VALUES ($1, 'A')", &[&i]).unwrap();
+    }
+    let t: String = db.query_one(r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#, &[]).unwrap().get(0);
+    for i in 50..100 {
+        db.execute("INSERT INTO pitr_rows VALUES ($1, 'B')", &[&i]).unwrap();
+    }
+    wait_archived(&mut db);
+    t
+}
