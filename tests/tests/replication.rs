@@ -497,12 +497,27 @@ fn an_invalidated_slot_is_reported_and_a_full_copy_runs_by_itself() {
     connect(&target_url).batch_execute("CREATE VIEW holds_big AS SELECT * FROM public.big").unwrap();
 
     target.stop();
-    // Past the 1 MB cap: each switch starts a new segment (kept small: the
-    // re-copy is what is timed). The relay checks at each retry.
+    // Past the 1 MB cap: a switch starts a new segment, so the slot holds
+    // 16 MB. The relay checks at each retry (≤ 5 s apart). One switch is
+    // enough; another comes only once the slot holds less than the cap again
+    // (the relay confirmed what it could), and never while the WAL streamer's
+    // slot is behind: switching at the poll rate made segments faster than
+    // pg_receivewal fsyncs them on a slow disk, until PostgreSQL's 1 GB cap
+    // invalidated the point-in-time recovery slot too.
     wait_until(Duration::from_secs(120), "the relay to drop its slot", || {
-        db.batch_execute("INSERT INTO big (pad) SELECT repeat('x', 1000) FROM generate_series(1, 100); SELECT pg_switch_wal()").unwrap();
-        let n: i64 = db.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'omni_relay_omni'", &[]).unwrap().get(0);
-        (n == 0).then_some(())
+        let row = db
+            .query_one(
+                "SELECT (SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'omni_relay_omni'),
+                        (SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'omni_wal')",
+                &[],
+            )
+            .unwrap();
+        let (relay_held, streamer_behind): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+        let Some(relay_held) = relay_held else { return Some(()) };
+        if relay_held < (1 << 20) && streamer_behind.unwrap_or(0) < (64 << 20) {
+            db.batch_execute("INSERT INTO big (pad) SELECT repeat('x', 1000) FROM generate_series(1, 100); SELECT pg_switch_wal()").unwrap();
+        }
+        None
     });
     db.batch_execute("INSERT INTO big (pad) VALUES ('while the target was away')").unwrap();
     target.start();
