@@ -40,7 +40,7 @@ pub struct RestoreTo {
     target_time: String,
 }
 
-/// A verified base backup (`pg_basebackup`, checked by `pg_verifybackup`).
+/// A verified base backup (`pg_basebackup`, compressed, checked against its manifest).
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct BaseBackup {
     id: String,
@@ -50,7 +50,7 @@ pub struct BaseBackup {
     #[schema(format = DateTime)]
     finished_at: String,
     bytes: u64,
-    /// Always true: only a backup that passed `pg_verifybackup` is kept.
+    /// Always true: only a backup that passed its check is kept.
     verified: bool,
 }
 
@@ -142,11 +142,11 @@ pub async fn window(State(state): State<AppState>) -> Result<Json<Window>, ApiEr
 
 /// Take a base backup now; answers once it is copied and verified.
 #[utoipa::path(post, path = "/api/v1/backup/base", tag = "backups", security(("api_key" = [])), responses(
-    (status = 200, description = "Taken and verified with pg_verifybackup", body = BaseBackup),
+    (status = 200, description = "Taken and checked against its manifest", body = BaseBackup),
     (status = 401, description = "Missing or wrong API key", body = ErrorBody),
     (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
     (status = 409, description = "No WAL archive here (`pitr_unavailable`), or a restore or another base backup is running (`pitr_busy`)", body = ErrorBody),
-    (status = 500, description = "pg_basebackup or pg_verifybackup failed; nothing was kept", body = ErrorBody),
+    (status = 500, description = "pg_basebackup or the check failed; nothing was kept", body = ErrorBody),
     (status = 502, description = "The gateway did not answer", body = ErrorBody),
     (status = 503, description = "PostgreSQL is not serving, or the gateway is still starting", body = ErrorBody),
 ))]

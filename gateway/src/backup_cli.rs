@@ -43,7 +43,7 @@ pub enum BackupCommand {
         /// omni_backup_YYYYMMDD_HHMMSS.sql
         name: String,
     },
-    /// Take a base backup for point-in-time recovery now (pg_basebackup, then pg_verifybackup) into OMNI_WAL_DIR/base
+    /// Take a base backup for point-in-time recovery now (pg_basebackup, compressed, then checked against its manifest) into OMNI_WAL_DIR/base
     Base,
     /// Restore drill: restore the newest base backup and its WAL into a temporary cluster, check it, remove it; exit 1 if it fails
     Verify,

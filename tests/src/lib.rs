@@ -721,3 +721,28 @@ fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
         data = data.get(size + 2..)?;
     }
 }
+
+/// Rewrites a base backup's `base.tar.lz4` with byte `at` flipped in the first file
+/// `pick` chooses; returns that file's name.
+pub fn damage_in_archive(archive: &std::path::Path, pick: impl Fn(&str, &[u8]) -> bool, at: usize) -> String {
+    use std::io::Read;
+    let mut input = tar::Archive::new(lz4_flex::frame::FrameDecoder::new(std::fs::File::open(archive).unwrap()));
+    let rewritten = archive.with_extension("rewritten");
+    let mut output = tar::Builder::new(lz4_flex::frame::FrameEncoder::new(std::fs::File::create(&rewritten).unwrap()));
+    let mut damaged = None;
+    for entry in input.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut header = entry.header().clone();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if damaged.is_none() && pick(&name, &data) {
+            data[at] ^= 0xff;
+            damaged = Some(name.clone());
+        }
+        output.append_data(&mut header, &name, &data[..]).unwrap();
+    }
+    output.into_inner().unwrap().finish().unwrap();
+    std::fs::rename(&rewritten, archive).unwrap();
+    damaged.expect("the archive holds the file to damage")
+}

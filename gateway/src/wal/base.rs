@@ -1,7 +1,10 @@
-//! Base backups: `pg_basebackup` into `base/.<id>.partial/` (plain format,
-//! with its manifest and the WAL it needs), checked with `pg_verifybackup`,
-//! then renamed to `base/<id>/` with `base/<id>.json` beside it. Only a
-//! verified backup gets a name; a failed one leaves nothing behind.
+//! Base backups: `pg_basebackup` into `base/.<id>.partial/` (tar format,
+//! compressed with lz4 — gzip where the tools were built without it — with
+//! its manifest and the WAL it needs), checked against the manifest
+//! ([`tarball`]), then renamed to `base/<id>/` with `base/<id>.json` beside
+//! it. Only a verified backup gets a name; a failed one leaves nothing behind.
+//! Plain-format backups of earlier versions are still listed, checked (with
+//! `pg_verifybackup`) and restored.
 //!
 //! Retention keeps every backup that ended inside `OMNI_PITR_WINDOW`, plus
 //! the newest one that ended before it (the window's start replays from
@@ -9,6 +12,7 @@
 //! backup's start are deleted with it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +20,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::Level;
 
-use super::archive;
+use super::{archive, tarball};
 use crate::child::{self, ChildSpec, Output};
 use crate::config::WalConfig;
 use crate::postgres::binaries::Binaries;
@@ -32,7 +36,8 @@ pub struct BaseBackup {
     /// only once its end has been replayed).
     pub finished_at: DateTime<Utc>,
     pub bytes: u64,
-    /// `START WAL LOCATION` file of its `backup_label`: WAL before it is not
+    /// The WAL file it starts in (its manifest's first WAL range, or the
+    /// `START WAL LOCATION` of a plain backup's `backup_label`): WAL before it is not
     /// needed to restore it.
     pub start_segment: String,
 }
@@ -52,25 +57,20 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
     let base = archive::base_dir(&wal.dir);
     let partial = base.join(format!(".{id}.partial"));
     tracing::info!("base backup {id}: copying the cluster into {}", partial.display());
-    let mut spec = super::tool(server, "pg_basebackup")
-        .arg("-D")
-        .arg(&partial)
-        .arg("--format=plain")
-        .arg("--wal-method=stream")
-        .arg("--checkpoint=fast")
-        .arg("--manifest-checksums=CRC32C");
-    spec.output = Output::Text { routine: Level::INFO };
     let result = async {
-        let mut child = child::spawn(spec).await.context("could not run pg_basebackup")?;
-        // Dropped unfinished (the gateway stops): the copy is stopped too, and
-        // pg_basebackup removes what it wrote.
-        let running = KillOnDrop(child.id());
-        let status = child.wait().await.context("waiting for pg_basebackup")?;
-        running.finished();
-        if !status.success() {
-            bail!("pg_basebackup failed ({status}); its error is in the log above");
+        let gzip = GZIP_ONLY.load(Ordering::Relaxed);
+        if let Err(e) = copy(server, &partial, gzip).await {
+            if gzip {
+                return Err(e);
+            }
+            // PostgreSQL before 16 says only once the copy runs that its build
+            // has no lz4 (and before 15 there is no `--compress=client-lz4`).
+            tracing::warn!("base backup {id}: pg_basebackup with lz4 compression failed ({e:#}); trying again with gzip");
+            let _ = std::fs::remove_dir_all(&partial);
+            copy(server, &partial, true).await?;
+            GZIP_ONLY.store(true, Ordering::Relaxed);
         }
-        tracing::info!("base backup {id}: copied in {} ms; verifying with pg_verifybackup", clock.elapsed().as_millis());
+        tracing::info!("base backup {id}: copied in {} ms; checking it against its manifest", clock.elapsed().as_millis());
         verify(&server.binaries, &server.account, &partial).await?;
         let start_segment = start_segment(&partial)?;
         let bytes = tree_size(&partial);
@@ -88,6 +88,33 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
         }
     }
     result
+}
+
+/// Set once `pg_basebackup` failed with lz4 and succeeded with gzip.
+static GZIP_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Runs `pg_basebackup` into `partial`: tar format, compressed, a manifest
+/// with CRC-32C checksums, the WAL it needs streamed beside it.
+async fn copy(server: &Server, partial: &Path, gzip: bool) -> Result<()> {
+    let mut spec = super::tool(server, "pg_basebackup")
+        .arg("-D")
+        .arg(partial)
+        .arg("--format=tar")
+        .arg(if gzip { "--gzip" } else { "--compress=client-lz4" })
+        .arg("--wal-method=stream")
+        .arg("--checkpoint=fast")
+        .arg("--manifest-checksums=CRC32C");
+    spec.output = Output::Text { routine: Level::INFO };
+    let mut child = child::spawn(spec).await.context("could not run pg_basebackup")?;
+    // Dropped unfinished (the gateway stops): the copy is stopped too, and
+    // pg_basebackup removes what it wrote.
+    let running = KillOnDrop(child.id());
+    let status = child.wait().await.context("waiting for pg_basebackup")?;
+    running.finished();
+    if !status.success() {
+        bail!("pg_basebackup failed ({status}); its error is in the log above");
+    }
+    Ok(())
 }
 
 /// Sends SIGTERM to a tool's process group unless it finished.
@@ -112,9 +139,13 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// `pg_verifybackup`: every file against the manifest's checksums, and the
-/// backup's own WAL parsed from start to end.
+/// Every file against the manifest's checksums, and the backup's own WAL
+/// parsed from start to end: by [`tarball`] and `pg_waldump` for a tar
+/// backup, by `pg_verifybackup` for a plain one.
 pub async fn verify(binaries: &Binaries, account: &Account, dir: &Path) -> Result<()> {
+    if tarball::is_tar(dir) {
+        return verify_tar(binaries, account, dir).await;
+    }
     let mut spec = ChildSpec::new("pg_verifybackup", binaries.tool("pg_verifybackup")).arg("--quiet").arg(dir);
     spec.output = Output::Text { routine: Level::WARN };
     spec.run_as = account.run_as();
@@ -124,6 +155,43 @@ pub async fn verify(binaries: &Binaries, account: &Account, dir: &Path) -> Resul
         bail!("pg_verifybackup found {} damaged ({status}); what it found is in the log above", dir.display());
     }
     Ok(())
+}
+
+async fn verify_tar(binaries: &Binaries, account: &Account, dir: &Path) -> Result<()> {
+    let clock = Instant::now();
+    let at = dir.to_path_buf();
+    let (manifest, bytes) = tokio::task::spawn_blocking(move || {
+        let manifest = tarball::read_manifest(&at)?;
+        let bytes = tarball::check_files(&at, &manifest)?;
+        anyhow::Ok((manifest, bytes))
+    })
+    .await
+    .context("the check of the base backup's files stopped")??;
+    tracing::info!("{}: {} MB of files match the manifest ({} ms); parsing the WAL it needs", dir.display(), bytes / 1_000_000, clock.elapsed().as_millis());
+    let scratch = std::env::temp_dir().join(format!("omni-verify-wal-{}-{:x}", std::process::id(), rand::random::<u32>()));
+    let result = async {
+        let (from, to, owner) = (dir.to_path_buf(), scratch.clone(), account.run_as());
+        tokio::task::spawn_blocking(move || tarball::unpack(&from, "pg_wal", &to, owner)).await.context("unpacking the backup's WAL stopped")??;
+        for range in &manifest.wal_ranges {
+            let mut spec = ChildSpec::new("pg_waldump", binaries.tool("pg_waldump"))
+                .arg("--quiet")
+                .arg(format!("--path={}", scratch.display()))
+                .arg(format!("--timeline={}", range.timeline))
+                .arg(format!("--start={}", range.start))
+                .arg(format!("--end={}", range.end));
+            spec.output = Output::Text { routine: Level::WARN };
+            spec.run_as = account.run_as();
+            spec.env.extend(account.login_env());
+            let status = child::run(spec).await.context("could not run pg_waldump")?;
+            if !status.success() {
+                bail!("the WAL of {} from {} to {} does not parse ({status}); what pg_waldump found is in the log above", dir.display(), range.start, range.end);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
 }
 
 /// Removes `base/.<id>.partial/` directories a killed gateway left behind.
@@ -163,8 +231,14 @@ pub fn list(wal_dir: &Path) -> Vec<BaseBackup> {
     backups
 }
 
-/// The WAL file named on `backup_label`'s `START WAL LOCATION` line.
+/// The WAL file the backup starts in: from the manifest's first WAL range
+/// (a tar backup), or on `backup_label`'s `START WAL LOCATION` line.
 fn start_segment(dir: &Path) -> Result<String> {
+    if tarball::is_tar(dir) {
+        let manifest = tarball::read_manifest(dir)?;
+        let first = manifest.wal_ranges.first().with_context(|| format!("{}/backup_manifest names no WAL", dir.display()))?;
+        return tarball::segment_name(first.timeline, &first.start).with_context(|| format!("{}/backup_manifest: no WAL position in {}", dir.display(), first.start));
+    }
     let label = std::fs::read_to_string(dir.join("backup_label")).with_context(|| format!("reading {}/backup_label", dir.display()))?;
     label
         .lines()

@@ -14,8 +14,9 @@
 //! stream/              the streamer's directory; its newest segment is `.partial`
 //! stream-<UTC stamp>/  what an earlier stream/ held, moved aside by a restore
 //!                      (the restored cluster starts a new timeline from there)
-//! base/<id>/           plain base backups (pg_basebackup, with a manifest,
-//!                      checked by pg_verifybackup); base/<id>.json: when it began and ended
+//! base/<id>/           base backups (pg_basebackup: base.tar.lz4, pg_wal.tar,
+//!                      backup_manifest; checked against the manifest, see
+//!                      tarball.rs); base/<id>.json: when it began and ended
 //! ```
 //!
 //! A restore ([`restore`]) copies the newest base backup that ended before
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod online;
 pub mod receiver;
 pub mod restore;
+pub mod tarball;
 
 
 use tokio::sync::mpsc;

@@ -112,7 +112,7 @@ impl Online {
                     "started_at": b.started_at.to_rfc3339_opts(SecondsFormat::Millis, true),
                     "finished_at": b.finished_at.to_rfc3339_opts(SecondsFormat::Millis, true),
                     "bytes": b.bytes,
-                    // Only a backup pg_verifybackup passed is ever named (base.rs).
+                    // Only a backup that passed its check is ever named (base.rs).
                     "verified": true,
                 })
             })

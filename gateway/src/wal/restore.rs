@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
 use tracing::Level;
 
-use super::{archive, base};
+use super::{archive, base, tarball};
 use crate::child::{self, ChildSpec, Output};
 use crate::config::WalConfig;
 use crate::postgres::binaries::Binaries;
@@ -195,16 +195,26 @@ impl Restore<'_> {
     /// returns how many app tables the recovered cluster has.
     async fn recover(&self, backup: &base::BaseBackup, stop_at: Option<DateTime<Utc>>) -> Result<i64> {
         let copied = Instant::now();
-        self.report(&format!("copying base backup {}", backup.id), 25);
         let (from, to, owner) = (backup.dir(&self.wal.dir), self.data_dir.to_path_buf(), self.account.run_as());
-        tokio::task::spawn_blocking(move || cluster::copy_tree(&from, &to, owner)).await?.context("copying the base backup")?;
+        if tarball::is_tar(&from) {
+            self.report(&format!("unpacking base backup {}", backup.id), 25);
+            tokio::task::spawn_blocking(move || {
+                tarball::unpack(&from, "base", &to, owner)?;
+                tarball::unpack(&from, "pg_wal", &to.join("pg_wal"), owner)
+            })
+            .await?
+            .context("unpacking the base backup")?;
+        } else {
+            self.report(&format!("copying base backup {}", backup.id), 25);
+            tokio::task::spawn_blocking(move || cluster::copy_tree(&from, &to, owner)).await?.context("copying the base backup")?;
+        }
         std::fs::set_permissions(self.data_dir, std::fs::Permissions::from_mode(0o700))?;
         let signal = self.data_dir.join("recovery.signal");
         std::fs::write(&signal, b"").with_context(|| format!("writing {}", signal.display()))?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&signal, Some(uid), Some(gid))?;
         }
-        tracing::info!("base backup copied in {} ms; replaying WAL up to {}", copied.elapsed().as_millis(), stop_at.map_or(Target::Latest, Target::Time));
+        tracing::info!("base backup in place in {} ms; replaying WAL up to {}", copied.elapsed().as_millis(), stop_at.map_or(Target::Latest, Target::Time));
 
         let port = cluster::pick_free_port()?;
         let socket_dir = cluster::make_socket_dir(self.account)?;
@@ -302,8 +312,8 @@ pub fn last_drill(wal_dir: &Path) -> Option<Drill> {
     serde_json::from_slice(&std::fs::read(wal_dir.join("drill.json")).ok()?).ok()
 }
 
-/// The restore drill: the newest base backup is checked with
-/// `pg_verifybackup`, restored with all the WAL after it into a temporary
+/// The restore drill: the newest base backup is checked against its
+/// manifest ([`base::verify`]), restored with all the WAL after it into a temporary
 /// cluster on a free port, its app database opened and its tables counted,
 /// and the copy removed. The result is recorded in `drill.json` either way.
 pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, password: &str) -> Drill {
@@ -312,7 +322,7 @@ pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, pass
     let backup = base::list(&wal.dir).pop();
     let outcome = async {
         let backup = backup.clone().with_context(|| format!("no verified base backup in {} to drill", archive::base_dir(&wal.dir).display()))?;
-        tracing::info!("restore drill: checking base backup {} with pg_verifybackup", backup.id);
+        tracing::info!("restore drill: checking base backup {} against its manifest", backup.id);
         base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
         std::fs::DirBuilder::new().mode(0o700).create(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         if let Some((uid, gid)) = account.run_as() {
