@@ -69,7 +69,7 @@ impl GatewayBuilder {
                     builder.env.insert("OMNI_PORT".to_owned(), free_port().to_string());
                     builder.env.insert("PGSERVE_PORT".to_owned(), free_port().to_string());
                 }
-                Err(log) => panic!("omni-gateway exited before it was ready:\n{log}"),
+                Err(log) => panic!("omni-gateway did not become ready: {log}"),
             }
         }
         unreachable!("the loop returns or panics")
@@ -102,20 +102,32 @@ impl Gateway {
 
     pub fn wait_healthy(&mut self) {
         if let Err(log) = self.try_wait_healthy() {
-            panic!("omni-gateway exited before it was ready:\n{log}");
+            panic!("omni-gateway did not become ready: {log}");
         }
     }
 
-    /// Waits for `/health` 200; `Err` with the log if the gateway exits first.
+    /// Waits for `/health` 200; `Err` with the log if the gateway exits
+    /// first, if its log says a port was taken (PostgreSQL's port can be
+    /// taken between the gateway's check and its bind; the gateway then keeps
+    /// retrying rather than exit), or after 60 s.
     fn try_wait_healthy(&mut self) -> Result<(), String> {
-        let port = self.port;
-        wait_until(Duration::from_secs(60), "the gateway's /health to answer 200", || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
             if let Some(status) = self.child.try_status() {
-                return Some(Err(format!("exit {status}\n{}", self.log())));
+                return Err(format!("exit {status}\n{}", self.log()));
             }
-            let r = Request::get("/health").try_send(port).ok()?;
-            (r.status == 200).then_some(Ok(()))
-        })
+            if Request::get("/health").try_send(self.port).is_ok_and(|r| r.status == 200) {
+                return Ok(());
+            }
+            let log = self.log();
+            if log.contains("already in use") {
+                return Err(format!("still running, a port was taken\n{log}"));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!("still running, /health not 200 after 60 s\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The `/gateway/status` entry of `name`.
