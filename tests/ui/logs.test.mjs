@@ -91,13 +91,28 @@ test('kill -9 of the worker: exit and restart lines live on the Logs page within
 
     const pid = await workerPid();
     const seq = await newestShown(page);
+    // Each page notes the moment (its own clock, the machine's) the line or
+    // marker enters its DOM, so the figure is the product's delay and not
+    // the test driver's round trips to the browser.
+    await page.evaluate((after) => {
+      const shown = () => [...document.querySelectorAll('#log-lines .log-line')].some((r) => Number(r.dataset.seq) > after && r.textContent.includes('exited unexpectedly'));
+      new MutationObserver((_, observer) => {
+        if (shown()) { window.exitShownAt = Date.now(); observer.disconnect(); }
+      }).observe(document.querySelector('#log-lines'), { childList: true, subtree: true, characterData: true });
+    }, seq);
+    await statusPage.evaluate((before) => {
+      const count = () => document.querySelectorAll('#charts svg')[0]?.querySelectorAll('[data-marker="restart"]').length ?? 0;
+      new MutationObserver((_, observer) => {
+        if (count() > before) { window.markerShownAt = Date.now(); observer.disconnect(); }
+      }).observe(document.querySelector('#charts'), { childList: true, subtree: true, attributes: true });
+    }, markersBefore);
     const killedAt = Date.now();
     process.kill(pid, 'SIGKILL');
 
     const exitText = await rowAfter(page, seq, 'exited unexpectedly', 5000);
-    const exitShownMs = Date.now() - killedAt;
     await statusPage.waitForFunction((n) => document.querySelectorAll('#charts svg')[0]?.querySelectorAll('[data-marker="restart"]').length > n, markersBefore, { timeout: 5000 });
-    const markerShownMs = Date.now() - killedAt;
+    const exitShownMs = (await page.waitForFunction(() => window.exitShownAt, null, { timeout: 1000 }).then((h) => h.jsonValue())) - killedAt;
+    const markerShownMs = (await statusPage.waitForFunction(() => window.markerShownAt, null, { timeout: 1000 }).then((h) => h.jsonValue())) - killedAt;
     await rowAfter(page, seq, 'started API worker', 30000);
     await rowAfter(page, seq, 'starting → ready', 30000);
     console.log(`# exit line shown ${exitShownMs} ms after kill -9, restart marker ${markerShownMs} ms after`);
