@@ -119,7 +119,7 @@ pub async fn run(config: Config) -> Result<i32> {
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
     let worker_account = worker::prepare_account(&config, &worker_bin)?;
     let components: &[&'static str] = match &config.database {
-        Database::Embedded(e) if !e.memory_mode => &["postgres", "api", "wal"],
+        Database::Embedded(e) if !e.memory_mode && config.wal.enabled => &["postgres", "api", "wal"],
         Database::Embedded(_) => &["postgres", "api"],
         Database::External { .. } => &["api"],
     };
@@ -139,7 +139,8 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::External { .. } => serde_json::json!({ "kind": "external" }),
     });
     let internal = Arc::new(crate::internal::Internal::new(match &config.database {
-        Database::Embedded(e) if !e.memory_mode => None,
+        Database::Embedded(e) if !e.memory_mode && config.wal.enabled => None,
+        Database::Embedded(e) if !e.memory_mode => Some("OMNI_WAL_DIR=off: point-in-time recovery is turned off, so there is no WAL archive, no base backups and no point-in-time restores (the .sql backups remain)"),
         Database::Embedded(_) => Some("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive, so there are no base backups or point-in-time restores"),
         Database::External { .. } => Some("DATABASE_URL names an external PostgreSQL: point-in-time recovery covers the embedded cluster only; use that server's own backup tools"),
     }));
@@ -267,7 +268,9 @@ async fn supervise(
     // new cluster's first base backup, do not slow the service's own start.
     // Nothing is missed meanwhile: its slot keeps the WAL until it is streamed.
     let mut deferred_wal = None;
-    if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode) {
+    // With OMNI_WAL_DIR=off an earlier run's streamer slot would keep WAL for nobody.
+    let mut leftover_slot = running.cluster.clone().filter(|c| !c.memory_mode && !config.wal.enabled);
+    if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
         let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
         crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
         let policy = crate::wal::receiver::ReceiverPolicy::new(cluster.clone(), config.wal.clone(), config.restart, base_backups.ask.clone()).with_hold(hold.clone());
@@ -310,6 +313,11 @@ async fn supervise(
                     online.set_streamer(streamer.commands());
                 }
                 running.handles.push(streamer);
+            }
+        }
+        if announced {
+            if let Some(cluster) = leftover_slot.take() {
+                running.tasks.spawn(crate::wal::drop_leftover_slot(cluster));
             }
         }
         tokio::select! {

@@ -74,7 +74,7 @@ pub const VARS: &[Var] = &[
     // Replication relay (issue 11).
     Var { name: "PGSERVE_REPLICATION_MAX_WAL_MB", default: "1024", help: "cap on WAL kept for the replication slot; past it the relay drops the slot and a full re-copy runs" },
     // Point-in-time recovery (wal/): streamed WAL and base backups.
-    Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production" },
+    Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production; `off` turns point-in-time recovery off" },
     Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
     Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
     Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand)" },
@@ -291,6 +291,9 @@ pub struct Config {
 /// Point-in-time recovery settings (see `wal/`).
 #[derive(Debug, Clone)]
 pub struct WalConfig {
+    /// False with `OMNI_WAL_DIR=off`: no streamer, no base backups, no
+    /// point-in-time restore (the `.sql` backups remain).
+    pub enabled: bool,
     /// Where `pg_receivewal` writes segments and base backups go (`base/`).
     pub dir: PathBuf,
     /// Synchronous replication to the streamer: no acknowledged commit is lost.
@@ -508,6 +511,7 @@ impl Config {
             log_format,
             cwd: cwd.to_path_buf(),
             wal: WalConfig {
+                enabled: !p.raw("OMNI_WAL_DIR").0.trim().eq_ignore_ascii_case("off"),
                 dir: p.path("OMNI_WAL_DIR").value,
                 sync: p.bool("OMNI_WAL_SYNC")?,
                 window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
@@ -516,6 +520,9 @@ impl Config {
                     .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
             },
         };
+        if config.wal.sync && !config.wal.enabled {
+            return Err(p.invalid("OMNI_WAL_SYNC", "commits cannot wait for a WAL streamer that OMNI_WAL_DIR=off turns off"));
+        }
         config.check_worker_settings(&layers)?;
         Ok(config)
     }

@@ -31,6 +31,9 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
         Database::Embedded(_) => bail!("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive to restore from"),
         Database::External { .. } => bail!("DATABASE_URL names an external PostgreSQL: restore it with its own tools; this restores the embedded cluster"),
     };
+    if !config.wal.enabled {
+        bail!("OMNI_WAL_DIR=off: there is no WAL archive to restore from; to restore from an existing one, set OMNI_WAL_DIR to its directory");
+    }
     let data_dir = &embedded.data_dir.value;
     if args.window {
         let w = restore::window(&config.wal.dir);

@@ -176,3 +176,40 @@ fn pitr_api_without_a_wal_archive_answers_409_and_without_a_gateway_404() {
     let r = worker.request("GET", "/api/v1/backup/window").api_key().send();
     assert_eq!((r.status, r.json()["code"].as_str().unwrap().to_string()), (404, "no_gateway".to_string()), "{}", r.text());
 }
+
+/// `OMNI_WAL_DIR=off` (here from `.env`, as a user would write it): no
+/// streamer, the slot an earlier run's streamer left is dropped (it would keep
+/// WAL for nobody), the endpoints and commands say why there is nothing to
+/// do, and `OMNI_WAL_SYNC=true` beside it is refused at start.
+#[test]
+fn pitr_off_runs_no_streamer_drops_the_leftover_slot_and_says_why() {
+    let dir = workdir();
+    let mut gw = start(dir.path());
+    wait_for_base_backup(&gw);
+    assert!(gw.terminate().success());
+
+    std::fs::write(dir.path().join(".env"), "OMNI_WAL_DIR=off\n").unwrap();
+    let gw = start(dir.path());
+    let components = gw.get("/gateway/status").json()["components"].clone();
+    assert!(components.as_array().unwrap().iter().all(|c| c["name"] != "wal"), "{components}");
+    let mut db = gw.db();
+    wait_until(Duration::from_secs(30), "the leftover slot omni_wal to be dropped", || {
+        let n: i64 = db.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'omni_wal'", &[]).unwrap().get(0);
+        (n == 0).then_some(())
+    });
+    assert!(gw.log().contains("dropped the replication slot omni_wal"), "{}", gw.log());
+    for (method, path) in [("GET", "/api/v1/backup/window"), ("POST", "/api/v1/backup/base")] {
+        let r = api(&gw, method, path);
+        assert_eq!(r.status, 409, "{path}: {}", r.text());
+        assert!(r.json()["detail"].as_str().unwrap().contains("OMNI_WAL_DIR=off"), "{}", r.text());
+    }
+    let (ok, _, err) = cli(dir.path(), &["backup", "base"]);
+    assert!(!ok && err.contains("OMNI_WAL_DIR=off"), "{err}");
+    drop(gw);
+    let (ok, _, err) = cli(dir.path(), &["restore", "--to", "latest"]);
+    assert!(!ok && err.contains("OMNI_WAL_DIR=off"), "{err}");
+
+    let (status, log) = GatewayBuilder::new(dir.path()).env("OMNI_WAL_SYNC", "true").run_to_exit();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("OMNI_WAL_SYNC") && log.contains("OMNI_WAL_DIR=off"), "{log}");
+}

@@ -9,6 +9,9 @@ use crate::postgres::{binaries, cluster};
 use crate::privilege;
 
 fn embedded(config: &Config) -> Result<&EmbeddedConfig> {
+    if !config.wal.enabled {
+        bail!("OMNI_WAL_DIR=off: point-in-time recovery is turned off (no WAL archive, no base backups); set OMNI_WAL_DIR to a directory to turn it on");
+    }
     match &config.database {
         Database::Embedded(e) if !e.memory_mode => Ok(e),
         Database::Embedded(_) => bail!("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive"),

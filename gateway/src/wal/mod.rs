@@ -30,6 +30,7 @@ pub mod receiver;
 pub mod restore;
 pub mod tarball;
 
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::child::ChildSpec;
 use crate::config::WalConfig;
-use crate::postgres::cluster::{self, Cluster};
+use crate::postgres::cluster::{self, Cluster, APP_DATABASE};
 
 /// The streamer's physical replication slot.
 pub const SLOT: &str = "omni_wal";
@@ -50,6 +51,10 @@ pub const MAX_SLOT_WAL_KEEP_MB: u64 = 1024;
 
 /// The server settings streaming needs, as `-c` values.
 pub fn server_settings(wal: &WalConfig) -> Vec<String> {
+    if !wal.enabled {
+        // Bounds what a leftover slot keeps until it is dropped.
+        return vec![format!("max_slot_wal_keep_size={MAX_SLOT_WAL_KEEP_MB}MB")];
+    }
     let mut settings = vec![
         "wal_level=replica".to_string(),
         "max_wal_senders=10".to_string(),
@@ -59,6 +64,23 @@ pub fn server_settings(wal: &WalConfig) -> Vec<String> {
         settings.push(format!("synchronous_standby_names={APPLICATION_NAME}"));
     }
     settings
+}
+
+/// With `OMNI_WAL_DIR=off`, the streamer slot an earlier run made would keep
+/// WAL for nobody (up to `max_slot_wal_keep_size`): dropped once the stack
+/// serves. An active one (a streamer of another process) is left alone.
+pub async fn drop_leftover_slot(cluster: Arc<Cluster>) {
+    let dropped = async {
+        let client = crate::postgres::connect(&cluster.pg_config(APP_DATABASE)).await?;
+        let n = client.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", &[&SLOT]).await?;
+        anyhow::Ok(n)
+    }
+    .await;
+    match dropped {
+        Ok(0) => {}
+        Ok(_) => tracing::info!("OMNI_WAL_DIR=off: dropped the replication slot {SLOT} an earlier run's WAL streamer used (it kept WAL for nobody)"),
+        Err(e) => tracing::warn!("OMNI_WAL_DIR=off: could not drop the leftover replication slot {SLOT} ({e:#}); PostgreSQL keeps at most {MAX_SLOT_WAL_KEEP_MB} MB of WAL for it"),
+    }
 }
 
 /// What a client tool needs to reach the running cluster: the gateway's own
