@@ -106,16 +106,30 @@ export async function waitFor(check, { timeout = 30000, what = 'a condition' } =
   }
 }
 
-export function freePort() {
-  return new Promise((resolve, reject) => {
+function bindable(port) {
+  return new Promise((resolve) => {
     const server = net.createServer();
     server.unref();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
+    server.on('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
   });
+}
+
+/**
+ * A port that was free a moment ago, picked at random below the kernel's
+ * ephemeral range (as the Rust test kit's free_port does): a port from that
+ * range can be taken by any outgoing connection before the gateway binds it.
+ */
+export async function freePort() {
+  let low = 32768;
+  try {
+    low = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+  } catch {}
+  const from = Math.max(1024, low - 12000);
+  for (;;) {
+    const port = from + Math.floor(Math.random() * (low - from));
+    if (await bindable(port)) return port;
+  }
 }
 
 async function status(url) {
