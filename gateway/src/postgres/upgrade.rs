@@ -12,9 +12,12 @@
 //!    recovery, so `pg_upgrade` finds it shut down cleanly);
 //! 4. the new cluster is initialised beside it, in `<data>.upgrade-pg<new>`,
 //!    with those settings, the same superuser and the same password;
-//! 5. `pg_upgrade --check`, then (step `upgrading`) `pg_upgrade --clone` or
-//!    `--copy`, never `--link`: the old cluster is only read, so it stays
-//!    startable whatever happens;
+//! 5. (step `upgrading`) `pg_upgrade --clone` or `--copy`, never `--link`:
+//!    the old cluster is only read, so it stays startable whatever happens.
+//!    `pg_upgrade` runs all of its `--check` consistency checks first and
+//!    stops before copying anything when one fails, so a separate
+//!    `--check` run (a second start of both servers, about 1 s) is left to
+//!    `omni-gateway upgrade --check`;
 //! 6. (step `swapping`) `<data>` becomes `<data>.pg<old>` and the new cluster
 //!    takes `<data>`; (step `done`) the state file stays as the record shown
 //!    by `/gateway/status`, until `omni-gateway upgrade --cleanup`.
@@ -52,7 +55,7 @@ const EXTEND_BY: Duration = Duration::from_secs(90);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
-    /// Reading the old cluster's settings, initialising the new one, `pg_upgrade --check`.
+    /// Reading the old cluster's settings, initialising the new one (and, for `upgrade --check`, `pg_upgrade --check`).
     Preparing,
     /// `pg_upgrade` is copying (or cloning) the data.
     Upgrading,
@@ -469,7 +472,7 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
 }
 
 async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkDir, check_only: bool) -> Result<()> {
-    let total = if check_only { 3 } else { 5 };
+    let total = if check_only { 3 } else { 4 };
     tracing::info!("upgrade step 1/{total}: reading the old cluster's encoding, locale and data-checksum setting");
     if account.switch && !privilege::owns_all(&[&plan.data_dir, &plan.data_dir.join("global"), &plan.data_dir.join("base")], account) {
         privilege::chown_tree(&plan.data_dir, account)?;
@@ -504,18 +507,17 @@ async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkD
     if !check_only {
         save(record)?;
     }
-    tracing::info!("upgrade step 3/{total}: pg_upgrade --check");
-    pg_upgrade(plan, record, &password, account, work, true).await?;
     if check_only {
-        return Ok(());
+        tracing::info!("upgrade step 3/{total}: pg_upgrade --check");
+        return pg_upgrade(plan, record, &password, account, work, true).await;
     }
     record.step = Step::Upgrading;
     save(record)?;
-    tracing::info!("upgrade step 4/{total}: pg_upgrade {} (its progress follows)", plan.method.flag());
+    tracing::info!("upgrade step 3/{total}: pg_upgrade {} (its consistency checks first, then the copy; its progress follows)", plan.method.flag());
     pg_upgrade(plan, record, &password, account, work, false).await?;
     record.step = Step::Swapping;
     save(record)?;
-    tracing::info!("upgrade step 5/{total}: the new cluster takes {}, the old one moves to {}", plan.data_dir.display(), plan.old_copy.display());
+    tracing::info!("upgrade step 4/{total}: the new cluster takes {}, the old one moves to {}", plan.data_dir.display(), plan.old_copy.display());
     *record = finish(record.clone())?;
     Ok(())
 }
