@@ -261,13 +261,57 @@ fn version_key(name: &str) -> Vec<u32> {
 
 /// The binaries of one given major (the older cluster's, for an upgrade):
 /// `explicit` (`PGSERVE_OLD_BIN_DIR`) when set, else that major's usual
-/// directories, else any directory of the general search holding it. `Err`
-/// says where it looked, for a message that names what to install.
-pub fn find_major(major: u32, explicit: Option<&Path>) -> Result<Binaries, String> {
+/// directories, else any directory of the general search holding it, else —
+/// built with the `download` feature and when `download` is true — that
+/// major downloaded by `postgresql_embedded`. `Err` says where it looked, for
+/// a message that names what to install.
+pub fn find_major(major: u32, explicit: Option<&Path>, download: bool) -> Result<Binaries, String> {
     let mut cache = Cache::load();
     let found = find_major_with(major, explicit, &mut cache);
     cache.save();
-    found
+    match found {
+        Err(why) if download && explicit.is_none() => download_major(major).map_err(|failed| format!("{why}{failed}")),
+        found => found,
+    }
+}
+
+/// Downloads PostgreSQL `major` (its newest minor release) into the cache
+/// directory, once; `Err` is appended to the search's message. On its own
+/// thread: `postgresql_embedded` needs a runtime, and the caller may be
+/// running inside one.
+#[cfg(feature = "download")]
+fn download_major(major: u32) -> Result<Binaries, String> {
+    let install_root = super::cluster::cache_dir().join("downloaded-postgresql");
+    tracing::info!("downloading PostgreSQL {major} binaries for the upgrade (postgresql_embedded) into {}; this can take a minute", install_root.display());
+    let version = postgresql_embedded::VersionReq::parse(&format!("={major}")).map_err(|e| format!("; downloading it failed: {e}"))?;
+    let found = std::thread::spawn(move || {
+        // As in download_fallback: a throw-away data directory that looks
+        // initialised, so setup() installs and runs no initdb.
+        let marker = std::env::temp_dir().join(format!("omni-pg-download-{major}-{}", std::process::id()));
+        std::fs::create_dir_all(&marker).and_then(|_| std::fs::write(marker.join("postgresql.conf"), "")).map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let dir = runtime.block_on(async {
+            let settings = postgresql_embedded::Settings { version, installation_dir: install_root, data_dir: marker.clone(), ..Default::default() };
+            let mut pg = postgresql_embedded::PostgreSQL::new(settings);
+            pg.setup().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(pg.settings().binary_dir())
+        });
+        let _ = std::fs::remove_dir_all(&marker);
+        let dir = dir?;
+        probe(&dir, "downloaded (postgresql_embedded)")
+    })
+    .join()
+    .map_err(|_| "; the download thread panicked".to_string())?;
+    match found {
+        Ok(b) if b.major == major => Ok(b),
+        Ok(b) => Err(format!("; the download gave PostgreSQL {}, not {major}", b.major)),
+        Err(e) => Err(format!("; downloading it failed too: {e}")),
+    }
+}
+
+#[cfg(not(feature = "download"))]
+fn download_major(_major: u32) -> Result<Binaries, String> {
+    Err(" (this build has no download fallback: rebuild with `--features download` to fetch them automatically)".into())
 }
 
 fn find_major_with(major: u32, explicit: Option<&Path>, cache: &mut Cache) -> Result<Binaries, String> {

@@ -278,7 +278,8 @@ fn plan_with(cfg: &EmbeddedConfig, data_dir: &Path, new: &Binaries, account: &Ac
     if from >= new.major {
         bail!("the cluster at {} is PostgreSQL {from} and the binaries in {} are PostgreSQL {}: there is nothing to upgrade", data_dir.display(), new.dir.display(), new.major);
     }
-    let old = binaries::find_major(from, cfg.old_bin_dir.as_deref()).map_err(|why| {
+    // doctor (`probe_clone` false) writes nothing, so it downloads nothing either.
+    let old = binaries::find_major(from, cfg.old_bin_dir.as_deref(), probe_clone).map_err(|why| {
         refusal(data_dir, new, &format!("{why}. Install PostgreSQL {from} (for example `apt-get install postgresql-{from}` on Debian/Ubuntu, `dnf install postgresql{from}-server` on Fedora/RHEL) or set PGSERVE_OLD_BIN_DIR to its bin directory"))
     })?;
     for tool in ["postgres", "pg_ctl", "pg_controldata"] {
