@@ -170,8 +170,8 @@ async fn verify_tar(binaries: &Binaries, account: &Account, dir: &Path) -> Resul
     tracing::info!("{}: {} MB of files match the manifest ({} ms); parsing the WAL it needs", dir.display(), bytes / 1_000_000, clock.elapsed().as_millis());
     let scratch = std::env::temp_dir().join(format!("omni-verify-wal-{}-{:x}", std::process::id(), rand::random::<u32>()));
     let result = async {
-        let (from, to, owner) = (dir.to_path_buf(), scratch.clone(), account.run_as());
-        tokio::task::spawn_blocking(move || tarball::unpack(&from, "pg_wal", &to, owner)).await.context("unpacking the backup's WAL stopped")??;
+        let (from, to, owner) = (dir.to_path_buf(), scratch.clone(), account.clone());
+        tokio::task::spawn_blocking(move || tarball::unpack(&from, "pg_wal", &to, &owner)).await.context("unpacking the backup's WAL stopped")??;
         for range in &manifest.wal_ranges {
             let mut spec = ChildSpec::new("pg_waldump", binaries.tool("pg_waldump"))
                 .arg("--quiet")

@@ -26,6 +26,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
 use tracing::Level;
 
+use super::archive::SEGMENT_BYTES;
 use super::{archive, base, tarball};
 use crate::child::{self, ChildSpec, Output};
 use crate::config::WalConfig;
@@ -198,9 +199,10 @@ impl Restore<'_> {
         let (from, to, owner) = (backup.dir(&self.wal.dir), self.data_dir.to_path_buf(), self.account.run_as());
         if tarball::is_tar(&from) {
             self.report(&format!("unpacking base backup {}", backup.id), 25);
+            let account = self.account.clone();
             tokio::task::spawn_blocking(move || {
-                tarball::unpack(&from, "base", &to, owner)?;
-                tarball::unpack(&from, "pg_wal", &to.join("pg_wal"), owner)
+                tarball::unpack(&from, "base", &to, &account)?;
+                tarball::unpack(&from, "pg_wal", &to.join("pg_wal"), &account)
             })
             .await?
             .context("unpacking the base backup")?;
@@ -374,8 +376,6 @@ async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) 
     }
 }
 
-/// WAL segments are 16 MB unless initdb was told otherwise (this project never is).
-const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The WAL position where a segment (`TTTTTTTTXXXXXXXXYYYYYYYY`) begins.
 fn segment_lsn(name: &str) -> Option<u64> {
@@ -389,7 +389,7 @@ fn newest_segment_end(wal_dir: &Path) -> Option<u64> {
 }
 
 /// `0/3000060` → its byte position.
-fn parse_lsn(text: &str) -> Option<u64> {
+pub(super) fn parse_lsn(text: &str) -> Option<u64> {
     let (high, low) = text.split_once('/')?;
     Some((u64::from_str_radix(high, 16).ok()? << 32) + u64::from_str_radix(low, 16).ok()?)
 }

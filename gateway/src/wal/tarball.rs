@@ -20,6 +20,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::archive::SEGMENT_BYTES;
+use crate::privilege::{self, Account};
+
 /// The archive named `<stem>.tar[.lz4|.gz]` in `dir`, if any.
 pub fn archive(dir: &Path, stem: &str) -> Option<PathBuf> {
     ["tar.lz4", "tar.gz", "tar"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file())
@@ -178,38 +181,21 @@ fn crc32c_of(reader: &mut impl Read) -> std::io::Result<(u64, u32)> {
 }
 
 /// Unpacks `<stem>.tar*` of `dir` into `into` (created if absent), giving
-/// everything to `owner`. Blocking.
-pub fn unpack(dir: &Path, stem: &str, into: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+/// everything to `account`. Blocking.
+pub fn unpack(dir: &Path, stem: &str, into: &Path, account: &Account) -> Result<()> {
     let path = archive(dir, stem).with_context(|| format!("{} holds no {stem}.tar archive", dir.display()))?;
     std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
     let mut tar = tar::Archive::new(open(&path)?);
     tar.set_preserve_permissions(true);
     tar.set_overwrite(true);
     tar.unpack(into).with_context(|| format!("unpacking {} into {}", path.display(), into.display()))?;
-    if let Some((uid, gid)) = owner {
-        give_tree(into, uid, gid).with_context(|| format!("giving {} to uid {uid}", into.display()))?;
-    }
-    Ok(())
+    privilege::chown_tree(into, account)
 }
 
-fn give_tree(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
-        if std::fs::symlink_metadata(&p)?.is_dir() {
-            for entry in std::fs::read_dir(&p)? {
-                stack.push(entry?.path());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The WAL file a position falls in (16 MB segments), as PostgreSQL names it.
+/// The WAL file a position (`0/2000028`) falls in, as PostgreSQL names it.
 pub fn segment_name(timeline: u32, lsn: &str) -> Option<String> {
-    let (high, low) = lsn.split_once('/')?;
-    let (high, low) = (u32::from_str_radix(high, 16).ok()?, u32::from_str_radix(low, 16).ok()?);
-    Some(format!("{timeline:08X}{high:08X}{:08X}", low / (16 * 1024 * 1024)))
+    let lsn = super::restore::parse_lsn(lsn)?;
+    Some(format!("{timeline:08X}{:08X}{:08X}", lsn >> 32, (lsn & 0xFFFF_FFFF) / SEGMENT_BYTES))
 }
 
 #[cfg(test)]
@@ -263,7 +249,8 @@ mod tests {
         let range = &manifest.wal_ranges[0];
         assert_eq!(segment_name(range.timeline, &range.start).unwrap(), "000000010000000000000002");
         let into = dir.join("restored");
-        unpack(&dir, "base", &into, None).unwrap();
+        let me = Account { name: "test".into(), uid: 0, gid: 0, home: "/".into(), switch: false };
+        unpack(&dir, "base", &into, &me).unwrap();
         assert_eq!(std::fs::read(into.join("base/1/1259")).unwrap(), vec![7u8; 9000]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
