@@ -284,6 +284,16 @@ fn a_taken_postgres_port_is_reported_naming_pgserve_port() {
     let (status, log) = GatewayBuilder::new(dir.path()).env("PGSERVE_PORT", port.to_string()).run_to_exit();
     assert!(!status.success());
     assert!(log.contains("PGSERVE_PORT") && log.contains(&port.to_string()), "{log}");
+
+    // The refused start had initialised the cluster but never ran it: the
+    // next start creates the app database rather than leave the worker
+    // waiting for it.
+    drop(taken);
+    assert!(dir.path().join("data/postgres/PG_VERSION").is_file());
+    let gw = GatewayBuilder::new(dir.path()).start();
+    assert!(gw.log().contains("creating database omni"), "{}", gw.log());
+    gw.db().query_one("SELECT 1", &[]).unwrap();
+    assert_eq!(gw.get("/api/v1/health").status, 200, "{}", gw.log());
 }
 
 #[test]

@@ -169,6 +169,35 @@ fn parse_postmaster_status(text: &str, pid: u32) -> PostmasterStatus {
     }
 }
 
+/// Creates the app database when it is missing. A cluster in recovery
+/// (a point-in-time restore still replaying) cannot create it; it is
+/// created by the first check after the promotion.
+async fn ensure_app_database(client: &tokio_postgres::Client) -> Result<()> {
+    // One unprepared round trip; the name is our constant.
+    let rows = client
+        .simple_query(&format!("SELECT pg_is_in_recovery()::text FROM (SELECT 1) one WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '{APP_DATABASE}')"))
+        .await?;
+    let in_recovery = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0) == Some("true")),
+        _ => None,
+    });
+    match in_recovery {
+        None => Ok(()),
+        Some(true) => {
+            tracing::warn!("the cluster has no database {APP_DATABASE} and is still in recovery: it is created once recovery ends");
+            Ok(())
+        }
+        Some(false) => {
+            tracing::info!("creating database {APP_DATABASE}");
+            // Under OMNI_WAL_SYNC a commit waits for the WAL streamer, which
+            // starts only once PostgreSQL is ready: this one must not.
+            client.simple_query("SET synchronous_commit = local").await?;
+            client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
+            Ok(())
+        }
+    }
+}
+
 /// Opens a connection and drives it in the background.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
@@ -216,7 +245,14 @@ impl Policy for PostgresPolicy {
             if std::mem::take(&mut self.first_check) && self.cluster.binaries.major >= 10 && *self.cluster.app_database.borrow() {
                 return Ok(());
             }
-            self.client = Some(connect(&self.cluster.pg_config("postgres")).await?);
+            let client = connect(&self.cluster.pg_config("postgres")).await?;
+            // Every new connection confirms the app database, not only a new
+            // cluster's first: a first start that stopped between initdb and
+            // CREATE DATABASE (its port taken, a Ctrl-C), or a database
+            // dropped by hand, would otherwise leave the worker waiting for
+            // it forever.
+            ensure_app_database(&client).await?;
+            self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected above");
         if let Err(e) = client.simple_query("SELECT 1").await {
@@ -227,21 +263,13 @@ impl Policy for PostgresPolicy {
     }
 
     async fn on_ready(&mut self) -> Result<()> {
-        let Some(client) = self.client.as_ref() else {
-            // Ready by the pid file (`check`): the app database exists and
-            // the cluster is not new, so there is nothing to create or flush.
+        if self.client.is_none() {
+            // Ready by the pid file (`check`): the cluster is not new, so
+            // there is nothing to flush; the next (liveness) check connects
+            // and confirms the app database.
             return Ok(());
-        };
-        // One unprepared round trip; the name is our constant.
-        let rows = client.simple_query(&format!("SELECT 1 FROM pg_database WHERE datname = '{APP_DATABASE}'")).await?;
-        let exists = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)));
-        if !exists {
-            tracing::info!("creating database {APP_DATABASE}");
-            // Under OMNI_WAL_SYNC a commit waits for the WAL streamer, which
-            // starts only once PostgreSQL is ready: this one must not.
-            client.simple_query("SET synchronous_commit = local").await?;
-            client.simple_query(&format!("CREATE DATABASE {APP_DATABASE}")).await.context("creating the app database")?;
         }
+        // The check that connected made sure the app database exists.
         // The worker may start now, while a new cluster is still being flushed.
         self.cluster.app_database.send_replace(true);
         // A brand-new cluster counts as ready only once it is on disk.
