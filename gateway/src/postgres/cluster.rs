@@ -507,9 +507,34 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     Ok(())
 }
 
-/// `initdb --sync-only`: fsyncs every file of a cluster written with `--no-sync`.
+/// Flushes a cluster written with `initdb --no-sync` to disk: one
+/// `syncfs(2)` of its filesystem, what PostgreSQL itself does with
+/// `recovery_init_sync_method=syncfs` (and `initdb --sync-method=syncfs`
+/// from 16 on), rather than an fsync of each of its thousand files. A new
+/// cluster has no tablespace and its `pg_wal` inside: one filesystem holds
+/// it all. Where `syncfs` is missing or fails, `initdb --sync-only` does it
+/// file by file. (Linux before 5.8 does not report a failed write-back
+/// through `syncfs`; PostgreSQL documents the same of its option.)
 async fn sync_cluster(binaries: &Binaries, dir: &Path, account: &Account) -> Result<()> {
     let started = Instant::now();
+    #[cfg(target_os = "linux")]
+    {
+        let target = dir.to_path_buf();
+        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::os::fd::AsRawFd;
+            let handle = std::fs::File::open(&target)?;
+            nix::unistd::syncfs(handle.as_raw_fd()).map_err(std::io::Error::from)
+        })
+        .await
+        .context("the syncfs task failed")?;
+        match synced {
+            Ok(()) => {
+                tracing::info!("new cluster flushed to disk in {} ms (syncfs)", started.elapsed().as_millis());
+                return Ok(());
+            }
+            Err(e) => tracing::debug!("syncfs on {} failed ({e}); flushing file by file with initdb --sync-only", dir.display()),
+        }
+    }
     let mut spec = ChildSpec::new("initdb --sync-only", binaries.initdb()).arg("--sync-only").arg("-D").arg(dir);
     spec.output = Output::Text { routine: Level::DEBUG };
     spec.run_as = account.run_as();
