@@ -287,6 +287,17 @@ fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&
         }
         report.add_result("reachable by PostgreSQL", privilege::check_reachable(dir, a).map(|()| format!("user {} can traverse every parent of {}", a.name, dir.display())));
     }
+    if cluster::creating_marker(dir).exists() {
+        report.add(
+            "cluster",
+            Status::Warn,
+            format!(
+                "{} exists: a start stopped while it was creating this cluster (before it was on disk, so it holds no data); the next start removes it and creates it again",
+                cluster::creating_marker(dir).display()
+            ),
+        );
+        return;
+    }
     if has_cluster && mode & 0o077 != 0 {
         report.add("data directory mode", Status::Warn, format!("mode {mode:o} is wider than 700; the gateway tightens it to 700 at start"));
     }

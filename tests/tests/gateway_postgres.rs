@@ -211,6 +211,60 @@ fn kill9_of_the_gateway_takes_postgres_with_it_and_the_next_start_succeeds() {
     gw2.db().query_one("SELECT 1", &[]).unwrap();
 }
 
+/// A `PGSERVE_BIN_DIR` whose `initdb` runs the real one to its end, then
+/// creates `done` and waits as long as its parent (the gateway) lives: a
+/// test can kill the gateway right after `initdb`, before the gateway wrote
+/// the password file and flushed the cluster.
+fn held_initdb(dir: &Path, done: &Path) -> std::path::PathBuf {
+    let real = pg_bin_dir();
+    let bin = dir.join("held-bin");
+    std::fs::create_dir(&bin).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap().flatten() {
+        if entry.file_name() != "initdb" {
+            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+        }
+    }
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in --version|-V|--sync-only) exec '{real}' \"$@\" ;; esac\n'{real}' \"$@\" || exit $?\n: > '{done}'\nwhile [ -d /proc/$PPID ]; do sleep 0.02; done\n",
+        real = real.join("initdb").display(),
+        done = done.display()
+    );
+    std::fs::write(bin.join("initdb"), script).unwrap();
+    std::fs::set_permissions(bin.join("initdb"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A first start killed right after `initdb` (no password file yet, the
+/// cluster not flushed) is no dead end: the next start says so, removes
+/// what it left and creates the cluster again.
+#[test]
+fn a_first_start_killed_while_creating_the_cluster_is_started_over_by_the_next_start() {
+    let dir = workdir();
+    // initdb runs as the postgres account, which writes `done`.
+    let signals = dir.path().join("signals");
+    std::fs::create_dir(&signals).unwrap();
+    std::fs::set_permissions(&signals, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let done = signals.join("initdb-done");
+    let bin = held_initdb(dir.path(), &done);
+    let mut first = GatewayBuilder::new(dir.path()).env("PGSERVE_BIN_DIR", bin.display().to_string()).spawn();
+    wait_until(Duration::from_secs(60), "initdb to finish", || done.exists().then_some(()));
+    unsafe { libc::kill(first.child.pid() as i32, libc::SIGKILL) };
+    first.child.wait_exit(Duration::from_secs(5));
+    let data = dir.path().join("data/postgres");
+    assert!(data.join("PG_VERSION").is_file() && !dir.path().join("data/postgres.password").exists());
+    assert!(dir.path().join("data/postgres.creating").exists());
+    let doctor = std::process::Command::new(omni_tests::bin_path("omni-gateway")).arg("doctor").current_dir(dir.path()).env("PGSERVE_BIN_DIR", pg_bin_dir()).output().unwrap();
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert!(said.contains("creates it again"), "{said}");
+
+    let gw = GatewayBuilder::new(dir.path()).start();
+    let log = gw.log();
+    assert!(log.contains("creating it again") && log.contains("initializing a new PostgreSQL"), "{log}");
+    gw.db().query_one("SELECT 1", &[]).unwrap();
+    assert_eq!(gw.get("/api/v1/health").status, 200, "{log}");
+    assert!(!dir.path().join("data/postgres.creating").exists(), "the marker goes once the new cluster is on disk");
+}
+
 #[test]
 fn stale_pid_file_with_a_dead_pid_does_not_block_the_start() {
     let dir = workdir();

@@ -160,6 +160,79 @@ pub fn password_file(data_dir: &Path) -> PathBuf {
     data_dir.with_file_name(name)
 }
 
+/// `<data_dir>.creating`, next to the cluster from before `initdb` until the
+/// new cluster is on disk. Found by a start, it means an earlier start
+/// stopped midway (kill -9, power loss, a container stopped during its first
+/// second): what it left holds nothing of the user's (the stack serves only
+/// once the cluster is on disk) and no start could use it (no password file,
+/// a half-written cluster), so it is removed and made again.
+pub fn creating_marker(data_dir: &Path) -> PathBuf {
+    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".creating");
+    data_dir.with_file_name(name)
+}
+
+/// Removes what an interrupted creation left (see [`creating_marker`]),
+/// unless the gateway that writes it is still at work.
+fn recover_interrupted_creation(dir: &Path) -> Result<()> {
+    let marker = creating_marker(dir);
+    let Ok(text) = std::fs::read_to_string(&marker) else { return Ok(()) };
+    if let Some(pid) = text.trim().parse::<u32>().ok().filter(|pid| *pid != std::process::id()) {
+        // A pid is reused (in a container the gateway is often pid 1 each
+        // time): only a live omni-gateway counts.
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "omni-gateway" {
+            bail!(
+                "another omni-gateway (pid {pid}) is creating the cluster at {} ({} exists); wait for it to finish, or stop it",
+                dir.display(),
+                marker.display()
+            );
+        }
+    }
+    if dir.exists() {
+        pidfile::clear_stale(dir)?;
+    }
+    tracing::warn!(
+        "a start stopped while it was creating the cluster at {} (it was not on disk yet, and held no data): removing what it wrote and creating it again",
+        dir.display()
+    );
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        // The directory itself stays: it may be a mount point.
+        for entry in entries {
+            let path = entry?.path();
+            let removed = if path.is_dir() && !path.is_symlink() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("could not remove {}", path.display()))?;
+        }
+    }
+    match std::fs::remove_file(password_file(dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("could not remove {}", password_file(dir).display())),
+        _ => {}
+    }
+    remove_durably(&marker)
+}
+
+/// Writes `text` to `path` and makes the file and its name durable.
+fn write_durably(path: &Path, text: &str) -> Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("could not write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    sync_parent(path)
+}
+
+/// Removes `path` (gone already is fine) and makes the removal durable.
+fn remove_durably(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("could not remove {}", path.display())),
+        _ => {}
+    }
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("could not flush {}", parent.display()))
+}
+
 /// Brings a cluster to the point where `postgres` can start: finds or creates
 /// it, checks version, ownership and pid file, and picks the port.
 pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster> {
@@ -180,7 +253,11 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
     };
     let durable = needs_sync.then(|| {
         let (binaries, dir, account) = (binaries.clone(), data_dir.clone(), account.clone());
-        tokio::spawn(async move { sync_cluster(&binaries, &dir, &account).await })
+        tokio::spawn(async move {
+            sync_cluster(&binaries, &dir, &account).await?;
+            // On disk: a start that stops from now on leaves a usable cluster.
+            remove_durably(&creating_marker(&dir))
+        })
     });
     let cluster = Cluster {
         binaries,
@@ -214,6 +291,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     // An upgrade interrupted by a crash is finished or undone first: the
     // data directory may be missing for the instant between two renames.
     super::upgrade::recover(dir).await?;
+    recover_interrupted_creation(dir)?;
     let has_cluster = dir.join("PG_VERSION").is_file();
     let pw_file = password_file(dir);
     if has_cluster {
@@ -267,6 +345,9 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
     }
+    // Until the new cluster is on disk, a stop (kill -9, power loss) leaves
+    // something no start could use; the marker tells the next start so.
+    write_durably(&creating_marker(dir), &std::process::id().to_string())?;
     std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).with_context(|| format!("could not create {}", dir.display()))?;
     privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
     privilege::chown_tree(dir, account)?;
@@ -502,7 +583,7 @@ async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &A
     let _ = std::fs::remove_file(&pw_tmp);
     let status = status.context("could not run initdb")?;
     if !status.success() {
-        bail!("initdb failed ({status}); its error is in the log above (LOG_LEVEL=debug shows all of its output). The directory {} was left as it is for inspection", dir.display());
+        bail!("initdb failed ({status}); its error is in the log above (LOG_LEVEL=debug shows all of its output). The directory {} was left as it is for inspection; the next start removes it and tries again", dir.display());
     }
     Ok(())
 }
