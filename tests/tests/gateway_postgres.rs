@@ -216,22 +216,12 @@ fn kill9_of_the_gateway_takes_postgres_with_it_and_the_next_start_succeeds() {
 /// test can kill the gateway right after `initdb`, before the gateway wrote
 /// the password file and flushed the cluster.
 fn held_initdb(dir: &Path, done: &Path) -> std::path::PathBuf {
-    let real = pg_bin_dir();
-    let bin = dir.join("held-bin");
-    std::fs::create_dir(&bin).unwrap();
-    for entry in std::fs::read_dir(&real).unwrap().flatten() {
-        if entry.file_name() != "initdb" {
-            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
-        }
-    }
     let script = format!(
         "#!/bin/sh\ncase \"$1\" in --version|-V|--sync-only) exec '{real}' \"$@\" ;; esac\n'{real}' \"$@\" || exit $?\n: > '{done}'\nwhile [ -d /proc/$PPID ]; do sleep 0.02; done\n",
-        real = real.join("initdb").display(),
+        real = pg_bin_dir().join("initdb").display(),
         done = done.display()
     );
-    std::fs::write(bin.join("initdb"), script).unwrap();
-    std::fs::set_permissions(bin.join("initdb"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    bin
+    gateway::bin_dir_with(dir, "held-bin", "initdb", &script)
 }
 
 /// A first start killed right after `initdb` (no password file yet, the

@@ -301,22 +301,12 @@ fn chaos_with_default_settings_recovers_within_the_backoff_cap_and_loses_no_writ
 /// (everything else is the real binaries), so a test can hold PostgreSQL's
 /// start as long as it likes.
 fn gated_postgres(dir: &Path, gate: &Path) -> std::path::PathBuf {
-    let real = omni_tests::pg_bin_dir();
-    let bin = dir.join("gated-bin");
-    std::fs::create_dir(&bin).unwrap();
-    for entry in std::fs::read_dir(&real).unwrap().flatten() {
-        if entry.file_name() != "postgres" {
-            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
-        }
-    }
     let script = format!(
         "#!/bin/sh\ncase \"$1\" in --version|-V) ;; *) while [ ! -e '{}' ]; do sleep 0.02; done ;; esac\nexec '{}' \"$@\"\n",
         gate.display(),
-        real.join("postgres").display()
+        omni_tests::pg_bin_dir().join("postgres").display()
     );
-    std::fs::write(bin.join("postgres"), script).unwrap();
-    std::fs::set_permissions(bin.join("postgres"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    bin
+    gateway::bin_dir_with(dir, "gated-bin", "postgres", &script)
 }
 
 /// The pid in the gateway's "started API worker (pid N)" line, once logged.

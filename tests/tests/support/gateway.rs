@@ -251,3 +251,20 @@ pub fn write_a_note_t_write_b(gw: &Gateway) -> String {
     wait_archived(&mut db);
     t
 }
+
+/// A `PGSERVE_BIN_DIR` in `dir/<folder>`: the real PostgreSQL binaries,
+/// except `name`, which is the shell `script` (it usually execs the real one
+/// after doing what the test needs).
+pub fn bin_dir_with(dir: &Path, folder: &str, name: &str, script: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join(folder);
+    std::fs::create_dir(&bin).unwrap();
+    for entry in std::fs::read_dir(pg_bin_dir()).unwrap().flatten() {
+        if entry.file_name() != name {
+            std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::write(bin.join(name), script).unwrap();
+    std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
