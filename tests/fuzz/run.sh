@@ -22,7 +22,9 @@ if [[ ! -x "$venv/bin/st" ]]; then
     echo "fuzz: installing schemathesis into $venv" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip
-    "$venv/bin/pip" install --quiet 'schemathesis>=4,<5'
+    # The version whose checks this API was last fuzzed clean with: a new
+    # release may add checks, which should be met on purpose, not in CI.
+    "$venv/bin/pip" install --quiet 'schemathesis==4.32.5'
 fi
 
 # `--example` alone would build only the sandbox, not the worker it starts.
@@ -46,20 +48,25 @@ fuzz() {
   "$venv/bin/st" --config-file "$root/tests/fuzz/schemathesis.toml" run "http://127.0.0.1:$port/api/v1/openapi.json" \
     --checks all \
     --max-time "$budget" \
-    --workers 2 \
+    --workers 1 \
     --request-timeout 10 \
     --header "x-api-key: $api_key" \
     --report junit --report-dir "$report_dir" \
     --no-color 2>&1 | tee "$report_dir/last-run.txt"
   return "${PIPESTATUS[0]}"
 }
-# A run that found no failing check, only an internal error of the tool
-# itself (seen: hypothesis' "AST constructor recursion depth mismatch" while
-# describing a strategy), is run once more; any check failure stands.
-if ! fuzz; then
+# One worker: with two threads, CPython 3.11's `ast` and `linecache` raced
+# inside hypothesis ("AST constructor recursion depth mismatch", a KeyError
+# in the coverage phase) in 3 of 3 local runs, none with one. A run that still
+# stops on such an internal error of the tool, with no failing check, is run
+# again, up to three runs in all; any check failure stands.
+for attempt in 1 2 3; do
+  if fuzz; then
+    exit 0
+  fi
   if grep -q "^=* FAILURES =*$" "$report_dir/last-run.txt" || ! grep -q "Runtime Error" "$report_dir/last-run.txt"; then
     exit 1
   fi
-  echo "fuzz: schemathesis stopped on an internal error of its own, not on a check; running once more" >&2
-  fuzz
-fi
+  echo "fuzz: schemathesis stopped on an internal error of its own, not on a check (run $attempt of 3)" >&2
+done
+exit 1
