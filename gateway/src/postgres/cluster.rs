@@ -155,9 +155,26 @@ impl Cluster {
 /// `<data_dir>.password`, next to the cluster rather than inside it, so a
 /// copy of the data directory does not carry the credential.
 pub fn password_file(data_dir: &Path) -> PathBuf {
+    sibling(data_dir, ".password")
+}
+
+/// `<data_dir><suffix>` in the same directory: where the files that belong
+/// to a cluster but not inside it live (password, upgrade state, kept copies).
+pub fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
     let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".password");
+    name.push(suffix);
     data_dir.with_file_name(name)
+}
+
+/// Flushes the directory holding `path`, so a file created, renamed or
+/// removed there stays so after a power loss.
+pub fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => Path::new("/"),
+    };
+    std::fs::File::open(parent)?.sync_all()
 }
 
 /// `<data_dir>.creating`, next to the cluster from before `initdb` until the
@@ -167,9 +184,7 @@ pub fn password_file(data_dir: &Path) -> PathBuf {
 /// once the cluster is on disk) and no start could use it (no password file,
 /// a half-written cluster), so it is removed and made again.
 pub fn creating_marker(data_dir: &Path) -> PathBuf {
-    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".creating");
-    data_dir.with_file_name(name)
+    sibling(data_dir, ".creating")
 }
 
 /// Removes what an interrupted creation left (see [`creating_marker`]),
@@ -204,19 +219,8 @@ fn recover_interrupted_creation(dir: &Path) -> Result<()> {
             removed.with_context(|| format!("could not remove {}", path.display()))?;
         }
     }
-    match std::fs::remove_file(password_file(dir)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("could not remove {}", password_file(dir).display())),
-        _ => {}
-    }
+    remove_durably(&password_file(dir))?;
     remove_durably(&marker)
-}
-
-/// Writes `text` to `path` and makes the file and its name durable.
-fn write_durably(path: &Path, text: &str) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("could not write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    sync_parent(path)
 }
 
 /// Removes `path` (gone already is fine) and makes the removal durable.
@@ -225,12 +229,7 @@ fn remove_durably(path: &Path) -> Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("could not remove {}", path.display())),
         _ => {}
     }
-    sync_parent(path)
-}
-
-fn sync_parent(path: &Path) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("could not flush {}", parent.display()))
+    sync_dir(path).with_context(|| format!("could not flush the directory of {}", path.display()))
 }
 
 /// Brings a cluster to the point where `postgres` can start: finds or creates
@@ -347,7 +346,9 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     }
     // Until the new cluster is on disk, a stop (kill -9, power loss) leaves
     // something no start could use; the marker tells the next start so.
-    write_durably(&creating_marker(dir), &std::process::id().to_string())?;
+    let marker = creating_marker(dir);
+    write_secret(&marker, &std::process::id().to_string())?;
+    sync_dir(&marker).with_context(|| format!("could not flush the directory of {}", marker.display()))?;
     std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).with_context(|| format!("could not create {}", dir.display()))?;
     privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
     privilege::chown_tree(dir, account)?;

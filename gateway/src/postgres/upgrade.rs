@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Level;
 
 use super::binaries::{self, Binaries};
-use super::cluster::{self, SUPERUSER};
+use super::cluster::{self, sibling, sync_dir, SUPERUSER};
 use super::pidfile;
 use crate::child::{self, ChildSpec, Output};
 use crate::config::EmbeddedConfig;
@@ -156,13 +156,6 @@ pub fn state_file(data_dir: &Path) -> PathBuf {
     sibling(data_dir, ".upgrade.json")
 }
 
-/// `<data_dir><suffix>` in the same directory.
-fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
-    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(suffix);
-    data_dir.with_file_name(name)
-}
-
 /// The record of the last upgrade of `data_dir`, if there is one.
 pub fn load(data_dir: &Path) -> Result<Option<Record>> {
     let path = state_file(data_dir);
@@ -191,11 +184,6 @@ fn save(record: &Record) -> Result<()> {
         let _ = std::fs::remove_file(&temp);
     })
     .with_context(|| format!("could not write the upgrade state file {}", path.display()))
-}
-
-/// Flushes the directory holding `path`, so renames in it survive a power loss.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
 }
 
 /// The major version in `<dir>/PG_VERSION`; `None` when there is no cluster.

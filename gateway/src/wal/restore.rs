@@ -376,7 +376,6 @@ async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) 
     }
 }
 
-
 /// The WAL position where a segment (`TTTTTTTTXXXXXXXXYYYYYYYY`) begins.
 fn segment_lsn(name: &str) -> Option<u64> {
     let (log, seg) = (u64::from_str_radix(name.get(8..16)?, 16).ok()?, u64::from_str_radix(name.get(16..24)?, 16).ok()?);
@@ -396,9 +395,7 @@ pub(super) fn parse_lsn(text: &str) -> Option<u64> {
 
 /// `<data_dir>.before-restore-<stamp>`.
 pub fn previous_dir(data_dir: &Path, stamp: &str) -> PathBuf {
-    let mut name = data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".before-restore-{stamp}"));
-    data_dir.with_file_name(name)
+    cluster::sibling(data_dir, &format!(".before-restore-{stamp}"))
 }
 
 /// Data directories earlier restores moved aside.
