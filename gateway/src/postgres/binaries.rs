@@ -275,34 +275,13 @@ pub fn find_major(major: u32, explicit: Option<&Path>, download: bool) -> Result
     }
 }
 
-/// Downloads PostgreSQL `major` (its newest minor release) into the cache
-/// directory, once; `Err` is appended to the search's message. On its own
-/// thread: `postgresql_embedded` needs a runtime, and the caller may be
-/// running inside one.
+/// Downloads PostgreSQL `major` (its newest minor release); `Err` is
+/// appended to the search's message.
 #[cfg(feature = "download")]
 fn download_major(major: u32) -> Result<Binaries, String> {
-    let install_root = super::cluster::cache_dir().join("downloaded-postgresql");
-    tracing::info!("downloading PostgreSQL {major} binaries for the upgrade (postgresql_embedded) into {}; this can take a minute", install_root.display());
+    tracing::info!("downloading PostgreSQL {major} binaries for the upgrade (postgresql_embedded); this can take a minute");
     let version = postgresql_embedded::VersionReq::parse(&format!("={major}")).map_err(|e| format!("; downloading it failed: {e}"))?;
-    let found = std::thread::spawn(move || {
-        // As in download_fallback: a throw-away data directory that looks
-        // initialised, so setup() installs and runs no initdb.
-        let marker = std::env::temp_dir().join(format!("omni-pg-download-{major}-{}", std::process::id()));
-        std::fs::create_dir_all(&marker).and_then(|_| std::fs::write(marker.join("postgresql.conf"), "")).map_err(|e| e.to_string())?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        let dir = runtime.block_on(async {
-            let settings = postgresql_embedded::Settings { version, installation_dir: install_root, data_dir: marker.clone(), ..Default::default() };
-            let mut pg = postgresql_embedded::PostgreSQL::new(settings);
-            pg.setup().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(pg.settings().binary_dir())
-        });
-        let _ = std::fs::remove_dir_all(&marker);
-        let dir = dir?;
-        probe(&dir, "downloaded (postgresql_embedded)")
-    })
-    .join()
-    .map_err(|_| "; the download thread panicked".to_string())?;
-    match found {
+    match download(Some(version)) {
         Ok(b) if b.major == major => Ok(b),
         Ok(b) => Err(format!("; the download gave PostgreSQL {}, not {major}", b.major)),
         Err(e) => Err(format!("; downloading it failed too: {e}")),
@@ -351,23 +330,38 @@ fn find_major_with(major: u32, explicit: Option<&Path>, cache: &mut Cache) -> Re
 #[cfg(feature = "download")]
 fn download_fallback(searched: Vec<String>) -> Result<Binaries, FindError> {
     tracing::info!("no PostgreSQL installation found; downloading PostgreSQL binaries (postgresql_embedded), this can take a minute");
-    let not_found = |why: String| FindError::NotFound { searched: searched.join(", "), download: format!("; the download fallback failed too: {why}") };
+    download(None).map_err(|why| FindError::NotFound { searched: searched.join(", "), download: format!("; the download fallback failed too: {why}") })
+}
+
+/// Downloads PostgreSQL (`version`, else postgresql_embedded's default) into
+/// the cache directory, once, and probes it. On its own thread:
+/// `postgresql_embedded` needs a runtime, and the caller may be running
+/// inside one.
+#[cfg(feature = "download")]
+fn download(version: Option<postgresql_embedded::VersionReq>) -> Result<Binaries, String> {
     let install_root = super::cluster::cache_dir().join("downloaded-postgresql");
-    // postgresql_embedded's setup() installs, then runs initdb unless the data
-    // directory looks initialised. The gateway runs initdb itself (as the right
-    // user), so it is handed a throw-away directory that looks initialised.
-    let marker = std::env::temp_dir().join(format!("omni-pg-download-{}", std::process::id()));
-    std::fs::create_dir_all(&marker).and_then(|_| std::fs::write(marker.join("postgresql.conf"), "")).map_err(|e| not_found(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| not_found(e.to_string()))?;
-    let dir = runtime.block_on(async {
-        let settings = postgresql_embedded::Settings { installation_dir: install_root, data_dir: marker.clone(), ..Default::default() };
-        let mut pg = postgresql_embedded::PostgreSQL::new(settings);
-        pg.setup().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(pg.settings().binary_dir())
-    });
-    let _ = std::fs::remove_dir_all(&marker);
-    let dir = dir.map_err(not_found)?;
-    probe(&dir, "downloaded (postgresql_embedded)").map_err(not_found)
+    std::thread::spawn(move || {
+        // postgresql_embedded's setup() installs, then runs initdb unless the
+        // data directory looks initialised. The gateway runs initdb itself (as
+        // the right user), so it is handed a throw-away directory that looks
+        // initialised.
+        let marker = std::env::temp_dir().join(format!("omni-pg-download-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&marker).and_then(|_| std::fs::write(marker.join("postgresql.conf"), "")).map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let dir = runtime.block_on(async {
+            let mut settings = postgresql_embedded::Settings { installation_dir: install_root, data_dir: marker.clone(), ..Default::default() };
+            if let Some(version) = version {
+                settings.version = version;
+            }
+            let mut pg = postgresql_embedded::PostgreSQL::new(settings);
+            pg.setup().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(pg.settings().binary_dir())
+        });
+        let _ = std::fs::remove_dir_all(&marker);
+        probe(&dir?, "downloaded (postgresql_embedded)")
+    })
+    .join()
+    .map_err(|_| "the download thread panicked".to_string())?
 }
 
 #[cfg(not(feature = "download"))]
