@@ -289,11 +289,13 @@ def main():
                 bare.wait(30)
             for stack in stacks.values():
                 stack.stop()
+    off99s = [p(ms, 0.99) for ms in runs["off"]]
     for name, label, _ in configs:
         p50s = [p(ms, 0.5) for ms in runs[name]]
         p99s = [p(ms, 0.99) for ms in runs[name]]
-        ratios = "" if name == "off" else ", ".join(f"{p(ms, 0.99) / p(off, 0.99):.2f}x" for ms, off in zip(runs[name], runs["off"]))
-        ratio = "" if name == "off" else f"p99 {statistics.median(p(ms, 0.99) / p(off, 0.99) for ms, off in zip(runs[name], runs['off'])):.2f}x off (per round {ratios})"
+        ratios = [ours / off for ours, off in zip(p99s, off99s)]
+        per_round = ", ".join(f"{r:.2f}x" for r in ratios)
+        ratio = "" if name == "off" else f"p99 {statistics.median(ratios):.2f}x off (per round {per_round})"
         rows.append(f"| preference upsert, {label}; p99 per round {', '.join(f'{x:.2f}' for x in p99s)} ms | p50 {statistics.median(p50s):.2f} ms, p99 {statistics.median(p99s):.2f} ms | | {ratio} |")
     body = "\n".join([
         f"`bench/pitr.py {SIZE_MB}` ({PROFILE} build, PostgreSQL {BIN.parent.name}, {UPSERTS} upserts per configuration and round over a kept-alive connection, in blocks of {LATENCY_BLOCK} alternating between the configurations, {LATENCY_ROUNDS} rounds of fresh stacks, page cache dropped before each restore; one restore of each kind).",
