@@ -10,7 +10,10 @@
 //!   an unrelated process) is removed;
 //! * a cluster of an older major is upgraded in place (`upgrade.rs`) or, with
 //!   `PGSERVE_AUTO_UPGRADE=false`, refused with upgrade instructions; a newer one is refused;
-//! * the superuser password is random, kept in a 0600 file next to the cluster.
+//! * the superuser password is random, kept in a 0600 file next to the cluster;
+//! * everything here runs under the cluster's lock (`lock.rs`), taken by the
+//!   caller; the files next to the cluster are read only when they are the
+//!   gateway's own ([`check_trusted`]) and written through new temporary files.
 //!
 //! Memory mode lives in tmpfs and is copied from a cached pristine template
 //! cluster, which is what makes it faster than running `initdb`.

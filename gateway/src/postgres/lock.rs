@@ -235,6 +235,9 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
         assert!(err.contains(&format!("a gateway (pid {})", std::process::id())), "{err}");
         assert_eq!(probe(&data).unwrap(), Holder::Held { pid: Some(std::process::id()), what: "run".into() });
+        // SAFETY: F_GETFD on a descriptor `first` keeps open.
+        let flags = unsafe { libc::fcntl(first._file.as_raw_fd(), libc::F_GETFD) };
+        assert!(flags & libc::FD_CLOEXEC != 0, "no child may inherit the lock");
         drop(first);
         assert_eq!(probe(&data).unwrap(), Holder::Nobody);
         let again = acquire(&data, "upgrade").unwrap();
