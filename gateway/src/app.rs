@@ -110,6 +110,12 @@ pub async fn run(config: Config) -> Result<i32> {
     // Signals first: a Ctrl-C during a slow initdb must still stop cleanly.
     let mut signals = Signals::install()?;
     let notifier = Arc::new(Notifier::from_env());
+    // One owner per cluster (postgres/lock.rs), taken before anything
+    // touches it and held until `run` returns.
+    let _cluster_lock = match &config.database {
+        Database::Embedded(e) if !e.memory_mode => Some(crate::postgres::lock::acquire(&e.data_dir.value, "run")?),
+        _ => None,
+    };
     warn_about_sqlite(&config);
 
     let addr = SocketAddr::new(config.host, config.port);

@@ -250,6 +250,13 @@ fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&
         Origin::Default => "default; set PGSERVE_DATA_DIR to change".to_string(),
         o => format!("PGSERVE_DATA_DIR from {o}"),
     };
+    // Who owns the cluster now (postgres/lock.rs): a shared look, given back at once.
+    let lock_file = crate::postgres::lock::lock_file(dir);
+    match crate::postgres::lock::probe(dir) {
+        Ok(crate::postgres::lock::Holder::Nobody) => report.add("cluster lock", Status::Ok, format!("free: no gateway or maintenance command works on this cluster now ({})", lock_file.display())),
+        Ok(holder) => report.add("cluster lock", Status::Ok, format!("{} holds the cluster ({}); a second gateway or a restore/upgrade would be refused", holder.describe(), lock_file.display())),
+        Err(e) => report.add("cluster lock", Status::Fail, format!("{e:#}")),
+    }
     let Ok(meta) = std::fs::metadata(dir) else {
         if embedded.require_existing {
             report.add(

@@ -187,7 +187,11 @@ pub fn prepare_backup_dir(dir: &Path, account: &Account) -> Result<()> {
 /// account cannot write gets the account's group with write access and the
 /// sticky bit, so the account can add and replace its own files there but
 /// not remove or rename anyone else's (the cluster password next to the data
-/// directory stays root's).
+/// directory stays root's). It can still *add* files there, and by default
+/// that directory also holds the data directory's siblings, so the gateway
+/// trusts none it finds there unless it is its own (`cluster::check_trusted`:
+/// opened `O_NOFOLLOW`, owner root or the gateway, no group/other write) and
+/// writes them only through new `O_EXCL` files renamed into place.
 pub fn prepare_settings_file(file: &Path, account: &Account) -> Result<()> {
     if !account.switch {
         return Ok(());

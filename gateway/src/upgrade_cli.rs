@@ -37,6 +37,8 @@ pub async fn run(config: &Config, args: UpgradeArgs) -> Result<()> {
         println!("{}", upgrade::cleanup(data_dir)?);
         return Ok(());
     }
+    // Not beside a running gateway or another command (postgres/lock.rs).
+    let _lock = crate::postgres::lock::acquire(data_dir, "upgrade")?;
     let account = privilege::postgres_account(&embedded.run_as)?;
     upgrade::recover(data_dir).await?;
     let explicit = embedded.bin_dir.clone();

@@ -148,7 +148,7 @@ fn upgrade_on_demand_refuses_beside_a_running_server_and_upgrades_a_stopped_clus
     let mut running = gateway_with(dir.path(), PG15, None).start();
     let (ok, stdout, stderr) = cli(dir.path(), &pg17(), &["upgrade"]);
     assert!(!ok, "{stdout}\n{stderr}");
-    assert!(stderr.contains("postmaster.pid") && stderr.contains("Stop that server"), "{stderr}");
+    assert!(stderr.contains(&format!("a gateway (pid {}) holds its lock", running.child.pid())) && stderr.contains("postgres.lock"), "{stderr}");
     assert_untouched_15(&data, &stderr);
     assert!(running.terminate().success());
 

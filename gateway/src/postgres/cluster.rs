@@ -10,7 +10,10 @@
 //!   an unrelated process) is removed;
 //! * a cluster of an older major is upgraded in place (`upgrade.rs`) or, with
 //!   `PGSERVE_AUTO_UPGRADE=false`, refused with upgrade instructions; a newer one is refused;
-//! * the superuser password is random, kept in a 0600 file next to the cluster.
+//! * the superuser password is random, kept in a 0600 file next to the cluster;
+//! * everything here runs under the cluster's lock (`lock.rs`), taken by the
+//!   caller; the files next to the cluster are read only when they are the
+//!   gateway's own ([`check_trusted`]) and written through new temporary files.
 //!
 //! Memory mode lives in tmpfs and is copied from a cached pristine template
 //! cluster, which is what makes it faster than running `initdb`.
@@ -187,22 +190,15 @@ pub fn creating_marker(data_dir: &Path) -> PathBuf {
     sibling(data_dir, ".creating")
 }
 
-/// Removes what an interrupted creation left (see [`creating_marker`]),
-/// unless the gateway that writes it is still at work.
+/// Removes what an interrupted creation left (see [`creating_marker`]).
+/// The caller holds the cluster's lock (`lock.rs`), so no other gateway can
+/// be creating it now: the marker alone says the creation was interrupted.
+/// A marker the gateway did not write (a link, another owner, writable by
+/// others) is refused, and nothing is removed.
 fn recover_interrupted_creation(dir: &Path) -> Result<()> {
     let marker = creating_marker(dir);
-    let Ok(text) = std::fs::read_to_string(&marker) else { return Ok(()) };
-    if let Some(pid) = text.trim().parse::<u32>().ok().filter(|pid| *pid != std::process::id()) {
-        // A pid is reused (in a container the gateway is often pid 1 each
-        // time): only a live omni-gateway counts.
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "omni-gateway" {
-            bail!(
-                "another omni-gateway (pid {pid}) is creating the cluster at {} ({} exists); wait for it to finish, or stop it",
-                dir.display(),
-                marker.display()
-            );
-        }
+    if read_trusted(&marker)?.is_none() {
+        return Ok(());
     }
     if dir.exists() {
         pidfile::clear_stale(dir)?;
@@ -221,6 +217,82 @@ fn recover_interrupted_creation(dir: &Path) -> Result<()> {
     }
     remove_durably(&password_file(dir))?;
     remove_durably(&marker)
+}
+
+/// Checks that `file`, opened from `path` with `O_NOFOLLOW`, is one the
+/// gateway may act on: a regular file with a single link, owned by root or
+/// by the gateway's own account, and writable by nobody else. The files
+/// beside the data directory (state files, markers, the password file, the
+/// lock file) sit where the API worker's account may add files
+/// (`privilege::prepare_settings_file`), and PostgreSQL's superuser can
+/// write files as that account (`COPY … TO`): one planted there must not
+/// steer what the gateway, often root, removes or renames.
+pub fn check_trusted(file: &std::fs::File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().with_context(|| format!("reading {}", path.display()))?;
+    let euid = nix::unistd::Uid::effective().as_raw();
+    let problem = if !meta.is_file() {
+        Some("is not a regular file".to_string())
+    } else if meta.uid() != euid && meta.uid() != 0 {
+        Some(format!("belongs to uid {}, not to root or to the gateway's account (uid {euid})", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!("is writable by group or others (mode {:o})", meta.mode() & 0o7777))
+    } else if meta.nlink() != 1 {
+        Some(format!("has {} hard links", meta.nlink()))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        bail!(
+            "{} {problem}; the gateway acts only on files beside the data directory that it wrote itself, so nothing was done.              Something that can write {} (the database superuser, or the API worker's account) may have planted it: inspect it, then remove it (`rm {}`) and start again",
+            path.display(),
+            path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a file beside the data directory the gateway wrote itself: `None`
+/// when missing; refused (see [`check_trusted`]) when it is a symbolic link
+/// or anyone else's.
+pub fn read_trusted(path: &Path) -> Result<Option<String>> {
+    use std::io::Read;
+    let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{} is a symbolic link; the gateway follows no link beside the data directory that it did not make, so nothing was done.              Something that can write {} (the database superuser, or the API worker's account) may have planted it: inspect it, remove it (`rm {}`) and start again",
+            path.display(),
+            path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+            path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    check_trusted(&file, path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(text))
+}
+
+/// The cluster's superuser password, from its file (see [`password_file`]),
+/// refused when the file is not the gateway's own (see [`check_trusted`]).
+pub fn read_password(data_dir: &Path) -> Result<Option<String>> {
+    Ok(read_trusted(&password_file(data_dir))?.map(|text| text.trim().to_string()))
+}
+
+/// Creates `path` anew (`O_EXCL`, `O_NOFOLLOW`, mode 0600): never an
+/// existing file, never through a link.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// A name for a temporary file beside `path`, unique to this write.
+pub(crate) fn temp_beside(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".tmp-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 8)));
+    path.with_file_name(name)
 }
 
 /// Removes `path` (gone already is fine) and makes the removal durable.
@@ -311,17 +383,14 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("could not set mode 0700 on {}", dir.display()))?;
-        let password = std::fs::read_to_string(&pw_file)
-            .with_context(|| {
-                format!(
-                    "the cluster at {} exists but its password file {} cannot be read. Restore the file, \
-                     or reset the password (`ALTER USER postgres PASSWORD '…'`) and write it there with mode 0600",
-                    dir.display(),
-                    pw_file.display()
-                )
-            })?
-            .trim()
-            .to_string();
+        let password = read_password(dir)?.with_context(|| {
+            format!(
+                "the cluster at {} exists but its password file {} is missing. Restore the file, \
+                 or reset the password (`ALTER USER postgres PASSWORD '…'`) and write it there with mode 0600",
+                dir.display(),
+                pw_file.display()
+            )
+        })?;
         return Ok((dir.clone(), password, false));
     }
     if cfg.require_existing {
@@ -348,7 +417,6 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     // something no start could use; the marker tells the next start so.
     let marker = creating_marker(dir);
     write_secret(&marker, &std::process::id().to_string())?;
-    sync_dir(&marker).with_context(|| format!("could not flush the directory of {}", marker.display()))?;
     std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir).with_context(|| format!("could not create {}", dir.display()))?;
     privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
     privilege::chown_tree(dir, account)?;
@@ -557,10 +625,15 @@ async fn create_app_database_offline(binaries: &Binaries, dir: &Path, account: &
 /// read back as data; the cost is a checksum per page read from or written to disk).
 async fn run_initdb(binaries: &Binaries, dir: &Path, password: &str, account: &Account, no_sync: bool, extra: &[&str]) -> Result<()> {
     // initdb reads the password from a file it can open as the target user.
-    let pw_tmp = dir.with_file_name(format!(".initdb-pw-{}", std::process::id()));
-    write_secret(&pw_tmp, password)?;
-    if account.switch {
-        std::os::unix::fs::chown(&pw_tmp, Some(account.uid), Some(account.gid))?;
+    // A new name each time, created with O_EXCL|O_NOFOLLOW and handed over
+    // by descriptor: nothing planted beside the data directory is followed.
+    let pw_tmp = temp_beside(&dir.with_file_name(".initdb-pw"));
+    {
+        let mut f = create_private(&pw_tmp).with_context(|| format!("could not create {}", pw_tmp.display()))?;
+        f.write_all(password.as_bytes()).with_context(|| format!("could not write {}", pw_tmp.display()))?;
+        if account.switch {
+            std::os::unix::fs::fchown(&f, Some(account.uid), Some(account.gid)).with_context(|| format!("could not give {} to user {}", pw_tmp.display(), account.name))?;
+        }
     }
     let mut spec = ChildSpec::new("initdb", binaries.initdb())
         .arg("-D")
@@ -686,18 +759,24 @@ fn random_password() -> String {
     Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
 }
 
-/// Writes `secret` to `path` with mode 0600 (created that way, never widened).
-fn write_secret(path: &Path, secret: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("could not write {}", path.display()))?;
-    f.write_all(secret.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
+/// Writes `secret` to `path` with mode 0600 (created that way, never
+/// widened): into a new temporary file beside it (`O_EXCL`, `O_NOFOLLOW`),
+/// flushed, then renamed over `path`. A link planted at `path` is replaced,
+/// never followed.
+pub(crate) fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    let temp = temp_beside(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = create_private(&temp)?;
+        f.write_all(secret.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        sync_dir(path)
+    };
+    write()
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&temp);
+        })
+        .with_context(|| format!("could not write {}", path.display()))
 }
 
 /// Copies a template cluster, keeping modes and giving every copy to

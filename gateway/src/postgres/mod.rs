@@ -16,6 +16,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod lock;
 pub mod pidfile;
 pub mod upgrade;
 pub mod upgrade_settings;

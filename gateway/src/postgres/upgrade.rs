@@ -156,25 +156,48 @@ pub fn state_file(data_dir: &Path) -> PathBuf {
     sibling(data_dir, ".upgrade.json")
 }
 
-/// The record of the last upgrade of `data_dir`, if there is one.
+/// The record of the last upgrade of `data_dir`, if there is one. The file
+/// must be the gateway's own (`cluster::check_trusted`: no link, no other
+/// owner, writable by nobody else), and the directories it names must be
+/// the ones an upgrade of `data_dir` uses (`data_dir` itself,
+/// `<data_dir>.upgrade-pg<to>`, `<data_dir>.pg<from>`): they are renamed and
+/// deleted on its word, so anything else is refused before anything is touched.
 pub fn load(data_dir: &Path) -> Result<Option<Record>> {
     let path = state_file(data_dir);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-            format!("{} is not a valid upgrade state file; it records an upgrade of {}: inspect it, and remove it only once the data directory is known to be right", path.display(), data_dir.display())
-        })?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    let Some(text) = cluster::read_trusted(&path)? else { return Ok(None) };
+    let record: Record = serde_json::from_str(&text).with_context(|| {
+        format!("{} is not a valid upgrade state file; it records an upgrade of {}: inspect it, and remove it only once the data directory is known to be right", path.display(), data_dir.display())
+    })?;
+    let expected = [
+        ("data_dir", &record.data_dir, data_dir.to_path_buf()),
+        ("staging", &record.staging, sibling(data_dir, &format!(".upgrade-pg{}", record.to))),
+        ("old_copy", &record.old_copy, sibling(data_dir, &format!(".pg{}", record.from))),
+    ];
+    for (field, found, wanted) in expected {
+        if *found != wanted {
+            bail!(
+                "{} names {field} {}, but an upgrade of {} uses {}; the file was not written for this cluster, so nothing was done. \
+                 Inspect it: if PGSERVE_DATA_DIR changed since the upgrade, set it back; otherwise remove the file (`rm {}`) and start again",
+                path.display(),
+                found.display(),
+                data_dir.display(),
+                wanted.display(),
+                path.display()
+            );
+        }
     }
+    Ok(Some(record))
 }
 
-/// Written to a temporary file, flushed, renamed and the directory flushed:
-/// after a power loss the file holds this step or the one before, whole.
+/// Written to a new temporary file (`O_EXCL`, `O_NOFOLLOW`), flushed,
+/// renamed over the state file (a link there is replaced, never followed)
+/// and the directory flushed: after a power loss the file holds this step or
+/// the one before, whole.
 fn save(record: &Record) -> Result<()> {
     let path = state_file(&record.data_dir);
-    let temp = sibling(&record.data_dir, ".upgrade.json.tmp");
+    let temp = cluster::temp_beside(&path);
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+        let mut f = cluster::create_private(&temp)?;
         std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(record)?)?;
         f.sync_all()?;
         std::fs::rename(&temp, &path)?;
@@ -477,10 +500,8 @@ async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkD
         settings.provider,
         if settings.checksums { "on" } else { "off" }
     );
-    let password = std::fs::read_to_string(cluster::password_file(&plan.data_dir))
-        .with_context(|| format!("reading the superuser's password file {}", cluster::password_file(&plan.data_dir).display()))?
-        .trim()
-        .to_string();
+    let password = cluster::read_password(&plan.data_dir)?
+        .with_context(|| format!("the superuser's password file {} is missing", cluster::password_file(&plan.data_dir).display()))?;
     std::fs::DirBuilder::new().mode(0o700).create(&plan.staging).with_context(|| format!("could not create {}", plan.staging.display()))?;
     privilege::chown_tree(&plan.staging, account)?;
     initdb(&plan.new, &plan.staging, &settings, &password, account, work).await?;
@@ -526,7 +547,9 @@ fn finish(mut record: Record) -> Result<Record> {
         bail!("after the swap {} should hold PostgreSQL {} and {} PostgreSQL {}; they do not", data.display(), record.to, record.old_copy.display(), record.from);
     }
     // The old copy keeps its credential beside it, so it can be started as it is.
-    let _ = std::fs::copy(cluster::password_file(data), cluster::password_file(&record.old_copy));
+    if let Ok(Some(password)) = cluster::read_password(data) {
+        let _ = cluster::write_secret(&cluster::password_file(&record.old_copy), &password);
+    }
     record.step = Step::Done;
     record.finished_at = Some(unix_now());
     save(&record)?;
@@ -952,12 +975,14 @@ fn can_clone(dir: &Path) -> bool {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let a = dir.join(format!(".omni-clone-probe-{}-a", std::process::id()));
-        let b = dir.join(format!(".omni-clone-probe-{}-b", std::process::id()));
+        // New names, created O_EXCL|O_NOFOLLOW: the directory is shared with
+        // the worker's account, and nothing it planted may be followed.
+        let a = cluster::temp_beside(&dir.join(".omni-clone-probe-a"));
+        let b = cluster::temp_beside(&dir.join(".omni-clone-probe-b"));
         let result = (|| -> std::io::Result<bool> {
-            std::fs::write(&a, [0u8; 4096])?;
-            let source = std::fs::File::open(&a)?;
-            let target = std::fs::File::create(&b)?;
+            std::io::Write::write_all(&mut cluster::create_private(&a)?, &[0u8; 4096])?;
+            let source = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&a)?;
+            let target = cluster::create_private(&b)?;
             // SAFETY: FICLONE with two descriptors we own and keep open for the call.
             Ok(unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) } == 0)
         })();

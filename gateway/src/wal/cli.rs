@@ -40,6 +40,11 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
         );
         return Ok(());
     }
+    // Not beside a gateway (postgres/lock.rs): its own base backups, retention and
+    // online restores are serialised inside it, so it takes one on request (the API).
+    let _lock = crate::postgres::lock::acquire(data_dir, "backup base").map_err(|e| {
+        anyhow::anyhow!("{e:#}. A running gateway takes a base backup itself on request: `curl -X POST -H \"x-api-key: $KEY\" http://<gateway>/api/v1/backup/base`, or \"take a base backup now\" on the Backups page")
+    })?;
     let port = crate::backup_cli::running_port(data_dir)?;
     let server = Server { binaries: bins, port, password: password.trim().to_string(), account };
     let backup = base::take(&server, &config.wal).await?;
