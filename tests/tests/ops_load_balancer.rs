@@ -510,7 +510,9 @@ fn behind_nginx_one_clients_wrong_sign_ins_block_only_that_client() {
         statuses.push(status);
     }
     let checked = statuses.iter().filter(|s| **s == 401).count();
-    assert!(checked <= 11 && statuses[49] == 429, "{checked} of 50 guesses checked: {statuses:?}");
+    // 10 free, the 11th blocks for 1 s, then 2 s, 4 s…: a few may be
+    // checked as short blocks run out on a busy machine, never most.
+    assert!(checked <= 14 && statuses[49] == 429, "{checked} of 50 guesses checked: {statuses:?}");
 
     // Another client signs in at once, as alice and as the admin.
     for (name, password) in [("alice", "alice's password"), ("admin", "correct horse battery")] {
@@ -532,6 +534,6 @@ fn behind_nginx_one_clients_wrong_sign_ins_block_only_that_client() {
     // Straight to the gateway, 127.0.0.4 is no trusted proxy: its
     // X-Forwarded-For is ignored, so new claims buy no new guesses.
     let direct: Vec<u16> = (0..20).map(|i| login("127.0.0.4", gw.port, &format!("192.0.2.{i}"), &json!({"username": "admin", "password": "wrong"})).0).collect();
-    assert!(direct.iter().filter(|s| **s == 401).count() <= 11 && direct[19] == 429, "{direct:?}");
+    assert!(direct.iter().filter(|s| **s == 401).count() <= 14 && direct[19] == 429, "{direct:?}");
     assert!(nginx.error_log().lines().all(|l| !l.contains("[emerg]")), "{}", nginx.error_log());
 }
