@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, free_port, pg_bin_dir, wait_healthy, write_section  # noqa: E402
 
-GATEWAY = Path(os.environ.get("OMNI_GATEWAY_BIN", ROOT / "target" / "release" / "omni-gateway"))
+GATEWAY = Path(os.environ.get("OMNI_GATEWAY_BIN", ROOT / "target" / "release" / "omni-gateway")).resolve()
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 SECONDS = float(sys.argv[2]) if len(sys.argv) > 2 else 8
 FLOOD = 200
