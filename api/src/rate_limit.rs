@@ -146,19 +146,27 @@ impl Limiter {
     /// back from its address's count (other failures of that address stay),
     /// and its account's counter starts over.
     pub fn succeeded(&self, address: &str, account: Option<&str>) {
-        let mut entries = self.entries.lock().expect("the limiter lock is never poisoned");
-        let address = Subject::Address(address.to_owned());
-        if let Some(entry) = entries.get_mut(&address) {
-            entry.failures = entry.failures.saturating_sub(1);
-            if entry.failures <= ADDRESS_FREE {
-                entry.blocked_until = None;
-            }
-            if entry.failures == 0 {
-                entries.remove(&address);
-            }
-        }
+        self.refund(address, None);
         if let Some(account) = account {
-            entries.remove(&Subject::Account(account.to_owned()));
+            self.entries.lock().expect("the limiter lock is never poisoned").remove(&Subject::Account(account.to_owned()));
+        }
+    }
+
+    /// The attempt could not be checked (the database failed): it is taken
+    /// back from its address's and account's counts, as if never made.
+    pub fn refund(&self, address: &str, account: Option<&str>) {
+        let mut entries = self.entries.lock().expect("the limiter lock is never poisoned");
+        for subject in subjects(address, account) {
+            let (free, _) = limits(&subject);
+            if let Some(entry) = entries.get_mut(&subject) {
+                entry.failures = entry.failures.saturating_sub(1);
+                if entry.failures <= free {
+                    entry.blocked_until = None;
+                }
+                if entry.failures == 0 {
+                    entries.remove(&subject);
+                }
+            }
         }
     }
 }
@@ -238,6 +246,16 @@ mod tests {
         limiter.attempt("10.0.0.2", None).unwrap();
         limiter.succeeded("10.0.0.2", None);
         assert!(limiter.attempt("10.0.0.1", None).is_err());
+    }
+
+    #[test]
+    fn an_attempt_the_database_could_not_check_is_refunded_whole() {
+        let limiter = Limiter::default();
+        for _ in 0..50 {
+            limiter.attempt("10.0.0.3", Some("account:admin")).unwrap();
+            limiter.refund("10.0.0.3", Some("account:admin"));
+        }
+        assert!(limiter.entries.lock().unwrap().is_empty());
     }
 
     #[test]

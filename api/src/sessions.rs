@@ -232,16 +232,27 @@ pub async fn login(
             // PostgreSQL text cannot hold a NUL, so no account has one: such a
             // name is an unknown account (401 after the same hash work), not
             // a query error.
-            let row = if username.contains('\0') {
-                None
-            } else {
-                // The connection goes back to the pool before the hash work,
-                // so a flood of sign-ins cannot hold the pool.
-                let client = state.db.client().await?;
-                client.query_opt("SELECT id, password_hash, role, disabled FROM omni_accounts WHERE username = $1", &[&username]).await?
+            let checked = async {
+                let row = if username.contains('\0') {
+                    None
+                } else {
+                    // The connection goes back to the pool before the hash
+                    // work, so a flood of sign-ins cannot hold the pool.
+                    let client = state.db.client().await?;
+                    client.query_opt("SELECT id, password_hash, role, disabled FROM omni_accounts WHERE username = $1", &[&username]).await?
+                };
+                let stored = row.as_ref().map(|r| r.get::<_, String>(1));
+                Ok::<_, ApiError>((verify_bounded(password, stored).await?, row))
             };
-            let stored = row.as_ref().map(|r| r.get::<_, String>(1));
-            if !verify_bounded(password, stored).await? {
+            let (verified, row) = match checked.await {
+                Ok(checked) => checked,
+                Err(error) => {
+                    // Not a failed guess: the database could not tell.
+                    state.limiter.refund(&address, Some(&limited));
+                    return Err(error);
+                }
+            };
+            if !verified {
                 tracing::warn!(%address, username = ?username, "failed sign-in");
                 return Err(invalid_credentials());
             }
