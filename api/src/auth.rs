@@ -125,8 +125,9 @@ pub fn too_many_attempts(blocked: rate_limit::Blocked) -> Response {
 }
 
 /// Checks an `x-api-key` value: `Ok(true)` when it matches, `Ok(false)`
-/// when not (counted against the address), `Err` with the 429 to send when
-/// the key is wrong and the address is blocked. A correct key is never
+/// when not (counted against the address), `Err` with a 429 when the key is
+/// wrong and the address is blocked (sent by the sign-in; protected routes
+/// answer a wrong key 401 either way). A correct key is never
 /// throttled: it has 256 bits, and a limit on it would only let strangers
 /// lock automation out (see [`crate::rate_limit`]).
 pub fn check_api_key(state: &AppState, address: &str, given: &[u8]) -> Result<bool, Response> {
@@ -155,8 +156,9 @@ pub async fn require_auth(
     let principal = if let Some(given) = request.headers().get(HEADER) {
         let address = rate_limit::client_address(request.headers(), peer(&request));
         match check_api_key(&state, &address, given.as_bytes()) {
-            Err(blocked) => return blocked,
-            Ok(false) => {
+            // A wrong key is 401 even from a blocked address (where it still
+            // counts): a 429 would tell a key guesser nothing a 401 does not.
+            Err(_) | Ok(false) => {
                 return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the x-api-key header does not match the API key")
                     .into_response()
             }

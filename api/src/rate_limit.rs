@@ -6,9 +6,9 @@
 //!   grouped by their /64, which one subscriber usually holds whole): the
 //!   first [`ADDRESS_FREE`] failures cost nothing; each one after that
 //!   blocks the address for twice as long as the previous one (1 s, 2 s,
-//!   4 s, … up to [`ADDRESS_CAP`]). While blocked, every password attempt
-//!   and every *wrong* API key from it is answered 429 with `Retry-After`,
-//!   without looking at the password or key, and is not counted anywhere.
+//!   4 s, … up to [`ADDRESS_CAP`]). While blocked, every password sign-in
+//!   from it is answered 429 with `Retry-After`, without looking at the
+//!   password, and is not counted anywhere.
 //! - **per account** (password sign-ins only): the same doubling, but only
 //!   from the [`ACCOUNT_FREE`]th failure on, and never longer than
 //!   [`ACCOUNT_CAP`].
@@ -27,8 +27,11 @@
 //! The API key is not a password: it has 256 bits, so guessing it is
 //! hopeless, and a *correct* key is never throttled (the caller checks the
 //! key first and only counts a wrong one). Wrong keys count against their
-//! address only; there is no counter for "the API key" that strangers
-//! could fill.
+//! address only (so spraying keys spends that address's sign-in budget);
+//! there is no counter for "the API key" that strangers could fill. On a
+//! protected route a wrong key is answered 401 even from a blocked address
+//! (a 429 would tell a guesser nothing more); a sign-in with a wrong
+//! `api_key` from a blocked address gets the sign-in's 429.
 //!
 //! What an attacker can still do: from one address, 10 free guesses, then
 //! ever slower ones (at most one per 15 min); with many addresses, slow
