@@ -74,7 +74,7 @@ pub fn client_proto(headers: &HeaderMap, peer: IpAddr, trusted: &TrustedProxies)
     if !trusted.contains(peer.to_canonical()) {
         return "http";
     }
-    let said = headers.get_all("x-forwarded-proto").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim).last();
+    let said = headers.get_all("x-forwarded-proto").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim).next_back();
     match said {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
         _ => "http",
