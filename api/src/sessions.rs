@@ -168,6 +168,23 @@ impl Me {
     }
 }
 
+/// The longest username a sign-in accepts (the schema's `max_length`).
+const USERNAME_MAX_CHARS: usize = 64;
+
+/// Password hashes computed at once, at most: each takes a core and 19 MiB
+/// for tens of milliseconds, so more in parallel would only starve every
+/// other request of CPU and memory. Sign-ins beyond it wait their turn.
+fn hash_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
+/// [`accounts::verify`] with at most [`hash_slots`] hashes running.
+async fn verify_bounded(password: String, stored: Option<String>) -> Result<bool, ApiError> {
+    let _slot = hash_slots().acquire().await.expect("the semaphore is never closed");
+    accounts::verify(password, stored).await
+}
+
 fn invalid_credentials() -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "the username or password is wrong")
 }
@@ -199,32 +216,53 @@ pub async fn login(
             Ok(true) => (None, Me::of(&Principal::ApiKey)),
         },
         Login::Password(PasswordLogin { username, password }) => {
+            // The length first: an overlong name is never a limiter key, a
+            // query parameter or a log line.
+            if !(1..=USERNAME_MAX_CHARS).contains(&username.chars().count()) {
+                return Err(ApiError::bad_request("invalid_username", "the username is 1 to 64 characters; check what was typed"));
+            }
             let username = username.trim().to_lowercase();
             let limited = format!("account:{username}");
-            if let Err(blocked) = state.limiter.check(&address, &limited) {
+            // Counted as a failure now, before any await, and refunded if
+            // right: parallel guesses cannot all pass a check made before
+            // any of them failed.
+            if let Err(blocked) = state.limiter.attempt(&address, Some(&limited)) {
                 return Ok(auth::too_many_attempts(blocked));
             }
-            let client = state.db.client().await?;
             // PostgreSQL text cannot hold a NUL, so no account has one: such a
             // name is an unknown account (401 after the same hash work), not
             // a query error.
-            let row = if username.contains('\0') {
-                None
-            } else {
-                client.query_opt("SELECT id, password_hash, role, disabled FROM omni_accounts WHERE username = $1", &[&username]).await?
+            let checked = async {
+                let row = if username.contains('\0') {
+                    None
+                } else {
+                    // The connection goes back to the pool before the hash
+                    // work, so a flood of sign-ins cannot hold the pool.
+                    let client = state.db.client().await?;
+                    client.query_opt("SELECT id, password_hash, role, disabled FROM omni_accounts WHERE username = $1", &[&username]).await?
+                };
+                let stored = row.as_ref().map(|r| r.get::<_, String>(1));
+                Ok::<_, ApiError>((verify_bounded(password, stored).await?, row))
             };
-            let stored = row.as_ref().map(|r| r.get::<_, String>(1));
-            if !accounts::verify(password, stored).await? {
-                state.limiter.fail(&address, &limited);
-                tracing::warn!(%address, %username, "failed sign-in");
+            let (verified, row) = match checked.await {
+                Ok(checked) => checked,
+                Err(error) => {
+                    // Not a failed guess: the database could not tell.
+                    state.limiter.refund(&address, Some(&limited));
+                    return Err(error);
+                }
+            };
+            if !verified {
+                tracing::warn!(%address, username = ?username, "failed sign-in");
                 return Err(invalid_credentials());
             }
+            state.limiter.succeeded(&address, Some(&limited));
             let row = row.expect("a verified password has an account");
             if row.get::<_, bool>(3) {
                 return Err(ApiError::new(StatusCode::FORBIDDEN, "account_disabled", "this account is disabled; ask an admin"));
             }
-            state.limiter.succeed(&address, &limited);
             let id: i64 = row.get(0);
+            let client = state.db.client().await?;
             client.execute("UPDATE omni_accounts SET last_login_at = now() WHERE id = $1", &[&id]).await?;
             if let Some(session) = preferences::session_header(&headers) {
                 preferences::carry_theme_over(&client, session, id).await?;

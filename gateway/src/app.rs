@@ -163,7 +163,7 @@ pub async fn run(config: Config) -> Result<i32> {
         board: board.clone(),
         proxy: Proxy {
             upstreams: upstreams.clone(),
-            limits: config.http,
+            limits: config.http.clone(),
             metrics,
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
@@ -175,8 +175,9 @@ pub async fn run(config: Config) -> Result<i32> {
         streams: TaskTracker::new(),
         stop_streams: stop_http.clone(),
         internal: internal.clone(),
+        stream_slots: Default::default(),
     });
-    let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http));
+    let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http.clone()));
     let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None, base_backups: None, internal };
 
     // From here on every way out goes through the same orderly stop.

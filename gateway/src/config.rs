@@ -64,6 +64,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_HEADER_TIMEOUT_S", default: "15", help: "a client must send its request headers within this time (also the keep-alive idle limit)" },
     Var { name: "OMNI_MAX_CONNECTIONS", default: "4096", help: "open client connections the gateway accepts at once" },
     Var { name: "OMNI_DRAIN_TIMEOUT_S", default: "15", help: "at stop or reload, how long in-flight requests may take to finish" },
+    Var { name: "OMNI_TRUSTED_PROXIES", default: "", help: "comma-separated addresses or CIDRs (e.g. 127.0.0.1/32,10.0.0.0/8) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; empty = none, every client is its TCP peer" },
     Var { name: "OMNI_DEV", default: "false", help: "development mode: restart the worker when its binary changes (make dev)" },
     Var { name: "OMNI_API_DB_POOL_SIZE", default: "8", help: "most PostgreSQL connections the API worker opens (1 to 1000)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
@@ -246,14 +247,57 @@ pub struct RestartPolicy {
     pub stop_timeout: Duration,
 }
 
+/// `OMNI_TRUSTED_PROXIES`: the TCP peers whose `X-Forwarded-For` and
+/// `X-Forwarded-Proto` the gateway believes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrustedProxies(std::sync::Arc<[(IpAddr, u8)]>);
+
+impl TrustedProxies {
+    /// `10.0.0.0/8, 127.0.0.1, ::1/128`: a bare address is one host.
+    pub fn parse(text: &str) -> Result<TrustedProxies, String> {
+        let mut nets = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (addr, bits) = item.split_once('/').map_or((item, None), |(a, b)| (a, Some(b)));
+            let addr: IpAddr = addr.trim().parse().map_err(|_| format!("{item:?} is not an IP address or CIDR (such as 10.0.0.0/8 or 127.0.0.1)"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                None => max,
+                Some(b) => b.trim().parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(|| format!("{item:?}: the prefix length must be a number from 0 to {max}"))?,
+            };
+            nets.push((addr, bits));
+        }
+        Ok(TrustedProxies(nets.into()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|(net, bits)| match (net.to_canonical(), ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => prefix_matches(u128::from(u32::from(n)) << 96, u128::from(u32::from(i)) << 96, *bits),
+            (IpAddr::V6(n), IpAddr::V6(i)) => prefix_matches(u128::from(n), u128::from(i), *bits),
+            _ => false,
+        })
+    }
+}
+
+fn prefix_matches(net: u128, ip: u128, bits: u8) -> bool {
+    bits == 0 || (net ^ ip) >> (128 - u32::from(bits)) == 0
+}
+
 /// Proxy and HTTP server limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
     pub upstream_wait: Duration,
     pub upstream_timeout: Duration,
     pub header_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Everything the gateway needs, parsed and absolute.
@@ -482,6 +526,7 @@ impl Config {
             header_timeout: p.seconds("OMNI_HEADER_TIMEOUT_S")?,
             max_connections: p.number("OMNI_MAX_CONNECTIONS", "a whole number of connections")?,
             drain_timeout: p.seconds("OMNI_DRAIN_TIMEOUT_S")?,
+            trusted_proxies: TrustedProxies::parse(&p.raw("OMNI_TRUSTED_PROXIES").0).map_err(|problem| p.invalid("OMNI_TRUSTED_PROXIES", problem))?,
         };
         if http.header_timeout.is_zero() {
             return Err(p.invalid("OMNI_HEADER_TIMEOUT_S", "must be at least 1 second"));
@@ -714,6 +759,23 @@ mod tests {
         let err = Config::parse(layers(&[("OMNI_SETTINGS_FILE", file.to_str().unwrap())]), Path::new("/")).unwrap_err().to_string();
         assert!(err.contains("omni-settings.json") && err.contains("fix or delete"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn trusted_proxies_parse_and_match_by_prefix() {
+        let t = parse(&[("OMNI_TRUSTED_PROXIES", " 10.0.0.0/8, 127.0.0.1 ,2001:db8::/32")]).unwrap().http.trusted_proxies;
+        for yes in ["10.200.3.4", "127.0.0.1", "::ffff:127.0.0.1", "2001:db8:ff::1"] {
+            assert!(t.contains(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["11.0.0.1", "127.0.0.2", "2001:db9::1", "::1"] {
+            assert!(!t.contains(no.parse().unwrap()), "{no}");
+        }
+        assert!(parse(&[]).unwrap().http.trusted_proxies.is_empty());
+        assert!(TrustedProxies::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        for bad in ["nginx", "10.0.0.0/33", "::1/129", "10.0.0.0/x"] {
+            let err = parse(&[("OMNI_TRUSTED_PROXIES", bad)]).unwrap_err().to_string();
+            assert!(err.starts_with("OMNI_TRUSTED_PROXIES=") && err.contains("CIDR") || err.contains("prefix length"), "{err}");
+        }
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! The gateway does not hold the API key (the worker keeps it in its
 //! database), so it asks the worker: the request's credential headers, and
 //! only those (`x-api-key`, `cookie`), are sent to `GET /api/v1/auth/check`
-//! on the current upstream, which answers 204 when its protected-route
-//! middleware lets them through and that middleware's own 401 otherwise.
-//! Whatever protects the worker's API protects these endpoints, unchanged.
+//! on the current upstream with the client address the gateway believes
+//! (`x-omni-client-addr`, as the proxy sends it), so the worker's limits
+//! count a wrong key against its sender, not against the gateway. The
+//! worker's answer is passed on as it is: 204 lets the request through,
+//! 401, 403 and 429 (with `Retry-After`) go to the client unchanged, and
+//! anything else is a 503. Whatever protects the worker's API protects
+//! these endpoints, unchanged.
 //!
 //! A yes is remembered for [`REMEMBER`], keyed by a hash of the credentials
 //! (never the credentials themselves), so a page that polls or reconnects
@@ -49,7 +53,7 @@ impl GatewayAuth {
 
     /// `Ok` when the request's credentials pass the worker's check; otherwise
     /// the response to send (the worker's 401, or 503 when no worker can tell).
-    pub async fn check(&self, headers: &HeaderMap) -> Result<(), Response<Body>> {
+    pub async fn check(&self, headers: &HeaderMap, client: std::net::IpAddr) -> Result<(), Response<Body>> {
         let credentials: Vec<(HeaderName, hyper::header::HeaderValue)> = [API_KEY, COOKIE]
             .into_iter()
             .flat_map(|name| headers.get_all(&name).iter().map(move |v| (name.clone(), v.clone())).collect::<Vec<_>>())
@@ -61,7 +65,7 @@ impl GatewayAuth {
         let Some(upstream) = self.upstreams.wait_for(None, ASK_TIMEOUT).await else {
             return Err(error(StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable", "the API worker, which checks credentials, is not running; retry in a few seconds"));
         };
-        let mut request = Request::get(format!("http://{}{CHECK_PATH}", upstream.addr));
+        let mut request = Request::get(format!("http://{}{CHECK_PATH}", upstream.addr)).header(crate::proxy::CLIENT_ADDR, client.to_string());
         for (name, value) in &credentials {
             request = request.header(name, value);
         }
@@ -75,14 +79,15 @@ impl GatewayAuth {
                 self.remember(key);
                 Ok(())
             }
-            status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS) => {
                 // The worker's own answer, so the reason reads the same everywhere.
-                let content_type = answer.headers().get(hyper::header::CONTENT_TYPE).cloned();
-                let body = answer.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 let mut response = Response::builder().status(status).header(hyper::header::CACHE_CONTROL, "no-store");
-                if let Some(ct) = content_type {
-                    response = response.header(hyper::header::CONTENT_TYPE, ct);
+                for name in [hyper::header::CONTENT_TYPE, hyper::header::RETRY_AFTER] {
+                    if let Some(value) = answer.headers().get(&name) {
+                        response = response.header(name, value.clone());
+                    }
                 }
+                let body = answer.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 Err(response.body(full(body)).expect("copied parts are valid"))
             }
             other => Err(error(

@@ -54,6 +54,8 @@ pub struct Surface {
     pub stop_streams: CancellationToken,
     /// `/gateway/internal/…`, the worker's channel to the gateway.
     pub internal: Arc<crate::internal::Internal>,
+    /// Live streams per client address (`observe.rs`).
+    pub stream_slots: crate::observe::StreamSlots,
 }
 
 /// Binds the gateway's address, naming `OMNI_PORT`/`OMNI_HOST` on failure.
@@ -180,6 +182,7 @@ fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyp
 /// Gateway-owned paths are answered here; everything else goes to the worker.
 async fn route(surface: &Arc<Surface>, peer: SocketAddr, req: Request<Incoming>, draining: bool) -> Response<Body> {
     let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
+    let client = crate::proxy::client_addr(req.headers(), peer.ip(), &surface.proxy.limits.trusted_proxies);
     match req.uri().path() {
         "/health" if is_read => health(surface).await,
         "/gateway/status" if is_read => json(StatusCode::OK, &surface.board.to_json()),
@@ -187,12 +190,16 @@ async fn route(surface: &Arc<Surface>, peer: SocketAddr, req: Request<Incoming>,
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(full(surface.proxy.metrics.render(&surface.board)))
             .expect("static response parts are valid"),
-        "/gateway/logs" if is_read => crate::observe::logs(surface, req).await,
-        "/gateway/logs/stream" if is_read => crate::observe::logs_stream(surface, req).await,
-        "/gateway/metrics/history" if is_read => crate::observe::metrics_history(surface, req).await,
-        "/gateway/events" if is_read => crate::observe::events(surface).await,
+        "/gateway/logs" if is_read => crate::observe::logs(surface, req, client).await,
+        "/gateway/logs/stream" if is_read => crate::observe::logs_stream(surface, req, client).await,
+        "/gateway/metrics/history" if is_read => crate::observe::metrics_history(surface, req, client).await,
+        "/gateway/events" if is_read => crate::observe::events(surface, client).await,
         "/health" | "/gateway/status" | "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
         "/gateway/logs" | "/gateway/logs/stream" | "/gateway/metrics/history" | "/gateway/events" => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        // Only the worker, on this machine, has business here.
+        path if path.starts_with("/gateway/internal/") && !peer.ip().to_canonical().is_loopback() => {
+            error(StatusCode::FORBIDDEN, "forbidden", "the gateway's internal endpoints answer only on the loopback interface, to its own worker")
+        }
         path if path.starts_with("/gateway/internal/") => crate::internal::handle(&surface.internal, req).await,
         // A client that connected after the stop began gets a clear answer
         // instead of a request the drain would have to wait for.

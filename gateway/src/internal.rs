@@ -1,7 +1,10 @@
 //! `/gateway/internal/…`: what only the worker may ask of the gateway, over
 //! loopback, with the secret the gateway made at start and handed it in its
 //! environment (`OMNI_GATEWAY_TOKEN`, header `x-omni-gateway-token`,
-//! compared in constant time). Without it: 401, nothing else said.
+//! compared in constant time). Without it: 401, nothing else said. From a
+//! peer that is not on loopback: 403 before the token is even looked at
+//! (`http.rs`). The token is registered with the log ring as a secret, so
+//! no stored log line shows it.
 //!
 //! - `GET  /gateway/internal/pitr/window`      the recoverable window and base backups
 //! - `POST /gateway/internal/pitr/base`        a verified base backup now
@@ -38,7 +41,9 @@ pub struct Internal {
 
 impl Internal {
     pub fn new(unavailable: Option<&'static str>) -> Internal {
-        Internal { token: rand::thread_rng().sample_iter(&Alphanumeric).take(48).map(char::from).collect(), online: OnceLock::new(), unavailable }
+        let token: String = rand::thread_rng().sample_iter(&Alphanumeric).take(48).map(char::from).collect();
+        crate::logring::installed().add_secret(&token);
+        Internal { token, online: OnceLock::new(), unavailable }
     }
 }
 

@@ -5,10 +5,12 @@
 //! * **Structured.** Each line keeps its time, component (`gateway`, or the
 //!   child or supervised component the event names), level and message.
 //! * **Redacted before it is stored.** Passwords in URLs, `sk-omni-` API keys,
-//!   `password=` settings and the known secret values from the configuration
-//!   (`OMNI_API_KEY`, the passwords of `DATABASE_URL` and
-//!   `PGSERVE_REPLICATION_URL`, the embedded cluster's password) never enter
-//!   the ring, so no reader can see them.
+//!   values given to a `password` in any case and quoting (`password='…'`,
+//!   `PASSWORD '…'`, `PGPASSWORD=…`; `omni_contract::redact::password_values`)
+//!   and the known secret values from the configuration (`OMNI_API_KEY`,
+//!   the passwords of `DATABASE_URL` and `PGSERVE_REPLICATION_URL`, the
+//!   embedded cluster's password, `OMNI_GATEWAY_TOKEN`) never enter the
+//!   ring, so no reader can see them.
 //! * **Bounded.** At most [`MAX_LINES`] lines and [`MAX_BYTES`] bytes of
 //!   message text; the oldest lines go first.
 //! * **Never in the way.** Storing a line is a short mutex hold and a
@@ -264,7 +266,7 @@ pub fn installed() -> Arc<LogRing> {
 
 /// Redaction, as a pure function of the text and the known secrets.
 pub fn redact<'a>(text: &'a str, secrets: &[String]) -> std::borrow::Cow<'a, str> {
-    let suspicious = text.contains("://") || text.contains("sk-omni-") || text.contains("password") || secrets.iter().any(|s| text.contains(s.as_str()));
+    let suspicious = text.contains("://") || text.contains("sk-omni-") || omni_contract::redact::mentions_password(text) || secrets.iter().any(|s| text.contains(s.as_str()));
     if !suspicious {
         return text.into();
     }
@@ -275,7 +277,7 @@ pub fn redact<'a>(text: &'a str, secrets: &[String]) -> std::borrow::Cow<'a, str
         }
     }
     out = replace_tokens(&out, "sk-omni-", |_| "sk-omni-***".to_owned());
-    out = replace_tokens(&out, "password=", |_| "password=***".to_owned());
+    out = omni_contract::redact::password_values(&out).into_owned();
     // Each URL-looking word: its password hidden.
     let mut result = String::with_capacity(out.len());
     for (i, word) in out.split(' ').enumerate() {
@@ -413,7 +415,10 @@ mod tests {
         ring.push("api", Level::WARN, "key sk-omni-AbC_def-123 rejected; decoded p@ss-w0rd seen; conninfo host=x password=hunter22 user=y");
         ring.push("gateway", Level::INFO, "target postgres://rep:other@h/db, the key sk-omni-configured-key-123");
         let all = ring.query(&Filter::default(), 10).lines.iter().map(|l| l.message.clone()).collect::<Vec<_>>().join("\n");
-        for secret in ["p%40ss-w0rd", "p@ss-w0rd", "AbC_def", "hunter22", "other", "configured-key"] {
+        ring.add_secret("internal-token-0123456789");
+        ring.push("api", Level::INFO, "ALTER ROLE omni PASSWORD 'quoted s3cret'; PGPASSWORD=upper-s3cret; password='single-s3cret'");
+        ring.push("api", Level::INFO, "OMNI_GATEWAY_TOKEN=internal-token-0123456789");
+        for secret in ["p%40ss-w0rd", "p@ss-w0rd", "AbC_def", "hunter22", "other", "configured-key", "s3cret", "internal-token"] {
             assert!(!all.contains(secret), "{secret} leaked in:\n{all}");
         }
         assert!(all.contains("postgres://omni:***@db:5432/omni"), "{all}");

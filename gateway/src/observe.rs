@@ -17,9 +17,17 @@
 //! receiver lags and then skips ahead with an `event: skipped` telling how
 //! many lines it lost; nobody else waits for it. Streams end when the
 //! gateway begins to stop, so they never hold up the drain.
+//!
+//! A stream also ends after [`STREAM_LIFETIME`] (the browser's EventSource
+//! reconnects by itself, resuming with `Last-Event-ID`), and one client
+//! address (as the gateway believes it, see `OMNI_TRUSTED_PROXIES`; IPv6 by
+//! /64) holds at most [`STREAMS_PER_CLIENT`] streams at once: beyond that,
+//! 429. So no client can hold the gateway's connections for itself.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,10 +51,63 @@ const STREAM_BUFFER: usize = 64;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Longest gap between two status documents on `/gateway/events`.
 const STATUS_REFRESH: Duration = Duration::from_secs(5);
+/// A stream ends this long after it began; the client reconnects.
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(3600);
+/// Streams (logs and status together) one client address may hold open.
+pub const STREAMS_PER_CLIENT: usize = 8;
+
+/// Open streams per client address.
+#[derive(Default)]
+pub struct StreamSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One open stream; dropping it (the stream's task ends) frees the slot.
+pub struct StreamSlot {
+    slots: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl StreamSlots {
+    /// A slot for `client`, or the 429 to answer when it holds the most.
+    #[allow(clippy::result_large_err)] // the error is the response to send
+    fn take(&self, client: IpAddr) -> Result<StreamSlot, Response<Body>> {
+        let key = match client.to_canonical() {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        };
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(key).or_default();
+        if *count >= STREAMS_PER_CLIENT {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                &format!("this address already has {STREAMS_PER_CLIENT} live streams open (logs and status together); close one, e.g. another tab, and retry"),
+            );
+            response.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("10"));
+            return Err(response);
+        }
+        *count += 1;
+        Ok(StreamSlot { slots: self.0.clone(), key })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
 
 /// `GET /gateway/logs`.
-pub async fn logs(surface: &Surface, req: Request<Incoming>) -> Response<Body> {
-    if let Err(denied) = surface.auth.check(req.headers()).await {
+pub async fn logs(surface: &Surface, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
+    if let Err(denied) = surface.auth.check(req.headers(), client).await {
         return denied;
     }
     let (filter, limit) = match parse_filter(req.uri().query(), true) {
@@ -58,13 +119,17 @@ pub async fn logs(surface: &Surface, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// `GET /gateway/logs/stream`.
-pub async fn logs_stream(surface: &Surface, req: Request<Incoming>) -> Response<Body> {
-    if let Err(denied) = surface.auth.check(req.headers()).await {
+pub async fn logs_stream(surface: &Surface, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
+    if let Err(denied) = surface.auth.check(req.headers(), client).await {
         return denied;
     }
     let (mut filter, _) = match parse_filter(req.uri().query(), false) {
         Ok(parsed) => parsed,
         Err((code, detail)) => return error(StatusCode::UNPROCESSABLE_ENTITY, code, &detail),
+    };
+    let slot = match surface.stream_slots.take(client) {
+        Ok(slot) => slot,
+        Err(refused) => return refused,
     };
     // A reconnecting EventSource says where it stopped.
     if let Some(last) = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
@@ -76,6 +141,9 @@ pub async fn logs_stream(surface: &Surface, req: Request<Incoming>) -> Response<
     let (tx, body) = channel_body();
     let stop = surface.stop_streams.clone();
     surface.streams.spawn(async move {
+        let _slot = slot;
+        let expired = tokio::time::sleep(STREAM_LIFETIME);
+        tokio::pin!(expired);
         let mut last_sent = backlog.last_seq;
         // `truncated`: more lines matched since `since` than are replayed (the newest are).
         let hello = serde_json::json!({ "last_seq": backlog.last_seq, "evicted": backlog.evicted, "truncated": backlog.truncated });
@@ -95,6 +163,7 @@ pub async fn logs_stream(surface: &Surface, req: Request<Incoming>) -> Response<
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = &mut expired => return,
                 _ = tx.closed() => return,
                 _ = keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
                 received = live.recv() => match received {
@@ -120,8 +189,8 @@ pub async fn logs_stream(surface: &Surface, req: Request<Incoming>) -> Response<
 }
 
 /// `GET /gateway/metrics/history`.
-pub async fn metrics_history(surface: &Surface, req: Request<Incoming>) -> Response<Body> {
-    if let Err(denied) = surface.auth.check(req.headers()).await {
+pub async fn metrics_history(surface: &Surface, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
+    if let Err(denied) = surface.auth.check(req.headers(), client).await {
         return denied;
     }
     if req.uri().query().is_some_and(|q| !q.is_empty()) {
@@ -133,12 +202,19 @@ pub async fn metrics_history(surface: &Surface, req: Request<Incoming>) -> Respo
 /// `GET /gateway/events`: the `/gateway/status` document at once, then on
 /// every change of a state, pid, restart count, last exit or retry count,
 /// and at least every [`STATUS_REFRESH`] so uptimes stay fresh.
-pub async fn events(surface: &Arc<Surface>) -> Response<Body> {
+pub async fn events(surface: &Arc<Surface>, client: IpAddr) -> Response<Body> {
+    let slot = match surface.stream_slots.take(client) {
+        Ok(slot) => slot,
+        Err(refused) => return refused,
+    };
     let (tx, body) = channel_body();
     let surface2 = surface.clone();
     let stop = surface.stop_streams.clone();
     surface.streams.spawn(async move {
         let surface = surface2;
+        let _slot = slot;
+        let expired = tokio::time::sleep(STREAM_LIFETIME);
+        tokio::pin!(expired);
         let mut changes = surface.board.subscribe();
         let mut refresh = tokio::time::interval(STATUS_REFRESH);
         let mut last_key = String::new();
@@ -149,6 +225,7 @@ pub async fn events(surface: &Arc<Surface>) -> Response<Body> {
             let due = key != last_key;
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = &mut expired => return,
                 _ = tx.closed() => return,
                 _ = refresh.tick() => {
                     if tx.send(event("status", None, &surface.board.to_json().to_string())).await.is_err() {

@@ -3,7 +3,8 @@
 //! 1. [`prepare_body`]: decide whether the request could be sent twice
 //!    (no body, or a small one read into memory); large bodies stream.
 //! 2. [`upstream_request`]: rewrite the head: absolute URI to the worker,
-//!    hop-by-hop headers out, `X-Forwarded-*` in, upgrades kept.
+//!    hop-by-hop headers out, `X-Forwarded-*` and [`CLIENT_ADDR`] in,
+//!    upgrades kept.
 //! 3. pick the upstream ([`Upstreams::wait_for`]), waiting a bounded time
 //!    while the worker restarts.
 //! 4. send, retrying on another generation only when it is safe: nothing
@@ -16,7 +17,7 @@
 //! Failures answer with the SPEC §5 JSON error shape: 503 when no worker came
 //! up in time, 502 when the worker failed the request, 504 on timeout.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -28,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::HttpLimits;
+use crate::config::{HttpLimits, TrustedProxies};
 use crate::http::{error, Body};
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
@@ -37,6 +38,49 @@ use crate::upstream::Upstreams;
 const REPLAYABLE_BODY: u64 = 64 * 1024;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+/// The one header the worker reads the client's address from
+/// (api/src/rate_limit.rs): always set here to [`client_addr`], whatever
+/// the client sent under that name.
+pub const CLIENT_ADDR: HeaderName = HeaderName::from_static("x-omni-client-addr");
+
+/// The client address the gateway believes. Its TCP peer, unless that peer
+/// is one of `OMNI_TRUSTED_PROXIES`: then `X-Forwarded-For` is read from
+/// the right (each proxy appends the peer it saw), skipping trusted
+/// proxies, and the first address that is not one is the client. Anything
+/// left of it is whatever the client wrote and proves nothing. An entry
+/// that is not an address stops the walk at the last proxy that was trusted.
+pub fn client_addr(headers: &HeaderMap, peer: IpAddr, trusted: &TrustedProxies) -> IpAddr {
+    let mut believed = peer.to_canonical();
+    if !trusted.contains(believed) {
+        return believed;
+    }
+    let entries: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim).collect();
+    for entry in entries.into_iter().rev() {
+        let Some(ip) = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip())) else {
+            return believed;
+        };
+        believed = ip.to_canonical();
+        if !trusted.contains(believed) {
+            return believed;
+        }
+    }
+    believed
+}
+
+/// `https` when a trusted proxy says the client used it (its own
+/// `X-Forwarded-Proto`, the last value), otherwise the gateway's own
+/// scheme, `http`: a client cannot claim https for itself.
+pub fn client_proto(headers: &HeaderMap, peer: IpAddr, trusted: &TrustedProxies) -> &'static str {
+    if !trusted.contains(peer.to_canonical()) {
+        return "http";
+    }
+    let said = headers.get_all("x-forwarded-proto").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim).next_back();
+    match said {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        _ => "http",
+    }
+}
+
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
 
 pub struct Proxy {
@@ -103,7 +147,7 @@ impl Proxy {
                 self.metrics.upstream_error("closed");
                 return error(StatusCode::BAD_GATEWAY, "upstream_error", "the API worker closed the connection before answering");
             };
-            let out = match upstream_request(&req, client_upgrade.is_some(), out_body, upstream.addr, peer) {
+            let out = match upstream_request(&req, client_upgrade.is_some(), out_body, upstream.addr, peer, &self.limits.trusted_proxies) {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
@@ -155,7 +199,7 @@ async fn prepare_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Re
 
 /// Phase 2: the request the worker receives.
 #[allow(clippy::result_large_err)] // the error is the response to send, built once per bad request
-fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body, addr: SocketAddr, peer: SocketAddr) -> Result<Request<Body>, Response<Body>> {
+fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body, addr: SocketAddr, peer: SocketAddr, trusted: &TrustedProxies) -> Result<Request<Body>, Response<Body>> {
     let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = format!("http://{addr}{path}")
         .parse()
@@ -170,6 +214,8 @@ fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body
         }
     }
     let host = req.headers.get(header::HOST).cloned().or_else(|| req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // For logs only: what came in, with the peer appended. The worker's
+    // limits read CLIENT_ADDR instead.
     let peer_ip = peer.ip().to_string();
     let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {peer_ip}"),
@@ -178,16 +224,12 @@ fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
+    let client = client_addr(&req.headers, peer.ip(), trusted);
+    headers.insert(CLIENT_ADDR, HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value"));
     // The gateway itself speaks plain HTTP. Behind a TLS-terminating proxy
-    // (deploy/nginx-lb.conf sets it) `https` is kept, so the worker marks its
-    // session cookie `Secure`; anything else becomes `http`. A client that
-    // claims https over plain HTTP only gets a cookie its browser will not
-    // send back over http: no gain for it.
-    let proto = match req.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or("").trim()) {
-        Some(p) if p.eq_ignore_ascii_case("https") => "https",
-        _ => "http",
-    };
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    // listed in OMNI_TRUSTED_PROXIES, its `https` is kept, so the worker
+    // marks its session cookie `Secure`; anything else becomes `http`.
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(client_proto(&req.headers, peer.ip(), trusted)));
     if let Some(h) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h);
     }
@@ -250,4 +292,40 @@ fn client_response(mut resp: Response<Incoming>, client_upgrade: Option<hyper::u
     let mut out = Response::builder().status(parts.status).version(hyper::Version::HTTP_11).body(body.boxed()).expect("valid parts");
     copy_end_to_end(&parts.headers, out.headers_mut());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, value.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_a_trusted_proxy() {
+        let nginx: IpAddr = "10.0.0.5".parse().unwrap();
+        let trusted = TrustedProxies::parse("10.0.0.0/24").unwrap();
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9"), ("x-forwarded-proto", "https")]);
+        // Without the setting the header is ignored, whoever the peer is.
+        assert_eq!(client_addr(&h, nginx, &TrustedProxies::default()), nginx);
+        assert_eq!(client_proto(&h, nginx, &TrustedProxies::default()), "http");
+        // From the proxy: the rightmost entry that is not a proxy itself.
+        assert_eq!(client_addr(&h, nginx, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(client_proto(&h, nginx, &trusted), "https");
+        let chained = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9"), ("x-forwarded-for", "10.0.0.7")]);
+        assert_eq!(client_addr(&chained, nginx, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        // A client elsewhere writing the header gains nothing.
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_addr(&h, stranger, &trusted), stranger);
+        assert_eq!(client_proto(&h, stranger, &trusted), "http");
+        // Garbage stops the walk at the last trusted hop; no header: the proxy.
+        assert_eq!(client_addr(&headers(&[("x-forwarded-for", "unknown, 10.0.0.8")]), nginx, &trusted), "10.0.0.8".parse::<IpAddr>().unwrap());
+        assert_eq!(client_addr(&HeaderMap::new(), nginx, &trusted), nginx);
+        assert_eq!(client_addr(&headers(&[("x-forwarded-for", "[2001:db8::1]:443")]), nginx, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+    }
 }

@@ -66,6 +66,9 @@ fn hostile_requests_get_4xx_json_and_change_nothing() {
         ("wrong API key", Request::new("POST", "/api/v1/setup/complete").header("x-api-key", "sk-omni-guess"), 401),
         ("empty API key", Request::new("POST", "/api/v1/setup/initialize").header("x-api-key", "").json(&json!({"data_dir": "/x"})), 401),
         ("API key with a suffix", Request::new("POST", "/api/v1/setup/complete").header("x-api-key", format!("{}x", omni_tests::TEST_API_KEY)), 401),
+        ("512 KB username at sign-in", Request::new("POST", "/api/v1/auth/login").json(&json!({"username": "u".repeat(512 * 1024), "password": "x"})), 400),
+        ("65-character username at sign-in", Request::new("POST", "/api/v1/auth/login").json(&json!({"username": "u".repeat(65), "password": "x"})), 400),
+        ("forged client address header, wrong key", Request::new("POST", "/api/v1/setup/complete").header("x-omni-client-addr", "not an address").header("x-api-key", "guess"), 401),
     ];
     assert!(cases.len() >= 20);
 

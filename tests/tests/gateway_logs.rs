@@ -5,6 +5,10 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/source.rs"]
+mod source;
+
+use std::time::Duration;
 
 use gateway::{workdir, GatewayBuilder};
 use omni_tests::{bin_path, Request, TempPostgres, TEST_API_KEY};
@@ -133,4 +137,101 @@ fn a_stop_logs_postgresqls_last_line_before_the_gateways_last() {
     let last = log.trim_end().lines().last().unwrap_or_default();
     assert!(last.ends_with("stopped") && !last.contains("child="), "the gateway's own line comes last: {last}");
     assert!(shut < log.len() - last.len(), "{log}");
+}
+
+/// A non-loopback IPv4 address of this machine, if it has one.
+fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+    let mut found = None;
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut at = list;
+        while !at.is_null() {
+            let addr = (*at).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let v4 = &*(addr as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+                if !ip.is_loopback() {
+                    found = Some(ip);
+                }
+            }
+            at = (*at).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found
+}
+
+/// The gateway's own surface against strangers: a wrong key on the
+/// protected log endpoints is counted against its sender (the worker's 429
+/// comes back as 429, never as a 503 that hits everyone), live streams are
+/// capped per client address, and `/gateway/internal/*` answers only on
+/// loopback. Clients are told apart by real source addresses (127.0.0.x).
+#[test]
+fn a_stranger_blocks_only_itself_holds_few_streams_and_cannot_reach_the_internal_endpoints() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_HOST", "0.0.0.0").start();
+    let port = gw.port;
+
+    // Wrong keys from one client: each a 401, each counted against that
+    // client (the gateway tells the worker who asks), so its sign-ins are
+    // blocked next...
+    for i in 0..10 {
+        let (status, _, body) = source::send_from("127.0.0.2", port, "GET", "/gateway/logs", &[("x-api-key", "wrong")], None);
+        assert_eq!(status, 401, "wrong key {i}: {body}");
+    }
+    let wrong_password = serde_json::json!({"username": "nobody", "password": "wrong"});
+    // The 11th failure is checked and blocks (1 s, doubling; a short block
+    // may run out on a busy machine, so a few more may be checked).
+    let mut checked = 0;
+    let (headers, body) = omni_tests::wait_until(Duration::from_secs(60), "a blocked sign-in", || {
+        let (status, headers, body) = source::send_from("127.0.0.2", port, "POST", "/api/v1/auth/login", &[], Some(&wrong_password));
+        match status {
+            401 => {
+                checked += 1;
+                None
+            }
+            429 => Some((headers, body)),
+            other => panic!("{other}: {body}"),
+        }
+    });
+    assert!(checked <= 3, "{checked} sign-ins checked after 10 wrong keys: the keys were not counted against their sender");
+    assert!(headers.iter().any(|(n, _)| n == "retry-after"), "429 without Retry-After: {body}");
+    // ...and nobody else's: another client's sign-in is merely wrong, and the
+    // right key works from both.
+    assert_eq!(source::send_from("127.0.0.3", port, "POST", "/api/v1/auth/login", &[], Some(&wrong_password)).0, 401);
+    for from in ["127.0.0.3", "127.0.0.2"] {
+        let (status, _, body) = source::send_from(from, port, "GET", "/gateway/logs?limit=1", &[("x-api-key", TEST_API_KEY)], None);
+        assert_eq!(status, 200, "{from}: {body}");
+    }
+
+    // Live streams: at most 8 per client address, logs and status together.
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let path = if i % 2 == 0 { "/gateway/events" } else { "/gateway/logs/stream" };
+        let (status, stream) = source::open_stream_from("127.0.0.4", port, path, &[("x-api-key", TEST_API_KEY)]);
+        assert_eq!(status, 200, "stream {i} ({path})");
+        held.push(stream);
+    }
+    let (status, _) = source::open_stream_from("127.0.0.4", port, "/gateway/events", &[]);
+    assert_eq!(status, 429, "a 9th stream from the same address");
+    let (status, _other) = source::open_stream_from("127.0.0.5", port, "/gateway/events", &[]);
+    assert_eq!(status, 200, "another address has its own streams");
+    // A closed stream gives its slot back.
+    held.pop();
+    let _again = omni_tests::wait_until(Duration::from_secs(30), "a freed stream slot", || {
+        let (status, stream) = source::open_stream_from("127.0.0.4", port, "/gateway/events", &[]);
+        (status == 200).then_some(stream)
+    });
+
+    // The internal endpoints: 403 from a non-loopback peer, the token check on loopback.
+    let (status, _, _) = source::send_from("127.0.0.2", port, "GET", "/gateway/internal/pitr/window", &[], None);
+    assert_eq!(status, 401, "loopback without the token");
+    let ip = non_loopback_ipv4().expect("this machine has a non-loopback IPv4 address to test the internal endpoints from");
+    let (status, _, body) = source::send_from_to(&ip.to_string(), &ip.to_string(), port, "GET", "/gateway/internal/pitr/window", &[], None);
+    assert_eq!(status, 403, "{body}");
+    // The public endpoints answer on that address as usual.
+    assert_eq!(source::send_from_to(&ip.to_string(), &ip.to_string(), port, "GET", "/gateway/status", &[], None).0, 200);
 }

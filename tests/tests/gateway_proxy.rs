@@ -240,11 +240,14 @@ fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
     assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], format!("127.0.0.1:{}", gw.port));
-    // Behind a TLS-terminating proxy `https` is kept (the session cookie is
-    // then Secure); any other claim becomes `http`.
-    for (sent, seen) in [("https", "https"), ("HTTPS, http", "https"), ("gopher", "http")] {
+    // The client address the worker believes, whatever the client wrote.
+    assert_eq!(h["x-omni-client-addr"], "127.0.0.1");
+    let spoofed = Request::get("/echo").port(gw.port).header("x-omni-client-addr", "203.0.113.8").send().json();
+    assert_eq!(spoofed["headers"]["x-omni-client-addr"], "127.0.0.1");
+    // Without OMNI_TRUSTED_PROXIES no client may claim https (ops_load_balancer.rs: with it).
+    for sent in ["https", "HTTPS, http", "gopher"] {
         let echo = Request::get("/echo").port(gw.port).header("x-forwarded-proto", sent).send().json();
-        assert_eq!(echo["headers"]["x-forwarded-proto"], seen, "{sent}");
+        assert_eq!(echo["headers"]["x-forwarded-proto"], "http", "{sent}");
     }
 }
 

@@ -13,9 +13,16 @@
 //! * A preference written through one gateway is read through another; a
 //!   restore through one is seen through all, and two restores at once on
 //!   two gateways are refused one at a time.
+//! * With `OMNI_TRUSTED_PROXIES` naming nginx, clients at distinct real
+//!   source addresses (127.0.0.x) are told apart: one client's 50 wrong
+//!   sign-ins block only that client, never another client's sign-in nor
+//!   any API-key request; what a client writes in `X-Forwarded-For` itself
+//!   buys it nothing, through nginx or directly.
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/source.rs"]
+mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -474,4 +481,59 @@ fn a_preference_and_a_restore_are_seen_through_every_gateway() {
     for (i, gw) in gws.iter().enumerate() {
         assert_eq!(put(gw.port, &session, &format!("after-{i}"), "ok").unwrap().status, 200, "{}", gw.log());
     }
+}
+
+#[test]
+fn behind_nginx_one_clients_wrong_sign_ins_block_only_that_client() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_TRUSTED_PROXIES", "127.0.0.1/32").start();
+    // One gateway behind the shipped configuration (named three times).
+    let nginx = Nginx::start(&[gw.port; 3]);
+    let lb = nginx.port;
+    let admin = json!({"username": "admin", "password": "correct horse battery"});
+    let created = Request::new("POST", "/api/v1/setup/admin").json(&admin).send_to(lb);
+    assert_eq!(created.status, 201, "{}", created.text());
+    let made = Request::new("POST", "/api/v1/accounts").api_key().json(&json!({"username": "alice", "password": "alice's password", "role": "user"})).send_to(lb);
+    assert_eq!(made.status, 201, "{}", made.text());
+    let login = |from: &str, port: u16, claimed: &str, body: &serde_json::Value| {
+        let claim = [("x-forwarded-for", claimed)];
+        let headers: &[(&str, &str)] = if claimed.is_empty() { &[] } else { &claim };
+        source::send_from(from, port, "POST", "/api/v1/auth/login", headers, Some(body))
+    };
+
+    // The attacker at 127.0.0.2 claims another address every time; nginx
+    // appends the real peer, and only that is believed.
+    let mut statuses = Vec::new();
+    for i in 0..50 {
+        let (status, _, body) = login("127.0.0.2", lb, &format!("198.51.100.{i}"), &json!({"username": "admin", "password": format!("guess {i}")}));
+        assert!(status == 401 || status == 429, "{status}: {body}");
+        statuses.push(status);
+    }
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    // 10 free, the 11th blocks for 1 s, then 2 s, 4 s…: a few may be
+    // checked as short blocks run out on a busy machine, never most.
+    assert!(checked <= 14 && statuses[49] == 429, "{checked} of 50 guesses checked: {statuses:?}");
+
+    // Another client signs in at once, as alice and as the admin.
+    for (name, password) in [("alice", "alice's password"), ("admin", "correct horse battery")] {
+        let started = Instant::now();
+        let (status, _, body) = login("127.0.0.3", lb, "", &json!({"username": name, "password": password}));
+        assert_eq!(status, 200, "{name}: {body}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{name} waited {:?}", started.elapsed());
+    }
+    // Every API-key request works, from the attacker's address too.
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for path in ["/api/v1/auth/me", "/gateway/logs?limit=1"] {
+            let (status, _, body) = source::send_from(from, lb, "GET", path, &[("x-api-key", TEST_API_KEY)], None);
+            assert_eq!(status, 200, "{from} {path}: {body}");
+        }
+        let (status, _, body) = login(from, lb, "", &json!({"api_key": TEST_API_KEY}));
+        assert_eq!(status, 200, "{from} signs in with the key: {body}");
+    }
+
+    // Straight to the gateway, 127.0.0.4 is no trusted proxy: its
+    // X-Forwarded-For is ignored, so new claims buy no new guesses.
+    let direct: Vec<u16> = (0..20).map(|i| login("127.0.0.4", gw.port, &format!("192.0.2.{i}"), &json!({"username": "admin", "password": "wrong"})).0).collect();
+    assert!(direct.iter().filter(|s| **s == 401).count() <= 14 && direct[19] == 429, "{direct:?}");
+    assert!(nginx.error_log().lines().all(|l| !l.contains("[emerg]")), "{}", nginx.error_log());
 }
