@@ -375,7 +375,7 @@ fn a_backup_taken_before_a_schema_migration_restores_forward_and_the_worker_keep
     // A database as a worker with only migrations 0001 and 0002 left it, with
     // a preference in it, backed up with the product's own backup code.
     pg.client().batch_execute("CREATE DATABASE before_accounts").unwrap();
-    let old_url = pg.url().replace("/postgres", "/before_accounts");
+    let old_url = format!("{}/before_accounts", pg.url().rsplit_once('/').unwrap().0);
     let mut old = postgres::Client::connect(&old_url, postgres::NoTls).unwrap();
     old.batch_execute(
         "CREATE TABLE omni_schema_migrations (version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
@@ -432,6 +432,7 @@ fn a_backup_taken_before_a_schema_migration_restores_forward_and_the_worker_keep
 fn a_backup_from_a_newer_schema_is_refused_and_nothing_changes() {
     let pg = TempPostgres::start_new();
     let (worker, dir) = worker_with(&pg, |b| b);
+    seed_big_table(&pg, 10);
     let backup = create(&worker);
     // The same dump, as a later version with a migration 9999 would have made it.
     let text = fs::read_to_string(dir.join(&backup)).unwrap();
