@@ -110,7 +110,8 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<BackupList>, Api
         (status = 400, description = "Not a backup file name", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such backup", body = ErrorBody),
-        (status = 422, description = "The file changed since it was made (its sha256 differs from the recorded one); nothing is sent", body = ErrorBody),
+        (status = 422, description = "The file changed since it was made (its sha256 differs from the recorded one), or it has no recorded \
+            sha256 and is not a complete dump; nothing is sent. (A complete dump without a recorded sha256 is sent, and its sha256 recorded now.)", body = ErrorBody),
 ))]
 pub async fn download(State(state): State<AppState>, Path(filename): Path<String>) -> Result<Response, ApiError> {
     let backups = service(&state);
@@ -131,6 +132,12 @@ pub async fn download(State(state): State<AppState>, Path(filename): Path<String
 }
 
 /// Restore a backup; the current database is first saved as a safety backup.
+///
+/// A backup taken before a schema migration is brought forward in the same
+/// transaction (Omni's tables it lacks are dropped, its missing migrations
+/// applied), so the worker keeps serving. The safety backup is listed with
+/// `kind: "safety"` and kept apart from `OMNI_BACKUP_KEEP`'s count of
+/// ordinary backups.
 #[utoipa::path(post, path = "/api/v1/backup/restore/{filename}", tag = "backups", security(("api_key" = [])),
     params(("filename" = String, Path, description = "omni_backup_YYYYMMDD_HHMMSS.sql", pattern = r"^omni_backup_[0-9]{8}_[0-9]{6}\.sql$")),
     responses(
@@ -139,7 +146,8 @@ pub async fn download(State(state): State<AppState>, Path(filename): Path<String
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such backup", body = ErrorBody),
         (status = 409, description = "Another backup operation is running", body = ErrorBody),
-        (status = 422, description = "Incomplete, changed since it was made (sha256 mismatch) or failing backup; the database is unchanged", body = ErrorBody),
+        (status = 422, description = "Incomplete, changed since it was made (sha256 mismatch), made by an omni-api with migrations this one \
+            does not have, or failing backup; the database is unchanged", body = ErrorBody),
         (status = 507, description = "No space left for the safety backup", body = ErrorBody),
 ))]
 pub async fn restore(State(state): State<AppState>, Path(filename): Path<String>) -> Result<Json<Restored>, ApiError> {

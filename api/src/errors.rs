@@ -126,9 +126,12 @@ pub fn payload_too_large() -> ApiError {
 
 /// Middleware: any error response that is not JSON yet (an axum rejection of
 /// a path or header, a 405 from the router) is rewritten into the API shape,
-/// keeping its status and using its text as the detail.
+/// keeping its status and using its text as the detail. Every answer also
+/// gets `X-Content-Type-Options: nosniff`.
 pub async fn json_error_bodies(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    // Every answer, JSON or not: a browser never guesses another type.
+    response.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     let status = response.status();
     let is_json = response
         .headers()

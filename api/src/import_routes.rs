@@ -93,6 +93,7 @@ impl From<ImportError> for ApiError {
             ImportError::Empty(_) => unprocessable("sqlite_empty"),
             ImportError::NotSqlite(_) => unprocessable("not_sqlite"),
             ImportError::Corrupt { .. } => unprocessable("sqlite_corrupt"),
+            ImportError::HotJournal(_) => unprocessable("sqlite_hot_journal"),
             ImportError::Unreadable { .. } => unprocessable("sqlite_unreadable"),
             ImportError::NoOmniTables(_) => unprocessable("no_omni_tables"),
             ImportError::Busy => ApiError::new(StatusCode::CONFLICT, "import_busy", detail),

@@ -9,10 +9,21 @@
 //! scoped by exactly one owner, so one session or account can never see or
 //! change another's keys. The upsert is a single `INSERT … ON CONFLICT`, so
 //! concurrent writers of one key neither fail nor duplicate it.
+//!
+//! Anyone may write anonymous preferences (any UUID is an owner), so storage
+//! is bounded: at most [`MAX_KEYS_PER_OWNER`] keys per session id or account,
+//! and anonymous preferences in all at most [`MAX_ANONYMOUS_ROWS`] rows and
+//! [`MAX_ANONYMOUS_BYTES`] of keys and values. A write beyond a limit is
+//! answered 413 naming it, and stores nothing; overwriting a key within the
+//! limits and deleting keys always work. The checks and the write run in one
+//! transaction under an advisory lock (one per account, one for all
+//! anonymous owners), so concurrent writers cannot together pass a limit.
+//! Anonymous preferences not written for [`ANONYMOUS_TTL`] are purged with
+//! the ended sign-in sessions ([`purge_stale_anonymous`]).
 
 use axum::{
     extract::{FromRequestParts, Path, State},
-    http::request::Parts,
+    http::{request::Parts, StatusCode},
     Json,
 };
 use serde::{Deserialize, Serialize};
@@ -30,6 +41,18 @@ pub const SESSION_HEADER: &str = "x-session-id";
 const MAX_KEY_CHARS: usize = 100;
 /// Characters, as JSON Schema's `maxLength` counts them (at most 256 KiB of UTF-8).
 pub const MAX_VALUE_CHARS: usize = 64 * 1024;
+/// Keys one session id or one account may keep.
+pub const MAX_KEYS_PER_OWNER: i64 = 100;
+/// Anonymous preference rows, all session ids together.
+pub const MAX_ANONYMOUS_ROWS: i64 = 100_000;
+/// Bytes (UTF-8) of anonymous keys and values, all session ids together.
+pub const MAX_ANONYMOUS_BYTES: i64 = 64 * 1024 * 1024;
+/// Anonymous preferences unwritten for this long are purged.
+pub const ANONYMOUS_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+/// Advisory lock keys ("omni" + "pref"/"anon"): writes of one account, and
+/// of all anonymous owners, are serialized so the limits hold exactly.
+const ACCOUNT_LOCK_CLASS: i32 = 0x7072_6566;
+const ANONYMOUS_LOCK_KEY: i64 = 0x6f6d_6e69_616e_6f6e;
 
 /// The caller's session, from the `x-session-id` header.
 pub struct SessionId(Uuid);
@@ -161,12 +184,20 @@ fn validate_value(value: &str) -> Result<(), ApiError> {
 }
 
 /// Create or replace a preference of this session.
+///
+/// Limits: at most 100 keys per session id or account; anonymous
+/// (x-session-id) preferences in all at most 100 000 rows and 64 MiB of keys
+/// and values. A write past a limit is answered 413 and stores nothing;
+/// overwriting an existing key within the limits always works.
 #[utoipa::path(post, path = "/api/v1/preferences", tag = "preferences", params(SessionHeader),
     request_body = Preference,
     responses(
         (status = 200, description = "Stored", body = Preference),
         (status = 400, description = "Bad session id, key, value or body", body = ErrorBody),
         (status = 403, description = "Sent with an account's session cookie but without X-Omni-Client: ui", body = ErrorBody),
+        (status = 413, description = "A limit is reached and nothing was stored: `too_many_preferences` (this session id or account \
+            already has 100 keys: delete one or overwrite an existing key), `preference_storage_full` (anonymous preferences \
+            in all hold 100 000 rows or 64 MiB), or a body over 1 MiB", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
 ))]
 pub async fn upsert(
@@ -176,17 +207,89 @@ pub async fn upsert(
 ) -> Result<Json<Preference>, ApiError> {
     validate_key(&preference.key)?;
     validate_value(&preference.value)?;
-    let client = state.db.client().await?;
+    let mut client = state.db.client().await?;
+    let tx = client.transaction().await?;
+    match owner {
+        Owner::Account(id) => tx.execute("SELECT pg_advisory_xact_lock($1, hashint8($2))", &[&ACCOUNT_LOCK_CLASS, &id]).await?,
+        Owner::Session(_) => tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ANONYMOUS_LOCK_KEY]).await?,
+    };
     let column = owner.column();
-    let statement = client
+    let usage = tx
+        .prepare_cached(&format!(
+            "SELECT count(*), (SELECT octet_length(key) + octet_length(value) FROM omni_user_preferences WHERE {column} = $1 AND key = $2)
+             FROM omni_user_preferences WHERE {column} = $1"
+        ))
+        .await?;
+    let row = tx.query_one(&usage, &[owner.id(), &preference.key]).await?;
+    let (keys, replaced): (i64, Option<i32>) = (row.get(0), row.get(1));
+    let added = i64::try_from(preference.key.len() + preference.value.len()).unwrap_or(i64::MAX);
+    if replaced.is_none() && keys >= MAX_KEYS_PER_OWNER {
+        return Err(too_many(owner));
+    }
+    if let Owner::Session(_) = owner {
+        let row = tx
+            .query_one(
+                "SELECT count(*), coalesce(sum(octet_length(key) + octet_length(value)), 0)::bigint
+                 FROM omni_user_preferences WHERE session_id IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let (rows, bytes): (i64, i64) = (row.get(0), row.get(1));
+        let rows_after = rows + i64::from(replaced.is_none());
+        let bytes_after = bytes - i64::from(replaced.unwrap_or(0)) + added;
+        if rows_after > MAX_ANONYMOUS_ROWS || bytes_after > MAX_ANONYMOUS_BYTES {
+            tracing::warn!(rows, bytes, "anonymous preferences are full; a write was refused");
+            return Err(storage_full());
+        }
+    }
+    let statement = tx
         .prepare_cached(&format!(
             "INSERT INTO omni_user_preferences ({column}, key, value) VALUES ($1, $2, $3)
              ON CONFLICT ({column}, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
              RETURNING key, value"
         ))
         .await?;
-    let row = client.query_one(&statement, &[owner.id(), &preference.key, &preference.value]).await?;
+    let row = tx.query_one(&statement, &[owner.id(), &preference.key, &preference.value]).await?;
+    tx.commit().await?;
     Ok(Json(Preference { key: row.get(0), value: row.get(1) }))
+}
+
+fn too_many(owner: Owner) -> ApiError {
+    let who = match owner {
+        Owner::Account(_) => "this account",
+        Owner::Session(_) => "this session id",
+    };
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_many_preferences",
+        format!(
+            "{who} already has {MAX_KEYS_PER_OWNER} preferences, the most one session id or account may keep; nothing was stored. \
+             Delete one (DELETE /api/v1/preferences/{{key}}) or overwrite an existing key"
+        ),
+    )
+}
+
+fn storage_full() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "preference_storage_full",
+        format!(
+            "anonymous preferences (x-session-id) in all have reached their limit of {MAX_ANONYMOUS_ROWS} rows or {} MiB; \
+             nothing was stored. Sign in to keep preferences with your account, or retry after unused ones expire ({} days unwritten)",
+            MAX_ANONYMOUS_BYTES / (1024 * 1024),
+            ANONYMOUS_TTL.as_secs() / 86_400
+        ),
+    )
+}
+
+/// Deletes anonymous preferences not written for [`ANONYMOUS_TTL`]; returns how many.
+pub async fn purge_stale_anonymous(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM omni_user_preferences WHERE session_id IS NOT NULL AND updated_at < now() - make_interval(secs => $1)",
+            &[&ANONYMOUS_TTL.as_secs_f64()],
+        )
+        .await
 }
 
 /// All preferences of this session, ordered by key.

@@ -77,6 +77,7 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
 
     let leadership = db.lead(&config.database_url);
     start_backups(&config, leadership);
+    crate::sessions::spawn_purge(db.clone());
 
     let address = listener.local_addr().context("reading the listening address")?;
     if let Some(file) = ready {

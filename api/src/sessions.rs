@@ -2,9 +2,11 @@
 //! `/logout`, `/logout-all`, `GET /api/v1/auth/me`.
 //!
 //! A session is a row in `omni_auth_sessions`; the browser holds a random
-//! 256-bit token in the `omni_session` cookie (`HttpOnly; SameSite=Strict;
-//! Path=/`, plus `Secure` when the request came over HTTPS as
-//! `X-Forwarded-Proto` says) and the row holds only the token's SHA-256. A
+//! 256-bit token in a cookie (`HttpOnly; SameSite=Strict; Path=/`): over
+//! HTTPS, as `X-Forwarded-Proto` says, `__Host-omni_session` with `Secure`;
+//! over plain HTTP `omni_session`. Only the cookie of the request's scheme is
+//! read, and a request sending it twice has no session. The row holds only
+//! the token's SHA-256. A
 //! session ends after [`IDLE`] without use or [`ABSOLUTE`] after sign-in,
 //! whichever comes first, at sign-out, at "sign out everywhere", and at once
 //! when its account is disabled, deleted or given a new password: every
@@ -35,7 +37,10 @@ use crate::{
     routes::AppState,
 };
 
+/// The session cookie over plain HTTP.
 pub const COOKIE: &str = "omni_session";
+/// The session cookie over TLS (see [`cookie_name`]).
+pub const SECURE_COOKIE: &str = "__Host-omni_session";
 /// A session unused for this long has ended.
 pub const IDLE: Duration = Duration::from_secs(3 * 24 * 3600);
 /// A session ends this long after sign-in, however much it is used.
@@ -51,17 +56,26 @@ fn digest(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// The session token from the `Cookie` header(s), if any.
+/// The session token from the `Cookie` header(s): the cookie of this
+/// request's scheme ([`cookie_name`]), and only if exactly one was sent. A
+/// second cookie of that name is one planted by a sibling origin (cookie
+/// tossing): rather than guess which is ours, the request has no session.
 fn token(headers: &HeaderMap) -> Option<&str> {
-    headers
+    let name = cookie_name(headers);
+    let mut found = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
-        .map(|(_, value)| value.trim())
-        .filter(|v| !v.is_empty())
+        .filter(|(n, _)| *n == name)
+        .map(|(_, value)| value.trim());
+    let token = found.next()?;
+    if found.next().is_some() {
+        tracing::warn!(cookie = name, "several session cookies sent: treated as none");
+        return None;
+    }
+    Some(token).filter(|v| !v.is_empty())
 }
 
 /// The request's session, if its cookie names one that is still valid. The
@@ -95,6 +109,8 @@ pub async fn current(state: &AppState, headers: &HeaderMap) -> Result<Option<Ses
     Ok(Some(Session { id, principal }))
 }
 
+/// Whether the request came over TLS, as the gateway's normalised
+/// `X-Forwarded-Proto` says.
 fn secure(headers: &HeaderMap) -> bool {
     headers
         .get("x-forwarded-proto")
@@ -102,10 +118,69 @@ fn secure(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.split(',').next().is_some_and(|p| p.trim().eq_ignore_ascii_case("https")))
 }
 
+/// The session cookie's name for this request's scheme: over TLS
+/// [`SECURE_COOKIE`] (a `__Host-` cookie is `Secure`, host-only and `Path=/`
+/// by rule, so no other port's or subdomain's plain-HTTP page can set or
+/// overwrite it); over plain HTTP [`COOKIE`], which cannot be `Secure`.
+fn cookie_name(headers: &HeaderMap) -> &'static str {
+    if secure(headers) {
+        SECURE_COOKIE
+    } else {
+        COOKIE
+    }
+}
+
 fn cookie(headers: &HeaderMap, value: &str, max_age: u64) -> HeaderValue {
+    let name = cookie_name(headers);
     let secure = if secure(headers) { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!("{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"))
+    HeaderValue::from_str(&format!("{name}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"))
         .expect("the cookie is plain ASCII")
+}
+
+/// Deletes the sessions that can never be used again: past their absolute
+/// expiry or idle for longer than [`IDLE`]. [`current`] already refuses them;
+/// this keeps the table from growing with every sign-in ever made. Returns
+/// how many rows went.
+pub async fn purge_expired(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM omni_auth_sessions
+             WHERE expires_at <= now() OR last_seen_at <= now() - make_interval(secs => $1)",
+            &[&IDLE.as_secs_f64()],
+        )
+        .await
+}
+
+/// How often the worker purges ended sessions (and once at start).
+pub const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Purges ended sessions (and stale anonymous preferences,
+/// [`preferences::purge_stale_anonymous`]) now and every [`PURGE_EVERY`], for
+/// the life of the worker. Every worker on a database may run it: the delete is idempotent.
+pub fn spawn_purge(db: crate::db::Db) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(PURGE_EVERY);
+        loop {
+            every.tick().await;
+            let client = match db.client().await {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::warn!(error = %error.detail, "could not purge ended sign-in sessions; retrying in an hour");
+                    continue;
+                }
+            };
+            match purge_expired(&client).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "purged ended sign-in sessions"),
+                Err(error) => tracing::warn!(%error, "could not purge ended sign-in sessions; retrying in an hour"),
+            }
+            match preferences::purge_stale_anonymous(&client).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "purged anonymous preferences unwritten for 90 days"),
+                Err(error) => tracing::warn!(%error, "could not purge stale anonymous preferences; retrying in an hour"),
+            }
+        }
+    });
 }
 
 /// Opens a session for `account_id` (None: the API key) and returns the
@@ -347,6 +422,22 @@ mod tests {
         let plain = cookie(&headers, "x", 5);
         assert_eq!(plain, "omni_session=x; HttpOnly; SameSite=Strict; Path=/; Max-Age=5");
         headers.insert("x-forwarded-proto", "https".parse().unwrap());
-        assert!(cookie(&headers, "x", 5).to_str().unwrap().ends_with("; Secure"));
+        assert_eq!(cookie(&headers, "x", 5), "__Host-omni_session=x; HttpOnly; SameSite=Strict; Path=/; Max-Age=5; Secure");
+        // Over TLS only the __Host- cookie counts.
+        assert_eq!(token(&headers), None);
+        headers.insert(header::COOKIE, "omni_session=plain; __Host-omni_session=tls".parse().unwrap());
+        assert_eq!(token(&headers), Some("tls"));
+    }
+
+    #[test]
+    fn two_cookies_of_the_name_are_no_session() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, "omni_session=a; omni_session=b".parse().unwrap());
+        assert_eq!(token(&headers), None);
+        headers.insert(header::COOKIE, "omni_session=a".parse().unwrap());
+        headers.append(header::COOKIE, "omni_session=a".parse().unwrap());
+        assert_eq!(token(&headers), None, "even the same value twice");
+        headers.insert(header::COOKIE, "xomni_session=a; omni_session=b".parse().unwrap());
+        assert_eq!(token(&headers), Some("b"));
     }
 }

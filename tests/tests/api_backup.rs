@@ -327,12 +327,154 @@ fn retention_keeps_exactly_the_newest_n() {
     let first = create(&worker);
     let second = create(&worker);
     assert_eq!(listed(&worker), vec![second.clone(), first.clone(), old[4].clone()]);
-    // A restore's safety backup counts too, and the restored file is kept.
+    // A restore's safety backup has its own count; the restored file is kept.
     let restored = worker.request("POST", &format!("/api/v1/backup/restore/{first}")).api_key().send();
     assert_eq!(restored.status, 200, "{}", restored.text());
     let safety = restored.json()["safety_backup"].as_str().unwrap().to_owned();
-    assert_eq!(listed(&worker), vec![safety, second, first]);
+    assert_eq!(listed(&worker), vec![safety, second, first, old[4].clone()]);
     assert!(dir.join("notes.txt").exists());
+}
+
+#[test]
+fn safety_backups_never_push_the_users_backups_out_of_retention() {
+    let pg = TempPostgres::start_new();
+    let (worker, dir) = worker_with(&pg, |b| b.env("OMNI_BACKUP_KEEP", "2"));
+    let first = create(&worker);
+    let second = create(&worker);
+    let mut safeties = Vec::new();
+    for _ in 0..3 {
+        let restored = worker.request("POST", &format!("/api/v1/backup/restore/{first}")).api_key().send();
+        assert_eq!(restored.status, 200, "{}", restored.text());
+        safeties.push(restored.json()["safety_backup"].as_str().unwrap().to_owned());
+    }
+    // The user's two backups are still there; of the safety backups, the newest two.
+    assert_eq!(listed(&worker), vec![safeties[2].clone(), safeties[1].clone(), second.clone(), first.clone()]);
+    assert!(!dir.join(&safeties[0]).exists() && !dir.join(format!("{}.safety", safeties[0])).exists());
+    let list = worker.request("GET", "/api/v1/backup/list").api_key().send().json();
+    let kinds: Vec<(&str, &str)> =
+        list["backups"].as_array().unwrap().iter().map(|b| (b["filename"].as_str().unwrap(), b["kind"].as_str().unwrap())).collect();
+    assert_eq!(
+        kinds,
+        vec![(safeties[2].as_str(), "safety"), (safeties[1].as_str(), "safety"), (second.as_str(), "backup"), (first.as_str(), "backup")]
+    );
+    // A new backup of the user's pushes out the user's oldest, not a safety backup.
+    let third = create(&worker);
+    assert_eq!(listed(&worker), vec![third, safeties[2].clone(), safeties[1].clone(), second]);
+    // Safety backups download and restore like any other.
+    let download = worker.request("GET", &format!("/api/v1/backup/download/{}", safeties[2])).api_key().send();
+    assert_eq!(download.status, 200, "{}", download.text());
+}
+
+#[test]
+fn a_backup_taken_before_a_schema_migration_restores_forward_and_the_worker_keeps_serving() {
+    use omni_contract::migrations::{checksum, MIGRATIONS};
+    let pg = TempPostgres::start_new();
+    let (worker, dir) = worker_with(&pg, |b| b);
+    let session = uuid::Uuid::new_v4().to_string();
+
+    // A database as a worker with only migrations 0001 and 0002 left it, with
+    // a preference in it, backed up with the product's own backup code.
+    pg.client().batch_execute("CREATE DATABASE before_accounts").unwrap();
+    let old_url = format!("{}/before_accounts", pg.url().rsplit_once('/').unwrap().0);
+    let mut old = postgres::Client::connect(&old_url, postgres::NoTls).unwrap();
+    old.batch_execute(
+        "CREATE TABLE omni_schema_migrations (version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+                                              applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .unwrap();
+    for m in MIGRATIONS.iter().filter(|m| m.version <= 2) {
+        old.batch_execute(m.sql).unwrap();
+        old.execute("INSERT INTO omni_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)", &[&m.version, &m.name, &checksum(m.sql)])
+            .unwrap();
+    }
+    old.execute(
+        "INSERT INTO omni_user_preferences (session_id, key, value) VALUES ($1::text::uuid, 'theme', 'from before accounts')",
+        &[&session],
+    )
+    .unwrap();
+    drop(old);
+    let backups = omni_contract::backups::Backups::new(dir.clone(), Some(pg_bin_dir()), old_url, 0);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let older = runtime.block_on(backups.create()).unwrap().backup_file;
+
+    // The running worker has the full schema, an account and a preference.
+    let account = worker.request("POST", "/api/v1/accounts").api_key().json(&json!({"username": "later", "password": "a long password", "role": "user"})).send();
+    assert_eq!(account.status, 201, "{}", account.text());
+
+    let restored = worker.request("POST", &format!("/api/v1/backup/restore/{older}")).api_key().send();
+    assert_eq!(restored.status, 200, "{}\n{}", restored.text(), worker.log());
+
+    let versions: Vec<i32> =
+        pg.client().query("SELECT version FROM omni_schema_migrations ORDER BY version", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>(), "the restored schema is migrated forward");
+    let check = |worker: &Worker| {
+        let theme = worker.request("GET", "/api/v1/preferences/theme").session(&session).send();
+        assert_eq!((theme.status, theme.json()["value"].clone()), (200, json!("from before accounts")), "{}", theme.text());
+        let stored = worker.request("POST", "/api/v1/preferences").session(&session).json(&json!({"key": "lang", "value": "en"})).send();
+        assert_eq!(stored.status, 200, "{}", stored.text());
+        let accounts = worker.request("GET", "/api/v1/accounts").api_key().send();
+        assert_eq!(accounts.status, 200, "{}\n{}", accounts.text(), worker.log());
+        assert_eq!(accounts.json(), json!([]), "the database is as it was then: no accounts yet");
+    };
+    check(&worker);
+    let created = worker.request("POST", "/api/v1/accounts").api_key().json(&json!({"username": "again", "password": "a long password", "role": "user"})).send();
+    assert_eq!(created.status, 201, "{}", created.text());
+    pg.client().batch_execute("DELETE FROM omni_accounts").unwrap();
+
+    // The next start finds nothing to migrate and serves.
+    drop(worker);
+    let (restarted, _) = worker_with(&pg, |b| b);
+    assert!(restarted.log().contains("database schema is up to date"), "{}", restarted.log());
+    check(&restarted);
+}
+
+#[test]
+fn a_backup_from_a_newer_schema_is_refused_and_nothing_changes() {
+    let pg = TempPostgres::start_new();
+    let (worker, dir) = worker_with(&pg, |b| b);
+    seed_big_table(&pg, 10);
+    let backup = create(&worker);
+    // The same dump, as a later version with a migration 9999 would have made it.
+    let text = fs::read_to_string(dir.join(&backup)).unwrap();
+    let marker = "-- PostgreSQL database dump complete";
+    let newer = text.replace(marker, &format!("INSERT INTO public.omni_schema_migrations (version, name, checksum) VALUES (9999, '9999_future.sql', 'x');\n{marker}"));
+    let newer_name = "omni_backup_20300101_000000.sql";
+    fs::write(dir.join(newer_name), newer).unwrap();
+    let before = snapshot(&pg);
+    let refused = worker.request("POST", &format!("/api/v1/backup/restore/{newer_name}")).api_key().send();
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert!(refused.json()["detail"].as_str().unwrap().contains("9999_future.sql"), "{}", refused.text());
+    assert_eq!(snapshot(&pg), before, "rolled back");
+}
+
+/// A crash between naming a backup and recording its sha256 leaves a backup
+/// without one: trusted (and its sha256 recorded) only if it is a complete dump.
+#[test]
+fn a_backup_without_its_sha256_is_used_only_when_complete() {
+    let pg = TempPostgres::start_new();
+    let (worker, dir) = worker_with(&pg, |b| b);
+    let complete = create(&worker);
+    fs::remove_file(dir.join(format!("{complete}.sha256"))).unwrap();
+    let truncated = "omni_backup_20200101_000000.sql";
+    let text = fs::read(dir.join(&complete)).unwrap();
+    fs::write(dir.join(truncated), &text[..text.len() / 2]).unwrap();
+
+    for path in [format!("/api/v1/backup/download/{truncated}"), format!("/api/v1/backup/restore/{truncated}")] {
+        let method = if path.contains("restore") { "POST" } else { "GET" };
+        let refused = worker.request(method, &path).api_key().send();
+        assert_eq!((refused.status, refused.json()["code"].as_str()), (422, Some("backup_incomplete")), "{path}: {}", refused.text());
+    }
+    assert!(!dir.join(format!("{truncated}.sha256")).exists());
+
+    let download = worker.request("GET", &format!("/api/v1/backup/download/{complete}")).api_key().send();
+    assert_eq!(download.status, 200, "{}", download.text());
+    let recorded = fs::read_to_string(dir.join(format!("{complete}.sha256"))).unwrap();
+    assert!(recorded.ends_with(&format!("  {complete}\n")), "{recorded}");
+    assert!(worker.log().contains("its sha256 was recorded now"), "{}", worker.log());
+    // From now on a change is detected.
+    fs::write(dir.join(&complete), [&text[..], b"-- appended\n"].concat()).unwrap();
+    let changed = worker.request("POST", &format!("/api/v1/backup/restore/{complete}")).api_key().send();
+    assert_eq!((changed.status, changed.json()["code"].as_str()), (422, Some("backup_changed")), "{}", changed.text());
 }
 
 #[test]

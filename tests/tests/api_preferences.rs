@@ -143,3 +143,84 @@ fn fifty_concurrent_upserts_of_one_key_leave_one_row() {
     let value: String = rows[0].get(0);
     assert!(value.starts_with("writer-"), "{value}");
 }
+
+fn anonymous_rows(pg: &TempPostgres) -> i64 {
+    pg.client().query_one("SELECT count(*) FROM omni_user_preferences WHERE session_id IS NOT NULL", &[]).unwrap().get(0)
+}
+
+#[test]
+fn a_session_keeps_at_most_100_keys_and_the_101st_is_refused_with_413() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let session = new_session();
+    for i in 0..100 {
+        let stored = put(&worker, &session, &format!("k{i}"), "v");
+        assert_eq!(stored.status, 200, "key {i}: {}", stored.text());
+    }
+    let refused = put(&worker, &session, "one-too-many", "v");
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.json()["code"], "too_many_preferences");
+    let detail = refused.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("100") && detail.contains("nothing was stored") && detail.contains("Delete one"), "{detail}");
+    let missing = worker.request("GET", "/api/v1/preferences/one-too-many").session(&session).send();
+    assert_eq!(missing.status, 404, "nothing stored beyond the limit");
+    assert_eq!(anonymous_rows(&pg), 100);
+
+    // Overwriting within the limit works; a delete makes room; others are unaffected.
+    assert_eq!(put(&worker, &session, "k0", "changed").status, 200);
+    assert_eq!(put(&worker, &new_session(), "theme", "dark").status, 200);
+    assert_eq!(worker.request("DELETE", "/api/v1/preferences/k1").session(&session).send().status, 200);
+    assert_eq!(put(&worker, &session, "one-too-many", "v").status, 200);
+    assert_eq!(put(&worker, &session, "and-another", "v").status, 413);
+}
+
+#[test]
+fn anonymous_preferences_in_all_are_bounded_in_rows_and_bytes() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let mut client = pg.client();
+
+    // 100 000 rows in all (written directly: the limit is on the total, whoever wrote them).
+    client
+        .batch_execute(
+            "INSERT INTO omni_user_preferences (session_id, key, value)
+             SELECT gen_random_uuid(), 'k', 'v' FROM generate_series(1, 99999)",
+        )
+        .unwrap();
+    assert_eq!(put(&worker, &new_session(), "theme", "dark").status, 200, "the 100 000th row fits");
+    let refused = put(&worker, &new_session(), "theme", "dark");
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.json()["code"], "preference_storage_full");
+    let detail = refused.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("100000 rows") && detail.contains("64 MiB") && detail.contains("nothing was stored"), "{detail}");
+    assert_eq!(anonymous_rows(&pg), 100_000);
+
+    // 64 MiB of keys and values in all.
+    client.batch_execute("DELETE FROM omni_user_preferences").unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO omni_user_preferences (session_id, key, value)
+             SELECT gen_random_uuid(), 'big', repeat('x', 1024 * 1024 - 3) FROM generate_series(1, 63)",
+        )
+        .unwrap();
+    let session = new_session();
+    let nearly_a_mib = "y".repeat(65536);
+    let mut stored = 0;
+    let refused = loop {
+        let response = put(&worker, &session, &format!("k{stored}"), &nearly_a_mib);
+        if response.status != 200 {
+            break response;
+        }
+        stored += 1;
+        assert!(stored <= 16, "64 MiB should be reached after at most 16 more values of 64 KiB");
+    };
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.json()["code"], "preference_storage_full");
+    let bytes: i64 = client
+        .query_one("SELECT sum(octet_length(key) + octet_length(value))::bigint FROM omni_user_preferences WHERE session_id IS NOT NULL", &[])
+        .unwrap()
+        .get(0);
+    assert!(bytes <= 64 * 1024 * 1024, "{bytes} bytes stored");
+    // Overwriting a key with a shorter value still works when full.
+    assert_eq!(put(&worker, &session, "k0", "short").status, 200);
+}

@@ -1,7 +1,11 @@
-//! The UI directory: content types, ETags, the SPA fallback, and no way out
-//! of the directory.
+//! The browser surface: the UI directory (content types, ETags, the SPA
+//! fallback, no way out of the directory), the security headers of every
+//! answer, and the session cookie per scheme.
 
-use omni_tests::{Request, TempPostgres, TempDir, WorkerBuilder};
+use std::time::Duration;
+
+use omni_tests::{wait_until, Request, TempPostgres, TempDir, Worker, WorkerBuilder, TEST_API_KEY};
+use serde_json::json;
 
 fn ui_worker(pg: &TempPostgres) -> (omni_tests::Worker, TempDir) {
     // A secret next to the UI directory, which no request may reach.
@@ -110,4 +114,168 @@ fn never_serves_a_file_outside_the_ui_directory() {
             assert!(response.json()["code"].is_string(), "{path}");
         }
     }
+}
+
+#[test]
+fn every_ui_answer_carries_the_security_headers_and_api_answers_nosniff() {
+    let pg = TempPostgres::start_new();
+    let (worker, _outside) = ui_worker(&pg);
+    let etag = worker.request("GET", "/assets/app.js").send().header("etag").unwrap().to_owned();
+    let ui_answers = [
+        ("/", worker.request("GET", "/").send(), 200),
+        ("/index.html", worker.request("GET", "/index.html").send(), 200),
+        ("/assets/app.js", worker.request("GET", "/assets/app.js").send(), 200),
+        ("/accounts (SPA route)", worker.request("GET", "/accounts").send(), 200),
+        ("HEAD /logo.svg", worker.request("HEAD", "/logo.svg").send(), 200),
+        ("304", worker.request("GET", "/assets/app.js").header("if-none-match", &etag).send(), 304),
+        ("traversal", worker.request("GET", "/a/%2e%2e/%2e%2e/etc/passwd").send(), 400),
+        ("POST to the UI", worker.request("POST", "/index.html").send(), 405),
+    ];
+    for (what, response, status) in ui_answers {
+        assert_eq!(response.status, status, "{what}: {}", response.text());
+        let csp = response.header("content-security-policy").unwrap_or_else(|| panic!("{what}: no Content-Security-Policy"));
+        for directive in ["default-src 'self'", "script-src 'self'", "style-src 'self'", "object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'"] {
+            assert!(csp.split(';').any(|d| d.trim() == directive), "{what}: CSP {csp:?} lacks {directive:?}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{what}: {csp}");
+        assert_eq!(response.header("x-frame-options"), Some("DENY"), "{what}");
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"), "{what}");
+        assert_eq!(response.header("referrer-policy"), Some("no-referrer"), "{what}");
+    }
+    for (path, status) in [("/api/v1/health", 200), ("/api/v1/openapi.json", 200), ("/api/v1/no-such-thing", 404), ("/api/v1/backup/list", 401)] {
+        let response = worker.request("GET", path).send();
+        assert_eq!(response.status, status, "{path}: {}", response.text());
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"), "{path}");
+        assert_eq!(response.header("content-type"), Some("application/json"), "{path}");
+    }
+}
+
+/// The policy allows no inline script or style, so the shipped UI must have
+/// none: no `<script>` without `src`, no `style` attribute or `<style>`, no
+/// `on…=` handler in markup, and no `style` set as an attribute from script.
+#[test]
+fn the_shipped_ui_has_no_inline_script_or_style() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-dist");
+    let mut files = vec![root.join("index.html")];
+    let mut dirs = vec![root.join("js")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "js" || e == "html") {
+                files.push(path);
+            }
+        }
+    }
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let name = file.display();
+        assert!(!text.contains("<style") && !text.contains(" style=\"") && !text.contains("setAttribute('style'"), "{name}: inline style");
+        assert!(!text.contains("javascript:") && !text.contains("eval("), "{name}: script from a string");
+        for (at, _) in text.match_indices('<') {
+            let Some(tag) = text[at..].split_once('>').map(|(tag, _)| tag) else { continue };
+            if !tag[1..].starts_with(|c: char| c.is_ascii_alphabetic()) {
+                continue;
+            }
+            let handler = tag.split_whitespace().skip(1).any(|a| a.starts_with("on") && a.contains('='));
+            assert!(!handler, "{name}: inline event handler in {tag}>");
+            if tag.starts_with("<script") {
+                assert!(tag.contains(" src="), "{name}: inline script {tag}>");
+            }
+        }
+    }
+    let index = std::fs::read_to_string(root.join("index.html")).unwrap();
+    let boot = index.find(r#"<script src="/js/boot.js"></script>"#).expect("index.html loads js/boot.js");
+    assert!(boot < index.find("stylesheet").unwrap(), "the theme is applied before the stylesheet paints");
+}
+
+/// Signs in with the API key; `https` says the request came over TLS (the
+/// gateway's `X-Forwarded-Proto`). Returns the whole `Set-Cookie` value.
+fn sign_in(worker: &Worker, https: bool) -> String {
+    let mut request = worker.request("POST", "/api/v1/auth/login").json(&json!({ "api_key": TEST_API_KEY }));
+    if https {
+        request = request.header("x-forwarded-proto", "https");
+    }
+    let response = request.send();
+    assert_eq!(response.status, 200, "{}", response.text());
+    response.header("set-cookie").expect("a Set-Cookie").to_owned()
+}
+
+fn me(worker: &Worker, cookie: &str, https: bool) -> u16 {
+    let mut request = worker.request("GET", "/api/v1/auth/me").header("cookie", cookie);
+    if https {
+        request = request.header("x-forwarded-proto", "https");
+    }
+    request.send().status
+}
+
+#[test]
+fn the_session_cookie_is_host_prefixed_and_secure_over_tls_and_plain_over_http() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+
+    let tls = sign_in(&worker, true);
+    assert!(tls.starts_with("__Host-omni_session="), "{tls}");
+    let attributes: Vec<&str> = tls.split(';').map(str::trim).skip(1).collect();
+    for wanted in ["HttpOnly", "SameSite=Strict", "Path=/", "Secure"] {
+        assert!(attributes.contains(&wanted), "{tls} lacks {wanted}");
+    }
+    assert!(!attributes.iter().any(|a| a.to_ascii_lowercase().starts_with("domain")), "a __Host- cookie has no Domain: {tls}");
+    let tls_pair = tls.split(';').next().unwrap().to_owned();
+    assert_eq!(me(&worker, &tls_pair, true), 200);
+    // A __Host- cookie arriving over plain HTTP is not the plain scheme's cookie.
+    assert_eq!(me(&worker, &tls_pair, false), 401);
+
+    let plain = sign_in(&worker, false);
+    assert!(plain.starts_with("omni_session="), "{plain}");
+    assert!(!plain.split(';').any(|a| a.trim() == "Secure"), "a plain-HTTP cookie cannot be Secure: {plain}");
+    let plain_pair = plain.split(';').next().unwrap().to_owned();
+    assert_eq!(me(&worker, &plain_pair, false), 200);
+    assert_eq!(me(&worker, &plain_pair, true), 401, "over TLS only the __Host- cookie counts");
+
+    let signed_out = worker.request("POST", "/api/v1/auth/logout").header("x-forwarded-proto", "https").send();
+    assert!(signed_out.header("set-cookie").unwrap().starts_with("__Host-omni_session=; "), "{signed_out:?}");
+}
+
+#[test]
+fn two_session_cookies_of_one_name_are_no_session() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let ours = sign_in(&worker, false).split(';').next().unwrap().to_owned();
+    let planted = sign_in(&worker, false).split(';').next().unwrap().to_owned();
+    assert_eq!(me(&worker, &ours, false), 200);
+    assert_eq!(me(&worker, &planted, false), 200);
+    // A sibling origin tossed its own valid cookie in front of ours: neither is taken.
+    assert_eq!(me(&worker, &format!("{planted}; {ours}"), false), 401);
+    assert_eq!(me(&worker, &format!("{ours}; {ours}"), false), 401);
+    let split = worker.request("GET", "/api/v1/auth/me").header("cookie", &planted).header("cookie", &ours).send();
+    assert_eq!(split.status, 401, "two Cookie headers count too");
+    let tls_ours = sign_in(&worker, true).split(';').next().unwrap().to_owned();
+    let tls_planted = sign_in(&worker, true).split(';').next().unwrap().to_owned();
+    assert_eq!(me(&worker, &format!("{tls_planted}; {tls_ours}"), true), 401);
+    assert_eq!(me(&worker, &format!("{planted}; {tls_ours}"), true), 200, "the other scheme's cookie is not a second one");
+}
+
+#[test]
+fn ended_sessions_are_purged_when_the_worker_starts() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let live = sign_in(&worker, false).split(';').next().unwrap().to_owned();
+    drop(worker);
+    let mut client = pg.client();
+    client
+        .batch_execute(
+            "INSERT INTO omni_auth_sessions (id, token_digest, expires_at, last_seen_at)
+             VALUES (gen_random_uuid(), '\\x01', now() - interval '1 second', now()),
+                    (gen_random_uuid(), '\\x02', now() + interval '1 day', now() - interval '4 days')",
+        )
+        .unwrap();
+    let count = |client: &mut postgres::Client| client.query_one("SELECT count(*) FROM omni_auth_sessions", &[]).unwrap().get::<_, i64>(0);
+    assert_eq!(count(&mut client), 3);
+
+    let worker = Worker::start(&pg);
+    wait_until(Duration::from_secs(30), "the ended sessions to be purged", || (count(&mut client) == 1).then_some(()));
+    assert!(worker.log().contains("purged ended sign-in sessions"), "{}", worker.log());
+    assert_eq!(me(&worker, &live, false), 200, "the live session stays");
 }

@@ -425,3 +425,51 @@ fn a_large_table_keeps_its_indexes_and_references_and_a_bad_parent_is_still_caug
         .get(0);
     assert_eq!(orphans, 0);
 }
+
+/// The old product killed in the middle of a commit (rollback-journal mode):
+/// the file holds pages of an unfinished transaction, `<file>-journal` the
+/// pages as they were. Reading the file alone would import torn data.
+#[test]
+fn a_database_with_a_hot_rollback_journal_is_refused_until_sqlite_rolls_it_back() {
+    let pg = TempPostgres::start_new();
+    let (worker, root) = worker(&pg);
+    let data = root.join("data");
+    let live = omni_tests::TempDir::new("live-sqlite");
+    let path = live.path().join("omni.db");
+    fixture::old_era(&path);
+
+    // A transaction big enough to spill into the file before it commits,
+    // copied (file and journal) while it is open: what a crash leaves.
+    let writer = rusqlite::Connection::open(&path).unwrap();
+    writer.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA cache_size = 5; BEGIN IMMEDIATE;").unwrap();
+    writer
+        .execute_batch(
+            "CREATE TABLE filler (x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+             INSERT INTO filler SELECT randomblob(1000) FROM n;",
+        )
+        .unwrap();
+    let journal = live.path().join("omni.db-journal");
+    assert!(std::fs::metadata(&journal).unwrap().len() > 0, "the open transaction has a journal");
+    std::fs::copy(&path, data.join("torn.db")).unwrap();
+    std::fs::copy(&journal, data.join("torn.db-journal")).unwrap();
+    writer.execute_batch("ROLLBACK").unwrap();
+    drop(writer);
+
+    let mut db = pg.client();
+    let before = snapshot(&mut db);
+    let refused = import(&worker, json!({"path": "data/torn.db"}));
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    let body = refused.json();
+    assert_eq!(body["code"], "sqlite_hot_journal", "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("torn.db-journal") && detail.contains("sqlite3") && detail.contains("nothing was written"), "{detail}");
+    assert_eq!(snapshot(&mut db), before, "nothing was written");
+    assert_eq!(backups(&root), 0, "refused before the safety backup");
+
+    // Opened once with SQLite (read-write), the journal is rolled back and removed: the import then works.
+    let check: String = rusqlite::Connection::open(data.join("torn.db")).unwrap().query_row("PRAGMA quick_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(check, "ok");
+    assert!(!data.join("torn.db-journal").exists());
+    imported(&worker, json!({"path": "data/torn.db"}));
+}

@@ -81,3 +81,43 @@ test('the theme stays after a reload, is stored for the session, and is not seen
     await second.context.close();
   }
 });
+
+// The Content-Security-Policy allows no inline script or style: every page of
+// the UI must render without a single violation, and the theme must still be
+// applied before the first paint by js/boot.js.
+test('every page renders under the Content-Security-Policy without a violation', async () => {
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await page.addInitScript(() => {
+      window.__cspViolations = [];
+      document.addEventListener('securitypolicyviolation', (e) => {
+        window.__cspViolations.push(`${e.violatedDirective} blocked ${e.blockedURI || 'inline'} at ${e.sourceFile || '?'}:${e.lineNumber}`);
+      });
+    });
+    const consoleViolations = [];
+    page.on('console', (m) => { if (/Content.Security.Policy/i.test(m.text())) consoleViolations.push(m.text()); });
+    const first = await page.goto('/login');
+    const csp = first.headers()['content-security-policy'] || '';
+    assert.match(csp, /script-src 'self'/);
+    assert.match(csp, /frame-ancestors 'none'/);
+    assert.doesNotMatch(csp, /unsafe-inline/);
+    assert.equal(first.headers()['x-frame-options'], 'DENY');
+    await signIn(page);
+    await page.getByRole('button', { name: 'Dark theme' }).click();
+    await page.waitForFunction(() => document.documentElement.dataset.theme === 'dark');
+    for (const [path, heading] of [['/', 'Dashboard'], ['/status', 'Status'], ['/logs', 'Logs'], ['/backups', 'Backups'],
+      ['/import', 'Import'], ['/accounts', 'Accounts']]) {
+      await page.goto(path);
+      await page.getByRole('heading', { name: heading, exact: false }).first().waitFor();
+      // js/boot.js set the cached theme before anything else ran.
+      assert.equal(await theme(page), 'dark', path);
+      await page.evaluate(() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))));
+      const violations = await page.evaluate(() => window.__cspViolations);
+      assert.deepEqual(violations, [], `${path}: ${violations.join('; ')}`);
+    }
+    assert.deepEqual(consoleViolations, []);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+  }
+});

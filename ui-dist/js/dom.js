@@ -18,6 +18,10 @@ export function h(tag, attrs = {}, ...children) {
       el.value = value;
     } else if (name === 'checked') {
       el.checked = Boolean(value);
+    } else if (name === 'style') {
+      // Through the CSSOM: a style *attribute* is inline style, which the
+      // Content-Security-Policy blocks.
+      el.style.cssText = String(value);
     } else {
       el.setAttribute(name, value === true ? '' : String(value));
     }

@@ -1,7 +1,7 @@
 // Light/dark theme, kept through the preferences API: the signed-in
 // account's (every tab and device), or the anonymous tab session's.
 //
-// index.html applies the value cached in sessionStorage before first paint;
+// js/boot.js applies the value cached in sessionStorage before first paint;
 // loadTheme() then confirms it from the server, which is the source of truth
 // (a cleared cache or a new page load in the same tab still finds it there).
 

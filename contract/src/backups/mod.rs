@@ -18,6 +18,17 @@
 //! * a restore runs in one transaction with `ON_ERROR_STOP`, after checking
 //!   that the file is a complete dump and taking a safety backup, so a failed
 //!   restore leaves the database as it was and a successful one can be undone;
+//! * a restore brings the schema forward in that same transaction: Omni's
+//!   tables (`omni_*`) the dump does not hold are dropped first, and after
+//!   the dump every migration it lacks is applied ([`migrate_forward`]), so a
+//!   backup taken before an upgrade restores into a schema this worker (and
+//!   its next start) can use; a backup made by a newer version, or by one
+//!   whose migrations differ, is refused and rolled back;
+//! * a safety backup (the one a restore or an import takes first) is marked
+//!   with an empty `<name>.safety` file and listed with `kind: "safety"`;
+//!   retention keeps the newest `OMNI_BACKUP_KEEP` ordinary backups and,
+//!   separately, the newest `OMNI_BACKUP_KEEP` safety backups, so failed
+//!   restores or imports never push scheduled backups out;
 //! * one restore (or import) at a time across every worker on the database:
 //!   [`crate::leader::exclusive`], a session advisory lock, tried without
 //!   waiting; a finished restore is announced on it, so every worker resets
@@ -26,7 +37,10 @@
 //! * every backup gets its sha256 recorded when made (`<name>.sha256`, the
 //!   format of `sha256sum`), and a restore or download first checks it: a
 //!   file that changed since is refused ([`BackupError::Changed`]). A backup
-//!   from before checksums were recorded has none and is used with a warning.
+//!   without one (made before checksums were recorded, or named just before a
+//!   crash) is trusted only if it is a complete dump: its sha256 is then
+//!   recorded, with a warning, at the worker's start or when it is first
+//!   opened; an incomplete one is refused ([`BackupError::Incomplete`]).
 
 pub mod name;
 pub mod schedule;
@@ -56,6 +70,24 @@ const STDERR_TAIL: usize = 4096;
 /// worker's own requests.
 const RESTORE_LOCK_TIMEOUT: &str = "10s";
 const RESTORE_ATTEMPTS: usize = 3;
+/// Run first in a restore's transaction: Omni's tables go, so those the dump
+/// lacks (made by a later migration) do not survive beside its older schema.
+/// The dump's own `DROP … IF EXISTS` then find nothing to drop; other tables
+/// in the database are left as they are.
+///
+/// It first takes the migrations' advisory lock (`migrations.rs`' key, "omni"),
+/// so a worker starting meanwhile waits and then finds the schema complete.
+const DROP_OMNI_TABLES: &str = r"DO $omni$
+DECLARE t regclass;
+BEGIN
+  PERFORM pg_advisory_xact_lock(1869442665);
+  FOR t IN SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname LIKE 'omni\_%'
+  LOOP
+    EXECUTE format('DROP TABLE IF EXISTS %s CASCADE', t);
+  END LOOP;
+END
+$omni$";
 
 /// What can go wrong, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +141,21 @@ pub struct BackupInfo {
     pub size_bytes: u64,
     /// When the backup was taken (UTC, RFC 3339), from its name.
     pub created_at: String,
+    /// `backup` (made on request or by the schedule) or `safety` (taken by a
+    /// restore or an import just before it changed the database). Each kind
+    /// has its own retention of `OMNI_BACKUP_KEEP` files.
+    pub kind: Kind,
+}
+
+/// Why a backup was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// On request (API, CLI) or by the schedule.
+    Backup,
+    /// By a restore or an import, of the database just before it.
+    Safety,
 }
 
 /// A backup just written.
@@ -152,6 +199,12 @@ struct OperationLock(#[allow(dead_code)] File);
 /// A partial file removed on drop unless it was given its name: a dump that
 /// fails, or whose task is cancelled, leaves nothing behind.
 struct Partial(Option<PathBuf>);
+
+impl Partial {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("a partial file is named until it is dropped or kept")
+    }
+}
 
 impl Drop for Partial {
     fn drop(&mut self) {
@@ -225,6 +278,21 @@ impl Backups {
                 removed += 1;
             }
         }
+        // A crash between naming a backup and recording its sha256 leaves a
+        // backup without one: judged now, while nothing else runs.
+        for backup in list_in(&dir)? {
+            if checksum_path(&dir, &backup.filename).exists() {
+                continue;
+            }
+            let Ok((file, size)) = open_existing(&dir, &backup.filename) else { continue };
+            match check_complete(&file, size, &backup.filename) {
+                Ok(()) => record_late_checksum(&dir, &backup.filename),
+                Err(_) => tracing::warn!(
+                    file = %backup.filename,
+                    "this backup has no recorded sha256 and is not a complete dump: it will be refused for restore and download; delete it"
+                ),
+            }
+        }
         Ok(removed)
     }
 
@@ -246,7 +314,10 @@ impl Backups {
         }
         let dir = self.dir()?;
         let (file, size) = open_existing(&dir, name)?;
-        check_checksum(&dir, name, &file)?;
+        if !check_checksum(&dir, name, &file)? {
+            check_complete(&file, size, name)?;
+            record_late_checksum(&dir, name);
+        }
         Ok((file, size))
     }
 
@@ -254,7 +325,15 @@ impl Backups {
     pub async fn create(&self) -> Result<Created> {
         let dir = self.dir()?;
         let _lock = self.lock(&dir)?;
-        self.create_locked(&dir, None).await
+        self.create_locked(&dir, Kind::Backup, None).await
+    }
+
+    /// Takes a safety backup now (an import's, before it writes): kept apart
+    /// from the user's backups by retention.
+    pub async fn create_safety(&self) -> Result<Created> {
+        let dir = self.dir()?;
+        let _lock = self.lock(&dir)?;
+        self.create_locked(&dir, Kind::Safety, None).await
     }
 
     /// Deletes a backup.
@@ -267,7 +346,7 @@ impl Backups {
         let (file, _) = open_existing(&dir, name)?;
         drop(file);
         fs::remove_file(dir.join(name)).map_err(BackupError::io(format!("deleting {name}")))?;
-        remove_checksum(&dir, name);
+        remove_sidecars(&dir, name);
         sync_dir(&dir)?;
         tracing::info!(file = name, "deleted backup");
         Ok(())
@@ -281,20 +360,24 @@ impl Backups {
         let dir = self.dir()?;
         let _lock = self.lock(&dir)?;
         let (mut file, size) = open_existing(&dir, name)?;
-        check_checksum(&dir, name, &file)?;
+        let checked = check_checksum(&dir, name, &file)?;
         check_complete(&file, size, name)?;
+        if !checked {
+            record_late_checksum(&dir, name);
+        }
         // Other gateways' workers share the database, not this directory's lock.
         let cluster = crate::leader::exclusive(&self.database_url)
             .await
             .map_err(|e| BackupError::io("taking the database's restore lock (is PostgreSQL reachable?)")(io::Error::other(e)))?
             .ok_or(BackupError::Busy)?;
-        let safety = self.create_locked(&dir, Some(name)).await?;
+        let safety = self.create_locked(&dir, Kind::Safety, Some(name)).await?;
+        let migrate = write_migrate_forward(&dir)?;
         tracing::info!(file = name, safety_backup = %safety.backup_file, "restoring");
         let mut attempt = 1;
         loop {
             file.seek(SeekFrom::Start(0)).map_err(BackupError::io(format!("reading {name}")))?;
             let input = file.try_clone().map_err(BackupError::io(format!("reading {name}")))?;
-            match self.run_psql(input).await {
+            match self.run_psql(input, migrate.path()).await {
                 Ok(()) => break,
                 Err(BackupError::RestoreFailed(message)) if attempt < RESTORE_ATTEMPTS && is_lock_conflict(&message) => {
                     tracing::warn!(attempt, %message, "restore rolled back on a lock conflict; retrying");
@@ -316,7 +399,7 @@ impl Backups {
 
     /// A backup while the operation lock is held; `protect` is a file that
     /// retention must not delete (the one about to be restored).
-    async fn create_locked(&self, dir: &Path, protect: Option<&str>) -> Result<Created> {
+    async fn create_locked(&self, dir: &Path, kind: Kind, protect: Option<&str>) -> Result<Created> {
         // The final name is taken when the dump is complete (see below); the
         // partial file is named after the start time meanwhile.
         let partial_path = dir.join(format!(".{}.partial", name::for_time(SystemTime::now())));
@@ -353,48 +436,68 @@ impl Backups {
         // rarely has to wait for the next second.
         let (name, time) = free_name(dir).await?;
         let final_path = dir.join(&name);
+        // The kind is marked before the name exists, so a crash can leave a
+        // stray marker (harmless, removed with its backup's name) but never
+        // a safety backup counted as one of the user's.
+        if kind == Kind::Safety {
+            mark_safety(dir, &name)?;
+        }
         // link(2) fails with EEXIST instead of replacing: never overwrite.
         match fs::hard_link(&partial_path, &final_path) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(BackupError::Exists(name)),
-            Err(e) => return Err(BackupError::io(format!("naming the backup {name}"))(e)),
+            Err(e) => {
+                remove_sidecars(dir, &name);
+                return Err(if e.kind() == io::ErrorKind::AlreadyExists {
+                    BackupError::Exists(name)
+                } else {
+                    BackupError::io(format!("naming the backup {name}"))(e)
+                });
+            }
         }
         partial.0 = None;
         let _ = fs::remove_file(&partial_path);
         if let Err(e) = record_checksum(dir, &name) {
             // A backup whose checksum could not be recorded is not kept.
             let _ = fs::remove_file(&final_path);
+            remove_sidecars(dir, &name);
             return Err(e);
         }
         sync_dir(dir)?;
         let size_bytes = fs::symlink_metadata(&final_path).map(|m| m.len()).unwrap_or(0);
-        tracing::info!(file = %name, size_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
+        tracing::info!(file = %name, ?kind, size_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
         self.apply_retention(dir, protect);
         Ok(Created { backup_file: name, size_bytes, timestamp: name::rfc3339(time) })
     }
 
-    /// Keeps the newest `keep` backups (safety and scheduled ones alike).
+    /// Keeps the newest `keep` backups of each kind: a restore's or an
+    /// import's safety backups never push the user's own backups out.
     fn apply_retention(&self, dir: &Path, protect: Option<&str>) {
         if self.keep == 0 {
             return;
         }
         let Ok(backups) = list_in(dir) else { return };
-        for old in backups.iter().skip(self.keep).filter(|b| Some(b.filename.as_str()) != protect) {
-            match fs::remove_file(dir.join(&old.filename)) {
-                Ok(()) => {
-                    remove_checksum(dir, &old.filename);
-                    tracing::info!(file = %old.filename, keep = self.keep, "retention: deleted an old backup");
+        for kind in [Kind::Backup, Kind::Safety] {
+            let old = backups.iter().filter(|b| b.kind == kind).skip(self.keep).filter(|b| Some(b.filename.as_str()) != protect);
+            for old in old {
+                match fs::remove_file(dir.join(&old.filename)) {
+                    Ok(()) => {
+                        remove_sidecars(dir, &old.filename);
+                        tracing::info!(file = %old.filename, ?kind, keep = self.keep, "retention: deleted an old backup");
+                    }
+                    Err(error) => tracing::warn!(file = %old.filename, %error, "retention: could not delete an old backup"),
                 }
-                Err(error) => tracing::warn!(file = %old.filename, %error, "retention: could not delete an old backup"),
             }
         }
         let _ = sync_dir(dir);
     }
 
-    async fn run_psql(&self, input: File) -> Result<()> {
+    /// Replays a dump (`input`) and then the `migrate` script, in one transaction.
+    async fn run_psql(&self, input: File, migrate: &Path) -> Result<()> {
         let mut command = self.command("psql")?;
         command
-            .args(["--no-psqlrc", "--quiet", "--no-password", "--single-transaction", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+            .args(["--no-psqlrc", "--quiet", "--no-password", "--single-transaction", "-v", "ON_ERROR_STOP=1"])
+            .args(["-c", DROP_OMNI_TABLES, "-f", "-", "-f"])
+            .arg(migrate)
             .env("PGOPTIONS", format!("-c lock_timeout={RESTORE_LOCK_TIMEOUT} -c client_min_messages=warning"))
             .stdin(Stdio::from(input))
             .stdout(Stdio::null());
@@ -420,6 +523,75 @@ impl Backups {
         command.envs(connection_env(&self.database_url)?);
         Ok(command)
     }
+}
+
+/// The psql script run after a dump, in the restore's transaction: refuses a
+/// dump whose recorded migrations this build does not have (or has changed),
+/// then applies, in order, each of [`migrations::MIGRATIONS`] the dump lacks
+/// and records it, exactly as the worker's start would
+/// ([`migrations::apply`]). After it the schema is this build's, so the
+/// running workers and their next start find nothing to do.
+///
+/// [`migrations::MIGRATIONS`]: crate::migrations::MIGRATIONS
+/// [`migrations::apply`]: crate::migrations::apply
+pub fn migrate_forward() -> String {
+    use crate::migrations::{checksum, MIGRATIONS};
+    let known: Vec<String> = MIGRATIONS.iter().map(|m| format!("({}, '{}')", m.version, checksum(m.sql))).collect();
+    // The dump changed the session (search_path = '', …): back to the
+    // connection's defaults, which the worker's migrations run with.
+    let mut script = String::from(
+        "RESET ALL;
+CREATE TABLE IF NOT EXISTS omni_schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+",
+    );
+    script.push_str(&format!(
+        "DO $omni$
+DECLARE unknown text;
+BEGIN
+  SELECT string_agg(name, ', ' ORDER BY version) INTO unknown FROM omni_schema_migrations
+  WHERE (version, checksum) NOT IN (VALUES {});
+  IF unknown IS NOT NULL THEN
+    RAISE EXCEPTION 'this backup was made by an omni-api with migrations this one does not have (%): restore it with that version, or restore another backup', unknown;
+  END IF;
+END
+$omni$;
+",
+        known.join(", ")
+    ));
+    for m in MIGRATIONS {
+        script.push_str(&format!(
+            "SELECT NOT EXISTS (SELECT FROM omni_schema_migrations WHERE version = {version}) AS omni_pending \\gset
+\\if :omni_pending
+{sql}
+;
+INSERT INTO omni_schema_migrations (version, name, checksum) VALUES ({version}, '{name}', '{checksum}');
+\\endif
+",
+            version = m.version,
+            sql = m.sql,
+            name = m.name,
+            checksum = checksum(m.sql),
+        ));
+    }
+    script
+}
+
+/// [`migrate_forward`] in a hidden file of the backup directory (psql reads
+/// it with `-f`), removed on drop.
+fn write_migrate_forward(dir: &Path) -> Result<Partial> {
+    let path = dir.join(".omni_restore_migrate.sql");
+    let _ = fs::remove_file(&path);
+    let write = || -> io::Result<()> {
+        let mut file = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&path)?;
+        io::Write::write_all(&mut file, migrate_forward().as_bytes())
+    };
+    write().map_err(BackupError::io(format!("writing {}", path.display())))?;
+    Ok(Partial(Some(path)))
 }
 
 /// Runs a prepared command, returning its status and the tail of its stderr.
@@ -511,7 +683,8 @@ fn list_in(dir: &Path) -> Result<Vec<BackupInfo>> {
             continue;
         }
         let created = name::time_of(&file_name).or_else(|| metadata.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
-        backups.push(BackupInfo { created_at: name::rfc3339(created), size_bytes: metadata.len(), filename: file_name });
+        let kind = if fs::symlink_metadata(safety_path(dir, &file_name)).is_ok_and(|m| m.file_type().is_file()) { Kind::Safety } else { Kind::Backup };
+        backups.push(BackupInfo { created_at: name::rfc3339(created), size_bytes: metadata.len(), filename: file_name, kind });
     }
     // Fixed-width timestamps: name order is time order.
     backups.sort_by(|a, b| b.filename.cmp(&a.filename));
@@ -619,13 +792,12 @@ fn record_checksum(dir: &Path, name: &str) -> Result<()> {
 }
 
 /// Refuses a backup whose content no longer matches its recorded sha256.
-fn check_checksum(dir: &Path, name: &str, file: &File) -> Result<()> {
+/// `Ok(false)`: no sha256 was recorded, so the file could not be checked (the
+/// caller then requires a complete dump, see the module documentation).
+fn check_checksum(dir: &Path, name: &str, file: &File) -> Result<bool> {
     let recorded = match fs::read_to_string(checksum_path(dir, name)) {
         Ok(text) => text.split_whitespace().next().unwrap_or_default().to_ascii_lowercase(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            tracing::warn!(file = name, "no sha256 was recorded for this backup (made before checksums were): it cannot be checked");
-            return Ok(());
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(BackupError::io(format!("reading {name}.sha256"))(e)),
     };
     let actual = sha256_of(file).map_err(BackupError::io(format!("reading {name} for its sha256")))?;
@@ -633,11 +805,45 @@ fn check_checksum(dir: &Path, name: &str, file: &File) -> Result<()> {
         tracing::error!(file = name, recorded = %recorded, actual = %actual, "backup changed since it was made: refused");
         return Err(BackupError::Changed(name.to_owned()));
     }
-    Ok(())
+    Ok(true)
 }
 
-fn remove_checksum(dir: &Path, name: &str) {
+/// Records the sha256 of a complete backup that had none, saying so: from
+/// now on a change is detected, but nothing proves the file is as it was made.
+fn record_late_checksum(dir: &Path, name: &str) {
+    match record_checksum(dir, name).and_then(|()| sync_dir(dir)) {
+        Ok(()) => tracing::warn!(
+            file = name,
+            "this backup had no recorded sha256 (made before checksums were, or named just before a crash); \
+             it is a complete dump, so its sha256 was recorded now: later changes are detected, earlier ones cannot be"
+        ),
+        Err(error) => tracing::warn!(file = name, %error, "this backup has no recorded sha256 and it could not be recorded now"),
+    }
+}
+
+/// `<name>.safety` beside a safety backup.
+fn safety_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.safety"))
+}
+
+/// Marks `name` as a safety backup (an empty file, fsynced with the directory later).
+fn mark_safety(dir: &Path, name: &str) -> Result<()> {
+    let path = safety_path(dir, name);
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&path)
+        .map(drop)
+        .map_err(BackupError::io(format!("marking {name} as a safety backup")))
+}
+
+/// Removes what lies beside a backup: its sha256 and its kind marker.
+fn remove_sidecars(dir: &Path, name: &str) {
     let _ = fs::remove_file(checksum_path(dir, name));
+    let _ = fs::remove_file(safety_path(dir, name));
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -64,6 +64,8 @@ pub enum ImportError {
     Empty(String),
     #[error("{0} is not an SQLite database (no \"SQLite format 3\" header); nothing was written")]
     NotSqlite(String),
+    #[error("{0}-journal is beside it and not empty: the program that wrote {0} stopped in the middle of a write, and the file alone holds half-written data; nothing was written. Open it once with sqlite3 as a user that may write it (`sqlite3 {0} 'PRAGMA quick_check'`), which rolls the unfinished write back and removes the journal, then import again")]
+    HotJournal(String),
     #[error("{path} is a damaged SQLite database ({detail}); nothing was written. Repair a copy with `sqlite3 FILE .recover` and import that")]
     Corrupt { path: String, detail: String },
     #[error("cannot read {path}: {source}; make it readable by the user Omni runs as; nothing was written")]
@@ -173,7 +175,7 @@ pub async fn run(path: &Path, database_url: &str, options: Options) -> Result<Im
     }
     let safety_backup = match (&options.backups, options.dry_run) {
         (Some(backups), false) => {
-            let created = backups.create().await?;
+            let created = backups.create_safety().await?;
             tracing::info!(backup = %created.backup_file, "import: safety backup taken");
             Some(created.backup_file)
         }

@@ -2,7 +2,11 @@
 //! and its rows streamed out as binary COPY data.
 //!
 //! Opening checks, in order: a regular file (not a symlink, `O_NOFOLLOW`),
-//! not empty, the `SQLite format 3` header, then SQLite itself opens it
+//! not empty, the `SQLite format 3` header, no hot rollback journal (a
+//! non-empty `<file>-journal`: the writer died mid-commit, and since the file
+//! is opened read-only, and `immutable` skips the journal check, SQLite would
+//! read the half-written pages instead of rolling them back, so such a file is
+//! refused with what to do), then SQLite itself opens it
 //! read-only (`mode=ro`, and `immutable=1` when no write-ahead log sits beside
 //! it, so not even a lock or a `-shm` file is created) and `PRAGMA
 //! quick_check` must answer `ok`. The descriptor we checked stays open and its
@@ -132,6 +136,8 @@ impl Source {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ImportError::NotSqlite(shown)),
             Err(e) => return Err(ImportError::Unreadable { path: shown, source: e }),
         }
+
+        refuse_hot_journal(path, &shown)?;
 
         // A write-ahead log beside the file may hold committed rows: then
         // SQLite must read it (plain read-only); otherwise the file is
@@ -349,6 +355,35 @@ fn display(value: Option<ValueRef<'_>>) -> String {
         format!("{}…", text.chars().take(80).collect::<String>())
     } else {
         text
+    }
+}
+
+/// Refuses `path` when `<path>-journal` exists and is not empty: a hot
+/// rollback journal. (An empty or zeroed-header journal is what SQLite leaves
+/// after a clean commit in `PERSIST`/`TRUNCATE` journal modes; only a journal
+/// with a header means an unfinished transaction.)
+fn refuse_hot_journal(path: &Path, shown: &str) -> Result<(), ImportError> {
+    let mut journal = path.as_os_str().to_owned();
+    journal.push("-journal");
+    let mut file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&journal) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // A journal we cannot read (or a symlink in its place) cannot be judged: refuse.
+        Err(_) => return Err(ImportError::HotJournal(shown.to_owned())),
+    };
+    let mut header = [0u8; 8];
+    let mut read = 0;
+    while read < header.len() {
+        match file.read(&mut header[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(_) => return Err(ImportError::HotJournal(shown.to_owned())),
+        }
+    }
+    if read == 0 || header.iter().all(|b| *b == 0) {
+        Ok(())
+    } else {
+        Err(ImportError::HotJournal(shown.to_owned()))
     }
 }
 
