@@ -331,6 +331,8 @@ fn a_fresh_install_on_another_address_needs_the_setup_token() {
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let (_, doctor, _) = gateway::cli(dir.path(), &["doctor", "--port", &gw.port.to_string()]);
+    assert!(doctor.contains(&format!("setup token: {token}")), "doctor shows the token:\n{doctor}");
 
     let port = gw.port;
     let call = |method: &str, path: &str, headers: &[&str], body: Option<serde_json::Value>| {
