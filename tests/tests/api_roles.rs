@@ -14,6 +14,9 @@ use std::collections::BTreeSet;
 use omni_tests::{pg_bin_dir, Request, Response, TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
 use serde_json::{json, Value};
 
+#[path = "support/gateway.rs"]
+mod gateway;
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Access {
     /// Anyone, signed in or not.
@@ -199,4 +202,30 @@ fn the_credentials_check_for_gateway_logs_is_admin_only() {
     assert_eq!(check(&login(&worker, ADMIN)), 204);
     assert_eq!(worker.request("GET", "/api/v1/auth/check").api_key().send().status, 204);
     assert_eq!(worker.request("GET", "/api/v1/auth/check").send().status, 401);
+}
+
+/// Through a real gateway: its logs and metrics history are an admin's; a
+/// `user` gets the worker's 403, with its reason.
+#[test]
+fn a_user_cannot_read_the_gateway_logs_or_metrics_history() {
+    let dir = gateway::workdir();
+    let gw = gateway::GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let api = |method: &str, path: &str| Request::new(method, path).port(gw.port);
+    for (name, password, role) in [(USER.0, USER.1, "user"), (ADMIN.0, ADMIN.1, "admin")] {
+        let made = api("POST", "/api/v1/accounts").api_key().json(&json!({"username": name, "password": password, "role": role})).send();
+        assert_eq!(made.status, 201, "{}", made.text());
+    }
+    let login = |(username, password): (&str, &str)| {
+        let response = api("POST", "/api/v1/auth/login").json(&json!({"username": username, "password": password})).send();
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.header("set-cookie").unwrap().split(';').next().unwrap().to_owned()
+    };
+    let (user, admin) = (login(USER), login(ADMIN));
+    for path in ["/gateway/logs", "/gateway/metrics/history"] {
+        let refused = api("GET", path).header("cookie", &user).send();
+        assert_eq!((refused.status, refused.json()["code"].as_str()), (403, Some("admin_required")), "{path}: {}", refused.text());
+        assert_eq!(api("GET", path).header("cookie", &admin).send().status, 200, "{path} for an admin");
+        assert_eq!(api("GET", path).api_key().send().status, 200, "{path} with the key");
+        assert_eq!(api("GET", path).send().status, 401, "{path} anonymous");
+    }
 }
