@@ -6,7 +6,7 @@
 //! shape. Reading order: [`db`] and [`migrations`] → [`server`] (start
 //! and stop) → [`routes`] → one module per concern of the API ([`health`],
 //! [`preferences`], [`setup`], [`backup_routes`], [`migration_check`] and
-//! [`import_routes`], [`auth`], [`auth_check`], [`accounts`], [`sessions`], [`rate_limit`],
+//! [`import_routes`], [`auth`], [`roles`], [`auth_check`], [`accounts`], [`sessions`], [`rate_limit`],
 //! [`static_files`], [`openapi`]) → [`errors`], the shape of every failure.
 
 pub mod accounts;
@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod pitr_routes;
 pub mod preferences;
 pub mod rate_limit;
+pub mod roles;
 pub mod routes;
 pub mod server;
 pub mod sessions;

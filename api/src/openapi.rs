@@ -31,6 +31,13 @@ impl Modify for ApiKeyScheme {
             .get_or_insert_with(Default::default)
             .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(crate::auth::HEADER))));
         openapi.components.get_or_insert_with(Default::default).add_security_scheme(
+            "setup_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                crate::roles::SETUP_TOKEN_HEADER,
+                "The one-time setup token the gateway logs at start (`setup token: …`) and `omni-gateway doctor` shows. Accepted by the setup routes only while the install is not set up.",
+            ))),
+        );
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
             "session_cookie",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
                 crate::sessions::COOKIE,
@@ -81,6 +88,41 @@ pub fn document_sessions(document: &mut serde_json::Value) {
             "headers": { "retry-after": { "description": "Seconds to wait", "schema": { "type": "integer" } } },
             "content": error_body,
         });
+    }
+}
+
+/// States who may call what (routes.rs, roles.rs): admin-only operations
+/// answer 403 to a signed-in `user`; the setup operations also accept the
+/// setup token while the install is not set up, and answer 403 without it;
+/// setup and sign-in answer 403 to a request for a foreign host name.
+pub fn document_roles(document: &mut serde_json::Value, guarded: &crate::routes::Guarded) {
+    let error_body = serde_json::json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } });
+    let mut add_403 = |path: &str, method: &str, reason: &str| {
+        let responses = &mut document["paths"][path][method]["responses"];
+        let before = responses.get("403").and_then(|r| r["description"].as_str()).map(str::to_owned);
+        let description = match before {
+            Some(before) if !before.contains(reason) => format!("{before}; or: {reason}"),
+            Some(before) => before,
+            None => reason.to_owned(),
+        };
+        responses["403"] = serde_json::json!({ "description": description, "content": error_body });
+    };
+    for (path, method) in &guarded.admin {
+        add_403(path, method, "Only an admin may do this (code admin_required): the API key, or an account with the admin role");
+    }
+    for (path, method) in &guarded.setup {
+        add_403(path, method, "While the install is not set up: the setup token is missing (setup_token_required) or wrong (invalid_setup_token); once set up: only an admin may do this (admin_required)");
+    }
+    for (path, method) in &guarded.host_checked {
+        add_403(path, method, "The request names a host (Host, X-Forwarded-Host or Origin) that is not an IP address, localhost or the host of OMNI_PUBLIC_URL (host_not_allowed)");
+    }
+    for (path, method) in &guarded.setup {
+        let operation = &mut document["paths"][path][method];
+        operation["security"] = serde_json::json!([{ "api_key": [] }, { "session_cookie": [] }, { "setup_token": [] }]);
+        operation["x-omni-access"] = "setup".into();
+    }
+    for (path, method) in &guarded.admin {
+        document["paths"][path][method]["x-omni-access"] = "admin".into();
     }
 }
 

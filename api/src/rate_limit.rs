@@ -195,6 +195,9 @@ pub fn client_address(headers: &HeaderMap, peer: Option<SocketAddr>) -> String {
 fn group(ip: IpAddr) -> String {
     match ip.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
+        // ::1 stays itself: it is one host, and the setup gate asks whether a
+        // request came from loopback (roles.rs).
+        IpAddr::V6(v6) if v6.is_loopback() => v6.to_string(),
         IpAddr::V6(v6) => {
             let s = v6.segments();
             format!("{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))

@@ -1,13 +1,22 @@
 //! The router: which path goes to which handler, behind which checks.
 //!
-//! Public routes (health, preferences, setup status, the API key before setup
-//! completes, the first admin account, sign-in and sign-out, the OpenAPI
-//! document) and protected routes (API key or session cookie required, see
-//! [`auth::require_auth`])
-//! are separate sub-routers, so protection is decided here, in one place,
-//! not in each handler. Backups (issue 5) join the protected router. Around
-//! everything: a body limit and the JSON error shape for whatever axum
-//! rejects on its own.
+//! Who may call what is decided here, in one place, not in each handler:
+//! each route belongs to one sub-router, and each sub-router has its layers
+//! (roles.rs):
+//!
+//! - `public`: health, preferences, setup status, sign-out, the OpenAPI document;
+//! - `sign_in`: sign-in, behind the Host check;
+//! - `setup`: the setup routes that create credentials or change where
+//!   data goes, behind the Host check and [`roles::setup_gate`] (setup
+//!   token, loopback or admin while not set up; admin afterwards);
+//! - `signed_in`: any principal (API key, or a session of any role): its
+//!   own account, the migration status;
+//! - `admin`: everything that reads or replaces all data (backups, PITR,
+//!   import, accounts, the gateway's credentials check for its logs and
+//!   metrics history), behind [`auth::require_auth`] and [`roles::require_admin`].
+//!
+//! Around everything: a body limit and the JSON error shape for whatever
+//! axum rejects on its own.
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,7 +33,7 @@ use crate::{
     db::Db,
     pitr_routes,
     errors,
-    health, import_routes, lingering, migration_check, openapi, preferences, rate_limit, sessions, setup, static_files,
+    health, import_routes, lingering, migration_check, openapi, preferences, rate_limit, roles, sessions, setup, static_files,
 };
 
 /// Largest request body accepted; preference values are at most 64 KiB.
@@ -43,41 +52,82 @@ pub struct AppState {
     pub openapi: Arc<OnceLock<serde_json::Value>>,
     /// Failed sign-ins and API-key checks (issue 15).
     pub limiter: Arc<rate_limit::Limiter>,
+    /// The one-time setup token: `OMNI_SETUP_TOKEN`, or made at start.
+    pub setup_token: Arc<String>,
 }
 
-/// The routes with their OpenAPI description. Protection is a route layer on
-/// the protected sub-router, which needs the state to check the key.
-fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
+/// Which operations (path, method) each guarded sub-router holds, for the
+/// OpenAPI document.
+#[derive(Default)]
+pub struct Guarded {
+    pub admin: Vec<(String, String)>,
+    pub setup: Vec<(String, String)>,
+    pub host_checked: Vec<(String, String)>,
+}
+
+fn operations(router: &OpenApiRouter<AppState>) -> Vec<(String, String)> {
+    let document = serde_json::to_value(router.get_openapi()).expect("the OpenAPI document serializes");
+    let mut found = Vec::new();
+    for (path, item) in document["paths"].as_object().into_iter().flatten() {
+        for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+            found.push((path.clone(), method.clone()));
+        }
+    }
+    found
+}
+
+/// The routes with their OpenAPI description, and which are guarded how.
+fn api_routes(state: &AppState) -> (OpenApiRouter<AppState>, Guarded) {
     let public = OpenApiRouter::new()
         .routes(routes!(health::health))
         .routes(routes!(openapi::document))
         .routes(routes!(preferences::list, preferences::upsert))
         .routes(routes!(preferences::get, preferences::delete))
         .routes(routes!(setup::status))
+        .routes(routes!(sessions::logout));
+    let sign_in = OpenApiRouter::new()
+        .routes(routes!(sessions::login))
+        .route_layer(middleware::from_fn_with_state(state.clone(), roles::host_check));
+    let setup = OpenApiRouter::new()
         .routes(routes!(setup::api_key))
         .routes(routes!(setup::admin))
-        .routes(routes!(sessions::login))
-        .routes(routes!(sessions::logout));
-    let protected = OpenApiRouter::new()
         .routes(routes!(setup::initialize))
         .routes(routes!(setup::complete))
+        .route_layer(middleware::from_fn_with_state(state.clone(), roles::setup_gate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), roles::host_check));
+    let signed_in = OpenApiRouter::new()
         .routes(routes!(migration_check::status))
+        .routes(routes!(sessions::me))
+        .routes(routes!(sessions::logout_all))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
+    let admin = OpenApiRouter::new()
         .routes(routes!(import_routes::import))
         .routes(routes!(backup_routes::create))
         .routes(routes!(backup_routes::list))
         .routes(routes!(backup_routes::download))
         .routes(routes!(backup_routes::restore))
         .routes(routes!(backup_routes::delete))
-        .routes(routes!(sessions::me))
-        .routes(routes!(sessions::logout_all))
         .routes(routes!(accounts::list, accounts::create))
         .routes(routes!(accounts::update, accounts::delete))
         .routes(routes!(auth_check::check))
         .routes(routes!(pitr_routes::window))
         .routes(routes!(pitr_routes::base))
         .routes(routes!(pitr_routes::restore_to))
+        .route_layer(middleware::from_fn(roles::require_admin))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(public).merge(protected)
+    let guarded = Guarded {
+        admin: operations(&admin),
+        setup: operations(&setup),
+        host_checked: operations(&setup).into_iter().chain(operations(&sign_in)).collect(),
+    };
+    let router = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(public).merge(sign_in).merge(setup).merge(signed_in).merge(admin);
+    (router, guarded)
+}
+
+/// A setup token for a worker started without `OMNI_SETUP_TOKEN`.
+pub fn make_setup_token() -> String {
+    use rand::{distributions::Alphanumeric, Rng};
+    rand::rngs::OsRng.sample_iter(&Alphanumeric).take(43).map(char::from).collect()
 }
 
 impl AppState {
@@ -93,16 +143,19 @@ pub fn app(db: Db, config: WorkerSettings) -> (Router, Arc<OnceLock<ApiKey>>) {
     let state = AppState {
         db,
         api_key: api_key.clone(),
-        settings: Arc::new(config),
+        settings: Arc::new(config.clone()),
         openapi: Arc::new(OnceLock::new()),
         limiter: Arc::new(rate_limit::Limiter::default()),
+        setup_token: Arc::new(config.setup_token.clone().unwrap_or_else(make_setup_token)),
     };
-    let (router, document) = api_routes(&state).split_for_parts();
+    let (routes, guarded) = api_routes(&state);
+    let (router, document) = routes.split_for_parts();
     let mut document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
     setup::rules::document(&mut document["components"]["schemas"]["StorageSettings"]);
     openapi::document_body_rejections(&mut document);
     import_routes::document(&mut document);
     openapi::document_sessions(&mut document);
+    openapi::document_roles(&mut document, &guarded);
     state.openapi.set(document).expect("the router is built once per state");
     let router = router
         .fallback(static_files::fallback)

@@ -39,7 +39,10 @@ use crate::{
 /// How long start-up waits for the database before giving up.
 const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
 
-pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
+pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
+    if config.setup_token.is_none() {
+        config.setup_token = Some(routes::make_setup_token());
+    }
     // Taken first, so no child started later (pg_dump) inherits them.
     let ready = config.ready_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_READY_FD", "readiness will not be announced (GET /api/v1/health still tells)"));
     let start = config.start_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_START_FD", "connecting to the database at once"));
@@ -72,8 +75,10 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
         tracing::info!(?applied, "applied migrations");
     }
     let api_key = auth::resolve(&client, config.api_key.as_deref()).await?;
-    drop(client);
+    let configured = api_key.is_configured();
     let _ = api_key_slot.set(api_key);
+    announce_setup_token(&client, &config, configured).await?;
+    drop(client);
 
     let leadership = db.lead(&config.database_url);
     start_backups(&config, leadership);
@@ -89,6 +94,33 @@ pub async fn run(config: WorkerSettings) -> anyhow::Result<()> {
     // The peer address is the client's when no gateway stands in between (rate_limit::client_address).
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// While the install is not set up, logs the one-time setup token and the
+/// link that carries it (`…/setup#token=…`): only someone who reads this log
+/// (or the token file, or `omni-gateway doctor`) can finish setup from
+/// another machine.
+async fn announce_setup_token(client: &crate::db::Client, config: &WorkerSettings, configured: bool) -> anyhow::Result<()> {
+    if configured {
+        return Ok(());
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Completed {
+        #[serde(default)]
+        completed: bool,
+    }
+    let setup: Completed = crate::settings::get(client, crate::settings::SETUP).await.map_err(|e| anyhow::anyhow!("{}", e.detail))?.unwrap_or_default();
+    if setup.completed {
+        return Ok(());
+    }
+    let token = config.setup_token.as_deref().unwrap_or_default();
+    let base = config.public_url.clone().or_else(|| config.gateway_url.clone()).unwrap_or_else(|| match &config.listen {
+        Listen::Bind(address) => format!("http://{address}"),
+        Listen::InheritedFd(_) => "http://127.0.0.1:8882".to_owned(),
+    });
+    tracing::info!("setup token: {token}");
+    tracing::info!("this install is not set up yet: open {base}/setup#token={token} to set it up (from another machine, use this machine's address)");
     Ok(())
 }
 

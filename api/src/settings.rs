@@ -1,7 +1,7 @@
 //! Worker-wide settings kept in the `omni_settings` table (key → JSON).
 //!
 //! The database is the one place every worker of a deployment can agree on,
-//! so the generated API key and the setup state live here rather than in a
+//! so the generated API key's digest and the setup state live here rather than in a
 //! file next to one worker.
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -9,8 +9,11 @@ use deadpool_postgres::GenericClient;
 
 use crate::errors::ApiError;
 
-/// The generated API key.
+/// The generated API key, as `{"sha256": "<hex digest>"}` (never the key).
 pub const API_KEY: &str = "api_key";
+/// An Argon2id hash of the digest of the key that the stored key sessions
+/// were opened with (auth.rs: they end when the key changes).
+pub const API_KEY_SESSIONS: &str = "api_key_sessions";
 /// Setup state and the storage settings given to `POST /setup/initialize`.
 pub const SETUP: &str = "setup";
 

@@ -166,7 +166,8 @@ struct SetupState {
 
 #[derive(Serialize, ToSchema)]
 pub struct SetupStatus {
-    /// True until `POST /setup/complete` has been called.
+    /// True until setup completes (`POST /setup/admin` or `POST /setup/complete`);
+    /// always false when the operator configured `OMNI_API_KEY`.
     requires_setup: bool,
     /// True once storage settings were saved by `POST /setup/initialize`.
     storage_configured: bool,
@@ -260,6 +261,16 @@ async fn lock_setup(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), ApiEr
     Ok(())
 }
 
+/// Whether the install is still open for setup: no `OMNI_API_KEY` was
+/// configured (that counts as set up) and setup has not completed.
+pub async fn is_open(state: &AppState) -> Result<bool, ApiError> {
+    if state.api_key().is_configured() {
+        return Ok(false);
+    }
+    let client = state.db.client().await?;
+    Ok(!load(&client).await?.completed)
+}
+
 /// Whether onboarding still has to be done.
 #[utoipa::path(get, path = "/api/v1/setup/status", tag = "setup", responses(
     (status = 200, description = "Setup state", body = SetupStatus),
@@ -270,14 +281,16 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<SetupStatus>, 
     let setup = load(&client).await?;
     let admin_created: bool = client.query_one("SELECT EXISTS (SELECT 1 FROM omni_accounts)", &[]).await?.get(0);
     Ok(Json(SetupStatus {
-        requires_setup: !setup.completed,
+        requires_setup: !setup.completed && !state.api_key().is_configured(),
         storage_configured: setup.storage.is_some(),
         storage: setup.storage.as_ref().map(StorageSettings::masked),
         admin_created,
     }))
 }
 
-/// Validate and save the storage settings; they apply at the gateway's next start.
+/// Validate and save the storage settings; they apply at the gateway's next
+/// start. Before setup completes: with the setup token, from loopback, or as
+/// an admin; afterwards: admins only.
 #[utoipa::path(post, path = "/api/v1/setup/initialize", tag = "setup", request_body = StorageSettings,
     security(("api_key" = [])),
     responses(
@@ -339,7 +352,8 @@ fn write_atomically(path: &Path, storage: &StorageSettings) -> std::io::Result<(
     result
 }
 
-/// Mark onboarding as done; the API key is no longer shown afterwards.
+/// Mark onboarding as done without creating an account (creating the first
+/// admin completes it too); the API key is no longer shown afterwards.
 #[utoipa::path(post, path = "/api/v1/setup/complete", tag = "setup", security(("api_key" = [])), responses(
     (status = 200, description = "Setup is complete", body = CompleteResult),
     (status = 401, description = "Missing or wrong API key", body = ErrorBody),
@@ -360,13 +374,23 @@ pub async fn complete(State(state): State<AppState>) -> Result<Json<CompleteResu
     }))
 }
 
-/// The API key, readable without a key until setup is complete.
-#[utoipa::path(get, path = "/api/v1/setup/api-key", tag = "setup", responses(
+/// The generated API key, shown by the worker that generated it until setup
+/// completes, to the operator (setup token or loopback). A configured
+/// `OMNI_API_KEY` is never shown.
+#[utoipa::path(get, path = "/api/v1/setup/api-key", tag = "setup", security(("api_key" = [])), responses(
     (status = 200, description = "The API key", body = ApiKeyResponse),
-    (status = 403, description = "Setup is complete; the key is no longer shown", body = ErrorBody),
+    (status = 403, description = "Setup is complete, the key is the operator's OMNI_API_KEY, or the setup token is missing or wrong", body = ErrorBody),
+    (status = 404, description = "This worker did not generate the key in this run, so it cannot show it (only its digest is stored)", body = ErrorBody),
     (status = 503, description = "Database unavailable", body = ErrorBody),
 ))]
 pub async fn api_key(State(state): State<AppState>) -> Result<Json<ApiKeyResponse>, ApiError> {
+    if state.api_key().is_configured() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "api_key_configured",
+            "the API key is the one the operator configured in OMNI_API_KEY; it is never shown by the API",
+        ));
+    }
     let client = state.db.client().await?;
     if load(&client).await?.completed {
         return Err(ApiError::new(
@@ -375,7 +399,13 @@ pub async fn api_key(State(state): State<AppState>) -> Result<Json<ApiKeyRespons
             "setup is complete, so the API key is no longer shown; find it in the log of the first start or set OMNI_API_KEY",
         ));
     }
-    Ok(Json(ApiKeyResponse { api_key: state.api_key().expose().to_owned() }))
+    match state.api_key().shown() {
+        Some(key) => Ok(Json(ApiKeyResponse { api_key: key.to_owned() })),
+        None => Err(ApiError::not_found(
+            "api_key_not_shown",
+            "only the digest of the API key is stored, so only the start that generated it can show it: find it in the log of the first start (\"generated an API key\"), or set OMNI_API_KEY",
+        )),
+    }
 }
 
 /// The first admin account, as onboarding creates it.
@@ -390,8 +420,10 @@ pub struct AdminAccount {
 }
 
 /// Create the first admin account and sign this browser in with it; allowed
-/// only while no account exists and setup is not complete.
-#[utoipa::path(post, path = "/api/v1/setup/admin", tag = "setup", request_body = AdminAccount, responses(
+/// only while no account exists and setup is not complete, to the operator
+/// (setup token or loopback). Completes setup in the same transaction, which
+/// ends the setup token's use.
+#[utoipa::path(post, path = "/api/v1/setup/admin", tag = "setup", request_body = AdminAccount, security(("api_key" = [])), responses(
     (status = 201, description = "The admin account exists; the session cookie is set", body = crate::sessions::Me,
         headers(("set-cookie" = String, description = "omni_session=…; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000 [; Secure]"))),
     (status = 400, description = "Bad username, password or body", body = ErrorBody),
@@ -411,7 +443,7 @@ pub async fn admin(
     let mut client = state.db.client().await?;
     let tx = client.transaction().await?;
     lock_setup(&tx).await?;
-    if load(&tx).await?.completed {
+    if load(&tx).await?.completed || state.api_key().is_configured() {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "setup_complete", "setup is complete; an admin creates accounts on the Accounts page"));
     }
     let exists: bool = tx.query_one("SELECT EXISTS (SELECT 1 FROM omni_accounts)", &[]).await?.get(0);
@@ -419,11 +451,15 @@ pub async fn admin(
         return Err(ApiError::new(StatusCode::CONFLICT, "accounts_exist", "the admin account was created already; sign in with it"));
     }
     accounts::insert(&tx, &account).await?;
+    let mut setup: SetupState = load(&tx).await?;
+    setup.completed = true;
+    settings::put(&tx, settings::SETUP, &setup).await?;
     let id: i64 = tx.query_one("SELECT id FROM omni_accounts WHERE username = $1", &[&account.username]).await?.get(0);
     if let Some(session) = crate::preferences::session_header(&headers) {
         crate::preferences::carry_theme_over(&tx, session, id).await?;
     }
     tx.commit().await?;
+    tracing::info!(username = %account.username, "setup complete: the first admin account exists; the setup token no longer opens anything");
     let set_cookie = crate::sessions::open(&state, &headers, Some(id)).await?;
     let mut response =
         (StatusCode::CREATED, Json(serde_json::json!({ "username": account.username, "role": "admin" }))).into_response();

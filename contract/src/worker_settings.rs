@@ -33,6 +33,8 @@ pub mod vars {
     pub const DATA_ROOT: &str = "OMNI_DATA_ROOT";
     pub const GATEWAY_URL: &str = "OMNI_GATEWAY_URL";
     pub const GATEWAY_TOKEN: &str = "OMNI_GATEWAY_TOKEN";
+    pub const SETUP_TOKEN: &str = "OMNI_SETUP_TOKEN";
+    pub const PUBLIC_URL: &str = "OMNI_PUBLIC_URL";
     pub const POOL_SIZE: &str = "OMNI_API_DB_POOL_SIZE";
     pub const LOG_LEVEL: &str = "LOG_LEVEL";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
@@ -40,9 +42,9 @@ pub mod vars {
     /// Every variable the worker reads. The gateway removes these from what
     /// it passes on, then writes its own values, so a stray one in the
     /// gateway's environment never reaches the worker unchecked.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         DATABASE_URL, LISTEN, LISTEN_FD, READY_FD, START_FD, API_KEY, UI_DIR, BACKUP_DIR, PG_BIN_DIR, BACKUP_KEEP, BACKUP_INTERVAL,
-        SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT, GATEWAY_TOKEN,
+        SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT, GATEWAY_TOKEN, SETUP_TOKEN, PUBLIC_URL,
     ];
 }
 
@@ -110,6 +112,17 @@ pub struct WorkerSettings {
     /// cluster, asked for through the worker's API). Made anew at every
     /// gateway start and handed over in the environment only; never logged.
     pub gateway_token: Option<String>,
+    /// The one-time setup token (`OMNI_SETUP_TOKEN`): while the install is
+    /// not set up, the setup routes that create credentials or change
+    /// storage need it (or a request from loopback). The gateway makes one
+    /// at every start and writes it beside the data directory; a worker
+    /// started without it makes its own. Logged by the worker while setup
+    /// is open.
+    pub setup_token: Option<String>,
+    /// The address users type (`OMNI_PUBLIC_URL`, e.g.
+    /// `https://omni.example.com`): its host is accepted by the Host check of
+    /// setup and sign-in, besides IP addresses and `localhost`.
+    pub public_url: Option<String>,
     /// Most connections the pool opens (`OMNI_API_DB_POOL_SIZE`).
     pub pool_size: usize,
     /// `LOG_LEVEL`: a level or a tracing filter.
@@ -183,6 +196,21 @@ pub mod check {
         Ok(())
     }
 
+    pub fn setup_token(token: &str) -> Result<(), String> {
+        if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err("must be at least 32 letters and digits (the gateway makes one at every start)".into());
+        }
+        Ok(())
+    }
+
+    pub fn public_url(url: &str) -> Result<String, String> {
+        let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).and_then(|rest| rest.split(['/', '?', '#']).next());
+        match host {
+            Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => Ok(url.trim_end_matches('/').to_owned()),
+            _ => Err(format!("{url:?} is not an http:// or https:// URL such as https://omni.example.com")),
+        }
+    }
+
     pub fn fd(text: &str) -> Result<RawFd, String> {
         text.trim().parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or_else(|| format!("{text:?} is not a file descriptor number"))
     }
@@ -206,6 +234,8 @@ impl WorkerSettings {
             data_root: base.to_path_buf(),
             gateway_url: None,
             gateway_token: None,
+            setup_token: None,
+            public_url: None,
             pool_size: DEFAULT_POOL_SIZE,
             log_level: "info".into(),
             log_format: LogFormat::Pretty,
@@ -257,6 +287,8 @@ impl WorkerSettings {
         s.backup_interval = get(vars::BACKUP_INTERVAL).map(|t| check::backup_interval(&t).map_err(|m| invalid(vars::BACKUP_INTERVAL, m))).transpose()?;
         s.gateway_url = get(vars::GATEWAY_URL).map(|u| check::gateway_url(&u).map_err(|m| invalid(vars::GATEWAY_URL, m))).transpose()?;
         s.gateway_token = checked(vars::GATEWAY_TOKEN, &check::gateway_token)?;
+        s.setup_token = checked(vars::SETUP_TOKEN, &check::setup_token)?;
+        s.public_url = get(vars::PUBLIC_URL).map(|u| check::public_url(&u).map_err(|m| invalid(vars::PUBLIC_URL, m))).transpose()?;
         if let Some(dir) = path(vars::UI_DIR) {
             s.ui_dir = dir;
         }
@@ -308,6 +340,12 @@ impl WorkerSettings {
         if let Some(token) = &self.gateway_token {
             env.push((vars::GATEWAY_TOKEN, token.clone()));
         }
+        if let Some(token) = &self.setup_token {
+            env.push((vars::SETUP_TOKEN, token.clone()));
+        }
+        if let Some(url) = &self.public_url {
+            env.push((vars::PUBLIC_URL, url.clone()));
+        }
         env.push((vars::POOL_SIZE, self.pool_size.to_string()));
         env.push((vars::LOG_LEVEL, self.log_level.clone()));
         env.push((vars::LOG_FORMAT, self.log_format.as_str().to_owned()));
@@ -356,6 +394,8 @@ mod tests {
             ("OMNI_BACKUP_INTERVAL", "often"),
             ("OMNI_GATEWAY_URL", "https://x"),
             ("OMNI_GATEWAY_TOKEN", "short"),
+            ("OMNI_SETUP_TOKEN", "short"),
+            ("OMNI_PUBLIC_URL", "omni.example.com"),
         ] {
             let mut vars = vec![(variable, value)];
             if variable != "DATABASE_URL" {
@@ -389,6 +429,8 @@ mod tests {
         s.settings_file = Some("/srv/omni/data/omni-settings.json".into());
         s.gateway_url = Some("http://127.0.0.1:8882".into());
         s.gateway_token = Some("0123456789abcdef0123456789abcdef".into());
+        s.setup_token = Some("abcdef0123456789abcdef0123456789".into());
+        s.public_url = Some("https://omni.example.com".into());
         s.pool_size = 3;
         s.log_level = "debug,hyper=info".into();
         s.log_format = LogFormat::Json;

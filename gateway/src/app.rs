@@ -189,6 +189,54 @@ pub async fn run(config: Config) -> Result<i32> {
     Ok(if outcome.is_ok() { 0 } else { 1 })
 }
 
+/// Where the one-time setup token is kept: beside the data directory
+/// (`<data_dir>.setup-token`), or beside the settings file with an
+/// external database. Mode 0600; `omni-gateway doctor` reads it.
+pub fn setup_token_file(config: &Config) -> PathBuf {
+    match &config.database {
+        Database::Embedded(e) => {
+            let mut name = e.data_dir.value.file_name().unwrap_or_default().to_os_string();
+            name.push(".setup-token");
+            e.data_dir.value.with_file_name(name)
+        }
+        Database::External { .. } => config.settings_file.with_file_name("setup-token"),
+    }
+}
+
+/// Makes this start's setup token and writes it to [`setup_token_file`]
+/// (the worker logs it while the install is not set up, and accepts it
+/// until setup completes). None with `OMNI_API_KEY`: such an install counts
+/// as set up, and a token file from before is removed. The file is written
+/// as a new temporary file (`O_EXCL | O_NOFOLLOW`, 0600) renamed over the
+/// old one, so a link planted at its name is replaced, never followed.
+fn prepare_setup_token(config: &Config) -> Option<String> {
+    use rand::{distributions::Alphanumeric, Rng};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = setup_token_file(config);
+    if config.api_key.is_some() {
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    let token: String = rand::rngs::OsRng.sample_iter(&Alphanumeric).take(43).map(char::from).collect();
+    let temp = path.with_file_name(format!(".{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let written = (|| {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&temp)?;
+        file.write_all(format!("{token}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, &path)
+    })();
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temp);
+        tracing::warn!("could not write the setup token to {}: {error}; it is still in this log while setup is open", path.display());
+    }
+    Some(token)
+}
+
 /// Starts the children in order and serves until a stop signal.
 async fn supervise(
     config: &Config,
@@ -201,6 +249,8 @@ async fn supervise(
 ) -> Result<()> {
     let board = running.board.clone();
     let gateway_token = running.internal.token.clone();
+    let setup_token = prepare_setup_token(config);
+    let public_url = std::env::var(omni_contract::worker_settings::vars::PUBLIC_URL).ok().filter(|u| !u.is_empty());
     // The worker's policy, for the database at `url`. Its failures while
     // PostgreSQL was down are not its own: it is retried as soon as
     // PostgreSQL is back.
@@ -208,6 +258,8 @@ async fn supervise(
         let mut settings = config.worker_settings(url);
         settings.pg_bin_dir = pg_bin_dir;
         settings.gateway_token = Some(gateway_token.clone());
+        settings.setup_token = setup_token.clone();
+        settings.public_url = public_url.clone();
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
     // A point-in-time restore holds PostgreSQL's and the streamer's starts (wal/online.rs).

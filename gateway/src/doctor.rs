@@ -183,6 +183,15 @@ pub async fn run(config: &Config) -> Report {
 
     disk_check(&mut report, "free disk (backups)", &config.backup_dir);
     check_sqlite(&mut report, config);
+    let token_file = crate::app::setup_token_file(config);
+    match std::fs::read_to_string(&token_file) {
+        Ok(token) if config.api_key.is_none() => report.add(
+            "setup token",
+            Status::Ok,
+            format!("setup token: {} (from {}; opens setup until it completes: …/setup#token=…)", token.trim(), token_file.display()),
+        ),
+        _ => {}
+    }
     report
 }
 

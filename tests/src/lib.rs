@@ -763,3 +763,75 @@ pub fn damage_in_archive(archive: &std::path::Path, pick: impl Fn(&str, &[u8]) -
     std::fs::rename(&rewritten, archive).unwrap();
     damaged.expect("the archive holds the file to damage")
 }
+
+// ---------------------------------------------------------------- a non-loopback client
+
+/// A network namespace joined to this one by a veth pair: this side holds
+/// `10.213.<n>.1/30`, the namespace `10.213.<n>.2/30`. A program run in it
+/// ([`NetNs::curl`]) reaches this machine from a non-loopback address, as a
+/// client on another machine would; traffic goes nowhere else. Needs root
+/// and `ip`. Removed (namespace and pair) on drop, even when a test fails.
+pub struct NetNs {
+    pub name: String,
+    host_if: String,
+    /// This machine's address on the pair (where a server listens for the namespace).
+    pub host_addr: std::net::Ipv4Addr,
+    /// The namespace's address: what the server sees as the client.
+    pub ns_addr: std::net::Ipv4Addr,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        // One /30 per namespace; the pid spreads parallel test processes apart.
+        let n = ((pid.wrapping_mul(7) + seq) % 250 + 1) as u8;
+        let name = format!("omni-t{pid}-{seq}");
+        let host_if = format!("om{}h{seq}", pid % 100_000);
+        let ns_if = format!("om{}n{seq}", pid % 100_000);
+        let ns = NetNs { name: name.clone(), host_if: host_if.clone(), host_addr: [10, 213, n, 1].into(), ns_addr: [10, 213, n, 2].into() };
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("running ip (iproute2)");
+            assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        };
+        run(&["netns", "add", &name]);
+        run(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        run(&["link", "set", &ns_if, "netns", &name]);
+        run(&["addr", "add", &format!("{}/30", ns.host_addr), "dev", &host_if]);
+        run(&["link", "set", &host_if, "up"]);
+        run(&["netns", "exec", &name, "ip", "addr", "add", &format!("{}/30", ns.ns_addr), "dev", &ns_if]);
+        run(&["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"]);
+        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs curl inside the namespace against `http://<host_addr>:<port><path>`
+    /// with the extra `args` (e.g. `-X POST`, `-H …`, `--data …`); returns
+    /// the status and the body.
+    pub fn curl(&self, port: u16, path: &str, args: &[&str]) -> (u16, String) {
+        let url = format!("http://{}:{port}{path}", self.host_addr);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "curl", "-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("running curl in the namespace");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (status.trim().parse().unwrap_or_else(|_| panic!("curl {url}: {text} {}", String::from_utf8_lossy(&out.stderr))), body.to_owned())
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        NetNs::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}

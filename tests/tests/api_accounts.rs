@@ -38,17 +38,20 @@ fn ui(worker: &Worker, method: &str, path: &str, cookie: &str) -> Request {
     worker.request(method, path).header("cookie", cookie).header("x-omni-client", "ui")
 }
 
+/// The admin account, made with the API key (an install with `OMNI_API_KEY`
+/// counts as set up, so it has no setup routes), signed in.
 fn create_admin(worker: &Worker) -> String {
-    let created = worker.request("POST", "/api/v1/setup/admin").json(&json!({"username": ADMIN.0, "password": ADMIN.1})).send();
+    let created = worker.request("POST", "/api/v1/accounts").api_key().json(&json!({"username": ADMIN.0, "password": ADMIN.1, "role": "admin"})).send();
     assert_eq!(created.status, 201, "{}", created.text());
-    assert_eq!(created.json(), json!({"username": "admin", "role": "admin"}));
-    cookie_of(&created)
+    login(worker, ADMIN.0, ADMIN.1)
 }
 
 #[test]
 fn the_first_admin_signs_in_with_a_strict_http_only_cookie_and_cookie_changes_need_the_client_header() {
     let pg = TempPostgres::start_new();
-    let worker = Worker::start(&pg);
+    // A fresh install (no OMNI_API_KEY), set up from this machine (loopback).
+    let worker = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").start();
+    let generated = worker.request("GET", "/api/v1/setup/api-key").send().json()["api_key"].as_str().unwrap().to_owned();
 
     let status = worker.request("GET", "/api/v1/setup/status").send().json();
     assert_eq!(status["admin_created"], false);
@@ -65,8 +68,12 @@ fn the_first_admin_signs_in_with_a_strict_http_only_cookie_and_cookie_changes_ne
     }
     assert!(!set_cookie.contains("Secure"), "no Secure over plain HTTP: {set_cookie}");
     let cookie = cookie_of(&created);
+    // Creating the first admin completed setup: the route is an admin's now, and closed.
+    assert_eq!(worker.request("GET", "/api/v1/setup/status").send().json()["requires_setup"], false);
     let again = worker.request("POST", "/api/v1/setup/admin").json(&json!({"username": "other", "password": "long enough"})).send();
-    assert_eq!((again.status, again.json()["code"].as_str()), (409, Some("accounts_exist")));
+    assert_eq!((again.status, again.json()["code"].as_str()), (401, Some("not_signed_in")));
+    let again = ui(&worker, "POST", "/api/v1/setup/admin", &cookie).json(&json!({"username": "other", "password": "long enough"})).send();
+    assert_eq!((again.status, again.json()["code"].as_str()), (403, Some("setup_complete")));
 
     // A name no account can have (PostgreSQL text holds no NUL) is an unknown account, not a 500.
     let nul = worker.request("POST", "/api/v1/auth/login").json(&json!({"username": "t\u{0}`", "password": "long enough"})).send();
@@ -75,7 +82,7 @@ fn the_first_admin_signs_in_with_a_strict_http_only_cookie_and_cookie_changes_ne
     let me = worker.request("GET", "/api/v1/auth/me").header("cookie", &cookie).send();
     assert_eq!((me.status, me.json()), (200, json!({"username": "admin", "role": "admin"})));
     assert_eq!(worker.request("GET", "/api/v1/auth/me").send().status, 401);
-    let key_me = worker.request("GET", "/api/v1/auth/me").api_key().send();
+    let key_me = worker.request("GET", "/api/v1/auth/me").header("x-api-key", &generated).send();
     assert_eq!(key_me.json(), json!({"username": null, "role": "admin"}));
 
     // A state change with the cookie alone (as a cross-site form would send it): 403, nothing created.
@@ -104,7 +111,7 @@ fn the_first_admin_signs_in_with_a_strict_http_only_cookie_and_cookie_changes_ne
     assert!(secure.header("set-cookie").unwrap().ends_with("; Secure"));
 
     // A script may open a session with the API key; a wrong one is refused.
-    let by_key = worker.request("POST", "/api/v1/auth/login").json(&json!({"api_key": TEST_API_KEY})).send();
+    let by_key = worker.request("POST", "/api/v1/auth/login").json(&json!({"api_key": generated})).send();
     assert_eq!((by_key.status, by_key.json()), (200, json!({"username": null, "role": "admin"})));
     let key_cookie = cookie_of(&by_key);
     assert_eq!(worker.request("GET", "/api/v1/migration/status").header("cookie", &key_cookie).send().status, 200);
@@ -299,4 +306,30 @@ fn an_old_installation_keeps_its_session_preferences_and_loses_stored_api_keys()
     // The old client's writes still work the old way.
     let stored = worker.request("POST", "/api/v1/preferences").session(&session.to_string()).json(&json!({"key": "theme", "value": "light"})).send();
     assert_eq!(stored.status, 200);
+}
+
+/// A session opened with the API key lasts as long as that key: a start
+/// with another key ends it; a start with the same key keeps it.
+#[test]
+fn a_session_opened_with_the_api_key_ends_when_the_key_changes() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let opened = worker.request("POST", "/api/v1/auth/login").json(&json!({"api_key": TEST_API_KEY})).send();
+    assert_eq!(opened.status, 200, "{}", opened.text());
+    let key_cookie = cookie_of(&opened);
+    let account_cookie = create_admin(&worker);
+    drop(worker);
+
+    let same = Worker::start(&pg);
+    assert_eq!(same.request("GET", "/api/v1/auth/me").header("cookie", &key_cookie).send().status, 200, "same key: the session lives on");
+    drop(same);
+
+    let other_key = "another-test-api-key-9876543210";
+    let rotated = WorkerBuilder::new(&pg.url()).env("OMNI_API_KEY", other_key).start();
+    let me = rotated.request("GET", "/api/v1/auth/me").header("cookie", &key_cookie).send();
+    assert_eq!(me.status, 401, "the old key's session must end: {}", me.text());
+    assert!(rotated.log().contains("the sessions opened with the earlier key have ended"), "{}", rotated.log());
+    assert_eq!(rotated.request("GET", "/api/v1/auth/me").header("cookie", &account_cookie).send().status, 200, "account sessions stay");
+    assert_eq!(rotated.request("GET", "/api/v1/auth/me").api_key().send().status, 401, "the old key opens nothing");
+    assert_eq!(rotated.request("GET", "/api/v1/auth/me").header("x-api-key", other_key).send().status, 200);
 }

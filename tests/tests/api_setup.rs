@@ -2,8 +2,11 @@
 
 use std::collections::BTreeSet;
 
-use omni_tests::{TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
+use omni_tests::{NetNs, TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
 use serde_json::json;
+
+#[path = "support/gateway.rs"]
+mod gateway;
 
 fn storage() -> serde_json::Value {
     json!({
@@ -18,7 +21,7 @@ fn storage() -> serde_json::Value {
 #[test]
 fn setup_flows_from_status_to_initialize_to_complete() {
     let pg = TempPostgres::start_new();
-    let builder = WorkerBuilder::new(&pg.url());
+    let builder = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY");
     let settings_file = builder.workdir().join("state/settings.json");
     let worker = builder.env("OMNI_SETTINGS_FILE", settings_file.display().to_string()).start();
 
@@ -27,13 +30,13 @@ fn setup_flows_from_status_to_initialize_to_complete() {
     assert_eq!(status.json()["requires_setup"], true);
     assert_eq!(status.json()["storage_configured"], false);
 
+    // From this machine (loopback), the operator needs no token.
     let key = worker.request("GET", "/api/v1/setup/api-key").send();
-    assert_eq!((key.status, key.json()), (200, json!({"api_key": TEST_API_KEY})));
+    assert_eq!(key.status, 200, "{}", key.text());
+    let key = key.json()["api_key"].as_str().unwrap().to_owned();
+    assert!(worker.log().contains(&key));
 
-    let unauthorized = worker.request("POST", "/api/v1/setup/initialize").json(&storage()).send();
-    assert_eq!(unauthorized.status, 401);
-
-    let initialized = worker.request("POST", "/api/v1/setup/initialize").api_key().json(&storage()).send();
+    let initialized = worker.request("POST", "/api/v1/setup/initialize").json(&storage()).send();
     assert_eq!(initialized.status, 200, "{}", initialized.text());
     let body = initialized.json();
     assert_eq!((body["success"].clone(), body["restart_required"].clone()), (json!(true), json!(true)));
@@ -45,22 +48,78 @@ fn setup_flows_from_status_to_initialize_to_complete() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&settings_file).unwrap().permissions().mode() & 0o777, 0o600);
 
-    let again = worker.request("POST", "/api/v1/setup/initialize").api_key().json(&storage()).send();
+    let again = worker.request("POST", "/api/v1/setup/initialize").header("x-api-key", &key).json(&storage()).send();
     assert_eq!(again.json()["restart_required"], false, "same settings need no restart");
 
     let status = worker.request("GET", "/api/v1/setup/status").send().json();
     assert_eq!(status["storage_configured"], true);
     assert_eq!(status["storage"]["replication_url"], "postgres://rep:***@db.example:5432/omni", "passwords are masked");
 
-    assert_eq!(worker.request("POST", "/api/v1/setup/complete").send().status, 401);
-    let completed = worker.request("POST", "/api/v1/setup/complete").api_key().send();
+    let completed = worker.request("POST", "/api/v1/setup/complete").send();
     assert_eq!(completed.status, 200);
     assert_eq!(completed.json()["success"], true);
     assert_eq!(worker.request("GET", "/api/v1/setup/status").send().json()["requires_setup"], false);
 
-    let hidden = worker.request("GET", "/api/v1/setup/api-key").send();
+    // Set up: the setup routes are an admin's, from loopback too.
+    assert_eq!(worker.request("POST", "/api/v1/setup/initialize").json(&storage()).send().status, 401);
+    assert_eq!(worker.request("POST", "/api/v1/setup/complete").send().status, 401);
+    let hidden = worker.request("GET", "/api/v1/setup/api-key").header("x-api-key", &key).send();
     assert_eq!(hidden.status, 403);
     assert_eq!(hidden.json()["code"], "setup_complete");
+}
+
+/// An operator-given `OMNI_API_KEY` counts as set up: no endpoint shows the
+/// key, and nothing of setup is open to anyone but an admin.
+#[test]
+fn a_configured_api_key_is_never_shown_and_counts_as_set_up() {
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let status = worker.request("GET", "/api/v1/setup/status").send().json();
+    assert_eq!(status["requires_setup"], false, "{status}");
+    assert!(!worker.log().contains("setup token:"), "no setup token is offered: {}", worker.log());
+    for request in [
+        worker.request("GET", "/api/v1/setup/api-key"),
+        worker.request("GET", "/api/v1/setup/api-key").api_key(),
+        worker.request("GET", "/api/v1/setup/api-key").header("x-omni-setup-token", "x".repeat(43)),
+        worker.request("POST", "/api/v1/setup/admin").json(&json!({"username": "eve", "password": "long enough"})),
+        worker.request("POST", "/api/v1/setup/admin").api_key().json(&json!({"username": "eve", "password": "long enough"})),
+        worker.request("POST", "/api/v1/setup/initialize").json(&storage()),
+    ] {
+        let response = request.send();
+        assert!([401, 403].contains(&response.status), "{}", response.text());
+        assert!(!response.text().contains(TEST_API_KEY), "the configured key leaked: {}", response.text());
+    }
+    let shown = worker.request("GET", "/api/v1/setup/api-key").api_key().send();
+    assert_eq!((shown.status, shown.json()["code"].as_str()), (403, Some("api_key_configured")));
+    let accounts: i64 = pg.client().query_one("SELECT count(*) FROM omni_accounts", &[]).unwrap().get(0);
+    assert_eq!(accounts, 0);
+    // Nothing stores the configured key; the row of key sessions holds an Argon2id hash.
+    let stored: Vec<String> = pg.client().query("SELECT value::text FROM omni_settings", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(stored.iter().all(|v| !v.contains(TEST_API_KEY)), "{stored:?}");
+}
+
+/// Setup and sign-in refuse a browser that names a foreign host (DNS
+/// rebinding against a loopback bind); IP addresses, localhost and the host
+/// of OMNI_PUBLIC_URL pass.
+#[test]
+fn setup_and_sign_in_refuse_a_foreign_host_name() {
+    let pg = TempPostgres::start_new();
+    let worker = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").env("OMNI_PUBLIC_URL", "https://omni.example.com").start();
+    for (header, value) in [("host", "rebind.attacker.example"), ("origin", "http://rebind.attacker.example:8882"), ("x-forwarded-host", "attacker.example")] {
+        for (method, path) in [("GET", "/api/v1/setup/api-key"), ("POST", "/api/v1/auth/login"), ("POST", "/api/v1/setup/admin")] {
+            let response = worker.request(method, path).header(header, value).json(&json!({"username": "admin", "password": "long enough"})).send();
+            assert_eq!((response.status, response.json()["code"].as_str()), (403, Some("host_not_allowed")), "{header}: {value} {method} {path}");
+            assert!(response.json()["detail"].as_str().unwrap().contains("OMNI_PUBLIC_URL"));
+        }
+    }
+    for host in ["localhost:8882", "omni.example.com", "127.0.0.1:1"] {
+        let response = worker.request("GET", "/api/v1/setup/api-key").header("host", host).send();
+        assert_eq!(response.status, 200, "{host}: {}", response.text());
+    }
+    let accounts: i64 = pg.client().query_one("SELECT count(*) FROM omni_accounts", &[]).unwrap().get(0);
+    assert_eq!(accounts, 0, "no refused request created anything");
+    // Public routes other than setup and sign-in are not concerned.
+    assert_eq!(worker.request("GET", "/api/v1/setup/status").header("host", "rebind.attacker.example").send().status, 200);
 }
 
 #[test]
@@ -112,7 +171,7 @@ fn initialize_validates_every_field() {
 }
 
 #[test]
-fn generated_api_key_is_stable_across_restarts_and_logged_once() {
+fn generated_api_key_is_stored_as_its_digest_and_logged_once() {
     let pg = TempPostgres::start_new();
     let first = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").start();
     let key = first.request("GET", "/api/v1/setup/api-key").send().json()["api_key"].as_str().unwrap().to_owned();
@@ -122,10 +181,38 @@ fn generated_api_key_is_stable_across_restarts_and_logged_once() {
     assert_eq!(migration.status, 200);
     drop(first);
 
+    // Only the digest is stored, so a backup or a replica of the table opens nothing.
+    let stored: String = pg.client().query_one("SELECT value::text FROM omni_settings WHERE key = 'api_key'", &[]).unwrap().get(0);
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(stored, json!({"sha256": digest}));
+    let anywhere: i64 = pg.client().query_one("SELECT count(*) FROM omni_settings WHERE value::text LIKE '%' || $1 || '%'", &[&key]).unwrap().get(0);
+    assert_eq!(anywhere, 0);
+
     let second = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").start();
-    let again = second.request("GET", "/api/v1/setup/api-key").send().json()["api_key"].clone();
-    assert_eq!(again, json!(key));
+    let again = second.request("GET", "/api/v1/setup/api-key").send();
+    assert_eq!((again.status, again.json()["code"].as_str()), (404, Some("api_key_not_shown")), "a later start cannot show it");
+    assert!(!again.text().contains(&key));
     assert!(!second.log().contains(&key), "later starts do not print it again");
+    assert_eq!(second.request("GET", "/api/v1/migration/status").header("x-api-key", &key).send().status, 200, "the key still opens the API");
+}
+
+/// Migration 0004 turns the plaintext key of earlier versions into its digest.
+#[test]
+fn an_earlier_plaintext_key_becomes_its_digest_and_keeps_working() {
+    let pg = TempPostgres::start_new();
+    drop(WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").start());
+    let old_key = "sk-omni-from-an-earlier-version-0123456789";
+    let mut db = pg.client();
+    db.execute("UPDATE omni_settings SET value = to_jsonb($1::text) WHERE key = 'api_key'", &[&old_key]).unwrap();
+    db.execute("DELETE FROM omni_schema_migrations WHERE version = 4", &[]).unwrap();
+    let worker = WorkerBuilder::new(&pg.url()).without_env("OMNI_API_KEY").start();
+    assert!(worker.log().contains("0004_api_key_digest.sql"), "{}", worker.log());
+    let stored: String = db.query_one("SELECT value::text FROM omni_settings WHERE key = 'api_key'", &[]).unwrap().get(0);
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert!(stored["sha256"].as_str().is_some_and(|d| d.len() == 64), "{stored}");
+    assert_eq!(worker.request("GET", "/api/v1/migration/status").header("x-api-key", old_key).send().status, 200);
 }
 
 #[test]
@@ -222,4 +309,93 @@ fn openapi_document_lists_every_route_the_router_has() {
             }
         }
     }
+}
+
+/// A fresh install listening on every address, reached from another
+/// address (a network namespace of its own): nothing that creates a
+/// credential or moves the data works without the setup token the gateway
+/// logged; with it, setup completes, and then the token opens nothing.
+#[test]
+fn a_fresh_install_on_another_address_needs_the_setup_token() {
+    let dir = gateway::workdir();
+    let ns = NetNs::new();
+    let gw = gateway::GatewayBuilder::new(dir.path()).env("OMNI_HOST", "0.0.0.0").without_env("OMNI_API_KEY").start();
+    let token = omni_tests::wait_until(std::time::Duration::from_secs(30), "the worker to log the setup token", || {
+        let log = gw.log();
+        let at = log.find("setup token: ")?;
+        let token: String = log[at + "setup token: ".len()..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+        (token.len() >= 32).then_some(token)
+    });
+    assert!(gw.log().contains(&format!("/setup#token={token}")), "the log prints the link");
+    let file = dir.path().join("data/postgres.setup-token");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let (_, doctor, _) = gateway::cli(dir.path(), &["doctor", "--port", &gw.port.to_string()]);
+    assert!(doctor.contains(&format!("setup token: {token}")), "doctor shows the token:\n{doctor}");
+
+    let port = gw.port;
+    let call = |method: &str, path: &str, headers: &[&str], body: Option<serde_json::Value>| {
+        let mut args: Vec<String> = vec!["-X".into(), method.into()];
+        for h in headers {
+            args.push("-H".into());
+            args.push((*h).into());
+        }
+        if let Some(body) = body {
+            args.extend(["-H".into(), "content-type: application/json".into(), "--data".into(), body.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, body) = ns.curl(port, path, &args);
+        (status, serde_json::from_str::<serde_json::Value>(&body).unwrap_or(json!(body)))
+    };
+    let admin = json!({"username": "eve", "password": "long enough"});
+    let moved = json!({"data_dir": "./data/elsewhere", "replication_enabled": true, "replication_url": "postgres://x:y@evil.example:5432/db", "replication_databases": "*"});
+    let (status, body) = call("GET", "/api/v1/setup/status", &[], None);
+    assert_eq!((status, body["requires_setup"].clone()), (200, json!(true)), "{body}");
+
+    // Without the token (and a forged X-Forwarded-For does not make it loopback).
+    for headers in [&[][..], &["x-forwarded-for: 127.0.0.1"][..]] {
+        for (method, path, body) in [
+            ("GET", "/api/v1/setup/api-key", None),
+            ("POST", "/api/v1/setup/admin", Some(admin.clone())),
+            ("POST", "/api/v1/setup/initialize", Some(moved.clone())),
+            ("POST", "/api/v1/setup/complete", None),
+        ] {
+            let (status, answer) = call(method, path, headers, body);
+            assert_eq!((status, answer["code"].as_str()), (403, Some("setup_token_required")), "{method} {path} {headers:?}: {answer}");
+            assert!(answer["detail"].as_str().unwrap().contains("setup token"), "{answer}");
+            assert!(!answer.to_string().contains("sk-omni-"), "{answer}");
+        }
+    }
+    let (status, answer) = call("GET", "/api/v1/setup/api-key", &["x-omni-setup-token: wrongwrongwrongwrongwrongwrongwrong12"], None);
+    assert_eq!((status, answer["code"].as_str()), (403, Some("invalid_setup_token")), "{answer}");
+    let mut db = gw.db();
+    let accounts: i64 = db.query_one("SELECT count(*) FROM omni_accounts", &[]).unwrap().get(0);
+    let setup: i64 = db.query_one("SELECT count(*) FROM omni_settings WHERE key = 'setup'", &[]).unwrap().get(0);
+    assert_eq!((accounts, setup), (0, 0), "nothing was created or stored");
+    assert!(!dir.path().join("data/omni-settings.json").exists() || !std::fs::read_to_string(dir.path().join("data/omni-settings.json")).unwrap().contains("evil"));
+
+    // With the token: the operator sets it up.
+    let with_token = format!("x-omni-setup-token: {token}");
+    let (status, answer) = call("GET", "/api/v1/setup/api-key", &[&with_token], None);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["api_key"].as_str().unwrap().starts_with("sk-omni-"));
+    let (status, answer) = call("POST", "/api/v1/setup/initialize", &[&with_token], Some(json!({"data_dir": "./data/postgres"})));
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = call("POST", "/api/v1/setup/admin", &[&with_token, "x-omni-client: ui"], Some(json!({"username": "admin", "password": "correct horse battery"})));
+    assert_eq!((status, answer.clone()), (201, json!({"username": "admin", "role": "admin"})), "{answer}");
+    let (_, body) = call("GET", "/api/v1/setup/status", &[], None);
+    assert_eq!(body["requires_setup"], false, "creating the admin completed setup");
+
+    // The token is spent.
+    for (method, path, body) in [
+        ("GET", "/api/v1/setup/api-key", None),
+        ("POST", "/api/v1/setup/admin", Some(admin.clone())),
+        ("POST", "/api/v1/setup/initialize", Some(moved.clone())),
+    ] {
+        let (status, answer) = call(method, path, &[&with_token], body);
+        assert_eq!((status, answer["code"].as_str()), (401, Some("not_signed_in")), "{method} {path}: {answer}");
+    }
+    let accounts: Vec<String> = db.query("SELECT username FROM omni_accounts", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(accounts, ["admin"]);
 }

@@ -8,7 +8,7 @@
 // also when a test fails or the runner exits early. Nothing here sleeps in
 // place of a condition: waitFor() polls.
 
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -148,7 +148,7 @@ async function status(url) {
  * Starts the gateway (and, until the gateway proxies the API, a worker
  * beside it). Returns { base, viaGateway, gatewayBase, db(), api(), stop() }.
  */
-export async function startStack(label = 'stack') {
+export async function startStack(label = 'stack', { netns = null } = {}) {
   const cwd = fs.mkdtempSync(path.join(os.tmpdir(), `omni-ui-${label}-`));
   // Run as root, PostgreSQL runs as an unprivileged user that must reach its data dir.
   fs.chmodSync(cwd, 0o755);
@@ -163,6 +163,12 @@ export async function startStack(label = 'stack') {
     LOG_FORMAT: 'json',
   };
   delete env.DATABASE_URL;
+  if (netns) {
+    // A fresh install reached from another address: listening everywhere,
+    // no OMNI_API_KEY (which would count as set up).
+    env.OMNI_HOST = '0.0.0.0';
+    delete env.OMNI_API_KEY;
+  }
   const stack = { cwd, gateway: null, worker: null, stop: null };
   stack.stop = async () => {
     await stopGroup(stack.worker);
@@ -183,6 +189,7 @@ export async function startStack(label = 'stack') {
     stack.pg = { host: '127.0.0.1', port: Number(match[1]), user: 'postgres', password, database: 'omni' };
 
     await useGateway(stack);
+    if (netns) stack.base = `http://${netns.hostAddr}:${port}`;
   } catch (error) {
     await stack.stop();
     throw error;
@@ -200,6 +207,46 @@ export async function startStack(label = 'stack') {
   return stack;
 }
 
+/** The setup token the stack's worker logged (`setup token: …`). */
+export async function setupToken(stack) {
+  return waitFor(() => {
+    const match = stack.gateway.output.match(/setup token: ([A-Za-z0-9]{32,})/);
+    return match ? match[1] : null;
+  }, { timeout: 30000, what: 'the worker to log the setup token' });
+}
+
+/**
+ * A network namespace joined to this one by a veth pair: this side holds
+ * 10.213.<n>.1/30, the namespace .2. Chromium launched with
+ * launchBrowser({ netns }) runs inside it, so the gateway sees a client from
+ * another address, as from another machine; traffic goes nowhere else.
+ * Needs root and `ip`. remove() deletes it (also at exit).
+ */
+export function makeNetns() {
+  const n = (process.pid % 200) + 30;
+  const name = `omni-ui-${process.pid}`;
+  const hostIf = `omu${process.pid % 100000}h`;
+  const nsIf = `omu${process.pid % 100000}n`;
+  const ip = (...args) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const ns = {
+    name, hostAddr: `10.213.${n}.1`, nsAddr: `10.213.${n}.2`,
+    remove() {
+      try { ip('link', 'del', hostIf); } catch { /* gone with the namespace */ }
+      try { ip('netns', 'del', name); } catch { /* already removed */ }
+    },
+  };
+  process.on('exit', () => ns.remove());
+  ip('netns', 'add', name);
+  ip('link', 'add', hostIf, 'type', 'veth', 'peer', 'name', nsIf);
+  ip('link', 'set', nsIf, 'netns', name);
+  ip('addr', 'add', `${ns.hostAddr}/30`, 'dev', hostIf);
+  ip('link', 'set', hostIf, 'up');
+  ip('netns', 'exec', name, 'ip', 'addr', 'add', `${ns.nsAddr}/30`, 'dev', nsIf);
+  ip('netns', 'exec', name, 'ip', 'link', 'set', nsIf, 'up');
+  ip('netns', 'exec', name, 'ip', 'link', 'set', 'lo', 'up');
+  return ns;
+}
+
 /** Everything goes through the gateway's port, as it does for a user. */
 async function useGateway(stack) {
   await waitFor(async () => (await status(`${stack.gatewayBase}/api/v1/health`)) === 200,
@@ -210,11 +257,17 @@ async function useGateway(stack) {
 
 // ---------------------------------------------------------------- browser
 
-export async function launchBrowser() {
+export async function launchBrowser({ netns = null } = {}) {
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} not found: install it with \`apt-get install -y chromium\` (tests/ui/run.sh does)`);
   }
-  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  let executablePath = CHROMIUM;
+  if (netns) {
+    // Playwright speaks to Chromium over pipes, which cross namespaces.
+    executablePath = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'omni-ui-netns-')), 'chromium');
+    fs.writeFileSync(executablePath, `#!/bin/sh\nexec ip netns exec ${netns.name} ${CHROMIUM} "$@"\n`, { mode: 0o755 });
+  }
+  return chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true });
 }
 
 /** A new browser context (a new tab session) with a page on `stack`. */
@@ -240,14 +293,17 @@ export async function signIn(page, key = API_KEY) {
 /** The admin account createAdmin() makes. */
 export const ADMIN = { username: 'admin', password: 'correct horse battery' };
 
-/** Creates the admin account over the API (as onboarding does) and completes setup. */
+/**
+ * Creates the admin account over the API with the key (the stack has
+ * OMNI_API_KEY, so it counts as set up and has no setup routes).
+ */
 export async function createAdmin(stack, { username, password } = ADMIN) {
-  const created = await stack.api('/api/v1/setup/admin', {
-    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ username, password }),
+  const created = await stack.api('/api/v1/accounts', {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': API_KEY },
+    body: JSON.stringify({ username, password, role: 'admin' }),
   });
-  if (created.status !== 201) throw new Error(`POST /api/v1/setup/admin answered ${created.status}: ${await created.text()}`);
-  const done = await stack.api('/api/v1/setup/complete', { method: 'POST', headers: { 'x-api-key': API_KEY } });
-  if (done.status !== 200) throw new Error(`POST /api/v1/setup/complete answered ${done.status}`);
+  if (created.status !== 201) throw new Error(`POST /api/v1/accounts answered ${created.status}: ${await created.text()}`);
 }
 
 /** Signs in with a username and password through the login page and waits for the dashboard. */

@@ -2,14 +2,28 @@
 // completes setup; a full submit stores every setting (checked through the
 // API) and reports that a restart is required. Each flow needs a fresh
 // installation, so each starts its own stack.
+//
+// Each stack is a fresh install listening on every address, and Chromium
+// runs in a network namespace of its own: the gateway sees a client from
+// another machine, which may set Omni up only with the setup token the
+// gateway logged (opened from the link `…/setup#token=…`, it is filled in).
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, startStack } from './harness.mjs';
+import { launchBrowser, localStorageLength, makeNetns, openPage, screenshots, setupToken, startStack as start } from './harness.mjs';
 
 let browser;
-before(async () => { browser = await launchBrowser(); });
-after(async () => { await browser?.close(); });
+let netns;
+before(async () => {
+  netns = makeNetns();
+  browser = await launchBrowser({ netns });
+});
+after(async () => {
+  await browser?.close();
+  netns?.remove();
+});
+
+const startStack = (label) => start(label, { netns });
 
 async function setupStatus(stack) {
   const response = await stack.api('/api/v1/setup/status');
@@ -21,9 +35,12 @@ test('first run opens onboarding; "Skip – use default storage" completes setup
   const stack = await startStack('setup-skip');
   const { context, page } = await openPage(browser, stack);
   try {
-    await page.goto('/');
+    const token = await setupToken(stack);
+    await page.goto(`/setup#token=${token}`);
     await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
     assert.equal(new URL(page.url()).pathname, '/setup');
+    assert.equal(new URL(page.url()).hash, '', 'the token leaves the address bar');
+    assert.equal(await page.getByLabel('Setup token').inputValue(), token, 'filled in from the link');
     await screenshots(page, 'setup-storage');
 
     await page.getByRole('button', { name: 'Skip – use default storage' }).click();
@@ -31,7 +48,7 @@ test('first run opens onboarding; "Skip – use default storage" completes setup
     // The storage kept is the one the gateway runs, with where its directory came from.
     const kept = await page.locator('#storage-kept').innerText();
     assert.ok(kept.includes(`${stack.cwd}/data/postgres`) && kept.includes('(the default)'), kept);
-    assert.equal(await page.getByLabel('API key', { exact: true }).inputValue(), API_KEY);
+    assert.match(await page.getByLabel('API key', { exact: true }).inputValue(), /^sk-omni-[A-Za-z0-9_-]{43}$/);
     await page.getByLabel('Password', { exact: true }).fill('correct horse battery');
     await page.getByLabel('Repeat the password').fill('correct horse battery');
     await screenshots(page, 'setup-api-key');
@@ -43,8 +60,16 @@ test('first run opens onboarding; "Skip – use default storage" completes setup
     const status = await setupStatus(stack);
     assert.equal(status.requires_setup, false);
     assert.equal(status.storage_configured, false);
-    // Completed setup no longer shows the key.
-    assert.equal((await stack.api('/api/v1/setup/api-key')).status, 403);
+    // Completed setup no longer shows the key, and the token opens nothing.
+    assert.equal((await stack.api('/api/v1/setup/api-key')).status, 401);
+    for (const [method, route] of [['GET', '/api/v1/setup/api-key'], ['POST', '/api/v1/setup/admin'], ['POST', '/api/v1/setup/initialize']]) {
+      const response = await stack.api(route, {
+        method,
+        headers: { 'x-omni-setup-token': token, 'content-type': 'application/json' },
+        body: method === 'POST' ? JSON.stringify({ username: 'eve', password: 'long enough', data_dir: '/x' }) : undefined,
+      });
+      assert.equal(response.status, 401, `${method} ${route} with the spent token`);
+    }
     assert.equal(await localStorageLength(page), 0);
     assert.deepEqual(page.problems, []);
   } finally {
@@ -57,7 +82,7 @@ test('a full submit validates, summarises, stores the settings and says a restar
   const stack = await startStack('setup-full');
   const { context, page } = await openPage(browser, stack);
   try {
-    await page.goto('/setup');
+    await page.goto(`/setup#token=${await setupToken(stack)}`);
     await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
 
     // Memory mode warns about data loss; an external URL is checked in the browser.
@@ -145,7 +170,7 @@ test('a server-side refusal shows the API detail on the review step', async () =
   const stack = await startStack('setup-refused');
   const { context, page } = await openPage(browser, stack);
   try {
-    await page.goto('/setup');
+    await page.goto(`/setup#token=${await setupToken(stack)}`);
     await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
     // A URL the browser accepts but the server's PostgreSQL URL parser refuses.
     await page.locator('#replication-section > summary').click();
@@ -169,7 +194,7 @@ test('choosing an external PostgreSQL stores its URL (masked when read back)', a
   try {
     const doc = await (await stack.api('/api/v1/openapi.json')).json();
     assert.ok(doc.components?.schemas?.StorageSettings?.properties?.database_url, 'POST /setup/initialize accepts database_url');
-    await page.goto('/setup');
+    await page.goto(`/setup#token=${await setupToken(stack)}`);
     await page.getByRole('radio', { name: /External PostgreSQL/ }).check();
     await page.getByLabel('PostgreSQL URL').fill('postgresql://omni:hunter2@db.example.com:5432/omni');
     await page.getByRole('button', { name: 'Review settings' }).click();
@@ -181,6 +206,49 @@ test('choosing an external PostgreSQL stores its URL (masked when read back)', a
     assert.equal(status.storage.database_url, 'postgresql://omni:***@db.example.com:5432/omni');
     assert.equal(status.storage.memory_mode, false);
     assert.equal(await localStorageLength(page), 0);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await stack.stop();
+  }
+});
+
+test('from another machine, nothing is set up without the setup token; typing it in finishes the wizard', async () => {
+  const stack = await startStack('setup-token');
+  const { context, page } = await openPage(browser, stack);
+  try {
+    const token = await setupToken(stack);
+    await page.goto('/setup');
+    await page.getByRole('heading', { name: 'Storage Configuration' }).waitFor();
+    assert.equal(await page.getByLabel('Setup token').inputValue(), '');
+    await page.getByRole('radio', { name: /Filesystem/ }).check();
+    await page.getByLabel('Data directory').fill('./data/elsewhere');
+    await page.getByRole('button', { name: 'Review settings' }).click();
+    await page.getByRole('button', { name: 'Save settings' }).click();
+    await page.locator('#setup-error').filter({ hasText: 'setup token' }).waitFor();
+    assert.equal((await setupStatus(stack)).storage_configured, false, 'no storage change without the token');
+    await screenshots(page, 'setup-token-required');
+
+    await page.getByLabel('Setup token').fill('wrong-token-0123456789abcdefghijklmnop');
+    await page.getByRole('button', { name: 'Save settings' }).click();
+    await page.locator('#setup-error').filter({ hasText: 'does not match' }).waitFor();
+
+    await page.getByLabel('Setup token').fill(token);
+    await page.getByRole('button', { name: 'Save settings' }).click();
+    await page.getByRole('heading', { name: 'Create the admin account' }).waitFor();
+    await page.getByLabel('Password', { exact: true }).fill('correct horse battery');
+    await page.getByLabel('Repeat the password').fill('correct horse battery');
+    await page.getByRole('button', { name: 'Finish setup' }).click();
+    await page.getByRole('heading', { name: 'Setup complete' }).waitFor();
+    const rows = await stack.query('SELECT username, role FROM omni_accounts');
+    assert.deepEqual(rows, [{ username: 'admin', role: 'admin' }]);
+    assert.equal((await setupStatus(stack)).requires_setup, false);
+    const again = await stack.api('/api/v1/setup/admin', {
+      method: 'POST',
+      headers: { 'x-omni-setup-token': token, 'content-type': 'application/json' },
+      body: JSON.stringify({ username: 'eve', password: 'long enough' }),
+    });
+    assert.equal(again.status, 401, 'the token is spent');
     assert.deepEqual(page.problems, []);
   } finally {
     await context.close();

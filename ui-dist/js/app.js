@@ -22,13 +22,15 @@ import * as logs from './pages/logs.js';
 const routes = {
   '/': { page: dashboard, title: 'Dashboard', nav: true },
   '/status': { page: status, title: 'Status', nav: true },
-  '/logs': { page: logs, title: 'Logs', nav: true },
-  '/backups': { page: backups, title: 'Backups', nav: true },
+  // admin: only an admin (or the API key) may open it; the server refuses
+  // others (README "Who may do what"), so a `user` is not offered it.
+  '/logs': { page: logs, title: 'Logs', nav: true, admin: true },
+  '/backups': { page: backups, title: 'Backups', nav: true, admin: true },
   '/setup': { page: setup, title: 'Setup', nav: true, public: true },
   // Reached from the dashboard's notice when an old database is found.
-  '/import': { page: importPage, title: 'Import', nav: false },
+  '/import': { page: importPage, title: 'Import', nav: false, admin: true },
   // Admins only (the server refuses others): linked from the account menu.
-  '/accounts': { page: accounts, title: 'Accounts', nav: false },
+  '/accounts': { page: accounts, title: 'Accounts', nav: false, admin: true },
   '/login': { page: login, title: 'Sign in', public: true, bare: true },
 };
 
@@ -101,7 +103,7 @@ function accountMenu(me) {
 
 function renderTopbar(path, signedIn) {
   const links = Object.entries(routes)
-    .filter(([, route]) => route.nav)
+    .filter(([, route]) => route.nav && !(route.admin && signedIn && signedIn.role !== 'admin'))
     .map(([href, route]) => h('a', { href, 'aria-current': href === path ? 'page' : false }, route.title));
   replace(topbar,
     h('a', { class: 'brand', href: '/' }, h('span', { class: 'brand-mark', 'aria-hidden': 'true' }), 'Omni'),
@@ -150,6 +152,13 @@ async function render() {
     renderTopbar(path, me);
   }
   main.replaceChildren();
+  if (route.admin && me && me.role !== 'admin') {
+    replace(main, h('div', { class: 'container narrow' },
+      h('h1', { tabindex: '-1' }, route.title),
+      h('div', { class: 'alert alert-info', role: 'status' }, `Only an admin may open ${route.title}. You are signed in as ${me.username} (${me.role}).`),
+      h('a', { class: 'btn', href: '/' }, 'Go to the dashboard')));
+    return;
+  }
   const ctx = { navigate, me, setup: setupState, notice: signedOutNotice };
   signedOutNotice = null;
   const result = await route.page.render(main, ctx);

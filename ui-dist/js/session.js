@@ -17,11 +17,24 @@ import { ApiError, call } from './api.js';
 const SESSION_ID = 'omni.sessionId';
 export const CLIENT_HEADERS = { 'x-omni-client': 'ui' };
 
+/**
+ * A random UUID. crypto.randomUUID exists only in secure contexts (HTTPS,
+ * localhost); over plain HTTP on another address, getRandomValues does.
+ */
+function uuid4() {
+  if (typeof crypto.randomUUID === 'function') return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const hex = [...b].map((x) => x.toString(16).padStart(2, '0')).join('');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
 /** The tab's anonymous session id, created on first use. */
 export function sessionId() {
   let id = sessionStorage.getItem(SESSION_ID);
   if (!id || !/^[0-9a-f-]{36}$/i.test(id)) {
-    id = crypto.randomUUID();
+    id = uuid4();
     sessionStorage.setItem(SESSION_ID, id);
   }
   return id;

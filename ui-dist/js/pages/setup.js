@@ -3,12 +3,32 @@
 // browser in), shows the API key once for scripts, and completes setup
 // (SPEC §6: POST /setup/initialize and POST /setup/complete). Validation here mirrors the server's so mistakes are
 // caught early; the server validates again and its `detail` is shown as is.
+//
+// Until setup completes, the server accepts these calls only with the
+// one-time setup token (header X-Omni-Setup-Token) or from the machine
+// itself. The gateway logs the token and a link `…/setup#token=…`; opened
+// from that link, the token field is filled in and the token leaves the
+// address bar at once (kept in this tab's sessionStorage only).
 
 import { ApiError, call } from '../api.js';
 import { h, replace } from '../dom.js';
 import { adoptSession, authedCall, sessionId } from '../session.js';
 
 const DEFAULT_DATA_DIR = './data/postgres';
+const TOKEN_KEY = 'omni.setupToken';
+
+/** The setup token from the link's fragment (`#token=…`), else the one this tab kept. */
+function initialToken() {
+  const match = /(?:^#|&)token=([^&]*)/.exec(location.hash || '');
+  if (match) {
+    const token = decodeURIComponent(match[1]);
+    try { sessionStorage.setItem(TOKEN_KEY, token); } catch { /* private mode: kept in memory only */ }
+    history.replaceState(history.state, '', location.pathname + location.search);
+    return token;
+  }
+  try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
+}
+
 const STEPS = [['storage', 'Storage'], ['summary', 'Review'], ['key', 'Admin account'], ['done', 'Done']];
 
 /** Whether the server accepts an external database URL in the setup form. */
@@ -156,8 +176,32 @@ function restartCallout(result) {
 
 export async function render(main, { navigate, me, setup }) {
   const requiresSetup = !setup || setup.requires_setup;
-  const container = h('div', { class: 'container narrow' });
-  replace(main, container);
+  const outer = h('div', { class: 'container narrow' });
+  const container = h('div');
+  replace(main, outer);
+  let token = requiresSetup ? initialToken() : '';
+  if (requiresSetup && !me) {
+    const tokenInput = h('input', {
+      id: 'setup-token', name: 'setup-token', type: 'password', autocomplete: 'off', spellcheck: 'false', value: token,
+      'aria-describedby': 'setup-token-hint',
+      oninput: () => {
+        token = tokenInput.value.trim();
+        try { sessionStorage.setItem(TOKEN_KEY, token); } catch { /* kept in memory only */ }
+      },
+    });
+    outer.append(h('section', { class: 'card', id: 'setup-token-card' },
+      h('div', { class: 'field' },
+        h('label', { for: 'setup-token' }, 'Setup token'),
+        tokenInput,
+        h('p', { class: 'hint', id: 'setup-token-hint' },
+          'Only the operator may set Omni up. The gateway prints the token in its log at start (the line "setup token: …", with a link that fills it in), and omni-gateway doctor shows it. Not needed in a browser on the server itself.'))));
+  }
+  outer.append(container);
+
+  /** Headers that carry the setup token, when there is one. */
+  function tokenHeaders() {
+    return token ? { 'x-omni-setup-token': token } : {};
+  }
 
   if (!me && !requiresSetup) {
     replace(container,
@@ -172,19 +216,26 @@ export async function render(main, { navigate, me, setup }) {
   let key = null;
   let signedIn = me;
 
-  /** On first run, the generated key, readable until setup completes; held in memory only. */
+  /**
+   * On first run, the generated key, shown until setup completes by the
+   * start that generated it (null when this start did not); memory only.
+   */
   async function setupKey() {
     if (key) return key;
-    const body = await call('/api/v1/setup/api-key');
-    key = body.api_key;
+    try {
+      const body = await call('/api/v1/setup/api-key', { headers: tokenHeaders() });
+      key = body.api_key;
+    } catch (err) {
+      if (err instanceof ApiError && (err.code === 'api_key_not_shown' || err.code === 'api_key_configured')) return null;
+      throw err;
+    }
     return key;
   }
 
-  /** A protected setup call: with the session once signed in, else (first run) with the generated key. */
-  async function protectedCall(path, options) {
+  /** A protected setup call: with the session once signed in, else (first run) with the setup token. */
+  async function protectedCall(path, options = {}) {
     if (signedIn) return authedCall(path, options);
-    const k = await setupKey();
-    return call(path, { ...options, headers: { 'x-api-key': k } });
+    return call(path, { ...options, headers: { ...(options.headers || {}), ...tokenHeaders() } });
   }
 
   function show(step) {
@@ -419,8 +470,10 @@ export async function render(main, { navigate, me, setup }) {
     } catch (err) {
       if (!signedIn) {
         replace(container, stepList('key'), h('h1', {}, title),
-          h('div', { class: 'alert alert-error', role: 'alert' }, err.message),
-          h('a', { class: 'btn', href: '/login' }, 'Sign in'));
+          h('div', { class: 'alert alert-error', role: 'alert', id: 'setup-error' }, err.message),
+          h('div', { class: 'actions' },
+            h('button', { type: 'button', class: 'btn btn-primary', onclick: () => show('key') }, 'Try again'),
+            h('a', { class: 'btn', href: '/login' }, 'Sign in')));
         return;
       }
     }
@@ -459,7 +512,7 @@ export async function render(main, { navigate, me, setup }) {
             const created = await call('/api/v1/setup/admin', {
               method: 'POST',
               json: { username, password },
-              headers: { 'x-session-id': sessionId(), 'x-omni-client': 'ui' },
+              headers: { 'x-session-id': sessionId(), 'x-omni-client': 'ui', ...tokenHeaders() },
             });
             signedIn = adoptSession(created);
           } catch (err) {
@@ -467,6 +520,12 @@ export async function render(main, { navigate, me, setup }) {
             finish.disabled = false;
             return;
           }
+          // Creating the first admin completed setup; the token is spent.
+          try { sessionStorage.removeItem(TOKEN_KEY); } catch { /* nothing kept */ }
+          const card = outer.querySelector('#setup-token-card');
+          if (card) card.remove();
+          show('done');
+          return;
         } else if (!signedIn) {
           navigate('/login');
           return;
