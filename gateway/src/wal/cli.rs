@@ -25,10 +25,8 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
     let data_dir = &embedded.data_dir.value;
     let bins = binaries::find(embedded.bin_dir.as_deref())?;
     let account = privilege::postgres_account(&embedded.run_as)?;
-    let password_file = cluster::password_file(data_dir);
-    let password = std::fs::read_to_string(&password_file).with_context(|| format!("reading the cluster password from {}", password_file.display()))?;
     if verify {
-        let drill = restore::drill(&config.wal, &bins, &account, password.trim()).await;
+        let drill = restore::drill(&config.wal, &bins, &account, data_dir).await;
         if !drill.ok {
             bail!("restore drill FAILED: {}", drill.detail.unwrap_or_default());
         }
@@ -41,6 +39,8 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
         return Ok(());
     }
     let port = crate::backup_cli::running_port(data_dir)?;
+    let password_file = cluster::password_file(data_dir);
+    let password = std::fs::read_to_string(&password_file).with_context(|| format!("reading the cluster password from {}", password_file.display()))?;
     let server = Server { binaries: bins, port, password: password.trim().to_string(), account };
     let backup = base::take(&server, &config.wal).await?;
     base::apply_retention(&config.wal)?;
