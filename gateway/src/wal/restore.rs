@@ -163,7 +163,7 @@ impl Restore<'_> {
                 }
             }
             journal.remove()?;
-            return Err(e.context("nothing was changed: the previous data directory is in place, unchanged"));
+            return Err(e.context("nothing was changed: the previous data directory is back in service as it was (it was never moved)"));
         }
         journal.step = Step::Recovered;
         journal.save()?;
