@@ -787,6 +787,91 @@ mod tests {
         assert_eq!(segment_lsn("000000020000000100000000"), parse_lsn("1/0"));
     }
 
+    fn me() -> Account {
+        Account { name: "me".into(), uid: 0, gid: 0, home: PathBuf::from("/"), switch: false }
+    }
+
+    /// A fake cluster directory holding `marker`.
+    fn cluster_dir(dir: &Path, marker: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("PG_VERSION"), "15").unwrap();
+        std::fs::write(dir.join("marker"), marker).unwrap();
+    }
+
+    fn journal(root: &Path, step: Step) -> Journal {
+        let data_dir = root.join("postgres");
+        let wal_dir = root.join("wal");
+        std::fs::create_dir_all(wal_dir.join("stream")).unwrap();
+        Journal {
+            staging: staging_dir(&data_dir, "S"),
+            previous: previous_dir(&data_dir, "S"),
+            data_dir,
+            wal_dir,
+            stamp: "S".into(),
+            base_backup: "B".into(),
+            target: "latest".into(),
+            step,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("omni-restore-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_interrupted_recovery_is_undone_and_the_old_cluster_stays() {
+        let root = scratch("undo");
+        let j = journal(&root, Step::Recovering);
+        cluster_dir(&j.data_dir, "old");
+        cluster_dir(&j.staging, "new");
+        j.save().unwrap();
+        resume(&j.data_dir, &me(), false).unwrap();
+        assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "old");
+        assert!(!j.staging.exists() && !journal_file(&j.data_dir).exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn an_interrupted_recovery_with_no_cluster_before_it_keeps_the_start_from_making_an_empty_one() {
+        let root = scratch("empty");
+        let j = journal(&root, Step::Recovering);
+        cluster_dir(&j.staging, "new");
+        j.save().unwrap();
+        let e = resume(&j.data_dir, &me(), false).unwrap_err();
+        assert!(format!("{e:#}").contains("omni-gateway restore --to latest"), "{e:#}");
+        assert!(journal_file(&j.data_dir).exists(), "the journal stays until a restore runs again");
+        resume(&j.data_dir, &me(), true).unwrap();
+        assert!(!journal_file(&j.data_dir).exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_swap_cut_off_anywhere_is_finished_once() {
+        for aside in [false, true] {
+            let root = scratch(&format!("swap-{aside}"));
+            let j = journal(&root, Step::Recovered);
+            cluster_dir(&j.data_dir, "old");
+            cluster_dir(&j.staging, "new");
+            if aside {
+                // Killed between the two renames: the data directory is missing.
+                std::fs::rename(&j.data_dir, &j.previous).unwrap();
+            }
+            j.save().unwrap();
+            resume(&j.data_dir, &me(), false).unwrap();
+            assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "new");
+            assert_eq!(std::fs::read_to_string(j.previous.join("marker")).unwrap(), "old");
+            assert!(j.wal_dir.join("stream-S").is_dir() && j.wal_dir.join("stream").is_dir(), "the stream is retired");
+            assert!(!journal_file(&j.data_dir).exists());
+            // Nothing left to do: a second start changes nothing.
+            resume(&j.data_dir, &me(), false).unwrap();
+            assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "new");
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
     #[test]
     fn the_previous_directory_sits_next_to_the_data_directory() {
         assert_eq!(previous_dir(Path::new("/srv/data/postgres"), "20261125T160000Z"), PathBuf::from("/srv/data/postgres.before-restore-20261125T160000Z"));
