@@ -141,7 +141,8 @@ impl Restore<'_> {
                 None
             }
         };
-        let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        // Milliseconds: two restores within a second get different names.
+        let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
         let mut journal = Journal {
             data_dir: self.data_dir.to_path_buf(),
             wal_dir: self.wal.dir.clone(),
