@@ -274,6 +274,13 @@ impl Restore<'_> {
             if let Some(t) = stop_at {
                 spec = spec.arg("-c").arg(format!("recovery_target_time={}", t.format("%Y-%m-%d %H:%M:%S%.6f+00")));
             }
+            if cfg!(target_os = "linux") && self.binaries.major >= 14 {
+                // A base backup starts like a crashed cluster: everything is
+                // flushed first. One syncfs instead of an fsync per file (as
+                // the gateway's own start does, cluster.rs): the same
+                // durability, seconds less downtime for an online restore.
+                spec = spec.arg("-c").arg("recovery_init_sync_method=syncfs");
+            }
             spec.output = Output::Postgres { routine: Level::INFO };
             spec.run_as = self.account.run_as();
             spec.death_signal = nix::sys::signal::Signal::SIGQUIT;
