@@ -275,6 +275,12 @@ async fn supervise(
             let mut prepared = cluster::prepare(embedded, bins).await?;
             if !embedded.memory_mode {
                 prepared.extra_settings = crate::wal::server_settings(&config.wal);
+            } else {
+                // Backups work in memory mode too (the database is thrown
+                // away, the .sql backups are not): OMNI_BACKUP_DIR is made
+                // for the worker's account as in persistent mode.
+                let worker = crate::privilege::worker_account(&config.api_user)?;
+                crate::privilege::prepare_backup_dir(&config.backup_dir, &worker)?;
             }
             crate::logring::installed().add_secret(&prepared.password);
             let cluster = Arc::new(prepared);

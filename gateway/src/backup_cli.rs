@@ -106,8 +106,8 @@ pub(crate) fn database(config: &Config) -> Result<(String, Option<std::path::Pat
             let data_dir = &embedded.data_dir.value;
             let port = running_port(data_dir)?;
             let password_file = cluster::password_file(data_dir);
-            let password = std::fs::read_to_string(&password_file)
-                .with_context(|| format!("reading the cluster password from {}", password_file.display()))?;
+            let password = cluster::read_password(data_dir)?
+                .with_context(|| format!("reading the cluster password from {}: it is missing", password_file.display()))?;
             let bins = binaries::find(embedded.bin_dir.as_deref())?;
             let url = format!("postgres://{}:{}@127.0.0.1:{port}/{}", cluster::SUPERUSER, password.trim(), cluster::APP_DATABASE);
             Ok((url, Some(bins.dir)))

@@ -182,6 +182,16 @@ pub async fn run(config: &Config) -> Report {
     }
 
     disk_check(&mut report, "free disk (backups)", &config.backup_dir);
+    // The start makes OMNI_BACKUP_DIR for the worker's account (every mode, memory mode too).
+    report.add_result("backup directory", (|| {
+        let worker = crate::privilege::worker_account(&config.api_user)?;
+        if config.backup_dir.is_dir() {
+            crate::privilege::check_reachable(&config.backup_dir, &worker).context("OMNI_BACKUP_DIR")?;
+            Ok(format!("{} (used by user {})", config.backup_dir.display(), worker.name))
+        } else {
+            Ok(format!("{} does not exist yet; the start creates it for user {}", config.backup_dir.display(), worker.name))
+        }
+    })());
     check_sqlite(&mut report, config);
     let token_file = crate::app::setup_token_file(config);
     match std::fs::read_to_string(&token_file) {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::config::{Config, Database};
-use crate::postgres::{binaries, cluster};
+use crate::postgres::binaries;
 use crate::privilege;
 use crate::wal::restore::{self, Restore, Target};
 
@@ -56,10 +56,10 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     let target = args.to.expect("clap requires --to here");
     let bins = binaries::find(embedded.bin_dir.as_deref())?;
     let account = privilege::postgres_account(&embedded.run_as)?;
-    let password_file = cluster::password_file(data_dir);
-    let password = std::fs::read_to_string(&password_file)
-        .with_context(|| format!("reading the cluster password from {} (it is kept next to the data directory, and a restore needs it)", password_file.display()))?;
-    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: password.trim(), progress: None }.run(target).await?;
+    // Everything else comes from the archive: the password is the one beside
+    // the data directory, or a new one when that disk was lost with it.
+    let password = restore::restore_password(data_dir)?;
+    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: &password, progress: None }.run(target).await?;
     println!("restored base backup {} and the WAL up to {} into {} in {:.1} s", restored.base_backup, restored.target, data_dir.display(), restored.took.as_secs_f64());
     if let Some(previous) = restored.previous {
         println!("the data directory as it was is kept at {}; `omni-gateway restore --discard-previous` deletes it", previous.display());

@@ -71,7 +71,7 @@ fn a_second_gateway_refuses_at_once_naming_the_first_which_keeps_serving() {
 }
 
 #[test]
-fn restore_upgrade_and_backup_base_beside_a_running_gateway_refuse_at_once_and_change_nothing() {
+fn restore_and_upgrade_beside_a_running_gateway_refuse_at_once_and_change_nothing() {
     let dir = workdir();
     let mut gw = GatewayBuilder::new(dir.path()).start();
     let holder = gw.child.pid();
@@ -79,7 +79,7 @@ fn restore_upgrade_and_backup_base_beside_a_running_gateway_refuse_at_once_and_c
     let before = siblings(&gw);
     let env = [("OMNI_PORT", gw.port.to_string()), ("PGSERVE_PORT", gw.pg_port.to_string())];
 
-    for args in [&["restore", "--to", "latest"][..], &["upgrade"], &["backup", "base"]] {
+    for args in [&["restore", "--to", "latest"][..], &["upgrade"]] {
         let (ok, out, err, took) = cli_env(dir.path(), args, &env);
         assert!(!ok, "{args:?} ran beside the gateway:\n{out}\n{err}");
         assert!(took < AT_ONCE, "{args:?} refused after {took:?}");
@@ -87,8 +87,6 @@ fn restore_upgrade_and_backup_base_beside_a_running_gateway_refuse_at_once_and_c
         assert!(err.contains("nothing was done"), "{args:?}: {err}");
         assert_eq!(siblings(&gw), before, "{args:?} changed something beside the data directory");
     }
-    let (_, _, err, _) = cli_env(dir.path(), &["backup", "base"], &env);
-    assert!(err.contains("/api/v1/backup/base"), "backup base says how to get one from the running gateway: {err}");
 
     assert_eq!(gw.get("/health").status, 200, "{}", gw.log());
     assert_eq!(gw.pid_of("postgres"), postgres, "PostgreSQL was not restarted");

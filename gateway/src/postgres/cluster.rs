@@ -362,6 +362,8 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     // An upgrade interrupted by a crash is finished or undone first: the
     // data directory may be missing for the instant between two renames.
     super::upgrade::recover(dir).await?;
+    // So is a point-in-time restore (wal/restore.rs, its journal).
+    crate::wal::restore::resume(dir, account, false)?;
     recover_interrupted_creation(dir)?;
     let has_cluster = dir.join("PG_VERSION").is_file();
     let pw_file = password_file(dir);
@@ -755,7 +757,7 @@ pub(crate) fn make_socket_dir(account: &Account) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn random_password() -> String {
+pub(crate) fn random_password() -> String {
     Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
 }
 

@@ -2,9 +2,10 @@
 //!
 //! A running gateway holds it from the first moment of its start (before an
 //! interrupted upgrade is recovered, before `initdb`, before the pid-file
-//! judgement) until it exits; `omni-gateway restore`, `upgrade` and `backup
-//! base` take it for as long as they run. Whoever comes second refuses at
-//! once, naming the holder: after locking, the holder writes `<pid> <what>`
+//! judgement) until it exits; `omni-gateway restore` and `upgrade` take it
+//! for as long as they run (`backup base|create|restore` and `import-sqlite`
+//! are clients of the running gateway's PostgreSQL and take none). Whoever
+//! comes second refuses at once, naming the holder: after locking, the holder writes `<pid> <what>`
 //! into the file, and that is what the refusal quotes. So two gateways (two
 //! containers on one volume: `flock` works across PID and IPC namespaces on
 //! one kernel's filesystem, NFS excepted), or a gateway and a maintenance
@@ -92,7 +93,7 @@ impl Holder {
 }
 
 /// Takes the exclusive lock on the cluster at `data_dir` for `what` (`run`,
-/// `restore`, `upgrade`, `backup base`), or refuses at once, naming who holds it.
+/// `restore`, `upgrade`), or refuses at once, naming who holds it.
 pub fn acquire(data_dir: &Path, what: &str) -> Result<ClusterLock> {
     let path = lock_file(data_dir);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

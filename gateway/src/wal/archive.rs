@@ -124,13 +124,16 @@ pub fn remove_short_partials(stream: &Path) -> usize {
 /// `restore_command` for recovery from this archive: a segment is looked up
 /// in every stream directory, complete files first, then `.partial` ones
 /// (the newest segment is only ever `.partial`; recovery to `latest` ends
-/// inside it). Not found: exit 1, which recovery reads as "no more WAL".
+/// inside it). Only "not found" exits 1, which recovery reads as "no more
+/// WAL"; a copy that fails (a full disk, an I/O error) exits 255: PostgreSQL
+/// treats an exit status above 125 like a signal and stops the recovery
+/// with an error, rather than ending it early with part of the WAL.
 pub fn restore_command(wal_dir: &Path) -> String {
     let dirs: Vec<String> = stream_dirs(wal_dir).iter().map(|d| shell_quote(&d.display().to_string())).collect();
     let dirs = dirs.join(" ");
     let command = format!(
-        "for d in {dirs}; do [ -f \"$d/%f\" ] && exec cp \"$d/%f\" \"%p\"; done; \
-         for d in {dirs}; do [ -f \"$d/%f.partial\" ] && exec cp \"$d/%f.partial\" \"%p\"; done; exit 1"
+        "for d in {dirs}; do [ -f \"$d/%f\" ] && {{ cp \"$d/%f\" \"%p\" && exit 0; exit 255; }}; done; \
+         for d in {dirs}; do [ -f \"$d/%f.partial\" ] && {{ cp \"$d/%f.partial\" \"%p\" && exit 0; exit 255; }}; done; exit 1"
     );
     command
 }

@@ -168,7 +168,10 @@ async fn verify_tar(binaries: &Binaries, account: &Account, dir: &Path) -> Resul
     .await
     .context("the check of the base backup's files stopped")??;
     tracing::info!("{}: {} MB of files match the manifest ({} ms); parsing the WAL it needs", dir.display(), bytes / 1_000_000, clock.elapsed().as_millis());
-    let scratch = std::env::temp_dir().join(format!("omni-verify-wal-{}-{:x}", std::process::id(), rand::random::<u32>()));
+    // Beside the backup, on the archive's disk (never /tmp, often a small
+    // tmpfs); named like a partial backup, so a kill's leftover is removed
+    // by `remove_partials` at the next start.
+    let scratch = dir.parent().unwrap_or(Path::new(".")).join(format!(".verify-wal-{}-{:x}.partial", std::process::id(), rand::random::<u32>()));
     let result = async {
         let (from, to, owner) = (dir.to_path_buf(), scratch.clone(), account.clone());
         tokio::task::spawn_blocking(move || tarball::unpack(&from, "pg_wal", &to, &owner)).await.context("unpacking the backup's WAL stopped")??;

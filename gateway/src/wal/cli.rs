@@ -25,10 +25,8 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
     let data_dir = &embedded.data_dir.value;
     let bins = binaries::find(embedded.bin_dir.as_deref())?;
     let account = privilege::postgres_account(&embedded.run_as)?;
-    let password_file = cluster::password_file(data_dir);
-    let password = std::fs::read_to_string(&password_file).with_context(|| format!("reading the cluster password from {}", password_file.display()))?;
     if verify {
-        let drill = restore::drill(&config.wal, &bins, &account, password.trim()).await;
+        let drill = restore::drill(&config.wal, &bins, &account, data_dir).await;
         if !drill.ok {
             bail!("restore drill FAILED: {}", drill.detail.unwrap_or_default());
         }
@@ -40,13 +38,14 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
         );
         return Ok(());
     }
-    // Not beside a gateway (postgres/lock.rs): its own base backups, retention and
-    // online restores are serialised inside it, so it takes one on request (the API).
-    let _lock = crate::postgres::lock::acquire(data_dir, "backup base").map_err(|e| {
-        anyhow::anyhow!("{e:#}. A running gateway takes a base backup itself on request: `curl -X POST -H \"x-api-key: $KEY\" http://<gateway>/api/v1/backup/base`, or \"take a base backup now\" on the Backups page")
-    })?;
+    // No cluster lock (postgres/lock.rs): this is a client of the running
+    // gateway's PostgreSQL, as `backup create` is, and the gateway holds the
+    // lock for as long as that server runs. pg_basebackup beside the
+    // gateway's own base backups is safe (each has its own slot and files).
     let port = crate::backup_cli::running_port(data_dir)?;
-    let server = Server { binaries: bins, port, password: password.trim().to_string(), account };
+    let password_file = cluster::password_file(data_dir);
+    let password = cluster::read_password(data_dir)?.with_context(|| format!("reading the cluster password from {}: it is missing", password_file.display()))?;
+    let server = Server { binaries: bins, port, password, account };
     let backup = base::take(&server, &config.wal).await?;
     base::apply_retention(&config.wal)?;
     println!("{}  {} bytes  verified  {}", backup.id, backup.bytes, backup.dir(&config.wal.dir).display());

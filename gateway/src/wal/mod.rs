@@ -44,6 +44,8 @@ use crate::postgres::cluster::{self, Cluster, APP_DATABASE};
 pub const SLOT: &str = "omni_wal";
 /// The streamer's `application_name`, named by `synchronous_standby_names`.
 pub const APPLICATION_NAME: &str = "omni_wal";
+/// `pg_basebackup`'s `application_name`: never the streamer's.
+pub const BASE_BACKUP_APPLICATION_NAME: &str = "omni_base_backup";
 /// Most WAL the slot may hold back when the streamer cannot keep up (its disk
 /// is full, it is down): beyond this PostgreSQL drops it rather than fill its
 /// own disk, and the slot reports `lost` (the status says so).
@@ -114,7 +116,10 @@ pub(crate) fn tool(server: &Server, name: &str) -> ChildSpec {
         .arg("--no-password")
         // Only in the child's environment, never on its command line.
         .env("PGPASSWORD", &server.password)
-        .env("PGAPPNAME", APPLICATION_NAME);
+        // Only the streamer is the synchronous standby: a `pg_basebackup`
+        // under the same name could be picked in its place, and commits
+        // would be acknowledged once the backup's WAL stream had them.
+        .env("PGAPPNAME", if name == "pg_receivewal" { APPLICATION_NAME } else { BASE_BACKUP_APPLICATION_NAME });
     spec.env.extend(server.account.login_env());
     spec.run_as = server.account.run_as();
     spec.env_remove = ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"].iter().map(Into::into).collect();
@@ -214,6 +219,7 @@ async fn gateway_stopping(board: &crate::status::Board) {
 /// when it fails) and `/metrics`.
 pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) {
     let server = Server::of(cluster);
+    let data_dir = cluster.data_dir.clone();
     tasks.spawn(async move {
         loop {
             let last = restore::last_drill(&wal.dir).map(|d| d.at);
@@ -235,7 +241,7 @@ pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = gateway_stopping(&board) => return,
-                _ = restore::drill(&wal, &server.binaries, &server.account, &server.password) => {}
+                _ = restore::drill(&wal, &server.binaries, &server.account, &data_dir) => {}
             }
         }
     });

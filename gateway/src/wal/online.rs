@@ -3,8 +3,10 @@
 //! `GET /api/v1/backup/window` reach through the worker (the worker calls
 //! the gateway's internal endpoints, `internal.rs`).
 //!
-//! A restore to a time: the WAL streamer and PostgreSQL are stopped through
-//! their own supervisors (a restart whose start waits on [`Hold`]), the
+//! A restore to a time: PostgreSQL, then the WAL streamer, are stopped
+//! through their own supervisors (a restart whose start waits on
+//! [`Hold`]); PostgreSQL first, so that everything it acknowledged reaches
+//! the archive before the streamer ends (see `run_restore`), the
 //! data directory is restored with [`restore::Restore`] (moved aside, put
 //! back on any failure), then the hold is released, the supervisors start
 //! both again, and the answer waits until PostgreSQL and the worker serve.
@@ -211,12 +213,14 @@ impl Online {
         let report = |step: &str, percent: u8| self.progress(target, started_at, "running", step, percent, None);
         report("waiting for a base backup in progress", 1);
         let _no_base_backup = self.base_busy.clone().lock_owned().await;
-        report("stopping the WAL streamer and PostgreSQL", 3);
+        // PostgreSQL first: its fast shutdown has the walsender ship
+        // everything up to the shutdown checkpoint to the streamer (which
+        // flushes each chunk before it confirms it) before PostgreSQL exits;
+        // the streamer then ends by itself. Stopping the streamer first would
+        // leave whatever PostgreSQL committed meanwhile out of the archive,
+        // and out of a restore to `latest`.
+        report("stopping PostgreSQL (the WAL streamer receives everything up to its shutdown)", 3);
         let hold = self.hold.take().await;
-        if let Some(streamer) = self.streamer.get() {
-            let _ = streamer.send(Command::Restart).await;
-            self.until(|b| b.state("wal") != Some(State::Ready), self.stop_timeout + Duration::from_secs(10)).await;
-        }
         let _ = self.postgres.send(Command::Restart).await;
         let data_dir = self.cluster.data_dir.clone();
         let stopped = self.until(|b| b.state("postgres") != Some(State::Ready) && pidfile::clear_stale(&data_dir).is_ok(), self.stop_timeout + Duration::from_secs(30)).await;
@@ -225,6 +229,14 @@ impl Online {
             let why = "PostgreSQL did not stop in time; nothing was changed";
             self.progress(target, started_at, "failed", "stopping PostgreSQL", 100, Some(why));
             return Err(refuse(500, "restore_failed", why));
+        }
+        report("waiting for the WAL streamer to flush and end", 5);
+        if let Some(streamer) = self.streamer.get() {
+            if !self.until(|b| b.state("wal") != Some(State::Ready), Duration::from_secs(15)).await {
+                tracing::warn!("the WAL streamer did not end by itself within 15 s of PostgreSQL's stop; stopping it");
+                let _ = streamer.send(Command::Restart).await;
+                self.until(|b| b.state("wal") != Some(State::Ready), self.stop_timeout + Duration::from_secs(10)).await;
+            }
         }
         let progress = |step: &str, percent: u8| report(step, percent);
         let restore = Restore {
