@@ -587,6 +587,16 @@ impl Worker {
     pub fn request(&self, method: &str, path: &str) -> Request {
         Request::new(method, path).port(self.port)
     }
+
+    /// `POST /api/v1/auth/login` as the gateway forwards a sign-in from the
+    /// client at `address` (`X-Omni-Client-Addr`, the one header the worker's
+    /// limits read).
+    pub fn login_from(&self, address: &str, username: &str, password: &str) -> Response {
+        self.request("POST", "/api/v1/auth/login")
+            .header("x-omni-client-addr", address)
+            .json(&serde_json::json!({"username": username, "password": password}))
+            .send()
+    }
 }
 
 // ---------------------------------------------------------------- HTTP

@@ -19,16 +19,8 @@ fn cookie_of(response: &Response) -> String {
     set.split(';').next().unwrap().trim().to_owned()
 }
 
-fn login_from(worker: &Worker, address: &str, username: &str, password: &str) -> Response {
-    worker
-        .request("POST", "/api/v1/auth/login")
-        .header("x-omni-client-addr", address)
-        .json(&json!({"username": username, "password": password}))
-        .send()
-}
-
 fn login(worker: &Worker, username: &str, password: &str) -> String {
-    let response = login_from(worker, "10.9.9.9", username, password);
+    let response = worker.login_from("10.9.9.9", username, password);
     assert_eq!(response.status, 200, "{}", response.text());
     cookie_of(&response)
 }
@@ -154,7 +146,7 @@ fn fifty_wrong_passwords_from_one_address_are_refused_while_another_address_sign
     let mut statuses = Vec::new();
     let mut last = None;
     for i in 0..50 {
-        let response = login_from(&worker, attacker, ADMIN.0, &format!("guess {i}"));
+        let response = worker.login_from(attacker, ADMIN.0, &format!("guess {i}"));
         statuses.push(response.status);
         last = Some(response);
     }
@@ -165,11 +157,11 @@ fn fifty_wrong_passwords_from_one_address_are_refused_while_another_address_sign
     assert_eq!(last.json()["code"], "too_many_attempts");
     assert!(statuses[..5].iter().all(|s| *s == 401), "the first failures are plain 401s: {statuses:?}");
     // Even the right password waits at the blocked address.
-    assert_eq!(login_from(&worker, attacker, ADMIN.0, ADMIN.1).status, 429);
+    assert_eq!(worker.login_from(attacker, ADMIN.0, ADMIN.1).status, 429);
 
     // The admin, elsewhere, signs in at once.
     let started = Instant::now();
-    let admin = login_from(&worker, "198.51.100.20", ADMIN.0, ADMIN.1);
+    let admin = worker.login_from("198.51.100.20", ADMIN.0, ADMIN.1);
     assert_eq!(admin.status, 200, "{}", admin.text());
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 
@@ -227,7 +219,7 @@ fn accounts_are_isolated_a_disabled_account_stops_at_once_and_the_last_admin_sta
     for cookie in [&alice, &alice_2] {
         assert_eq!(worker.request("GET", "/api/v1/auth/me").header("cookie", cookie).send().status, 401);
     }
-    let refused = login_from(&worker, "10.1.1.1", "alice", "alice password");
+    let refused = worker.login_from("10.1.1.1", "alice", "alice password");
     assert_eq!((refused.status, refused.json()["code"].as_str()), (403, Some("account_disabled")));
 
     // Sign out everywhere ends every session of bob.

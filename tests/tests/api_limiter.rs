@@ -14,14 +14,6 @@ use std::time::Duration;
 
 const ADMIN: (&str, &str) = ("admin", "correct horse battery");
 
-fn login_from(worker: &Worker, address: &str, username: &str, password: &str) -> Response {
-    worker
-        .request("POST", "/api/v1/auth/login")
-        .header("x-omni-client-addr", address)
-        .json(&json!({"username": username, "password": password}))
-        .send()
-}
-
 fn me_with_key_from(worker: &Worker, address: &str, key: &str) -> Response {
     worker.request("GET", "/api/v1/auth/me").header("x-omni-client-addr", address).header("x-api-key", key).send()
 }
@@ -55,7 +47,12 @@ fn failures_until_blocked(seconds: u64, mut attempt: impl FnMut(usize) -> Respon
 fn worker_with_admin() -> (TempPostgres, Worker) {
     let pg = TempPostgres::start_new();
     let worker = Worker::start(&pg);
-    let created = worker.request("POST", "/api/v1/setup/admin").json(&json!({"username": ADMIN.0, "password": ADMIN.1})).send();
+    // The worker has OMNI_API_KEY, so it counts as set up: the operator makes accounts with the key.
+    let created = worker
+        .request("POST", "/api/v1/accounts")
+        .header("x-api-key", TEST_API_KEY)
+        .json(&json!({"username": ADMIN.0, "password": ADMIN.1, "role": "admin"}))
+        .send();
     assert_eq!(created.status, 201, "{}", created.text());
     (pg, worker)
 }
@@ -72,7 +69,7 @@ fn a_parallel_burst_counts_every_guess_and_a_correct_api_key_is_never_refused() 
                 let (worker, barrier) = (&worker, barrier.clone());
                 s.spawn(move || {
                     barrier.wait();
-                    login_from(worker, attacker, ADMIN.0, &format!("guess {i}")).status
+                    worker.login_from(attacker, ADMIN.0, &format!("guess {i}")).status
                 })
             })
             .collect();
@@ -87,8 +84,8 @@ fn a_parallel_burst_counts_every_guess_and_a_correct_api_key_is_never_refused() 
     assert!(wrong <= 12, "{wrong} of {burst} parallel guesses were checked: {statuses:?}");
 
     // The address is blocked (for 8 s or more now) for passwords...
-    failures_until_blocked(8, |i| login_from(&worker, attacker, ADMIN.0, &format!("more {i}")));
-    assert_eq!(login_from(&worker, attacker, ADMIN.0, ADMIN.1).status, 429);
+    failures_until_blocked(8, |i| worker.login_from(attacker, ADMIN.0, &format!("more {i}")));
+    assert_eq!(worker.login_from(attacker, ADMIN.0, ADMIN.1).status, 429);
     // ...a wrong key is still just wrong on a protected route...
     let wrong_key = me_with_key_from(&worker, attacker, "not-the-key");
     assert_eq!(wrong_key.status, 401, "{}", wrong_key.text());
@@ -100,7 +97,7 @@ fn a_parallel_burst_counts_every_guess_and_a_correct_api_key_is_never_refused() 
     let key_login = worker.request("POST", "/api/v1/auth/login").header("x-omni-client-addr", attacker).json(&json!({"api_key": TEST_API_KEY})).send();
     assert_eq!(key_login.status, 200, "{}", key_login.text());
     // And the admin, from elsewhere, signs in at once.
-    assert_eq!(login_from(&worker, "198.51.100.20", ADMIN.0, ADMIN.1).status, 200);
+    assert_eq!(worker.login_from("198.51.100.20", ADMIN.0, ADMIN.1).status, 200);
 }
 
 #[test]
@@ -110,20 +107,20 @@ fn a_success_never_clears_the_failures_of_its_address() {
     assert_eq!(made.status, 201, "{}", made.text());
     let address = "203.0.113.60";
     for i in 0..10 {
-        assert_eq!(login_from(&worker, address, ADMIN.0, &format!("guess {i}")).status, 401, "guess {i}");
+        assert_eq!(worker.login_from(address, ADMIN.0, &format!("guess {i}")).status, 401, "guess {i}");
         // A valid low-privilege sign-in between guesses refunds only itself.
-        assert_eq!(login_from(&worker, address, "mallory", "mallory's own password").status, 200, "after guess {i}");
+        assert_eq!(worker.login_from(address, "mallory", "mallory's own password").status, 200, "after guess {i}");
     }
     // The 10 failures all stand: the 11th is checked and blocks.
-    let wrong = failures_until_blocked(4, |i| login_from(&worker, address, ADMIN.0, &format!("guess {}", 10 + i)));
+    let wrong = failures_until_blocked(4, |i| worker.login_from(address, ADMIN.0, &format!("guess {}", 10 + i)));
     assert!(wrong <= 2, "{wrong} more failures before a block: the successes washed the address");
-    let blocked = login_from(&worker, address, "mallory", "mallory's own password");
+    let blocked = worker.login_from(address, "mallory", "mallory's own password");
     assert_eq!(blocked.status, 429, "the address is blocked for everyone at it: {}", blocked.text());
     // IPv6 addresses of one /64 share their count.
-    let wrong = failures_until_blocked(4, |i| login_from(&worker, &format!("2001:db8:5:6::{:x}", i), "nobody", "wrong"));
+    let wrong = failures_until_blocked(4, |i| worker.login_from(&format!("2001:db8:5:6::{:x}", i), "nobody", "wrong"));
     assert!((11..=13).contains(&wrong), "{wrong} failures from one /64 before a block");
-    assert_eq!(login_from(&worker, "2001:db8:5:6:ffff::1", ADMIN.0, ADMIN.1).status, 429);
-    assert_eq!(login_from(&worker, "2001:db8:5:7::1", ADMIN.0, ADMIN.1).status, 200, "the next /64 is another client");
+    assert_eq!(worker.login_from("2001:db8:5:6:ffff::1", ADMIN.0, ADMIN.1).status, 429);
+    assert_eq!(worker.login_from("2001:db8:5:7::1", ADMIN.0, ADMIN.1).status, 200, "the next /64 is another client");
 }
 
 #[test]
@@ -131,13 +128,13 @@ fn an_overlong_username_is_refused_before_anything_and_never_logged() {
     let (_pg, worker) = worker_with_admin();
     let long = "x".repeat(100_000);
     for name in [long.as_str(), &"y".repeat(65)] {
-        let r = login_from(&worker, "203.0.113.70", name, "whatever");
+        let r = worker.login_from("203.0.113.70", name, "whatever");
         assert_eq!(r.status, 400, "{}", r.text());
         assert_eq!(r.json()["code"], "invalid_username");
     }
     // Refused names cost no limiter budget: the address still has all of it.
     for i in 0..10 {
-        assert_eq!(login_from(&worker, "203.0.113.70", "nobody\nforged line", &format!("{i}")).status, 401);
+        assert_eq!(worker.login_from("203.0.113.70", "nobody\nforged line", &format!("{i}")).status, 401);
     }
     let log = wait_until(Duration::from_secs(10), "the failed sign-ins in the worker's log", || {
         let log = worker.log();

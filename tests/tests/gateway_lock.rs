@@ -15,25 +15,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use gateway::{workdir, Gateway, GatewayBuilder};
-use omni_tests::{bin_path, pg_bin_dir};
+use omni_tests::pg_bin_dir;
 
 /// A refusal "at once": no waiting on anything, just the process's own start.
 const AT_ONCE: Duration = Duration::from_secs(10);
 
-/// `omni-gateway <args>` in `cwd` with `env` on top of the usual: success, stdout, stderr, how long it took.
+/// [`gateway::cli_env`], timed.
 fn cli_env(cwd: &Path, args: &[&str], env: &[(&str, String)]) -> (bool, String, String, Duration) {
     let started = Instant::now();
-    let out = std::process::Command::new(bin_path("omni-gateway"))
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PGSERVE_BIN_DIR", pg_bin_dir())
-        .env("LOG_LEVEL", "warn")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("running omni-gateway");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned(), started.elapsed())
+    let (ok, out, err) = gateway::cli_env(cwd, args, env);
+    (ok, out, err, started.elapsed())
 }
 
 /// The names in the directory holding the data directory (its siblings: state files, copies, markers).

@@ -89,7 +89,17 @@ fn memory_mode_leaves_no_files_after_stop() {
     gw.db_memory().batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)").unwrap();
     assert!(gw.terminate().success());
     assert!(!mem_dir.exists(), "{} must be deleted at stop", mem_dir.display());
-    assert!(!dir.path().join("data").exists(), "memory mode must not create a data directory");
+    // Only OMNI_BACKUP_DIR is made at start (empty: the worker's backups go
+    // there), so the backup endpoints work, and the setup token is written
+    // where the operator (and doctor) reads it; no cluster, no state file.
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("data"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(left.iter().all(|name| name == "backups" || name == "postgres.setup-token"), "memory mode must leave no data directory or state files: {left:?}");
+    let backups: Vec<String> = std::fs::read_dir(dir.path().join("data/backups"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".sql")).collect())
+        .unwrap_or_default();
+    assert!(backups.is_empty(), "no backup was made: {backups:?}");
 }
 
 /// The template a memory-mode start copies already holds the schema: the

@@ -200,6 +200,11 @@ pub fn postgres_pids_on(dir: &Path) -> Vec<i32> {
 /// Runs `omni-gateway <args>` in `cwd`, as an operator would next to a
 /// running gateway: success, stdout, stderr.
 pub fn cli(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    cli_env(cwd, args, &[])
+}
+
+/// [`cli`] with extra environment variables (the gateway's ports, say).
+pub fn cli_env(cwd: &Path, args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
     let out = std::process::Command::new(bin_path("omni-gateway"))
         .args(args)
         .current_dir(cwd)
@@ -207,6 +212,7 @@ pub fn cli(cwd: &Path, args: &[&str]) -> (bool, String, String) {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("PGSERVE_BIN_DIR", pg_bin_dir())
         .env("LOG_LEVEL", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("running omni-gateway");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
