@@ -250,7 +250,7 @@ async fn supervise(
     let board = running.board.clone();
     let gateway_token = running.internal.token.clone();
     let setup_token = prepare_setup_token(config);
-    let public_url = std::env::var(omni_contract::worker_settings::vars::PUBLIC_URL).ok().filter(|u| !u.is_empty());
+    let public_url = config.http.public_url.clone();
     // The worker's policy, for the database at `url`. Its failures while
     // PostgreSQL was down are not its own: it is retried as soon as
     // PostgreSQL is back.

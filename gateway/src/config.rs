@@ -65,6 +65,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_MAX_CONNECTIONS", default: "4096", help: "open client connections the gateway accepts at once" },
     Var { name: "OMNI_DRAIN_TIMEOUT_S", default: "15", help: "at stop or reload, how long in-flight requests may take to finish" },
     Var { name: "OMNI_TRUSTED_PROXIES", default: "", help: "comma-separated addresses or CIDRs (e.g. 127.0.0.1/32,10.0.0.0/8) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; empty = none, every client is its TCP peer" },
+    Var { name: "OMNI_PUBLIC_URL", default: "", help: "the address users type (e.g. https://omni.example.com): its host is allowed, beside IP addresses and localhost, on setup and sign-in (the DNS-rebinding check)" },
     Var { name: "OMNI_DEV", default: "false", help: "development mode: restart the worker when its binary changes (make dev)" },
     Var { name: "OMNI_API_DB_POOL_SIZE", default: "8", help: "most PostgreSQL connections the API worker opens (1 to 1000)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
@@ -298,6 +299,9 @@ pub struct HttpLimits {
     pub drain_timeout: Duration,
     /// Whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: TrustedProxies,
+    /// `OMNI_PUBLIC_URL`: the address users type; the worker's Host check
+    /// allows its host on setup and sign-in.
+    pub public_url: Option<String>,
 }
 
 /// Everything the gateway needs, parsed and absolute.
@@ -527,6 +531,10 @@ impl Config {
             max_connections: p.number("OMNI_MAX_CONNECTIONS", "a whole number of connections")?,
             drain_timeout: p.seconds("OMNI_DRAIN_TIMEOUT_S")?,
             trusted_proxies: TrustedProxies::parse(&p.raw("OMNI_TRUSTED_PROXIES").0).map_err(|problem| p.invalid("OMNI_TRUSTED_PROXIES", problem))?,
+            public_url: match p.raw("OMNI_PUBLIC_URL").0.trim() {
+                "" => None,
+                url => Some(check::public_url(url).map_err(|problem| p.invalid("OMNI_PUBLIC_URL", problem))?),
+            },
         };
         if http.header_timeout.is_zero() {
             return Err(p.invalid("OMNI_HEADER_TIMEOUT_S", "must be at least 1 second"));
@@ -776,6 +784,15 @@ mod tests {
             let err = parse(&[("OMNI_TRUSTED_PROXIES", bad)]).unwrap_err().to_string();
             assert!(err.starts_with("OMNI_TRUSTED_PROXIES=") && err.contains("CIDR") || err.contains("prefix length"), "{err}");
         }
+    }
+
+    #[test]
+    fn public_url_is_a_setting_like_any_other_and_must_be_an_http_url() {
+        assert_eq!(parse(&[]).unwrap().http.public_url, None);
+        let url = parse(&[("OMNI_PUBLIC_URL", "https://omni.example.com/")]).unwrap().http.public_url;
+        assert_eq!(url.as_deref(), Some("https://omni.example.com"));
+        let err = parse(&[("OMNI_PUBLIC_URL", "omni.example.com")]).unwrap_err().to_string();
+        assert!(err.starts_with("OMNI_PUBLIC_URL=") && err.contains("https://"), "{err}");
     }
 
     #[test]
