@@ -275,6 +275,39 @@ pub fn read_trusted(path: &Path) -> Result<Option<String>> {
     Ok(Some(text))
 }
 
+/// A state file beside the data directory (`<data_dir>.upgrade.json`,
+/// `<data_dir>.restore.json`): read only when it is the gateway's own
+/// ([`read_trusted`]), parsed, and trusted only when every directory it
+/// names is the one `what` (an upgrade, a restore) of `data_dir` would use
+/// (`paths`: field, found, wanted). A start renames and deletes those
+/// directories on its word, so anything else is refused before anything is
+/// touched.
+pub fn read_state_file<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    data_dir: &Path,
+    what: &str,
+    paths: impl FnOnce(&T) -> Vec<(&'static str, PathBuf, PathBuf)>,
+) -> Result<Option<T>> {
+    let Some(text) = read_trusted(path)? else { return Ok(None) };
+    let state: T = serde_json::from_str(&text).with_context(|| {
+        format!("{} is not a valid state file of {what}; it records {what} of {}: inspect it, and remove it only once the data directory is known to be right", path.display(), data_dir.display())
+    })?;
+    for (field, found, wanted) in paths(&state) {
+        if found != wanted {
+            bail!(
+                "{} names {field} {}, but {what} of {} uses {}; the file was not written for this cluster, so nothing was done. \
+                 Inspect it: if PGSERVE_DATA_DIR changed since, set it back; otherwise remove the file (`rm {}`) and start again",
+                path.display(),
+                found.display(),
+                data_dir.display(),
+                wanted.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(Some(state))
+}
+
 /// The cluster's superuser password, from its file (see [`password_file`]),
 /// refused when the file is not the gateway's own (see [`check_trusted`]).
 pub fn read_password(data_dir: &Path) -> Result<Option<String>> {

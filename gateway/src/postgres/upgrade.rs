@@ -163,30 +163,13 @@ pub fn state_file(data_dir: &Path) -> PathBuf {
 /// `<data_dir>.upgrade-pg<to>`, `<data_dir>.pg<from>`): they are renamed and
 /// deleted on its word, so anything else is refused before anything is touched.
 pub fn load(data_dir: &Path) -> Result<Option<Record>> {
-    let path = state_file(data_dir);
-    let Some(text) = cluster::read_trusted(&path)? else { return Ok(None) };
-    let record: Record = serde_json::from_str(&text).with_context(|| {
-        format!("{} is not a valid upgrade state file; it records an upgrade of {}: inspect it, and remove it only once the data directory is known to be right", path.display(), data_dir.display())
-    })?;
-    let expected = [
-        ("data_dir", &record.data_dir, data_dir.to_path_buf()),
-        ("staging", &record.staging, sibling(data_dir, &format!(".upgrade-pg{}", record.to))),
-        ("old_copy", &record.old_copy, sibling(data_dir, &format!(".pg{}", record.from))),
-    ];
-    for (field, found, wanted) in expected {
-        if *found != wanted {
-            bail!(
-                "{} names {field} {}, but an upgrade of {} uses {}; the file was not written for this cluster, so nothing was done. \
-                 Inspect it: if PGSERVE_DATA_DIR changed since the upgrade, set it back; otherwise remove the file (`rm {}`) and start again",
-                path.display(),
-                found.display(),
-                data_dir.display(),
-                wanted.display(),
-                path.display()
-            );
-        }
-    }
-    Ok(Some(record))
+    cluster::read_state_file(&state_file(data_dir), data_dir, "an upgrade", |record: &Record| {
+        vec![
+            ("data_dir", record.data_dir.clone(), data_dir.to_path_buf()),
+            ("staging", record.staging.clone(), sibling(data_dir, &format!(".upgrade-pg{}", record.to))),
+            ("old_copy", record.old_copy.clone(), sibling(data_dir, &format!(".pg{}", record.from))),
+        ]
+    })
 }
 
 /// Written to a new temporary file (`O_EXCL`, `O_NOFOLLOW`), flushed,

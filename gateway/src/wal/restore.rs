@@ -547,28 +547,17 @@ impl Journal {
     /// would use: the journal names directories that a start renames and
     /// deletes, so it must never point anywhere else.
     pub fn load(data_dir: &Path) -> Result<Option<Journal>> {
-        let path = journal_file(data_dir);
-        let Some(text) = cluster::read_trusted(&path)? else { return Ok(None) };
-        let journal: Journal = serde_json::from_str(&text).with_context(|| {
-            format!("{} is not a valid restore journal; it records a restore into {}: inspect it (and the .restoring-* directory beside it), and remove it only once the data directory is known to be right", path.display(), data_dir.display())
-        })?;
-        let expected = [
-            ("data_dir", &journal.data_dir, data_dir.to_path_buf()),
-            ("staging", &journal.staging, staging_dir(data_dir, &journal.stamp)),
-            ("previous", &journal.previous, previous_dir(data_dir, &journal.stamp)),
-        ];
-        let stamp_ok = !journal.stamp.is_empty() && journal.stamp.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-        for (field, found, wanted) in expected {
-            if !stamp_ok || *found != wanted {
-                bail!(
-                    "{} names {} as its {field}, not {}: a start acts only on the directories of this data directory's own restore. Inspect the file and remove it if nobody restores here",
-                    path.display(),
-                    found.display(),
-                    wanted.display()
-                );
-            }
-        }
-        Ok(Some(journal))
+        cluster::read_state_file(&journal_file(data_dir), data_dir, "a restore", |journal: &Journal| {
+            // The stamp builds the names below: a path separator in it would
+            // let the journal name a directory elsewhere.
+            let stamp_ok = !journal.stamp.is_empty() && journal.stamp.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            let stamp = if stamp_ok { journal.stamp.as_str() } else { "<a stamp of letters, digits, - _ .>" };
+            vec![
+                ("data_dir", journal.data_dir.clone(), data_dir.to_path_buf()),
+                ("staging", journal.staging.clone(), staging_dir(data_dir, stamp)),
+                ("previous", journal.previous.clone(), previous_dir(data_dir, stamp)),
+            ]
+        })
     }
 
     /// Written to a temporary file (0600, flushed), renamed over the
