@@ -121,8 +121,15 @@ test('an admin creates and disables an account on the Accounts page; the last ad
     await screenshots(page, 'accounts');
 
     // Carol signs in elsewhere; she has no Accounts page and her own (empty) preferences.
+    // Her dashboard asks for nothing only an admin may read: no 403 behind any card.
+    const forbidden = [];
+    other.page.on('response', (r) => { if (r.status() === 403) forbidden.push(r.url()); });
     await signInAs(other.page, { username: 'carol', password: 'carol password' });
     assert.notEqual(await theme(other.page), 'dark');
+    await other.page.locator('#backups-admin-only').filter({ hasText: 'Backups are managed by an admin.' }).waitFor();
+    await other.page.getByRole('heading', { name: 'Services' }).locator('xpath=..').locator('.badge').first().waitFor();
+    assert.equal(await other.page.getByRole('link', { name: 'Manage backups' }).count(), 0);
+    assert.deepEqual(forbidden, []);
 
     // Disabling carol ends her session at once.
     await page.getByRole('button', { name: 'Disable carol' }).click();

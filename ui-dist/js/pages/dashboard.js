@@ -12,7 +12,10 @@ function stateBadge(state) {
   return h('span', { class: `badge badge-${kind}` }, state);
 }
 
-export async function render(main, { setup }) {
+export async function render(main, { setup, me }) {
+  // Backups, imports and storage settings are an admin's (the API answers a
+  // `user` 403 there): a user's dashboard says so instead of showing errors.
+  const admin = !me || me.role === 'admin';
   const services = h('div', {}, h('p', { class: 'hint' }, 'Loading…'));
   const backups = h('div', {}, h('p', { class: 'hint' }, 'Loading…'));
   const migration = h('div', { id: 'migration-notice' });
@@ -35,15 +38,15 @@ export async function render(main, { setup }) {
         h('p', { class: 'hint' }, setup && setup.storage
           ? (setup.storage.memory_mode ? 'In-memory storage' : `Data directory ${setup.storage.data_dir}`)
           : 'Default storage'),
-        h('a', { href: '/setup' }, setupDone ? 'Review storage settings' : 'Configure storage')),
+        admin ? h('a', { href: '/setup' }, setupDone ? 'Review storage settings' : 'Configure storage') : null),
       h('section', { class: 'card', 'aria-labelledby': 'card-services' },
         h('h2', { id: 'card-services' }, 'Services'),
         services,
         h('a', { href: '/status' }, 'Open status')),
       h('section', { class: 'card', 'aria-labelledby': 'card-backups' },
         h('h2', { id: 'card-backups' }, 'Backups'),
-        backups,
-        h('a', { href: '/backups' }, 'Manage backups')))));
+        admin ? backups : h('p', { class: 'hint', id: 'backups-admin-only' }, 'Backups are managed by an admin.'),
+        admin ? h('a', { href: '/backups' }, 'Manage backups') : null))));
 
   call('/gateway/status').then((status) => {
     const components = (status && status.components) || [];
@@ -52,6 +55,8 @@ export async function render(main, { setup }) {
         components.map((c) => [h('li', {}, NAMES[c.name] || c.name), h('li', { style: 'text-align:right' }, stateBadge(c.state))]))
       : h('p', { class: 'hint' }, 'No components reported.'));
   }).catch((error) => replace(services, h('p', { class: 'hint' }, error.message)));
+
+  if (!admin) return;
 
   authedCall('/api/v1/migration/status').then((check) => {
     if (!check || !check.sqlite_found || !check.migration_recommended) return;
