@@ -46,6 +46,7 @@ bench:
 	python3 bench/upgrade.py
 	python3 bench/replication.py
 	python3 bench/pitr.py
+	python3 bench/recovery.py
 	python3 bench/login_flood.py
 
 ## Chaos soak: kill -9 PostgreSQL and the worker under write load; appends to RELIABILITY.md (SOAK_SECONDS, default 240).

@@ -306,7 +306,7 @@ def main():
         "",
         "The base backup's extra time is its check (lz4 decompression, CRC-32C of every file, `pg_waldump` of its WAL). "
         "The bare restore pipes the `lz4` and `tar` commands and is polled with `psql` every 10 ms; the gateway unpacks in-process. "
-        "Recovery point: `make test` measures it (`pitr_restore_latest_*`, the loss window printed: 0.000 s in every run, none with OMNI_WAL_SYNC).",
+        "Recovery point (acknowledged writes lost when the data disk is lost): see \"Recovery from the archive alone\" (`bench/recovery.py`).",
     ])
     print(body)
     if not only_latency:
