@@ -40,6 +40,7 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     if args.window {
         let w = restore::window(&config.wal.dir);
         println!("recoverable window: {w} (OMNI_WAL_DIR={})", config.wal.dir.display());
+        crate::wal::generation::describe(&config.wal.dir).iter().for_each(|line| println!("{line}"));
         return Ok(());
     }
     if args.discard_previous {
@@ -54,16 +55,27 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let target = args.to.expect("clap requires --to here");
-    let bins = binaries::find(embedded.bin_dir.as_deref())?;
+    let (mut bins, mut wal, mut older) = (binaries::find(embedded.bin_dir.as_deref())?, config.wal.clone(), None);
+    // A time before a major upgrade: the earlier archive generation, with its major's binaries.
+    if let Some((old_wal, old_bins, generation)) = crate::wal::generation::for_restore(&config.wal, target, embedded.old_bin_dir.as_deref())? {
+        println!("{target} is in the archive of the earlier {} ({}): restoring it with the PostgreSQL {} binaries in {}", generation.identity, generation.dir.display(), old_bins.major, old_bins.dir.display());
+        (bins, wal, older) = (old_bins, old_wal, Some(generation.identity.major));
+    }
     let account = privilege::postgres_account(&embedded.run_as)?;
     // Everything else comes from the archive: the password is the one beside
     // the data directory, or a new one when that disk was lost with it.
     let password = restore::restore_password(data_dir)?;
-    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: &password, progress: None }.run(target).await?;
+    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: None }.run(target).await?;
     println!("restored base backup {} and the WAL up to {} into {} in {:.1} s", restored.base_backup, restored.target, data_dir.display(), restored.took.as_secs_f64());
     if let Some(previous) = restored.previous {
         println!("the data directory as it was is kept at {}; `omni-gateway restore --discard-previous` deletes it", previous.display());
     }
     println!("start the gateway (`omni-gateway`) to serve the restored data");
+    if let Some(major) = older {
+        println!(
+            "the data directory now holds a PostgreSQL {major} cluster: start the gateway with PGSERVE_BIN_DIR set to PostgreSQL {major} binaries to serve it as it is; \
+             with newer binaries and PGSERVE_AUTO_UPGRADE on, the start upgrades it again (after `omni-gateway upgrade --cleanup` if the copy an earlier upgrade kept is still there)"
+        );
+    }
     Ok(())
 }

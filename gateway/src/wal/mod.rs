@@ -14,6 +14,10 @@
 //! stream/              the streamer's directory; its newest segment is `.partial`
 //! stream-<UTC stamp>/  what an earlier stream/ held, moved aside by a restore
 //!                      (the restored cluster starts a new timeline from there)
+//! identity.json        the cluster this archive belongs to (system identifier + major)
+//! generations/<stamp>-pg<major>-<sysid>/
+//!                      the archive of an earlier cluster (before a major upgrade,
+//!                      a replaced data directory), same layout inside (generation.rs)
 //! base/<id>/           base backups (pg_basebackup: base.tar.lz4, pg_wal.tar,
 //!                      backup_manifest; checked against the manifest, see
 //!                      tarball.rs); base/<id>.json: when it began and ended
@@ -25,6 +29,7 @@
 pub mod archive;
 pub mod base;
 pub mod cli;
+pub mod generation;
 pub mod online;
 pub mod receiver;
 pub mod restore;
@@ -164,8 +169,18 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
     let busy = std::sync::Arc::new(tokio::sync::Mutex::new(()));
     let server = Server::of(cluster);
     let held = busy.clone();
+    // Before anything streams into the archive or reads it for this
+    // cluster: an archive of another cluster (a major upgrade, a replaced
+    // data directory) moves to generations/. A failure here is retried by
+    // the streamer's start, which refuses to stream until it is done.
+    if let Err(e) = generation::reconcile(&wal.dir, &cluster.data_dir, &cluster.account) {
+        tracing::error!("OMNI_WAL_DIR: could not check which cluster the archive belongs to: {e:#}");
+    }
     tasks.spawn(async move {
         base::remove_partials(&wal.dir);
+        if let Err(e) = generation::apply_retention(&wal) {
+            tracing::error!("retention of earlier archive generations failed: {e:#}");
+        }
         let mut tick = every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
         loop {
             let scheduled = async {
@@ -192,6 +207,9 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
                     Ok(_) => {
                         if let Err(e) = base::apply_retention(&wal) {
                             tracing::error!("WAL retention failed: {e:#}");
+                        }
+                        if let Err(e) = generation::apply_retention(&wal) {
+                            tracing::error!("retention of earlier archive generations failed: {e:#}");
                         }
                     }
                     Err(e) => tracing::error!("base backup failed: {e:#}. Point-in-time recovery needs one; the next try is at the next scheduled backup (OMNI_BACKUP_INTERVAL) or the next start of streaming"),

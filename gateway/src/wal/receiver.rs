@@ -16,7 +16,8 @@ use tokio::process::Child;
 use tokio::sync::mpsc;
 use tracing::Level;
 
-use super::{archive, base, SLOT};
+use super::archive::SEGMENT_BYTES;
+use super::{archive, base, generation, SLOT};
 use crate::child::{self, Output};
 use crate::config::{RestartPolicy, WalConfig};
 use crate::postgres::cluster::Cluster;
@@ -87,6 +88,85 @@ impl ReceiverPolicy {
         tracing::info!("created replication slot {SLOT} for the WAL streamer");
         Ok(())
     }
+
+    /// `pg_receivewal` resumes where the newest file of `stream/` ends. When
+    /// the server cannot stream from there — that WAL was removed while no
+    /// slot held it (`OMNI_WAL_DIR` was off, the slot was dropped), the
+    /// stream is on a timeline outside this server's history, or it is
+    /// ahead of the server (a data directory from elsewhere) — it would fail
+    /// at every start, forever. The stream is retired instead (it stays
+    /// readable by restores to times inside it), the gap is said, and the
+    /// new stream gets its own base backup ([`Policy::on_ready`]).
+    async fn retire_unreachable_stream(&mut self) -> Result<()> {
+        let stream = archive::stream_dir(&self.wal.dir);
+        let Some(newest) = archive::segments(&stream).into_iter().last() else { return Ok(()) };
+        let Some((tli, segno)) = segment_number(&newest.name) else { return Ok(()) };
+        // A .partial is streamed again from its start; a complete one is followed by the next.
+        let start_segno = if newest.partial { segno } else { segno + 1 };
+        let start = start_segno * SEGMENT_BYTES;
+        let start_name = format!("{:08X}{:08X}{:08X}", tli, start_segno >> 8, start_segno & 0xFF);
+        let client = self.client().await?;
+        let row = client.query_one("SELECT pg_walfile_name(pg_current_wal_flush_lsn()), pg_current_wal_flush_lsn()::text", &[]).await?;
+        let (current, flush): (String, String) = (row.get(0), row.get(1));
+        let server_tli = u32::from_str_radix(&current[..8], 16).unwrap_or(0);
+        let flush = super::restore::parse_lsn(&flush).unwrap_or(u64::MAX);
+        let why = if tli > server_tli {
+            Some(format!("it is on timeline {tli}, which is not in this server's history (the server is on timeline {server_tli})"))
+        } else if start > flush {
+            Some(format!("it ends at WAL position {}, ahead of this server ({}): the data directory is not the one this stream came from", lsn_text(start), lsn_text(flush)))
+        } else if tli < server_tli && !history_reaches(client, server_tli, tli, start).await {
+            Some(format!("its timeline {tli} is not in this server's history at {} (the server, on timeline {server_tli}, forked from it earlier)", lsn_text(start)))
+        } else {
+            let held: i64 = client
+                .query_one("SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}' AND substr(name, 9, 16) = $1", &[&&start_name[8..]])
+                .await?
+                .get(0);
+            (held == 0).then(|| format!("the server no longer has WAL segment {start_name} (requested WAL segment has already been removed: no slot kept it while the streamer was away)"))
+        };
+        let Some(why) = why else { return Ok(()) };
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+        let old = archive::retire_stream(&self.wal.dir, &stamp, &self.cluster.account)?;
+        tracing::error!(
+            "the WAL stream in {} cannot continue from this server: {why}. Point-in-time recovery has a gap from the end of that stream ({}) until the new base backup; \
+             the stream so far moved to {} (restores to times inside it still read it), streaming starts afresh, and a base backup is taken now",
+            stream.display(),
+            newest.name,
+            old.display()
+        );
+        Ok(())
+    }
+}
+
+/// Timeline and segment number of a segment file name.
+fn segment_number(name: &str) -> Option<(u32, u64)> {
+    let tli = u32::from_str_radix(name.get(..8)?, 16).ok()?;
+    let log = u64::from_str_radix(name.get(8..16)?, 16).ok()?;
+    let seg = u64::from_str_radix(name.get(16..24)?, 16).ok()?;
+    // 16 MB segments: 256 per 4 GB "log" number.
+    Some((tli, log * 0x100 + seg))
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Whether the server's history (its `<tli>.history` file) has `tli`
+/// going on until at least `start`; unreadable history says yes (the
+/// streamer then tells for itself).
+async fn history_reaches(client: &tokio_postgres::Client, server_tli: u32, tli: u32, start: u64) -> bool {
+    let file = format!("pg_wal/{server_tli:08X}.history");
+    let Ok(row) = client.query_one("SELECT pg_read_file($1)", &[&file]).await else { return true };
+    let text: String = row.get(0);
+    history_switch_point(&text, tli).is_some_and(|switch| start <= switch)
+}
+
+/// Where a `.history` file says timeline `tli` ended.
+fn history_switch_point(text: &str, tli: u32) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        (fields.next()?.parse::<u32>().ok()? == tli).then_some(())?;
+        super::restore::parse_lsn(fields.next()?)
+    })
 }
 
 impl Policy for ReceiverPolicy {
@@ -99,6 +179,8 @@ impl Policy for ReceiverPolicy {
             hold.wait("the WAL streamer").await;
         }
         archive::prepare(&self.wal.dir, &self.cluster.account)?;
+        // Never a segment of this cluster into another one's archive (generation.rs).
+        generation::reconcile(&self.wal.dir, &self.cluster.data_dir, &self.cluster.account).context("OMNI_WAL_DIR: checking which cluster the archive belongs to")?;
         let stream = archive::stream_dir(&self.wal.dir);
         archive::remove_short_partials(&stream);
         // A full disk is said as such in the status (not only "exit status 1").
@@ -112,6 +194,7 @@ impl Policy for ReceiverPolicy {
             );
         }
         self.ensure_slot().await?;
+        self.retire_unreachable_stream().await?;
         tracing::info!("streaming WAL into {} (slot {SLOT}{})", stream.display(), if self.wal.sync { ", commits wait for it: OMNI_WAL_SYNC" } else { "" });
         let mut spec = super::tool(&super::Server::of(&self.cluster), "pg_receivewal")
             .arg("-D")
@@ -183,4 +266,23 @@ impl Policy for ReceiverPolicy {
 fn has_base_for_stream(wal: &WalConfig) -> bool {
     let Some(first) = archive::segments(&archive::stream_dir(&wal.dir)).into_iter().next() else { return false };
     base::list(&wal.dir).iter().any(|b| b.start_segment.len() == 24 && b.start_segment[8..] >= *first.position() && b.start_segment[..8] >= first.name[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_give_their_position() {
+        assert_eq!(segment_number("000000020000000100000003"), Some((2, 0x103)));
+        assert_eq!(lsn_text(0x103 * SEGMENT_BYTES), "1/3000000");
+    }
+
+    #[test]
+    fn a_history_file_says_where_each_timeline_ended() {
+        let text = "1\t0/3000060\tno recovery target specified\n\n2\t0/5000000\tat restore point\n";
+        assert_eq!(history_switch_point(text, 1), Some(0x3000060));
+        assert_eq!(history_switch_point(text, 2), Some(0x5000000));
+        assert_eq!(history_switch_point(text, 3), None);
+    }
 }
