@@ -85,6 +85,13 @@ const PINNED_SETTINGS: &str =
     "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = hex";
 /// Between peeks while nothing is pending: bounds the lag when idle.
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// An empty peek that took long (every peek decodes again the open
+/// transactions since the slot's restart point: a big import in progress)
+/// waits this many times its own duration before the next, so re-decoding
+/// takes a fifth of the source's time at most.
+const SLOW_PEEK_BACKOFF: u32 = 4;
+/// The longest wait between peeks.
+const MAX_POLL: Duration = Duration::from_secs(5);
 /// Idle and holding more than this much WAL: write a keep-alive.
 const KEEPALIVE_AFTER_BYTES: i64 = 1 << 20;
 /// Between sequence catch-ups (sequences are not decoded).
@@ -211,7 +218,9 @@ impl DbRelay {
             if stop.is_cancelled() {
                 return Ok(());
             }
+            let peek_started = Instant::now();
             let batch = self.peek_and_apply(&src, &tgt, &progress_table, &slot, &mut progress).await?;
+            let peek_took = peek_started.elapsed();
             if let Some(end) = batch.confirm {
                 src.execute(&format!("SELECT pg_replication_slot_advance({}, {})", literal(&slot), literal(&lsn_to_string(end))), &[])
                     .await
@@ -247,8 +256,9 @@ impl DbRelay {
                 if lag_bytes > KEEPALIVE_AFTER_BYTES {
                     src.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{}', '')", source::HEARTBEAT_PREFIX)).await?;
                 }
+                let wait = (peek_took * SLOW_PEEK_BACKOFF).clamp(IDLE_POLL, MAX_POLL);
                 tokio::select! {
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return Ok(()),
                 }
             }
