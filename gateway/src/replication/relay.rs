@@ -65,8 +65,33 @@ use crate::status::State;
 const GROUP_BYTES: usize = 4 << 20;
 /// Changes decoded per peek (whole transactions: the limit is checked at commits).
 const PEEK_CHANGES: i32 = 20_000;
+/// Peeked changes read from the source at a time, through a cursor: the
+/// peek's whole result (one big transaction can be gigabytes) stays on the
+/// source's side, in PostgreSQL's own tuplestore, spilled to disk.
+const FETCH_ROWS: i64 = 1_000;
+/// A source transaction's SQL held before it is sent on: past this, the
+/// target transaction is opened and the SQL goes in chunks of this size,
+/// the commit (with the progress row) following the last one. With
+/// `FETCH_ROWS` and `GROUP_BYTES` this pins the relay's memory per
+/// database at a few tens of MB, however big a transaction.
+const CHUNK_BYTES: usize = 8 << 20;
+/// Consecutive inserts into one table share one statement up to this size.
+const MERGED_INSERT_BYTES: usize = 1 << 20;
+/// Session settings of the relay's sessions on both sides: the source
+/// prints values (pgoutput uses the decoding session's output functions)
+/// and the target reads them, and matches rows of tables without a key,
+/// under the same settings, whatever the servers' or databases' defaults.
+const PINNED_SETTINGS: &str =
+    "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = hex";
 /// Between peeks while nothing is pending: bounds the lag when idle.
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// An empty peek that took long (every peek decodes again the open
+/// transactions since the slot's restart point: a big import in progress)
+/// waits this many times its own duration before the next, so re-decoding
+/// takes a fifth of the source's time at most.
+const SLOW_PEEK_BACKOFF: u32 = 4;
+/// The longest wait between peeks.
+const MAX_POLL: Duration = Duration::from_secs(5);
 /// Idle and holding more than this much WAL: write a keep-alive.
 const KEEPALIVE_AFTER_BYTES: i64 = 1 << 20;
 /// Between sequence catch-ups (sequences are not decoded).
@@ -100,6 +125,10 @@ pub struct DbRelay {
 struct Progress {
     lsn: u64,
     copy_lsn: u64,
+    /// The end of the last recorded transaction (or where the slot started,
+    /// after a copy): the slot is never confirmed past it. `None` in a row
+    /// written before the column existed.
+    end: Option<u64>,
 }
 
 impl DbRelay {
@@ -134,18 +163,40 @@ impl DbRelay {
         // Every peek starts a decoding session, which PostgreSQL logs at LOG:
         // twenty lines a second in the gateway's log is noise.
         src.batch_execute("SET application_name = 'omni-relay'; SET log_min_messages = warning; SET client_min_messages = warning").await?;
+        src.batch_execute(PINNED_SETTINGS).await?;
         source::prepare(&src).await?;
 
         let slot = self.slot();
         let state = source::slot_state(&src, &slot).await?;
         let mut progress = read_progress(&tgt, &progress_table, db).await?;
-        if state != SlotState::Usable || progress.is_none() {
+        // The target went back in time (restored from a backup, failed
+        // over to a standby that lagged): what the slot was confirmed past
+        // is no longer on the target, and the slot cannot send it again.
+        let mut behind = None;
+        if let (SlotState::Usable, Some(p)) = (&state, progress.as_mut()) {
+            let confirmed = confirmed_flush(&src, &slot).await?;
+            match p.end {
+                Some(end) if end < confirmed => behind = Some((end, confirmed)),
+                Some(_) => {}
+                None => {
+                    // Written before the end was recorded: from here on it is.
+                    record_end(&tgt, &progress_table, db, confirmed).await?;
+                    p.end = Some(confirmed);
+                }
+            }
+        }
+        if state != SlotState::Usable || progress.is_none() || behind.is_some() {
             let over_cap = self.dropped_over_cap.load(std::sync::atomic::Ordering::SeqCst);
-            let why = match (&state, &progress) {
-                _ if over_cap || state == SlotState::Lost => "the replication slot was invalidated (it held more WAL than PGSERVE_REPLICATION_MAX_WAL_MB allows)",
-                (SlotState::Missing, Some(_)) => "the replication slot is gone",
-                (_, None) => "the target has no copy of this database yet",
-                _ => "",
+            let why = match (&state, &progress, behind) {
+                _ if over_cap || state == SlotState::Lost => "the replication slot was invalidated (it held more WAL than PGSERVE_REPLICATION_MAX_WAL_MB allows)".to_string(),
+                (SlotState::Missing, Some(_), _) => "the replication slot is gone".to_string(),
+                (_, None, _) => "the target has no copy of this database yet".to_string(),
+                (_, _, Some((end, confirmed))) => format!(
+                    "the target went back in time: it records changes applied up to {}, but the replication slot was confirmed up to {} (was the target restored from a backup or failed over?)",
+                    lsn_to_string(end),
+                    lsn_to_string(confirmed)
+                ),
+                _ => String::new(),
             };
             tracing::warn!(database = %db, "full copy to the replication target: {why}");
             self.set(|v| {
@@ -167,14 +218,9 @@ impl DbRelay {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let rows = src
-                .query(
-                    "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
-                    &[&slot, &PEEK_CHANGES, &PUBLICATION],
-                )
-                .await
-                .context("reading changes from the replication slot")?;
-            let batch = self.apply_batch(&tgt, &progress_table, &rows, &mut progress).await?;
+            let peek_started = Instant::now();
+            let batch = self.peek_and_apply(&src, &tgt, &progress_table, &slot, &mut progress).await?;
+            let peek_took = peek_started.elapsed();
             if let Some(end) = batch.confirm {
                 src.execute(&format!("SELECT pg_replication_slot_advance({}, {})", literal(&slot), literal(&lsn_to_string(end))), &[])
                     .await
@@ -188,7 +234,7 @@ impl DbRelay {
                 bail!("the replication slot held more WAL than PGSERVE_REPLICATION_MAX_WAL_MB allows: dropped, a full copy follows");
             }
             let lag_bytes = held.lag;
-            let idle = rows.is_empty();
+            let idle = batch.changes == 0;
             self.set(|v| {
                 v.lag_bytes = lag_bytes.max(0) as u64;
                 v.applied_transactions += batch.applied;
@@ -210,8 +256,9 @@ impl DbRelay {
                 if lag_bytes > KEEPALIVE_AFTER_BYTES {
                     src.batch_execute(&format!("SELECT pg_logical_emit_message(true, '{}', '')", source::HEARTBEAT_PREFIX)).await?;
                 }
+                let wait = (peek_took * SLOW_PEEK_BACKOFF).clamp(IDLE_POLL, MAX_POLL);
                 tokio::select! {
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => return Ok(()),
                 }
             }
@@ -275,9 +322,10 @@ impl DbRelay {
         sync_sequences(src, tgt).await;
         tgt.execute(
             &format!(
-                "INSERT INTO {progress_table} (source_database, lsn, copy_lsn, applied_at) VALUES ($1, '0/0', {}, now())
-                 ON CONFLICT (source_database) DO UPDATE SET lsn = EXCLUDED.lsn, copy_lsn = EXCLUDED.copy_lsn, applied_at = now()",
-                literal(&lsn_to_string(copy_lsn))
+                "INSERT INTO {progress_table} (source_database, lsn, copy_lsn, end_lsn, applied_at) VALUES ($1, '0/0', {}, {}, now())
+                 ON CONFLICT (source_database) DO UPDATE SET lsn = EXCLUDED.lsn, copy_lsn = EXCLUDED.copy_lsn, end_lsn = EXCLUDED.end_lsn, applied_at = now()",
+                literal(&lsn_to_string(copy_lsn)),
+                literal(&lsn_to_string(slot_start))
             ),
             &[db],
         )
@@ -285,105 +333,275 @@ impl DbRelay {
         .context("recording the copy on the target")?;
         self.refresh_tables(src).await;
         tracing::info!(database = %db, "initial copy done in {} ms", started.elapsed().as_millis());
-        Ok(Progress { lsn: 0, copy_lsn })
+        Ok(Progress { lsn: 0, copy_lsn, end: Some(slot_start) })
     }
 
-    /// Applies the complete transactions among `rows`, one target
-    /// transaction each; returns how far the slot may be confirmed.
-    async fn apply_batch(&self, tgt: &Client, progress_table: &str, rows: &[tokio_postgres::Row], progress: &mut Progress) -> Result<Batch> {
-        let mut out = Batch::default();
-        let mut relations = Relations::new();
-        let mut txn: Option<Txn> = None;
-        let mut pending: Vec<Txn> = Vec::new();
-        let mut pending_bytes = 0;
-        for row in rows {
-            let data: &[u8] = row.get(0);
-            let msg = pgoutput::decode(data)?;
-            match msg {
-                Message::Begin { final_lsn, commit_time_us, .. } => {
-                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new(), after_last_ddl: 0, window: false });
+    /// Peeks the slot through a cursor and applies what it returns (see
+    /// [`Applier`]); returns how far the slot may be confirmed.
+    async fn peek_and_apply(&self, src: &Client, tgt: &Client, progress_table: &str, slot: &str, progress: &mut Progress) -> Result<Batch> {
+        src.batch_execute(&format!(
+            "BEGIN; DECLARE omni_relay_changes NO SCROLL CURSOR FOR SELECT data FROM pg_logical_slot_peek_binary_changes({}, NULL, {PEEK_CHANGES}, 'proto_version', '1', 'publication_names', {}, 'messages', 'true')",
+            literal(slot),
+            literal(PUBLICATION)
+        ))
+        .await
+        .context("reading changes from the replication slot")?;
+        let mut applier = Applier::new(tgt, progress_table, &self.source_db, progress);
+        let fetch = format!("FETCH {FETCH_ROWS} FROM omni_relay_changes");
+        loop {
+            let rows = src.query(&fetch, &[]).await.context("reading changes from the replication slot")?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                applier.handle(pgoutput::decode(row.get(0))?).await?;
+            }
+        }
+        src.batch_execute("COMMIT").await?;
+        applier.finish().await
+    }
+}
+
+/// What to do with a source transaction, known at its BEGIN (its commit LSN).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// At or below the recorded progress: applied already.
+    Skip,
+    /// Committed before the copy's snapshot LSN: applied alone, each
+    /// statement tolerating work the copy did already.
+    Window,
+    Normal,
+}
+
+/// Applies decoded messages as they come: each source transaction whole in
+/// one target transaction that also records its LSN (exactly once). Small
+/// ones are grouped; a big one is sent in chunks inside its own open target
+/// transaction; one carrying DDL is applied alone (a value added by
+/// `ALTER TYPE … ADD VALUE` cannot be used in the transaction that added
+/// it); transactions with nothing to apply are recorded too, so the slot is
+/// never confirmed past what the target records.
+struct Applier<'a> {
+    tgt: &'a Client,
+    progress_table: &'a str,
+    db: &'a str,
+    progress: &'a mut Progress,
+    relations: Relations,
+    txn: Option<Txn>,
+    pending: Vec<Txn>,
+    pending_bytes: usize,
+    out: Batch,
+}
+
+impl<'a> Applier<'a> {
+    fn new(tgt: &'a Client, progress_table: &'a str, db: &'a str, progress: &'a mut Progress) -> Applier<'a> {
+        Applier { tgt, progress_table, db, progress, relations: Relations::new(), txn: None, pending: Vec::new(), pending_bytes: 0, out: Batch::default() }
+    }
+
+    async fn handle(&mut self, msg: Message) -> Result<()> {
+        self.out.changes += 1;
+        match msg {
+            Message::Begin { final_lsn, commit_time_us, .. } => {
+                let mode = if final_lsn <= self.progress.lsn {
+                    Mode::Skip
+                } else if final_lsn <= self.progress.copy_lsn {
+                    Mode::Window
+                } else {
+                    Mode::Normal
+                };
+                self.txn = Some(Txn { commit_lsn: final_lsn, end_lsn: 0, commit_time_us, mode, statements: Vec::new(), bytes: 0, after_last_ddl: 0, ddl: false, streamed: false });
+            }
+            Message::Relation(rel) => {
+                self.relations.insert(rel.oid, rel);
+            }
+            Message::Logical { prefix, content, .. } if prefix == DDL_PREFIX => {
+                let ddl: Ddl = serde_json::from_slice(&content).context("a captured DDL message is not the JSON the capture writes")?;
+                let t = self.txn.as_mut().context("DDL outside a transaction")?;
+                if t.mode == Mode::Skip {
+                    return Ok(());
                 }
-                Message::Relation(rel) => {
-                    relations.insert(rel.oid, rel);
+                // A `CREATE TABLE … AS` goes before its rows, unless those
+                // were sent already (more than a chunk of them): then it
+                // comes after them and the target reports the missing table.
+                let at = if ddl.before_rows { t.after_last_ddl } else { t.statements.len() };
+                let sql = apply::ddl_sql(&ddl);
+                t.bytes += sql.len();
+                t.statements.insert(at, Stmt::Sql { sql, ddl: true });
+                t.after_last_ddl = at + 1;
+                t.ddl = true;
+            }
+            Message::Commit { commit_lsn, end_lsn, .. } => {
+                let mut t = self.txn.take().context("commit without begin")?;
+                debug_assert_eq!(t.commit_lsn, commit_lsn);
+                t.end_lsn = end_lsn;
+                self.out.confirm = Some(end_lsn);
+                if t.mode == Mode::Skip {
+                    return Ok(());
                 }
-                Message::Logical { prefix, content, .. } if prefix == DDL_PREFIX => {
-                    let ddl: Ddl = serde_json::from_slice(&content).context("a captured DDL message is not the JSON the capture writes")?;
-                    let t = txn.as_mut().context("DDL outside a transaction")?;
-                    let at = if ddl.before_rows { t.after_last_ddl } else { t.statements.len() };
-                    t.statements.insert(at, Stmt { sql: apply::ddl_sql(&ddl), ddl: true });
-                    t.after_last_ddl = at + 1;
+                self.progress.lsn = t.commit_lsn;
+                if !t.statements.is_empty() || t.streamed {
+                    self.out.last_commit = Some(pg_time(t.commit_time_us));
                 }
-                Message::Commit { commit_lsn, end_lsn, .. } => {
-                    let t = txn.take().context("commit without begin")?;
-                    debug_assert_eq!(t.commit_lsn, commit_lsn);
-                    let mut t = t;
-                    if t.commit_lsn > progress.lsn {
-                        let window = t.commit_lsn <= progress.copy_lsn;
-                        t.window = window;
-                        progress.lsn = t.commit_lsn;
-                        if !t.statements.is_empty() {
-                            out.last_commit = Some(pg_time(t.commit_time_us));
-                            if window {
-                                out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
-                                out.applied += flush(tgt, progress_table, &self.source_db, &mut vec![t]).await?;
-                            } else {
-                                pending_bytes += t.statements.iter().map(|s| s.sql.len()).sum::<usize>();
-                                pending.push(t);
-                                if pending_bytes >= GROUP_BYTES {
-                                    out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
-                                    pending_bytes = 0;
-                                }
-                            }
-                        }
-                    }
-                    out.confirm = Some(end_lsn);
+                if t.streamed {
+                    let expected = self.progress.end;
+                    self.out.applied += 1;
+                    self.progress.end = Some(t.end_lsn);
+                    return finish_streamed(self.tgt, self.progress_table, self.db, expected, &t).await;
                 }
-                other => {
-                    if let Some(sql) = apply::change_sql(&relations, &other).map_err(anyhow::Error::msg)? {
-                        txn.as_mut().context("change outside a transaction")?.statements.push(Stmt { sql, ddl: false });
+                if t.mode == Mode::Window || t.ddl {
+                    self.flush().await?;
+                    self.pending_bytes = t.bytes;
+                    self.pending.push(t);
+                    return self.flush().await;
+                }
+                self.pending_bytes += t.bytes;
+                self.pending.push(t);
+                if self.pending_bytes >= GROUP_BYTES {
+                    self.flush().await?;
+                }
+            }
+            other => {
+                let mode = self.txn.as_ref().map(|t| t.mode);
+                if mode == Some(Mode::Skip) {
+                    return Ok(());
+                }
+                if let Some(change) = apply::change(&self.relations, &other, mode == Some(Mode::Normal)).map_err(anyhow::Error::msg)? {
+                    let t = self.txn.as_mut().context("change outside a transaction")?;
+                    t.push(change);
+                    if t.bytes >= CHUNK_BYTES {
+                        self.send_chunk().await?;
                     }
                 }
             }
         }
-        // The slot is confirmed only after this returns: everything is on the target.
-        out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
-        Ok(out)
+        Ok(())
     }
-}
 
-/// Applies `txns` (complete source transactions, in commit order) and
-/// empties it; returns how many were applied.
-async fn flush(tgt: &Client, progress_table: &str, db: &str, txns: &mut Vec<Txn>) -> Result<u64> {
-    if txns.is_empty() {
-        return Ok(0);
+    /// Sends the open transaction's statements so far, opening its target
+    /// transaction first (after the transactions grouped before it).
+    async fn send_chunk(&mut self) -> Result<()> {
+        if !self.txn.as_ref().is_some_and(|t| t.streamed) {
+            self.flush().await?;
+        }
+        let t = self.txn.as_mut().expect("called inside a transaction");
+        if !t.streamed {
+            tracing::info!("a large source transaction (committed at {}): applying it in chunks of {} MB", lsn_to_string(t.commit_lsn), CHUNK_BYTES >> 20);
+            self.tgt.batch_execute("BEGIN").await?;
+            t.streamed = true;
+        }
+        let result = send_statements(self.tgt, &t.statements, t.mode == Mode::Window).await;
+        if let Err(e) = result {
+            let _ = self.tgt.batch_execute("ROLLBACK").await;
+            return Err(e.context(format!("applying the source transaction committed at {} on the target; retried, nothing after it is applied until it succeeds", lsn_to_string(t.commit_lsn))));
+        }
+        t.statements.clear();
+        t.bytes = 0;
+        t.after_last_ddl = 0;
+        Ok(())
     }
-    let window = txns.len() == 1 && txns[0].window;
-    apply_transactions(tgt, progress_table, db, txns, window).await?;
-    let n = txns.len() as u64;
-    txns.clear();
-    Ok(n)
+
+    /// Applies the grouped transactions and records the last one's end.
+    async fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let expected = self.progress.end;
+        let last_end = self.pending.last().expect("not empty").end_lsn;
+        apply_transactions(self.tgt, self.progress_table, self.db, expected, &self.pending).await?;
+        self.progress.end = Some(last_end);
+        self.out.applied += self.pending.iter().filter(|t| !t.statements.is_empty()).count() as u64;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Everything handled is on the target: the slot may be confirmed.
+    async fn finish(mut self) -> Result<Batch> {
+        if self.txn.is_some() {
+            bail!("the peek ended inside a transaction");
+        }
+        self.flush().await?;
+        Ok(self.out)
+    }
 }
 
 #[derive(Default)]
 struct Batch {
     applied: u64,
+    /// Messages read: none means idle.
+    changes: u64,
     confirm: Option<u64>,
     last_commit: Option<SystemTime>,
 }
 
-struct Stmt {
-    sql: String,
-    ddl: bool,
+enum Stmt {
+    Sql { sql: String, ddl: bool },
+    /// Consecutive inserts into one table (see [`apply::Change::Insert`]).
+    Insert { head: String, values: String, tail: String },
+}
+
+impl Stmt {
+    fn write(&self, out: &mut String) {
+        match self {
+            Stmt::Sql { sql, .. } => out.push_str(sql),
+            Stmt::Insert { head, values, tail } => {
+                out.push_str(head);
+                out.push_str(values);
+                out.push_str(tail);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Stmt::Sql { sql, .. } => sql.len(),
+            Stmt::Insert { head, values, tail } => head.len() + values.len() + tail.len(),
+        }
+    }
+
+    fn ddl(&self) -> bool {
+        matches!(self, Stmt::Sql { ddl: true, .. })
+    }
 }
 
 struct Txn {
     commit_lsn: u64,
+    /// Known at its commit.
+    end_lsn: u64,
     commit_time_us: i64,
+    mode: Mode,
+    /// Not sent yet.
     statements: Vec<Stmt>,
+    bytes: usize,
     /// Where a DDL that must precede its rows goes: after the previous DDL.
     after_last_ddl: usize,
-    /// Committed before the copy's snapshot LSN: applied alone, tolerantly.
-    window: bool,
+    /// Carries DDL: applied alone.
+    ddl: bool,
+    /// Its target transaction is open, with its statements so far.
+    streamed: bool,
+}
+
+impl Txn {
+    fn push(&mut self, change: apply::Change) {
+        match change {
+            apply::Change::Insert { head, values, tail } if self.mode == Mode::Normal => {
+                if let Some(Stmt::Insert { head: h, values: v, tail: t }) = self.statements.last_mut() {
+                    if *h == head && *t == tail && v.len() < MERGED_INSERT_BYTES {
+                        v.push_str(", ");
+                        v.push_str(&values);
+                        self.bytes += values.len() + 2;
+                        return;
+                    }
+                }
+                self.bytes += head.len() + values.len() + tail.len();
+                self.statements.push(Stmt::Insert { head, values, tail });
+            }
+            other => {
+                let sql = other.into_sql();
+                self.bytes += sql.len();
+                self.statements.push(Stmt::Sql { sql, ddl: false });
+            }
+        }
+    }
 }
 
 fn pg_time(us: i64) -> SystemTime {
@@ -391,34 +609,102 @@ fn pg_time(us: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_micros(unix_us)
 }
 
-/// Source transactions in one target transaction, with the last one's LSN.
-/// Inside the copy window (then alone) each statement may find its work
-/// already done (see the module docs) and is tried under a savepoint.
-async fn apply_transactions(tgt: &Client, progress_table: &str, db: &str, txns: &[Txn], window: bool) -> Result<()> {
-    let (first, last) = (txns.first().expect("not empty"), txns.last().expect("not empty"));
-    let record = format!(
-        "INSERT INTO {progress_table} (source_database, lsn, copy_lsn, applied_at) VALUES ({}, {lsn}, {lsn}, now())
-         ON CONFLICT (source_database) DO UPDATE SET lsn = EXCLUDED.lsn, applied_at = EXCLUDED.applied_at",
-        literal(db),
-        lsn = literal(&lsn_to_string(last.commit_lsn))
+/// Records `end` as the progress, on the condition that the target still
+/// records `expected`: anything else means the target changed under the
+/// relay (restored, failed over, edited), and going on would write into a
+/// state the relay knows nothing about. Runs inside the open transaction.
+async fn record_progress(tgt: &Client, progress_table: &str, db: &str, expected: Option<u64>, commit_lsn: u64, end: u64) -> Result<()> {
+    let sql = format!(
+        "UPDATE {progress_table} SET lsn = {}, end_lsn = {}, applied_at = now() WHERE source_database = $1 AND end_lsn IS NOT DISTINCT FROM {}::pg_lsn",
+        literal(&lsn_to_string(commit_lsn)),
+        literal(&lsn_to_string(end)),
+        expected.map_or("NULL".to_string(), |e| literal(&lsn_to_string(e)))
     );
-    let result = if window {
-        apply_tolerant(tgt, &first.statements, &record).await
-    } else {
-        let size = txns.iter().flat_map(|t| &t.statements).map(|s| s.sql.len() + 2).sum::<usize>();
-        let mut sql = String::with_capacity(size + record.len() + 16);
-        sql.push_str("BEGIN;\n");
-        for s in txns.iter().flat_map(|t| &t.statements) {
-            sql.push_str(&s.sql);
-            sql.push_str(";\n");
+    let n = tgt.execute(&sql, &[&db]).await.context("recording the progress on the target")?;
+    if n != 1 {
+        bail!(
+            "the progress recorded on the replication target for {db} is no longer the one the relay wrote ({}): the target was restored, failed over or edited; the relay starts over and copies anew if the target went back",
+            expected.map_or("none".to_string(), lsn_to_string)
+        );
+    }
+    Ok(())
+}
+
+/// Sends `statements` inside the open target transaction. `tolerant`
+/// (the copy window, see the module docs): each may find its work already
+/// done and is tried under a savepoint.
+async fn send_statements(tgt: &Client, statements: &[Stmt], tolerant: bool) -> Result<()> {
+    if tolerant {
+        for s in statements {
+            let mut sql = String::with_capacity(s.len());
+            s.write(&mut sql);
+            tgt.batch_execute("SAVEPOINT omni_relay_step").await?;
+            match tgt.batch_execute(&sql).await {
+                Ok(()) => tgt.batch_execute("RELEASE SAVEPOINT omni_relay_step").await?,
+                Err(e) => {
+                    tracing::debug!("already in the copy, skipped: {e}");
+                    tgt.batch_execute("ROLLBACK TO SAVEPOINT omni_relay_step; RELEASE SAVEPOINT omni_relay_step").await?;
+                }
+            }
         }
-        sql.push_str(&record);
-        sql.push_str(";\nCOMMIT");
-        tgt.batch_execute(&sql).await.map_err(anyhow::Error::from)
-    };
+        return Ok(());
+    }
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::with_capacity(statements.iter().map(|s| s.len() + 2).sum());
+    for s in statements {
+        s.write(&mut sql);
+        sql.push_str(";\n");
+    }
+    tgt.batch_execute(&sql).await?;
+    Ok(())
+}
+
+/// The rest of a transaction sent in chunks, its progress, its commit.
+async fn finish_streamed(tgt: &Client, progress_table: &str, db: &str, expected: Option<u64>, t: &Txn) -> Result<()> {
+    let result = async {
+        send_statements(tgt, &t.statements, t.mode == Mode::Window).await?;
+        record_progress(tgt, progress_table, db, expected, t.commit_lsn, t.end_lsn).await?;
+        tgt.batch_execute("COMMIT").await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
     if let Err(e) = result {
         let _ = tgt.batch_execute("ROLLBACK").await;
-        let which = if txns.iter().flat_map(|t| &t.statements).any(|s| s.ddl) { " (they carry DDL)" } else { "" };
+        return Err(e.context(format!("applying the source transaction committed at {} on the target; retried, nothing after it is applied until it succeeds", lsn_to_string(t.commit_lsn))));
+    }
+    Ok(())
+}
+
+/// Source transactions in one target transaction, with the last one's
+/// progress. A window transaction or one carrying DDL comes alone.
+async fn apply_transactions(tgt: &Client, progress_table: &str, db: &str, expected: Option<u64>, txns: &[Txn]) -> Result<()> {
+    let (first, last) = (txns.first().expect("not empty"), txns.last().expect("not empty"));
+    let window = txns.len() == 1 && first.mode == Mode::Window;
+    let result = async {
+        tgt.batch_execute("BEGIN").await?;
+        if window {
+            send_statements(tgt, &first.statements, true).await?;
+        } else {
+            let size = txns.iter().flat_map(|t| &t.statements).map(|s| s.len() + 2).sum::<usize>();
+            let mut sql = String::with_capacity(size);
+            for s in txns.iter().flat_map(|t| &t.statements) {
+                s.write(&mut sql);
+                sql.push_str(";\n");
+            }
+            if !sql.is_empty() {
+                tgt.batch_execute(&sql).await?;
+            }
+        }
+        record_progress(tgt, progress_table, db, expected, last.commit_lsn, last.end_lsn).await?;
+        tgt.batch_execute("COMMIT").await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = tgt.batch_execute("ROLLBACK").await;
+        let which = if txns.iter().flat_map(|t| &t.statements).any(Stmt::ddl) { " (they carry DDL)" } else { "" };
         let range = if txns.len() == 1 {
             format!("the source transaction committed at {}", lsn_to_string(first.commit_lsn))
         } else {
@@ -426,23 +712,6 @@ async fn apply_transactions(tgt: &Client, progress_table: &str, db: &str, txns: 
         };
         return Err(e).context(format!("applying {range}{which} on the target; retried, nothing after it is applied until it succeeds"));
     }
-    Ok(())
-}
-
-async fn apply_tolerant(tgt: &Client, statements: &[Stmt], record: &str) -> Result<()> {
-    tgt.batch_execute("BEGIN").await?;
-    for s in statements {
-        tgt.batch_execute("SAVEPOINT omni_relay_step").await?;
-        match tgt.batch_execute(&s.sql).await {
-            Ok(()) => tgt.batch_execute("RELEASE SAVEPOINT omni_relay_step").await?,
-            Err(e) => {
-                tracing::debug!("already in the copy, skipped: {e}");
-                tgt.batch_execute("ROLLBACK TO SAVEPOINT omni_relay_step; RELEASE SAVEPOINT omni_relay_step").await?;
-            }
-        }
-    }
-    tgt.batch_execute(record).await?;
-    tgt.batch_execute("COMMIT").await?;
     Ok(())
 }
 
@@ -474,6 +743,7 @@ async fn ensure_target_database(admin: &tokio_postgres::Config, tls: &super::tls
 /// qualified name (in the target role's first schema).
 async fn prepare_target(tgt: &Client) -> Result<String> {
     tgt.batch_execute("SET standard_conforming_strings = on; SET application_name = 'omni-relay'; SET client_min_messages = warning").await?;
+    tgt.batch_execute(PINNED_SETTINGS).await?;
     let schema: Option<String> = tgt.query_one("SELECT current_schema()", &[]).await?.get(0);
     let Some(schema) = schema else {
         bail!("the target role has no schema to create tables in (its search_path names none that exists); grant it one")
@@ -489,12 +759,32 @@ async fn prepare_target(tgt: &Client) -> Result<String> {
     ))
     .await
     .with_context(|| format!("creating the progress table {table} on the target (the target role must be allowed to create tables)"))?;
+    tgt.batch_execute(&format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS end_lsn pg_lsn"))
+        .await
+        .with_context(|| format!("adding the column end_lsn to the progress table {table} on the target"))?;
     Ok(table)
 }
 
 async fn read_progress(tgt: &Client, table: &str, db: &str) -> Result<Option<Progress>> {
-    let row = tgt.query_opt(&format!("SELECT lsn::text, copy_lsn::text FROM {table} WHERE source_database = $1"), &[&db]).await?;
-    Ok(row.and_then(|r| Some(Progress { lsn: parse_lsn(&r.get::<_, String>(0))?, copy_lsn: parse_lsn(&r.get::<_, String>(1))? })))
+    let row = tgt.query_opt(&format!("SELECT lsn::text, copy_lsn::text, end_lsn::text FROM {table} WHERE source_database = $1"), &[&db]).await?;
+    Ok(row.and_then(|r| {
+        Some(Progress {
+            lsn: parse_lsn(&r.get::<_, String>(0))?,
+            copy_lsn: parse_lsn(&r.get::<_, String>(1))?,
+            end: r.get::<_, Option<String>>(2).and_then(|e| parse_lsn(&e)),
+        })
+    }))
+}
+
+async fn record_end(tgt: &Client, table: &str, db: &str, end: u64) -> Result<()> {
+    tgt.execute(&format!("UPDATE {table} SET end_lsn = {} WHERE source_database = $1 AND end_lsn IS NULL", literal(&lsn_to_string(end))), &[&db]).await?;
+    Ok(())
+}
+
+/// How far the slot was confirmed: nothing before it is sent again.
+async fn confirmed_flush(src: &Client, slot: &str) -> Result<u64> {
+    let row = src.query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?;
+    row.and_then(|r| r.get::<_, Option<String>>(0)).and_then(|l| parse_lsn(&l)).with_context(|| format!("the replication slot {slot} has no confirmed position"))
 }
 
 /// The slot's distance from the current WAL position.
