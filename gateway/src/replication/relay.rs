@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::apply::{self, literal, Ddl, Relations};
 use super::pgoutput::{self, lsn_to_string, parse_lsn, Message};
-use super::source::{self, SlotState, ToolTarget, DDL_PREFIX, PUBLICATION};
+use super::source::{self, SlotState, ToolTarget, DDL_PREFIX, PUBLICATION, RECOPY_PREFIX};
 use super::status::{DbView, RelayView};
 use crate::status::State;
 
@@ -175,6 +175,20 @@ impl DbRelay {
                 .await
                 .context("reading changes from the replication slot")?;
             let batch = self.apply_batch(&tgt, &progress_table, &rows, &mut progress).await?;
+            if batch.recopy {
+                // A logical backup was restored: its transaction is not
+                // replayed, the restored database is copied whole instead.
+                let why = "a logical backup was restored into it";
+                tracing::warn!(database = %db, "full copy to the replication target: {why}");
+                self.set(|v| {
+                    v.state = State::Starting;
+                    v.detail = Some(format!("copying {db}: {why}"));
+                });
+                progress = self.copy(&src, &tgt, &progress_table, &slot).await?;
+                self.set(|v| v.last_copy = Some(format!("{db}: {why}")));
+                announce_ready();
+                continue;
+            }
             if let Some(end) = batch.confirm {
                 src.execute(&format!("SELECT pg_replication_slot_advance({}, {})", literal(&slot), literal(&lsn_to_string(end))), &[])
                     .await
@@ -301,11 +315,17 @@ impl DbRelay {
             let msg = pgoutput::decode(data)?;
             match msg {
                 Message::Begin { final_lsn, commit_time_us, .. } => {
-                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new(), after_last_ddl: 0, window: false });
+                    txn = Some(Txn { commit_lsn: final_lsn, commit_time_us, statements: Vec::new(), after_last_ddl: 0, window: false, recopy: false });
                 }
                 Message::Relation(rel) => {
                     relations.insert(rel.oid, rel);
                 }
+                Message::Logical { prefix, .. } if prefix == RECOPY_PREFIX => {
+                    let t = txn.as_mut().context("a restore's mark outside a transaction")?;
+                    t.recopy = true;
+                    t.statements.clear();
+                }
+                _ if txn.as_ref().is_some_and(|t| t.recopy) && !matches!(msg, Message::Commit { .. }) => {}
                 Message::Logical { prefix, content, .. } if prefix == DDL_PREFIX => {
                     let ddl: Ddl = serde_json::from_slice(&content).context("a captured DDL message is not the JSON the capture writes")?;
                     let t = txn.as_mut().context("DDL outside a transaction")?;
@@ -317,6 +337,11 @@ impl DbRelay {
                     let t = txn.take().context("commit without begin")?;
                     debug_assert_eq!(t.commit_lsn, commit_lsn);
                     let mut t = t;
+                    if t.recopy && t.commit_lsn > progress.lsn {
+                        out.applied += flush(tgt, progress_table, &self.source_db, &mut pending).await?;
+                        out.recopy = true;
+                        return Ok(out);
+                    }
                     if t.commit_lsn > progress.lsn {
                         let window = t.commit_lsn <= progress.copy_lsn;
                         t.window = window;
@@ -369,6 +394,8 @@ struct Batch {
     applied: u64,
     confirm: Option<u64>,
     last_commit: Option<SystemTime>,
+    /// A restore's transaction came: a full copy follows (nothing after it is applied).
+    recopy: bool,
 }
 
 struct Stmt {
@@ -384,6 +411,8 @@ struct Txn {
     after_last_ddl: usize,
     /// Committed before the copy's snapshot LSN: applied alone, tolerantly.
     window: bool,
+    /// Marked by a logical backup's restore: skipped, a full copy follows.
+    recopy: bool,
 }
 
 fn pg_time(us: i64) -> SystemTime {
