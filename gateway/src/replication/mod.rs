@@ -420,7 +420,7 @@ async fn supervise(relay: DbRelay, restart: RestartPolicy, stop: CancellationTok
         let (delay, detail) = match copy_retry_delay(copy_failures).filter(|_| copying) {
             Some(long) => (
                 long,
-                format!("the full copy failed {copy_failures} times in a row; the next copy in {} min, last: {why}", (long.as_secs() + 59) / 60),
+                format!("the full copy failed {copy_failures} times in a row; the next copy in {} min, last: {why}", long.as_secs().div_ceil(60)),
             ),
             None => (delay, format!("attempt {attempt}, next in {:.1} s, last: {why}", delay.as_secs_f64())),
         };
