@@ -315,6 +315,8 @@ async fn supervise(
             tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
             if let Some(replication) = &config.replication {
                 running.relay = Some(crate::replication::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
+            } else if !cluster.memory_mode {
+                running.tasks.spawn(crate::replication::remove_leftovers(cluster.clone()));
             }
             policy
         }

@@ -41,6 +41,12 @@
 //!   crash) is trusted only if it is a complete dump: its sha256 is then
 //!   recorded, with a warning, at the worker's start or when it is first
 //!   opened; an incomplete one is refused ([`BackupError::Incomplete`]).
+//! * a backup holds nothing of the gateway's replication relay (its
+//!   publication, its schema `omni_relay`, its DDL capture's event trigger:
+//!   [`RelayFilter`]), and a restore writes a mark first in its transaction
+//!   ([`RECOPY_MARK`]): a relay decoding that transaction skips it and copies
+//!   the restored database to its target anew, instead of replaying a dump
+//!   statement by statement.
 
 pub mod name;
 pub mod schedule;
@@ -88,6 +94,60 @@ BEGIN
   END LOOP;
 END
 $omni$";
+
+/// Written first in a restore's transaction: `omni_recopy` is the prefix the
+/// gateway's relay (`gateway/src/replication/source.rs`, `RECOPY_PREFIX`)
+/// reads as "skip this transaction, copy anew after it". Where the role may
+/// not write logical messages (an external database), nothing is written:
+/// no relay of this gateway reads that database.
+const RECOPY_MARK: &str = r"DO $omni$
+BEGIN
+  PERFORM pg_logical_emit_message(true, 'omni_recopy', 'a logical backup is restored');
+EXCEPTION WHEN insufficient_privilege THEN NULL;
+END
+$omni$";
+
+/// The relay's DDL capture (`gateway/src/replication/source.rs`).
+const RELAY_EVENT_TRIGGER: &str = "omni_relay_capture_ddl";
+
+/// Leaves the relay's event trigger out of a plain dump, line by line as
+/// pg_dump writes it (its publication and schema are left out by pg_dump's
+/// own switches; event triggers have none). A restored trigger would name a
+/// function the dump does not hold, and dropping it in the restore would
+/// stop the capture. Rows (`COPY … FROM stdin` up to `\.`) pass untouched.
+#[derive(Default)]
+struct RelayFilter {
+    in_copy: bool,
+    /// 1: the line closing the trigger's header comes; 2: its statements.
+    skipping: u8,
+}
+
+impl RelayFilter {
+    fn keep(&mut self, line: &[u8]) -> bool {
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        if self.in_copy {
+            self.in_copy = text != b"\\.";
+            return true;
+        }
+        match self.skipping {
+            1 => {
+                self.skipping = 2;
+                return false;
+            }
+            2 if !text.starts_with(b"--") => return false,
+            _ => self.skipping = 0,
+        }
+        if text == format!("DROP EVENT TRIGGER IF EXISTS {RELAY_EVENT_TRIGGER};").as_bytes() {
+            return false;
+        }
+        if text.starts_with(format!("-- Name: {RELAY_EVENT_TRIGGER}; Type: EVENT TRIGGER;").as_bytes()) {
+            self.skipping = 1;
+            return false;
+        }
+        self.in_copy = text.starts_with(b"COPY ") && text.ends_with(b" FROM stdin;");
+        true
+    }
+}
 
 /// What can go wrong, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -418,9 +478,9 @@ impl Backups {
         // pg_dump writes straight into the file: no copy through this process,
         // constant memory whatever the size of the database.
         let mut command = self.command("pg_dump")?;
-        command.args(["--clean", "--if-exists", "--format=plain", "--no-password"]).stdout(Stdio::from(file));
+        command.args(["--clean", "--if-exists", "--format=plain", "--no-password", "--no-publications", "--exclude-schema=omni_relay"]);
         let started = std::time::Instant::now();
-        let (status, stderr) = run(command, "pg_dump").await?;
+        let (status, stderr) = run_dump(command, file).await?;
         if !status.success() {
             if stderr.contains("No space left on device") {
                 return Err(BackupError::DiskFull(format!("pg_dump writing into {}", dir.display())));
@@ -496,7 +556,7 @@ impl Backups {
         let mut command = self.command("psql")?;
         command
             .args(["--no-psqlrc", "--quiet", "--no-password", "--single-transaction", "-v", "ON_ERROR_STOP=1"])
-            .args(["-c", DROP_OMNI_TABLES, "-f", "-", "-f"])
+            .args(["-c", RECOPY_MARK, "-c", DROP_OMNI_TABLES, "-f", "-", "-f"])
             .arg(migrate)
             .env("PGOPTIONS", format!("-c lock_timeout={RESTORE_LOCK_TIMEOUT} -c client_min_messages=warning"))
             .stdin(Stdio::from(input))
@@ -594,9 +654,50 @@ fn write_migrate_forward(dir: &Path) -> Result<Partial> {
     Ok(Partial(Some(path)))
 }
 
+/// Runs `pg_dump`, its output written into `file` through [`RelayFilter`];
+/// returns its status and the tail of its stderr.
+async fn run_dump(mut command: Command, file: File) -> Result<(std::process::ExitStatus, String)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    command.stdout(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: "pg_dump".to_owned(), source })?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let copy = async move {
+        let mut reader = tokio::io::BufReader::with_capacity(1 << 16, stdout);
+        let mut writer = tokio::io::BufWriter::with_capacity(1 << 16, tokio::fs::File::from_std(file));
+        let mut filter = RelayFilter::default();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line).await? == 0 {
+                break;
+            }
+            if filter.keep(&line) {
+                writer.write_all(&line).await?;
+            }
+        }
+        writer.flush().await
+    };
+    let (waited, copied) = tokio::join!(wait(child, "pg_dump"), copy);
+    let (status, stderr) = waited?;
+    if let Err(e) = copied {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(BackupError::DiskFull("writing pg_dump's output".into()));
+        }
+        if status.success() {
+            return Err(BackupError::io("writing pg_dump's output")(e));
+        }
+    }
+    Ok((status, stderr))
+}
+
 /// Runs a prepared command, returning its status and the tail of its stderr.
 async fn run(mut command: Command, tool: &str) -> Result<(std::process::ExitStatus, String)> {
-    let mut child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: tool.to_owned(), source })?;
+    let child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: tool.to_owned(), source })?;
+    wait(child, tool).await
+}
+
+/// Waits for a spawned tool, collecting the tail of its stderr.
+async fn wait(mut child: tokio::process::Child, tool: &str) -> Result<(std::process::ExitStatus, String)> {
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let collect = async {
         let mut tail = Vec::new();
@@ -848,4 +949,55 @@ fn remove_sidecars(dir: &Path, name: &str) {
 
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(BackupError::io(format!("syncing {}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RelayFilter;
+
+    #[test]
+    fn the_relays_event_trigger_is_left_out_and_rows_pass_untouched() {
+        let dump = "DROP EVENT TRIGGER IF EXISTS omni_relay_capture_ddl;
+DROP TABLE IF EXISTS public.items;
+--
+-- Name: items; Type: TABLE; Schema: public; Owner: postgres
+--
+
+CREATE TABLE public.items (id integer, v text);
+
+COPY public.items (id, v) FROM stdin;
+1\t-- Name: omni_relay_capture_ddl; Type: EVENT TRIGGER;
+2\tDROP EVENT TRIGGER IF EXISTS omni_relay_capture_ddl;
+\\.
+
+
+--
+-- Name: omni_relay_capture_ddl; Type: EVENT TRIGGER; Schema: -; Owner: postgres
+--
+
+CREATE EVENT TRIGGER omni_relay_capture_ddl ON ddl_command_end
+   EXECUTE FUNCTION omni_relay.capture_ddl();
+
+
+ALTER EVENT TRIGGER omni_relay_capture_ddl OWNER TO postgres;
+
+--
+-- Name: mine; Type: EVENT TRIGGER; Schema: -; Owner: postgres
+--
+
+CREATE EVENT TRIGGER mine ON ddl_command_end
+   EXECUTE FUNCTION public.mine();
+
+--
+-- PostgreSQL database dump complete
+--
+";
+        let mut filter = RelayFilter::default();
+        let kept: String = dump.split_inclusive('\n').filter(|l| filter.keep(l.as_bytes())).collect();
+        assert!(!kept.contains("CREATE EVENT TRIGGER omni_relay") && !kept.contains("ALTER EVENT TRIGGER omni_relay"), "{kept}");
+        assert!(!kept.starts_with("DROP EVENT TRIGGER"), "{kept}");
+        assert!(kept.contains("1\t-- Name: omni_relay_capture_ddl; Type: EVENT TRIGGER;\n2\tDROP EVENT TRIGGER IF EXISTS omni_relay_capture_ddl;\n\\.\n"), "rows are data, never filtered: {kept}");
+        assert!(kept.contains("CREATE EVENT TRIGGER mine ON ddl_command_end\n   EXECUTE FUNCTION public.mine();"), "{kept}");
+        assert!(kept.ends_with("--\n-- PostgreSQL database dump complete\n--\n"), "{kept}");
+    }
 }

@@ -406,6 +406,11 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         super::upgrade::before_start(cfg, dir, binaries, account).await?;
         check_version(dir, binaries)?;
         pidfile::clear_stale(dir)?;
+        // A relay slot left by a run with PGSERVE_REPLICATION_URL would stop
+        // PostgreSQL from starting without wal_level=logical (replication/mod.rs).
+        if cfg.replication_wal_mb.is_none() {
+            crate::replication::drop_slots_offline(dir, "PGSERVE_REPLICATION_URL is not set")?;
+        }
         privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
         // Walking a cluster's thousand files costs milliseconds on every
         // start; it is needed when the cluster came from elsewhere (a copy

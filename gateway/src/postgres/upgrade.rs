@@ -377,6 +377,17 @@ pub async fn check(plan: &Plan, account: &Account) -> Result<()> {
 async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> Result<Record> {
     plan.check_space()?;
     pidfile::clear_stale(&plan.data_dir)?;
+    // The replication relay's logical slots: PostgreSQL refuses to start on
+    // them without wal_level=logical, pg_upgrade does not carry them below
+    // 17 and from 17 on demands them caught up (they are behind whenever the
+    // target is). So an upgrade drops them first and the relay copies anew
+    // afterwards, as it must below 17 anyway. A check changes nothing: it
+    // runs the old cluster (and the new one, which pg_upgrade checks from
+    // 17 on) with wal_level=logical instead.
+    if !check_only {
+        crate::replication::drop_slots_offline(&plan.data_dir, "upgrading PostgreSQL")?;
+    }
+    let logical = !crate::replication::slots_offline(&plan.data_dir)?.is_empty();
     let started = Instant::now();
     let what = if check_only { "checking whether" } else { "upgrading" };
     tracing::info!(
@@ -420,7 +431,7 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
         })
     });
     let work = WorkDir::new(account)?;
-    let outcome = steps(plan, account, &mut record, &work, check_only).await;
+    let outcome = steps(plan, account, &mut record, &work, check_only, logical).await;
     if let Some(task) = keep_alive {
         task.abort();
     }
@@ -466,13 +477,13 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
     }
 }
 
-async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkDir, check_only: bool) -> Result<()> {
+async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkDir, check_only: bool, logical: bool) -> Result<()> {
     let total = if check_only { 3 } else { 4 };
     tracing::info!("upgrade step 1/{total}: reading the old cluster's encoding, locale and data-checksum setting");
     if account.switch && !privilege::owns_all(&[&plan.data_dir, &plan.data_dir.join("global"), &plan.data_dir.join("base")], account) {
         privilege::chown_tree(&plan.data_dir, account)?;
     }
-    let settings = read_settings(&plan.old, &plan.data_dir, account, work).await?;
+    let settings = read_settings(&plan.old, &plan.data_dir, account, work, logical).await?;
     tracing::info!(
         "upgrade step 2/{total}: initialising the new PostgreSQL {} cluster at {} (encoding {}, locale {}/{}, provider {}, data checksums {})",
         plan.new.major,
@@ -502,12 +513,12 @@ async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkD
     }
     if check_only {
         tracing::info!("upgrade step 3/{total}: pg_upgrade --check");
-        return pg_upgrade(plan, record, &password, account, work, true).await;
+        return pg_upgrade(plan, record, &password, account, work, true, logical).await;
     }
     record.step = Step::Upgrading;
     save(record)?;
     tracing::info!("upgrade step 3/{total}: pg_upgrade {} (its consistency checks first, then the copy; its progress follows)", plan.method.flag());
-    pg_upgrade(plan, record, &password, account, work, false).await?;
+    pg_upgrade(plan, record, &password, account, work, false, logical).await?;
     record.step = Step::Swapping;
     save(record)?;
     tracing::info!("upgrade step 4/{total}: the new cluster takes {}, the old one moves to {}", plan.data_dir.display(), plan.old_copy.display());
@@ -716,8 +727,10 @@ impl Settings {
 /// Reads the settings with the old binaries in single-user mode: no port, no
 /// connection, and a cluster left by a crash is recovered and shut down
 /// cleanly, which `pg_upgrade` requires. The answer comes back through a
-/// file `COPY` writes into the private work directory.
-async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work: &WorkDir) -> Result<Settings> {
+/// file `COPY` writes into the private work directory. `logical`: the
+/// cluster holds logical slots (an `upgrade --check` leaves the relay's in
+/// place), on which PostgreSQL starts only with `wal_level=logical`.
+async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work: &WorkDir, logical: bool) -> Result<Settings> {
     let out = work.path.join("settings.txt");
     let locale = match old.major {
         ..=14 => "'c', ''",
@@ -738,8 +751,11 @@ async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work:
         .arg("-c")
         .arg("log_line_prefix=[%p] ")
         .arg("-c")
-        .arg("log_checkpoints=off")
-        .arg("template1");
+        .arg("log_checkpoints=off");
+    if logical {
+        spec = spec.arg("-c").arg("wal_level=logical");
+    }
+    let mut spec = spec.arg("template1");
     spec.output = Output::Postgres { routine: Level::DEBUG };
     spec.run_as = account.run_as();
     spec.cwd = Some(work.path.clone());
@@ -784,7 +800,7 @@ async fn initdb(new: &Binaries, dir: &Path, settings: &Settings, password: &str,
 /// `pg_upgrade` (`--check` only, or the real thing), run in the private work
 /// directory, which also holds the servers' sockets; its progress lines are
 /// logged as they come.
-async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Account, work: &WorkDir, check: bool) -> Result<()> {
+async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Account, work: &WorkDir, check: bool, logical: bool) -> Result<()> {
     let mut spec = ChildSpec::new("pg_upgrade", plan.new.tool("pg_upgrade"))
         .arg("--old-bindir")
         .arg(&plan.old.dir)
@@ -807,6 +823,9 @@ async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Acco
         .env("PGPASSWORD", password);
     if check {
         spec = spec.arg("--check");
+    }
+    if logical {
+        spec = spec.arg("--old-options=-c wal_level=logical").arg("--new-options=-c wal_level=logical");
     }
     spec.output = Output::Text { routine: Level::INFO };
     spec.run_as = account.run_as();

@@ -13,6 +13,15 @@
 //!   decisions — [`crate::supervisor::decide`] picks the retry delay, a
 //!   failing relay is retried forever and shows `backoff` with the reason.
 //! * [`status`] is what `/gateway/status` and `/metrics` show.
+//!
+//! **Turning it off.** A logical slot stops PostgreSQL from starting
+//! without `wal_level=logical` (it FATALs on the slot). So a start without
+//! `PGSERVE_REPLICATION_URL`, and a major upgrade, first remove the relay's
+//! slots from the stopped cluster ([`drop_slots_offline`]), the way
+//! PostgreSQL drops a slot itself; once PostgreSQL serves, a start without
+//! the URL also drops the relay's publication, DDL capture and schema
+//! ([`remove_leftovers`]). Turned on again, the relay finds no slot and
+//! copies anew.
 
 pub mod apply;
 pub mod pgoutput;
@@ -21,6 +30,7 @@ pub mod source;
 pub mod status;
 pub mod tls;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +49,138 @@ use status::{DbView, RelayView};
 /// The relay's retries are cheap (two connections): never wait longer than
 /// this for a target that came back.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// A full copy dumps the whole database: one that fails again (a target
+/// that refuses the schema, a full disk) is retried after a minute, then
+/// after twice as long each time, up to [`COPY_RETRY_MAX`].
+const COPY_RETRY_FIRST: Duration = Duration::from_secs(60);
+const COPY_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// The wait before the next run after `copy_failures` failed copies in a
+/// row; `None`: the ordinary retry delay (the first failure may be passing).
+fn copy_retry_delay(copy_failures: u32) -> Option<Duration> {
+    (copy_failures >= 2).then(|| COPY_RETRY_FIRST.saturating_mul(1 << (copy_failures - 2).min(10)).min(COPY_RETRY_MAX))
+}
+
+/// The relay's logical slots are named `omni_relay_<database>` (`relay.rs`).
+pub const SLOT_PREFIX: &str = "omni_relay_";
+/// The DDL capture's event trigger (`source.rs`).
+const EVENT_TRIGGER: &str = "omni_relay_capture_ddl";
+
+/// The relay's slots in a stopped cluster's `pg_replslot`.
+pub fn slots_offline(data_dir: &Path) -> Result<Vec<String>> {
+    let dir = data_dir.join("pg_replslot");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(SLOT_PREFIX) && !name.ends_with(".tmp") && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes the relay's logical slots from a cluster that is not running
+/// (the caller holds the cluster's lock and found no live postmaster), as
+/// `pg_drop_replication_slot` does on disk: the slot's directory is renamed
+/// to `<name>.tmp`, the rename flushed, then the directory removed (a start
+/// of PostgreSQL removes a `.tmp` left by a crash in between). A slot lives
+/// only in that directory, never in the WAL, so this is the whole drop, and
+/// it works on an invalidated slot too. Dropping loses nothing: the target
+/// keeps its progress, and the relay copies anew when it finds no slot.
+/// Returns the slots removed; `why` is logged with them.
+pub fn drop_slots_offline(data_dir: &Path, why: &str) -> Result<Vec<String>> {
+    let slots = slots_offline(data_dir)?;
+    let dir = data_dir.join("pg_replslot");
+    for name in &slots {
+        let (from, to) = (dir.join(name), dir.join(format!("{name}.tmp")));
+        std::fs::rename(&from, &to).with_context(|| format!("dropping the replication relay's slot: renaming {} to {}", from.display(), to.display()))?;
+        std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("flushing {}", dir.display()))?;
+        std::fs::remove_dir_all(&to).with_context(|| format!("dropping the replication relay's slot: removing {}", to.display()))?;
+    }
+    if !slots.is_empty() {
+        std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("flushing {}", dir.display()))?;
+        tracing::warn!(
+            "{why}: dropped the replication relay's slots {} (PostgreSQL would refuse to start on them without wal_level=logical); turned on again, the relay makes a full copy",
+            slots.join(", ")
+        );
+    }
+    Ok(slots)
+}
+
+/// With `PGSERVE_REPLICATION_URL` unset, what an earlier run's relay left in
+/// the embedded databases (publication `omni_relay`, the DDL capture's event
+/// trigger, the schema `omni_relay`) is dropped once PostgreSQL serves: the
+/// publication would make updates of a table without a key fail, the
+/// capture would write a message for every DDL. Each database is cleaned in
+/// one transaction; one that cannot be is logged and left as it was.
+pub async fn remove_leftovers(cluster: Arc<Cluster>) {
+    let listed = async {
+        let client = crate::postgres::connect(&cluster.pg_config(APP_DATABASE)).await?;
+        let rows = client.query("SELECT datname::text FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname", &[]).await?;
+        anyhow::Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+    };
+    let databases = match listed.await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("PGSERVE_REPLICATION_URL is not set, but the databases could not be listed to drop what the replication relay left ({e:#})");
+            return;
+        }
+    };
+    for db in databases {
+        let cleaned = async {
+            let client = crate::postgres::connect(&cluster.pg_config(&db)).await?;
+            let found: bool = client
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = '{p}') OR EXISTS (SELECT FROM pg_event_trigger WHERE evtname = '{t}')
+                             OR EXISTS (SELECT FROM pg_namespace WHERE nspname = 'omni_relay')
+                             OR EXISTS (SELECT FROM pg_replication_slots WHERE slot_name LIKE 'omni\\_relay\\_%' AND database = current_database() AND NOT active)",
+                        p = source::PUBLICATION,
+                        t = EVENT_TRIGGER
+                    ),
+                    &[],
+                )
+                .await?
+                .get(0);
+            if !found {
+                return anyhow::Ok(false);
+            }
+            client
+                .batch_execute(&format!(
+                    "SET client_min_messages = warning;
+                     BEGIN;
+                     SET LOCAL omni_relay.internal = 'on';
+                     DROP EVENT TRIGGER IF EXISTS {t};
+                     DROP PUBLICATION IF EXISTS {p};
+                     DROP FUNCTION IF EXISTS omni_relay.capture_ddl();
+                     DROP SCHEMA IF EXISTS omni_relay;
+                     COMMIT;
+                     SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                      WHERE slot_name LIKE 'omni\\_relay\\_%' AND database = current_database() AND NOT active",
+                    p = source::PUBLICATION,
+                    t = EVENT_TRIGGER
+                ))
+                .await?;
+            anyhow::Ok(true)
+        };
+        match cleaned.await {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(
+                database = %db,
+                "PGSERVE_REPLICATION_URL is not set: dropped the replication relay's publication {}, its DDL capture and its schema omni_relay in {db}",
+                source::PUBLICATION
+            ),
+            Err(e) => tracing::warn!(database = %db, "PGSERVE_REPLICATION_URL is not set, but what the replication relay left in {db} could not be dropped ({e:#}): drop the publication {} and the event trigger {} there by hand", source::PUBLICATION, EVENT_TRIGGER),
+        }
+    }
+}
 
 /// `PGSERVE_REPLICATION_*`, parsed.
 #[derive(Debug, Clone)]
@@ -242,6 +384,7 @@ async fn databases_to_replicate(config: &ReplicationConfig, cluster: &Cluster, v
 /// Runs one database's relay until `stop`, retrying failed runs with backoff.
 async fn supervise(relay: DbRelay, restart: RestartPolicy, stop: CancellationToken) {
     let mut failures = 0;
+    let mut copy_failures = 0;
     let mut first = true;
     loop {
         transition(&relay, State::Starting, (failures > 0).then(|| format!("attempt {}", failures + 1)));
@@ -266,16 +409,26 @@ async fn supervise(relay: DbRelay, restart: RestartPolicy, stop: CancellationTok
             Err(e) => format!("{e:#}"),
         };
         let ready_for = ready_at.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed());
+        // The run sets "copying …" while it copies and clears it once streaming.
+        let copying = relay.view.lock().unwrap_or_else(|e| e.into_inner()).dbs[relay.index].detail.as_deref().is_some_and(|d| d.starts_with("copying "));
+        copy_failures = if copying { copy_failures + 1 } else if ready_for.is_some() { 0 } else { copy_failures };
         let jitter: f64 = rand::thread_rng().gen();
         let Decision::Retry { attempt, delay, .. } = decide(&restart, failures, Outcome::Failed { ready_for }, jitter) else {
             unreachable!("only Permanent outcomes give up")
         };
         failures = attempt;
+        let (delay, detail) = match copy_retry_delay(copy_failures).filter(|_| copying) {
+            Some(long) => (
+                long,
+                format!("the full copy failed {copy_failures} times in a row; the next copy in {} min, last: {why}", long.as_secs().div_ceil(60)),
+            ),
+            None => (delay, format!("attempt {attempt}, next in {:.1} s, last: {why}", delay.as_secs_f64())),
+        };
         relay.set(|v| {
             v.attempts = attempt;
             v.next_retry = Some(Instant::now() + delay);
         });
-        transition(&relay, State::Backoff, Some(format!("attempt {attempt}, next in {:.1} s, last: {why}", delay.as_secs_f64())));
+        transition(&relay, State::Backoff, Some(detail));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => {
@@ -320,6 +473,33 @@ mod tests {
         assert_eq!(c.display_target(), "db.example:5433/copy");
         assert_eq!(server_settings(64), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=1024MB".to_string()]);
         assert_eq!(server_settings(4096), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=4096MB".to_string()]);
+    }
+
+    #[test]
+    fn a_copy_that_keeps_failing_waits_minutes_doubling_up_to_half_an_hour() {
+        assert_eq!(copy_retry_delay(1), None, "a first failure is retried as any other");
+        assert_eq!(copy_retry_delay(2), Some(Duration::from_secs(60)));
+        assert_eq!(copy_retry_delay(3), Some(Duration::from_secs(120)));
+        assert_eq!(copy_retry_delay(6), Some(Duration::from_secs(960)));
+        assert_eq!(copy_retry_delay(7), Some(COPY_RETRY_MAX));
+        assert_eq!(copy_retry_delay(u32::MAX), Some(COPY_RETRY_MAX));
+    }
+
+    #[test]
+    fn the_relays_slots_are_found_and_dropped_in_a_stopped_cluster_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("omni-relay-slots-{}", std::process::id()));
+        let slots = dir.join("pg_replslot");
+        for name in ["omni_relay_omni", "omni_relay_extra", "omni_wal", "other", "omni_relay_x.tmp"] {
+            std::fs::create_dir_all(slots.join(name)).unwrap();
+            std::fs::write(slots.join(name).join("state"), b"x").unwrap();
+        }
+        assert_eq!(slots_offline(&dir).unwrap(), ["omni_relay_extra", "omni_relay_omni"]);
+        assert_eq!(drop_slots_offline(&dir, "test").unwrap(), ["omni_relay_extra", "omni_relay_omni"]);
+        let mut left: Vec<String> = std::fs::read_dir(&slots).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["omni_relay_x.tmp", "omni_wal", "other"]);
+        assert!(slots_offline(&dir.join("missing")).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

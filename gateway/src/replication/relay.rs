@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::apply::{self, literal, Ddl, Relations};
 use super::pgoutput::{self, lsn_to_string, parse_lsn, Message};
-use super::source::{self, SlotState, ToolTarget, DDL_PREFIX, PUBLICATION};
+use super::source::{self, SlotState, ToolTarget, DDL_PREFIX, PUBLICATION, RECOPY_PREFIX};
 use super::status::{DbView, RelayView};
 use crate::status::State;
 
@@ -221,6 +221,20 @@ impl DbRelay {
             let peek_started = Instant::now();
             let batch = self.peek_and_apply(&src, &tgt, &progress_table, &slot, &mut progress).await?;
             let peek_took = peek_started.elapsed();
+            if batch.recopy {
+                // A logical backup was restored: its transaction is not
+                // replayed, the restored database is copied whole instead.
+                let why = "a logical backup was restored into it";
+                tracing::warn!(database = %db, "full copy to the replication target: {why}");
+                self.set(|v| {
+                    v.state = State::Starting;
+                    v.detail = Some(format!("copying {db}: {why}"));
+                });
+                progress = self.copy(&src, &tgt, &progress_table, &slot).await?;
+                self.set(|v| v.last_copy = Some(format!("{db}: {why}")));
+                announce_ready();
+                continue;
+            }
             if let Some(end) = batch.confirm {
                 src.execute(&format!("SELECT pg_replication_slot_advance({}, {})", literal(&slot), literal(&lsn_to_string(end))), &[])
                     .await
@@ -355,6 +369,12 @@ impl DbRelay {
             }
             for row in &rows {
                 applier.handle(pgoutput::decode(row.get(0))?).await?;
+                if applier.out.recopy {
+                    break;
+                }
+            }
+            if applier.out.recopy {
+                break;
             }
         }
         src.batch_execute("COMMIT").await?;
@@ -408,11 +428,21 @@ impl<'a> Applier<'a> {
                 } else {
                     Mode::Normal
                 };
-                self.txn = Some(Txn { commit_lsn: final_lsn, end_lsn: 0, commit_time_us, mode, statements: Vec::new(), bytes: 0, after_last_ddl: 0, ddl: false, streamed: false });
+                self.txn = Some(Txn { commit_lsn: final_lsn, end_lsn: 0, commit_time_us, mode, statements: Vec::new(), bytes: 0, after_last_ddl: 0, ddl: false, streamed: false, recopy: false });
             }
             Message::Relation(rel) => {
                 self.relations.insert(rel.oid, rel);
             }
+            // A logical backup's restore writes this first in its
+            // transaction: nothing of it is applied, a full copy follows.
+            Message::Logical { prefix, .. } if prefix == RECOPY_PREFIX => {
+                let t = self.txn.as_mut().context("a restore's mark outside a transaction")?;
+                debug_assert!(!t.streamed, "the mark comes first in its transaction");
+                t.recopy = true;
+                t.statements.clear();
+                t.bytes = 0;
+            }
+            _ if self.txn.as_ref().is_some_and(|t| t.recopy) && !matches!(msg, Message::Commit { .. }) => {}
             Message::Logical { prefix, content, .. } if prefix == DDL_PREFIX => {
                 let ddl: Ddl = serde_json::from_slice(&content).context("a captured DDL message is not the JSON the capture writes")?;
                 let t = self.txn.as_mut().context("DDL outside a transaction")?;
@@ -435,6 +465,12 @@ impl<'a> Applier<'a> {
                 t.end_lsn = end_lsn;
                 self.out.confirm = Some(end_lsn);
                 if t.mode == Mode::Skip {
+                    return Ok(());
+                }
+                if t.recopy {
+                    // What came before it is applied; the copy starts after it.
+                    self.flush().await?;
+                    self.out.recopy = true;
                     return Ok(());
                 }
                 self.progress.lsn = t.commit_lsn;
@@ -531,6 +567,8 @@ struct Batch {
     changes: u64,
     confirm: Option<u64>,
     last_commit: Option<SystemTime>,
+    /// A restore's transaction came: a full copy follows (nothing after it is applied).
+    recopy: bool,
 }
 
 enum Stmt {
@@ -578,6 +616,8 @@ struct Txn {
     ddl: bool,
     /// Its target transaction is open, with its statements so far.
     streamed: bool,
+    /// Marked by a logical backup's restore: skipped, a full copy follows.
+    recopy: bool,
 }
 
 impl Txn {

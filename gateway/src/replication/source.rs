@@ -19,6 +19,10 @@ use super::pgoutput::parse_lsn;
 pub const PUBLICATION: &str = "omni_relay";
 /// Prefix of the logical messages that carry captured DDL.
 pub const DDL_PREFIX: &str = "omni_ddl";
+/// Prefix of the message a logical backup's restore writes first in its
+/// transaction (`omni_contract::backups`): the relay skips that transaction
+/// and makes a full copy after it.
+pub const RECOPY_PREFIX: &str = "omni_recopy";
 /// Prefix of the relay's own keep-alive messages (see `relay.rs`).
 pub const HEARTBEAT_PREFIX: &str = "omni_relay_heartbeat";
 
