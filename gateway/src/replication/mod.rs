@@ -15,6 +15,7 @@
 //! * [`status`] is what `/gateway/status` and `/metrics` show.
 
 pub mod apply;
+pub mod ddl;
 pub mod pgoutput;
 pub mod relay;
 pub mod source;
