@@ -126,8 +126,8 @@ BEGIN
     -- the catalogs: the sequences, tables and indexes made.
     IF nested THEN
         FOR r IN SELECT d.command_tag, d.objid, format('%I.%I', n.nspname, c.relname) AS name
-                 FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE d.command_tag IN ('CREATE SEQUENCE', 'CREATE TABLE', 'CREATE INDEX', 'ALTER SEQUENCE') LOOP
+                 FROM pg_event_trigger_ddl_commands() WITH ORDINALITY d JOIN pg_class c ON c.oid = d.objid JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE d.command_tag IN ('CREATE SEQUENCE', 'CREATE TABLE', 'CREATE INDEX', 'ALTER SEQUENCE') ORDER BY d.ordinality LOOP
             IF r.command_tag = 'CREATE SEQUENCE' AND NOT EXISTS (SELECT 1 FROM pg_depend WHERE objid = r.objid AND classid = 'pg_class'::regclass AND deptype = 'i') THEN
                 rebuilt := rebuilt || (SELECT format('CREATE SEQUENCE %s AS %s INCREMENT %s MINVALUE %s MAXVALUE %s START %s CACHE %s%s', r.name,
                     format_type(seqtypid, NULL), seqincrement, seqmin, seqmax, seqstart, seqcache, CASE WHEN seqcycle THEN ' CYCLE' ELSE '' END)
