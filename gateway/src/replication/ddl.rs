@@ -208,10 +208,13 @@ impl Statement<'_> {
             && (tag != "PREPARE" || self.words().nth(1) == Some("TRANSACTION"))
     }
 
-    fn is_routine_definition(&self) -> bool {
-        let mut words = self.words().skip(1).skip_while(|w| matches!(*w, "OR" | "REPLACE"));
-        self.words().next() == Some("CREATE") && matches!(words.next(), Some("FUNCTION" | "PROCEDURE"))
-    }
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE`: its `BEGIN ATOMIC` body holds `;`.
+fn is_routine_definition(tokens: &[Token]) -> bool {
+    let words = || tokens.iter().map(|t| t.word.as_deref().unwrap_or(""));
+    let mut rest = words().skip(1).skip_while(|w| matches!(*w, "OR" | "REPLACE"));
+    words().next() == Some("CREATE") && matches!(rest.next(), Some("FUNCTION" | "PROCEDURE"))
 }
 
 /// Splits a query string into its statements the way PostgreSQL's lexer
@@ -302,12 +305,10 @@ pub fn split(sql: &str) -> Vec<Statement<'_>> {
                         i += 1;
                     }
                     let w = sql[start..i].to_ascii_uppercase();
-                    if tokens.first().is_some() && atomic_depth == 0 && w == "ATOMIC" && tokens.last().and_then(|t| t.word.as_deref()) == Some("BEGIN") {
-                        let stmt = Statement { text: "", tokens: std::mem::take(&mut tokens) };
-                        if stmt.is_routine_definition() {
+                    if atomic_depth == 0 && w == "ATOMIC" && tokens.last().and_then(|t| t.word.as_deref()) == Some("BEGIN") {
+                        if is_routine_definition(&tokens) {
                             atomic_depth = 1;
                         }
-                        tokens = stmt.tokens;
                     } else if atomic_depth > 0 {
                         match w.as_str() {
                             "BEGIN" | "CASE" => atomic_depth += 1,
