@@ -224,26 +224,27 @@ fn insert(rel: &Relation, new: &[Value]) -> Change {
     Change::Insert { head, values, tail }
 }
 
-/// A captured DDL command, as the source's event trigger wrote it.
-#[derive(Debug, serde::Deserialize, PartialEq)]
-pub struct Ddl {
-    pub sql: String,
-    pub search_path: String,
-    /// `CREATE TABLE … AS`: its rows were decoded before the command ended,
-    /// so the table is made right after the transaction's previous DDL,
-    /// before those rows.
-    #[serde(default)]
-    pub before_rows: bool,
-}
+pub use super::ddl::Ddl;
 
 /// The statements that replay `ddl` on the target: under the search path it
-/// ran with on the source, then back to the session's own.
+/// ran with on the source, then back to the session's own. Each statement
+/// ends on a line of its own, so a comment inside cannot swallow what the
+/// relay appends. A command the relay cannot replay stops the relay with a
+/// message naming it (the target raises it), rather than letting the target
+/// drift from the source unnoticed.
 pub fn ddl_sql(ddl: &Ddl) -> String {
-    format!(
-        "SELECT set_config('search_path', {}, true); {}; SET LOCAL search_path TO DEFAULT",
-        literal(&ddl.search_path),
-        ddl.sql.trim().trim_end_matches(';')
-    )
+    let command = match super::ddl::command_sql(ddl) {
+        Ok(sql) if sql.trim().is_empty() => return "SELECT 1".into(),
+        Ok(sql) => sql,
+        Err(why) => {
+            let mut quote = "$omni_relay$".to_string();
+            while why.contains(&quote) {
+                quote.insert(quote.len() - 1, '_');
+            }
+            format!("DO {quote} BEGIN RAISE EXCEPTION '%', {}; END {quote}", literal(&why))
+        }
+    };
+    format!("SELECT set_config('search_path', {}, true);\n{command}\n;\nSET LOCAL search_path TO DEFAULT", literal(&ddl.search_path))
 }
 
 #[cfg(test)]
@@ -334,7 +335,18 @@ mod tests {
 
     #[test]
     fn ddl_runs_under_its_source_search_path() {
-        let sql = ddl_sql(&Ddl { sql: "ALTER TABLE t ADD COLUMN c int;".into(), search_path: "\"$user\", public".into(), before_rows: false });
-        assert_eq!(sql, "SELECT set_config('search_path', '\"$user\", public', true); ALTER TABLE t ADD COLUMN c int; SET LOCAL search_path TO DEFAULT");
+        let ddl = Ddl {
+            tag: Some("ALTER TABLE".into()),
+            query: Some("ALTER TABLE t ADD COLUMN c int; -- why".into()),
+            search_path: "\"$user\", public".into(),
+            ..Ddl::default()
+        };
+        assert_eq!(
+            ddl_sql(&ddl),
+            "SELECT set_config('search_path', '\"$user\", public', true);\nALTER TABLE t ADD COLUMN c int\n;\nSET LOCAL search_path TO DEFAULT"
+        );
+        let lost = Ddl { tag: Some("ALTER TABLE".into()), query: Some("SELECT f()".into()), ..Ddl::default() };
+        let sql = ddl_sql(&lost);
+        assert!(sql.contains("RAISE EXCEPTION '%', 'the DDL command ALTER TABLE is not among"), "{sql}");
     }
 }

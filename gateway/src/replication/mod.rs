@@ -24,6 +24,7 @@
 //! copies anew.
 
 pub mod apply;
+pub mod ddl;
 pub mod pgoutput;
 pub mod relay;
 pub mod source;

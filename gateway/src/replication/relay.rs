@@ -213,6 +213,9 @@ impl DbRelay {
         tracing::info!(database = %db, "replication streaming from {} (applied up to {})", slot, lsn_to_string(progress.lsn));
 
         let mut last_sequences = Instant::now() - SEQUENCE_SYNC_EVERY;
+        // Something was applied since the last sequence catch-up: the next
+        // one is due even if nothing else arrives (idle after a burst).
+        let mut sequences_due = false;
         let mut last_applied_commit: Option<SystemTime> = None;
         loop {
             if stop.is_cancelled() {
@@ -261,7 +264,9 @@ impl DbRelay {
                     last_applied_commit.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64())
                 };
             });
-            if batch.applied > 0 && last_sequences.elapsed() >= SEQUENCE_SYNC_EVERY {
+            sequences_due |= batch.applied > 0;
+            if sequences_due && last_sequences.elapsed() >= SEQUENCE_SYNC_EVERY {
+                sequences_due = false;
                 sync_sequences(&src, &tgt).await;
                 last_sequences = Instant::now();
                 self.refresh_tables(&src).await;
