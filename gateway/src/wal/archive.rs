@@ -413,6 +413,26 @@ mod tests {
     }
 
     #[test]
+    fn a_lineage_follows_the_history_file() {
+        // Timeline 3 left 1 at 0/5000100 (as 2) and 2 at 0/9000000.
+        let l = Lineage::parse(3, "1\t0/5000100\tbefore 2026-12-04 19:00:00+00\n\n2\t0/9000000\tno recovery target specified\n");
+        assert_eq!(l.spans.len(), 3);
+        assert!(l.includes(1) && l.includes(2) && l.includes(3) && !l.includes(4));
+        assert_eq!(l.leaves(1), parse_lsn("0/5000100"));
+        assert_eq!(l.leaves(3), None);
+        // A base backup consistent on 1 before the branch point serves 3; one after it does not.
+        assert!(l.holds(1, parse_lsn("0/2000028").unwrap(), parse_lsn("0/2000100").unwrap()));
+        assert!(!l.holds(1, parse_lsn("0/6000028").unwrap(), parse_lsn("0/6000100").unwrap()));
+        let seg = |name: &str| Segment::parse(Path::new(name)).unwrap();
+        assert!(l.needs_segment(&seg("000000010000000000000005")), "the branch point's segment of timeline 1");
+        assert!(!l.needs_segment(&seg("000000010000000000000006")), "timeline 1 after the branch point is abandoned");
+        assert!(l.needs_segment(&seg("000000020000000000000005")) && l.needs_segment(&seg("000000020000000000000009")));
+        assert!(!l.needs_segment(&seg("00000002000000000000000A")));
+        assert!(l.needs_segment(&seg("00000003000000000000000A.partial")));
+        assert!(!l.needs_segment(&seg("000000040000000000000001")));
+    }
+
+    #[test]
     fn restore_command_quotes_paths_and_falls_back_to_partial_segments() {
         let cmd = restore_command(Path::new("/srv/it's 100%"));
         assert!(cmd.contains("'/srv/it'\\''s 100%%/stream'"), "{cmd}");

@@ -420,6 +420,45 @@ mod tests {
         assert_eq!(ids, ["7", "8", "9", "10"]);
     }
 
+    /// A backup on `timeline` whose WAL is segment `seg`.
+    fn on(id: &str, timeline: u32, seg: u64, hours_ago: i64) -> BaseBackup {
+        let at = Utc::now() - chrono::Duration::hours(hours_ago);
+        let lsn = format!("0/{:X}", seg * archive::SEGMENT_BYTES + 0x28);
+        BaseBackup {
+            id: id.into(),
+            started_at: at,
+            finished_at: at,
+            bytes: 0,
+            start_segment: format!("{timeline:08X}{:016X}", seg),
+            timeline: Some(timeline),
+            start_lsn: Some(lsn.clone()),
+            end_lsn: Some(lsn),
+            system_identifier: None,
+        }
+    }
+
+    #[test]
+    fn retention_after_a_fork_keeps_a_backup_for_each_timeline_and_the_wal_each_needs() {
+        // Timeline 2 branched off 1 inside segment 4; timeline 1 went on to segment 9.
+        let (tl1, tl2) = (archive::Lineage::parse(1, ""), archive::Lineage::parse(2, "1\t0/4000100\tbefore"));
+        let backups = vec![on("b1", 1, 2, 5), on("b2", 1, 8, 4), on("b3", 2, 5, 0)];
+        let kept = keep(&backups, &[tl1.clone(), tl2.clone()], Utc::now(), std::time::Duration::from_secs(3600));
+        let ids: Vec<&str> = kept.iter().map(|b| b.id.as_str()).collect();
+        // b2 for the end of timeline 1, b1 for timeline 2 before its own backup b3.
+        assert_eq!(ids, ["b1", "b2", "b3"]);
+        let lineages = [tl1, tl2];
+        let seg = |name: &str| archive::Segment::parse(Path::new(name)).unwrap();
+        for needed in ["000000010000000000000002", "000000010000000000000004", "000000010000000000000009", "000000020000000000000004", "000000020000000000000006"] {
+            assert!(segment_needed(&seg(needed), &kept, &lineages), "{needed}");
+        }
+        assert!(!segment_needed(&seg("000000010000000000000001"), &kept, &lineages), "before every kept backup");
+        // Once timeline 1's backups are gone, its abandoned end goes too.
+        let only = [&backups[2]];
+        assert!(!segment_needed(&seg("000000010000000000000009"), &only, &lineages), "abandoned, no kept backup leads into it");
+        assert!(!segment_needed(&seg("000000010000000000000004"), &only, &lineages), "before b3's start");
+        assert!(segment_needed(&seg("000000020000000000000005"), &only, &lineages));
+    }
+
     #[test]
     fn retention_never_deletes_the_newest_backup() {
         let backups: Vec<_> = (1..=2).map(backup).collect();
