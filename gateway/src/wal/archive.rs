@@ -426,8 +426,8 @@ mod tests {
         let seg = |name: &str| Segment::parse(Path::new(name)).unwrap();
         assert!(l.needs_segment(&seg("000000010000000000000005")), "the branch point's segment of timeline 1");
         assert!(!l.needs_segment(&seg("000000010000000000000006")), "timeline 1 after the branch point is abandoned");
-        assert!(l.needs_segment(&seg("000000020000000000000005")) && l.needs_segment(&seg("000000020000000000000009")));
-        assert!(!l.needs_segment(&seg("00000002000000000000000A")));
+        assert!(l.needs_segment(&seg("000000020000000000000005")) && l.needs_segment(&seg("000000020000000000000008")));
+        assert!(!l.needs_segment(&seg("000000020000000000000009")), "timeline 3 began exactly where segment 9 begins");
         assert!(l.needs_segment(&seg("00000003000000000000000A.partial")));
         assert!(!l.needs_segment(&seg("000000040000000000000001")));
     }
