@@ -140,19 +140,22 @@ fn pitr_a_second_restore_replays_the_timeline_that_served_at_its_target() {
     assert_eq!(count(&gw, "B"), 50, "every write of B (timeline 2) is back\n{}", gw.log());
     assert_eq!(count(&gw, "A"), 0, "A is not on timeline 2's history");
 
-    // Every kept base backup restores, on the newest timeline it leads into.
+    // Every kept base backup restores, on the newest timeline it leads into
+    // (timeline 4's own, which the streamer asks for, included).
+    wait_for_base_backup_on(dir.path(), 4);
+    let kept = records(dir.path()).len();
     let (ok, out, err) = cli(dir.path(), &["backup", "drill", "--all"]);
     assert!(ok, "{out}\n{err}");
-    let kept = records(dir.path()).len();
     assert!(kept >= 2, "backups of timelines 1 and 2 at least: {kept}");
     assert_eq!(out.matches("restore drill passed").count(), kept, "{out}");
 }
 
 /// Moves a base backup's recorded end into the past, as if it were that old.
-fn age(dir: &Path, id: &str, hours: i64) {
+fn age(gw: &Gateway, dir: &Path, id: &str, hours: i32) {
     let path = dir.join(format!("data/wal/base/{id}.json"));
     let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let old = (chrono::Utc::now() - chrono::Duration::hours(hours)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let q = r#"SELECT to_char((clock_timestamp() - make_interval(hours => $1)) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#;
+    let old: String = gw.db().query_one(q, &[&hours]).unwrap().get(0);
     record["finished_at"] = old.clone().into();
     record["started_at"] = old.into();
     std::fs::write(&path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
@@ -193,7 +196,7 @@ fn pitr_retention_after_a_fork_keeps_the_wal_every_kept_base_backup_needs() {
     assert!(before.len() >= 3, "two base backups on timeline 1, one on timeline 2: {before:#?}");
     for (record, hours) in before.iter().take(2).zip([3, 2]) {
         assert_eq!(record["timeline"], 1, "{record}");
-        age(dir.path(), record["id"].as_str().unwrap(), hours);
+        age(&gw, dir.path(), record["id"].as_str().unwrap(), hours);
     }
     let taken = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
     assert_eq!(taken.status, 200, "a base backup, then retention: {}", taken.text());
