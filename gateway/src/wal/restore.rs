@@ -884,17 +884,19 @@ fn commit_times(text: &str) -> Vec<(u64, DateTime<Utc>)> {
 /// and the WAL segment of its shutdown checkpoint, where its WAL ends
 /// (`pg_controldata`).
 async fn end_of_wal(binaries: &Binaries, dir: &Path) -> Result<(u32, String)> {
-    let out = tokio::process::Command::new(binaries.tool("pg_controldata"))
-        .arg("-D")
-        .arg(dir)
-        .env("LC_ALL", "C")
-        .env_remove("PGDATA")
-        .output()
-        .await
-        .context("could not run pg_controldata")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("pg_controldata could not read the restored cluster {} ({}): {}", dir.display(), out.status, String::from_utf8_lossy(&out.stderr).trim());
+    // Through the gateway's own child handling (it reaps every child).
+    let out_path = cluster::sibling(dir, ".controldata.txt");
+    let out = std::fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+    let mut spec = ChildSpec::new("pg_controldata", binaries.tool("pg_controldata")).arg("-D").arg(dir).env("LC_ALL", "C");
+    spec.output = Output::Text { routine: Level::DEBUG };
+    spec.stdout = Some(out);
+    spec.env_remove = ["PGDATA"].iter().map(Into::into).collect();
+    let status = child::run(spec).await.context("could not run pg_controldata");
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let status = status?;
+    if !status.success() {
+        bail!("pg_controldata could not read the restored cluster {} ({status}); its error is in the log above", dir.display());
     }
     let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
     let timeline: u32 = field("Latest checkpoint's TimeLineID:").and_then(|v| v.parse().ok()).context("pg_controldata names no checkpoint timeline")?;
