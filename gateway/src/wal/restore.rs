@@ -212,7 +212,13 @@ impl Restore<'_> {
         self.report(&format!("checking base backup {} against its manifest", backup.id), 15);
         base::verify(self.binaries, self.account, &backup.dir(&self.wal.dir))
             .await
-            .with_context(|| format!("base backup {} is damaged; nothing was changed. Pick a time a newer base backup covers, or take a new one", backup.id))?;
+            .with_context(|| {
+                format!(
+                    "base backup {} is damaged, so nothing was changed: the previous data directory is back in service as it was (it was never moved). \
+                     Pick a time a newer base backup covers, or take a new one",
+                    backup.id
+                )
+            })?;
         // Milliseconds: two restores within a second get different names.
         let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
         let mut journal = Journal {
