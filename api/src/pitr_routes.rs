@@ -38,6 +38,13 @@ pub struct RestoreTo {
     /// recoverable window (`GET /api/v1/backup/window`).
     #[schema(pattern = r"^(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2}))$", example = "2026-11-25T16:00:00Z")]
     target_time: String,
+    /// The timeline to replay (`timelines` of `GET /api/v1/backup/window`).
+    /// Absent or null: the timeline that served at `target_time` (each
+    /// restore starts a new one), or the newest for `latest`. One the
+    /// archive does not know: 422 (`unknown_timeline`).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 4294967295_u64, example = 2)]
+    timeline: Option<u32>,
 }
 
 /// A verified base backup (`pg_basebackup`, compressed, checked against its manifest).
@@ -62,6 +69,21 @@ pub struct Drill {
     detail: Option<String>,
 }
 
+/// What a restore can reach on one timeline.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TimelineWindow {
+    timeline: u32,
+    /// When it began to serve (the end of the restore that made it); null for timeline 1.
+    #[schema(format = DateTime)]
+    began_at: Option<String>,
+    /// The end of the oldest base backup that restores onto it.
+    #[schema(format = DateTime)]
+    earliest: Option<String>,
+    /// The last write of its WAL into the archive.
+    #[schema(format = DateTime)]
+    latest: Option<String>,
+}
+
 /// What a restore can reach.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Window {
@@ -71,6 +93,13 @@ pub struct Window {
     /// The last write into the WAL archive; null before the first base backup.
     #[schema(format = DateTime)]
     latest: Option<String>,
+    /// The timeline `earliest`/`latest` are of: the newest, the one the cluster continues on.
+    #[serde(default)]
+    timeline: u32,
+    /// Every timeline in the archive, newest first: a restore to a time
+    /// replays the one that served then, unless `timeline` says otherwise.
+    #[serde(default)]
+    timelines: Vec<TimelineWindow>,
     /// Whether WAL streams now (then any time up to now can be reached).
     streaming: bool,
     /// Newest first.
@@ -85,6 +114,9 @@ pub struct RestoredTo {
     target: String,
     /// The base backup the restore started from.
     base_backup: String,
+    /// The timeline replayed; the restored cluster continues on a new one.
+    #[serde(default)]
+    timeline: Option<u32>,
     /// The data directory as it was, kept aside
     /// (`omni-gateway restore --discard-previous` deletes it).
     previous_data_dir: Option<String>,
@@ -122,7 +154,7 @@ async fn gateway<T: serde::de::DeserializeOwned>(state: &AppState, method: axum:
 /// The gateway's error codes, as the `&'static str` an [`ApiError`] carries.
 fn leak_code(code: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large",
+        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large", "unknown_timeline", "invalid_timeline",
     ];
     KNOWN.iter().find(|k| **k == code).copied().unwrap_or("gateway_error")
 }
@@ -164,10 +196,11 @@ pub async fn base(State(state): State<AppState>) -> Result<Json<BaseBackup>, Api
     request_body = RestoreTo,
     responses(
         (status = 200, description = "Restored and serving again", body = RestoredTo),
-        (status = 400, description = "Bad body, `target_time` not `latest` or an RFC 3339 time (`invalid_target_time`), or outside the recoverable window (`outside_window`, the message gives the window)", body = ErrorBody),
+        (status = 400, description = "Bad body, `target_time` not `latest` or an RFC 3339 time (`invalid_target_time`), `timeline` not a number of 1 or more (`invalid_timeline`), or outside the recoverable window (`outside_window`, the message gives the window)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
         (status = 409, description = "No WAL archive here (`pitr_unavailable`), no base backup yet (`no_base_backup`), or a restore or base backup is already running (`pitr_busy`)", body = ErrorBody),
+        (status = 422, description = "`timeline` names a timeline the WAL archive does not know (`unknown_timeline`; the message lists the known ones)", body = ErrorBody),
         (status = 500, description = "The restore failed; the previous data directory is back and serving (`restore_failed`)", body = ErrorBody),
         (status = 502, description = "The gateway did not answer", body = ErrorBody),
         (status = 503, description = "The gateway is still starting", body = ErrorBody),
@@ -177,5 +210,9 @@ pub async fn restore_to(State(state): State<AppState>, ApiJson(body): ApiJson<Re
     if !target_pattern().is_match(target) {
         return Err(ApiError::bad_request("invalid_target_time", format!("{target:?} is neither \"latest\" nor an RFC 3339 time such as 2026-11-25T16:00:00Z")));
     }
-    gateway(&state, axum::http::Method::POST, "restore-to", Some(serde_json::json!({ "target_time": target })), RESTORE_LIMIT).await.map(Json)
+    if body.timeline == Some(0) {
+        return Err(ApiError::bad_request("invalid_timeline", "`timeline` is a timeline number, 1 or more (GET /api/v1/backup/window lists them), or absent"));
+    }
+    let body = serde_json::json!({ "target_time": target, "timeline": body.timeline });
+    gateway(&state, axum::http::Method::POST, "restore-to", Some(body), RESTORE_LIMIT).await.map(Json)
 }

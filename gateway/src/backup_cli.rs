@@ -47,6 +47,15 @@ pub enum BackupCommand {
     Base,
     /// Restore drill: restore the newest base backup and its WAL into a temporary cluster, check it, remove it; exit 1 if it fails
     Verify,
+    /// Restore drill on chosen base backups: `--all` drills every one kept in OMNI_WAL_DIR/base, `--backup ID` one; exit 1 if any fails
+    Drill {
+        /// Every kept base backup, oldest first
+        #[arg(long, required_unless_present = "backup", conflicts_with = "backup")]
+        all: bool,
+        /// One base backup, by its id (as `restore --window` and GET /api/v1/backup/window name it)
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+    },
 }
 
 /// Runs one backup command, printing what it did on stdout.
@@ -54,6 +63,9 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
     // Point-in-time recovery: PostgreSQL's tools, run as PostgreSQL's account.
     if matches!(command, BackupCommand::Base | BackupCommand::Verify) {
         return crate::wal::cli::run(config, matches!(command, BackupCommand::Verify)).await;
+    }
+    if let BackupCommand::Drill { all, backup } = &command {
+        return crate::wal::cli::drill(config, *all, backup.as_deref()).await;
     }
     let needs_database = matches!(command, BackupCommand::Create | BackupCommand::Restore { .. });
     let database = if needs_database { Some(database(config)?) } else { None };
@@ -82,7 +94,7 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
             service(config, None).delete(&name)?;
             println!("deleted {name}");
         }
-        BackupCommand::Base | BackupCommand::Verify => unreachable!("handled before the account switch"),
+        BackupCommand::Base | BackupCommand::Verify | BackupCommand::Drill { .. } => unreachable!("handled before the account switch"),
     }
     Ok(())
 }

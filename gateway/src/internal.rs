@@ -8,7 +8,7 @@
 //!
 //! - `GET  /gateway/internal/pitr/window`      the recoverable window and base backups
 //! - `POST /gateway/internal/pitr/base`        a verified base backup now
-//! - `POST /gateway/internal/pitr/restore-to`  `{"target_time": "<RFC 3339>" | "latest"}`
+//! - `POST /gateway/internal/pitr/restore-to`  `{"target_time": "<RFC 3339>" | "latest", "timeline": N?}`
 //!
 //! The public faces are the worker's `/api/v1/backup/{window,base,restore-to}`
 //! (API key, OpenAPI); this module only checks the secret and hands the
@@ -70,13 +70,21 @@ pub async fn handle(internal: &Internal, req: Request<Incoming>) -> Response<Bod
                 Ok(b) => b.to_bytes(),
                 Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is larger than 4 KiB"),
             };
-            let target = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
+            let doc = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            let target = doc
+                .as_ref()
                 .and_then(|v| v.get("target_time").and_then(|t| t.as_str()).map(str::to_string))
                 .ok_or_else(|| "send {\"target_time\": \"<RFC 3339 time>\" | \"latest\"}".to_string())
                 .and_then(|t| t.parse::<Target>());
+            let timeline = match doc.as_ref().and_then(|v| v.get("timeline")).filter(|t| !t.is_null()) {
+                None => None,
+                Some(t) => match t.as_u64().and_then(|t| u32::try_from(t).ok()).filter(|t| *t >= 1) {
+                    Some(t) => Some(t),
+                    None => return error(StatusCode::BAD_REQUEST, "invalid_timeline", "`timeline` is a timeline number (1 or more) from GET /api/v1/backup/window, or absent"),
+                },
+            };
             match target {
-                Ok(target) => online.restore_to(target).await,
+                Ok(target) => online.restore_to(target, timeline).await,
                 Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_target_time", &why),
             }
         }

@@ -1,7 +1,8 @@
 //! `omni-gateway restore --to <time|latest>`: point-in-time recovery from
 //! the WAL archive, for an operator with a shell, with the gateway stopped
 //! (the case of a lost or damaged data directory). `--window` prints what can
-//! be reached; `--discard-previous` deletes the data directories earlier
+//! be reached, timeline by timeline; `--timeline N` restores onto a given
+//! timeline; `--discard-previous` deletes the data directories earlier
 //! restores moved aside.
 
 use anyhow::{bail, Context, Result};
@@ -17,6 +18,10 @@ pub struct RestoreArgs {
     /// `latest`, or an RFC 3339 time such as 2026-11-25T16:00:00Z
     #[arg(long, value_name = "TIME|latest", required_unless_present_any = ["window", "discard_previous"])]
     pub to: Option<Target>,
+    /// The timeline to replay (`--window` lists them): by default the one that
+    /// served at the target time, or the newest for `latest`
+    #[arg(long, value_name = "N", requires = "to", value_parser = clap::value_parser!(u32).range(1..))]
+    pub timeline: Option<u32>,
     /// Print the recoverable window and exit
     #[arg(long, conflicts_with_all = ["to", "discard_previous"])]
     pub window: bool,
@@ -40,6 +45,15 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     if args.window {
         let w = restore::window(&config.wal.dir);
         println!("recoverable window: {w} (OMNI_WAL_DIR={})", config.wal.dir.display());
+        let windows = restore::windows(&config.wal.dir);
+        if windows.len() > 1 {
+            println!("timelines (a time restores onto the one that served then; --timeline N picks another):");
+            for t in windows.iter().rev() {
+                let began = crate::wal::archive::began_at(&config.wal.dir, t.timeline).map_or("the start".to_string(), |b| b.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                let w = restore::Window { timeline: 1, ..*t };
+                println!("  timeline {}: serving from {began}; window {w}", t.timeline);
+            }
+        }
         crate::wal::generation::describe(&config.wal.dir).iter().for_each(|line| println!("{line}"));
         return Ok(());
     }
@@ -65,8 +79,18 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     // Everything else comes from the archive: the password is the one beside
     // the data directory, or a new one when that disk was lost with it.
     let password = restore::restore_password(data_dir)?;
-    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: None }.run(target).await?;
-    println!("restored base backup {} and the WAL up to {} into {} in {:.1} s", restored.base_backup, restored.target, data_dir.display(), restored.took.as_secs_f64());
+    if let Err(e) = restore::target_timeline(&wal.dir, target, args.timeline) {
+        bail!("{e} (omni-gateway restore --window shows each timeline's window)");
+    }
+    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: None }.run_on(target, args.timeline).await?;
+    println!(
+        "restored base backup {} and the WAL of timeline {} up to {} into {} in {:.1} s",
+        restored.base_backup,
+        restored.timeline,
+        restored.target,
+        data_dir.display(),
+        restored.took.as_secs_f64()
+    );
     if let Some(previous) = restored.previous {
         println!("the data directory as it was is kept at {}; `omni-gateway restore --discard-previous` deletes it", previous.display());
     }

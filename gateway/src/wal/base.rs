@@ -40,11 +40,46 @@ pub struct BaseBackup {
     /// `START WAL LOCATION` of a plain backup's `backup_label`): WAL before it is not
     /// needed to restore it.
     pub start_segment: String,
+    /// The timeline it was taken on (records from before this field: the
+    /// one in `start_segment`'s name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// Its WAL range, from the manifest: the restore needs WAL from
+    /// `start_lsn`, and the copy is consistent once `end_lsn` is replayed
+    /// (records from before these fields: read from the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_lsn: Option<String>,
+    /// The cluster's system identifier (`pg_control_system()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
 }
 
 impl BaseBackup {
     pub fn dir(&self, wal_dir: &Path) -> PathBuf {
         archive::base_dir(wal_dir).join(&self.id)
+    }
+
+    /// The timeline it was taken on.
+    pub fn timeline(&self) -> u32 {
+        self.timeline.or_else(|| archive::name_timeline(&self.start_segment)).unwrap_or(1)
+    }
+
+    /// Where its WAL starts.
+    pub fn start(&self) -> u64 {
+        self.start_lsn.as_deref().and_then(archive::parse_lsn).or_else(|| archive::segment_lsn(&self.start_segment)).unwrap_or(0)
+    }
+
+    /// Where it is consistent (its start when no end is known).
+    pub fn end(&self) -> u64 {
+        self.end_lsn.as_deref().and_then(archive::parse_lsn).unwrap_or_else(|| self.start())
+    }
+
+    /// Whether a restore onto `lineage` can start from it: taken on one of
+    /// its timelines, and consistent before the lineage left that timeline.
+    pub fn serves(&self, lineage: &archive::Lineage) -> bool {
+        lineage.holds(self.timeline(), self.start(), self.end())
     }
 }
 
@@ -73,8 +108,10 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
         tracing::info!("base backup {id}: copied in {} ms; checking it against its manifest", clock.elapsed().as_millis());
         verify(&server.binaries, &server.account, &partial).await?;
         let start_segment = start_segment(&partial)?;
+        let (timeline, start_lsn, end_lsn) = wal_range(&partial);
+        let system_identifier = system_identifier(server).await;
         let bytes = tree_size(&partial);
-        let backup = BaseBackup { id: id.clone(), started_at, finished_at: Utc::now(), bytes, start_segment };
+        let backup = BaseBackup { id: id.clone(), started_at, finished_at: Utc::now(), bytes, start_segment, timeline, start_lsn, end_lsn, system_identifier };
         let dir = backup.dir(&wal.dir);
         std::fs::rename(&partial, &dir).with_context(|| format!("could not rename {} to {}", partial.display(), dir.display()))?;
         write_record(&wal.dir, &backup)?;
@@ -229,9 +266,32 @@ pub fn list(wal_dir: &Path) -> Vec<BaseBackup> {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
         .filter_map(|e| serde_json::from_slice::<BaseBackup>(&std::fs::read(e.path()).ok()?).ok())
         .filter(|b| b.dir(wal_dir).is_dir())
+        .map(|mut b| {
+            // A record from before the timeline fields: its manifest has them.
+            if b.end_lsn.is_none() && tarball::is_tar(&b.dir(wal_dir)) {
+                let (timeline, start, end) = wal_range(&b.dir(wal_dir));
+                (b.timeline, b.start_lsn, b.end_lsn) = (b.timeline.or(timeline), b.start_lsn.or(start), end);
+            }
+            b
+        })
         .collect();
     backups.sort_by_key(|b| b.finished_at);
     backups
+}
+
+/// The timeline and WAL range of a tar backup, from its manifest.
+fn wal_range(dir: &Path) -> (Option<u32>, Option<String>, Option<String>) {
+    let Ok(manifest) = tarball::read_manifest(dir) else { return (None, None, None) };
+    let (first, last) = (manifest.wal_ranges.first(), manifest.wal_ranges.last());
+    (first.map(|r| r.timeline), first.map(|r| r.start.clone()), last.map(|r| r.end.clone()))
+}
+
+/// The running cluster's system identifier, or `None` if it cannot be asked.
+async fn system_identifier(server: &Server) -> Option<String> {
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(server.port).user(crate::postgres::cluster::SUPERUSER).password(&server.password).dbname("postgres").connect_timeout(std::time::Duration::from_secs(5));
+    let client = crate::postgres::connect(&config).await.ok()?;
+    client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.ok().map(|r| r.get(0))
 }
 
 /// The WAL file the backup starts in: from the manifest's first WAL range
@@ -267,37 +327,67 @@ fn tree_size(dir: &Path) -> u64 {
 }
 
 /// Which backups retention keeps: every one that ended within `window` of
-/// `now`, the newest that ended before that, and in any case the newest.
-pub fn keep(backups: &[BaseBackup], now: DateTime<Utc>, window: std::time::Duration) -> Vec<&BaseBackup> {
+/// `now`; for each timeline in `alive` (those that still served after the
+/// window's start), the newest one that ended before the window and restores
+/// onto that timeline (the window's start replays from there); and in any
+/// case the newest.
+pub fn keep<'a>(backups: &'a [BaseBackup], alive: &[archive::Lineage], now: DateTime<Utc>, window: std::time::Duration) -> Vec<&'a BaseBackup> {
     let cutoff = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-    let newest_before = backups.iter().rev().find(|b| b.finished_at < cutoff);
+    let before: Vec<&BaseBackup> = alive.iter().filter_map(|l| backups.iter().rev().find(|b| b.finished_at < cutoff && b.serves(l))).collect();
     let newest = backups.last();
     backups
         .iter()
-        .filter(|b| b.finished_at >= cutoff || Some(*b) == newest_before || Some(*b) == newest)
+        .filter(|b| b.finished_at >= cutoff || before.contains(b) || Some(*b) == newest)
         .collect()
 }
 
-/// Deletes base backups and WAL segments the window no longer needs.
+/// Whether retention keeps a segment: some kept base backup restores onto a
+/// timeline whose history holds the segment at or after the backup's
+/// start. WAL of an abandoned timeline that no kept backup leads into goes.
+pub fn segment_needed(seg: &archive::Segment, kept: &[&BaseBackup], lineages: &[archive::Lineage]) -> bool {
+    let Some(start) = archive::segment_lsn(&seg.name) else { return true };
+    lineages.iter().filter(|l| l.needs_segment(seg)).any(|l| kept.iter().any(|b| b.serves(l) && start + archive::SEGMENT_BYTES > b.start()))
+}
+
+/// Deletes base backups and WAL segments the window no longer needs,
+/// timeline by timeline (the `.history` files say which WAL each
+/// timeline replays).
 pub fn apply_retention(wal: &WalConfig) -> Result<()> {
     let backups = list(&wal.dir);
-    let kept = keep(&backups, Utc::now(), wal.window);
-    let Some(oldest) = kept.first() else { return Ok(()) };
+    let timelines = archive::timelines(&wal.dir);
+    let lineages: Vec<archive::Lineage> = timelines.iter().map(|t| archive::lineage(&wal.dir, *t)).collect();
+    let cutoff = Utc::now() - chrono::Duration::from_std(wal.window).unwrap_or(chrono::Duration::MAX);
+    // A timeline serves until the next one begins (the next restore).
+    let alive: Vec<archive::Lineage> = lineages
+        .iter()
+        .filter(|l| timelines.iter().find(|t| **t > l.timeline).and_then(|next| archive::began_at(&wal.dir, *next)).is_none_or(|end| end >= cutoff))
+        .cloned()
+        .collect();
+    let kept = keep(&backups, &alive, Utc::now(), wal.window);
+    if kept.is_empty() {
+        return Ok(());
+    }
     for b in backups.iter().filter(|b| !kept.contains(b)) {
         tracing::info!("retention: deleting base backup {} (ended {}, before OMNI_PITR_WINDOW needs it)", b.id, b.finished_at.to_rfc3339_opts(SecondsFormat::Secs, true));
         std::fs::remove_dir_all(b.dir(&wal.dir)).with_context(|| format!("deleting {}", b.dir(&wal.dir).display()))?;
         std::fs::remove_file(record_path(&wal.dir, &b.id))?;
     }
-    let first_needed = &oldest.start_segment[8..];
+    // The newest timeline's own WAL stays while no kept backup leads into it yet.
+    let newest = lineages.last().expect("timeline 1 at least");
+    let newest_served = kept.iter().any(|b| b.serves(newest));
     let mut removed = 0;
     for dir in archive::stream_dirs(&wal.dir) {
-        for seg in archive::segments(&dir).into_iter().filter(|s| s.position() < first_needed) {
+        for seg in archive::segments(&dir) {
+            let own_newest = archive::name_timeline(&seg.name) == Some(newest.timeline);
+            if segment_needed(&seg, &kept, &lineages) || (own_newest && !newest_served) {
+                continue;
+            }
             std::fs::remove_file(&seg.path).with_context(|| format!("deleting {}", seg.path.display()))?;
             removed += 1;
         }
     }
     if removed > 0 {
-        tracing::info!("retention: deleted {removed} WAL segments older than base backup {}", oldest.id);
+        tracing::info!("retention: deleted {removed} WAL segments no kept base backup needs (older than its start, or of a timeline none of them leads into)");
     }
     Ok(())
 }
@@ -308,23 +398,72 @@ mod tests {
 
     fn backup(day: u32) -> BaseBackup {
         let at: DateTime<Utc> = format!("2026-11-{day:02}T00:00:00Z").parse().unwrap();
-        BaseBackup { id: format!("{day}"), started_at: at, finished_at: at, bytes: 0, start_segment: format!("00000001{:016X}", day) }
+        BaseBackup {
+            id: format!("{day}"),
+            started_at: at,
+            finished_at: at,
+            bytes: 0,
+            start_segment: format!("00000001{:016X}", day),
+            timeline: None,
+            start_lsn: None,
+            end_lsn: None,
+            system_identifier: None,
+        }
     }
 
     #[test]
     fn retention_keeps_what_the_window_start_replays_from() {
         let backups: Vec<_> = (1..=10).map(backup).collect();
         let now: DateTime<Utc> = "2026-11-10T12:00:00Z".parse().unwrap();
-        let ids: Vec<_> = keep(&backups, now, std::time::Duration::from_secs(3 * 86_400)).iter().map(|b| b.id.clone()).collect();
+        let ids: Vec<_> = keep(&backups, &[archive::lineage(Path::new("/nonexistent"), 1)], now, std::time::Duration::from_secs(3 * 86_400)).iter().map(|b| b.id.clone()).collect();
         // The window starts on the 7th at noon: the backup of the 7th (midnight) covers it.
         assert_eq!(ids, ["7", "8", "9", "10"]);
+    }
+
+    /// A backup on `timeline` whose WAL is segment `seg`.
+    fn on(id: &str, timeline: u32, seg: u64, hours_ago: i64) -> BaseBackup {
+        let at = Utc::now() - chrono::Duration::hours(hours_ago);
+        let lsn = format!("0/{:X}", seg * archive::SEGMENT_BYTES + 0x28);
+        BaseBackup {
+            id: id.into(),
+            started_at: at,
+            finished_at: at,
+            bytes: 0,
+            start_segment: format!("{timeline:08X}{:016X}", seg),
+            timeline: Some(timeline),
+            start_lsn: Some(lsn.clone()),
+            end_lsn: Some(lsn),
+            system_identifier: None,
+        }
+    }
+
+    #[test]
+    fn retention_after_a_fork_keeps_a_backup_for_each_timeline_and_the_wal_each_needs() {
+        // Timeline 2 branched off 1 inside segment 4; timeline 1 went on to segment 9.
+        let (tl1, tl2) = (archive::Lineage::parse(1, ""), archive::Lineage::parse(2, "1\t0/4000100\tbefore"));
+        let backups = vec![on("b1", 1, 2, 5), on("b2", 1, 8, 4), on("b3", 2, 5, 0)];
+        let kept = keep(&backups, &[tl1.clone(), tl2.clone()], Utc::now(), std::time::Duration::from_secs(3600));
+        let ids: Vec<&str> = kept.iter().map(|b| b.id.as_str()).collect();
+        // b2 for the end of timeline 1, b1 for timeline 2 before its own backup b3.
+        assert_eq!(ids, ["b1", "b2", "b3"]);
+        let lineages = [tl1, tl2];
+        let seg = |name: &str| archive::Segment::parse(Path::new(name)).unwrap();
+        for needed in ["000000010000000000000002", "000000010000000000000004", "000000010000000000000009", "000000020000000000000004", "000000020000000000000006"] {
+            assert!(segment_needed(&seg(needed), &kept, &lineages), "{needed}");
+        }
+        assert!(!segment_needed(&seg("000000010000000000000001"), &kept, &lineages), "before every kept backup");
+        // Once timeline 1's backups are gone, its abandoned end goes too.
+        let only = [&backups[2]];
+        assert!(!segment_needed(&seg("000000010000000000000009"), &only, &lineages), "abandoned, no kept backup leads into it");
+        assert!(!segment_needed(&seg("000000010000000000000004"), &only, &lineages), "before b3's start");
+        assert!(segment_needed(&seg("000000020000000000000005"), &only, &lineages));
     }
 
     #[test]
     fn retention_never_deletes_the_newest_backup() {
         let backups: Vec<_> = (1..=2).map(backup).collect();
         let now: DateTime<Utc> = "2026-12-30T00:00:00Z".parse().unwrap();
-        let ids: Vec<_> = keep(&backups, now, std::time::Duration::from_secs(86_400)).iter().map(|b| b.id.clone()).collect();
+        let ids: Vec<_> = keep(&backups, &[archive::lineage(Path::new("/nonexistent"), 1)], now, std::time::Duration::from_secs(86_400)).iter().map(|b| b.id.clone()).collect();
         assert_eq!(ids, ["2"]);
     }
 }

@@ -51,3 +51,37 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
     println!("{}  {} bytes  verified  {}", backup.id, backup.bytes, backup.dir(&config.wal.dir).display());
     Ok(())
 }
+
+/// `omni-gateway backup drill --all | --backup ID`: the restore drill on
+/// each chosen base backup, each replaying the WAL after it on the newest
+/// timeline it restores onto.
+pub async fn drill(config: &Config, all: bool, id: Option<&str>) -> Result<()> {
+    let embedded = embedded(config)?;
+    let bins = binaries::find(embedded.bin_dir.as_deref())?;
+    let account = privilege::postgres_account(&embedded.run_as)?;
+    let backups = base::list(&config.wal.dir);
+    let chosen: Vec<base::BaseBackup> = match id {
+        Some(id) => vec![backups.iter().find(|b| b.id == id).cloned().with_context(|| {
+            let ids: Vec<&str> = backups.iter().map(|b| b.id.as_str()).collect();
+            format!("no verified base backup {id:?} in {} (there are: {})", crate::wal::archive::base_dir(&config.wal.dir).display(), if ids.is_empty() { "none".to_string() } else { ids.join(", ") })
+        })?],
+        None if all && backups.is_empty() => bail!("no verified base backup in {} to drill", crate::wal::archive::base_dir(&config.wal.dir).display()),
+        None => backups,
+    };
+    let mut failed = Vec::new();
+    for backup in chosen {
+        let id = backup.id.clone();
+        let drill = restore::drill_backup(&config.wal, &bins, &account, &embedded.data_dir.value, Some(backup)).await;
+        match drill.detail {
+            None => println!("restore drill passed: base backup {id} ({} app tables) in {:.1} s", drill.app_tables.unwrap_or(0), drill.took_ms as f64 / 1000.0),
+            Some(why) => {
+                eprintln!("restore drill FAILED on base backup {id}: {why}");
+                failed.push(id);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("restore drill FAILED on {} base backup(s): {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}

@@ -120,9 +120,16 @@ impl Online {
             })
             .collect();
         let drill = restore::last_drill(&self.wal.dir).map(|d| json!({ "at": d.at.to_rfc3339_opts(SecondsFormat::Millis, true), "ok": d.ok, "detail": d.detail }));
+        let timelines: Vec<Value> = restore::windows(&self.wal.dir)
+            .iter()
+            .rev()
+            .map(|t| json!({ "timeline": t.timeline, "began_at": show(super::archive::began_at(&self.wal.dir, t.timeline)), "earliest": show(t.earliest), "latest": show(t.latest) }))
+            .collect();
         json!({
             "earliest": show(w.earliest),
             "latest": show(w.latest),
+            "timeline": w.timeline,
+            "timelines": timelines,
             "streaming": self.board.state("wal") == Some(State::Ready),
             "base_backups": backups,
             "last_drill": drill,
@@ -161,18 +168,27 @@ impl Online {
         }
     }
 
-    /// Restores to `target`; answers once PostgreSQL and the worker serve again.
-    pub async fn restore_to(self: &Arc<Self>, target: Target) -> Result<Value, Refusal> {
+    /// Restores to `target` on `timeline` (`None`: the one that served at
+    /// the target time, or the newest for `latest`); answers once PostgreSQL
+    /// and the worker serve again.
+    pub async fn restore_to(self: &Arc<Self>, target: Target, timeline: Option<u32>) -> Result<Value, Refusal> {
         let Ok(busy) = self.busy.clone().try_lock_owned() else {
             return Err(refuse(409, "pitr_busy", "a point-in-time restore or a base backup is already running; wait for it (GET /gateway/status shows its progress)"));
         };
-        let window = restore::window(&self.wal.dir);
+        let timeline = match restore::target_timeline(&self.wal.dir, target, timeline) {
+            Ok(t) => t,
+            Err(e) => return Err(refuse(422, "unknown_timeline", e.to_string())),
+        };
+        let window = restore::window_on(&self.wal.dir, timeline);
         let Some(earliest) = window.earliest else {
+            if restore::window(&self.wal.dir).earliest.is_some() {
+                return Err(refuse(400, "outside_window", format!("no verified base backup restores onto timeline {timeline}; pick another timeline or time (GET /api/v1/backup/window lists each timeline's window)")));
+            }
             return Err(refuse(409, "no_base_backup", "there is no verified base backup yet, so there is nothing to restore from; take one (POST /api/v1/backup/base)"));
         };
         if let Target::Time(t) = target {
-            // While the streamer is connected the archive is current up to now.
-            let streaming = self.board.state("wal") == Some(State::Ready);
+            // While the streamer is connected the newest timeline's archive is current up to now.
+            let streaming = self.board.state("wal") == Some(State::Ready) && timeline == super::archive::newest_timeline(&self.wal.dir);
             let upper = if streaming { Some(Utc::now()) } else { window.latest };
             if t < earliest || upper.is_some_and(|u| t > u) {
                 let upper_text = upper.map_or("none".into(), |u| u.to_rfc3339_opts(SecondsFormat::Millis, true));
@@ -180,7 +196,7 @@ impl Online {
                     400,
                     "outside_window",
                     format!(
-                        "{target} is outside the recoverable window: from {} to {upper_text}{}; pick a time inside it, or \"latest\"",
+                        "{target} is outside the recoverable window of timeline {timeline}: from {} to {upper_text}{}; pick a time inside it, or \"latest\"",
                         earliest.to_rfc3339_opts(SecondsFormat::Millis, true),
                         if streaming { " (now: WAL streams continuously)" } else { "" }
                     ),
@@ -190,7 +206,7 @@ impl Online {
         let this = self.clone();
         let job = tokio::spawn(async move {
             let _busy = busy;
-            this.run_restore(target).await
+            this.run_restore(target, Some(timeline)).await
         });
         job.await.unwrap_or_else(|e| Err(refuse(500, "restore_failed", format!("the restore task failed: {e}"))))
     }
@@ -207,7 +223,7 @@ impl Online {
         }));
     }
 
-    async fn run_restore(&self, target: Target) -> Result<Value, Refusal> {
+    async fn run_restore(&self, target: Target, timeline: Option<u32>) -> Result<Value, Refusal> {
         let started_at = Utc::now();
         let clock = Instant::now();
         let report = |step: &str, percent: u8| self.progress(target, started_at, "running", step, percent, None);
@@ -247,7 +263,7 @@ impl Online {
             password: &self.cluster.password,
             progress: Some(&progress),
         };
-        let outcome = restore.run(target).await;
+        let outcome = restore.run_on(target, timeline).await;
         report(if outcome.is_ok() { "starting PostgreSQL on the restored data" } else { "starting PostgreSQL on the previous data" }, 92);
         drop(hold);
         let back = self.until(|b| b.state("postgres") == Some(State::Ready), BACK_LIMIT).await;
@@ -258,6 +274,7 @@ impl Online {
                 let summary = json!({
                     "target": restored.target.to_string(),
                     "base_backup": restored.base_backup,
+                    "timeline": restored.timeline,
                     "previous_data_dir": restored.previous.as_ref().map(|p| p.display().to_string()),
                     "took_ms": clock.elapsed().as_millis() as u64,
                     "serving": serving,

@@ -76,9 +76,11 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// The span a restore can reach.
+/// The span a restore can reach on one timeline.
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
+    /// The timeline it is the window of (`recovery_target_timeline`).
+    pub timeline: u32,
     /// The end of the oldest verified base backup.
     pub earliest: Option<DateTime<Utc>>,
     /// The last write into the archive.
@@ -88,21 +90,77 @@ pub struct Window {
 impl std::fmt::Display for Window {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let show = |t: Option<DateTime<Utc>>| t.map_or("none".to_string(), |t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
-        write!(f, "from {} to {}", show(self.earliest), show(self.latest))
+        write!(f, "from {} to {}", show(self.earliest), show(self.latest))?;
+        if self.timeline > 1 {
+            write!(f, " on timeline {}", self.timeline)?;
+        }
+        Ok(())
     }
 }
 
+/// The window of the newest timeline: the one the cluster continues on.
 pub fn window(wal_dir: &Path) -> Window {
-    let earliest = base::list(wal_dir).first().map(|b| b.finished_at);
-    let latest = archive::newest_write(wal_dir).map(DateTime::<Utc>::from);
-    Window { earliest, latest: earliest.and(latest) }
+    window_on(wal_dir, archive::newest_timeline(wal_dir))
 }
+
+/// The window of `timeline`: from the end of the oldest base backup that
+/// restores onto it (one of its own, or an ancestor's taken before it
+/// branched off) to the last write of its WAL (the newest timeline: the
+/// newest write into the archive).
+pub fn window_on(wal_dir: &Path, timeline: u32) -> Window {
+    let lineage = archive::lineage(wal_dir, timeline);
+    let earliest = base::list(wal_dir).into_iter().find(|b| b.serves(&lineage)).map(|b| b.finished_at);
+    let latest = if timeline == archive::newest_timeline(wal_dir) {
+        archive::newest_write(wal_dir)
+    } else {
+        archive::newest_write_on(wal_dir, timeline)
+    };
+    let latest = latest.map(DateTime::<Utc>::from).or_else(|| archive::began_at(wal_dir, timeline));
+    Window { timeline, earliest, latest: earliest.and(latest) }
+}
+
+/// Every timeline's window, oldest timeline first.
+pub fn windows(wal_dir: &Path) -> Vec<Window> {
+    archive::timelines(wal_dir).into_iter().map(|t| window_on(wal_dir, t)).collect()
+}
+
+/// The timeline a restore replays: `asked` (it must be in the archive),
+/// else for `latest` the newest one, else the one that served at the
+/// target time (a timeline serves from the end of the restore that made it
+/// until the next restore).
+pub fn target_timeline(wal_dir: &Path, target: Target, asked: Option<u32>) -> Result<u32, UnknownTimeline> {
+    let known = archive::timelines(wal_dir);
+    match (asked, target) {
+        (Some(n), _) if known.contains(&n) => Ok(n),
+        (Some(n), _) => Err(UnknownTimeline { asked: n, known }),
+        (None, Target::Latest) => Ok(*known.last().unwrap_or(&1)),
+        (None, Target::Time(t)) => Ok(archive::serving_at(wal_dir, t)),
+    }
+}
+
+/// A timeline the archive has no history of.
+#[derive(Debug, Clone)]
+pub struct UnknownTimeline {
+    pub asked: u32,
+    pub known: Vec<u32>,
+}
+
+impl std::fmt::Display for UnknownTimeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let known: Vec<String> = self.known.iter().map(u32::to_string).collect();
+        write!(f, "timeline {} is not in the WAL archive (it knows timelines {}); pick one of those, or leave the timeline out", self.asked, known.join(", "))
+    }
+}
+
+impl std::error::Error for UnknownTimeline {}
 
 /// What a restore did.
 #[derive(Debug)]
 pub struct Restored {
     pub base_backup: String,
     pub target: Target,
+    /// The timeline replayed (`recovery_target_timeline`).
+    pub timeline: u32,
     /// The data directory as it was, moved aside; `None` when there was none.
     pub previous: Option<PathBuf>,
     pub took: Duration,
@@ -123,7 +181,13 @@ pub struct Restore<'a> {
 }
 
 impl Restore<'_> {
+    /// Restores to `target` on the timeline [`target_timeline`] picks.
     pub async fn run(&self, target: Target) -> Result<Restored> {
+        self.run_on(target, None).await
+    }
+
+    /// Restores to `target` on `timeline` (`None`: [`target_timeline`]).
+    pub async fn run_on(&self, target: Target, timeline: Option<u32>) -> Result<Restored> {
         let started = Instant::now();
         // An earlier restore stopped midway (kill -9, power loss) is finished or undone first.
         resume(self.data_dir, self.account, true)?;
@@ -131,16 +195,30 @@ impl Restore<'_> {
             pidfile::clear_stale(self.data_dir)
                 .context("PostgreSQL still runs on this data directory: stop the gateway first (or restore through POST /api/v1/backup/restore-to)")?;
         }
-        let backup = self.pick_base(target)?;
+        let timeline = target_timeline(&self.wal.dir, target, timeline)?;
+        let lineage = archive::lineage(&self.wal.dir, timeline);
+        let backup = self.pick_base(target, &lineage)?;
         self.report("reading commit times in the WAL archive", 10);
         let stop_at = match target {
             Target::Latest => None,
-            Target::Time(t) if commit_after(self.wal, self.binaries, self.data_dir, t).await? => Some(t),
+            Target::Time(t) if commit_after_on(self.wal, self.binaries, self.data_dir, t, &lineage).await? => Some(t),
             Target::Time(t) => {
-                tracing::info!("nothing was committed after {} in the archive: replaying all of it", Target::Time(t));
+                tracing::info!("nothing was committed after {} on timeline {timeline} in the archive: replaying all of it", Target::Time(t));
                 None
             }
         };
+        // A restore unpacks only a backup that still matches its manifest:
+        // bit rot in an older backup is found here, before anything moves.
+        self.report(&format!("checking base backup {} against its manifest", backup.id), 15);
+        base::verify(self.binaries, self.account, &backup.dir(&self.wal.dir))
+            .await
+            .with_context(|| {
+                format!(
+                    "base backup {} is damaged, so nothing was changed: the previous data directory is back in service as it was (it was never moved). \
+                     Pick a time a newer base backup covers, or take a new one",
+                    backup.id
+                )
+            })?;
         // Milliseconds: two restores within a second get different names.
         let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
         let mut journal = Journal {
@@ -152,11 +230,19 @@ impl Restore<'_> {
             staging: staging_dir(self.data_dir, &stamp),
             previous: previous_dir(self.data_dir, &stamp),
             step: Step::Recovering,
+            timeline: None,
+            last_segment: None,
         };
         journal.save()?;
-        tracing::info!("restoring base backup {} into {} (it replaces {} once recovered)", backup.id, journal.staging.display(), self.data_dir.display());
-        let result = self.recover(&backup, stop_at, &journal.staging, Some(self.password)).await;
-        if let Err(e) = result {
+        tracing::info!("restoring base backup {} into {} on timeline {timeline} (it replaces {} once recovered)", backup.id, journal.staging.display(), self.data_dir.display());
+        let result = async {
+            self.recover(&backup, stop_at, timeline, &journal.staging, Some(self.password)).await?;
+            end_of_wal(self.binaries, &journal.staging).await
+        }
+        .await;
+        let (new_timeline, last_segment) = match result {
+            Ok(end) => end,
+            Err(e) => {
             tracing::error!("restore failed: {e:#}; removing the half-restored copy, the data directory stays as it was");
             if journal.staging.exists() {
                 if let Err(undo) = std::fs::remove_dir_all(&journal.staging) {
@@ -165,7 +251,11 @@ impl Restore<'_> {
             }
             journal.remove()?;
             return Err(e.context("nothing was changed: the previous data directory is back in service as it was (it was never moved)"));
-        }
+            }
+        };
+        tracing::info!("the restored cluster continues on timeline {new_timeline}; its WAL since the fork goes into the archive with it");
+        journal.timeline = Some(new_timeline);
+        journal.last_segment = Some(last_segment);
         journal.step = Step::Recovered;
         journal.save()?;
         test_hold("recovered", self.data_dir).await;
@@ -179,7 +269,7 @@ impl Restore<'_> {
         journal.retire_stream(self.account)?;
         journal.remove()?;
         let previous = journal.previous.exists().then(|| journal.previous.clone());
-        Ok(Restored { base_backup: backup.id, target, previous, took: started.elapsed() })
+        Ok(Restored { base_backup: backup.id, target, timeline, previous, took: started.elapsed() })
     }
 
     fn report(&self, step: &str, percent: u8) {
@@ -188,13 +278,15 @@ impl Restore<'_> {
         }
     }
 
-    fn pick_base(&self, target: Target) -> Result<base::BaseBackup> {
+    /// The newest base backup that restores onto `lineage` (taken on one of
+    /// its timelines, consistent before it branched off) and ended by the target.
+    fn pick_base(&self, target: Target, lineage: &archive::Lineage) -> Result<base::BaseBackup> {
         let backups = base::list(&self.wal.dir);
-        let window = window(&self.wal.dir);
+        let window = window_on(&self.wal.dir, lineage.timeline);
         let chosen = match target {
-            Target::Latest => backups.last(),
+            Target::Latest => backups.iter().rev().find(|b| b.serves(lineage)),
             Target::Time(t) if t > Utc::now() => None,
-            Target::Time(t) => backups.iter().rev().find(|b| b.finished_at <= t),
+            Target::Time(t) => backups.iter().rev().find(|b| b.finished_at <= t && b.serves(lineage)),
         };
         match chosen {
             Some(b) => Ok(b.clone()),
@@ -214,7 +306,7 @@ impl Restore<'_> {
     /// through a temporary `pg_hba.conf` given on its command line: a
     /// restore needs no password, so the archive alone restores. With
     /// `set_password`, the superuser gets that password once promoted.
-    async fn recover(&self, backup: &base::BaseBackup, stop_at: Option<DateTime<Utc>>, dir: &Path, set_password: Option<&str>) -> Result<i64> {
+    async fn recover(&self, backup: &base::BaseBackup, stop_at: Option<DateTime<Utc>>, timeline: u32, dir: &Path, set_password: Option<&str>) -> Result<i64> {
         let copied = Instant::now();
         let (from, to, owner) = (backup.dir(&self.wal.dir), dir.to_path_buf(), self.account.run_as());
         if tarball::is_tar(&from) {
@@ -236,7 +328,7 @@ impl Restore<'_> {
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&signal, Some(uid), Some(gid))?;
         }
-        tracing::info!("base backup in place in {} ms; replaying WAL up to {}", copied.elapsed().as_millis(), stop_at.map_or(Target::Latest, Target::Time));
+        tracing::info!("base backup in place in {} ms; replaying WAL of timeline {timeline} up to {}", copied.elapsed().as_millis(), stop_at.map_or(Target::Latest, Target::Time));
         test_hold("copied", self.data_dir).await;
 
         let port = cluster::pick_free_port()?;
@@ -268,7 +360,7 @@ impl Restore<'_> {
                 .arg("-c")
                 .arg("recovery_target_action=promote")
                 .arg("-c")
-                .arg("recovery_target_timeline=latest")
+                .arg(format!("recovery_target_timeline={timeline}"))
                 .arg("-c")
                 .arg("synchronous_standby_names=");
             if let Some(t) = stop_at {
@@ -373,11 +465,17 @@ pub fn last_drill(wal_dir: &Path) -> Option<Drill> {
 /// small tmpfs), its app database opened and its tables counted,
 /// and the copy removed. The result is recorded in `drill.json` either way.
 pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, data_dir: &Path) -> Drill {
+    drill_backup(wal, binaries, account, data_dir, base::list(&wal.dir).pop()).await
+}
+
+/// The restore drill on one base backup (`None`: there is none), replaying
+/// the WAL after it on the newest timeline it restores onto.
+pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Account, data_dir: &Path, backup: Option<base::BaseBackup>) -> Drill {
     let started = Instant::now();
     let scratch = scratch_dir(data_dir, "drill");
-    let backup = base::list(&wal.dir).pop();
     let outcome = async {
         let backup = backup.clone().with_context(|| format!("no verified base backup in {} to drill", archive::base_dir(&wal.dir).display()))?;
+        let timeline = archive::timelines(&wal.dir).into_iter().rev().find(|t| backup.serves(&archive::lineage(&wal.dir, *t))).unwrap_or(backup.timeline());
         tracing::info!("restore drill: checking base backup {} against its manifest", backup.id);
         base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
         let _ = std::fs::remove_dir_all(&scratch);
@@ -388,7 +486,7 @@ pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, data
         let data_dir = scratch.join("data");
         tracing::info!("restore drill: restoring {} and its WAL into {}", backup.id, data_dir.display());
         let restore = Restore { data_dir: &data_dir, wal, binaries, account, password: "", progress: None };
-        let tables = restore.recover(&backup, None, &data_dir, None).await?;
+        let tables = restore.recover(&backup, None, timeline, &data_dir, None).await?;
         if tables == 0 {
             bail!("the restored app database has no tables");
         }
@@ -431,11 +529,7 @@ async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) 
     }
 }
 
-/// The WAL position where a segment (`TTTTTTTTXXXXXXXXYYYYYYYY`) begins.
-fn segment_lsn(name: &str) -> Option<u64> {
-    let (log, seg) = (u64::from_str_radix(name.get(8..16)?, 16).ok()?, u64::from_str_radix(name.get(16..24)?, 16).ok()?);
-    Some((log << 32) + seg * SEGMENT_BYTES)
-}
+use archive::segment_lsn;
 
 /// Where the archive's newest segment ends.
 fn newest_segment_end(wal_dir: &Path) -> Option<u64> {
@@ -444,8 +538,7 @@ fn newest_segment_end(wal_dir: &Path) -> Option<u64> {
 
 /// `0/3000060` → its byte position.
 pub(super) fn parse_lsn(text: &str) -> Option<u64> {
-    let (high, low) = text.split_once('/')?;
-    Some((u64::from_str_radix(high, 16).ok()? << 32) + u64::from_str_radix(low, 16).ok()?)
+    archive::parse_lsn(text)
 }
 
 /// `<data_dir>.before-restore-<stamp>`.
@@ -538,6 +631,12 @@ pub struct Journal {
     /// Where the data directory as it was goes (if there is one).
     pub previous: PathBuf,
     pub step: Step,
+    /// Once recovered: the restored cluster's new timeline and the segment
+    /// its WAL ends in ([`archive::seed_stream`]).
+    #[serde(default)]
+    pub timeline: Option<u32>,
+    #[serde(default)]
+    pub last_segment: Option<String>,
 }
 
 impl Journal {
@@ -610,12 +709,24 @@ impl Journal {
         Ok(())
     }
 
-    /// Moves `stream/` to `stream-<stamp>` once (see [`archive::retire_stream`]).
+    /// Moves `stream/` to `stream-<stamp>` once (see [`archive::retire_stream`]),
+    /// then puts the restored cluster's new timeline into the archive: its
+    /// `.history` file and WAL since the fork ([`archive::seed_stream`]),
+    /// and the moment it begins to serve ([`archive::record_timeline_start`]).
+    /// Each part is done only when still to do.
     fn retire_stream(&self, account: &Account) -> Result<()> {
         if self.wal_dir.join(format!("stream-{}", self.stamp)).exists() {
-            return archive::prepare(&self.wal_dir, account);
+            archive::prepare(&self.wal_dir, account)?;
+        } else {
+            archive::retire_stream(&self.wal_dir, &self.stamp, account)?;
         }
-        archive::retire_stream(&self.wal_dir, &self.stamp, account).map(|_| ())
+        if let (Some(timeline), Some(last)) = (self.timeline, &self.last_segment) {
+            let copied = archive::seed_stream(&self.wal_dir, &self.data_dir.join("pg_wal"), timeline, last, account)
+                .with_context(|| format!("could not put timeline {timeline}'s WAL into the archive {}", self.wal_dir.display()))?;
+            archive::record_timeline_start(&self.wal_dir, timeline, Utc::now(), account)?;
+            tracing::info!("timeline {timeline}: its history and {copied} WAL files since the fork are in the archive; it serves from now on");
+        }
+        Ok(())
     }
 }
 
@@ -716,7 +827,15 @@ async fn test_hold(step: &str, data_dir: &Path) {
 /// to `t` reaches its target. Reads the newest segment that has any commit
 /// record, with `pg_waldump` (a `.partial` one through a copy under its full name).
 pub async fn commit_after(wal: &WalConfig, binaries: &Binaries, data_dir: &Path, t: DateTime<Utc>) -> Result<bool> {
-    let mut segments: Vec<archive::Segment> = archive::stream_dirs(&wal.dir).iter().flat_map(|d| archive::segments(d)).collect();
+    let lineage = archive::lineage(&wal.dir, archive::newest_timeline(&wal.dir));
+    commit_after_on(wal, binaries, data_dir, t, &lineage).await
+}
+
+/// [`commit_after`] on the history of one timeline: only its segments, and
+/// in each only the records before the lineage left that segment's
+/// timeline (an abandoned timeline's later commits are not on it).
+pub async fn commit_after_on(wal: &WalConfig, binaries: &Binaries, data_dir: &Path, t: DateTime<Utc>, lineage: &archive::Lineage) -> Result<bool> {
+    let mut segments: Vec<archive::Segment> = archive::stream_dirs(&wal.dir).iter().flat_map(|d| archive::segments(d)).filter(|s| lineage.needs_segment(s)).collect();
     segments.sort_by(|a, b| (b.position(), &b.name[..8]).cmp(&(a.position(), &a.name[..8])));
     let scratch = scratch_dir(data_dir, "waldump");
     std::fs::create_dir_all(&scratch)?;
@@ -737,7 +856,8 @@ pub async fn commit_after(wal: &WalConfig, binaries: &Binaries, data_dir: &Path,
             // It ends with an error at the zero-filled end of a segment still
             // being written; the records before it are what counts.
             child::run(spec).await.context("could not run pg_waldump")?;
-            let newest = commit_times(&std::fs::read_to_string(&out_path)?).into_iter().max();
+            let until = archive::name_timeline(&seg.name).and_then(|tl| lineage.leaves(tl)).unwrap_or(u64::MAX);
+            let newest = commit_times(&std::fs::read_to_string(&out_path)?).into_iter().filter(|(lsn, _)| *lsn < until).map(|(_, at)| at).max();
             if seg.partial {
                 let _ = std::fs::remove_file(&file);
             }
@@ -752,17 +872,43 @@ pub async fn commit_after(wal: &WalConfig, binaries: &Binaries, data_dir: &Path,
     result
 }
 
-/// Commit and abort times in `pg_waldump` output printed with `TZ=UTC`:
-/// `… desc: COMMIT 2026-11-25 16:12:01.234567 UTC; …`.
-fn commit_times(text: &str) -> Vec<DateTime<Utc>> {
+/// Commit and abort records (position, time) in `pg_waldump` output
+/// printed with `TZ=UTC`: `… lsn: 0/0174D6E8, … desc: COMMIT 2026-11-25 16:12:01.234567 UTC; …`.
+fn commit_times(text: &str) -> Vec<(u64, DateTime<Utc>)> {
     text.lines()
         .filter_map(|line| {
+            let lsn = line.split("lsn: ").nth(1)?.split(',').next().and_then(archive::parse_lsn)?;
             let desc = line.split("desc: ").nth(1)?;
             let rest = desc.strip_prefix("COMMIT ").or_else(|| desc.strip_prefix("ABORT "))?;
             let stamp: String = rest.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-            chrono::NaiveDateTime::parse_from_str(&stamp, "%Y-%m-%d %H:%M:%S%.f").ok().map(|n| n.and_utc())
+            chrono::NaiveDateTime::parse_from_str(&stamp, "%Y-%m-%d %H:%M:%S%.f").ok().map(|n| (lsn, n.and_utc()))
         })
         .collect()
+}
+
+/// The restored (promoted, cleanly stopped) cluster in `dir`: its timeline
+/// and the WAL segment of its shutdown checkpoint, where its WAL ends
+/// (`pg_controldata`).
+async fn end_of_wal(binaries: &Binaries, dir: &Path) -> Result<(u32, String)> {
+    // Through the gateway's own child handling (it reaps every child).
+    let out_path = cluster::sibling(dir, ".controldata.txt");
+    let out = std::fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+    let mut spec = ChildSpec::new("pg_controldata", binaries.tool("pg_controldata")).arg("-D").arg(dir).env("LC_ALL", "C");
+    spec.output = Output::Text { routine: Level::DEBUG };
+    spec.stdout = Some(out);
+    spec.env_remove = ["PGDATA"].iter().map(Into::into).collect();
+    let status = child::run(spec).await.context("could not run pg_controldata");
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let status = status?;
+    if !status.success() {
+        bail!("pg_controldata could not read the restored cluster {} ({status}); its error is in the log above", dir.display());
+    }
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+    let timeline: u32 = field("Latest checkpoint's TimeLineID:").and_then(|v| v.parse().ok()).context("pg_controldata names no checkpoint timeline")?;
+    let location = field("Latest checkpoint location:").context("pg_controldata names no checkpoint location")?;
+    let segment = tarball::segment_name(timeline, &location).with_context(|| format!("pg_controldata: no WAL position in {location}"))?;
+    Ok((timeline, segment))
 }
 
 #[cfg(test)]
@@ -784,7 +930,8 @@ mod tests {
                    pg_waldump: error: error in WAL record at 0/174D710: invalid record length";
         let times = commit_times(out);
         assert_eq!(times.len(), 2);
-        assert_eq!(times[1].to_rfc3339_opts(SecondsFormat::Micros, true), "2026-11-25T16:12:02.000001Z");
+        assert_eq!(times[1].0, parse_lsn("0/0174D710").unwrap());
+        assert_eq!(times[1].1.to_rfc3339_opts(SecondsFormat::Micros, true), "2026-11-25T16:12:02.000001Z");
     }
 
     #[test]
@@ -817,6 +964,8 @@ mod tests {
             base_backup: "B".into(),
             target: "latest".into(),
             step,
+            timeline: None,
+            last_segment: None,
         }
     }
 
