@@ -5,80 +5,18 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/replication.rs"]
+mod kit;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kit::{connect, embedded_url, target_database, wait_identical, wait_identical_db};
 use gateway::{workdir, Gateway, GatewayBuilder};
 use omni_tests::{pg17_bin_dir, wait_until, Request, TempPostgres, TEST_API_KEY};
 use serde_json::json;
-
-/// A database `name` on `target`, and the URL the gateway is given for it.
-fn target_database(target: &TempPostgres, name: &str) -> String {
-    target.client().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    format!("postgres://postgres@127.0.0.1:{}/{name}", target.port())
-}
-
-fn connect(url: &str) -> postgres::Client {
-    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap_or_else(|e| panic!("connect {url}: {e}"));
-    c.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").unwrap();
-    c
-}
-
-/// Every user table of a database and its full content, rows sorted.
-fn contents(client: &mut postgres::Client) -> BTreeMap<String, String> {
-    let tables = client
-        .query(
-            "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables
-             WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema', 'omni_relay')
-               AND table_name <> 'omni_relay_progress'",
-            &[],
-        )
-        .unwrap();
-    tables
-        .iter()
-        .map(|r| {
-            let t: String = r.get(0);
-            let rows: String = client.query_one(&format!("SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x"), &[]).unwrap().get(0);
-            (t, rows)
-        })
-        .collect()
-}
-
-/// Waits until the target holds exactly the app database's tables and rows.
-fn wait_identical(gw: &Gateway, target_url: &str, timeout: Duration) -> BTreeMap<String, String> {
-    wait_identical_db(gw, "omni", target_url, timeout)
-}
-
-/// Waits until the target holds exactly the tables and rows of the embedded database `db`.
-fn wait_identical_db(gw: &Gateway, db: &str, target_url: &str, timeout: Duration) -> BTreeMap<String, String> {
-    let mut source = connect(&embedded_url(gw).replace("/omni", &format!("/{db}")));
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let want = contents(&mut source);
-        let got = postgres::Client::connect(target_url, postgres::NoTls).ok().map(|mut c| {
-            c.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").unwrap();
-            contents(&mut c)
-        });
-        if got.as_ref() == Some(&want) {
-            return want;
-        }
-        let last = (want, got.unwrap_or_default());
-        if std::time::Instant::now() > deadline {
-            let diff: Vec<String> = last
-                .0
-                .iter()
-                .filter(|(t, rows)| last.1.get(*t) != Some(rows))
-                .map(|(t, rows)| format!("{t}: source has {} rows, target {:?}", rows.lines().count(), last.1.get(t).map(|r| r.lines().count())))
-                .chain(last.1.keys().filter(|t| !last.0.contains_key(*t)).map(|t| format!("{t}: only on the target")))
-                .collect();
-            panic!("target not identical after {timeout:?}: {diff:#?}\ngateway log:\n{}", gw.log());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn replicating_gateway(dir: &std::path::Path, target_url: &str) -> Gateway {
     let gw = GatewayBuilder::new(dir).env("PGSERVE_REPLICATION_URL", target_url).start();
@@ -156,11 +94,6 @@ impl Drop for WriteLoad {
             let _ = t.join();
         }
     }
-}
-
-fn embedded_url(gw: &Gateway) -> String {
-    let password = std::fs::read_to_string(gw.cwd.join("data/postgres.password")).unwrap();
-    format!("postgres://postgres:{}@127.0.0.1:{}/omni", password.trim(), gw.pg_port)
 }
 
 fn create_load_tables(gw: &Gateway) {

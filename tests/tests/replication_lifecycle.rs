@@ -5,75 +5,17 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/replication.rs"]
+mod kit;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use kit::{target_database, wait_identical};
 use gateway::{workdir, Gateway, GatewayBuilder};
 use omni_tests::{bin_path, pg17_bin_dir, wait_until, Request, TempPostgres, TEST_API_KEY};
 
 const PG15: &str = "/usr/lib/postgresql/15/bin";
-
-/// A database `name` on `target`, and the URL the gateway is given for it.
-fn target_database(target: &TempPostgres, name: &str) -> String {
-    target.client().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    format!("postgres://postgres@127.0.0.1:{}/{name}", target.port())
-}
-
-fn connect(url: &str) -> postgres::Client {
-    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap_or_else(|e| panic!("connect {url}: {e}"));
-    c.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").unwrap();
-    c
-}
-
-/// Every user table of a database and its full content, rows sorted.
-fn contents(client: &mut postgres::Client) -> BTreeMap<String, String> {
-    let tables = client
-        .query(
-            "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables
-             WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema', 'omni_relay')
-               AND table_name <> 'omni_relay_progress'",
-            &[],
-        )
-        .unwrap();
-    tables
-        .iter()
-        .map(|r| {
-            let t: String = r.get(0);
-            let rows: String = client.query_one(&format!("SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x"), &[]).unwrap().get(0);
-            (t, rows)
-        })
-        .collect()
-}
-
-/// Waits until the target holds exactly the app database's tables and rows.
-fn wait_identical(gw: &Gateway, target_url: &str, timeout: Duration) -> BTreeMap<String, String> {
-    let mut source = gw.db();
-    source.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").unwrap();
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let want = contents(&mut source);
-        let got = postgres::Client::connect(target_url, postgres::NoTls).ok().map(|mut c| {
-            c.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").unwrap();
-            contents(&mut c)
-        });
-        if got.as_ref() == Some(&want) {
-            return want;
-        }
-        if std::time::Instant::now() > deadline {
-            let got = got.unwrap_or_default();
-            let diff: Vec<String> = want
-                .iter()
-                .filter(|(t, rows)| got.get(*t) != Some(rows))
-                .map(|(t, rows)| format!("{t}: source has {} rows, target {:?}", rows.lines().count(), got.get(t).map(|r| r.lines().count())))
-                .chain(got.keys().filter(|t| !want.contains_key(*t)).map(|t| format!("{t}: only on the target")))
-                .collect();
-            panic!("target not identical after {timeout:?}: {diff:#?}\nstatus: {}\ngateway log:\n{}", gw.component("replication"), gw.log());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Each statement as its own query string, as applications send them (see
 /// the README on query strings that mix DDL with other commands).

@@ -5,71 +5,15 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/replication.rs"]
+mod kit;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kit::{connect, embedded_url, target_database, wait_identical};
 use gateway::{workdir, Gateway, GatewayBuilder};
 use omni_tests::{pg_bin_dir, wait_until, TempPostgres};
-
-/// A database `name` on `target`, and the URL the gateway is given for it.
-fn target_database(target: &TempPostgres, name: &str) -> String {
-    target.client().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    format!("postgres://postgres@127.0.0.1:{}/{name}", target.port())
-}
-
-fn embedded_url(gw: &Gateway) -> String {
-    let password = std::fs::read_to_string(gw.cwd.join("data/postgres.password")).unwrap();
-    format!("postgres://postgres:{}@127.0.0.1:{}/omni", password.trim(), gw.pg_port)
-}
-
-/// A session with fixed settings, so both sides print values alike.
-fn connect(url: &str) -> postgres::Client {
-    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap_or_else(|e| panic!("connect {url}: {e}"));
-    c.batch_execute("SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET extra_float_digits = 3").unwrap();
-    c
-}
-
-/// Every user table of a database and its full content, rows sorted.
-fn contents(client: &mut postgres::Client) -> BTreeMap<String, String> {
-    let tables = client
-        .query(
-            "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables
-             WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema', 'omni_relay')
-               AND table_name <> 'omni_relay_progress'",
-            &[],
-        )
-        .unwrap();
-    tables
-        .iter()
-        .map(|r| {
-            let t: String = r.get(0);
-            let rows: String = client.query_one(&format!("SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x"), &[]).unwrap().get(0);
-            (t, rows)
-        })
-        .collect()
-}
-
-/// Waits until the target holds exactly the app database's tables and rows.
-fn wait_identical(gw: &Gateway, target_url: &str, timeout: Duration) -> BTreeMap<String, String> {
-    let mut source = connect(&embedded_url(gw));
-    let deadline = Instant::now() + timeout;
-    loop {
-        let want = contents(&mut source);
-        let got = postgres::Client::connect(target_url, postgres::NoTls).ok().map(|mut c| {
-            c.batch_execute("SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET extra_float_digits = 3").unwrap();
-            contents(&mut c)
-        });
-        if got.as_ref() == Some(&want) {
-            return want;
-        }
-        if Instant::now() > deadline {
-            panic!("target not identical after {timeout:?}:\nsource {want:#?}\ntarget {got:#?}\ngateway log:\n{}", gw.log());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn replicating_gateway(builder: GatewayBuilder, target_url: &str) -> Gateway {
     let gw = builder.env("PGSERVE_REPLICATION_URL", target_url).start();
@@ -93,11 +37,9 @@ fn limit_address_space(pid: u32, bytes: u64) {
 }
 
 /// Count and checksum of a table, the same query on both sides.
-fn fingerprint(client: &mut postgres::Client, table: &str) -> (i64, String) {
-    let row = client
-        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(md5(x::text), '' ORDER BY id)), '') FROM {table} x"), &[])
-        .unwrap();
-    (row.get(0), row.get(1))
+fn fingerprint(client: &mut postgres::Client, table: &str) -> Result<(i64, String), postgres::Error> {
+    let row = client.query_one(&format!("SELECT count(*), coalesce(md5(string_agg(md5(x::text), '' ORDER BY id)), '') FROM {table} x"), &[])?;
+    Ok((row.get(0), row.get(1)))
 }
 
 const MEMORY_LIMIT: u64 = 512 << 20;
@@ -151,7 +93,7 @@ fn a_transaction_bigger_than_memory_streams_under_a_512_mb_limit() {
     let mut source = connect(&embedded_url(&gw));
     let size: i64 = source.query_one("SELECT pg_table_size('big')", &[]).unwrap().get(0);
     assert!(size as u64 > MEMORY_LIMIT, "the import is {size} bytes, not more than the gateway's limit of {MEMORY_LIMIT}");
-    let want = fingerprint(&mut source, "big");
+    let want = fingerprint(&mut source, "big").unwrap_or_else(|e| panic!("reading the source table: {e}\n{}", gw.log()));
     assert_eq!(want.0, rows);
 
     let mut target_client = connect(&target_url);
@@ -165,7 +107,8 @@ fn a_transaction_bigger_than_memory_streams_under_a_512_mb_limit() {
             .unwrap_or(false);
         applied.then_some(())
     });
-    assert_eq!(fingerprint(&mut target_client, "big"), want, "count and checksum of the table on the target");
+    let got = fingerprint(&mut target_client, "big").unwrap_or_else(|e| panic!("reading the target table: {e}\n{}", gw.log()));
+    assert_eq!(got, want, "count and checksum of the table on the target");
     let log = gw.log();
     assert!(log.contains("applying it in chunks"), "the transaction was not streamed in chunks:\n{log}");
     assert_eq!(log.matches("full copy to the replication target").count(), 1, "only the first copy, no re-copy:\n{log}");

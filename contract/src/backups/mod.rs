@@ -107,8 +107,9 @@ EXCEPTION WHEN insufficient_privilege THEN NULL;
 END
 $omni$";
 
-/// The relay's DDL capture (`gateway/src/replication/source.rs`).
-const RELAY_EVENT_TRIGGER: &str = "omni_relay_capture_ddl";
+/// The relay's event triggers (`gateway/src/replication/source.rs`: DDL
+/// capture, drops, rewrites) are all named with this prefix.
+const RELAY_EVENT_TRIGGER: &str = "omni_relay_";
 
 /// Leaves the relay's event trigger out of a plain dump, line by line as
 /// pg_dump writes it (its publication and schema are left out by pg_dump's
@@ -137,10 +138,10 @@ impl RelayFilter {
             2 if !text.starts_with(b"--") => return false,
             _ => self.skipping = 0,
         }
-        if text == format!("DROP EVENT TRIGGER IF EXISTS {RELAY_EVENT_TRIGGER};").as_bytes() {
+        if text.starts_with(format!("DROP EVENT TRIGGER IF EXISTS {RELAY_EVENT_TRIGGER}").as_bytes()) {
             return false;
         }
-        if text.starts_with(format!("-- Name: {RELAY_EVENT_TRIGGER}; Type: EVENT TRIGGER;").as_bytes()) {
+        if text.starts_with(format!("-- Name: {RELAY_EVENT_TRIGGER}").as_bytes()) && text.windows(22).any(|w| w == b"; Type: EVENT TRIGGER;") {
             self.skipping = 1;
             return false;
         }
@@ -475,8 +476,8 @@ impl Backups {
         let mut partial = Partial(Some(partial_path.clone()));
         let sync_handle = file.try_clone().map_err(BackupError::io("duplicating the backup file handle"))?;
 
-        // pg_dump writes straight into the file: no copy through this process,
-        // constant memory whatever the size of the database.
+        // pg_dump's output goes into the file through the relay filter, a
+        // line at a time: constant memory whatever the size of the database.
         let mut command = self.command("pg_dump")?;
         command.args(["--clean", "--if-exists", "--format=plain", "--no-password", "--no-publications", "--exclude-schema=omni_relay"]);
         let started = std::time::Instant::now();
@@ -657,25 +658,42 @@ fn write_migrate_forward(dir: &Path) -> Result<Partial> {
 /// Runs `pg_dump`, its output written into `file` through [`RelayFilter`];
 /// returns its status and the tail of its stderr.
 async fn run_dump(mut command: Command, file: File) -> Result<(std::process::ExitStatus, String)> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     command.stdout(Stdio::piped());
     let mut child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: "pg_dump".to_owned(), source })?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let copy = async move {
-        let mut reader = tokio::io::BufReader::with_capacity(1 << 16, stdout);
-        let mut writer = tokio::io::BufWriter::with_capacity(1 << 16, tokio::fs::File::from_std(file));
+        // What pg_dump wrote is filtered a whole line at a time and reaches
+        // the file as each read from the pipe is done: a dump that stalls
+        // (or is killed) leaves all its complete lines in the partial file.
+        let mut stdout = stdout;
+        let mut file = tokio::fs::File::from_std(file);
         let mut filter = RelayFilter::default();
-        let mut line = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let (mut pending, mut out) = (Vec::new(), Vec::with_capacity(1 << 16));
         loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line).await? == 0 {
+            let n = stdout.read(&mut chunk).await?;
+            if n == 0 {
                 break;
             }
-            if filter.keep(&line) {
-                writer.write_all(&line).await?;
+            pending.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            while let Some(at) = pending[start..].iter().position(|&b| b == b'\n') {
+                let line = &pending[start..start + at + 1];
+                if filter.keep(line) {
+                    out.extend_from_slice(line);
+                }
+                start += at + 1;
             }
+            pending.drain(..start);
+            file.write_all(&out).await?;
+            out.clear();
         }
-        writer.flush().await
+        // A last line without its newline.
+        if !pending.is_empty() && filter.keep(&pending) {
+            file.write_all(&pending).await?;
+        }
+        file.flush().await
     };
     let (waited, copied) = tokio::join!(wait(child, "pg_dump"), copy);
     let (status, stderr) = waited?;
@@ -956,8 +974,9 @@ mod tests {
     use super::RelayFilter;
 
     #[test]
-    fn the_relays_event_trigger_is_left_out_and_rows_pass_untouched() {
-        let dump = "DROP EVENT TRIGGER IF EXISTS omni_relay_capture_ddl;
+    fn the_relays_event_triggers_are_left_out_and_rows_pass_untouched() {
+        let dump = "DROP EVENT TRIGGER IF EXISTS omni_relay_note_drop;
+DROP EVENT TRIGGER IF EXISTS omni_relay_capture_ddl;
 DROP TABLE IF EXISTS public.items;
 --
 -- Name: items; Type: TABLE; Schema: public; Owner: postgres
@@ -980,6 +999,16 @@ CREATE EVENT TRIGGER omni_relay_capture_ddl ON ddl_command_end
 
 
 ALTER EVENT TRIGGER omni_relay_capture_ddl OWNER TO postgres;
+
+--
+-- Name: omni_relay_note_drop; Type: EVENT TRIGGER; Schema: -; Owner: postgres
+--
+
+CREATE EVENT TRIGGER omni_relay_note_drop ON sql_drop
+   EXECUTE FUNCTION omni_relay.note_drop();
+
+
+ALTER EVENT TRIGGER omni_relay_note_drop OWNER TO postgres;
 
 --
 -- Name: mine; Type: EVENT TRIGGER; Schema: -; Owner: postgres

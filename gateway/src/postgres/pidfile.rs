@@ -368,7 +368,26 @@ pub fn advice(inspection: &Inspection) -> String {
 /// The start's rule: refuses when a PostgreSQL runs (or may run) on `dir`,
 /// removes the file when it is provably stale.
 pub fn clear_stale(dir: &Path) -> Result<()> {
-    let Some(inspection) = inspect(dir) else { return Ok(()) };
+    let Some(mut inspection) = inspect(dir) else { return Ok(()) };
+    if inspection.facts.existence != Existence::Running && matches!(inspection.facts.shmem, Shmem::Attached(_)) {
+        let ended = end_adopted_orphans(dir);
+        if !ended.is_empty() {
+            tracing::warn!(
+                "PostgreSQL pid {} is gone but left server processes running in {}: ended {ended:?} (they can never serve again)",
+                inspection.pid().map_or("?".to_string(), |p| p.to_string()),
+                dir.display()
+            );
+            // They detach from the shared memory as they exit: at once.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while matches!(inspection.facts.shmem, Shmem::Attached(_)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                match inspect(dir) {
+                    Some(i) => inspection = i,
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
     match &inspection.verdict {
         Verdict::Stale(reason) => {
             tracing::warn!("removing stale {} ({reason})", inspection.path.display());
@@ -385,6 +404,34 @@ pub fn clear_stale(dir: &Path) -> Result<()> {
             advice(&inspection)
         ),
     }
+}
+
+/// Ends (SIGKILL) the server processes of a postmaster that died: each
+/// runs in its own process group (PostgreSQL makes every child a group
+/// leader), so the supervisor's group kill misses them, and a startup
+/// process in crash recovery can outlive its postmaster by a minute. Only
+/// processes the gateway adopted (it is their subreaper, or PID 1) that are
+/// called `postgres` and work in `dir` are touched: the server processes of
+/// a postmaster this gateway started on this data directory. Returns their pids.
+fn end_adopted_orphans(dir: &Path) -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = dir.canonicalize() else { return Vec::new() };
+    let mut ended = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_string();
+        if field("PPid:") != me || field("Name:") != "postgres" {
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() != Some(dir.as_path()) {
+            continue;
+        }
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+            ended.push(pid);
+        }
+    }
+    ended
 }
 
 #[cfg(test)]

@@ -65,7 +65,8 @@ fn copy_retry_delay(copy_failures: u32) -> Option<Duration> {
 /// The relay's logical slots are named `omni_relay_<database>` (`relay.rs`).
 pub const SLOT_PREFIX: &str = "omni_relay_";
 /// The DDL capture's event trigger (`source.rs`).
-const EVENT_TRIGGER: &str = "omni_relay_capture_ddl";
+/// The relay's event triggers (DDL capture, drops, rewrites: source.rs) are all named so.
+const EVENT_TRIGGERS: &str = "omni\\_relay\\_%";
 
 /// The relay's slots in a stopped cluster's `pg_replslot`.
 pub fn slots_offline(data_dir: &Path) -> Result<Vec<String>> {
@@ -140,11 +141,11 @@ pub async fn remove_leftovers(cluster: Arc<Cluster>) {
             let found: bool = client
                 .query_one(
                     &format!(
-                        "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = '{p}') OR EXISTS (SELECT FROM pg_event_trigger WHERE evtname = '{t}')
+                        "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = '{p}') OR EXISTS (SELECT FROM pg_event_trigger WHERE evtname LIKE '{t}')
                              OR EXISTS (SELECT FROM pg_namespace WHERE nspname = 'omni_relay')
                              OR EXISTS (SELECT FROM pg_replication_slots WHERE slot_name LIKE 'omni\\_relay\\_%' AND database = current_database() AND NOT active)",
                         p = source::PUBLICATION,
-                        t = EVENT_TRIGGER
+                        t = EVENT_TRIGGERS
                     ),
                     &[],
                 )
@@ -158,15 +159,18 @@ pub async fn remove_leftovers(cluster: Arc<Cluster>) {
                     "SET client_min_messages = warning;
                      BEGIN;
                      SET LOCAL omni_relay.internal = 'on';
-                     DROP EVENT TRIGGER IF EXISTS {t};
+                     DO $omni$ DECLARE t name; BEGIN
+                       FOR t IN SELECT evtname FROM pg_event_trigger WHERE evtname LIKE '{t}' LOOP
+                         EXECUTE format('DROP EVENT TRIGGER %I', t);
+                       END LOOP;
+                     END $omni$;
                      DROP PUBLICATION IF EXISTS {p};
-                     DROP FUNCTION IF EXISTS omni_relay.capture_ddl();
-                     DROP SCHEMA IF EXISTS omni_relay;
+                     DROP SCHEMA IF EXISTS omni_relay CASCADE;
                      COMMIT;
                      SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
                       WHERE slot_name LIKE 'omni\\_relay\\_%' AND database = current_database() AND NOT active",
                     p = source::PUBLICATION,
-                    t = EVENT_TRIGGER
+                    t = EVENT_TRIGGERS
                 ))
                 .await?;
             anyhow::Ok(true)
@@ -178,7 +182,7 @@ pub async fn remove_leftovers(cluster: Arc<Cluster>) {
                 "PGSERVE_REPLICATION_URL is not set: dropped the replication relay's publication {}, its DDL capture and its schema omni_relay in {db}",
                 source::PUBLICATION
             ),
-            Err(e) => tracing::warn!(database = %db, "PGSERVE_REPLICATION_URL is not set, but what the replication relay left in {db} could not be dropped ({e:#}): drop the publication {} and the event trigger {} there by hand", source::PUBLICATION, EVENT_TRIGGER),
+            Err(e) => tracing::warn!(database = %db, "PGSERVE_REPLICATION_URL is not set, but what the replication relay left in {db} could not be dropped ({e:#}): drop the publication {}, the event triggers omni_relay_* and the schema omni_relay there by hand", source::PUBLICATION),
         }
     }
 }
