@@ -7,33 +7,14 @@
 #[path = "support/gateway.rs"]
 mod gateway;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use gateway::{cli, wait_for_base_backup, write_a_note_t_write_b, workdir, Gateway, GatewayBuilder};
+use gateway::{cli, post_slow, wait_for_base_backup, write_a_note_t_write_b, workdir, Gateway, GatewayBuilder};
 use omni_tests::{wait_until, Request, TempPostgres, WorkerBuilder, TEST_API_KEY};
 
 fn start(dir: &Path) -> Gateway {
     GatewayBuilder::new(dir).env("OMNI_API_KEY", TEST_API_KEY).start()
-}
-
-/// A POST that may take minutes (the test kit's requests give up after 30 s).
-fn post_slow(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    let body = body.to_string();
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\nx-api-key: {TEST_API_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status: u16 = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let json = raw.split_once("\r\n\r\n").map(|(_, b)| b).and_then(|b| serde_json::from_str(b).ok()).unwrap_or(serde_json::Value::Null);
-    (status, json)
 }
 
 fn api(gw: &Gateway, method: &str, path: &str) -> omni_tests::Response {

@@ -10,11 +10,10 @@
 mod gateway;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use gateway::{cli, postgres_pids_on, wait_for_base_backup, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
+use gateway::{cli, postgres_pids_on, try_post_slow, wait_for_base_backup, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
 use omni_tests::{bin_path, pg_bin_dir, wait_until, ChildGuard, TEST_API_KEY};
 
 /// The ids of `pitr_rows` the gateway's cluster holds.
@@ -150,22 +149,6 @@ fn pitr_recovery_killed_before_the_stream_is_retired_finishes_the_restore() {
     kill_the_cli_restore_at("swapped", true);
 }
 
-/// `POST` that may take minutes (the kit's requests give up after 30 s).
-fn post_slow(port: u16, path: &str, body: &serde_json::Value) -> std::io::Result<(u16, String)> {
-    let body = body.to_string();
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\nx-api-key: {TEST_API_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let status: u16 = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, raw))
-}
-
 /// The gateway itself, restoring online (`POST /api/v1/backup/restore-to`),
 /// is killed at `step`; the next start serves the old or the restored data.
 fn kill_the_online_restore_at(step: &str, restored: bool) {
@@ -174,7 +157,7 @@ fn kill_the_online_restore_at(step: &str, restored: bool) {
     wait_for_base_backup(&gw);
     let t = write_a_note_t_write_b(&gw);
     let port = gw.port;
-    let asked = std::thread::spawn(move || post_slow(port, "/api/v1/backup/restore-to", &serde_json::json!({ "target_time": t })));
+    let asked = std::thread::spawn(move || try_post_slow(port, "/api/v1/backup/restore-to", &serde_json::json!({ "target_time": t })));
     wait_held(dir.path(), step);
     let data_dir = gw.data_dir();
     gw.child.kill9();
@@ -224,7 +207,7 @@ fn online_latest_restore_under_load(sync: bool) {
     wait_until(Duration::from_secs(60), "some write load", || (db.query_one("SELECT count(*) FROM pitr_load", &[]).unwrap().get::<_, i64>(0) > 1000).then_some(()));
     drop(db);
     let asked_at = Instant::now();
-    let (status, answer) = post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({ "target_time": "latest" })).unwrap();
+    let (status, answer) = try_post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({ "target_time": "latest" })).unwrap();
     assert_eq!(status, 200, "{answer}\n{}", gw.log());
     let acked = writer.join().unwrap();
     let present: BTreeSet<i32> = gw.db().query("SELECT id FROM pitr_load", &[]).unwrap().iter().map(|r| r.get(0)).collect();

@@ -274,3 +274,31 @@ pub fn bin_dir_with(dir: &Path, folder: &str, name: &str, script: &str) -> PathB
     std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
 }
+
+/// A POST with the API key that may take minutes (a restore; the kit's
+/// requests give up after 30 s): the status and the raw answer, or the error
+/// when the gateway goes away meanwhile.
+pub fn try_post_slow(port: u16, path: &str, body: &serde_json::Value) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\nx-api-key: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        omni_tests::TEST_API_KEY,
+        body.len()
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let status: u16 = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, raw))
+}
+
+/// [`try_post_slow`] that must be answered: the status and the JSON body (`Null` when none).
+pub fn post_slow(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, raw) = try_post_slow(port, path, body).unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    assert_ne!(status, 0, "no status line in {raw:?}");
+    let json = raw.split_once("\r\n\r\n").map(|(_, b)| b).and_then(|b| serde_json::from_str(b).ok()).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
