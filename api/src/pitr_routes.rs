@@ -42,9 +42,9 @@ pub struct RestoreTo {
     /// Absent or null: the timeline that served at `target_time` (each
     /// restore starts a new one), or the newest for `latest`. One the
     /// archive does not know: 422 (`unknown_timeline`).
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 4294967295_u64, example = 2)]
-    timeline: Option<u32>,
+    #[serde(default, deserialize_with = "crate::setup::json_integer")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 4294967295_u64, example = 2)]
+    timeline: Option<i64>,
 }
 
 /// A verified base backup (`pg_basebackup`, compressed, checked against its manifest).
@@ -210,7 +210,7 @@ pub async fn restore_to(State(state): State<AppState>, ApiJson(body): ApiJson<Re
     if !target_pattern().is_match(target) {
         return Err(ApiError::bad_request("invalid_target_time", format!("{target:?} is neither \"latest\" nor an RFC 3339 time such as 2026-11-25T16:00:00Z")));
     }
-    if body.timeline == Some(0) {
+    if body.timeline.is_some_and(|t| t < 1 || t > i64::from(u32::MAX)) {
         return Err(ApiError::bad_request("invalid_timeline", "`timeline` is a timeline number, 1 or more (GET /api/v1/backup/window lists them), or absent"));
     }
     let body = serde_json::json!({ "target_time": target, "timeline": body.timeline });

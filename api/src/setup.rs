@@ -127,7 +127,7 @@ pub struct StorageSettings {
 
 /// An optional integer as JSON Schema counts one: `691` and `691.0` alike
 /// (serde's `i64` refuses the second, which the document calls an integer).
-fn json_integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+pub(crate) fn json_integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
     use serde::de::Error;
     match Option::<serde_json::Number>::deserialize(deserializer)? {
         None => Ok(None),
@@ -135,7 +135,7 @@ fn json_integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Opt
             .as_i64()
             .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64).map(|f| f as i64))
             .map(Some)
-            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number of seconds"))),
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number"))),
     }
 }
 
