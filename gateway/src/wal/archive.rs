@@ -310,18 +310,11 @@ pub fn record_timeline_start(wal_dir: &Path, timeline: u32, at: DateTime<Utc>, a
     starts.timelines.push(TimelineStart { timeline, began_at: at });
     starts.timelines.sort_by_key(|s| s.timeline);
     let path = timeline_starts_file(wal_dir);
-    let tmp = path.with_extension("json.tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("could not write {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(&starts)?)?;
-        f.sync_all()?;
-    }
+    crate::postgres::cluster::write_secret(&path, &serde_json::to_string_pretty(&starts)?)?;
     if account.switch {
-        std::os::unix::fs::chown(&tmp, Some(account.uid), Some(account.gid))?;
+        std::os::unix::fs::chown(&path, Some(account.uid), Some(account.gid)).with_context(|| format!("could not give {} to user {}", path.display(), account.name))?;
     }
-    std::fs::rename(&tmp, &path).with_context(|| format!("could not write {}", path.display()))?;
-    std::fs::File::open(wal_dir)?.sync_all().with_context(|| format!("could not flush {}", wal_dir.display()))
+    Ok(())
 }
 
 /// When `timeline` began to serve: recorded by the restore that made it, or

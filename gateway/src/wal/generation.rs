@@ -14,7 +14,6 @@
 //! start that finds it finishes the same move instead of splitting the
 //! archive in two.
 
-use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -91,18 +90,10 @@ impl Identity {
     }
 }
 
-/// Writes `identity.json` in `dir`: a temporary file, flushed, renamed, the directory flushed.
+/// Writes `identity.json` in `dir` through `cluster::write_secret` (a new
+/// temporary file, flushed, renamed, the directory flushed).
 pub fn record(dir: &Path, identity: &Identity) -> Result<()> {
-    let path = dir.join(IDENTITY_FILE);
-    let temp = dir.join(format!(".{IDENTITY_FILE}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(&serde_json::to_vec_pretty(identity)?)?;
-        f.sync_all()?;
-        std::fs::rename(&temp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().with_context(|| format!("could not write {}", path.display()))
+    crate::postgres::cluster::write_secret(&dir.join(IDENTITY_FILE), &serde_json::to_string_pretty(identity)?)
 }
 
 /// Whether the archive root holds WAL, base backups or drill records.
