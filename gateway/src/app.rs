@@ -31,16 +31,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Database};
-use crate::http::{self, Surface};
-use crate::metrics::Metrics;
-use crate::postgres::{binaries, cluster, PostgresPolicy};
-use crate::privilege::Account;
-use crate::proxy::Proxy;
-use crate::sd_notify::{self, Notifier};
+use crate::serve::{self, Surface};
+use crate::serve::metrics::Metrics;
+use crate::pg::{binaries, cluster, PostgresPolicy};
+use crate::process::privilege::Account;
+use crate::serve::proxy::Proxy;
+use crate::supervise::sd_notify::{self, Notifier};
 use crate::status::{Board, State};
-use crate::upstream::Upstreams;
+use crate::serve::upstream::Upstreams;
 use crate::worker::{self, WorkerPolicy};
-use crate::{child, dev, supervisor};
+use crate::process::child;
+use crate::supervise;
+use crate::worker::dev;
 
 /// Once the children are down, how long the remaining tasks may take to
 /// notice their cancellation before the gateway exits anyway.
@@ -85,7 +87,7 @@ impl Signals {
 /// What must be stopped, in reverse start order.
 struct Running {
     board: Board,
-    handles: Vec<supervisor::Handle>,
+    handles: Vec<supervise::Handle>,
     /// Begins the HTTP drain; `server` ends once it is over.
     stop_http: CancellationToken,
     server: JoinHandle<()>,
@@ -96,11 +98,11 @@ struct Running {
     cluster: Option<Arc<cluster::Cluster>>,
     notifier: Arc<Notifier>,
     /// The replication relay, when configured; stopped before the children.
-    relay: Option<crate::replication::Running>,
+    relay: Option<crate::relay::Running>,
     /// Point-in-time recovery's base-backup task, waited for at stop before PostgreSQL goes.
-    base_backups: Option<crate::wal::BaseBackups>,
+    base_backups: Option<crate::pitr::BaseBackups>,
     /// The worker's channel to the gateway (`/gateway/internal/…`).
-    internal: Arc<crate::internal::Internal>,
+    internal: Arc<crate::serve::internal::Internal>,
 }
 
 /// Runs the gateway until a stop signal; returns the process exit code.
@@ -113,13 +115,13 @@ pub async fn run(config: Config) -> Result<i32> {
     // One owner per cluster (postgres/lock.rs), taken before anything
     // touches it and held until `run` returns.
     let _cluster_lock = match &config.database {
-        Database::Embedded(e) if !e.memory_mode => Some(crate::postgres::lock::acquire(&e.data_dir.value, "run")?),
+        Database::Embedded(e) if !e.memory_mode => Some(crate::pg::lock::acquire(&e.data_dir.value, "run")?),
         _ => None,
     };
     warn_about_sqlite(&config);
 
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = http::bind(addr).await?;
+    let listener = serve::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
 
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
@@ -130,7 +132,7 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::External { .. } => &["api"],
     };
     let database = match &config.database {
-        Database::External { url } => Some(Arc::new(crate::external::ExternalDatabase::new(url)?)),
+        Database::External { url } => Some(Arc::new(crate::pg::external::ExternalDatabase::new(url)?)),
         Database::Embedded(_) => None,
     };
     let board = Board::new(components);
@@ -144,7 +146,7 @@ pub async fn run(config: Config) -> Result<i32> {
         }),
         Database::External { .. } => serde_json::json!({ "kind": "external" }),
     });
-    let internal = Arc::new(crate::internal::Internal::new(match &config.database {
+    let internal = Arc::new(crate::serve::internal::Internal::new(match &config.database {
         Database::Embedded(e) if !e.memory_mode && config.wal.enabled => None,
         Database::Embedded(e) if !e.memory_mode => Some("OMNI_WAL_DIR=off: point-in-time recovery is turned off, so there is no WAL archive, no base backups and no point-in-time restores (the .sql backups remain)"),
         Database::Embedded(_) => Some("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive, so there are no base backups or point-in-time restores"),
@@ -157,7 +159,7 @@ pub async fn run(config: Config) -> Result<i32> {
     let upstreams = Upstreams::default();
     let stop_http = CancellationToken::new();
     let metrics = Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone())));
-    let history = crate::metrics_history::History::default();
+    let history = crate::serve::metrics_history::History::default();
     history.spawn(metrics.clone(), board.clone(), &tasks, stop_background.clone());
     let surface = Arc::new(Surface {
         board: board.clone(),
@@ -169,15 +171,15 @@ pub async fn run(config: Config) -> Result<i32> {
             close_tunnels: CancellationToken::new(),
         },
         database,
-        logs: crate::logring::installed(),
+        logs: crate::serve::logring::installed(),
         history,
-        auth: crate::gateway_auth::GatewayAuth::new(upstreams.clone()),
+        auth: crate::serve::gateway_auth::GatewayAuth::new(upstreams.clone()),
         streams: TaskTracker::new(),
         stop_streams: stop_http.clone(),
         internal: internal.clone(),
         stream_slots: Default::default(),
     });
-    let server = tasks.spawn(http::serve(listener, surface, stop_http.clone(), config.http.clone()));
+    let server = tasks.spawn(serve::serve(listener, surface, stop_http.clone(), config.http.clone()));
     let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None, base_backups: None, internal };
 
     // From here on every way out goes through the same orderly stop.
@@ -263,7 +265,7 @@ async fn supervise(
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
     // A point-in-time restore holds PostgreSQL's and the streamer's starts (wal/online.rs).
-    let hold = crate::wal::online::Hold::default();
+    let hold = crate::pitr::online::Hold::default();
     let mut postgres_commands = None;
     // PostgreSQL (embedded) or the external URL.
     let policy = match &config.database {
@@ -274,21 +276,21 @@ async fn supervise(
             tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
             let mut prepared = cluster::prepare(embedded, bins).await?;
             if !embedded.memory_mode {
-                prepared.extra_settings = crate::wal::server_settings(&config.wal);
+                prepared.extra_settings = crate::pitr::server_settings(&config.wal);
             } else {
                 // Backups work in memory mode too (the database is thrown
                 // away, the .sql backups are not): OMNI_BACKUP_DIR is made
                 // for the worker's account as in persistent mode.
-                let worker = crate::privilege::worker_account(&config.api_user)?;
-                crate::privilege::prepare_backup_dir(&config.backup_dir, &worker)?;
+                let worker = crate::process::privilege::worker_account(&config.api_user)?;
+                crate::process::privilege::prepare_backup_dir(&config.backup_dir, &worker)?;
             }
-            crate::logring::installed().add_secret(&prepared.password);
+            crate::serve::logring::installed().add_secret(&prepared.password);
             let cluster = Arc::new(prepared);
             running.cluster = Some(cluster.clone());
             child::start_reaper(&running.tasks, running.stop_background.clone());
             let pg_started = Instant::now();
             let policy = PostgresPolicy::new(cluster.clone(), config.restart).with_hold(hold.clone());
-            let postgres = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, None);
+            let postgres = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, None);
             postgres_commands = Some(postgres.commands());
             running.handles.push(postgres);
             // The worker applies migrations at start, so it connects once
@@ -299,24 +301,24 @@ async fn supervise(
             policy.prestart().await;
             // After a major upgrade: its record on the status board, and the
             // planner statistics rebuilt once PostgreSQL is ready (postgres/upgrade.rs).
-            if let Ok(Some(record)) = crate::postgres::upgrade::load(&cluster.data_dir) {
+            if let Ok(Some(record)) = crate::pg::upgrade::load(&cluster.data_dir) {
                 board.set_upgrade(record.to_json());
             }
             {
                 let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stop_background.clone());
                 running.tasks.spawn(async move {
-                    let ready = crate::postgres::worker_may_start(&cluster, &board);
-                    crate::postgres::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
+                    let ready = crate::pg::worker_may_start(&cluster, &board);
+                    crate::pg::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
                 });
             }
-            if !wait_first(crate::postgres::worker_may_start(&cluster, &board), signals, running).await {
+            if !wait_first(crate::pg::worker_may_start(&cluster, &board), signals, running).await {
                 return Ok(());
             }
             tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
             if let Some(replication) = &config.replication {
-                running.relay = Some(crate::replication::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
+                running.relay = Some(crate::relay::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
             } else if !cluster.memory_mode {
-                running.tasks.spawn(crate::replication::remove_leftovers(cluster.clone()));
+                running.tasks.spawn(crate::relay::remove_leftovers(cluster.clone()));
             }
             policy
         }
@@ -338,16 +340,16 @@ async fn supervise(
     // With OMNI_WAL_DIR=off an earlier run's streamer slot would keep WAL for nobody.
     let mut leftover_slot = running.cluster.clone().filter(|c| !c.memory_mode && !config.wal.enabled);
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
-        let base_backups = crate::wal::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
-        crate::wal::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
-        let policy = crate::wal::receiver::ReceiverPolicy::new(cluster.clone(), config.wal.clone(), config.restart, base_backups.ask.clone()).with_hold(hold.clone());
+        let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
+        crate::pitr::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
+        let policy = crate::pitr::receiver::ReceiverPolicy::new(cluster.clone(), config.wal.clone(), config.restart, base_backups.ask.clone()).with_hold(hold.clone());
         if let Some(postgres) = postgres_commands.clone() {
-            let online = crate::wal::online::Online::new(cluster, config.wal.clone(), board.clone(), hold.clone(), base_backups.lock(), postgres, config.restart.stop_timeout);
+            let online = crate::pitr::online::Online::new(cluster, config.wal.clone(), board.clone(), hold.clone(), base_backups.lock(), postgres, config.restart.stop_timeout);
             let _ = running.internal.online.set(Arc::new(online));
         }
         running.base_backups = Some(base_backups);
         if config.wal.sync {
-            let streamer = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
+            let streamer = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
             if let Some(online) = running.internal.online.get() {
                 online.set_streamer(streamer.commands());
             }
@@ -358,7 +360,7 @@ async fn supervise(
     }
 
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
-    let api = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
+    let api = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
     if config.dev {
         dev::watch_worker_binary(&worker_bin, api.commands(), &running.tasks, running.stop_background.clone());
     }
@@ -375,7 +377,7 @@ async fn supervise(
         }
         if announced || tokio::time::Instant::now() >= wal_deadline {
             if let Some(policy) = deferred_wal.take() {
-                let streamer = supervisor::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
+                let streamer = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
                 if let Some(online) = running.internal.online.get() {
                     online.set_streamer(streamer.commands());
                 }
@@ -384,7 +386,7 @@ async fn supervise(
         }
         if announced {
             if let Some(cluster) = leftover_slot.take() {
-                running.tasks.spawn(crate::wal::drop_leftover_slot(cluster));
+                running.tasks.spawn(crate::pitr::drop_leftover_slot(cluster));
             }
         }
         tokio::select! {

@@ -2,37 +2,33 @@
 //! PostgreSQL and the API worker as supervised children and serves both the
 //! browser and API clients on one port.
 //!
-//! Reading order follows the life of the process: [`config`] → [`postgres`]
-//! → [`worker`] → [`supervisor`] (with [`child`] and [`status`]) → [`proxy`]
-//! (with [`upstream`]) → [`http`] (with [`metrics`] and [`sd_notify`]);
-//! [`app`] wires them together.
+//! The modules are layers. Each may import the layers listed below it, never
+//! one above it, and no two top-level modules import each other
+//! (`layers_have_no_cycles` below fails on a new cycle):
+//!
+//! | layer | owns |
+//! |---|---|
+//! | [`cli`] | one-shot commands (`doctor`, `backup`, `restore`, `upgrade`, `import-sqlite`); never supervises |
+//! | [`app`] | wiring: the stages in start order, shutdown in reverse |
+//! | [`worker`] | the API worker's policy, its zero-downtime reload, dev-mode rebuilds |
+//! | [`serve`] | the one listener: proxy, gateway endpoints, metrics, the log ring |
+//! | [`relay`] | the logical replication relay |
+//! | [`pitr`] | the WAL archive, base backups, restore to a time |
+//! | [`pg`] | the embedded cluster: binaries, data directory, pid file, lock, upgrade, its policy |
+//! | [`supervise`] | the mechanism: the restart loop, start gates, systemd notify; knows no PostgreSQL |
+//! | [`status`] | the status board every layer reports to |
+//! | [`process`] | the OS layer: child processes, accounts and privileges |
+//! | [`config`] | settings: variables, `.env`, the settings file |
 
 pub mod app;
-pub mod backup_cli;
-pub mod child;
+pub mod cli;
 pub mod config;
-pub mod dev;
-pub mod doctor;
-pub mod external;
-pub mod gateway_auth;
-pub mod http;
-pub mod internal;
-pub mod import_cli;
-// Seeing inside: the log ring, the metrics history, and their HTTP endpoints.
-pub mod logring;
-pub mod metrics_history;
-pub mod observe;
-pub mod metrics;
-pub mod postgres;
-pub mod privilege;
-pub mod proxy;
-pub mod replication;
-pub mod sd_notify;
+pub mod pg;
+pub mod pitr;
+pub mod process;
+pub mod relay;
+pub mod serve;
 pub mod status;
-pub mod supervisor;
-pub mod upgrade_cli;
-pub mod upstream;
+pub mod supervise;
 pub mod worker;
-// Point-in-time recovery: the WAL streamer, base backups, restore to a time.
-pub mod restore_cli;
-pub mod wal;
+

@@ -55,14 +55,14 @@ enum Command {
     /// Backups of the database: create, list, restore <name>, delete <name>
     Backup {
         #[command(subcommand)]
-        action: omni_gateway::backup_cli::BackupCommand,
+        action: omni_gateway::cli::backup::BackupCommand,
     },
     /// Import the old SQLite database (default: the one found) into the running gateway's PostgreSQL
-    ImportSqlite(omni_gateway::import_cli::ImportArgs),
+    ImportSqlite(omni_gateway::cli::import::ImportArgs),
     /// Upgrade the embedded cluster to the binaries' PostgreSQL major (the start does it too); --check, --cleanup
-    Upgrade(omni_gateway::upgrade_cli::UpgradeArgs),
+    Upgrade(omni_gateway::cli::upgrade::UpgradeArgs),
     /// Point-in-time recovery from OMNI_WAL_DIR, with the gateway stopped: --to <RFC 3339 time|latest>, --window, --discard-previous
-    Restore(omni_gateway::restore_cli::RestoreArgs),
+    Restore(omni_gateway::cli::restore::RestoreArgs),
 }
 
 fn after_help() -> String {
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) if matches!(cli.command, Some(Command::Doctor)) => {
-            print!("{}", omni_gateway::doctor::configuration_failed(&e).render());
+            print!("{}", omni_gateway::cli::doctor::configuration_failed(&e).render());
             return ExitCode::FAILURE;
         }
         Err(e) => {
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let ring = omni_gateway::logring::LogRing::new();
+    let ring = omni_gateway::serve::logring::LogRing::new();
     for secret in config.api_key.iter() {
         ring.add_secret(secret);
     }
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     for url in [database_url, config.replication_url.as_deref()].into_iter().flatten() {
         ring.add_url_secret(url);
     }
-    omni_gateway::logring::install(ring.clone());
+    omni_gateway::serve::logring::install(ring.clone());
     omni_contract::logging::init_with(&config.log_level, config.log_format, Some(Box::new(ring.layer())));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
 }
 
 async fn doctor(config: &Config) -> ExitCode {
-    let report = omni_gateway::doctor::run(config).await;
+    let report = omni_gateway::cli::doctor::run(config).await;
     print!("{}", report.render());
     if report.has_failures() {
         ExitCode::FAILURE
@@ -174,23 +174,23 @@ fn exit_code(command: &str, outcome: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn healthcheck(config: &Config) -> ExitCode {
-    exit_code("healthcheck", omni_gateway::doctor::healthcheck(config).await)
+    exit_code("healthcheck", omni_gateway::cli::doctor::healthcheck(config).await)
 }
 
-async fn backup(config: &Config, action: omni_gateway::backup_cli::BackupCommand) -> ExitCode {
-    exit_code("backup", omni_gateway::backup_cli::run(config, action).await)
+async fn backup(config: &Config, action: omni_gateway::cli::backup::BackupCommand) -> ExitCode {
+    exit_code("backup", omni_gateway::cli::backup::run(config, action).await)
 }
 
-async fn import_sqlite(config: &Config, args: omni_gateway::import_cli::ImportArgs) -> ExitCode {
-    exit_code("import-sqlite", omni_gateway::import_cli::run(config, args).await)
+async fn import_sqlite(config: &Config, args: omni_gateway::cli::import::ImportArgs) -> ExitCode {
+    exit_code("import-sqlite", omni_gateway::cli::import::run(config, args).await)
 }
 
-async fn upgrade(config: &Config, args: omni_gateway::upgrade_cli::UpgradeArgs) -> ExitCode {
-    exit_code("upgrade", omni_gateway::upgrade_cli::run(config, args).await)
+async fn upgrade(config: &Config, args: omni_gateway::cli::upgrade::UpgradeArgs) -> ExitCode {
+    exit_code("upgrade", omni_gateway::cli::upgrade::run(config, args).await)
 }
 
-async fn restore(config: &Config, args: omni_gateway::restore_cli::RestoreArgs) -> ExitCode {
-    exit_code("restore", omni_gateway::restore_cli::run(config, args).await)
+async fn restore(config: &Config, args: omni_gateway::cli::restore::RestoreArgs) -> ExitCode {
+    exit_code("restore", omni_gateway::cli::restore::run(config, args).await)
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {

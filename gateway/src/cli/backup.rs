@@ -1,0 +1,151 @@
+//! `omni-gateway backup create|list|restore <name>|delete <name>`: backups
+//! for operators with a shell.
+//!
+//! It runs the worker's own backup code (`omni_contract::backups`, linked into this
+//! binary), not a copy and not an HTTP call, so there is no API key to find
+//! and the rules are the same: same directory, same names, same lock (an
+//! `flock` shared with a running worker, so a CLI restore and an API create
+//! never overlap), same retention. The database is the one the gateway's
+//! configuration names: `DATABASE_URL`, or the embedded cluster, which must be
+//! running (its port is read from `postmaster.pid`, its password from the file
+//! next to the data directory).
+//!
+//! Run as root, it works as the API worker's account (`OMNI_API_USER`): it
+//! reads what only root may (the cluster's password) first, then switches
+//! for good, so the backups and the lock file it leaves are the worker's to
+//! list, restore and delete, as if the API had made them.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use omni_contract::backups::Backups;
+
+use crate::config::{Config, Database};
+use crate::pg::{binaries, cluster};
+use crate::process::privilege;
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Take a backup now (into OMNI_BACKUP_DIR)
+    Create,
+    /// List backups, newest first
+    List,
+    /// Restore a backup; the current database is first saved as a safety backup
+    Restore {
+        /// omni_backup_YYYYMMDD_HHMMSS.sql
+        name: String,
+    },
+    /// Delete a backup
+    Delete {
+        /// omni_backup_YYYYMMDD_HHMMSS.sql
+        name: String,
+    },
+    /// Take a base backup for point-in-time recovery now (pg_basebackup, compressed, then checked against its manifest) into OMNI_WAL_DIR/base
+    Base,
+    /// Restore drill: restore the newest base backup and its WAL into a temporary cluster, check it, remove it; exit 1 if it fails
+    Verify,
+    /// Restore drill on chosen base backups: `--all` drills every one kept in OMNI_WAL_DIR/base, `--backup ID` one; exit 1 if any fails
+    Drill {
+        /// Every kept base backup, oldest first
+        #[arg(long, required_unless_present = "backup", conflicts_with = "backup")]
+        all: bool,
+        /// One base backup, by its id (as `restore --window` and GET /api/v1/backup/window name it)
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+    },
+}
+
+/// Runs one backup command, printing what it did on stdout.
+pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
+    // Point-in-time recovery: PostgreSQL's tools, run as PostgreSQL's account.
+    if matches!(command, BackupCommand::Base | BackupCommand::Verify) {
+        return crate::cli::archive::run(config, matches!(command, BackupCommand::Verify)).await;
+    }
+    if let BackupCommand::Drill { all, backup } = &command {
+        return crate::cli::archive::drill(config, *all, backup.as_deref()).await;
+    }
+    let needs_database = matches!(command, BackupCommand::Create | BackupCommand::Restore { .. });
+    let database = if needs_database { Some(database(config)?) } else { None };
+    let account = privilege::worker_account(&config.api_user)?;
+    privilege::prepare_backup_dir(&config.backup_dir, &account)?;
+    privilege::become_account(&account)?;
+    match command {
+        BackupCommand::List => {
+            let backups = service(config, None).list()?;
+            if backups.is_empty() {
+                println!("no backups in {}", config.backup_dir.display());
+            }
+            for b in backups {
+                println!("{}  {:>14} bytes  {}", b.filename, b.size_bytes, b.created_at);
+            }
+        }
+        BackupCommand::Create => {
+            let created = service(config, database).create().await?;
+            println!("{}  {} bytes  {}", created.backup_file, created.size_bytes, config.backup_dir.display());
+        }
+        BackupCommand::Restore { name } => {
+            let restored = service(config, database).restore(&name).await?;
+            println!("restored {}; the database as it was before is saved as {}", restored.restored, restored.safety_backup);
+        }
+        BackupCommand::Delete { name } => {
+            service(config, None).delete(&name)?;
+            println!("deleted {name}");
+        }
+        BackupCommand::Base | BackupCommand::Verify | BackupCommand::Drill { .. } => unreachable!("handled before the account switch"),
+    }
+    Ok(())
+}
+
+fn service(config: &Config, database: Option<(String, Option<std::path::PathBuf>)>) -> Backups {
+    let (url, bin_dir) = database.unwrap_or_default();
+    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep)
+}
+
+/// The database URL and the directory of `pg_dump`/`psql` (also used by `import-sqlite`).
+pub(crate) fn database(config: &Config) -> Result<(String, Option<std::path::PathBuf>)> {
+    match &config.database {
+        Database::External { url } => Ok((url.clone(), binaries::find(None).ok().map(|b| b.dir))),
+        Database::Embedded(embedded) => {
+            if embedded.memory_mode {
+                bail!(
+                    "PGSERVE_MEMORY_MODE is on: that cluster exists only inside the running gateway; \
+                     use the API instead (POST /api/v1/backup/create with your x-api-key)"
+                );
+            }
+            let data_dir = &embedded.data_dir.value;
+            let port = running_port(data_dir)?;
+            let password_file = cluster::password_file(data_dir);
+            let password = cluster::read_password(data_dir)?
+                .with_context(|| format!("reading the cluster password from {}: it is missing", password_file.display()))?;
+            let bins = binaries::find(embedded.bin_dir.as_deref())?;
+            let url = format!("postgres://{}:{}@127.0.0.1:{port}/{}", cluster::SUPERUSER, password.trim(), cluster::APP_DATABASE);
+            Ok((url, Some(bins.dir)))
+        }
+    }
+}
+
+/// The port of the PostgreSQL running on `data_dir`, from its `postmaster.pid`
+/// (line 1: pid, line 4: port).
+pub(crate) fn running_port(data_dir: &Path) -> Result<u16> {
+    let not_running = || {
+        anyhow::anyhow!(
+            "the gateway is not running (no PostgreSQL on {}); start it first with `omni-gateway`, then run this command again",
+            data_dir.display()
+        )
+    };
+    let pid_file = data_dir.join("postmaster.pid");
+    let text = match std::fs::read_to_string(&pid_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running()),
+        Err(e) => return Err(e).with_context(|| format!("reading {} (run this as the user that runs the gateway)", pid_file.display())),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let pid: i32 = lines.first().and_then(|l| l.trim().parse().ok()).ok_or_else(not_running)?;
+    // SAFETY: signal 0 only checks that the process exists; EPERM means it does.
+    let alive = unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !alive {
+        return Err(not_running());
+    }
+    lines.get(3).and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow::anyhow!("{} names no port yet; retry in a moment", pid_file.display()))
+}

@@ -1,0 +1,97 @@
+//! `/gateway/internal/…`: what only the worker may ask of the gateway, over
+//! loopback, with the secret the gateway made at start and handed it in its
+//! environment (`OMNI_GATEWAY_TOKEN`, header `x-omni-gateway-token`,
+//! compared in constant time). Without it: 401, nothing else said. From a
+//! peer that is not on loopback: 403 before the token is even looked at
+//! (`http.rs`). The token is registered with the log ring as a secret, so
+//! no stored log line shows it.
+//!
+//! - `GET  /gateway/internal/pitr/window`      the recoverable window and base backups
+//! - `POST /gateway/internal/pitr/base`        a verified base backup now
+//! - `POST /gateway/internal/pitr/restore-to`  `{"target_time": "<RFC 3339>" | "latest", "timeline": N?}`
+//!
+//! The public faces are the worker's `/api/v1/backup/{window,base,restore-to}`
+//! (API key, OpenAPI); this module only checks the secret and hands the
+//! work to [`crate::pitr::online`].
+
+use std::sync::{Arc, OnceLock};
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use rand::{distributions::Alphanumeric, Rng};
+use subtle::ConstantTimeEq;
+
+use crate::serve::{error, json, Body};
+use crate::pitr::online::Online;
+use crate::pitr::restore::Target;
+
+pub const TOKEN_HEADER: &str = "x-omni-gateway-token";
+/// Largest body accepted (`{"target_time": …}`).
+const BODY_LIMIT: usize = 4096;
+
+pub struct Internal {
+    /// Made at every start; the worker gets it in `OMNI_GATEWAY_TOKEN`.
+    pub token: String,
+    /// Set once the embedded cluster and its WAL archive run.
+    pub online: OnceLock<Arc<Online>>,
+    /// Why there is no point-in-time recovery in this deployment, if so.
+    unavailable: Option<&'static str>,
+}
+
+impl Internal {
+    pub fn new(unavailable: Option<&'static str>) -> Internal {
+        let token: String = rand::thread_rng().sample_iter(&Alphanumeric).take(48).map(char::from).collect();
+        crate::serve::logring::installed().add_secret(&token);
+        Internal { token, online: OnceLock::new(), unavailable }
+    }
+}
+
+pub async fn handle(internal: &Internal, req: Request<Incoming>) -> Response<Body> {
+    let given = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !bool::from(given.ct_eq(internal.token.as_bytes())) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "this endpoint is for the gateway's own worker");
+    }
+    let route = (req.method().clone(), req.uri().path().trim_start_matches("/gateway/internal/pitr/").to_string());
+    if !matches!(route.1.as_str(), "window" | "base" | "restore-to") || !req.uri().path().starts_with("/gateway/internal/pitr/") {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such internal endpoint");
+    }
+    if let Some(why) = internal.unavailable {
+        return error(StatusCode::CONFLICT, "pitr_unavailable", why);
+    }
+    let Some(online) = internal.online.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "starting", "point-in-time recovery is not running yet (the gateway is starting); retry shortly");
+    };
+    let answer = match (route.0, route.1.as_str()) {
+        (Method::GET, "window") => Ok(online.window()),
+        (Method::POST, "base") => online.base_backup().await,
+        (Method::POST, "restore-to") => {
+            let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is larger than 4 KiB"),
+            };
+            let doc = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            let target = doc
+                .as_ref()
+                .and_then(|v| v.get("target_time").and_then(|t| t.as_str()).map(str::to_string))
+                .ok_or_else(|| "send {\"target_time\": \"<RFC 3339 time>\" | \"latest\"}".to_string())
+                .and_then(|t| t.parse::<Target>());
+            let timeline = match doc.as_ref().and_then(|v| v.get("timeline")).filter(|t| !t.is_null()) {
+                None => None,
+                Some(t) => match t.as_u64().and_then(|t| u32::try_from(t).ok()).filter(|t| *t >= 1) {
+                    Some(t) => Some(t),
+                    None => return error(StatusCode::BAD_REQUEST, "invalid_timeline", "`timeline` is a timeline number (1 or more) from GET /api/v1/backup/window, or absent"),
+                },
+            };
+            match target {
+                Ok(target) => online.restore_to(target, timeline).await,
+                Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_target_time", &why),
+            }
+        }
+        _ => return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET window, POST base or restore-to"),
+    };
+    match answer {
+        Ok(doc) => json(StatusCode::OK, &doc),
+        Err(r) => error(StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), r.code, &r.detail),
+    }
+}

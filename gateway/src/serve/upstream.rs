@@ -1,0 +1,130 @@
+//! Which worker the proxy sends traffic to, right now.
+//!
+//! A worker becomes the upstream when it passes its readiness check and stops
+//! being it when its run ends. Each published worker is a *generation* with
+//! its own connection pool: after a reload (SIGHUP) the old worker's pooled
+//! connections are never reused, so no request races the old worker closing
+//! an idle connection. Requests that find no upstream wait (bounded) on a
+//! `watch` channel for the next one instead of failing at once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
+
+use crate::serve::Body;
+
+/// One published worker.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub generation: u64,
+    pub client: Client<HttpConnector, Body>,
+    /// Set when a reload published a successor while this one still ran:
+    /// it drains gracefully, so a request it dropped was never processed.
+    /// (A crashed worker is withdrawn instead, and this stays false.)
+    pub replaced: AtomicBool,
+}
+
+/// The current upstream, shared by the worker's policy (writer) and the proxy (readers).
+#[derive(Clone)]
+pub struct Upstreams {
+    tx: watch::Sender<Option<Arc<Upstream>>>,
+    next_generation: Arc<AtomicU64>,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams { tx: watch::Sender::new(None), next_generation: Arc::new(AtomicU64::new(1)) }
+    }
+}
+
+impl Upstreams {
+    /// Makes `addr` the upstream; returns its generation.
+    pub fn publish(&self, addr: SocketAddr) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let upstream = Arc::new(Upstream { addr, generation, client: pooled_client(), replaced: AtomicBool::new(false) });
+        if let Some(previous) = self.tx.send_replace(Some(upstream)) {
+            previous.replaced.store(true, Ordering::Relaxed);
+        }
+        generation
+    }
+
+    /// Removes `generation` if it is still the current upstream.
+    pub fn withdraw(&self, generation: u64) {
+        self.tx.send_if_modified(|cur| match cur {
+            Some(u) if u.generation == generation => {
+                *cur = None;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    pub fn current(&self) -> Option<Arc<Upstream>> {
+        self.tx.borrow().clone()
+    }
+
+    /// Waits up to `timeout` for an upstream whose generation is not `not`.
+    pub async fn wait_for(&self, not: Option<u64>, timeout: Duration) -> Option<Arc<Upstream>> {
+        // Fast path, taken by nearly every request: no timer, no subscription.
+        if let Some(u) = self.current() {
+            if Some(u.generation) != not {
+                return Some(u);
+            }
+        }
+        let mut rx = self.tx.subscribe();
+        let wait = async {
+            loop {
+                if let Some(u) = rx.borrow_and_update().clone() {
+                    if Some(u.generation) != not {
+                        return Some(u);
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+}
+
+/// Keep-alive pool to one worker. Idle connections are evicted after 20 s,
+/// below the worker's own idle limit, so the pool never hands out a
+/// connection the worker is about to close.
+fn pooled_client() -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(20))
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_reload_marks_the_previous_worker_replaced() {
+        let ups = Upstreams::default();
+        let a = ups.publish("127.0.0.1:1".parse().unwrap());
+        let first = ups.current().unwrap();
+        let b = ups.publish("127.0.0.1:2".parse().unwrap());
+        assert_ne!(a, b);
+        assert!(first.replaced.load(Ordering::Relaxed), "replaced by a reload");
+        let second = ups.current().unwrap();
+        ups.withdraw(a);
+        assert_eq!(ups.current().unwrap().generation, b, "withdrawing a stale generation changes nothing");
+        ups.withdraw(b);
+        assert!(ups.current().is_none());
+        assert!(!second.replaced.load(Ordering::Relaxed), "a crashed worker is withdrawn, not replaced");
+        assert!(ups.wait_for(None, Duration::from_millis(20)).await.is_none());
+    }
+}

@@ -1,0 +1,357 @@
+//! The API worker (`omni-api`) as a supervised child.
+//!
+//! Port handover without a race: the gateway binds `127.0.0.1:0` itself and
+//! passes the listening socket to the worker as fd 3 (`OMNI_API_LISTEN_FD=3`),
+//! so the port is known before the worker starts and nothing else can take
+//! it in between.
+//!
+//! Readiness is announced, not polled (s6's notification descriptor): the
+//! write end of a pipe is the worker's fd 4 (`OMNI_API_READY_FD=4`), and the
+//! worker writes a newline there once its migrations are applied and it
+//! serves. A readiness check awaits that newline. A worker that closes the
+//! pipe without one, or stays silent for [`ANNOUNCE_PATIENCE`] (a build or a
+//! stand-in that does not announce), is checked with `GET /api/v1/health`
+//! as well. Liveness, once ready, is always
+//! `GET /api/v1/health` answering 200 (the worker checks its database there).
+//! Once ready, the instance is published as the proxy's upstream; when its
+//! run ends it is withdrawn. During a reload the new instance is the
+//! *candidate* until it is ready.
+//!
+//! Started early: the first instance is spawned while PostgreSQL is still
+//! starting ([`WorkerPolicy::prestart`]), with the read end of a third pipe
+//! as fd 5 (`OMNI_API_START_FD=5`). It does what needs no database and
+//! waits; the first `start` writes the newline that lets it connect. Its
+//! process start thus overlaps PostgreSQL's instead of following it. If the
+//! gateway stops first, the pipe closes and the worker exits by itself.
+//!
+//! Run as root, the gateway starts the worker as an unprivileged account
+//! (`OMNI_API_USER`, by default PostgreSQL's): nothing that parses HTTP runs
+//! as root. The worker logs JSON lines, which `child.rs` re-emits at their
+//! own level under the gateway's single timestamp.
+
+pub mod dev;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::process::Child;
+
+use omni_contract::logging::LogFormat;
+use omni_contract::probe;
+use omni_contract::worker_settings::{self, Listen, WorkerSettings};
+
+use crate::process::child::{self, ChildSpec, Output};
+use crate::process::privilege::Account;
+use crate::supervise::{self, CheckTiming, Policy, StopSignals};
+use crate::serve::upstream::Upstreams;
+
+/// The fd number the worker finds its listening socket on.
+const LISTEN_FD: i32 = 3;
+/// The fd number of the write end of the worker's readiness pipe.
+const READY_FD: i32 = 4;
+/// The fd number of the read end of a pre-started worker's start pipe.
+const START_FD: i32 = 5;
+/// How long the worker may be silent on its readiness pipe before it is
+/// also asked `GET /api/v1/health`: longer than an announcing worker takes
+/// to apply a usual migration, short enough that one that never announces
+/// still starts in reasonable time.
+const ANNOUNCE_PATIENCE: Duration = Duration::from_secs(5);
+/// A health answer takes microseconds; the supervisor's own check timeout is the real limit.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct WorkerPolicy {
+    pub bin: PathBuf,
+    /// What the worker is told (the contract); the listening descriptor is
+    /// filled in for every start.
+    pub settings: WorkerSettings,
+    pub upstreams: Upstreams,
+    /// How long a stopping worker may take to drain in-flight requests.
+    pub drain: Duration,
+    /// Who the worker runs as; switched to when the gateway is root.
+    pub account: Account,
+    /// The instance currently published: its address and generation.
+    current: Option<(SocketAddr, u64)>,
+    /// A started instance not yet ready (first start, restart, or reload).
+    candidate: Option<SocketAddr>,
+    /// The read end of the candidate's readiness pipe, until it announced
+    /// itself (or closed the pipe without doing so), and when it was started.
+    ready_pipe: Option<(pipe::Receiver, Instant)>,
+    /// A pre-started instance waiting for its start signal.
+    held: Option<Held>,
+    /// Where the worker's "do I lead?" (its health answer) is shown.
+    board: Option<crate::status::Board>,
+}
+
+/// A worker spawned ahead of its start ([`WorkerPolicy::prestart`]).
+struct Held {
+    child: Child,
+    addr: SocketAddr,
+    ready_read: pipe::Receiver,
+    /// Write end of its start pipe: a newline starts it, dropping it stops it.
+    go: std::fs::File,
+}
+
+impl WorkerPolicy {
+    pub fn new(bin: PathBuf, settings: WorkerSettings, upstreams: Upstreams, drain: Duration, account: Account) -> Self {
+        WorkerPolicy { bin, settings, upstreams, drain, account, current: None, candidate: None, ready_pipe: None, held: None, board: None }
+    }
+
+    /// Shows on `board` whether the serving worker leads (several gateways
+    /// on one database), as each liveness check reads it.
+    pub fn reporting_leader_to(mut self, board: crate::status::Board) -> Self {
+        self.board = Some(board);
+        self
+    }
+
+    /// Spawns the first instance now, to wait for its database: the first
+    /// [`Policy::start`] only signals it. A failure here is logged and left
+    /// to that start, which spawns one the usual way.
+    pub async fn prestart(&mut self) {
+        let (start_read, start_write) = match pipe_pair("start") {
+            Ok(pair) => pair,
+            Err(e) => return tracing::warn!("could not pre-start the API worker: {e:#}"),
+        };
+        match self.spawn(Some(start_read)).await {
+            Ok((child, addr, ready_read)) => {
+                tracing::info!("started API worker (pid {}) on {addr} as user {}; it waits for PostgreSQL to be ready before it connects", child.id().unwrap_or(0), self.account.name);
+                self.held = Some(Held { child, addr, ready_read, go: std::fs::File::from(start_write) });
+            }
+            Err(e) => tracing::warn!("could not pre-start the API worker: {e:#}"),
+        }
+    }
+
+    /// Spawns an instance; with `start_read`, one that waits for its start signal.
+    async fn spawn(&mut self, start_read: Option<OwnedFd>) -> Result<(Child, SocketAddr, pipe::Receiver)> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a local port for the worker")?;
+        let addr = listener.local_addr()?;
+        let mut spec = ChildSpec::new("api", &self.bin);
+        let (ready_read, ready_write) = readiness_pipe()?;
+        let mut settings = self.settings.clone();
+        settings.listen = Listen::InheritedFd(LISTEN_FD);
+        settings.ready_fd = Some(READY_FD);
+        settings.start_fd = start_read.is_some().then_some(START_FD);
+        // JSON, so child.rs can re-emit each line at its level under one
+        // timestamp; the gateway's own LOG_FORMAT decides what operators see.
+        settings.log_format = LogFormat::Json;
+        // Only the contract's values reach the worker, never a stray one
+        // inherited from the gateway's own environment.
+        spec.env_remove = worker_settings::vars::ALL.iter().map(Into::into).collect();
+        spec.env = settings.to_env().into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        spec.env.extend(self.account.login_env());
+        spec.run_as = self.account.run_as();
+        spec.pass_fds = vec![(OwnedFd::from(listener), LISTEN_FD), (ready_write, READY_FD)];
+        if let Some(fd) = start_read {
+            spec.pass_fds.push((fd, START_FD));
+        }
+        spec.death_signal = Signal::SIGKILL;
+        spec.output = Output::Json;
+        let child = child::spawn(spec).await.map_err(|e| {
+            // A binary that is missing or not executable stays so until someone acts: no retry can fix it.
+            let unfixable = matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
+            let e = anyhow::Error::new(e).context(format!("could not start {}", self.bin.display()));
+            if unfixable { supervise::permanent(e) } else { e }
+        })?;
+        Ok((child, addr, ready_read))
+    }
+
+    /// The pre-started instance, told to start, if it is still alive.
+    fn release_held(&mut self) -> Option<(Child, SocketAddr, pipe::Receiver)> {
+        let mut held = self.held.take()?;
+        if !matches!(held.child.try_wait(), Ok(None)) {
+            tracing::warn!("the pre-started API worker exited before PostgreSQL was ready; starting another");
+            if let Some(pid) = held.child.id() {
+                child::forget(pid);
+            }
+            return None;
+        }
+        if let Err(e) = std::io::Write::write_all(&mut held.go, b"\n") {
+            tracing::warn!("could not signal the pre-started API worker ({e}); starting another");
+            return None;
+        }
+        Some((held.child, held.addr, held.ready_read))
+    }
+}
+
+/// What the readiness pipe said.
+enum Announcement {
+    /// A newline: the worker serves.
+    Ready,
+    /// Closed without a newline: the worker exited, or does not announce.
+    Closed,
+}
+
+/// Waits for the worker's newline. Cancel-safe: the supervisor bounds each
+/// check with a timeout, and the next check goes on reading the same pipe.
+async fn announcement(pipe: &mut pipe::Receiver) -> Announcement {
+    let mut buf = [0u8; 64];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return Announcement::Closed,
+            Ok(n) if buf[..n].contains(&b'\n') => return Announcement::Ready,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A pipe whose ends are close-on-exec: only the child's dup of one end survives exec.
+fn pipe_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("creating the worker's {what} pipe"));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The readiness pipe: its read end watched by the gateway, its write end for the worker.
+fn readiness_pipe() -> Result<(pipe::Receiver, OwnedFd)> {
+    let (read, write) = pipe_pair("readiness")?;
+    Ok((pipe::Receiver::from_owned_fd(read).context("watching the worker's readiness pipe")?, write))
+}
+
+/// `OMNI_API_BIN`, or `omni-api` next to the running gateway.
+pub fn locate_binary(configured: Option<&Path>) -> Result<PathBuf> {
+    let path = match configured {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe().context("cannot locate the running executable")?.with_file_name("omni-api"),
+    };
+    if !path.is_file() {
+        bail!(
+            "the API worker binary {} does not exist. Build it with `cargo build --release --workspace` (or `make run`), or set OMNI_API_BIN to its path",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The account the worker runs as, with what it must read and write made
+/// accessible to it (when the gateway is root): the backup directory, the
+/// onboarding settings file, the binary itself; a UI directory it cannot
+/// read is reported.
+pub fn prepare_account(config: &crate::config::Config, bin: &Path) -> Result<Account> {
+    let account = crate::process::privilege::worker_account(&config.api_user)?;
+    if account.switch {
+        tracing::info!("running as root: the API worker will run as user {} (uid {})", account.name, account.uid);
+        crate::process::privilege::check_executable(bin, &account).context("OMNI_API_BIN")?;
+        let memory_mode = matches!(&config.database, crate::config::Database::Embedded(e) if e.memory_mode);
+        // Memory mode leaves nothing on disk: directories that are not
+        // there are not created for a run that keeps nothing (the worker
+        // then reports that it cannot create them, should it need them).
+        if memory_mode && !config.backup_dir.is_dir() {
+            tracing::info!("memory mode: {} is not created; backups through the API need it, writable by user {}", config.backup_dir.display(), account.name);
+        } else {
+            crate::process::privilege::prepare_backup_dir(&config.backup_dir, &account)?;
+        }
+        if memory_mode && !config.settings_file.parent().is_some_and(Path::is_dir) {
+            tracing::info!("memory mode: the directory of {} is not created; onboarding needs it to save settings", config.settings_file.display());
+        } else {
+            crate::process::privilege::prepare_settings_file(&config.settings_file, &account)?;
+        }
+        crate::process::privilege::warn_unless_readable(&config.ui_dir, &account, "OMNI_UI_DIR");
+    }
+    Ok(account)
+}
+
+impl Policy for WorkerPolicy {
+    fn name(&self) -> &'static str {
+        "api"
+    }
+
+    async fn start(&mut self) -> Result<Child> {
+        let (child, addr, ready_read) = match self.release_held() {
+            Some(held) => held,
+            None => {
+                let (child, addr, ready_read) = self.spawn(None).await?;
+                tracing::info!(component = "api", "started API worker (pid {}) on {addr} as user {}", child.id().unwrap_or(0), self.account.name);
+                (child, addr, ready_read)
+            }
+        };
+        self.candidate = Some(addr);
+        self.ready_pipe = Some((ready_read, Instant::now()));
+        Ok(child)
+    }
+
+    async fn check(&mut self) -> Result<()> {
+        if let Some((pipe, started)) = self.ready_pipe.as_mut() {
+            let patience = ANNOUNCE_PATIENCE.saturating_sub(started.elapsed());
+            match tokio::time::timeout(patience, announcement(pipe)).await {
+                Ok(Announcement::Ready) => {
+                    tracing::info!(component = "api", "API worker announced it is ready ({} ms after its start)", started.elapsed().as_millis());
+                    self.ready_pipe = None;
+                    return Ok(());
+                }
+                Ok(Announcement::Closed) => {
+                    tracing::debug!("the API worker closed its readiness pipe without announcing; checking GET /api/v1/health instead");
+                    self.ready_pipe = None;
+                }
+                // Silent so far: keep listening (a later newline still
+                // counts), and ask over HTTP meanwhile.
+                Err(_) => {}
+            }
+        }
+        let addr = self.candidate.or(self.current.map(|(a, _)| a)).context("no worker instance to check")?;
+        let leader = health(addr).await?;
+        // A candidate's answer is not shown before it serves.
+        if let (Some(board), None) = (&self.board, self.candidate) {
+            board.set_leader(leader);
+        }
+        Ok(())
+    }
+
+    async fn on_ready(&mut self) -> Result<()> {
+        if let Some(addr) = self.candidate.take() {
+            let generation = self.upstreams.publish(addr);
+            self.current = Some((addr, generation));
+        }
+        Ok(())
+    }
+
+    fn on_run_end(&mut self) {
+        if let Some(board) = &self.board {
+            board.set_leader(None);
+        }
+        if let Some((_, generation)) = self.current.take() {
+            self.upstreams.withdraw(generation);
+        }
+        self.candidate = None;
+        self.ready_pipe = None;
+    }
+
+    fn abandon_candidate(&mut self) {
+        self.candidate = None;
+        self.ready_pipe = None;
+    }
+
+    fn stop_signals(&self) -> StopSignals {
+        StopSignals { first: Signal::SIGTERM, second: None, grace: self.drain }
+    }
+
+    fn timing(&self) -> CheckTiming {
+        CheckTiming {
+            // Only paces the GET /api/v1/health fallback: an announcing
+            // worker's check waits on its pipe, up to `check_timeout` at a time.
+            ready_poll: Duration::from_millis(5),
+            start_timeout: Duration::from_secs(60),
+            live_interval: Duration::from_secs(2),
+            check_timeout: Duration::from_secs(3),
+            failures_before_restart: 3,
+        }
+    }
+}
+
+/// `GET /api/v1/health` over a fresh connection; `Ok` on a 200, with the
+/// answer's `leader` (absent from a worker that does not say).
+async fn health(addr: SocketAddr) -> Result<Option<bool>> {
+    let answer = probe::get(addr, "/api/v1/health", HEALTH_TIMEOUT).await?;
+    match answer.status {
+        200 => Ok(serde_json::from_slice::<serde_json::Value>(&answer.body).ok().and_then(|doc| doc["leader"].as_bool())),
+        code => bail!("health answered {code}: {}", answer.text()),
+    }
+}
