@@ -194,6 +194,12 @@ pub async fn run(config: Config) -> Result<i32> {
 /// Where the one-time setup token is kept: beside the data directory
 /// (`<data_dir>.setup-token`), or beside the settings file with an
 /// external database. Mode 0600; `omni-gateway doctor` reads it.
+/// The settings each feature parses for itself from the configuration's
+/// layers (today the relay's), checked with the rest before anything starts.
+pub fn check_features(config: &Config) -> Result<(), crate::config::ConfigError> {
+    crate::relay::ReplicationConfig::parse(config).map(drop)
+}
+
 pub fn setup_token_file(config: &Config) -> PathBuf {
     match &config.database {
         Database::Embedded(e) => {
@@ -249,6 +255,8 @@ async fn supervise(
     addr: SocketAddr,
     started: Instant,
 ) -> Result<()> {
+    // Checked by `check_features` before the gateway started.
+    let replication = crate::relay::ReplicationConfig::parse(config)?;
     let board = running.board.clone();
     let gateway_token = running.internal.token.clone();
     let setup_token = prepare_setup_token(config);
@@ -265,7 +273,7 @@ async fn supervise(
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
     // A point-in-time restore holds PostgreSQL's and the streamer's starts (wal/online.rs).
-    let hold = crate::pitr::online::Hold::default();
+    let hold = crate::supervise::gate::StartGate::new("the point-in-time restore in progress");
     let mut postgres_commands = None;
     // PostgreSQL (embedded) or the external URL.
     let policy = match &config.database {
@@ -274,7 +282,15 @@ async fn supervise(
             let explicit = embedded.bin_dir.clone();
             let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
             tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
-            let mut prepared = cluster::prepare(embedded, bins).await?;
+            let mut prepared = cluster::prepare(
+                embedded,
+                bins,
+                cluster::Needs {
+                    resume: |dir, account| crate::pitr::restore::resume(dir, account, false),
+                    logical_wal_mb: replication.as_ref().map(|r| r.max_wal_mb),
+                },
+            )
+            .await?;
             if !embedded.memory_mode {
                 prepared.extra_settings = crate::pitr::server_settings(&config.wal);
             } else {
@@ -315,7 +331,7 @@ async fn supervise(
                 return Ok(());
             }
             tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
-            if let Some(replication) = &config.replication {
+            if let Some(replication) = &replication {
                 running.relay = Some(crate::relay::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
             } else if !cluster.memory_mode {
                 running.tasks.spawn(crate::relay::remove_leftovers(cluster.clone()));

@@ -32,3 +32,6 @@ pub mod status;
 pub mod supervise;
 pub mod worker;
 
+
+#[cfg(test)]
+mod layers;

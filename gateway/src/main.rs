@@ -196,5 +196,7 @@ async fn restore(config: &Config, args: omni_gateway::cli::restore::RestoreArgs)
 fn load(cli: &Cli) -> Result<Config, String> {
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
     let layers = Layers::from_process(&cwd, cli.flags()?).map_err(|e| e.to_string())?;
-    Config::parse(layers, &cwd).map_err(|e| e.to_string())
+    let config = Config::parse(layers, &cwd).map_err(|e| e.to_string())?;
+    omni_gateway::app::check_features(&config).map_err(|e| e.to_string())?;
+    Ok(config)
 }

@@ -225,9 +225,6 @@ pub struct EmbeddedConfig {
     pub auto_upgrade: bool,
     /// `PGSERVE_OLD_BIN_DIR`: where the older major's binaries are, for the upgrade.
     pub old_bin_dir: Option<PathBuf>,
-    /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
-    /// needs `wal_level=logical` (the relay keeps this cap on its slot itself).
-    pub replication_wal_mb: Option<u64>,
 }
 
 /// The longest `OMNI_RESTART_BACKOFF_MAX_MS` may be.
@@ -324,14 +321,15 @@ pub struct Config {
     pub restart: RestartPolicy,
     pub http: HttpLimits,
     pub dev: bool,
-    /// `PGSERVE_REPLICATION_URL`: the relay's target when set (`replication` holds it parsed).
+    /// `PGSERVE_REPLICATION_URL`: the relay's target when set (`relay::config` parses the relay's settings).
     pub replication_url: Option<String>,
-    /// The replication relay's settings, when `PGSERVE_REPLICATION_URL` is set (embedded cluster only).
-    pub replication: Option<crate::relay::ReplicationConfig>,
     pub log_level: String,
     pub log_format: LogFormat,
     /// Working directory at start; every relative path was resolved against it.
     pub cwd: PathBuf,
+    /// The layers the values came from: a feature parses its own settings
+    /// from them ([`Config::parser`]; the relay's: `relay::config`).
+    pub layers: Layers,
     /// `OMNI_WAL_DIR`, `OMNI_WAL_SYNC`, `OMNI_PITR_WINDOW`: point-in-time recovery.
     pub wal: WalConfig,
 }
@@ -352,27 +350,29 @@ pub struct WalConfig {
     pub drill_every: Duration,
 }
 
-struct Parser<'a> {
+/// Reads variables from the layers with the shared rules: trimmed values,
+/// errors naming the variable, its value and where it came from.
+pub struct Parser<'a> {
     layers: &'a Layers,
     cwd: &'a Path,
 }
 
 impl Parser<'_> {
-    fn raw(&self, var: &'static str) -> (String, Origin) {
+    pub fn raw(&self, var: &'static str) -> (String, Origin) {
         self.layers.lookup(var)
     }
 
-    fn invalid(&self, var: &'static str, problem: impl Into<String>) -> ConfigError {
+    pub fn invalid(&self, var: &'static str, problem: impl Into<String>) -> ConfigError {
         let (value, origin) = self.raw(var);
         ConfigError::Invalid { var, value, origin, problem: problem.into() }
     }
 
-    fn string(&self, var: &'static str) -> Option<String> {
+    pub fn string(&self, var: &'static str) -> Option<String> {
         let (v, _) = self.raw(var);
         (!v.trim().is_empty()).then(|| v.trim().to_string())
     }
 
-    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
+    pub fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
         match self.raw(var).0.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Ok(true),
             "0" | "false" | "no" | "off" | "" => Ok(false),
@@ -380,11 +380,11 @@ impl Parser<'_> {
         }
     }
 
-    fn number<T: std::str::FromStr>(&self, var: &'static str, what: &str) -> Result<T, ConfigError> {
+    pub fn number<T: std::str::FromStr>(&self, var: &'static str, what: &str) -> Result<T, ConfigError> {
         self.raw(var).0.trim().parse().map_err(|_| self.invalid(var, format!("expected {what}")))
     }
 
-    fn port(&self, var: &'static str, allow_zero: bool) -> Result<Sourced<u16>, ConfigError> {
+    pub fn port(&self, var: &'static str, allow_zero: bool) -> Result<Sourced<u16>, ConfigError> {
         let (_, origin) = self.raw(var);
         let value: u16 = self.number(var, "a port number from 1 to 65535")?;
         if value == 0 && !allow_zero {
@@ -394,61 +394,26 @@ impl Parser<'_> {
     }
 
     /// A value the worker also reads, checked by the worker's own rule.
-    fn shared<T>(&self, var: &'static str, rule: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+    pub fn shared<T>(&self, var: &'static str, rule: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
         rule(self.raw(var).0.trim()).map_err(|problem| self.invalid(var, problem))
     }
 
-    fn path(&self, var: &'static str) -> Sourced<PathBuf> {
+    pub fn path(&self, var: &'static str) -> Sourced<PathBuf> {
         let (raw, origin) = self.raw(var);
         Sourced { value: absolute(self.cwd, Path::new(raw.trim())), origin }
     }
 
-    fn optional_path(&self, var: &'static str) -> Option<PathBuf> {
+    pub fn optional_path(&self, var: &'static str) -> Option<PathBuf> {
         self.string(var).map(|s| absolute(self.cwd, Path::new(&s)))
     }
 
-    fn millis(&self, var: &'static str) -> Result<Duration, ConfigError> {
+    pub fn millis(&self, var: &'static str) -> Result<Duration, ConfigError> {
         Ok(Duration::from_millis(self.number(var, "a whole number of milliseconds")?))
     }
 
-    fn seconds(&self, var: &'static str) -> Result<Duration, ConfigError> {
+    pub fn seconds(&self, var: &'static str) -> Result<Duration, ConfigError> {
         Ok(Duration::from_secs(self.number(var, "a whole number of seconds")?))
     }
-}
-
-/// `PGSERVE_REPLICATION_*`: refused beside `DATABASE_URL` (the external
-/// server's own replication is the tool there), checked otherwise.
-fn parse_replication(p: &Parser<'_>, database: &Database) -> Result<Option<crate::relay::ReplicationConfig>, ConfigError> {
-    let max_wal_mb: u64 = p.number("PGSERVE_REPLICATION_MAX_WAL_MB", "a whole number of megabytes")?;
-    if max_wal_mb == 0 {
-        return Err(p.invalid("PGSERVE_REPLICATION_MAX_WAL_MB", "must be at least 1"));
-    }
-    let Some(url) = p.string("PGSERVE_REPLICATION_URL") else { return Ok(None) };
-    if matches!(database, Database::External { .. }) {
-        return Err(ConfigError::Invalid {
-            var: "PGSERVE_REPLICATION_URL",
-            value: omni_contract::redact::url_password(&url),
-            origin: p.raw("PGSERVE_REPLICATION_URL").1,
-            problem: "replication relays the embedded PostgreSQL; with DATABASE_URL set there is none. Use the external server's own replication, and unset PGSERVE_REPLICATION_URL".into(),
-        });
-    }
-    if let Err(problem) = crate::relay::ReplicationConfig::parse_url(&url) {
-        return Err(ConfigError::Invalid {
-            var: "PGSERVE_REPLICATION_URL",
-            value: omni_contract::redact::url_password(&url),
-            origin: p.raw("PGSERVE_REPLICATION_URL").1,
-            problem,
-        });
-    }
-    let databases = p
-        .string("PGSERVE_REPLICATION_DATABASES")
-        .map(|s| s.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect())
-        .unwrap_or_default();
-    let config = crate::relay::ReplicationConfig { url, databases, max_wal_mb };
-    if let Err(problem) = config.check_databases() {
-        return Err(p.invalid("PGSERVE_REPLICATION_DATABASES", problem));
-    }
-    Ok(Some(config))
 }
 
 /// Joins `p` onto `cwd` when relative and normalises it (the shared rule).
@@ -457,6 +422,11 @@ pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
 }
 
 impl Config {
+    /// The variables, read with the shared rules, for a feature's own settings.
+    pub fn parser(&self) -> Parser<'_> {
+        Parser { layers: &self.layers, cwd: &self.cwd }
+    }
+
     /// Parses all layers. `settings_file` contents are loaded here too, since
     /// where that file lives is itself configurable.
     pub fn parse(mut layers: Layers, cwd: &Path) -> Result<Config, ConfigError> {
@@ -482,14 +452,8 @@ impl Config {
                 run_as: p.string("PGSERVE_USER").unwrap_or_else(|| "postgres".into()),
                 auto_upgrade: p.bool("PGSERVE_AUTO_UPGRADE")?,
                 old_bin_dir: p.optional_path("PGSERVE_OLD_BIN_DIR"),
-                replication_wal_mb: None,
             }),
         };
-        let replication = parse_replication(&p, &database)?;
-        let mut database = database;
-        if let (Database::Embedded(e), Some(r)) = (&mut database, &replication) {
-            e.replication_wal_mb = Some(r.max_wal_mb);
-        }
         let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {
             None => None,
             // The worker's rule: the gateway passes the value on, and both must agree.
@@ -559,10 +523,10 @@ impl Config {
             http,
             dev: p.bool("OMNI_DEV")?,
             replication_url: p.string("PGSERVE_REPLICATION_URL"),
-            replication,
             log_level,
             log_format,
             cwd: cwd.to_path_buf(),
+            layers: layers.clone(),
             wal: WalConfig {
                 enabled: !p.raw("OMNI_WAL_DIR").0.trim().eq_ignore_ascii_case("off"),
                 dir: p.path("OMNI_WAL_DIR").value,

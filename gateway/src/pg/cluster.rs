@@ -125,7 +125,7 @@ impl Cluster {
             spec = spec.arg("-c").arg(setting);
         }
         if let Some(mb) = self.replication_wal_mb {
-            for setting in crate::relay::server_settings(mb) {
+            for setting in super::slots::logical_settings(mb) {
                 spec = spec.arg("-c").arg(setting);
             }
         }
@@ -339,7 +339,19 @@ fn remove_durably(path: &Path) -> Result<()> {
 
 /// Brings a cluster to the point where `postgres` can start: finds or creates
 /// it, checks version, ownership and pid file, and picks the port.
-pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster> {
+/// What the features above ask of the cluster they run on.
+pub struct Needs {
+    /// Finishes or undoes what a feature left half-done on the data
+    /// directory (a point-in-time restore's journal: `pitr/restore.rs`),
+    /// before the cluster is looked at. The caller holds the data directory's lock.
+    pub resume: fn(&Path, &Account) -> Result<()>,
+    /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
+    /// needs `wal_level=logical` (the relay keeps this cap on its slot itself).
+    /// `None`: the relay's slots are removed before PostgreSQL starts ([`super::slots`]).
+    pub logical_wal_mb: Option<u64>,
+}
+
+pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries, needs: Needs) -> Result<Cluster> {
     let account = privilege::postgres_account(&cfg.run_as)?;
     if account.switch {
         tracing::info!("running as root: PostgreSQL will run as user {} (uid {})", account.name, account.uid);
@@ -353,7 +365,7 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         let (dir, pw) = prepare_memory(&binaries, &account).await?;
         (dir, pw, false)
     } else {
-        prepare_persistent(cfg, &binaries, &account).await?
+        prepare_persistent(cfg, &binaries, &account, &needs).await?
     };
     let durable = needs_sync.then(|| {
         let (binaries, dir, account) = (binaries.clone(), data_dir.clone(), account.clone());
@@ -374,7 +386,7 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
         durable: tokio::sync::Mutex::new(durable),
         // Only a cluster initialised by this start lacks it.
         app_database: tokio::sync::watch::Sender::new(!needs_sync),
-        replication_wal_mb: cfg.replication_wal_mb,
+        replication_wal_mb: needs.logical_wal_mb,
         extra_settings: Vec::new(),
     };
     if let Err(e) = check_port_free(port) {
@@ -385,7 +397,7 @@ pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries) -> Result<Cluster
 }
 
 /// Returns the directory, the password, and whether the files still need flushing to disk.
-async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: &Account) -> Result<(PathBuf, String, bool)> {
+async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: &Account, needs: &Needs) -> Result<(PathBuf, String, bool)> {
     let dir = &cfg.data_dir.value;
     let origin = match cfg.data_dir.origin {
         Origin::Default => "default; set PGSERVE_DATA_DIR to change".to_string(),
@@ -395,8 +407,8 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     // An upgrade interrupted by a crash is finished or undone first: the
     // data directory may be missing for the instant between two renames.
     super::upgrade::recover(dir).await?;
-    // So is a point-in-time restore (wal/restore.rs, its journal).
-    crate::pitr::restore::resume(dir, account, false)?;
+    // So is a point-in-time restore (pitr/restore.rs, its journal).
+    (needs.resume)(dir, account)?;
     recover_interrupted_creation(dir)?;
     let has_cluster = dir.join("PG_VERSION").is_file();
     let pw_file = password_file(dir);
@@ -408,8 +420,8 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         pidfile::clear_stale(dir)?;
         // A relay slot left by a run with PGSERVE_REPLICATION_URL would stop
         // PostgreSQL from starting without wal_level=logical (replication/mod.rs).
-        if cfg.replication_wal_mb.is_none() {
-            crate::relay::drop_slots_offline(dir, "PGSERVE_REPLICATION_URL is not set")?;
+        if needs.logical_wal_mb.is_none() {
+            super::slots::drop_slots_offline(dir, "PGSERVE_REPLICATION_URL is not set")?;
         }
         privilege::check_reachable(dir, account).context("PGSERVE_DATA_DIR")?;
         // Walking a cluster's thousand files costs milliseconds on every

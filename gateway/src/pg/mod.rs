@@ -19,6 +19,7 @@ pub mod external;
 pub mod cluster;
 pub mod lock;
 pub mod pidfile;
+pub mod slots;
 pub mod upgrade;
 pub mod upgrade_settings;
 
@@ -46,7 +47,7 @@ pub struct PostgresPolicy {
     /// The postmaster of the current run, to tell its `postmaster.pid` from a stale one.
     pid: Option<u32>,
     /// Held by a point-in-time restore (`wal::online`): a start waits for it.
-    hold: Option<crate::pitr::online::Hold>,
+    hold: Option<crate::supervise::gate::StartGate>,
     /// No check has run since this run's start (see `check`).
     first_check: bool,
 }
@@ -57,7 +58,7 @@ impl PostgresPolicy {
     }
 
     /// Starts wait while a point-in-time restore holds `hold`.
-    pub fn with_hold(mut self, hold: crate::pitr::online::Hold) -> Self {
+    pub fn with_hold(mut self, hold: crate::supervise::gate::StartGate) -> Self {
         self.hold = Some(hold);
         self
     }

@@ -385,9 +385,9 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
     // runs the old cluster (and the new one, which pg_upgrade checks from
     // 17 on) with wal_level=logical instead.
     if !check_only {
-        crate::relay::drop_slots_offline(&plan.data_dir, "upgrading PostgreSQL")?;
+        super::slots::drop_slots_offline(&plan.data_dir, "upgrading PostgreSQL")?;
     }
-    let logical = !crate::relay::slots_offline(&plan.data_dir)?.is_empty();
+    let logical = !super::slots::slots_offline(&plan.data_dir)?.is_empty();
     let started = Instant::now();
     let what = if check_only { "checking whether" } else { "upgrading" };
     tracing::info!(

@@ -50,10 +50,8 @@ pub const SLOT: &str = "omni_wal";
 pub const APPLICATION_NAME: &str = "omni_wal";
 /// `pg_basebackup`'s `application_name`: never the streamer's.
 pub const BASE_BACKUP_APPLICATION_NAME: &str = "omni_base_backup";
-/// Most WAL the slot may hold back when the streamer cannot keep up (its disk
-/// is full, it is down): beyond this PostgreSQL drops it rather than fill its
-/// own disk, and the slot reports `lost` (the status says so).
-pub const MAX_SLOT_WAL_KEEP_MB: u64 = 1024;
+/// Most WAL the streamer's slot may hold back (shared with the relay's slots).
+pub use crate::pg::slots::MAX_SLOT_WAL_KEEP_MB;
 
 /// The server settings streaming needs, as `-c` values.
 pub fn server_settings(wal: &WalConfig) -> Vec<String> {

@@ -5,7 +5,7 @@
 //!
 //! A restore to a time: PostgreSQL, then the WAL streamer, are stopped
 //! through their own supervisors (a restart whose start waits on
-//! [`Hold`]); PostgreSQL first, so that everything it acknowledged reaches
+//! [`StartGate`]); PostgreSQL first, so that everything it acknowledged reaches
 //! the archive before the streamer ends (see `run_restore`), the
 //! data directory is restored with [`restore::Restore`] (moved aside, put
 //! back on any failure), then the hold is released, the supervisors start
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
+use tokio::sync::{mpsc, Mutex};
 
 use super::restore::{self, Restore, Target};
 use super::{base, Server};
@@ -33,6 +33,7 @@ use crate::config::WalConfig;
 use crate::pg::cluster::Cluster;
 use crate::pg::pidfile;
 use crate::status::{Board, State};
+use crate::supervise::gate::StartGate;
 use crate::supervise::Command;
 
 /// Longest the proxy waits for `POST /api/v1/backup/restore-to`: a restore
@@ -45,23 +46,6 @@ const BACK_LIMIT: Duration = Duration::from_secs(180);
 /// answers only once the restored cluster serves.
 pub fn upstream_timeout(path: &str, usual: Duration) -> Duration {
     if path == "/api/v1/backup/restore-to" { usual.max(RESTORE_ANSWER_LIMIT) } else { usual }
-}
-
-/// Held by a restore; the starts of PostgreSQL and of the WAL streamer wait for it.
-#[derive(Clone, Default)]
-pub struct Hold(Arc<Mutex<()>>);
-
-impl Hold {
-    pub async fn wait(&self, what: &str) {
-        if self.0.try_lock().is_err() {
-            tracing::info!("{what} starts once the point-in-time restore in progress is done");
-        }
-        drop(self.0.lock().await);
-    }
-
-    async fn take(&self) -> OwnedMutexGuard<()> {
-        self.0.clone().lock_owned().await
-    }
 }
 
 /// Why a request was refused, as the HTTP answer says it.
@@ -80,7 +64,7 @@ pub struct Online {
     cluster: Arc<Cluster>,
     wal: WalConfig,
     board: Board,
-    hold: Hold,
+    hold: StartGate,
     /// Held by a restore or an on-demand base backup.
     busy: Arc<Mutex<()>>,
     /// The base-backup task's lock: no base backup runs during a restore.
@@ -92,7 +76,7 @@ pub struct Online {
 }
 
 impl Online {
-    pub fn new(cluster: Arc<Cluster>, wal: WalConfig, board: Board, hold: Hold, base_busy: Arc<Mutex<()>>, postgres: mpsc::Sender<Command>, stop_timeout: Duration) -> Online {
+    pub fn new(cluster: Arc<Cluster>, wal: WalConfig, board: Board, hold: StartGate, base_busy: Arc<Mutex<()>>, postgres: mpsc::Sender<Command>, stop_timeout: Duration) -> Online {
         Online { cluster, wal, board, hold, busy: Arc::default(), base_busy, postgres, streamer: OnceLock::new(), stop_timeout }
     }
 
@@ -236,7 +220,7 @@ impl Online {
         // leave whatever PostgreSQL committed meanwhile out of the archive,
         // and out of a restore to `latest`.
         report("stopping PostgreSQL (the WAL streamer receives everything up to its shutdown)", 3);
-        let hold = self.hold.take().await;
+        let hold = self.hold.hold().await;
         let _ = self.postgres.send(Command::Restart).await;
         let data_dir = self.cluster.data_dir.clone();
         let stopped = self.until(|b| b.state("postgres") != Some(State::Ready) && pidfile::clear_stale(&data_dir).is_ok(), self.stop_timeout + Duration::from_secs(30)).await;

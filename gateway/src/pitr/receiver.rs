@@ -32,7 +32,7 @@ pub struct ReceiverPolicy {
     /// Kept open between checks; dropped on any error.
     client: Option<tokio_postgres::Client>,
     /// Held by a point-in-time restore ([`super::online`]): a start waits for it.
-    hold: Option<super::online::Hold>,
+    hold: Option<crate::supervise::gate::StartGate>,
 }
 
 impl ReceiverPolicy {
@@ -41,7 +41,7 @@ impl ReceiverPolicy {
     }
 
     /// Starts wait while a point-in-time restore holds `hold`.
-    pub fn with_hold(mut self, hold: super::online::Hold) -> Self {
+    pub fn with_hold(mut self, hold: crate::supervise::gate::StartGate) -> Self {
         self.hold = Some(hold);
         self
     }

@@ -17,20 +17,20 @@
 //! **Turning it off.** A logical slot stops PostgreSQL from starting
 //! without `wal_level=logical` (it FATALs on the slot). So a start without
 //! `PGSERVE_REPLICATION_URL`, and a major upgrade, first remove the relay's
-//! slots from the stopped cluster ([`drop_slots_offline`]), the way
+//! slots from the stopped cluster ([`crate::pg::slots::drop_slots_offline`]), the way
 //! PostgreSQL drops a slot itself; once PostgreSQL serves, a start without
 //! the URL also drops the relay's publication, DDL capture and schema
 //! ([`remove_leftovers`]). Turned on again, the relay finds no slot and
 //! copies anew.
 
 pub mod apply;
+pub mod config;
 pub mod ddl;
 pub mod pgoutput;
 pub mod relay;
 pub mod source;
 pub mod tls;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,7 @@ use crate::config::RestartPolicy;
 use crate::pg::cluster::{Cluster, APP_DATABASE};
 use crate::status::{Board, State};
 use crate::supervise::{decide, Decision, Outcome};
+pub use config::ReplicationConfig;
 use relay::DbRelay;
 use crate::status::relay::{DbView, RelayView};
 
@@ -61,59 +62,12 @@ fn copy_retry_delay(copy_failures: u32) -> Option<Duration> {
     (copy_failures >= 2).then(|| COPY_RETRY_FIRST.saturating_mul(1 << (copy_failures - 2).min(10)).min(COPY_RETRY_MAX))
 }
 
-/// The relay's logical slots are named `omni_relay_<database>` (`relay.rs`).
-pub const SLOT_PREFIX: &str = "omni_relay_";
+/// The relay's logical slots are named `omni_relay_<database>` (`relay.rs`);
+/// the cluster drops them offline when the relay is off ([`crate::pg::slots`]).
+pub use crate::pg::slots::RELAY_SLOT_PREFIX as SLOT_PREFIX;
 /// The DDL capture's event trigger (`source.rs`).
 /// The relay's event triggers (DDL capture, drops, rewrites: source.rs) are all named so.
 const EVENT_TRIGGERS: &str = "omni\\_relay\\_%";
-
-/// The relay's slots in a stopped cluster's `pg_replslot`.
-pub fn slots_offline(data_dir: &Path) -> Result<Vec<String>> {
-    let dir = data_dir.join("pg_replslot");
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(SLOT_PREFIX) && !name.ends_with(".tmp") && entry.file_type().is_ok_and(|t| t.is_dir()) {
-            out.push(name);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Removes the relay's logical slots from a cluster that is not running
-/// (the caller holds the cluster's lock and found no live postmaster), as
-/// `pg_drop_replication_slot` does on disk: the slot's directory is renamed
-/// to `<name>.tmp`, the rename flushed, then the directory removed (a start
-/// of PostgreSQL removes a `.tmp` left by a crash in between). A slot lives
-/// only in that directory, never in the WAL, so this is the whole drop, and
-/// it works on an invalidated slot too. Dropping loses nothing: the target
-/// keeps its progress, and the relay copies anew when it finds no slot.
-/// Returns the slots removed; `why` is logged with them.
-pub fn drop_slots_offline(data_dir: &Path, why: &str) -> Result<Vec<String>> {
-    let slots = slots_offline(data_dir)?;
-    let dir = data_dir.join("pg_replslot");
-    for name in &slots {
-        let (from, to) = (dir.join(name), dir.join(format!("{name}.tmp")));
-        std::fs::rename(&from, &to).with_context(|| format!("dropping the replication relay's slot: renaming {} to {}", from.display(), to.display()))?;
-        std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("flushing {}", dir.display()))?;
-        std::fs::remove_dir_all(&to).with_context(|| format!("dropping the replication relay's slot: removing {}", to.display()))?;
-    }
-    if !slots.is_empty() {
-        std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("flushing {}", dir.display()))?;
-        tracing::warn!(
-            "{why}: dropped the replication relay's slots {} (PostgreSQL would refuse to start on them without wal_level=logical); turned on again, the relay makes a full copy",
-            slots.join(", ")
-        );
-    }
-    Ok(slots)
-}
 
 /// With `PGSERVE_REPLICATION_URL` unset, what an earlier run's relay left in
 /// the embedded databases (publication `omni_relay`, the DDL capture's event
@@ -184,113 +138,6 @@ pub async fn remove_leftovers(cluster: Arc<Cluster>) {
             Err(e) => tracing::warn!(database = %db, "PGSERVE_REPLICATION_URL is not set, but what the replication relay left in {db} could not be dropped ({e:#}): drop the publication {}, the event triggers omni_relay_* and the schema omni_relay there by hand", source::PUBLICATION),
         }
     }
-}
-
-/// `PGSERVE_REPLICATION_*`, parsed.
-#[derive(Debug, Clone)]
-pub struct ReplicationConfig {
-    /// The target server and the database `omni` replicates into (secret: never logged).
-    pub url: String,
-    /// `PGSERVE_REPLICATION_DATABASES` as written; empty = `omni` alone.
-    pub databases: Vec<String>,
-    /// `PGSERVE_REPLICATION_MAX_WAL_MB`: the most WAL the relay's slot may hold.
-    pub max_wal_mb: u64,
-}
-
-impl ReplicationConfig {
-    /// Checks the URL: `postgres://` and readable by the client library.
-    pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err("expected a URL starting with postgres:// or postgresql://".into());
-        }
-        let (url, tls) = tls::split_url(url)?;
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
-        tls::configure(&mut config, &tls);
-        if config.get_dbname().is_none() {
-            return Err("the URL must name the database omni replicates into (postgres://user:password@host:5432/DATABASE)".into());
-        }
-        if config.get_user().is_none() {
-            return Err("the URL must name a user (postgres://USER:password@host:5432/database)".into());
-        }
-        Ok(config)
-    }
-
-    /// The URL's TLS settings (`sslmode`, `sslrootcert`).
-    pub fn tls(&self) -> Result<tls::TargetTls, String> {
-        tls::split_url(&self.url).map(|(_, t)| t)
-    }
-
-    /// `host:port/database`, what the status shows of the target.
-    pub fn display_target(&self) -> String {
-        match Self::parse_url(&self.url) {
-            Ok(c) => {
-                let host = match c.get_hosts().first() {
-                    Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                    Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                    None => "localhost".into(),
-                };
-                format!("{host}:{}/{}", c.get_ports().first().copied().unwrap_or(5432), c.get_dbname().unwrap_or(""))
-            }
-            Err(_) => omni_contract::redact::url_password(&self.url),
-        }
-    }
-
-    /// `*` in `PGSERVE_REPLICATION_DATABASES`: every database of the
-    /// embedded cluster that is not a template (resolved at each start).
-    pub fn wants_every_database(&self) -> bool {
-        self.databases.iter().any(|d| d == "*")
-    }
-
-    /// The embedded databases to replicate when they are named: the app
-    /// database always, then the list in its order, without repeats.
-    pub fn named_databases(&self) -> Vec<String> {
-        let mut out = vec![APP_DATABASE.to_string()];
-        for d in &self.databases {
-            if d != "*" && !out.contains(d) {
-                out.push(d.clone());
-            }
-        }
-        out
-    }
-
-    /// Where the embedded database `db` goes on the target server: the app
-    /// database into the URL's database, every other into the database of
-    /// the same name. `Err` when that would share a target database with
-    /// the app database (two databases' tables in one would collide).
-    pub fn target_database(&self, db: &str) -> Result<String, String> {
-        let url_db = Self::parse_url(&self.url)?.get_dbname().unwrap_or_default().to_string();
-        if db == APP_DATABASE {
-            return Ok(url_db);
-        }
-        if db == url_db {
-            return Err(format!(
-                "the embedded database {db} would be replicated into {db} on the target, which PGSERVE_REPLICATION_URL already gives to the app database {APP_DATABASE}: point the URL at another database, or leave {db} out of PGSERVE_REPLICATION_DATABASES"
-            ));
-        }
-        Ok(db.to_string())
-    }
-
-    /// Checks the list as written (the `doctor` and start-up check).
-    pub fn check_databases(&self) -> Result<(), String> {
-        for d in &self.databases {
-            if d == "*" {
-                continue;
-            }
-            if d.len() > 63 || d.contains('\0') {
-                return Err(format!("{d:?} is not a PostgreSQL database name (at most 63 bytes)"));
-            }
-            self.target_database(d)?;
-        }
-        Ok(())
-    }
-}
-
-/// Server settings the embedded cluster needs for the relay. The relay keeps
-/// its own cap (`relay.rs`); PostgreSQL's, one for every slot, is never set
-/// below the WAL streamer's, so a small relay cap cannot cut point-in-time
-/// recovery's stream.
-pub fn server_settings(max_wal_mb: u64) -> [String; 2] {
-    ["wal_level=logical".to_string(), format!("max_slot_wal_keep_size={}MB", max_wal_mb.max(crate::pitr::MAX_SLOT_WAL_KEEP_MB))]
 }
 
 /// The running relay, for the stop.
@@ -475,8 +322,6 @@ mod tests {
         assert!(ReplicationConfig::parse_url("postgres://u:p@h:5433").is_err(), "no database");
         let c = ReplicationConfig { url: "postgres://u:secret@db.example:5433/copy".into(), databases: vec![], max_wal_mb: 1024 };
         assert_eq!(c.display_target(), "db.example:5433/copy");
-        assert_eq!(server_settings(64), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=1024MB".to_string()]);
-        assert_eq!(server_settings(4096), ["wal_level=logical".to_string(), "max_slot_wal_keep_size=4096MB".to_string()]);
     }
 
     #[test]
@@ -487,23 +332,6 @@ mod tests {
         assert_eq!(copy_retry_delay(6), Some(Duration::from_secs(960)));
         assert_eq!(copy_retry_delay(7), Some(COPY_RETRY_MAX));
         assert_eq!(copy_retry_delay(u32::MAX), Some(COPY_RETRY_MAX));
-    }
-
-    #[test]
-    fn the_relays_slots_are_found_and_dropped_in_a_stopped_cluster_and_nothing_else() {
-        let dir = std::env::temp_dir().join(format!("omni-relay-slots-{}", std::process::id()));
-        let slots = dir.join("pg_replslot");
-        for name in ["omni_relay_omni", "omni_relay_extra", "omni_wal", "other", "omni_relay_x.tmp"] {
-            std::fs::create_dir_all(slots.join(name)).unwrap();
-            std::fs::write(slots.join(name).join("state"), b"x").unwrap();
-        }
-        assert_eq!(slots_offline(&dir).unwrap(), ["omni_relay_extra", "omni_relay_omni"]);
-        assert_eq!(drop_slots_offline(&dir, "test").unwrap(), ["omni_relay_extra", "omni_relay_omni"]);
-        let mut left: Vec<String> = std::fs::read_dir(&slots).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        left.sort();
-        assert_eq!(left, ["omni_relay_x.tmp", "omni_wal", "other"]);
-        assert!(slots_offline(&dir.join("missing")).unwrap().is_empty());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! every turn of the loop renews a heartbeat on the board, which the systemd
 //! watchdog checks before it pings.
 
+pub mod gate;
 pub mod sd_notify;
 
 use std::fmt;
