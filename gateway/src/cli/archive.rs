@@ -42,7 +42,7 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
     // gateway's PostgreSQL, as `backup create` is, and the gateway holds the
     // lock for as long as that server runs. pg_basebackup beside the
     // gateway's own base backups is safe (each has its own slot and files).
-    let port = crate::cli::backup::running_port(data_dir)?;
+    let port = crate::pg::pidfile::running_port(data_dir)?;
     let password_file = cluster::password_file(data_dir);
     let password = cluster::read_password(data_dir)?.with_context(|| format!("reading the cluster password from {}: it is missing", password_file.display()))?;
     let server = Server { binaries: bins, port, password, account };

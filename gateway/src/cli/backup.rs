@@ -15,14 +15,13 @@
 //! for good, so the backups and the lock file it leaves are the worker's to
 //! list, restore and delete, as if the API had made them.
 
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use omni_contract::backups::Backups;
 
 use crate::config::{Config, Database};
-use crate::pg::{binaries, cluster};
+use crate::pg::{binaries, cluster, pidfile};
 use crate::process::privilege;
 
 #[derive(Subcommand, Debug)]
@@ -114,7 +113,7 @@ pub(crate) fn database(config: &Config) -> Result<(String, Option<std::path::Pat
                 );
             }
             let data_dir = &embedded.data_dir.value;
-            let port = running_port(data_dir)?;
+            let port = pidfile::running_port(data_dir)?;
             let password_file = cluster::password_file(data_dir);
             let password = cluster::read_password(data_dir)?
                 .with_context(|| format!("reading the cluster password from {}: it is missing", password_file.display()))?;
@@ -125,27 +124,3 @@ pub(crate) fn database(config: &Config) -> Result<(String, Option<std::path::Pat
     }
 }
 
-/// The port of the PostgreSQL running on `data_dir`, from its `postmaster.pid`
-/// (line 1: pid, line 4: port).
-pub(crate) fn running_port(data_dir: &Path) -> Result<u16> {
-    let not_running = || {
-        anyhow::anyhow!(
-            "the gateway is not running (no PostgreSQL on {}); start it first with `omni-gateway`, then run this command again",
-            data_dir.display()
-        )
-    };
-    let pid_file = data_dir.join("postmaster.pid");
-    let text = match std::fs::read_to_string(&pid_file) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running()),
-        Err(e) => return Err(e).with_context(|| format!("reading {} (run this as the user that runs the gateway)", pid_file.display())),
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    let pid: i32 = lines.first().and_then(|l| l.trim().parse().ok()).ok_or_else(not_running)?;
-    // SAFETY: signal 0 only checks that the process exists; EPERM means it does.
-    let alive = unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    if !alive {
-        return Err(not_running());
-    }
-    lines.get(3).and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow::anyhow!("{} names no port yet; retry in a moment", pid_file.display()))
-}

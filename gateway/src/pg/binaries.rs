@@ -108,7 +108,7 @@ struct Searched {
 
 impl Cache {
     fn path() -> PathBuf {
-        super::cluster::cache_dir().join("binaries.json")
+        cache_dir().join("binaries.json")
     }
 
     /// The cache, or an empty one when there is none or it is unreadable.
@@ -339,7 +339,7 @@ fn download_fallback(searched: Vec<String>) -> Result<Binaries, FindError> {
 /// inside one.
 #[cfg(feature = "download")]
 fn download(version: Option<postgresql_embedded::VersionReq>) -> Result<Binaries, String> {
-    let install_root = super::cluster::cache_dir().join("downloaded-postgresql");
+    let install_root = cache_dir().join("downloaded-postgresql");
     std::thread::spawn(move || {
         // postgresql_embedded's setup() installs, then runs initdb unless the
         // data directory looks initialised. The gateway runs initdb itself (as
@@ -370,6 +370,20 @@ fn download_fallback(searched: Vec<String>) -> Result<Binaries, FindError> {
         searched: searched.join(", "),
         download: " (this build has no download fallback: rebuild with `--features download` to fetch binaries automatically)".into(),
     })
+}
+
+/// Per-machine cache: memory-mode templates and downloaded binaries.
+pub fn cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("omni-gateway");
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from("/var/cache/omni-gateway");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/omni-gateway"),
+        None => std::env::temp_dir().join("omni-gateway-cache"),
+    }
 }
 
 #[cfg(test)]

@@ -534,7 +534,7 @@ fn is_omni_gateway(pid: i32) -> bool {
 /// `<cache>/template-<version>/{cluster/, password}`, built elsewhere and
 /// published by one atomic rename, so concurrent gateways never see half of one.
 async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(PathBuf, String)> {
-    let cache = cache_dir();
+    let cache = super::binaries::cache_dir();
     let number = binaries.version.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())).unwrap_or("unknown");
     let key: String = number.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.').collect();
     // The suffixes tell templates built before clusters got data checksums
@@ -573,19 +573,6 @@ async fn ensure_template(binaries: &Binaries, account: &Account) -> Result<(Path
     Ok((template.join("cluster"), password))
 }
 
-/// Per-machine cache: memory-mode templates and downloaded binaries.
-pub fn cache_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("omni-gateway");
-    }
-    if nix::unistd::Uid::effective().is_root() {
-        return PathBuf::from("/var/cache/omni-gateway");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache/omni-gateway"),
-        None => std::env::temp_dir().join("omni-gateway-cache"),
-    }
-}
 
 /// Applies the schema (`omni_contract::migrations`, the worker's own code and
 /// files) to the template, so every memory-mode start copies a cluster whose

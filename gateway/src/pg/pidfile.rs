@@ -351,6 +351,31 @@ pub fn inspect(dir: &Path) -> Option<Inspection> {
     Some(Inspection { path, facts, verdict })
 }
 
+/// The port of the PostgreSQL running on `data_dir` (a one-shot command
+/// asks the running gateway's cluster), from its `postmaster.pid`.
+pub fn running_port(data_dir: &Path) -> Result<u16> {
+    let not_running = || {
+        anyhow::anyhow!(
+            "the gateway is not running (no PostgreSQL on {}); start it first with `omni-gateway`, then run this command again",
+            data_dir.display()
+        )
+    };
+    let pid_file = data_dir.join("postmaster.pid");
+    let text = match std::fs::read_to_string(&pid_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running()),
+        Err(e) => return Err(e).with_context(|| format!("reading {} (run this as the user that runs the gateway)", pid_file.display())),
+    };
+    let file = PidFile::parse(&text);
+    let pid = file.pid.ok_or_else(not_running)?;
+    // Signal 0 only checks that the process exists; EPERM means it does.
+    let alive = matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Ok(()) | Err(nix::errno::Errno::EPERM));
+    if !alive {
+        return Err(not_running());
+    }
+    file.port.ok_or_else(|| anyhow::anyhow!("{} names no port yet; retry in a moment", pid_file.display()))
+}
+
 /// What an operator should do about a file that is (treated as) live.
 pub fn advice(inspection: &Inspection) -> String {
     let pid = inspection.pid().map_or("?".to_string(), |p| p.to_string());

@@ -109,7 +109,7 @@ impl ReceiverPolicy {
         let row = client.query_one("SELECT pg_walfile_name(pg_current_wal_flush_lsn()), pg_current_wal_flush_lsn()::text", &[]).await?;
         let (current, flush): (String, String) = (row.get(0), row.get(1));
         let server_tli = u32::from_str_radix(&current[..8], 16).unwrap_or(0);
-        let flush = super::restore::parse_lsn(&flush).unwrap_or(u64::MAX);
+        let flush = super::archive::parse_lsn(&flush).unwrap_or(u64::MAX);
         let why = if tli > server_tli {
             Some(format!("it is on timeline {tli}, which is not in this server's history (the server is on timeline {server_tli})"))
         } else if start > flush {
@@ -165,7 +165,7 @@ fn history_switch_point(text: &str, tli: u32) -> Option<u64> {
     text.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
         (fields.next()?.parse::<u32>().ok()? == tli).then_some(())?;
-        super::restore::parse_lsn(fields.next()?)
+        super::archive::parse_lsn(fields.next()?)
     })
 }
 

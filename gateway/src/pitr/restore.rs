@@ -529,17 +529,13 @@ async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) 
     }
 }
 
-use archive::segment_lsn;
+use archive::{parse_lsn, segment_lsn};
 
 /// Where the archive's newest segment ends.
 fn newest_segment_end(wal_dir: &Path) -> Option<u64> {
     archive::stream_dirs(wal_dir).iter().flat_map(|d| archive::segments(d)).filter_map(|s| segment_lsn(&s.name)).max().map(|l| l + SEGMENT_BYTES)
 }
 
-/// `0/3000060` → its byte position.
-pub(super) fn parse_lsn(text: &str) -> Option<u64> {
-    archive::parse_lsn(text)
-}
 
 /// `<data_dir>.before-restore-<stamp>`.
 pub fn previous_dir(data_dir: &Path, stamp: &str) -> PathBuf {

@@ -194,7 +194,7 @@ pub fn unpack(dir: &Path, stem: &str, into: &Path, account: &Account) -> Result<
 
 /// The WAL file a position (`0/2000028`) falls in, as PostgreSQL names it.
 pub fn segment_name(timeline: u32, lsn: &str) -> Option<String> {
-    let lsn = super::restore::parse_lsn(lsn)?;
+    let lsn = super::archive::parse_lsn(lsn)?;
     Some(format!("{timeline:08X}{:08X}{:08X}", lsn >> 32, (lsn & 0xFFFF_FFFF) / SEGMENT_BYTES))
 }
 
