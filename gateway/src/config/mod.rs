@@ -12,6 +12,10 @@
 //! one of the usual spellings stops the program with a message that names the
 //! variable. Relative paths are made absolute against the working directory
 //! once, here, so nothing later depends on the working directory again.
+//!
+//! Layer: the bottom one; imports nothing of the crate. A feature's own
+//! settings are parsed by that feature from [`Config::layers`] (the relay's
+//! in `relay/config.rs`), so this module names no feature.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -13,6 +13,10 @@
 //! the gateway's own; on a new cluster, as soon as the app database is
 //! created, while the new files are still being flushed to disk. Each first connection after a start costs a backend
 //! and its catalog caches, milliseconds that would otherwise add up.
+//!
+//! Layer: the embedded cluster, above `supervise`, `status`, `process` and
+//! `config`. It never imports a feature (`pitr`, `relay`): what a feature
+//! needs of the cluster is handed in ([`cluster::Needs`], [`slots`]).
 
 pub mod binaries;
 pub mod external;

@@ -25,6 +25,9 @@
 //!
 //! A restore ([`restore`]) copies the newest base backup that ended before
 //! the target and replays WAL from every stream directory up to the target.
+//!
+//! Layer: above `pg` (the cluster it archives), `supervise`, `status`,
+//! `process` and `config`; `serve` and `cli` call it, `pg` does not.
 
 pub mod archive;
 pub mod base;

@@ -12,7 +12,7 @@
 //!   [`crate::supervise::Policy`] (which forks a child), but the same
 //!   decisions — [`crate::supervise::decide`] picks the retry delay, a
 //!   failing relay is retried forever and shows `backoff` with the reason.
-//! * [`status`] is what `/gateway/status` and `/metrics` show.
+//! * [`crate::status::relay`] is what `/gateway/status` and `/metrics` show.
 //!
 //! **Turning it off.** A logical slot stops PostgreSQL from starting
 //! without `wal_level=logical` (it FATALs on the slot). So a start without
@@ -22,6 +22,9 @@
 //! the URL also drops the relay's publication, DDL capture and schema
 //! ([`remove_leftovers`]). Turned on again, the relay finds no slot and
 //! copies anew.
+//!
+//! Layer: above `pitr`, `pg`, `supervise`, `status`, `process` and
+//! `config`; it parses its own settings (`config.rs`).
 
 pub mod apply;
 pub mod config;

@@ -7,6 +7,11 @@
 //! PostgreSQL and the worker are still starting. At stop it stays bound
 //! through the drain, so `/health` answers 503 (not "connection refused")
 //! while in-flight requests finish.
+//!
+//! Layer: the HTTP surface, above the storage layers (`relay`, `pitr`,
+//! `pg`) whose state it shows and `supervise`/`status`/`config`. The
+//! worker's policy is above it and publishes its address through
+//! [`upstream::Upstreams`].
 
 pub mod gateway_auth;
 pub mod internal;

@@ -12,6 +12,9 @@
 //! an await that never ends gets the gateway restarted. Heartbeats live
 //! outside the `watch` channel: a loop beats many times a second and must
 //! not wake every reader of the picture each time.
+//!
+//! Layer: imports nothing of the crate; every layer above
+//! reports to it. The relay's view (`relay.rs`) is plain data, filled by `relay/`.
 
 pub mod relay;
 

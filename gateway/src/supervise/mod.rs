@@ -38,6 +38,11 @@
 //! instance — also listens for commands, so a stop is acted on at once. And
 //! every turn of the loop renews a heartbeat on the board, which the systemd
 //! watchdog checks before it pings.
+//!
+//! Layer: the mechanism, above `status`, `process` and `config`. It knows
+//! nothing of PostgreSQL, the worker or the WAL: those are [`Policy`] values
+//! made in the layers above. `gate.rs` is the start gate a restore holds;
+//! `sd_notify.rs` talks to systemd.
 
 pub mod gate;
 pub mod sd_notify;

@@ -28,6 +28,9 @@
 //! (`OMNI_API_USER`, by default PostgreSQL's): nothing that parses HTTP runs
 //! as root. The worker logs JSON lines, which `child.rs` re-emits at their
 //! own level under the gateway's single timestamp.
+//!
+//! Layer: above `serve` (it publishes its address to the proxy's
+//! upstreams), `supervise`, `status`, `process` and `config`.
 
 pub mod dev;
 
