@@ -232,7 +232,7 @@ def main():
             ours_runs, bare_runs = [], []
             bare_dir = stack.work / "bare-backup"
             def bare_backup():
-                # The options wal/base.rs passes.
+                # The options gateway/src/pitr/base.rs passes.
                 subprocess.run([str(BIN / "pg_basebackup"), "-D", str(bare_dir), "--format=tar", "--compress=client-lz4", "--wal-method=stream",
                                 "--checkpoint=fast", "--manifest-checksums=CRC32C"], env=stack.pg_env, check=True)
                 return sum(f.stat().st_size for f in bare_dir.iterdir())

@@ -112,7 +112,7 @@ pub async fn run(config: Config) -> Result<i32> {
     // Signals first: a Ctrl-C during a slow initdb must still stop cleanly.
     let mut signals = Signals::install()?;
     let notifier = Arc::new(Notifier::from_env());
-    // One owner per cluster (postgres/lock.rs), taken before anything
+    // One owner per cluster (pg/lock.rs), taken before anything
     // touches it and held until `run` returns.
     let _cluster_lock = match &config.database {
         Database::Embedded(e) if !e.memory_mode => Some(crate::pg::lock::acquire(&e.data_dir.value, "run")?),
@@ -272,7 +272,7 @@ async fn supervise(
         settings.public_url = public_url.clone();
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
-    // A point-in-time restore holds PostgreSQL's and the streamer's starts (wal/online.rs).
+    // A point-in-time restore holds PostgreSQL's and the streamer's starts (pitr/online.rs).
     let hold = crate::supervise::gate::StartGate::new("the point-in-time restore in progress");
     let mut postgres_commands = None;
     // PostgreSQL (embedded) or the external URL.
@@ -316,7 +316,7 @@ async fn supervise(
             let mut policy = worker_policy(&cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()));
             policy.prestart().await;
             // After a major upgrade: its record on the status board, and the
-            // planner statistics rebuilt once PostgreSQL is ready (postgres/upgrade.rs).
+            // planner statistics rebuilt once PostgreSQL is ready (pg/upgrade.rs).
             if let Ok(Some(record)) = crate::pg::upgrade::load(&cluster.data_dir) {
                 board.set_upgrade(record.to_json());
             }

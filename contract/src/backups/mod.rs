@@ -96,7 +96,7 @@ END
 $omni$";
 
 /// Written first in a restore's transaction: `omni_recopy` is the prefix the
-/// gateway's relay (`gateway/src/replication/source.rs`, `RECOPY_PREFIX`)
+/// gateway's relay (`gateway/src/relay/source.rs`, `RECOPY_PREFIX`)
 /// reads as "skip this transaction, copy anew after it". Where the role may
 /// not write logical messages (an external database), nothing is written:
 /// no relay of this gateway reads that database.
@@ -107,7 +107,7 @@ EXCEPTION WHEN insufficient_privilege THEN NULL;
 END
 $omni$";
 
-/// The relay's event triggers (`gateway/src/replication/source.rs`: DDL
+/// The relay's event triggers (`gateway/src/relay/source.rs`: DDL
 /// capture, drops, rewrites) are all named with this prefix.
 const RELAY_EVENT_TRIGGER: &str = "omni_relay_";
 

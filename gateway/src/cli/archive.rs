@@ -38,7 +38,7 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
         );
         return Ok(());
     }
-    // No cluster lock (postgres/lock.rs): this is a client of the running
+    // No cluster lock (pg/lock.rs): this is a client of the running
     // gateway's PostgreSQL, as `backup create` is, and the gateway holds the
     // lock for as long as that server runs. pg_basebackup beside the
     // gateway's own base backups is safe (each has its own slot and files).

@@ -269,7 +269,7 @@ fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&
         Origin::Default => "default; set PGSERVE_DATA_DIR to change".to_string(),
         o => format!("PGSERVE_DATA_DIR from {o}"),
     };
-    // Who owns the cluster now (postgres/lock.rs): a shared look, given back at once.
+    // Who owns the cluster now (pg/lock.rs): a shared look, given back at once.
     let lock_file = crate::pg::lock::lock_file(dir);
     match crate::pg::lock::probe(dir) {
         Ok(crate::pg::lock::Holder::Nobody) => report.add("cluster lock", Status::Ok, format!("free: no gateway or maintenance command works on this cluster now ({})", lock_file.display())),
@@ -348,7 +348,7 @@ fn check_data_dir(report: &mut Report, embedded: &EmbeddedConfig, bins: Option<&
     if let Some(b) = bins {
         let older = crate::pg::upgrade::cluster_major(dir).is_some_and(|m| m < b.major);
         match account {
-            // The start would upgrade it (postgres/upgrade.rs): what it would do, or why it could not.
+            // The start would upgrade it (pg/upgrade.rs): what it would do, or why it could not.
             Some(a) if older && embedded.auto_upgrade => report.add_result(
                 "cluster version",
                 crate::pg::upgrade::plan_read_only(embedded, dir, b, a).and_then(|p| {

@@ -40,7 +40,7 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
         bail!("OMNI_WAL_DIR=off: there is no WAL archive to restore from; to restore from an existing one, set OMNI_WAL_DIR to its directory");
     }
     let data_dir = &embedded.data_dir.value;
-    // Not beside a running gateway or another command (postgres/lock.rs); `--window` only reads the archive.
+    // Not beside a running gateway or another command (pg/lock.rs); `--window` only reads the archive.
     let _lock = if args.window { None } else { Some(crate::pg::lock::acquire(data_dir, "restore")?) };
     if args.window {
         let w = restore::window(&config.wal.dir);

@@ -1,7 +1,7 @@
 //! `omni-gateway upgrade [--check] [--cleanup]`: the major upgrade of the
 //! embedded cluster on demand, its dry run, and deleting the old copy it kept.
 //!
-//! The upgrade is the start's own (`postgres::upgrade`), run without starting
+//! The upgrade is the start's own (`pg::upgrade`), run without starting
 //! anything afterwards; it refuses while a PostgreSQL runs on the data
 //! directory (stop the gateway first). `--check` goes as far as `pg_upgrade
 //! --check` on a new cluster it then deletes, and changes nothing else.
@@ -37,7 +37,7 @@ pub async fn run(config: &Config, args: UpgradeArgs) -> Result<()> {
         println!("{}", upgrade::cleanup(data_dir)?);
         return Ok(());
     }
-    // Not beside a running gateway or another command (postgres/lock.rs).
+    // Not beside a running gateway or another command (pg/lock.rs).
     let _lock = crate::pg::lock::acquire(data_dir, "upgrade")?;
     let account = privilege::postgres_account(&embedded.run_as)?;
     upgrade::recover(data_dir).await?;

@@ -74,7 +74,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_API_DB_POOL_SIZE", default: "8", help: "most PostgreSQL connections the API worker opens (1 to 1000)" },
     Var { name: "LOG_LEVEL", default: "info", help: "trace, debug, info, warn or error (or a tracing filter)" },
     Var { name: "LOG_FORMAT", default: "pretty", help: "pretty for people, json for machines" },
-    // Major upgrades (postgres/upgrade.rs).
+    // Major upgrades (pg/upgrade.rs).
     Var { name: "PGSERVE_AUTO_UPGRADE", default: "true", help: "upgrade a cluster of an older PostgreSQL major in place at start (pg_upgrade, old copy kept); false refuses to start instead" },
     Var { name: "PGSERVE_OLD_BIN_DIR", default: "", help: "binaries of the cluster's older PostgreSQL major, for the upgrade; found automatically when empty" },
     // Replication relay (issue 11).
@@ -235,7 +235,7 @@ pub struct EmbeddedConfig {
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(3600);
 
 /// How the supervisor treats crashing children: retried forever, with
-/// these delays (see `supervisor::decide`).
+/// these delays (see `supervise::decide`).
 #[derive(Debug, Clone, Copy)]
 pub struct RestartPolicy {
     /// Delay before the first restart; doubles with each failure in a row.

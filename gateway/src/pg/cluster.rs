@@ -38,7 +38,7 @@ use crate::process::privilege::{self, Account};
 pub const APP_DATABASE: &str = "omni";
 /// The superuser initdb creates.
 pub const SUPERUSER: &str = "postgres";
-/// What PostgreSQL puts before each log line; `child.rs` reads the severity after it.
+/// What PostgreSQL puts before each log line; `process/child.rs` reads the severity after it.
 const LOG_LINE_PREFIX: &str = "[%p] ";
 /// Prefix of memory-mode cluster directories in tmpfs; the gateway's pid follows.
 const MEMORY_PREFIX: &str = "omni-gateway-mem-";
@@ -67,7 +67,7 @@ pub struct Cluster {
     /// `wal_level=logical` and the slot's WAL cap are added to the server's settings.
     pub replication_wal_mb: Option<u64>,
     /// More `-c name=value` server settings, added by features that need
-    /// them (the WAL streamer: `wal::server_settings`).
+    /// them (the WAL streamer: `pitr::server_settings`).
     pub extra_settings: Vec<String>,
 }
 
@@ -419,7 +419,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
         check_version(dir, binaries)?;
         pidfile::clear_stale(dir)?;
         // A relay slot left by a run with PGSERVE_REPLICATION_URL would stop
-        // PostgreSQL from starting without wal_level=logical (replication/mod.rs).
+        // PostgreSQL from starting without wal_level=logical (relay/mod.rs).
         if needs.logical_wal_mb.is_none() {
             super::slots::drop_slots_offline(dir, "PGSERVE_REPLICATION_URL is not set")?;
         }

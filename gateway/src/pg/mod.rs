@@ -50,7 +50,7 @@ pub struct PostgresPolicy {
     client: Option<tokio_postgres::Client>,
     /// The postmaster of the current run, to tell its `postmaster.pid` from a stale one.
     pid: Option<u32>,
-    /// Held by a point-in-time restore (`wal::online`): a start waits for it.
+    /// Held by a point-in-time restore (`pitr::online`): a start waits for it.
     hold: Option<crate::supervise::gate::StartGate>,
     /// No check has run since this run's start (see `check`).
     first_check: bool,

@@ -3,7 +3,7 @@
 //! environment (`OMNI_GATEWAY_TOKEN`, header `x-omni-gateway-token`,
 //! compared in constant time). Without it: 401, nothing else said. From a
 //! peer that is not on loopback: 403 before the token is even looked at
-//! (`http.rs`). The token is registered with the log ring as a secret, so
+//! (`serve/mod.rs`). The token is registered with the log ring as a secret, so
 //! no stored log line shows it.
 //!
 //! - `GET  /gateway/internal/pitr/window`      the recoverable window and base backups

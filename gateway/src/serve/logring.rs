@@ -1,5 +1,5 @@
 //! The gateway's recent log, in memory: its own lines and every child's
-//! (children's output is re-emitted as tracing events in `child.rs`, so one
+//! (children's output is re-emitted as tracing events in `process/child.rs`, so one
 //! tracing layer sees both), for `GET /gateway/logs` and its live stream.
 //!
 //! * **Structured.** Each line keeps its time, component (`gateway`, or the

@@ -148,12 +148,12 @@ pub struct ComponentJson<'a> {
 pub struct Snapshot {
     pub components: Vec<(&'static str, Component)>,
     pub gateway: GatewayState,
-    /// The last major upgrade of the cluster (`postgres::upgrade::Record::to_json`), shown until its record is gone.
+    /// The last major upgrade of the cluster (`pg::upgrade::Record::to_json`), shown until its record is gone.
     pub upgrade: Option<serde_json::Value>,
     /// The storage in effect and where each setting came from, for
     /// onboarding's summary (`{"kind", "data_dir", "data_dir_origin", "memory_mode"}`).
     pub storage: Option<serde_json::Value>,
-    /// The last point-in-time restore of this run (`wal::online`): its step
+    /// The last point-in-time restore of this run (`pitr::online`): its step
     /// and percentage while it runs, then how it ended.
     pub restore: Option<serde_json::Value>,
 }

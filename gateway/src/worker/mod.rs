@@ -26,7 +26,7 @@
 //!
 //! Run as root, the gateway starts the worker as an unprivileged account
 //! (`OMNI_API_USER`, by default PostgreSQL's): nothing that parses HTTP runs
-//! as root. The worker logs JSON lines, which `child.rs` re-emits at their
+//! as root. The worker logs JSON lines, which `process/child.rs` re-emits at their
 //! own level under the gateway's single timestamp.
 //!
 //! Layer: above `serve` (it publishes its address to the proxy's
@@ -139,7 +139,7 @@ impl WorkerPolicy {
         settings.listen = Listen::InheritedFd(LISTEN_FD);
         settings.ready_fd = Some(READY_FD);
         settings.start_fd = start_read.is_some().then_some(START_FD);
-        // JSON, so child.rs can re-emit each line at its level under one
+        // JSON, so process/child.rs can re-emit each line at its level under one
         // timestamp; the gateway's own LOG_FORMAT decides what operators see.
         settings.log_format = LogFormat::Json;
         // Only the contract's values reach the worker, never a stray one
