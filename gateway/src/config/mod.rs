@@ -164,35 +164,37 @@ impl Layers {
     }
 }
 
-/// Parses a `.env` file: `KEY=value` lines, `#` comments, optional `export`,
-/// single or double quotes. Unknown keys are kept (they may be meant for the
-/// worker) but only known ones are ever looked up.
+/// Reads a `.env` file with `dotenvy` (the syntax docker compose and most
+/// tools share: `KEY=value`, `#` comments, `export`, single quotes taken as
+/// written, double quotes with escapes, `${VAR}` expanded). Unknown keys are
+/// kept (they may be meant for the worker) but only known ones are ever
+/// looked up. The process environment is left alone: it is a layer above.
 fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+    let entries = match dotenvy::from_path_iter(path) {
+        Ok(entries) => entries,
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(dotenvy::Error::Io(source)) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+        Err(e) => return Err(ConfigError::DotEnv { path: path.to_path_buf(), line: 0, problem: e.to_string() }),
     };
     let mut out = BTreeMap::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+    for entry in entries {
+        match entry {
+            Ok((key, value)) => {
+                out.insert(key, value);
+            }
+            Err(dotenvy::Error::Io(source)) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+            Err(dotenvy::Error::LineParse(text, at)) => {
+                // dotenvy names the text, not the line: find its number for the operator.
+                let file = std::fs::read_to_string(path).unwrap_or_default();
+                let line = file.lines().position(|l| l.trim_end() == text.trim_end()).map_or(0, |i| i + 1);
+                return Err(ConfigError::DotEnv {
+                    path: path.to_path_buf(),
+                    line,
+                    problem: format!("cannot read {text:?} at character {}: expected KEY=value", at + 1),
+                });
+            }
+            Err(e) => return Err(ConfigError::DotEnv { path: path.to_path_buf(), line: 0, problem: e.to_string() }),
         }
-        let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(ConfigError::DotEnv { path: path.to_path_buf(), line: i + 1, problem: "expected KEY=value".into() });
-        };
-        let value = value.trim();
-        let value = if value.len() >= 2
-            && ((value.starts_with('"') && value.ends_with('"')) || (value.starts_with('\'') && value.ends_with('\'')))
-        {
-            &value[1..value.len() - 1]
-        } else {
-            // An unquoted value may carry a trailing comment.
-            value.split(" #").next().unwrap_or("").trim()
-        };
-        out.insert(key.trim().to_string(), value.to_string());
     }
     Ok(out)
 }
@@ -702,8 +704,14 @@ mod tests {
         assert_eq!(m["OMNI_PORT"], "9000");
         assert_eq!(m["PGSERVE_DATA_DIR"], "/a b");
         assert_eq!(m["LOG_LEVEL"], "debug");
-        std::fs::write(&f, "NOEQUALS\n").unwrap();
-        assert!(read_dotenv(&f).unwrap_err().to_string().contains("line 1"));
+        std::fs::write(&f, "OMNI_HOST=127.0.0.1\nNOEQUALS\n").unwrap();
+        let error = read_dotenv(&f).unwrap_err().to_string();
+        assert!(error.contains("line 2") && error.contains("NOEQUALS"), "{error}");
+        // Single quotes are taken as written; double quotes and bare values expand ${VAR}.
+        std::fs::write(&f, "OMNI_API_KEY='a$b'\nOMNI_HOST=0.0.0.0\nOMNI_PUBLIC_URL=\"http://${OMNI_HOST}:1\"\n").unwrap();
+        let m = read_dotenv(&f).unwrap();
+        assert_eq!(m["OMNI_API_KEY"], "a$b");
+        assert_eq!(m["OMNI_PUBLIC_URL"], "http://0.0.0.0:1");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
