@@ -44,9 +44,10 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_API_KEY", default: "", help: "key for protected endpoints; generated on first start when empty" },
     Var { name: "OMNI_UI_DIR", default: "./ui-dist", help: "directory holding the browser UI files" },
     Var { name: "OMNI_API_BIN", default: "", help: "path of the omni-api worker binary; default: next to omni-gateway" },
-    Var { name: "OMNI_SETTINGS_FILE", default: "./data/omni-settings.json", help: "storage settings saved by onboarding, read at the next start" },
+    Var { name: "OMNI_DATA_DIR", default: "./data", help: "where the gateway keeps its data: postgres/ (the cluster), backups/, wal/ and omni-settings.json, unless their own variables put them elsewhere; none may lie inside another" },
+    Var { name: "OMNI_SETTINGS_FILE", default: "", help: "storage settings saved by onboarding, read at the next start; default: OMNI_DATA_DIR/omni-settings.json" },
     Var { name: "PGSERVE_PORT", default: "5432", help: "embedded PostgreSQL TCP port, bound to 127.0.0.1 only; 0 picks a free one" },
-    Var { name: "PGSERVE_DATA_DIR", default: "./data/postgres", help: "persistent PostgreSQL cluster directory" },
+    Var { name: "PGSERVE_DATA_DIR", default: "", help: "persistent PostgreSQL cluster directory; default: OMNI_DATA_DIR/postgres" },
     Var { name: "PGSERVE_MEMORY_MODE", default: "false", help: "throw-away cluster in RAM (tmpfs), deleted at exit" },
     Var { name: "PGSERVE_REQUIRE_EXISTING", default: "false", help: "refuse to create a new cluster: fail if the data dir holds none" },
     Var { name: "PGSERVE_BIN_DIR", default: "", help: "directory holding postgres, initdb, pg_dump, psql; found automatically when empty" },
@@ -55,7 +56,7 @@ pub const VARS: &[Var] = &[
     Var { name: "PGSERVE_REPLICATION_URL", default: "", help: "external PostgreSQL to replicate to (logical replication)" },
     Var { name: "PGSERVE_REPLICATION_DATABASES", default: "", help: "comma-separated database names to replicate, * wildcard" },
     Var { name: "DATABASE_URL", default: "", help: "use this external PostgreSQL instead of the embedded one" },
-    Var { name: "OMNI_BACKUP_DIR", default: "./data/backups", help: "directory for backup files" },
+    Var { name: "OMNI_BACKUP_DIR", default: "", help: "directory for backup files; default: OMNI_DATA_DIR/backups" },
     Var { name: "OMNI_BACKUP_INTERVAL", default: "", help: "scheduled backups, e.g. 6h or 1d; empty = off" },
     Var { name: "OMNI_BACKUP_KEEP", default: "7", help: "how many backups scheduled retention keeps" },
     Var { name: "OMNI_RESTART_BACKOFF_MS", default: "100", help: "first restart delay of a crashed child; doubles per consecutive crash" },
@@ -80,7 +81,7 @@ pub const VARS: &[Var] = &[
     // Replication relay (issue 11).
     Var { name: "PGSERVE_REPLICATION_MAX_WAL_MB", default: "1024", help: "cap on WAL kept for the replication slot; past it the relay drops the slot and a full re-copy runs" },
     // Point-in-time recovery (wal/): streamed WAL and base backups.
-    Var { name: "OMNI_WAL_DIR", default: "./data/wal", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); put it on another disk in production; `off` turns point-in-time recovery off" },
+    Var { name: "OMNI_WAL_DIR", default: "", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); default: OMNI_DATA_DIR/wal; put it on another disk in production; `off` turns point-in-time recovery off" },
     Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
     Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
     Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand)" },
@@ -409,6 +410,14 @@ impl Parser<'_> {
         Sourced { value: absolute(self.cwd, Path::new(raw.trim())), origin }
     }
 
+    /// A directory or file under `OMNI_DATA_DIR` (`leaf`) unless `var` names one.
+    pub fn under_data_root(&self, var: &'static str, leaf: &str) -> Sourced<PathBuf> {
+        match self.string(var) {
+            Some(_) => self.path(var),
+            None => Sourced { value: self.path("OMNI_DATA_DIR").value.join(leaf), origin: Origin::Default },
+        }
+    }
+
     pub fn optional_path(&self, var: &'static str) -> Option<PathBuf> {
         self.string(var).map(|s| absolute(self.cwd, Path::new(&s)))
     }
@@ -419,6 +428,79 @@ impl Parser<'_> {
 
     pub fn seconds(&self, var: &'static str) -> Result<Duration, ConfigError> {
         Ok(Duration::from_secs(self.number(var, "a whole number of seconds")?))
+    }
+}
+
+/// The places the gateway writes must not lie inside one another: a backup
+/// directory inside the cluster's directory makes a "non-empty directory
+/// that holds no cluster" on the first start, a WAL archive inside the
+/// backups would be listed as backups, and so on. Refused before anything
+/// is created, naming both variables.
+fn check_apart(config: &Config, p: &Parser<'_>) -> Result<(), ConfigError> {
+    let mut dirs: Vec<(&'static str, &Path, &str)> = Vec::new();
+    if let Database::Embedded(e) = &config.database {
+        if !e.memory_mode {
+            dirs.push(("PGSERVE_DATA_DIR", &e.data_dir.value, "the PostgreSQL cluster's directory, which must hold the cluster alone"));
+        }
+    }
+    dirs.push(("OMNI_BACKUP_DIR", &config.backup_dir, "the backup directory"));
+    if config.wal.enabled {
+        dirs.push(("OMNI_WAL_DIR", &config.wal.dir, "the WAL archive"));
+    }
+    let root = p.path("OMNI_DATA_DIR").value;
+    // How a path was chosen, when it is OMNI_DATA_DIR's doing.
+    let default_note = |var: &'static str| match p.string(var) {
+        Some(_) => String::new(),
+        None => format!(" ({var}'s default, under OMNI_DATA_DIR={})", root.display()),
+    };
+    let settings = ("OMNI_SETTINGS_FILE", config.settings_file.as_path(), "the settings file");
+    let candidates = dirs.iter().flat_map(|inner| dirs.iter().map(move |outer| (*inner, *outer)));
+    // The settings file may sit beside backups, never in the cluster or the archive.
+    let settings_pairs = dirs.iter().filter(|d| d.0 != "OMNI_BACKUP_DIR").map(|outer| (settings, *outer));
+    for ((inner_var, inner, _), (outer_var, outer, what)) in candidates.chain(settings_pairs) {
+        if inner_var == outer_var || !lies_within(inner, outer) {
+            continue;
+        }
+        let (_, origin) = p.raw(inner_var);
+        let place = if inner == outer { "is the same place as" } else { "lies inside" };
+        return Err(ConfigError::Invalid {
+            var: inner_var,
+            value: inner.display().to_string(),
+            origin,
+            problem: format!(
+                "{place} {outer_var}={}{}, {what}{}. Give each its own place: set OMNI_DATA_DIR alone to move them all together, or set {inner_var} or {outer_var} elsewhere",
+                outer.display(),
+                default_note(outer_var),
+                match p.string(inner_var) {
+                    Some(_) => String::new(),
+                    None => format!("; {inner_var} is its default, under OMNI_DATA_DIR={}", root.display()),
+                },
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `inner` is `outer` or below it, as written and (for what exists) through symbolic links.
+fn lies_within(inner: &Path, outer: &Path) -> bool {
+    if inner.starts_with(outer) {
+        return true;
+    }
+    // The nearest existing ancestor of `inner`, resolved, with the rest put back.
+    let resolve = |path: &Path| -> Option<PathBuf> {
+        let mut existing = path;
+        let mut rest = Vec::new();
+        loop {
+            if let Ok(real) = existing.canonicalize() {
+                return Some(rest.iter().rev().fold(real, |acc: PathBuf, part: &&std::ffi::OsStr| acc.join(part)));
+            }
+            rest.push(existing.file_name()?);
+            existing = existing.parent()?;
+        }
+    };
+    match (resolve(inner), resolve(outer)) {
+        (Some(i), Some(o)) => i.starts_with(o),
+        _ => false,
     }
 }
 
@@ -436,7 +518,7 @@ impl Config {
     /// Parses all layers. `settings_file` contents are loaded here too, since
     /// where that file lives is itself configurable.
     pub fn parse(mut layers: Layers, cwd: &Path) -> Result<Config, ConfigError> {
-        let settings_path = Parser { layers: &layers, cwd }.path("OMNI_SETTINGS_FILE").value;
+        let settings_path = Parser { layers: &layers, cwd }.under_data_root("OMNI_SETTINGS_FILE", "omni-settings.json").value;
         layers.settings_file = read_settings_file(&settings_path)?;
         let p = Parser { layers: &layers, cwd };
 
@@ -450,7 +532,7 @@ impl Config {
                 Database::External { url }
             }
             None => Database::Embedded(EmbeddedConfig {
-                data_dir: p.path("PGSERVE_DATA_DIR"),
+                data_dir: p.under_data_root("PGSERVE_DATA_DIR", "postgres"),
                 port: p.port("PGSERVE_PORT", true)?,
                 memory_mode: p.bool("PGSERVE_MEMORY_MODE")?,
                 require_existing: p.bool("PGSERVE_REQUIRE_EXISTING")?,
@@ -520,7 +602,7 @@ impl Config {
             api_bin: p.optional_path("OMNI_API_BIN"),
             settings_file: settings_path,
             database,
-            backup_dir: p.path("OMNI_BACKUP_DIR").value,
+            backup_dir: p.under_data_root("OMNI_BACKUP_DIR", "backups").value,
             backup_interval,
             backup_keep: p.shared("OMNI_BACKUP_KEEP", check::backup_keep)?,
             pool_size: p.shared("OMNI_API_DB_POOL_SIZE", check::pool_size)?,
@@ -535,7 +617,7 @@ impl Config {
             layers: layers.clone(),
             wal: WalConfig {
                 enabled: !p.raw("OMNI_WAL_DIR").0.trim().eq_ignore_ascii_case("off"),
-                dir: p.path("OMNI_WAL_DIR").value,
+                dir: p.under_data_root("OMNI_WAL_DIR", "wal").value,
                 sync: p.bool("OMNI_WAL_SYNC")?,
                 window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
                     .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
@@ -547,6 +629,7 @@ impl Config {
             return Err(p.invalid("OMNI_WAL_SYNC", "commits cannot wait for a WAL streamer that OMNI_WAL_DIR=off turns off"));
         }
         config.check_worker_settings(&layers)?;
+        check_apart(&config, &p)?;
         Ok(config)
     }
 }
@@ -760,6 +843,58 @@ mod tests {
             let err = parse(&[("OMNI_TRUSTED_PROXIES", bad)]).unwrap_err().to_string();
             assert!(err.starts_with("OMNI_TRUSTED_PROXIES=") && err.contains("CIDR") || err.contains("prefix length"), "{err}");
         }
+    }
+
+    #[test]
+    fn every_default_place_derives_from_the_data_root() {
+        let c = parse(&[("OMNI_DATA_DIR", "/var/lib/omni")]).unwrap();
+        let Database::Embedded(e) = &c.database else { panic!() };
+        assert_eq!(e.data_dir.value, Path::new("/var/lib/omni/postgres"));
+        assert_eq!(c.backup_dir, Path::new("/var/lib/omni/backups"));
+        assert_eq!(c.wal.dir, Path::new("/var/lib/omni/wal"));
+        assert_eq!(c.settings_file, Path::new("/var/lib/omni/omni-settings.json"));
+        // Unset, the root is ./data: the places of every earlier version.
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.backup_dir, Path::new("/srv/omni/data/backups"));
+        // Its own variable wins; an empty one is the default.
+        let c = parse(&[("OMNI_BACKUP_DIR", "/backups"), ("OMNI_WAL_DIR", "")]).unwrap();
+        assert_eq!(c.backup_dir, Path::new("/backups"));
+        assert_eq!(c.wal.dir, Path::new("/srv/omni/data/wal"));
+    }
+
+    #[test]
+    fn places_inside_one_another_are_refused_naming_both_variables() {
+        // The natural first try: the cluster at ./data, where the backups' default lies.
+        let err = parse(&[("PGSERVE_DATA_DIR", "./data")]).unwrap_err().to_string();
+        assert!(err.starts_with("OMNI_BACKUP_DIR=\"/srv/omni/data/backups\""), "{err}");
+        assert!(err.contains("lies inside PGSERVE_DATA_DIR=/srv/omni/data") && err.contains("OMNI_DATA_DIR"), "{err}");
+        for (env, inner, outer) in [
+            (vec![("OMNI_WAL_DIR", "/srv/b/wal"), ("OMNI_BACKUP_DIR", "/srv/b")], "OMNI_WAL_DIR", "OMNI_BACKUP_DIR"),
+            (vec![("OMNI_BACKUP_DIR", "/srv/x"), ("OMNI_WAL_DIR", "/srv/x/")], "OMNI_BACKUP_DIR", "OMNI_WAL_DIR"),
+            (vec![("PGSERVE_DATA_DIR", "/srv/pg"), ("OMNI_WAL_DIR", "/srv/pg/wal")], "OMNI_WAL_DIR", "PGSERVE_DATA_DIR"),
+            (vec![("OMNI_WAL_DIR", "/srv/w"), ("PGSERVE_DATA_DIR", "/srv/w/pg")], "PGSERVE_DATA_DIR", "OMNI_WAL_DIR"),
+            (vec![("PGSERVE_DATA_DIR", "/srv/pg"), ("OMNI_SETTINGS_FILE", "/srv/pg/s.json")], "OMNI_SETTINGS_FILE", "PGSERVE_DATA_DIR"),
+        ] {
+            let err = parse(&env).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{inner}=")) && err.contains(&format!(" {outer}=")), "{env:?}: {err}");
+        }
+        // Apart, or a place that is not used, is fine.
+        parse(&[("PGSERVE_DATA_DIR", "/srv/pg"), ("OMNI_BACKUP_DIR", "/srv/pg-backups"), ("OMNI_WAL_DIR", "/mnt/wal")]).unwrap();
+        parse(&[("PGSERVE_DATA_DIR", "./data"), ("PGSERVE_MEMORY_MODE", "true"), ("OMNI_WAL_DIR", "/mnt/wal")]).unwrap();
+        parse(&[("OMNI_WAL_DIR", "off"), ("OMNI_BACKUP_DIR", "/srv/omni/data/wal/b")]).unwrap();
+        parse(&[("OMNI_SETTINGS_FILE", "/srv/omni/data/backups/s.json")]).unwrap();
+    }
+
+    #[test]
+    fn a_place_reached_through_a_symbolic_link_is_inside_too() {
+        let dir = std::env::temp_dir().join(format!("omni-apart-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("cluster")).unwrap();
+        std::os::unix::fs::symlink(dir.join("cluster"), dir.join("link")).unwrap();
+        let cluster = dir.join("cluster");
+        let backups = dir.join("link/backups");
+        let err = parse(&[("PGSERVE_DATA_DIR", cluster.to_str().unwrap()), ("OMNI_BACKUP_DIR", backups.to_str().unwrap())]).unwrap_err();
+        assert!(err.to_string().contains("PGSERVE_DATA_DIR="), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
