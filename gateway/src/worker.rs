@@ -252,7 +252,9 @@ pub fn prepare_account(config: &crate::config::Config, bin: &Path) -> Result<Acc
         } else {
             crate::privilege::prepare_settings_file(&config.settings_file, &account)?;
         }
-        crate::privilege::warn_unless_readable(&config.ui_dir, &account, "OMNI_UI_DIR");
+        if let Some(ui_dir) = &config.ui_dir {
+            crate::privilege::warn_unless_readable(ui_dir, &account, "OMNI_UI_DIR");
+        }
     }
     Ok(account)
 }
