@@ -50,12 +50,12 @@ RUN set -eux; \
     id postgres >/dev/null 2>&1 || useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin postgres; \
     /usr/lib/postgresql/15/bin/postgres --version
 
+# The two binaries are the whole install: omni-api carries the UI and the
+# migrations built in.
 COPY --from=binaries /out/omni-gateway /out/omni-api /usr/local/bin/
-COPY ui-dist/ /usr/share/omni/ui-dist/
 
 ENV OMNI_HOST=0.0.0.0 \
     OMNI_PORT=8882 \
-    OMNI_UI_DIR=/usr/share/omni/ui-dist \
     PGSERVE_BIN_DIR=/usr/lib/postgresql/15/bin \
     PGSERVE_USER=postgres \
     NO_COLOR=1

@@ -12,10 +12,11 @@ run:
 	$(CARGO) build --release --workspace
 	./target/release/omni-gateway
 
-## Debug build, verbose logs.
+## Debug build, verbose logs; the worker is swapped when rebuilt and UI files
+## are read from ui-dist/ at each request (no build needed for UI edits).
 dev:
 	$(CARGO) build --workspace
-	OMNI_DEV=true LOG_LEVEL=$${LOG_LEVEL:-debug} ./target/debug/omni-gateway
+	OMNI_DEV=true OMNI_UI_DIR=$${OMNI_UI_DIR:-./ui-dist} LOG_LEVEL=$${LOG_LEVEL:-debug} ./target/debug/omni-gateway
 
 build:
 	$(CARGO) build --workspace

@@ -5,9 +5,10 @@
 #   deploy/build-image.sh [-t TAG] [-f DOCKERFILE] [-b BINARY_DIR]
 #
 # Defaults: -t omni-gateway:local -f Dockerfile -b target/release. The build
-# context is staged in a temporary directory (the Dockerfile, ui-dist/,
-# deploy/omni-gateway.service and the two binaries as target/release/), so it
-# is small whatever lies in the work tree. The base image comes from
+# context is staged in a temporary directory (the Dockerfile,
+# deploy/omni-gateway.service and the two binaries as target/release/, which
+# are the whole install: omni-api carries the UI), so it is small whatever
+# lies in the work tree. The base image comes from
 # deploy/base-image.sh (debootstrap when Docker Hub is unreachable); apt runs
 # inside the build over the host's network, since a daemon started with
 # --bridge=none gives build containers none of their own.
@@ -59,7 +60,6 @@ for b in omni-gateway omni-api; do
   fi
   ln "$bins/$b" "$ctx/target/release/$b" 2>/dev/null || cp "$bins/$b" "$ctx/target/release/$b"
 done
-cp -R ui-dist "$ctx/ui-dist"
 cp "$file" "$ctx/Dockerfile"
 cp deploy/omni-gateway.service "$ctx/deploy/"
 

@@ -21,7 +21,6 @@ RUN set -eux; \
 
 # The install steps of deploy/omni-gateway.service's header.
 COPY target/release/omni-gateway target/release/omni-api /usr/local/bin/
-COPY ui-dist/ /usr/local/share/omni/ui-dist/
 COPY deploy/omni-gateway.service /etc/systemd/system/omni-gateway.service
 RUN systemctl enable omni-gateway.service
 

@@ -84,7 +84,8 @@ fn api_routes(state: &AppState) -> (OpenApiRouter<AppState>, Guarded) {
         .routes(routes!(preferences::list, preferences::upsert))
         .routes(routes!(preferences::get, preferences::delete))
         .routes(routes!(setup::status))
-        .routes(routes!(sessions::logout));
+        .routes(routes!(sessions::logout))
+        .routes(routes!(sessions::session));
     let sign_in = OpenApiRouter::new()
         .routes(routes!(sessions::login))
         .route_layer(middleware::from_fn_with_state(state.clone(), roles::host_check));

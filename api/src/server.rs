@@ -47,7 +47,7 @@ pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
     let ready = config.ready_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_READY_FD", "readiness will not be announced (GET /api/v1/health still tells)"));
     let start = config.start_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_START_FD", "connecting to the database at once"));
     tracing::info!(
-        ui_dir = %config.ui_dir.display(),
+        ui_dir = %config.ui_dir.as_deref().map_or("built into omni-api".into(), |d| d.display().to_string()),
         backup_dir = %config.backup_dir.display(),
         data_root = %config.data_root.display(),
         "starting omni-api"

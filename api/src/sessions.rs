@@ -1,5 +1,5 @@
 //! Browser sign-in sessions (issue 15): `POST /api/v1/auth/login`,
-//! `/logout`, `/logout-all`, `GET /api/v1/auth/me`.
+//! `/logout`, `/logout-all`, `GET /api/v1/auth/me`, `GET /api/v1/auth/session`.
 //!
 //! A session is a row in `omni_auth_sessions`; the browser holds a random
 //! 256-bit token in a cookie (`HttpOnly; SameSite=Strict; Path=/`): over
@@ -408,6 +408,30 @@ pub async fn logout_all(
 ))]
 pub async fn me(Extension(principal): Extension<Principal>) -> Json<Me> {
     Json(Me::of(&principal))
+}
+
+/// Whether this request is signed in, and as whom.
+#[derive(Serialize, ToSchema)]
+pub struct SessionState {
+    signed_in: bool,
+    /// Who is signed in; null when signed out.
+    account: Option<Me>,
+}
+
+/// Whether this request is signed in: what the UI asks on its first page
+/// load, when it cannot know (the session cookie is HttpOnly). Unlike
+/// `GET /api/v1/auth/me`, "not signed in" is an answer here (200), not an
+/// error; a wrong `x-api-key` is still 401.
+#[utoipa::path(get, path = "/api/v1/auth/session", tag = "auth", security((), ("api_key" = [])), responses(
+    (status = 200, description = "Signed in (with the account) or not", body = SessionState),
+    (status = 401, description = "An x-api-key header that does not match the API key", body = ErrorBody),
+    (status = 503, description = "Database unavailable", body = ErrorBody),
+))]
+pub async fn session(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    match auth::authenticate(&state, request.headers(), request.method(), auth::peer(&request)).await {
+        Err(response) => response,
+        Ok(principal) => Json(SessionState { signed_in: principal.is_some(), account: principal.as_ref().map(Me::of) }).into_response(),
+    }
 }
 
 #[cfg(test)]

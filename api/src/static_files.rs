@@ -1,11 +1,15 @@
-//! The UI: plain files from `OMNI_UI_DIR` for every path outside `/api`.
+//! The UI for every path outside `/api`: the files of `ui-dist/`, built into
+//! the binary ([`BuiltIn`]), or, when `OMNI_UI_DIR` is set (development),
+//! plain files read from that directory at each request.
 //!
 //! Paths are untrusted: the raw request path is percent-decoded once and
-//! refused (400) if it holds `..`, backslashes, NUL or invalid UTF-8, and the
-//! file found is canonicalized and must still lie inside the UI directory, so
-//! neither encoding tricks nor symlinks can reach a file outside it. Unknown
-//! paths get `index.html` (the UI routes in the browser). Responses carry an
-//! ETag so browsers revalidate with a cheap 304.
+//! refused (400) if it holds `..`, backslashes, NUL or invalid UTF-8. From a
+//! directory, the file found is canonicalized and must still lie inside it,
+//! so neither encoding tricks nor symlinks can reach a file outside it; the
+//! built-in UI has no file outside it to reach. Unknown paths get
+//! `index.html` (the UI routes in the browser). Responses carry an ETag (the
+//! content's SHA-256 for the built-in files) so browsers revalidate with a
+//! cheap 304.
 //!
 //! Every UI answer (files, 304s and errors alike) carries [`CONTENT_SECURITY_POLICY`]
 //! (scripts, styles, images and connections from this origin only, no inline
@@ -42,7 +46,11 @@ pub async fn fallback(State(state): State<AppState>, request: Request) -> Respon
         protect(response.headers_mut());
         return response;
     }
-    let mut response = match serve(&state.settings.ui_dir, path, request.headers()).await {
+    let served = match &state.settings.ui_dir {
+        Some(dir) => serve_dir(dir, path, request.headers()).await,
+        None => serve_built_in(path, request.headers()),
+    };
+    let mut response = match served {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -85,7 +93,41 @@ fn relative_path(raw: &str) -> Result<PathBuf, ApiError> {
     Ok(relative)
 }
 
-async fn serve(ui_dir: &Path, raw_path: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+/// The files of `ui-dist/`, compiled into the binary. `debug-embed`: debug
+/// builds embed them too, so a debug binary behaves as a release one
+/// (it runs from any directory). Rebuilt when a file changes (`build.rs`).
+#[derive(rust_embed::Embed)]
+#[folder = "../ui-dist/"]
+struct BuiltIn;
+
+fn serve_built_in(raw_path: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let relative = relative_path(raw_path)?;
+    // Only plain names are left, so `/` joins them into the embedded key.
+    let key = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+    let (name, file) = match BuiltIn::get(&key) {
+        Some(file) => (key, file),
+        None => ("index.html".to_owned(), BuiltIn::get("index.html").ok_or_else(|| ApiError::not_found("not_found", "the built-in UI has no index.html"))?),
+    };
+    let hash: String = file.metadata.sha256_hash()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let etag = HeaderValue::from_str(&format!("\"{hash}\"")).expect("hex digits and quotes are a valid header value");
+    let body = (!if_none_match(headers, &etag)).then(|| Body::from(file.data));
+    Ok(answer(body, etag, content_type(Path::new(&name))))
+}
+
+/// 200 with `body`, or 304 when there is none; with the ETag and `no-cache`.
+fn answer(body: Option<Body>, etag: HeaderValue, content_type: HeaderValue) -> Response {
+    let mut response = match body {
+        Some(body) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        None => StatusCode::NOT_MODIFIED.into_response(),
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag);
+    // No fingerprinted file names: always revalidate, which the ETag makes cheap.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn serve_dir(ui_dir: &Path, raw_path: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
     let relative = relative_path(raw_path)?;
     let root = tokio::fs::canonicalize(ui_dir).await.map_err(|e| {
         ApiError::internal(&format!("the UI directory {} (OMNI_UI_DIR) is not readable", ui_dir.display()), e)
@@ -107,17 +149,12 @@ async fn serve(ui_dir: &Path, raw_path: &str, headers: &HeaderMap) -> Result<Res
     let etag = HeaderValue::from_str(&etag).expect("hex digits and quotes are a valid header value");
     let content_type = content_type(&file);
 
-    let mut response = if if_none_match(headers, &etag) {
-        StatusCode::NOT_MODIFIED.into_response()
+    let body = if if_none_match(headers, &etag) {
+        None
     } else {
-        let bytes = tokio::fs::read(&file).await.map_err(|e| ApiError::internal("reading a UI file", e))?;
-        ([(header::CONTENT_TYPE, content_type)], Body::from(bytes)).into_response()
+        Some(Body::from(tokio::fs::read(&file).await.map_err(|e| ApiError::internal("reading a UI file", e))?))
     };
-    let headers = response.headers_mut();
-    headers.insert(header::ETAG, etag);
-    // No fingerprinted file names: always revalidate, which the ETag makes cheap.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(response)
+    Ok(answer(body, etag, content_type))
 }
 
 /// The regular file at `root/relative`, only if its real path (symlinks
@@ -168,6 +205,27 @@ mod tests {
         assert!(!if_none_match(&headers, &etag));
         headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"x\", W/\"1-2-3\""));
         assert!(if_none_match(&headers, &etag));
+    }
+
+    #[test]
+    fn the_built_in_ui_is_the_ui_dist_directory() {
+        let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-dist");
+        for name in ["index.html", "js/app.js", "styles.css"] {
+            assert_eq!(BuiltIn::get(name).unwrap().data.as_ref(), std::fs::read(dist.join(name)).unwrap(), "{name}");
+        }
+        let mut on_disk = Vec::new();
+        let mut dirs = vec![dist.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+                if entry.file_type().unwrap().is_dir() {
+                    dirs.push(entry.path());
+                } else {
+                    on_disk.push(entry.path().strip_prefix(&dist).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        on_disk.sort();
+        assert_eq!(BuiltIn::iter().map(|n| n.into_owned()).collect::<Vec<_>>(), on_disk);
     }
 
     #[test]

@@ -88,8 +88,10 @@ pub struct WorkerSettings {
     /// A fixed key from the operator (`OMNI_API_KEY`); when absent the worker
     /// generates one on first start and keeps it in the database.
     pub api_key: Option<String>,
-    /// Directory of the UI files served for every non-API path (`OMNI_UI_DIR`).
-    pub ui_dir: PathBuf,
+    /// Directory of the UI files served for every non-API path
+    /// (`OMNI_UI_DIR`, read from disk at each request: development); `None`
+    /// serves the UI built into omni-api.
+    pub ui_dir: Option<PathBuf>,
     /// Where backups go (`OMNI_BACKUP_DIR`).
     pub backup_dir: PathBuf,
     /// Directory holding `pg_dump`/`psql` (`PGSERVE_BIN_DIR`); `PATH` when unset.
@@ -225,7 +227,7 @@ impl WorkerSettings {
             ready_fd: None,
             start_fd: None,
             api_key: None,
-            ui_dir: paths::absolute(base, Path::new("./ui-dist")),
+            ui_dir: None,
             backup_dir: paths::absolute(base, Path::new("./data/backups")),
             pg_bin_dir: None,
             backup_keep: DEFAULT_BACKUP_KEEP,
@@ -289,9 +291,7 @@ impl WorkerSettings {
         s.gateway_token = checked(vars::GATEWAY_TOKEN, &check::gateway_token)?;
         s.setup_token = checked(vars::SETUP_TOKEN, &check::setup_token)?;
         s.public_url = get(vars::PUBLIC_URL).map(|u| check::public_url(&u).map_err(|m| invalid(vars::PUBLIC_URL, m))).transpose()?;
-        if let Some(dir) = path(vars::UI_DIR) {
-            s.ui_dir = dir;
-        }
+        s.ui_dir = path(vars::UI_DIR);
         if let Some(dir) = path(vars::BACKUP_DIR) {
             s.backup_dir = dir;
         }
@@ -321,7 +321,9 @@ impl WorkerSettings {
             env.push((vars::API_KEY, key.clone()));
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
-        env.push((vars::UI_DIR, path(&self.ui_dir)));
+        if let Some(dir) = &self.ui_dir {
+            env.push((vars::UI_DIR, path(dir)));
+        }
         env.push((vars::BACKUP_DIR, path(&self.backup_dir)));
         if let Some(dir) = &self.pg_bin_dir {
             env.push((vars::PG_BIN_DIR, path(dir)));
@@ -409,7 +411,7 @@ mod tests {
     #[test]
     fn defaults_are_absolute() {
         let s = read(&[URL]).unwrap();
-        assert_eq!(s.ui_dir, PathBuf::from("/srv/omni/ui-dist"));
+        assert_eq!(s.ui_dir, None, "the UI built into omni-api");
         assert_eq!(s.backup_dir, PathBuf::from("/srv/omni/data/backups"));
         assert!(matches!(s.listen, Listen::Bind(addr) if addr.port() == 8883));
         assert_eq!(s.log_format, LogFormat::Pretty);
@@ -424,6 +426,7 @@ mod tests {
         s.start_fd = Some(5);
         s.api_key = Some("sk-omni-0123456789abcdef".into());
         s.pg_bin_dir = Some("/usr/lib/postgresql/15/bin".into());
+        s.ui_dir = Some("/srv/omni/ui-dist".into());
         s.backup_keep = 0;
         s.backup_interval = Some(Duration::from_secs(6 * 3600));
         s.settings_file = Some("/srv/omni/data/omni-settings.json".into());

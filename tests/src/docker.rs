@@ -284,8 +284,8 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Everything that goes into an image, by size and mtime (binaries, UI) or
-/// content (Dockerfiles, unit, scripts).
+/// Everything that goes into an image, by size and mtime (binaries, which
+/// carry the UI) or content (Dockerfiles, unit, scripts).
 fn build_key(image: Image) -> String {
     let mut h = DefaultHasher::new();
     image.hash(&mut h);
@@ -293,8 +293,7 @@ fn build_key(image: Image) -> String {
     for file in [image.dockerfile(), "deploy/omni-gateway.service", "deploy/build-image.sh", "deploy/base-image.sh"] {
         fs::read(root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}")).hash(&mut h);
     }
-    let mut stack = vec![root.join("ui-dist")];
-    stack.extend(["omni-gateway", "omni-api"].map(|b| target_profile_dir().join(b)));
+    let mut stack: Vec<PathBuf> = ["omni-gateway", "omni-api"].map(|b| target_profile_dir().join(b)).to_vec();
     while let Some(p) = stack.pop() {
         let meta = fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         if meta.is_dir() {

@@ -40,6 +40,7 @@ const TABLE: &[(&str, &str, Access)] = &[
     ("GET", "/api/v1/setup/status", Public),
     ("POST", "/api/v1/auth/login", Public),
     ("POST", "/api/v1/auth/logout", Public),
+    ("GET", "/api/v1/auth/session", Public),
     ("GET", "/api/v1/auth/me", SignedIn),
     ("POST", "/api/v1/auth/logout-all", SignedIn),
     ("GET", "/api/v1/migration/status", SignedIn),

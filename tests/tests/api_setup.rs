@@ -277,6 +277,7 @@ fn openapi_document_lists_every_route_the_router_has() {
         "POST /api/v1/auth/logout",
         "POST /api/v1/auth/logout-all",
         "GET /api/v1/auth/me",
+        "GET /api/v1/auth/session",
         "GET /api/v1/accounts",
         "POST /api/v1/accounts",
         "PATCH /api/v1/accounts/{username}",

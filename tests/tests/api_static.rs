@@ -279,3 +279,24 @@ fn ended_sessions_are_purged_when_the_worker_starts() {
     assert!(worker.log().contains("purged ended sign-in sessions"), "{}", worker.log());
     assert_eq!(me(&worker, &live, false), 200, "the live session stays");
 }
+
+/// What the UI asks at its first page load: "not signed in" is a 200 there
+/// (a 401 is a console error in every browser), signed in names the account.
+#[test]
+fn the_session_state_answers_signed_out_without_an_error_status() {
+    let pg = TempPostgres::start_new();
+    let worker = WorkerBuilder::new(&pg.url()).start();
+    let anonymous = worker.request("GET", "/api/v1/auth/session").send();
+    assert_eq!((anonymous.status, anonymous.json()), (200, json!({"signed_in": false, "account": null})));
+    let ended = worker.request("GET", "/api/v1/auth/session").header("cookie", "omni_session=no-such-session").send();
+    assert_eq!((ended.status, ended.json()), (200, json!({"signed_in": false, "account": null})));
+
+    let cookie = sign_in(&worker, false);
+    let cookie = cookie.split(';').next().unwrap();
+    let signed_in = worker.request("GET", "/api/v1/auth/session").header("cookie", cookie).send();
+    assert_eq!((signed_in.status, signed_in.json()), (200, json!({"signed_in": true, "account": {"username": null, "role": "admin"}})));
+    let key = worker.request("GET", "/api/v1/auth/session").api_key().send();
+    assert_eq!(key.json()["signed_in"], true);
+    let wrong = worker.request("GET", "/api/v1/auth/session").header("x-api-key", "sk-omni-wrong").send();
+    assert_eq!((wrong.status, wrong.json()["code"].as_str()), (401, Some("invalid_api_key")));
+}

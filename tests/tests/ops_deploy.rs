@@ -127,8 +127,7 @@ fn the_gateway_started_as_the_unit_starts_it_notifies_ready_watchdog_and_stoppin
             (k.to_owned(), v.to_owned())
         })
         .collect();
-    assert!(env.contains_key("OMNI_UI_DIR"), "the unit must point OMNI_UI_DIR at the installed UI");
-    env.insert("OMNI_UI_DIR".into(), repo_file("ui-dist").display().to_string());
+    assert!(!env.contains_key("OMNI_UI_DIR"), "the unit serves the UI built into omni-api: no OMNI_UI_DIR");
     env.insert("XDG_CACHE_HOME".into(), dir.path().join("cache").display().to_string());
     let port = free_port();
     env.insert("OMNI_PORT".into(), port.to_string());
@@ -163,6 +162,8 @@ fn the_gateway_started_as_the_unit_starts_it_notifies_ready_watchdog_and_stoppin
         seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     assert_eq!(Request::get("/health").send_to(port).status, 200, "READY=1 must mean usable");
+    let page = Request::get("/").send_to(port);
+    assert_eq!((page.status, page.body), (200, std::fs::read(repo_file("ui-dist/index.html")).unwrap()), "the UI built into omni-api");
     let data_dir = state_dir.join("data/postgres");
     assert!(data_dir.join("PG_VERSION").is_file(), "the cluster belongs in the working directory (StateDirectory)");
     let children = postgres_pids_on(&data_dir);
@@ -256,7 +257,7 @@ fn the_images_entrypoint_as_pid_1_serves_and_its_healthcheck_follows_it_up_and_d
     let port = free_port();
     env.insert("OMNI_PORT".into(), port.to_string());
     env.insert("PGSERVE_PORT".into(), free_port().to_string());
-    env.insert("OMNI_UI_DIR".into(), repo_file("ui-dist").display().to_string());
+    assert!(!env.contains_key("OMNI_UI_DIR"), "the image serves the UI built into omni-api: no OMNI_UI_DIR");
     env.insert("PGSERVE_BIN_DIR".into(), pg_bin_dir().display().to_string());
     let entrypoint = exec_form(&instruction(&stage, "ENTRYPOINT"));
     let cmd = exec_form(&instruction(&stage, "CMD"));
@@ -286,6 +287,8 @@ fn the_images_entrypoint_as_pid_1_serves_and_its_healthcheck_follows_it_up_and_d
     let status = std::fs::read_to_string(format!("/proc/{gateway_pid}/status")).unwrap();
     assert!(status.lines().any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")), "the entrypoint must be PID 1: {status}");
     assert!(log().contains("listening on http://0.0.0.0:"), "OMNI_HOST=0.0.0.0 must apply:\n{}", log());
+    let page = Request::get("/").send_to(port);
+    assert_eq!((page.status, page.body), (200, std::fs::read(repo_file("ui-dist/index.html")).unwrap()), "the UI built into omni-api");
 
     // The cluster is in the volume and PostgreSQL is not root.
     let data_dir = volume.join("data/postgres");

@@ -3,7 +3,10 @@
 // startStack() starts target/debug/omni-gateway in a fresh temporary working
 // directory (its own process group, a free port, PGSERVE_PORT=0, a fixed API
 // key, OMNI_UI_DIR = ui-dist) and waits for GET /health, which answers 200
-// only once PostgreSQL and the worker are ready. The browser then uses the
+// only once PostgreSQL and the worker are ready. With { installed: true } the
+// two binaries are first put alone into that empty directory and started
+// from there without OMNI_UI_DIR: the install as shipped, whose UI is the one
+// built into omni-api. The browser then uses the
 // gateway's port, as a user does. Every process group is killed at the end,
 // also when a test fails or the runner exits early. Nothing here sleeps in
 // place of a condition: waitFor() polls.
@@ -148,7 +151,7 @@ async function status(url) {
  * Starts the gateway (and, until the gateway proxies the API, a worker
  * beside it). Returns { base, viaGateway, gatewayBase, db(), api(), stop() }.
  */
-export async function startStack(label = 'stack', { netns = null } = {}) {
+export async function startStack(label = 'stack', { netns = null, installed = false } = {}) {
   const cwd = fs.mkdtempSync(path.join(os.tmpdir(), `omni-ui-${label}-`));
   // Run as root, PostgreSQL runs as an unprivileged user that must reach its data dir.
   fs.chmodSync(cwd, 0o755);
@@ -163,6 +166,16 @@ export async function startStack(label = 'stack', { netns = null } = {}) {
     LOG_FORMAT: 'json',
   };
   delete env.DATABASE_URL;
+  let gatewayBin = binary('omni-gateway');
+  if (installed) {
+    delete env.OMNI_UI_DIR;
+    for (const name of ['omni-gateway', 'omni-api']) {
+      // A hard link where the file system allows, a copy otherwise: a file at a new path either way.
+      try { fs.linkSync(binary(name), path.join(cwd, name)); } catch { fs.copyFileSync(binary(name), path.join(cwd, name)); }
+      fs.chmodSync(path.join(cwd, name), 0o755);
+    }
+    gatewayBin = path.join(cwd, 'omni-gateway');
+  }
   if (netns) {
     // A fresh install reached from another address: listening everywhere,
     // no OMNI_API_KEY (which would count as set up).
@@ -176,7 +189,7 @@ export async function startStack(label = 'stack', { netns = null } = {}) {
     fs.rmSync(cwd, { recursive: true, force: true });
   };
   try {
-    stack.gateway = spawnGroup(`gateway-${label}`, binary('omni-gateway'), [], { cwd, env });
+    stack.gateway = spawnGroup(`gateway-${label}`, gatewayBin, [], { cwd, env });
     stack.gatewayBase = `http://127.0.0.1:${port}`;
     await waitFor(async () => {
       if (stack.gateway.exited) throw new Error(`the gateway exited (${JSON.stringify(stack.gateway.exited)}); log: ${stack.gateway.logFile}`);
@@ -270,13 +283,31 @@ export async function launchBrowser({ netns = null } = {}) {
   return chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true });
 }
 
-/** A new browser context (a new tab session) with a page on `stack`. */
-export async function openPage(browser, stack, { width = 1280, height = 800 } = {}) {
+/**
+ * A new browser context (a new tab session) with a page on `stack`.
+ * `page.problems` collects uncaught page errors; with { strict: true } also
+ * every console error (Chromium logs one for each 4xx/5xx answer), every
+ * request that failed, and every answer of 400 or more.
+ */
+export async function openPage(browser, stack, { width = 1280, height = 800, strict = false } = {}) {
   const context = await browser.newContext({ baseURL: stack.base, viewport: { width, height } });
   const page = await context.newPage();
   page.setDefaultTimeout(15000);
   const problems = [];
   page.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+  if (strict) {
+    page.on('console', (message) => {
+      if (message.type() === 'error') problems.push(`console error on ${page.url()}: ${message.text()}`);
+    });
+    page.on('requestfailed', (request) => {
+      const reason = request.failure()?.errorText ?? 'failed';
+      // A stream or fetch cut short by leaving the page is not a failure.
+      if (reason !== 'net::ERR_ABORTED') problems.push(`request failed: ${request.method()} ${request.url()}: ${reason}`);
+    });
+    page.on('response', (response) => {
+      if (response.status() >= 400) problems.push(`${response.status()} for ${response.request().method()} ${response.url()}`);
+    });
+  }
   page.problems = problems;
   return { context, page };
 }

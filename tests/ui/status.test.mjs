@@ -37,6 +37,11 @@ test('the status page lists each component with its state and pid', async () => 
       await card.locator('[data-field="state"]').filter({ hasText: 'ready' }).waitFor();
       assert.equal(await card.locator('[data-field="pid"]').innerText(), String(component.pid));
     }
+    // The WAL archive's card says what it is for, not its internal name.
+    const wal = page.locator('[data-component="wal"]');
+    assert.ok(status.components.some((c) => c.name === 'wal'), 'the WAL archive runs by default');
+    assert.equal(await wal.getByRole('heading').innerText(), 'Point-in-time recovery');
+    assert.match(await wal.locator('[data-field="about"]').innerText(), /WAL archive/);
     await screenshots(page, 'status');
     assert.equal(await localStorageLength(page), 0);
     assert.deepEqual(page.problems, []);
@@ -61,7 +66,18 @@ test('the worker card says whether this gateway leads the scheduled backups', as
     await signIn(page);
     await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Status' }).click();
     const card = page.locator('[data-component="api"]');
-    await card.locator('[data-field="leader"]').filter({ hasText: 'leader: run here' }).waitFor();
+    const leader = card.locator('[data-field="leader"]').filter({ hasText: 'leader: run here' });
+    await leader.waitFor();
+    // Never broken mid-word ("leade / r: run here"): the value is one line, at any width.
+    for (const width of [1280, 900, 360]) {
+      await page.setViewportSize({ width, height: 800 });
+      const lines = await leader.evaluate((dd) => {
+        const range = document.createRange();
+        range.selectNodeContents(dd);
+        return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+      });
+      assert.equal(lines, 1, `"leader: run here" on ${lines} lines at ${width}px`);
+    }
     assert.deepEqual(page.problems, []);
   } finally {
     await context.close();

@@ -98,7 +98,10 @@ const channel = typeof BroadcastChannel === 'function' ? new BroadcastChannel('o
 export async function whoAmI({ fresh = false } = {}) {
   if (current === undefined || fresh) {
     try {
-      current = await call('/api/v1/auth/me', { headers: CLIENT_HEADERS });
+      // Not /auth/me: its 401 when signed out is an error in the console
+      // on every first visit; this one answers "not signed in" with a 200.
+      const state = await call('/api/v1/auth/session', { headers: CLIENT_HEADERS });
+      current = state.signed_in ? state.account : null;
     } catch (error) {
       if (!(error instanceof ApiError && error.status === 401)) throw error;
       current = null;

@@ -166,14 +166,14 @@ pub async fn run(config: &Config) -> Report {
         Err(e) => report.add("API worker account", Status::Fail, format!("{e:#}")),
     }
     report.add_result("API worker binary", worker_bin.map(|p| p.display().to_string()));
-    if config.ui_dir.join("index.html").is_file() {
-        report.add("UI files", Status::Ok, config.ui_dir.display().to_string());
-    } else {
-        report.add(
+    match &config.ui_dir {
+        None => report.add("UI files", Status::Ok, "built into omni-api"),
+        Some(dir) if dir.join("index.html").is_file() => report.add("UI files", Status::Ok, dir.display().to_string()),
+        Some(dir) => report.add(
             "UI files",
             Status::Warn,
-            format!("{} has no index.html: the browser UI will be missing. Set OMNI_UI_DIR to the ui-dist directory", config.ui_dir.display()),
-        );
+            format!("{} has no index.html: the browser UI will be missing. Set OMNI_UI_DIR to the ui-dist directory, or leave it unset for the UI built into omni-api", dir.display()),
+        ),
     }
 
     match &config.database {

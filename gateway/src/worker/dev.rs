@@ -1,7 +1,8 @@
 //! Development mode (`make dev`, `OMNI_DEV=true`): when the worker binary is
 //! rebuilt, the running worker is swapped for the new one with the same
-//! zero-downtime reload as SIGHUP. UI files need nothing: the worker reads
-//! `ui-dist/` from disk on every request.
+//! zero-downtime reload as SIGHUP. UI files need nothing: `make dev` sets
+//! `OMNI_UI_DIR=./ui-dist`, so the worker reads them from disk on every
+//! request instead of serving the copy built into it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

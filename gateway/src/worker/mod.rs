@@ -257,7 +257,9 @@ pub fn prepare_account(config: &crate::config::Config, bin: &Path) -> Result<Acc
         } else {
             crate::process::privilege::prepare_settings_file(&config.settings_file, &account)?;
         }
-        crate::process::privilege::warn_unless_readable(&config.ui_dir, &account, "OMNI_UI_DIR");
+        if let Some(ui_dir) = &config.ui_dir {
+            crate::process::privilege::warn_unless_readable(ui_dir, &account, "OMNI_UI_DIR");
+        }
     }
     Ok(account)
 }

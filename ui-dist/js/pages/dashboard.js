@@ -5,7 +5,7 @@ import { call } from '../api.js';
 import { formatBytes, formatDate, h, replace } from '../dom.js';
 import { authedCall } from '../session.js';
 
-const NAMES = { postgres: 'PostgreSQL', api: 'API worker', replication: 'Replication' };
+const NAMES = { postgres: 'PostgreSQL', api: 'API worker', wal: 'Point-in-time recovery', replication: 'Replication' };
 
 function stateBadge(state) {
   const kind = state === 'ready' ? 'ok' : state === 'failed' ? 'error' : 'warn';

@@ -21,7 +21,9 @@ const SPAN_MS = 60 * 60 * 1000;
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
 
-const NAMES = { postgres: 'PostgreSQL', api: 'API worker', replication: 'Replication' };
+const NAMES = { postgres: 'PostgreSQL', api: 'API worker', wal: 'Point-in-time recovery', replication: 'Replication' };
+// What a card is about, when its name alone does not say.
+const ABOUT = { wal: 'The WAL archive: every change is kept, so a restore can reach any moment of the window (Backups page).' };
 const STATE_KIND = { ready: 'ok', starting: 'info', backoff: 'warn', stopping: 'warn', stopped: 'warn', failed: 'error' };
 
 // The replication relay's own fields: where it sends, how far behind it is.
@@ -89,6 +91,7 @@ export async function render(main) {
         h('div', { class: 'component-head', style: 'flex-wrap:wrap' },
           h('h2', { id: `component-${c.name}` }, NAMES[c.name] || c.name),
           h('span', { class: `badge badge-${STATE_KIND[c.state] || 'warn'}`, dataset: { field: 'state' } }, c.state)),
+        ABOUT[c.name] ? h('p', { class: 'hint component-about', dataset: { field: 'about' } }, ABOUT[c.name]) : null,
         c.reloading || c.crash_looping ? h('div', { style: 'display:flex;gap:.4rem;flex-wrap:wrap;margin-bottom:.75rem' },
           c.reloading ? h('span', { class: 'badge badge-info', dataset: { field: 'reloading' } }, 'reloading') : null,
           c.crash_looping ? h('span', { class: 'badge badge-error', dataset: { field: 'crash-looping' } }, 'crash loop') : null) : null,
@@ -100,7 +103,7 @@ export async function render(main) {
           nextRetry === null ? null : [h('dt', {}, 'Next retry'), h('dd', { dataset: { field: 'next-retry' } }, `in ${nextRetry.toFixed(nextRetry < 10 ? 1 : 0)} s`)],
           h('dt', {}, 'Last exit'), h('dd', { dataset: { field: 'last-exit' } }, c.last_exit || '—'),
           // Several gateways on one database: one worker leads (runs the scheduled backups).
-          typeof c.leader === 'boolean' ? [h('dt', {}, 'Scheduled backups'), h('dd', { dataset: { field: 'leader' } }, c.leader ? 'leader: run here' : 'follower: another gateway runs them')] : null,
+          typeof c.leader === 'boolean' ? [h('dt', {}, 'Scheduled backups'), h('dd', { class: c.leader ? 'nowrap' : false, dataset: { field: 'leader' } }, c.leader ? 'leader: run here' : 'follower: another gateway runs them')] : null,
           c.name === 'replication' ? replicationRows(c) : null,
           // In backoff the fields above say it all, and keep counting down.
           c.detail && c.state !== 'backoff' ? [h('dt', {}, 'Detail'), h('dd', {}, c.detail)] : null,
