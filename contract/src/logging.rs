@@ -62,11 +62,31 @@ pub fn init_with(level: &str, format: LogFormat, extra: Option<ExtraLayer>) {
     let filter = filter(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr: ExtraLayer = match format {
         LogFormat::Json => fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr).boxed(),
+        // journald stamps every line itself; a second time in the text is noise.
+        LogFormat::Pretty if stderr_is_journal() => fmt::layer().without_time().with_target(false).with_ansi(false).with_writer(std::io::stderr).boxed(),
         LogFormat::Pretty => fmt::layer().with_target(false).with_ansi(colour()).with_writer(std::io::stderr).boxed(),
     };
     let mut layers = vec![stderr];
     layers.extend(extra);
     tracing_subscriber::registry().with(layers.with_filter(filter)).init();
+}
+
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to
+/// the `<device>:<inode>` of the stream it connects to stdout and stderr;
+/// a child that inherited the variable with stderr redirected elsewhere
+/// (a file, a pipe) does not match it.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else { return false };
+    let Ok(meta) = std::fs::File::from(stderr).metadata() else { return false };
+    names_stream(&value.to_string_lossy(), meta.dev(), meta.ino())
+}
+
+/// `JOURNAL_STREAM`'s `<device>:<inode>` (decimal) against a file's.
+fn names_stream(value: &str, dev: u64, ino: u64) -> bool {
+    value.split_once(':').is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
 }
 
 /// Colour codes only for a person at a terminal: never into a file, a pipe
@@ -79,6 +99,15 @@ fn colour() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_stream_names_one_device_and_inode() {
+        assert!(names_stream("8:12345", 8, 12345));
+        assert!(!names_stream("8:12345", 8, 12346));
+        assert!(!names_stream("9:12345", 8, 12345));
+        assert!(!names_stream("", 8, 12345));
+        assert!(!names_stream("8", 8, 12345));
+    }
 
     #[test]
     fn formats_parse_in_any_case_and_round_trip() {
