@@ -37,12 +37,13 @@
 
 use std::fs::File;
 use std::io::{Read, Seek};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use super::cluster::{self, sibling};
 
@@ -59,7 +60,7 @@ pub fn lock_file(data_dir: &Path) -> PathBuf {
 /// process ends, however it ends).
 #[derive(Debug)]
 pub struct ClusterLock {
-    _file: File,
+    _file: Flock<File>,
     path: PathBuf,
 }
 
@@ -99,7 +100,7 @@ pub fn acquire(data_dir: &Path, what: &str) -> Result<ClusterLock> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
     }
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -109,15 +110,18 @@ pub fn acquire(data_dir: &Path, what: &str) -> Result<ClusterLock> {
         .map_err(|e| open_error(&path, e))?;
     cluster::check_trusted(&file, &path)?;
     let deadline = Instant::now() + PROBE_PATIENCE;
-    loop {
-        if try_flock(&file, libc::LOCK_EX)? {
-            break;
-        }
+    let mut file = file;
+    let file = loop {
+        file = match try_flock(file, FlockArg::LockExclusiveNonblock)? {
+            Ok(locked) => break locked,
+            Err(file) => file,
+        };
         // Only shared holders (doctor looking, for an instant)? Wait them out.
-        let only_probes = try_flock(&file, libc::LOCK_SH)?;
-        if only_probes {
-            unlock(&file);
-        }
+        let only_probes;
+        (file, only_probes) = match try_flock(file, FlockArg::LockSharedNonblock)? {
+            Ok(shared) => (unlock(shared)?, true),
+            Err(file) => (file, false),
+        };
         if !only_probes || Instant::now() > deadline {
             let holder = read_holder(&mut file);
             bail!(
@@ -129,7 +133,7 @@ pub fn acquire(data_dir: &Path, what: &str) -> Result<ClusterLock> {
             );
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     let line = format!("{} {what}\n", std::process::id());
     file.set_len(0).and_then(|()| file.write_all_at(line.as_bytes(), 0)).with_context(|| format!("could not write the holder's pid into {}", path.display()))?;
     tracing::debug!("holding {} ({what})", path.display());
@@ -140,39 +144,37 @@ pub fn acquire(data_dir: &Path, what: &str) -> Result<ClusterLock> {
 /// shared, non-blocking attempt given back at once. Never creates the file.
 pub fn probe(data_dir: &Path) -> Result<Holder> {
     let path = lock_file(data_dir);
-    let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
+    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
         Ok(f) => f,
         // No gateway ever ran here (each one leaves the file behind).
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Holder::Nobody),
         Err(e) => return Err(open_error(&path, e)),
     };
     cluster::check_trusted(&file, &path)?;
-    if try_flock(&file, libc::LOCK_SH)? {
-        unlock(&file);
-        return Ok(Holder::Nobody);
+    match try_flock(file, FlockArg::LockSharedNonblock)? {
+        Ok(shared) => {
+            unlock(shared)?;
+            Ok(Holder::Nobody)
+        }
+        Err(mut file) => Ok(read_holder(&mut file)),
     }
-    Ok(read_holder(&mut file))
 }
 
-/// `flock(op | LOCK_NB)`: true when taken, false when someone else holds it.
-fn try_flock(file: &File, op: libc::c_int) -> Result<bool> {
+/// A non-blocking `flock`: the locked file when taken, the file back when
+/// someone else holds it.
+fn try_flock(mut file: File, arg: FlockArg) -> Result<std::result::Result<Flock<File>, File>> {
     loop {
-        // SAFETY: flock on a descriptor this function borrows for the call.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(e).context("flock on the cluster's lock file failed (the filesystem may not support locks; NFS does not)"),
+        match Flock::lock(file, arg) {
+            Ok(locked) => return Ok(Ok(locked)),
+            Err((back, Errno::EWOULDBLOCK)) => return Ok(Err(back)),
+            Err((back, Errno::EINTR)) => file = back,
+            Err((_, e)) => return Err(e).context("flock on the cluster's lock file failed (the filesystem may not support locks; NFS does not)"),
         }
     }
 }
 
-fn unlock(file: &File) {
-    // SAFETY: as in try_flock.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+fn unlock(locked: Flock<File>) -> Result<File> {
+    locked.unlock().map_err(|(_, e)| e).context("unlocking the cluster's lock file")
 }
 
 fn read_holder(file: &mut File) -> Holder {
@@ -236,8 +238,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
         assert!(err.contains(&format!("a gateway (pid {})", std::process::id())), "{err}");
         assert_eq!(probe(&data).unwrap(), Holder::Held { pid: Some(std::process::id()), what: "run".into() });
-        // SAFETY: F_GETFD on a descriptor `first` keeps open.
-        let flags = unsafe { libc::fcntl(first._file.as_raw_fd(), libc::F_GETFD) };
+        let flags = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&*first._file), nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert!(flags & libc::FD_CLOEXEC != 0, "no child may inherit the lock");
         drop(first);
         assert_eq!(probe(&data).unwrap(), Holder::Nobody);

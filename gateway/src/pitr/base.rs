@@ -169,8 +169,8 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(pid) = self.0.take() {
             tracing::info!("stopping the base backup in progress (pid {pid})");
-            // SAFETY: signalling the process group of a child we started and have not reaped.
-            unsafe { libc::kill(-(pid as i32), libc::SIGTERM) };
+            // The process group of a child we started and have not reaped.
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
             child::forget(pid);
         }
     }

@@ -517,12 +517,14 @@ pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Accoun
 /// checkpoint, so the next start needs no recovery), immediate otherwise.
 async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) {
     if let Some(pid) = pid {
-        let signal = if clean { libc::SIGINT } else { libc::SIGQUIT };
-        // SAFETY: signalling the child we started and have not reaped.
-        unsafe { libc::kill(pid as i32, signal) };
+        use nix::sys::signal::{kill, killpg, Signal};
+        let signal = if clean { Signal::SIGINT } else { Signal::SIGQUIT };
+        // The child we started and have not reaped.
+        let target = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = kill(target, signal);
         if tokio::time::timeout(Duration::from_secs(60), child.wait()).await.is_err() {
-            // SAFETY: as above, its whole process group.
-            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            // As above, its whole process group.
+            let _ = killpg(target, Signal::SIGKILL);
             let _ = child.wait().await;
         }
         child::forget(pid);
