@@ -395,8 +395,59 @@ pub fn copy_gateway_cluster(bin: &Path, cwd: &Path) {
     fs::create_dir_all(&data).unwrap();
     let status = Command::new("cp").arg("-a").arg(&template).arg(data.join("postgres")).status().expect("cp -a");
     assert!(status.success(), "copying the gateway cluster template {}", template.display());
+    give_new_system_identifier(&data.join("postgres"));
     let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(data.join("postgres.password"));
     file.and_then(|mut f| f.write_all(password.as_bytes())).expect("writing data/postgres.password");
+}
+
+/// Makes a copied, cleanly shut down cluster a database system of its own,
+/// as `initdb` would have: a new system identifier (time in the high bits,
+/// random low bits, as `initdb` picks it) in `global/pg_control`, whose
+/// CRC-32C is recomputed, and in the long page header of each WAL segment
+/// (bytes 24..32, which no CRC covers). Tests that tell clusters apart by
+/// it (a WAL archive of another cluster, a relay's source) then see two
+/// copies of the template as two clusters.
+fn give_new_system_identifier(data: &Path) {
+    use std::io::{Seek, SeekFrom};
+    fn crc32c(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+    let control_path = data.join("global/pg_control");
+    let mut control = fs::read(&control_path).expect("reading global/pg_control");
+    let old = control[..8].to_vec();
+    // The CRC follows the fields it covers; its offset differs between
+    // versions, so it is found as the one place where it matches.
+    let crc_at = (8..control.len().min(1024) - 4)
+        .step_by(4)
+        .find(|&n| crc32c(&control[..n]).to_le_bytes() == control[n..n + 4])
+        .expect("the CRC of global/pg_control");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let id: u64 = (now.as_secs() << 32) | (u64::from(now.subsec_micros()) << 12) | (uuid::Uuid::new_v4().as_u128() as u64 & 0xfff);
+    control[..8].copy_from_slice(&id.to_le_bytes());
+    let crc = crc32c(&control[..crc_at]);
+    control[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    // In place: the file keeps its owner and mode.
+    let mut file = fs::OpenOptions::new().write(true).open(&control_path).expect("opening global/pg_control");
+    file.write_all(&control).expect("writing global/pg_control");
+    for segment in fs::read_dir(data.join("pg_wal")).unwrap().flatten() {
+        let path = segment.path();
+        if !path.is_file() {
+            continue;
+        }
+        let mut file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut header = [0u8; 32];
+        if file.read_exact(&mut header).is_ok() && header[24..32] == old[..] {
+            file.seek(SeekFrom::Start(24)).unwrap();
+            file.write_all(&id.to_le_bytes()).unwrap();
+        }
+    }
 }
 
 /// PostgreSQL 17's complete binaries (server and every tool, `pg_upgrade`

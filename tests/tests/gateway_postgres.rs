@@ -336,7 +336,7 @@ fn a_taken_postgres_port_is_reported_naming_pgserve_port() {
     let dir = workdir();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let (status, log) = GatewayBuilder::new(dir.path()).fresh_cluster().env("PGSERVE_PORT", port.to_string()).run_to_exit();
+    let (status, log) = GatewayBuilder::new(dir.path()).env("PGSERVE_PORT", port.to_string()).run_to_exit();
     assert!(!status.success());
     assert!(log.contains("PGSERVE_PORT") && log.contains(&port.to_string()), "{log}");
 

@@ -54,7 +54,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// Whether this start would create a new embedded cluster in the
+    /// Whether this start (by [`GatewayBuilder::start`], which expects a
+    /// healthy gateway; `spawn` and `run_to_exit` never copy) would create a new embedded cluster in the
     /// default place with the default binaries: nothing of the gateway's in
     /// the working directory yet (no `data/`, no `.env`) and no variable
     /// that moves, replaces or forbids the cluster. Such a start is given a
@@ -69,9 +70,6 @@ impl GatewayBuilder {
     }
 
     pub fn spawn(self) -> Gateway {
-        if self.takes_template() {
-            omni_tests::copy_gateway_cluster(&pg_bin_dir(), &self.cwd);
-        }
         let log = self.cwd.join(format!("gateway-{}.log", uuid::Uuid::new_v4().simple()));
         let mut command = isolated_command(&bin_path("omni-gateway"), &self.cwd, &self.env, &log);
         let port: u16 = self.env.get("OMNI_PORT").and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -87,6 +85,9 @@ impl GatewayBuilder {
     /// the port was picked here, not by the test, it is started again with
     /// fresh ports; every other early exit fails the test.
     pub fn start(self) -> Gateway {
+        if self.takes_template() {
+            omni_tests::copy_gateway_cluster(&pg_bin_dir(), &self.cwd);
+        }
         let mut builder = self;
         for attempt in 1.. {
             let mut gw = builder.clone().spawn();
