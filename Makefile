@@ -23,13 +23,21 @@ build:
 
 ## Every test, against real PostgreSQL, real processes and a real headless
 ## Chromium (installed from Debian's packages by tests/ui/run.sh when missing).
-test: build
+## The browser tests run beside the Rust ones (their output is printed when
+## they end, and kept in target/ui-test.log); either failing fails the target.
 ifeq ($(NEXTEST),yes)
-	$(CARGO) nextest run --workspace --no-fail-fast
+RUST_TESTS := $(CARGO) nextest run --workspace --no-fail-fast
 else
-	$(CARGO) test --workspace --no-fail-fast
+RUST_TESTS := $(CARGO) test --workspace --no-fail-fast
 endif
-	bash tests/ui/run.sh
+test: build
+	@mkdir -p target; bash tests/ui/run.sh >target/ui-test.log 2>&1 & ui=$$!; \
+	$(RUST_TESTS); rust=$$?; \
+	wait $$ui; ui_status=$$?; \
+	echo "── tests/ui/run.sh (exit $$ui_status) ──"; cat target/ui-test.log; \
+	if [ $$rust -ne 0 ]; then echo "make test: the Rust tests failed (exit $$rust)" >&2; fi; \
+	if [ $$ui_status -ne 0 ]; then echo "make test: the browser tests failed (exit $$ui_status)" >&2; fi; \
+	[ $$rust -eq 0 ] && [ $$ui_status -eq 0 ]
 
 ## The relay under a 2 GB single transaction with the gateway capped at 512 MB
 ## (make test runs the same test with a 585 MB one); ~12 min, ~20 GB of disk.

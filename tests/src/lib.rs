@@ -14,7 +14,10 @@ use std::{
     fs,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt, process::CommandExt},
+    os::unix::{
+        fs::{OpenOptionsExt, PermissionsExt},
+        process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Mutex, OnceLock},
@@ -300,6 +303,151 @@ fn template_cluster(bin: &Path) -> PathBuf {
     }
     templates.insert(bin.to_path_buf(), template.clone());
     template
+}
+
+/// The gateway's own kind of cluster, made once per PostgreSQL version and
+/// shared by every test process of a checkout: what a gateway's first start
+/// leaves in `<data>/postgres` and `<data>/postgres.password` before its
+/// worker runs, made the way `gateway/src/postgres/cluster.rs` makes it
+/// (`initdb` with superuser `postgres`, UTF-8, locale C, scram passwords,
+/// data checksums; then the app database `omni`, created offline with
+/// `postgres --single`). Returns the cluster directory and its superuser
+/// password. Built in a scratch directory beside it and renamed into place
+/// under `target/tmp/`, so concurrent test processes agree.
+pub fn gateway_cluster_template(bin: &Path) -> (PathBuf, String) {
+    static TEMPLATES: Mutex<BTreeMap<PathBuf, (PathBuf, String)>> = Mutex::new(BTreeMap::new());
+    let mut templates = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = templates.get(bin) {
+        return found.clone();
+    }
+    let version = Command::new(bin.join("postgres")).arg("--version").output().expect("postgres --version");
+    let version: String = String::from_utf8_lossy(&version.stdout).split_whitespace().last().unwrap_or_default().to_owned();
+    let root = target_profile_dir().parent().unwrap().join("tmp");
+    fs::create_dir_all(&root).unwrap();
+    // The suffix names what the cluster was made with: a change to the
+    // gateway's initdb options gets a new name.
+    let version: String = version.chars().filter(|c| c.is_ascii_alphanumeric() || ".-+".contains(*c)).collect();
+    let template = root.join(format!("gateway-cluster-{version}-checksums-scram-omni"));
+    let read = |template: &Path| -> Option<String> {
+        let password = fs::read_to_string(template.join("password")).ok()?;
+        template.join("postgres/PG_VERSION").is_file().then(|| password.trim().to_owned())
+    };
+    let password = match read(&template) {
+        Some(password) => password,
+        None => {
+            // Same filesystem as the template, so the rename below is atomic.
+            let scratch = root.join(format!(".gateway-cluster-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+            fs::create_dir_all(&scratch).unwrap();
+            let built = build_gateway_cluster(bin, &scratch);
+            // Losing the race to another test process is fine: theirs is as good.
+            if fs::rename(&scratch, &template).is_err() {
+                let _ = fs::remove_dir_all(&scratch);
+            }
+            read(&template).unwrap_or(built)
+        }
+    };
+    let found = (template.join("postgres"), password);
+    templates.insert(bin.to_path_buf(), found.clone());
+    found
+}
+
+fn build_gateway_cluster(bin: &Path, scratch: &Path) -> String {
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let pwfile = scratch.join("initdb-password");
+    fs::write(&pwfile, &password).unwrap();
+    fs::set_permissions(scratch, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o644)).unwrap();
+    chown_tree(scratch);
+    let cluster = scratch.join("postgres");
+    let output = as_postgres_user(
+        Command::new(bin.join("initdb"))
+            .arg("-D")
+            .arg(&cluster)
+            .args(["--username", "postgres", "--encoding=UTF8", "--locale=C", "--auth=scram-sha-256", "--data-checksums", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .env_remove("PGDATA"),
+    )
+    .output()
+    .expect("run initdb");
+    assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+    fs::remove_file(&pwfile).unwrap();
+    let mut single = as_postgres_user(Command::new(bin.join("postgres")).arg("--single").arg("-D").arg(&cluster).arg("postgres"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run postgres --single");
+    single.stdin.take().unwrap().write_all(b"CREATE DATABASE omni;\n").unwrap();
+    let output = single.wait_with_output().expect("postgres --single");
+    assert!(output.status.success(), "CREATE DATABASE omni in postgres --single failed: {}", String::from_utf8_lossy(&output.stderr));
+    let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(scratch.join("password"));
+    file.and_then(|mut f| f.write_all(password.as_bytes())).expect("writing the template's password");
+    password
+}
+
+/// Gives `data/postgres` (and its `data/postgres.password`) under `cwd` a
+/// copy of [`gateway_cluster_template`] of `bin`, as a gateway's first start
+/// would have made it: the gateway then starts on an existing cluster
+/// instead of running `initdb` and flushing it to disk.
+pub fn copy_gateway_cluster(bin: &Path, cwd: &Path) {
+    let (template, password) = gateway_cluster_template(bin);
+    let data = cwd.join("data");
+    fs::create_dir_all(&data).unwrap();
+    let status = Command::new("cp").arg("-a").arg(&template).arg(data.join("postgres")).status().expect("cp -a");
+    assert!(status.success(), "copying the gateway cluster template {}", template.display());
+    give_new_system_identifier(&data.join("postgres"));
+    let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(data.join("postgres.password"));
+    file.and_then(|mut f| f.write_all(password.as_bytes())).expect("writing data/postgres.password");
+}
+
+/// Makes a copied, cleanly shut down cluster a database system of its own,
+/// as `initdb` would have: a new system identifier (time in the high bits,
+/// random low bits, as `initdb` picks it) in `global/pg_control`, whose
+/// CRC-32C is recomputed, and in the long page header of each WAL segment
+/// (bytes 24..32, which no CRC covers). Tests that tell clusters apart by
+/// it (a WAL archive of another cluster, a relay's source) then see two
+/// copies of the template as two clusters.
+fn give_new_system_identifier(data: &Path) {
+    use std::io::{Seek, SeekFrom};
+    fn crc32c(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+    let control_path = data.join("global/pg_control");
+    let mut control = fs::read(&control_path).expect("reading global/pg_control");
+    let old = control[..8].to_vec();
+    // The CRC follows the fields it covers; its offset differs between
+    // versions, so it is found as the one place where it matches.
+    let crc_at = (8..control.len().min(1024) - 4)
+        .step_by(4)
+        .find(|&n| crc32c(&control[..n]).to_le_bytes() == control[n..n + 4])
+        .expect("the CRC of global/pg_control");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let id: u64 = (now.as_secs() << 32) | (u64::from(now.subsec_micros()) << 12) | (uuid::Uuid::new_v4().as_u128() as u64 & 0xfff);
+    control[..8].copy_from_slice(&id.to_le_bytes());
+    let crc = crc32c(&control[..crc_at]);
+    control[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    // In place: the file keeps its owner and mode.
+    let mut file = fs::OpenOptions::new().write(true).open(&control_path).expect("opening global/pg_control");
+    file.write_all(&control).expect("writing global/pg_control");
+    for segment in fs::read_dir(data.join("pg_wal")).unwrap().flatten() {
+        let path = segment.path();
+        if !path.is_file() {
+            continue;
+        }
+        let mut file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut header = [0u8; 32];
+        if file.read_exact(&mut header).is_ok() && header[24..32] == old[..] {
+            file.seek(SeekFrom::Start(24)).unwrap();
+            file.write_all(&id.to_le_bytes()).unwrap();
+        }
+    }
 }
 
 /// PostgreSQL 17's complete binaries (server and every tool, `pg_upgrade`

@@ -51,7 +51,7 @@ fn dev_mode_swaps_in_a_rebuilt_worker_and_serves_ui_edits_without_restart() {
 fn json_logs_are_one_object_per_line_with_children_tagged() {
     let dir = workdir();
     // Debug level: initdb's progress lines are logged there (info has one summary line).
-    let mut gw = GatewayBuilder::new(dir.path()).env("LOG_FORMAT", "json").env("LOG_LEVEL", "debug").env("OMNI_API_KEY", TEST_API_KEY).start();
+    let mut gw = GatewayBuilder::new(dir.path()).fresh_cluster().env("LOG_FORMAT", "json").env("LOG_LEVEL", "debug").env("OMNI_API_KEY", TEST_API_KEY).start();
     assert!(gw.terminate().success());
     let log = gw.log();
     let mut children = std::collections::BTreeSet::new();

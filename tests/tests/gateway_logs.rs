@@ -54,7 +54,7 @@ fn assert_readable(log: &str) -> Vec<String> {
 fn a_log_file_has_one_timestamp_and_level_per_line_and_no_fatal_on_fresh_and_warm_starts() {
     let dir = workdir();
     for start in ["fresh cluster", "warm restart"] {
-        let mut gw = GatewayBuilder::new(dir.path()).start();
+        let mut gw = GatewayBuilder::new(dir.path()).fresh_cluster().start();
         let session = uuid::Uuid::new_v4().to_string();
         let r = Request::new("POST", "/api/v1/preferences").port(gw.port).session(&session).json(&serde_json::json!({"key": "k", "value": "v"})).send();
         assert_eq!(r.status, 200, "{start}");

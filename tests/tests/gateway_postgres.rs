@@ -28,7 +28,7 @@ fn make_cluster(cwd: &Path) {
 #[test]
 fn fresh_data_dir_becomes_ready_and_keeps_rows_across_a_clean_restart() {
     let dir = workdir();
-    let mut gw = GatewayBuilder::new(dir.path()).start();
+    let mut gw = GatewayBuilder::new(dir.path()).fresh_cluster().start();
     let log = gw.log();
     assert!(log.contains("initializing a new PostgreSQL") && log.contains(&dir.path().join("data/postgres").display().to_string()), "{log}");
     gw.db().batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before restart')").unwrap();
@@ -49,7 +49,7 @@ fn fresh_data_dir_becomes_ready_and_keeps_rows_across_a_clean_restart() {
 #[test]
 fn a_new_cluster_has_data_checksums_on() {
     let dir = workdir();
-    let gw = GatewayBuilder::new(dir.path()).start();
+    let gw = GatewayBuilder::new(dir.path()).fresh_cluster().start();
     let on: String = gw.db().query_one("SHOW data_checksums", &[]).unwrap().get(0);
     assert_eq!(on, "on");
 }
@@ -57,7 +57,7 @@ fn a_new_cluster_has_data_checksums_on() {
 #[test]
 fn data_dir_belongs_to_the_postgres_account_with_private_modes() {
     let dir = workdir();
-    let gw = GatewayBuilder::new(dir.path()).start();
+    let gw = GatewayBuilder::new(dir.path()).fresh_cluster().start();
     let data = std::fs::metadata(gw.data_dir()).unwrap();
     assert_eq!(data.permissions().mode() & 0o777, 0o700);
     let pw = std::fs::metadata(dir.path().join("data/postgres.password")).unwrap();

@@ -20,6 +20,9 @@ pub struct GatewayBuilder {
     cwd: PathBuf,
     /// Variables the test set itself; the ports among them are never re-picked.
     chosen: std::collections::BTreeSet<String>,
+    /// Let the gateway create its cluster itself (`initdb`) even where a
+    /// copy of the shared template would do (see [`GatewayBuilder::spawn`]).
+    fresh_cluster: bool,
 }
 
 impl GatewayBuilder {
@@ -30,7 +33,7 @@ impl GatewayBuilder {
         env.insert("PGSERVE_PORT".to_owned(), free_port().to_string());
         env.insert("PGSERVE_BIN_DIR".to_owned(), pg_bin_dir().display().to_string());
         env.insert("LOG_LEVEL".to_owned(), "info".to_owned());
-        GatewayBuilder { env, cwd: cwd.to_path_buf(), chosen: Default::default() }
+        GatewayBuilder { env, cwd: cwd.to_path_buf(), chosen: Default::default(), fresh_cluster: false }
     }
 
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -42,6 +45,28 @@ impl GatewayBuilder {
     pub fn without_env(mut self, name: &str) -> Self {
         self.env.remove(name);
         self
+    }
+
+    /// The gateway's first start runs `initdb` itself, for the tests of how
+    /// a cluster is created (its log lines, modes, marker, checksums).
+    pub fn fresh_cluster(mut self) -> Self {
+        self.fresh_cluster = true;
+        self
+    }
+
+    /// Whether this start (by [`GatewayBuilder::start`], which expects a
+    /// healthy gateway; `spawn` and `run_to_exit` never copy) would create a new embedded cluster in the
+    /// default place with the default binaries: nothing of the gateway's in
+    /// the working directory yet (no `data/`, no `.env`) and no variable
+    /// that moves, replaces or forbids the cluster. Such a start is given a
+    /// copy of the kit's template cluster ([`omni_tests::copy_gateway_cluster`]),
+    /// the one `initdb` makes, instead of running `initdb` and flushing a
+    /// new cluster to disk: seconds less on every first start.
+    fn takes_template(&self) -> bool {
+        let moved = ["PGSERVE_DATA_DIR", "DATABASE_URL", "PGSERVE_REQUIRE_EXISTING", "OMNI_SETTINGS_FILE"].iter().any(|v| self.env.contains_key(*v));
+        let memory = self.env.get("PGSERVE_MEMORY_MODE").is_some_and(|v| v != "false");
+        let default_bin = self.env.get("PGSERVE_BIN_DIR").is_some_and(|b| Path::new(b) == pg_bin_dir());
+        !self.fresh_cluster && !moved && !memory && default_bin && !self.cwd.join("data").exists() && !self.cwd.join(".env").exists()
     }
 
     pub fn spawn(self) -> Gateway {
@@ -60,6 +85,9 @@ impl GatewayBuilder {
     /// the port was picked here, not by the test, it is started again with
     /// fresh ports; every other early exit fails the test.
     pub fn start(self) -> Gateway {
+        if self.takes_template() {
+            omni_tests::copy_gateway_cluster(&pg_bin_dir(), &self.cwd);
+        }
         let mut builder = self;
         for attempt in 1.. {
             let mut gw = builder.clone().spawn();

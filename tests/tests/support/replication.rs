@@ -39,20 +39,25 @@ fn try_connect(url: &str) -> Result<postgres::Client, postgres::Error> {
 
 /// Every user table of a database and its full content, rows sorted.
 pub fn contents(client: &mut postgres::Client) -> BTreeMap<String, String> {
-    let tables = client
-        .query(
-            "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables
-             WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema', 'omni_relay')
-               AND table_name <> 'omni_relay_progress'",
-            &[],
-        )
-        .unwrap();
+    try_contents(client).unwrap()
+}
+
+/// [`contents`], or the error of a read that met a table renamed or
+/// dropped between the listing and its own query: a target that the relay
+/// is changing at that moment.
+pub fn try_contents(client: &mut postgres::Client) -> Result<BTreeMap<String, String>, postgres::Error> {
+    let tables = client.query(
+        "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables
+         WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema', 'omni_relay')
+           AND table_name <> 'omni_relay_progress'",
+        &[],
+    )?;
     tables
         .iter()
         .map(|r| {
             let t: String = r.get(0);
-            let rows: String = client.query_one(&format!("SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x"), &[]).unwrap().get(0);
-            (t, rows)
+            let rows: String = client.query_one(&format!("SELECT coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '') FROM {t} x"), &[])?.get(0);
+            Ok((t, rows))
         })
         .collect()
 }
@@ -68,7 +73,9 @@ pub fn wait_identical_db(gw: &Gateway, db: &str, target_url: &str, timeout: Dura
     let deadline = Instant::now() + timeout;
     loop {
         let want = contents(&mut source);
-        let got = try_connect(target_url).ok().map(|mut c| contents(&mut c));
+        // The target is read while the relay writes it: a table it renames
+        // between the listing and the read is "not identical yet".
+        let got = try_connect(target_url).ok().and_then(|mut c| try_contents(&mut c).ok());
         if got.as_ref() == Some(&want) {
             return want;
         }
