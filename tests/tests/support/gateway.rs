@@ -63,7 +63,7 @@ impl GatewayBuilder {
     /// the one `initdb` makes, instead of running `initdb` and flushing a
     /// new cluster to disk: seconds less on every first start.
     fn takes_template(&self) -> bool {
-        let moved = ["PGSERVE_DATA_DIR", "DATABASE_URL", "PGSERVE_REQUIRE_EXISTING", "OMNI_SETTINGS_FILE"].iter().any(|v| self.env.contains_key(*v));
+        let moved = ["OMNI_DATA_DIR", "PGSERVE_DATA_DIR", "DATABASE_URL", "PGSERVE_REQUIRE_EXISTING", "OMNI_SETTINGS_FILE"].iter().any(|v| self.env.contains_key(*v));
         let memory = self.env.get("PGSERVE_MEMORY_MODE").is_some_and(|v| v != "false");
         let default_bin = self.env.get("PGSERVE_BIN_DIR").is_some_and(|b| Path::new(b) == pg_bin_dir());
         !self.fresh_cluster && !moved && !memory && default_bin && !self.cwd.join("data").exists() && !self.cwd.join(".env").exists()
