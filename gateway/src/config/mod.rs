@@ -431,6 +431,95 @@ impl Parser<'_> {
     }
 }
 
+/// `DATABASE_URL`, or the embedded cluster's `PGSERVE_*`.
+fn parse_database(p: &Parser<'_>) -> Result<Database, ConfigError> {
+    Ok(match p.string("DATABASE_URL") {
+        Some(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(p.invalid("DATABASE_URL", "expected a URL starting with postgres:// or postgresql://"));
+            }
+            Database::External { url }
+        }
+        None => Database::Embedded(EmbeddedConfig {
+            data_dir: p.under_data_root("PGSERVE_DATA_DIR", "postgres"),
+            port: p.port("PGSERVE_PORT", true)?,
+            memory_mode: p.bool("PGSERVE_MEMORY_MODE")?,
+            require_existing: p.bool("PGSERVE_REQUIRE_EXISTING")?,
+            bin_dir: p.optional_path("PGSERVE_BIN_DIR"),
+            run_as: p.string("PGSERVE_USER").unwrap_or_else(|| "postgres".into()),
+            auto_upgrade: p.bool("PGSERVE_AUTO_UPGRADE")?,
+            old_bin_dir: p.optional_path("PGSERVE_OLD_BIN_DIR"),
+        }),
+    })
+}
+
+/// How children are restarted: the delays, the crash-loop flag, the stop timeout.
+fn parse_restart(p: &Parser<'_>) -> Result<RestartPolicy, ConfigError> {
+    let restart = RestartPolicy {
+        backoff_initial: p.millis("OMNI_RESTART_BACKOFF_MS")?,
+        backoff_max: p.millis("OMNI_RESTART_BACKOFF_MAX_MS")?,
+        crash_loop_limit: p.number("OMNI_CRASH_LOOP_LIMIT", "a whole number of crashes")?,
+        stable_after: p.seconds("OMNI_STABLE_AFTER_S")?,
+        stop_timeout: p.seconds("OMNI_STOP_TIMEOUT_S")?,
+    };
+    if restart.crash_loop_limit == 0 {
+        return Err(p.invalid("OMNI_CRASH_LOOP_LIMIT", "must be at least 1"));
+    }
+    // A zero delay would restart a crashing child in a busy loop.
+    if restart.backoff_initial.is_zero() {
+        return Err(p.invalid("OMNI_RESTART_BACKOFF_MS", "must be at least 1 ms"));
+    }
+    if restart.backoff_max < restart.backoff_initial {
+        return Err(p.invalid("OMNI_RESTART_BACKOFF_MAX_MS", "must be at least OMNI_RESTART_BACKOFF_MS"));
+    }
+    // The cap is the only limit on retries; a cap of days would be a
+    // child left down by a setting.
+    if restart.backoff_max > MAX_RESTART_DELAY {
+        return Err(p.invalid("OMNI_RESTART_BACKOFF_MAX_MS", "must be at most 3600000 (1 hour): a failing child is always retried"));
+    }
+    Ok(restart)
+}
+
+/// The listener's and the proxy's limits, and whom it believes.
+fn parse_http(p: &Parser<'_>) -> Result<HttpLimits, ConfigError> {
+    let http = HttpLimits {
+        upstream_wait: p.millis("OMNI_UPSTREAM_WAIT_MS")?,
+        upstream_timeout: p.seconds("OMNI_UPSTREAM_TIMEOUT_S")?,
+        header_timeout: p.seconds("OMNI_HEADER_TIMEOUT_S")?,
+        max_connections: p.number("OMNI_MAX_CONNECTIONS", "a whole number of connections")?,
+        drain_timeout: p.seconds("OMNI_DRAIN_TIMEOUT_S")?,
+        trusted_proxies: TrustedProxies::parse(&p.raw("OMNI_TRUSTED_PROXIES").0).map_err(|problem| p.invalid("OMNI_TRUSTED_PROXIES", problem))?,
+        public_url: match p.raw("OMNI_PUBLIC_URL").0.trim() {
+            "" => None,
+            url => Some(check::public_url(url).map_err(|problem| p.invalid("OMNI_PUBLIC_URL", problem))?),
+        },
+    };
+    if http.header_timeout.is_zero() {
+        return Err(p.invalid("OMNI_HEADER_TIMEOUT_S", "must be at least 1 second"));
+    }
+    if http.max_connections == 0 {
+        return Err(p.invalid("OMNI_MAX_CONNECTIONS", "must be at least 1"));
+    }
+    Ok(http)
+}
+
+/// `OMNI_WAL_*`, `OMNI_PITR_WINDOW`, `OMNI_BACKUP_DRILL_INTERVAL`.
+fn parse_wal(p: &Parser<'_>) -> Result<WalConfig, ConfigError> {
+    let wal = WalConfig {
+        enabled: !p.raw("OMNI_WAL_DIR").0.trim().eq_ignore_ascii_case("off"),
+        dir: p.under_data_root("OMNI_WAL_DIR", "wal").value,
+        sync: p.bool("OMNI_WAL_SYNC")?,
+        window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
+            .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
+        drill_every: omni_contract::interval::parse(&p.raw("OMNI_BACKUP_DRILL_INTERVAL").0)
+            .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
+    };
+    if wal.sync && !wal.enabled {
+        return Err(p.invalid("OMNI_WAL_SYNC", "commits cannot wait for a WAL streamer that OMNI_WAL_DIR=off turns off"));
+    }
+    Ok(wal)
+}
+
 /// The places the gateway writes must not lie inside one another: a backup
 /// directory inside the cluster's directory makes a "non-empty directory
 /// that holds no cluster" on the first start, a WAL archive inside the
@@ -524,24 +613,7 @@ impl Config {
 
         let host: IpAddr = p.number("OMNI_HOST", "an IP address such as 127.0.0.1 or 0.0.0.0")?;
         let port = p.port("OMNI_PORT", false)?.value;
-        let database = match p.string("DATABASE_URL") {
-            Some(url) => {
-                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    return Err(p.invalid("DATABASE_URL", "expected a URL starting with postgres:// or postgresql://"));
-                }
-                Database::External { url }
-            }
-            None => Database::Embedded(EmbeddedConfig {
-                data_dir: p.under_data_root("PGSERVE_DATA_DIR", "postgres"),
-                port: p.port("PGSERVE_PORT", true)?,
-                memory_mode: p.bool("PGSERVE_MEMORY_MODE")?,
-                require_existing: p.bool("PGSERVE_REQUIRE_EXISTING")?,
-                bin_dir: p.optional_path("PGSERVE_BIN_DIR"),
-                run_as: p.string("PGSERVE_USER").unwrap_or_else(|| "postgres".into()),
-                auto_upgrade: p.bool("PGSERVE_AUTO_UPGRADE")?,
-                old_bin_dir: p.optional_path("PGSERVE_OLD_BIN_DIR"),
-            }),
-        };
+        let database = parse_database(&p)?;
         let backup_interval = match p.string("OMNI_BACKUP_INTERVAL") {
             None => None,
             // The worker's rule: the gateway passes the value on, and both must agree.
@@ -554,46 +626,8 @@ impl Config {
         if api_key.is_some() {
             p.shared("OMNI_API_KEY", check::api_key)?;
         }
-        let restart = RestartPolicy {
-            backoff_initial: p.millis("OMNI_RESTART_BACKOFF_MS")?,
-            backoff_max: p.millis("OMNI_RESTART_BACKOFF_MAX_MS")?,
-            crash_loop_limit: p.number("OMNI_CRASH_LOOP_LIMIT", "a whole number of crashes")?,
-            stable_after: p.seconds("OMNI_STABLE_AFTER_S")?,
-            stop_timeout: p.seconds("OMNI_STOP_TIMEOUT_S")?,
-        };
-        if restart.crash_loop_limit == 0 {
-            return Err(p.invalid("OMNI_CRASH_LOOP_LIMIT", "must be at least 1"));
-        }
-        // A zero delay would restart a crashing child in a busy loop.
-        if restart.backoff_initial.is_zero() {
-            return Err(p.invalid("OMNI_RESTART_BACKOFF_MS", "must be at least 1 ms"));
-        }
-        if restart.backoff_max < restart.backoff_initial {
-            return Err(p.invalid("OMNI_RESTART_BACKOFF_MAX_MS", "must be at least OMNI_RESTART_BACKOFF_MS"));
-        }
-        // The cap is the only limit on retries; a cap of days would be a
-        // child left down by a setting.
-        if restart.backoff_max > MAX_RESTART_DELAY {
-            return Err(p.invalid("OMNI_RESTART_BACKOFF_MAX_MS", "must be at most 3600000 (1 hour): a failing child is always retried"));
-        }
-        let http = HttpLimits {
-            upstream_wait: p.millis("OMNI_UPSTREAM_WAIT_MS")?,
-            upstream_timeout: p.seconds("OMNI_UPSTREAM_TIMEOUT_S")?,
-            header_timeout: p.seconds("OMNI_HEADER_TIMEOUT_S")?,
-            max_connections: p.number("OMNI_MAX_CONNECTIONS", "a whole number of connections")?,
-            drain_timeout: p.seconds("OMNI_DRAIN_TIMEOUT_S")?,
-            trusted_proxies: TrustedProxies::parse(&p.raw("OMNI_TRUSTED_PROXIES").0).map_err(|problem| p.invalid("OMNI_TRUSTED_PROXIES", problem))?,
-            public_url: match p.raw("OMNI_PUBLIC_URL").0.trim() {
-                "" => None,
-                url => Some(check::public_url(url).map_err(|problem| p.invalid("OMNI_PUBLIC_URL", problem))?),
-            },
-        };
-        if http.header_timeout.is_zero() {
-            return Err(p.invalid("OMNI_HEADER_TIMEOUT_S", "must be at least 1 second"));
-        }
-        if http.max_connections == 0 {
-            return Err(p.invalid("OMNI_MAX_CONNECTIONS", "must be at least 1"));
-        }
+        let restart = parse_restart(&p)?;
+        let http = parse_http(&p)?;
         let config = Config {
             host,
             port,
@@ -615,19 +649,8 @@ impl Config {
             log_format,
             cwd: cwd.to_path_buf(),
             layers: layers.clone(),
-            wal: WalConfig {
-                enabled: !p.raw("OMNI_WAL_DIR").0.trim().eq_ignore_ascii_case("off"),
-                dir: p.under_data_root("OMNI_WAL_DIR", "wal").value,
-                sync: p.bool("OMNI_WAL_SYNC")?,
-                window: omni_contract::interval::parse(&p.raw("OMNI_PITR_WINDOW").0)
-                    .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
-                drill_every: omni_contract::interval::parse(&p.raw("OMNI_BACKUP_DRILL_INTERVAL").0)
-                    .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
-            },
+            wal: parse_wal(&p)?,
         };
-        if config.wal.sync && !config.wal.enabled {
-            return Err(p.invalid("OMNI_WAL_SYNC", "commits cannot wait for a WAL streamer that OMNI_WAL_DIR=off turns off"));
-        }
         config.check_worker_settings(&layers)?;
         check_apart(&config, &p)?;
         Ok(config)
