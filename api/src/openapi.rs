@@ -75,7 +75,13 @@ pub fn document_sessions(document: &mut serde_json::Value) {
         if !protected {
             continue;
         }
-        operation["security"] = serde_json::json!([{ "api_key": [] }, { "session_cookie": [] }]);
+        // `{}` among them: credentials are optional (a public answer that says who you are).
+        let optional = operation["security"].as_array().is_some_and(|s| s.iter().any(|r| r.as_object().is_some_and(|o| o.is_empty())));
+        operation["security"] = if optional {
+            serde_json::json!([{}, { "api_key": [] }, { "session_cookie": [] }])
+        } else {
+            serde_json::json!([{ "api_key": [] }, { "session_cookie": [] }])
+        };
         let responses = &mut operation["responses"];
         if responses.get("401").is_none() {
             responses["401"] = serde_json::json!({ "description": "Neither a valid x-api-key nor a valid session cookie", "content": error_body });
