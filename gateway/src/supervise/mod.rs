@@ -445,30 +445,38 @@ impl<P: Policy> Supervisor<P> {
     /// From a started child to the end of its run.
     async fn supervise_run(&mut self, mut child: Child) -> RunEnd {
         let name = self.policy.name();
-        let mut pid = child.id();
+        let pid = child.id();
         self.board.update(name, |c| c.pid = pid);
-        let timing = self.policy.timing();
+        if let Err(end) = self.await_ready(&mut child, pid).await {
+            return end;
+        }
+        self.serve_until_end(child, pid).await
+    }
 
-        // Readiness.
+    /// Readiness: the first passing check of a run, then the policy's
+    /// post-start step. `Err` when the run ended before it was ready.
+    async fn await_ready(&mut self, child: &mut Child, pid: Option<u32>) -> Result<(), RunEnd> {
+        let name = self.policy.name();
+        let timing = self.policy.timing();
         let deadline = tokio::time::Instant::now() + timing.start_timeout;
         let mut next_check = tokio::time::Instant::now();
         loop {
             self.beat(timing.ready_poll + timing.check_timeout);
             tokio::select! {
-                status = child.wait() => return self.exited(pid, status, None),
+                status = child.wait() => return Err(self.exited(pid, status, None)),
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Reload) => queue_reload(name, &mut self.reload_queued),
                     Some(Command::Retry) => {}
-                    other => return self.stop_run(end_for(other), &mut child, None).await,
+                    other => return Err(self.stop_run(end_for(other), child, None).await),
                 },
                 ok = check_at(next_check, &mut self.policy, timing.check_timeout) => {
                     if ok.is_ok() {
                         break;
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        self.stop_child(&mut child).await;
+                        self.stop_child(child).await;
                         let why = format!("not ready within {} s", timing.start_timeout.as_secs());
-                        return RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } };
+                        return Err(RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } });
                     }
                     next_check = tokio::time::Instant::now() + timing.ready_poll;
                 }
@@ -478,24 +486,30 @@ impl<P: Policy> Supervisor<P> {
             Step::Done(Ok(())) => {}
             Step::Done(Err(e)) => {
                 tracing::error!(component = name, "post-start step failed: {e:#}");
-                self.stop_child(&mut child).await;
-                return RunEnd::Failed { why: format!("post-start step failed: {e:#}"), outcome: Outcome::Failed { ready_for: None } };
+                self.stop_child(child).await;
+                return Err(RunEnd::Failed { why: format!("post-start step failed: {e:#}"), outcome: Outcome::Failed { ready_for: None } });
             }
             Step::TimedOut => {
                 let why = format!("post-start step did not finish within {} s", STEP_BUDGET.as_secs());
                 tracing::error!(component = name, "{why}");
-                self.stop_child(&mut child).await;
-                return RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } };
+                self.stop_child(child).await;
+                return Err(RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } });
             }
             Step::Interrupted(end) => {
                 tracing::info!(component = name, "asked to {} during the post-start step: the step is abandoned", end.verb());
-                return self.stop_run(end, &mut child, None).await;
+                return Err(self.stop_run(end, child, None).await);
             }
         }
+        Ok(())
+    }
+
+    /// Liveness, and reloads (a candidate instance starts beside this one),
+    /// from the run's readiness to its end.
+    async fn serve_until_end(&mut self, mut child: Child, mut pid: Option<u32>) -> RunEnd {
+        let name = self.policy.name();
+        let timing = self.policy.timing();
         self.board.transition(name, State::Ready, None);
         let ready_at = Instant::now();
-
-        // Liveness, and reloads: a candidate instance starts beside this one.
         let mut misses = 0;
         let mut stable = self.failures == 0;
         let mut candidate: Option<Candidate> = None;
