@@ -139,6 +139,12 @@ pub trait Policy: Send + 'static {
     fn on_run_end(&mut self) {}
     /// Called when a reload's new instance did not become ready and was stopped.
     fn abandon_candidate(&mut self) {}
+    /// A gate this child's starts wait on (a restore holds it). The wait is
+    /// done before `start`, listening for commands, and does not count
+    /// against the start timeout.
+    fn gate(&self) -> Option<gate::StartGate> {
+        None
+    }
 }
 
 /// A start error no retry can fix: a missing or unusable binary, a cluster
@@ -296,8 +302,21 @@ impl<P: Policy> Supervisor<P> {
             let attempt = (self.failures > 0).then(|| format!("attempt {}", self.failures + 1));
             self.board.transition(name, State::Starting, attempt);
             let run_started = Instant::now();
+            if let Some(gate) = self.policy.gate() {
+                if let Step::Interrupted(end) = bounded(name, &self.board, gate.wait(name), None, &mut self.commands, &mut self.reload_queued).await {
+                    tracing::info!(component = name, "asked to {} while its start waited: the start is abandoned", end.verb());
+                    self.policy.on_run_end();
+                    match end {
+                        RunEnd::Stop(reply) => return self.finish(reply).await,
+                        _ => {
+                            self.reset_failures();
+                            continue;
+                        }
+                    }
+                }
+            }
             let budget = self.policy.timing().start_timeout;
-            let end = match bounded(name, &self.board, self.policy.start(), budget, &mut self.commands, &mut self.reload_queued).await {
+            let end = match bounded(name, &self.board, self.policy.start(), Some(budget), &mut self.commands, &mut self.reload_queued).await {
                 Step::Done(Ok(child)) => self.supervise_run(child).await,
                 Step::Done(Err(e)) => {
                     let outcome = if is_permanent(&e) { Outcome::Permanent } else { Outcome::Failed { ready_for: None } };
@@ -482,7 +501,7 @@ impl<P: Policy> Supervisor<P> {
                 }
             }
         }
-        match bounded(name, &self.board, self.policy.on_ready(), STEP_BUDGET, &mut self.commands, &mut self.reload_queued).await {
+        match bounded(name, &self.board, self.policy.on_ready(), Some(STEP_BUDGET), &mut self.commands, &mut self.reload_queued).await {
             Step::Done(Ok(())) => {}
             Step::Done(Err(e)) => {
                 tracing::error!(component = name, "post-start step failed: {e:#}");
@@ -721,7 +740,7 @@ fn queue_reload(name: &'static str, queued: &mut bool) {
     }
 }
 
-/// Awaits `step` for at most `budget` while listening for commands: a stop
+/// Awaits `step` for at most `budget` (no limit with `None`) while listening for commands: a stop
 /// or restart abandons it (the future is dropped), a reload is queued, a
 /// retry means nothing (the child is not down). The heartbeat is renewed
 /// meanwhile: a long step that is bounded is not a hang.
@@ -729,17 +748,17 @@ async fn bounded<T>(
     name: &'static str,
     board: &Board,
     step: impl Future<Output = T>,
-    budget: Duration,
+    budget: Option<Duration>,
     commands: &mut mpsc::Receiver<Command>,
     reload_queued: &mut bool,
 ) -> Step<T> {
     tokio::pin!(step);
-    let deadline = tokio::time::Instant::now() + budget;
+    let deadline = budget.map(|b| tokio::time::Instant::now() + b);
     loop {
         board.beat(name, HEARTBEAT_EVERY + HEARTBEAT_SLACK);
         tokio::select! {
             out = &mut step => return Step::Done(out),
-            () = tokio::time::sleep_until(deadline) => return Step::TimedOut,
+            () = sleep_until(deadline) => return Step::TimedOut,
             () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
             cmd = commands.recv() => match cmd {
                 Some(Command::Reload) => queue_reload(name, reload_queued),
@@ -747,6 +766,14 @@ async fn bounded<T>(
                 other => return Step::Interrupted(end_for(other)),
             },
         }
+    }
+}
+
+/// Sleeps until `deadline`; never completes without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
