@@ -83,6 +83,10 @@ const HEARTBEAT_SLACK: Duration = Duration::from_secs(5);
 /// watchdog counts the loop as stuck (preflight checks, flushing a new
 /// cluster to disk, creating the app database).
 const STEP_BUDGET: Duration = Duration::from_secs(120);
+/// A step under way when a stop comes is given this long to finish (a
+/// connection halfway through its authentication is better completed and
+/// closed than cut), then abandoned.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// How to stop a child: a polite signal, then a firmer one, then SIGKILL to
 /// its whole process group.
@@ -303,7 +307,7 @@ impl<P: Policy> Supervisor<P> {
             self.board.transition(name, State::Starting, attempt);
             let run_started = Instant::now();
             if let Some(gate) = self.policy.gate() {
-                if let Step::Interrupted(end) = bounded(name, &self.board, gate.wait(name), None, &mut self.commands, &mut self.reload_queued).await {
+                if let Step::Interrupted(end, _) = bounded(name, &self.board, gate.wait(name), None, &mut self.commands, &mut self.reload_queued).await {
                     tracing::info!(component = name, "asked to {} while its start waited: the start is abandoned", end.verb());
                     self.policy.on_run_end();
                     match end {
@@ -326,8 +330,14 @@ impl<P: Policy> Supervisor<P> {
                     let why = format!("could not start: the start did not finish within {}", human(budget));
                     RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } }
                 }
-                Step::Interrupted(end) => {
-                    tracing::info!(component = name, "asked to {} while starting: the start is abandoned", end.verb());
+                Step::Interrupted(end, finished) => {
+                    match finished {
+                        Some(Ok(mut child)) => {
+                            tracing::info!(component = name, "asked to {} while starting: stopping the child just started", end.verb());
+                            self.stop_child(&mut child).await;
+                        }
+                        _ => tracing::info!(component = name, "asked to {} while starting: the start is abandoned", end.verb()),
+                    }
                     end
                 }
             };
@@ -514,8 +524,8 @@ impl<P: Policy> Supervisor<P> {
                 self.stop_child(child).await;
                 return Err(RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } });
             }
-            Step::Interrupted(end) => {
-                tracing::info!(component = name, "asked to {} during the post-start step: the step is abandoned", end.verb());
+            Step::Interrupted(end, _) => {
+                tracing::info!(component = name, "asked to {} during the post-start step", end.verb());
                 return Err(self.stop_run(end, child, None).await);
             }
         }
@@ -711,8 +721,9 @@ enum Step<T> {
     Done(T),
     /// It took longer than its budget and was abandoned.
     TimedOut,
-    /// A stop or restart came first; the step was abandoned.
-    Interrupted(RunEnd),
+    /// A stop or restart came first. The step was given [`STOP_GRACE`]
+    /// more to finish (its result, if it did), then abandoned.
+    Interrupted(RunEnd, Option<T>),
 }
 
 impl RunEnd {
@@ -763,7 +774,10 @@ async fn bounded<T>(
             cmd = commands.recv() => match cmd {
                 Some(Command::Reload) => queue_reload(name, reload_queued),
                 Some(Command::Retry) => {}
-                other => return Step::Interrupted(end_for(other)),
+                other => {
+                    let finished = tokio::time::timeout(STOP_GRACE, &mut step).await.ok();
+                    return Step::Interrupted(end_for(other), finished);
+                }
             },
         }
     }
