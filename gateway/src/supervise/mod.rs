@@ -37,7 +37,7 @@
 //! **Always listening.** Every wait — the policy's `start` and `on_ready`
 //! steps, backoff, readiness, a reload's new instance — also listens for
 //! commands, so a stop is acted on at once (a step under way gets
-//! [`STOP_GRACE`] to finish, then is abandoned; a child it started is
+//! `STOP_GRACE` (2 s) to finish, then is abandoned; a child it started is
 //! stopped). A start gate ([`Policy::gate`]) is waited on before `start`,
 //! outside its timeout. A start has a timeout: `start`
 //! itself and the readiness that follows each get the policy's
