@@ -37,7 +37,7 @@ use crate::pg::{binaries, cluster, PostgresPolicy};
 use crate::process::privilege::Account;
 use crate::serve::proxy::Proxy;
 use crate::supervise::sd_notify::{self, Notifier};
-use crate::status::{Board, State};
+use crate::status::Board;
 use crate::serve::upstream::Upstreams;
 use crate::worker::{self, WorkerPolicy};
 use crate::process::child;
@@ -441,19 +441,16 @@ async fn wait_first(until: impl std::future::Future<Output = ()>, signals: &mut 
 }
 
 /// SIGHUP: a child that is down (`backoff`, `failed`) is retried at once;
-/// a running worker is reloaded without dropping a request.
+/// a running worker is reloaded without dropping a request (a worker still
+/// starting is reloaded once it is ready). The supervisors decide from their
+/// own state, so nothing here races a state read from the board.
 async fn on_sighup(running: &Running) {
+    tracing::info!("SIGHUP received: retrying what is down now, reloading the API worker");
     for handle in &running.handles {
-        match running.board.state(handle.name) {
-            Some(State::Backoff | State::Failed) => {
-                tracing::info!("SIGHUP received: retrying {} now", handle.name);
-                handle.restart().await;
-            }
-            _ if handle.name == "api" => {
-                tracing::info!("SIGHUP received: reloading the API worker");
-                handle.reload().await;
-            }
-            _ => {}
+        if handle.name == "api" {
+            handle.reload().await;
+        } else {
+            handle.retry().await;
         }
     }
 }

@@ -345,3 +345,35 @@ fn the_worker_starts_beside_postgresql_and_a_stop_before_postgresql_is_up_leaves
     assert!(gw.terminate().success(), "{}", gw.log());
     wait_until(Duration::from_secs(10), "the early worker to be gone", || (!alive(early)).then_some(()));
 }
+
+/// A SIGHUP while the worker starts (a long migration, say) is queued, as
+/// systemd queues a reload: the starting worker is not stopped, and once it
+/// is ready it is reloaded exactly once; no restart is counted.
+#[test]
+fn sighup_while_the_worker_starts_is_one_reload_once_it_is_ready_not_a_restart() {
+    let dir = workdir();
+    let (stack, _pg) = fake_stack(dir.path());
+    let go = dir.path().join("worker-may-be-ready");
+    let events_file = events_file(dir.path());
+    let mut gw = stack.env("FAKE_READY_WHEN_FILE", go.display().to_string()).env("FAKE_EVENTS", events_file.display().to_string()).spawn();
+    let first = wait_until(Duration::from_secs(60), "the worker to be starting", || {
+        try_component(gw.port, "api").filter(|c| c["state"] == "starting").and_then(|c| c["pid"].as_i64())
+    });
+    signal(&gw, libc::SIGHUP);
+    wait_until(Duration::from_secs(10), "the reload to be queued", || gw.log().contains("reload asked while starting: queued").then_some(()));
+    let c = gw.component("api");
+    assert_eq!((c["state"].as_str(), c["pid"].as_i64(), c["restarts"].as_i64()), (Some("starting"), Some(first), Some(0)), "the starting worker goes on starting: {c}");
+    assert!(alive(first as i32));
+
+    std::fs::write(&go, "").unwrap();
+    let c = gw.wait_component("api", "the reload's new worker to serve", Duration::from_secs(30), |c| {
+        c["state"] == "ready" && c["reloading"] == false && c["pid"].as_i64().is_some_and(|p| p != first)
+    });
+    assert_eq!(c["restarts"], 0, "a reload is not a restart: {c}");
+    wait_until(Duration::from_secs(10), "the first worker to be gone once drained", || (!alive(first as i32)).then_some(()));
+    let starts: Vec<i32> = events(&events_file).into_iter().filter(|(e, _, _)| e == "start").map(|(_, pid, _)| pid).collect();
+    assert_eq!(starts.len(), 2, "the first worker and exactly one reload: {starts:?}");
+    assert_eq!(gw.log().matches("reload: starting a new instance").count(), 1, "{}", gw.log());
+    assert_eq!(gw.get("/health").status, 200);
+    assert!(gw.terminate().success(), "{}", gw.log());
+}

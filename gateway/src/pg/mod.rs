@@ -219,6 +219,10 @@ impl Policy for PostgresPolicy {
         "postgres"
     }
 
+    fn gate(&self) -> Option<crate::supervise::gate::StartGate> {
+        self.hold.clone()
+    }
+
     async fn start(&mut self) -> Result<Child> {
         self.client = None;
         if let Some(hold) = &self.hold {

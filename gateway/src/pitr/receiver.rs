@@ -174,6 +174,10 @@ impl Policy for ReceiverPolicy {
         "wal"
     }
 
+    fn gate(&self) -> Option<crate::supervise::gate::StartGate> {
+        self.hold.clone()
+    }
+
     async fn start(&mut self) -> Result<Child> {
         if let Some(hold) = &self.hold {
             hold.wait("the WAL streamer").await;

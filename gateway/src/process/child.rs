@@ -235,7 +235,14 @@ fn start_spawner_thread() -> mpsc::Sender<Request> {
             // Tokio's process driver must be reachable from this thread.
             let _guard = handle.enter();
             for (spec, reply) in rx {
-                let _ = reply.send(spawn_here(spec));
+                // Nobody waits for this child any more (a start abandoned
+                // for a stop): it must not live on unsupervised.
+                if let Err(Ok(child)) = reply.send(spawn_here(spec)) {
+                    if let Some(pid) = child.id() {
+                        signal_group(pid, Signal::SIGKILL);
+                    }
+                    drop(child);
+                }
             }
         })
         .expect("cannot start the child-spawner thread");

@@ -34,10 +34,17 @@
 //! PostgreSQL) does not wait out its delay once that dependency is ready
 //! again, so the whole stack is back within one capped delay of the last crash.
 //!
-//! **Always listening.** Every wait — backoff, readiness, a reload's new
-//! instance — also listens for commands, so a stop is acted on at once. And
-//! every turn of the loop renews a heartbeat on the board, which the systemd
-//! watchdog checks before it pings.
+//! **Always listening.** Every wait — the policy's `start` and `on_ready`
+//! steps, backoff, readiness, a reload's new instance — also listens for
+//! commands, so a stop is acted on at once (a step under way gets
+//! `STOP_GRACE` (2 s) to finish, then is abandoned; a child it started is
+//! stopped). A start gate ([`Policy::gate`]) is waited on before `start`,
+//! outside its timeout. A start has a timeout: `start`
+//! itself and the readiness that follows each get the policy's
+//! `start_timeout`. A reload asked while a child starts is queued, as
+//! systemd queues jobs, and done once the start ends: it never turns into a
+//! restart of the starting child. And every turn of the loop renews a
+//! heartbeat on the board, which the systemd watchdog checks before it pings.
 //!
 //! Layer: the mechanism, above `status`, `process` and `config`. It knows
 //! nothing of PostgreSQL, the worker or the WAL: those are [`Policy`] values
@@ -78,6 +85,10 @@ const HEARTBEAT_SLACK: Duration = Duration::from_secs(5);
 /// watchdog counts the loop as stuck (preflight checks, flushing a new
 /// cluster to disk, creating the app database).
 const STEP_BUDGET: Duration = Duration::from_secs(120);
+/// A step under way when a stop comes is given this long to finish (a
+/// connection halfway through its authentication is better completed and
+/// closed than cut), then abandoned.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// How to stop a child: a polite signal, then a firmer one, then SIGKILL to
 /// its whole process group.
@@ -134,6 +145,12 @@ pub trait Policy: Send + 'static {
     fn on_run_end(&mut self) {}
     /// Called when a reload's new instance did not become ready and was stopped.
     fn abandon_candidate(&mut self) {}
+    /// A gate this child's starts wait on (a restore holds it). The wait is
+    /// done before `start`, listening for commands, and does not count
+    /// against the start timeout.
+    fn gate(&self) -> Option<gate::StartGate> {
+        None
+    }
 }
 
 /// A start error no retry can fix: a missing or unusable binary, a cluster
@@ -171,8 +188,13 @@ pub enum Command {
     /// `Failed` at once; a running child is stopped first.
     Restart,
     /// Start a new instance, switch to it once ready, then stop the old one
-    /// (SIGHUP, `make dev`). Out of `Backoff` or `Failed`, the same as `Restart`.
+    /// (SIGHUP, `make dev`). Out of `Backoff` or `Failed`, the same as `Restart`;
+    /// while a child starts, queued until the start ends.
     Reload,
+    /// Start again now with a fresh failure count if the child is down
+    /// (`Backoff` or `Failed`); ignored otherwise, so a caller need not read
+    /// the board first and race it (SIGHUP).
+    Retry,
 }
 
 /// Handle to a running supervisor task.
@@ -204,6 +226,11 @@ impl Handle {
     pub async fn reload(&self) {
         let _ = self.tx.send(Command::Reload).await;
     }
+
+    /// Retries the child at once if it is down; nothing otherwise.
+    pub async fn retry(&self) {
+        let _ = self.tx.send(Command::Retry).await;
+    }
 }
 
 /// Starts supervising `policy`'s child in a task of `tasks`. With
@@ -221,6 +248,7 @@ pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, tasks: 
         retiring: TaskTracker::new(),
         hurry_retiring: CancellationToken::new(),
         failures: 0,
+        reload_queued: false,
     };
     let task = tasks.spawn(supervisor.run());
     Handle { name, tx, task }
@@ -239,6 +267,8 @@ struct Supervisor<P> {
     hurry_retiring: CancellationToken,
     /// Failed runs in a row without a stable one: the backoff exponent.
     failures: u32,
+    /// A reload asked while the child was starting, done once it is ready.
+    reload_queued: bool,
 }
 
 /// How one run ended.
@@ -278,15 +308,45 @@ impl<P: Policy> Supervisor<P> {
             let attempt = (self.failures > 0).then(|| format!("attempt {}", self.failures + 1));
             self.board.transition(name, State::Starting, attempt);
             let run_started = Instant::now();
-            self.beat(STEP_BUDGET);
-            let end = match self.policy.start().await {
-                Ok(child) => self.supervise_run(child).await,
-                Err(e) => {
+            if let Some(gate) = self.policy.gate() {
+                if let Step::Interrupted(end, _) = bounded(name, &self.board, gate.wait(name), None, &mut self.commands, &mut self.reload_queued).await {
+                    tracing::info!(component = name, "asked to {} while its start waited: the start is abandoned", end.verb());
+                    self.policy.on_run_end();
+                    match end {
+                        RunEnd::Stop(reply) => return self.finish(reply).await,
+                        _ => {
+                            self.reset_failures();
+                            continue;
+                        }
+                    }
+                }
+            }
+            let budget = self.policy.timing().start_timeout;
+            let end = match bounded(name, &self.board, self.policy.start(), Some(budget), &mut self.commands, &mut self.reload_queued).await {
+                Step::Done(Ok(child)) => self.supervise_run(child).await,
+                Step::Done(Err(e)) => {
                     let outcome = if is_permanent(&e) { Outcome::Permanent } else { Outcome::Failed { ready_for: None } };
                     RunEnd::Failed { why: format!("could not start: {e:#}"), outcome }
                 }
+                Step::TimedOut => {
+                    let why = format!("could not start: the start did not finish within {}", human(budget));
+                    RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } }
+                }
+                Step::Interrupted(end, finished) => {
+                    match finished {
+                        Some(Ok(mut child)) => {
+                            tracing::info!(component = name, "asked to {} while starting: stopping the child just started", end.verb());
+                            self.stop_child(&mut child).await;
+                        }
+                        _ => tracing::info!(component = name, "asked to {} while starting: the start is abandoned", end.verb()),
+                    }
+                    end
+                }
             };
             self.policy.on_run_end();
+            // A reload queued by a start that did not end ready is moot: the
+            // next start is a new instance anyway.
+            self.reload_queued = false;
             let wake = match end {
                 RunEnd::Stop(reply) => return self.finish(reply).await,
                 RunEnd::Restart => Wake::Fresh,
@@ -371,7 +431,7 @@ impl<P: Policy> Supervisor<P> {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Stop(reply)) => return Wake::Stop(Some(reply)),
                     None => return Wake::Stop(None),
-                    Some(Command::Restart | Command::Reload) => return Wake::Fresh,
+                    Some(Command::Restart | Command::Reload | Command::Retry) => return Wake::Fresh,
                 },
             }
         }
@@ -386,7 +446,7 @@ impl<P: Policy> Supervisor<P> {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Stop(reply)) => return Wake::Stop(Some(reply)),
                     None => return Wake::Stop(None),
-                    Some(Command::Restart | Command::Reload) => return Wake::Fresh,
+                    Some(Command::Restart | Command::Reload | Command::Retry) => return Wake::Fresh,
                 },
             }
         }
@@ -416,45 +476,80 @@ impl<P: Policy> Supervisor<P> {
     /// From a started child to the end of its run.
     async fn supervise_run(&mut self, mut child: Child) -> RunEnd {
         let name = self.policy.name();
-        let mut pid = child.id();
+        let pid = child.id();
         self.board.update(name, |c| c.pid = pid);
-        let timing = self.policy.timing();
+        if let Err(end) = self.await_ready(&mut child, pid).await {
+            return end;
+        }
+        self.serve_until_end(child, pid).await
+    }
 
-        // Readiness.
+    /// Readiness: the first passing check of a run, then the policy's
+    /// post-start step. `Err` when the run ended before it was ready.
+    async fn await_ready(&mut self, child: &mut Child, pid: Option<u32>) -> Result<(), RunEnd> {
+        let name = self.policy.name();
+        let timing = self.policy.timing();
         let deadline = tokio::time::Instant::now() + timing.start_timeout;
         let mut next_check = tokio::time::Instant::now();
         loop {
             self.beat(timing.ready_poll + timing.check_timeout);
             tokio::select! {
-                status = child.wait() => return self.exited(pid, status, None),
-                cmd = self.commands.recv() => return self.stop_for(cmd, &mut child, None).await,
+                status = child.wait() => return Err(self.exited(pid, status, None)),
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Reload) => queue_reload(name, &mut self.reload_queued),
+                    Some(Command::Retry) => {}
+                    other => return Err(self.stop_run(end_for(other), child, None).await),
+                },
                 ok = check_at(next_check, &mut self.policy, timing.check_timeout) => {
                     if ok.is_ok() {
                         break;
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        self.stop_child(&mut child).await;
+                        self.stop_child(child).await;
                         let why = format!("not ready within {} s", timing.start_timeout.as_secs());
-                        return RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } };
+                        return Err(RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } });
                     }
                     next_check = tokio::time::Instant::now() + timing.ready_poll;
                 }
             }
         }
-        self.beat(STEP_BUDGET);
-        if let Err(e) = self.policy.on_ready().await {
-            tracing::error!(component = name, "post-start step failed: {e:#}");
-            self.stop_child(&mut child).await;
-            return RunEnd::Failed { why: format!("post-start step failed: {e:#}"), outcome: Outcome::Failed { ready_for: None } };
+        match bounded(name, &self.board, self.policy.on_ready(), Some(STEP_BUDGET), &mut self.commands, &mut self.reload_queued).await {
+            Step::Done(Ok(())) => {}
+            Step::Done(Err(e)) => {
+                tracing::error!(component = name, "post-start step failed: {e:#}");
+                self.stop_child(child).await;
+                return Err(RunEnd::Failed { why: format!("post-start step failed: {e:#}"), outcome: Outcome::Failed { ready_for: None } });
+            }
+            Step::TimedOut => {
+                let why = format!("post-start step did not finish within {} s", STEP_BUDGET.as_secs());
+                tracing::error!(component = name, "{why}");
+                self.stop_child(child).await;
+                return Err(RunEnd::Failed { why, outcome: Outcome::Failed { ready_for: None } });
+            }
+            Step::Interrupted(end, _) => {
+                tracing::info!(component = name, "asked to {} during the post-start step", end.verb());
+                return Err(self.stop_run(end, child, None).await);
+            }
         }
+        Ok(())
+    }
+
+    /// Liveness, and reloads (a candidate instance starts beside this one),
+    /// from the run's readiness to its end.
+    async fn serve_until_end(&mut self, mut child: Child, mut pid: Option<u32>) -> RunEnd {
+        let name = self.policy.name();
+        let timing = self.policy.timing();
         self.board.transition(name, State::Ready, None);
         let ready_at = Instant::now();
-
-        // Liveness, and reloads: a candidate instance starts beside this one.
         let mut misses = 0;
         let mut stable = self.failures == 0;
         let mut candidate: Option<Candidate> = None;
         let mut next_check = tokio::time::Instant::now() + timing.live_interval;
+        if std::mem::take(&mut self.reload_queued) {
+            tracing::info!(component = name, "ready: doing the reload asked while it started");
+            candidate = self.start_candidate().await;
+            next_check = tokio::time::Instant::now();
+        }
         loop {
             self.beat(timing.live_interval.max(timing.ready_poll) + timing.check_timeout);
             if !stable && ready_at.elapsed() >= self.restart.stable_after {
@@ -481,7 +576,8 @@ impl<P: Policy> Supervisor<P> {
                         candidate = self.start_candidate().await;
                         next_check = tokio::time::Instant::now();
                     }
-                    other => return self.stop_run(other, &mut child, candidate.take()).await,
+                    Some(Command::Retry) => {}
+                    other => return self.stop_run(end_for(other), &mut child, candidate.take()).await,
                 },
                 ok = check_at(next_check, &mut self.policy, timing.check_timeout) => match candidate.take() {
                     Some(c) => match ok {
@@ -532,16 +628,9 @@ impl<P: Policy> Supervisor<P> {
         RunEnd::Failed { why, outcome: Outcome::Failed { ready_for } }
     }
 
-    async fn stop_for(&mut self, cmd: Option<Command>, child: &mut Child, candidate: Option<Candidate>) -> RunEnd {
-        match cmd {
-            Some(Command::Reload) => self.stop_run(Some(Command::Restart), child, candidate).await,
-            cmd => self.stop_run(cmd, child, candidate).await,
-        }
-    }
-
     /// Stops the run (and a reload's candidate beside it, at the same time)
-    /// for a stop or restart command.
-    async fn stop_run(&mut self, cmd: Option<Command>, child: &mut Child, candidate: Option<Candidate>) -> RunEnd {
+    /// for a stop or restart command; `end` is what follows.
+    async fn stop_run(&mut self, end: RunEnd, child: &mut Child, candidate: Option<Candidate>) -> RunEnd {
         let name = self.policy.name();
         self.board.transition(name, State::Stopping, None);
         let signals = self.policy.stop_signals();
@@ -558,11 +647,7 @@ impl<P: Policy> Supervisor<P> {
             self.policy.abandon_candidate();
         }
         self.board.update(name, |c| c.pid = None);
-        match cmd {
-            Some(Command::Restart | Command::Reload) => RunEnd::Restart,
-            Some(Command::Stop(reply)) => RunEnd::Stop(Some(reply)),
-            None => RunEnd::Stop(None),
-        }
+        end
     }
 
     /// Stops the run with the policy's signals, escalating on timeout.
@@ -630,6 +715,81 @@ impl<P: Policy> Supervisor<P> {
             }
             terminate(name, &mut old, signals).await;
         });
+    }
+}
+
+/// How a step the loop awaits (a policy's `start` or `on_ready`) ended.
+enum Step<T> {
+    Done(T),
+    /// It took longer than its budget and was abandoned.
+    TimedOut,
+    /// A stop or restart came first. The step was given [`STOP_GRACE`]
+    /// more to finish (its result, if it did), then abandoned.
+    Interrupted(RunEnd, Option<T>),
+}
+
+impl RunEnd {
+    fn verb(&self) -> &'static str {
+        match self {
+            RunEnd::Stop(_) => "stop",
+            RunEnd::Restart => "restart",
+            RunEnd::Failed { .. } => "fail",
+        }
+    }
+}
+
+/// What a stop or restart command (or a closed channel) ends a run with.
+fn end_for(cmd: Option<Command>) -> RunEnd {
+    match cmd {
+        Some(Command::Stop(reply)) => RunEnd::Stop(Some(reply)),
+        None => RunEnd::Stop(None),
+        Some(Command::Restart | Command::Reload | Command::Retry) => RunEnd::Restart,
+    }
+}
+
+fn queue_reload(name: &'static str, queued: &mut bool) {
+    if !std::mem::replace(queued, true) {
+        tracing::info!(component = name, "reload asked while starting: queued until the start ends");
+    }
+}
+
+/// Awaits `step` for at most `budget` (no limit with `None`) while listening for commands: a stop
+/// or restart abandons it (the future is dropped), a reload is queued, a
+/// retry means nothing (the child is not down). The heartbeat is renewed
+/// meanwhile: a long step that is bounded is not a hang.
+async fn bounded<T>(
+    name: &'static str,
+    board: &Board,
+    step: impl Future<Output = T>,
+    budget: Option<Duration>,
+    commands: &mut mpsc::Receiver<Command>,
+    reload_queued: &mut bool,
+) -> Step<T> {
+    tokio::pin!(step);
+    let deadline = budget.map(|b| tokio::time::Instant::now() + b);
+    loop {
+        board.beat(name, HEARTBEAT_EVERY + HEARTBEAT_SLACK);
+        tokio::select! {
+            out = &mut step => return Step::Done(out),
+            () = sleep_until(deadline) => return Step::TimedOut,
+            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+            cmd = commands.recv() => match cmd {
+                Some(Command::Reload) => queue_reload(name, reload_queued),
+                Some(Command::Retry) => {}
+                other => {
+                    let finished = tokio::time::timeout(STOP_GRACE, &mut step).await.ok();
+                    return Step::Interrupted(end_for(other), finished);
+                }
+            },
+        }
+    }
+}
+
+/// Sleeps until `deadline`; never completes without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -851,6 +1011,87 @@ mod tests {
     fn delays_read_as_people_write_them() {
         assert_eq!(human(Duration::from_millis(380)), "0.4 s");
         assert_eq!(human(Duration::from_millis(12_400)), "12 s");
+    }
+
+    /// A policy whose start waits on a gate (as PostgreSQL's waits on a
+    /// restore's), then runs `sleep`: a real child, a real wait.
+    struct Gated {
+        gate: gate::StartGate,
+        start_timeout: Duration,
+    }
+
+    impl Policy for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        async fn start(&mut self) -> Result<Child> {
+            self.gate.wait("the test child").await;
+            let mut spec = child::ChildSpec::new("gated", "sleep");
+            spec.args = vec!["600".into()];
+            Ok(child::spawn(spec).await?)
+        }
+        async fn check(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn stop_signals(&self) -> StopSignals {
+            StopSignals { first: Signal::SIGTERM, second: None, grace: Duration::from_secs(5) }
+        }
+        fn timing(&self) -> CheckTiming {
+            CheckTiming {
+                ready_poll: Duration::from_millis(5),
+                start_timeout: self.start_timeout,
+                live_interval: Duration::from_secs(1),
+                check_timeout: Duration::from_secs(1),
+                failures_before_restart: 3,
+            }
+        }
+    }
+
+    async fn wait_for_state(board: &Board, state: State) -> Component {
+        let mut rx = board.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(c) = rx.borrow_and_update().get("gated").filter(|c| c.state == state) {
+                    return c.clone();
+                }
+                rx.changed().await.expect("the board lives");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("gated never reached {state:?}: {:?}", board.snapshot().get("gated")))
+    }
+
+    use crate::status::Component;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_during_a_start_that_waits_is_acted_on_at_once_and_leaves_no_child() {
+        let gate = gate::StartGate::new("a test");
+        let held = gate.hold().await;
+        let board = Board::new(&["gated"]);
+        let tasks = TaskTracker::new();
+        let handle = spawn(Gated { gate: gate.clone(), start_timeout: Duration::from_secs(600) }, policy(), board.clone(), &tasks, None);
+        wait_for_state(&board, State::Starting).await;
+        tokio::time::timeout(Duration::from_secs(5), handle.stop()).await.expect("the stop waited for a start that could not end");
+        assert_eq!(board.state("gated"), Some(State::Stopped));
+        drop(held);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_that_does_not_end_in_time_is_a_failure_retried_with_backoff() {
+        let gate = gate::StartGate::new("a test");
+        let held = gate.hold().await;
+        let board = Board::new(&["gated"]);
+        let tasks = TaskTracker::new();
+        let handle = spawn(Gated { gate: gate.clone(), start_timeout: Duration::from_millis(200) }, policy(), board.clone(), &tasks, None);
+        let c = wait_for_state(&board, State::Backoff).await;
+        let why = c.last_exit.unwrap_or_default();
+        assert!(why.contains("did not finish within 0.2 s"), "{why}");
+        // Once the cause is gone, the retry starts and the child is ready.
+        drop(held);
+        let c = wait_for_state(&board, State::Ready).await;
+        let pid = c.pid.expect("a ready child has a pid") as i32;
+        handle.stop().await;
+        assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(), "the child is gone after the stop");
     }
 
     #[test]

@@ -78,17 +78,56 @@ pub struct WorkerPolicy {
     pub drain: Duration,
     /// Who the worker runs as; switched to when the gateway is root.
     pub account: Account,
-    /// The instance currently published: its address and generation.
-    current: Option<(SocketAddr, u64)>,
-    /// A started instance not yet ready (first start, restart, or reload).
-    candidate: Option<SocketAddr>,
-    /// The read end of the candidate's readiness pipe, until it announced
-    /// itself (or closed the pipe without doing so), and when it was started.
-    ready_pipe: Option<(pipe::Receiver, Instant)>,
-    /// A pre-started instance waiting for its start signal.
-    held: Option<Held>,
+    /// Where the worker is in its lifecycle.
+    instance: Instance,
     /// Where the worker's "do I lead?" (its health answer) is shown.
     board: Option<crate::status::Board>,
+}
+
+/// The worker's lifecycle, as the policy sees it. The supervisor drives it:
+/// `prestart` holds, `start` announces, `on_ready` serves, `on_run_end`
+/// and `abandon_candidate` go back.
+///
+/// ```text
+///   Idle ──prestart──▶ Held ──start──▶ Announcing ──on_ready──▶ Serving
+///    ▲                                  │  ▲                       │
+///    └────────── run ends ──────────────┘  └── start (a reload) ───┘
+/// ```
+enum Instance {
+    /// Nothing started, or the run ended.
+    Idle,
+    /// Spawned ahead of its start ([`WorkerPolicy::prestart`]), waiting for its start signal.
+    Held(Held),
+    /// Started, not yet ready (first start, restart, or a reload's new
+    /// instance, then beside the one in `replacing`).
+    Announcing {
+        addr: SocketAddr,
+        /// The read end of its readiness pipe until it announced itself (or
+        /// closed the pipe without doing so), and when it was started.
+        pipe: Option<(pipe::Receiver, Instant)>,
+        /// The instance still serving during a reload.
+        replacing: Option<Serving>,
+    },
+    /// Published as the proxy's upstream.
+    Serving(Serving),
+}
+
+/// An instance published to the proxy: its address and generation.
+#[derive(Clone, Copy)]
+struct Serving {
+    addr: SocketAddr,
+    generation: u64,
+}
+
+impl Instance {
+    /// The instance that serves now, if one does.
+    fn serving(&self) -> Option<Serving> {
+        match self {
+            Instance::Serving(s) => Some(*s),
+            Instance::Announcing { replacing, .. } => *replacing,
+            Instance::Idle | Instance::Held(_) => None,
+        }
+    }
 }
 
 /// A worker spawned ahead of its start ([`WorkerPolicy::prestart`]).
@@ -102,7 +141,7 @@ struct Held {
 
 impl WorkerPolicy {
     pub fn new(bin: PathBuf, settings: WorkerSettings, upstreams: Upstreams, drain: Duration, account: Account) -> Self {
-        WorkerPolicy { bin, settings, upstreams, drain, account, current: None, candidate: None, ready_pipe: None, held: None, board: None }
+        WorkerPolicy { bin, settings, upstreams, drain, account, instance: Instance::Idle, board: None }
     }
 
     /// Shows on `board` whether the serving worker leads (several gateways
@@ -123,7 +162,7 @@ impl WorkerPolicy {
         match self.spawn(Some(start_read)).await {
             Ok((child, addr, ready_read)) => {
                 tracing::info!("started API worker (pid {}) on {addr} as user {}; it waits for PostgreSQL to be ready before it connects", child.id().unwrap_or(0), self.account.name);
-                self.held = Some(Held { child, addr, ready_read, go: std::fs::File::from(start_write) });
+                self.instance = Instance::Held(Held { child, addr, ready_read, go: std::fs::File::from(start_write) });
             }
             Err(e) => tracing::warn!("could not pre-start the API worker: {e:#}"),
         }
@@ -165,7 +204,7 @@ impl WorkerPolicy {
 
     /// The pre-started instance, told to start, if it is still alive.
     fn release_held(&mut self) -> Option<(Child, SocketAddr, pipe::Receiver)> {
-        let mut held = self.held.take()?;
+        let Instance::Held(mut held) = std::mem::replace(&mut self.instance, Instance::Idle) else { return None };
         if !matches!(held.child.try_wait(), Ok(None)) {
             tracing::warn!("the pre-started API worker exited before PostgreSQL was ready; starting another");
             if let Some(pid) = held.child.id() {
@@ -278,42 +317,48 @@ impl Policy for WorkerPolicy {
                 (child, addr, ready_read)
             }
         };
-        self.candidate = Some(addr);
-        self.ready_pipe = Some((ready_read, Instant::now()));
+        let replacing = self.instance.serving();
+        self.instance = Instance::Announcing { addr, pipe: Some((ready_read, Instant::now())), replacing };
         Ok(child)
     }
 
     async fn check(&mut self) -> Result<()> {
-        if let Some((pipe, started)) = self.ready_pipe.as_mut() {
+        if let Instance::Announcing { pipe: ready_pipe @ Some(_), .. } = &mut self.instance {
+            let (pipe, started) = ready_pipe.as_mut().expect("matched Some");
+            let started = *started;
             let patience = ANNOUNCE_PATIENCE.saturating_sub(started.elapsed());
             match tokio::time::timeout(patience, announcement(pipe)).await {
                 Ok(Announcement::Ready) => {
                     tracing::info!(component = "api", "API worker announced it is ready ({} ms after its start)", started.elapsed().as_millis());
-                    self.ready_pipe = None;
+                    *ready_pipe = None;
                     return Ok(());
                 }
                 Ok(Announcement::Closed) => {
                     tracing::debug!("the API worker closed its readiness pipe without announcing; checking GET /api/v1/health instead");
-                    self.ready_pipe = None;
+                    *ready_pipe = None;
                 }
                 // Silent so far: keep listening (a later newline still
                 // counts), and ask over HTTP meanwhile.
                 Err(_) => {}
             }
         }
-        let addr = self.candidate.or(self.current.map(|(a, _)| a)).context("no worker instance to check")?;
+        let (addr, serving) = match &self.instance {
+            Instance::Announcing { addr, .. } => (*addr, false),
+            Instance::Serving(s) => (s.addr, true),
+            Instance::Idle | Instance::Held(_) => bail!("no worker instance to check"),
+        };
         let leader = health(addr).await?;
         // A candidate's answer is not shown before it serves.
-        if let (Some(board), None) = (&self.board, self.candidate) {
+        if let (Some(board), true) = (&self.board, serving) {
             board.set_leader(leader);
         }
         Ok(())
     }
 
     async fn on_ready(&mut self) -> Result<()> {
-        if let Some(addr) = self.candidate.take() {
+        if let Instance::Announcing { addr, .. } = self.instance {
             let generation = self.upstreams.publish(addr);
-            self.current = Some((addr, generation));
+            self.instance = Instance::Serving(Serving { addr, generation });
         }
         Ok(())
     }
@@ -322,16 +367,22 @@ impl Policy for WorkerPolicy {
         if let Some(board) = &self.board {
             board.set_leader(None);
         }
-        if let Some((_, generation)) = self.current.take() {
-            self.upstreams.withdraw(generation);
+        if let Some(serving) = self.instance.serving() {
+            self.upstreams.withdraw(serving.generation);
         }
-        self.candidate = None;
-        self.ready_pipe = None;
+        // A pre-started instance not yet released stays held.
+        if !matches!(self.instance, Instance::Held(_)) {
+            self.instance = Instance::Idle;
+        }
     }
 
     fn abandon_candidate(&mut self) {
-        self.candidate = None;
-        self.ready_pipe = None;
+        if let Instance::Announcing { replacing, .. } = &self.instance {
+            self.instance = match *replacing {
+                Some(serving) => Instance::Serving(serving),
+                None => Instance::Idle,
+            };
+        }
     }
 
     fn stop_signals(&self) -> StopSignals {

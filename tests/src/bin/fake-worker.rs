@@ -13,7 +13,9 @@
 //! Misbehaviour on demand, for supervision tests (each variable names a file):
 //! `FAKE_REQUIRE_FILE`: exit 1 at start unless the file exists;
 //! `FAKE_NEVER_READY_IF_FILE`: if the file exists at start, health answers
-//! 503 for this instance's whole life; `FAKE_EVENTS`: append a line per start
+//! 503 for this instance's whole life; `FAKE_READY_WHEN_FILE`: if the file
+//! does not exist at start, the instance holds its start (health 503, no
+//! announcement) until it does; `FAKE_EVENTS`: append a line per start
 //! (`start <pid> <unix ms>`) and per `/slow` request (`slow <pid> <unix ms>`).
 //!
 //! Routes: `POST /upload` → `{"bytes": N}` after reading the body;
@@ -51,6 +53,8 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 
 /// Set at start from `FAKE_NEVER_READY_IF_FILE`.
 static NEVER_READY: AtomicBool = AtomicBool::new(false);
+/// Set at start from `FAKE_READY_WHEN_FILE`; cleared once the file exists.
+static HELD: AtomicBool = AtomicBool::new(false);
 /// Set once readiness was announced on `OMNI_API_READY_FD`.
 static ANNOUNCED: AtomicBool = AtomicBool::new(false);
 /// `GET /api/v1/health` requests received before that.
@@ -70,7 +74,7 @@ fn file_named_by(var: &str) -> Option<bool> {
 }
 
 async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some() || NEVER_READY.load(Ordering::Relaxed);
+    let unhealthy = std::env::var_os("FAKE_UNHEALTHY").is_some() || NEVER_READY.load(Ordering::Relaxed) || HELD.load(Ordering::SeqCst);
     if req.uri().path() == "/api/v1/health" && !ANNOUNCED.load(Ordering::SeqCst) {
         HITS_BEFORE_READY.fetch_add(1, Ordering::SeqCst);
     }
@@ -188,6 +192,7 @@ fn main() {
         std::process::exit(1);
     }
     NEVER_READY.store(file_named_by("FAKE_NEVER_READY_IF_FILE") == Some(true), Ordering::Relaxed);
+    HELD.store(file_named_by("FAKE_READY_WHEN_FILE") == Some(false), Ordering::SeqCst);
     let fd: i32 = std::env::var("OMNI_API_LISTEN_FD").expect("OMNI_API_LISTEN_FD").parse().expect("fd number");
     // SAFETY: the gateway handed this listening socket over as `fd`.
     let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
@@ -199,6 +204,13 @@ fn main() {
         if let (Some(fd), false) = (ready_fd, never_ready) {
             let delay = std::env::var("FAKE_READY_DELAY_MS").ok().and_then(|ms| ms.parse().ok()).unwrap_or(0);
             tokio::spawn(async move {
+                while HELD.load(Ordering::SeqCst) {
+                    if file_named_by("FAKE_READY_WHEN_FILE") == Some(true) {
+                        HELD.store(false, Ordering::SeqCst);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 ANNOUNCED.store(true, Ordering::SeqCst);
                 // SAFETY: the gateway handed this pipe over as `fd`; dropping the file closes it.
