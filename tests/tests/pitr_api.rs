@@ -178,7 +178,8 @@ fn pitr_off_runs_no_streamer_drops_the_leftover_slot_and_says_why() {
         let n: i64 = db.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'omni_wal'", &[]).unwrap().get(0);
         (n == 0).then_some(())
     });
-    assert!(gw.log().contains("dropped the replication slot omni_wal"), "{}", gw.log());
+    // The log line follows the drop; the gateway writes it a moment later.
+    wait_until(Duration::from_secs(10), "the drop of omni_wal to be logged", || gw.log().contains("dropped the replication slot omni_wal").then_some(()));
     for (method, path) in [("GET", "/api/v1/backup/window"), ("POST", "/api/v1/backup/base")] {
         let r = api(&gw, method, path);
         assert_eq!(r.status, 409, "{path}: {}", r.text());

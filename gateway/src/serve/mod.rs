@@ -224,8 +224,7 @@ async fn route(surface: &Arc<Surface>, peer: SocketAddr, req: Request<Incoming>,
 
 async fn health(surface: &Surface) -> Response<Body> {
     let board = &surface.board;
-    let mut doc = board.to_json();
-    let snapshot = board.snapshot();
+    let (snapshot, mut doc) = board.snapshot_and_json();
     let mut problems: Vec<String> = Vec::new();
     if snapshot.gateway == GatewayState::Stopping {
         problems.push("the gateway is stopping".into());

@@ -316,15 +316,21 @@ impl Board {
 
     /// The `/gateway/status` document.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut doc = self.children_json();
+        self.snapshot_and_json().1
+    }
+
+    /// One snapshot and the document made from it: a reader that decides
+    /// on the snapshot (`/health`) shows the same moment it decided on.
+    pub fn snapshot_and_json(&self) -> (Snapshot, serde_json::Value) {
+        let snap = self.snapshot();
+        let mut doc = self.children_json(&snap);
         if let (Some(relay), Some(list)) = (self.replication(), doc["components"].as_array_mut()) {
             list.push(relay.to_json());
         }
-        doc
+        (snap, doc)
     }
 
-    fn children_json(&self) -> serde_json::Value {
-        let snap = self.tx.borrow();
+    fn children_json(&self, snap: &Snapshot) -> serde_json::Value {
         let tenths = |d: Duration| (d.as_secs_f64() * 10.0).round() / 10.0;
         let leader = *self.leader.lock().unwrap_or_else(|e| e.into_inner());
         let components: Vec<_> = snap
