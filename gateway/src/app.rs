@@ -26,11 +26,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Database};
+use crate::config::{Config, Database, EmbeddedConfig};
+use crate::relay::ReplicationConfig;
+use crate::supervise::gate::StartGate;
 use crate::serve::{self, Surface};
 use crate::serve::metrics::Metrics;
 use crate::pg::{binaries, cluster, PostgresPolicy};
@@ -273,88 +276,121 @@ async fn supervise(
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
     // A point-in-time restore holds PostgreSQL's and the streamer's starts (pitr/online.rs).
-    let hold = crate::supervise::gate::StartGate::new("the point-in-time restore in progress");
-    let mut postgres_commands = None;
+    let hold = StartGate::new("the point-in-time restore in progress");
     // PostgreSQL (embedded) or the external URL.
-    let policy = match &config.database {
+    let (policy, postgres_commands) = match &config.database {
         Database::Embedded(embedded) => {
-            tracing::info!("looking for PostgreSQL binaries");
-            let explicit = embedded.bin_dir.clone();
-            let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
-            tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
-            let mut prepared = cluster::prepare(
-                embedded,
-                bins,
-                cluster::Needs {
-                    resume: |dir, account| crate::pitr::restore::resume(dir, account, false),
-                    logical_wal_mb: replication.as_ref().map(|r| r.max_wal_mb),
-                },
-            )
-            .await?;
-            if !embedded.memory_mode {
-                prepared.extra_settings = crate::pitr::server_settings(&config.wal);
-            } else {
-                // Backups work in memory mode too (the database is thrown
-                // away, the .sql backups are not): OMNI_BACKUP_DIR is made
-                // for the worker's account as in persistent mode.
-                let worker = crate::process::privilege::worker_account(&config.api_user)?;
-                crate::process::privilege::prepare_backup_dir(&config.backup_dir, &worker)?;
+            match start_embedded(config, embedded, replication.as_ref(), &hold, running, signals, &worker_policy).await? {
+                Some((policy, postgres)) => (policy, Some(postgres)),
+                None => return Ok(()),
             }
-            crate::serve::logring::installed().add_secret(&prepared.password);
-            let cluster = Arc::new(prepared);
-            running.cluster = Some(cluster.clone());
-            child::start_reaper(&running.tasks, running.stop_background.clone());
-            let pg_started = Instant::now();
-            let policy = PostgresPolicy::new(cluster.clone(), config.restart).with_hold(hold.clone());
-            let postgres = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, None);
-            postgres_commands = Some(postgres.commands());
-            running.handles.push(postgres);
-            // The worker applies migrations at start, so it connects once
-            // PostgreSQL accepts connections on the app database. Its process
-            // is started now, to be ready to connect by then; meanwhile the
-            // gateway serves /gateway/status, which says why it waits.
-            let mut policy = worker_policy(&cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()));
-            policy.prestart().await;
-            // After a major upgrade: its record on the status board, and the
-            // planner statistics rebuilt once PostgreSQL is ready (pg/upgrade.rs).
-            if let Ok(Some(record)) = crate::pg::upgrade::load(&cluster.data_dir) {
-                board.set_upgrade(record.to_json());
-            }
-            {
-                let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stop_background.clone());
-                running.tasks.spawn(async move {
-                    let ready = crate::pg::worker_may_start(&cluster, &board);
-                    crate::pg::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
-                });
-            }
-            if !wait_first(crate::pg::worker_may_start(&cluster, &board), signals, running).await {
-                return Ok(());
-            }
-            tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
-            if let Some(replication) = &replication {
-                running.relay = Some(crate::relay::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
-            } else if !cluster.memory_mode {
-                running.tasks.spawn(crate::relay::remove_leftovers(cluster.clone()));
-            }
-            policy
         }
         Database::External { url } => {
             child::start_reaper(&running.tasks, running.stop_background.clone());
             tracing::info!("using the external PostgreSQL of DATABASE_URL; no embedded cluster");
             let bins = tokio::task::spawn_blocking(|| binaries::find(None).ok()).await?;
-            worker_policy(url, bins.map(|b| b.dir))
+            (worker_policy(url, bins.map(|b| b.dir)), None)
         }
     };
+    let deferred_wal = start_wal(config, running, &hold, postgres_commands);
 
-    // Point-in-time recovery (wal/): the WAL streamer, third supervised child.
+    let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
+    let api = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
+    if config.dev {
+        dev::watch_worker_binary(&worker_bin, api.commands(), &running.tasks, running.stop_background.clone());
+    }
+    running.handles.push(api);
+
+    serve_until_stopped(config, running, signals, deferred_wal, addr, started).await
+}
+
+/// The embedded cluster: binaries found, the cluster prepared, PostgreSQL
+/// supervised, the worker's first instance started beside it. Returns the
+/// worker's policy and PostgreSQL's command channel once PostgreSQL accepts
+/// connections; `None` when a stop came first.
+async fn start_embedded(
+    config: &Config,
+    embedded: &EmbeddedConfig,
+    replication: Option<&ReplicationConfig>,
+    hold: &StartGate,
+    running: &mut Running,
+    signals: &mut Signals,
+    worker_policy: &dyn Fn(&str, Option<PathBuf>) -> WorkerPolicy,
+) -> Result<Option<(WorkerPolicy, mpsc::Sender<supervise::Command>)>> {
+    let board = running.board.clone();
+    tracing::info!("looking for PostgreSQL binaries");
+    let explicit = embedded.bin_dir.clone();
+    let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
+    tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
+    let mut prepared = cluster::prepare(
+        embedded,
+        bins,
+        cluster::Needs {
+            resume: |dir, account| crate::pitr::restore::resume(dir, account, false),
+            logical_wal_mb: replication.map(|r| r.max_wal_mb),
+        },
+    )
+    .await?;
+    if !embedded.memory_mode {
+        prepared.extra_settings = crate::pitr::server_settings(&config.wal);
+    } else {
+        // Backups work in memory mode too (the database is thrown
+        // away, the .sql backups are not): OMNI_BACKUP_DIR is made
+        // for the worker's account as in persistent mode.
+        let worker = crate::process::privilege::worker_account(&config.api_user)?;
+        crate::process::privilege::prepare_backup_dir(&config.backup_dir, &worker)?;
+    }
+    crate::serve::logring::installed().add_secret(&prepared.password);
+    let cluster = Arc::new(prepared);
+    running.cluster = Some(cluster.clone());
+    child::start_reaper(&running.tasks, running.stop_background.clone());
+    let pg_started = Instant::now();
+    let pg_policy = PostgresPolicy::new(cluster.clone(), config.restart).with_hold(hold.clone());
+    let postgres = supervise::spawn(pg_policy, config.restart, board.clone(), &running.tasks, None);
+    let postgres_commands = postgres.commands();
+    running.handles.push(postgres);
+    // The worker applies migrations at start, so it connects once
+    // PostgreSQL accepts connections on the app database. Its process
+    // is started now, to be ready to connect by then; meanwhile the
+    // gateway serves /gateway/status, which says why it waits.
+    let mut policy = worker_policy(&cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()));
+    policy.prestart().await;
+    // After a major upgrade: its record on the status board, and the
+    // planner statistics rebuilt once PostgreSQL is ready (pg/upgrade.rs).
+    if let Ok(Some(record)) = crate::pg::upgrade::load(&cluster.data_dir) {
+        board.set_upgrade(record.to_json());
+    }
+    {
+        let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stop_background.clone());
+        running.tasks.spawn(async move {
+            let ready = crate::pg::worker_may_start(&cluster, &board);
+            crate::pg::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
+        });
+    }
+    if !wait_first(crate::pg::worker_may_start(&cluster, &board), signals, running).await {
+        return Ok(None);
+    }
+    tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
+    if let Some(replication) = replication {
+        running.relay = Some(crate::relay::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
+    } else if !cluster.memory_mode {
+        running.tasks.spawn(crate::relay::remove_leftovers(cluster.clone()));
+    }
+    Ok(Some((policy, postgres_commands)))
+}
+
+/// Point-in-time recovery: base backups, drills, the online restore, and the
+/// WAL streamer, the third supervised child. Returns the streamer's policy
+/// when its start waits until the stack serves (see [`serve_until_stopped`]).
+fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_commands: Option<mpsc::Sender<supervise::Command>>) -> Option<crate::pitr::receiver::ReceiverPolicy> {
+    let board = running.board.clone();
+    // The WAL streamer, third supervised child.
     // Under OMNI_WAL_SYNC commits wait for it, so it starts before the worker
     // (and stops after it). Otherwise nothing waits for it: it starts once
     // the stack serves (or after WAL_STREAMER_PATIENCE), so its start, and a
     // new cluster's first base backup, do not slow the service's own start.
     // Nothing is missed meanwhile: its slot keeps the WAL until it is streamed.
     let mut deferred_wal = None;
-    // With OMNI_WAL_DIR=off an earlier run's streamer slot would keep WAL for nobody.
-    let mut leftover_slot = running.cluster.clone().filter(|c| !c.memory_mode && !config.wal.enabled);
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
         let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
         crate::pitr::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
@@ -374,14 +410,23 @@ async fn supervise(
             deferred_wal = Some(policy);
         }
     }
+    deferred_wal
+}
 
-    let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
-    let api = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
-    if config.dev {
-        dev::watch_worker_binary(&worker_bin, api.commands(), &running.tasks, running.stop_background.clone());
-    }
-    running.handles.push(api);
-
+/// Announces readiness once every child is ready, starts a deferred
+/// streamer then (or after [`WAL_STREAMER_PATIENCE`]), drops a leftover
+/// streamer slot, and acts on signals until a stop.
+async fn serve_until_stopped(
+    config: &Config,
+    running: &mut Running,
+    signals: &mut Signals,
+    mut deferred_wal: Option<crate::pitr::receiver::ReceiverPolicy>,
+    addr: SocketAddr,
+    started: Instant,
+) -> Result<()> {
+    let board = running.board.clone();
+    // With OMNI_WAL_DIR=off an earlier run's streamer slot would keep WAL for nobody.
+    let mut leftover_slot = running.cluster.clone().filter(|c| !c.memory_mode && !config.wal.enabled);
     let mut ready_rx = board.subscribe();
     let mut announced = false;
     let wal_deadline = tokio::time::Instant::now() + WAL_STREAMER_PATIENCE;
