@@ -6,7 +6,11 @@
 //! Messages are datagrams to the Unix socket named by `NOTIFY_SOCKET` (a path,
 //! or `@name` in the abstract namespace). Without that variable every call is
 //! a no-op, so the rest of the gateway never checks whether systemd is there.
-//! Children never see these variables (see `child`).
+//! Children never see these variables (see `process/child.rs`).
+//!
+//! Kept by hand rather than taken from the `sd-notify` crate: its 0.5
+//! connects `NOTIFY_SOCKET` as a path only, while sd_notify(3) also accepts
+//! an `@` abstract name, and it would call a zero `WATCHDOG_USEC` an interval.
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
