@@ -310,10 +310,12 @@ fn a_client_trickling_its_headers_is_dropped_while_others_are_served() {
     let dir = workdir();
     let (stack, _pg) = fake_stack(dir.path());
     let gw = stack.env("OMNI_HEADER_TIMEOUT_S", "2").start();
+    // The gateway's clock starts when it accepts the connection: this one
+    // starts before the connection is made, so it never runs behind it.
+    let started = Instant::now();
     let mut slow = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     slow.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let request = b"GET /echo HTTP/1.1\r\nhost: x\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-    let started = Instant::now();
     let mut sent = 0;
     let mut closed = false;
     let mut others_served = 0;
