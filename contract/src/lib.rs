@@ -21,6 +21,7 @@ pub mod leader;
 pub mod logging;
 pub mod migrations;
 pub mod paths;
+pub mod ports;
 pub mod probe;
 pub mod redact;
 pub mod sqlite;

@@ -32,20 +32,7 @@ use std::{
 /// connection of a parallel test can take it before the process it was
 /// picked for binds it (a gateway then waited for its PostgreSQL port).
 pub fn free_port() -> u16 {
-    let low: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let from = low.saturating_sub(12_000).max(1024);
-    if from + 1000 > low {
-        return TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port();
-    }
-    loop {
-        let port = from + (uuid::Uuid::new_v4().as_u128() % u128::from(low - from)) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    omni_contract::ports::free_loopback_port().expect("a free loopback port")
 }
 
 /// `target/<profile>` of this workspace, found from the test executable

@@ -779,30 +779,10 @@ pub fn check_port_free(port: u16) -> Result<()> {
     }
 }
 
-/// `PGSERVE_PORT=0`: a port that is free now, taken from below the kernel's
-/// ephemeral range. A port the kernel hands out for `bind(0)` is free again
-/// once this check lets go of it, and the kernel may hand it out again at
-/// once: to the worker's listening socket, which the gateway binds to port 0
-/// next, and PostgreSQL then finds its port taken at every start. Below the
-/// ephemeral range no `bind(0)` and no outgoing connection can take it.
+/// `PGSERVE_PORT=0`: a port free now that no `bind(0)` can take before
+/// PostgreSQL binds it (the worker's socket is bound to port 0 next).
 pub(crate) fn pick_free_port() -> Result<u16> {
-    let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let from = ephemeral_from.saturating_sub(12_000).max(1024);
-    if from + 1000 <= ephemeral_from {
-        use rand::Rng;
-        let mut rng = rand::thread_rng();
-        for _ in 0..200 {
-            let port = rng.gen_range(from..ephemeral_from);
-            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                return Ok(port);
-            }
-        }
-    }
-    // A machine whose ephemeral range starts too low to leave room below it.
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("could not find a free port for PGSERVE_PORT=0")?.local_addr()?.port())
+    omni_contract::ports::free_loopback_port().context("could not find a free port for PGSERVE_PORT=0")
 }
 
 /// A short private directory for the Unix socket (socket paths are limited
@@ -893,16 +873,6 @@ pub(crate) fn copy_tree(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> st
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn an_automatic_port_never_comes_from_the_range_bind_0_hands_out() {
-        let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap().split_whitespace().next().unwrap().parse().unwrap();
-        for _ in 0..20 {
-            let port = pick_free_port().unwrap();
-            assert!(port < ephemeral_from, "{port} is in the ephemeral range from {ephemeral_from}");
-            std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
-        }
-    }
-
     use super::*;
 
     #[test]
