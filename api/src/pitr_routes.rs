@@ -154,7 +154,7 @@ async fn gateway<T: serde::de::DeserializeOwned>(state: &AppState, method: axum:
 /// The gateway's error codes, as the `&'static str` an [`ApiError`] carries.
 fn leak_code(code: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large", "unknown_timeline", "invalid_timeline",
+        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large", "unknown_timeline", "invalid_timeline", "stopping",
     ];
     KNOWN.iter().find(|k| **k == code).copied().unwrap_or("gateway_error")
 }
@@ -180,7 +180,7 @@ pub async fn window(State(state): State<AppState>) -> Result<Json<Window>, ApiEr
     (status = 409, description = "No WAL archive here (`pitr_unavailable`), or a restore or another base backup is running (`pitr_busy`)", body = ErrorBody),
     (status = 500, description = "pg_basebackup or the check failed; nothing was kept", body = ErrorBody),
     (status = 502, description = "The gateway did not answer", body = ErrorBody),
-    (status = 503, description = "PostgreSQL is not serving, or the gateway is still starting", body = ErrorBody),
+    (status = 503, description = "PostgreSQL is not serving (`database_unavailable`), the gateway is still starting (`starting`), or it stopped before the backup was kept (`stopping`)", body = ErrorBody),
 ))]
 pub async fn base(State(state): State<AppState>) -> Result<Json<BaseBackup>, ApiError> {
     gateway(&state, axum::http::Method::POST, "base", None, BASE_BACKUP_LIMIT).await.map(Json)
@@ -203,7 +203,7 @@ pub async fn base(State(state): State<AppState>) -> Result<Json<BaseBackup>, Api
         (status = 422, description = "`timeline` names a timeline the WAL archive does not know (`unknown_timeline`; the message lists the known ones)", body = ErrorBody),
         (status = 500, description = "The restore failed; the previous data directory is back and serving (`restore_failed`)", body = ErrorBody),
         (status = 502, description = "The gateway did not answer", body = ErrorBody),
-        (status = 503, description = "The gateway is still starting", body = ErrorBody),
+        (status = 503, description = "The gateway is still starting (`starting`), or stopped before the restore finished (`stopping`: the next start finishes or undoes it)", body = ErrorBody),
 ))]
 pub async fn restore_to(State(state): State<AppState>, ApiJson(body): ApiJson<RestoreTo>) -> Result<Json<RestoredTo>, ApiError> {
     let target = body.target_time.trim();

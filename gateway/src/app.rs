@@ -11,13 +11,19 @@
 //! cancelled and awaited → remove what was only for this run. Every step
 //! logs what it is doing.
 //!
-//! One shutdown mechanism: every task the gateway starts (HTTP connections
-//! and tunnels, supervisors and the instances they retire, the systemd
-//! reporter and watchdog, the orphan reaper, the dev watcher) runs on one
-//! [`TaskTracker`] and is told to stop through a [`CancellationToken`] —
-//! the HTTP server by its own token, since it drains first; supervisors by a
-//! command, since they stop in order. Nothing is left running when [`run`]
+//! One shutdown mechanism ([`Shutdown`]): every task the gateway starts
+//! runs on the tracker of one stage and stops when that stage's token is
+//! cancelled; the stages stop in the order of [`stages`] (the HTTP drain,
+//! the relay, point-in-time recovery's jobs and other database jobs, the
+//! worker, the WAL streamer, PostgreSQL, then the background tasks), each
+//! within its grace. A second SIGINT/SIGTERM while stopping hurries: no
+//! grace is waited out any more. Nothing is left running when [`run`]
 //! returns.
+//!
+//! Signals are answered from the first moment, the preparation of the
+//! cluster included: there a first Ctrl-C only asks (a major upgrade thrown
+//! away is an hour lost), a second one or a SIGTERM stops the preparation
+//! at its next safe step ([`shutdown::AskOnce`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,9 +33,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Database, EmbeddedConfig};
 use crate::relay::ReplicationConfig;
@@ -45,6 +48,7 @@ use crate::serve::upstream::Upstreams;
 use crate::worker::{self, WorkerPolicy};
 use crate::process::child;
 use crate::supervise;
+use crate::supervise::shutdown::{self, Shutdown};
 use crate::worker::dev;
 
 /// Once the children are down, how long the remaining tasks may take to
@@ -54,9 +58,29 @@ const TASKS_GRACE: Duration = Duration::from_secs(10);
 /// or after this long if it does not serve by then.
 const WAL_STREAMER_PATIENCE: Duration = Duration::from_secs(10);
 
-/// At stop, how long a base backup in progress may take to finish before
-/// PostgreSQL is stopped under it.
-const BASE_BACKUP_GRACE: Duration = Duration::from_secs(30);
+/// At stop, how long a base backup (or a restore) in progress may take to
+/// finish before the worker and PostgreSQL are stopped under it.
+const JOBS_GRACE: Duration = Duration::from_secs(30);
+/// Added to a supervised child's own stop budget (its stop signals and
+/// their escalation) as its stage's grace: a step under way is given 2 s.
+const SUPERVISOR_SLACK: Duration = Duration::from_secs(5);
+
+/// The shutdown stages in stop order: what depends on something stops
+/// before it. Their graces are backstops: each stage bounds its own stop
+/// (the HTTP drain its timeout, a supervisor its stop signals, which end
+/// in SIGKILL).
+fn stages(config: &Config) -> Shutdown {
+    let (drain, stop) = (config.http.drain_timeout, config.restart.stop_timeout);
+    Shutdown::new(&[
+        ("http", "serving HTTP: draining in-flight requests", drain + Duration::from_secs(2)),
+        ("relay", "the replication relay", Duration::from_secs(10)),
+        ("jobs", "database jobs (a base backup or restore in progress may finish)", JOBS_GRACE),
+        ("api", "the API worker", drain + SUPERVISOR_SLACK),
+        ("wal", "the WAL streamer", stop.min(Duration::from_secs(10)) + Duration::from_secs(5) + SUPERVISOR_SLACK),
+        ("postgres", "PostgreSQL", stop + Duration::from_secs(5) + SUPERVISOR_SLACK),
+        ("background", "background tasks", TASKS_GRACE),
+    ])
+}
 
 struct Signals {
     term: Signal,
@@ -87,25 +111,23 @@ impl Signals {
     }
 }
 
-/// What must be stopped, in reverse start order.
+/// What runs, and how it stops.
 struct Running {
     board: Board,
+    /// Every task, by stage; [`shutdown`] stops them in order.
+    shutdown: Shutdown,
+    /// The supervisors, for SIGHUP.
     handles: Vec<supervise::Handle>,
-    /// Begins the HTTP drain; `server` ends once it is over.
-    stop_http: CancellationToken,
-    server: JoinHandle<()>,
-    /// Cancelled once the children are down: reporter, watchdog, reaper, dev watcher.
-    stop_background: CancellationToken,
-    /// Every task above; awaited before `run` returns.
-    tasks: TaskTracker,
     cluster: Option<Arc<cluster::Cluster>>,
     notifier: Arc<Notifier>,
-    /// The replication relay, when configured; stopped before the children.
-    relay: Option<crate::relay::Running>,
-    /// Point-in-time recovery's base-backup task, waited for at stop before PostgreSQL goes.
-    base_backups: Option<crate::pitr::BaseBackups>,
     /// The worker's channel to the gateway (`/gateway/internal/…`).
     internal: Arc<crate::serve::internal::Internal>,
+}
+
+impl Running {
+    fn stage(&self, name: &str) -> &shutdown::Stage {
+        self.shutdown.stage(name)
+    }
 }
 
 /// Runs the gateway until a stop signal; returns the process exit code.
@@ -156,42 +178,50 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::External { .. } => Some("DATABASE_URL names an external PostgreSQL: point-in-time recovery covers the embedded cluster only; use that server's own backup tools"),
     }));
     let streams_wal = components.contains(&"wal");
-    let tasks = TaskTracker::new();
-    let stop_background = CancellationToken::new();
-    sd_notify::spawn_reporter(notifier.clone(), board.clone(), &tasks, stop_background.clone());
+    let shutdown = stages(&config);
+    let (background, http) = (shutdown.stage("background").clone(), shutdown.stage("http").clone());
+    sd_notify::spawn_reporter(notifier.clone(), board.clone(), background.tracker(), background.token());
     let upstreams = Upstreams::default();
-    let stop_http = CancellationToken::new();
     let metrics = Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone())));
     let history = crate::serve::metrics_history::History::default();
-    history.spawn(metrics.clone(), board.clone(), &tasks, stop_background.clone());
+    history.spawn(metrics.clone(), board.clone(), background.tracker(), background.token());
     let surface = Arc::new(Surface {
         board: board.clone(),
         proxy: Proxy {
             upstreams: upstreams.clone(),
             limits: config.http.clone(),
             metrics,
-            tunnels: TaskTracker::new(),
-            close_tunnels: CancellationToken::new(),
+            tunnels: tokio_util::task::TaskTracker::new(),
+            close_tunnels: tokio_util::sync::CancellationToken::new(),
         },
         database,
         logs: crate::serve::logring::installed(),
         history,
         auth: crate::serve::gateway_auth::GatewayAuth::new(upstreams.clone()),
-        streams: TaskTracker::new(),
-        stop_streams: stop_http.clone(),
+        streams: tokio_util::task::TaskTracker::new(),
+        stop_streams: http.token(),
         internal: internal.clone(),
         stream_slots: Default::default(),
     });
-    let server = tasks.spawn(serve::serve(listener, surface, stop_http.clone(), config.http.clone()));
-    let mut running = Running { board, handles: Vec::new(), stop_http, server, stop_background, tasks, cluster: None, notifier, relay: None, base_backups: None, internal };
+    http.spawn(serve::serve(listener, surface, http.token(), config.http.clone()));
+    let mut running = Running { board, shutdown, handles: Vec::new(), cluster: None, notifier, internal };
 
     // From here on every way out goes through the same orderly stop.
     let outcome = supervise(&config, &mut running, &mut signals, (worker_bin, worker_account), upstreams, addr, started).await;
-    if let Err(e) = &outcome {
-        tracing::error!("{e:#}");
-    }
-    shutdown(running).await;
-    Ok(if outcome.is_ok() { 0 } else { 1 })
+    let code = match &outcome {
+        Ok(()) => 0,
+        // A preparation stopped on request is a stop like any other.
+        Err(e) if shutdown::is_stopped(e) => {
+            tracing::warn!("{e:#}");
+            0
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            1
+        }
+    };
+    stop(running, &mut signals).await;
+    Ok(code)
 }
 
 /// Where the one-time setup token is kept: beside the data directory
@@ -286,7 +316,7 @@ async fn supervise(
             }
         }
         Database::External { url } => {
-            child::start_reaper(&running.tasks, running.stop_background.clone());
+            child::start_reaper(running.stage("background").tracker(), running.stage("background").token());
             tracing::info!("using the external PostgreSQL of DATABASE_URL; no embedded cluster");
             let bins = tokio::task::spawn_blocking(|| binaries::find(None).ok()).await?;
             (worker_policy(url, bins.map(|b| b.dir)), None)
@@ -295,9 +325,9 @@ async fn supervise(
     let deferred_wal = start_wal(config, running, &hold, postgres_commands);
 
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
-    let api = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, depends_on);
+    let api = supervise::spawn(policy, config.restart, board.clone(), running.stage("api"), depends_on);
     if config.dev {
-        dev::watch_worker_binary(&worker_bin, api.commands(), &running.tasks, running.stop_background.clone());
+        dev::watch_worker_binary(&worker_bin, api.commands(), running.stage("background").tracker(), running.stage("background").token());
     }
     running.handles.push(api);
 
@@ -320,17 +350,18 @@ async fn start_embedded(
     let board = running.board.clone();
     tracing::info!("looking for PostgreSQL binaries");
     let explicit = embedded.bin_dir.clone();
-    let bins = tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??;
+    let find = async { Ok(tokio::task::spawn_blocking(move || binaries::find(explicit.as_deref())).await??) };
+    // Finding them may mean a download: dropped at a stop (a download
+    // moves into place only once complete).
+    let bins = preparing(find, false, "looking for PostgreSQL binaries", signals, &running.shutdown).await?;
     tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
-    let mut prepared = cluster::prepare(
-        embedded,
-        bins,
-        cluster::Needs {
-            resume: |dir, account| crate::pitr::restore::resume(dir, account, false),
-            logical_wal_mb: replication.map(|r| r.max_wal_mb),
-        },
-    )
-    .await?;
+    let needs = cluster::Needs {
+        resume: |dir, account, _stop| crate::pitr::restore::resume(dir, account, false),
+        logical_wal_mb: replication.map(|r| r.max_wal_mb),
+        stop: running.shutdown.asked(),
+    };
+    let prepare = cluster::prepare(embedded, bins, needs);
+    let mut prepared = preparing(prepare, true, "preparing the PostgreSQL cluster (the lines above say which step)", signals, &running.shutdown).await?;
     if !embedded.memory_mode {
         prepared.extra_settings = crate::pitr::server_settings(&config.wal);
     } else {
@@ -343,10 +374,10 @@ async fn start_embedded(
     crate::serve::logring::installed().add_secret(&prepared.password);
     let cluster = Arc::new(prepared);
     running.cluster = Some(cluster.clone());
-    child::start_reaper(&running.tasks, running.stop_background.clone());
+    child::start_reaper(running.stage("background").tracker(), running.stage("background").token());
     let pg_started = Instant::now();
     let pg_policy = PostgresPolicy::new(cluster.clone(), config.restart).with_hold(hold.clone());
-    let postgres = supervise::spawn(pg_policy, config.restart, board.clone(), &running.tasks, None);
+    let postgres = supervise::spawn(pg_policy, config.restart, board.clone(), running.stage("postgres"), None);
     let postgres_commands = postgres.commands();
     running.handles.push(postgres);
     // The worker applies migrations at start, so it connects once
@@ -361,8 +392,8 @@ async fn start_embedded(
         board.set_upgrade(record.to_json());
     }
     {
-        let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stop_background.clone());
-        running.tasks.spawn(async move {
+        let (cluster, board, stop) = (cluster.clone(), board.clone(), running.stage("jobs").token());
+        running.stage("jobs").spawn(async move {
             let ready = crate::pg::worker_may_start(&cluster, &board);
             crate::pg::upgrade::analyze_in_background(cluster.clone(), ready, stop).await
         });
@@ -372,9 +403,9 @@ async fn start_embedded(
     }
     tracing::info!("PostgreSQL accepts connections ({} ms): starting the API worker", pg_started.elapsed().as_millis());
     if let Some(replication) = replication {
-        running.relay = Some(crate::relay::spawn(replication, &cluster, config.restart, &board, &running.tasks)?);
+        crate::relay::spawn(replication, &cluster, config.restart, &board, running.stage("relay"))?;
     } else if !cluster.memory_mode {
-        running.tasks.spawn(crate::relay::remove_leftovers(cluster.clone()));
+        running.stage("jobs").spawn(crate::relay::remove_leftovers(cluster.clone()));
     }
     Ok(Some((policy, postgres_commands)))
 }
@@ -392,16 +423,16 @@ fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_
     // Nothing is missed meanwhile: its slot keeps the WAL until it is streamed.
     let mut deferred_wal = None;
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
-        let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, &running.tasks, running.stop_background.clone(), board.clone());
-        crate::pitr::spawn_drills(&cluster, config.wal.clone(), &running.tasks, running.stop_background.clone(), board.clone());
+        let (jobs, asked) = (running.stage("jobs"), running.shutdown.asked());
+        let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, jobs, asked.clone());
+        crate::pitr::spawn_drills(&cluster, config.wal.clone(), jobs, asked);
         let policy = crate::pitr::receiver::ReceiverPolicy::new(cluster.clone(), config.wal.clone(), config.restart, base_backups.ask.clone()).with_hold(hold.clone());
         if let Some(postgres) = postgres_commands.clone() {
-            let online = crate::pitr::online::Online::new(cluster, config.wal.clone(), board.clone(), hold.clone(), base_backups.lock(), postgres, config.restart.stop_timeout);
+            let online = crate::pitr::online::Online::new(cluster, config.wal.clone(), board.clone(), hold.clone(), &base_backups, postgres, config.restart.stop_timeout);
             let _ = running.internal.online.set(Arc::new(online));
         }
-        running.base_backups = Some(base_backups);
         if config.wal.sync {
-            let streamer = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
+            let streamer = supervise::spawn(policy, config.restart, board.clone(), running.stage("wal"), Some("postgres"));
             if let Some(online) = running.internal.online.get() {
                 online.set_streamer(streamer.commands());
             }
@@ -438,7 +469,7 @@ async fn serve_until_stopped(
         }
         if announced || tokio::time::Instant::now() >= wal_deadline {
             if let Some(policy) = deferred_wal.take() {
-                let streamer = supervise::spawn(policy, config.restart, board.clone(), &running.tasks, Some("postgres"));
+                let streamer = supervise::spawn(policy, config.restart, board.clone(), running.stage("wal"), Some("postgres"));
                 if let Some(online) = running.internal.online.get() {
                     online.set_streamer(streamer.commands());
                 }
@@ -447,7 +478,7 @@ async fn serve_until_stopped(
         }
         if announced {
             if let Some(cluster) = leftover_slot.take() {
-                running.tasks.spawn(crate::pitr::drop_leftover_slot(cluster));
+                running.stage("jobs").spawn(crate::pitr::drop_leftover_slot(cluster));
             }
         }
         tokio::select! {
@@ -500,29 +531,56 @@ async fn on_sighup(running: &Running) {
     }
 }
 
-/// Stops in reverse start order and cleans up.
-async fn shutdown(running: Running) {
+/// Runs a step of the preparation (finding the binaries, preparing the
+/// cluster: an upgrade, a restore resumed, initdb) while answering signals:
+/// a stop asked ([`shutdown::AskOnce`]) cancels [`Shutdown::asked`], which a
+/// `stoppable` step watches to end at its next safe step; any other step is
+/// dropped at once.
+async fn preparing<T>(step: impl std::future::Future<Output = Result<T>>, stoppable: bool, what: &str, signals: &mut Signals, shutdown: &Shutdown) -> Result<T> {
+    tokio::pin!(step);
+    let mut ask = shutdown::AskOnce::default();
+    loop {
+        tokio::select! {
+            out = &mut step => return out,
+            event = signals.next(), if !shutdown.asked().is_cancelled() => match event {
+                Event::Stop(sig) => {
+                    if ask.stops(sig, what) {
+                        shutdown.ask();
+                        if !stoppable {
+                            return Err(shutdown::Stopped { during: what.to_owned() }.into());
+                        }
+                    }
+                }
+                Event::Reload => tracing::info!("SIGHUP received while {what}: nothing runs yet to retry or reload"),
+            },
+        }
+    }
+}
+
+/// Stops every stage in order ([`stages`]), then cleans up. A second stop
+/// signal hurries: no grace is waited out any more.
+async fn stop(running: Running, signals: &mut Signals) {
     // A load balancer must see the 503 before connections start to close.
     running.board.set_stopping();
     running.notifier.notify("STOPPING=1");
-    tracing::info!("stopping: /health answers 503; draining in-flight requests");
-    running.stop_http.cancel();
-    let _ = running.server.await;
-    if let Some(relay) = running.relay {
-        tracing::info!("stopping the replication relay");
-        relay.stop().await;
+    tracing::info!("stopping: /health answers 503");
+    {
+        let stopping = running.shutdown.stop();
+        tokio::pin!(stopping);
+        let mut hurried = false;
+        loop {
+            tokio::select! {
+                _ = &mut stopping => break,
+                event = signals.next(), if !hurried => if let Event::Stop(sig) = event {
+                    tracing::warn!("{sig} received again while stopping: hurrying (no more waiting for requests to drain or a backup to finish; children still get their stop signals)");
+                    hurried = true;
+                    running.shutdown.hurry();
+                },
+            }
+        }
     }
-    if let Some(base_backups) = &running.base_backups {
-        base_backups.finish(BASE_BACKUP_GRACE).await;
-    }
-    for handle in running.handles.into_iter().rev() {
-        tracing::info!("stopping {}", handle.name);
-        handle.stop().await;
-    }
-    running.stop_background.cancel();
-    running.tasks.close();
-    if tokio::time::timeout(TASKS_GRACE, running.tasks.wait()).await.is_err() {
-        tracing::warn!("{} background tasks still running {} s after the stop; exiting anyway", running.tasks.len(), TASKS_GRACE.as_secs());
+    if !running.shutdown.drained(TASKS_GRACE).await {
+        tracing::warn!("{} tasks still running {} s after the stop; exiting anyway", running.shutdown.running(), TASKS_GRACE.as_secs());
     }
     if let Some(c) = &running.cluster {
         // A new cluster stopped before its first flush ended: the flush is

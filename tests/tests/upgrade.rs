@@ -394,3 +394,39 @@ fn the_old_clusters_own_settings_are_carried_over_and_removed_ones_named() {
     assert!(gw.log().contains("not carried into PostgreSQL 17: old_snapshot_threshold"), "{}", gw.log());
     assert!(gw.terminate().success());
 }
+
+#[test]
+fn ctrl_c_during_an_upgrade_asks_once_and_the_second_stops_it_rolled_back() {
+    let dir = workdir();
+    let data = dir.path().join("data/postgres");
+    let session = cluster_15_with_data(dir.path(), None);
+
+    let mut gw = gateway_with(dir.path(), &pg17(), None).spawn();
+    wait_until(Duration::from_secs(60), "the upgrade to initialise the new cluster", || {
+        assert!(gw.child.try_status().is_none(), "the gateway exited:\n{}", gw.log());
+        gw.log().contains("upgrade step 2/4").then_some(())
+    });
+    // A Ctrl-C in a terminal reaches the gateway's process group alone:
+    // its children run in their own.
+    gw.child.signal_group(libc::SIGINT);
+    wait_until(Duration::from_secs(10), "the first Ctrl-C to be answered with a question", || gw.log().contains("press Ctrl-C again").then_some(()));
+    assert!(gw.child.try_status().is_none(), "one Ctrl-C must not stop an upgrade:\n{}", gw.log());
+    assert!(matches!(state_step(&data).as_deref(), Some("preparing" | "upgrading")), "the upgrade goes on:\n{}", gw.log());
+
+    gw.child.signal_group(libc::SIGINT);
+    let status = gw.child.wait_exit(Duration::from_secs(60));
+    let log = gw.log();
+    assert!(status.success(), "a stop asked for is a clean exit ({status}):\n{log}");
+    assert!(log.contains("was stopped at step") && log.contains("rolled back"), "the log says where it stopped and that it was rolled back:\n{log}");
+    assert!(!log.contains("the upgrade failed"), "a stop is not reported as a failure:\n{log}");
+    assert_untouched_15(&data, &log);
+    assert!(binary_upgrade_servers_on(dir.path()).is_empty(), "no server of pg_upgrade left:\n{log}");
+    assert!(postgres_pids_on(&data).is_empty() && postgres_pids_on(&beside(&data, ".upgrade-pg17")).is_empty(), "no postgres left:\n{log}");
+
+    // Nothing was lost: the next start upgrades, with every row.
+    let mut next = gateway_with(dir.path(), &pg17(), None).start();
+    assert!(next.log().contains("upgrade done"), "{}", next.log());
+    assert_eq!(major(&data), Some(17));
+    assert_original_data(&next, &session);
+    assert!(next.terminate().success());
+}

@@ -53,11 +53,12 @@ pub async fn run(config: &Config, args: UpgradeArgs) -> Result<()> {
     }
     let plan = upgrade::plan(embedded, data_dir, &new, &account)?;
     print!("{}", plan.describe());
+    let stop = crate::supervise::shutdown::stop_on_signals(if args.check { "checking the upgrade" } else { "upgrading PostgreSQL" })?;
     if args.check {
-        upgrade::check(&plan, &account).await?;
+        upgrade::check(&plan, &account, &stop).await?;
         println!("upgrade check passed: `omni-gateway upgrade` (or a start with PGSERVE_AUTO_UPGRADE=true) would upgrade PostgreSQL {major} to {}", new.major);
     } else {
-        let record = upgrade::run(&plan, &account).await?;
+        let record = upgrade::run(&plan, &account, &stop).await?;
         println!("{}", record.summary());
     }
     Ok(())

@@ -27,12 +27,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use rand::distributions::{Alphanumeric, DistString};
 use tracing::Level;
+use tokio_util::sync::CancellationToken;
 
 use super::binaries::Binaries;
 use super::pidfile;
 use crate::process::child::{self, ChildSpec, Output};
 use crate::config::{EmbeddedConfig, Origin};
 use crate::process::privilege::{self, Account};
+use crate::supervise::shutdown;
 
 /// The database the API worker uses.
 pub const APP_DATABASE: &str = "omni";
@@ -343,12 +345,18 @@ fn remove_durably(path: &Path) -> Result<()> {
 pub struct Needs {
     /// Finishes or undoes what a feature left half-done on the data
     /// directory (a point-in-time restore's journal: `pitr/restore.rs`),
-    /// before the cluster is looked at. The caller holds the data directory's lock.
-    pub resume: fn(&Path, &Account) -> Result<()>,
+    /// before the cluster is looked at. The caller holds the data directory's
+    /// lock. It stops at its next step once `stop` is cancelled.
+    pub resume: fn(&Path, &Account, &CancellationToken) -> Result<()>,
     /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
     /// needs `wal_level=logical` (the relay keeps this cap on its slot itself).
     /// `None`: the relay's slots are removed before PostgreSQL starts ([`super::slots`]).
     pub logical_wal_mb: Option<u64>,
+    /// Cancelled when a stop is asked during the preparation: a major
+    /// upgrade, a restore's resume or a first initdb then ends at its next
+    /// safe step with [`Stopped`](crate::supervise::shutdown::Stopped),
+    /// leaving what the next start finishes or undoes.
+    pub stop: CancellationToken,
 }
 
 pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries, needs: Needs) -> Result<Cluster> {
@@ -408,14 +416,15 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
     // data directory may be missing for the instant between two renames.
     super::upgrade::recover(dir).await?;
     // So is a point-in-time restore (pitr/restore.rs, its journal).
-    (needs.resume)(dir, account)?;
+    shutdown::check(&needs.stop, "resuming an interrupted point-in-time restore")?;
+    (needs.resume)(dir, account, &needs.stop)?;
     recover_interrupted_creation(dir)?;
     let has_cluster = dir.join("PG_VERSION").is_file();
     let pw_file = password_file(dir);
     if has_cluster {
         // An older major is upgraded here (PGSERVE_AUTO_UPGRADE); anything
         // else that does not match is refused by check_version below.
-        super::upgrade::before_start(cfg, dir, binaries, account).await?;
+        super::upgrade::before_start(cfg, dir, binaries, account, &needs.stop).await?;
         check_version(dir, binaries)?;
         pidfile::clear_stale(dir)?;
         // A relay slot left by a run with PGSERVE_REPLICATION_URL would stop
@@ -460,6 +469,7 @@ async fn prepare_persistent(cfg: &EmbeddedConfig, binaries: &Binaries, account: 
             dir.display()
         );
     }
+    shutdown::check(&needs.stop, "initdb of a new cluster")?;
     let started = Instant::now();
     tracing::info!("initializing a new PostgreSQL {} cluster at {}", binaries.major, dir.display());
     if let Some(parent) = dir.parent() {

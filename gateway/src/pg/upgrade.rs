@@ -44,6 +44,8 @@ use crate::process::child::{self, ChildSpec, Output};
 use crate::config::EmbeddedConfig;
 use crate::process::privilege::{self, Account};
 use crate::supervise::sd_notify::Notifier;
+use crate::supervise::shutdown;
+use tokio_util::sync::CancellationToken;
 
 /// Free space kept on top of what the copy needs: the new cluster's WAL,
 /// `pg_upgrade`'s schema dump and logs.
@@ -224,13 +226,13 @@ pub async fn recover(data_dir: &Path) -> Result<()> {
 /// The start's hook for an existing cluster: one of an older major is upgraded
 /// when `PGSERVE_AUTO_UPGRADE` allows; everything else is left to
 /// `cluster::check_version` (same major: fine; newer, or upgrades off: refused).
-pub async fn before_start(cfg: &EmbeddedConfig, data_dir: &Path, binaries: &Binaries, account: &Account) -> Result<()> {
+pub async fn before_start(cfg: &EmbeddedConfig, data_dir: &Path, binaries: &Binaries, account: &Account, stop: &CancellationToken) -> Result<()> {
     let Some(old) = cluster_major(data_dir) else { return Ok(()) };
     if old >= binaries.major || !cfg.auto_upgrade {
         return Ok(());
     }
     let plan = plan(cfg, data_dir, binaries, account)?;
-    run(&plan, account).await.map(|_| ())
+    run(&plan, account, stop).await.map(|_| ())
 }
 
 /// What an upgrade will do, found by checks that change nothing.
@@ -364,17 +366,21 @@ impl Plan {
 
 /// Runs the upgrade; on any failure the old cluster is put back and the
 /// error says what happened.
-pub async fn run(plan: &Plan, account: &Account) -> Result<Record> {
-    upgrade_or_check(plan, account, false).await
+/// Once `stop` is cancelled it stops at the next safe point: before the
+/// next step, or by stopping `initdb`/`pg_upgrade` (the old cluster is only
+/// read until the swap, so the rollback puts it back as it was); the swap
+/// itself, quick and undone by nothing, is finished.
+pub async fn run(plan: &Plan, account: &Account, stop: &CancellationToken) -> Result<Record> {
+    upgrade_or_check(plan, account, false, stop).await
 }
 
 /// `upgrade --check`: everything up to and including `pg_upgrade --check`,
 /// then the new cluster is removed again; the old one is only read.
-pub async fn check(plan: &Plan, account: &Account) -> Result<()> {
-    upgrade_or_check(plan, account, true).await.map(|_| ())
+pub async fn check(plan: &Plan, account: &Account, stop: &CancellationToken) -> Result<()> {
+    upgrade_or_check(plan, account, true, stop).await.map(|_| ())
 }
 
-async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> Result<Record> {
+async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool, stop: &CancellationToken) -> Result<Record> {
     plan.check_space()?;
     pidfile::clear_stale(&plan.data_dir)?;
     // The replication relay's logical slots: PostgreSQL refuses to start on
@@ -431,7 +437,7 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
         })
     });
     let work = WorkDir::new(account)?;
-    let outcome = steps(plan, account, &mut record, &work, check_only, logical).await;
+    let outcome = steps(plan, account, &mut record, &work, check_only, logical, stop).await;
     if let Some(task) = keep_alive {
         task.abort();
     }
@@ -448,6 +454,28 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
                 record.summary()
             );
             Ok(record)
+        }
+        Err(e) if shutdown::is_stopped(&e) => {
+            let step = record.step;
+            tracing::warn!("stopping the upgrade as asked (step {step:?}): rolling it back");
+            match roll_back(&record).await {
+                Ok(()) => Err(e.context(format!(
+                    "the {} from PostgreSQL {} to {} was stopped at step {step:?} and rolled back: the PostgreSQL {} cluster at {} is as it was. \
+                     The next start with these binaries upgrades it again",
+                    if check_only { "upgrade check" } else { "upgrade" },
+                    record.from,
+                    record.to,
+                    record.from,
+                    record.data_dir.display(),
+                ))),
+                Err(undo) => Err(e.context(format!(
+                    "the upgrade from PostgreSQL {} to {} was stopped at step {step:?} and could not be rolled back ({undo:#}). Nothing was deleted: \
+                     the next start finishes the rollback from the state file {}",
+                    record.from,
+                    record.to,
+                    state_file(&record.data_dir).display()
+                ))),
+            }
         }
         Err(e) => {
             let step = record.step;
@@ -477,13 +505,14 @@ async fn upgrade_or_check(plan: &Plan, account: &Account, check_only: bool) -> R
     }
 }
 
-async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkDir, check_only: bool, logical: bool) -> Result<()> {
+async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkDir, check_only: bool, logical: bool, stop: &CancellationToken) -> Result<()> {
     let total = if check_only { 3 } else { 4 };
     tracing::info!("upgrade step 1/{total}: reading the old cluster's encoding, locale and data-checksum setting");
     if account.switch && !privilege::owns_all(&[&plan.data_dir, &plan.data_dir.join("global"), &plan.data_dir.join("base")], account) {
         privilege::chown_tree(&plan.data_dir, account)?;
     }
-    let settings = read_settings(&plan.old, &plan.data_dir, account, work, logical).await?;
+    let settings = read_settings(&plan.old, &plan.data_dir, account, work, logical, stop).await?;
+    shutdown::check(stop, "upgrade step 2 (initdb of the new cluster)")?;
     tracing::info!(
         "upgrade step 2/{total}: initialising the new PostgreSQL {} cluster at {} (encoding {}, locale {}/{}, provider {}, data checksums {})",
         plan.new.major,
@@ -498,7 +527,7 @@ async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkD
         .with_context(|| format!("the superuser's password file {} is missing", cluster::password_file(&plan.data_dir).display()))?;
     std::fs::DirBuilder::new().mode(0o700).create(&plan.staging).with_context(|| format!("could not create {}", plan.staging.display()))?;
     privilege::chown_tree(&plan.staging, account)?;
-    initdb(&plan.new, &plan.staging, &settings, &password, account, work).await?;
+    initdb(&plan.new, &plan.staging, &settings, &password, account, work, stop).await?;
     let carried = super::upgrade_settings::carry(&plan.data_dir, &plan.staging, &plan.new, plan.from)?;
     if !carried.settings.is_empty() {
         tracing::info!("carried the old cluster's own settings into the new one: {}", carried.settings.join(", "));
@@ -511,14 +540,15 @@ async fn steps(plan: &Plan, account: &Account, record: &mut Record, work: &WorkD
     if !check_only {
         save(record)?;
     }
+    shutdown::check(stop, "upgrade step 3 (pg_upgrade)")?;
     if check_only {
         tracing::info!("upgrade step 3/{total}: pg_upgrade --check");
-        return pg_upgrade(plan, record, &password, account, work, true, logical).await;
+        return pg_upgrade(plan, record, &password, account, work, true, logical, stop).await;
     }
     record.step = Step::Upgrading;
     save(record)?;
     tracing::info!("upgrade step 3/{total}: pg_upgrade {} (its consistency checks first, then the copy; its progress follows)", plan.method.flag());
-    pg_upgrade(plan, record, &password, account, work, false, logical).await?;
+    pg_upgrade(plan, record, &password, account, work, false, logical, stop).await?;
     record.step = Step::Swapping;
     save(record)?;
     tracing::info!("upgrade step 4/{total}: the new cluster takes {}, the old one moves to {}", plan.data_dir.display(), plan.old_copy.display());
@@ -730,7 +760,7 @@ impl Settings {
 /// file `COPY` writes into the private work directory. `logical`: the
 /// cluster holds logical slots (an `upgrade --check` leaves the relay's in
 /// place), on which PostgreSQL starts only with `wal_level=logical`.
-async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work: &WorkDir, logical: bool) -> Result<Settings> {
+async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work: &WorkDir, logical: bool, stop: &CancellationToken) -> Result<Settings> {
     let out = work.path.join("settings.txt");
     let locale = match old.major {
         ..=14 => "'c', ''",
@@ -761,7 +791,7 @@ async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work:
     spec.cwd = Some(work.path.clone());
     spec.env_remove = vec!["PGDATA".into()];
     spec.stdin = Some(std::fs::File::open(&sql_path)?);
-    let status = child::run(spec).await.context("could not run postgres --single on the old cluster")?;
+    let status = shutdown::run_unless_stopped(spec, stop).await.context("could not run postgres --single on the old cluster")?;
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     if !status.success() || text.is_empty() {
         bail!("reading the old cluster's settings with {} --single failed ({status}); its output is in the log above", old.postgres().display());
@@ -771,7 +801,7 @@ async fn read_settings(old: &Binaries, data_dir: &Path, account: &Account, work:
 
 /// `initdb` of the new cluster with the old one's settings, the same
 /// superuser and password (`pg_upgrade` requires the same install user).
-async fn initdb(new: &Binaries, dir: &Path, settings: &Settings, password: &str, account: &Account, work: &WorkDir) -> Result<()> {
+async fn initdb(new: &Binaries, dir: &Path, settings: &Settings, password: &str, account: &Account, work: &WorkDir, stop: &CancellationToken) -> Result<()> {
     let pw = work.path.join("pw");
     std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&pw).and_then(|mut f| std::io::Write::write_all(&mut f, password.as_bytes()))?;
     work.give(&pw)?;
@@ -789,7 +819,7 @@ async fn initdb(new: &Binaries, dir: &Path, settings: &Settings, password: &str,
     spec.run_as = account.run_as();
     spec.cwd = Some(work.path.clone());
     spec.env_remove = vec!["PGDATA".into()];
-    let status = child::run(spec).await;
+    let status = shutdown::run_unless_stopped(spec, stop).await;
     let _ = std::fs::remove_file(&pw);
     if !status.context("could not run initdb")?.success() {
         bail!("initdb of the new cluster failed; its error is in the log above");
@@ -800,7 +830,8 @@ async fn initdb(new: &Binaries, dir: &Path, settings: &Settings, password: &str,
 /// `pg_upgrade` (`--check` only, or the real thing), run in the private work
 /// directory, which also holds the servers' sockets; its progress lines are
 /// logged as they come.
-async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Account, work: &WorkDir, check: bool, logical: bool) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Account, work: &WorkDir, check: bool, logical: bool, stop: &CancellationToken) -> Result<()> {
     let mut spec = ChildSpec::new("pg_upgrade", plan.new.tool("pg_upgrade"))
         .arg("--old-bindir")
         .arg(&plan.old.dir)
@@ -832,7 +863,7 @@ async fn pg_upgrade(plan: &Plan, record: &Record, password: &str, account: &Acco
     spec.cwd = Some(work.path.clone());
     spec.env.extend(account.login_env());
     spec.env_remove = ["PGDATA", "PGPORT", "PGHOST", "PGUSER", "PGDATABASE"].iter().map(Into::into).collect();
-    let status = child::run(spec).await.context("could not run pg_upgrade")?;
+    let status = shutdown::run_unless_stopped(spec, stop).await.context("could not run pg_upgrade")?;
     if !status.success() {
         // Its detailed logs, and the lists of what it refused (such as
         // `tables_using_reg.txt`), live in the new cluster the rollback

@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use crate::supervise::shutdown::Stage;
 
 use crate::process::child::ChildSpec;
 use crate::config::WalConfig;
@@ -137,6 +137,9 @@ pub struct BaseBackups {
     pub ask: mpsc::Sender<()>,
     /// Held while a base backup is being taken.
     busy: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The shutdown stage of point-in-time recovery's jobs (this task, the
+    /// drills, an online restore or base backup).
+    stage: Stage,
 }
 
 impl BaseBackups {
@@ -146,25 +149,19 @@ impl BaseBackups {
         self.busy.clone()
     }
 
-    /// At stop, before PostgreSQL goes: lets a base backup in progress
-    /// finish (so it is neither lost nor cut off with errors in the log),
-    /// for at most `within`; after that PostgreSQL's stop ends it.
-    pub async fn finish(&self, within: std::time::Duration) {
-        if self.busy.try_lock().is_ok() {
-            return;
-        }
-        tracing::info!("waiting up to {} s for the base backup in progress to finish", within.as_secs());
-        if tokio::time::timeout(within, self.busy.lock()).await.is_err() {
-            tracing::warn!("the base backup in progress did not finish within {} s; stopping PostgreSQL ends it", within.as_secs());
-        }
+    pub fn stage(&self) -> &Stage {
+        &self.stage
     }
 }
 
 /// Starts the base-backup task: the first backup once streaming runs on a
 /// stream directory that has none, then one every `every` (the backup
 /// schedule, `OMNI_BACKUP_INTERVAL`), each verified and followed by
-/// retention. None is started once the gateway is stopping.
-pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) -> BaseBackups {
+/// retention. None is started once a stop is asked (`asked`); one in
+/// progress when `stage` stops is let finish (so it is neither lost nor cut
+/// off with errors in the log) within the stage's grace, after which
+/// PostgreSQL's stop ends it; a hurried stop abandons it.
+pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::time::Duration>, stage: &Stage, asked: CancellationToken) -> BaseBackups {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let busy = std::sync::Arc::new(tokio::sync::Mutex::new(()));
     let server = Server::of(cluster);
@@ -176,7 +173,8 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
     if let Err(e) = generation::reconcile(&wal.dir, &cluster.data_dir, &cluster.account) {
         tracing::error!("OMNI_WAL_DIR: could not check which cluster the archive belongs to: {e:#}");
     }
-    tasks.spawn(async move {
+    let (stop, hurry) = (stage.token(), stage.hurried());
+    stage.spawn(async move {
         base::remove_partials(&wal.dir);
         if let Err(e) = generation::apply_retention(&wal) {
             tracing::error!("retention of earlier archive generations failed: {e:#}");
@@ -192,42 +190,41 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
                 }
             };
             tokio::select! {
-                () = stop.cancelled() => return,
-                () = gateway_stopping(&board) => return,
-                asked = rx.recv() => if asked.is_none() { return },
+                () = asked.cancelled() => return,
+                wanted = rx.recv() => if wanted.is_none() { return },
                 () = scheduled => {}
             }
             let _busy = held.lock().await;
-            if board.gateway() == crate::status::GatewayState::Stopping {
+            if asked.is_cancelled() {
                 return;
             }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                result = base::take(&server, &wal) => match result {
-                    Ok(_) => {
-                        if let Err(e) = base::apply_retention(&wal) {
-                            tracing::error!("WAL retention failed: {e:#}");
-                        }
-                        if let Err(e) = generation::apply_retention(&wal) {
-                            tracing::error!("retention of earlier archive generations failed: {e:#}");
-                        }
+            let take = base::take(&server, &wal);
+            tokio::pin!(take);
+            let result = tokio::select! {
+                result = &mut take => result,
+                () = hurry.cancelled() => return,
+                () = stop.cancelled() => {
+                    tracing::info!("the gateway is stopping: letting the base backup in progress finish first");
+                    tokio::select! {
+                        result = &mut take => result,
+                        () = hurry.cancelled() => return,
                     }
-                    Err(e) => tracing::error!("base backup failed: {e:#}. Point-in-time recovery needs one; the next try is at the next scheduled backup (OMNI_BACKUP_INTERVAL) or the next start of streaming"),
-                },
+                }
+            };
+            match result {
+                Ok(_) => {
+                    if let Err(e) = base::apply_retention(&wal) {
+                        tracing::error!("WAL retention failed: {e:#}");
+                    }
+                    if let Err(e) = generation::apply_retention(&wal) {
+                        tracing::error!("retention of earlier archive generations failed: {e:#}");
+                    }
+                }
+                Err(e) => tracing::error!("base backup failed: {e:#}. Point-in-time recovery needs one; the next try is at the next scheduled backup (OMNI_BACKUP_INTERVAL) or the next start of streaming"),
             }
         }
     });
-    BaseBackups { ask: tx, busy }
-}
-
-/// Returns once the gateway has begun to stop.
-async fn gateway_stopping(board: &crate::status::Board) {
-    let mut rx = board.subscribe();
-    while board.gateway() != crate::status::GatewayState::Stopping {
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
+    BaseBackups { ask: tx, busy, stage: stage.clone() }
 }
 
 /// Starts the scheduled restore drill: every `OMNI_BACKUP_DRILL_INTERVAL`
@@ -235,10 +232,12 @@ async fn gateway_stopping(board: &crate::status::Board) {
 /// base backup and its WAL are restored into a temporary cluster
 /// ([`restore::drill`]); the result goes to `drill.json`, the log (an error
 /// when it fails) and `/metrics`.
-pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop: CancellationToken, board: crate::status::Board) {
+/// A stop asked (`asked`) abandons a drill under way.
+pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, stage: &Stage, asked: CancellationToken) {
     let server = Server::of(cluster);
     let data_dir = cluster.data_dir.clone();
-    tasks.spawn(async move {
+    let stop = stage.token();
+    stage.spawn(async move {
         loop {
             let last = restore::last_drill(&wal.dir).map(|d| d.at);
             let due = last.map_or(wal.drill_every, |at| {
@@ -258,7 +257,7 @@ pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, tasks: &TaskTracker, stop
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = gateway_stopping(&board) => return,
+                () = asked.cancelled() => return,
                 _ = restore::drill(&wal, &server.binaries, &server.account, &data_dir) => {}
             }
         }

@@ -34,6 +34,7 @@ use crate::pg::cluster::Cluster;
 use crate::pg::pidfile;
 use crate::status::{Board, State};
 use crate::supervise::gate::StartGate;
+use crate::supervise::shutdown::Stage;
 use crate::supervise::Command;
 
 /// Longest the proxy waits for `POST /api/v1/backup/restore-to`: a restore
@@ -69,6 +70,8 @@ pub struct Online {
     busy: Arc<Mutex<()>>,
     /// The base-backup task's lock: no base backup runs during a restore.
     base_busy: Arc<Mutex<()>>,
+    /// Where restores and on-demand base backups run (the stop waits for them).
+    jobs: Stage,
     postgres: mpsc::Sender<Command>,
     /// Set once the streamer's supervisor runs (it may start later than PostgreSQL's).
     streamer: OnceLock<mpsc::Sender<Command>>,
@@ -76,8 +79,23 @@ pub struct Online {
 }
 
 impl Online {
-    pub fn new(cluster: Arc<Cluster>, wal: WalConfig, board: Board, hold: StartGate, base_busy: Arc<Mutex<()>>, postgres: mpsc::Sender<Command>, stop_timeout: Duration) -> Online {
-        Online { cluster, wal, board, hold, busy: Arc::default(), base_busy, postgres, streamer: OnceLock::new(), stop_timeout }
+    pub fn new(cluster: Arc<Cluster>, wal: WalConfig, board: Board, hold: StartGate, base: &super::BaseBackups, postgres: mpsc::Sender<Command>, stop_timeout: Duration) -> Online {
+        Online { cluster, wal, board, hold, busy: Arc::default(), base_busy: base.lock(), jobs: base.stage().clone(), postgres, streamer: OnceLock::new(), stop_timeout }
+    }
+
+    /// Runs `job` on the shutdown stage of point-in-time recovery: a stop
+    /// waits for it within the stage's grace, and abandons it only when
+    /// hurried or once every stage has stopped (a restore's journal then
+    /// finishes or undoes it at the next start).
+    async fn on_stage<T: Send + 'static>(&self, failed: &'static str, job: impl std::future::Future<Output = Result<T, Refusal>> + Send + 'static) -> Result<T, Refusal> {
+        let hurry = self.jobs.hurried();
+        let handle = self.jobs.spawn(async move {
+            tokio::select! {
+                out = job => out,
+                () = hurry.cancelled() => Err(refuse(503, "stopping", "the gateway stopped before this finished; a restore under way is finished or undone at the next start")),
+            }
+        });
+        handle.await.unwrap_or_else(|e| Err(refuse(500, failed, format!("the task failed: {e}"))))
     }
 
     pub fn set_streamer(&self, commands: mpsc::Sender<Command>) {
@@ -131,25 +149,23 @@ impl Online {
             return Err(refuse(503, "database_unavailable", "PostgreSQL is not serving right now, so no base backup can be taken; retry shortly"));
         }
         let this = self.clone();
-        let job = tokio::spawn(async move {
-            let _held = (busy, base_busy);
-            let backup = base::take(&Server::of(&this.cluster), &this.wal).await?;
-            if let Err(e) = base::apply_retention(&this.wal) {
-                tracing::error!("WAL retention failed: {e:#}");
-            }
-            anyhow::Ok(backup)
-        });
-        match job.await {
-            Ok(Ok(b)) => Ok(json!({
-                "id": b.id,
-                "started_at": b.started_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-                "finished_at": b.finished_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-                "bytes": b.bytes,
-                "verified": true,
-            })),
-            Ok(Err(e)) => Err(refuse(500, "base_backup_failed", format!("the base backup failed: {e:#}"))),
-            Err(e) => Err(refuse(500, "base_backup_failed", format!("the base backup task failed: {e}"))),
-        }
+        let b = self
+            .on_stage("base_backup_failed", async move {
+                let _held = (busy, base_busy);
+                let backup = base::take(&Server::of(&this.cluster), &this.wal).await.map_err(|e| refuse(500, "base_backup_failed", format!("the base backup failed: {e:#}")))?;
+                if let Err(e) = base::apply_retention(&this.wal) {
+                    tracing::error!("WAL retention failed: {e:#}");
+                }
+                Ok(backup)
+            })
+            .await?;
+        Ok(json!({
+            "id": b.id,
+            "started_at": b.started_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "finished_at": b.finished_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "bytes": b.bytes,
+            "verified": true,
+        }))
     }
 
     /// Restores to `target` on `timeline` (`None`: the one that served at
@@ -188,11 +204,11 @@ impl Online {
             }
         }
         let this = self.clone();
-        let job = tokio::spawn(async move {
+        self.on_stage("restore_failed", async move {
             let _busy = busy;
             this.run_restore(target, Some(timeline)).await
-        });
-        job.await.unwrap_or_else(|e| Err(refuse(500, "restore_failed", format!("the restore task failed: {e}"))))
+        })
+        .await
     }
 
     fn progress(&self, target: Target, started_at: DateTime<Utc>, state: &str, step: &str, percent: u8, detail: Option<&str>) {

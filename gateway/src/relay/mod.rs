@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use crate::supervise::shutdown::Stage;
 
 use crate::config::RestartPolicy;
 use crate::pg::cluster::{Cluster, APP_DATABASE};
@@ -143,33 +143,19 @@ pub async fn remove_leftovers(cluster: Arc<Cluster>) {
     }
 }
 
-/// The running relay, for the stop.
-pub struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    /// Stops the relay (an apply in flight is abandoned; the target rolls it
-    /// back, and the slot still has it) and waits for it.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
-
-/// Starts the relay: one supervised run per replicated database, shown
-/// together on the board as `replication`.
-pub fn spawn(config: &ReplicationConfig, cluster: &Arc<Cluster>, restart: RestartPolicy, board: &Board, tasks: &TaskTracker) -> Result<Running> {
+/// Starts the relay on `stage`: one supervised run per replicated
+/// database, shown together on the board as `replication`. The stage's
+/// stop ends it (an apply in flight is abandoned; the target rolls it back,
+/// and the slot still has it).
+pub fn spawn(config: &ReplicationConfig, cluster: &Arc<Cluster>, restart: RestartPolicy, board: &Board, stage: &Stage) -> Result<()> {
     ReplicationConfig::parse_url(&config.url).map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_URL")?;
     config.check_databases().map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_DATABASES")?;
     let view = Arc::new(Mutex::new(RelayView::new(config.display_target())));
     board.set_replication(view.clone());
-    let stop = CancellationToken::new();
     let restart = RestartPolicy { backoff_max: restart.backoff_max.min(MAX_RETRY_DELAY), ..restart };
     let tls = Arc::new(config.tls().map_err(anyhow::Error::msg).context("PGSERVE_REPLICATION_URL")?);
-    let (config, cluster, runs, token) = (config.clone(), cluster.clone(), tasks.clone(), stop.clone());
-    let task = tasks.spawn(async move {
+    let (config, cluster, runs, token) = (config.clone(), cluster.clone(), stage.clone(), stage.token());
+    stage.spawn(async move {
         let Some(databases) = databases_to_replicate(&config, &cluster, &view, &token).await else { return };
         tracing::info!("replicating {databases:?} to {}", config.display_target());
         let mut handles = Vec::new();
@@ -200,7 +186,7 @@ pub fn spawn(config: &ReplicationConfig, cluster: &Arc<Cluster>, restart: Restar
             let _ = h.await;
         }
     });
-    Ok(Running { stop, task })
+    Ok(())
 }
 
 /// The databases to replicate: the named ones, or with `*` every database

@@ -53,6 +53,7 @@
 
 pub mod gate;
 pub mod sd_notify;
+pub mod shutdown;
 
 use std::fmt;
 use std::future::Future;
@@ -63,8 +64,7 @@ use anyhow::Result;
 use nix::sys::signal::Signal;
 use rand::Rng;
 use tokio::process::Child;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -179,11 +179,11 @@ pub fn is_permanent(error: &anyhow::Error) -> bool {
     error.chain().any(|e| e.is::<Permanent>())
 }
 
-/// Requests a running supervisor understands.
+/// Requests a running supervisor understands. Stopping is not one of
+/// them: a supervisor stops when its shutdown stage's token is cancelled
+/// ([`shutdown`]), like every other task of the gateway.
 #[derive(Debug)]
 pub enum Command {
-    /// Stop the child and end supervision (reply when stopped).
-    Stop(oneshot::Sender<()>),
     /// Start again now with a fresh failure count: out of `Backoff` or
     /// `Failed` at once; a running child is stopped first.
     Restart,
@@ -201,19 +201,9 @@ pub enum Command {
 pub struct Handle {
     pub name: &'static str,
     tx: mpsc::Sender<Command>,
-    task: JoinHandle<()>,
 }
 
 impl Handle {
-    /// Stops the child (with its policy's signals) and waits until it is gone.
-    pub async fn stop(self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Stop(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-        let _ = self.task.await;
-    }
-
     pub async fn restart(&self) {
         let _ = self.tx.send(Command::Restart).await;
     }
@@ -233,10 +223,11 @@ impl Handle {
     }
 }
 
-/// Starts supervising `policy`'s child in a task of `tasks`. With
+/// Starts supervising `policy`'s child in a task of `stage`, which stops
+/// the child and ends when the stage's token is cancelled. With
 /// `depends_on`, a failure is not waited out once that component is ready
 /// again (see the module docs).
-pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, tasks: &TaskTracker, depends_on: Option<&'static str>) -> Handle {
+pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, stage: &shutdown::Stage, depends_on: Option<&'static str>) -> Handle {
     let name = policy.name();
     let (tx, rx) = mpsc::channel(8);
     let supervisor = Supervisor {
@@ -244,14 +235,43 @@ pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, tasks: 
         restart,
         board,
         depends_on,
-        commands: rx,
+        commands: Inbox { commands: rx, stop: stage.token(), closed: false },
         retiring: TaskTracker::new(),
         hurry_retiring: CancellationToken::new(),
         failures: 0,
         reload_queued: false,
     };
-    let task = tasks.spawn(supervisor.run());
-    Handle { name, tx, task }
+    stage.spawn(supervisor.run());
+    Handle { name, tx }
+}
+
+/// What a supervisor hears: commands, and its stage's stop.
+struct Inbox {
+    commands: mpsc::Receiver<Command>,
+    stop: CancellationToken,
+    /// Every sender is gone: no command will come, only the stop.
+    closed: bool,
+}
+
+impl Inbox {
+    /// The next command; `None` once the stop is asked, which every wait of
+    /// the loop takes as the stop. Only the stop ends supervision: a
+    /// dropped [`Handle`] does not.
+    async fn recv(&mut self) -> Option<Command> {
+        loop {
+            if self.stop.is_cancelled() {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return None,
+                cmd = self.commands.recv(), if !self.closed => match cmd {
+                    Some(cmd) => return Some(cmd),
+                    None => self.closed = true,
+                },
+            }
+        }
+    }
 }
 
 struct Supervisor<P> {
@@ -260,7 +280,7 @@ struct Supervisor<P> {
     board: Board,
     /// A component whose outage can make this one fail (the worker needs PostgreSQL).
     depends_on: Option<&'static str>,
-    commands: mpsc::Receiver<Command>,
+    commands: Inbox,
     /// Instances replaced by a reload, still draining; awaited before a stop completes.
     retiring: TaskTracker,
     /// Cancelled at stop: retiring instances skip their quiet period.
@@ -275,8 +295,8 @@ struct Supervisor<P> {
 enum RunEnd {
     /// Ended without being asked: exited, failed its checks, or could not start.
     Failed { why: String, outcome: Outcome },
-    /// Stop requested; carries who to tell once stopped.
-    Stop(Option<oneshot::Sender<()>>),
+    /// Stop requested.
+    Stop,
     Restart,
 }
 
@@ -286,7 +306,7 @@ enum Wake {
     Retry,
     /// Start again with a fresh count (SIGHUP, restart).
     Fresh,
-    Stop(Option<oneshot::Sender<()>>),
+    Stop,
 }
 
 /// A reload's new instance, until it is ready or given up.
@@ -313,7 +333,7 @@ impl<P: Policy> Supervisor<P> {
                     tracing::info!(component = name, "asked to {} while its start waited: the start is abandoned", end.verb());
                     self.policy.on_run_end();
                     match end {
-                        RunEnd::Stop(reply) => return self.finish(reply).await,
+                        RunEnd::Stop => return self.finish().await,
                         _ => {
                             self.reset_failures();
                             continue;
@@ -348,7 +368,7 @@ impl<P: Policy> Supervisor<P> {
             // next start is a new instance anyway.
             self.reload_queued = false;
             let wake = match end {
-                RunEnd::Stop(reply) => return self.finish(reply).await,
+                RunEnd::Stop => return self.finish().await,
                 RunEnd::Restart => Wake::Fresh,
                 RunEnd::Failed { why, outcome } => {
                     self.board.update(name, |c| c.last_exit = Some(why.clone()));
@@ -367,7 +387,7 @@ impl<P: Policy> Supervisor<P> {
                 }
             };
             match wake {
-                Wake::Stop(reply) => return self.finish(reply).await,
+                Wake::Stop => return self.finish().await,
                 Wake::Retry => {}
                 Wake::Fresh => self.reset_failures(),
             }
@@ -429,8 +449,7 @@ impl<P: Policy> Supervisor<P> {
                 _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
                 _ = board_rx.changed(), if self.depends_on.is_some() => {}
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Stop(reply)) => return Wake::Stop(Some(reply)),
-                    None => return Wake::Stop(None),
+                    None => return Wake::Stop,
                     Some(Command::Restart | Command::Reload | Command::Retry) => return Wake::Fresh,
                 },
             }
@@ -444,8 +463,7 @@ impl<P: Policy> Supervisor<P> {
             tokio::select! {
                 _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Stop(reply)) => return Wake::Stop(Some(reply)),
-                    None => return Wake::Stop(None),
+                    None => return Wake::Stop,
                     Some(Command::Restart | Command::Reload | Command::Retry) => return Wake::Fresh,
                 },
             }
@@ -461,16 +479,13 @@ impl<P: Policy> Supervisor<P> {
     }
 
     /// Supervision is over: retiring instances are stopped, the board says so.
-    async fn finish(self, reply: Option<oneshot::Sender<()>>) {
+    async fn finish(self) {
         let name = self.policy.name();
         self.board.unwatch(name);
         self.hurry_retiring.cancel();
         self.retiring.close();
         self.retiring.wait().await;
         self.board.transition(name, State::Stopped, None);
-        if let Some(r) = reply {
-            let _ = r.send(());
-        }
     }
 
     /// From a started child to the end of its run.
@@ -731,7 +746,7 @@ enum Step<T> {
 impl RunEnd {
     fn verb(&self) -> &'static str {
         match self {
-            RunEnd::Stop(_) => "stop",
+            RunEnd::Stop => "stop",
             RunEnd::Restart => "restart",
             RunEnd::Failed { .. } => "fail",
         }
@@ -741,8 +756,7 @@ impl RunEnd {
 /// What a stop or restart command (or a closed channel) ends a run with.
 fn end_for(cmd: Option<Command>) -> RunEnd {
     match cmd {
-        Some(Command::Stop(reply)) => RunEnd::Stop(Some(reply)),
-        None => RunEnd::Stop(None),
+        None => RunEnd::Stop,
         Some(Command::Restart | Command::Reload | Command::Retry) => RunEnd::Restart,
     }
 }
@@ -762,7 +776,7 @@ async fn bounded<T>(
     board: &Board,
     step: impl Future<Output = T>,
     budget: Option<Duration>,
-    commands: &mut mpsc::Receiver<Command>,
+    commands: &mut Inbox,
     reload_queued: &mut bool,
 ) -> Step<T> {
     tokio::pin!(step);
@@ -1068,10 +1082,11 @@ mod tests {
         let gate = gate::StartGate::new("a test");
         let held = gate.hold().await;
         let board = Board::new(&["gated"]);
-        let tasks = TaskTracker::new();
-        let handle = spawn(Gated { gate: gate.clone(), start_timeout: Duration::from_secs(600) }, policy(), board.clone(), &tasks, None);
+        let shutdown = shutdown::Shutdown::new(&[("gated", "the gated child", Duration::from_secs(30))]);
+        spawn(Gated { gate: gate.clone(), start_timeout: Duration::from_secs(600) }, policy(), board.clone(), shutdown.stage("gated"), None);
         wait_for_state(&board, State::Starting).await;
-        tokio::time::timeout(Duration::from_secs(5), handle.stop()).await.expect("the stop waited for a start that could not end");
+        let late = tokio::time::timeout(Duration::from_secs(5), shutdown.stop()).await.expect("the stop waited for a start that could not end");
+        assert!(late.is_empty());
         assert_eq!(board.state("gated"), Some(State::Stopped));
         drop(held);
     }
@@ -1081,8 +1096,8 @@ mod tests {
         let gate = gate::StartGate::new("a test");
         let held = gate.hold().await;
         let board = Board::new(&["gated"]);
-        let tasks = TaskTracker::new();
-        let handle = spawn(Gated { gate: gate.clone(), start_timeout: Duration::from_millis(200) }, policy(), board.clone(), &tasks, None);
+        let shutdown = shutdown::Shutdown::new(&[("gated", "the gated child", Duration::from_secs(30))]);
+        spawn(Gated { gate: gate.clone(), start_timeout: Duration::from_millis(200) }, policy(), board.clone(), shutdown.stage("gated"), None);
         let c = wait_for_state(&board, State::Backoff).await;
         let why = c.last_exit.unwrap_or_default();
         assert!(why.contains("did not finish within 0.2 s"), "{why}");
@@ -1090,7 +1105,7 @@ mod tests {
         drop(held);
         let c = wait_for_state(&board, State::Ready).await;
         let pid = c.pid.expect("a ready child has a pid") as i32;
-        handle.stop().await;
+        assert!(shutdown.stop().await.is_empty());
         assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(), "the child is gone after the stop");
     }
 
