@@ -203,7 +203,14 @@ pub async fn run(config: Config) -> Result<i32> {
         internal: internal.clone(),
         stream_slots: Default::default(),
     });
-    http.spawn(serve::serve(listener, surface, http.token(), config.http.clone()));
+    // A hurried stop does not wait for the drain any more.
+    let (serving, hurried) = (serve::serve(listener, surface, http.token(), config.http.clone()), http.hurried());
+    http.spawn(async move {
+        tokio::select! {
+            () = serving => {}
+            () = hurried.cancelled() => tracing::info!("the stop is hurried: requests still in flight are cut off"),
+        }
+    });
     let mut running = Running { board, shutdown, handles: Vec::new(), cluster: None, notifier, internal };
 
     // From here on every way out goes through the same orderly stop.

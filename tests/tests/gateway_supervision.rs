@@ -224,6 +224,30 @@ fn health_turns_503_as_soon_as_sigterm_arrives_while_in_flight_requests_drain() 
 }
 
 #[test]
+fn a_second_sigterm_while_draining_stops_at_once_and_leaves_no_child() {
+    let dir = workdir();
+    let (stack, _pg) = fake_stack(dir.path());
+    let events_file = events_file(dir.path());
+    // Long enough that only a hurried stop can end within the test's wait.
+    let mut gw = stack.env("FAKE_EVENTS", events_file.display().to_string()).env("OMNI_DRAIN_TIMEOUT_S", "300").start();
+    let port = gw.port;
+    let worker = gw.pid_of("api").expect("the worker's pid");
+    let _slow = std::thread::spawn(move || Request::get("/slow?ms=200000").port(port).try_send(port));
+    wait_until(Duration::from_secs(10), "the slow request to reach the worker", || events(&events_file).iter().any(|(e, _, _)| e == "slow").then_some(()));
+
+    signal(&gw, libc::SIGTERM);
+    wait_until(Duration::from_secs(10), "the drain to begin", || gw.log().contains("stopping serving HTTP").then_some(()));
+    assert!(gw.child.try_status().is_none(), "the first SIGTERM drains the request in flight:\n{}", gw.log());
+    signal(&gw, libc::SIGTERM);
+    // Without the hurry this takes the 200 s the request in flight needs.
+    let status = gw.child.wait_exit(Duration::from_secs(40));
+    let log = gw.log();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("received again while stopping: hurrying"), "{log}");
+    assert!(!alive(worker), "the worker is stopped, not left behind:\n{log}");
+}
+
+#[test]
 fn a_missing_worker_binary_is_failed_until_sighup_retries_it() {
     let dir = workdir();
     let (stack, _pg) = fake_stack(dir.path());

@@ -238,6 +238,7 @@ pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, stage: 
         commands: Inbox { commands: rx, stop: stage.token(), closed: false },
         retiring: TaskTracker::new(),
         hurry_retiring: CancellationToken::new(),
+        hurry: stage.hurried(),
         failures: 0,
         reload_queued: false,
     };
@@ -285,6 +286,8 @@ struct Supervisor<P> {
     retiring: TaskTracker,
     /// Cancelled at stop: retiring instances skip their quiet period.
     hurry_retiring: CancellationToken,
+    /// Cancelled when the gateway's stop is hurried (a second stop signal).
+    hurry: CancellationToken,
     /// Failed runs in a row without a stable one: the backoff exponent.
     failures: u32,
     /// A reload asked while the child was starting, done once it is ready.
@@ -654,10 +657,10 @@ impl<P: Policy> Supervisor<P> {
         let stop_candidate = async {
             if let Some(mut c) = candidate {
                 tracing::info!(component = name, "stopping the reload's new instance too");
-                terminate(name, &mut c.child, signals).await;
+                terminate(name, &mut c.child, signals, &self.hurry).await;
             }
         };
-        tokio::join!(stop_candidate, terminate(name, child, signals));
+        tokio::join!(stop_candidate, terminate(name, child, signals, &self.hurry));
         if had_candidate {
             self.policy.abandon_candidate();
         }
@@ -669,7 +672,7 @@ impl<P: Policy> Supervisor<P> {
     async fn stop_child(&mut self, child: &mut Child) {
         let signals = self.policy.stop_signals();
         self.beat(signals.budget());
-        terminate(self.policy.name(), child, signals).await;
+        terminate(self.policy.name(), child, signals, &self.hurry).await;
         self.board.update(self.policy.name(), |c| c.pid = None);
     }
 
@@ -697,7 +700,7 @@ impl<P: Policy> Supervisor<P> {
         let Some(mut c) = candidate else { return };
         let signals = self.policy.stop_signals();
         self.beat(signals.budget());
-        terminate(self.policy.name(), &mut c.child, signals).await;
+        terminate(self.policy.name(), &mut c.child, signals, &self.hurry).await;
         self.policy.abandon_candidate();
         self.board.update(self.policy.name(), |c| c.reloading = false);
     }
@@ -719,7 +722,7 @@ impl<P: Policy> Supervisor<P> {
         });
         tracing::info!(component = name, "reload: new instance (pid {}) serving; draining the old one", candidate.pid.unwrap_or(0));
         let signals = self.policy.stop_signals();
-        let hurry = self.hurry_retiring.clone();
+        let (hurry, hurried) = (self.hurry_retiring.clone(), self.hurry.clone());
         self.retiring.spawn(async move {
             // Requests that picked the old instance an instant before the
             // switch are still on their way to it; let them arrive before it
@@ -728,7 +731,7 @@ impl<P: Policy> Supervisor<P> {
                 _ = tokio::time::sleep(RELOAD_QUIESCE) => {}
                 _ = hurry.cancelled() => {}
             }
-            terminate(name, &mut old, signals).await;
+            terminate(name, &mut old, signals, &hurried).await;
         });
     }
 }
@@ -825,23 +828,37 @@ fn reap_group(pid: Option<u32>) {
 
 /// Stops `child` with `signals`, escalating on timeout; whatever is left of
 /// its process group is killed at the end.
-pub async fn terminate(name: &'static str, child: &mut Child, signals: StopSignals) {
+/// A hurried stop (`hurry` cancelled: a second stop signal) does not wait
+/// out the first signal's grace: it goes on to the second signal (or
+/// SIGKILL) at once.
+async fn terminate(name: &'static str, child: &mut Child, signals: StopSignals, hurry: &CancellationToken) {
     let Some(pid) = child.id() else { return };
     let nix_pid = nix::unistd::Pid::from_raw(pid as i32);
-    let mut steps = vec![(signals.first, signals.grace)];
+    let mut steps = vec![(signals.first, signals.grace, true)];
     if let Some(second) = signals.second {
-        steps.push((second, SECOND_SIGNAL_GRACE));
+        steps.push((second, SECOND_SIGNAL_GRACE, false));
     }
-    for (sig, wait) in steps {
+    for (sig, wait, may_hurry) in steps {
         tracing::info!(component = name, "sending {sig} to pid {pid}");
         let _ = nix::sys::signal::kill(nix_pid, sig);
-        if let Ok(status) = tokio::time::timeout(wait, child.wait()).await {
-            tracing::info!(component = name, "stopped ({})", status.map(describe_exit).unwrap_or_else(|e| e.to_string()));
-            child::signal_group(pid, Signal::SIGKILL);
-            child::forget(pid);
-            return;
+        let hurried = async {
+            match may_hurry {
+                true => hurry.cancelled().await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            waited = tokio::time::timeout(wait, child.wait()) => match waited {
+                Ok(status) => {
+                    tracing::info!(component = name, "stopped ({})", status.map(describe_exit).unwrap_or_else(|e| e.to_string()));
+                    child::signal_group(pid, Signal::SIGKILL);
+                    child::forget(pid);
+                    return;
+                }
+                Err(_) => tracing::warn!(component = name, "still running {} s after {sig}", wait.as_secs()),
+            },
+            () = hurried => tracing::warn!(component = name, "the stop is hurried: not waiting for the end of {sig}"),
         }
-        tracing::warn!(component = name, "still running {} s after {sig}", wait.as_secs());
     }
     tracing::warn!(component = name, "killing process group {pid}");
     child::signal_group(pid, Signal::SIGKILL);
