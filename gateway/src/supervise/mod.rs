@@ -565,7 +565,10 @@ impl<P: Policy> Supervisor<P> {
         let mut next_check = tokio::time::Instant::now() + timing.live_interval;
         if std::mem::take(&mut self.reload_queued) {
             tracing::info!(component = name, "ready: doing the reload asked while it started");
-            candidate = self.start_candidate().await;
+            candidate = match self.start_candidate(&mut child).await {
+                Ok(c) => c,
+                Err(end) => return end,
+            };
             next_check = tokio::time::Instant::now();
         }
         loop {
@@ -591,7 +594,10 @@ impl<P: Policy> Supervisor<P> {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Reload) if candidate.is_some() => tracing::info!(component = name, "reload already under way"),
                     Some(Command::Reload) => {
-                        candidate = self.start_candidate().await;
+                        candidate = match self.start_candidate(&mut child).await {
+                            Ok(c) => c,
+                            Err(end) => return end,
+                        };
                         next_check = tokio::time::Instant::now();
                     }
                     Some(Command::Retry) => {}
@@ -600,7 +606,9 @@ impl<P: Policy> Supervisor<P> {
                 ok = check_at(next_check, &mut self.policy, timing.check_timeout) => match candidate.take() {
                     Some(c) => match ok {
                         Ok(()) => {
-                            self.promote(c, &mut child).await;
+                            if let Err(end) = self.promote(c, &mut child).await {
+                                return end;
+                            }
                             pid = child.id();
                             misses = 0;
                             next_check = tokio::time::Instant::now() + timing.live_interval;
@@ -676,21 +684,41 @@ impl<P: Policy> Supervisor<P> {
         self.board.update(self.policy.name(), |c| c.pid = None);
     }
 
-    /// Starts a reload's new instance beside the running one.
-    async fn start_candidate(&mut self) -> Option<Candidate> {
+    /// Starts a reload's new instance beside the running one (`child`),
+    /// listening for commands as every start does: a stop or restart asked
+    /// meanwhile ends the run (`Err`, both instances stopped), a reload is
+    /// already under way.
+    async fn start_candidate(&mut self, child: &mut Child) -> Result<Option<Candidate>, RunEnd> {
         let name = self.policy.name();
         tracing::info!(component = name, "reload: starting a new instance beside the running one");
-        self.beat(STEP_BUDGET);
-        match self.policy.start().await {
-            Ok(child) => {
+        let budget = self.policy.timing().start_timeout;
+        let started = bounded(name, &self.board, self.policy.start(), Some(budget), &mut self.commands, &mut self.reload_queued).await;
+        self.reload_queued = false;
+        let candidate = |new: Child| Candidate { pid: new.id(), child: new, deadline: tokio::time::Instant::now() + budget };
+        match started {
+            Step::Done(Ok(new)) => {
                 self.board.update(name, |c| c.reloading = true);
-                let deadline = tokio::time::Instant::now() + self.policy.timing().start_timeout;
-                Some(Candidate { pid: child.id(), child, deadline })
+                Ok(Some(candidate(new)))
             }
-            Err(e) => {
+            Step::Done(Err(e)) => {
                 tracing::error!(component = name, "reload failed, keeping the running instance: {e:#}");
                 self.policy.abandon_candidate();
-                None
+                Ok(None)
+            }
+            Step::TimedOut => {
+                tracing::error!(component = name, "reload failed, keeping the running instance: the new instance's start did not finish within {}", human(budget));
+                self.policy.abandon_candidate();
+                Ok(None)
+            }
+            Step::Interrupted(end, finished) => {
+                tracing::info!(component = name, "asked to {} while a reload's new instance started", end.verb());
+                match finished {
+                    Some(Ok(new)) => Err(self.stop_run(end, child, Some(candidate(new))).await),
+                    _ => {
+                        self.policy.abandon_candidate();
+                        Err(self.stop_run(end, child, None).await)
+                    }
+                }
             }
         }
     }
@@ -706,15 +734,29 @@ impl<P: Policy> Supervisor<P> {
     }
 
     /// Blue/green switch: the candidate passed its readiness check; traffic
-    /// moves to it and the old instance drains in the background.
-    async fn promote(&mut self, candidate: Candidate, child: &mut Child) {
+    /// moves to it and the old instance drains in the background. The
+    /// post-start step listens for commands: a stop or restart asked
+    /// meanwhile ends the run (`Err`, both instances stopped).
+    async fn promote(&mut self, candidate: Candidate, child: &mut Child) -> Result<(), RunEnd> {
         let name = self.policy.name();
-        self.beat(STEP_BUDGET);
-        if let Err(e) = self.policy.on_ready().await {
-            tracing::error!(component = name, "reload: post-start step failed: {e:#}");
-            self.drop_candidate(Some(candidate)).await;
-            return;
+        match bounded(name, &self.board, self.policy.on_ready(), Some(STEP_BUDGET), &mut self.commands, &mut self.reload_queued).await {
+            Step::Done(Ok(())) => {}
+            Step::Done(Err(e)) => {
+                tracing::error!(component = name, "reload: post-start step failed: {e:#}");
+                self.drop_candidate(Some(candidate)).await;
+                return Ok(());
+            }
+            Step::TimedOut => {
+                tracing::error!(component = name, "reload: post-start step did not finish within {} s", STEP_BUDGET.as_secs());
+                self.drop_candidate(Some(candidate)).await;
+                return Ok(());
+            }
+            Step::Interrupted(end, _) => {
+                tracing::info!(component = name, "asked to {} during a reload's post-start step", end.verb());
+                return Err(self.stop_run(end, child, Some(candidate)).await);
+            }
         }
+        self.reload_queued = false;
         let mut old = std::mem::replace(child, candidate.child);
         self.board.update(name, |c| {
             c.pid = candidate.pid;
@@ -733,6 +775,7 @@ impl<P: Policy> Supervisor<P> {
             }
             terminate(name, &mut old, signals, &hurried).await;
         });
+        Ok(())
     }
 }
 
