@@ -48,8 +48,10 @@
 //!
 //! Layer: the mechanism, above `status`, `process` and `config`. It knows
 //! nothing of PostgreSQL, the worker or the WAL: those are [`Policy`] values
-//! made in the layers above. `gate.rs` is the start gate a restore holds;
-//! `sd_notify.rs` talks to systemd.
+//! made in the layers above. `shutdown.rs` is the gateway's one way to stop
+//! (stages, tokens, trackers; a supervisor ends when its stage's token is
+//! cancelled); `gate.rs` is the start gate a restore holds; `sd_notify.rs`
+//! talks to systemd.
 
 pub mod gate;
 pub mod sd_notify;
