@@ -35,7 +35,7 @@
 pub mod dev;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -243,13 +243,7 @@ async fn announcement(pipe: &mut pipe::Receiver) -> Announcement {
 
 /// A pipe whose ends are close-on-exec: only the child's dup of one end survives exec.
 fn pipe_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 fills `fds` with two new descriptors on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("creating the worker's {what} pipe"));
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from).with_context(|| format!("creating the worker's {what} pipe"))
 }
 
 /// The readiness pipe: its read end watched by the gateway, its write end for the worker.
