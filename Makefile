@@ -42,7 +42,7 @@ test: build
 ## The relay under a 2 GB single transaction with the gateway capped at 512 MB
 ## (make test runs the same test with a 585 MB one); ~12 min, ~20 GB of disk.
 test-big: build
-	OMNI_TEST_BIG_TXN_ROWS=2000000 $(CARGO) nextest run -p omni-tests --test replication_stream -E 'test(bigger_than_memory)'
+	OMNI_TEST_BIG_TXN_ROWS=2000000 $(CARGO) nextest run -p omni-tests --test e2e -E 'test(/^replication_stream::.*bigger_than_memory/)'
 
 ## Property-based fuzzing of the API's OpenAPI document (FUZZ_SECONDS, default 120).
 fuzz: build

@@ -14,8 +14,7 @@ use std::collections::BTreeSet;
 use omni_tests::{pg_bin_dir, Request, Response, TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
 use serde_json::{json, Value};
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Access {

@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use omni_tests::{NetNs, TempPostgres, Worker, WorkerBuilder, TEST_API_KEY};
 use serde_json::json;
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 fn storage() -> serde_json::Value {
     json!({

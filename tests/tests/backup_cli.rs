@@ -2,8 +2,7 @@
 //! API against the gateway's embedded cluster, and says clearly when the
 //! gateway is not running.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use gateway::{cli, workdir, GatewayBuilder};
 use omni_tests::{Request, TEST_API_KEY};

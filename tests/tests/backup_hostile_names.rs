@@ -2,8 +2,7 @@
 //! worker behind the proxy): every one is a 400 or 404 JSON error, and no file
 //! outside the backup directory is read, written or deleted.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::{fs, os::unix::fs::symlink, path::Path, time::SystemTime};
 

@@ -7,8 +7,7 @@
 //! inside the cluster's directory, which the start then refused as "a
 //! non-empty directory that holds no cluster" it had filled itself.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use gateway::{cli_env, workdir, GatewayBuilder};
 

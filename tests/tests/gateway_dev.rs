@@ -2,8 +2,7 @@
 //! is swapped in without a manual restart, UI edits are served at once, and
 //! `LOG_FORMAT=json` gives one JSON object per line.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::time::Duration;
 

@@ -6,8 +6,7 @@
 //! gateway is root and the worker's group may add files beside the data
 //! directory); as another user it says so and returns.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;

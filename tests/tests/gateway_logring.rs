@@ -12,8 +12,7 @@
 //!   measured), and a stream client that stops reading neither slows the
 //!   proxy nor grows the gateway; once it reads again it is told what it missed.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -3,10 +3,8 @@
 //! lines included, no terminal colour codes, and no `FATAL` on a clean start;
 //! the worker's readiness comes from its announcement, not from polling.
 
-#[path = "support/gateway.rs"]
-mod gateway;
-#[path = "support/source.rs"]
-mod source;
+use crate::gateway;
+use crate::source;
 
 use std::time::Duration;
 

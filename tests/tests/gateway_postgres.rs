@@ -2,8 +2,7 @@
 //! SPEC §3–§4). Every test runs the real `omni-gateway` binary with a real
 //! PostgreSQL in its own temporary directory, on free ports.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;

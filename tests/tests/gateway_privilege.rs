@@ -6,8 +6,7 @@
 //! These tests need root; as another user there is nothing to drop and they
 //! say so and return.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

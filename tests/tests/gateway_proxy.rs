@@ -6,8 +6,7 @@
 //! which can stream arbitrarily large bodies and speak a raw upgrade, with an
 //! external `DATABASE_URL` so no cluster is started for them.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

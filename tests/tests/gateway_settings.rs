@@ -5,8 +5,7 @@
 //! contract, `OMNI_API_KEY=short` passed the gateway and the worker then
 //! exited 2 at every start.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::process::Command;
 

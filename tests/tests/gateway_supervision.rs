@@ -9,8 +9,7 @@
 //! external `DATABASE_URL` so no cluster is started for them. The chaos test
 //! runs the real stack through the soak binary, with default settings.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

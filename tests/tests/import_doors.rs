@@ -3,10 +3,8 @@
 //! `kill -9` of the worker or of PostgreSQL in the middle of an import,
 //! which must leave no row of it behind.
 
-#[path = "support/gateway.rs"]
-mod gateway;
-#[path = "support/sqlite_fixture.rs"]
-mod fixture;
+use crate::gateway;
+use crate::fixture;
 
 use fixture::TABLES;
 

@@ -3,8 +3,7 @@
 //! idempotent, a dry run that writes nothing, and files that are not
 //! databases refused before anything is written. The source is never changed.
 
-#[path = "support/sqlite_fixture.rs"]
-mod fixture;
+use crate::fixture;
 
 use fixture::TABLES;
 

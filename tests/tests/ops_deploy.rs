@@ -9,8 +9,7 @@
 //! run as PID 1 with the image's environment, serves on 0.0.0.0 and its
 //! `HEALTHCHECK` command follows it up and down.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;

@@ -5,8 +5,7 @@
 //! next to a running gateway it describes that gateway and exits 0.
 //! Every test runs the real binary against real directories and sockets.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::net::TcpListener;
 use std::path::Path;

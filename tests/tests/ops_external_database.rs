@@ -3,8 +3,7 @@
 //! server with a real query. The external server here is a second,
 //! independent PostgreSQL started by the test.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::time::Duration;
 

@@ -19,10 +19,8 @@
 //!   any API-key request; what a client writes in `X-Forwarded-For` itself
 //!   buys it nothing, through nginx or directly.
 
-#[path = "support/gateway.rs"]
-mod gateway;
-#[path = "support/source.rs"]
-mod source;
+use crate::gateway;
+use crate::source;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

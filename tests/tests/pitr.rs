@@ -3,8 +3,7 @@
 //! `omni-gateway restore --to <time|latest>` (gateway stopped) brings the
 //! data back.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

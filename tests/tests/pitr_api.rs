@@ -4,8 +4,7 @@
 //! internal endpoints; the gateway stops PostgreSQL and the streamer, restores,
 //! starts them again and answers once the service is back).
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::path::Path;
 use std::time::Duration;

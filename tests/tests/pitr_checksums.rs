@@ -2,8 +2,7 @@
 //! is checked before it is downloaded or restored, and a file that changed
 //! since is refused with a clear error (API and CLI alike).
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use gateway::{cli, workdir, GatewayBuilder};
 use omni_tests::{Request, TEST_API_KEY};

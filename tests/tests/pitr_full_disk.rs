@@ -5,8 +5,7 @@
 //! while being padded, which pg_receivewal refuses to start on, is removed;
 //! the slot still holds its WAL).
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

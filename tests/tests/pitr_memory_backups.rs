@@ -2,8 +2,7 @@
 //! `OMNI_BACKUP_DIR` did not exist before the start (the start makes it for
 //! the worker's account, as in persistent mode).
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::os::unix::fs::MetadataExt;
 

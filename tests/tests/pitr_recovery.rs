@@ -6,8 +6,7 @@
 //! row, never an empty cluster; and an online restore to `latest` under
 //! write load that loses no acknowledged write.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::collections::BTreeSet;
 use std::path::Path;

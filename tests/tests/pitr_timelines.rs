@@ -4,8 +4,7 @@
 //! retention keeps the WAL each kept base backup needs on its own timeline.
 //! Real gateway, real PostgreSQL, real restores (over HTTP and the CLI).
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::path::Path;
 use std::time::Duration;

@@ -9,8 +9,7 @@
 //! of another cluster) is set aside and streaming comes back with a new
 //! base backup.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -3,10 +3,8 @@
 //! another port (and one of another major version). Every check compares
 //! table contents, row by row, never counts alone.
 
-#[path = "support/gateway.rs"]
-mod gateway;
-#[path = "support/replication.rs"]
-mod kit;
+use crate::gateway;
+use crate::kit;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -5,8 +5,7 @@
 //! columns (type, default, nullability), indexes, constraints and every
 //! row; then one more write must arrive (the relay did not wedge).
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -3,10 +3,8 @@
 //! gateway replicates into a second PostgreSQL the test starts; every check
 //! compares table contents row by row, and PostgreSQL must serve throughout.
 
-#[path = "support/gateway.rs"]
-mod gateway;
-#[path = "support/replication.rs"]
-mod kit;
+use crate::gateway;
+use crate::kit;
 
 use std::path::Path;
 use std::time::Duration;

@@ -3,10 +3,8 @@
 //! into a second PostgreSQL the test starts, and every check compares the
 //! tables' contents (or count and checksum for the big one).
 
-#[path = "support/gateway.rs"]
-mod gateway;
-#[path = "support/replication.rs"]
-mod kit;
+use crate::gateway;
+use crate::kit;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -3,8 +3,7 @@
 //! 17 binaries. Every injected failure must leave the PostgreSQL 15 cluster
 //! where it was, followed by a start that works and shows the original data.
 
-#[path = "support/gateway.rs"]
-mod gateway;
+use crate::gateway;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
