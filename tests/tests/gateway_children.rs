@@ -1,0 +1,118 @@
+//! The short commands the gateway runs (the relay's `pg_dump`/`pg_restore`)
+//! are children like any other: run as the unprivileged account when the
+//! gateway is root, in their own process group, and gone when the gateway
+//! stops or is killed with `kill -9`. A surviving `pg_restore --clean` of
+//! an old copy would otherwise run beside the copy the next start begins.
+//!
+//! The copy is held in place by a lock the test takes on the target table:
+//! `pg_restore --clean` waits on it to drop the table.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/replication.rs"]
+mod kit;
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use gateway::{alive, workdir, Gateway, GatewayBuilder};
+use kit::target_database;
+use omni_tests::{wait_until, TempPostgres};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn uid_of(name: &str) -> u32 {
+    let c = CString::new(name).unwrap();
+    // SAFETY: getpwnam returns static storage or null; read at once.
+    let entry = unsafe { libc::getpwnam(c.as_ptr()) };
+    assert!(!entry.is_null(), "no user {name}");
+    // SAFETY: non-null pointer from getpwnam.
+    unsafe { (*entry).pw_uid }
+}
+
+/// Live `pg_dump`/`pg_restore` processes working for the gateway `gateway_pid`
+/// (their command line names its copy's directory `omni-relay-<pid>-…`).
+fn relay_tools(gateway_pid: u32) -> Vec<i32> {
+    let mark = format!("omni-relay-{gateway_pid}-");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ")).unwrap_or_default();
+            (cmdline.contains("pg_dump") || cmdline.contains("pg_restore")) && cmdline.contains(&mark) && alive(*pid)
+        })
+        .collect()
+}
+
+/// The `pg_restore` into the target, once it runs (waiting on the test's lock).
+fn wait_restore_running(gw: &Gateway) -> i32 {
+    let gateway_pid = gw.child.pid();
+    wait_until(Duration::from_secs(90), "the relay's pg_restore into the target", || {
+        relay_tools(gateway_pid).into_iter().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("--single-transaction")).unwrap_or(false)
+        })
+    })
+}
+
+/// Real, effective, saved and filesystem uids, and the process group, from /proc.
+fn uids_and_group(pid: i32) -> (Vec<u32>, i32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap().split_whitespace().skip(1).map(|u| u.parse().unwrap()).collect();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name: state, ppid, pgrp.
+    let pgrp = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(2).unwrap().parse().unwrap();
+    (uids, pgrp)
+}
+
+#[test]
+fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_kill_9() {
+    let target = TempPostgres::start_new();
+    let target_url = target_database(&target, "replica");
+    let dir = workdir();
+
+    // A table in the embedded database, so the copy has something to restore.
+    let mut gw = GatewayBuilder::new(dir.path()).start();
+    gw.db().batch_execute("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items SELECT generate_series(1, 100)").unwrap();
+    assert!(gw.terminate().success(), "{}", gw.log());
+
+    // The same table on the target, locked: pg_restore --clean waits to drop it.
+    let mut lock = postgres::Client::connect(&target_url, postgres::NoTls).unwrap();
+    lock.batch_execute("CREATE TABLE items (id int PRIMARY KEY)").unwrap();
+    let mut held = lock.transaction().unwrap();
+    held.batch_execute("LOCK TABLE items IN ACCESS SHARE MODE").unwrap();
+
+    // A stop while the copy runs: the gateway ends and takes pg_restore with it.
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
+    let restore = wait_restore_running(&gw);
+    let (uids, group) = uids_and_group(restore);
+    if is_root() {
+        let postgres = uid_of("postgres");
+        assert_eq!(uids, vec![postgres; 4], "run as root, the gateway runs pg_restore as PGSERVE_USER, not root");
+    }
+    assert_eq!(group, restore, "pg_restore leads its own process group");
+    let gateway_pid = gw.child.pid();
+    assert!(gw.terminate().success(), "{}", gw.log());
+    wait_until(Duration::from_secs(15), "no pg_dump/pg_restore of the stopped gateway", || relay_tools(gateway_pid).is_empty().then_some(()));
+    assert!(!alive(restore), "pg_restore {restore} outlived the gateway's stop");
+
+    // kill -9 while the copy runs: nothing of it is left either.
+    let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
+    let restore = wait_restore_running(&gw);
+    let gateway_pid = gw.child.pid();
+    // The gateway alone, as `kill -9 <pid>` does (not its process group).
+    // SAFETY: kill(2) on the gateway's pid, which the guard has not reaped.
+    unsafe { libc::kill(gateway_pid as libc::pid_t, libc::SIGKILL) };
+    gw.child.wait_exit(Duration::from_secs(10));
+    wait_until(Duration::from_secs(15), "no pg_dump/pg_restore of the killed gateway", || relay_tools(gateway_pid).is_empty().then_some(()));
+    assert!(!alive(restore), "pg_restore {restore} outlived kill -9 of the gateway");
+
+    // The lock released, the target is untouched by the abandoned copies:
+    // each ran in one transaction, rolled back when it was killed.
+    held.rollback().unwrap();
+    let rows: i64 = lock.query_one("SELECT count(*) FROM items", &[]).unwrap().get(0);
+    assert_eq!(rows, 0, "an abandoned copy wrote into the target");
+}
