@@ -116,3 +116,52 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     let rows: i64 = lock.query_one("SELECT count(*) FROM items", &[]).unwrap().get(0);
     assert_eq!(rows, 0, "an abandoned copy wrote into the target");
 }
+
+/// Live `pg_dump` processes whose parent is `parent`.
+fn pg_dumps_of(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            stat.contains("(pg_dump)") && ppid == Some(parent) && alive(*pid)
+        })
+        .collect()
+}
+
+/// `omni-gateway backup create` runs pg_dump from the backup code the worker
+/// runs too: killed with `kill -9` while pg_dump waits (on a lock the test
+/// holds), it takes pg_dump with it; before, pg_dump was killed only when
+/// the process dropped it, which a `kill -9` never does.
+#[test]
+fn kill_9_of_the_backup_cli_during_a_slow_pg_dump_leaves_no_pg_dump() {
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path()).start();
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE held (id int PRIMARY KEY); INSERT INTO held VALUES (1)").unwrap();
+    let mut held = db.transaction().unwrap();
+    held.batch_execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE").unwrap();
+
+    let log = dir.path().join("backup-cli.log");
+    let env = [("PGSERVE_BIN_DIR".to_owned(), omni_tests::pg_bin_dir().display().to_string()), ("LOG_LEVEL".to_owned(), "info".to_owned())].into_iter().collect();
+    let mut command = omni_tests::isolated_command(&omni_tests::bin_path("omni-gateway"), dir.path(), &env, &log);
+    command.args(["backup", "create"]);
+    let mut backup = omni_tests::ChildGuard::spawn(&mut command);
+    let cli_pid = backup.pid();
+    let dump = wait_until(Duration::from_secs(60), "the backup CLI's pg_dump", || {
+        if let Some(status) = backup.try_status() {
+            panic!("the backup CLI ended ({status}) before its pg_dump was seen: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        pg_dumps_of(cli_pid).first().copied()
+    });
+
+    // The CLI alone, as `kill -9 <pid>` does (not its process group).
+    // SAFETY: kill(2) on the CLI's pid, which the guard has not reaped.
+    unsafe { libc::kill(cli_pid as libc::pid_t, libc::SIGKILL) };
+    backup.wait_exit(Duration::from_secs(10));
+    wait_until(Duration::from_secs(15), "the killed CLI's pg_dump to be gone", || (!alive(dump)).then_some(()));
+    assert!(!alive(dump), "pg_dump {dump} outlived kill -9 of the backup CLI");
+    held.rollback().unwrap();
+}
