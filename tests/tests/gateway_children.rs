@@ -165,3 +165,37 @@ fn kill_9_of_the_backup_cli_during_a_slow_pg_dump_leaves_no_pg_dump() {
     assert!(!alive(dump), "pg_dump {dump} outlived kill -9 of the backup CLI");
     held.rollback().unwrap();
 }
+
+/// `<data>/postgres.drill-*` scratch directories (a drill's copy).
+fn drill_dirs(cwd: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(cwd.join("data"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("postgres.drill-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// A scheduled restore drill cancelled by the gateway's stop while its
+/// recovery PostgreSQL runs (held there by the test hook) leaves no
+/// PostgreSQL on its copy and no copy: the drill's scratch directory goes
+/// with it, however it ends.
+#[test]
+fn a_drill_cancelled_at_stop_leaves_no_postgres_and_no_scratch_copy() {
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path())
+        .env("OMNI_BACKUP_DRILL_INTERVAL", "3s")
+        .env("OMNI_TEST_HOLD_RESTORE_STEP", "promoted")
+        .start();
+    gateway::wait_for_base_backup(&gw);
+    let scratch = wait_until(Duration::from_secs(120), "a drill held with its recovery postgres running", || {
+        drill_dirs(dir.path()).into_iter().find(|d| d.join("data.restore.held").exists())
+    });
+    let postmasters = gateway::postgres_pids_on(&scratch);
+    assert!(!postmasters.is_empty(), "the drill's postgres runs on {}", scratch.display());
+
+    assert!(gw.terminate().success(), "{}", gw.log());
+    wait_until(Duration::from_secs(15), "no postgres on the drill's copy", || gateway::postgres_pids_on(&scratch).is_empty().then_some(()));
+    assert!(postmasters.iter().all(|pid| !alive(*pid)), "a postgres of the drill outlived the stop");
+    assert_eq!(drill_dirs(dir.path()), Vec::<std::path::PathBuf>::new(), "the drill's copy outlived the stop:\n{}", gw.log());
+}

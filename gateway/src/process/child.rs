@@ -267,14 +267,14 @@ pub async fn output_drained() {
     OUTPUT_READERS.wait().await;
 }
 
-/// Runs a short-lived helper (initdb and the like) to completion.
+/// Runs a short-lived helper (initdb, pg_verifybackup, pg_waldump) to
+/// completion, its output logged. Like [`output`], a call abandoned before
+/// the helper ends kills its process group.
 pub async fn run(spec: ChildSpec) -> io::Result<std::process::ExitStatus> {
     let mut child = spawn(spec).await?;
-    let pid = child.id();
+    let mut running = Abandoned::watch(child.id());
     let status = child.wait().await;
-    if let Some(pid) = pid {
-        forget(pid);
-    }
+    running.finished();
     status
 }
 
