@@ -326,7 +326,10 @@ async fn start_embedded(
         embedded,
         bins,
         cluster::Needs {
-            resume: |dir, account| crate::pitr::restore::resume(dir, account, false),
+            resume: Box::new({
+                let stop = running.stop_background.clone();
+                move |dir, account| crate::pitr::restore::resume(dir, account, false, &stop)
+            }),
             logical_wal_mb: replication.map(|r| r.max_wal_mb),
         },
     )

@@ -344,7 +344,7 @@ pub struct Needs {
     /// Finishes or undoes what a feature left half-done on the data
     /// directory (a point-in-time restore's journal: `pitr/restore.rs`),
     /// before the cluster is looked at. The caller holds the data directory's lock.
-    pub resume: fn(&Path, &Account) -> Result<()>,
+    pub resume: Box<dyn Fn(&Path, &Account) -> Result<()> + Send + Sync>,
     /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
     /// needs `wal_level=logical` (the relay keeps this cap on its slot itself).
     /// `None`: the relay's slots are removed before PostgreSQL starts ([`super::slots`]).

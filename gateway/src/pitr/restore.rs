@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
+use tokio_util::sync::CancellationToken;
 use tracing::Level;
 
 use super::archive::SEGMENT_BYTES;
@@ -190,7 +191,8 @@ impl Restore<'_> {
     pub async fn run_on(&self, target: Target, timeline: Option<u32>) -> Result<Restored> {
         let started = Instant::now();
         // An earlier restore stopped midway (kill -9, power loss) is finished or undone first.
-        resume(self.data_dir, self.account, true)?;
+        // Not stopped midway: a restore is asked for and waited on as a whole.
+        resume(self.data_dir, self.account, true, &CancellationToken::new())?;
         if self.data_dir.join("PG_VERSION").exists() {
             pidfile::clear_stale(self.data_dir)
                 .context("PostgreSQL still runs on this data directory: stop the gateway first (or restore through POST /api/v1/backup/restore-to)")?;
@@ -844,11 +846,35 @@ impl Journal {
 /// directory before it (a restore onto an empty machine), leaves nothing to
 /// serve: the start refuses (`for_restore` false) rather than create an
 /// empty cluster, and says to run the restore again.
-pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<()> {
+///
+/// `stop` is checked between the journal's steps (before the undo, before
+/// the swap, before the stream is retired) and while waiting for a recovery
+/// PostgreSQL to go: once cancelled, the resume ends at the next step
+/// boundary with an error that says where, the journal on disk naming that
+/// step, so the next start resumes from exactly there. The two renames of
+/// the swap are one step (the journal finishes a swap cut between them).
+/// No child runs inside these steps: the recovery PostgreSQL belongs to the
+/// restore itself ([`Restore::run`]), which kills it if abandoned, leaving
+/// the journal at `recovering`, which this undoes.
+pub fn resume(data_dir: &Path, account: &Account, for_restore: bool, stop: &CancellationToken) -> Result<()> {
     let Some(journal) = Journal::load(data_dir)? else { return Ok(()) };
     let _ = std::fs::remove_file(held_file(data_dir));
+    let boundary = |journal: &Journal, next: &str| -> Result<()> {
+        if stop.is_cancelled() {
+            bail!(
+                "asked to stop while finishing an interrupted restore of base backup {} into {}: stopped before {next}. \
+                 Nothing is half-done: the restore journal {} is at step `{}`, and the next start resumes from there",
+                journal.base_backup,
+                data_dir.display(),
+                journal_file(data_dir).display(),
+                serde_json::to_value(journal.step).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            );
+        }
+        Ok(())
+    };
     match journal.step {
         Step::Recovering => {
+            boundary(&journal, "removing the half-restored copy")?;
             tracing::warn!(
                 "a restore of base backup {} (target {}) into {} stopped before its cluster was recovered: removing the half-restored copy {}",
                 journal.base_backup,
@@ -857,7 +883,10 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<(
                 journal.staging.display()
             );
             if journal.staging.exists() {
-                wait_for_postgres_gone(&journal.staging)?;
+                wait_for_postgres_gone(&journal.staging, stop).map_err(|e| match boundary(&journal, "removing the half-restored copy") {
+                    Err(stopped) => stopped,
+                    Ok(()) => e,
+                })?;
                 std::fs::remove_dir_all(&journal.staging).with_context(|| format!("could not remove the half-restored copy {}", journal.staging.display()))?;
             }
             if !data_dir.join("PG_VERSION").exists() && !for_restore {
@@ -881,11 +910,13 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<(
             tracing::warn!("a restore of base backup {} (target {}) into {} stopped after its cluster was recovered: finishing it", journal.base_backup, journal.target, data_dir.display());
             let mut journal = journal;
             if journal.step == Step::Recovered {
+                boundary(&journal, "putting the restored cluster in place")?;
                 journal.swap_aside()?;
                 journal.swap_in()?;
                 journal.step = Step::Swapped;
                 journal.save()?;
             }
+            boundary(&journal, "retiring the WAL stream directory of the cluster as it was")?;
             journal.retire_stream(account)?;
             journal.remove()?;
             tracing::warn!("restore finished: {} is the restored cluster; the data directory as it was is at {}", data_dir.display(), journal.previous.display());
@@ -896,13 +927,13 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<(
 
 /// Waits (up to 30 s) until no PostgreSQL runs on `dir`: the recovery
 /// server of a restore whose gateway was killed gets SIGQUIT and is gone a
-/// moment later.
-fn wait_for_postgres_gone(dir: &Path) -> Result<()> {
+/// moment later. Gives up at once when `stop` is cancelled.
+fn wait_for_postgres_gone(dir: &Path, stop: &CancellationToken) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match pidfile::clear_stale(dir) {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("PostgreSQL still runs on the half-restored copy {}", dir.display()))),
+            Err(e) if Instant::now() >= deadline || stop.is_cancelled() => return Err(e.context(format!("PostgreSQL still runs on the half-restored copy {}", dir.display()))),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -1121,7 +1152,7 @@ mod tests {
         cluster_dir(&j.data_dir, "old");
         cluster_dir(&j.staging, "new");
         j.save().unwrap();
-        resume(&j.data_dir, &me(), false).unwrap();
+        resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
         assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "old");
         assert!(!j.staging.exists() && !journal_file(&j.data_dir).exists());
         let _ = std::fs::remove_dir_all(&root);
@@ -1133,10 +1164,10 @@ mod tests {
         let j = journal(&root, Step::Recovering);
         cluster_dir(&j.staging, "new");
         j.save().unwrap();
-        let e = resume(&j.data_dir, &me(), false).unwrap_err();
+        let e = resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap_err();
         assert!(format!("{e:#}").contains("omni-gateway restore --to latest"), "{e:#}");
         assert!(journal_file(&j.data_dir).exists(), "the journal stays until a restore runs again");
-        resume(&j.data_dir, &me(), true).unwrap();
+        resume(&j.data_dir, &me(), true, &CancellationToken::new()).unwrap();
         assert!(!journal_file(&j.data_dir).exists());
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -1153,14 +1184,52 @@ mod tests {
                 std::fs::rename(&j.data_dir, &j.previous).unwrap();
             }
             j.save().unwrap();
-            resume(&j.data_dir, &me(), false).unwrap();
+            resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
             assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "new");
             assert_eq!(std::fs::read_to_string(j.previous.join("marker")).unwrap(), "old");
             assert!(j.wal_dir.join("stream-S").is_dir() && j.wal_dir.join("stream").is_dir(), "the stream is retired");
             assert!(!journal_file(&j.data_dir).exists());
             // Nothing left to do: a second start changes nothing.
-            resume(&j.data_dir, &me(), false).unwrap();
+            resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
             assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "new");
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
+    /// A stop asked for while a start finishes a restore ends it at the next
+    /// step boundary, saying where; the journal names that step and the
+    /// next start resumes from it, once.
+    #[test]
+    fn a_stop_during_a_resume_ends_it_at_the_next_step_and_the_next_start_resumes_from_there() {
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        for step in [Step::Recovering, Step::Recovered, Step::Swapped] {
+            let root = scratch(&format!("stop-{step:?}"));
+            let j = journal(&root, step);
+            if step == Step::Swapped {
+                cluster_dir(&j.data_dir, "new");
+                cluster_dir(&j.previous, "old");
+            } else {
+                cluster_dir(&j.data_dir, "old");
+                cluster_dir(&j.staging, "new");
+            }
+            j.save().unwrap();
+            let e = format!("{:#}", resume(&j.data_dir, &me(), false, &stopped).unwrap_err());
+            let name = serde_json::to_value(step).unwrap().as_str().unwrap().to_owned();
+            assert!(e.contains("stopped before") && e.contains(&format!("at step `{name}`")) && e.contains("the next start resumes from there"), "{e}");
+            assert_eq!(Journal::load(&j.data_dir).unwrap().expect("the journal stays").step, step, "the journal still names the step not done");
+            let marker = |d: &Path| std::fs::read_to_string(d.join("marker")).ok();
+            match step {
+                Step::Recovering | Step::Recovered => {
+                    assert_eq!((marker(&j.data_dir).as_deref(), marker(&j.staging).as_deref()), (Some("old"), Some("new")), "nothing was moved or removed");
+                }
+                Step::Swapped => assert!(!j.wal_dir.join("stream-S").exists(), "the stream is not retired yet"),
+            }
+            // The next start resumes from there and finishes.
+            resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
+            assert!(!journal_file(&j.data_dir).exists());
+            let expected = if step == Step::Recovering { "old" } else { "new" };
+            assert_eq!(marker(&j.data_dir).as_deref(), Some(expected));
             let _ = std::fs::remove_dir_all(&root);
         }
     }
