@@ -344,12 +344,15 @@ pub struct Needs {
     /// Finishes or undoes what a feature left half-done on the data
     /// directory (a point-in-time restore's journal: `pitr/restore.rs`),
     /// before the cluster is looked at. The caller holds the data directory's lock.
-    pub resume: Box<dyn Fn(&Path, &Account) -> Result<()> + Send + Sync>,
+    pub resume: Box<Resume>,
     /// `PGSERVE_REPLICATION_MAX_WAL_MB` when the relay runs: the cluster then
     /// needs `wal_level=logical` (the relay keeps this cap on its slot itself).
     /// `None`: the relay's slots are removed before PostgreSQL starts ([`super::slots`]).
     pub logical_wal_mb: Option<u64>,
 }
+
+/// [`Needs::resume`]: a closure, so it may hold the stop asked for meanwhile.
+pub type Resume = dyn Fn(&Path, &Account) -> Result<()> + Send + Sync;
 
 pub async fn prepare(cfg: &EmbeddedConfig, binaries: Binaries, needs: Needs) -> Result<Cluster> {
     let account = privilege::postgres_account(&cfg.run_as)?;
