@@ -98,6 +98,8 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     assert!(gw.terminate().success(), "{}", gw.log());
     wait_until(Duration::from_secs(15), "no pg_dump/pg_restore of the stopped gateway", || relay_tools(gateway_pid).is_empty().then_some(()));
     assert!(!alive(restore), "pg_restore {restore} outlived the gateway's stop");
+    let work = std::env::temp_dir().join(format!("omni-relay-{gateway_pid}-omni"));
+    assert!(!work.exists(), "the abandoned copy's dump {} outlived the stop", work.display());
 
     // kill -9 while the copy runs: nothing of it is left either.
     let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
@@ -110,11 +112,15 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     wait_until(Duration::from_secs(15), "no pg_dump/pg_restore of the killed gateway", || relay_tools(gateway_pid).is_empty().then_some(()));
     assert!(!alive(restore), "pg_restore {restore} outlived kill -9 of the gateway");
 
-    // The lock released, the target is untouched by the abandoned copies:
-    // each ran in one transaction, rolled back when it was killed.
+    // The next start's copy removes the dump the killed gateway left, and,
+    // the lock released, copies everything: nothing of the abandoned copies
+    // stands in its way.
+    let killed_work = std::env::temp_dir().join(format!("omni-relay-{gateway_pid}-omni"));
+    let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
+    wait_until(Duration::from_secs(60), "the killed gateway's copy directory to be swept", || (!killed_work.exists()).then_some(()));
     held.rollback().unwrap();
-    let rows: i64 = lock.query_one("SELECT count(*) FROM items", &[]).unwrap().get(0);
-    assert_eq!(rows, 0, "an abandoned copy wrote into the target");
+    let tables = kit::wait_identical(&gw, &target_url, Duration::from_secs(60));
+    assert_eq!(tables["public.items"].lines().count(), 100);
 }
 
 /// Live `pg_dump` processes whose parent is `parent`.

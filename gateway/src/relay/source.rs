@@ -389,6 +389,7 @@ fn keep_toc_line(line: &str) -> bool {
 /// gateway, even on `kill -9`, and a copy abandoned at a stop kills them, so
 /// no `pg_restore --clean` of an old copy runs beside the next one.
 pub async fn copy(bin_dir: &Path, source: &ToolTarget, snapshot: &str, target: &ToolTarget, work: &Path, account: &Account) -> Result<()> {
+    sweep_work_dirs();
     // A directory left by an earlier run (perhaps made by another account) is made afresh.
     match std::fs::remove_dir_all(work) {
         Ok(()) => {}
@@ -396,6 +397,9 @@ pub async fn copy(bin_dir: &Path, source: &ToolTarget, snapshot: &str, target: &
         Err(e) => return Err(e).with_context(|| format!("removing the earlier copy's {}", work.display())),
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(work).with_context(|| format!("creating {}", work.display()))?;
+    // The dump (the whole database) goes with the copy however it ends: done,
+    // failed, or abandoned at a stop.
+    let _work = WorkDir(work.to_path_buf());
     crate::process::privilege::chown_tree(work, account)?;
     let dump = work.join("copy.dump");
     let list = work.join("copy.list");
@@ -430,8 +434,31 @@ pub async fn copy(bin_dir: &Path, source: &ToolTarget, snapshot: &str, target: &
     }
     let spec = spec.arg(&list).arg("--dbname").arg(format!("dbname={}", conninfo_quote(&target.dbname))).arg(&dump);
     run(target.apply(spec), "pg_restore into the target").await?;
-    let _ = std::fs::remove_dir_all(work);
     Ok(())
+}
+
+/// A copy's directory, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the copy directories of gateways that no longer run (killed
+/// with `kill -9` during a copy: their dump of the database stays otherwise).
+fn sweep_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("omni-relay-").and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let gone = matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
+        if gone && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::info!("removing {}, the copy directory of a gateway that no longer runs", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The target's `sslrootcert`, when the tools run as another account, copied
