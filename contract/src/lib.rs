@@ -10,10 +10,12 @@
 //! * [`migrations`]: the schema (`migrations/*.sql`, embedded), applied by
 //!   the worker at start and by the gateway into its memory-mode template;
 //! * [`error_body`]: the JSON error shape every HTTP client sees;
+//! * [`children`]: forking children that die with their parent, for both;
 //! * [`logging`], [`interval`], [`paths`], [`redact`], [`sqlite`], [`probe`]:
 //!   small rules that must read the same on both sides.
 
 pub mod backups;
+pub mod children;
 pub mod error_body;
 pub mod import;
 pub mod interval;

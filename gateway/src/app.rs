@@ -363,7 +363,7 @@ async fn start_embedded(
     let bins = preparing(find, false, "looking for PostgreSQL binaries", signals, &running.shutdown).await?;
     tracing::info!("using {} from {} (found by {})", bins.version, bins.dir.display(), bins.found_by);
     let needs = cluster::Needs {
-        resume: |dir, account, _stop| crate::pitr::restore::resume(dir, account, false),
+        resume: |dir, account, stop| crate::pitr::restore::resume(dir, account, false, stop),
         logical_wal_mb: replication.map(|r| r.max_wal_mb),
         stop: running.shutdown.asked(),
     };

@@ -23,6 +23,7 @@ mod api_setup;
 mod api_static;
 mod backup_cli;
 mod backup_hostile_names;
+mod gateway_children;
 mod gateway_data_root;
 mod gateway_dev;
 mod gateway_journal;

@@ -570,7 +570,9 @@ impl Backups {
         }
     }
 
-    /// `pg_dump`/`psql` with the connection in `PG*` variables.
+    /// `pg_dump`/`psql` with the connection in `PG*` variables. Killed when
+    /// dropped (a backup abandoned), and by the kernel when this process
+    /// dies, even by `kill -9` (see [`crate::children`]; spawned by [`start`]).
     fn command(&self, tool: &str) -> Result<Command> {
         let program = match &self.bin_dir {
             Some(dir) => dir.join(tool),
@@ -578,6 +580,7 @@ impl Backups {
         };
         let mut command = Command::new(program);
         command.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        crate::children::die_with_parent(&mut command, libc::SIGKILL);
         for variable in ["PGSERVICE", "PGSERVICEFILE", "PGPASSFILE", "PGOPTIONS", "PGHOSTADDR"] {
             command.env_remove(variable);
         }
@@ -660,7 +663,7 @@ fn write_migrate_forward(dir: &Path) -> Result<Partial> {
 async fn run_dump(mut command: Command, file: File) -> Result<(std::process::ExitStatus, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     command.stdout(Stdio::piped());
-    let mut child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: "pg_dump".to_owned(), source })?;
+    let mut child = start(command, "pg_dump").await?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let copy = async move {
         // What pg_dump wrote is filtered a whole line at a time and reaches
@@ -709,9 +712,15 @@ async fn run_dump(mut command: Command, file: File) -> Result<(std::process::Exi
 }
 
 /// Runs a prepared command, returning its status and the tail of its stderr.
-async fn run(mut command: Command, tool: &str) -> Result<(std::process::ExitStatus, String)> {
-    let child = command.spawn().map_err(|source| BackupError::ToolMissing { tool: tool.to_owned(), source })?;
+async fn run(command: Command, tool: &str) -> Result<(std::process::ExitStatus, String)> {
+    let child = start(command, tool).await?;
     wait(child, tool).await
+}
+
+/// Forks a tool from the process's lasting thread, so its parent-death
+/// signal fires when this process dies, not when the thread that asked ends.
+async fn start(command: Command, tool: &str) -> Result<tokio::process::Child> {
+    crate::children::spawn(command).await.map_err(|source| BackupError::ToolMissing { tool: tool.to_owned(), source })
 }
 
 /// Waits for a spawned tool, collecting the tail of its stderr.

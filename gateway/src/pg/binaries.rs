@@ -17,7 +17,8 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::process::child::ChildSpec;
 
 /// A directory with usable `postgres` and `initdb`, and their version.
 #[derive(Debug, Clone)]
@@ -70,7 +71,7 @@ fn probe_cached(dir: &Path, found_by: &'static str, cache: &mut Cache) -> Result
             return Ok(Binaries { dir: dir.to_path_buf(), major, version: entry.version.clone(), found_by });
         }
     }
-    let out = crate::process::child::output_blocking(Command::new(dir.join("postgres")).arg("--version"))
+    let out = crate::process::child::output_blocking(ChildSpec::new("postgres --version", dir.join("postgres")).arg("--version"))
         .map_err(|e| format!("could not run {}/postgres --version: {e}", dir.display()))?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let major = parse_major(&version).ok_or_else(|| format!("unexpected `postgres --version` output {version:?}"))?;
@@ -208,7 +209,7 @@ fn find_with(explicit: Option<&Path>, cache: &mut Cache) -> Result<Binaries, Fin
 /// Candidate directories, best first.
 fn candidates() -> Vec<(PathBuf, &'static str)> {
     let mut out = Vec::new();
-    if let Ok(o) = crate::process::child::output_blocking(Command::new("pg_config").arg("--bindir")) {
+    if let Ok(o) = crate::process::child::output_blocking(ChildSpec::new("pg_config", "pg_config").arg("--bindir")) {
         if o.status.success() {
             let dir = String::from_utf8_lossy(&o.stdout).trim().to_string();
             if !dir.is_empty() {

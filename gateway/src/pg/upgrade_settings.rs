@@ -24,6 +24,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::binaries::Binaries;
+use crate::process::child::ChildSpec;
 
 /// What was carried over and what was left out (with why), for the log and
 /// the upgrade's record.
@@ -81,9 +82,18 @@ fn settings_of(text: &str) -> Vec<(String, String)> {
 }
 
 /// The settings the new major knows (`postgres --describe-config`, which
-/// PostgreSQL allows even as root and which reads no data directory).
-fn known_settings(new: &Binaries) -> Result<BTreeSet<String>> {
-    let out = crate::process::child::output_blocking(std::process::Command::new(new.postgres()).arg("--describe-config").env_remove("PGDATA"))
+/// PostgreSQL allows even as root and which reads no data directory). When
+/// the gateway is root it runs as the account that owns `data_dir` (the
+/// cluster's, PostgreSQL's), like every other child.
+fn known_settings(new: &Binaries, data_dir: &Path) -> Result<BTreeSet<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut spec = ChildSpec::new("postgres --describe-config", new.postgres()).arg("--describe-config");
+    spec.env_remove.push("PGDATA".into());
+    if nix::unistd::Uid::effective().is_root() {
+        let meta = std::fs::metadata(data_dir).with_context(|| format!("reading {}", data_dir.display()))?;
+        spec.run_as = (meta.uid() != 0).then_some((meta.uid(), meta.gid()));
+    }
+    let out = crate::process::child::output_blocking(spec)
         .with_context(|| format!("could not run {} --describe-config", new.postgres().display()))?;
     if !out.status.success() {
         anyhow::bail!("{} --describe-config failed: {}", new.postgres().display(), String::from_utf8_lossy(&out.stderr).trim());
@@ -114,7 +124,7 @@ pub fn choose(old: &[(String, String)], already: &[(String, String)], known: &BT
 
 /// Carries `old_dir`'s configuration into the freshly initialised `new_dir`.
 pub fn carry(old_dir: &Path, new_dir: &Path, new: &Binaries, from: u32) -> Result<Carried> {
-    let known = known_settings(new)?;
+    let known = known_settings(new, old_dir)?;
     let mut carried = Carried::default();
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
 

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
+use tokio_util::sync::CancellationToken;
 use tracing::Level;
 
 use super::archive::SEGMENT_BYTES;
@@ -190,7 +191,8 @@ impl Restore<'_> {
     pub async fn run_on(&self, target: Target, timeline: Option<u32>) -> Result<Restored> {
         let started = Instant::now();
         // An earlier restore stopped midway (kill -9, power loss) is finished or undone first.
-        resume(self.data_dir, self.account, true)?;
+        // Not stopped midway: a restore is asked for and waited on as a whole.
+        resume(self.data_dir, self.account, true, &CancellationToken::new())?;
         if self.data_dir.join("PG_VERSION").exists() {
             pidfile::clear_stale(self.data_dir)
                 .context("PostgreSQL still runs on this data directory: stop the gateway first (or restore through POST /api/v1/backup/restore-to)")?;
@@ -333,6 +335,8 @@ impl Restore<'_> {
 
         let port = cluster::pick_free_port()?;
         let socket_dir = cluster::make_socket_dir(self.account)?;
+        // Removed however the recovery ends, a cancellation included.
+        let socket_guard = RemovedOnDrop(socket_dir.clone());
         let hba = socket_dir.join("pg_hba.conf");
         let outcome = async {
             // Only this socket directory: nobody but PostgreSQL's account (and root) can reach it.
@@ -377,18 +381,17 @@ impl Restore<'_> {
             spec.run_as = self.account.run_as();
             spec.death_signal = nix::sys::signal::Signal::SIGQUIT;
             spec.env_remove = ["PGDATA", "PGPORT", "PGHOST"].iter().map(Into::into).collect();
-            let mut child = child::spawn(spec).await.context("could not start postgres for the restore")?;
-            let pid = child.id();
+            let mut postmaster = Postmaster::new(child::spawn(spec).await.context("could not start postgres for the restore")?);
             let span = (segment_lsn(&backup.start_segment), newest_segment_end(&self.wal.dir));
-            let outcome = self.until_promoted(&mut child, &socket_dir, port, span, set_password).await;
+            let outcome = self.until_promoted(postmaster.child(), &socket_dir, port, span, set_password).await;
             if outcome.is_ok() {
                 test_hold("promoted", self.data_dir).await;
             }
-            stop(&mut child, pid, outcome.is_ok()).await;
+            postmaster.stop(outcome.is_ok()).await;
             outcome
         }
         .await;
-        let _ = std::fs::remove_dir_all(&socket_dir);
+        drop(socket_guard);
         outcome
     }
 
@@ -472,13 +475,15 @@ pub async fn drill(wal: &WalConfig, binaries: &Binaries, account: &Account, data
 /// the WAL after it on the newest timeline it restores onto.
 pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Account, data_dir: &Path, backup: Option<base::BaseBackup>) -> Drill {
     let started = Instant::now();
-    let scratch = scratch_dir(data_dir, "drill");
+    // Removed when the drill ends, and when it is cancelled (a stop): a
+    // drill leaves neither a copy nor (see [`Postmaster`]) a process behind.
+    let scratch_guard = Scratch::new(data_dir, "drill");
+    let scratch = scratch_guard.path().to_path_buf();
     let outcome = async {
         let backup = backup.clone().with_context(|| format!("no verified base backup in {} to drill", archive::base_dir(&wal.dir).display()))?;
         let timeline = archive::timelines(&wal.dir).into_iter().rev().find(|t| backup.serves(&archive::lineage(&wal.dir, *t))).unwrap_or(backup.timeline());
         tracing::info!("restore drill: checking base backup {} against its manifest", backup.id);
         base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
-        let _ = std::fs::remove_dir_all(&scratch);
         std::fs::DirBuilder::new().mode(0o700).create(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         if let Some((uid, gid)) = account.run_as() {
             std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))?;
@@ -493,7 +498,7 @@ pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Accoun
         Ok(tables)
     }
     .await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch_guard);
     let result = Drill {
         at: Utc::now(),
         ok: outcome.is_ok(),
@@ -513,22 +518,131 @@ pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Accoun
     result
 }
 
-/// Stops the recovery `postgres`: a clean shutdown after a success (a
-/// checkpoint, so the next start needs no recovery), immediate otherwise.
-async fn stop(child: &mut tokio::process::Child, pid: Option<u32>, clean: bool) {
-    if let Some(pid) = pid {
+/// The recovery `postgres`. Stopped by [`Postmaster::stop`]; dropped without
+/// it (the drill or restore cancelled at a stop), its whole process group is
+/// killed and waited out, so the copy it worked in can be removed.
+struct Postmaster {
+    child: tokio::process::Child,
+    pid: Option<u32>,
+}
+
+impl Postmaster {
+    fn new(child: tokio::process::Child) -> Self {
+        let pid = child.id();
+        Postmaster { child, pid }
+    }
+
+    fn child(&mut self) -> &mut tokio::process::Child {
+        &mut self.child
+    }
+
+    /// A clean shutdown after a success (a checkpoint, so the next start
+    /// needs no recovery), immediate otherwise.
+    async fn stop(&mut self, clean: bool) {
+        let Some(pid) = self.pid else { return };
         use nix::sys::signal::{kill, killpg, Signal};
         let signal = if clean { Signal::SIGINT } else { Signal::SIGQUIT };
         // The child we started and have not reaped.
         let target = nix::unistd::Pid::from_raw(pid as i32);
         let _ = kill(target, signal);
-        if tokio::time::timeout(Duration::from_secs(60), child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await.is_err() {
             // As above, its whole process group.
             let _ = killpg(target, Signal::SIGKILL);
-            let _ = child.wait().await;
+            let _ = self.child.wait().await;
+        }
+        child::forget(pid);
+        self.pid = None;
+    }
+}
+
+impl Drop for Postmaster {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid.take() else { return };
+        // Not reaped (nobody waited for it to the end): the group is still its.
+        child::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        tracing::info!(pid, "the restore's recovery postgres was abandoned (a stop); killed it");
+        // Until every process of the group is dead, so nothing writes in the
+        // copy while it is removed. SIGKILL cannot be ignored: this is short.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group_has_live_members(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
         child::forget(pid);
     }
+}
+
+/// Whether a process of the group `pgid` is alive (zombies are not).
+fn group_has_live_members(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).any(|pid| {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+        // After the command name: state, ppid, pgrp.
+        let mut fields = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace();
+        let (state, pgrp) = (fields.next(), fields.nth(1));
+        state.is_some_and(|s| s != "Z") && pgrp.and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+    })
+}
+
+/// A directory removed, with everything in it, when dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("could not remove {}: {e}; delete it by hand", self.0.display()),
+        }
+    }
+}
+
+/// Scratch directories of this process that are in use (the sweep of
+/// [`Scratch::new`] leaves them alone).
+static SCRATCH_IN_USE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Scratch space beside the data directory (its disk, not `/tmp`),
+/// `<data_dir>.<what>-<pid>-<random>` (not yet created): two drills never
+/// share one, and a name left by an earlier life of the same pid (a
+/// container restarted) is never in the way. Removed when dropped. Those a
+/// killed process left behind are swept on the next use: another pid that
+/// no longer runs, or ours but not in use.
+struct Scratch(RemovedOnDrop);
+
+impl Scratch {
+    fn new(data_dir: &Path, what: &str) -> Scratch {
+        let me = std::process::id();
+        let mut in_use = SCRATCH_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = format!("{}.{what}-", data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(&prefix).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let path = entry.path();
+            let left = if pid == me { !in_use.contains(&path) } else { !process_exists(pid) };
+            if left {
+                tracing::info!("removing {}, left by an earlier process", path.display());
+                drop(RemovedOnDrop(path));
+            }
+        }
+        let path = cluster::sibling(data_dir, &format!(".{what}-{me}-{:08x}", rand::random::<u32>()));
+        in_use.push(path.clone());
+        Scratch(RemovedOnDrop(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0 .0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        SCRATCH_IN_USE.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &self.0 .0);
+    }
+}
+
+/// Whether a process `pid` exists (signal 0: nothing is sent).
+fn process_exists(pid: u32) -> bool {
+    !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None), Err(nix::errno::Errno::ESRCH))
 }
 
 use archive::{parse_lsn, segment_lsn};
@@ -588,12 +702,6 @@ pub fn restore_password(data_dir: &Path) -> Result<String> {
 /// stopped cleanly.
 pub fn staging_dir(data_dir: &Path, stamp: &str) -> PathBuf {
     cluster::sibling(data_dir, &format!(".restoring-{stamp}"))
-}
-
-/// Scratch space beside the data directory (its disk, not `/tmp`):
-/// `<data_dir>.<what>-<pid>`.
-fn scratch_dir(data_dir: &Path, what: &str) -> PathBuf {
-    cluster::sibling(data_dir, &format!(".{what}-{}", std::process::id()))
 }
 
 /// `<data_dir>.restore.json`: the restore journal.
@@ -738,11 +846,35 @@ impl Journal {
 /// directory before it (a restore onto an empty machine), leaves nothing to
 /// serve: the start refuses (`for_restore` false) rather than create an
 /// empty cluster, and says to run the restore again.
-pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<()> {
+///
+/// `stop` is checked between the journal's steps (before the undo, before
+/// the swap, before the stream is retired) and while waiting for a recovery
+/// PostgreSQL to go: once cancelled, the resume ends at the next step
+/// boundary with an error that says where, the journal on disk naming that
+/// step, so the next start resumes from exactly there. The two renames of
+/// the swap are one step (the journal finishes a swap cut between them).
+/// No child runs inside these steps: the recovery PostgreSQL belongs to the
+/// restore itself ([`Restore::run`]), which kills it if abandoned, leaving
+/// the journal at `recovering`, which this undoes.
+pub fn resume(data_dir: &Path, account: &Account, for_restore: bool, stop: &CancellationToken) -> Result<()> {
     let Some(journal) = Journal::load(data_dir)? else { return Ok(()) };
     let _ = std::fs::remove_file(held_file(data_dir));
+    let boundary = |journal: &Journal, next: &str| -> Result<()> {
+        if stop.is_cancelled() {
+            bail!(
+                "asked to stop while finishing an interrupted restore of base backup {} into {}: stopped before {next}. \
+                 Nothing is half-done: the restore journal {} is at step `{}`, and the next start resumes from there",
+                journal.base_backup,
+                data_dir.display(),
+                journal_file(data_dir).display(),
+                serde_json::to_value(journal.step).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            );
+        }
+        Ok(())
+    };
     match journal.step {
         Step::Recovering => {
+            boundary(&journal, "removing the half-restored copy")?;
             tracing::warn!(
                 "a restore of base backup {} (target {}) into {} stopped before its cluster was recovered: removing the half-restored copy {}",
                 journal.base_backup,
@@ -751,7 +883,10 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<(
                 journal.staging.display()
             );
             if journal.staging.exists() {
-                wait_for_postgres_gone(&journal.staging)?;
+                wait_for_postgres_gone(&journal.staging, stop).map_err(|e| match boundary(&journal, "removing the half-restored copy") {
+                    Err(stopped) => stopped,
+                    Ok(()) => e,
+                })?;
                 std::fs::remove_dir_all(&journal.staging).with_context(|| format!("could not remove the half-restored copy {}", journal.staging.display()))?;
             }
             if !data_dir.join("PG_VERSION").exists() && !for_restore {
@@ -775,11 +910,13 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<(
             tracing::warn!("a restore of base backup {} (target {}) into {} stopped after its cluster was recovered: finishing it", journal.base_backup, journal.target, data_dir.display());
             let mut journal = journal;
             if journal.step == Step::Recovered {
+                boundary(&journal, "putting the restored cluster in place")?;
                 journal.swap_aside()?;
                 journal.swap_in()?;
                 journal.step = Step::Swapped;
                 journal.save()?;
             }
+            boundary(&journal, "retiring the WAL stream directory of the cluster as it was")?;
             journal.retire_stream(account)?;
             journal.remove()?;
             tracing::warn!("restore finished: {} is the restored cluster; the data directory as it was is at {}", data_dir.display(), journal.previous.display());
@@ -790,13 +927,13 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool) -> Result<(
 
 /// Waits (up to 30 s) until no PostgreSQL runs on `dir`: the recovery
 /// server of a restore whose gateway was killed gets SIGQUIT and is gone a
-/// moment later.
-fn wait_for_postgres_gone(dir: &Path) -> Result<()> {
+/// moment later. Gives up at once when `stop` is cancelled.
+fn wait_for_postgres_gone(dir: &Path, stop: &CancellationToken) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match pidfile::clear_stale(dir) {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("PostgreSQL still runs on the half-restored copy {}", dir.display()))),
+            Err(e) if Instant::now() >= deadline || stop.is_cancelled() => return Err(e.context(format!("PostgreSQL still runs on the half-restored copy {}", dir.display()))),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -835,7 +972,8 @@ pub async fn commit_after(wal: &WalConfig, binaries: &Binaries, data_dir: &Path,
 pub async fn commit_after_on(wal: &WalConfig, binaries: &Binaries, data_dir: &Path, t: DateTime<Utc>, lineage: &archive::Lineage) -> Result<bool> {
     let mut segments: Vec<archive::Segment> = archive::stream_dirs(&wal.dir).iter().flat_map(|d| archive::segments(d)).filter(|s| lineage.needs_segment(s)).collect();
     segments.sort_by(|a, b| (b.position(), &b.name[..8]).cmp(&(a.position(), &a.name[..8])));
-    let scratch = scratch_dir(data_dir, "waldump");
+    let scratch_guard = Scratch::new(data_dir, "waldump");
+    let scratch = scratch_guard.path().to_path_buf();
     std::fs::create_dir_all(&scratch)?;
     let result = async {
         for seg in segments {
@@ -866,7 +1004,7 @@ pub async fn commit_after_on(wal: &WalConfig, binaries: &Binaries, data_dir: &Pa
         Ok(false)
     }
     .await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch_guard);
     result
 }
 
@@ -974,6 +1112,39 @@ mod tests {
         dir
     }
 
+    /// A drill's scratch copy has a name no earlier life of the same pid
+    /// can block, is removed when dropped (a cancelled drill), and copies
+    /// left by killed processes are swept while those in use are kept.
+    #[test]
+    fn scratch_copies_are_removed_on_drop_and_leftovers_of_dead_processes_are_swept() {
+        let root = scratch("sweep");
+        let data_dir = root.join("postgres");
+        let me = std::process::id();
+        // A pid that cannot exist (above pid_max) and one of ours not in use.
+        let dead = root.join("postgres.drill-4294967");
+        let ours_left = root.join(format!("postgres.drill-{me}"));
+        let alive_other = root.join("postgres.drill-1-0000abcd");
+        for d in [&dead, &ours_left, &alive_other] {
+            std::fs::create_dir_all(d.join("data")).unwrap();
+        }
+        let first = Scratch::new(&data_dir, "drill");
+        assert!(!dead.exists() && !ours_left.exists(), "leftovers of dead processes are swept");
+        assert!(alive_other.exists(), "pid 1 runs: its copy is not ours to remove");
+        std::fs::create_dir(first.path()).unwrap();
+        let name = first.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(&format!("postgres.drill-{me}-")) && name.len() > format!("postgres.drill-{me}-").len(), "{name}");
+        // A second drill of the same process keeps the first one's copy.
+        let second = Scratch::new(&data_dir, "drill");
+        assert!(first.path().exists());
+        assert_ne!(first.path(), second.path());
+        std::fs::write(first.path().join("file"), "x").unwrap();
+        let path = first.path().to_path_buf();
+        drop(first);
+        assert!(!path.exists(), "dropped (a drill that ended or was cancelled), its copy is removed");
+        drop(second);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn an_interrupted_recovery_is_undone_and_the_old_cluster_stays() {
         let root = scratch("undo");
@@ -981,7 +1152,7 @@ mod tests {
         cluster_dir(&j.data_dir, "old");
         cluster_dir(&j.staging, "new");
         j.save().unwrap();
-        resume(&j.data_dir, &me(), false).unwrap();
+        resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
         assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "old");
         assert!(!j.staging.exists() && !journal_file(&j.data_dir).exists());
         let _ = std::fs::remove_dir_all(&root);
@@ -993,10 +1164,10 @@ mod tests {
         let j = journal(&root, Step::Recovering);
         cluster_dir(&j.staging, "new");
         j.save().unwrap();
-        let e = resume(&j.data_dir, &me(), false).unwrap_err();
+        let e = resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap_err();
         assert!(format!("{e:#}").contains("omni-gateway restore --to latest"), "{e:#}");
         assert!(journal_file(&j.data_dir).exists(), "the journal stays until a restore runs again");
-        resume(&j.data_dir, &me(), true).unwrap();
+        resume(&j.data_dir, &me(), true, &CancellationToken::new()).unwrap();
         assert!(!journal_file(&j.data_dir).exists());
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -1013,14 +1184,52 @@ mod tests {
                 std::fs::rename(&j.data_dir, &j.previous).unwrap();
             }
             j.save().unwrap();
-            resume(&j.data_dir, &me(), false).unwrap();
+            resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
             assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "new");
             assert_eq!(std::fs::read_to_string(j.previous.join("marker")).unwrap(), "old");
             assert!(j.wal_dir.join("stream-S").is_dir() && j.wal_dir.join("stream").is_dir(), "the stream is retired");
             assert!(!journal_file(&j.data_dir).exists());
             // Nothing left to do: a second start changes nothing.
-            resume(&j.data_dir, &me(), false).unwrap();
+            resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
             assert_eq!(std::fs::read_to_string(j.data_dir.join("marker")).unwrap(), "new");
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
+    /// A stop asked for while a start finishes a restore ends it at the next
+    /// step boundary, saying where; the journal names that step and the
+    /// next start resumes from it, once.
+    #[test]
+    fn a_stop_during_a_resume_ends_it_at_the_next_step_and_the_next_start_resumes_from_there() {
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        for step in [Step::Recovering, Step::Recovered, Step::Swapped] {
+            let root = scratch(&format!("stop-{step:?}"));
+            let j = journal(&root, step);
+            if step == Step::Swapped {
+                cluster_dir(&j.data_dir, "new");
+                cluster_dir(&j.previous, "old");
+            } else {
+                cluster_dir(&j.data_dir, "old");
+                cluster_dir(&j.staging, "new");
+            }
+            j.save().unwrap();
+            let e = format!("{:#}", resume(&j.data_dir, &me(), false, &stopped).unwrap_err());
+            let name = serde_json::to_value(step).unwrap().as_str().unwrap().to_owned();
+            assert!(e.contains("stopped before") && e.contains(&format!("at step `{name}`")) && e.contains("the next start resumes from there"), "{e}");
+            assert_eq!(Journal::load(&j.data_dir).unwrap().expect("the journal stays").step, step, "the journal still names the step not done");
+            let marker = |d: &Path| std::fs::read_to_string(d.join("marker")).ok();
+            match step {
+                Step::Recovering | Step::Recovered => {
+                    assert_eq!((marker(&j.data_dir).as_deref(), marker(&j.staging).as_deref()), (Some("old"), Some("new")), "nothing was moved or removed");
+                }
+                Step::Swapped => assert!(!j.wal_dir.join("stream-S").exists(), "the stream is not retired yet"),
+            }
+            // The next start resumes from there and finishes.
+            resume(&j.data_dir, &me(), false, &CancellationToken::new()).unwrap();
+            assert!(!journal_file(&j.data_dir).exists());
+            let expected = if step == Step::Recovering { "old" } else { "new" };
+            assert_eq!(marker(&j.data_dir).as_deref(), Some(expected));
             let _ = std::fs::remove_dir_all(&root);
         }
     }

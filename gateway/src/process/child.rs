@@ -6,7 +6,8 @@
 //! * **Parent-death signal.** `PR_SET_PDEATHSIG` fires when the *thread* that
 //!   forked the child exits, not the process. Tokio's blocking threads come and
 //!   go, so children are forked from one dedicated thread that lives as long as
-//!   the gateway. The signal is set in the child after the privilege drop
+//!   the gateway ([`omni_contract::children`], shared with the worker's backup
+//!   tools). The signal is set in the child after the privilege drop
 //!   (changing uid clears it) and followed by a parent check, which closes the
 //!   race where the gateway died between `fork` and `prctl`. Together this is
 //!   what makes `kill -9` of the gateway take PostgreSQL with it.
@@ -17,6 +18,13 @@
 //! * **Clean environment.** systemd's `NOTIFY_SOCKET`/`WATCHDOG_*` and socket
 //!   activation variables are the gateway's alone; a child that saw them could
 //!   confuse the service manager.
+//!
+//! Short commands whose output is data (`pg_dump`, `pg_restore --list`,
+//! `postgres --version`) go the same way, through [`output`] (or
+//! [`output_blocking`] for the probe at start): the same three guarantees,
+//! plus the unprivileged account of their [`ChildSpec::run_as`], and a call
+//! that is abandoned (its future dropped at a stop) kills the command's whole
+//! process group instead of leaving it running unwatched.
 //!
 //! Output is read line by line and re-emitted as log events tagged with the
 //! child's name, each at the child's own severity and with one timestamp: the
@@ -31,7 +39,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::collections::HashSet;
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::Mutex;
 
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -61,6 +69,9 @@ pub enum Output {
     /// A tool's plain text (initdb): `error:`/`warning:` lines keep their
     /// severity, everything else is logged at `routine`.
     Text { routine: Level },
+    /// Not logged but returned to the caller, stdout and stderr alike: a
+    /// short command's output is data ([`output`]).
+    Capture,
 }
 
 /// Variables that belong to the gateway's own service manager.
@@ -135,36 +146,68 @@ pub fn forget(pid: u32) {
     }
 }
 
-/// Stops tracking a pid when dropped: after its owner's wait, or when the
-/// wait is abandoned (tokio then reaps the child itself).
-struct Tracked(Option<u32>);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            forget(pid);
-        }
-    }
-}
-
-/// Runs a short command to completion (`pg_dump`, `postgres --version`) and
-/// returns its output. Every child the gateway waits for must be started
-/// through here or [`spawn`]: the orphan reaper collects any zombie it does
-/// not know, and a wait that finds its child already reaped fails with
+/// Runs a short command to completion (`pg_dump`, `pg_restore --list`) and
+/// returns its stdout and stderr. It is started like every other child (own
+/// process group, parent-death signal, `run_as`); if the returned future is
+/// dropped before the command ends, the command's whole process group is
+/// killed. Every child the gateway waits for must be started through here,
+/// [`output_blocking`] or [`spawn`]: the orphan reaper collects any zombie it
+/// does not know, and a wait that finds its child already reaped fails with
 /// "No child processes".
-pub async fn output(mut cmd: tokio::process::Command) -> io::Result<std::process::Output> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = spawn_registered(|| cmd.spawn(), |c| c.id())?;
-    let _guard = Tracked(child.id());
-    child.wait_with_output().await
+pub async fn output(mut spec: ChildSpec) -> io::Result<std::process::Output> {
+    spec.output = Output::Capture;
+    let child = spawn(spec).await?;
+    let mut running = Abandoned::watch(child.id());
+    let out = child.wait_with_output().await;
+    running.finished();
+    out
 }
 
 /// [`output`] for code that is not async (the binaries' probe at start).
-pub fn output_blocking(cmd: &mut std::process::Command) -> io::Result<std::process::Output> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = spawn_registered(|| cmd.spawn(), |c| Some(c.id()))?;
-    let _guard = Tracked(Some(child.id()));
-    child.wait_with_output()
+/// Forked from the calling thread, which waits for the command and so
+/// outlives it: the parent-death signal holds as well. A wait abandoned by
+/// a panic kills the command's group.
+pub fn output_blocking(mut spec: ChildSpec) -> io::Result<std::process::Output> {
+    spec.output = Output::Capture;
+    let mut cmd = command(&mut spec);
+    let child = spawn_registered(|| cmd.spawn(), |c| Some(c.id()));
+    drop(spec.pass_fds);
+    let child = child?;
+    let mut running = Abandoned::watch(Some(child.id()));
+    let out = child.wait_with_output();
+    running.finished();
+    out
+}
+
+/// A short command being waited for: if the wait ends without the command
+/// having ended (the future dropped, a panic), its whole process group is
+/// killed. Either way its pid stops being tracked.
+struct Abandoned {
+    pid: Option<u32>,
+    done: bool,
+}
+
+impl Abandoned {
+    fn watch(pid: Option<u32>) -> Self {
+        Abandoned { pid, done: false }
+    }
+
+    fn finished(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid else { return };
+        if !self.done {
+            // Not reaped yet (we were waiting for it), so the pid, and the
+            // group it leads, are still this command's.
+            signal_group(pid, Signal::SIGKILL);
+            tracing::debug!(pid, "a short command was abandoned; killed its process group");
+        }
+        forget(pid);
+    }
 }
 
 /// Forks with [`TRACKED`] locked and registers the new pid before unlocking,
@@ -178,23 +221,32 @@ fn spawn_registered<C>(spawn: impl FnOnce() -> io::Result<C>, pid: impl Fn(&C) -
     Ok(child)
 }
 
-type Request = (ChildSpec, tokio::sync::oneshot::Sender<io::Result<Child>>);
-
-static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
-
 /// Starts `spec` from the long-lived spawner thread and returns the running
-/// child; its output is already being logged.
+/// child; its output is already being logged (unless [`Output::Discard`] or
+/// [`Output::Capture`]).
 pub async fn spawn(spec: ChildSpec) -> io::Result<Child> {
     let name = spec.name.clone();
     let output = spec.output;
     if spec.pass_fds.len() > MAX_PASSED_FDS {
         return Err(io::Error::other(format!("{name}: at most {MAX_PASSED_FDS} descriptors can be passed to a child")));
     }
-    let tx = SPAWNER.get_or_init(start_spawner_thread);
-    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-    tx.send((spec, reply_tx)).map_err(|_| io::Error::other("spawner thread is gone"))?;
-    let mut child = reply_rx.await.map_err(|_| io::Error::other("spawner thread dropped the request"))??;
-    if output != Output::Discard {
+    let handle = tokio::runtime::Handle::current();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    omni_contract::children::on_lasting_thread(move || {
+        // Tokio's process driver (of the caller's runtime) must be reachable here.
+        let _runtime = handle.enter();
+        // Nobody waits for this child any more (a start abandoned for a
+        // stop): it must not live on unsupervised.
+        if let Err(Ok(child)) = reply.send(spawn_here(spec)) {
+            if let Some(pid) = child.id() {
+                signal_group(pid, Signal::SIGKILL);
+                forget(pid);
+            }
+            drop(child);
+        }
+    })?;
+    let mut child = answer.await.map_err(|_| io::Error::other("spawner thread dropped the request"))??;
+    if matches!(output, Output::Postgres { .. } | Output::Json | Output::Text { .. }) {
         if let Some(out) = child.stdout.take() {
             OUTPUT_READERS.spawn(log_lines(name.clone(), output, out));
         }
@@ -215,41 +267,33 @@ pub async fn output_drained() {
     OUTPUT_READERS.wait().await;
 }
 
-/// Runs a short-lived helper (initdb and the like) to completion.
+/// Runs a short-lived helper (initdb, pg_verifybackup, pg_waldump) to
+/// completion, its output logged. Like [`output`], a call abandoned before
+/// the helper ends kills its process group.
 pub async fn run(spec: ChildSpec) -> io::Result<std::process::ExitStatus> {
     let mut child = spawn(spec).await?;
-    let pid = child.id();
+    let mut running = Abandoned::watch(child.id());
     let status = child.wait().await;
-    if let Some(pid) = pid {
-        forget(pid);
-    }
+    running.finished();
     status
 }
 
-fn start_spawner_thread() -> mpsc::Sender<Request> {
-    let handle = tokio::runtime::Handle::current();
-    let (tx, rx) = mpsc::channel::<Request>();
-    std::thread::Builder::new()
-        .name("child-spawner".into())
-        .spawn(move || {
-            // Tokio's process driver must be reachable from this thread.
-            let _guard = handle.enter();
-            for (spec, reply) in rx {
-                // Nobody waits for this child any more (a start abandoned
-                // for a stop): it must not live on unsupervised.
-                if let Err(Ok(child)) = reply.send(spawn_here(spec)) {
-                    if let Some(pid) = child.id() {
-                        signal_group(pid, Signal::SIGKILL);
-                    }
-                    drop(child);
-                }
-            }
-        })
-        .expect("cannot start the child-spawner thread");
-    tx
+fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
+    let cmd = command(&mut spec);
+    let mut tokio_cmd = tokio::process::Command::from(cmd);
+    tokio_cmd.kill_on_drop(false);
+    let child = spawn_registered(|| tokio_cmd.spawn(), |c| c.id());
+    // The parent's copies of passed descriptors are closed here: the child
+    // alone holds them from now on (an EOF on the readiness pipe means the
+    // worker closed it or died).
+    drop(spec.pass_fds);
+    child
 }
 
-fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
+/// The command `spec` describes, with the guarantees of the module docs
+/// armed in its `pre_exec` hook. Takes `spec`'s stdin and stdout files; the
+/// caller closes its copies of `pass_fds` once the child is forked.
+fn command(spec: &mut ChildSpec) -> std::process::Command {
     let mut cmd = std::process::Command::new(&spec.program);
     cmd.args(&spec.args);
     for k in PRIVATE_ENV {
@@ -285,11 +329,7 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
     // (prctl, getppid, dup2, fcntl, _exit); nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
-            set_parent_death_signal(death_signal)?;
-            if libc::getppid() != parent {
-                // The gateway died before the signal was armed.
-                libc::_exit(1);
-            }
+            omni_contract::children::arm_parent_death(death_signal, parent)?;
             // Two steps, so a descriptor whose number is another one's
             // target is moved out of the way before it is overwritten. The
             // spare copies are close-on-exec; dup2 clears that flag on the
@@ -309,31 +349,7 @@ fn spawn_here(mut spec: ChildSpec) -> io::Result<Child> {
             Ok(())
         });
     }
-    let mut tokio_cmd = tokio::process::Command::from(cmd);
-    tokio_cmd.kill_on_drop(false);
-    let child = spawn_registered(|| tokio_cmd.spawn(), |c| c.id());
-    // The parent's copies of passed descriptors are closed here: the child
-    // alone holds them from now on (an EOF on the readiness pipe means the
-    // worker closed it or died).
-    drop(spec.pass_fds);
-    child
-}
-
-#[cfg(target_os = "linux")]
-fn set_parent_death_signal(sig: i32) -> io::Result<()> {
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a plain integer.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_sig: i32) -> io::Result<()> {
-    // No equivalent outside Linux; the gateway's own shutdown path and the
-    // children's parent checks (PostgreSQL notices a dead postmaster parent)
-    // are the fallback.
-    Ok(())
+    cmd
 }
 
 async fn log_lines(name: String, output: Output, stream: impl AsyncRead + Unpin) {
@@ -376,7 +392,7 @@ fn parse_line(output: Output, line: &str, previous: Level) -> Parsed {
             };
             Parsed { level, pid: None, message: line.to_owned() }
         }
-        Output::Discard => Parsed { level: Level::TRACE, pid: None, message: String::new() },
+        Output::Discard | Output::Capture => Parsed { level: Level::TRACE, pid: None, message: String::new() },
     }
 }
 
@@ -550,7 +566,7 @@ mod tests {
         let runs = (0..8).map(|_| {
             tokio::spawn(async {
                 for _ in 0..40 {
-                    let out = output(tokio::process::Command::new("true")).await.expect("waited for by its caller");
+                    let out = output(ChildSpec::new("true", "true")).await.expect("waited for by its caller");
                     assert!(out.status.success());
                 }
             })
@@ -559,10 +575,80 @@ mod tests {
             run.await.unwrap();
         }
         for _ in 0..40 {
-            assert!(output_blocking(&mut std::process::Command::new("true")).expect("waited for by its caller").status.success());
+            assert!(output_blocking(ChildSpec::new("true", "true")).expect("waited for by its caller").status.success());
         }
         stop.cancel();
         assert!(TRACKED.lock().unwrap().as_ref().is_none_or(|t| t.is_empty()), "every pid is forgotten after its wait");
+    }
+
+    /// Whether `pid` is a live process (a zombie is not: it runs nothing).
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z'))).is_some_and(|zombie| !zombie)
+    }
+
+    /// Live processes whose process group is `pgid`.
+    fn group_members(pgid: u32) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+                    // After the command name: state, ppid, pgrp.
+                    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+                    let state = fields.next()?;
+                    let pgrp: u32 = fields.nth(1)?.parse().ok()?;
+                    Some(state != "Z" && pgrp == pgid)
+                }) == Some(true)
+            })
+            .collect()
+    }
+
+    /// A short command (here a shell with a grandchild) whose caller gives
+    /// up — its future dropped at a stop — leaves nothing running: neither
+    /// the command nor anything in its process group. Its stdout is data.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_command_abandoned_mid_run_leaves_no_process_in_its_group() {
+        let scratch = std::env::temp_dir().join(format!("omni-child-test-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let pids = scratch.join("pids");
+        let spec = ChildSpec::new("sh", "sh").arg("-c").arg(format!("echo $$ > {0}.tmp; sleep 600 & echo $! >> {0}.tmp; mv {0}.tmp {0}; echo data; wait", pids.display()));
+        let call = tokio::spawn(output(spec));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (shell, sleeper) = loop {
+            if let Some(read) = std::fs::read_to_string(&pids).ok().filter(|t| t.lines().count() == 2) {
+                let mut lines = read.lines().map(|l| l.trim().parse::<u32>().unwrap());
+                break (lines.next().unwrap(), lines.next().unwrap());
+            }
+            assert!(std::time::Instant::now() < deadline, "the command never wrote its pids");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert!(running(shell) && running(sleeper));
+        assert_eq!(group_members(shell).len(), 2, "the command leads its own process group");
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while (running(shell) || running(sleeper) || !group_members(shell).is_empty()) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+        assert!(!running(shell), "the abandoned command {shell} still runs");
+        assert!(!running(sleeper), "its child {sleeper} still runs");
+        assert!(group_members(shell).is_empty(), "its process group still has members");
+        // Finished normally, the command's stdout comes back as data.
+        let out = output(ChildSpec::new("sh", "sh").arg("-c").arg("echo data; echo oops >&2")).await.unwrap();
+        assert_eq!((out.stdout.as_slice(), out.stderr.as_slice()), (&b"data\n"[..], &b"oops\n"[..]));
+    }
+
+    /// The probe at start (blocking) runs the same way: own process group.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_blocking_short_command_leads_its_own_process_group() {
+        let out = output_blocking(ChildSpec::new("sh", "sh").arg("-c").arg("echo $$; cut -d' ' -f5 /proc/$$/stat")).unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines().map(str::trim);
+        assert_eq!(lines.next(), lines.next(), "pid and process group are the same: {text}");
     }
 
     const PG: Output = Output::Postgres { routine: Level::INFO };

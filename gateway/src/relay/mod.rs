@@ -170,6 +170,7 @@ pub fn spawn(config: &ReplicationConfig, cluster: &Arc<Cluster>, restart: Restar
                 target: target.dbname(target_db.as_deref().unwrap_or(db)).clone(),
                 tls: tls.clone(),
                 bin_dir: cluster.binaries.dir.clone(),
+                account: cluster.account.clone(),
                 view: view.clone(),
                 index,
                 max_wal_bytes: i64::try_from(config.max_wal_mb.saturating_mul(1 << 20)).unwrap_or(i64::MAX),

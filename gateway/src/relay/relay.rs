@@ -112,6 +112,8 @@ pub struct DbRelay {
     pub tls: Arc<super::tls::TargetTls>,
     /// `pg_dump`/`pg_restore` of the embedded cluster.
     pub bin_dir: PathBuf,
+    /// The account they run as (PostgreSQL's).
+    pub account: crate::process::privilege::Account,
     /// The relay's picture, and which of its databases this one is.
     pub view: Arc<Mutex<RelayView>>,
     pub index: usize,
@@ -336,7 +338,7 @@ impl DbRelay {
         let source_tools = ToolTarget::from_config(&self.source)?;
         let mut target_tools = ToolTarget::from_config(&self.target)?;
         target_tools.tls_env = self.tls.libpq_env();
-        source::copy(&self.bin_dir, &source_tools, &snapshot, &target_tools, &source::work_dir(db)).await?;
+        source::copy(&self.bin_dir, &source_tools, &snapshot, &target_tools, &source::work_dir(db), &self.account).await?;
         snap.batch_execute("COMMIT").await?;
         sync_sequences(src, tgt).await;
         tgt.execute(

@@ -6,10 +6,14 @@
 //! `omni_relay` (excluded from the copy) plus one event trigger, one
 //! publication and one slot, all named `omni_relay…`.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
+
+use crate::process::child::ChildSpec;
+use crate::process::privilege::Account;
 
 use super::apply::literal;
 use super::pgoutput::parse_lsn;
@@ -316,6 +320,7 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<u64> {
 
 /// How to reach a server with the PostgreSQL client tools, the password in
 /// the environment (never on a command line others can read).
+#[derive(Clone)]
 pub struct ToolTarget {
     pub host: String,
     pub port: u16,
@@ -343,16 +348,16 @@ impl ToolTarget {
         })
     }
 
-    fn apply(&self, cmd: &mut tokio::process::Command) {
-        for inherited in ["PGSERVICE", "PGPASSFILE", "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"] {
-            cmd.env_remove(inherited);
+    fn apply(&self, mut spec: ChildSpec) -> ChildSpec {
+        for inherited in ["PGSERVICE", "PGPASSFILE", "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGPASSWORD"] {
+            spec.env_remove.push(inherited.into());
         }
-        cmd.envs(self.tls_env.iter().map(|(k, v)| (*k, v)));
-        cmd.env("PGHOST", &self.host).env("PGPORT", self.port.to_string()).env("PGUSER", &self.user).env("PGDATABASE", &self.dbname);
-        match &self.password {
-            Some(p) => cmd.env("PGPASSWORD", p),
-            None => cmd.env_remove("PGPASSWORD"),
-        };
+        spec.env.extend(self.tls_env.iter().map(|(k, v)| ((*k).into(), v.into())));
+        spec = spec.env("PGHOST", &self.host).env("PGPORT", self.port.to_string()).env("PGUSER", &self.user).env("PGDATABASE", &self.dbname);
+        if let Some(p) = &self.password {
+            spec = spec.env("PGPASSWORD", p);
+        }
+        spec
     }
 }
 
@@ -378,34 +383,97 @@ fn keep_toc_line(line: &str) -> bool {
 /// caller exported, into the target, as one target transaction
 /// (`pg_restore --single-transaction --clean`): a copy that fails leaves the
 /// target as it was, and one that is repeated replaces what it made before.
-pub async fn copy(bin_dir: &Path, source: &ToolTarget, snapshot: &str, target: &ToolTarget, work: &Path) -> Result<()> {
-    std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+///
+/// The tools run as `account` (PostgreSQL's, when the gateway is root, which
+/// then owns `work`), through the gateway's child path: they die with the
+/// gateway, even on `kill -9`, and a copy abandoned at a stop kills them, so
+/// no `pg_restore --clean` of an old copy runs beside the next one.
+pub async fn copy(bin_dir: &Path, source: &ToolTarget, snapshot: &str, target: &ToolTarget, work: &Path, account: &Account) -> Result<()> {
+    sweep_work_dirs();
+    // A directory left by an earlier run (perhaps made by another account) is made afresh.
+    match std::fs::remove_dir_all(work) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the earlier copy's {}", work.display())),
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(work).with_context(|| format!("creating {}", work.display()))?;
+    // The dump (the whole database) goes with the copy however it ends: done,
+    // failed, or abandoned at a stop.
+    let _work = WorkDir(work.to_path_buf());
+    crate::process::privilege::chown_tree(work, account)?;
     let dump = work.join("copy.dump");
     let list = work.join("copy.list");
-    let mut cmd = tokio::process::Command::new(bin_dir.join("pg_dump"));
-    cmd.args(["--format=custom", "--no-owner", "--no-privileges", "--no-publications", "--no-subscriptions", "--exclude-schema=omni_relay"])
+    let mut target = target.clone();
+    own_root_cert(&mut target, work, account)?;
+    let tool = |name: &str| {
+        let mut spec = ChildSpec::new(name, bin_dir.join(name));
+        spec.run_as = account.run_as();
+        spec.env.extend(account.login_env());
+        spec.cwd = Some(work.to_path_buf());
+        spec
+    };
+    let spec = tool("pg_dump")
+        .arg("--format=custom")
+        .arg("--no-owner")
+        .arg("--no-privileges")
+        .arg("--no-publications")
+        .arg("--no-subscriptions")
+        .arg("--exclude-schema=omni_relay")
         .arg(format!("--snapshot={snapshot}"))
         .arg("--file")
         .arg(&dump);
-    source.apply(&mut cmd);
-    run(cmd, "pg_dump of the embedded database").await?;
+    run(source.apply(spec), "pg_dump of the embedded database").await?;
 
-    let mut cmd = tokio::process::Command::new(bin_dir.join("pg_restore"));
-    cmd.arg("--list").arg(&dump);
-    let toc = run(cmd, "pg_restore --list").await?;
+    let toc = run(tool("pg_restore").arg("--list").arg(&dump), "pg_restore --list").await?;
     let kept: String = toc.lines().filter(|l| keep_toc_line(l)).map(|l| format!("{l}\n")).collect();
     std::fs::write(&list, kept).with_context(|| format!("writing {}", list.display()))?;
 
-    let mut cmd = tokio::process::Command::new(bin_dir.join("pg_restore"));
-    cmd.args(["--single-transaction", "--clean", "--if-exists", "--no-owner", "--no-privileges", "--exit-on-error"])
-        .arg("--use-list")
-        .arg(&list)
-        .arg("--dbname")
-        .arg(format!("dbname={}", conninfo_quote(&target.dbname)))
-        .arg(&dump);
-    target.apply(&mut cmd);
-    run(cmd, "pg_restore into the target").await?;
-    let _ = std::fs::remove_dir_all(work);
+    let mut spec = tool("pg_restore");
+    for a in ["--single-transaction", "--clean", "--if-exists", "--no-owner", "--no-privileges", "--exit-on-error", "--use-list"] {
+        spec = spec.arg(a);
+    }
+    let spec = spec.arg(&list).arg("--dbname").arg(format!("dbname={}", conninfo_quote(&target.dbname))).arg(&dump);
+    run(target.apply(spec), "pg_restore into the target").await?;
+    Ok(())
+}
+
+/// A copy's directory, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the copy directories of gateways that no longer run (killed
+/// with `kill -9` during a copy: their dump of the database stays otherwise).
+fn sweep_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("omni-relay-").and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let gone = matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
+        if gone && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::info!("removing {}, the copy directory of a gateway that no longer runs", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The target's `sslrootcert`, when the tools run as another account, copied
+/// into the copy's private directory for that account: the file the URL
+/// names may be readable by root alone.
+fn own_root_cert(target: &mut ToolTarget, work: &Path, account: &Account) -> Result<()> {
+    if !account.switch {
+        return Ok(());
+    }
+    for (name, value) in target.tls_env.iter_mut().filter(|(n, v)| *n == "PGSSLROOTCERT" && v != "system") {
+        let copy = work.join("root.crt");
+        std::fs::copy(&*value, &copy).with_context(|| format!("reading {name}={value}"))?;
+        crate::process::privilege::chown_tree(&copy, account)?;
+        *value = copy.display().to_string();
+    }
     Ok(())
 }
 
@@ -413,8 +481,8 @@ fn conninfo_quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-async fn run(cmd: tokio::process::Command, what: &str) -> Result<String> {
-    let out = crate::process::child::output(cmd).await.with_context(|| format!("running {what}"))?;
+async fn run(spec: ChildSpec, what: &str) -> Result<String> {
+    let out = crate::process::child::output(spec).await.with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         bail!("{what} failed ({}): {}", out.status, err.trim());
