@@ -861,14 +861,15 @@ pub fn resume(data_dir: &Path, account: &Account, for_restore: bool, stop: &Canc
     let _ = std::fs::remove_file(held_file(data_dir));
     let boundary = |journal: &Journal, next: &str| -> Result<()> {
         if stop.is_cancelled() {
-            bail!(
+            let stopped = crate::supervise::shutdown::Stopped { during: format!("finishing an interrupted restore, before {next}") };
+            return Err(anyhow::Error::new(stopped).context(format!(
                 "asked to stop while finishing an interrupted restore of base backup {} into {}: stopped before {next}. \
                  Nothing is half-done: the restore journal {} is at step `{}`, and the next start resumes from there",
                 journal.base_backup,
                 data_dir.display(),
                 journal_file(data_dir).display(),
                 serde_json::to_value(journal.step).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-            );
+            )));
         }
         Ok(())
     };
