@@ -255,7 +255,7 @@ pub struct Backups {
 }
 
 /// Held for the duration of one operation; dropping it releases the `flock`.
-struct OperationLock(#[allow(dead_code)] File);
+struct OperationLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
 /// A partial file removed on drop unless it was given its name: a dump that
 /// fails, or whose task is cancelled, leaves nothing behind.
@@ -307,17 +307,13 @@ impl Backups {
             .mode(0o600)
             .open(&path)
             .map_err(BackupError::io(format!("opening the lock file {}", path.display())))?;
-        // SAFETY: flock on a descriptor we own; a new open file description per
-        // call, so two operations in one process exclude each other too.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let error = io::Error::last_os_error();
-            return if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Err(BackupError::Busy)
-            } else {
-                Err(BackupError::io(format!("locking {}", path.display()))(error))
-            };
+        // A new open file description per call, so two operations in one
+        // process exclude each other too.
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => Ok(OperationLock(locked)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(BackupError::Busy),
+            Err((_, errno)) => Err(BackupError::io(format!("locking {}", path.display()))(io::Error::from(errno))),
         }
-        Ok(OperationLock(file))
     }
 
     /// Removes partial files left by a dump that was killed, when no

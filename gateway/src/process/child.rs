@@ -509,9 +509,8 @@ pub fn signal_group(pid: u32, sig: Signal) {
 pub fn start_reaper(tasks: &tokio_util::task::TaskTracker, stop: tokio_util::sync::CancellationToken) {
     let me = std::process::id();
     if me != 1 {
-        // SAFETY: plain integer prctl.
-        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-            tracing::warn!("could not become a child subreaper: {}", io::Error::last_os_error());
+        if let Err(errno) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!("could not become a child subreaper: {}", io::Error::from(errno));
         }
     } else {
         tracing::info!("running as PID 1: reaping orphaned processes");
