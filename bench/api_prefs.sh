@@ -74,7 +74,8 @@ run_pair() { # base url, label: prints "GET …" and "POST …" summary lines
     wrk -t "$threads" -c "$connections" -d "${seconds}s" -s "$scripts/post.lua" "$base/api/v1/preferences" | tail -1
 }
 
-echo "omni-api $OMNI_API_BIN, $connections connections, ${seconds}s each"
+load_before="$(cut -d' ' -f1 /proc/loadavg)"
+echo "omni-api $OMNI_API_BIN, $connections connections, ${seconds}s each (load average $load_before)"
 mapfile -t worker_lines < <(run_pair "$base")
 printf '%s\n' "${worker_lines[@]}"
 exec {SANDBOX[1]}>&-
@@ -100,11 +101,12 @@ printf '%s\n' "${gateway_lines[@]}"
 
 # The "Preferences API" section of BENCHMARKS.md (other sections are left alone)
 # and the figures in BENCHMARKS.json.
-python3 - "${worker_lines[0]}" "${worker_lines[1]}" "${gateway_lines[0]}" "${gateway_lines[1]}" "$seconds" "$connections" <<'PY'
+python3 - "${worker_lines[0]}" "${worker_lines[1]}" "${gateway_lines[0]}" "${gateway_lines[1]}" "$seconds" "$connections" \
+    "$load_before" "$(cut -d' ' -f1 /proc/loadavg)" <<'PY'
 import sys
 sys.path.insert(0, "bench")
 from common import write_section, write_json
-wget, wpost, gget, gpost, seconds, connections = sys.argv[1:]
+wget, wpost, gget, gpost, seconds, connections, load_before, load_after = sys.argv[1:]
 def fields(line):
     f = line.split()
     return {"rps": float(f[1]), "p50": float(f[4]), "p99": float(f[7]), "errors": int(f[10])}
@@ -115,7 +117,8 @@ g_get, g_post = fields(gget), fields(gpost)
 met = lambda v, limit: "met" if v < limit else "NOT met"
 command = "bash bench/api_prefs.sh"
 write_section("Preferences API", "\n".join([
-    f"Command: `{command}` (run by `make bench`; BENCH_SECONDS={seconds}): wrk, {connections} connections, 2 threads, on the same 2 cores. "
+    f"Command: `{command}` (run by `make bench`; BENCH_SECONDS={seconds}): wrk, {connections} connections, 2 threads, on the same 2 cores "
+    f"(1-minute load average {load_before} before the run, {load_after} after it). "
     "Worker rows: straight at a release omni-api on a throw-away PostgreSQL. Gateway rows: through a release omni-gateway as users run it: "
     "persistent mode, a new cluster, `fsync` and `synchronous_commit` on, WAL streamed to `OMNI_WAL_DIR` (all defaults). "
     "Targets through the gateway: POST p99 under 5 ms, GET p99 under 3 ms.",
