@@ -48,7 +48,7 @@ test-big: build
 fuzz: build
 	bash tests/fuzz/run.sh
 
-## Benchmarks; each writes its table into BENCHMARKS.md.
+## Benchmarks; each writes its table into BENCHMARKS.md (proxy and preferences also their figures and ratios into BENCHMARKS.json).
 bench:
 	$(CARGO) build --release --workspace
 	python3 bench/startup.py

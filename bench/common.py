@@ -1,6 +1,7 @@
 """What every benchmark script shares: where things are, free ports, waiting
 for a gateway to be healthy, and writing one section of BENCHMARKS.md."""
 
+import json
 import os
 import socket
 import time
@@ -56,3 +57,17 @@ def write_section(title, body):
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         lines[start:end] = new
     path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def write_json(command, figures):
+    """Replaces the figures `command` produced in BENCHMARKS.json (beside
+    BENCHMARKS.md), keeping every other command's: a list of
+    {name, value, unit, command}, sorted by name, so a change that moves a
+    figure shows in the file's diff. `figures`: (name, value, unit) tuples."""
+    path = ROOT / "BENCHMARKS.json"
+    entries = json.loads(path.read_text()) if path.exists() else []
+    names = {name for name, _, _ in figures}
+    entries = [e for e in entries if e["command"] != command and e["name"] not in names]
+    entries += [{"name": name, "value": value, "unit": unit, "command": command} for name, value, unit in figures]
+    entries.sort(key=lambda e: e["name"])
+    path.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")

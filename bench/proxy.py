@@ -8,7 +8,8 @@ and omni-api). The request is a 3-byte static file, so the worker's own cost
 is small and the proxies' overhead shows. Reports requests/s, p50 and p99
 (medians over rounds), the gateway's CPU time per request and its memory.
 
-Usage: bench/proxy.py [ROUNDS] [SECONDS]   (writes the "Proxy" section of BENCHMARKS.md)
+Usage: bench/proxy.py [ROUNDS] [SECONDS]   (writes the "Proxy" section of BENCHMARKS.md
+and its figures, ratios included, into BENCHMARKS.json)
 """
 
 import json
@@ -25,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, wait_healthy, write_section  # noqa: E402
+from common import ROOT, free_port, wait_healthy, write_json, write_section  # noqa: E402
 
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -86,6 +87,7 @@ def main():
         raise SystemExit("build first: cargo build --release --workspace")
     if not shutil.which("wrk") or not shutil.which("nginx"):
         raise SystemExit("bench/proxy.py needs wrk and nginx: apt-get install wrk nginx-light")
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="omni-proxy-bench-"))
     os.chmod(work, 0o755)
     ui = work / "ui"
@@ -170,7 +172,8 @@ http {{
     lines = [
         f"Command: `python3 bench/proxy.py {ROUNDS} {SECONDS}` (run by `make bench`): wrk, {CONNECTIONS} connections, 2 threads, "
         f"{SECONDS} s per run, {ROUNDS} interleaved rounds, GET of a 3-byte static file served by omni-api; {os.cpu_count()} cores shared by "
-        f"wrk, the proxy and the worker. {nginx_version} as a reverse proxy with upstream keep-alive (128) to the same worker. Medians.",
+        f"wrk, the proxy and the worker (1-minute load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it). "
+        f"{nginx_version} as a reverse proxy with upstream keep-alive (128) to the same worker. Medians.",
         "",
         "| path | requests/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
@@ -192,6 +195,22 @@ http {{
         f"- gateway CPU per proxied request: {cpu_us:.1f} µs; resident memory after the runs: {rss / 1024:.1f} MiB",
     ]
     write_section("Proxy", "\n".join(lines))
+    one_over = lambda k: (one[k][0] - one["direct"][0]) * 1000
+    write_json(f"python3 bench/proxy.py {ROUNDS} {SECONDS}", [
+        ("proxy.gateway_over_nginx.requests_per_s", round(g[0] / n[0], 3), "ratio"),
+        ("proxy.gateway_over_nginx.p99", round(g[2] / n[2], 3), "ratio"),
+        ("proxy.direct.requests_per_s", round(d[0]), "req/s"),
+        ("proxy.gateway.requests_per_s", round(g[0]), "req/s"),
+        ("proxy.nginx.requests_per_s", round(n[0]), "req/s"),
+        ("proxy.gateway.p99", g[2], "ms"),
+        ("proxy.nginx.p99", n[2], "ms"),
+        ("proxy.gateway.p50_over_direct_64_connections", round((g[1] - d[1]) * 1000), "µs"),
+        ("proxy.nginx.p50_over_direct_64_connections", round((n[1] - d[1]) * 1000), "µs"),
+        ("proxy.gateway.p50_over_direct_1_connection", round(one_over("gateway")), "µs"),
+        ("proxy.nginx.p50_over_direct_1_connection", round(one_over("nginx")), "µs"),
+        ("proxy.gateway.cpu_per_request", round(cpu_us, 1), "µs"),
+        ("proxy.gateway.rss_after", round(rss / 1024, 1), "MiB"),
+    ])
     print("\n".join(lines))
 
 

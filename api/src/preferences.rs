@@ -15,9 +15,11 @@
 //! and anonymous preferences in all at most [`MAX_ANONYMOUS_ROWS`] rows and
 //! [`MAX_ANONYMOUS_BYTES`] of keys and values. A write beyond a limit is
 //! answered 413 naming it, and stores nothing; overwriting a key within the
-//! limits and deleting keys always work. The checks and the write run in one
+//! limits and deleting keys always work. A write that adds a key, or makes
+//! anonymous storage larger, runs its checks and the write in one
 //! transaction under an advisory lock (one per account, one for all
-//! anonymous owners), so concurrent writers cannot together pass a limit.
+//! anonymous owners), so concurrent writers cannot together pass a limit;
+//! an overwrite that grows nothing a limit counts is one lock-free `UPDATE`.
 //! Anonymous preferences not written for [`ANONYMOUS_TTL`] are purged with
 //! the ended sign-in sessions ([`purge_stale_anonymous`]).
 
@@ -208,6 +210,29 @@ pub async fn upsert(
     validate_key(&preference.key)?;
     validate_value(&preference.value)?;
     let mut client = state.db.client().await?;
+    // Overwriting an existing key without growing what a limit counts needs
+    // no lock: one statement, committed on its own, so concurrent writers
+    // share PostgreSQL's WAL flushes instead of queueing behind the lock
+    // through each other's commits. An account's keys count only their
+    // number; anonymous ones also their bytes, so there the new value must
+    // be no longer than the one it replaces (checked on the row's latest
+    // version: UPDATE re-reads a row another writer just changed).
+    let overwrite = client
+        .prepare_cached(match owner {
+            Owner::Account(_) => {
+                "UPDATE omni_user_preferences SET value = $3, updated_at = now() WHERE account_id = $1 AND key = $2 RETURNING key, value"
+            }
+            Owner::Session(_) => {
+                "UPDATE omni_user_preferences SET value = $3, updated_at = now()
+                 WHERE session_id = $1 AND key = $2 AND octet_length(value) >= octet_length($3) RETURNING key, value"
+            }
+        })
+        .await?;
+    if let Some(row) = client.query_opt(&overwrite, &[owner.id(), &preference.key, &preference.value]).await? {
+        return Ok(Json(Preference { key: row.get(0), value: row.get(1) }));
+    }
+    // A new key, or a longer anonymous value: checked against the limits
+    // and written under the owner's lock.
     let tx = client.transaction().await?;
     match owner {
         Owner::Account(id) => tx.execute("SELECT pg_advisory_xact_lock($1, hashint8($2))", &[&ACCOUNT_LOCK_CLASS, &id]).await?,

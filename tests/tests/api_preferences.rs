@@ -1,7 +1,9 @@
 //! Preferences API (SPEC §6): shapes, per-session isolation, limits, and
 //! concurrent upserts, against a real worker and a real PostgreSQL.
 
-use omni_tests::{Request, TempPostgres, Worker};
+use std::time::Duration;
+
+use omni_tests::{wait_until, Request, TempPostgres, Worker};
 use serde_json::json;
 
 fn new_session() -> String {
@@ -223,4 +225,45 @@ fn anonymous_preferences_in_all_are_bounded_in_rows_and_bytes() {
     assert!(bytes <= 64 * 1024 * 1024, "{bytes} bytes stored");
     // Overwriting a key with a shorter value still works when full.
     assert_eq!(put(&worker, &session, "k0", "short").status, 200);
+}
+
+/// Anonymous writers that may grow storage queue on one advisory lock, held
+/// through their commit; an overwrite that grows nothing must not queue
+/// behind them (it would wait for every other writer's WAL flush).
+#[test]
+fn an_overwrite_that_grows_nothing_does_not_wait_for_the_anonymous_writers_lock() {
+    const ANONYMOUS_LOCK_KEY: i64 = 0x6f6d_6e69_616e_6f6e;
+    let pg = TempPostgres::start_new();
+    let worker = std::sync::Arc::new(Worker::start(&pg));
+    let session = new_session();
+    assert_eq!(put(&worker, &session, "theme", "light").status, 200);
+
+    // Another writer holds the lock, inside its transaction.
+    let mut holder = pg.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ANONYMOUS_LOCK_KEY]).unwrap();
+
+    let started = std::time::Instant::now();
+    let same_size = std::thread::spawn({
+        let (worker, session) = (worker.clone(), session.clone());
+        move || put(&worker, &session, "theme", "dark!").status
+    });
+    wait_until(Duration::from_secs(5), "the same-size overwrite to answer while the lock is held", || same_size.is_finished().then_some(()));
+    assert_eq!(same_size.join().unwrap(), 200, "answered in {:?}", started.elapsed());
+
+    // A longer value may grow anonymous storage: it waits for the lock.
+    let longer = std::thread::spawn({
+        let (worker, session) = (worker.clone(), session.clone());
+        move || put(&worker, &session, "theme", "a longer value").status
+    });
+    let mut watcher = pg.client();
+    wait_until(Duration::from_secs(5), "the longer overwrite to wait on the advisory lock", || {
+        let waiting: i64 = watcher.query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[]).unwrap().get(0);
+        (waiting == 1).then_some(())
+    });
+    assert!(!longer.is_finished(), "the longer overwrite answered while the lock was held");
+    tx.commit().unwrap();
+    assert_eq!(longer.join().unwrap(), 200);
+    let value = worker.request("GET", "/api/v1/preferences/theme").session(&session).send().json();
+    assert_eq!(value["value"], "a longer value");
 }

@@ -187,14 +187,16 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpSt
 /// The request handler of one connection; `draining` for those accepted after a stop began.
 fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
     let surface = surface.clone();
+    let peer = Arc::new(crate::serve::proxy::Peer::new(peer));
     hyper::service::service_fn(move |req| {
-        let surface = surface.clone();
-        async move { Ok::<_, Infallible>(route(&surface, peer, req, draining).await) }
+        let (surface, peer) = (surface.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(route(&surface, &peer, req, draining).await) }
     })
 }
 
 /// Gateway-owned paths are answered here; everything else goes to the worker.
-async fn route(surface: &Arc<Surface>, peer: SocketAddr, req: Request<Incoming>, draining: bool) -> Response<Body> {
+async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, req: Request<Incoming>, draining: bool) -> Response<Body> {
+    let peer = conn.addr;
     let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
     let client = crate::serve::proxy::client_addr(req.headers(), peer.ip(), &surface.proxy.limits.trusted_proxies);
     match req.uri().path() {
@@ -218,7 +220,7 @@ async fn route(surface: &Arc<Surface>, peer: SocketAddr, req: Request<Incoming>,
         // A client that connected after the stop began gets a clear answer
         // instead of a request the drain would have to wait for.
         _ if draining => error(StatusCode::SERVICE_UNAVAILABLE, "gateway_stopping", "the gateway is stopping; retry in a moment or on another instance"),
-        _ => surface.proxy.handle(req, peer).await,
+        _ => surface.proxy.handle(req, conn).await,
     }
 }
 

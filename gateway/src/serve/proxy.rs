@@ -2,9 +2,11 @@
 //!
 //! 1. [`prepare_body`]: decide whether the request could be sent twice
 //!    (no body, or a small one read into memory); large bodies stream.
-//! 2. [`upstream_request`]: rewrite the head: absolute URI to the worker,
-//!    hop-by-hop headers out, `X-Forwarded-*` and [`CLIENT_ADDR`] in,
-//!    upgrades kept.
+//! 2. [`upstream_headers`]: rewrite the head once, in place: hop-by-hop
+//!    headers out, `X-Forwarded-*` and [`CLIENT_ADDR`] in, upgrades kept;
+//!    [`upstream_request`] then gives each attempt its URI and `Host` from
+//!    the upstream's address, made once per worker (no formatting or
+//!    parsing per request).
 //! 3. pick the upstream ([`Upstreams::wait_for`]), waiting a bounded time
 //!    while the worker restarts.
 //! 4. send, retrying on another generation only when it is safe: nothing
@@ -32,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{HttpLimits, TrustedProxies};
 use crate::serve::{error, Body};
 use crate::serve::metrics::Metrics;
-use crate::serve::upstream::Upstreams;
+use crate::serve::upstream::{Upstream, Upstreams};
 
 /// Bodies up to this size are read into memory so the request can be retried.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
@@ -115,22 +117,41 @@ impl ReqBody {
     }
 }
 
+/// A connection's client as the headers to the worker name it: formatted
+/// once per connection, not per request.
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The TCP peer's address, appended to `X-Forwarded-For`.
+    ip: HeaderValue,
+    /// Its canonical form: [`CLIENT_ADDR`] when no trusted proxy speaks for it.
+    canonical: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let value = |ip: IpAddr| HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value");
+        Peer { addr, ip: value(addr.ip()), canonical: value(addr.ip().to_canonical()) }
+    }
+}
+
 impl Proxy {
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let started = Instant::now();
         let response = self.forward(req, peer).await;
         self.metrics.observe_request(response.status(), started.elapsed());
         response
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn forward(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-        let (req, body) = req.into_parts();
+        let (mut req, body) = req.into_parts();
         let mut body = match prepare_body(&req.headers, body).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
         let idempotent = is_idempotent(&req.method);
+        // The head the worker receives, made once: a retry sends a copy.
+        let headers = upstream_headers(&mut req, client_upgrade.is_some(), peer, &self.limits.trusted_proxies);
         let deadline = Instant::now() + self.limits.upstream_wait;
         let mut failed_generation = None;
         loop {
@@ -147,7 +168,7 @@ impl Proxy {
                 self.metrics.upstream_error("closed");
                 return error(StatusCode::BAD_GATEWAY, "upstream_error", "the API worker closed the connection before answering");
             };
-            let out = match upstream_request(&req, client_upgrade.is_some(), out_body, upstream.addr, peer, &self.limits.trusted_proxies) {
+            let out = match upstream_request(&req, &headers, out_body, &upstream) {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
@@ -197,61 +218,83 @@ async fn prepare_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Re
     }
 }
 
-/// Phase 2: the request the worker receives.
-#[allow(clippy::result_large_err)] // the error is the response to send, built once per bad request
-fn upstream_request(req: &hyper::http::request::Parts, upgrade: bool, body: Body, addr: SocketAddr, peer: SocketAddr, trusted: &TrustedProxies) -> Result<Request<Body>, Response<Body>> {
-    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = format!("http://{addr}{path}")
-        .parse()
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request_target", "the request target is not a valid path"))?;
-    let mut out = Request::builder().method(req.method.clone()).uri(uri).version(hyper::Version::HTTP_11).body(body).expect("valid parts");
-    let headers = out.headers_mut();
-    copy_end_to_end(&req.headers, headers);
-    if upgrade {
-        if let Some(u) = req.headers.get(header::UPGRADE) {
-            headers.insert(header::UPGRADE, u.clone());
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-    }
+/// Phase 2a: the worker's request head, from the client's (taken apart):
+/// hop-by-hop headers out, upgrades kept, `X-Forwarded-*` and
+/// [`CLIENT_ADDR`] in. `Host` is set per attempt, to the upstream's address.
+fn upstream_headers(req: &mut hyper::http::request::Parts, upgrade: bool, peer: &Peer, trusted: &TrustedProxies) -> HeaderMap {
+    let client = client_addr(&req.headers, peer.addr.ip(), trusted);
+    let client = if client == peer.addr.ip().to_canonical() {
+        peer.canonical.clone()
+    } else {
+        HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+    };
+    let proto = client_proto(&req.headers, peer.addr.ip(), trusted);
+    let upgrade = if upgrade { req.headers.get(header::UPGRADE).cloned() } else { None };
     let host = req.headers.get(header::HOST).cloned().or_else(|| req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     // For logs only: what came in, with the peer appended. The worker's
     // limits read CLIENT_ADDR instead.
-    let peer_ip = peer.ip().to_string();
     let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {peer_ip}"),
-        None => peer_ip,
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", peer.addr.ip())).ok(),
+        None => Some(peer.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let mut headers = std::mem::take(&mut req.headers);
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if let Some(v) = xff {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    let client = client_addr(&req.headers, peer.ip(), trusted);
-    headers.insert(CLIENT_ADDR, HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value"));
+    headers.insert(CLIENT_ADDR, client);
     // The gateway itself speaks plain HTTP. Behind a TLS-terminating proxy
     // listed in OMNI_TRUSTED_PROXIES, its `https` is kept, so the worker
     // marks its session cookie `Secure`; anything else becomes `http`.
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(client_proto(&req.headers, peer.ip(), trusted)));
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     if let Some(h) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h);
     }
+    headers
+}
+
+/// Phase 2b: the request one attempt sends to `upstream`.
+#[allow(clippy::result_large_err)] // the error is the response to send, built once per bad request
+fn upstream_request(req: &hyper::http::request::Parts, headers: &HeaderMap, body: Body, upstream: &Upstream) -> Result<Request<Body>, Response<Body>> {
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(req.uri.path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")));
+    let uri = Uri::from_parts(uri).map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request_target", "the request target is not a valid path"))?;
+    let mut out = Request::new(body);
+    *out.method_mut() = req.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = hyper::Version::HTTP_11;
+    let mut headers = headers.clone();
+    headers.insert(header::HOST, upstream.host.clone());
+    *out.headers_mut() = headers;
     Ok(out)
 }
 
-/// Copies headers except hop-by-hop ones and those the `Connection` header names.
-fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
-    let named: Vec<String> = from
+/// Removes, in place, the hop-by-hop headers and those the `Connection`
+/// header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: look before removing anything.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(&name.as_str())) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for (name, value) in from {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || named.iter().any(|t| t == n) || n == "host" {
-            continue;
-        }
-        to.append(name.clone(), value.clone());
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
     }
 }
 
@@ -288,10 +331,10 @@ fn client_response(mut resp: Response<Incoming>, client_upgrade: Option<hyper::u
             return Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed());
         }
     }
-    let (parts, body) = resp.into_parts();
-    let mut out = Response::builder().status(parts.status).version(hyper::Version::HTTP_11).body(body.boxed()).expect("valid parts");
-    copy_end_to_end(&parts.headers, out.headers_mut());
-    out
+    let (mut parts, body) = resp.into_parts();
+    parts.version = hyper::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
 }
 
 #[cfg(test)]

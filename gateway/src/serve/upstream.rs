@@ -21,6 +21,10 @@ use crate::serve::Body;
 /// One published worker.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority and as the `Host` header the worker
+    /// receives, made once here rather than formatted for every request.
+    pub authority: hyper::http::uri::Authority,
+    pub host: hyper::header::HeaderValue,
     pub generation: u64,
     pub client: Client<HttpConnector, Body>,
     /// Set when a reload published a successor while this one still ran:
@@ -46,7 +50,9 @@ impl Upstreams {
     /// Makes `addr` the upstream; returns its generation.
     pub fn publish(&self, addr: SocketAddr) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let upstream = Arc::new(Upstream { addr, generation, client: pooled_client(), replaced: AtomicBool::new(false) });
+        let authority: hyper::http::uri::Authority = addr.to_string().parse().expect("a socket address is a valid authority");
+        let host = hyper::header::HeaderValue::from_str(authority.as_str()).expect("a socket address is a valid header value");
+        let upstream = Arc::new(Upstream { addr, authority, host, generation, client: pooled_client(), replaced: AtomicBool::new(false) });
         if let Some(previous) = self.tx.send_replace(Some(upstream)) {
             previous.replaced.store(true, Ordering::Relaxed);
         }
