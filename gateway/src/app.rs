@@ -15,7 +15,7 @@
 //! runs on the tracker of one stage and stops when that stage's token is
 //! cancelled; the stages stop in the order of [`stages`] (the HTTP drain,
 //! the relay, point-in-time recovery's jobs and other database jobs, the
-//! worker, the WAL streamer, PostgreSQL, then the background tasks), each
+//! WAL streamer and the worker, PostgreSQL, then the background tasks), each
 //! within its grace. A second SIGINT/SIGTERM while stopping hurries: no
 //! grace is waited out any more. Nothing is left running when [`run`]
 //! returns.
@@ -69,14 +69,21 @@ const SUPERVISOR_SLACK: Duration = Duration::from_secs(5);
 /// before it. Their graces are backstops: each stage bounds its own stop
 /// (the HTTP drain its timeout, a supervisor its stop signals, which end
 /// in SIGKILL).
+///
+/// The WAL streamer stops in the reverse of its start: before the worker
+/// when it starts after it (the default), after it under `OMNI_WAL_SYNC`,
+/// where commits wait for it and it starts first.
 fn stages(config: &Config) -> Shutdown {
     let (drain, stop) = (config.http.drain_timeout, config.restart.stop_timeout);
+    let api = ("api", "the API worker", drain + SUPERVISOR_SLACK);
+    let wal = ("wal", "the WAL streamer", stop.min(Duration::from_secs(10)) + Duration::from_secs(5) + SUPERVISOR_SLACK);
+    let (first, second) = if config.wal.sync { (api, wal) } else { (wal, api) };
     Shutdown::new(&[
         ("http", "serving HTTP: draining in-flight requests", drain + Duration::from_secs(2)),
         ("relay", "the replication relay", Duration::from_secs(10)),
         ("jobs", "database jobs (a base backup or restore in progress may finish)", JOBS_GRACE),
-        ("api", "the API worker", drain + SUPERVISOR_SLACK),
-        ("wal", "the WAL streamer", stop.min(Duration::from_secs(10)) + Duration::from_secs(5) + SUPERVISOR_SLACK),
+        first,
+        second,
         ("postgres", "PostgreSQL", stop + Duration::from_secs(5) + SUPERVISOR_SLACK),
         ("background", "background tasks", TASKS_GRACE),
     ])

@@ -234,12 +234,14 @@ impl Shutdown {
         self.asked.cancel();
         let mut late = Vec::new();
         for stage in &self.stages {
+            if !stage.tasks.is_empty() {
+                tracing::info!("stopping {}", stage.what);
+            }
             stage.token.cancel();
             stage.tasks.close();
             if stage.tasks.is_empty() {
                 continue;
             }
-            tracing::info!("stopping {}", stage.what);
             // Hurried: every stage was told at once, and none is waited
             // for here ([`Shutdown::drained`] gives them a last moment).
             let done = tokio::select! {
