@@ -210,9 +210,20 @@ pub fn pg_bin_dir() -> PathBuf {
     versions.pop().map(|(_, bin)| bin).expect("no PostgreSQL found: set PGSERVE_BIN_DIR or install postgresql")
 }
 
-fn is_root() -> bool {
+/// Whether the tests run as root (then the gateway switches accounts).
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// uid and gid of the account `name`; panics when there is none.
+pub fn account_ids(name: &str) -> (u32, u32) {
+    let c = CString::new(name).unwrap();
+    // SAFETY: getpwnam returns static storage or null; read at once.
+    let entry = unsafe { libc::getpwnam(c.as_ptr()) };
+    assert!(!entry.is_null(), "no user {name}");
+    // SAFETY: non-null pointer from getpwnam.
+    unsafe { ((*entry).pw_uid, (*entry).pw_gid) }
 }
 
 /// uid and gid of the `postgres` account, used when the tests run as root.

@@ -10,26 +10,11 @@
 use crate::gateway;
 use crate::kit;
 
-use std::ffi::CString;
 use std::time::Duration;
 
 use gateway::{alive, workdir, Gateway, GatewayBuilder};
 use kit::target_database;
-use omni_tests::{wait_until, TempPostgres};
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn uid_of(name: &str) -> u32 {
-    let c = CString::new(name).unwrap();
-    // SAFETY: getpwnam returns static storage or null; read at once.
-    let entry = unsafe { libc::getpwnam(c.as_ptr()) };
-    assert!(!entry.is_null(), "no user {name}");
-    // SAFETY: non-null pointer from getpwnam.
-    unsafe { (*entry).pw_uid }
-}
+use omni_tests::{account_ids, is_root, wait_until, TempPostgres};
 
 /// Live `pg_dump`/`pg_restore` processes working for the gateway `gateway_pid`
 /// (their command line names its copy's directory `omni-relay-<pid>-…`).
@@ -88,7 +73,7 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     let restore = wait_restore_running(&gw);
     let (uids, group) = uids_and_group(restore);
     if is_root() {
-        let postgres = uid_of("postgres");
+        let postgres = account_ids("postgres").0;
         assert_eq!(uids, vec![postgres; 4], "run as root, the gateway runs pg_restore as PGSERVE_USER, not root");
     }
     assert_eq!(group, restore, "pg_restore leads its own process group");

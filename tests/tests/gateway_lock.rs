@@ -8,13 +8,12 @@
 
 use crate::gateway;
 
-use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use gateway::{workdir, Gateway, GatewayBuilder};
-use omni_tests::pg_bin_dir;
+use omni_tests::{account_ids, is_root, pg_bin_dir};
 
 /// A refusal "at once": no waiting on anything, just the process's own start.
 const AT_ONCE: Duration = Duration::from_secs(10);
@@ -104,20 +103,6 @@ fn doctor_beside_a_running_gateway_succeeds_and_says_who_holds_the_cluster() {
     assert!(row.contains("free"), "{row}");
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ids_of(name: &str) -> (u32, u32) {
-    let c = CString::new(name).unwrap();
-    // SAFETY: getpwnam returns static storage or null; read at once.
-    let entry = unsafe { libc::getpwnam(c.as_ptr()) };
-    assert!(!entry.is_null(), "no user {name}");
-    // SAFETY: non-null pointer from getpwnam.
-    unsafe { ((*entry).pw_uid, (*entry).pw_gid) }
-}
-
 /// An upgrade record as `postgres/upgrade.rs` writes it, interrupted at
 /// `preparing` (so a start rolls it back: deletes `staging`), naming
 /// `staging` and `old_copy`.
@@ -157,7 +142,7 @@ fn planted_links_and_foreign_state_files_beside_the_data_directory_are_refused_a
     let mut gw = GatewayBuilder::new(dir.path()).start();
     gw.db().batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('still here')").unwrap();
     assert!(gw.terminate().success());
-    let (pg_uid, pg_gid) = ids_of("postgres");
+    let (pg_uid, pg_gid) = account_ids("postgres");
 
     // What a planted file would have the gateway (root) destroy.
     let victim = dir.path().join("victim.txt");

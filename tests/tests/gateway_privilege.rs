@@ -8,33 +8,18 @@
 
 use crate::gateway;
 
-use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use gateway::{workdir, Gateway, GatewayBuilder};
-use omni_tests::{Request, TempPostgres, TEST_API_KEY};
+use omni_tests::{account_ids, is_root, Request, TempPostgres, TEST_API_KEY};
 use serde_json::json;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn skip_unless_root() -> bool {
     if !is_root() {
         eprintln!("SKIPPED: only a gateway run as root switches accounts; run the tests as root to cover this");
     }
     !is_root()
-}
-
-fn uid_of(name: &str) -> u32 {
-    let c = CString::new(name).unwrap();
-    // SAFETY: getpwnam returns static storage or null; read at once.
-    let entry = unsafe { libc::getpwnam(c.as_ptr()) };
-    assert!(!entry.is_null(), "no user {name}");
-    // SAFETY: non-null pointer from getpwnam.
-    unsafe { (*entry).pw_uid }
 }
 
 /// Real, effective, saved and filesystem uids of a process, from /proc.
@@ -59,7 +44,7 @@ fn as_root_the_worker_runs_unprivileged_and_backups_restores_and_the_cli_still_w
     if skip_unless_root() {
         return;
     }
-    let postgres = uid_of("postgres");
+    let postgres = account_ids("postgres").0;
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
     let worker = gw.pid_of("api").expect("worker pid");
@@ -116,7 +101,7 @@ fn as_root_onboarding_settings_are_saved_by_the_unprivileged_worker() {
     let r = Request::new("POST", "/api/v1/setup/initialize").port(gw.port).api_key().json(&body).send();
     assert_eq!(r.status, 200, "{}", r.text());
     let file = std::fs::metadata(dir.path().join("data/omni-settings.json")).unwrap();
-    assert_eq!((file.uid(), file.permissions().mode() & 0o777), (uid_of("postgres"), 0o600));
+    assert_eq!((file.uid(), file.permissions().mode() & 0o777), (account_ids("postgres").0, 0o600));
     // The worker could add its file, but not remove root's beside it.
     let data = std::fs::metadata(dir.path().join("data")).unwrap();
     assert_eq!(data.permissions().mode() & 0o1000, 0o1000, "sticky, so the password file stays root's");
@@ -131,7 +116,7 @@ fn as_root_with_database_url_the_worker_still_runs_unprivileged() {
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).env("DATABASE_URL", pg.url()).env("OMNI_API_KEY", TEST_API_KEY).start();
     let worker = gw.pid_of("api").expect("worker pid");
-    let postgres = uid_of("postgres");
+    let postgres = account_ids("postgres").0;
     assert!(uids(worker).iter().all(|u| *u == postgres), "{:?}", uids(worker));
     let created = api(&gw, "POST", "/api/v1/backup/create");
     assert_eq!(created.status, 200, "{}", created.text());
@@ -144,10 +129,10 @@ fn omni_api_user_chooses_the_workers_account_and_a_missing_one_stops_the_start()
     }
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_USER", "nobody").env("OMNI_API_KEY", TEST_API_KEY).start();
-    let nobody = uid_of("nobody");
+    let nobody = account_ids("nobody").0;
     assert!(uids(gw.pid_of("api").unwrap()).iter().all(|u| *u == nobody));
     // PostgreSQL keeps its own account.
-    assert!(uids(gw.pid_of("postgres").unwrap()).iter().all(|u| *u == uid_of("postgres")));
+    assert!(uids(gw.pid_of("postgres").unwrap()).iter().all(|u| *u == account_ids("postgres").0));
     assert_eq!(api(&gw, "POST", "/api/v1/backup/create").status, 200);
     drop(gw);
 
