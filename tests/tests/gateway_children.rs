@@ -99,6 +99,10 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     // the lock released, copies everything: nothing of the abandoned copies
     // stands in its way.
     let killed_work = std::env::temp_dir().join(format!("omni-relay-{gateway_pid}-omni"));
+    // PostgreSQL dies with the gateway through its parent-death signal, a
+    // moment later; a start before that refuses its live postmaster.pid.
+    let data = dir.path().join("data/postgres");
+    wait_until(Duration::from_secs(15), "the killed gateway's PostgreSQL to exit", || gateway::postgres_pids_on(&data).is_empty().then_some(()));
     let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
     wait_until(Duration::from_secs(60), "the killed gateway's copy directory to be swept", || (!killed_work.exists()).then_some(()));
     held.rollback().unwrap();
