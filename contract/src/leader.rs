@@ -200,27 +200,12 @@ impl OperationLock {
 }
 
 /// Takes the cluster-wide operation lock on a session of its own, without
-/// waiting for an operation under way: `Ok(None)` when another worker (or
-/// this one) runs a restore or an import now.
-///
-/// The lock of an operation that just ended is released only once its
-/// backend sees the closed connection: tried again for up to
-/// `RELEASE_SLACK` before answering `None`, so one restore right after
-/// another is not refused as busy.
+/// waiting: `Ok(None)` when another worker (or this one) runs a restore or
+/// an import now.
 pub async fn exclusive(database_url: &str) -> Result<Option<OperationLock>, tokio_postgres::Error> {
-    const RELEASE_SLACK: std::time::Duration = std::time::Duration::from_secs(2);
     let (client, _notices) = connect(database_url, "omni-operation").await?;
-    let deadline = tokio::time::Instant::now() + RELEASE_SLACK;
-    loop {
-        let taken: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&OPERATION_KEY]).await?.get(0);
-        if taken {
-            return Ok(Some(OperationLock { client }));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(None);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let taken: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&OPERATION_KEY]).await?.get(0);
+    Ok(taken.then_some(OperationLock { client }))
 }
 
 /// Runs `job` each time this worker becomes the leader, and cancels it (drops
