@@ -191,6 +191,16 @@ pub struct OperationLock {
 }
 
 impl OperationLock {
+    /// Releases the lock now, while the session is still open: dropped
+    /// instead, it is released only once the backend sees the closed
+    /// connection, and a restore asked right after this one would find it
+    /// still taken.
+    pub async fn release(self) {
+        if let Err(error) = self.client.execute("SELECT pg_advisory_unlock($1)", &[&OPERATION_KEY]).await {
+            tracing::debug!(%error, "releasing the operation lock; it goes with the session");
+        }
+    }
+
     /// Announces a finished restore to every worker on this database.
     pub async fn announce_restored(&self, name: &str) {
         if let Err(error) = self.client.execute("SELECT pg_notify($1, $2)", &[&RESTORED_CHANNEL, &name]).await {

@@ -446,6 +446,7 @@ impl Backups {
         }
         tracing::info!(file = name, "restored");
         cluster.announce_restored(name).await;
+        cluster.release().await;
         Ok(Restored {
             success: true,
             restored: name.to_owned(),
