@@ -13,6 +13,7 @@
 //! | [`worker`] | the API worker's policy, its zero-downtime reload, dev-mode rebuilds |
 //! | [`serve`] | the one listener: proxy, gateway endpoints, metrics, the log ring |
 //! | [`relay`] | the logical replication relay |
+//! | [`repository`] | the off-site repository: uploads to S3, GCS, Azure or a directory, restores from it |
 //! | [`pitr`] | the WAL archive, base backups, restore to a time |
 //! | [`pg`] | the embedded cluster: binaries, data directory, pid file, lock, upgrade, its policy |
 //! | [`supervise`] | the mechanism: the restart loop, start gates, systemd notify; knows no PostgreSQL |
@@ -27,6 +28,7 @@ pub mod pg;
 pub mod pitr;
 pub mod process;
 pub mod relay;
+pub mod repository;
 pub mod serve;
 pub mod status;
 pub mod supervise;

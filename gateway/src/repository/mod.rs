@@ -1,0 +1,7 @@
+//! The off-site repository: base backups, WAL and logical backups copied to
+//! S3, Google Cloud Storage, Azure Blob or a local directory
+//! (`OMNI_REPOSITORY_URL`), and a new machine restored from it.
+//!
+//! Layer: above `pitr` (whose archive it ships and restores into), `pg`,
+//! `supervise`, `status`, `process` and `config`; `app`, `serve` and `cli`
+//! call it.
