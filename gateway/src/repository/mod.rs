@@ -11,3 +11,5 @@
 
 pub mod layout;
 pub mod store;
+pub mod config;
+pub mod ship;
