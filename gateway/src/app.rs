@@ -61,6 +61,8 @@ const WAL_STREAMER_PATIENCE: Duration = Duration::from_secs(10);
 /// At stop, how long a base backup (or a restore) in progress may take to
 /// finish before the worker and PostgreSQL are stopped under it.
 const JOBS_GRACE: Duration = Duration::from_secs(30);
+/// At stop, how long the off-site shipper may take for its last WAL upload.
+const REPOSITORY_GRACE: Duration = Duration::from_secs(15);
 /// Added to a supervised child's own stop budget (its stop signals and
 /// their escalation) as its stage's grace: a step under way is given 2 s.
 const SUPERVISOR_SLACK: Duration = Duration::from_secs(5);
@@ -85,6 +87,8 @@ fn stages(config: &Config) -> Shutdown {
         first,
         second,
         ("postgres", "PostgreSQL", stop + Duration::from_secs(5) + SUPERVISOR_SLACK),
+        // After the streamer and PostgreSQL: it ships their last WAL (repository/ship.rs).
+        ("repository", "the off-site repository's last uploads", REPOSITORY_GRACE),
         ("background", "background tasks", TASKS_GRACE),
     ])
 }
@@ -244,7 +248,8 @@ pub async fn run(config: Config) -> Result<i32> {
 /// The settings each feature parses for itself from the configuration's
 /// layers (today the relay's), checked with the rest before anything starts.
 pub fn check_features(config: &Config) -> Result<(), crate::config::ConfigError> {
-    crate::relay::ReplicationConfig::parse(config).map(drop)
+    crate::relay::ReplicationConfig::parse(config)?;
+    crate::repository::config::RepositoryConfig::parse(config).map(drop)
 }
 
 pub fn setup_token_file(config: &Config) -> PathBuf {
@@ -337,6 +342,7 @@ async fn supervise(
         }
     };
     let deferred_wal = start_wal(config, running, &hold, postgres_commands);
+    start_repository(config, running)?;
 
     let depends_on = matches!(config.database, Database::Embedded(_)).then_some("postgres");
     let api = supervise::spawn(policy, config.restart, board.clone(), running.stage("api"), depends_on);
@@ -456,6 +462,24 @@ fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_
         }
     }
     deferred_wal
+}
+
+/// The off-site shipper, when `OMNI_REPOSITORY_URL` is set: the WAL archive
+/// (when streamed) and the logical backups go to the repository.
+fn start_repository(config: &Config, running: &mut Running) -> Result<()> {
+    // Checked by `check_features` before the gateway started.
+    let settings = crate::repository::config::RepositoryConfig::parse(config)?;
+    let Some(location) = settings.location.clone() else { return Ok(()) };
+    for secret in crate::repository::store::secrets() {
+        crate::serve::logring::installed().add_secret(&secret);
+    }
+    let repo = crate::repository::store::Repository::open_location(location)?;
+    let cluster = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled);
+    let wal_dir = cluster.as_ref().map(|_| config.wal.dir.clone());
+    let pg = cluster.as_ref().map(|c| c.pg_config(cluster::APP_DATABASE));
+    let shipper = crate::repository::ship::Shipper::new(repo, settings, wal_dir, config.backup_dir.clone(), pg);
+    shipper.spawn(&running.board, running.stage("repository"));
+    Ok(())
 }
 
 /// Announces readiness once every child is ready, starts a deferred

@@ -193,6 +193,18 @@ pub async fn run(config: &Config) -> Report {
         }
     })());
     check_sqlite(&mut report, config);
+    // A malformed OMNI_REPOSITORY_URL never gets here: the configuration row names it.
+    match crate::repository::config::RepositoryConfig::parse(config) {
+        Ok(r) => match &r.location {
+            None => report.add("off-site repository", Status::Ok, "off (OMNI_REPOSITORY_URL is empty): every copy of the data stays on this machine"),
+            Some(l) => report.add(
+                "off-site repository",
+                Status::Ok,
+                format!("{} (credentials from the environment; WAL shipped every {} ms; not contacted by doctor)", l.display(), r.wal_interval.as_millis()),
+            ),
+        },
+        Err(e) => report.add("off-site repository", Status::Fail, e.to_string()),
+    }
     let token_file = crate::app::setup_token_file(config);
     match std::fs::read_to_string(&token_file) {
         Ok(token) if config.api_key.is_none() => report.add(

@@ -85,6 +85,12 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
     Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
     Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand)" },
+    // Off-site repository, upload side (repository/): what the WAL archive and OMNI_BACKUP_DIR hold, copied to an object store.
+    Var { name: "OMNI_REPOSITORY_URL", default: "", help: "off-site copy of base backups, WAL and logical backups: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///abs/path; credentials from AWS_*, GOOGLE_*, AZURE_*; empty = off" },
+    Var { name: "OMNI_REPOSITORY_WAL_INTERVAL", default: "1s", help: "how often new WAL is shipped to the repository (the off-site recovery point), e.g. 1s, 500ms, 1m" },
+    Var { name: "OMNI_REPOSITORY_QUEUE_MAX_MB", default: "1024", help: "past this much not yet uploaded, the status says so loudly (the service keeps running; nothing local is deleted before its upload)" },
+    Var { name: "OMNI_REPOSITORY_WINDOW", default: "", help: "how far back the repository keeps base backups and the WAL they need; default: OMNI_PITR_WINDOW" },
+    Var { name: "OMNI_REPOSITORY_DELETE", default: "true", help: "false: nothing is ever deleted from the repository (write-only credentials, bucket lifecycle rules)" },
 ];
 
 /// Which layer supplied a value.

@@ -19,6 +19,24 @@ pub fn base_dir(wal_dir: &Path) -> PathBuf {
     wal_dir.join("base")
 }
 
+/// Asked by retention before it deletes a WAL segment or a base backup
+/// directory: `false` keeps it. Set once by the off-site repository's
+/// shipper (a layer above, handed down as a value): nothing local goes
+/// before its upload is confirmed.
+pub type DeletionCheck = Box<dyn Fn(&Path) -> bool + Send + Sync>;
+
+static DELETION_CHECK: std::sync::OnceLock<DeletionCheck> = std::sync::OnceLock::new();
+
+/// Installs the check retention asks ([`may_delete`]); the first one stays.
+pub fn set_deletion_check(check: DeletionCheck) {
+    let _ = DELETION_CHECK.set(check);
+}
+
+/// Whether retention may delete `path` (always, without an off-site repository).
+pub fn may_delete(path: &Path) -> bool {
+    DELETION_CHECK.get().is_none_or(|check| check(path))
+}
+
 /// Creates `OMNI_WAL_DIR` with `stream/` and `base/` (mode 0700), owned by
 /// PostgreSQL's account, which runs the tools that write there.
 pub fn prepare(wal_dir: &Path, account: &Account) -> Result<()> {

@@ -367,7 +367,12 @@ pub fn apply_retention(wal: &WalConfig) -> Result<()> {
     if kept.is_empty() {
         return Ok(());
     }
+    let mut waiting = 0;
     for b in backups.iter().filter(|b| !kept.contains(b)) {
+        if !archive::may_delete(&b.dir(&wal.dir)) {
+            waiting += 1;
+            continue;
+        }
         tracing::info!("retention: deleting base backup {} (ended {}, before OMNI_PITR_WINDOW needs it)", b.id, b.finished_at.to_rfc3339_opts(SecondsFormat::Secs, true));
         std::fs::remove_dir_all(b.dir(&wal.dir)).with_context(|| format!("deleting {}", b.dir(&wal.dir).display()))?;
         std::fs::remove_file(record_path(&wal.dir, &b.id))?;
@@ -382,9 +387,16 @@ pub fn apply_retention(wal: &WalConfig) -> Result<()> {
             if segment_needed(&seg, &kept, &lineages) || (own_newest && !newest_served) {
                 continue;
             }
+            if !archive::may_delete(&seg.path) {
+                waiting += 1;
+                continue;
+            }
             std::fs::remove_file(&seg.path).with_context(|| format!("deleting {}", seg.path.display()))?;
             removed += 1;
         }
+    }
+    if waiting > 0 {
+        tracing::info!("retention: kept {waiting} base backups or WAL segments the window no longer needs until their upload to OMNI_REPOSITORY_URL is confirmed");
     }
     if removed > 0 {
         tracing::info!("retention: deleted {removed} WAL segments no kept base backup needs (older than its start, or of a timeline none of them leads into)");

@@ -5,3 +5,11 @@
 //! Layer: above `pitr` (whose archive it ships and restores into), `pg`,
 //! `supervise`, `status`, `process` and `config`; `app`, `serve` and `cli`
 //! call it.
+//!
+//! `store.rs` is the one way to the store (open, write once, read
+//! verified, list, delete); `layout.rs` names every object.
+
+pub mod layout;
+pub mod store;
+pub mod config;
+pub mod ship;

@@ -158,6 +158,9 @@ impl Metrics {
         if let Some(relay) = board.replication() {
             out.push_str(&relay.metrics());
         }
+        if let Some(repository) = board.repository() {
+            out.push_str(&repository.metrics());
+        }
         if let Some(dir) = &self.wal_dir {
             render_wal_ages(&mut out, dir);
         }

@@ -17,6 +17,7 @@
 //! reports to it. The relay's view (`relay.rs`) is plain data, filled by `relay/`.
 
 pub mod relay;
+pub mod repository;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -180,12 +181,16 @@ pub struct Board {
     /// Whether the serving worker leads, from its health answer; `None`
     /// when unknown (no worker serves, or one that does not say).
     leader: Arc<Mutex<Option<bool>>>,
+    /// The off-site repository's shipper, when `OMNI_REPOSITORY_URL` is
+    /// set: beside the children like the relay (it never fails `/health`;
+    /// a problem shows in its `degraded` list).
+    repository: Arc<Mutex<Option<Arc<Mutex<crate::status::repository::RepositoryView>>>>>,
 }
 
 impl Board {
     pub fn new(names: &[&'static str]) -> Self {
         let snapshot = Snapshot { components: names.iter().map(|n| (*n, Component::new())).collect(), gateway: GatewayState::Running, upgrade: None, storage: None, restore: None };
-        Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default(), replication: Arc::default(), leader: Arc::default() }
+        Board { tx: watch::Sender::new(snapshot), heartbeats: Arc::default(), replication: Arc::default(), leader: Arc::default(), repository: Arc::default() }
     }
 
     /// Applies `f` to `name`'s entry and wakes every watcher.
@@ -301,6 +306,18 @@ impl Board {
         Some(v)
     }
 
+    /// Shows the off-site repository's picture in `/gateway/status`, `/health` and `/metrics`.
+    pub fn set_repository(&self, view: Arc<Mutex<crate::status::repository::RepositoryView>>) {
+        *self.repository.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    /// The off-site repository's picture now, when one is configured.
+    pub fn repository(&self) -> Option<crate::status::repository::RepositoryView> {
+        let view = self.repository.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let v = view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Some(v)
+    }
+
     /// Records whether the serving worker leads, logging a change.
     pub fn set_leader(&self, leader: Option<bool>) {
         let mut current = self.leader.lock().unwrap_or_else(|e| e.into_inner());
@@ -326,6 +343,13 @@ impl Board {
         let mut doc = self.children_json(&snap);
         if let (Some(relay), Some(list)) = (self.replication(), doc["components"].as_array_mut()) {
             list.push(relay.to_json());
+        }
+        if let Some(repository) = self.repository() {
+            doc["repository"] = repository.to_json();
+            // Serving is unaffected: `/health` stays 200 and lists it here.
+            if let Some(why) = repository.degraded() {
+                doc["degraded"] = serde_json::json!([why]);
+            }
         }
         (snap, doc)
     }

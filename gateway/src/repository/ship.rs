@@ -1,0 +1,841 @@
+//! The shipper: what is complete locally goes to the repository, and what
+//! the repository has confirmed may be deleted locally.
+//!
+//! Two loops, so that a large base backup never holds back the WAL (the
+//! off-site recovery point):
+//!
+//! - **WAL**, every `OMNI_REPOSITORY_WAL_INTERVAL` (default 1 s): the
+//!   `.history` files and completed segments of every stream directory of
+//!   the current generation (`wal/<segment>.lz4`), then the new bytes of each
+//!   `.partial` segment as an immutable chunk (`wal/<segment>.chunks/<from>-<to>`).
+//!   The end of the new bytes is the streamer's flush position as PostgreSQL
+//!   reports it (`pg_stat_replication.flush_lsn` of `omni_wal`: what
+//!   `pg_receivewal --synchronous` has flushed to the file); when PostgreSQL
+//!   cannot be asked (it is stopping, a retired stream), the last non-zero
+//!   byte of the file, which never ships bytes not yet written (the file is
+//!   zero-padded) but may hold back a record's trailing zeros until more WAL comes.
+//! - **Backups**, every 5 s: each verified base backup (its files, then
+//!   `manifest.json` with the size and SHA-256 of each, last) and each
+//!   logical backup of `OMNI_BACKUP_DIR` that has its `.sha256` (the file,
+//!   then its `.sha256`).
+//!
+//! What the repository confirmed is remembered in `OMNI_WAL_DIR/repository.json`
+//! (written whole to a temporary file, flushed, renamed), keyed by the
+//! repository's URL: a restart uploads nothing twice. Without it (lost, or
+//! another URL) the confirmed set is rebuilt by listing the repository.
+//! Chunk progress is not recorded: a restart lists the chunks of each
+//! `.partial` segment instead.
+//!
+//! Failures are retried with a capped backoff (the interval doubled per
+//! failure in a row, at most 30 s); the service never stops for them. An
+//! object that exists with other content stops every upload (never
+//! overwritten) until the gateway restarts; `/gateway/status` says which.
+//!
+//! It runs in its own shutdown stage, after PostgreSQL's: while the worker,
+//! the streamer and PostgreSQL stop it keeps shipping, and once they are
+//! down one last WAL round ships the streamer's last bytes.
+//!
+//! Pitr's retention asks [`Shipper::confirms`] (through
+//! `pitr::archive::set_deletion_check`) before it deletes a segment or a
+//! base backup: nothing local goes before its upload is confirmed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::config::RepositoryConfig;
+use super::layout;
+use super::store::{self, Put, Repository, RepositoryError};
+use crate::pitr::{archive, base, generation::Identity};
+use crate::status::repository::{RepositoryState, RepositoryView};
+use crate::status::Board;
+use crate::supervise::shutdown::Stage;
+
+/// The state file, in `OMNI_WAL_DIR`.
+pub const STATE_FILE: &str = "repository.json";
+/// Between two rounds of the backups loop.
+const BACKUPS_EVERY: Duration = Duration::from_secs(5);
+/// The longest wait between two tries after failures.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// What `repository.json` holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    /// The repository these confirmations are of.
+    url: String,
+    /// Confirmed objects, by name.
+    objects: BTreeMap<String, Confirmed>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Confirmed {
+    size: u64,
+    /// Lowercase hex; empty when the entry was rebuilt by listing.
+    #[serde(default)]
+    sha256: String,
+}
+
+/// What one loop left waiting in its last round.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pending {
+    objects: u64,
+    bytes: u64,
+    oldest: Option<SystemTime>,
+}
+
+impl Pending {
+    fn add(&mut self, bytes: u64, since: Option<SystemTime>) {
+        self.objects += 1;
+        self.bytes += bytes;
+        self.oldest = match (self.oldest, since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loop {
+    Wal = 0,
+    Backups = 1,
+}
+
+/// The shipper's memory, shared by its loops and by retention's question.
+#[derive(Debug, Default)]
+struct State {
+    file: StateFile,
+    /// The file needs writing.
+    dirty: bool,
+    /// The repository must be listed to rebuild `file` (none was found, or
+    /// it was of another URL) before anything is uploaded.
+    needs_listing: bool,
+    /// The current generation (`<sysid>-pg<major>`), once the archive has an identity.
+    generation: Option<String>,
+    /// Per `.partial` segment: bytes already in chunks, and the file's
+    /// modification time when they were read (unchanged: nothing to read).
+    chunks: HashMap<String, (u64, Option<SystemTime>)>,
+    pending: [Pending; 2],
+    /// Each loop's current failure streak and its last error.
+    failing: [Option<(u32, String)>; 2],
+}
+
+/// The off-site shipper; cheap to clone.
+#[derive(Clone)]
+pub struct Shipper {
+    repo: Repository,
+    settings: RepositoryConfig,
+    /// `OMNI_WAL_DIR` when WAL is streamed; `None`: logical backups only.
+    wal_dir: Option<PathBuf>,
+    backup_dir: PathBuf,
+    /// Where the streamer's flush position is asked (the embedded cluster).
+    pg: Option<tokio_postgres::Config>,
+    state: Arc<Mutex<State>>,
+    view: Arc<Mutex<RepositoryView>>,
+    /// Set by a conflict: no upload until the gateway restarts.
+    halted: Arc<AtomicBool>,
+}
+
+impl Shipper {
+    pub fn new(repo: Repository, settings: RepositoryConfig, wal_dir: Option<PathBuf>, backup_dir: PathBuf, pg: Option<tokio_postgres::Config>) -> Shipper {
+        let url = repo.display();
+        let file = wal_dir.as_deref().and_then(load_state).filter(|f| f.url == url);
+        let needs_listing = file.is_none();
+        let file = file.unwrap_or(StateFile { url: url.clone(), objects: BTreeMap::new() });
+        let view = RepositoryView::new(url, settings.queue_max_bytes);
+        Shipper {
+            repo,
+            settings,
+            wal_dir,
+            backup_dir,
+            pg,
+            state: Arc::new(Mutex::new(State { file, needs_listing, ..State::default() })),
+            view: Arc::new(Mutex::new(view)),
+            halted: Arc::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_confirmed(&self, name: &str) -> bool {
+        self.state().file.objects.contains_key(name)
+    }
+
+    fn confirm(&self, name: &str, size: u64, sha256: String, put: Put) {
+        {
+            let mut state = self.state();
+            state.file.objects.insert(name.to_string(), Confirmed { size, sha256 });
+            state.dirty = true;
+        }
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.last_upload = Some(SystemTime::now());
+        if put == Put::Created {
+            view.uploaded_objects += 1;
+            view.uploaded_bytes += size;
+        }
+    }
+
+    /// Whether the local file or directory `path` of the WAL archive is in
+    /// the repository (a completed segment, a base backup with its
+    /// manifest): pitr's retention may delete only then. Anything else
+    /// (outside the archive's stream and base directories) is not ours to hold.
+    pub fn confirms(&self, path: &Path) -> bool {
+        let Some(wal_dir) = &self.wal_dir else { return true };
+        let state = self.state();
+        let Some(gen) = state.generation.as_deref() else { return false };
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return true };
+        if parent == archive::base_dir(wal_dir) {
+            return state.file.objects.contains_key(&layout::base_manifest(gen, name));
+        }
+        let in_stream = parent.parent() == Some(wal_dir.as_path()) && parent.file_name().and_then(|n| n.to_str()).is_some_and(|d| d == "stream" || d.starts_with("stream-"));
+        match archive::Segment::parse(path) {
+            Some(seg) if in_stream && !seg.partial => state.file.objects.contains_key(&layout::wal_segment(gen, &seg.name)),
+            Some(_) if in_stream => false,
+            _ => true,
+        }
+    }
+
+    /// Starts both loops on `stage` and shows the shipper on `board`.
+    /// Retention is handed [`Shipper::confirms`] from here on.
+    pub fn spawn(self, board: &Board, stage: &Stage) {
+        board.set_repository(self.view.clone());
+        let check = self.clone();
+        archive::set_deletion_check(Box::new(move |path| check.confirms(path)));
+        tracing::info!("off-site repository {}: shipping WAL every {} ms, base and logical backups as they are made", self.repo.display(), self.settings.wal_interval.as_millis());
+        let (wal, backups) = (self.clone(), self);
+        let (stop, hurry) = (stage.token(), stage.hurried());
+        stage.spawn(async move { wal.run(Loop::Wal, stop, hurry).await });
+        let (stop, hurry) = (stage.token(), stage.hurried());
+        stage.spawn(async move { backups.run(Loop::Backups, stop, hurry).await });
+    }
+
+    async fn run(self, which: Loop, stop: CancellationToken, hurry: CancellationToken) {
+        let every = match which {
+            Loop::Wal => self.settings.wal_interval,
+            Loop::Backups => BACKUPS_EVERY.max(self.settings.wal_interval),
+        };
+        let mut pg_client: Option<tokio_postgres::Client> = None;
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            let round = async {
+                match which {
+                    Loop::Wal => self.wal_round(&mut pg_client).await,
+                    Loop::Backups => self.backups_round().await,
+                }
+            };
+            // A stop lets the round under way finish (a part of an upload
+            // dropped halfway is never an object).
+            let outcome = tokio::select! {
+                outcome = round => outcome,
+                () = hurry.cancelled() => return,
+            };
+            delay = self.after_round(which, outcome, every);
+        }
+        // The streamer and PostgreSQL have stopped: their last WAL goes now.
+        if which == Loop::Wal && !self.halted.load(Ordering::Relaxed) {
+            // PostgreSQL is down: the file's own bytes say where WAL ends.
+            let mut no_server = None;
+            tokio::select! {
+                outcome = self.wal_round(&mut no_server) => {
+                    if let Err(e) = &outcome {
+                        tracing::warn!("off-site repository: the last WAL upload before the stop failed ({e}); it is uploaded at the next start");
+                    }
+                }
+                () = hurry.cancelled() => {}
+            }
+        }
+        self.save();
+    }
+
+    /// Records a round's outcome in the view; returns the wait before the next.
+    fn after_round(&self, which: Loop, outcome: Result<(), RepositoryError>, every: Duration) -> Duration {
+        self.save();
+        let mut delay = every;
+        {
+            let mut state = self.state();
+            match &outcome {
+                Ok(()) => {
+                    if let Some((n, _)) = state.failing[which as usize].take() {
+                        tracing::info!("off-site repository {}: uploads work again (after {n} failed tries)", self.repo.display());
+                    }
+                }
+                Err(RepositoryError::Conflict { .. }) => {
+                    if !self.halted.swap(true, Ordering::Relaxed) {
+                        tracing::error!("{}", outcome.as_ref().unwrap_err());
+                    }
+                }
+                Err(e) => {
+                    let n = state.failing[which as usize].as_ref().map_or(0, |(n, _)| *n) + 1;
+                    let text = e.to_string();
+                    if n == 1 || n.is_power_of_two() {
+                        tracing::warn!("off-site repository: upload failed (try {n}; retried, the service goes on): {text}");
+                    }
+                    state.failing[which as usize] = Some((n, text));
+                    delay = retry_delay(every, n);
+                    self.view.lock().unwrap_or_else(|e| e.into_inner()).failures += 1;
+                }
+            }
+        }
+        self.refresh_view(delay);
+        delay
+    }
+
+    /// The view from the state: queue, lag, state, last error.
+    fn refresh_view(&self, next: Duration) {
+        let state = self.state();
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = state.pending;
+        view.queue_depth = pending.iter().map(|p| p.objects).sum();
+        view.lag_bytes = pending.iter().map(|p| p.bytes).sum();
+        let oldest = pending.iter().filter_map(|p| p.oldest).min();
+        view.lag_seconds = oldest.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
+        let failing = state.failing.iter().flatten().max_by_key(|(n, _)| *n);
+        let was_full = view.queue_full();
+        if self.halted.load(Ordering::Relaxed) {
+            view.state = RepositoryState::Stopped;
+            view.next_retry = None;
+        } else if let Some((n, text)) = failing {
+            view.state = RepositoryState::Retrying;
+            view.attempts = *n;
+            view.last_error = Some(text.clone());
+            view.next_retry = Some(Instant::now() + next);
+        } else {
+            view.state = RepositoryState::Ok;
+            view.attempts = 0;
+            view.next_retry = None;
+        }
+        match (was_full, view.queue_full()) {
+            (false, true) => tracing::error!(
+                "off-site repository {}: {} MB of WAL and backups wait for upload, more than OMNI_REPOSITORY_QUEUE_MAX_MB={}; nothing local is deleted before its upload, so the disk of OMNI_WAL_DIR fills. Check the repository (GET /gateway/status, repository.last_error)",
+                view.url,
+                view.lag_bytes / 1_048_576,
+                view.queue_max_bytes / 1_048_576
+            ),
+            (true, false) => tracing::info!("off-site repository {}: the upload queue is back under OMNI_REPOSITORY_QUEUE_MAX_MB", view.url),
+            _ => {}
+        }
+    }
+
+    fn record_conflict(&self, e: &RepositoryError) {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
+    }
+
+    /// Writes the confirmed set when it changed.
+    fn save(&self) {
+        let Some(wal_dir) = &self.wal_dir else { return };
+        let text = {
+            let mut state = self.state();
+            if !state.dirty {
+                return;
+            }
+            state.dirty = false;
+            serde_json::to_string(&state.file).expect("the state serializes")
+        };
+        if let Err(e) = write_atomically(&wal_dir.join(STATE_FILE), text.as_bytes()) {
+            self.state().dirty = true;
+            tracing::warn!("off-site repository: could not record what was uploaded in {} ({e}); a restart lists the repository instead", wal_dir.join(STATE_FILE).display());
+        }
+    }
+
+    /// Rebuilds the confirmed set from the repository (no state file, or
+    /// one of another URL): objects there count as uploaded; a base backup
+    /// only with its manifest.
+    async fn rebuild(&self, gen: &str) -> Result<(), RepositoryError> {
+        let mut found = self.repo.list(&format!("{gen}/")).await?;
+        found.extend(self.repo.list("logical/").await?);
+        let mut state = self.state();
+        for object in &found {
+            state.file.objects.entry(object.path.clone()).or_insert(Confirmed { size: object.size, sha256: String::new() });
+        }
+        state.needs_listing = false;
+        state.dirty = true;
+        tracing::info!("off-site repository {}: {} objects already there (listed: no record of earlier uploads to this URL)", self.repo.display(), found.len());
+        Ok(())
+    }
+
+    /// The current generation, from the archive's identity (`None` before the first).
+    fn generation(&self) -> Option<String> {
+        let wal_dir = self.wal_dir.as_ref()?;
+        let identity = Identity::of_archive(wal_dir).ok()??;
+        let gen = layout::generation(identity.system_identifier, identity.major);
+        let mut state = self.state();
+        if state.generation.as_deref() != Some(gen.as_str()) {
+            state.generation = Some(gen.clone());
+            // Chunk progress belongs to the archive it was read from.
+            state.chunks.clear();
+        }
+        Some(gen)
+    }
+
+    async fn prepare_round(&self) -> Result<Option<String>, RepositoryError> {
+        let gen = self.generation();
+        let needs = self.state().needs_listing;
+        if needs {
+            match &gen {
+                Some(g) => self.rebuild(g).await?,
+                None if self.wal_dir.is_none() => {
+                    let found = self.repo.list("logical/").await?;
+                    let mut state = self.state();
+                    for o in found {
+                        state.file.objects.entry(o.path).or_insert(Confirmed { size: o.size, sha256: String::new() });
+                    }
+                    state.needs_listing = false;
+                }
+                None => {}
+            }
+        }
+        Ok(gen)
+    }
+
+    /// One round of the WAL loop.
+    async fn wal_round(&self, pg_client: &mut Option<tokio_postgres::Client>) -> Result<(), RepositoryError> {
+        if self.halted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let gen = self.prepare_round().await?;
+        let (Some(gen), Some(wal_dir)) = (gen, self.wal_dir.clone()) else { return Ok(()) };
+        if self.state().needs_listing {
+            return Ok(());
+        }
+        let mut pending = Pending::default();
+        let result = self.ship_wal(&gen, &wal_dir, pg_client, &mut pending).await;
+        self.state().pending[Loop::Wal as usize] = pending;
+        if let Err(e @ RepositoryError::Conflict { .. }) = &result {
+            self.record_conflict(e);
+        }
+        result
+    }
+
+    async fn ship_wal(&self, gen: &str, wal_dir: &Path, pg_client: &mut Option<tokio_postgres::Client>, pending: &mut Pending) -> Result<(), RepositoryError> {
+        let dirs = archive::stream_dirs(wal_dir);
+        // History files first: a restore needs them to follow timelines.
+        for dir in &dirs {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let is_history = file.strip_suffix(".history").is_some_and(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()));
+                let name = layout::wal_history(gen, &file);
+                if !is_history || self.is_confirmed(&name) {
+                    continue;
+                }
+                let Ok(bytes) = std::fs::read(entry.path()) else { continue };
+                let size = bytes.len() as u64;
+                let sha = store::sha256_hex(&bytes);
+                let put = self.repo.put_once(&name, Bytes::from(bytes)).await?;
+                self.confirm(&name, size, sha, put);
+            }
+        }
+        // Completed segments, in WAL order, each once (the first directory
+        // that has it, as the restore_command takes it).
+        let mut waiting: Vec<archive::Segment> = Vec::new();
+        let mut complete: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for dir in &dirs {
+            for seg in archive::segments(dir).into_iter().filter(|s| !s.partial) {
+                if complete.insert(seg.name.clone()) && !self.is_confirmed(&layout::wal_segment(gen, &seg.name)) {
+                    waiting.push(seg);
+                }
+            }
+        }
+        waiting.sort_by(|a, b| (a.position(), &a.name).cmp(&(b.position(), &b.name)));
+        for seg in &waiting {
+            let modified = std::fs::metadata(&seg.path).and_then(|m| m.modified()).ok();
+            pending.add(archive::SEGMENT_BYTES, modified);
+        }
+        // The segment being written first: it is the recovery point.
+        let flush = self.flush_position(pg_client).await;
+        for dir in &dirs {
+            for seg in archive::segments(dir).into_iter().filter(|s| s.partial && !complete.contains(&s.name)) {
+                self.ship_chunk(gen, &seg, if *dir == archive::stream_dir(wal_dir) { flush } else { None }, pending).await?;
+            }
+        }
+        for seg in waiting {
+            let name = layout::wal_segment(gen, &seg.name);
+            let path = seg.path.clone();
+            let encoded = tokio::task::spawn_blocking(move || std::fs::read(&path).and_then(|b| layout::encode_segment(&b)))
+                .await
+                .map_err(|e| RepositoryError::Local { path: seg.path.display().to_string(), source: std::io::Error::other(e) });
+            let encoded = match encoded? {
+                Ok(bytes) => bytes,
+                // Deleted meanwhile (never before its upload: retention asks; a restore's move): next round.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(RepositoryError::Local { path: seg.path.display().to_string(), source }),
+            };
+            let (size, sha) = (encoded.len() as u64, store::sha256_hex(&encoded));
+            let put = self.repo.put_once(&name, Bytes::from(encoded)).await?;
+            self.confirm(&name, size, sha, put);
+            pending.objects = pending.objects.saturating_sub(1);
+            pending.bytes = pending.bytes.saturating_sub(archive::SEGMENT_BYTES);
+            self.drop_chunks(gen, &seg.name).await;
+        }
+        if pending.objects == 0 {
+            pending.oldest = None;
+        }
+        Ok(())
+    }
+
+    /// The streamer's flush position, asked of PostgreSQL (`None` when it
+    /// cannot be asked: the file's own bytes decide then).
+    async fn flush_position(&self, client: &mut Option<tokio_postgres::Client>) -> Option<u64> {
+        let config = self.pg.as_ref()?;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            *client = crate::pg::connect(config).await.ok();
+        }
+        let row = client.as_ref()?.query_opt("SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = $1 AND flush_lsn IS NOT NULL ORDER BY flush_lsn DESC LIMIT 1", &[&crate::pitr::APPLICATION_NAME]).await;
+        match row {
+            Ok(Some(row)) => archive::parse_lsn(row.get::<_, &str>(0)),
+            Ok(None) => None,
+            Err(_) => {
+                *client = None;
+                None
+            }
+        }
+    }
+
+    /// Ships the new bytes of a `.partial` segment as one chunk.
+    async fn ship_chunk(&self, gen: &str, seg: &archive::Segment, flush: Option<u64>, pending: &mut Pending) -> Result<(), RepositoryError> {
+        let Ok(meta) = std::fs::metadata(&seg.path) else { return Ok(()) };
+        let modified = meta.modified().ok();
+        let known = self.state().chunks.get(&seg.name).copied();
+        let shipped = match known {
+            Some((at, seen)) if seen == modified && modified.is_some() => {
+                // Unchanged since it was read; a flush position past what was shipped is read below.
+                let start = archive::segment_lsn(&seg.name).unwrap_or(0);
+                if flush.is_none_or(|f| f <= start + at) {
+                    return Ok(());
+                }
+                at
+            }
+            Some((at, _)) => at,
+            None => self.chunks_in_repository(gen, &seg.name).await?,
+        };
+        let start = archive::segment_lsn(&seg.name).unwrap_or(0);
+        let path = seg.path.clone();
+        let limit = flush.filter(|f| *f >= start).map(|f| (f - start).min(archive::SEGMENT_BYTES));
+        let read = tokio::task::spawn_blocking(move || written_bytes(&path, shipped, limit))
+            .await
+            .map_err(|e| RepositoryError::Local { path: seg.path.display().to_string(), source: std::io::Error::other(e) })?;
+        let bytes = match read {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(RepositoryError::Local { path: seg.path.display().to_string(), source }),
+        };
+        if bytes.is_empty() {
+            self.state().chunks.insert(seg.name.clone(), (shipped, modified));
+            return Ok(());
+        }
+        let to = shipped + bytes.len() as u64;
+        pending.add(bytes.len() as u64, modified);
+        let name = layout::wal_chunk(gen, &seg.name, shipped, to);
+        let size = bytes.len() as u64;
+        let put = self.repo.put_once(&name, Bytes::from(bytes)).await?;
+        pending.objects -= 1;
+        pending.bytes -= size;
+        if pending.objects == 0 {
+            pending.oldest = None;
+        }
+        // Chunks are not recorded in the state file: listing them is cheap.
+        self.state().chunks.insert(seg.name.clone(), (to, modified));
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.last_upload = Some(SystemTime::now());
+        if put == Put::Created {
+            view.uploaded_objects += 1;
+            view.uploaded_bytes += size;
+        }
+        Ok(())
+    }
+
+    /// Where the chunks already in the repository end (contiguous from 0).
+    async fn chunks_in_repository(&self, gen: &str, segment: &str) -> Result<u64, RepositoryError> {
+        let mut ranges: Vec<(u64, u64)> = self
+            .repo
+            .list(&layout::wal_chunks(gen, segment))
+            .await?
+            .iter()
+            .filter_map(|o| match layout::parse(&o.path) {
+                Some(layout::Object::Chunk { from, to, .. }) => Some((from, to)),
+                _ => None,
+            })
+            .collect();
+        Ok(contiguous_end(&mut ranges))
+    }
+
+    /// The chunks of a segment whose whole object is now confirmed.
+    async fn drop_chunks(&self, gen: &str, segment: &str) {
+        let had = self.state().chunks.remove(segment).is_some_and(|(at, _)| at > 0);
+        if !had || !self.settings.delete {
+            return;
+        }
+        let dropped = async {
+            for object in self.repo.list(&layout::wal_chunks(gen, segment)).await? {
+                self.repo.delete(&object.path).await?;
+            }
+            Ok::<(), RepositoryError>(())
+        };
+        if let Err(e) = dropped.await {
+            tracing::info!("off-site repository: the chunks of {segment} stay beside the whole segment ({e})");
+        }
+    }
+
+    /// One round of the backups loop.
+    async fn backups_round(&self) -> Result<(), RepositoryError> {
+        if self.halted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let gen = self.prepare_round().await?;
+        if self.state().needs_listing {
+            return Ok(());
+        }
+        let mut pending = Pending::default();
+        let result = self.ship_backups(gen.as_deref(), &mut pending).await;
+        self.state().pending[Loop::Backups as usize] = pending;
+        if let Err(e @ RepositoryError::Conflict { .. }) = &result {
+            self.record_conflict(e);
+        }
+        result
+    }
+
+    async fn ship_backups(&self, gen: Option<&str>, pending: &mut Pending) -> Result<(), RepositoryError> {
+        // What waits, counted before anything goes.
+        let bases: Vec<base::BaseBackup> = match (gen, &self.wal_dir) {
+            (Some(gen), Some(wal_dir)) => base::list(wal_dir).into_iter().filter(|b| !self.is_confirmed(&layout::base_manifest(gen, &b.id))).collect(),
+            _ => Vec::new(),
+        };
+        let logical: Vec<String> = logical_backups(&self.backup_dir).into_iter().filter(|n| !self.is_confirmed(&layout::logical(&format!("{n}.sha256")))).collect();
+        for b in &bases {
+            pending.add(b.bytes, Some(b.finished_at.into()));
+        }
+        for n in &logical {
+            let meta = std::fs::metadata(self.backup_dir.join(n)).ok();
+            pending.add(meta.as_ref().map_or(0, |m| m.len()), meta.and_then(|m| m.modified().ok()));
+        }
+        self.state().pending[Loop::Backups as usize] = *pending;
+        if let (Some(gen), Some(wal_dir)) = (gen, &self.wal_dir) {
+            for b in bases {
+                self.ship_base(gen, wal_dir, &b).await?;
+                pending.objects -= 1;
+                pending.bytes = pending.bytes.saturating_sub(b.bytes);
+                self.state().pending[Loop::Backups as usize] = *pending;
+                self.save();
+            }
+        }
+        for n in logical {
+            let path = self.backup_dir.join(&n);
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            self.ship_logical(&n).await?;
+            pending.objects -= 1;
+            pending.bytes = pending.bytes.saturating_sub(size);
+            self.state().pending[Loop::Backups as usize] = *pending;
+        }
+        if pending.objects == 0 {
+            pending.oldest = None;
+        }
+        Ok(())
+    }
+
+    /// A base backup: every file, then its manifest.
+    async fn ship_base(&self, gen: &str, wal_dir: &Path, backup: &base::BaseBackup) -> Result<(), RepositoryError> {
+        let dir = backup.dir(wal_dir);
+        let mut files = Vec::new();
+        for (relative, path) in files_under(&dir) {
+            let name = layout::base_file(gen, &backup.id, &relative);
+            let known = self.state().file.objects.get(&name).cloned().filter(|c| !c.sha256.is_empty());
+            let (size, sha256) = match known {
+                Some(c) => (c.size, c.sha256),
+                None => {
+                    let (put, size, sha) = match self.repo.put_file_once(&name, &path).await {
+                        Ok(done) => done,
+                        // Retention removed it meanwhile (it never does before the manifest is confirmed).
+                        Err(RepositoryError::Local { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
+                    self.confirm(&name, size, sha.clone(), put);
+                    (size, sha)
+                }
+            };
+            files.push(layout::ManifestFile { name: relative, size, sha256 });
+        }
+        let manifest = layout::BaseManifest { backup: backup.clone(), files };
+        let text = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
+        let name = layout::base_manifest(gen, &backup.id);
+        let (size, sha) = (text.len() as u64, store::sha256_hex(&text));
+        let put = self.repo.put_once(&name, Bytes::from(text)).await?;
+        self.confirm(&name, size, sha, put);
+        tracing::info!("off-site repository {}: base backup {} uploaded ({} files, {} MB)", self.repo.display(), backup.id, manifest.files.len(), backup.bytes / 1_000_000);
+        Ok(())
+    }
+
+    /// A logical backup, then its `.sha256` (the mark that it is whole).
+    async fn ship_logical(&self, name: &str) -> Result<(), RepositoryError> {
+        for file in [name.to_string(), format!("{name}.sha256")] {
+            let object = layout::logical(&file);
+            if self.is_confirmed(&object) {
+                continue;
+            }
+            match self.repo.put_file_once(&object, &self.backup_dir.join(&file)).await {
+                Ok((put, size, sha)) => self.confirm(&object, size, sha, put),
+                // Deleted by the backups' own retention before it went: nothing to keep.
+                Err(RepositoryError::Local { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The wait after `n` failed rounds in a row: the interval doubled per
+/// failure, at most [`MAX_RETRY_DELAY`].
+pub fn retry_delay(every: Duration, n: u32) -> Duration {
+    every.saturating_mul(1u32 << n.min(16)).min(MAX_RETRY_DELAY).max(every)
+}
+
+/// Where contiguous ranges from 0 end (ranges in any order; overlaps are
+/// the same bytes).
+fn contiguous_end(ranges: &mut [(u64, u64)]) -> u64 {
+    ranges.sort_unstable();
+    let mut end = 0;
+    for (from, to) in ranges.iter() {
+        if *from > end {
+            break;
+        }
+        end = end.max(*to);
+    }
+    end
+}
+
+/// The bytes of a `.partial` segment from `from` to its written end: `limit`
+/// when the flush position is known, else the last non-zero byte (the file
+/// is zero-padded by the streamer; this never takes bytes not yet written).
+fn written_bytes(path: &Path, from: u64, limit: Option<u64>) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let end = limit.unwrap_or(len).min(len);
+    if end <= from {
+        return Ok(Vec::new());
+    }
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = vec![0u8; (end - from) as usize];
+    file.read_exact(&mut bytes)?;
+    if limit.is_none() {
+        let written = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        bytes.truncate(written);
+    }
+    Ok(bytes)
+}
+
+/// The files of a base backup directory, relative names with `/`, sorted.
+fn files_under(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => {
+                    if let Ok(rel) = path.strip_prefix(dir) {
+                        found.push((rel.to_string_lossy().into_owned(), path));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Logical backups complete in `OMNI_BACKUP_DIR`: a visible file with its
+/// `<name>.sha256` beside it (recorded once the dump is whole), oldest first.
+fn logical_backups(dir: &Path) -> Vec<String> {
+    let mut found: Vec<(SystemTime, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let base = name.strip_suffix(".sha256")?;
+            if base.starts_with('.') || base.ends_with(".partial") || !dir.join(base).is_file() {
+                return None;
+            }
+            let at = std::fs::metadata(dir.join(base)).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            Some((at, base.to_string()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, n)| n).collect()
+}
+
+fn load_state(wal_dir: &Path) -> Option<StateFile> {
+    let bytes = std::fs::read(wal_dir.join(STATE_FILE)).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(state) => Some(state),
+        Err(e) => {
+            tracing::warn!("{} is not readable ({e}); the repository is listed instead", wal_dir.join(STATE_FILE).display());
+            None
+        }
+    }
+}
+
+/// A new temporary file, flushed, renamed over `path`, the directory flushed.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_a_cap() {
+        let s = Duration::from_secs(1);
+        assert_eq!(retry_delay(s, 1), Duration::from_secs(2));
+        assert_eq!(retry_delay(s, 3), Duration::from_secs(8));
+        assert_eq!(retry_delay(s, 40), MAX_RETRY_DELAY);
+        assert_eq!(retry_delay(Duration::from_secs(60), 1), Duration::from_secs(60), "never shorter than the interval");
+    }
+
+    #[test]
+    fn chunk_progress_is_the_contiguous_run_from_zero() {
+        assert_eq!(contiguous_end(&mut []), 0);
+        assert_eq!(contiguous_end(&mut [(0x2000, 0x3000), (0, 0x2000)]), 0x3000);
+        assert_eq!(contiguous_end(&mut [(0, 0x1000), (0x2000, 0x3000)]), 0x1000, "a gap ends it");
+        assert_eq!(contiguous_end(&mut [(0x1000, 0x2000)]), 0, "nothing from 0");
+        assert_eq!(contiguous_end(&mut [(0, 0x2000), (0x1000, 0x2800)]), 0x2800, "an overlap holds the same bytes");
+    }
+
+    #[test]
+    fn the_written_end_of_a_padded_segment_is_its_last_nonzero_byte_unless_the_flush_position_says() {
+        let dir = std::env::temp_dir().join(format!("omni-ship-test-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("000000010000000000000001.partial");
+        let mut content = vec![0u8; 64 * 1024];
+        content[..100].fill(7);
+        content[100..104].fill(0);
+        std::fs::write(&path, &content).unwrap();
+        assert_eq!(written_bytes(&path, 0, None).unwrap().len(), 100);
+        assert_eq!(written_bytes(&path, 40, None).unwrap().len(), 60);
+        assert_eq!(written_bytes(&path, 0, Some(104)).unwrap().len(), 104, "the flush position covers trailing zeros of a record");
+        assert!(written_bytes(&path, 100, None).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

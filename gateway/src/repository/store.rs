@@ -1,0 +1,504 @@
+//! The store behind `OMNI_REPOSITORY_URL`: S3 (`s3://bucket/prefix`),
+//! Google Cloud Storage (`gs://bucket/prefix`), Azure Blob
+//! (`az://container/prefix`) or a directory (`file:///abs/path`), all through
+//! Apache Arrow's `object_store` with its standard environment (`AWS_*`,
+//! `GOOGLE_*`, `AZURE_*`: credentials, region, endpoint, `AWS_ALLOW_HTTP`,
+//! the emulators' endpoints). Checksums stay off (`object_store`'s default):
+//! S3-compatible stores such as R2, B2 or MinIO refuse some of them.
+//!
+//! Objects are written once ([`Repository::put_once`]): a conditional put
+//! (`If-None-Match: *` on S3, its equivalents elsewhere) creates an object
+//! only where none is. An object already there with the same bytes is an
+//! upload retried after its answer was lost, and counts as done; one with
+//! other bytes is a [`RepositoryError::Conflict`], never overwritten. A store
+//! that ignores the condition (rclone's S3 server) simply overwrites with
+//! the same bytes the retry would have written.
+//!
+//! Nothing secret reaches a message: the URL carries no credentials (they
+//! come from the environment), and the store's error texts, which can name
+//! request URLs, lose their query strings (signatures, SAS tokens) and any
+//! credential value of the environment ([`redact`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use sha2::{Digest, Sha256};
+
+/// The variable that names the repository, in every message about it.
+pub const URL_VAR: &str = "OMNI_REPOSITORY_URL";
+
+/// Files up to this size are uploaded in one conditional request; larger
+/// ones (a big cluster's `base.tar.lz4`) in parts.
+const SINGLE_PUT_MAX: u64 = 32 * 1024 * 1024;
+/// The size of one part of a multipart upload.
+const PART_BYTES: usize = 8 * 1024 * 1024;
+
+/// The kind of store a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    S3,
+    Gcs,
+    Azure,
+    File,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::S3 => "s3",
+            Scheme::Gcs => "gs",
+            Scheme::Azure => "az",
+            Scheme::File => "file",
+        }
+    }
+}
+
+/// `OMNI_REPOSITORY_URL`, parsed: which store, which bucket (container,
+/// directory) and the prefix every object name starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub scheme: Scheme,
+    /// The bucket or container; for `file://`, the absolute directory.
+    pub bucket: String,
+    /// Inside the bucket, without leading or trailing `/` (may be empty).
+    pub prefix: String,
+}
+
+impl Location {
+    /// Parses a repository URL; the error says what is wrong and what a
+    /// good one looks like (the caller names the variable).
+    pub fn parse(url: &str) -> Result<Location, String> {
+        const FORMS: &str = "expected s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///absolute/path";
+        let url = url.trim();
+        let Some((scheme, rest)) = url.split_once("://") else { return Err(format!("not a URL; {FORMS}")) };
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "s3" | "s3a" => Scheme::S3,
+            "gs" => Scheme::Gcs,
+            "az" | "azure" => Scheme::Azure,
+            "file" => Scheme::File,
+            other => return Err(format!("unknown scheme {other:?}; {FORMS}")),
+        };
+        if rest.contains(['?', '#']) {
+            return Err(format!("a query string or fragment is not understood here (credentials and options come from the environment: AWS_*, GOOGLE_*, AZURE_*); {FORMS}"));
+        }
+        if scheme == Scheme::File {
+            let Some(dir) = rest.strip_prefix('/') else { return Err(format!("a file:// URL needs an absolute path (three slashes: file:///srv/offsite); {FORMS}")) };
+            let dir = format!("/{}", dir.trim_end_matches('/'));
+            if dir == "/" || dir.split('/').any(|part| part == "..") {
+                return Err("a file:// URL must name a directory other than / and without `..`".into());
+            }
+            return Ok(Location { scheme, bucket: dir, prefix: String::new() });
+        }
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.contains('@') || bucket.contains(':') {
+            return Err(format!("credentials or a port do not belong in the URL (use AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL and their GOOGLE_*/AZURE_* equivalents); {FORMS}"));
+        }
+        let valid_bucket = !bucket.is_empty() && bucket.len() <= 255 && bucket.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !valid_bucket {
+            return Err(format!("{bucket:?} is not a bucket or container name (letters, digits, '-', '.', '_'); {FORMS}"));
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        if prefix.split('/').any(|part| part == "." || part == "..") || prefix.contains("//") {
+            return Err(format!("the prefix {prefix:?} has an empty, `.` or `..` part"));
+        }
+        Ok(Location { scheme, bucket: bucket.to_string(), prefix })
+    }
+
+    /// The URL as shown in the log, the status and errors (it holds no secret).
+    pub fn display(&self) -> String {
+        match self.scheme {
+            Scheme::File => format!("file://{}", self.bucket),
+            _ if self.prefix.is_empty() => format!("{}://{}", self.scheme.as_str(), self.bucket),
+            _ => format!("{}://{}/{}", self.scheme.as_str(), self.bucket, self.prefix),
+        }
+    }
+}
+
+/// What can go wrong with the repository, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("{URL_VAR}: {0}")]
+    Url(String),
+    /// An object of this name holds other bytes: never overwritten.
+    #[error("{location}: the object {path} already exists with other content ({detail}); it was not overwritten and uploads are stopped. Another installation may be writing to the same prefix: give each its own {URL_VAR}, or move the object away, then restart the gateway")]
+    Conflict { location: String, path: String, detail: String },
+    #[error("{location}: {path} does not exist")]
+    NotFound { location: String, path: String },
+    #[error("{location}: {path} is damaged: its SHA-256 is {actual}, the manifest says {expected}")]
+    Checksum { location: String, path: String, expected: String, actual: String },
+    #[error("{location}: {what} {path} failed: {message}")]
+    Store { location: String, what: &'static str, path: String, message: String },
+    #[error("reading {path}: {source}")]
+    Local { path: String, source: std::io::Error },
+}
+
+/// Whether [`Repository::put_once`] wrote the object or found it there already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Created,
+    /// The same bytes were there (an earlier upload whose answer was lost).
+    AlreadyThere,
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Relative to the repository's prefix.
+    pub path: String,
+    pub size: u64,
+}
+
+/// An open repository; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    location: Location,
+}
+
+impl Repository {
+    /// Opens the repository `url` names, with the credentials of the
+    /// environment. Does not contact the store: a store that is down or a
+    /// wrong key shows at the first upload, which is retried.
+    pub fn open(url: &str) -> Result<Repository, RepositoryError> {
+        let location = Location::parse(url).map_err(RepositoryError::Url)?;
+        Repository::open_location(location)
+    }
+
+    pub fn open_location(location: Location) -> Result<Repository, RepositoryError> {
+        install_crypto_provider();
+        // object_store's own retries are kept short: the shipper retries
+        // with its own capped backoff and reports each failure.
+        let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..RetryConfig::default() };
+        let client = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120));
+        let failed = |e: object_store::Error| RepositoryError::Url(format!("{}: {}", location.display(), redact(&e.to_string())));
+        let store: Arc<dyn ObjectStore> = match location.scheme {
+            Scheme::S3 => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
+            ),
+            Scheme::Gcs => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
+            ),
+            Scheme::Azure => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
+            ),
+            Scheme::File => {
+                std::fs::create_dir_all(&location.bucket).map_err(|e| RepositoryError::Url(format!("could not create {}: {e}", location.bucket)))?;
+                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&location.bucket).map_err(failed)?)
+            }
+        };
+        Ok(Repository { store, location })
+    }
+
+    /// The URL, safe to show anywhere.
+    pub fn display(&self) -> String {
+        self.location.display()
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    fn full(&self, path: &str) -> ObjectPath {
+        if self.location.prefix.is_empty() {
+            ObjectPath::from(path)
+        } else {
+            ObjectPath::from(format!("{}/{path}", self.location.prefix))
+        }
+    }
+
+    fn relative(&self, full: &ObjectPath) -> String {
+        let full = full.as_ref();
+        if self.location.prefix.is_empty() {
+            return full.to_string();
+        }
+        full.strip_prefix(&self.location.prefix).map(|r| r.trim_start_matches('/').to_string()).unwrap_or_else(|| full.to_string())
+    }
+
+    fn store_error(&self, what: &'static str, path: &str, e: object_store::Error) -> RepositoryError {
+        match e {
+            object_store::Error::NotFound { .. } => RepositoryError::NotFound { location: self.display(), path: path.to_string() },
+            e => RepositoryError::Store { location: self.display(), what, path: path.to_string(), message: redact(&e.to_string()) },
+        }
+    }
+
+    /// Writes `bytes` at `path` unless an object is there: the same bytes
+    /// there count as written, other bytes are a [`RepositoryError::Conflict`].
+    pub async fn put_once(&self, path: &str, bytes: Bytes) -> Result<Put, RepositoryError> {
+        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&self.full(path), PutPayload::from_bytes(bytes.clone()), opts).await {
+            Ok(_) => Ok(Put::Created),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+                let there = self.get(path).await?;
+                if there == bytes {
+                    Ok(Put::AlreadyThere)
+                } else {
+                    Err(RepositoryError::Conflict { location: self.display(), path: path.to_string(), detail: format!("{} bytes there, {} to write", there.len(), bytes.len()) })
+                }
+            }
+            Err(e) => Err(self.store_error("writing", path, e)),
+        }
+    }
+
+    /// Uploads the file `local` to `path`, write-once like [`put_once`]
+    /// (a big file in parts, after checking that no object is there; the
+    /// object appears only once every part is in). Returns its size and SHA-256.
+    ///
+    /// [`put_once`]: Repository::put_once
+    pub async fn put_file_once(&self, path: &str, local: &Path) -> Result<(Put, u64, String), RepositoryError> {
+        let local_error = |source| RepositoryError::Local { path: local.display().to_string(), source };
+        let size = std::fs::metadata(local).map_err(local_error)?.len();
+        if size <= SINGLE_PUT_MAX {
+            let bytes = Bytes::from(std::fs::read(local).map_err(local_error)?);
+            let sha = sha256_hex(&bytes);
+            return Ok((self.put_once(path, bytes).await?, size, sha));
+        }
+        let sha = sha256_file(local).map_err(local_error)?;
+        if let Some(there) = self.head(path).await? {
+            let same = there == size && self.sha256_of(path, there).await? == sha;
+            return if same {
+                Ok((Put::AlreadyThere, size, sha))
+            } else {
+                Err(RepositoryError::Conflict { location: self.display(), path: path.to_string(), detail: format!("{there} bytes there, {size} to write, or other bytes") })
+            };
+        }
+        let mut upload = self.store.put_multipart(&self.full(path)).await.map_err(|e| self.store_error("starting the upload of", path, e))?;
+        let sent = async {
+            use std::io::Read;
+            let mut file = std::fs::File::open(local).map_err(local_error)?;
+            loop {
+                let mut part = vec![0u8; PART_BYTES];
+                let mut filled = 0;
+                while filled < PART_BYTES {
+                    match file.read(&mut part[filled..]).map_err(local_error)? {
+                        0 => break,
+                        n => filled += n,
+                    }
+                }
+                if filled == 0 {
+                    break;
+                }
+                part.truncate(filled);
+                upload.put_part(PutPayload::from(part)).await.map_err(|e| self.store_error("uploading a part of", path, e))?;
+                if filled < PART_BYTES {
+                    break;
+                }
+            }
+            upload.complete().await.map_err(|e| self.store_error("completing the upload of", path, e))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = sent {
+            // What was sent is not an object: it is dropped, not half-kept.
+            let _ = upload.abort().await;
+            return Err(e);
+        }
+        Ok((Put::Created, size, sha))
+    }
+
+    /// The object's bytes.
+    pub async fn get(&self, path: &str) -> Result<Bytes, RepositoryError> {
+        let got = self.store.get(&self.full(path)).await.map_err(|e| self.store_error("reading", path, e))?;
+        got.bytes().await.map_err(|e| self.store_error("reading", path, e))
+    }
+
+    /// The object's bytes, refused unless their SHA-256 is `sha256` (hex).
+    pub async fn get_verified(&self, path: &str, sha256: &str) -> Result<Bytes, RepositoryError> {
+        let bytes = self.get(path).await?;
+        let actual = sha256_hex(&bytes);
+        if !actual.eq_ignore_ascii_case(sha256) {
+            return Err(RepositoryError::Checksum { location: self.display(), path: path.to_string(), expected: sha256.to_string(), actual });
+        }
+        Ok(bytes)
+    }
+
+    /// The size of the object at `path`, `None` when there is none.
+    pub async fn head(&self, path: &str) -> Result<Option<u64>, RepositoryError> {
+        match self.store.head(&self.full(path)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_error("looking up", path, e)),
+        }
+    }
+
+    /// The SHA-256 of an object read in ranges (never whole in memory).
+    async fn sha256_of(&self, path: &str, size: u64) -> Result<String, RepositoryError> {
+        let mut hasher = Sha256::new();
+        let mut at = 0;
+        while at < size {
+            let end = (at + PART_BYTES as u64).min(size);
+            let bytes = self.store.get_range(&self.full(path), at..end).await.map_err(|e| self.store_error("reading", path, e))?;
+            hasher.update(&bytes);
+            at = end;
+        }
+        Ok(hex(&hasher.finalize()))
+    }
+
+    /// Every object under `prefix` (relative to the repository's own
+    /// prefix; `""` for all), in name order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, RepositoryError> {
+        let mut found = Vec::new();
+        let root = if prefix.is_empty() && self.location.prefix.is_empty() { None } else { Some(self.full(prefix.trim_end_matches('/'))) };
+        let mut pending = vec![root];
+        while let Some(dir) = pending.pop() {
+            let listed = self.store.list_with_delimiter(dir.as_ref()).await.map_err(|e| self.store_error("listing", prefix, e))?;
+            found.extend(listed.objects.iter().map(|o| Listed { path: self.relative(&o.location), size: o.size }));
+            pending.extend(listed.common_prefixes.into_iter().map(Some));
+        }
+        found.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(found)
+    }
+
+    /// Deletes the object at `path` (none there is not an error).
+    pub async fn delete(&self, path: &str) -> Result<(), RepositoryError> {
+        match self.store.delete(&self.full(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_error("deleting", path, e)),
+        }
+    }
+}
+
+/// Installs ring as rustls' process-wide crypto provider (the HTTP client
+/// of the cloud stores is built without one); once, and harmless when one
+/// is already installed.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// The SHA-256 of a file, read in blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf)? {
+            0 => break,
+            n => hasher.update(&buf[..n]),
+        }
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// The credential variables whose values never appear in a message.
+const SECRET_VARS: &[&str] = &[
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+];
+
+/// The values of the credential variables in the environment, for the
+/// log's redaction.
+pub fn secrets() -> Vec<String> {
+    SECRET_VARS.iter().filter_map(|v| std::env::var(v).ok()).filter(|v| v.len() >= 4).collect()
+}
+
+/// A store's error text made safe to show: the query string of every URL
+/// in it (presigned signatures, SAS tokens) and the credential values of
+/// the environment become `***`.
+pub fn redact(text: &str) -> String {
+    let mut out = redact_queries(text);
+    for secret in secrets() {
+        out = out.replace(&secret, "***");
+    }
+    out
+}
+
+fn redact_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // Copy up to the end of "://", then the URL up to its query string.
+        out.push_str(&rest[..at + 3]);
+        rest = &rest[at + 3..];
+        let end = rest.find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | ')' | ',')).unwrap_or(rest.len());
+        let url = &rest[..end];
+        match url.find('?') {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?***");
+            }
+            None => out.push_str(url),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_of_every_scheme_parse() {
+        let s3 = Location::parse("s3://my-bucket/omni/prod/").unwrap();
+        assert_eq!((s3.scheme, s3.bucket.as_str(), s3.prefix.as_str()), (Scheme::S3, "my-bucket", "omni/prod"));
+        assert_eq!(s3.display(), "s3://my-bucket/omni/prod");
+        let gs = Location::parse("gs://b").unwrap();
+        assert_eq!((gs.scheme, gs.prefix.as_str()), (Scheme::Gcs, ""));
+        assert_eq!(Location::parse("az://container/p").unwrap().scheme, Scheme::Azure);
+        let file = Location::parse("file:///srv/offsite/").unwrap();
+        assert_eq!((file.scheme, file.bucket.as_str()), (Scheme::File, "/srv/offsite"));
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_with_what_to_write() {
+        for bad in ["", "bucket/prefix", "ftp://host/x", "s3://", "s3://key:secret@bucket/p", "s3://bucket/a/../b", "file://relative/path", "file:///", "s3://bucket/p?x=1", "s3://bu cket/p"] {
+            let e = Location::parse(bad).expect_err(bad);
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(Location::parse("ftp://h/x").unwrap_err().contains("unknown scheme \"ftp\""));
+        assert!(Location::parse("s3://key:secret@bucket/p").unwrap_err().contains("AWS_ACCESS_KEY_ID"));
+    }
+
+    #[test]
+    fn error_texts_lose_query_strings() {
+        let text = "Error performing PUT https://host:9000/bucket/x?X-Amz-Signature=abc&X-Amz-Credential=AKIA in 1s, \"http://a/b?sig=1\"";
+        let safe = redact_queries(text);
+        assert!(!safe.contains("abc") && !safe.contains("AKIA") && !safe.contains("sig=1"), "{safe}");
+        assert!(safe.contains("https://host:9000/bucket/x?***"), "{safe}");
+        assert_eq!(redact_queries("no url here"), "no url here");
+    }
+
+    #[tokio::test]
+    async fn a_write_is_once_and_a_retry_of_the_same_bytes_is_not_an_error() {
+        let dir = std::env::temp_dir().join(format!("omni-repo-test-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        let repo = Repository::open(&format!("file://{}", dir.display())).unwrap();
+        assert_eq!(repo.put_once("a/b", Bytes::from_static(b"one")).await.unwrap(), Put::Created);
+        assert_eq!(repo.put_once("a/b", Bytes::from_static(b"one")).await.unwrap(), Put::AlreadyThere);
+        let conflict = repo.put_once("a/b", Bytes::from_static(b"two")).await.unwrap_err();
+        assert!(matches!(conflict, RepositoryError::Conflict { .. }), "{conflict}");
+        assert_eq!(repo.get("a/b").await.unwrap(), Bytes::from_static(b"one"), "never overwritten");
+        assert!(repo.get_verified("a/b", &sha256_hex(b"one")).await.is_ok());
+        assert!(matches!(repo.get_verified("a/b", &sha256_hex(b"two")).await, Err(RepositoryError::Checksum { .. })));
+        repo.put_once("a/c/d", Bytes::from_static(b"x")).await.unwrap();
+        let listed: Vec<String> = repo.list("a").await.unwrap().into_iter().map(|l| l.path).collect();
+        assert_eq!(listed, ["a/b", "a/c/d"]);
+        repo.delete("a/b").await.unwrap();
+        repo.delete("a/b").await.unwrap();
+        assert_eq!(repo.head("a/b").await.unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,164 @@
+//! What the off-site repository's shipper shows: the `repository` entry of
+//! `/gateway/status` (and `/health`), the `omni_repository_*` metrics. Plain
+//! data filled by `repository/ship.rs`; like the relay, it is not among the
+//! supervised children: a failing repository degrades, it never makes
+//! `/health` answer 503.
+
+use std::fmt::Write;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use serde_json::json;
+
+/// Where the shipper stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepositoryState {
+    /// Its first round has not ended yet.
+    Starting,
+    /// The last round uploaded everything that was complete locally.
+    Ok,
+    /// The last round failed; the next try is at `next_retry`.
+    Retrying,
+    /// An object in the repository holds other bytes than ours: uploads
+    /// are stopped until an operator looks (see `last_error`).
+    Stopped,
+}
+
+impl RepositoryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepositoryState::Starting => "starting",
+            RepositoryState::Ok => "ok",
+            RepositoryState::Retrying => "retrying",
+            RepositoryState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RepositoryView {
+    /// The repository's URL (it holds no secret).
+    pub url: String,
+    pub state: RepositoryState,
+    /// When an upload was last confirmed.
+    pub last_upload: Option<SystemTime>,
+    /// Age of the oldest local WAL or backup not yet confirmed (0 when none).
+    pub lag_seconds: f64,
+    /// Bytes complete locally and not yet confirmed (the queue).
+    pub lag_bytes: u64,
+    /// Objects waiting to be uploaded.
+    pub queue_depth: u64,
+    /// `OMNI_REPOSITORY_QUEUE_MAX_MB`, in bytes.
+    pub queue_max_bytes: u64,
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    /// Failed rounds since the start.
+    pub failures: u64,
+    /// Failed rounds in a row (the exponent of the retry delay).
+    pub attempts: u32,
+    pub next_retry: Option<Instant>,
+    /// The last error, redacted, with what to do.
+    pub last_error: Option<String>,
+}
+
+impl RepositoryView {
+    pub fn new(url: String, queue_max_bytes: u64) -> Self {
+        RepositoryView {
+            url,
+            state: RepositoryState::Starting,
+            last_upload: None,
+            lag_seconds: 0.0,
+            lag_bytes: 0,
+            queue_depth: 0,
+            queue_max_bytes,
+            uploaded_objects: 0,
+            uploaded_bytes: 0,
+            failures: 0,
+            attempts: 0,
+            next_retry: None,
+            last_error: None,
+        }
+    }
+
+    /// Past `OMNI_REPOSITORY_QUEUE_MAX_MB`.
+    pub fn queue_full(&self) -> bool {
+        self.lag_bytes > self.queue_max_bytes
+    }
+
+    /// Why the off-site copy is behind, for `/health`'s `degraded` list.
+    pub fn degraded(&self) -> Option<String> {
+        let mut why = Vec::new();
+        match self.state {
+            RepositoryState::Retrying => why.push(format!("uploads are failing ({})", self.last_error.as_deref().unwrap_or("see the log"))),
+            RepositoryState::Stopped => why.push(format!("uploads are stopped: {}", self.last_error.as_deref().unwrap_or("see the log"))),
+            _ => {}
+        }
+        if self.queue_full() {
+            why.push(format!("{} MB wait for upload, over OMNI_REPOSITORY_QUEUE_MAX_MB={}", self.lag_bytes / 1_048_576, self.queue_max_bytes / 1_048_576));
+        }
+        (!why.is_empty()).then(|| format!("repository {}: {}", self.url, why.join("; ")))
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "url": self.url,
+            "state": self.state,
+            "last_upload_unix": self.last_upload.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
+            "lag_seconds": (self.lag_seconds * 1000.0).round() / 1000.0,
+            "lag_bytes": self.lag_bytes,
+            "queue_depth": self.queue_depth,
+            "queue_max_bytes": self.queue_max_bytes,
+            "queue_full": self.queue_full(),
+            "uploaded_objects": self.uploaded_objects,
+            "uploaded_bytes": self.uploaded_bytes,
+            "failures": self.failures,
+            "attempts": self.attempts,
+            "next_retry_s": self.next_retry.map(|t| (t.saturating_duration_since(Instant::now()).as_secs_f64() * 10.0).round() / 10.0),
+            "last_error": self.last_error,
+        })
+    }
+
+    /// The `omni_repository_*` lines of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        gauge("omni_repository_lag_seconds", "gauge", "Age of the oldest local WAL or backup not yet in the off-site repository (0 when none).", self.lag_seconds.to_string());
+        gauge("omni_repository_lag_bytes", "gauge", "Bytes complete locally and not yet in the off-site repository.", self.lag_bytes.to_string());
+        gauge("omni_repository_queue_depth", "gauge", "Objects waiting to be uploaded to the off-site repository.", self.queue_depth.to_string());
+        gauge("omni_repository_queue_full", "gauge", "1 while more than OMNI_REPOSITORY_QUEUE_MAX_MB waits for upload.", u8::from(self.queue_full()).to_string());
+        gauge("omni_repository_uploaded_objects_total", "counter", "Objects confirmed in the off-site repository since the start.", self.uploaded_objects.to_string());
+        gauge("omni_repository_uploaded_bytes_total", "counter", "Bytes confirmed in the off-site repository since the start.", self.uploaded_bytes.to_string());
+        gauge("omni_repository_failures_total", "counter", "Failed upload rounds since the start.", self.failures.to_string());
+        if let Some(age) = self.last_upload.and_then(|t| t.elapsed().ok()) {
+            gauge("omni_repository_last_upload_age_seconds", "gauge", "Seconds since an upload to the off-site repository was last confirmed.", age.as_secs_f64().to_string());
+        }
+        let _ = writeln!(out, "# HELP omni_repository_state 1 for the state the off-site shipper is in.\n# TYPE omni_repository_state gauge");
+        for s in [RepositoryState::Starting, RepositoryState::Ok, RepositoryState::Retrying, RepositoryState::Stopped] {
+            let _ = writeln!(out, "omni_repository_state{{state=\"{}\"}} {}", s.as_str(), u8::from(self.state == s));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_or_a_failure_degrades_and_says_why() {
+        let mut v = RepositoryView::new("s3://b/p".into(), 10 * 1_048_576);
+        assert_eq!(v.degraded(), None);
+        v.lag_bytes = 11 * 1_048_576;
+        assert!(v.degraded().unwrap().contains("OMNI_REPOSITORY_QUEUE_MAX_MB=10"), "{:?}", v.degraded());
+        v.lag_bytes = 0;
+        v.state = RepositoryState::Stopped;
+        v.last_error = Some("the object x already exists with other content".into());
+        assert!(v.degraded().unwrap().contains("already exists"));
+        let text = v.metrics();
+        assert!(text.contains("omni_repository_state{state=\"stopped\"} 1"), "{text}");
+        assert_eq!(v.to_json()["state"], "stopped");
+    }
+}
