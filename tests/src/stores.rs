@@ -168,7 +168,7 @@ impl StoreServer {
                     "private_key_id": "",
                 })
                 .to_string(),
-            )]
+            ), ("GOOGLE_ALLOW_HTTP".to_owned(), "true".to_owned())]
             .into_iter()
             .collect(),
             Kind::Azurite => [
@@ -234,10 +234,16 @@ impl StoreServer {
     }
 
     /// Kills the server (SIGKILL, as a crash or a lost network would) and
-    /// waits for it to be gone; its data stays.
+    /// waits for it to be gone; its data stays. Azurite gets SIGTERM: it
+    /// keeps its index in memory and saves it every few seconds, so a
+    /// SIGKILL loses objects it acknowledged, which no real Azure does.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            child.kill9();
+            if self.kind == Kind::Azurite {
+                child.terminate(Duration::from_secs(10));
+            } else {
+                child.kill9();
+            }
         }
         let port = self.port;
         wait_until(Duration::from_secs(10), &format!("{} to stop listening on {port}", self.kind.name()), || {

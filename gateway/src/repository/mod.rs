@@ -11,5 +11,6 @@
 
 pub mod layout;
 pub mod store;
+pub mod gcs;
 pub mod config;
 pub mod ship;
