@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
 
 /// The variable that names the repository, in every message about it.
@@ -173,18 +173,42 @@ impl Repository {
         // object_store's own retries are kept short: the shipper retries
         // with its own capped backoff and reports each failure.
         let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..RetryConfig::default() };
-        let client = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120));
         let failed = |e: object_store::Error| RepositoryError::Url(format!("{}: {}", location.display(), redact(&e.to_string())));
+        // Timeouts go in as settings: `with_client_options` would replace the
+        // client settings `from_env` read (AWS_ALLOW_HTTP, proxies, ...).
+        let timeouts = [(ClientConfigKey::ConnectTimeout, "5s"), (ClientConfigKey::Timeout, "120s")];
         let store: Arc<dyn ObjectStore> = match location.scheme {
-            Scheme::S3 => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
-            ),
-            Scheme::Gcs => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
-            ),
-            Scheme::Azure => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
-            ),
+            Scheme::S3 => {
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as Key};
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(&location.bucket).with_retry(retry);
+                for (key, value) in timeouts {
+                    if b.get_config_value(&Key::Client(key)).is_none() {
+                        b = b.with_config(Key::Client(key), value);
+                    }
+                }
+                Arc::new(b.build().map_err(failed)?)
+            }
+            Scheme::Gcs => {
+                use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey as Key};
+                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&location.bucket).with_retry(retry);
+                for (key, value) in timeouts {
+                    if b.get_config_value(&Key::Client(key)).is_none() {
+                        b = b.with_config(Key::Client(key), value);
+                    }
+                }
+                // Uploads through the JSON API (gcs.rs): the emulator refuses the XML API's.
+                Arc::new(super::gcs::JsonUploads::build(b, Duration::from_secs(120)).map_err(failed)?)
+            }
+            Scheme::Azure => {
+                use object_store::azure::{AzureConfigKey as Key, MicrosoftAzureBuilder};
+                let mut b = MicrosoftAzureBuilder::from_env().with_container_name(&location.bucket).with_retry(retry);
+                for (key, value) in timeouts {
+                    if b.get_config_value(&Key::Client(key)).is_none() {
+                        b = b.with_config(Key::Client(key), value);
+                    }
+                }
+                Arc::new(b.build().map_err(failed)?)
+            }
             Scheme::File => {
                 std::fs::create_dir_all(&location.bucket).map_err(|e| RepositoryError::Url(format!("could not create {}: {e}", location.bucket)))?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&location.bucket).map_err(failed)?)
@@ -324,15 +348,21 @@ impl Repository {
         }
     }
 
-    /// The SHA-256 of an object read in ranges (never whole in memory).
+    /// The SHA-256 of an object, streamed (never whole in memory) in one
+    /// request: rclone's S3 server answers a range request with the whole
+    /// object (200, not 206), which object_store refuses.
     async fn sha256_of(&self, path: &str, size: u64) -> Result<String, RepositoryError> {
+        use futures::StreamExt;
         let mut hasher = Sha256::new();
-        let mut at = 0;
-        while at < size {
-            let end = (at + PART_BYTES as u64).min(size);
-            let bytes = self.store.get_range(&self.full(path), at..end).await.map_err(|e| self.store_error("reading", path, e))?;
+        let mut read = 0u64;
+        let mut stream = self.store.get(&self.full(path)).await.map_err(|e| self.store_error("reading", path, e))?.into_stream();
+        while let Some(bytes) = stream.next().await {
+            let bytes = bytes.map_err(|e| self.store_error("reading", path, e))?;
+            read += bytes.len() as u64;
             hasher.update(&bytes);
-            at = end;
+        }
+        if read != size {
+            return Err(RepositoryError::Store { location: self.display(), what: "reading", path: path.to_string(), message: format!("{read} bytes read, {size} expected") });
         }
         Ok(hex(&hasher.finalize()))
     }
