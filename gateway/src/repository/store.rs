@@ -244,6 +244,13 @@ impl Repository {
 
     fn store_error(&self, what: &'static str, path: &str, e: object_store::Error) -> RepositoryError {
         match e {
+            // A write finds no object by design: "not found" there is the bucket (container).
+            object_store::Error::NotFound { .. } if what == "writing" => RepositoryError::Store {
+                location: self.display(),
+                what,
+                path: path.to_string(),
+                message: format!("the bucket (container) {:?} does not exist, NoSuchBucket ({})", self.location.bucket, redact(&e.to_string())),
+            },
             object_store::Error::NotFound { .. } => RepositoryError::NotFound { location: self.display(), path: path.to_string() },
             e => RepositoryError::Store { location: self.display(), what, path: path.to_string(), message: redact(&e.to_string()) },
         }
