@@ -153,3 +153,38 @@ test('point-in-time recovery: the window is shown and a restore to a picked time
     await context.close();
   }
 });
+
+test('without an off-site repository the card says what to set, and its test is off', async () => {
+  const { context, page } = await openPage(browser, stack);
+  try {
+    await signIn(page);
+    await page.goto('/backups');
+    await page.locator('#offsite-none').waitFor();
+    assert.match(await page.locator('#offsite-none').innerText(), /OMNI_REPOSITORY_URL/);
+    assert.equal(await page.locator('#offsite-test').isDisabled(), true);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('off-site copy: the state of a directory repository, and "Test connection" passing every step', async () => {
+  const offsite = await startStack('offsite', { extraEnv: (cwd) => ({ OMNI_REPOSITORY_URL: `file://${cwd}/offsite` }) });
+  const { context, page } = await openPage(browser, offsite);
+  try {
+    await signIn(page);
+    await page.goto('/backups');
+    const card = page.locator('#offsite');
+    await card.locator('[data-field="state"]').waitFor();
+    assert.match(await card.locator('[data-field="url"]').innerText(), /^file:\/\/.+\/offsite$/);
+    await page.getByRole('button', { name: 'Test connection' }).click();
+    await page.locator('#offsite-test-ok').waitFor({ timeout: 60000 });
+    const steps = await page.locator('#offsite-steps li').evaluateAll((items) => items.map((li) => [li.dataset.step, li.dataset.ok]));
+    assert.deepEqual(steps, [['write', 'true'], ['read', 'true'], ['list', 'true'], ['delete', 'true']]);
+    await screenshots(page, 'backups-offsite');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await offsite.stop();
+  }
+});

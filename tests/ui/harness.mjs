@@ -151,7 +151,7 @@ async function status(url) {
  * Starts the gateway (and, until the gateway proxies the API, a worker
  * beside it). Returns { base, viaGateway, gatewayBase, db(), api(), stop() }.
  */
-export async function startStack(label = 'stack', { netns = null, installed = false } = {}) {
+export async function startStack(label = 'stack', { netns = null, installed = false, extraEnv = null } = {}) {
   const cwd = fs.mkdtempSync(path.join(os.tmpdir(), `omni-ui-${label}-`));
   // Run as root, PostgreSQL runs as an unprivileged user that must reach its data dir.
   fs.chmodSync(cwd, 0o755);
@@ -166,6 +166,8 @@ export async function startStack(label = 'stack', { netns = null, installed = fa
     LOG_FORMAT: 'json',
   };
   delete env.DATABASE_URL;
+  // More variables, made from the stack's own directory: (cwd) => ({ NAME: value }).
+  if (extraEnv) Object.assign(env, extraEnv(cwd));
   let gatewayBin = binary('omni-gateway');
   if (installed) {
     delete env.OMNI_UI_DIR;

@@ -63,7 +63,7 @@ pub async fn run(repo: &Repository, delete: bool) -> Report {
             object: object.clone(),
             failed_step: Some(step),
             reason: Some(reason),
-            summary: format!("{step} failed: {}", advice(reason)),
+            summary: format!("The {step} failed. {}", advice(reason)),
             steps,
         }
     };
@@ -102,7 +102,7 @@ pub async fn run(repo: &Repository, delete: bool) -> Report {
         return Report {
             ok: true,
             repository: repo.display(),
-            summary: format!("written, read back and listed; not deleted (OMNI_REPOSITORY_DELETE=false): {object} stays"),
+            summary: format!("Written, read back and listed; not deleted (OMNI_REPOSITORY_DELETE=false): {object} stays."),
             object,
             failed_step: None,
             reason: None,
@@ -122,7 +122,7 @@ pub async fn run(repo: &Repository, delete: bool) -> Report {
     if let Err(e) = deleted {
         return failed(steps, "delete", e);
     }
-    Report { ok: true, repository: repo.display(), object, failed_step: None, reason: None, summary: "written, read back, listed and deleted".into(), steps }
+    Report { ok: true, repository: repo.display(), object, failed_step: None, reason: None, summary: "Written, read back, listed and deleted.".into(), steps }
 }
 
 fn step(name: &'static str, started: Instant, detail: Option<String>) -> Step {
@@ -163,14 +163,14 @@ pub fn classify(text: &str) -> &'static str {
 
 fn advice(reason: &str) -> &'static str {
     match reason {
-        "clock_skew" => "the store refused the request's time: this machine's clock is off (check NTP)",
-        "no_bucket" => "the bucket or container does not exist: create it, or correct OMNI_REPOSITORY_URL",
-        "wrong_credentials" => "the store did not accept the credentials: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or GOOGLE_*/AZURE_*)",
-        "permission_denied" => "the credentials are valid but may not do this: grant write, read and list (and delete, unless OMNI_REPOSITORY_DELETE=false)",
-        "tls" => "the TLS connection to the store failed: check the endpoint's certificate and the system's CA certificates",
-        "unreachable" => "the store could not be reached: check AWS_ENDPOINT_URL (or the GCS/Azure endpoint), the network and AWS_ALLOW_HTTP for a plain-HTTP endpoint",
-        "conflict" => "an object of the probe's name holds other bytes",
-        _ => "see the step's detail",
+        "clock_skew" => "The store refused the request's time: this machine's clock is off (check NTP).",
+        "no_bucket" => "The bucket or container does not exist: create it, or correct OMNI_REPOSITORY_URL.",
+        "wrong_credentials" => "The store did not accept the credentials: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or GOOGLE_*/AZURE_*).",
+        "permission_denied" => "The credentials are valid but may not do this: grant write, read and list (and delete, unless OMNI_REPOSITORY_DELETE=false).",
+        "tls" => "The TLS connection to the store failed: check the endpoint's certificate and the system's CA certificates.",
+        "unreachable" => "The store could not be reached: check AWS_ENDPOINT_URL (or the GCS/Azure endpoint), the network and AWS_ALLOW_HTTP for a plain-HTTP endpoint.",
+        "conflict" => "An object of the probe's name holds other bytes.",
+        _ => "See the step's detail.",
     }
 }
 

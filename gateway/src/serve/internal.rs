@@ -119,7 +119,7 @@ async fn repository_test(internal: &Internal, method: &Method) -> Response<Body>
             let reason = crate::repository::probe::classify(&text);
             let report = serde_json::json!({
                 "ok": false, "repository": settings.location.as_ref().map(|l| l.display()), "object": null,
-                "failed_step": "open", "reason": reason, "summary": format!("open failed: {text}"), "steps": [],
+                "failed_step": "open", "reason": reason, "summary": format!("The repository could not be opened: {text}"), "steps": [],
             });
             return json(StatusCode::OK, &report);
         }

@@ -9,9 +9,14 @@
 // file is fetched and handed to the browser as a blob. Restore and delete ask
 // for confirmation in a modal dialog; the restore dialog says that a safety
 // backup of the current database is taken first, and names it afterwards.
+//
+// The off-site card shows the repository's shipper (GET /gateway/status
+// `repository`: state, last upload, lag, queue, last error) and its "Test
+// connection" button (POST /api/v1/backup/repository/test), which names the
+// step that failed and why.
 
 import { ApiError, errorFrom } from '../api.js';
-import { formatBytes, formatDate, h, replace } from '../dom.js';
+import { formatBytes, formatDate, formatDuration, h, replace } from '../dom.js';
 import { authedCall, authedFetch, signedOutAfterRestore, whoAmI } from '../session.js';
 
 const NAME = /^omni_backup_[0-9]{8}_[0-9]{6}\.sql$/;
@@ -210,11 +215,87 @@ function pointInTime() {
   return { card, refresh };
 }
 
+const REASONS = {
+  wrong_credentials: 'wrong credentials',
+  permission_denied: 'not permitted',
+  no_bucket: 'no such bucket',
+  clock_skew: 'clock skew',
+  tls: 'TLS',
+  unreachable: 'unreachable',
+  conflict: 'conflict',
+  other: 'error',
+};
+const REPOSITORY_STATE = { ok: 'ok', starting: 'info', retrying: 'warn', stopped: 'error' };
+
+/** The off-site repository card. */
+function offsite() {
+  const message = h('div', { id: 'offsite-message', role: 'status', 'aria-live': 'polite' });
+  const facts = h('div', { id: 'offsite-state' }, h('p', { class: 'loading' }, 'Loading…'));
+  const testButton = h('button', { type: 'button', class: 'btn', id: 'offsite-test', onclick: test }, 'Test connection');
+
+  async function refresh() {
+    let status;
+    try {
+      status = await (await fetch('/gateway/status', { headers: { accept: 'application/json' } })).json();
+    } catch (error) {
+      replace(facts, h('p', { class: 'alert alert-error', role: 'alert' }, `The gateway's status could not be read: ${error.message}`));
+      return;
+    }
+    const r = status.repository;
+    if (!r) {
+      testButton.disabled = true;
+      replace(facts, h('p', { id: 'offsite-none' }, 'No off-site repository: every copy of the data is on this machine. Set ',
+        h('code', {}, 'OMNI_REPOSITORY_URL'), ' (s3://, gs://, az:// or file://) to keep base backups, WAL and backups elsewhere.'));
+      return;
+    }
+    testButton.disabled = false;
+    const last = r.last_upload_unix ? new Date(r.last_upload_unix * 1000).toISOString() : null;
+    replace(facts, h('dl', { class: 'kv' },
+      h('dt', {}, 'Repository'), h('dd', { class: 'mono', dataset: { field: 'url' } }, r.url),
+      h('dt', {}, 'State'), h('dd', {}, h('span', { class: `badge badge-${REPOSITORY_STATE[r.state] || 'warn'}`, dataset: { field: 'state' } }, r.state)),
+      h('dt', {}, 'Last upload'), h('dd', { dataset: { field: 'last-upload' } }, last ? h('time', { datetime: last }, formatDate(last)) : 'none yet'),
+      h('dt', {}, 'Behind by'), h('dd', { dataset: { field: 'lag' } }, r.lag_bytes ? `${formatBytes(r.lag_bytes)} in ${r.queue_depth} objects, oldest ${formatDuration(r.lag_seconds)}` : 'nothing'),
+      r.queue_full ? [h('dt', {}, 'Queue'), h('dd', { class: 'alert alert-warn', dataset: { field: 'queue-full' } }, `over its limit of ${formatBytes(r.queue_max_bytes)}: uploads are not keeping up`)] : null,
+      r.last_error ? [h('dt', {}, 'Last error'), h('dd', { dataset: { field: 'last-error' } }, r.last_error)] : null));
+  }
+
+  async function test() {
+    testButton.disabled = true;
+    replace(message, h('div', { class: 'alert alert-info', role: 'status' }, 'Writing, reading, listing and deleting a probe object…'));
+    try {
+      const report = await authedCall('/api/v1/backup/repository/test', { method: 'POST' });
+      const steps = h('ul', { class: 'steps', id: 'offsite-steps' }, report.steps.map((s) => h('li', { dataset: { step: s.step, ok: String(s.ok) } },
+        `${s.ok ? '✓' : '✗'} ${s.step} (${s.ms} ms)`)));
+      if (report.ok) {
+        replace(message, h('div', { class: 'alert alert-ok', role: 'status', id: 'offsite-test-ok' }, h('strong', {}, 'The repository works. '), report.summary, steps));
+      } else {
+        const failed = report.steps.find((s) => !s.ok);
+        replace(message, h('div', { class: 'alert alert-error', role: 'alert', id: 'offsite-test-failed', dataset: { reason: report.reason || '' } },
+          h('strong', {}, `Test failed: ${REASONS[report.reason] || report.reason}. `), report.summary,
+          failed && failed.detail ? h('p', { class: 'mono' }, failed.detail) : null, steps));
+      }
+    } catch (error) {
+      replace(message, h('div', { class: 'alert alert-error', role: 'alert' }, h('strong', {}, 'The test did not run. '), error.message));
+    } finally {
+      testButton.disabled = false;
+      await refresh();
+    }
+  }
+
+  const card = h('section', { class: 'card', 'aria-labelledby': 'offsite-title', id: 'offsite' },
+    h('h2', { id: 'offsite-title' }, 'Off-site copy'),
+    facts,
+    h('div', { class: 'actions' }, testButton),
+    message);
+  return { card, refresh };
+}
+
 export async function render(main) {
   const message = h('div', { id: 'backup-message', role: 'status', 'aria-live': 'polite' });
   const list = h('div', { class: 'table-wrap' }, h('p', { class: 'loading' }, 'Loading backups…'));
   let busy = false;
   const pitr = pointInTime();
+  const remote = offsite();
 
   const createButton = h('button', { type: 'button', class: 'btn btn-primary', id: 'create-backup', onclick: create }, 'Create backup');
 
@@ -363,6 +444,7 @@ export async function render(main) {
       createButton),
     message,
     h('section', { class: 'card', 'aria-label': 'Backup files' }, list),
-    pitr.card));
-  await Promise.all([refresh(), pitr.refresh()]);
+    pitr.card,
+    remote.card));
+  await Promise.all([refresh(), pitr.refresh(), remote.refresh()]);
 }
