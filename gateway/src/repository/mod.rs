@@ -12,5 +12,6 @@
 pub mod layout;
 pub mod store;
 pub mod gcs;
+pub mod fetch;
 pub mod config;
 pub mod ship;
