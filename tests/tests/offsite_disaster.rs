@@ -5,7 +5,9 @@
 //! credentials, runs `omni-gateway restore --from <url> --to latest` and
 //! serves the data. Every write acknowledged more than
 //! `OMNI_REPOSITORY_WAL_INTERVAL` + 1 s before the kill is back; what was
-//! lost is counted and printed, measured from the kill.
+//! lost is counted and printed, measured from the kill. The same with
+//! `OMNI_RESTORE_IF_EMPTY=true`: a start on an empty data directory
+//! restores from the repository by itself.
 
 use crate::gateway;
 
@@ -35,7 +37,16 @@ fn write_load(mut db: postgres::Client, stop: Arc<AtomicBool>) -> Vec<(i32, Inst
     acked
 }
 
-fn lose_the_machine_then_restore_from_the_bucket(kind: Kind) {
+/// How the new machine restores.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// `omni-gateway restore --from <url> --to latest`, then a start.
+    Command,
+    /// A start with `OMNI_RESTORE_IF_EMPTY=true` on an empty directory.
+    StartIfEmpty,
+}
+
+fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
     let store = StoreServer::start_new(kind);
     let url = store.url("disaster");
     let env: Vec<(&str, String)> = store.env().iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
@@ -85,16 +96,33 @@ fn lose_the_machine_then_restore_from_the_bucket(kind: Kind) {
 
     // A new machine: the binary, the URL and the credentials.
     let new = workdir();
-    let (ok, out, err) = cli_env(new.path(), &["restore", "--from", &url, "--to", "latest"], &env);
-    assert!(ok, "omni-gateway restore --from {url} --to latest failed:\n{out}\n{err}\nthe lost gateway's log:\n{lost_log}\nstore log:\n{}", store.log());
-    for progress in ["base backup", "files", "bytes", "WAL:"] {
-        assert!(out.contains(progress), "the restore says how far it got ({progress}):\n{out}");
-    }
     let mut builder = GatewayBuilder::new(new.path());
     for (k, v) in &env {
         builder = builder.env(k, v.clone());
     }
+    let out = match via {
+        Via::Command => {
+            let (ok, out, err) = cli_env(new.path(), &["restore", "--from", &url, "--to", "latest"], &env);
+            assert!(ok, "omni-gateway restore --from {url} --to latest failed:\n{out}\n{err}\nthe lost gateway's log:\n{lost_log}\nstore log:\n{}", store.log());
+            out
+        }
+        Via::StartIfEmpty => {
+            // The data directory exists and is empty, as a new volume is.
+            std::fs::create_dir_all(new.path().join("data/postgres")).unwrap();
+            builder = builder.env("OMNI_RESTORE_IF_EMPTY", "true").env("OMNI_REPOSITORY_URL", &url);
+            String::new()
+        }
+    };
+    if via == Via::Command {
+        for progress in ["base backup", "files", "bytes", "WAL:"] {
+            assert!(out.contains(progress), "the restore says how far it got ({progress}):\n{out}");
+        }
+    }
     let gw2 = builder.start();
+    if via == Via::StartIfEmpty {
+        let log = gw2.log();
+        assert!(log.contains("OMNI_RESTORE_IF_EMPTY") && log.contains("restoring latest"), "the start says it restores from the repository:\n{log}");
+    }
     let present: HashSet<i32> = gw2.db().query("SELECT id FROM disaster_load", &[]).unwrap().iter().map(|r| r.get(0)).collect();
 
     let promised = WAL_INTERVAL + Duration::from_secs(1);
@@ -116,15 +144,20 @@ fn lose_the_machine_then_restore_from_the_bucket(kind: Kind) {
 
 #[test]
 fn disaster_s3_rclone_new_machine_restores_latest_from_the_bucket() {
-    lose_the_machine_then_restore_from_the_bucket(Kind::Rclone);
+    lose_the_machine_then_restore_from_the_bucket(Kind::Rclone, Via::Command);
+}
+
+#[test]
+fn disaster_s3_seaweedfs_new_container_on_an_empty_volume_restores_at_start() {
+    lose_the_machine_then_restore_from_the_bucket(Kind::Seaweed, Via::StartIfEmpty);
 }
 
 #[test]
 fn disaster_gcs_new_machine_restores_latest_from_the_bucket() {
-    lose_the_machine_then_restore_from_the_bucket(Kind::FakeGcs);
+    lose_the_machine_then_restore_from_the_bucket(Kind::FakeGcs, Via::Command);
 }
 
 #[test]
 fn disaster_azure_new_machine_restores_latest_from_the_bucket() {
-    lose_the_machine_then_restore_from_the_bucket(Kind::Azurite);
+    lose_the_machine_then_restore_from_the_bucket(Kind::Azurite, Via::Command);
 }
