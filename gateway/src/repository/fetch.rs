@@ -25,8 +25,10 @@ use chrono::{DateTime, Utc};
 
 use super::layout::{self, BaseManifest, Object};
 use super::store::Repository;
+use crate::config::{Config, Database};
 use crate::pitr::generation::Identity;
-use crate::pitr::restore::Target;
+use crate::pitr::restore::{self, Restore, Target};
+use crate::process::privilege;
 
 /// A segment's size when no whole segment tells it (PostgreSQL's default).
 const DEFAULT_SEGMENT_BYTES: usize = 16 * 1024 * 1024;
@@ -245,4 +247,61 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
     let tmp: PathBuf = path.with_file_name(format!(".{}.fetching", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// The variable of [`restore_if_empty`].
+pub const RESTORE_IF_EMPTY: &str = "OMNI_RESTORE_IF_EMPTY";
+
+/// `OMNI_RESTORE_IF_EMPTY=true`: a start that finds no data directory (or
+/// an empty one) and an off-site repository holding base backups restores
+/// `latest` from it instead of creating an empty cluster (a container on a
+/// new host). Never when the data directory holds anything. Returns whether
+/// it restored. Called by the gateway before it prepares the cluster, with
+/// the cluster's lock held.
+pub async fn restore_if_empty(config: &Config) -> Result<bool> {
+    if !config.parser().bool(RESTORE_IF_EMPTY)? {
+        return Ok(false);
+    }
+    let Database::Embedded(embedded) = &config.database else { return Ok(false) };
+    if embedded.memory_mode {
+        return Ok(false);
+    }
+    let data_dir = &embedded.data_dir.value;
+    let empty = match std::fs::read_dir(data_dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", data_dir.display())),
+    };
+    if !empty {
+        return Ok(false);
+    }
+    let Some(location) = super::config::RepositoryConfig::parse(config)?.location else {
+        bail!("{RESTORE_IF_EMPTY}=true needs OMNI_REPOSITORY_URL: the repository to restore from");
+    };
+    if !config.wal.enabled {
+        bail!("{RESTORE_IF_EMPTY}=true needs the WAL archive (OMNI_WAL_DIR is off): the restore downloads into it");
+    }
+    let repo = Repository::open_location(location)?;
+    if !holds_backups(&repo).await? {
+        tracing::info!("{RESTORE_IF_EMPTY}: {} is empty and {} holds no base backup: creating a new cluster", data_dir.display(), repo.display());
+        return Ok(false);
+    }
+    tracing::info!("{RESTORE_IF_EMPTY}: {} is empty and {} holds base backups: restoring latest from it", data_dir.display(), repo.display());
+    let bins = crate::pg::binaries::find(embedded.bin_dir.as_deref())?;
+    let account = privilege::postgres_account(&embedded.run_as)?;
+    crate::pitr::archive::prepare(&config.wal.dir, &account)?;
+    let say = |line: String| tracing::info!("{RESTORE_IF_EMPTY}: {line}");
+    let fetched = fetch(&repo, &config.wal.dir, Target::Latest, bins.major, &say).await?;
+    privilege::chown_tree(&config.wal.dir, &account)?;
+    let password = restore::restore_password(data_dir)?;
+    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: &password, progress: None }.run_on(Target::Latest, None).await?;
+    tracing::info!(
+        "{RESTORE_IF_EMPTY}: restored base backup {} and the WAL of timeline {} from {} into {} in {:.1} s",
+        fetched.base_backup,
+        restored.timeline,
+        repo.display(),
+        data_dir.display(),
+        restored.took.as_secs_f64()
+    );
+    Ok(true)
 }
