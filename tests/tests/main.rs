@@ -43,6 +43,7 @@ mod ops_doctor;
 mod ops_external_database;
 mod ops_install;
 mod ops_load_balancer;
+mod offsite_upload;
 mod pitr;
 mod pitr_api;
 mod pitr_checksums;

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
 
 /// The variable that names the repository, in every message about it.
@@ -173,18 +173,41 @@ impl Repository {
         // object_store's own retries are kept short: the shipper retries
         // with its own capped backoff and reports each failure.
         let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..RetryConfig::default() };
-        let client = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120));
         let failed = |e: object_store::Error| RepositoryError::Url(format!("{}: {}", location.display(), redact(&e.to_string())));
+        // Timeouts go in as settings: `with_client_options` would replace the
+        // client settings `from_env` read (AWS_ALLOW_HTTP, proxies, ...).
+        let timeouts = [(ClientConfigKey::ConnectTimeout, "5s"), (ClientConfigKey::Timeout, "120s")];
         let store: Arc<dyn ObjectStore> = match location.scheme {
-            Scheme::S3 => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
-            ),
-            Scheme::Gcs => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
-            ),
-            Scheme::Azure => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(&location.bucket).with_retry(retry).with_client_options(client).build().map_err(failed)?,
-            ),
+            Scheme::S3 => {
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as Key};
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(&location.bucket).with_retry(retry);
+                for (key, value) in timeouts {
+                    if b.get_config_value(&Key::Client(key)).is_none() {
+                        b = b.with_config(Key::Client(key), value);
+                    }
+                }
+                Arc::new(b.build().map_err(failed)?)
+            }
+            Scheme::Gcs => {
+                use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey as Key};
+                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&location.bucket).with_retry(retry);
+                for (key, value) in timeouts {
+                    if b.get_config_value(&Key::Client(key)).is_none() {
+                        b = b.with_config(Key::Client(key), value);
+                    }
+                }
+                Arc::new(b.build().map_err(failed)?)
+            }
+            Scheme::Azure => {
+                use object_store::azure::{AzureConfigKey as Key, MicrosoftAzureBuilder};
+                let mut b = MicrosoftAzureBuilder::from_env().with_container_name(&location.bucket).with_retry(retry);
+                for (key, value) in timeouts {
+                    if b.get_config_value(&Key::Client(key)).is_none() {
+                        b = b.with_config(Key::Client(key), value);
+                    }
+                }
+                Arc::new(b.build().map_err(failed)?)
+            }
             Scheme::File => {
                 std::fs::create_dir_all(&location.bucket).map_err(|e| RepositoryError::Url(format!("could not create {}: {e}", location.bucket)))?;
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&location.bucket).map_err(failed)?)
