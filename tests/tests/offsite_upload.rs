@@ -313,7 +313,14 @@ fn identities(root: &Path) -> BTreeMap<String, (u64, i64, i64)> {
 fn offsite_upload_to_rclone_s3_uploads_nothing_twice_and_resumes_after_the_store_was_down() {
     let mut rclone = Rclone::start_new();
     let dir = workdir();
-    let builder = rclone.env(GatewayBuilder::new(dir.path())).env("OMNI_REPOSITORY_WAL_INTERVAL", "1s");
+    let builder = rclone
+        .env(GatewayBuilder::new(dir.path()))
+        .env("OMNI_API_KEY", TEST_API_KEY)
+        .env("OMNI_REPOSITORY_WAL_INTERVAL", "1s")
+        // One segment (16 MB) waiting is more than the queue may hold.
+        .env("OMNI_REPOSITORY_QUEUE_MAX_MB", "8")
+        // Local retention deletes whatever the window allows, at once.
+        .env("OMNI_PITR_WINDOW", "1s");
     let mut gw = builder.clone().start();
     wait_for_base_backup(&gw);
     let gen = generation(&gw);
@@ -352,10 +359,31 @@ fn offsite_upload_to_rclone_s3_uploads_nothing_twice_and_resumes_after_the_store
         (r["state"] == "retrying" && r["last_error"].is_string()).then_some(r)
     });
     assert!(status["queue_depth"].as_u64().unwrap() >= 1, "{status}");
+    let status = wait_for(&gw, Duration::from_secs(30), "the queue to be over OMNI_REPOSITORY_QUEUE_MAX_MB", || {
+        let r = repository_status(&gw);
+        (r["queue_full"] == true).then_some(r)
+    });
     let health = gw.get("/health");
     assert_eq!(health.status, 200, "{}", health.text());
-    assert!(health.json()["degraded"].to_string().contains("uploads are failing"), "{}", health.text());
+    let degraded = health.json()["degraded"].to_string();
+    assert!(degraded.contains("uploads are failing") && degraded.contains("OMNI_REPOSITORY_QUEUE_MAX_MB=8"), "{}", health.text());
     assert!(!status.to_string().contains(SECRET_KEY), "{status}");
+    assert!(gw.get("/metrics").text().contains("omni_repository_queue_full 1"));
+
+    // Local retention meanwhile: what is off-site goes, what is not stays.
+    // Two base backups, so that the window (1 s) no longer needs the first
+    // one or the WAL before the second-to-last.
+    let stream = dir.path().join("data/wal/stream");
+    assert!(stream.join(&segment).is_file() && stream.join(&down_segment).is_file());
+    let first = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let first_done = Instant::now();
+    wait_until(Duration::from_secs(5), "the first on-demand base backup to be over 1 s old", || (first_done.elapsed() > Duration::from_millis(1100)).then_some(()));
+    let second = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert!(!stream.join(&segment).exists(), "{segment} is off-site: retention deleted it locally");
+    assert!(stream.join(&down_segment).is_file(), "{down_segment} is not off-site yet: retention kept it");
+    assert!(gw.log().contains("until their upload to OMNI_REPOSITORY_URL is confirmed"), "retention says what it keeps and why");
 
     // Back: what waited goes, whole; the state is ok again.
     rclone.start();
