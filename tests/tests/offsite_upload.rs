@@ -173,11 +173,13 @@ fn offsite_upload_to_a_directory_ships_base_backup_wal_chunks_and_logical_backup
     let builder = GatewayBuilder::new(dir.path())
         .env("OMNI_API_KEY", TEST_API_KEY)
         .env("OMNI_REPOSITORY_URL", format!("file://{}", store.display()))
-        .env("OMNI_REPOSITORY_WAL_INTERVAL", "1s");
+        .env("OMNI_REPOSITORY_WAL_INTERVAL", "1s")
+        // The repository keeps less than the local archive (7 d).
+        .env("OMNI_REPOSITORY_WINDOW", "1s");
     let mut gw = builder.clone().start();
     wait_for_base_backup(&gw);
     let gen = generation(&gw);
-    check_base_backup(&gw, &store, &gen);
+    let first_backup = check_base_backup(&gw, &store, &gen);
 
     // The recovery point: a commit is off-site within about the interval + 1 s.
     let mut worst = Duration::ZERO;
@@ -200,6 +202,28 @@ fn offsite_upload_to_a_directory_ships_base_backup_wal_chunks_and_logical_backup
     let dump = std::fs::read(store.join("logical").join(&name)).unwrap();
     assert_eq!(dump, std::fs::read(dir.path().join("data/backups").join(&name)).unwrap(), "the logical backup's bytes");
     assert!(std::fs::read_to_string(&sidecar).unwrap().starts_with(&sha256(&dump)), "its recorded sha256 matches");
+
+    // Retention in the repository: two more base backups, and the first one
+    // with the WAL before the second goes there (manifest first), not here.
+    let take_base = || {
+        let taken = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
+        assert_eq!(taken.status, 200, "{}", taken.text());
+        taken.json()["id"].as_str().unwrap().to_owned()
+    };
+    take_base();
+    let second_done = Instant::now();
+    wait_until(Duration::from_secs(5), "the second base backup to be over 1 s old", || (second_done.elapsed() > Duration::from_millis(1100)).then_some(()));
+    let third = take_base();
+    let base = store.join(&gen).join("base");
+    wait_for(&gw, Duration::from_secs(60), "the first base backup and old WAL to leave the repository", || {
+        // A directory store may keep the emptied directory: its files count.
+        (objects(&base.join(&first_backup)).is_empty() && !store.join(&gen).join("wal").join(format!("{segment}.lz4")).exists()).then_some(())
+    });
+    // The newest is always kept (the second goes too once it ended over 1 s
+    // before the newest did: timing).
+    wait_for(&gw, Duration::from_secs(60), "the newest base backup in the repository", || base.join(&third).join("manifest.json").is_file().then_some(()));
+    assert!(dir.path().join("data/wal/base").join(&first_backup).is_dir(), "the local archive keeps its own window");
+    assert!(dir.path().join("data/wal/stream").join(&segment).is_file(), "and its WAL");
 
     let status = wait_until(Duration::from_secs(10), "the repository entry to be ok with nothing queued", || {
         let r = repository_status(&gw);
@@ -319,8 +343,10 @@ fn offsite_upload_to_rclone_s3_uploads_nothing_twice_and_resumes_after_the_store
         .env("OMNI_REPOSITORY_WAL_INTERVAL", "1s")
         // One segment (16 MB) waiting is more than the queue may hold.
         .env("OMNI_REPOSITORY_QUEUE_MAX_MB", "8")
-        // Local retention deletes whatever the window allows, at once.
-        .env("OMNI_PITR_WINDOW", "1s");
+        // Local retention deletes whatever the window allows, at once; the
+        // repository keeps everything here.
+        .env("OMNI_PITR_WINDOW", "1s")
+        .env("OMNI_REPOSITORY_WINDOW", "7d");
     let mut gw = builder.clone().start();
     wait_for_base_backup(&gw);
     let gen = generation(&gw);

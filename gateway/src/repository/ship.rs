@@ -123,6 +123,10 @@ struct State {
     pending: [Pending; 2],
     /// Each loop's current failure streak and its last error.
     failing: [Option<(u32, String)>; 2],
+    /// When retention in the repository last ran; due again after a new
+    /// base backup is confirmed, or an hour later.
+    last_retention: Option<Instant>,
+    retention_due: bool,
 }
 
 /// The off-site shipper; cheap to clone.
@@ -586,8 +590,11 @@ impl Shipper {
             return Ok(());
         }
         let mut pending = Pending::default();
-        let result = self.ship_backups(gen.as_deref(), &mut pending).await;
+        let mut result = self.ship_backups(gen.as_deref(), &mut pending).await;
         self.state().pending[Loop::Backups as usize] = pending;
+        if let (Ok(()), Some(gen)) = (&result, gen.as_deref()) {
+            result = self.retention(gen).await;
+        }
         if let Err(e @ RepositoryError::Conflict { .. }) = &result {
             self.record_conflict(e);
         }
@@ -632,6 +639,27 @@ impl Shipper {
         Ok(())
     }
 
+    /// Retention in the repository, when due (`OMNI_REPOSITORY_DELETE=false`: never).
+    async fn retention(&self, gen: &str) -> Result<(), RepositoryError> {
+        let due = {
+            let state = self.state();
+            state.retention_due || state.last_retention.is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+        };
+        if !due || !self.settings.delete || self.wal_dir.is_none() {
+            return Ok(());
+        }
+        let deleted = super::retention::apply(&self.repo, gen, self.settings.window).await?;
+        {
+            let mut state = self.state();
+            state.retention_due = false;
+            state.last_retention = Some(Instant::now());
+        }
+        if deleted > 0 {
+            tracing::info!("off-site retention: deleted {deleted} objects of {} that OMNI_REPOSITORY_WINDOW ({} s) no longer needs", self.repo.display(), self.settings.window.as_secs());
+        }
+        Ok(())
+    }
+
     /// A base backup: every file, then its manifest.
     async fn ship_base(&self, gen: &str, wal_dir: &Path, backup: &base::BaseBackup) -> Result<(), RepositoryError> {
         let dir = backup.dir(wal_dir);
@@ -660,6 +688,7 @@ impl Shipper {
         let (size, sha) = (text.len() as u64, store::sha256_hex(&text));
         let put = self.repo.put_once(&name, Bytes::from(text)).await?;
         self.confirm(&name, size, sha, put);
+        self.state().retention_due = true;
         tracing::info!("off-site repository {}: base backup {} uploaded ({} files, {} MB)", self.repo.display(), backup.id, manifest.files.len(), backup.bytes / 1_000_000);
         Ok(())
     }
