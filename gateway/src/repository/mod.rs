@@ -10,6 +10,7 @@
 //! verified, list, delete); `layout.rs` names every object.
 
 pub mod layout;
+pub mod retention;
 pub mod store;
 pub mod gcs;
 pub mod fetch;
