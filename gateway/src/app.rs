@@ -380,6 +380,9 @@ async fn start_embedded(
         logical_wal_mb: replication.map(|r| r.max_wal_mb),
         stop: running.shutdown.asked(),
     };
+    // OMNI_RESTORE_IF_EMPTY: an empty data directory is restored from the repository first.
+    let restore = crate::repository::fetch::restore_if_empty(config);
+    preparing(restore, true, "restoring from the off-site repository (OMNI_RESTORE_IF_EMPTY)", signals, &running.shutdown).await?;
     let prepare = cluster::prepare(embedded, bins, needs);
     let mut prepared = preparing(prepare, true, "preparing the PostgreSQL cluster (the lines above say which step)", signals, &running.shutdown).await?;
     if !embedded.memory_mode {

@@ -47,6 +47,8 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
     let password = cluster::read_password(data_dir)?.with_context(|| format!("reading the cluster password from {}: it is missing", password_file.display()))?;
     let server = Server { binaries: bins, port, password, account };
     let backup = base::take(&server, &config.wal).await?;
+    // Nothing the off-site shipper has not uploaded yet is deleted.
+    crate::repository::ship::guard_retention_from_record(config);
     base::apply_retention(&config.wal)?;
     println!("{}  {} bytes  verified  {}", backup.id, backup.bytes, backup.dir(&config.wal.dir).display());
     Ok(())

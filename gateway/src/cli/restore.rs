@@ -3,7 +3,10 @@
 //! (the case of a lost or damaged data directory). `--window` prints what can
 //! be reached, timeline by timeline; `--timeline N` restores onto a given
 //! timeline; `--discard-previous` deletes the data directories earlier
-//! restores moved aside.
+//! restores moved aside. `--from <url>` first downloads a base backup and
+//! its WAL from an off-site repository into `OMNI_WAL_DIR`
+//! (repository/fetch.rs): a new machine with the binary and the
+//! repository's credentials only.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -28,6 +31,11 @@ pub struct RestoreArgs {
     /// Delete the data directories that earlier restores moved aside
     #[arg(long, conflicts_with = "to")]
     pub discard_previous: bool,
+    /// Download the base backup and WAL from this off-site repository
+    /// (s3://bucket/prefix, gs://..., az://..., file:///...; credentials from
+    /// the environment: AWS_*, GOOGLE_*, AZURE_*) into OMNI_WAL_DIR first
+    #[arg(long, value_name = "URL", requires = "to", conflicts_with_all = ["window", "discard_previous"])]
+    pub from: Option<String>,
 }
 
 pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
@@ -69,6 +77,18 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let target = args.to.expect("clap requires --to here");
+    restore_to(config, embedded, target, args.timeline, args.from.as_deref()).await
+}
+
+/// The restore itself, with the cluster's lock already held (by the
+/// command, or by the gateway for `OMNI_RESTORE_IF_EMPTY`).
+async fn restore_to(config: &Config, embedded: &crate::config::EmbeddedConfig, target: Target, timeline: Option<u32>, from: Option<&str>) -> Result<()> {
+    let data_dir = &embedded.data_dir.value;
+    if let Some(url) = from {
+        let bins = binaries::find(embedded.bin_dir.as_deref())?;
+        let account = privilege::postgres_account(&embedded.run_as)?;
+        fetch_from(url, &config.wal.dir, target, &bins, &account).await?;
+    }
     let (mut bins, mut wal, mut older) = (binaries::find(embedded.bin_dir.as_deref())?, config.wal.clone(), None);
     // A time before a major upgrade: the earlier archive generation, with its major's binaries.
     if let Some((old_wal, old_bins, generation)) = crate::pitr::generation::for_restore(&config.wal, target, embedded.old_bin_dir.as_deref())? {
@@ -79,10 +99,10 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     // Everything else comes from the archive: the password is the one beside
     // the data directory, or a new one when that disk was lost with it.
     let password = restore::restore_password(data_dir)?;
-    if let Err(e) = restore::target_timeline(&wal.dir, target, args.timeline) {
+    if let Err(e) = restore::target_timeline(&wal.dir, target, timeline) {
         bail!("{e} (omni-gateway restore --window shows each timeline's window)");
     }
-    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: None }.run_on(target, args.timeline).await?;
+    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: None }.run_on(target, timeline).await?;
     println!(
         "restored base backup {} and the WAL of timeline {} up to {} into {} in {:.1} s",
         restored.base_backup,
@@ -103,3 +123,26 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `--from`: the repository's base backup and WAL into `wal_dir`, given to
+/// PostgreSQL's account like the archive the gateway writes.
+pub async fn fetch_from(url: &str, wal_dir: &std::path::Path, target: Target, bins: &binaries::Binaries, account: &privilege::Account) -> Result<()> {
+    let repo = crate::repository::store::Repository::open(url)?;
+    crate::pitr::archive::prepare(wal_dir, account)?;
+    let say = |line: String| println!("restore --from {}: {line}", repo.display());
+    let fetched = crate::repository::fetch::fetch(&repo, wal_dir, target, bins.major, &say).await?;
+    if account.switch {
+        privilege::chown_tree(wal_dir, account)?;
+    }
+    println!(
+        "restore --from {}: base backup {} of the {} and {} WAL segments{} are in {}",
+        repo.display(),
+        fetched.base_backup,
+        fetched.identity,
+        fetched.segments,
+        fetched.partial.as_ref().map_or(String::new(), |p| format!(" (and {p}.partial from its shipped chunks)")),
+        wal_dir.display()
+    );
+    Ok(())
+}
+

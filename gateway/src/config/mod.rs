@@ -91,6 +91,8 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_REPOSITORY_QUEUE_MAX_MB", default: "1024", help: "past this much not yet uploaded, the status says so loudly (the service keeps running; nothing local is deleted before its upload)" },
     Var { name: "OMNI_REPOSITORY_WINDOW", default: "", help: "how far back the repository keeps base backups and the WAL they need; default: OMNI_PITR_WINDOW" },
     Var { name: "OMNI_REPOSITORY_DELETE", default: "true", help: "false: nothing is ever deleted from the repository (write-only credentials, bucket lifecycle rules)" },
+    // Restore from the off-site repository (repository/fetch.rs, cli/restore.rs).
+    Var { name: "OMNI_RESTORE_IF_EMPTY", default: "false", help: "true: a start that finds an empty or missing data directory and base backups in OMNI_REPOSITORY_URL restores latest from there instead of creating an empty cluster (never when the data directory holds anything)" },
 ];
 
 /// Which layer supplied a value.

@@ -11,7 +11,9 @@
 
 pub mod layout;
 pub mod probe;
+pub mod retention;
 pub mod store;
 pub mod gcs;
+pub mod fetch;
 pub mod config;
 pub mod ship;

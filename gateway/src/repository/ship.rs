@@ -123,6 +123,10 @@ struct State {
     pending: [Pending; 2],
     /// Each loop's current failure streak and its last error.
     failing: [Option<(u32, String)>; 2],
+    /// When retention in the repository last ran; due again after a new
+    /// base backup is confirmed, or an hour later.
+    last_retention: Option<Instant>,
+    retention_due: bool,
 }
 
 /// The off-site shipper; cheap to clone.
@@ -189,17 +193,7 @@ impl Shipper {
     pub fn confirms(&self, path: &Path) -> bool {
         let Some(wal_dir) = &self.wal_dir else { return true };
         let state = self.state();
-        let Some(gen) = state.generation.as_deref() else { return false };
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return true };
-        if parent == archive::base_dir(wal_dir) {
-            return state.file.objects.contains_key(&layout::base_manifest(gen, name));
-        }
-        let in_stream = parent.parent() == Some(wal_dir.as_path()) && parent.file_name().and_then(|n| n.to_str()).is_some_and(|d| d == "stream" || d.starts_with("stream-"));
-        match archive::Segment::parse(path) {
-            Some(seg) if in_stream && !seg.partial => state.file.objects.contains_key(&layout::wal_segment(gen, &seg.name)),
-            Some(_) if in_stream => false,
-            _ => true,
-        }
+        confirmed_path(wal_dir, state.generation.as_deref(), &state.file.objects, path)
     }
 
     /// Starts both loops on `stage` and shows the shipper on `board`.
@@ -596,8 +590,11 @@ impl Shipper {
             return Ok(());
         }
         let mut pending = Pending::default();
-        let result = self.ship_backups(gen.as_deref(), &mut pending).await;
+        let mut result = self.ship_backups(gen.as_deref(), &mut pending).await;
         self.state().pending[Loop::Backups as usize] = pending;
+        if let (Ok(()), Some(gen)) = (&result, gen.as_deref()) {
+            result = self.retention(gen).await;
+        }
         if let Err(e @ RepositoryError::Conflict { .. }) = &result {
             self.record_conflict(e);
         }
@@ -642,6 +639,27 @@ impl Shipper {
         Ok(())
     }
 
+    /// Retention in the repository, when due (`OMNI_REPOSITORY_DELETE=false`: never).
+    async fn retention(&self, gen: &str) -> Result<(), RepositoryError> {
+        let due = {
+            let state = self.state();
+            state.retention_due || state.last_retention.is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+        };
+        if !due || !self.settings.delete || self.wal_dir.is_none() {
+            return Ok(());
+        }
+        let deleted = super::retention::apply(&self.repo, gen, self.settings.window).await?;
+        {
+            let mut state = self.state();
+            state.retention_due = false;
+            state.last_retention = Some(Instant::now());
+        }
+        if deleted > 0 {
+            tracing::info!("off-site retention: deleted {deleted} objects of {} that OMNI_REPOSITORY_WINDOW ({} s) no longer needs", self.repo.display(), self.settings.window.as_secs());
+        }
+        Ok(())
+    }
+
     /// A base backup: every file, then its manifest.
     async fn ship_base(&self, gen: &str, wal_dir: &Path, backup: &base::BaseBackup) -> Result<(), RepositoryError> {
         let dir = backup.dir(wal_dir);
@@ -670,6 +688,7 @@ impl Shipper {
         let (size, sha) = (text.len() as u64, store::sha256_hex(&text));
         let put = self.repo.put_once(&name, Bytes::from(text)).await?;
         self.confirm(&name, size, sha, put);
+        self.state().retention_due = true;
         tracing::info!("off-site repository {}: base backup {} uploaded ({} files, {} MB)", self.repo.display(), backup.id, manifest.files.len(), backup.bytes / 1_000_000);
         Ok(())
     }
@@ -690,6 +709,37 @@ impl Shipper {
         }
         Ok(())
     }
+}
+
+/// Whether `path` of the archive at `wal_dir` is confirmed in the
+/// repository by `objects` (see [`Shipper::confirms`]).
+fn confirmed_path(wal_dir: &Path, gen: Option<&str>, objects: &BTreeMap<String, Confirmed>, path: &Path) -> bool {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return true };
+    let in_base = parent == archive::base_dir(wal_dir);
+    let in_stream = parent.parent() == Some(wal_dir) && parent.file_name().and_then(|n| n.to_str()).is_some_and(|d| d == "stream" || d.starts_with("stream-"));
+    let segment = archive::Segment::parse(path).filter(|_| in_stream);
+    if !in_base && segment.is_none() {
+        return true;
+    }
+    // Not a word from the repository yet: keep it.
+    let Some(gen) = gen else { return false };
+    match segment {
+        Some(seg) if !seg.partial => objects.contains_key(&layout::wal_segment(gen, &seg.name)),
+        Some(_) => false,
+        None => objects.contains_key(&layout::base_manifest(gen, name)),
+    }
+}
+
+/// For a one-shot command beside the running gateway (`omni-gateway backup
+/// base`), whose retention must not delete what the gateway's shipper has
+/// not uploaded yet: retention asks the shipper's record on disk.
+pub fn guard_retention_from_record(config: &crate::config::Config) {
+    let Some(location) = RepositoryConfig::parse(config).ok().and_then(|r| r.location) else { return };
+    let wal_dir = config.wal.dir.clone();
+    let url = location.display();
+    let objects = load_state(&wal_dir).filter(|f| f.url == url).map(|f| f.objects).unwrap_or_default();
+    let gen = Identity::of_archive(&wal_dir).ok().flatten().map(|i| layout::generation(i.system_identifier, i.major));
+    archive::set_deletion_check(Box::new(move |path| confirmed_path(&wal_dir, gen.as_deref(), &objects, path)));
 }
 
 /// The wait after `n` failed rounds in a row: the interval doubled per
@@ -804,6 +854,25 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_may_delete_only_what_the_repository_confirmed() {
+        let wal = Path::new("/w");
+        let gen = "1-pg17";
+        let mut objects = BTreeMap::new();
+        let confirmed = Confirmed { size: 1, sha256: String::new() };
+        objects.insert(layout::wal_segment(gen, "000000010000000000000002"), confirmed.clone());
+        objects.insert(layout::base_manifest(gen, "20261205T000000.000Z"), confirmed);
+        let may = |p: &str, g: Option<&str>| confirmed_path(wal, g, &objects, Path::new(p));
+        assert!(may("/w/stream/000000010000000000000002", Some(gen)));
+        assert!(!may("/w/stream/000000010000000000000003", Some(gen)), "not uploaded yet");
+        assert!(!may("/w/stream-20261204T000000Z/000000010000000000000003", Some(gen)));
+        assert!(!may("/w/stream/000000010000000000000002.partial", Some(gen)), "a partial segment is never whole off-site");
+        assert!(may("/w/base/20261205T000000.000Z", Some(gen)));
+        assert!(!may("/w/base/20261206T000000.000Z", Some(gen)), "a base backup without its manifest");
+        assert!(!may("/w/stream/000000010000000000000002", None), "no generation known: keep");
+        assert!(may("/w/generations/x/stream/000000010000000000000002", None), "not the shipper's");
+    }
 
     #[test]
     fn retries_back_off_to_a_cap() {
