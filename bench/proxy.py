@@ -10,6 +10,10 @@ is small and the proxies' overhead shows. Reports requests/s, p50 and p99
 
 Usage: bench/proxy.py [ROUNDS] [SECONDS]   (writes the "Proxy" section of BENCHMARKS.md
 and its figures, ratios included, into BENCHMARKS.json)
+
+BENCH_GATEWAY_B=path/to/other/omni-gateway adds a second gateway binary (an
+older commit's build, say) to the same interleaved rounds, with its own
+stack, and only prints: how a change moved the figures, measured side by side.
 """
 
 import json
@@ -34,6 +38,7 @@ SECONDS = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 CONNECTIONS = 64
 PATH = "/ping.txt"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+GATEWAY_B = os.environ.get("BENCH_GATEWAY_B")
 
 
 def get_json(url):
@@ -53,6 +58,12 @@ def listening_port(pid):
 def cpu_ticks(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+def tree_cpu_ticks(pid):
+    """CPU ticks of `pid` and its children (nginx: the master and its workers)."""
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return cpu_ticks(pid) + sum(cpu_ticks(int(c)) for c in children)
 
 
 def rss_kib(pid):
@@ -95,13 +106,23 @@ def main():
     (ui / "index.html").write_text("<!doctype html><title>bench</title>\n")
     (ui / "ping.txt").write_text("ok\n")
     gw_port, nginx_port = free_port(), free_port()
-    env = dict(os.environ, OMNI_PORT=str(gw_port), PGSERVE_PORT="0", LOG_LEVEL="warn", OMNI_UI_DIR=str(ui),
-               PGSERVE_MEMORY_MODE="true", OMNI_API_KEY="bench-key-0123456789")
-    gw = subprocess.Popen([str(GATEWAY)], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+
+    def start_gateway(binary, port, name):
+        env = dict(os.environ, OMNI_PORT=str(port), PGSERVE_PORT="0", LOG_LEVEL="warn", OMNI_UI_DIR=str(ui),
+                   PGSERVE_MEMORY_MODE="true", OMNI_API_KEY="bench-key-0123456789")
+        (work / name).mkdir()
+        return subprocess.Popen([str(binary)], cwd=work / name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    gw = start_gateway(GATEWAY, gw_port, "a")
+    gw_b, gw_b_port = None, None
     nginx = None
     try:
         wait_healthy(gw_port, gw)
+        if GATEWAY_B:
+            gw_b_port = free_port()
+            gw_b = start_gateway(GATEWAY_B, gw_b_port, "b")
+            wait_healthy(gw_b_port, gw_b)
         api = next(c for c in get_json(f"http://127.0.0.1:{gw_port}/gateway/status")["components"] if c["name"] == "api")
         worker_port = listening_port(api["pid"])
         conf = work / "nginx.conf"
@@ -128,7 +149,10 @@ http {{
 """)
         nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work), "-g", "daemon off;"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for port in (worker_port, gw_port, nginx_port):
+        targets = [("direct", worker_port, None), ("gateway", gw_port, gw.pid), ("nginx", nginx_port, nginx.pid)]
+        if gw_b:
+            targets.insert(2, ("gateway-b", gw_b_port, gw_b.pid))
+        for _, port, _ in targets:
             for _ in range(100):
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}{PATH}", timeout=1) as r:
@@ -138,36 +162,45 @@ http {{
                     time.sleep(0.05)
             else:
                 raise SystemExit(f"port {port} does not serve {PATH}")
-        results = {"direct": [], "gateway": [], "nginx": []}
+        results = {name: [] for name, _, _ in targets}
         # One connection, one request at a time: the latency a proxy adds
         # when it is not queueing behind a saturated machine.
-        unloaded = {"direct": [], "gateway": [], "nginx": []}
-        gw_cpu, gw_requests = 0, 0
+        unloaded = {name: [] for name, _, _ in targets}
+        # The proxies' own CPU time (nginx: master and workers) per request.
+        cpu = {name: [0, 0] for name, _, pid in targets if pid}
         for i in range(ROUNDS):
-            for name, port in (("direct", worker_port), ("gateway", gw_port), ("nginx", nginx_port)):
-                before = cpu_ticks(gw.pid)
+            for name, port, pid in targets:
+                before = tree_cpu_ticks(pid) if pid else 0
                 rps, p50, p99, total = wrk(port)
-                if name == "gateway":
-                    gw_cpu += cpu_ticks(gw.pid) - before
-                    gw_requests += total
+                if pid:
+                    cpu[name][0] += tree_cpu_ticks(pid) - before
+                    cpu[name][1] += total
                 results[name].append((rps, p50, p99))
-                print(f"round {i + 1}/{ROUNDS} {name:8} {rps:9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms", flush=True)
+                print(f"round {i + 1}/{ROUNDS} {name:9} {rps:9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms", flush=True)
                 _, p50_1, p99_1, _ = wrk(port, connections=1, threads=1)
                 unloaded[name].append((p50_1, p99_1))
-                print(f"round {i + 1}/{ROUNDS} {name:8} 1 connection: p50 {p50_1 * 1000:.0f} µs  p99 {p99_1 * 1000:.0f} µs", flush=True)
+                print(f"round {i + 1}/{ROUNDS} {name:9} 1 connection: p50 {p50_1 * 1000:.0f} µs  p99 {p99_1 * 1000:.0f} µs", flush=True)
         rss = rss_kib(gw.pid)
     finally:
         if nginx:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=10)
-        gw.send_signal(signal.SIGTERM)
-        gw.wait(timeout=60)
+        for g in (gw, gw_b):
+            if g:
+                g.send_signal(signal.SIGTERM)
+                g.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in results.items()}
     d, g, n = med["direct"], med["gateway"], med["nginx"]
     one = {k: tuple(statistics.median(r[i] for r in v) for i in range(2)) for k, v in unloaded.items()}
-    cpu_us = gw_cpu / CLK_TCK / gw_requests * 1e6
+    cpu_us = {k: v[0] / CLK_TCK / v[1] * 1e6 for k, v in cpu.items()}
+    if gw_b:
+        b = med["gateway-b"]
+        print(f"gateway {g[0]:.0f} req/s, gateway-b {b[0]:.0f} req/s: a ÷ b {g[0] / b[0]:.3f}; ÷ nginx: a {g[0] / n[0]:.3f}, b {b[0] / n[0]:.3f}; "
+              f"CPU per request a {cpu_us['gateway']:.1f} µs, b {cpu_us['gateway-b']:.1f} µs, nginx {cpu_us['nginx']:.1f} µs; "
+              f"1 connection over direct a {(one['gateway'][0] - one['direct'][0]) * 1000:.0f} µs, b {(one['gateway-b'][0] - one['direct'][0]) * 1000:.0f} µs")
+        return
     nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [
         f"Command: `python3 bench/proxy.py {ROUNDS} {SECONDS}` (run by `make bench`): wrk, {CONNECTIONS} connections, 2 threads, "
@@ -192,7 +225,8 @@ http {{
         f"- gateway ÷ nginx throughput: **{g[0] / n[0]:.2f}** (target ≥ 1.0); gateway p99 ÷ nginx p99: **{g[2] / n[2]:.2f}** (target ≤ 1.0)",
         f"- gateway p50 overhead over direct, one connection: **{(one['gateway'][0] - one['direct'][0]) * 1000:.0f} µs** (target < 100 µs); "
         f"at {CONNECTIONS} connections on a saturated machine: {(g[1] - d[1]) * 1000:.0f} µs (nginx: {(n[1] - d[1]) * 1000:.0f} µs)",
-        f"- gateway CPU per proxied request: {cpu_us:.1f} µs; resident memory after the runs: {rss / 1024:.1f} MiB",
+        f"- CPU per proxied request: gateway {cpu_us['gateway']:.1f} µs, nginx (master and workers) {cpu_us['nginx']:.1f} µs; "
+        f"gateway resident memory after the runs: {rss / 1024:.1f} MiB",
     ]
     write_section("Proxy", "\n".join(lines))
     one_over = lambda k: (one[k][0] - one["direct"][0]) * 1000
@@ -208,7 +242,8 @@ http {{
         ("proxy.nginx.p50_over_direct_64_connections", round((n[1] - d[1]) * 1000), "µs"),
         ("proxy.gateway.p50_over_direct_1_connection", round(one_over("gateway")), "µs"),
         ("proxy.nginx.p50_over_direct_1_connection", round(one_over("nginx")), "µs"),
-        ("proxy.gateway.cpu_per_request", round(cpu_us, 1), "µs"),
+        ("proxy.gateway.cpu_per_request", round(cpu_us["gateway"], 1), "µs"),
+        ("proxy.nginx.cpu_per_request", round(cpu_us["nginx"], 1), "µs"),
         ("proxy.gateway.rss_after", round(rss / 1024, 1), "MiB"),
     ])
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 //! Point-in-time recovery (issue 14), behind the API key:
 //! `GET /api/v1/backup/window`, `POST /api/v1/backup/base`,
-//! `POST /api/v1/backup/restore-to`.
+//! `POST /api/v1/backup/restore-to`, and the off-site repository's probe
+//! `POST /api/v1/backup/repository/test`.
 //!
 //! The WAL archive and the cluster belong to the gateway, so these handlers
 //! only check their input and ask the gateway on loopback
@@ -27,6 +28,8 @@ use crate::{
 pub const TARGET_PATTERN: &str = r"^(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2}))$";
 /// Reading the window is quick.
 const QUICK: Duration = Duration::from_secs(30);
+/// Four small requests to the store, each with the store client's own timeouts and retries.
+const PROBE_LIMIT: Duration = Duration::from_secs(120);
 /// A base backup copies the whole cluster.
 const BASE_BACKUP_LIMIT: Duration = Duration::from_secs(6 * 3600);
 /// A restore replays up to an hour of WAL, then stops and starts.
@@ -124,6 +127,38 @@ pub struct RestoredTo {
     serving: bool,
 }
 
+/// One step of the repository probe.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ProbeStep {
+    /// `open`, `write`, `read`, `list` or `delete`.
+    step: String,
+    ok: bool,
+    ms: u64,
+    /// What the store answered, credentials and signatures removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+/// The off-site repository's probe: one object written, read back, listed and deleted.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RepositoryTest {
+    /// Every step passed.
+    ok: bool,
+    /// `OMNI_REPOSITORY_URL` as safe to show (it never holds credentials).
+    repository: Option<String>,
+    /// The probe object's name under the repository's prefix.
+    object: Option<String>,
+    /// The step that failed, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failed_step: Option<String>,
+    /// The likely reason: `wrong_credentials`, `permission_denied`, `no_bucket`, `clock_skew`, `tls`, `unreachable`, `conflict` or `other`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// One sentence: what failed and what to check.
+    summary: String,
+    steps: Vec<ProbeStep>,
+}
+
 fn target_pattern() -> &'static regex::Regex {
     static PATTERN: OnceLock<regex::Regex> = OnceLock::new();
     PATTERN.get_or_init(|| regex::Regex::new(TARGET_PATTERN).expect("a valid pattern"))
@@ -138,7 +173,7 @@ async fn gateway<T: serde::de::DeserializeOwned>(state: &AppState, method: axum:
         ));
     };
     let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().map_err(|e| ApiError::internal("OMNI_GATEWAY_URL is not host:port", e))?;
-    let path = format!("/gateway/internal/pitr/{what}");
+    let path = if what.starts_with("repository/") { format!("/gateway/internal/{what}") } else { format!("/gateway/internal/pitr/{what}") };
     let body = body.map(|b| axum::body::Bytes::from(b.to_string()));
     let answer = omni_contract::probe::send(addr, method, &path, &[("x-omni-gateway-token", token)], body, limit)
         .await
@@ -154,7 +189,7 @@ async fn gateway<T: serde::de::DeserializeOwned>(state: &AppState, method: axum:
 /// The gateway's error codes, as the `&'static str` an [`ApiError`] carries.
 fn leak_code(code: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large", "unknown_timeline", "invalid_timeline", "stopping",
+        "pitr_unavailable", "pitr_busy", "no_base_backup", "outside_window", "invalid_target_time", "restore_failed", "base_backup_failed", "database_unavailable", "starting", "unauthorized", "payload_too_large", "unknown_timeline", "invalid_timeline", "stopping", "repository_unconfigured",
     ];
     KNOWN.iter().find(|k| **k == code).copied().unwrap_or("gateway_error")
 }
@@ -215,4 +250,19 @@ pub async fn restore_to(State(state): State<AppState>, ApiJson(body): ApiJson<Re
     }
     let body = serde_json::json!({ "target_time": target, "timeline": body.timeline });
     gateway(&state, axum::http::Method::POST, "restore-to", Some(body), RESTORE_LIMIT).await.map(Json)
+}
+
+/// Test the off-site repository (`OMNI_REPOSITORY_URL`): write, read back,
+/// list and delete one probe object (delete skipped under
+/// `OMNI_REPOSITORY_DELETE=false`). A failing step is a 200 whose `ok` is
+/// false, naming the step and the likely reason.
+#[utoipa::path(post, path = "/api/v1/backup/repository/test", tag = "backups", security(("api_key" = [])), responses(
+    (status = 200, description = "The probe ran: `ok`, each step's time, and for a failure the step and the likely reason", body = RepositoryTest),
+    (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+    (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
+    (status = 409, description = "No off-site repository is set (`repository_unconfigured`)", body = ErrorBody),
+    (status = 502, description = "The gateway did not answer", body = ErrorBody),
+))]
+pub async fn repository_test(State(state): State<AppState>) -> Result<Json<RepositoryTest>, ApiError> {
+    gateway(&state, axum::http::Method::POST, "repository/test", None, PROBE_LIMIT).await.map(Json)
 }

@@ -114,6 +114,7 @@ fn api_routes(state: &AppState) -> (OpenApiRouter<AppState>, Guarded) {
         .routes(routes!(pitr_routes::window))
         .routes(routes!(pitr_routes::base))
         .routes(routes!(pitr_routes::restore_to))
+        .routes(routes!(pitr_routes::repository_test))
         .route_layer(middleware::from_fn(roles::require_admin))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
     let guarded = Guarded {

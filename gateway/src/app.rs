@@ -187,7 +187,7 @@ pub async fn run(config: Config) -> Result<i32> {
         Database::Embedded(e) if !e.memory_mode => Some("OMNI_WAL_DIR=off: point-in-time recovery is turned off, so there is no WAL archive, no base backups and no point-in-time restores (the .sql backups remain)"),
         Database::Embedded(_) => Some("PGSERVE_MEMORY_MODE is on: a throw-away cluster has no WAL archive, so there are no base backups or point-in-time restores"),
         Database::External { .. } => Some("DATABASE_URL names an external PostgreSQL: point-in-time recovery covers the embedded cluster only; use that server's own backup tools"),
-    }));
+    }, crate::repository::config::RepositoryConfig::parse(&config).ok()));
     let streams_wal = components.contains(&"wal");
     let shutdown = stages(&config);
     let (background, http) = (shutdown.stage("background").clone(), shutdown.stage("http").clone());

@@ -44,6 +44,7 @@ mod ops_external_database;
 mod ops_install;
 mod ops_load_balancer;
 mod offsite_upload;
+mod offsite_stores;
 mod pitr;
 mod pitr_api;
 mod pitr_checksums;

@@ -11,6 +11,8 @@
 
 pub mod layout;
 pub mod retention;
+pub mod probe;
 pub mod store;
+pub mod gcs;
 pub mod config;
 pub mod ship;

@@ -196,7 +196,8 @@ impl Repository {
                         b = b.with_config(Key::Client(key), value);
                     }
                 }
-                Arc::new(b.build().map_err(failed)?)
+                // Uploads through the JSON API (gcs.rs): the emulator refuses the XML API's.
+                Arc::new(super::gcs::JsonUploads::build(b, Duration::from_secs(120)).map_err(failed)?)
             }
             Scheme::Azure => {
                 use object_store::azure::{AzureConfigKey as Key, MicrosoftAzureBuilder};
@@ -347,15 +348,21 @@ impl Repository {
         }
     }
 
-    /// The SHA-256 of an object read in ranges (never whole in memory).
+    /// The SHA-256 of an object, streamed (never whole in memory) in one
+    /// request: rclone's S3 server answers a range request with the whole
+    /// object (200, not 206), which object_store refuses.
     async fn sha256_of(&self, path: &str, size: u64) -> Result<String, RepositoryError> {
+        use futures::StreamExt;
         let mut hasher = Sha256::new();
-        let mut at = 0;
-        while at < size {
-            let end = (at + PART_BYTES as u64).min(size);
-            let bytes = self.store.get_range(&self.full(path), at..end).await.map_err(|e| self.store_error("reading", path, e))?;
+        let mut read = 0u64;
+        let mut stream = self.store.get(&self.full(path)).await.map_err(|e| self.store_error("reading", path, e))?.into_stream();
+        while let Some(bytes) = stream.next().await {
+            let bytes = bytes.map_err(|e| self.store_error("reading", path, e))?;
+            read += bytes.len() as u64;
             hasher.update(&bytes);
-            at = end;
+        }
+        if read != size {
+            return Err(RepositoryError::Store { location: self.display(), what: "reading", path: path.to_string(), message: format!("{read} bytes read, {size} expected") });
         }
         Ok(hex(&hasher.finalize()))
     }

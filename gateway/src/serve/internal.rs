@@ -9,8 +9,9 @@
 //! - `GET  /gateway/internal/pitr/window`      the recoverable window and base backups
 //! - `POST /gateway/internal/pitr/base`        a verified base backup now
 //! - `POST /gateway/internal/pitr/restore-to`  `{"target_time": "<RFC 3339>" | "latest", "timeline": N?}`
+//! - `POST /gateway/internal/repository/test`  the off-site repository's probe ([`crate::repository::probe`])
 //!
-//! The public faces are the worker's `/api/v1/backup/{window,base,restore-to}`
+//! The public faces are the worker's `/api/v1/backup/{window,base,restore-to,repository/test}`
 //! (API key, OpenAPI); this module only checks the secret and hands the
 //! work to [`crate::pitr::online`].
 
@@ -37,13 +38,15 @@ pub struct Internal {
     pub online: OnceLock<Arc<Online>>,
     /// Why there is no point-in-time recovery in this deployment, if so.
     unavailable: Option<&'static str>,
+    /// The off-site repository's settings, when `OMNI_REPOSITORY_URL` is set.
+    repository: Option<crate::repository::config::RepositoryConfig>,
 }
 
 impl Internal {
-    pub fn new(unavailable: Option<&'static str>) -> Internal {
+    pub fn new(unavailable: Option<&'static str>, repository: Option<crate::repository::config::RepositoryConfig>) -> Internal {
         let token: String = rand::thread_rng().sample_iter(&Alphanumeric).take(48).map(char::from).collect();
         crate::serve::logring::installed().add_secret(&token);
-        Internal { token, online: OnceLock::new(), unavailable }
+        Internal { token, online: OnceLock::new(), unavailable, repository: repository.filter(|r| r.location.is_some()) }
     }
 }
 
@@ -51,6 +54,9 @@ pub async fn handle(internal: &Internal, req: Request<Incoming>) -> Response<Bod
     let given = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
     if !bool::from(given.ct_eq(internal.token.as_bytes())) {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "this endpoint is for the gateway's own worker");
+    }
+    if req.uri().path() == "/gateway/internal/repository/test" {
+        return repository_test(internal, req.method()).await;
     }
     let route = (req.method().clone(), req.uri().path().trim_start_matches("/gateway/internal/pitr/").to_string());
     if !matches!(route.1.as_str(), "window" | "base" | "restore-to") || !req.uri().path().starts_with("/gateway/internal/pitr/") {
@@ -94,4 +100,29 @@ pub async fn handle(internal: &Internal, req: Request<Incoming>) -> Response<Bod
         Ok(doc) => json(StatusCode::OK, &doc),
         Err(r) => error(StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), r.code, &r.detail),
     }
+}
+
+/// The probe of the off-site repository: 200 with the report whether or not
+/// a step failed (the report says which and why); 409 when none is set.
+async fn repository_test(internal: &Internal, method: &Method) -> Response<Body> {
+    if method != Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST");
+    }
+    let Some(settings) = &internal.repository else {
+        return error(StatusCode::CONFLICT, "repository_unconfigured", "no off-site repository is set: set OMNI_REPOSITORY_URL (s3://, gs://, az:// or file://) and restart the gateway");
+    };
+    let location = settings.location.clone().expect("kept only with a location");
+    let report = match crate::repository::store::Repository::open_location(location) {
+        Ok(repo) => crate::repository::probe::run(&repo, settings.delete).await,
+        Err(e) => {
+            let text = e.to_string();
+            let reason = crate::repository::probe::classify(&text);
+            let report = serde_json::json!({
+                "ok": false, "repository": settings.location.as_ref().map(|l| l.display()), "object": null,
+                "failed_step": "open", "reason": reason, "summary": format!("open failed: {text}"), "steps": [],
+            });
+            return json(StatusCode::OK, &report);
+        }
+    };
+    json(StatusCode::OK, &serde_json::to_value(report).expect("a report serializes"))
 }

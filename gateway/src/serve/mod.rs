@@ -109,18 +109,32 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
         }) else {
             continue;
         };
-        let conn = http1.serve_connection(TokioIo::new(stream), service(&surface, peer, false)).with_upgrades();
+        // The connection's worker connections are polled here, beside it
+        // (serve/upstream.rs, `Link`).
+        let (link, mut drivers) = crate::serve::upstream::link();
+        let mut conn = Box::pin(http1.serve_connection(TokioIo::new(stream), service(&surface, peer, link, false)).with_upgrades());
         let (stop, close_all) = (stop.clone(), close_all.clone());
         open.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
+            let closed = tokio::select! {
+                _ = conn.as_mut() => false,
+                _ = drivers.run() => unreachable!("the drivers run until dropped"),
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = close_all.cancelled() => {}
+                        _ = conn.as_mut() => false,
+                        _ = drivers.run() => unreachable!("the drivers run until dropped"),
+                        _ = close_all.cancelled() => true,
                     }
+                }
+            };
+            // The service, and with it the kept worker connection, goes with
+            // the client connection; what is left finishes (an upgrade being
+            // handed to its tunnel) unless everything is being closed.
+            drop(conn);
+            if !closed {
+                tokio::select! {
+                    _ = drivers.finish(Duration::from_secs(5)) => {}
+                    _ = close_all.cancelled() => {}
                 }
             }
             drop(permit);
@@ -134,7 +148,9 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
     let answer_late = async {
         loop {
             let Some((stream, peer, permit)) = accept(&listener, &slots).await else { continue };
-            let conn = http1_closing.serve_connection(TokioIo::new(stream), service(&surface, peer, true));
+            // Answered here without the worker: its link is never used.
+            let (link, _) = crate::serve::upstream::link();
+            let conn = http1_closing.serve_connection(TokioIo::new(stream), service(&surface, peer, link, true));
             let close_all = close_all.clone();
             late.spawn(async move {
                 tokio::select! {
@@ -185,9 +201,9 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpSt
 }
 
 /// The request handler of one connection; `draining` for those accepted after a stop began.
-fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
+fn service(surface: &Arc<Surface>, peer: SocketAddr, link: crate::serve::upstream::Link, draining: bool) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
     let surface = surface.clone();
-    let peer = Arc::new(crate::serve::proxy::Peer::new(peer));
+    let peer = Arc::new(crate::serve::proxy::Peer::new(peer, link));
     hyper::service::service_fn(move |req| {
         let (surface, peer) = (surface.clone(), peer.clone());
         async move { Ok::<_, Infallible>(route(&surface, &peer, req, draining).await) }

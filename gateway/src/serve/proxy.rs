@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{HttpLimits, TrustedProxies};
 use crate::serve::{error, Body};
 use crate::serve::metrics::Metrics;
-use crate::serve::upstream::{Upstream, Upstreams};
+use crate::serve::upstream::{Link, SendError, Upstream, Upstreams};
 
 /// Bodies up to this size are read into memory so the request can be retried.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
@@ -117,10 +117,12 @@ impl ReqBody {
     }
 }
 
-/// A connection's client as the headers to the worker name it: formatted
-/// once per connection, not per request.
+/// A connection's client as the headers to the worker name it, formatted
+/// once per connection, not per request; and the connection's own link to
+/// the worker.
 pub struct Peer {
     pub addr: SocketAddr,
+    pub link: Link,
     /// The TCP peer's address, appended to `X-Forwarded-For`.
     ip: HeaderValue,
     /// Its canonical form: [`CLIENT_ADDR`] when no trusted proxy speaks for it.
@@ -128,9 +130,9 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
+    pub fn new(addr: SocketAddr, link: Link) -> Peer {
         let value = |ip: IpAddr| HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value");
-        Peer { addr, ip: value(addr.ip()), canonical: value(addr.ip().to_canonical()) }
+        Peer { addr, link, ip: value(addr.ip()), canonical: value(addr.ip().to_canonical()) }
     }
 }
 
@@ -173,17 +175,20 @@ impl Proxy {
                 Err(resp) => return resp,
             };
             let timeout = crate::pitr::online::upstream_timeout(req.uri.path(), self.limits.upstream_timeout);
-            match tokio::time::timeout(timeout, upstream.client.request(out)).await {
+            match tokio::time::timeout(timeout, peer.link.send(&upstream, out)).await {
                 Ok(Ok(resp)) => return client_response(resp, client_upgrade, &self.tunnels, &self.close_tunnels),
                 Ok(Err(e)) => {
-                    let nothing_sent = e.is_connect();
+                    let nothing_sent = matches!(e, SendError::NotSent(..));
                     // A worker replaced by a reload closes its idle connections
                     // while draining; a request that raced that close was not
                     // processed, so sending it to the new worker is safe. (Not
                     // so after a crash: the request may have been committed.)
                     let retired = upstream.replaced.load(std::sync::atomic::Ordering::Relaxed);
                     let retry = body.replayable() && (nothing_sent || idempotent || retired) && Instant::now() < deadline;
-                    tracing::debug!("upstream {} failed ({e:?}); retry: {retry}", upstream.addr);
+                    match &e {
+                        SendError::NotSent(_, why) => tracing::debug!("upstream {} not reached ({why}); retry: {retry}", upstream.addr),
+                        SendError::Failed(e) => tracing::debug!("upstream {} failed ({e:?}); retry: {retry}", upstream.addr),
+                    }
                     if retry {
                         failed_generation = Some(upstream.generation);
                         continue;
