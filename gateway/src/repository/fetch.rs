@@ -144,10 +144,10 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
                 bail!("{}: the manifest of {} names {:?}, not a file of a base backup", repo.display(), backup.id, file.name);
             }
             let object = layout::base_file(&gen, &backup.id, &file.name);
-            let data = repo.get_verified(&object, &file.sha256).await?;
-            std::fs::write(partial.join(&file.name), &data).with_context(|| format!("writing {}", partial.join(&file.name).display()))?;
+            // Streamed to disk and checked on the way (never whole in memory).
+            let written = repo.get_to_file_verified(&object, &partial.join(&file.name), &file.sha256).await?;
             objects += 1;
-            bytes += data.len() as u64;
+            bytes += written;
             say(format!("base backup: {}/{} files, {bytes}/{total} bytes ({} verified)", n + 1, manifest.files.len(), file.name));
         }
         let _ = std::fs::remove_dir_all(&final_dir);

@@ -346,6 +346,47 @@ impl Repository {
         Ok(bytes)
     }
 
+    /// Streams the object at `path` into the new file `local` (never whole
+    /// in memory: a base backup can be gigabytes), hashing as it goes; the
+    /// file is flushed and kept only when its SHA-256 is `sha256`, removed
+    /// otherwise. Returns the bytes written.
+    pub async fn get_to_file_verified(&self, path: &str, local: &Path, sha256: &str) -> Result<u64, RepositoryError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let local_error = |source| RepositoryError::Local { path: local.display().to_string(), source };
+        let got = self.store.get(&self.full(path)).await.map_err(|e| self.store_error("reading", path, e))?;
+        let mut stream = got.into_stream();
+        let mut file = tokio::fs::File::create(local).await.map_err(local_error)?;
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        let copied: Result<(), RepositoryError> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.store_error("reading", path, e))?;
+                hasher.update(&chunk);
+                file.write_all(&chunk).await.map_err(local_error)?;
+                written += chunk.len() as u64;
+            }
+            file.sync_all().await.map_err(local_error)
+        }
+        .await;
+        let actual = hex(&hasher.finalize());
+        let failed = match copied {
+            Err(e) => Some(e),
+            Ok(()) if !actual.eq_ignore_ascii_case(sha256) => {
+                Some(RepositoryError::Checksum { location: self.display(), path: path.to_string(), expected: sha256.to_string(), actual })
+            }
+            Ok(()) => None,
+        };
+        match failed {
+            Some(e) => {
+                drop(file);
+                let _ = std::fs::remove_file(local);
+                Err(e)
+            }
+            None => Ok(written),
+        }
+    }
+
     /// The size of the object at `path`, `None` when there is none.
     pub async fn head(&self, path: &str) -> Result<Option<u64>, RepositoryError> {
         match self.store.head(&self.full(path)).await {
@@ -487,6 +528,22 @@ fn redact_queries(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_download_to_a_file_is_kept_only_when_its_sha256_matches() {
+        let root = std::env::temp_dir().join(format!("omni-store-get-{}", std::process::id()));
+        let repo = Repository::open(&format!("file://{}/repo", root.display())).unwrap();
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        repo.put_once("base/x/base.tar.lz4", Bytes::from(body.clone())).await.unwrap();
+        let good = root.join("good");
+        let written = repo.get_to_file_verified("base/x/base.tar.lz4", &good, &sha256_hex(&body)).await.unwrap();
+        assert_eq!((written, std::fs::read(&good).unwrap()), (body.len() as u64, body.clone()));
+        let bad = root.join("bad");
+        let refused = repo.get_to_file_verified("base/x/base.tar.lz4", &bad, &"0".repeat(64)).await;
+        assert!(matches!(refused, Err(RepositoryError::Checksum { .. })), "{refused:?}");
+        assert!(!bad.exists(), "a file whose SHA-256 does not match is not left behind");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn urls_of_every_scheme_parse() {
