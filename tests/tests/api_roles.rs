@@ -56,6 +56,7 @@ const TABLE: &[(&str, &str, Access)] = &[
     ("GET", "/api/v1/backup/window", Admin),
     ("POST", "/api/v1/backup/base", Admin),
     ("POST", "/api/v1/backup/restore-to", Admin),
+    ("POST", "/api/v1/backup/repository/test", Admin),
     ("GET", "/api/v1/accounts", Admin),
     ("POST", "/api/v1/accounts", Admin),
     ("PATCH", "/api/v1/accounts/{username}", Admin),

@@ -284,6 +284,7 @@ fn openapi_document_lists_every_route_the_router_has() {
         "GET /api/v1/auth/check",
         "GET /api/v1/backup/window",
         "POST /api/v1/backup/base",
+        "POST /api/v1/backup/repository/test",
         "POST /api/v1/backup/restore-to",
     ]
     .into_iter()
