@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway::{cli_env, postgres_pids_on, wait_for_base_backup, workdir, GatewayBuilder};
+use gateway::{cli_env, wait_for_base_backup, workdir, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::wait_until;
 
@@ -81,16 +81,10 @@ fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
 
     // The loss: everything at once, then the machine's disk.
     let data_dir = gw.data_dir();
-    let postgres = postgres_pids_on(&data_dir);
-    let killed_at = Instant::now();
-    gw.child.kill9();
-    for pid in postgres {
-        // SAFETY: SIGKILL to a postgres process of this test's cluster.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    let killed_at = gateway::kill9_with_its_postgres(&mut gw);
     stop.store(true, Ordering::Relaxed);
     let acked = writer.join().unwrap();
-    wait_until(Duration::from_secs(30), "every postgres process to be gone", || postgres_pids_on(&data_dir).is_empty().then_some(()));
+    gateway::wait_postgres_gone(&data_dir);
     let lost_log = gw.log();
     std::fs::remove_dir_all(lost.path().join("data")).unwrap();
 

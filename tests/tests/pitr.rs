@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use omni_tests::wait_until;
-use gateway::{cli, wait_for_base_backup, write_a_note_t_write_b, postgres_pids_on, workdir, GatewayBuilder};
+use gateway::{cli, wait_for_base_backup, write_a_note_t_write_b, workdir, GatewayBuilder};
 
 fn restore(cwd: &Path, to: &str) -> String {
     let (ok, stdout, stderr) = cli(cwd, &["restore", "--to", to]);
@@ -73,16 +73,10 @@ fn lose_everything_then_restore_latest(sync: bool) {
         (gw.db().query_one("SELECT count(*) FROM pitr_load", &[]).unwrap().get::<_, i64>(0) > 200).then_some(())
     });
     let data_dir = gw.data_dir();
-    let postgres = postgres_pids_on(&data_dir);
-    let killed_at = Instant::now();
-    gw.child.kill9();
-    for pid in postgres {
-        // SAFETY: SIGKILL to a postgres process of this test's cluster.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    let killed_at = gateway::kill9_with_its_postgres(&mut gw);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.join().unwrap();
-    wait_until(Duration::from_secs(30), "every postgres process to be gone", || postgres_pids_on(&data_dir).is_empty().then_some(()));
+    gateway::wait_postgres_gone(&data_dir);
     std::fs::remove_dir_all(&data_dir).unwrap();
 
     restore(dir.path(), "latest");

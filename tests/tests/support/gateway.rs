@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use omni_tests::{bin_path, free_port, isolated_command, pg_bin_dir, wait_until, ChildGuard, Request, Response, TempDir};
 
@@ -204,6 +204,26 @@ pub fn alive(pid: i32) -> bool {
         Ok(stat) => stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')).unwrap_or(false),
         Err(_) => false,
     }
+}
+
+/// The machine lost at once: the gateway and every PostgreSQL process of
+/// its cluster get SIGKILL together. Returns the moment of the kill (what a
+/// lost write is measured back from); [`wait_postgres_gone`] waits for the
+/// processes to be reaped.
+pub fn kill9_with_its_postgres(gw: &mut Gateway) -> Instant {
+    let postgres = postgres_pids_on(&gw.data_dir());
+    let killed_at = Instant::now();
+    gw.child.kill9();
+    for pid in postgres {
+        // SAFETY: SIGKILL to a postgres process of this test's cluster.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    killed_at
+}
+
+/// Waits until no postgres process names `data_dir` any more.
+pub fn wait_postgres_gone(data_dir: &Path) {
+    wait_until(Duration::from_secs(30), "every postgres process to be gone", || postgres_pids_on(data_dir).is_empty().then_some(()));
 }
 
 /// Pids of live postgres processes whose command line names `dir`.
