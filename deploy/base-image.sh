@@ -3,6 +3,7 @@
 # (debian:bookworm-slim), for machines that cannot pull from Docker Hub.
 #
 #   deploy/base-image.sh [cache-tarball]
+#   deploy/base-image.sh --cache-only [cache-tarball]
 #
 # In order: the image is already there; `docker pull` works; a root
 # filesystem tarball cached by an earlier run (default
@@ -11,16 +12,27 @@
 # uses, trimmed the way the official slim image is (no docs, man pages or
 # locales), cached, and imported. debootstrap takes minutes; the cache makes
 # every later run take seconds. Needs root for debootstrap.
+#
+# --cache-only makes the tarball (when missing) and imports nothing: no
+# daemon needed, so CI makes it while the workspace compiles.
 set -eu
 
+cache_only=
+if [ "${1:-}" = --cache-only ]; then
+  cache_only=1
+  shift
+fi
 image=${BASE_IMAGE:-debian:bookworm-slim}
 cache=${1:-target/docker/debian-bookworm-slim.tar}
 
-if docker image inspect "$image" >/dev/null 2>&1; then
+if [ -n "$cache_only" ] && [ -s "$cache" ]; then
+  exit 0
+fi
+if [ -z "$cache_only" ] && docker image inspect "$image" >/dev/null 2>&1; then
   exit 0
 fi
 # Pulling fails fast (DNS) where Docker Hub is unreachable.
-if timeout 120 docker pull -q "$image" >/dev/null 2>&1; then
+if [ -z "$cache_only" ] && timeout 120 docker pull -q "$image" >/dev/null 2>&1; then
   exit 0
 fi
 
@@ -30,7 +42,7 @@ import() {
   echo "base image $image imported from $cache" >&2
 }
 
-if [ -s "$cache" ]; then
+if [ -z "$cache_only" ] && [ -s "$cache" ]; then
   import
   exit 0
 fi
@@ -101,4 +113,8 @@ chmod 0755 "$root"
 mkdir -p "$(dirname "$cache")"
 tar --numeric-owner -C "$root" -cf "$cache.tmp" .
 mv "$cache.tmp" "$cache"
+if [ -n "$cache_only" ]; then
+  echo "base image root filesystem cached in $cache" >&2
+  exit 0
+fi
 import

@@ -10,6 +10,7 @@
 #
 #   tests/fuzz/run.sh              # default budget: FUZZ_SECONDS=120
 #   FUZZ_SECONDS=600 tests/fuzz/run.sh
+#   tests/fuzz/run.sh --install-only   # schemathesis only (CI, while it compiles)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -26,6 +27,8 @@ if [[ ! -x "$venv/bin/st" ]]; then
     # release may add checks, which should be met on purpose, not in CI.
     "$venv/bin/pip" install --quiet 'schemathesis==4.32.5'
 fi
+
+[[ "${1:-}" == --install-only ]] && exit 0
 
 # `--example` alone would build only the sandbox, not the worker it starts.
 cargo build --quiet -p omni-api --bin omni-api

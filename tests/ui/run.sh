@@ -3,6 +3,8 @@
 # Needs `cargo build --workspace` done first (make test does it). Installs
 # Debian's Chromium when missing (never a downloaded browser), the npm
 # dependencies from the lockfile, then runs every tests/ui/*.test.mjs.
+#
+#   tests/ui/run.sh --install-only   # Chromium and npm only (CI, while it compiles)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -14,19 +16,20 @@ if [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
 
-for bin in omni-gateway omni-api; do
-  if [ ! -x "$root/target/debug/$bin" ]; then
-    echo "tests/ui: target/debug/$bin is missing; run \`cargo build --workspace\` first" >&2
-    exit 2
-  fi
-done
-
 cd "$here"
 if [ -f package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 else
   npm install --no-audit --no-fund --loglevel=error
 fi
+[[ "${1:-}" == --install-only ]] && exit 0
+
+for bin in omni-gateway omni-api; do
+  if [ ! -x "$root/target/debug/$bin" ]; then
+    echo "tests/ui: target/debug/$bin is missing; run \`cargo build --workspace\` first" >&2
+    exit 2
+  fi
+done
 
 cd "$root"
 # One file at a time: each starts its own gateway and Chromium, and the
