@@ -9,6 +9,7 @@
 //! `store.rs` is the one way to the store (open, write once, read
 //! verified, list, delete); `layout.rs` names every object.
 
+pub mod crypt;
 pub mod layout;
 pub mod probe;
 pub mod retention;
