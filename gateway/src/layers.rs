@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Top to bottom. A module may import any module after it, none before it.
-const LAYERS: &[&str] = &["cli", "app", "worker", "serve", "relay", "repository", "pitr", "pg", "supervise", "status", "process", "config"];
+const LAYERS: &[&str] = &["cli", "app", "worker", "serve", "relay", "repository", "pitr", "pg", "supervise", "status", "process", "tls", "config"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

@@ -19,6 +19,7 @@
 //! | [`supervise`] | the mechanism: the restart loop, start gates, systemd notify; knows no PostgreSQL |
 //! | [`status`] | the status board every layer reports to |
 //! | [`process`] | the OS layer: child processes, accounts and privileges |
+//! | [`tls`] | HTTPS: the certificate's checks and its replacement while serving |
 //! | [`config`] | settings: variables, `.env`, the settings file |
 
 pub mod app;
@@ -32,6 +33,7 @@ pub mod repository;
 pub mod serve;
 pub mod status;
 pub mod supervise;
+pub mod tls;
 pub mod worker;
 
 
