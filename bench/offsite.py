@@ -40,6 +40,10 @@ Needs pgbackrest (Debian's; installed with apt-get when missing) and boto3
 
 Usage: bench/offsite.py [ROUNDS] [SIZE_MB]   (defaults 3, 1024; writes the
 "Off-site repository" section of BENCHMARKS.md and its figures into BENCHMARKS.json)
+BENCH_OFFSITE_WRITE_SECONDS (default 20): each round's write load.
+BENCH_OFFSITE_PERF=/path/prefix: profile the gateway during each upload with
+`perf record` (Debian's linux-perf) and print where its CPU went instead of
+writing the table.
 """
 
 import os
@@ -74,6 +78,10 @@ PREFIX = "omni"
 ACCESS, SECRET = "bench-access", "bench-secret-key-0123456789"
 SEGMENT = 16 << 20
 COMMAND = f"python3 bench/offsite.py {ROUNDS} {SIZE_MB}"
+# A file name: `perf record` samples the gateway during each base backup's
+# upload into it, the script prints where the CPU went and writes no table
+# (the profiler's cost is in those rounds).
+PERF = os.environ.get("BENCH_OFFSITE_PERF")
 
 
 def need_tools():
@@ -498,6 +506,8 @@ def main():
             backup = gw.call("POST", "/api/v1/backup/base")
             t1 = time.perf_counter()
             cpu_before = cpu_seconds(gw.proc.pid)
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-p", str(gw.proc.pid), "-o", f"{PERF}.{i}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if PERF else None
             manifest = f"{PREFIX}/{gen}/base/{backup['id']}/manifest.json"
             while not s3.exists(manifest):
                 if time.perf_counter() - t1 > 1800:
@@ -505,6 +515,9 @@ def main():
                 time.sleep(0.02)
             t2 = time.perf_counter()
             cpu = cpu_seconds(gw.proc.pid) - cpu_before
+            if perf:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(60)
             local = wal_dir / "base" / backup["id"]
             size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
             sizes["gateway base backup"] = size
@@ -621,6 +634,14 @@ def main():
             s3.stop()
         shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
+    if PERF:
+        for i in range(ROUNDS):
+            print(f"── perf report of the gateway during upload {i + 1} ({PERF}.{i}) ──")
+            out = subprocess.run(["perf", "report", "-i", f"{PERF}.{i}", "--stdio", "--no-children", "--sort", "dso,symbol", "--percent-limit", "1"],
+                                 capture_output=True, text=True).stdout
+            print("\n".join(line for line in out.splitlines() if line and not line.startswith("#")))
+        print(f"no table written (profiled); results: {json.dumps({k: [round(x, 2) for x in v] for k, v in results.items()})}")
+        return
     report(results, rp_rounds, sizes, load_start, load_end)
 
 
