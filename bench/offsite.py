@@ -17,7 +17,9 @@ vanish). Then, in each round, interleaved (the order reversed every other round)
                        bucket (the transfer floor)
   pgbackrest backup    `pgbackrest backup --type=full` of the same cluster to an
                        S3 repository on the same server (compress-type=lz4, the
-                       level class of the gateway's lz4 base backups; process-max=1)
+                       level class of the gateway's lz4 base backups; process-max=1;
+                       its expire of the previous backup runs after the round,
+                       untimed, as the gateway's retention in the bucket is)
   gateway restore      `omni-gateway restore --from s3://… --to latest` into an
                        empty directory (download, check, unpack, replay)
   pgbackrest restore   `pgbackrest restore` into an empty directory, then a bare
@@ -290,6 +292,7 @@ repo1-s3-key-secret={SECRET}
 repo1-s3-uri-style=path
 repo1-storage-verify-tls=n
 repo1-retention-full=1
+expire-auto=n
 compress-type=lz4
 compress-level=1
 process-max=1
@@ -604,6 +607,7 @@ def main():
                 proc.wait(60)
             results["pgbr_restore"].append(t)
             results["pgbr_restore_files"].append(files)
+            pgbr.run("expire")  # the previous backup (repo1-retention-full=1), untimed
             print(f"round {i + 1} pgbackrest restore {t:.1f} s (files {files:.1f} s)", file=sys.stderr, flush=True)
             shutil.rmtree(target)
 
@@ -673,7 +677,13 @@ def report(results, rp_rounds, sizes, load_start, load_end):
         f"Sizes: the gateway's base backup {gb * 1000:.0f} MB (base.tar.lz4, pg_wal.tar, backup_manifest: what `rclone copy` copies too); "
         f"pgBackRest's full backup {sizes['pgbackrest backup'] / 1e6:.0f} MB in its repository. pgBackRest's backup CPU (compression included, all its processes): "
         f"{m['pgbr_backup_cpu']:.1f} s. The gateway's restore is `omni-gateway restore --from s3://… --to latest` (download, SHA-256 checks, unpack, replay of the WAL since, "
-        f"PostgreSQL stopped again); pgBackRest's is `pgbackrest restore` then a bare postgres replaying through `archive-get` until it accepts connections.",
+        f"PostgreSQL stopped again); pgBackRest's is `pgbackrest restore` then a bare postgres replaying through `archive-get` until it accepts connections. "
+        f"`rclone copy` runs with its defaults (4 parts at a time, an MD5 of each).",
+        "",
+        "Each round (gateway / other, seconds): base backup " + ", ".join(f"{g:.1f} / {p:.1f}" for g, p in zip(results["gw_backup"], results["pgbr_backup"]))
+        + "; upload " + ", ".join(f"{g:.1f} / {r:.1f}" for g, r in zip(results["gw_upload"], results["rclone_copy"]))
+        + "; restore " + ", ".join(f"{g:.1f} / {p:.1f}" for g, p in zip(results["gw_restore"], results["pgbr_restore"]))
+        + "; recovery point p99 " + ", ".join(f"{pct(r[0], 99) * 1000:.0f} ms" for r in rp_rounds) + ".",
         "",
         f"**Off-site recovery point under {RATE:,} writes/s** (`OMNI_REPOSITORY_WAL_INTERVAL` default 1 s): {SESSIONS} psql sessions committing numbered rows "
         f"for {WRITE_SECONDS:.0f} s per round ({rp['rate']:.0f} commits/s achieved, {rp['writes']:,} writes in all); for each, the time from its acknowledgement "
