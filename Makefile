@@ -62,6 +62,7 @@ bench:
 	python3 bench/pitr.py
 	python3 bench/recovery.py
 	python3 bench/login_flood.py
+	python3 bench/offsite.py
 
 ## Chaos soak: kill -9 PostgreSQL and the worker under write load; appends to RELIABILITY.md (SOAK_SECONDS, default 240).
 soak:

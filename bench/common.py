@@ -71,3 +71,20 @@ def write_json(command, figures):
     entries += [{"name": name, "value": value, "unit": unit, "command": command} for name, value, unit in figures]
     entries.sort(key=lambda e: e["name"])
     path.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+
+
+# ── Off-site repository benchmark (bench/offsite.py) ─────────────────────────
+# The object stores the tests run against, and the CPU time of a process.
+
+def store_tools():
+    """The test kit's object stores (`rclone`, `weed`, ...), installed into
+    target/ by tests/stores/install.sh when missing: {name: path}."""
+    import subprocess
+    out = subprocess.run(["bash", str(ROOT / "tests" / "stores" / "install.sh")], check=True, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time `pid` has used so far (from /proc/<pid>/stat)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
