@@ -50,6 +50,6 @@ fn http_threads_refuses_a_count_it_cannot_use() {
     for bad in ["0", "257", "many"] {
         let (status, log) = GatewayBuilder::new(dir.path()).env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none").env("OMNI_HTTP_THREADS", bad).run_to_exit();
         assert_eq!(status.code(), Some(2), "{bad}: {log}");
-        assert!(log.contains(&format!("OMNI_HTTP_THREADS={bad}")) && log.contains("1 to 256"), "{bad}: the message names the variable and the range: {log}");
+        assert!(log.contains(&format!("OMNI_HTTP_THREADS=\"{bad}\"")) && log.contains("1 to 256"), "{bad}: the message names the variable and the range: {log}");
     }
 }
