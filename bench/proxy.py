@@ -200,6 +200,10 @@ http {{
         print(f"gateway {g[0]:.0f} req/s, gateway-b {b[0]:.0f} req/s: a ÷ b {g[0] / b[0]:.3f}; ÷ nginx: a {g[0] / n[0]:.3f}, b {b[0] / n[0]:.3f}; "
               f"CPU per request a {cpu_us['gateway']:.1f} µs, b {cpu_us['gateway-b']:.1f} µs, nginx {cpu_us['nginx']:.1f} µs; "
               f"1 connection over direct a {(one['gateway'][0] - one['direct'][0]) * 1000:.0f} µs, b {(one['gateway-b'][0] - one['direct'][0]) * 1000:.0f} µs")
+        print(f"p99 a {g[2]:.3f} ms, b {b[2]:.3f} ms, nginx {n[2]:.3f} ms (a ÷ b {g[2] / b[2]:.3f}); "
+              f"p50 over direct at {CONNECTIONS} connections a {(g[1] - d[1]) * 1000:.0f} µs, b {(b[1] - d[1]) * 1000:.0f} µs, nginx {(n[1] - d[1]) * 1000:.0f} µs; "
+              f"CPU per request a ÷ b {cpu_us['gateway'] / cpu_us['gateway-b']:.3f}; "
+              f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
         return
     nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [

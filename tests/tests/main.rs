@@ -26,6 +26,7 @@ mod backup_hostile_names;
 mod gateway_children;
 mod gateway_data_root;
 mod gateway_dev;
+mod gateway_http_threads;
 mod gateway_journal;
 mod gateway_lock;
 mod gateway_logring;

@@ -68,6 +68,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_UPSTREAM_TIMEOUT_S", default: "300", help: "longest wait for the worker's response headers before 504" },
     Var { name: "OMNI_HEADER_TIMEOUT_S", default: "15", help: "a client must send its request headers within this time (also the keep-alive idle limit)" },
     Var { name: "OMNI_MAX_CONNECTIONS", default: "4096", help: "open client connections the gateway accepts at once" },
+    Var { name: "OMNI_HTTP_THREADS", default: "", help: "threads serving HTTP, each accepting on the port and owning its connections and its pool to the worker (1 to 256); empty = one per available core" },
     Var { name: "OMNI_DRAIN_TIMEOUT_S", default: "15", help: "at stop or reload, how long in-flight requests may take to finish" },
     Var { name: "OMNI_TRUSTED_PROXIES", default: "", help: "comma-separated addresses or CIDRs (e.g. 127.0.0.1/32,10.0.0.0/8) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; empty = none, every client is its TCP peer" },
     Var { name: "OMNI_PUBLIC_URL", default: "", help: "the address users type (e.g. https://omni.example.com): its host is allowed, beside IP addresses and localhost, on setup and sign-in (the DNS-rebinding check)" },
@@ -308,6 +309,8 @@ pub struct HttpLimits {
     pub upstream_timeout: Duration,
     pub header_timeout: Duration,
     pub max_connections: usize,
+    /// `OMNI_HTTP_THREADS`: how many threads serve HTTP (`serve::serve`).
+    pub threads: usize,
     pub drain_timeout: Duration,
     /// Whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: TrustedProxies,
@@ -489,12 +492,21 @@ fn parse_restart(p: &Parser<'_>) -> Result<RestartPolicy, ConfigError> {
 }
 
 /// The listener's and the proxy's limits, and whom it believes.
+/// Most threads `OMNI_HTTP_THREADS` may ask for.
+const MAX_HTTP_THREADS: usize = 256;
+
 fn parse_http(p: &Parser<'_>) -> Result<HttpLimits, ConfigError> {
     let http = HttpLimits {
         upstream_wait: p.millis("OMNI_UPSTREAM_WAIT_MS")?,
         upstream_timeout: p.seconds("OMNI_UPSTREAM_TIMEOUT_S")?,
         header_timeout: p.seconds("OMNI_HEADER_TIMEOUT_S")?,
         max_connections: p.number("OMNI_MAX_CONNECTIONS", "a whole number of connections")?,
+        threads: match p.raw("OMNI_HTTP_THREADS").0.trim() {
+            "" => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_HTTP_THREADS),
+            n => n.parse().ok().filter(|n| (1..=MAX_HTTP_THREADS).contains(n)).ok_or_else(|| {
+                p.invalid("OMNI_HTTP_THREADS", format!("expected a whole number of threads from 1 to {MAX_HTTP_THREADS}, or nothing for one per available core"))
+            })?,
+        },
         drain_timeout: p.seconds("OMNI_DRAIN_TIMEOUT_S")?,
         trusted_proxies: TrustedProxies::parse(&p.raw("OMNI_TRUSTED_PROXIES").0).map_err(|problem| p.invalid("OMNI_TRUSTED_PROXIES", problem))?,
         public_url: match p.raw("OMNI_PUBLIC_URL").0.trim() {
@@ -935,6 +947,17 @@ mod tests {
         assert_eq!(url.as_deref(), Some("https://omni.example.com"));
         let err = parse(&[("OMNI_PUBLIC_URL", "omni.example.com")]).unwrap_err().to_string();
         assert!(err.starts_with("OMNI_PUBLIC_URL=") && err.contains("https://"), "{err}");
+    }
+
+    #[test]
+    fn http_threads_default_to_the_cores_and_refuse_zero_or_words() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(parse(&[]).unwrap().http.threads, cores);
+        assert_eq!(parse(&[("OMNI_HTTP_THREADS", " 3 ")]).unwrap().http.threads, 3);
+        for bad in ["0", "257", "two", "-1"] {
+            let err = parse(&[("OMNI_HTTP_THREADS", bad)]).unwrap_err().to_string();
+            assert!(err.starts_with("OMNI_HTTP_THREADS=") && err.contains("1 to 256"), "{bad}: {err}");
+        }
     }
 
     #[test]

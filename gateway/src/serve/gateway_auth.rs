@@ -70,7 +70,7 @@ impl GatewayAuth {
             request = request.header(name, value);
         }
         let request = request.body(full("")).expect("a GET with copied headers is valid");
-        let answer = match tokio::time::timeout(ASK_TIMEOUT, upstream.client.request(request)).await {
+        let answer = match tokio::time::timeout(ASK_TIMEOUT, upstream.client().request(request)).await {
             Ok(Ok(answer)) => answer,
             _ => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable", "the API worker did not answer the credentials check; retry in a few seconds")),
         };

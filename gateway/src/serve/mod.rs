@@ -90,26 +90,183 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// refused with 503. After the drain, whatever is still open (slow requests,
 /// upgraded connections) is closed, and every task is awaited.
 ///
+/// The connections are served by `limits.threads` HTTP threads
+/// (`OMNI_HTTP_THREADS`), each a current-thread runtime accepting on the
+/// same listening socket: a connection, its requests, its pooled upstream
+/// connection (`upstream.rs`) and their tasks stay on the thread that
+/// accepted it, so no request wakes another thread. This future runs on
+/// the main runtime (supervision, PostgreSQL, the worker), steers the
+/// drain, and ends once every HTTP thread has finished; dropped (a hurried
+/// stop), it ends them at once, cutting off what is still in flight.
+///
 /// Shutdown is one mechanism: `stop` says "finish", `close_all` says "now",
 /// and each connection task runs on a [`TaskTracker`] whose `wait` is the
 /// "all done".
 pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: CancellationToken, limits: HttpLimits) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    // Connections accepted before the stop: the drain waits for these.
-    let open = TaskTracker::new();
-    // Connections accepted during the drain: answered at once, never waited for.
-    let late = TaskTracker::new();
-    let close_all = CancellationToken::new();
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
+    let shared = Arc::new(Shared {
+        surface: surface.clone(),
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        open: TaskTracker::new(),
+        late: TaskTracker::new(),
+        stop,
+        drained: CancellationToken::new(),
+        close_all: CancellationToken::new(),
+        finished: CancellationToken::new(),
+        http1,
+        main: tokio::runtime::Handle::current(),
+    });
+    // Dropped before the end (a hurried stop): the HTTP threads end at once.
+    let _finish = shared.finished.clone().drop_guard();
+    surface.proxy.upstreams.set_http_threads(limits.threads);
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot hand the listening socket to the HTTP threads ({e}); serving on the main runtime");
+            return serve_here(shared, None, limits.drain_timeout).await;
+        }
+    };
+    let mut threads = Vec::new();
+    let mut here = None;
+    for index in 0..limits.threads {
+        match start_thread(index, &listener, &shared) {
+            Ok(done) => threads.push(done),
+            Err(e) => {
+                tracing::error!("cannot start HTTP thread {index} ({e}); its share is served on the main runtime");
+                if here.is_none() {
+                    here = listener.try_clone().ok().and_then(|l| TcpListener::from_std(l).ok());
+                }
+            }
+        }
+    }
+    if threads.is_empty() && here.is_none() {
+        here = TcpListener::from_std(listener).ok();
+    } else {
+        // The threads hold their own descriptors of the socket; it closes
+        // when the last of them is dropped, after the drain.
+        drop(listener);
+    }
+    serve_here(shared, here, limits.drain_timeout).await;
+    for done in threads {
+        let _ = done.await;
+    }
+}
+
+/// What every HTTP thread shares with the others and with [`serve`].
+struct Shared {
+    surface: Arc<Surface>,
+    /// `OMNI_MAX_CONNECTIONS`, over all threads.
+    slots: Arc<Semaphore>,
+    /// Connections accepted before the stop: the drain waits for these.
+    open: TaskTracker,
+    /// Connections accepted during the drain: answered at once, never waited for.
+    late: TaskTracker,
+    /// The stop: accept no more, finish what is in flight.
+    stop: CancellationToken,
+    /// The drain is over: stop answering newcomers, close the listener.
+    drained: CancellationToken,
+    /// Cut off what is still open.
+    close_all: CancellationToken,
+    /// Every task of every thread is done (or the stop is hurried): the threads end.
+    finished: CancellationToken,
+    http1: hyper::server::conn::http1::Builder,
+    /// The main runtime, where work that outlives a request is spawned.
+    main: tokio::runtime::Handle,
+}
+
+thread_local! {
+    /// On an HTTP thread: the main runtime's handle.
+    static MAIN_RUNTIME: std::cell::RefCell<Option<tokio::runtime::Handle>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `task` on the main runtime when called from an HTTP thread (so it
+/// does not end with that thread's runtime), on the current one otherwise.
+pub fn spawn_on_main<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match MAIN_RUNTIME.with(|m| m.borrow().clone()) {
+        Some(main) => main.spawn(task),
+        None => tokio::spawn(task),
+    }
+}
+
+/// Starts HTTP thread `index` on its own descriptor of `listener`; the
+/// receiver completes when the thread has finished.
+fn start_thread(index: usize, listener: &std::net::TcpListener, shared: &Arc<Shared>) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.try_clone()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let shared = shared.clone();
+    std::thread::Builder::new().name(format!("omni-http-{index}")).spawn(move || {
+        crate::serve::upstream::set_http_thread(index);
+        MAIN_RUNTIME.with(|m| *m.borrow_mut() = Some(shared.main.clone()));
+        runtime.block_on(async {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => accept_loop(listener, &shared).await,
+                Err(e) => tracing::error!("HTTP thread {index} cannot listen ({e}); the other threads serve"),
+            }
+            // Connections, streams and tunnels of this thread run only
+            // while it is in `block_on`: stay until all are done.
+            shared.finished.cancelled().await;
+        });
+        runtime.shutdown_background();
+        let _ = done.send(());
+    })?;
+    Ok(finished)
+}
+
+/// Steers the stop and the drain (and serves on this runtime too when
+/// `listener` is given, the fallback when threads could not be started),
+/// then awaits every task of every thread.
+async fn serve_here(shared: Arc<Shared>, listener: Option<TcpListener>, drain_timeout: Duration) {
+    let accepting = async {
+        match listener {
+            Some(l) => accept_loop(l, &shared).await,
+            None => shared.drained.cancelled().await,
+        }
+    };
+    let steer = async {
+        shared.stop.cancelled().await;
+        // The drain. `/health` already answers 503 (the board says stopping).
+        shared.open.close();
+        let drained = tokio::select! {
+            _ = shared.open.wait() => true,
+            _ = tokio::time::sleep(drain_timeout) => false,
+        };
+        if !drained {
+            tracing::warn!("in-flight requests still running after {} s; closing them", drain_timeout.as_secs());
+        }
+        shared.drained.cancel();
+    };
+    tokio::join!(accepting, steer);
+    let surface = &shared.surface;
+    shared.close_all.cancel();
+    surface.streams.close();
+    surface.streams.wait().await;
+    surface.proxy.close_tunnels.cancel();
+    surface.proxy.tunnels.close();
+    shared.late.close();
+    shared.open.wait().await;
+    shared.late.wait().await;
+    surface.proxy.tunnels.wait().await;
+    shared.finished.cancel();
+}
+
+/// One thread's share: accepts until the stop, then answers newcomers with
+/// 503 until the drain is over; closes its descriptor of the listener.
+async fn accept_loop(listener: TcpListener, shared: &Shared) {
+    let Shared { surface, slots, open, late, stop, drained, close_all, http1, .. } = shared;
     loop {
         let Some((stream, peer, permit)) = (tokio::select! {
-            accepted = accept(&listener, &slots) => accepted,
+            accepted = accept(&listener, slots) => accepted,
             _ = stop.cancelled() => break,
         }) else {
             continue;
         };
-        let conn = http1.serve_connection(TokioIo::new(stream), service(&surface, peer, false)).with_upgrades();
+        let conn = http1.serve_connection(TokioIo::new(stream), service(surface, peer, false)).with_upgrades();
         let (stop, close_all) = (stop.clone(), close_all.clone());
         open.spawn(async move {
             tokio::pin!(conn);
@@ -127,14 +284,12 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
         });
     }
 
-    // The drain. `/health` already answers 503 (the board says stopping).
-    open.close();
     let mut http1_closing = http1.clone();
     http1_closing.keep_alive(false);
     let answer_late = async {
         loop {
-            let Some((stream, peer, permit)) = accept(&listener, &slots).await else { continue };
-            let conn = http1_closing.serve_connection(TokioIo::new(stream), service(&surface, peer, true));
+            let Some((stream, peer, permit)) = accept(&listener, slots).await else { continue };
+            let conn = http1_closing.serve_connection(TokioIo::new(stream), service(surface, peer, true));
             let close_all = close_all.clone();
             late.spawn(async move {
                 tokio::select! {
@@ -145,24 +300,10 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
             });
         }
     };
-    let drained = tokio::select! {
-        _ = open.wait() => true,
+    tokio::select! {
         _ = answer_late => unreachable!("answering during the drain only ends with the drain"),
-        _ = tokio::time::sleep(limits.drain_timeout) => false,
-    };
-    if !drained {
-        tracing::warn!("in-flight requests still running after {} s; closing them", limits.drain_timeout.as_secs());
+        _ = drained.cancelled() => {}
     }
-    drop(listener);
-    close_all.cancel();
-    surface.streams.close();
-    surface.streams.wait().await;
-    surface.proxy.close_tunnels.cancel();
-    surface.proxy.tunnels.close();
-    late.close();
-    open.wait().await;
-    late.wait().await;
-    surface.proxy.tunnels.wait().await;
 }
 
 /// Waits for a connection slot and a client; `None` after an accept error
@@ -236,7 +377,10 @@ async fn health(surface: &Surface) -> Response<Body> {
         None => format!("{n} is {}", c.state),
     }));
     if let Some(db) = &surface.database {
-        let (state, detail) = match db.check().await {
+        // Its connection outlives this request: made on the main runtime.
+        let checking = db.clone();
+        let checked = spawn_on_main(async move { checking.check().await }).await.unwrap_or_else(|e| Err(anyhow::anyhow!("the check failed: {e}")));
+        let (state, detail) = match checked {
             Ok(()) => ("ready", None),
             Err(e) => {
                 problems.push(format!("{e:#}"));

@@ -173,7 +173,7 @@ impl Proxy {
                 Err(resp) => return resp,
             };
             let timeout = crate::pitr::online::upstream_timeout(req.uri.path(), self.limits.upstream_timeout);
-            match tokio::time::timeout(timeout, upstream.client.request(out)).await {
+            match tokio::time::timeout(timeout, upstream.client().request(out)).await {
                 Ok(Ok(resp)) => return client_response(resp, client_upgrade, &self.tunnels, &self.close_tunnels),
                 Ok(Err(e)) => {
                     let nothing_sent = e.is_connect();

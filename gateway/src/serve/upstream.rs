@@ -6,10 +6,15 @@
 //! connections are never reused, so no request races the old worker closing
 //! an idle connection. Requests that find no upstream wait (bounded) on a
 //! `watch` channel for the next one instead of failing at once.
+//!
+//! Each HTTP thread (`serve/mod.rs`) has its own pool to each generation,
+//! so a proxied request, its pooled connection and that connection's task
+//! stay on one thread and one runtime: no other thread is woken for it.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -26,11 +31,32 @@ pub struct Upstream {
     pub authority: hyper::http::uri::Authority,
     pub host: hyper::header::HeaderValue,
     pub generation: u64,
-    pub client: Client<HttpConnector, Body>,
+    /// One pool per HTTP thread, the last for any other thread (made on first use).
+    pools: Box<[OnceLock<Client<HttpConnector, Body>>]>,
     /// Set when a reload published a successor while this one still ran:
     /// it drains gracefully, so a request it dropped was never processed.
     /// (A crashed worker is withdrawn instead, and this stays false.)
     pub replaced: AtomicBool,
+}
+
+thread_local! {
+    /// This thread's index among the HTTP threads, if it is one.
+    static HTTP_THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the calling thread as HTTP thread `index` (`serve/mod.rs`): its
+/// requests use that thread's pools.
+pub fn set_http_thread(index: usize) {
+    HTTP_THREAD.with(|t| t.set(Some(index)));
+}
+
+impl Upstream {
+    /// The calling thread's pool to this worker.
+    pub fn client(&self) -> &Client<HttpConnector, Body> {
+        let shared = self.pools.len() - 1;
+        let slot = HTTP_THREAD.with(Cell::get).filter(|i| *i < shared).unwrap_or(shared);
+        self.pools[slot].get_or_init(pooled_client)
+    }
 }
 
 /// The current upstream, shared by the worker's policy (writer) and the proxy (readers).
@@ -38,21 +64,29 @@ pub struct Upstream {
 pub struct Upstreams {
     tx: watch::Sender<Option<Arc<Upstream>>>,
     next_generation: Arc<AtomicU64>,
+    /// How many HTTP threads serve: each generation gets a pool for each.
+    http_threads: Arc<AtomicUsize>,
 }
 
 impl Default for Upstreams {
     fn default() -> Self {
-        Upstreams { tx: watch::Sender::new(None), next_generation: Arc::new(AtomicU64::new(1)) }
+        Upstreams { tx: watch::Sender::new(None), next_generation: Arc::new(AtomicU64::new(1)), http_threads: Arc::default() }
     }
 }
 
 impl Upstreams {
+    /// Says how many HTTP threads serve, before they start.
+    pub fn set_http_threads(&self, threads: usize) {
+        self.http_threads.store(threads, Ordering::Relaxed);
+    }
+
     /// Makes `addr` the upstream; returns its generation.
     pub fn publish(&self, addr: SocketAddr) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let authority: hyper::http::uri::Authority = addr.to_string().parse().expect("a socket address is a valid authority");
         let host = hyper::header::HeaderValue::from_str(authority.as_str()).expect("a socket address is a valid header value");
-        let upstream = Arc::new(Upstream { addr, authority, host, generation, client: pooled_client(), replaced: AtomicBool::new(false) });
+        let pools = (0..=self.http_threads.load(Ordering::Relaxed)).map(|_| OnceLock::new()).collect();
+        let upstream = Arc::new(Upstream { addr, authority, host, generation, pools, replaced: AtomicBool::new(false) });
         if let Some(previous) = self.tx.send_replace(Some(upstream)) {
             previous.replaced.store(true, Ordering::Relaxed);
         }
@@ -132,5 +166,31 @@ mod tests {
         assert!(ups.current().is_none());
         assert!(!second.replaced.load(Ordering::Relaxed), "a crashed worker is withdrawn, not replaced");
         assert!(ups.wait_for(None, Duration::from_millis(20)).await.is_none());
+    }
+
+    #[test]
+    fn each_http_thread_has_its_own_pool_to_a_worker() {
+        let ups = Upstreams::default();
+        ups.set_http_threads(2);
+        ups.publish("127.0.0.1:1".parse().unwrap());
+        let upstream = ups.current().unwrap();
+        let pool = |index: Option<usize>| {
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                if let Some(i) = index {
+                    set_http_thread(i);
+                }
+                let first = upstream.client() as *const _ as usize;
+                assert_eq!(first, upstream.client() as *const _ as usize, "one pool per thread, kept");
+                first
+            })
+            .join()
+            .unwrap()
+        };
+        let (zero, one, other, beyond) = (pool(Some(0)), pool(Some(1)), pool(None), pool(Some(7)));
+        assert_ne!(zero, one, "two HTTP threads share a pool");
+        assert!(other != zero && other != one, "a thread that is not an HTTP thread uses an HTTP thread's pool");
+        assert_eq!(other, beyond, "an index past the threads falls back to the shared pool");
+        assert_eq!(zero, pool(Some(0)), "a thread's pool is the same on every call");
     }
 }

@@ -153,6 +153,10 @@ pub struct Stage {
     root: CancellationToken,
     tasks: TaskTracker,
     grace: Duration,
+    /// The runtime the stages were made on (the main one): [`Stage::spawn`]
+    /// runs tasks there even when asked from an HTTP thread's runtime,
+    /// whose tasks end with their connections.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Stage {
@@ -178,7 +182,10 @@ impl Stage {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.tasks.spawn(task)
+        match &self.runtime {
+            Some(runtime) => self.tasks.spawn_on(task, runtime),
+            None => self.tasks.spawn(task),
+        }
     }
 }
 
@@ -195,7 +202,11 @@ impl Shutdown {
     /// signals and timeouts, the HTTP drain, a base backup allowed to finish).
     pub fn new(stages: &[(&'static str, &'static str, Duration)]) -> Shutdown {
         let root = CancellationToken::new();
-        let stages = stages.iter().map(|&(name, what, grace)| Stage { name, what, token: root.child_token(), root: root.clone(), tasks: TaskTracker::new(), grace }).collect();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let stages = stages
+            .iter()
+            .map(|&(name, what, grace)| Stage { name, what, token: root.child_token(), root: root.clone(), tasks: TaskTracker::new(), grace, runtime: runtime.clone() })
+            .collect();
         Shutdown { asked: CancellationToken::new(), root, stages }
     }
 
