@@ -471,21 +471,6 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn helpers_match_known_values() {
-        assert_eq!(http_date(UNIX_EPOCH + Duration::from_secs(1_796_445_992)), "Sat, 05 Dec 2026 04:46:32 GMT");
-        assert_eq!(base64(b"hello"), "aGVsbG8=");
-        assert_eq!(base64_decode("aGVsbG8="), b"hello");
-        // RFC 4231, test case 2.
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(mac.iter().map(|b| format!("{b:02x}")).collect::<String>(), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Reading the store as a client would (the restore's tests): the names of
 // the objects under a prefix, over each server's own HTTP API with its own
@@ -672,4 +657,19 @@ fn civil(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + i64::from(month <= 2), month, day, rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers_match_known_values() {
+        assert_eq!(http_date(UNIX_EPOCH + Duration::from_secs(1_796_445_992)), "Sat, 05 Dec 2026 04:46:32 GMT");
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(base64_decode("aGVsbG8="), b"hello");
+        // RFC 4231, test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(mac.iter().map(|b| format!("{b:02x}")).collect::<String>(), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
 }

@@ -315,7 +315,7 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
     }
     crate::pitr::generation::record(wal_dir, identity)?;
     say(format!("downloaded {objects} objects, {bytes} bytes into {}", wal_dir.display()));
-    Ok(Fetched { generation: gen.clone(), identity: identity.clone(), base_backup: backup.id.clone(), objects, bytes, segments, partial })
+    Ok(Fetched { generation: gen.clone(), identity: *identity, base_backup: backup.id.clone(), objects, bytes, segments, partial })
 }
 
 /// How often a long download says how far it got, at least.
