@@ -471,6 +471,194 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
+// ---------------------------------------------------------------------------
+// Reading the store as a client would (the restore's tests): the names of
+// the objects under a prefix, over each server's own HTTP API with its own
+// authentication (SigV4 for S3, SharedKey for Azure, none for the GCS
+// emulator), and the file behind an object of rclone's store (rclone keeps
+// each object as a plain file), for a test that damages one.
+
+impl StoreServer {
+    /// The names of the objects whose name starts with `prefix` (the whole
+    /// name in the bucket, e.g. `disaster/<gen>/base/`), sorted.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        let mut names = match self.kind {
+            Kind::Rclone | Kind::Seaweed => self.list_s3(prefix),
+            Kind::FakeGcs => self.list_gcs(prefix),
+            Kind::Azurite => self.list_azure(prefix),
+        };
+        names.sort();
+        names
+    }
+
+    /// The file rclone keeps the object `name` (the whole name in the
+    /// bucket) in: what a test damages to play bit rot in the store.
+    pub fn rclone_object_file(&self, name: &str) -> PathBuf {
+        assert_eq!(self.kind, Kind::Rclone, "only rclone keeps objects as plain files");
+        self.data.path().join("data").join(BUCKET).join(name)
+    }
+
+    /// Whether the store holds the WAL of `segment` up to byte `offset`
+    /// under `wal` (`<prefix>/<gen>/wal/`): the whole segment, or its
+    /// chunks contiguous from 0 past `offset`.
+    pub fn holds_wal(&self, wal: &str, segment: &str, offset: u64) -> bool {
+        let names = self.list(wal);
+        if names.iter().any(|n| n == &format!("{wal}{segment}.lz4")) {
+            return true;
+        }
+        let chunks = format!("{wal}{segment}.chunks/");
+        let mut ranges: Vec<(u64, u64)> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&chunks))
+            .filter_map(|r| r.split_once('-'))
+            .filter_map(|(f, t)| Some((u64::from_str_radix(f, 16).ok()?, u64::from_str_radix(t, 16).ok()?)))
+            .collect();
+        ranges.sort_unstable();
+        let mut end = 0;
+        for (from, to) in ranges {
+            if from > end {
+                break;
+            }
+            end = end.max(to);
+        }
+        end >= offset
+    }
+
+    fn list_s3(&self, prefix: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query: Vec<(&str, String)> = vec![("list-type", "2".to_owned()), ("prefix", prefix.to_owned())];
+            if let Some(t) = &token {
+                query.push(("continuation-token", t.clone()));
+            }
+            query.sort();
+            let query = query.iter().map(|(k, v)| format!("{k}={}", uri_encode(v))).collect::<Vec<_>>().join("&");
+            let path = format!("/{BUCKET}");
+            let response = self.signed_s3_get(&path, &query);
+            let body = response.text();
+            assert_eq!(response.status, 200, "listing {prefix} on {}: {body}", self.kind.name());
+            names.extend(xml_values(&body, "Key"));
+            token = xml_values(&body, "NextContinuationToken").into_iter().next();
+            if !body.contains("<IsTruncated>true</IsTruncated>") || token.is_none() {
+                return names;
+            }
+        }
+    }
+
+    /// A GET signed with AWS Signature Version 4 (the kit's credentials, us-east-1).
+    fn signed_s3_get(&self, path: &str, query: &str) -> crate::Response {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let (y, mo, d, h, mi, s) = civil(now);
+        let date = format!("{y:04}{mo:02}{d:02}");
+        let stamp = format!("{date}T{h:02}{mi:02}{s:02}Z");
+        let host = format!("127.0.0.1:{}", self.port);
+        let payload = hex(&Sha256::digest(b""));
+        let canonical = format!("GET\n{path}\n{query}\nhost:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{stamp}\n\nhost;x-amz-content-sha256;x-amz-date\n{payload}");
+        let scope = format!("{date}/us-east-1/s3/aws4_request");
+        let to_sign = format!("AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
+        let mut key = hmac_sha256(format!("AWS4{S3_SECRET_KEY}").as_bytes(), date.as_bytes());
+        for part in ["us-east-1", "s3", "aws4_request"] {
+            key = hmac_sha256(&key, part.as_bytes());
+        }
+        let signature = hex(&hmac_sha256(&key, to_sign.as_bytes()));
+        Request::get(&format!("{path}?{query}"))
+            .header("x-amz-date", &stamp)
+            .header("x-amz-content-sha256", &payload)
+            .header("authorization", format!("AWS4-HMAC-SHA256 Credential={S3_ACCESS_KEY}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"))
+            .send_to(self.port)
+    }
+
+    fn list_gcs(&self, prefix: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let mut path = format!("/storage/v1/b/{BUCKET}/o?prefix={}", uri_encode(prefix));
+            if let Some(p) = &page {
+                path.push_str(&format!("&pageToken={}", uri_encode(p)));
+            }
+            let response = Request::get(&path).send_to(self.port);
+            assert_eq!(response.status, 200, "listing {prefix} on {}: {}", self.kind.name(), response.text());
+            let json = response.json();
+            names.extend(json["items"].as_array().into_iter().flatten().filter_map(|o| o["name"].as_str().map(str::to_owned)));
+            page = json["nextPageToken"].as_str().filter(|t| !t.is_empty()).map(str::to_owned);
+            if page.is_none() {
+                return names;
+            }
+        }
+    }
+
+    fn list_azure(&self, prefix: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let date = http_date(SystemTime::now());
+            let version = "2021-08-06";
+            let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{BUCKET}\ncomp:list");
+            let mut query = format!("restype=container&comp=list&prefix={}", uri_encode(prefix));
+            if let Some(m) = &marker {
+                resource.push_str(&format!("\nmarker:{m}"));
+                query.push_str(&format!("&marker={}", uri_encode(m)));
+            }
+            resource.push_str(&format!("\nprefix:{prefix}\nrestype:container"));
+            let to_sign = format!("GET\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}");
+            let signature = base64(&hmac_sha256(&base64_decode(AZURITE_KEY), to_sign.as_bytes()));
+            let response = Request::get(&format!("/{AZURITE_ACCOUNT}/{BUCKET}?{query}"))
+                .header("x-ms-date", &date)
+                .header("x-ms-version", version)
+                .header("authorization", format!("SharedKey {AZURITE_ACCOUNT}:{signature}"))
+                .send_to(self.port);
+            let body = response.text();
+            assert_eq!(response.status, 200, "listing {prefix} on {}: {body}", self.kind.name());
+            // Each blob's <Name> is inside its <Blob>; the container's name is an attribute.
+            names.extend(xml_values(&body, "Name"));
+            marker = xml_values(&body, "NextMarker").into_iter().next().filter(|m| !m.is_empty());
+            if marker.is_none() {
+                return names;
+            }
+        }
+    }
+}
+
+/// The text of every `<tag>…</tag>` in `xml`, unescaped (the five XML entities).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut found = Vec::new();
+    let mut rest = xml;
+    while let Some(at) = rest.find(&open) {
+        rest = &rest[at + open.len()..];
+        let Some(end) = rest.find(&close) else { break };
+        found.push(rest[..end].replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&"));
+        rest = &rest[end + close.len()..];
+    }
+    found
+}
+
+/// RFC 3986 percent-encoding of everything but the unreserved characters (SigV4's rule).
+fn uri_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Year, month, day, hour, minute, second (UTC) of a Unix time.
+fn civil(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day, rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

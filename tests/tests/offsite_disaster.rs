@@ -12,7 +12,7 @@
 use crate::gateway;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,19 +22,32 @@ use omni_tests::wait_until;
 
 const WAL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One row per commit until `stop`; each id with when its commit was acknowledged.
-fn write_load(mut db: postgres::Client, stop: Arc<AtomicBool>) -> Vec<(i32, Instant)> {
+/// One row per commit until `stop`; each id with when its commit was
+/// acknowledged. `count` is how many were acknowledged so far (ids `0..count`).
+fn write_load(mut db: postgres::Client, stop: Arc<AtomicBool>, count: Arc<AtomicUsize>) -> Vec<(i32, Instant)> {
     let mut acked = Vec::new();
     for i in 0.. {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         match db.execute("INSERT INTO disaster_load VALUES ($1)", &[&i]) {
-            Ok(_) => acked.push((i, Instant::now())),
+            Ok(_) => {
+                acked.push((i, Instant::now()));
+                count.store(acked.len(), Ordering::Release);
+            }
             Err(_) => break,
         }
     }
     acked
+}
+
+/// Writes the load must have acknowledged before the machine is lost.
+const LOAD_WRITES: usize = 1000;
+
+/// The base backup `id` in the store: the name of its `manifest.json` (the
+/// object written last), read from the store's own listing.
+fn manifest_in_store(store: &StoreServer, prefix: &str, id: &str) -> Option<String> {
+    store.list(&format!("{prefix}/")).into_iter().find(|n| n.ends_with(&format!("/base/{id}/manifest.json")))
 }
 
 /// How the new machine restores.
@@ -44,6 +57,11 @@ enum Via {
     Command,
     /// A start with `OMNI_RESTORE_IF_EMPTY=true` on an empty directory.
     StartIfEmpty,
+}
+
+/// The id of the (first) base backup recorded in the archive's `base/`.
+fn local_base_backup(base: &std::path::Path) -> String {
+    std::fs::read_dir(base).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().expect("a base backup is recorded")
 }
 
 fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
@@ -59,25 +77,30 @@ fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
     }
     let mut gw = builder.start();
     wait_for_base_backup(&gw);
-    // The base backup is in the repository once its manifest is (written last).
-    wait_until(Duration::from_secs(180), "the base backup uploaded (nothing queued)", || {
-        let r = gw.get("/gateway/status").json()["repository"].clone();
-        (r["state"] == "ok" && r["queue_depth"] == 0 && r["uploaded_objects"].as_u64().unwrap_or(0) > 0).then_some(())
-    });
+    // The base backup is in the repository once the store lists its
+    // manifest (written last), whatever the status says meanwhile.
+    let id = local_base_backup(&lost.path().join("data/wal/base"));
+    let manifest = wait_until(Duration::from_secs(180), &format!("the store to list base/{id}/manifest.json"), || manifest_in_store(&store, "disaster", &id));
+    let gen = manifest.split('/').nth(1).expect("<prefix>/<gen>/base/<id>/manifest.json").to_owned();
     let mut db = gw.db();
     db.batch_execute("CREATE TABLE disaster_load (id int PRIMARY KEY)").unwrap();
-    drop(db);
     let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let (db, stop) = (gw.db(), stop.clone());
-        std::thread::spawn(move || write_load(db, stop))
+        let (db, stop, count) = (gw.db(), stop.clone(), count.clone());
+        std::thread::spawn(move || write_load(db, stop, count))
     };
-    // Load for a few shipping intervals, with the shipper keeping up.
-    let load_began = Instant::now();
-    wait_until(Duration::from_secs(60), "five seconds of write load", || {
-        std::thread::sleep(Duration::from_millis(100));
-        (load_began.elapsed() > Duration::from_secs(5)).then_some(())
+    // The load runs until it has LOAD_WRITES acknowledged writes and the
+    // store holds the WAL of all of them (shipped while the load goes on).
+    wait_until(Duration::from_secs(120), &format!("{LOAD_WRITES} acknowledged writes"), || (count.load(Ordering::Acquire) >= LOAD_WRITES).then_some(()));
+    let shipped_writes = count.load(Ordering::Acquire);
+    let row = db.query_one("SELECT file_name, file_offset::bigint FROM pg_walfile_name_offset(pg_current_wal_lsn())", &[]).unwrap();
+    let (segment, offset): (String, u64) = (row.get(0), row.get::<_, i64>(1) as u64);
+    let wal = format!("disaster/{gen}/wal/");
+    wait_until(Duration::from_secs(60), &format!("the store to hold the WAL of the first {shipped_writes} writes ({segment} up to {offset:#X})"), || {
+        store.holds_wal(&wal, &segment, offset).then_some(())
     });
+    drop(db);
 
     // The loss: everything at once, then the machine's disk.
     let data_dir = gw.data_dir();
@@ -132,7 +155,9 @@ fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
         broken.len(),
         promised.as_millis()
     );
-    assert!(acked.len() > 100, "the load ran: {} writes", acked.len());
+    assert!(acked.len() >= LOAD_WRITES, "the load ran: {} writes", acked.len());
+    let missing_shipped: Vec<i32> = (0..shipped_writes as i32).filter(|id| !present.contains(id)).collect();
+    assert!(missing_shipped.is_empty(), "{}: {} of the {shipped_writes} writes whose WAL the store held before the loss are missing (first: {:?})\n{out}", kind.name(), missing_shipped.len(), missing_shipped.first());
     assert!(broken.is_empty(), "{}: {} writes acknowledged more than {} ms before the loss are missing\n{out}", kind.name(), broken.len(), promised.as_millis());
 }
 

@@ -11,7 +11,10 @@
 //! start; after `kill -9` acknowledged data is there; `doctor` passes inside
 //! a healthy container; a second `omni-gateway run` inside it refuses and
 //! leaves the live `postmaster.pid` alone, while a PostgreSQL killed inside
-//! it is restarted; nothing that serves runs as root.
+//! it is restarted; nothing that serves runs as root; with
+//! `OMNI_RESTORE_IF_EMPTY=true` a new container on an empty volume comes up
+//! with the data of a previous one from the off-site repository (a `file://`
+//! repository on a bind mount), and its second start does not restore again.
 //!
 //! systemd: the shipped unit becomes active with its status text, reloads
 //! under load without a failed request, is restarted after `kill -9`, and
@@ -229,6 +232,82 @@ fn inside_the_container_neither_the_worker_nor_postgres_runs_as_root() {
         let as_root: Vec<String> = running(comm).into_iter().filter(|l| l.starts_with("root ")).collect();
         assert!(as_root.is_empty(), "{comm} must not run as root:\n{ps}");
     }
+}
+
+/// The manifests of base backups under `root` (a `file://` repository's directory).
+fn manifests_under(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "manifest.json") && path.parent().and_then(|p| p.parent()).is_some_and(|p| p.ends_with("base")) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn with_omni_restore_if_empty_a_new_container_on_an_empty_volume_comes_up_with_the_data_from_the_repository_once() {
+    // The repository: a directory of the host, bind-mounted into each container.
+    let repository = TempDir::new("docker-repository");
+    let mount = format!("{}:/repository", repository.path().display());
+    let url = "file:///repository/offsite";
+    let image = docker().image(Image::Gateway);
+    let run = |label: &str, volume: &Volume, extra: &[&str]| {
+        let port = free_port();
+        let mut args = gateway_args(port);
+        args.extend(["-v", &format!("{}:/var/lib/omni", volume.name), "-v", &mount, "-e", &format!("OMNI_REPOSITORY_URL={url}"), "-e", "OMNI_REPOSITORY_WAL_INTERVAL=1s"].map(String::from));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push(image.clone());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (Container::run(label, &args), port)
+    };
+
+    // The first host: data written, its base backup and WAL shipped, then gone.
+    let first_volume = Volume::new("first");
+    let (first, first_port) = run("first", &first_volume, &[]);
+    wait_health_200(&first, first_port, Duration::from_secs(120));
+    wait_until(Duration::from_secs(180), "a base backup's manifest.json in the repository", || {
+        if !first.is_running() {
+            panic!("{} stopped:\n{}", first.name, first.logs());
+        }
+        (!manifests_under(repository.path()).is_empty()).then_some(())
+    });
+    for i in 0..10 {
+        write_preference(first_port, &format!("shipped{i}"), &format!("v{i}"));
+    }
+    // A clean stop ships the last WAL after PostgreSQL stopped.
+    docker().run(&["stop", &first.name]);
+    assert_eq!(first.inspect("{{.State.ExitCode}}"), "0", "{}", first.logs());
+    drop(first);
+    drop(first_volume);
+
+    // A new container on an empty volume, with the repository's URL.
+    let volume = Volume::new("restored");
+    let started = Instant::now();
+    let (c, port) = run("restored", &volume, &["-e", "OMNI_RESTORE_IF_EMPTY=true"]);
+    wait_health_200(&c, port, Duration::from_secs(300));
+    eprintln!("a new container restored from the repository: /health 200 after {:.1} s", started.elapsed().as_secs_f64());
+    for i in 0..10 {
+        assert_eq!(read_preference(port, &format!("shipped{i}")), Some(format!("v{i}")), "shipped{i} is back\n{}", c.logs());
+    }
+    let restoring = "holds base backups: restoring latest";
+    assert_eq!(c.logs().matches(restoring).count(), 1, "the start says it restores:\n{}", c.logs());
+    write_preference(port, "after-the-restore", "kept");
+
+    // A second start on the now non-empty volume does not restore again.
+    docker().run(&["stop", &c.name]);
+    docker().run(&["start", &c.name]);
+    wait_health_200(&c, port, Duration::from_secs(120));
+    let logs = c.logs();
+    assert_eq!(logs.matches(restoring).count(), 1, "the second start restored again:\n{logs}");
+    assert_eq!(read_preference(port, "after-the-restore").as_deref(), Some("kept"), "the second start serves the volume as it was");
+    assert_eq!(read_preference(port, "shipped0").as_deref(), Some("v0"));
 }
 
 // ------------------------------------------------------------ systemd unit

@@ -84,11 +84,27 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
 /// command, or by the gateway for `OMNI_RESTORE_IF_EMPTY`).
 async fn restore_to(config: &Config, embedded: &crate::config::EmbeddedConfig, target: Target, timeline: Option<u32>, from: Option<&str>) -> Result<()> {
     let data_dir = &embedded.data_dir.value;
+    let mut from_repository = false;
     if let Some(url) = from {
-        let bins = binaries::find(embedded.bin_dir.as_deref())?;
-        let account = privilege::postgres_account(&embedded.run_as)?;
-        fetch_from(url, &config.wal.dir, target, &bins, &account).await?;
+        match fetch_from(url, config, embedded, target).await? {
+            Some(done) => {
+                println!("the restore from {} to {} that was cut off once its cluster was recovered is finished: {} is the restored cluster", done.url, done.target, data_dir.display());
+                println!("start the gateway (`omni-gateway`) to serve the restored data");
+                return Ok(());
+            }
+            None => from_repository = true,
+        }
     }
+    let restored = restore_local(config, embedded, target, timeline).await;
+    if from_repository {
+        crate::repository::fetch::finish(data_dir)?;
+    }
+    restored
+}
+
+/// The restore from the local archive (`OMNI_WAL_DIR`), where `--from` downloaded to.
+async fn restore_local(config: &Config, embedded: &crate::config::EmbeddedConfig, target: Target, timeline: Option<u32>) -> Result<()> {
+    let data_dir = &embedded.data_dir.value;
     let (mut bins, mut wal, mut older) = (binaries::find(embedded.bin_dir.as_deref())?, config.wal.clone(), None);
     // A time before a major upgrade: the earlier archive generation, with its major's binaries.
     if let Some((old_wal, old_bins, generation)) = crate::pitr::generation::for_restore(&config.wal, target, embedded.old_bin_dir.as_deref())? {
@@ -102,7 +118,8 @@ async fn restore_to(config: &Config, embedded: &crate::config::EmbeddedConfig, t
     if let Err(e) = restore::target_timeline(&wal.dir, target, timeline) {
         bail!("{e} (omni-gateway restore --window shows each timeline's window)");
     }
-    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: None }.run_on(target, timeline).await?;
+    let progress = crate::repository::fetch::progress_lines(|line| println!("restore: {line}"));
+    let restored = Restore { data_dir, wal: &wal, binaries: &bins, account: &account, password: &password, progress: Some(&progress) }.run_on(target, timeline).await?;
     println!(
         "restored base backup {} and the WAL of timeline {} up to {} into {} in {:.1} s",
         restored.base_backup,
@@ -124,16 +141,19 @@ async fn restore_to(config: &Config, embedded: &crate::config::EmbeddedConfig, t
     Ok(())
 }
 
-/// `--from`: the repository's base backup and WAL into `wal_dir`, given to
-/// PostgreSQL's account like the archive the gateway writes.
-pub async fn fetch_from(url: &str, wal_dir: &std::path::Path, target: Target, bins: &binaries::Binaries, account: &privilege::Account) -> Result<()> {
+/// `--from`: the repository's base backup and WAL into `OMNI_WAL_DIR`
+/// (repository/fetch.rs: every refusal before anything is written, then the
+/// download), given to PostgreSQL's account like the archive the gateway
+/// writes. `Some`: the same restore, cut off once recovered, was finished instead.
+async fn fetch_from(url: &str, config: &Config, embedded: &crate::config::EmbeddedConfig, target: Target) -> Result<Option<crate::repository::fetch::Interrupted>> {
+    use crate::repository::fetch::{self, Begun};
     let repo = crate::repository::store::Repository::open(url)?;
-    crate::pitr::archive::prepare(wal_dir, account)?;
-    let say = |line: String| println!("restore --from {}: {line}", repo.display());
-    let fetched = crate::repository::fetch::fetch(&repo, wal_dir, target, bins.major, &say).await?;
-    if account.switch {
-        privilege::chown_tree(wal_dir, account)?;
-    }
+    let shown = repo.display();
+    let say = |line: String| println!("restore --from {shown}: {line}");
+    let fetched = match fetch::begin(config, embedded, &repo, target, &say).await? {
+        Begun::Finished(done) => return Ok(Some(done)),
+        Begun::Downloaded(fetched) => fetched,
+    };
     println!(
         "restore --from {}: base backup {} of the {} and {} WAL segments{} are in {}",
         repo.display(),
@@ -141,8 +161,7 @@ pub async fn fetch_from(url: &str, wal_dir: &std::path::Path, target: Target, bi
         fetched.identity,
         fetched.segments,
         fetched.partial.as_ref().map_or(String::new(), |p| format!(" (and {p}.partial from its shipped chunks)")),
-        wal_dir.display()
+        config.wal.dir.display()
     );
-    Ok(())
+    Ok(None)
 }
-

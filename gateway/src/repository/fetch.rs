@@ -22,10 +22,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, BaseManifest, Object};
 use super::store::Repository;
-use crate::config::{Config, Database};
+use crate::config::{Config, Database, EmbeddedConfig};
+use crate::pg::cluster::sibling;
 use crate::pitr::generation::Identity;
 use crate::pitr::restore::{self, Restore, Target};
 use crate::process::privilege;
@@ -63,11 +66,38 @@ pub async fn holds_backups(repo: &Repository) -> Result<bool> {
     Ok(listed.iter().any(|o| matches!(layout::parse(&o.path), Some(Object::BaseManifest { .. }))))
 }
 
-/// Downloads into `wal_dir` what a restore to `target` needs; `major` is
-/// the binaries' major (a generation of another major cannot be restored with them).
-pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32, say: &(dyn Fn(String) + Sync)) -> Result<Fetched> {
+/// What a restore from the repository will take, found by reading the
+/// repository alone ([`plan`]): nothing local is written before it is known.
+#[derive(Debug)]
+pub struct Plan {
+    generation: String,
+    identity: Identity,
+    manifest: BaseManifest,
+    content: Generation,
+    /// When the newest WAL object of the generation was written (the store's clock).
+    pub wal_end: Option<DateTime<Utc>>,
+}
+
+impl Plan {
+    pub fn base_backup(&self) -> &str {
+        &self.manifest.backup.id
+    }
+}
+
+/// Reads the repository and picks what a restore to `target` downloads,
+/// refusing (before anything local is written) a repository without a
+/// complete base backup, a target before its oldest base backup or after
+/// its newest WAL, and a repository it cannot list (wrong credentials, no
+/// bucket: the store's answer, never a secret). `major` is the binaries'
+/// major (a generation of another major cannot be restored with them).
+pub async fn plan(repo: &Repository, target: Target, major: u32, say: &(dyn Fn(String) + Sync)) -> Result<Plan> {
     say(format!("listing {}", repo.display()));
-    let listed = repo.list("").await?;
+    let listed = repo.list("").await.with_context(|| {
+        format!(
+            "could not list {}: check the URL's bucket (container) and the credentials of the environment (AWS_*, GOOGLE_*, AZURE_*); nothing was written",
+            repo.display()
+        )
+    })?;
     let mut generations: BTreeMap<String, Generation> = BTreeMap::new();
     for object in &listed {
         match layout::parse(&object.path) {
@@ -81,11 +111,17 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
         }
     }
     if generations.values().all(|g| g.manifests.is_empty()) {
-        bail!("{} holds no complete base backup ({} objects; a base backup counts once its manifest.json is there): nothing to restore from", repo.display(), listed.len());
+        bail!(
+            "{} holds no complete base backup of any installation ({} objects; a base backup counts once its manifest.json is there): nothing to restore from. \
+             Check the URL's prefix: it is the OMNI_REPOSITORY_URL the lost installation shipped to",
+            repo.display(),
+            listed.len()
+        );
     }
 
     // The newest suitable base backup of a generation the binaries serve.
     let mut best: Option<(String, BaseManifest)> = None;
+    let mut oldest: Option<DateTime<Utc>> = None;
     let mut other_majors = Vec::new();
     for (gen, content) in &generations {
         let Some((_, gen_major)) = layout::parse_generation(gen) else { continue };
@@ -97,6 +133,8 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
         }
         for path in &content.manifests {
             let manifest: BaseManifest = serde_json::from_slice(&repo.get(path).await?).with_context(|| format!("{}: {path} is not a base backup manifest", repo.display()))?;
+            let ended = manifest.backup.finished_at;
+            oldest = Some(oldest.map_or(ended, |o| o.min(ended)));
             let fits = match target {
                 Target::Latest => true,
                 Target::Time(t) => manifest.backup.finished_at <= t,
@@ -107,19 +145,56 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
         }
     }
     let Some((gen, manifest)) = best else {
-        if !other_majors.is_empty() {
+        if let Some(oldest) = oldest {
             bail!(
-                "{} holds base backups of PostgreSQL {:?} only, and these binaries are PostgreSQL {major}: set PGSERVE_BIN_DIR to binaries of that major",
+                "{}: {} is before its oldest base backup, which ended at {}; a restore starts from a base backup, so pick a time after it, or `latest`",
                 repo.display(),
-                other_majors
+                describe(target),
+                oldest.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             );
         }
-        bail!("{} holds no base backup that ended before {}: pick a later time, or `latest`", repo.display(), describe(target));
+        bail!(
+            "{} holds base backups of PostgreSQL {:?} only, and these binaries are PostgreSQL {major}: set PGSERVE_BIN_DIR to binaries of that major",
+            repo.display(),
+            other_majors
+        );
     };
+    let wal_end = repo.newest_write(&format!("{gen}/wal/")).await.with_context(|| format!("could not list the WAL of {gen} in {}", repo.display()))?;
+    if let Target::Time(t) = target {
+        // The WAL written up to t is in the repository only if WAL was shipped after t.
+        let end = wal_end.unwrap_or(manifest.backup.finished_at);
+        // A store that reports whole seconds: the write was up to a second later.
+        let end = if end.timestamp_subsec_nanos() == 0 { end + chrono::TimeDelta::seconds(1) } else { end };
+        if t > end {
+            bail!(
+                "{}: {} is after its newest WAL, written at {}: the repository cannot tell what happened between the two. \
+                 Pick a time up to {}, or `latest` (everything the repository holds)",
+                repo.display(),
+                describe(target),
+                end.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                end.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            );
+        }
+    }
     let (sysid, gen_major) = layout::parse_generation(&gen).expect("a generation listed above");
     let identity = Identity { system_identifier: sysid, major: gen_major };
-    refuse_other_archive(wal_dir, &identity)?;
-    let content = &generations[&gen];
+    let content = generations.remove(&gen).expect("a generation listed above");
+    Ok(Plan { generation: gen, identity, manifest, content, wal_end })
+}
+
+/// Downloads into `wal_dir` what a restore to `target` needs ([`plan`], then [`download`]).
+pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32, say: &(dyn Fn(String) + Sync)) -> Result<Fetched> {
+    let plan = plan(repo, target, major, say).await?;
+    download(repo, &plan, wal_dir, None, say).await
+}
+
+/// Downloads what `plan` picked into `wal_dir`, the local archive layout.
+/// `data_dir`: the data directory restored into, for the test hook
+/// [`crate::pitr::restore::TEST_HOLD_VAR`] (`downloading-base`,
+/// `downloading-wal`: held after the first file of each step).
+pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: Option<&Path>, say: &(dyn Fn(String) + Sync)) -> Result<Fetched> {
+    let (gen, identity, manifest, content) = (&plan.generation, &plan.identity, &plan.manifest, &plan.content);
+    refuse_other_archive(wal_dir, identity)?;
     let backup = &manifest.backup;
     let total: u64 = manifest.files.iter().map(|f| f.size).sum();
     say(format!(
@@ -139,16 +214,31 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
         let partial = base_root.join(format!(".{}.fetching", backup.id));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-        for (n, file) in manifest.files.iter().enumerate() {
-            if file.name.contains('/') || file.name.starts_with('.') {
-                bail!("{}: the manifest of {} names {:?}, not a file of a base backup", repo.display(), backup.id, file.name);
+        let downloaded = async {
+            for (n, file) in manifest.files.iter().enumerate() {
+                if file.name.contains('/') || file.name.starts_with('.') {
+                    bail!("{}: the manifest of {} names {:?}, not a file of a base backup", repo.display(), backup.id, file.name);
+                }
+                let object = layout::base_file(gen, &backup.id, &file.name);
+                say(format!("downloading base backup: file {}/{} ({}, {} bytes), {bytes}/{total} bytes so far", n + 1, manifest.files.len(), file.name, file.size));
+                // Streamed to disk and checked on the way (never whole in memory).
+                let written = repo.get_to_file_verified(&object, &partial.join(&file.name), &file.sha256).await.with_context(|| {
+                    format!("base backup {}: the object {object} does not match the SHA-256 in its manifest or could not be read; nothing was restored", backup.id)
+                })?;
+                objects += 1;
+                bytes += written;
+                say(format!("base backup: {}/{} files, {bytes}/{total} bytes ({} verified)", n + 1, manifest.files.len(), file.name));
+                if n == 0 {
+                    test_hold("downloading-base", data_dir).await;
+                }
             }
-            let object = layout::base_file(&gen, &backup.id, &file.name);
-            // Streamed to disk and checked on the way (never whole in memory).
-            let written = repo.get_to_file_verified(&object, &partial.join(&file.name), &file.sha256).await?;
-            objects += 1;
-            bytes += written;
-            say(format!("base backup: {}/{} files, {bytes}/{total} bytes ({} verified)", n + 1, manifest.files.len(), file.name));
+            Ok(())
+        }
+        .await;
+        if let Err(e) = downloaded {
+            // Nothing half-downloaded stays behind.
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
         }
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&partial, &final_dir).with_context(|| format!("renaming {} to {}", partial.display(), final_dir.display()))?;
@@ -159,7 +249,7 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
     let stream = crate::pitr::archive::stream_dir(wal_dir);
     std::fs::create_dir_all(&stream).with_context(|| format!("creating {}", stream.display()))?;
     for history in &content.histories {
-        let data = repo.get(&layout::wal_history(&gen, history)).await?;
+        let data = repo.get(&layout::wal_history(gen, history)).await?;
         write_atomically(&stream.join(history), &data)?;
         objects += 1;
         bytes += data.len() as u64;
@@ -167,10 +257,12 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
     let first = backup.start_segment.clone();
     let wanted: Vec<&String> = content.segments.keys().filter(|s| s[8..] >= first[8..] || s[..8] > first[..8]).collect();
     let wal_total: u64 = wanted.iter().map(|s| content.segments[*s]).sum();
+    say(format!("downloading WAL: {} segments, {wal_total} bytes (lz4), then the chunks of the newest", wanted.len()));
     let (mut segments, mut wal_bytes, mut segment_bytes) = (0usize, 0u64, None);
+    let mut said = std::time::Instant::now();
     for segment in &wanted {
         let local = stream.join(segment.as_str());
-        let stored = repo.get(&layout::wal_segment(&gen, segment)).await?;
+        let stored = repo.get(&layout::wal_segment(gen, segment)).await?;
         let data = layout::decode_segment(&stored).with_context(|| format!("{}: the WAL segment {segment} is damaged (its lz4 frame does not check)", repo.display()))?;
         segment_bytes.get_or_insert(data.len());
         write_atomically(&local, &data)?;
@@ -178,8 +270,12 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
         segments += 1;
         wal_bytes += stored.len() as u64;
         objects += 1;
-        if segments % 16 == 0 || segments == wanted.len() {
+        if segments == 1 || segments % 16 == 0 || segments == wanted.len() || said.elapsed() >= PROGRESS_EVERY {
             say(format!("WAL: {segments}/{} segments, {wal_bytes}/{wal_total} bytes", wanted.len()));
+            said = std::time::Instant::now();
+        }
+        if segments == 1 {
+            test_hold("downloading-wal", data_dir).await;
         }
     }
     bytes += wal_bytes;
@@ -200,7 +296,7 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
                 // A gap: what follows cannot be replayed.
                 break;
             }
-            let bytes_of = repo.get(&layout::wal_chunk(&gen, segment, from, to)).await?;
+            let bytes_of = repo.get(&layout::wal_chunk(gen, segment, from, to)).await?;
             if bytes_of.len() as u64 != to - from {
                 bail!("{}: the chunk {from:08X}-{to:08X} of {segment} holds {} bytes, not {}", repo.display(), bytes_of.len(), to - from);
             }
@@ -217,9 +313,161 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
         say(format!("WAL: {segment} from its chunks, {shipped} bytes, as {segment}.partial"));
         partial = Some(segment.clone());
     }
-    crate::pitr::generation::record(wal_dir, &identity)?;
+    crate::pitr::generation::record(wal_dir, identity)?;
     say(format!("downloaded {objects} objects, {bytes} bytes into {}", wal_dir.display()));
-    Ok(Fetched { generation: gen, identity, base_backup: backup.id.clone(), objects, bytes, segments, partial })
+    Ok(Fetched { generation: gen.clone(), identity: *identity, base_backup: backup.id.clone(), objects, bytes, segments, partial })
+}
+
+/// How often a long download says how far it got, at least.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The test hook of `pitr::restore` ([`crate::pitr::restore::TEST_HOLD_VAR`])
+/// for the download's steps: writes `<data_dir>.restore.held` and waits
+/// forever, so a test can kill the restore exactly there. Unset in any real use.
+async fn test_hold(step: &str, data_dir: Option<&Path>) {
+    let Some(data_dir) = data_dir else { return };
+    if std::env::var(crate::pitr::restore::TEST_HOLD_VAR).ok().as_deref() != Some(step) {
+        return;
+    }
+    tracing::warn!("{}={step}: the restore holds here (a test kills it)", crate::pitr::restore::TEST_HOLD_VAR);
+    let _ = std::fs::write(sibling(data_dir, ".restore.held"), step);
+    std::future::pending::<()>().await;
+}
+
+/// `<data_dir>.restore-from.json`: written (whole, flushed) before a
+/// restore from the repository downloads anything, removed once the
+/// restored cluster is the data directory (or the restore failed cleanly).
+/// Found at a start or by the next `restore --from`, it says a restore was
+/// cut off (kill -9, power loss) while the data directory was still empty:
+/// the start refuses to create an empty cluster in its place, and says to
+/// run the restore again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interrupted {
+    pub url: String,
+    pub target: String,
+    /// What it was doing: `downloading`, `recovering`.
+    pub step: String,
+    pub started: DateTime<Utc>,
+}
+
+/// The file of [`Interrupted`].
+pub fn interrupted_file(data_dir: &Path) -> PathBuf {
+    sibling(data_dir, ".restore-from.json")
+}
+
+impl Interrupted {
+    pub fn load(data_dir: &Path) -> Result<Option<Interrupted>> {
+        let path = interrupted_file(data_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| format!("{} is not the record of a restore from a repository; move it away", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn save(&self, data_dir: &Path) -> Result<()> {
+        let path = interrupted_file(data_dir);
+        crate::pg::cluster::write_secret(&path, &serde_json::to_string_pretty(self)?).with_context(|| format!("could not write {}", path.display()))
+    }
+
+    fn remove(data_dir: &Path) -> Result<()> {
+        let path = interrupted_file(data_dir);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("could not remove {}", path.display())),
+            _ => crate::pg::cluster::sync_dir(&path).with_context(|| format!("could not flush the directory of {}", path.display())),
+        }
+    }
+
+    /// How to finish it: the command to run again.
+    pub fn advice(&self) -> String {
+        format!("run `omni-gateway restore --from {} --to {}` again", self.url, self.target)
+    }
+}
+
+/// Whether the data directory holds anything (a missing one holds nothing).
+fn holds_anything(data_dir: &Path) -> Result<bool> {
+    match std::fs::read_dir(data_dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading {}", data_dir.display())),
+    }
+}
+
+/// Where [`begin`] left a restore from the repository.
+pub enum Begun {
+    /// An earlier run of the same restore was cut off after its cluster
+    /// was recovered, and is now finished: nothing more to do.
+    Finished(Interrupted),
+    /// The base backup and WAL are in the archive: restore from it, then [`finish`].
+    Downloaded(Fetched),
+}
+
+/// The first half of a restore from the repository into `data_dir`, with
+/// the cluster's lock held: an interrupted restore is finished or undone
+/// (its journal), then every refusal comes before anything is written (the
+/// data directory must hold nothing; [`plan`]), then the [`Interrupted`]
+/// record, then the download into `config.wal.dir`. On an error after the
+/// record, it is removed again (nothing half-done stays).
+pub async fn begin(config: &Config, embedded: &EmbeddedConfig, repo: &Repository, target: Target, say: &(dyn Fn(String) + Sync)) -> Result<Begun> {
+    let data_dir = &embedded.data_dir.value;
+    let bins = crate::pg::binaries::find(embedded.bin_dir.as_deref())?;
+    let account = privilege::postgres_account(&embedded.run_as)?;
+    // A restore cut off before: its journal finishes or undoes it.
+    restore::resume(data_dir, &account, true, &CancellationToken::new())?;
+    let _ = std::fs::remove_file(sibling(data_dir, ".restore.held"));
+    let earlier = Interrupted::load(data_dir)?;
+    if let Some(earlier) = &earlier {
+        if data_dir.join("PG_VERSION").exists() {
+            // Only a restore's swap puts a cluster where the record found none.
+            if earlier.url == repo.display() && earlier.target == target.to_string() {
+                Interrupted::remove(data_dir)?;
+                return Ok(Begun::Finished(earlier.clone()));
+            }
+            Interrupted::remove(data_dir)?;
+        } else {
+            say(format!("an earlier restore from {} to {} was cut off while {}: starting again", earlier.url, earlier.target, earlier.step));
+        }
+    }
+    if holds_anything(data_dir)? {
+        bail!(
+            "{} is not empty: a restore from the repository only fills an empty data directory (a new machine), so nothing was changed. \
+             Move that directory away first if it is to be replaced, or restore from this machine's own archive with `omni-gateway restore --to <time|latest>`",
+            data_dir.display()
+        );
+    }
+    let plan = plan(repo, target, bins.major, say).await?;
+    let record = Interrupted { url: repo.display(), target: target.to_string(), step: "downloading".into(), started: Utc::now() };
+    if let Some(parent) = data_dir.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    record.save(data_dir)?;
+    let downloaded = async {
+        crate::pitr::archive::prepare(&config.wal.dir, &account)?;
+        let fetched = download(repo, &plan, &config.wal.dir, Some(data_dir), say).await?;
+        if account.switch {
+            privilege::chown_tree(&config.wal.dir, &account)?;
+        }
+        Interrupted { step: "recovering".into(), ..record.clone() }.save(data_dir)?;
+        Ok::<_, anyhow::Error>(fetched)
+    }
+    .await;
+    match downloaded {
+        Ok(fetched) => Ok(Begun::Downloaded(fetched)),
+        Err(e) => {
+            Interrupted::remove(data_dir)?;
+            Err(e)
+        }
+    }
+}
+
+/// The end of a restore from the repository: its record goes once the
+/// restored cluster is in place, or once a failure left nothing half-done
+/// (no restore journal: the data directory as it was).
+pub fn finish(data_dir: &Path) -> Result<()> {
+    if restore::Journal::load(data_dir)?.is_none() {
+        Interrupted::remove(data_dir)?;
+    }
+    Ok(())
 }
 
 fn describe(target: Target) -> String {
@@ -259,20 +507,39 @@ pub const RESTORE_IF_EMPTY: &str = "OMNI_RESTORE_IF_EMPTY";
 /// it restored. Called by the gateway before it prepares the cluster, with
 /// the cluster's lock held.
 pub async fn restore_if_empty(config: &Config) -> Result<bool> {
-    if !config.parser().bool(RESTORE_IF_EMPTY)? {
-        return Ok(false);
-    }
     let Database::Embedded(embedded) = &config.database else { return Ok(false) };
     if embedded.memory_mode {
         return Ok(false);
     }
     let data_dir = &embedded.data_dir.value;
-    let empty = match std::fs::read_dir(data_dir) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", data_dir.display())),
-    };
-    if !empty {
+    let wanted = config.parser().bool(RESTORE_IF_EMPTY)?;
+    // A restore from the repository cut off before its cluster was in place:
+    // never an empty cluster instead.
+    if let Some(earlier) = Interrupted::load(data_dir)? {
+        let account = privilege::postgres_account(&embedded.run_as)?;
+        restore::resume(data_dir, &account, true, &CancellationToken::new())?;
+        if data_dir.join("PG_VERSION").exists() {
+            Interrupted::remove(data_dir)?;
+            tracing::warn!("the restore from {} to {} into {} was cut off once its cluster was recovered: it is finished", earlier.url, earlier.target, data_dir.display());
+            return Ok(true);
+        }
+        let again = wanted && super::config::RepositoryConfig::parse(config)?.location.is_some_and(|l| l.display() == earlier.url);
+        if !again {
+            bail!(
+                "a restore from {} to {} into {} was cut off while {} (it began {}): there is nothing to serve yet, and a start never creates an empty cluster in its place. \
+                 To finish it, {}; to start a new, empty cluster instead, delete {}",
+                earlier.url,
+                earlier.target,
+                data_dir.display(),
+                earlier.step,
+                earlier.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                earlier.advice(),
+                interrupted_file(data_dir).display()
+            );
+        }
+        tracing::warn!("{RESTORE_IF_EMPTY}: the restore from {} into {} was cut off while {}: restoring again", earlier.url, data_dir.display(), earlier.step);
+    }
+    if !wanted || holds_anything(data_dir)? {
         return Ok(false);
     }
     let Some(location) = super::config::RepositoryConfig::parse(config)?.location else {
@@ -287,14 +554,18 @@ pub async fn restore_if_empty(config: &Config) -> Result<bool> {
         return Ok(false);
     }
     tracing::info!("{RESTORE_IF_EMPTY}: {} is empty and {} holds base backups: restoring latest from it", data_dir.display(), repo.display());
+    let say = |line: String| tracing::info!("{RESTORE_IF_EMPTY}: {line}");
+    let fetched = match begin(config, embedded, &repo, Target::Latest, &say).await? {
+        Begun::Finished(_) => return Ok(true),
+        Begun::Downloaded(fetched) => fetched,
+    };
     let bins = crate::pg::binaries::find(embedded.bin_dir.as_deref())?;
     let account = privilege::postgres_account(&embedded.run_as)?;
-    crate::pitr::archive::prepare(&config.wal.dir, &account)?;
-    let say = |line: String| tracing::info!("{RESTORE_IF_EMPTY}: {line}");
-    let fetched = fetch(&repo, &config.wal.dir, Target::Latest, bins.major, &say).await?;
-    privilege::chown_tree(&config.wal.dir, &account)?;
     let password = restore::restore_password(data_dir)?;
-    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: &password, progress: None }.run_on(Target::Latest, None).await?;
+    let progress = progress_lines(say);
+    let restored = Restore { data_dir, wal: &config.wal, binaries: &bins, account: &account, password: &password, progress: Some(&progress) }.run_on(Target::Latest, None).await;
+    finish(data_dir)?;
+    let restored = restored?;
     tracing::info!(
         "{RESTORE_IF_EMPTY}: restored base backup {} and the WAL of timeline {} from {} into {} in {:.1} s",
         fetched.base_backup,
@@ -304,4 +575,17 @@ pub async fn restore_if_empty(config: &Config) -> Result<bool> {
         restored.took.as_secs_f64()
     );
     Ok(true)
+}
+
+/// A restore's progress callback ([`Restore::progress`]) that says each
+/// step, and how far the restore got, once per change of percentage.
+pub fn progress_lines(say: impl Fn(String) + Sync) -> impl Fn(&str, u8) + Sync {
+    let last = std::sync::Mutex::new(None::<u8>);
+    move |step: &str, percent: u8| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != Some(percent) {
+            *last = Some(percent);
+            say(format!("{step}: {percent}% of the restore"));
+        }
+    }
 }

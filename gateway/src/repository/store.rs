@@ -430,6 +430,19 @@ impl Repository {
         Ok(found)
     }
 
+    /// When the newest object under `prefix` was written, by the store's
+    /// clock (`None`: no object there): where a restore's WAL ends in time.
+    pub async fn newest_write(&self, prefix: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, RepositoryError> {
+        let mut newest = None;
+        let mut pending = vec![Some(self.full(prefix.trim_end_matches('/')))];
+        while let Some(dir) = pending.pop() {
+            let listed = self.store.list_with_delimiter(dir.as_ref()).await.map_err(|e| self.store_error("listing", prefix, e))?;
+            newest = listed.objects.iter().map(|o| o.last_modified).chain(newest).max();
+            pending.extend(listed.common_prefixes.into_iter().map(Some));
+        }
+        Ok(newest)
+    }
+
     /// Deletes the object at `path` (none there is not an error).
     pub async fn delete(&self, path: &str) -> Result<(), RepositoryError> {
         match self.store.delete(&self.full(path)).await {
