@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, BaseManifest, Object};
-use super::store::Repository;
+use super::store::{Repository, RepositoryError};
 use crate::config::{Config, Database, EmbeddedConfig};
 use crate::pg::cluster::sibling;
 use crate::pitr::generation::Identity;
@@ -291,17 +291,40 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
         let mut chunks = chunks.clone();
         chunks.sort();
         let mut data = Vec::new();
+        let mut completed = None;
         for (from, to) in chunks {
             if from != data.len() as u64 {
                 // A gap: what follows cannot be replayed.
                 break;
             }
-            let bytes_of = repo.get(&layout::wal_chunk(gen, segment, from, to)).await?;
+            let bytes_of = match repo.get(&layout::wal_chunk(gen, segment, from, to)).await {
+                Ok(bytes) => bytes,
+                // The repository is still being written: the segment was
+                // completed after it was listed, and its chunks were
+                // replaced by the whole segment.
+                Err(RepositoryError::NotFound { .. }) => match repo.get(&layout::wal_segment(gen, segment)).await {
+                    Ok(stored) => {
+                        completed = Some(stored);
+                        break;
+                    }
+                    Err(RepositoryError::NotFound { .. }) => bail!("{}: the chunk {from:08X}-{to:08X} of {segment} is gone and the whole segment is not there either; run the restore again", repo.display()),
+                    Err(e) => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
             if bytes_of.len() as u64 != to - from {
                 bail!("{}: the chunk {from:08X}-{to:08X} of {segment} holds {} bytes, not {}", repo.display(), bytes_of.len(), to - from);
             }
             data.extend_from_slice(&bytes_of);
             objects += 1;
+        }
+        if let Some(stored) = completed {
+            let whole = layout::decode_segment(&stored).with_context(|| format!("{}: the WAL segment {segment} is damaged (its lz4 frame does not check)", repo.display()))?;
+            write_atomically(&stream.join(segment.as_str()), &whole)?;
+            objects += 1;
+            bytes += stored.len() as u64;
+            say(format!("WAL: {segment} was completed while the restore read the repository: taken whole"));
+            continue;
         }
         if data.is_empty() {
             continue;
