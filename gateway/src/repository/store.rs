@@ -150,6 +150,8 @@ pub struct Listed {
     /// Relative to the repository's prefix.
     pub path: String,
     pub size: u64,
+    /// When the store says it was written.
+    pub modified: chrono::DateTime<chrono::Utc>,
 }
 
 /// An open repository; cheap to clone.
@@ -423,7 +425,7 @@ impl Repository {
         let mut pending = vec![root];
         while let Some(dir) = pending.pop() {
             let listed = self.store.list_with_delimiter(dir.as_ref()).await.map_err(|e| self.store_error("listing", prefix, e))?;
-            found.extend(listed.objects.iter().map(|o| Listed { path: self.relative(&o.location), size: o.size }));
+            found.extend(listed.objects.iter().map(|o| Listed { path: self.relative(&o.location), size: o.size, modified: o.last_modified }));
             pending.extend(listed.common_prefixes.into_iter().map(Some));
         }
         found.sort_by(|a, b| a.path.cmp(&b.path));
