@@ -110,12 +110,17 @@ fn offsite_window_is_read_from_the_bucket_beside_the_local_one() {
 /// environment: nextest runs each test in a process of its own), by name
 /// with its size.
 fn listing(store: &StoreServer, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+    let (repo, rt) = client(store, prefix);
+    rt.block_on(repo.list("")).unwrap().into_iter().map(|o| (format!("{prefix}/{}", o.path), o.size)).collect()
+}
+
+/// A client of the store of its own, at `prefix`.
+fn client(store: &StoreServer, prefix: &str) -> (omni_gateway::repository::store::Repository, tokio::runtime::Runtime) {
     for (k, v) in store.env() {
         std::env::set_var(k, v);
     }
     let repo = omni_gateway::repository::store::Repository::open(&store.url(prefix)).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(repo.list("")).unwrap().into_iter().map(|o| (format!("{prefix}/{}", o.path), o.size)).collect()
+    (repo, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
 }
 
 #[test]
@@ -181,4 +186,37 @@ fn offsite_delete_false_keeps_every_object_with_retention_due_and_says_so() {
         assert_eq!(after.get(name), Some(size), "{name} left the store under OMNI_REPOSITORY_DELETE=false");
     }
     assert!(after.contains_key(&first_manifest) && after.keys().any(|k| k.starts_with(&chunks)), "the first base backup and the chunks of a whole segment stay");
+}
+
+#[test]
+fn offsite_a_store_that_ignores_conditional_writes_is_found_out_and_nothing_is_overwritten() {
+    // rclone's S3 server accepts If-None-Match and ignores it.
+    let store = StoreServer::start_new(Kind::Rclone);
+    let dir = workdir();
+    let gw = builder(dir.path(), &store, "look").start();
+    wait_for_base_backup(&gw);
+    let gen = generation(&gw);
+    let status = wait_for(&gw, Duration::from_secs(60), "the status to say whether the store honours conditional writes", || {
+        let r = gw.get("/gateway/status").json()["repository"].clone();
+        r["conditional_writes"].is_boolean().then_some(r)
+    });
+    assert_eq!(status["conditional_writes"], false, "{status}");
+    assert!(gw.log().contains("ignores or refuses conditional writes"), "the log says what the product does about it");
+    assert!(!listing(&store, "look").keys().any(|k| k.contains("/probe/conditional-")), "the probe object is deleted");
+
+    // Another installation's object where this one's segment goes once it
+    // is whole: looked up first, found, never overwritten; uploads stop and say why.
+    let mut db = gw.db();
+    let segment: String = db.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[]).unwrap().get(0);
+    let planted = format!("{gen}/wal/{segment}.lz4");
+    let (repo, rt) = client(&store, "look");
+    rt.block_on(repo.put_once(&planted, bytes::Bytes::from_static(b"not this cluster's WAL"))).unwrap();
+    db.batch_execute("CREATE TABLE look_rows (id int); INSERT INTO look_rows VALUES (1); SELECT pg_switch_wal()").unwrap();
+    let stopped = wait_for(&gw, Duration::from_secs(60), "the repository entry to say uploads stopped", || {
+        let r = gw.get("/gateway/status").json()["repository"].clone();
+        (r["state"] == "stopped").then_some(r)
+    });
+    let error = stopped["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains(&format!("{segment}.lz4")) && error.contains("other content"), "the error names the object: {stopped}");
+    assert_eq!(rt.block_on(repo.get(&planted)).unwrap(), bytes::Bytes::from_static(b"not this cluster's WAL"), "never overwritten");
 }

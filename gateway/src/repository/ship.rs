@@ -127,6 +127,8 @@ struct State {
     /// base backup is confirmed, or an hour later.
     last_retention: Option<Instant>,
     retention_due: bool,
+    /// Whether the store was asked if it honours conditional writes.
+    conditional_checked: bool,
 }
 
 /// The off-site shipper; cheap to clone.
@@ -376,6 +378,17 @@ impl Shipper {
     }
 
     async fn prepare_round(&self) -> Result<Option<String>, RepositoryError> {
+        if !self.state().conditional_checked {
+            let honoured = self.repo.honours_conditional_writes(self.settings.delete).await?;
+            let first = !std::mem::replace(&mut self.state().conditional_checked, true);
+            if !honoured {
+                self.repo.look_first();
+                if first {
+                    tracing::warn!("off-site repository {}: the store ignores or refuses conditional writes (If-None-Match): each object is looked up before it is written, so an object already there is still never overwritten, but two writers racing for one name could; give each installation its own prefix", self.repo.display());
+                }
+            }
+            self.view.lock().unwrap_or_else(|e| e.into_inner()).conditional_writes = Some(honoured);
+        }
         let gen = self.generation();
         let needs = self.state().needs_listing;
         if needs {

@@ -62,6 +62,9 @@ pub struct RepositoryView {
     pub last_error: Option<String>,
     /// Retention in the repository: its settings and what it did.
     pub retention: RetentionView,
+    /// Whether the store honours conditional writes (`None` until asked);
+    /// false: every write looks for the object first.
+    pub conditional_writes: Option<bool>,
 }
 
 /// Retention in the repository, as the status shows it.
@@ -97,6 +100,7 @@ impl RepositoryView {
             next_retry: None,
             last_error: None,
             retention: RetentionView { delete, window_s, ..RetentionView::default() },
+            conditional_writes: None,
         }
     }
 
@@ -135,6 +139,7 @@ impl RepositoryView {
             "attempts": self.attempts,
             "next_retry_s": self.next_retry.map(|t| (t.saturating_duration_since(Instant::now()).as_secs_f64() * 10.0).round() / 10.0),
             "last_error": self.last_error,
+            "conditional_writes": self.conditional_writes,
             "retention": {
                 "delete": self.retention.delete,
                 "window_s": self.retention.window_s,
