@@ -87,6 +87,32 @@ pub struct TimelineWindow {
     latest: Option<String>,
 }
 
+/// What a restore from the off-site repository alone can reach
+/// (`omni-gateway restore --from`), read from the bucket.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct OffsiteWindow {
+    /// `OMNI_REPOSITORY_URL` as safe to show (it never holds credentials).
+    repository: String,
+    /// The generation read (`<system identifier>-pg<major>`); null before the archive has one.
+    generation: Option<String>,
+    /// The end of the oldest base backup there with its manifest; null before the first.
+    #[schema(format = DateTime)]
+    earliest: Option<String>,
+    /// When the newest WAL there (a whole segment or a chunk of the one being
+    /// written) was stored; null without a complete base backup or while the
+    /// WAL after it has not arrived.
+    #[schema(format = DateTime)]
+    latest: Option<String>,
+    /// Base backups there with their manifest; null when the bucket could not be read.
+    #[schema(minimum = 0)]
+    base_backups: Option<u64>,
+    /// WAL objects there (whole segments and chunks); null when the bucket could not be read.
+    #[schema(minimum = 0)]
+    wal_objects: Option<u64>,
+    /// Why the bucket could not be read (then the times are null); null when it was.
+    error: Option<String>,
+}
+
 /// What a restore can reach.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Window {
@@ -109,6 +135,10 @@ pub struct Window {
     base_backups: Vec<BaseBackup>,
     /// The last restore drill.
     last_drill: Option<Drill>,
+    /// The off-site window (`OMNI_REPOSITORY_URL`), beside the local one
+    /// above; null without an off-site repository.
+    #[serde(default)]
+    offsite: Option<OffsiteWindow>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -196,7 +226,7 @@ fn leak_code(code: &str) -> &'static str {
 
 /// The recoverable window, the base backups with their verification, the last drill.
 #[utoipa::path(get, path = "/api/v1/backup/window", tag = "backups", security(("api_key" = [])), responses(
-    (status = 200, description = "The window: `earliest`/`latest` are those of `omni-gateway restore --window`", body = Window),
+    (status = 200, description = "The window: `earliest`/`latest` are those of `omni-gateway restore --window` (the local archive); `offsite` is what the off-site repository alone restores (null without one)", body = Window),
     (status = 401, description = "Missing or wrong API key", body = ErrorBody),
     (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
     (status = 409, description = "No WAL archive here: `DATABASE_URL` or memory mode (`pitr_unavailable`)", body = ErrorBody),

@@ -47,6 +47,7 @@ mod ops_load_balancer;
 mod offsite_disaster;
 mod offsite_probe;
 mod offsite_restore;
+mod offsite_ship;
 mod offsite_stores;
 mod offsite_upload;
 mod pitr;

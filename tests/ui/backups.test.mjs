@@ -155,11 +155,14 @@ test('point-in-time recovery: the window is shown and a restore to a picked time
 });
 
 test('without an off-site repository the card says what to set, and its test is off', async () => {
+  const window = await (await stack.api('/api/v1/backup/window', { headers: { 'x-api-key': API_KEY } })).json();
+  assert.equal(window.offsite, null, 'no off-site window without OMNI_REPOSITORY_URL');
   const { context, page } = await openPage(browser, stack);
   try {
     await signIn(page);
     await page.goto('/backups');
     await page.locator('#offsite-none').waitFor();
+    assert.equal(await page.locator('#offsite-window').isHidden(), true);
     assert.match(await page.locator('#offsite-none').innerText(), /OMNI_REPOSITORY_URL/);
     assert.equal(await page.locator('#offsite-test').isDisabled(), true);
     assert.deepEqual(page.problems, []);
@@ -168,15 +171,29 @@ test('without an off-site repository the card says what to set, and its test is 
   }
 });
 
-test('off-site copy: the state of a directory repository, and "Test connection" passing every step', async () => {
+test('off-site copy: the off-site window beside the local one, the state of a directory repository, and "Test connection" passing every step', async () => {
   const offsite = await startStack('offsite', { extraEnv: (cwd) => ({ OMNI_REPOSITORY_URL: `file://${cwd}/offsite` }) });
   const { context, page } = await openPage(browser, offsite);
   try {
+    // The base backup and the WAL after it reach the repository: its window is there.
+    const window = await waitFor(async () => {
+      const response = await offsite.api('/api/v1/backup/window', { headers: { 'x-api-key': API_KEY } });
+      const body = await response.json();
+      return response.status === 200 && body.offsite && body.offsite.latest ? body : null;
+    }, { timeout: 120000, what: 'an off-site window with a latest time' });
+    assert.equal(window.offsite.error, null);
+    assert.equal(window.offsite.base_backups, 1);
     await signIn(page);
     await page.goto('/backups');
+    await page.locator('#offsite-latest').waitFor();
+    assert.equal(await page.locator('#offsite-earliest').getAttribute('datetime'), window.offsite.earliest);
+    assert.ok(await page.locator('#offsite-latest').getAttribute('datetime') >= window.offsite.latest);
+    assert.match(await page.locator('#offsite-window').innerText(), /^Off-site \(file:\/\/.+\/offsite\), a new machine can restore from .+ to .+ \(1 base backup there\)\.$/);
+    assert.match(await page.locator('#pitr-window').innerText(), /restore the database to any moment from/, 'the local window is still shown');
     const card = page.locator('#offsite');
     await card.locator('[data-field="state"]').waitFor();
     assert.match(await card.locator('[data-field="url"]').innerText(), /^file:\/\/.+\/offsite$/);
+    assert.match(await card.locator('[data-field="retention"]').innerText(), /older than OMNI_REPOSITORY_WINDOW/);
     await page.getByRole('button', { name: 'Test connection' }).click();
     await page.locator('#offsite-test-ok').waitFor({ timeout: 60000 });
     const steps = await page.locator('#offsite-steps li').evaluateAll((items) => items.map((li) => [li.dataset.step, li.dataset.ok]));

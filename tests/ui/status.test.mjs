@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack } from './harness.mjs';
+import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack, waitFor } from './harness.mjs';
 
 let stack;
 let browser;
@@ -142,5 +142,41 @@ test('a PostgreSQL that keeps failing shows backoff, the next retry and the cras
   } finally {
     fs.writeFileSync(conf, good);
     await context.close();
+  }
+});
+
+test('with an off-site repository the charts show its lag, queue and uploads; without one they are not drawn', async () => {
+  const offsite = await startStack('status-offsite', { extraEnv: (cwd) => ({ OMNI_REPOSITORY_URL: `file://${cwd}/offsite` }) });
+  const { context, page } = await openPage(browser, offsite);
+  try {
+    // The history records the repository once a sample is taken (every 5 s).
+    const history = await waitFor(async () => {
+      const response = await fetch(`${offsite.gatewayBase}/gateway/metrics/history`, { headers: { 'x-api-key': API_KEY } });
+      const body = await response.json();
+      return (body.samples || []).some((s) => typeof s.repository_lag_s === 'number' && s.repository_uploaded_bytes > 0) ? body : null;
+    }, { timeout: 120000, what: 'a history sample with the repository after its first uploads' });
+    assert.ok(history.samples.every((s) => !('repository_lag_s' in s) || typeof s.repository_queue_bytes === 'number'));
+    await signIn(page);
+    await page.goto('/status');
+    const lag = page.locator('svg[aria-label="Off-site lag (seconds behind)"]');
+    await lag.waitFor();
+    assert.equal(await lag.locator('path[data-series="oldest not uploaded"]').count(), 1);
+    const uploads = page.locator('svg[aria-label="Off-site uploads (MB, MB/s)"]');
+    assert.equal(await uploads.locator('path[data-series="queued (MB)"]').count(), 1);
+    await screenshots(page, 'status-offsite');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await offsite.stop();
+  }
+  // The stack without OMNI_REPOSITORY_URL has no such chart.
+  const plain = await openPage(browser, stack);
+  try {
+    await signIn(plain.page);
+    await plain.page.goto('/status');
+    await plain.page.locator('svg[aria-label^="Latency"]').waitFor();
+    assert.equal(await plain.page.locator('svg[aria-label^="Off-site"]').count(), 0);
+  } finally {
+    await plain.context.close();
   }
 });

@@ -102,6 +102,11 @@ impl Online {
         let _ = self.streamer.set(commands);
     }
 
+    /// The WAL archive's directory (`OMNI_WAL_DIR`).
+    pub fn wal_dir(&self) -> &std::path::Path {
+        &self.wal.dir
+    }
+
     /// `{"earliest", "latest", "base_backups", "streaming", "last_drill"}`;
     /// `earliest`/`latest` are those of `omni-gateway restore --window`.
     pub fn window(&self) -> Value {

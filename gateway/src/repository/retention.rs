@@ -76,6 +76,16 @@ pub fn plan(gen: &str, objects: &[Listed], manifests: &[BaseManifest], histories
 /// Applies [`plan`] to generation `gen` of the repository; returns how many
 /// objects went.
 pub async fn apply(repo: &Repository, gen: &str, window: Duration) -> Result<usize, RepositoryError> {
+    let doomed = planned(repo, gen, window).await?;
+    for path in &doomed {
+        repo.delete(path).await?;
+    }
+    Ok(doomed.len())
+}
+
+/// What [`apply`] would delete in generation `gen`, read from the repository
+/// (listed, manifests and history files read), deleting nothing.
+pub async fn planned(repo: &Repository, gen: &str, window: Duration) -> Result<Vec<String>, RepositoryError> {
     let objects = repo.list(&format!("{gen}/")).await?;
     let mut manifests = Vec::new();
     let mut histories = Vec::new();
@@ -96,11 +106,69 @@ pub async fn apply(repo: &Repository, gen: &str, window: Duration) -> Result<usi
             _ => {}
         }
     }
-    let doomed = plan(gen, &objects, &manifests, &histories, Utc::now(), window);
-    for path in &doomed {
-        repo.delete(path).await?;
+    Ok(plan(gen, &objects, &manifests, &histories, Utc::now(), window))
+}
+
+/// What a restore from the repository alone can reach, read from the
+/// bucket: from the end of the oldest base backup there with its manifest
+/// to the time the newest WAL object (whole segment or chunk) was stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OffsiteWindow {
+    /// The end of the oldest complete base backup; `None` before the first.
+    pub earliest: Option<DateTime<Utc>>,
+    /// When the newest WAL there was stored (its bytes were written before),
+    /// at least `earliest`; `None` without a complete base backup, or while
+    /// the WAL up to its end has not arrived.
+    pub latest: Option<DateTime<Utc>>,
+    /// Base backups there with their manifest.
+    pub base_backups: usize,
+    /// WAL objects there (whole segments and chunks).
+    pub wal_objects: usize,
+}
+
+/// [`OffsiteWindow`] of generation `gen`, from a listing and the oldest
+/// readable manifest.
+pub async fn window(repo: &Repository, gen: &str) -> Result<OffsiteWindow, RepositoryError> {
+    let objects = repo.list(&format!("{gen}/")).await?;
+    let mut manifests: Vec<&Listed> = objects.iter().filter(|o| matches!(layout::parse(&o.path), Some(Object::BaseManifest { .. }))).collect();
+    // Ids are the start times: name order is age order.
+    manifests.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut oldest = None;
+    for m in &manifests {
+        match serde_json::from_slice::<BaseManifest>(&repo.get(&m.path).await?) {
+            Ok(manifest) => {
+                oldest = Some(manifest.backup);
+                break;
+            }
+            Err(e) => tracing::warn!("off-site window: {} is not a manifest this gateway reads ({e}); the next base backup is the window's start", m.path),
+        }
     }
-    Ok(doomed.len())
+    Ok(window_of(&objects, oldest.as_ref(), manifests.len()))
+}
+
+/// The window from a listing and the oldest complete base backup: it is
+/// restorable once the WAL there reaches the backup's end.
+fn window_of(objects: &[Listed], oldest: Option<&base::BaseBackup>, base_backups: usize) -> OffsiteWindow {
+    let mut newest = None;
+    let mut reaches = None;
+    let mut wal_objects = 0;
+    for o in objects {
+        let (segment, end) = match layout::parse(&o.path) {
+            Some(Object::Segment { segment, .. }) => (segment, archive::SEGMENT_BYTES),
+            Some(Object::Chunk { segment, to, .. }) => (segment, to),
+            _ => continue,
+        };
+        wal_objects += 1;
+        newest = newest.max(Some(o.modified));
+        reaches = reaches.max(archive::segment_lsn(&segment).map(|start| start + end));
+    }
+    let earliest = oldest.map(|b| b.finished_at);
+    let needed = oldest.and_then(|b| b.end_lsn.as_deref()).and_then(archive::parse_lsn).unwrap_or(0);
+    let latest = match (earliest, newest, reaches) {
+        (Some(e), Some(n), Some(r)) if r >= needed => Some(n.max(e)),
+        _ => None,
+    };
+    OffsiteWindow { earliest, latest, base_backups, wal_objects }
 }
 
 #[cfg(test)]
@@ -129,7 +197,7 @@ mod tests {
     }
 
     fn listed(path: String) -> Listed {
-        Listed { path, size: 1 }
+        Listed { path, size: 1, modified: Utc::now() }
     }
 
     #[test]
@@ -157,6 +225,27 @@ mod tests {
             assert!(!plan.contains(&layout::wal_segment(GEN, &format!("00000001{seg:016X}"))), "segment {seg} is needed");
         }
         assert!(!plan.iter().any(|p| p.contains(".chunks/")), "the chunks of the newest segment stay");
+    }
+
+    #[test]
+    fn the_offsite_window_runs_from_the_oldest_complete_backup_to_the_newest_wal_stored() {
+        let now = Utc::now();
+        let at = |secs: i64| now - chrono::Duration::seconds(secs);
+        let object = |path: String, secs: i64| Listed { path, size: 1, modified: at(secs) };
+        // b1 (segment 2) ended 50 s ago, its end 0x28 into segment 2.
+        let mut b1 = backup("b1", 2, 0).backup;
+        b1.finished_at = at(50);
+        let mut objects = vec![
+            object(layout::wal_segment(GEN, "000000010000000000000001"), 100),
+            object(layout::base_file(GEN, "b1", "base.tar.lz4"), 5),
+        ];
+        assert_eq!(window_of(&objects, Some(&b1), 1).latest, None, "the WAL up to the backup's end is not there yet");
+        objects.push(object(layout::wal_chunk(GEN, "000000010000000000000002", 0, 0x100), 60));
+        let w = window_of(&objects, Some(&b1), 1);
+        assert_eq!((w.earliest, w.latest, w.wal_objects), (Some(at(50)), Some(at(50)), 2), "reached, stored before it ended: the window is the backup's end");
+        objects.push(object(layout::wal_chunk(GEN, "000000010000000000000002", 0x100, 0x300), 10));
+        assert_eq!(window_of(&objects, Some(&b1), 1).latest, Some(at(10)));
+        assert_eq!(window_of(&objects, None, 0), OffsiteWindow { earliest: None, latest: None, base_backups: 0, wal_objects: 3 }, "no complete base backup: nothing to restore");
     }
 
     #[test]

@@ -127,6 +127,8 @@ struct State {
     /// base backup is confirmed, or an hour later.
     last_retention: Option<Instant>,
     retention_due: bool,
+    /// Whether the store was asked if it honours conditional writes.
+    conditional_checked: bool,
 }
 
 /// The off-site shipper; cheap to clone.
@@ -151,7 +153,7 @@ impl Shipper {
         let file = wal_dir.as_deref().and_then(load_state).filter(|f| f.url == url);
         let needs_listing = file.is_none();
         let file = file.unwrap_or(StateFile { url: url.clone(), objects: BTreeMap::new() });
-        let view = RepositoryView::new(url, settings.queue_max_bytes);
+        let view = RepositoryView::new(url, settings.queue_max_bytes, settings.delete, settings.window.as_secs());
         Shipper {
             repo,
             settings,
@@ -203,6 +205,9 @@ impl Shipper {
         let check = self.clone();
         archive::set_deletion_check(Box::new(move |path| check.confirms(path)));
         tracing::info!("off-site repository {}: shipping WAL every {} ms, base and logical backups as they are made", self.repo.display(), self.settings.wal_interval.as_millis());
+        if !self.settings.delete {
+            tracing::info!("off-site repository {}: OMNI_REPOSITORY_DELETE=false: nothing is ever deleted there (retention, chunks of whole segments, probe objects); the bucket's lifecycle rules decide", self.repo.display());
+        }
         let (wal, backups) = (self.clone(), self);
         let (stop, hurry) = (stage.token(), stage.hurried());
         stage.spawn(async move { wal.run(Loop::Wal, stop, hurry).await });
@@ -373,6 +378,17 @@ impl Shipper {
     }
 
     async fn prepare_round(&self) -> Result<Option<String>, RepositoryError> {
+        if !self.state().conditional_checked {
+            let honoured = self.repo.honours_conditional_writes(self.settings.delete).await?;
+            let first = !std::mem::replace(&mut self.state().conditional_checked, true);
+            if !honoured {
+                self.repo.look_first();
+                if first {
+                    tracing::warn!("off-site repository {}: the store ignores or refuses conditional writes (If-None-Match): each object is looked up before it is written, so an object already there is still never overwritten, but two writers racing for one name could; give each installation its own prefix", self.repo.display());
+                }
+            }
+            self.view.lock().unwrap_or_else(|e| e.into_inner()).conditional_writes = Some(honoured);
+        }
         let gen = self.generation();
         let needs = self.state().needs_listing;
         if needs {
@@ -639,21 +655,48 @@ impl Shipper {
         Ok(())
     }
 
-    /// Retention in the repository, when due (`OMNI_REPOSITORY_DELETE=false`: never).
+    /// Retention in the repository, when due. With `OMNI_REPOSITORY_DELETE=false`
+    /// nothing is deleted: what it would delete is only counted for the
+    /// status (a store that refuses listing or reading to write-only
+    /// credentials leaves the count unknown, and that is no failure).
     async fn retention(&self, gen: &str) -> Result<(), RepositoryError> {
         let due = {
             let state = self.state();
             state.retention_due || state.last_retention.is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
         };
-        if !due || !self.settings.delete || self.wal_dir.is_none() {
+        if !due || self.wal_dir.is_none() {
             return Ok(());
         }
-        let deleted = super::retention::apply(&self.repo, gen, self.settings.window).await?;
-        {
+        let ran = |deleted: u64, kept: Option<u64>| {
+            let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            view.retention.last_run = Some(SystemTime::now());
+            view.retention.deleted_objects += deleted;
+            view.retention.kept_past_window = kept;
+        };
+        let finished = || {
             let mut state = self.state();
             state.retention_due = false;
             state.last_retention = Some(Instant::now());
+        };
+        if !self.settings.delete {
+            match super::retention::planned(&self.repo, gen, self.settings.window).await {
+                Ok(past) => {
+                    if !past.is_empty() {
+                        tracing::info!("off-site retention: {} objects of {} are past OMNI_REPOSITORY_WINDOW ({} s) and kept: OMNI_REPOSITORY_DELETE=false deletes nothing (the bucket's lifecycle rules decide)", past.len(), self.repo.display(), self.settings.window.as_secs());
+                    }
+                    ran(0, Some(past.len() as u64));
+                }
+                Err(e) => {
+                    tracing::info!("off-site retention: deletion is off (OMNI_REPOSITORY_DELETE=false) and what the window no longer needs could not be counted ({e})");
+                    ran(0, None);
+                }
+            }
+            finished();
+            return Ok(());
         }
+        let deleted = super::retention::apply(&self.repo, gen, self.settings.window).await?;
+        finished();
+        ran(deleted as u64, None);
         if deleted > 0 {
             tracing::info!("off-site retention: deleted {deleted} objects of {} that OMNI_REPOSITORY_WINDOW ({} s) no longer needs", self.repo.display(), self.settings.window.as_secs());
         }

@@ -150,6 +150,8 @@ pub struct Listed {
     /// Relative to the repository's prefix.
     pub path: String,
     pub size: u64,
+    /// When the store says it was written.
+    pub modified: chrono::DateTime<chrono::Utc>,
 }
 
 /// An open repository; cheap to clone.
@@ -157,6 +159,9 @@ pub struct Listed {
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     location: Location,
+    /// The store ignores or refuses conditional writes: every write looks
+    /// for the object first (see [`Repository::put_once`]). Shared by the clones.
+    look_first: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Repository {
@@ -214,7 +219,7 @@ impl Repository {
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&location.bucket).map_err(failed)?)
             }
         };
-        Ok(Repository { store, location })
+        Ok(Repository { store, location, look_first: Arc::default() })
     }
 
     /// The URL, safe to show anywhere.
@@ -258,20 +263,82 @@ impl Repository {
 
     /// Writes `bytes` at `path` unless an object is there: the same bytes
     /// there count as written, other bytes are a [`RepositoryError::Conflict`].
+    ///
+    /// A conditional put where the store honours it. A store that refuses
+    /// conditional writes (`NotImplemented`: an S3-compatible store without
+    /// `If-None-Match`, or `AWS_CONDITIONAL_PUT=disabled`) or that was found
+    /// to ignore them ([`Repository::honours_conditional_writes`]) gets a
+    /// lookup first and a plain write only where none is: another
+    /// installation's object is still never overwritten, but two writers
+    /// racing for one name could (each installation needs its own prefix).
     pub async fn put_once(&self, path: &str, bytes: Bytes) -> Result<Put, RepositoryError> {
+        if self.looks_first() {
+            return self.put_looking_first(path, bytes).await;
+        }
         let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
         match self.store.put_opts(&self.full(path), PutPayload::from_bytes(bytes.clone()), opts).await {
             Ok(_) => Ok(Put::Created),
-            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
-                let there = self.get(path).await?;
-                if there == bytes {
-                    Ok(Put::AlreadyThere)
-                } else {
-                    Err(RepositoryError::Conflict { location: self.display(), path: path.to_string(), detail: format!("{} bytes there, {} to write", there.len(), bytes.len()) })
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => self.same_or_conflict(path, &bytes).await,
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if !self.look_first.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("{}: the store refuses conditional writes; each object is looked up before it is written (never overwritten, but give each installation its own prefix)", self.display());
                 }
+                self.put_looking_first(path, bytes).await
             }
             Err(e) => Err(self.store_error("writing", path, e)),
         }
+    }
+
+    /// Whether writes look for the object first (the store ignores or
+    /// refuses conditional writes).
+    pub fn looks_first(&self) -> bool {
+        self.look_first.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// From now on, every write looks for the object first.
+    pub fn look_first(&self) {
+        self.look_first.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn put_looking_first(&self, path: &str, bytes: Bytes) -> Result<Put, RepositoryError> {
+        if self.head(path).await?.is_some() {
+            return self.same_or_conflict(path, &bytes).await;
+        }
+        self.store.put(&self.full(path), PutPayload::from_bytes(bytes)).await.map_err(|e| self.store_error("writing", path, e))?;
+        Ok(Put::Created)
+    }
+
+    async fn same_or_conflict(&self, path: &str, bytes: &Bytes) -> Result<Put, RepositoryError> {
+        let there = self.get(path).await?;
+        if there == *bytes {
+            Ok(Put::AlreadyThere)
+        } else {
+            Err(RepositoryError::Conflict { location: self.display(), path: path.to_string(), detail: format!("{} bytes there, {} to write", there.len(), bytes.len()) })
+        }
+    }
+
+    /// Whether the store honours conditional writes: a probe object under
+    /// `probe/` is created twice with the condition; a store that lets the
+    /// second through ignores it (rclone's S3 server ignores
+    /// `If-None-Match`). The probe is deleted after unless `delete` is false.
+    pub async fn honours_conditional_writes(&self, delete: bool) -> Result<bool, RepositoryError> {
+        let name = format!("probe/conditional-{:016x}", rand::random::<u64>());
+        let opts = || PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        let payload = || PutPayload::from_static(b"omni conditional write probe");
+        let honoured = match self.store.put_opts(&self.full(&name), payload(), opts()).await {
+            Err(object_store::Error::NotImplemented { .. }) => false,
+            Err(e) => return Err(self.store_error("writing", &name, e)),
+            Ok(_) => match self.store.put_opts(&self.full(&name), payload(), opts()).await {
+                Ok(_) => false,
+                Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => true,
+                Err(object_store::Error::NotImplemented { .. }) => false,
+                Err(e) => return Err(self.store_error("writing", &name, e)),
+            },
+        };
+        if delete {
+            let _ = self.delete(&name).await;
+        }
+        Ok(honoured)
     }
 
     /// Uploads the file `local` to `path`, write-once like [`put_once`]
@@ -423,7 +490,7 @@ impl Repository {
         let mut pending = vec![root];
         while let Some(dir) = pending.pop() {
             let listed = self.store.list_with_delimiter(dir.as_ref()).await.map_err(|e| self.store_error("listing", prefix, e))?;
-            found.extend(listed.objects.iter().map(|o| Listed { path: self.relative(&o.location), size: o.size }));
+            found.extend(listed.objects.iter().map(|o| Listed { path: self.relative(&o.location), size: o.size, modified: o.last_modified }));
             pending.extend(listed.common_prefixes.into_iter().map(Some));
         }
         found.sort_by(|a, b| a.path.cmp(&b.path));

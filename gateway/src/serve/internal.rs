@@ -15,7 +15,9 @@
 //! (API key, OpenAPI); this module only checks the secret and hands the
 //! work to [`crate::pitr::online`].
 
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -40,13 +42,15 @@ pub struct Internal {
     unavailable: Option<&'static str>,
     /// The off-site repository's settings, when `OMNI_REPOSITORY_URL` is set.
     repository: Option<crate::repository::config::RepositoryConfig>,
+    /// The last off-site window read from the bucket, and when.
+    offsite: tokio::sync::Mutex<Option<(Instant, serde_json::Value)>>,
 }
 
 impl Internal {
     pub fn new(unavailable: Option<&'static str>, repository: Option<crate::repository::config::RepositoryConfig>) -> Internal {
         let token: String = rand::thread_rng().sample_iter(&Alphanumeric).take(48).map(char::from).collect();
         crate::serve::logring::installed().add_secret(&token);
-        Internal { token, online: OnceLock::new(), unavailable, repository: repository.filter(|r| r.location.is_some()) }
+        Internal { token, online: OnceLock::new(), unavailable, repository: repository.filter(|r| r.location.is_some()), offsite: tokio::sync::Mutex::new(None) }
     }
 }
 
@@ -69,7 +73,11 @@ pub async fn handle(internal: &Internal, req: Request<Incoming>) -> Response<Bod
         return error(StatusCode::SERVICE_UNAVAILABLE, "starting", "point-in-time recovery is not running yet (the gateway is starting); retry shortly");
     };
     let answer = match (route.0, route.1.as_str()) {
-        (Method::GET, "window") => Ok(online.window()),
+        (Method::GET, "window") => {
+            let mut window = online.window();
+            window["offsite"] = offsite_window(internal, online.wal_dir()).await;
+            Ok(window)
+        }
         (Method::POST, "base") => online.base_backup().await,
         (Method::POST, "restore-to") => {
             let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
@@ -100,6 +108,47 @@ pub async fn handle(internal: &Internal, req: Request<Incoming>) -> Response<Bod
         Ok(doc) => json(StatusCode::OK, &doc),
         Err(r) => error(StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), r.code, &r.detail),
     }
+}
+
+/// How long an off-site window read from the bucket is shown before it is read again.
+const OFFSITE_WINDOW_FRESH: Duration = Duration::from_secs(2);
+/// The longest a listing of the bucket may take for the window.
+const OFFSITE_WINDOW_LIMIT: Duration = Duration::from_secs(15);
+
+/// The `offsite` member of the window: `null` without a repository; else
+/// what a restore from the bucket alone can reach (`earliest`, `latest`),
+/// read from the bucket (at most every [`OFFSITE_WINDOW_FRESH`]), or the
+/// reason it could not be read (`error`, the other members null).
+async fn offsite_window(internal: &Internal, wal_dir: &Path) -> serde_json::Value {
+    use chrono::SecondsFormat;
+    let Some(location) = internal.repository.as_ref().and_then(|r| r.location.clone()) else { return serde_json::Value::Null };
+    let mut cached = internal.offsite.lock().await;
+    if let Some((_, value)) = cached.as_ref().filter(|(at, _)| at.elapsed() < OFFSITE_WINDOW_FRESH) {
+        return value.clone();
+    }
+    let url = location.display();
+    let gen = crate::pitr::generation::Identity::of_archive(wal_dir).ok().flatten().map(|i| crate::repository::layout::generation(i.system_identifier, i.major));
+    let show = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    let read = async {
+        let repo = crate::repository::store::Repository::open_location(location).map_err(|e| e.to_string())?;
+        match &gen {
+            Some(gen) => crate::repository::retention::window(&repo, gen).await.map_err(|e| e.to_string()),
+            None => Ok(Default::default()),
+        }
+    };
+    let value = match tokio::time::timeout(OFFSITE_WINDOW_LIMIT, read).await {
+        Ok(Ok(w)) => serde_json::json!({
+            "repository": url, "generation": gen, "earliest": show(w.earliest), "latest": show(w.latest),
+            "base_backups": w.base_backups, "wal_objects": w.wal_objects, "error": null,
+        }),
+        Ok(Err(e)) => serde_json::json!({ "repository": url, "generation": gen, "earliest": null, "latest": null, "base_backups": null, "wal_objects": null, "error": format!("the repository could not be listed: {e}") }),
+        Err(_) => serde_json::json!({
+            "repository": url, "generation": gen, "earliest": null, "latest": null, "base_backups": null, "wal_objects": null,
+            "error": format!("listing the repository took more than {} s; see GET /gateway/status (repository) and try again", OFFSITE_WINDOW_LIMIT.as_secs()),
+        }),
+    };
+    *cached = Some((Instant::now(), value.clone()));
+    value
 }
 
 /// The probe of the off-site repository: 200 with the report whether or not

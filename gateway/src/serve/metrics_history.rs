@@ -50,6 +50,14 @@ pub struct Sample {
     pub wal_age_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_backup_age_s: Option<f64>,
+    /// The off-site repository (when set): lag in seconds, bytes queued,
+    /// bytes uploaded since the start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository_lag_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository_queue_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository_uploaded_bytes: Option<u64>,
 }
 
 /// A restart, at the moment the board showed it.
@@ -152,6 +160,7 @@ fn sample(before: &Counters, after: &Counters, took: Duration, board: &Board) ->
     let ms = |s: f64| (s * 1e6).round() / 1e3;
     let snapshot = board.snapshot();
     let mut restarts: BTreeMap<String, u32> = snapshot.iter().map(|(n, c)| (n.to_owned(), c.restarts)).collect();
+    let repository = board.repository();
     let relay = board.replication();
     if let Some(relay) = &relay {
         restarts.insert("replication".into(), relay.dbs.iter().map(|d| d.restarts).sum());
@@ -167,6 +176,9 @@ fn sample(before: &Counters, after: &Counters, took: Duration, board: &Board) ->
         replication_lag_s: relay.map(|r| r.lag_seconds()),
         wal_age_s: None,
         base_backup_age_s: None,
+        repository_lag_s: repository.as_ref().map(|r| r.lag_seconds),
+        repository_queue_bytes: repository.as_ref().map(|r| r.lag_bytes),
+        repository_uploaded_bytes: repository.as_ref().map(|r| r.uploaded_bytes),
     }
 }
 

@@ -60,10 +60,31 @@ pub struct RepositoryView {
     pub next_retry: Option<Instant>,
     /// The last error, redacted, with what to do.
     pub last_error: Option<String>,
+    /// Retention in the repository: its settings and what it did.
+    pub retention: RetentionView,
+    /// Whether the store honours conditional writes (`None` until asked);
+    /// false: every write looks for the object first.
+    pub conditional_writes: Option<bool>,
+}
+
+/// Retention in the repository, as the status shows it.
+#[derive(Debug, Clone, Default)]
+pub struct RetentionView {
+    /// `OMNI_REPOSITORY_DELETE`: false deletes nothing there, ever.
+    pub delete: bool,
+    /// `OMNI_REPOSITORY_WINDOW`.
+    pub window_s: u64,
+    /// When it last looked at the repository.
+    pub last_run: Option<SystemTime>,
+    /// Objects it deleted since the start.
+    pub deleted_objects: u64,
+    /// With deletion off: objects the window no longer needs, kept (as of
+    /// the last look; `None` before one, or when the store refused the listing).
+    pub kept_past_window: Option<u64>,
 }
 
 impl RepositoryView {
-    pub fn new(url: String, queue_max_bytes: u64) -> Self {
+    pub fn new(url: String, queue_max_bytes: u64, delete: bool, window_s: u64) -> Self {
         RepositoryView {
             url,
             state: RepositoryState::Starting,
@@ -78,6 +99,8 @@ impl RepositoryView {
             attempts: 0,
             next_retry: None,
             last_error: None,
+            retention: RetentionView { delete, window_s, ..RetentionView::default() },
+            conditional_writes: None,
         }
     }
 
@@ -116,7 +139,29 @@ impl RepositoryView {
             "attempts": self.attempts,
             "next_retry_s": self.next_retry.map(|t| (t.saturating_duration_since(Instant::now()).as_secs_f64() * 10.0).round() / 10.0),
             "last_error": self.last_error,
+            "conditional_writes": self.conditional_writes,
+            "retention": {
+                "delete": self.retention.delete,
+                "window_s": self.retention.window_s,
+                "last_run_unix": self.retention.last_run.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
+                "deleted_objects": self.retention.deleted_objects,
+                "kept_past_window": self.retention.kept_past_window,
+                "summary": self.retention_summary(),
+            },
         })
+    }
+
+    /// One sentence on retention in the repository, for people.
+    pub fn retention_summary(&self) -> String {
+        let r = &self.retention;
+        if r.delete {
+            return format!("objects older than OMNI_REPOSITORY_WINDOW ({} s) that no kept base backup needs are deleted; {} deleted since the start", r.window_s, r.deleted_objects);
+        }
+        let kept = match r.kept_past_window {
+            Some(n) => format!("; {n} objects past OMNI_REPOSITORY_WINDOW are kept"),
+            None => String::new(),
+        };
+        format!("deletion is off (OMNI_REPOSITORY_DELETE=false): nothing is ever deleted in the repository, the bucket's lifecycle rules decide{kept}")
     }
 
     /// The `omni_repository_*` lines of `/metrics`.
@@ -149,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_or_a_failure_degrades_and_says_why() {
-        let mut v = RepositoryView::new("s3://b/p".into(), 10 * 1_048_576);
+        let mut v = RepositoryView::new("s3://b/p".into(), 10 * 1_048_576, true, 3600);
         assert_eq!(v.degraded(), None);
         v.lag_bytes = 11 * 1_048_576;
         assert!(v.degraded().unwrap().contains("OMNI_REPOSITORY_QUEUE_MAX_MB=10"), "{:?}", v.degraded());
@@ -160,5 +205,16 @@ mod tests {
         let text = v.metrics();
         assert!(text.contains("omni_repository_state{state=\"stopped\"} 1"), "{text}");
         assert_eq!(v.to_json()["state"], "stopped");
+        assert_eq!(v.to_json()["retention"]["delete"], true);
+    }
+
+    #[test]
+    fn the_status_says_when_deletion_is_off() {
+        let mut v = RepositoryView::new("s3://b/p".into(), 1_048_576, false, 60);
+        v.retention.kept_past_window = Some(3);
+        let r = &v.to_json()["retention"];
+        assert_eq!((r["delete"].as_bool(), r["kept_past_window"].as_u64()), (Some(false), Some(3)));
+        let summary = r["summary"].as_str().unwrap();
+        assert!(summary.contains("deletion is off (OMNI_REPOSITORY_DELETE=false)") && summary.contains("3 objects past"), "{summary}");
     }
 }

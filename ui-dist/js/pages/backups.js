@@ -10,6 +10,9 @@
 // for confirmation in a modal dialog; the restore dialog says that a safety
 // backup of the current database is taken first, and names it afterwards.
 //
+// Beside the local window, the off-site one (`offsite` of the window: what
+// the repository alone restores) when OMNI_REPOSITORY_URL is set.
+//
 // The off-site card shows the repository's shipper (GET /gateway/status
 // `repository`: state, last upload, lag, queue, last error) and its "Test
 // connection" button (POST /api/v1/backup/repository/test), which names the
@@ -67,6 +70,7 @@ function localInputValue(date) {
 function pointInTime() {
   const message = h('div', { id: 'pitr-message', role: 'status', 'aria-live': 'polite' });
   const windowText = h('p', { id: 'pitr-window' }, 'Loading the recoverable window…');
+  const offsiteText = h('p', { id: 'offsite-window', hidden: true });
   const picker = h('input', { type: 'datetime-local', id: 'pitr-time', step: '1', required: true });
   const restoreButton = h('button', { type: 'button', class: 'btn btn-danger', id: 'pitr-restore', onclick: restoreToTime }, 'Restore to this time');
   const baseButton = h('button', { type: 'button', class: 'btn', id: 'take-base-backup', onclick: takeBase }, 'Take a base backup now');
@@ -110,6 +114,7 @@ function pointInTime() {
       picker.max = localInputValue(latest);
       if (!picker.value) picker.value = localInputValue(latest);
     }
+    showOffsite(w.offsite);
     const backups = w.base_backups || [];
     replace(list, backups.length ? h('table', { class: 'responsive', id: 'base-backup-table' },
       h('caption', { class: 'visually-hidden' }, 'Base backups, newest first'),
@@ -124,6 +129,26 @@ function pointInTime() {
     if (w.last_drill) {
       list.append(h('p', { id: 'pitr-drill', class: w.last_drill.ok ? '' : 'alert alert-error' },
         w.last_drill.ok ? `Last restore drill passed on ${formatDate(w.last_drill.at)}.` : `The last restore drill FAILED on ${formatDate(w.last_drill.at)}: ${w.last_drill.detail || ''}`));
+    }
+  }
+
+  /** The off-site window beside the local one: what the bucket alone restores. */
+  function showOffsite(o) {
+    offsiteText.hidden = !o;
+    if (!o) return;
+    offsiteText.className = o.error ? 'alert alert-error' : '';
+    if (o.error) {
+      replace(offsiteText, h('strong', {}, 'Off-site window unknown: '), o.error);
+    } else if (!o.earliest) {
+      replace(offsiteText, 'Off-site (', h('span', { class: 'mono' }, o.repository), '): no complete base backup there yet, so nothing can be restored from it alone.');
+    } else if (!o.latest) {
+      replace(offsiteText, 'Off-site (', h('span', { class: 'mono' }, o.repository), '): a base backup ending ',
+        h('time', { datetime: o.earliest, id: 'offsite-earliest' }, formatDate(o.earliest)), ', but the WAL after it is not there yet.');
+    } else {
+      replace(offsiteText, 'Off-site (', h('span', { class: 'mono' }, o.repository), '), a new machine can restore from ',
+        h('time', { datetime: o.earliest, id: 'offsite-earliest' }, formatDate(o.earliest)), ' to ',
+        h('time', { datetime: o.latest, id: 'offsite-latest' }, formatDate(o.latest)),
+        ` (${o.base_backups} base ${o.base_backups === 1 ? 'backup' : 'backups'} there).`);
     }
   }
 
@@ -207,6 +232,7 @@ function pointInTime() {
   const card = h('section', { class: 'card', 'aria-labelledby': 'pitr-title', id: 'pitr' },
     h('h2', { id: 'pitr-title' }, 'Point-in-time recovery'),
     windowText,
+    offsiteText,
     h('div', { class: 'actions' },
       h('label', { for: 'pitr-time' }, 'Restore to '), picker, restoreButton, baseButton),
     progress,
@@ -255,6 +281,7 @@ function offsite() {
       h('dt', {}, 'State'), h('dd', {}, h('span', { class: `badge badge-${REPOSITORY_STATE[r.state] || 'warn'}`, dataset: { field: 'state' } }, r.state)),
       h('dt', {}, 'Last upload'), h('dd', { dataset: { field: 'last-upload' } }, last ? h('time', { datetime: last }, formatDate(last)) : 'none yet'),
       h('dt', {}, 'Behind by'), h('dd', { dataset: { field: 'lag' } }, r.lag_bytes ? `${formatBytes(r.lag_bytes)} in ${r.queue_depth} objects, oldest ${formatDuration(r.lag_seconds)}` : 'nothing'),
+      r.retention ? [h('dt', {}, 'Retention'), h('dd', { dataset: { field: 'retention', delete: String(r.retention.delete) } }, r.retention.summary)] : null,
       r.queue_full ? [h('dt', {}, 'Queue'), h('dd', { class: 'alert alert-warn', dataset: { field: 'queue-full' } }, `over its limit of ${formatBytes(r.queue_max_bytes)}: uploads are not keeping up`)] : null,
       r.last_error ? [h('dt', {}, 'Last error'), h('dd', { dataset: { field: 'last-error' } }, r.last_error)] : null));
   }

@@ -5,7 +5,8 @@
 // (GET /gateway/events, documents shaped like GET /gateway/status), so the
 // stream stays open while the worker restarts. While it is not open the
 // page polls /gateway/status every 2 s, and it reconnects with exponential
-// backoff. The charts read GET /gateway/metrics/history (API key) every 5 s;
+// backoff. The charts read GET /gateway/metrics/history (API key) every 5 s
+// (with an off-site repository, its lag, queue and upload rate too);
 // a restart seen on the stream is marked on them at once, before the next
 // sample.
 
@@ -171,6 +172,22 @@ export async function render(main) {
     ].filter(([key]) => samples.some((s) => typeof s[key] === 'number'));
     if (storage.length) {
       list.push(lineChart({ title: 'Storage', unit: 'seconds behind or old', series: storage.map(([key, name], i) => ({ name, className: `s${i + 1}`, points: series(key) })), markers, range, width }));
+    }
+    // The off-site repository (OMNI_REPOSITORY_URL): how far behind, what waits, what went.
+    if (samples.some((s) => typeof s.repository_lag_s === 'number')) {
+      const mb = (b) => (typeof b === 'number' ? b / 1048576 : null);
+      const uploaded = samples.map((s, i) => {
+        const prev = samples[i - 1];
+        const ok = prev && typeof s.repository_uploaded_bytes === 'number' && typeof prev.repository_uploaded_bytes === 'number';
+        return [s.unix_ms, ok ? mb(Math.max(0, s.repository_uploaded_bytes - prev.repository_uploaded_bytes)) / ((s.unix_ms - prev.unix_ms) / 1000 || 1) : null];
+      });
+      list.push(lineChart({ title: 'Off-site lag', unit: 'seconds behind', series: [
+        { name: 'oldest not uploaded', className: 's1', points: series('repository_lag_s') },
+      ], markers, range, width }));
+      list.push(lineChart({ title: 'Off-site uploads', unit: 'MB, MB/s', series: [
+        { name: 'queued (MB)', className: 's1', points: samples.map((s) => [s.unix_ms, mb(s.repository_queue_bytes)]) },
+        { name: 'uploaded (MB/s)', className: 's2', points: uploaded },
+      ], markers, range, width }));
     }
     replace(charts, list);
     charts.dataset.markers = String(markers.length);

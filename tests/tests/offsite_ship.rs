@@ -1,0 +1,222 @@
+//! The off-site repository as users see it, against real object stores
+//! (tests/src/stores.rs): the off-site window of `GET /api/v1/backup/window`
+//! read from the bucket, `OMNI_REPOSITORY_DELETE=false` with retention
+//! due, and a store killed in the middle of a base backup's multipart
+//! upload. What the store holds is read through its own API (object_store,
+//! as a second client), never through the gateway.
+
+use crate::gateway;
+
+use std::time::{Duration, Instant};
+
+use gateway::{wait_for_base_backup, workdir, Gateway, GatewayBuilder};
+use omni_tests::stores::{Kind, StoreServer};
+use omni_tests::{wait_until, Request, TEST_API_KEY};
+
+/// [`wait_until`] that fails with the repository's status and the
+/// gateway's log lines about it.
+fn wait_for<T>(gw: &Gateway, timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            let log: Vec<String> = gw.log().lines().filter(|l| l.contains("repository") || l.contains("ERROR") || l.contains("WARN")).map(str::to_owned).collect();
+            panic!("timed out after {} s waiting for {what}\nrepository: {}\n{}", timeout.as_secs(), gw.get("/gateway/status").json()["repository"], log.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn builder(dir: &std::path::Path, store: &StoreServer, prefix: &str) -> GatewayBuilder {
+    let mut b = GatewayBuilder::new(dir).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_REPOSITORY_URL", store.url(prefix)).env("OMNI_REPOSITORY_WAL_INTERVAL", "1s");
+    for (k, v) in store.env() {
+        b = b.env(k, v.clone());
+    }
+    b
+}
+
+fn window(gw: &Gateway) -> serde_json::Value {
+    let answer = Request::new("GET", "/api/v1/backup/window").api_key().send_to(gw.port);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.json()
+}
+
+/// A time of the window: RFC 3339 in UTC with milliseconds, so that text order is time order.
+fn time(v: &serde_json::Value) -> String {
+    let t = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    assert!(t.len() == 24 && t.ends_with('Z'), "{t}");
+    t.to_owned()
+}
+
+/// `<sysid>-pg<major>`, the generation the gateway ships into.
+fn generation(gw: &Gateway) -> String {
+    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
+    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
+}
+
+#[test]
+fn offsite_window_is_read_from_the_bucket_beside_the_local_one() {
+    let mut store = StoreServer::start_new(Kind::Rclone);
+    let dir = workdir();
+    let gw = builder(dir.path(), &store, "window").start();
+    wait_for_base_backup(&gw);
+    let gen = generation(&gw);
+
+    // The base backup and the WAL after it reach the bucket: the window is theirs.
+    let w = wait_for(&gw, Duration::from_secs(90), "an off-site window with a latest time", || {
+        let w = window(&gw);
+        w["offsite"]["latest"].is_string().then_some(w)
+    });
+    let offsite = &w["offsite"];
+    assert_eq!(offsite["repository"], store.url("window"), "{w}");
+    assert_eq!(offsite["generation"], gen, "{w}");
+    assert_eq!(offsite["error"], serde_json::Value::Null, "{w}");
+    assert_eq!(offsite["base_backups"], 1, "{w}");
+    assert!(offsite["wal_objects"].as_u64().unwrap() >= 1, "{w}");
+    let local_base = &w["base_backups"][0];
+    assert_eq!(time(&offsite["earliest"]), time(&local_base["finished_at"]), "off-site starts where its one base backup ended: {w}");
+    assert_eq!(w["earliest"], offsite["earliest"], "the local window is still there, beside it: {w}");
+    let first_latest = time(&offsite["latest"]);
+    assert!(first_latest >= time(&offsite["earliest"]), "{w}");
+
+    // New writes: the off-site latest moves with the WAL that reaches the bucket.
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE window_rows (id int); INSERT INTO window_rows SELECT generate_series(1, 100)").unwrap();
+    wait_for(&gw, Duration::from_secs(30), "the off-site latest to move past the first", || {
+        let w = window(&gw);
+        (time(&w["offsite"]["latest"]) > first_latest).then_some(w)
+    });
+
+    // The store down: the window still answers, the off-site part says why it is unknown.
+    store.stop();
+    let down = wait_for(&gw, Duration::from_secs(60), "the off-site window to say the bucket cannot be read", || {
+        let w = window(&gw);
+        w["offsite"]["error"].is_string().then_some(w)
+    });
+    assert!(down["offsite"]["error"].as_str().unwrap().contains("could not be listed"), "{down}");
+    assert_eq!(down["offsite"]["earliest"], serde_json::Value::Null, "{down}");
+    assert!(down["earliest"].is_string(), "the local window is unaffected: {down}");
+    for (name, value) in store.env() {
+        if name.contains("SECRET") {
+            assert!(!down.to_string().contains(value.as_str()), "{name}'s value in {down}");
+        }
+    }
+}
+
+/// Every object under `prefix` of the store, read by a second client of
+/// its own (the store code with the store's credentials in this test's
+/// environment: nextest runs each test in a process of its own), by name
+/// with its size.
+fn listing(store: &StoreServer, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+    let (repo, rt) = client(store, prefix);
+    rt.block_on(repo.list("")).unwrap().into_iter().map(|o| (format!("{prefix}/{}", o.path), o.size)).collect()
+}
+
+/// A client of the store of its own, at `prefix`.
+fn client(store: &StoreServer, prefix: &str) -> (omni_gateway::repository::store::Repository, tokio::runtime::Runtime) {
+    for (k, v) in store.env() {
+        std::env::set_var(k, v);
+    }
+    let repo = omni_gateway::repository::store::Repository::open(&store.url(prefix)).unwrap();
+    (repo, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
+}
+
+#[test]
+fn offsite_delete_false_keeps_every_object_with_retention_due_and_says_so() {
+    let store = StoreServer::start_new(Kind::Rclone);
+    let dir = workdir();
+    let gw = builder(dir.path(), &store, "keep")
+        // Both windows as short as can be: retention is due at every base backup.
+        .env("OMNI_PITR_WINDOW", "1s")
+        .env("OMNI_REPOSITORY_WINDOW", "1s")
+        .env("OMNI_REPOSITORY_DELETE", "false")
+        .start();
+    wait_for_base_backup(&gw);
+    let gen = generation(&gw);
+    let first = window(&gw)["base_backups"][0]["id"].as_str().unwrap().to_owned();
+    let first_manifest = format!("keep/{gen}/base/{first}/manifest.json");
+    wait_for(&gw, Duration::from_secs(60), "the first base backup in the store", || listing(&store, "keep").contains_key(&first_manifest).then_some(()));
+
+    // WAL shipped in chunks, then whole: with deletion on, the chunks would go.
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE keep_rows (id int); INSERT INTO keep_rows SELECT generate_series(1, 1000)").unwrap();
+    let segment: String = db.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[]).unwrap().get(0);
+    let chunks = format!("keep/{gen}/wal/{segment}.chunks/");
+    wait_for(&gw, Duration::from_secs(30), "a chunk of the segment being written", || listing(&store, "keep").keys().any(|k| k.starts_with(&chunks)).then_some(()));
+    db.batch_execute("SELECT pg_switch_wal()").unwrap();
+    let whole = format!("keep/{gen}/wal/{segment}.lz4");
+    wait_for(&gw, Duration::from_secs(30), "the whole segment", || listing(&store, "keep").contains_key(&whole).then_some(()));
+
+    // Two more base backups: the first one and the WAL before the second are past both windows.
+    let take_base = || {
+        let taken = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
+        assert_eq!(taken.status, 200, "{}", taken.text());
+        taken.json()["id"].as_str().unwrap().to_owned()
+    };
+    take_base();
+    let done = Instant::now();
+    wait_until(Duration::from_secs(5), "the second base backup to be over 1 s old", || (done.elapsed() > Duration::from_millis(1100)).then_some(()));
+    let third = take_base();
+    let third_manifest = format!("keep/{gen}/base/{third}/manifest.json");
+    wait_for(&gw, Duration::from_secs(60), "the third base backup in the store", || listing(&store, "keep").contains_key(&third_manifest).then_some(()));
+    let before = listing(&store, "keep");
+
+    // Retention in the repository ran after the third upload: it says what
+    // it would delete and that deletion is off, and deletes nothing.
+    let retention = wait_for(&gw, Duration::from_secs(60), "the status to count what the window no longer needs", || {
+        let r = gw.get("/gateway/status").json()["repository"]["retention"].clone();
+        (r["kept_past_window"].as_u64().unwrap_or(0) >= 2).then_some(r)
+    });
+    assert_eq!(retention["delete"], false, "{retention}");
+    assert!(retention["summary"].as_str().unwrap().contains("deletion is off (OMNI_REPOSITORY_DELETE=false)"), "{retention}");
+    assert_eq!(retention["deleted_objects"], 0, "{retention}");
+    assert!(gw.log().contains("OMNI_REPOSITORY_DELETE=false deletes nothing"), "the log says it too");
+
+    // Local retention still works: the first base backup and its WAL went here.
+    wait_until(Duration::from_secs(30), "local retention to delete the first base backup", || (!dir.path().join("data/wal/base").join(&first).exists()).then_some(()));
+    assert!(!dir.path().join("data/wal/stream").join(&segment).exists(), "the local archive deleted {segment}");
+
+    // Nothing left the store: every object listed before is there, the same size.
+    db.batch_execute("INSERT INTO keep_rows SELECT generate_series(1, 100); SELECT pg_switch_wal()").unwrap();
+    wait_for(&gw, Duration::from_secs(30), "nothing queued", || (gw.get("/gateway/status").json()["repository"]["queue_depth"] == 0).then_some(()));
+    let after = listing(&store, "keep");
+    for (name, size) in &before {
+        assert_eq!(after.get(name), Some(size), "{name} left the store under OMNI_REPOSITORY_DELETE=false");
+    }
+    assert!(after.contains_key(&first_manifest) && after.keys().any(|k| k.starts_with(&chunks)), "the first base backup and the chunks of a whole segment stay");
+}
+
+#[test]
+fn offsite_a_store_that_ignores_conditional_writes_is_found_out_and_nothing_is_overwritten() {
+    // rclone's S3 server accepts If-None-Match and ignores it.
+    let store = StoreServer::start_new(Kind::Rclone);
+    let dir = workdir();
+    let gw = builder(dir.path(), &store, "look").start();
+    wait_for_base_backup(&gw);
+    let gen = generation(&gw);
+    let status = wait_for(&gw, Duration::from_secs(60), "the status to say whether the store honours conditional writes", || {
+        let r = gw.get("/gateway/status").json()["repository"].clone();
+        r["conditional_writes"].is_boolean().then_some(r)
+    });
+    assert_eq!(status["conditional_writes"], false, "{status}");
+    assert!(gw.log().contains("ignores or refuses conditional writes"), "the log says what the product does about it");
+    assert!(!listing(&store, "look").keys().any(|k| k.contains("/probe/conditional-")), "the probe object is deleted");
+
+    // Another installation's object where this one's segment goes once it
+    // is whole: looked up first, found, never overwritten; uploads stop and say why.
+    let mut db = gw.db();
+    let segment: String = db.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[]).unwrap().get(0);
+    let planted = format!("{gen}/wal/{segment}.lz4");
+    let (repo, rt) = client(&store, "look");
+    rt.block_on(repo.put_once(&planted, bytes::Bytes::from_static(b"not this cluster's WAL"))).unwrap();
+    db.batch_execute("CREATE TABLE look_rows (id int); INSERT INTO look_rows VALUES (1); SELECT pg_switch_wal()").unwrap();
+    let stopped = wait_for(&gw, Duration::from_secs(60), "the repository entry to say uploads stopped", || {
+        let r = gw.get("/gateway/status").json()["repository"].clone();
+        (r["state"] == "stopped").then_some(r)
+    });
+    let error = stopped["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains(&format!("{segment}.lz4")) && error.contains("other content"), "the error names the object: {stopped}");
+    assert_eq!(rt.block_on(repo.get(&planted)).unwrap(), bytes::Bytes::from_static(b"not this cluster's WAL"), "never overwritten");
+}
