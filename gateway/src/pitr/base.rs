@@ -119,13 +119,22 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
     }
     .await;
     match &result {
-        Ok(b) => tracing::info!("base backup {id}: verified and kept ({} MB, {} ms in all)", b.bytes / 1_000_000, clock.elapsed().as_millis()),
+        Ok(b) => {
+            tracing::info!("base backup {id}: verified and kept ({} MB, {} ms in all)", b.bytes / 1_000_000, clock.elapsed().as_millis());
+            KEPT.notify_one();
+        }
         Err(_) => {
             let _ = std::fs::remove_dir_all(&partial);
         }
     }
     result
 }
+
+/// Woken each time a base backup is verified and kept (one permit kept when
+/// nobody waits, so a round under way runs again at once after): what copies backups
+/// elsewhere (the off-site shipper) starts on it at once instead of at its
+/// next round.
+pub static KEPT: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// Set once `pg_basebackup` failed with lz4 and succeeded with gzip.
 static GZIP_ONLY: AtomicBool = AtomicBool::new(false);

@@ -223,9 +223,18 @@ impl Shipper {
         let mut pg_client: Option<tokio_postgres::Client> = None;
         let mut delay = Duration::ZERO;
         loop {
+            // A base backup just kept starts the backups loop at once (its
+            // upload, and the status's queue, do not wait for the round).
+            let kept = async {
+                match which {
+                    Loop::Backups => base::KEPT.notified().await,
+                    Loop::Wal => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
+                () = kept => {}
             }
             let round = async {
                 match which {
