@@ -201,7 +201,13 @@ async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, req: Re
     let client = crate::serve::proxy::client_addr(req.headers(), peer.ip(), &surface.proxy.limits.trusted_proxies);
     match req.uri().path() {
         "/health" if is_read => health(surface).await,
-        "/gateway/status" if is_read => json(StatusCode::OK, &surface.board.to_json()),
+        "/gateway/status" if is_read => {
+            let mut doc = surface.board.to_json();
+            if let Some(db) = &surface.database {
+                doc["database"] = db.status_json().await.0;
+            }
+            json(StatusCode::OK, &doc)
+        }
         "/metrics" if is_read => Response::builder()
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(full(surface.proxy.metrics.render(&surface.board)))
@@ -236,14 +242,9 @@ async fn health(surface: &Surface) -> Response<Body> {
         None => format!("{n} is {}", c.state),
     }));
     if let Some(db) = &surface.database {
-        let (state, detail) = match db.check().await {
-            Ok(()) => ("ready", None),
-            Err(e) => {
-                problems.push(format!("{e:#}"));
-                ("unavailable", Some(format!("{e:#}")))
-            }
-        };
-        doc["database"] = serde_json::json!({ "kind": "external", "url": db.display_url, "state": state, "detail": detail });
+        let (view, problem) = db.status_json().await;
+        problems.extend(problem);
+        doc["database"] = view;
     }
     let ok = problems.is_empty();
     doc["status"] = serde_json::Value::from(if ok { "ok" } else { "unavailable" });
