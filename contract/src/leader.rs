@@ -17,8 +17,11 @@
 //!   fresh connection, `NOT pg_is_in_recovery()` and the row still naming
 //!   this worker and its epoch. So two workers never run the same slot's
 //!   job, across a failover too: a stale leader's fence fails.
-//!   A dead leader (kill -9, a vanished machine) is replaced once its lease
-//!   expires: within [`LEASE_TTL`] plus one tick.
+//!   The row also names the holder's backend (`holder_pid`): a leader whose
+//!   session is gone from the server (it stopped, was killed, or the row
+//!   came over in a failover) is replaced at the next tick of another
+//!   worker; one that vanished without closing its connection, once its
+//!   lease expires: within [`LEASE_TTL`] plus one tick.
 //! * **One cluster operation at a time** ([`exclusive`]): a restore or an
 //!   import holds `OPERATION_KEY` on a session of its own for its whole run;
 //!   a second one, on any worker, is refused at once instead of queueing.
@@ -191,14 +194,20 @@ impl Leadership {
 
 /// Renews the lease if this worker holds it, takes it if it has expired;
 /// returns the epoch held afterwards, `None` when another worker holds it.
-const TAKE_OR_RENEW: &str = "INSERT INTO omni_leader_lease AS l (id, holder, epoch, expires_at)
-     VALUES (true, $1, 1, now() + make_interval(secs => $2))
+/// A lease whose holder's session is gone from this server (the worker
+/// stopped or died, or the lease was written on a server that has since
+/// failed over) is taken at once rather than after it expires.
+const TAKE_OR_RENEW: &str = "INSERT INTO omni_leader_lease AS l (id, holder, holder_pid, epoch, expires_at)
+     VALUES (true, $1, pg_backend_pid(), 1, now() + make_interval(secs => $2))
      ON CONFLICT (id) DO UPDATE SET
          epoch = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at > now() THEN l.epoch ELSE l.epoch + 1 END,
          acquired_at = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at > now() THEN l.acquired_at ELSE now() END,
          holder = EXCLUDED.holder,
+         holder_pid = EXCLUDED.holder_pid,
          expires_at = EXCLUDED.expires_at
-     WHERE l.holder = EXCLUDED.holder OR l.expires_at <= now()
+     WHERE l.holder = EXCLUDED.holder
+        OR l.expires_at <= now()
+        OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.holder_pid AND a.application_name = 'omni-leader')
      RETURNING epoch";
 
 /// One life of the dedicated session: connect, LISTEN, then take or renew
