@@ -19,7 +19,7 @@ pub struct Health {
     /// `ok`, `failing_over` (no server accepts writes, one answers as a
     /// standby: a new primary is being promoted) or `unavailable`.
     database: &'static str,
-    /// Whether this worker holds the leader lock, so runs the scheduled
+    /// Whether this worker holds the leader lease, so runs the scheduled
     /// backups and their retention for every gateway on the database;
     /// absent while its leadership session is not started yet.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -102,7 +102,6 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         self.child.terminate(Duration::from_secs(5));
-        let _ = &self.dir;
     }
 }
 

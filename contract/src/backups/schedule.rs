@@ -9,7 +9,7 @@
 //!
 //! Several workers on one database (several gateways behind a load
 //! balancer) run the schedule only on the leader ([`crate::leader`]): the
-//! loop starts when this worker takes the lock and is dropped (a dump in
+//! loop starts when this worker takes the lease and is dropped (a dump in
 //! progress killed, its partial file removed) the moment it loses it. So
 //! each interval gets exactly one backup, and retention, which follows each
 //! create, runs on one worker only. With one backup directory shared by
