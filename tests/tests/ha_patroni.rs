@@ -402,8 +402,11 @@ fn a_scheduled_backup_slot_spanning_a_failover_runs_exactly_once() {
     let (holders, epoch_after): (i64, i64) = db.query_one("SELECT count(*), max(epoch) FROM omni_leader_lease", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
     assert_eq!(holders, 1);
     assert!(epoch_after >= epoch_before, "epoch {epoch_before} before, {epoch_after} after");
-    let leaders: Vec<Option<bool>> = gws.iter().map(leads).collect();
-    assert_eq!(leaders.iter().filter(|l| **l == Some(true)).count(), 1, "one leader after the failover: {leaders:?}");
+    // The gateways learn it from their workers' health answers: wait for both to tell.
+    let leaders = wait_until(Duration::from_secs(15), "exactly one leader after the failover", || {
+        let views: Vec<Option<bool>> = gws.iter().map(leads).collect();
+        (views.iter().filter(|l| **l == Some(true)).count() == 1 && views.iter().all(Option::is_some)).then_some(views)
+    });
     eprintln!("gateway {leader} led before; leaders after: {leaders:?}; lease epoch {epoch_before} -> {epoch_after}");
 }
 
