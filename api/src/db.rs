@@ -8,13 +8,25 @@
 //! wait and connect timeouts turn "database down" into a fast 503 rather than
 //! requests piling up behind a connect that will not succeed.
 //!
+//! **Failover** (a `DATABASE_URL` naming several hosts, libpq's multi-host
+//! form with `target_session_attrs=read-write`, or one address in front of
+//! an HA cluster): the pool dials the hosts in turn and keeps the one that
+//! accepts writes. While none does, a failed dial starts a jittered,
+//! growing pause ([`Redial`]: 100 ms doubling up to 500 ms, ±25 %) during
+//! which requests get a 503 with `Retry-After` at once instead of each one
+//! dialing every host again; the first request after the pause dials, and
+//! the first success ends it. A failed checkout also asks each host,
+//! directly, whether it answers as a standby: then the database is
+//! `failing_over` (a server is there, none is primary yet), not
+//! `unavailable`, in the answer and in `GET /api/v1/health`.
+//!
 //! Beside the pool, the worker's one dedicated session
 //! ([`omni_contract::leader`]): it holds the leader lock when this worker
 //! leads, and hears restores announced by any worker on the database, upon
 //! which the pool is reset ([`Db::reset`]).
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -29,10 +41,75 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 /// before it is handed out again.
 const VERIFY_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+/// First pause after a failed dial; it doubles per failure in a row.
+const REDIAL_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between dials while the database is away.
+const REDIAL_MAX: Duration = Duration::from_millis(500);
+/// How long one host may take to say whether it is a standby.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A probe's verdict is reused for this long.
+const PROBE_FRESH: Duration = Duration::from_millis(500);
+
+/// The database as the worker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbState {
+    Ok,
+    /// No host accepts writes, but at least one answers as a standby: an HA
+    /// engine is promoting one (or about to).
+    FailingOver,
+    /// No host answers at all.
+    Unavailable,
+}
+
+impl DbState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbState::Ok => "ok",
+            DbState::FailingOver => "failing_over",
+            DbState::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The pause between dials while the database is away, and the last
+/// verdict on why it is away.
+#[derive(Default)]
+struct Redial {
+    failures: u32,
+    not_before: Option<Instant>,
+    verdict: Option<(Instant, DbState)>,
+}
+
+impl Redial {
+    /// After a failed dial: the next pause, jittered ±25 %.
+    fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let base = REDIAL_FIRST.saturating_mul(1 << self.failures.min(8).saturating_sub(1)).min(REDIAL_MAX);
+        let pause = base.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
+        self.not_before = Some(Instant::now() + pause);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failed_dials = self.failures, "database reachable for writes again");
+        }
+        *self = Redial::default();
+    }
+
+    /// What is left of the current pause.
+    fn pause_left(&self) -> Option<Duration> {
+        self.not_before.and_then(|t| t.checked_duration_since(Instant::now())).filter(|d| !d.is_zero())
+    }
+}
+
 /// The pool, cloned into every handler.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// DATABASE_URL parsed, for asking each host what it is.
+    config: Arc<tokio_postgres::Config>,
+    redial: Arc<Mutex<Redial>>,
     /// Started once the schema is in place ([`Db::lead`]); read by the
     /// health answer, which says whether this worker leads.
     leadership: Arc<OnceLock<Leadership>>,
@@ -50,6 +127,7 @@ impl Db {
         }
         // `Fast`: a closed socket is discarded at checkout; the round trip of
         // `Verified` is paid only by connections idle for a while (the hook).
+        let config = Arc::new(pg_config.clone());
         let manager = Manager::from_config(pg_config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let verify_idle = Hook::async_fn(|client: &mut deadpool_postgres::ClientWrapper, metrics: &deadpool_postgres::Metrics| {
             let idle = metrics.last_used() > VERIFY_AFTER_IDLE;
@@ -73,12 +151,59 @@ impl Db {
             .recycle_timeout(Some(CHECKOUT_TIMEOUT))
             .build()
             .context("building the connection pool")?;
-        Ok(Db { pool, leadership: Arc::new(OnceLock::new()) })
+        Ok(Db { pool, config, redial: Arc::new(Mutex::new(Redial::default())), leadership: Arc::new(OnceLock::new()) })
     }
 
-    /// A verified connection, or a 503 error for the client.
+    /// A verified connection, or a 503 error (with `Retry-After`) for the client.
     pub async fn client(&self) -> Result<Client, ApiError> {
-        Ok(self.pool.get().await?)
+        let paused = self.redial.lock().unwrap_or_else(|e| e.into_inner()).pause_left();
+        if let Some(left) = paused {
+            return Err(self.away(left).await);
+        }
+        match self.pool.get().await {
+            Ok(client) => {
+                self.redial.lock().unwrap_or_else(|e| e.into_inner()).succeeded();
+                Ok(client)
+            }
+            // Every connection busy: the database is fine, the pool is full.
+            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => Err(ApiError::database_busy()),
+            Err(error) => {
+                tracing::warn!(%error, "no database connection");
+                let pause = self.redial.lock().unwrap_or_else(|e| e.into_inner()).failed();
+                Err(self.away(pause).await)
+            }
+        }
+    }
+
+    /// The 503 for a request while the database is away.
+    async fn away(&self, pause: Duration) -> ApiError {
+        let retry_after = pause.as_secs().max(1);
+        match self.state_when_away().await {
+            DbState::FailingOver => ApiError::database_failing_over(retry_after),
+            _ => ApiError::database_unavailable().retry_after(retry_after),
+        }
+    }
+
+    /// Why no connection could be made: `FailingOver` if some host answers
+    /// as a standby (asked directly, each within [`PROBE_TIMEOUT`]; the
+    /// verdict is reused for [`PROBE_FRESH`]), else `Unavailable`.
+    async fn state_when_away(&self) -> DbState {
+        let cached = self.redial.lock().unwrap_or_else(|e| e.into_inner()).verdict.filter(|(at, _)| at.elapsed() < PROBE_FRESH);
+        if let Some((_, state)) = cached {
+            return state;
+        }
+        let state = if omni_contract::leader::standby_answers(&self.config, PROBE_TIMEOUT).await { DbState::FailingOver } else { DbState::Unavailable };
+        self.redial.lock().unwrap_or_else(|e| e.into_inner()).verdict = Some((Instant::now(), state));
+        state
+    }
+
+    /// The database's state for the health answer: a real query, bounded
+    /// in time, and on failure why.
+    pub async fn state(&self) -> DbState {
+        match self.ping().await {
+            Ok(()) => DbState::Ok,
+            Err(_) => self.state_when_away().await,
+        }
     }
 
     /// A connection for start-up work, retried while PostgreSQL is still

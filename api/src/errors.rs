@@ -22,11 +22,19 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
+    /// Seconds for a `Retry-After` header (a 503 while the database is away).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
-        ApiError { status, code, detail: detail.into() }
+        ApiError { status, code, detail: detail.into(), retry_after: None }
+    }
+
+    /// The same error, answered with `Retry-After: <seconds>`.
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     pub fn bad_request(code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -43,6 +51,29 @@ impl ApiError {
             "database_unavailable",
             "the database is not reachable right now; retry shortly",
         )
+        .retry_after(1)
+    }
+
+    /// No server accepts writes yet, but one answers as a standby: the
+    /// database's HA engine is promoting one. Same code as any database
+    /// outage (clients need not tell them apart), a detail that says why.
+    pub fn database_failing_over(retry_after: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is failing over to a new primary; retry after the time in Retry-After",
+        )
+        .retry_after(retry_after)
+    }
+
+    /// Every pooled connection is in use and none came free in time.
+    pub fn database_busy() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "every database connection of this worker is busy; retry shortly (or raise OMNI_API_DB_POOL_SIZE)",
+        )
+        .retry_after(1)
     }
 
     /// An unexpected failure: logged with its cause, reported without it.
@@ -66,8 +97,15 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 impl From<tokio_postgres::Error> for ApiError {
     fn from(error: tokio_postgres::Error) -> ApiError {
         // A connection that died between checkout and query is the database
-        // going away, not a bug: answer 503 like a failed checkout.
-        if error.is_closed() || error.as_db_error().is_none() {
+        // going away, not a bug: answer 503 like a failed checkout. So is a
+        // server shutting down (57P01-57P03: a switchover stops the old
+        // primary) or one that became read-only (25006: demoted to a
+        // standby behind a proxy that kept the connection).
+        let going_away = error.code().is_some_and(|c| {
+            let c = c.code();
+            c.starts_with("57P") || c.starts_with("08") || c == "25006"
+        });
+        if error.is_closed() || error.as_db_error().is_none() || going_away {
             tracing::warn!(%error, "database connection lost during a request");
             ApiError::database_unavailable()
         } else {
@@ -78,7 +116,11 @@ impl From<tokio_postgres::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        error_response(self.status, self.code, self.detail)
+        let mut response = error_response(self.status, self.code, self.detail);
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

@@ -7,6 +7,7 @@
 //! here sleeps to wait for a condition: [`wait_until`] polls for it.
 
 pub mod docker;
+pub mod patroni;
 pub mod stores;
 
 use std::{

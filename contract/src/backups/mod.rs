@@ -769,13 +769,21 @@ fn connection_env(url: &str) -> Result<Vec<(&'static str, OsString)>> {
         source: io::Error::other(e),
     })?;
     let mut env: Vec<(&'static str, OsString)> = vec![("PGAPPNAME", "omni-backup".into()), ("PGCONNECT_TIMEOUT", "10".into())];
-    match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => env.push(("PGHOST", host.into())),
-        Some(Host::Unix(path)) => env.push(("PGHOST", path.into())),
-        None => {}
+    // Every host and port of a multi-host URL (libpq's comma lists), and
+    // its target_session_attrs, so pg_dump and psql reach the primary too.
+    let hosts: Vec<OsString> = config.get_hosts().iter().map(|h| match h {
+        Host::Tcp(host) => OsString::from(host),
+        Host::Unix(path) => path.clone().into_os_string(),
+    }).collect();
+    if !hosts.is_empty() {
+        env.push(("PGHOST", hosts.join(std::ffi::OsStr::new(","))));
     }
-    if let Some(port) = config.get_ports().first() {
-        env.push(("PGPORT", port.to_string().into()));
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    if !ports.is_empty() {
+        env.push(("PGPORT", ports.join(",").into()));
+    }
+    if config.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::ReadWrite {
+        env.push(("PGTARGETSESSIONATTRS", "read-write".into()));
     }
     if let Some(user) = config.get_user() {
         env.push(("PGUSER", user.into()));

@@ -9,7 +9,7 @@
 //!
 //! Several workers on one database (several gateways behind a load
 //! balancer) run the schedule only on the leader ([`crate::leader`]): the
-//! loop starts when this worker takes the lock and is dropped (a dump in
+//! loop starts when this worker takes the lease and is dropped (a dump in
 //! progress killed, its partial file removed) the moment it loses it. So
 //! each interval gets exactly one backup, and retention, which follows each
 //! create, runs on one worker only. With one backup directory shared by
@@ -45,11 +45,12 @@ pub fn next_due(newest: Option<SystemTime>, every: Duration, now: SystemTime) ->
 /// Runs the schedule whenever this worker leads, until the runtime stops.
 pub fn spawn(backups: Arc<Backups>, every: Duration, leadership: Leadership) -> tokio::task::JoinHandle<()> {
     tracing::info!(every_s = every.as_secs(), "scheduled backups on; they run on the worker holding the leader lock");
-    leader::while_leading(leadership, move || run(backups.clone(), every))
+    let fence = leadership.clone();
+    leader::while_leading(leadership, move || run(backups.clone(), every, fence.clone()))
 }
 
 /// The schedule's loop, for as long as the caller lets it run.
-async fn run(backups: Arc<Backups>, every: Duration) {
+async fn run(backups: Arc<Backups>, every: Duration, leadership: Leadership) {
     tracing::info!(every_s = every.as_secs(), "scheduled backups: running here (this worker leads)");
     loop {
         let now = SystemTime::now();
@@ -67,6 +68,12 @@ async fn run(backups: Arc<Backups>, every: Duration) {
                 tokio::time::sleep(wait.min(MAX_NAP)).await;
                 continue;
             }
+        }
+        // Still the leader, on the primary, with the same lease epoch?
+        if let Err(why) = leadership.fence().await {
+            tracing::warn!(%why, "scheduled backup not started here: this worker cannot prove it leads");
+            tokio::time::sleep(leader::TICK).await;
+            continue;
         }
         match backups.create().await {
             Ok(created) => tracing::info!(file = %created.backup_file, size_bytes = created.size_bytes, "scheduled backup written"),

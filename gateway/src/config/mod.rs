@@ -770,6 +770,18 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_host_database_url_is_taken_as_it_is() {
+        // libpq's multi-host form, as for a Patroni cluster (README, "When one machine is not enough").
+        let url = "postgresql://omni:secret@10.0.0.11:5432,10.0.0.12:5432,10.0.0.13:5432/omni?target_session_attrs=read-write";
+        let c = parse(&[("DATABASE_URL", url)]).unwrap();
+        let Database::External { url: taken } = &c.database else { panic!("external with DATABASE_URL") };
+        assert_eq!(taken, url);
+        assert_eq!(c.worker_settings(taken).database_url, url, "the worker gets the same string");
+        let err = parse(&[("DATABASE_URL", "postgresql://10.0.0.11:5432,10.0.0.12:x/omni")]).unwrap_err().to_string();
+        assert!(err.starts_with("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
     fn defaults_resolve_relative_paths_against_the_working_directory() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.port, 8882);

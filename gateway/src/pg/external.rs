@@ -4,6 +4,15 @@
 //! the truth about it. `/health` asks it a real `SELECT 1` on every call (a
 //! port probe would call a server that refuses logins healthy), and
 //! `omni-gateway doctor` does the same once.
+//!
+//! `DATABASE_URL` may name several hosts (libpq's multi-host form,
+//! `postgresql://h1:5432,h2:5432/omni?target_session_attrs=read-write`, for
+//! a cluster run by Patroni or the like): the check connects to the first
+//! host that accepts writes. When none does, each host is asked directly
+//! whether it answers as a standby: then the database is `failing_over`
+//! (its HA engine is promoting one) rather than `unavailable`, in `/health`
+//! and `/gateway/status`. Either way `/health` answers 503 until a primary
+//! accepts writes again, and the worker is kept (it is not what is broken).
 
 use std::time::Duration;
 
@@ -13,6 +22,28 @@ use tokio::sync::Mutex;
 
 /// How long `/health` waits for the external server before calling it down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long asking each host whether it is a standby may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The external server's state, as `/health` and `/gateway/status` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    /// No host accepts writes, one answers as a standby.
+    FailingOver,
+    Unavailable,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ready => "ready",
+            State::FailingOver => "failing_over",
+            State::Unavailable => "unavailable",
+        }
+    }
+}
 
 /// A connection to the external server, opened on demand and reopened after any error.
 pub struct ExternalDatabase {
@@ -52,5 +83,27 @@ impl ExternalDatabase {
                 anyhow::bail!("the external PostgreSQL at {} did not answer SELECT 1 within {} s; check that it runs and is reachable", self.display_url, CHECK_TIMEOUT.as_secs())
             }
         }
+    }
+}
+
+impl ExternalDatabase {
+    /// [`ExternalDatabase::check`], and on failure whether the database is
+    /// failing over: `(state, what is wrong)`.
+    pub async fn state(&self) -> (State, Option<String>) {
+        match self.check().await {
+            Ok(()) => (State::Ready, None),
+            Err(e) if omni_contract::leader::standby_answers(&self.config, PROBE_TIMEOUT).await => (
+                State::FailingOver,
+                Some(format!("the external PostgreSQL at {} is failing over: no host accepts writes yet, one answers as a standby ({e:#})", self.display_url)),
+            ),
+            Err(e) => (State::Unavailable, Some(format!("{e:#}"))),
+        }
+    }
+
+    /// The `database` object of `/health` and `/gateway/status`, and what is
+    /// wrong (for `/health`'s detail) when it is not ready.
+    pub async fn status_json(&self) -> (serde_json::Value, Option<String>) {
+        let (state, problem) = self.state().await;
+        (serde_json::json!({ "kind": "external", "url": self.display_url, "state": state.as_str(), "detail": problem }), problem)
     }
 }

@@ -342,7 +342,17 @@ async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, req: Re
     let client = crate::serve::proxy::client_addr(req.headers(), peer.ip(), &surface.proxy.limits.trusted_proxies);
     match req.uri().path() {
         "/health" if is_read => health(surface).await,
-        "/gateway/status" if is_read => json(StatusCode::OK, &surface.board.to_json()),
+        "/gateway/status" if is_read => {
+            let mut doc = surface.board.to_json();
+            if let Some(db) = &surface.database {
+                // As in `health`: the check's connection lives on the main runtime.
+                let checking = db.clone();
+                if let Ok((view, _)) = spawn_on_main(async move { checking.status_json().await }).await {
+                    doc["database"] = view;
+                }
+            }
+            json(StatusCode::OK, &doc)
+        }
         "/metrics" if is_read => Response::builder()
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(full(surface.proxy.metrics.render(&surface.board)))
@@ -377,17 +387,14 @@ async fn health(surface: &Surface) -> Response<Body> {
         None => format!("{n} is {}", c.state),
     }));
     if let Some(db) = &surface.database {
-        // Its connection outlives this request: made on the main runtime.
+        // Its connection outlives this request: checked on the main runtime.
         let checking = db.clone();
-        let checked = spawn_on_main(async move { checking.check().await }).await.unwrap_or_else(|e| Err(anyhow::anyhow!("the check failed: {e}")));
-        let (state, detail) = match checked {
-            Ok(()) => ("ready", None),
-            Err(e) => {
-                problems.push(format!("{e:#}"));
-                ("unavailable", Some(format!("{e:#}")))
-            }
-        };
-        doc["database"] = serde_json::json!({ "kind": "external", "url": db.display_url, "state": state, "detail": detail });
+        let (view, problem) = spawn_on_main(async move { checking.status_json().await }).await.unwrap_or_else(|e| {
+            let problem = format!("the check failed: {e}");
+            (serde_json::json!({ "kind": "external", "url": db.display_url, "state": "unavailable", "detail": problem }), Some(problem))
+        });
+        problems.extend(problem);
+        doc["database"] = view;
     }
     let ok = problems.is_empty();
     doc["status"] = serde_json::Value::from(if ok { "ok" } else { "unavailable" });

@@ -400,8 +400,11 @@ impl Policy for WorkerPolicy {
 /// answer's `leader` (absent from a worker that does not say).
 async fn health(addr: SocketAddr) -> Result<Option<bool>> {
     let answer = probe::get(addr, "/api/v1/health", HEALTH_TIMEOUT).await?;
+    let doc = serde_json::from_slice::<serde_json::Value>(&answer.body).ok();
     match answer.status {
-        200 => Ok(serde_json::from_slice::<serde_json::Value>(&answer.body).ok().and_then(|doc| doc["leader"].as_bool())),
+        200 => Ok(doc.and_then(|doc| doc["leader"].as_bool())),
+        // The worker is fine: its database is promoting a new primary.
+        503 if doc.as_ref().is_some_and(|doc| doc["database"] == "failing_over") => Ok(doc.and_then(|doc| doc["leader"].as_bool())),
         code => bail!("health answered {code}: {}", answer.text()),
     }
 }

@@ -1,0 +1,476 @@
+//! Gateways on a PostgreSQL run by Patroni (issue 30), all on loopback: etcd
+//! and Patroni nodes of PostgreSQL started from the reference deployment in
+//! `deploy/ha/` (omni_tests::patroni), two gateways with libpq's multi-host
+//! `DATABASE_URL` behind nginx running `deploy/nginx-lb.conf`.
+//!
+//! * `kill -9` of the primary's postmaster under sequence-numbered writes
+//!   through nginx: Patroni promotes the synchronous standby, no
+//!   acknowledged write is lost, both gateways serve again without a
+//!   restart, every refused write is a 503 with `Retry-After` answered
+//!   quickly, and `/health` and `/gateway/status` say `failing_over` for the
+//!   database meanwhile (the worker stays ready). The write unavailability
+//!   (first failed to first successful write) is printed.
+//! * A scheduled backup slot spanning a failover runs exactly once, fenced
+//!   by the leader lease row (migration 0005), which survives the failover.
+//! * The same writers with HAProxy (`deploy/ha/haproxy.cfg`) instead of the
+//!   multi-host URL: no acknowledged write lost either.
+
+use crate::gateway;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway::{workdir, Gateway, GatewayBuilder};
+use omni_tests::patroni::PatroniCluster;
+use omni_tests::{free_port, wait_until, ChildGuard, Request, TempDir, TEST_API_KEY};
+use serde_json::json;
+
+#[test]
+fn the_reference_patroni_cluster_has_a_primary_and_a_synchronous_standby() {
+    let cluster = PatroniCluster::start(2);
+    let members = cluster.members();
+    assert_eq!(members.len(), 2, "{}", cluster.list());
+    let roles: Vec<&str> = members.iter().map(|m| m["Role"].as_str().unwrap_or("")).collect();
+    assert!(roles.contains(&"Leader") && roles.contains(&"Sync Standby"), "patronictl list: {}", cluster.list());
+    let primary = cluster.primary(Duration::from_secs(5));
+    let mut client = cluster.nodes[primary].client().unwrap();
+    let sync: String = client.query_one("SHOW synchronous_standby_names", &[]).unwrap().get(0);
+    assert!(!sync.is_empty(), "synchronous_mode sets synchronous_standby_names on the primary");
+    let multi = postgres::Client::connect(&cluster.database_url(), postgres::NoTls);
+    let in_recovery: bool = multi.unwrap().query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
+    assert!(!in_recovery, "the multi-host URL with target_session_attrs=read-write reaches the primary");
+}
+
+// ---------------------------------------------------------------- nginx
+
+/// Debian's nginx running `deploy/nginx-lb.conf` (its ports replaced, its
+/// third gateway left out) in front of two gateways; stopped on drop.
+struct Nginx {
+    child: ChildGuard,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Nginx {
+    fn start(gateways: [u16; 2]) -> Nginx {
+        let dir = TempDir::new("ha-nginx");
+        let port = free_port();
+        let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nginx-lb.conf")).unwrap();
+        let mut site = shipped.replace("    server 127.0.0.1:8884 max_fails=1 fail_timeout=5s;\n", "");
+        for (from, to) in [8882, 8883].iter().zip(gateways) {
+            let from = format!("server 127.0.0.1:{from} ");
+            assert_eq!(site.matches(&from).count(), 1, "deploy/nginx-lb.conf names {from:?} once");
+            site = site.replace(&from, &format!("server 127.0.0.1:{to} "));
+        }
+        assert_eq!(site.matches("listen 8080;").count(), 1);
+        site = site.replace("listen 8080;", &format!("listen 127.0.0.1:{port};"));
+        let d = dir.path().display();
+        std::fs::write(dir.path().join("site.conf"), site).unwrap();
+        let user = if omni_tests::is_root() { "user root;" } else { "" };
+        let main = format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\n{user}\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  include {d}/site.conf;\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut command = std::process::Command::new("nginx");
+        command
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut child = ChildGuard::spawn(&mut command);
+        wait_until(Duration::from_secs(10), "nginx to listen", || {
+            if let Some(status) = child.try_status() {
+                panic!("nginx exited ({status}): {}", std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        });
+        Nginx { child, port, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.child.terminate(Duration::from_secs(5));
+    }
+}
+
+// ---------------------------------------------------------------- gateways
+
+fn gateway_on(url: &str, dir: &Path, backups: &Path, extra: &[(&str, &str)]) -> Gateway {
+    let mut builder = GatewayBuilder::new(dir).env("DATABASE_URL", url).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_BACKUP_DIR", backups.display().to_string());
+    for (name, value) in extra {
+        builder = builder.env(name, *value);
+    }
+    builder.start()
+}
+
+/// The `api` component of `/gateway/status`, and the `database` object.
+fn status_of(gw: &Gateway) -> Option<(serde_json::Value, serde_json::Value)> {
+    let doc = Request::get("/gateway/status").try_send(gw.port).ok()?.json();
+    let api = doc["components"].as_array()?.iter().find(|c| c["name"] == "api")?.clone();
+    Some((api, doc["database"].clone()))
+}
+
+/// One write's outcome, as the writer saw it.
+#[derive(Clone, Debug)]
+struct Outcome {
+    started: Instant,
+    took: Duration,
+    status: u16,
+    retry_after: Option<String>,
+    body: String,
+}
+
+/// Sequence-numbered writes (the preferences API) through `port` until
+/// `stop`: every outcome in order, and the `(session, key)` acknowledged.
+fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outcome>, Vec<(String, String)>)> {
+    std::thread::spawn(move || {
+        let mut session = uuid::Uuid::new_v4().to_string();
+        let (mut outcomes, mut acknowledged) = (Vec::new(), Vec::new());
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            // A session keeps at most 100 preferences: a new one every 90 writes.
+            if n % 90 == 0 {
+                session = uuid::Uuid::new_v4().to_string();
+            }
+            let key = format!("seq-{n:06}");
+            let started = Instant::now();
+            let answer = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": key, "value": n.to_string()})).try_send(port);
+            let took = started.elapsed();
+            let (status, retry_after, body) = match answer {
+                Ok(r) => (r.status, r.header("retry-after").map(str::to_owned), r.text()),
+                Err(e) => (0, None, e.to_string()),
+            };
+            if status == 200 {
+                acknowledged.push((session.clone(), key));
+            }
+            outcomes.push(Outcome { started, took, status, retry_after, body });
+            if status != 200 {
+                // A client honouring Retry-After would wait; this one only
+                // paces itself so the outage is measured finely.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        (outcomes, acknowledged)
+    })
+}
+
+/// Sets the flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Clears the flag when dropped.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_again() {
+    let cluster = PatroniCluster::start(2);
+    let url = cluster.database_url();
+    let backups = TempDir::new("ha-backups");
+    let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
+    let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
+    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+    for gw in &gws {
+        let health = gw.get("/health");
+        assert_eq!(health.status, 200, "{}", health.text());
+        assert_eq!(health.json()["database"]["state"], "ready");
+    }
+    let restarts_before: Vec<serde_json::Value> = gws.iter().map(|g| status_of(g).unwrap().0["restarts"].clone()).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // The writers and watchers stop even when an assertion fails first.
+    let _stop_on_drop = SetOnDrop(stop.clone());
+    let writers: Vec<_> = (0..3).map(|_| writer(nginx.port, stop.clone())).collect();
+    // Writes flow before the kill.
+    let primary = cluster.primary(Duration::from_secs(5));
+    let sync = cluster.sync_standby(Duration::from_secs(5));
+    let mut app = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    wait_until(Duration::from_secs(60), "60 acknowledged writes before the kill", || {
+        let n: i64 = app.query_one("SELECT count(*) FROM omni_user_preferences", &[]).ok()?.get(0);
+        (n >= 60).then_some(())
+    });
+    drop(app);
+
+    // Watch both gateways while the database fails over.
+    let seen: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let watching = Arc::new(AtomicBool::new(true));
+    let _watching_off = ClearOnDrop(watching.clone());
+    let watchers: Vec<_> = gws
+        .iter()
+        .map(|g| {
+            let (port, seen, watching) = (g.port, seen.clone(), watching.clone());
+            std::thread::spawn(move || {
+                while watching.load(Ordering::Relaxed) {
+                    let note = |what: String| *seen.lock().unwrap().entry(what).or_default() += 1;
+                    if let Ok(r) = Request::get("/health").try_send(port) {
+                        note(format!("/health {} database={}", r.status, r.json()["database"]["state"]));
+                    }
+                    if let Ok(r) = Request::get("/gateway/status").try_send(port) {
+                        let doc = r.json();
+                        let api = doc["components"].as_array().and_then(|l| l.iter().find(|c| c["name"] == "api").cloned()).unwrap_or_default();
+                        note(format!("/gateway/status api={} database={}", api["state"], doc["database"]["state"]));
+                    }
+                }
+            })
+        })
+        .collect();
+
+    eprintln!("before the kill:\n{}", cluster.list());
+    let killed = Instant::now();
+    cluster.nodes[primary].kill9_postmaster();
+    let promoted = wait_until(Duration::from_secs(60), "Patroni to promote the synchronous standby", || {
+        (cluster.nodes[sync].rest("/primary") == Some(200)).then(Instant::now)
+    });
+    eprintln!("Patroni's REST API says {} is primary {:.2} s after the kill", cluster.nodes[sync].name, (promoted - killed).as_secs_f64());
+
+    // Both gateways serve again by themselves, /health back to 200.
+    for gw in &gws {
+        wait_until(Duration::from_secs(30), "the gateway's /health to answer 200 again", || (gw.get("/health").status == 200).then_some(()));
+    }
+    // Some writes acknowledged after the promotion through each gateway.
+    let session = uuid::Uuid::new_v4().to_string();
+    for gw in &gws {
+        let mut refused = Vec::new();
+        wait_until(Duration::from_secs(30), "a write acknowledged through each gateway", || {
+            let r = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": format!("after-{}", gw.port), "value": "x"})).send_to(gw.port);
+            if r.status != 200 {
+                refused.push((r.status, r.text()));
+            }
+            (r.status == 200).then_some(())
+        });
+        let why: Vec<String> = gw.log().lines().filter(|l| l.contains("no database connection")).map(str::to_owned).collect();
+        eprintln!("gateway {}: {} write(s) refused after /health said 200: {refused:?}\n{}", gw.port, refused.len(), why[why.len().saturating_sub(12)..].join("\n"));
+    }
+    let resumed = Instant::now();
+    wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    watching.store(false, Ordering::Relaxed);
+    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for w in watchers {
+        w.join().unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    eprintln!("seen on the gateways during the failover: {seen:#?}");
+
+    // 0 acknowledged writes lost: every one is on the new primary.
+    let new_primary = cluster.primary(Duration::from_secs(5));
+    assert_eq!(new_primary, sync, "the synchronous standby was promoted");
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let (mut acknowledged, mut lost, mut failed) = (0, Vec::new(), 0);
+    let mut outage: Option<(Instant, Instant)> = None;
+    let stored: std::collections::BTreeSet<(String, String)> =
+        db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    for (outcomes, acked) in &results {
+        acknowledged += acked.len();
+        lost.extend(acked.iter().filter(|k| !stored.contains(*k)).cloned());
+        // Refused writes: a 503 with Retry-After, answered well before the proxy's timeout.
+        for o in outcomes.iter().filter(|o| o.status != 200) {
+            failed += 1;
+            assert_eq!(o.status, 503, "a refused write is a 503: {o:?}\nnginx: {}", std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default());
+            assert!(o.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "a 503 carries Retry-After: {o:?}");
+            assert!(o.body.contains("database_unavailable"), "{o:?}");
+        }
+        assert!(outcomes.iter().all(|o| o.took < Duration::from_secs(10)), "a write waited {:?}", outcomes.iter().map(|o| o.took).max());
+        // Write unavailability: first failed to first successful write after it.
+        if let Some(first_failed) = outcomes.iter().position(|o| o.status != 200) {
+            let back = outcomes[first_failed..].iter().find(|o| o.status == 200).expect("writes resumed");
+            let (from, to) = (outcomes[first_failed].started, back.started + back.took);
+            outage = Some(outage.map_or((from, to), |(f, t)| (f.min(from), t.max(to))));
+        }
+    }
+    assert!(acknowledged > 60, "{acknowledged} writes acknowledged");
+    assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
+    let (from, to) = outage.expect("the kill made some write fail");
+    eprintln!(
+        "{acknowledged} writes acknowledged, 0 lost, {failed} refused (503 with Retry-After); write unavailability {:.2} s (first failed {:.2} s after the kill, Patroni's promotion seen at {:.2} s)",
+        (to - from).as_secs_f64(),
+        from.saturating_duration_since(killed).as_secs_f64(),
+        (promoted - killed).as_secs_f64()
+    );
+
+    // The database was shown failing over, the worker never broken nor restarted.
+    assert!(seen.keys().any(|k| k.starts_with("/health 503 database=\"failing_over\"")), "{seen:#?}");
+    assert!(seen.keys().any(|k| k.contains("database=\"failing_over\"") && k.starts_with("/gateway/status")), "{seen:#?}");
+    assert!(seen.keys().filter(|k| k.starts_with("/gateway/status")).all(|k| k.contains("api=\"ready\"")), "the worker stayed ready: {seen:#?}");
+    let restarts_after: Vec<serde_json::Value> = gws.iter().map(|g| status_of(g).unwrap().0["restarts"].clone()).collect();
+    assert_eq!(restarts_before, restarts_after, "no worker was restarted");
+    assert!(gws.iter().all(|g| !g.log().contains("health check failed")), "{}", gws[0].log());
+}
+
+// ---------------------------------------------------------------- leadership
+
+/// The backup file each "backup written" line names, per gateway.
+fn written_backups(gw: &Gateway) -> Vec<String> {
+    gw.log()
+        .lines()
+        .filter(|l| l.contains("backup written") && !l.contains("scheduled backup written"))
+        .filter_map(|l| {
+            let at = l.find("omni_backup_")?;
+            let end = l[at..].find(".sql")? + 4;
+            Some(l[at..at + end].to_owned())
+        })
+        .collect()
+}
+
+fn backup_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "sql")).collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_scheduled_backup_slot_spanning_a_failover_runs_exactly_once() {
+    const EVERY_S: u64 = 6;
+    let cluster = PatroniCluster::start(2);
+    let url = cluster.database_url();
+    let backups = TempDir::new("ha-scheduled");
+    let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
+    let every = format!("{EVERY_S}s");
+    let schedule = [("OMNI_BACKUP_INTERVAL", every.as_str()), ("OMNI_BACKUP_KEEP", "20")];
+    let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &schedule)).collect();
+    let leads = |gw: &Gateway| status_of(gw).and_then(|(api, _)| api["leader"].as_bool());
+    let leader = wait_until(Duration::from_secs(30), "exactly one gateway to lead", || {
+        let views: Vec<Option<bool>> = gws.iter().map(leads).collect();
+        match views.as_slice() {
+            [Some(true), Some(false)] => Some(0),
+            [Some(false), Some(true)] => Some(1),
+            _ => None,
+        }
+    });
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let epoch_before: i64 = db.query_one("SELECT epoch FROM omni_leader_lease", &[]).unwrap().get(0);
+
+    // The first scheduled backup; then kill the primary so that the next
+    // slot falls due while no primary accepts writes.
+    let first = wait_until(Duration::from_secs(60), "the first scheduled backup", || backup_files(backups.path()).first().cloned());
+    let written_at = Instant::now();
+    wait_until(Duration::from_secs(EVERY_S), "the slot's end to near", || (written_at.elapsed() >= Duration::from_secs(EVERY_S - 2)).then_some(()));
+    let primary = cluster.primary(Duration::from_secs(5));
+    cluster.nodes[primary].kill9_postmaster();
+    let killed = Instant::now();
+    let new_primary = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
+    eprintln!("{} promoted {:.2} s after the kill", cluster.nodes[new_primary].name, killed.elapsed().as_secs_f64());
+
+    // The slot that spanned the failover, and one more after it.
+    wait_until(Duration::from_secs(60), "two scheduled backups after the failover", || (backup_files(backups.path()).len() >= 3).then_some(()));
+    let files = backup_files(backups.path());
+    let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    eprintln!("scheduled backups: {names:?} (first {first:?})");
+    let by_gateway: Vec<Vec<String>> = gws.iter().map(written_backups).collect();
+    let mut all: Vec<String> = by_gateway.concat();
+    let count = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), count, "a backup was written by two gateways: {by_gateway:?}");
+    for pair in names.windows(2) {
+        let seconds = |n: &str| -> i64 {
+            let digits: String = n.chars().filter(char::is_ascii_digit).collect();
+            let p = |r: std::ops::Range<usize>| digits[r].parse::<i64>().unwrap();
+            ((p(6..8) * 24 + p(8..10)) * 60 + p(10..12)) * 60 + p(12..14)
+        };
+        let gap = seconds(&pair[1]) - seconds(&pair[0]);
+        assert!(gap >= EVERY_S as i64, "two backups in one slot: {pair:?}");
+        assert!(gap <= EVERY_S as i64 + 20, "a slot was skipped: {pair:?} are {gap} s apart");
+    }
+
+    // The lease survived the failover: on the new primary, one holder, the
+    // epoch the same (the leader renewed it) or one further (another took it).
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let (holders, epoch_after): (i64, i64) = db.query_one("SELECT count(*), max(epoch) FROM omni_leader_lease", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+    assert_eq!(holders, 1);
+    assert!(epoch_after >= epoch_before, "epoch {epoch_before} before, {epoch_after} after");
+    // The gateways learn it from their workers' health answers: wait for both to tell.
+    let leaders = wait_until(Duration::from_secs(15), "exactly one leader after the failover", || {
+        let views: Vec<Option<bool>> = gws.iter().map(leads).collect();
+        (views.iter().filter(|l| **l == Some(true)).count() == 1 && views.iter().all(Option::is_some)).then_some(views)
+    });
+    eprintln!("gateway {leader} led before; leaders after: {leaders:?}; lease epoch {epoch_before} -> {epoch_after}");
+}
+
+// ---------------------------------------------------------------- HAProxy
+
+#[test]
+fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
+    let mut cluster = PatroniCluster::start(2);
+    cluster.start_haproxy();
+    let url = cluster.haproxy_url();
+    let backups = TempDir::new("ha-haproxy-backups");
+    let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
+    let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
+    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = SetOnDrop(stop.clone());
+    let writers: Vec<_> = (0..3).map(|_| writer(nginx.port, stop.clone())).collect();
+    let mut app = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    wait_until(Duration::from_secs(60), "60 acknowledged writes before the kill", || {
+        let n: i64 = app.query_one("SELECT count(*) FROM omni_user_preferences", &[]).ok()?.get(0);
+        (n >= 60).then_some(())
+    });
+    drop(app);
+    let primary = cluster.primary(Duration::from_secs(5));
+    let killed = Instant::now();
+    cluster.nodes[primary].kill9_postmaster();
+    let new_primary = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
+    let promoted = killed.elapsed();
+    for gw in &gws {
+        wait_until(Duration::from_secs(60), "the gateway's /health to answer 200 again", || (gw.get("/health").status == 200).then_some(()));
+    }
+    let resumed = Instant::now();
+    wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let in_recovery: bool = db.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
+    assert!(!in_recovery, "HAProxy routes to the new primary ({})", cluster.nodes[new_primary].name);
+    let stored: std::collections::BTreeSet<(String, String)> =
+        db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let (mut acknowledged, mut lost, mut failed) = (0, Vec::new(), 0);
+    let mut outage: Option<(Instant, Instant)> = None;
+    for (outcomes, acked) in &results {
+        acknowledged += acked.len();
+        lost.extend(acked.iter().filter(|k| !stored.contains(*k)).cloned());
+        for o in outcomes.iter().filter(|o| o.status != 200) {
+            failed += 1;
+            assert!(o.status == 503 || o.status == 502, "a refused write is a 503 (or nginx's 502 while no gateway is ready): {o:?}");
+        }
+        assert!(outcomes.iter().all(|o| o.took < Duration::from_secs(10)), "a write waited {:?}", outcomes.iter().map(|o| o.took).max());
+        if let Some(first_failed) = outcomes.iter().position(|o| o.status != 200) {
+            let back = outcomes[first_failed..].iter().find(|o| o.status == 200).expect("writes resumed");
+            let (from, to) = (outcomes[first_failed].started, back.started + back.took);
+            outage = Some(outage.map_or((from, to), |(f, t)| (f.min(from), t.max(to))));
+        }
+    }
+    assert!(acknowledged > 60, "{acknowledged} writes acknowledged");
+    assert!(lost.is_empty(), "{} acknowledged writes lost through HAProxy: {lost:?}", lost.len());
+    let (from, to) = outage.expect("the kill made some write fail");
+    eprintln!(
+        "through HAProxy: {acknowledged} writes acknowledged, 0 lost, {failed} refused; write unavailability {:.2} s (Patroni's promotion seen at {:.2} s)",
+        (to - from).as_secs_f64(),
+        promoted.as_secs_f64()
+    );
+}
