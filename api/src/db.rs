@@ -192,7 +192,7 @@ impl Db {
         if let Some((_, state)) = cached {
             return state;
         }
-        let state = if omni_contract::leader::standby_answers(&self.config, PROBE_TIMEOUT).await { DbState::FailingOver } else { DbState::Unavailable };
+        let state = if omni_contract::leader::failover_under_way(&self.config, PROBE_TIMEOUT).await { DbState::FailingOver } else { DbState::Unavailable };
         self.redial.lock().unwrap_or_else(|e| e.into_inner()).verdict = Some((Instant::now(), state));
         state
     }

@@ -380,12 +380,15 @@ where
     })
 }
 
-/// Whether some host of `config` answers as a standby (`pg_is_in_recovery()`),
-/// asked directly, one connection per host whatever `target_session_attrs`
-/// says, all at once, each within `timeout`. While no host accepts writes,
-/// `true` means a failover is under way (an HA engine is promoting a
-/// standby, or is about to) rather than the database being gone.
-pub async fn standby_answers(config: &tokio_postgres::Config, timeout: Duration) -> bool {
+/// Whether some host of `config` answers (`pg_is_in_recovery()`, as a
+/// standby or as a primary), asked directly, one connection per host
+/// whatever `target_session_attrs` says, all at once, each within
+/// `timeout`. Asked after a read-write connection failed, `true` means a
+/// failover is under way rather than the database being gone: an HA engine
+/// is promoting a standby or is about to, or has just promoted one (the
+/// read-write dial came a moment before the promotion ended, the probe a
+/// moment after).
+pub async fn failover_under_way(config: &tokio_postgres::Config, timeout: Duration) -> bool {
     use tokio_postgres::config::{Host, TargetSessionAttrs};
     let ports = config.get_ports();
     let mut probes = tokio::task::JoinSet::new();
@@ -415,7 +418,7 @@ pub async fn standby_answers(config: &tokio_postgres::Config, timeout: Duration)
                 driver.abort();
                 in_recovery
             };
-            tokio::time::timeout(timeout, ask).await.ok().flatten().unwrap_or(false)
+            tokio::time::timeout(timeout, ask).await.ok().flatten().is_some()
         });
     }
     while let Some(answer) = probes.join_next().await {

@@ -240,8 +240,19 @@ fn offsite_upload_to_a_directory_ships_base_backup_wal_chunks_and_logical_backup
     // Another installation's object where this one's next segment goes:
     // uploads stop, the object is not overwritten, the status says why, the
     // service goes on.
-    let partial = std::fs::read_dir(dir.path().join("data/wal/stream")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.ends_with(".partial")).expect("a .partial segment");
-    let next = partial.trim_end_matches(".partial").to_owned();
+    // The segment being written, or (a clean stop just after a base
+    // backup's segment switch leaves none) the one after the newest.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("data/wal/stream")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let next = match names.iter().find(|n| n.ends_with(".partial")) {
+        Some(partial) => partial.trim_end_matches(".partial").to_owned(),
+        None => {
+            let newest = names.iter().filter(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit())).max().expect("a WAL segment in the stream directory");
+            let (tli, log, seg) = (&newest[..8], u32::from_str_radix(&newest[8..16], 16).unwrap(), u32::from_str_radix(&newest[16..], 16).unwrap());
+            // 16 MB segments: 256 per "log".
+            let (log, seg) = if seg == 0xFF { (log + 1, 0) } else { (log, seg + 1) };
+            format!("{tli}{log:08X}{seg:08X}")
+        }
+    };
     let planted = store.join(&gen).join("wal").join(format!("{next}.lz4"));
     std::fs::write(&planted, b"not this cluster's WAL").unwrap();
     let gw = builder.start();

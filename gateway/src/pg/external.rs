@@ -92,7 +92,7 @@ impl ExternalDatabase {
     pub async fn state(&self) -> (State, Option<String>) {
         match self.check().await {
             Ok(()) => (State::Ready, None),
-            Err(e) if omni_contract::leader::standby_answers(&self.config, PROBE_TIMEOUT).await => (
+            Err(e) if omni_contract::leader::failover_under_way(&self.config, PROBE_TIMEOUT).await => (
                 State::FailingOver,
                 Some(format!("the external PostgreSQL at {} is failing over: no host accepts writes yet, one answers as a standby ({e:#})", self.display_url)),
             ),
