@@ -9,25 +9,10 @@ use crate::gateway;
 
 use std::time::{Duration, Instant};
 
-use gateway::{wait_for_base_backup, workdir, Gateway, GatewayBuilder};
+use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::{wait_until, Request, TEST_API_KEY};
 
-/// [`wait_until`] that fails with the repository's status and the
-/// gateway's log lines about it.
-fn wait_for<T>(gw: &Gateway, timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            let log: Vec<String> = gw.log().lines().filter(|l| l.contains("repository") || l.contains("ERROR") || l.contains("WARN")).map(str::to_owned).collect();
-            panic!("timed out after {} s waiting for {what}\nrepository: {}\n{}", timeout.as_secs(), gw.get("/gateway/status").json()["repository"], log.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn builder(dir: &std::path::Path, store: &StoreServer, prefix: &str) -> GatewayBuilder {
     let mut b = GatewayBuilder::new(dir).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_REPOSITORY_URL", store.url(prefix)).env("OMNI_REPOSITORY_WAL_INTERVAL", "1s");

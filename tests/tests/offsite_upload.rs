@@ -13,27 +13,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gateway::{wait_for_base_backup, workdir, Gateway, GatewayBuilder};
+use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::{free_port, isolated_command, wait_until, ChildGuard, Request, TempDir, TEST_API_KEY};
 use sha2::{Digest, Sha256};
 
 const INTERVAL: Duration = Duration::from_secs(1);
 
-/// [`wait_until`] that fails with the repository's status and the
-/// gateway's log lines about it.
-fn wait_for<T>(gw: &Gateway, timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            let log: Vec<String> = gw.log().lines().filter(|l| l.contains("repository") || l.contains("ERROR") || l.contains("WARN")).map(str::to_owned).collect();
-            panic!("timed out after {} s waiting for {what}\nrepository: {}\n{}", timeout.as_secs(), gw.get("/gateway/status").json()["repository"], log.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()

@@ -350,3 +350,19 @@ pub fn post_slow(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde
     let json = raw.split_once("\r\n\r\n").map(|(_, b)| b).and_then(|b| serde_json::from_str(b).ok()).unwrap_or(serde_json::Value::Null);
     (status, json)
 }
+
+/// [`wait_until`] that fails with the gateway's off-site repository status
+/// and its log lines about it (and its warnings and errors).
+pub fn wait_for_repository<T>(gw: &Gateway, timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            let log: Vec<String> = gw.log().lines().filter(|l| l.contains("repository") || l.contains("ERROR") || l.contains("WARN")).map(str::to_owned).collect();
+            panic!("timed out after {} s waiting for {what}\nrepository: {}\n{}", timeout.as_secs(), gw.get("/gateway/status").json()["repository"], log.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
