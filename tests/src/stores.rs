@@ -23,6 +23,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use omni_contract::backups::name::utc_parts;
 use sha2::{Digest, Sha256};
 
 use crate::{free_port, isolated_command, wait_until, ChildGuard, Request, TempDir};
@@ -410,21 +411,29 @@ impl StoreServer {
 
 /// `Sat, 05 Dec 2026 04:47:28 GMT`
 fn http_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let (year, month, day, h, mi, s) = utc_parts(t);
+    let days = t.duration_since(UNIX_EPOCH).unwrap().as_secs() / 86_400;
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
     let month_name = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(month - 1) as usize];
-    format!("{weekday}, {day:02} {month_name} {year} {:02}:{:02}:{:02} GMT", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!("{weekday}, {day:02} {month_name} {year} {h:02}:{mi:02}:{s:02} GMT")
+}
+
+/// Whether chunk objects named `<from>-<to>` (hex byte offsets) cover a
+/// segment contiguously from 0 past `offset`.
+pub fn chunks_cover<'a>(names: impl Iterator<Item = &'a str>, offset: u64) -> bool {
+    let mut ranges: Vec<(u64, u64)> = names
+        .filter_map(|r| r.split_once('-'))
+        .filter_map(|(f, t)| Some((u64::from_str_radix(f, 16).ok()?, u64::from_str_radix(t, 16).ok()?)))
+        .collect();
+    ranges.sort_unstable();
+    let mut end = 0;
+    for (from, to) in ranges {
+        if from > end {
+            break;
+        }
+        end = end.max(to);
+    }
+    end >= offset
 }
 
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
@@ -507,21 +516,7 @@ impl StoreServer {
             return true;
         }
         let chunks = format!("{wal}{segment}.chunks/");
-        let mut ranges: Vec<(u64, u64)> = names
-            .iter()
-            .filter_map(|n| n.strip_prefix(&chunks))
-            .filter_map(|r| r.split_once('-'))
-            .filter_map(|(f, t)| Some((u64::from_str_radix(f, 16).ok()?, u64::from_str_radix(t, 16).ok()?)))
-            .collect();
-        ranges.sort_unstable();
-        let mut end = 0;
-        for (from, to) in ranges {
-            if from > end {
-                break;
-            }
-            end = end.max(to);
-        }
-        end >= offset
+        chunks_cover(names.iter().filter_map(|n| n.strip_prefix(&chunks)), offset)
     }
 
     fn list_s3(&self, prefix: &str) -> Vec<String> {
@@ -548,8 +543,7 @@ impl StoreServer {
 
     /// A GET signed with AWS Signature Version 4 (the kit's credentials, us-east-1).
     fn signed_s3_get(&self, path: &str, query: &str) -> crate::Response {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-        let (y, mo, d, h, mi, s) = civil(now);
+        let (y, mo, d, h, mi, s) = utc_parts(SystemTime::now());
         let date = format!("{y:04}{mo:02}{d:02}");
         let stamp = format!("{date}T{h:02}{mi:02}{s:02}Z");
         let host = format!("127.0.0.1:{}", self.port);
@@ -643,20 +637,6 @@ fn uri_encode(text: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Year, month, day, hour, minute, second (UTC) of a Unix time.
-fn civil(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(month <= 2), month, day, rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

@@ -82,25 +82,8 @@ fn wal_covers(store: &Path, gen: &str, segment: &str, offset: u64) -> bool {
     if wal.join(format!("{segment}.lz4")).is_file() {
         return true;
     }
-    let mut ranges: Vec<(u64, u64)> = std::fs::read_dir(wal.join(format!("{segment}.chunks")))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (from, to) = name.split_once('-')?;
-            Some((u64::from_str_radix(from, 16).ok()?, u64::from_str_radix(to, 16).ok()?))
-        })
-        .collect();
-    ranges.sort_unstable();
-    let mut end = 0;
-    for (from, to) in ranges {
-        if from > end {
-            break;
-        }
-        end = end.max(to);
-    }
-    end >= offset
+    let names: Vec<String> = std::fs::read_dir(wal.join(format!("{segment}.chunks"))).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    omni_tests::stores::chunks_cover(names.iter().map(String::as_str), offset)
 }
 
 /// Checks every completed segment in the store: a valid lz4 frame whose

@@ -58,7 +58,8 @@ pub fn rfc3339(time: SystemTime) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
-fn utc_parts(time: SystemTime) -> (i64, i64, i64, i64, i64, i64) {
+/// Year, month, day, hour, minute, second (UTC) of `time`.
+pub fn utc_parts(time: SystemTime) -> (i64, i64, i64, i64, i64, i64) {
     let secs = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, mo, d) = civil_from_days(days);
