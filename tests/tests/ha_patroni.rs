@@ -132,6 +132,39 @@ struct Outcome {
     body: String,
 }
 
+/// What the writers' outcomes add up to against the rows on the new primary.
+struct Tally {
+    acknowledged: usize,
+    /// Acknowledged writes missing from the database.
+    lost: Vec<(String, String)>,
+    /// Refused writes, each passed to the caller's check first.
+    failed: usize,
+    /// Write unavailability: the first failed write to the first successful one after it, over all writers.
+    outage: Option<(Instant, Instant)>,
+}
+
+fn tally(db: &mut postgres::Client, results: &[(Vec<Outcome>, Vec<(String, String)>)], refused: impl Fn(&Outcome)) -> Tally {
+    let stored: std::collections::BTreeSet<(String, String)> =
+        db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut t = Tally { acknowledged: 0, lost: Vec::new(), failed: 0, outage: None };
+    for (outcomes, acked) in results {
+        t.acknowledged += acked.len();
+        t.lost.extend(acked.iter().filter(|k| !stored.contains(*k)).cloned());
+        for o in outcomes.iter().filter(|o| o.status != 200) {
+            t.failed += 1;
+            refused(o);
+        }
+        // Refused writes are answered well before the proxy's timeout.
+        assert!(outcomes.iter().all(|o| o.took < Duration::from_secs(10)), "a write waited {:?}", outcomes.iter().map(|o| o.took).max());
+        if let Some(first_failed) = outcomes.iter().position(|o| o.status != 200) {
+            let back = outcomes[first_failed..].iter().find(|o| o.status == 200).expect("writes resumed");
+            let (from, to) = (outcomes[first_failed].started, back.started + back.took);
+            t.outage = Some(t.outage.map_or((from, to), |(f, tt)| (f.min(from), tt.max(to))));
+        }
+    }
+    t
+}
+
 /// Sequence-numbered writes (the preferences API) through `port` until
 /// `stop`: every outcome in order, and the `(session, key)` acknowledged.
 fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outcome>, Vec<(String, String)>)> {
@@ -279,28 +312,12 @@ fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_aga
     let new_primary = cluster.primary(Duration::from_secs(5));
     assert_eq!(new_primary, sync, "the synchronous standby was promoted");
     let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let (mut acknowledged, mut lost, mut failed) = (0, Vec::new(), 0);
-    let mut outage: Option<(Instant, Instant)> = None;
-    let stored: std::collections::BTreeSet<(String, String)> =
-        db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    for (outcomes, acked) in &results {
-        acknowledged += acked.len();
-        lost.extend(acked.iter().filter(|k| !stored.contains(*k)).cloned());
-        // Refused writes: a 503 with Retry-After, answered well before the proxy's timeout.
-        for o in outcomes.iter().filter(|o| o.status != 200) {
-            failed += 1;
-            assert_eq!(o.status, 503, "a refused write is a 503: {o:?}\nnginx: {}", std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default());
-            assert!(o.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "a 503 carries Retry-After: {o:?}");
-            assert!(o.body.contains("database_unavailable"), "{o:?}");
-        }
-        assert!(outcomes.iter().all(|o| o.took < Duration::from_secs(10)), "a write waited {:?}", outcomes.iter().map(|o| o.took).max());
-        // Write unavailability: first failed to first successful write after it.
-        if let Some(first_failed) = outcomes.iter().position(|o| o.status != 200) {
-            let back = outcomes[first_failed..].iter().find(|o| o.status == 200).expect("writes resumed");
-            let (from, to) = (outcomes[first_failed].started, back.started + back.took);
-            outage = Some(outage.map_or((from, to), |(f, t)| (f.min(from), t.max(to))));
-        }
-    }
+    let error_log = nginx.dir.path().join("error.log");
+    let Tally { acknowledged, lost, failed, outage } = tally(&mut db, &results, |o| {
+        assert_eq!(o.status, 503, "a refused write is a 503: {o:?}\nnginx: {}", std::fs::read_to_string(&error_log).unwrap_or_default());
+        assert!(o.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "a 503 carries Retry-After: {o:?}");
+        assert!(o.body.contains("database_unavailable"), "{o:?}");
+    });
     assert!(acknowledged > 60, "{acknowledged} writes acknowledged");
     assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
     let (from, to) = outage.expect("the kill made some write fail");
@@ -447,24 +464,9 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
     let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let in_recovery: bool = db.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
     assert!(!in_recovery, "HAProxy routes to the new primary ({})", cluster.nodes[new_primary].name);
-    let stored: std::collections::BTreeSet<(String, String)> =
-        db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    let (mut acknowledged, mut lost, mut failed) = (0, Vec::new(), 0);
-    let mut outage: Option<(Instant, Instant)> = None;
-    for (outcomes, acked) in &results {
-        acknowledged += acked.len();
-        lost.extend(acked.iter().filter(|k| !stored.contains(*k)).cloned());
-        for o in outcomes.iter().filter(|o| o.status != 200) {
-            failed += 1;
-            assert!(o.status == 503 || o.status == 502, "a refused write is a 503 (or nginx's 502 while no gateway is ready): {o:?}");
-        }
-        assert!(outcomes.iter().all(|o| o.took < Duration::from_secs(10)), "a write waited {:?}", outcomes.iter().map(|o| o.took).max());
-        if let Some(first_failed) = outcomes.iter().position(|o| o.status != 200) {
-            let back = outcomes[first_failed..].iter().find(|o| o.status == 200).expect("writes resumed");
-            let (from, to) = (outcomes[first_failed].started, back.started + back.took);
-            outage = Some(outage.map_or((from, to), |(f, t)| (f.min(from), t.max(to))));
-        }
-    }
+    let Tally { acknowledged, lost, failed, outage } = tally(&mut db, &results, |o| {
+        assert!(o.status == 503 || o.status == 502, "a refused write is a 503 (or nginx's 502 while no gateway is ready): {o:?}");
+    });
     assert!(acknowledged > 60, "{acknowledged} writes acknowledged");
     assert!(lost.is_empty(), "{} acknowledged writes lost through HAProxy: {lost:?}", lost.len());
     let (from, to) = outage.expect("the kill made some write fail");
