@@ -133,6 +133,9 @@ export async function render(main) {
     const mine = ++generation;
     if (controller) controller.abort();
     clearTimeout(retryTimer);
+    // A search still waiting for its pause is read now: it must not start
+    // the same view again (and empty it) a moment later.
+    clearTimeout(searchTimer);
     controller = new AbortController();
     const { signal } = controller;
     shown = [];
