@@ -72,21 +72,21 @@ const SUPERVISOR_SLACK: Duration = Duration::from_secs(5);
 /// (the HTTP drain its timeout, a supervisor its stop signals, which end
 /// in SIGKILL).
 ///
-/// The WAL streamer stops in the reverse of its start: before the worker
-/// when it starts after it (the default), after it under `OMNI_WAL_SYNC`,
-/// where commits wait for it and it starts first.
+/// The WAL streamer stops after PostgreSQL: a server that stops sends its
+/// connected streamer every commit it acknowledged and its shutdown
+/// checkpoint before it exits, so a clean stop leaves the archive complete
+/// (stopped first, the streamer dropped the WAL still on its way, writes
+/// included). Its exit when PostgreSQL is gone is the end of its run, not a
+/// failure (`supervise`: nothing restarts once the stop is asked).
 fn stages(config: &Config) -> Shutdown {
     let (drain, stop) = (config.http.drain_timeout, config.restart.stop_timeout);
-    let api = ("api", "the API worker", drain + SUPERVISOR_SLACK);
-    let wal = ("wal", "the WAL streamer", stop.min(Duration::from_secs(10)) + Duration::from_secs(5) + SUPERVISOR_SLACK);
-    let (first, second) = if config.wal.sync { (api, wal) } else { (wal, api) };
     Shutdown::new(&[
         ("http", "serving HTTP: draining in-flight requests", drain + Duration::from_secs(2)),
         ("relay", "the replication relay", Duration::from_secs(10)),
         ("jobs", "database jobs (a base backup or restore in progress may finish)", JOBS_GRACE),
-        first,
-        second,
+        ("api", "the API worker", drain + SUPERVISOR_SLACK),
         ("postgres", "PostgreSQL", stop + Duration::from_secs(5) + SUPERVISOR_SLACK),
+        ("wal", "the WAL streamer", stop.min(Duration::from_secs(10)) + Duration::from_secs(5) + SUPERVISOR_SLACK),
         // After the streamer and PostgreSQL: it ships their last WAL (repository/ship.rs).
         ("repository", "the off-site repository's last uploads", REPOSITORY_GRACE),
         ("background", "background tasks", TASKS_GRACE),

@@ -249,6 +249,13 @@ impl Policy for ReceiverPolicy {
         self.client = None;
     }
 
+    /// It stops after PostgreSQL (`app.rs`), to receive everything up to
+    /// the shutdown checkpoint; a start racing PostgreSQL's stop would only
+    /// fail against it.
+    fn abandons_starts_once_stop_asked(&self) -> bool {
+        true
+    }
+
     fn stop_signals(&self) -> StopSignals {
         StopSignals { first: Signal::SIGTERM, second: Some(Signal::SIGKILL), grace: self.restart.stop_timeout.min(Duration::from_secs(10)) }
     }

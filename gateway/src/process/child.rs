@@ -377,13 +377,20 @@ struct Parsed {
 /// clusters' logs, probes); expected, so never reported as errors.
 const EXPECTED: &[&str] = &["the database system is starting up", "the database system is shutting down", "terminating connection due to administrator command"];
 
+/// `pg_receivewal`'s lines when the server it streams from stops (at every
+/// stop of the gateway: the streamer stops after PostgreSQL, `app.rs`):
+/// expected; the supervisor says whether the exit was.
+const EXPECTED_TEXT: &[&str] = &["replication stream was terminated before stop point", "pg_receivewal: error: disconnected"];
+
 fn parse_line(output: Output, line: &str, previous: Level) -> Parsed {
     match output {
         Output::Postgres { routine } => parse_postgres(line, routine, previous),
         Output::Json => parse_json(line).unwrap_or_else(|| Parsed { level: Level::WARN, pid: None, message: line.to_owned() }),
         Output::Text { routine } => {
             let lower = line.to_ascii_lowercase();
-            let level = if lower.contains("error:") || lower.contains("fatal:") || lower.contains("panic:") {
+            let level = if EXPECTED_TEXT.iter().any(|m| line.contains(m)) {
+                routine
+            } else if lower.contains("error:") || lower.contains("fatal:") || lower.contains("panic:") {
                 Level::ERROR
             } else if lower.contains("warning:") {
                 Level::WARN

@@ -153,6 +153,13 @@ pub trait Policy: Send + 'static {
     fn gate(&self) -> Option<gate::StartGate> {
         None
     }
+    /// A child whose stage stops late (after the component it depends on)
+    /// but whose start should not race that stop: once the gateway's stop
+    /// is asked, a start under way (or a wait before one) is abandoned at
+    /// once, while a ready run lasts until its stage stops.
+    fn abandons_starts_once_stop_asked(&self) -> bool {
+        false
+    }
 }
 
 /// A start error no retry can fix: a missing or unusable binary, a cluster
@@ -232,15 +239,17 @@ impl Handle {
 pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, stage: &shutdown::Stage, depends_on: Option<&'static str>) -> Handle {
     let name = policy.name();
     let (tx, rx) = mpsc::channel(8);
+    let early_stop = policy.abandons_starts_once_stop_asked().then(|| stage.asked());
     let supervisor = Supervisor {
         policy,
         restart,
         board,
         depends_on,
-        commands: Inbox { commands: rx, stop: stage.token(), closed: false },
+        commands: Inbox { commands: rx, stop: stage.token(), asked: early_stop, ready: false, closed: false },
         retiring: TaskTracker::new(),
         hurry_retiring: CancellationToken::new(),
         hurry: stage.hurried(),
+        asked: stage.asked(),
         failures: 0,
         reload_queued: false,
     };
@@ -252,6 +261,11 @@ pub fn spawn<P: Policy>(policy: P, restart: RestartPolicy, board: Board, stage: 
 struct Inbox {
     commands: mpsc::Receiver<Command>,
     stop: CancellationToken,
+    /// With [`Policy::abandons_starts_once_stop_asked`]: the gateway's stop
+    /// asked, which is the stop too while no run is `ready`.
+    asked: Option<CancellationToken>,
+    /// A run is ready (set by the supervisor).
+    ready: bool,
     /// Every sender is gone: no command will come, only the stop.
     closed: bool,
 }
@@ -261,13 +275,15 @@ impl Inbox {
     /// the loop takes as the stop. Only the stop ends supervision: a
     /// dropped [`Handle`] does not.
     async fn recv(&mut self) -> Option<Command> {
+        let early = self.asked.clone().filter(|_| !self.ready);
         loop {
-            if self.stop.is_cancelled() {
+            if self.stop.is_cancelled() || early.as_ref().is_some_and(CancellationToken::is_cancelled) {
                 return None;
             }
             tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return None,
+                () = async { early.as_ref().expect("guarded").cancelled().await }, if early.is_some() => return None,
                 cmd = self.commands.recv(), if !self.closed => match cmd {
                     Some(cmd) => return Some(cmd),
                     None => self.closed = true,
@@ -290,6 +306,10 @@ struct Supervisor<P> {
     hurry_retiring: CancellationToken,
     /// Cancelled when the gateway's stop is hurried (a second stop signal).
     hurry: CancellationToken,
+    /// Cancelled once the gateway's stop is asked: a run that ends from then
+    /// on (the streamer when PostgreSQL, stopped before it, is gone) is not
+    /// restarted; its stage's stop is awaited.
+    asked: CancellationToken,
     /// Failed runs in a row without a stable one: the backoff exponent.
     failures: u32,
     /// A reload asked while the child was starting, done once it is ready.
@@ -375,6 +395,11 @@ impl<P: Policy> Supervisor<P> {
             let wake = match end {
                 RunEnd::Stop => return self.finish().await,
                 RunEnd::Restart => Wake::Fresh,
+                RunEnd::Failed { why, .. } if self.asked.is_cancelled() => {
+                    self.board.transition(name, State::Stopped, Some(format!("ended while the gateway stops: {why}")));
+                    self.wait_for_stop().await;
+                    return self.finish().await;
+                }
                 RunEnd::Failed { why, outcome } => {
                     self.board.update(name, |c| c.last_exit = Some(why.clone()));
                     let jitter: f64 = rand::thread_rng().gen();
@@ -461,6 +486,20 @@ impl<P: Policy> Supervisor<P> {
         }
     }
 
+    /// Ended while the gateway stops: only the stage's stop is awaited
+    /// (commands asking for a restart are moot now).
+    async fn wait_for_stop(&mut self) {
+        loop {
+            self.beat(HEARTBEAT_EVERY);
+            tokio::select! {
+                _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+                cmd = self.commands.recv() => if cmd.is_none() {
+                    return;
+                },
+            }
+        }
+    }
+
     /// `Failed`: nothing happens until someone asks.
     async fn wait_in_failed(&mut self) -> Wake {
         loop {
@@ -501,7 +540,10 @@ impl<P: Policy> Supervisor<P> {
         if let Err(end) = self.await_ready(&mut child, pid).await {
             return end;
         }
-        self.serve_until_end(child, pid).await
+        self.commands.ready = true;
+        let end = self.serve_until_end(child, pid).await;
+        self.commands.ready = false;
+        end
     }
 
     /// Readiness: the first passing check of a run, then the policy's
@@ -652,7 +694,11 @@ impl<P: Policy> Supervisor<P> {
             Ok(s) => describe_exit(s),
             Err(e) => format!("lost track of the process: {e}"),
         };
-        tracing::warn!(component = self.policy.name(), "exited unexpectedly: {why}");
+        if self.asked.is_cancelled() {
+            tracing::info!(component = self.policy.name(), "exited while the gateway stops ({why}): not restarted");
+        } else {
+            tracing::warn!(component = self.policy.name(), "exited unexpectedly: {why}");
+        }
         RunEnd::Failed { why, outcome: Outcome::Failed { ready_for } }
     }
 

@@ -149,6 +149,8 @@ pub struct Stage {
     /// What it is, for the log: "the API worker".
     what: &'static str,
     token: CancellationToken,
+    /// Cancelled once the gateway's stop is asked, before any stage stops.
+    asked: CancellationToken,
     /// The root token: cancelled to hurry, and once every stage has stopped.
     root: CancellationToken,
     tasks: TaskTracker,
@@ -163,6 +165,12 @@ impl Stage {
     /// Cancelled when this stage is to stop.
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
+    }
+
+    /// Cancelled once the gateway's stop is asked (before this stage's own
+    /// token, which waits for the stages before it).
+    pub fn asked(&self) -> CancellationToken {
+        self.asked.clone()
     }
 
     /// Cancelled to hurry (a second stop signal), and at the very end:
@@ -201,13 +209,13 @@ impl Shutdown {
     /// and how long its tasks may take once told (a supervisor's own stop
     /// signals and timeouts, the HTTP drain, a base backup allowed to finish).
     pub fn new(stages: &[(&'static str, &'static str, Duration)]) -> Shutdown {
-        let root = CancellationToken::new();
+        let (asked, root) = (CancellationToken::new(), CancellationToken::new());
         let runtime = tokio::runtime::Handle::try_current().ok();
         let stages = stages
             .iter()
-            .map(|&(name, what, grace)| Stage { name, what, token: root.child_token(), root: root.clone(), tasks: TaskTracker::new(), grace, runtime: runtime.clone() })
+            .map(|&(name, what, grace)| Stage { name, what, token: root.child_token(), asked: asked.clone(), root: root.clone(), tasks: TaskTracker::new(), grace, runtime: runtime.clone() })
             .collect();
-        Shutdown { asked: CancellationToken::new(), root, stages }
+        Shutdown { asked, root, stages }
     }
 
     /// The stage called `name`. Stage names are fixed in code: an unknown
