@@ -176,7 +176,9 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
     http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
     let mut tls_http = auto::Builder::new(TokioExecutor::new());
     tls_http.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
-    tls_http.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD_BYTES as u32).keep_alive_interval(limits.header_timeout);
+    // No HTTP/2 PINGs: their traffic would keep an idle connection from
+    // looking idle (`serve_tls` closes those, dead peers included).
+    tls_http.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD_BYTES as u32);
     let shared = Arc::new(Shared {
         surface: surface.clone(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -366,7 +368,7 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
         let (stop, close_all) = (stop.clone(), close_all.clone());
         match &surface.https {
             None => {
-                let conn = http1.serve_connection(TokioIo::new(stream), service(surface, peer, false)).with_upgrades();
+                let conn = http1.serve_connection(TokioIo::new(stream), service(surface, peer, false, None)).with_upgrades();
                 open.spawn(async move {
                     until_stopped!(conn, stop, close_all);
                     drop(permit);
@@ -376,8 +378,7 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
                 let (shared, https) = (shared.clone(), https.clone());
                 open.spawn(async move {
                     if let Some(tls) = handshake(&https, stream, peer, shared.handshake_timeout, &close_all).await {
-                        let conn = shared.tls_http.serve_connection_with_upgrades(TokioIo::new(tls), service(&shared.surface, peer, false));
-                        until_stopped!(conn, stop, close_all);
+                        serve_tls(&shared, tls, peer, &stop, &close_all).await;
                     }
                     drop(permit);
                 });
@@ -398,11 +399,11 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
                 let answered = async {
                     match &shared.surface.https {
                         None => {
-                            let _ = http1_closing.serve_connection(TokioIo::new(stream), service(&shared.surface, peer, true)).await;
+                            let _ = http1_closing.serve_connection(TokioIo::new(stream), service(&shared.surface, peer, true, None)).await;
                         }
                         Some(https) => {
                             if let Some(tls) = handshake(https, stream, peer, shared.handshake_timeout, &close_all).await {
-                                let _ = tls_http_closing.serve_connection(TokioIo::new(tls), service(&shared.surface, peer, true)).await;
+                                let _ = tls_http_closing.serve_connection(TokioIo::new(tls), service(&shared.surface, peer, true, None)).await;
                             }
                         }
                     }
@@ -418,6 +419,151 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
     tokio::select! {
         _ = answer_late => unreachable!("answering during the drain only ends with the drain"),
         _ = drained.cancelled() => {}
+    }
+}
+
+/// Serves one TLS connection (HTTP/2 or HTTP/1.1) like [`until_stopped`],
+/// and also ends it once it is idle: no request in flight (its response
+/// body included, so a quiet event stream counts as busy) and no byte
+/// moved either way for `OMNI_HEADER_TIMEOUT_S`. HTTP/2 has no idle limit
+/// of its own, and an idle connection would hold one of
+/// `OMNI_MAX_CONNECTIONS` for ever. The end is graceful (HTTP/2's GOAWAY
+/// and PING); a client that does not even answer that for another idle
+/// period (a dead peer) is cut off.
+async fn serve_tls(shared: &Shared, tls: tokio_rustls::server::TlsStream<TcpStream>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
+    let idle_limit = shared.handshake_timeout;
+    let io = Watched { io: tls, started: std::time::Instant::now(), last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
+    let (started, last_ms) = (io.started, io.last_ms.clone());
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let idle = || {
+        in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && started.elapsed().saturating_sub(Duration::from_millis(last_ms.load(std::sync::atomic::Ordering::Relaxed))) >= idle_limit
+    };
+    let conn = shared.tls_http.serve_connection_with_upgrades(TokioIo::new(io), service(&shared.surface, peer, false, Some(in_flight.clone())));
+    tokio::pin!(conn);
+    let mut check = tokio::time::interval((idle_limit / 4).max(Duration::from_millis(100)));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = close_all.cancelled() => {}
+                }
+                return;
+            }
+            _ = check.tick() => if idle() {
+                break;
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = close_all.cancelled() => return,
+            _ = check.tick() => if idle() {
+                tracing::debug!("closing the idle connection of {peer}: it did not answer the graceful end");
+                return;
+            }
+        }
+    }
+}
+
+/// One request of a connection in flight, until its response body is
+/// done or dropped (for [`serve_tls`]'s idle limit).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until dropped.
+struct Counted {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection's stream that notes when a byte last moved either way.
+struct Watched<T> {
+    io: T,
+    started: std::time::Instant,
+    /// Milliseconds from `started` to the last byte read or written.
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Watched<T> {
+    fn touch(&self) {
+        self.last_ms.store(self.started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -461,13 +607,14 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpSt
 }
 
 /// The request handler of one connection; `draining` for those accepted after a stop began.
-fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone {
+fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone {
     let surface = surface.clone();
     let mut peer = crate::serve::proxy::Peer::new(peer);
     peer.https = surface.https.is_some();
     let peer = Arc::new(peer);
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let (surface, peer) = (surface.clone(), peer.clone());
+        let counted = in_flight.clone().map(InFlight::enter);
         async move {
             let Some(https) = &surface.https else {
                 return Ok::<_, Infallible>(route(&surface, &peer, req, draining).await);
@@ -477,7 +624,10 @@ fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyp
             if let Some(hsts) = hsts {
                 resp.headers_mut().insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts);
             }
-            Ok(resp)
+            Ok(match counted {
+                Some(in_flight) => resp.map(|body| Counted { body, _in_flight: in_flight }.boxed()),
+                None => resp,
+            })
         }
     })
 }
