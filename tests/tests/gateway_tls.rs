@@ -7,7 +7,7 @@
 //! Certificates come from a test CA made here with the `openssl` CLI;
 //! clients are `curl` (nghttp2 for HTTP/2), `wrk` and `openssl s_client`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -171,6 +171,29 @@ fn https_serves_http2_and_http1_redirects_the_plain_port_and_streams_over_h2() {
     let (ok, _, _) = curl(&["-o", "/dev/null", "--max-time", "10", &format!("http://127.0.0.1:{}/health", tls.gw.port)]);
     assert!(!ok, "plain HTTP was answered on the HTTPS port");
 
+    // An upgrade (what a WebSocket does) over TLS and HTTP/1.1: the 101,
+    // then bytes both ways through the gateway to the worker's echo.
+    let mut tunnel = ChildGuard::spawn(
+        Command::new("openssl")
+            .args(["s_client", "-quiet", "-alpn", "http/1.1", "-servername", "localhost", "-connect", &format!("127.0.0.1:{}", tls.gw.port)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let mut to_gateway = tunnel.child_mut().stdin.take().unwrap();
+    let mut from_gateway = BufReader::new(tunnel.child_mut().stdout.take().unwrap()).lines();
+    to_gateway.write_all(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+    let status_line = from_gateway.next().expect("an answer to the upgrade").unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 101"), "{status_line}");
+    for line in from_gateway.by_ref() {
+        if line.unwrap().trim().is_empty() {
+            break;
+        }
+    }
+    to_gateway.write_all(b"ping through the tunnel\n").unwrap();
+    assert_eq!(from_gateway.next().expect("the echo").unwrap(), "ping through the tunnel");
+    tunnel.kill9();
+
     // The status shows the certificate; /metrics its expiry.
     let (_, _, status) = tls.get("--http2", "/gateway/status", &[]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -307,4 +330,37 @@ fn a_certificate_replaced_under_load_fails_no_request_and_new_connections_get_it
     });
     assert_eq!(tls.served_serial(), "serial=02");
     assert_eq!(tls.get("--http2", "/api/v1/health", &[]).0, 200);
+}
+
+#[test]
+fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
+    let dir = workdir();
+    let tls = start(dir.path(), &[("OMNI_HEADER_TIMEOUT_S", "1")]);
+    // An HTTP/2 client that sends its preface and SETTINGS, then nothing.
+    let opened = std::time::Instant::now();
+    let mut client = ChildGuard::spawn(
+        Command::new("openssl")
+            .args(["s_client", "-quiet", "-alpn", "h2", "-servername", "localhost", "-connect", &format!("127.0.0.1:{}", tls.gw.port)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let mut to_gateway = client.child_mut().stdin.take().unwrap();
+    to_gateway.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
+    to_gateway.flush().unwrap();
+    // The gateway ends it (GOAWAY, then the close) once it has been idle
+    // for OMNI_HEADER_TIMEOUT_S; the client still holds its side open.
+    client.wait_exit(Duration::from_secs(20));
+    let lasted = opened.elapsed();
+    assert!(lasted >= Duration::from_millis(900), "closed after {lasted:?}, before the idle limit");
+    drop(to_gateway);
+    // Busy connections are not idle: a request every half second for 3 s on one HTTP/2 connection.
+    let url = tls.url("/slow?ms=500");
+    let mut args = vec!["--http2", "--cacert", tls.ca.to_str().unwrap(), "-w", "%{http_code} %{num_connects}\n"];
+    for _ in 0..6 {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let (ok, out, err) = curl(&args);
+    assert!(ok, "{err}");
+    assert_eq!(out, "200 1\n200 0\n200 0\n200 0\n200 0\n200 0\n", "one connection kept across the requests");
 }
