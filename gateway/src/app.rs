@@ -159,6 +159,11 @@ pub async fn run(config: Config) -> Result<i32> {
     let addr = SocketAddr::new(config.host, config.port);
     // HTTPS: the certificate is checked before anything binds or starts.
     let https = crate::tls::settings::HttpsSettings::parse(&config)?;
+    if https.is_none() {
+        if let Some(port) = config.parser().string("OMNI_HTTP_PORT") {
+            tracing::warn!("OMNI_HTTP_PORT={port} is ignored: the plain-HTTP redirect port exists only with HTTPS (OMNI_TLS_CERT and OMNI_TLS_KEY); OMNI_PORT serves plain HTTP");
+        }
+    }
     let tls = match &https {
         Some(settings) => {
             let (key, info) = crate::tls::load(&settings.files)?;
