@@ -157,8 +157,39 @@ pub async fn run(config: Config) -> Result<i32> {
     warn_about_sqlite(&config);
 
     let addr = SocketAddr::new(config.host, config.port);
+    // HTTPS: the certificate is checked before anything binds or starts.
+    let https = crate::tls::settings::HttpsSettings::parse(&config)?;
+    if https.is_none() {
+        if let Some(port) = config.parser().string("OMNI_HTTP_PORT") {
+            tracing::warn!("OMNI_HTTP_PORT={port} is ignored: the plain-HTTP redirect port exists only with HTTPS (OMNI_TLS_CERT and OMNI_TLS_KEY); OMNI_PORT serves plain HTTP");
+        }
+    }
+    let tls = match &https {
+        Some(settings) => {
+            let (key, info) = crate::tls::load(&settings.files)?;
+            tracing::info!(subject = %info.subject, chain = info.chain_length, "TLS certificate loaded from {}", settings.files.cert.display());
+            Some(crate::tls::Live::new(key, info))
+        }
+        None => None,
+    };
     let listener = serve::bind(addr).await?;
-    tracing::info!("listening on http://{addr}");
+    let plain = match https.as_ref().and_then(|s| s.http_port) {
+        Some(port) => Some(serve::plain::bind(SocketAddr::new(config.host, port)).await?),
+        None => None,
+    };
+    match &https {
+        Some(s) => tracing::info!(
+            "listening on https://{addr} (HTTP/2 and HTTP/1.1){}",
+            s.http_port.map_or_else(|| "; no plain-HTTP port (OMNI_HTTP_PORT=off)".to_string(), |p| format!("; http://{}:{p} redirects to it", config.host))
+        ),
+        None => tracing::info!("listening on http://{addr}"),
+    }
+    // Replaced certificate files are served to new connections; the watch
+    // lasts as long as the gateway runs.
+    let _tls_watch = match (&https, &tls) {
+        (Some(settings), Some(live)) => Some(crate::tls::watch(settings.files.clone(), live.clone())?),
+        _ => None,
+    };
 
     let worker_bin = worker::locate_binary(config.api_bin.as_deref())?;
     let worker_account = worker::prepare_account(&config, &worker_bin)?;
@@ -213,8 +244,13 @@ pub async fn run(config: Config) -> Result<i32> {
         stop_streams: http.token(),
         internal: internal.clone(),
         stream_slots: Default::default(),
+        https: https.clone().zip(tls).map(|(settings, live)| Arc::new(serve::Https::new(live, settings))),
     });
     // A hurried stop does not wait for the drain any more.
+    if let Some(plain) = plain {
+        let redirecting = serve::plain::serve(plain, config.port, config.http.header_timeout, config.http.drain_timeout, http.token());
+        http.spawn(redirecting);
+    }
     let (serving, hurried) = (serve::serve(listener, surface, http.token(), config.http.clone()), http.hurried());
     http.spawn(async move {
         tokio::select! {
@@ -249,6 +285,7 @@ pub async fn run(config: Config) -> Result<i32> {
 /// layers (today the relay's), checked with the rest before anything starts.
 pub fn check_features(config: &Config) -> Result<(), crate::config::ConfigError> {
     crate::relay::ReplicationConfig::parse(config)?;
+    crate::tls::settings::HttpsSettings::parse(config)?;
     crate::repository::config::RepositoryConfig::parse(config).map(drop)
 }
 

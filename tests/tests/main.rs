@@ -36,6 +36,7 @@ mod gateway_privilege;
 mod gateway_proxy;
 mod gateway_settings;
 mod gateway_supervision;
+mod gateway_tls;
 mod ha_patroni;
 mod import_doors;
 mod import_sqlite;

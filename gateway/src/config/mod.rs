@@ -94,6 +94,11 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_REPOSITORY_DELETE", default: "true", help: "false: nothing is ever deleted from the repository (write-only credentials, bucket lifecycle rules)" },
     // Restore from the off-site repository (repository/fetch.rs, cli/restore.rs).
     Var { name: "OMNI_RESTORE_IF_EMPTY", default: "false", help: "true: a start that finds an empty or missing data directory and base backups in OMNI_REPOSITORY_URL restores latest from there instead of creating an empty cluster (never when the data directory holds anything)" },
+    // HTTPS at the gateway (tls/).
+    Var { name: "OMNI_TLS_CERT", default: "", help: "PEM certificate file, chain included: with OMNI_TLS_KEY, OMNI_PORT speaks HTTPS (HTTP/2 and HTTP/1.1); replaced files are served to new connections without a restart; empty = plain HTTP" },
+    Var { name: "OMNI_TLS_KEY", default: "", help: "PEM private key of OMNI_TLS_CERT; must not be readable by every account (chmod 600)" },
+    Var { name: "OMNI_HTTP_PORT", default: "", help: "with HTTPS on: the plain-HTTP port that redirects every request to https (308); default 80 (needs root or CAP_NET_BIND_SERVICE); off = none" },
+    Var { name: "OMNI_HSTS_MAX_AGE", default: "31536000", help: "with HTTPS on: Strict-Transport-Security max-age in seconds (never sent to localhost or loopback addresses); 0 = no HSTS" },
 ];
 
 /// Which layer supplied a value.

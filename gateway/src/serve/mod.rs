@@ -19,6 +19,7 @@ pub mod logring;
 pub mod metrics;
 pub mod metrics_history;
 pub mod observe;
+pub mod plain;
 pub mod proxy;
 pub mod upstream;
 
@@ -31,7 +32,8 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +72,73 @@ pub struct Surface {
     pub internal: Arc<crate::serve::internal::Internal>,
     /// Live streams per client address (`observe.rs`).
     pub stream_slots: crate::serve::observe::StreamSlots,
+    /// `OMNI_TLS_CERT`/`OMNI_TLS_KEY`: the port speaks HTTPS.
+    pub https: Option<Arc<Https>>,
+}
+
+/// HTTPS on the gateway's port: TLS from the certificate `live` holds
+/// (replaced while serving), then HTTP/2 or HTTP/1.1 as ALPN chose.
+pub struct Https {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub live: Arc<crate::tls::Live>,
+    pub settings: crate::tls::settings::HttpsSettings,
+    /// `Strict-Transport-Security`, `None` with `OMNI_HSTS_MAX_AGE=0`.
+    hsts: Option<hyper::header::HeaderValue>,
+}
+
+impl Https {
+    pub fn new(live: Arc<crate::tls::Live>, settings: crate::tls::settings::HttpsSettings) -> Https {
+        let hsts = (settings.hsts_max_age > 0).then(|| hyper::header::HeaderValue::from_str(&format!("max-age={}", settings.hsts_max_age)).expect("digits are a valid header value"));
+        Https { acceptor: tokio_rustls::TlsAcceptor::from(crate::tls::server_config(live.clone())), live, settings, hsts }
+    }
+
+    /// The `tls` member of `/gateway/status`.
+    fn status_json(&self) -> serde_json::Value {
+        let info = self.live.info();
+        let (reloads, last_error) = self.live.reloads();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        serde_json::json!({
+            "enabled": true,
+            "source": "files",
+            "cert_file": self.settings.files.cert.display().to_string(),
+            "key_file": self.settings.files.key.display().to_string(),
+            "subject": info.subject,
+            "not_after": info.not_after,
+            "expires_in_s": info.not_after.saturating_sub(now),
+            "chain_length": info.chain_length,
+            "reloads": reloads,
+            "last_reload_error": last_error,
+            "http_port": self.settings.http_port,
+            "hsts_max_age": self.settings.hsts_max_age,
+        })
+    }
+
+    /// `/metrics` lines: when the served certificate expires.
+    fn metrics(&self) -> String {
+        let (reloads, last_error) = self.live.reloads();
+        format!(
+            "# HELP omni_tls_certificate_expiry_seconds When the certificate served on the HTTPS port expires (Unix seconds).\n# TYPE omni_tls_certificate_expiry_seconds gauge\nomni_tls_certificate_expiry_seconds {}\n# HELP omni_tls_reloads_total Certificate file changes read since start.\n# TYPE omni_tls_reloads_total counter\nomni_tls_reloads_total {reloads}\n# HELP omni_tls_reload_failed 1 when the last change of the certificate files was refused (the previous certificate is still served).\n# TYPE omni_tls_reload_failed gauge\nomni_tls_reload_failed {}\n",
+            self.live.info().not_after,
+            u8::from(last_error.is_some()),
+        )
+    }
+
+    /// HSTS for a request naming `host`: never for localhost or an IP
+    /// address (browsers ignore it there, and it would pin a development
+    /// machine's every port to HTTPS).
+    fn hsts_for(&self, host: Option<&str>) -> Option<hyper::header::HeaderValue> {
+        let value = self.hsts.as_ref()?;
+        let host = host?.trim().to_ascii_lowercase();
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+            None => host.rsplit_once(':').map_or(host.as_str(), |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host.as_str() }).to_string(),
+        };
+        let name = name.trim_end_matches('.');
+        if name.is_empty() || name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok() {
+            return None;
+        }
+        Some(value.clone())
+    }
 }
 
 /// Binds the gateway's address, naming `OMNI_PORT`/`OMNI_HOST` on failure.
@@ -105,6 +174,11 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: CancellationToken, limits: HttpLimits) {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
+    let mut tls_http = auto::Builder::new(TokioExecutor::new());
+    tls_http.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
+    // No HTTP/2 PINGs: their traffic would keep an idle connection from
+    // looking idle (`serve_tls` closes those, dead peers included).
+    tls_http.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD_BYTES as u32);
     let shared = Arc::new(Shared {
         surface: surface.clone(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -115,6 +189,8 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
         close_all: CancellationToken::new(),
         finished: CancellationToken::new(),
         http1,
+        tls_http,
+        handshake_timeout: limits.header_timeout,
         main: tokio::runtime::Handle::current(),
     });
     // Dropped before the end (a hurried stop): the HTTP threads end at once.
@@ -171,6 +247,10 @@ struct Shared {
     /// Every task of every thread is done (or the stop is hurried): the threads end.
     finished: CancellationToken,
     http1: hyper::server::conn::http1::Builder,
+    /// With HTTPS: HTTP/2 or HTTP/1.1 over the TLS stream.
+    tls_http: auto::Builder<TokioExecutor>,
+    /// A TLS client must finish its handshake within `OMNI_HEADER_TIMEOUT_S`.
+    handshake_timeout: Duration,
     /// The main runtime, where work that outlives a request is spawned.
     main: tokio::runtime::Handle,
 }
@@ -255,10 +335,29 @@ async fn serve_here(shared: Arc<Shared>, listener: Option<TcpListener>, drain_ti
     shared.finished.cancel();
 }
 
+/// Serves one connection until it ends; at `stop` it finishes its
+/// in-flight requests, at `close_all` it is cut off.
+macro_rules! until_stopped {
+    ($conn:expr, $stop:expr, $close_all:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = $stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = $close_all.cancelled() => {}
+                }
+            }
+        }
+    }};
+}
+
 /// One thread's share: accepts until the stop, then answers newcomers with
 /// 503 until the drain is over; closes its descriptor of the listener.
-async fn accept_loop(listener: TcpListener, shared: &Shared) {
-    let Shared { surface, slots, open, late, stop, drained, close_all, http1, .. } = shared;
+async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
+    let Shared { surface, slots, open, late, stop, drained, close_all, http1, .. } = &**shared;
     loop {
         let Some((stream, peer, permit)) = (tokio::select! {
             accepted = accept(&listener, slots) => accepted,
@@ -266,34 +365,51 @@ async fn accept_loop(listener: TcpListener, shared: &Shared) {
         }) else {
             continue;
         };
-        let conn = http1.serve_connection(TokioIo::new(stream), service(surface, peer, false)).with_upgrades();
         let (stop, close_all) = (stop.clone(), close_all.clone());
-        open.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = close_all.cancelled() => {}
-                    }
-                }
+        match &surface.https {
+            None => {
+                let conn = http1.serve_connection(TokioIo::new(stream), service(surface, peer, false, None)).with_upgrades();
+                open.spawn(async move {
+                    until_stopped!(conn, stop, close_all);
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            Some(https) => {
+                let (shared, https) = (shared.clone(), https.clone());
+                open.spawn(async move {
+                    if let Some(tls) = handshake(&https, stream, peer, shared.handshake_timeout, &close_all).await {
+                        serve_tls(&shared, tls, peer, &stop, &close_all).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
 
     let mut http1_closing = http1.clone();
     http1_closing.keep_alive(false);
+    let mut tls_http_closing = shared.tls_http.clone();
+    tls_http_closing.http1().keep_alive(false);
     let answer_late = async {
         loop {
             let Some((stream, peer, permit)) = accept(&listener, slots).await else { continue };
-            let conn = http1_closing.serve_connection(TokioIo::new(stream), service(surface, peer, true));
-            let close_all = close_all.clone();
+            let (shared, close_all) = (shared.clone(), close_all.clone());
+            let (http1_closing, tls_http_closing) = (http1_closing.clone(), tls_http_closing.clone());
             late.spawn(async move {
+                let answered = async {
+                    match &shared.surface.https {
+                        None => {
+                            let _ = http1_closing.serve_connection(TokioIo::new(stream), service(&shared.surface, peer, true, None)).await;
+                        }
+                        Some(https) => {
+                            if let Some(tls) = handshake(https, stream, peer, shared.handshake_timeout, &close_all).await {
+                                let _ = tls_http_closing.serve_connection(TokioIo::new(tls), service(&shared.surface, peer, true, None)).await;
+                            }
+                        }
+                    }
+                };
                 tokio::select! {
-                    _ = conn => {}
+                    _ = answered => {}
                     _ = close_all.cancelled() => {}
                 }
                 drop(permit);
@@ -303,6 +419,171 @@ async fn accept_loop(listener: TcpListener, shared: &Shared) {
     tokio::select! {
         _ = answer_late => unreachable!("answering during the drain only ends with the drain"),
         _ = drained.cancelled() => {}
+    }
+}
+
+/// Serves one TLS connection (HTTP/2 or HTTP/1.1) like [`until_stopped`],
+/// and also ends it once it is idle: no request in flight (its response
+/// body included, so a quiet event stream counts as busy) and no byte
+/// moved either way for `OMNI_HEADER_TIMEOUT_S`. HTTP/2 has no idle limit
+/// of its own, and an idle connection would hold one of
+/// `OMNI_MAX_CONNECTIONS` for ever. The end is graceful (HTTP/2's GOAWAY
+/// and PING); a client that does not even answer that for another idle
+/// period (a dead peer) is cut off.
+async fn serve_tls(shared: &Shared, tls: tokio_rustls::server::TlsStream<TcpStream>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
+    let idle_limit = shared.handshake_timeout;
+    let io = Watched { io: tls, started: std::time::Instant::now(), last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
+    let (started, last_ms) = (io.started, io.last_ms.clone());
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let idle = || {
+        in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && started.elapsed().saturating_sub(Duration::from_millis(last_ms.load(std::sync::atomic::Ordering::Relaxed))) >= idle_limit
+    };
+    let conn = shared.tls_http.serve_connection_with_upgrades(TokioIo::new(io), service(&shared.surface, peer, false, Some(in_flight.clone())));
+    tokio::pin!(conn);
+    let mut check = tokio::time::interval((idle_limit / 4).max(Duration::from_millis(100)));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = close_all.cancelled() => {}
+                }
+                return;
+            }
+            _ = check.tick() => if idle() {
+                break;
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = close_all.cancelled() => return,
+            _ = check.tick() => if idle() {
+                tracing::debug!("closing the idle connection of {peer}: it did not answer the graceful end");
+                return;
+            }
+        }
+    }
+}
+
+/// One request of a connection in flight, until its response body is
+/// done or dropped (for [`serve_tls`]'s idle limit).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until dropped.
+struct Counted {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection's stream that notes when a byte last moved either way.
+struct Watched<T> {
+    io: T,
+    started: std::time::Instant,
+    /// Milliseconds from `started` to the last byte read or written.
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Watched<T> {
+    fn touch(&self) {
+        self.last_ms.store(self.started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The TLS handshake of a new client, within `timeout`; `None` (logged at
+/// debug: scanners and clients that distrust the certificate do this all
+/// day) when it fails, times out, or the gateway is closing.
+async fn handshake(https: &Https, stream: TcpStream, peer: SocketAddr, timeout: Duration, close_all: &CancellationToken) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    tokio::select! {
+        done = tokio::time::timeout(timeout, https.acceptor.accept(stream)) => match done {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => {
+                tracing::debug!("TLS handshake with {peer} failed: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake with {peer} did not finish within {} s", timeout.as_secs());
+                None
+            }
+        },
+        _ = close_all.cancelled() => None,
     }
 }
 
@@ -326,13 +607,46 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpSt
 }
 
 /// The request handler of one connection; `draining` for those accepted after a stop began.
-fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
+fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone {
     let surface = surface.clone();
-    let peer = Arc::new(crate::serve::proxy::Peer::new(peer));
-    hyper::service::service_fn(move |req| {
+    let mut peer = crate::serve::proxy::Peer::new(peer);
+    peer.https = surface.https.is_some();
+    let peer = Arc::new(peer);
+    hyper::service::service_fn(move |req: Request<Incoming>| {
         let (surface, peer) = (surface.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(route(&surface, &peer, req, draining).await) }
+        let counted = in_flight.clone().map(InFlight::enter);
+        async move {
+            let Some(https) = &surface.https else {
+                return Ok::<_, Infallible>(route(&surface, &peer, req, draining).await);
+            };
+            let hsts = https.hsts_for(request_host(&req));
+            let mut resp = route(&surface, &peer, over_h2(req), draining).await;
+            if let Some(hsts) = hsts {
+                resp.headers_mut().insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts);
+            }
+            Ok(match counted {
+                Some(in_flight) => resp.map(|body| Counted { body, _in_flight: in_flight }.boxed()),
+                None => resp,
+            })
+        }
     })
+}
+
+/// The host a request names: its `Host` header (HTTP/1.1), else the
+/// authority of its target (HTTP/2's `:authority`).
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
+/// An HTTP/2 request body of unknown length (no `content-length`, more
+/// DATA frames to come) is what HTTP/1.1 calls chunked: say so, so the
+/// proxy streams it to the worker instead of taking it for no body.
+fn over_h2(mut req: Request<Incoming>) -> Request<Incoming> {
+    use hyper::body::Body as _;
+    if req.version() == hyper::Version::HTTP_2 && !req.headers().contains_key(hyper::header::CONTENT_LENGTH) && !req.body().is_end_stream() {
+        req.headers_mut().insert(hyper::header::TRANSFER_ENCODING, hyper::header::HeaderValue::from_static("chunked"));
+    }
+    req
 }
 
 /// Gateway-owned paths are answered here; everything else goes to the worker.
@@ -344,6 +658,7 @@ async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, req: Re
         "/health" if is_read => health(surface).await,
         "/gateway/status" if is_read => {
             let mut doc = surface.board.to_json();
+            doc["tls"] = surface.https.as_ref().map_or_else(|| serde_json::json!({ "enabled": false }), |h| h.status_json());
             if let Some(db) = &surface.database {
                 // As in `health`: the check's connection lives on the main runtime.
                 let checking = db.clone();
@@ -355,7 +670,10 @@ async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, req: Re
         }
         "/metrics" if is_read => Response::builder()
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(full(surface.proxy.metrics.render(&surface.board)))
+            .body(full(match &surface.https {
+                None => surface.proxy.metrics.render(&surface.board),
+                Some(https) => surface.proxy.metrics.render(&surface.board) + &https.metrics(),
+            }))
             .expect("static response parts are valid"),
         "/gateway/logs" if is_read => crate::serve::observe::logs(surface, req, client).await,
         "/gateway/logs/stream" if is_read => crate::serve::observe::logs_stream(surface, req, client).await,

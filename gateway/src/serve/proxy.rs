@@ -125,12 +125,15 @@ pub struct Peer {
     ip: HeaderValue,
     /// Its canonical form: [`CLIENT_ADDR`] when no trusted proxy speaks for it.
     canonical: HeaderValue,
+    /// The connection is TLS the gateway terminated (`OMNI_TLS_CERT`):
+    /// `X-Forwarded-Proto: https`, whatever the headers say.
+    pub https: bool,
 }
 
 impl Peer {
     pub fn new(addr: SocketAddr) -> Peer {
         let value = |ip: IpAddr| HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value");
-        Peer { addr, ip: value(addr.ip()), canonical: value(addr.ip().to_canonical()) }
+        Peer { addr, ip: value(addr.ip()), canonical: value(addr.ip().to_canonical()), https: false }
     }
 }
 
@@ -228,7 +231,7 @@ fn upstream_headers(req: &mut hyper::http::request::Parts, upgrade: bool, peer: 
     } else {
         HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
     };
-    let proto = client_proto(&req.headers, peer.addr.ip(), trusted);
+    let proto = if peer.https { "https" } else { client_proto(&req.headers, peer.addr.ip(), trusted) };
     let upgrade = if upgrade { req.headers.get(header::UPGRADE).cloned() } else { None };
     let host = req.headers.get(header::HOST).cloned().or_else(|| req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     // For logs only: what came in, with the peer appended. The worker's
@@ -248,7 +251,7 @@ fn upstream_headers(req: &mut hyper::http::request::Parts, upgrade: bool, peer: 
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     headers.insert(CLIENT_ADDR, client);
-    // The gateway itself speaks plain HTTP. Behind a TLS-terminating proxy
+    // HTTPS the gateway terminated says `https`. Behind a TLS-terminating proxy
     // listed in OMNI_TRUSTED_PROXIES, its `https` is kept, so the worker
     // marks its session cookie `Secure`; anything else becomes `http`.
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));

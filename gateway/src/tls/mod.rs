@@ -17,6 +17,8 @@
 //!   a new pair that fails the checks is logged and the old one stays.
 //! * ALPN offers `h2` then `http/1.1`.
 
+pub mod settings;
+
 use std::{
     path::{Path, PathBuf},
     sync::{mpsc, Arc, RwLock},
