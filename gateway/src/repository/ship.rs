@@ -214,16 +214,15 @@ impl Shipper {
     /// a failed round tells it why.
     async fn ping_after(&self, which: Loop, failed: Option<String>) {
         let Some(beat) = &self.heartbeat else { return };
-        match failed {
-            Some(reason) => {
-                beat.failed(&reason).await;
+        if let Some(reason) = failed {
+            beat.failed(&reason).await;
+        } else {
+            // Healthy means both loops: a failing backups loop is not
+            // answered by a WAL round's "alive".
+            let healthy = which == Loop::Wal && self.state().failing.iter().all(Option::is_none);
+            if healthy && self.confirmed_since_ping.load(Ordering::Relaxed) && beat.keepalive().await {
+                self.confirmed_since_ping.store(false, Ordering::Relaxed);
             }
-            None if which == Loop::Wal && self.confirmed_since_ping.load(Ordering::Relaxed) => {
-                if beat.keepalive().await {
-                    self.confirmed_since_ping.store(false, Ordering::Relaxed);
-                }
-            }
-            None => {}
         }
         self.view.lock().unwrap_or_else(|e| e.into_inner()).heartbeat = beat.last().and_then(|l| serde_json::to_value(l).ok());
     }
