@@ -441,10 +441,10 @@ impl Repository {
         }
         let sha = sha256_file(local).map_err(local_error)?;
         if let Some(there) = self.head(path).await? {
-            let same = there == size && {
+            let same = {
                 let (stored, head) = self.sha256_of(path, there).await?;
                 // An encrypted retry: see the module's text.
-                stored == sha || same_sealing(&head, there, &file_head(local).map_err(local_error)?, size)
+                (there == size && stored == sha) || same_sealing(&head, there, &file_head(local).map_err(local_error)?, size)
             };
             return if same {
                 Ok((Put::AlreadyThere, size, sha))
@@ -637,11 +637,12 @@ impl Repository {
                 (Bytes::from(sealed.0), sealed.1)
             }
         };
-        let (size, mut sha256) = (bytes.len() as u64, sha256_hex(&bytes));
+        let (mut size, mut sha256) = (bytes.len() as u64, sha256_hex(&bytes));
         let put = self.put_once(path, bytes).await?;
         if put == Put::AlreadyThere && !recipients.is_empty() {
             // The earlier upload's ciphertext is what the manifest must name.
-            sha256 = sha256_hex(&self.get(path).await?);
+            let there = self.get(path).await?;
+            (size, sha256) = (there.len() as u64, sha256_hex(&there));
         }
         Ok(Stored { put, size, sha256, recipients })
     }
@@ -654,6 +655,19 @@ impl Repository {
             let (put, size, sha256) = self.put_file_once(path, local).await?;
             return Ok(Stored { put, size, sha256, recipients: Vec::new() });
         };
+        let local_size = std::fs::metadata(local).map_err(|source| RepositoryError::Local { path: local.display().to_string(), source })?.len();
+        if local_size <= SINGLE_PUT_MAX {
+            let plain = std::fs::read(local).map_err(|source| RepositoryError::Local { path: local.display().to_string(), source })?;
+            return self.put_object(path, Bytes::from(plain)).await;
+        }
+        // A big file with no object there yet: sealed while it is uploaded.
+        if self.head(path).await?.is_none() {
+            let recipients = sealer.recipients();
+            let (size, sha256) = self.put_sealed_stream(path, local, sealer).await?;
+            return Ok(Stored { put: Put::Created, size, sha256, recipients });
+        }
+        // An object is there (an earlier upload whose answer was lost?):
+        // sealed whole first, then compared as put_file_once compares.
         let scratch = self.crypt.as_ref().and_then(|c| c.scratch.clone()).unwrap_or_else(std::env::temp_dir);
         let local_error = |source| RepositoryError::Local { path: scratch.display().to_string(), source };
         std::fs::create_dir_all(&scratch).map_err(local_error)?;
@@ -673,11 +687,91 @@ impl Repository {
         }
         let result = self.put_file_once(path, &sealed).await;
         let _ = std::fs::remove_file(&sealed);
-        let (put, size, mut sha256) = result?;
+        let (put, mut size, mut sha256) = result?;
         if put == Put::AlreadyThere {
+            // The earlier upload's ciphertext (its header may differ in length) is what is stored.
+            size = self.head(path).await?.unwrap_or(size);
             sha256 = self.sha256_of(path, size).await?.0;
         }
         Ok(Stored { put, size, sha256, recipients })
+    }
+
+    /// `local` sealed and uploaded in parts at the same time (a thread
+    /// seals into parts of [`PART_BYTES`], the upload sends them as they
+    /// come): the upload of a big file costs little more than without
+    /// encryption. Any error, sealing or sending, aborts the upload: nothing
+    /// half-written, nothing plain. Returns the stored size and SHA-256.
+    async fn put_sealed_stream(&self, path: &str, local: &Path, sealer: crypt::Sealer) -> Result<(u64, String), RepositoryError> {
+        struct Parts {
+            tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+            buf: Vec<u8>,
+            hasher: Sha256,
+            size: u64,
+        }
+        impl Parts {
+            fn send(&mut self) -> std::io::Result<()> {
+                let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_BYTES));
+                self.tx.blocking_send(part).map_err(|_| std::io::Error::other("the upload stopped"))
+            }
+        }
+        impl std::io::Write for Parts {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                let n = data.len().min(PART_BYTES - self.buf.len());
+                self.buf.extend_from_slice(&data[..n]);
+                self.hasher.update(&data[..n]);
+                self.size += n as u64;
+                if self.buf.len() == PART_BYTES {
+                    self.send()?;
+                }
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let src = local.to_path_buf();
+        let sealing = tokio::task::spawn_blocking(move || -> Result<(u64, String), CryptError> {
+            let io = |source| CryptError::Io { what: src.display().to_string(), source };
+            let mut input = std::fs::File::open(&src).map_err(io)?;
+            let parts = Parts { tx, buf: Vec::with_capacity(PART_BYTES), hasher: Sha256::new(), size: 0 };
+            let mut w = sealer.wrap(parts).map_err(io)?;
+            std::io::copy(&mut input, &mut w).map_err(io)?;
+            let mut parts = w.finish().map_err(io)?;
+            if !parts.buf.is_empty() {
+                parts.send().map_err(io)?;
+            }
+            Ok((parts.size, hex(&parts.hasher.finalize())))
+        });
+        let mut upload = match self.store.put_multipart(&self.full(path)).await {
+            Ok(u) => u,
+            Err(e) => {
+                drop(rx);
+                let _ = sealing.await;
+                return Err(self.store_error("starting the upload of", path, e));
+            }
+        };
+        let sent = async {
+            while let Some(part) = rx.recv().await {
+                upload.put_part(PutPayload::from(part)).await.map_err(|e| self.store_error("uploading a part of", path, e))?;
+            }
+            Ok::<(), RepositoryError>(())
+        }
+        .await;
+        drop(rx);
+        let sealed = sealing.await.map_err(|e| RepositoryError::Local { path: local.display().to_string(), source: std::io::Error::other(e) });
+        let outcome = match (sent, sealed) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(Err(e))) => Err(e.into()),
+            (Ok(()), Ok(Ok(done))) => match upload.complete().await {
+                Ok(_) => return Ok(done),
+                Err(e) => Err(self.store_error("completing the upload of", path, e)),
+            },
+        };
+        // What was sent is not an object: it is dropped, not half-kept.
+        let _ = upload.abort().await;
+        outcome
     }
 
     /// The content of the object at `path`: decrypted when it is an age
@@ -912,12 +1006,23 @@ mod tests {
         // Other content of another size is still a conflict.
         assert!(matches!(server.put_object("g/wal/x.lz4", Bytes::from(vec![1u8; 10])).await, Err(RepositoryError::Conflict { .. })));
 
-        // A file, sealed through the outbox, which is left empty.
+        // A small file (sealed in memory) and one past SINGLE_PUT_MAX (sealed
+        // while its parts are uploaded); a retry of the big one goes through
+        // the outbox, which is left empty.
         let local = root.join("base.tar.lz4");
         std::fs::write(&local, vec![3u8; 300_000]).unwrap();
         let file = server.put_file("g/base/1/base.tar.lz4", &local).await.unwrap();
         assert!(crypt::is_sealed(&server.get("g/base/1/base.tar.lz4").await.unwrap()));
-        assert_eq!(std::fs::read_dir(root.join("outbox")).unwrap().count(), 0);
+        let big_plain: Vec<u8> = (0..SINGLE_PUT_MAX as usize + 3_000_000).map(|i| (i % 251) as u8).collect();
+        let big = root.join("big.tar.lz4");
+        std::fs::write(&big, &big_plain).unwrap();
+        let first = server.put_file("g/base/1/big.tar.lz4", &big).await.unwrap();
+        assert_eq!(first.put, Put::Created);
+        let stored = server.get("g/base/1/big.tar.lz4").await.unwrap();
+        assert!(crypt::is_sealed(&stored) && sha256_hex(&stored) == first.sha256 && stored.len() as u64 == first.size);
+        let again = server.put_file("g/base/1/big.tar.lz4", &big).await.unwrap();
+        assert_eq!((again.put, again.sha256), (Put::AlreadyThere, first.sha256.clone()));
+        assert_eq!(std::fs::read_dir(root.join("outbox")).map_or(0, |d| d.count()), 0);
 
         // The server cannot read what it wrote, except through its plain copy.
         let err = server.get_plain("g/wal/x.lz4").await.unwrap_err().to_string();
@@ -935,6 +1040,9 @@ mod tests {
         let down = root.join("down");
         assert_eq!(restore.get_to_file_verified("g/base/1/base.tar.lz4", &down, &file.sha256).await.unwrap(), 300_000);
         assert_eq!(std::fs::read(&down).unwrap(), vec![3u8; 300_000]);
+        let down = root.join("down-big");
+        assert_eq!(restore.get_to_file_verified("g/base/1/big.tar.lz4", &down, &first.sha256).await.unwrap(), big_plain.len() as u64);
+        assert!(std::fs::read(&down).unwrap() == big_plain);
 
         // Fail closed: the recipients file unreadable stops the write, nothing plain goes.
         std::fs::remove_file(&recipients).unwrap();
