@@ -35,6 +35,15 @@
 //! the streamer and PostgreSQL stop it keeps shipping, and once they are
 //! down one last WAL round ships the streamer's last bytes.
 //!
+//! With `OMNI_ENCRYPT_*` every object is sealed by the store layer
+//! (`store::Repository::put_object`, `put_file`; see `crypt.rs`); the
+//! manifests and `.history` files it uploads are also kept plain in
+//! `OMNI_WAL_DIR/repository-plain/`, for retention and the window to read.
+//! `OMNI_BACKUP_HEARTBEAT_URL` (`heartbeat.rs`) hears of each base and
+//! logical backup confirmed, of WAL rounds that succeeded with a write
+//! confirmed since the last success ping (at most once per interval), and
+//! of each failed round (`/fail`, once per interval while it fails).
+//!
 //! Pitr's retention asks [`Shipper::confirms`] (through
 //! `pitr::archive::set_deletion_check`) before it deletes a segment or a
 //! base backup: nothing local goes before its upload is confirmed.

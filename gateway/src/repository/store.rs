@@ -648,8 +648,9 @@ impl Repository {
     }
 
     /// Uploads the file `local` to `path` once ([`Repository::put_file_once`]),
-    /// encrypted when encryption is on: sealed first, streamed, into the
-    /// scratch directory, then uploaded from there and removed.
+    /// encrypted when encryption is on: a small file sealed in memory, a
+    /// big one sealed while its parts are uploaded; over an object already
+    /// there, sealed whole into the scratch directory first to be compared.
     pub async fn put_file(&self, path: &str, local: &Path) -> Result<Stored, RepositoryError> {
         let Some(sealer) = self.sealer()? else {
             let (put, size, sha256) = self.put_file_once(path, local).await?;
