@@ -513,8 +513,9 @@ fn start_repository(config: &Config, running: &mut Running) -> Result<()> {
     for secret in crate::repository::store::secrets() {
         crate::serve::logring::installed().add_secret(&secret);
     }
-    let repo = crate::repository::store::Repository::open_location(location)?;
     let cluster = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled);
+    crate::repository::ship::set_crypt(&settings, cluster.as_ref().map(|_| config.wal.dir.as_path()));
+    let repo = crate::repository::store::Repository::open_location(location)?;
     let wal_dir = cluster.as_ref().map(|_| config.wal.dir.clone());
     let pg = cluster.as_ref().map(|c| c.pg_config(cluster::APP_DATABASE));
     let shipper = crate::repository::ship::Shipper::new(repo, settings, wal_dir, config.backup_dir.clone(), pg);

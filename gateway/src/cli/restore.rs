@@ -36,6 +36,11 @@ pub struct RestoreArgs {
     /// the environment: AWS_*, GOOGLE_*, AZURE_*) into OMNI_WAL_DIR first
     #[arg(long, value_name = "URL", requires = "to", conflicts_with_all = ["window", "discard_previous"])]
     pub from: Option<String>,
+    /// With --from: the age identity file (`age-keygen`'s key.txt, or the
+    /// passphrase file) that decrypts an encrypted repository; default
+    /// OMNI_DECRYPT_IDENTITY_FILE
+    #[arg(long, value_name = "FILE", requires = "from")]
+    pub identity: Option<std::path::PathBuf>,
 }
 
 pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
@@ -77,6 +82,9 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let target = args.to.expect("clap requires --to here");
+    if args.from.is_some() {
+        crate::repository::fetch::set_keys(config, args.identity.as_deref())?;
+    }
     restore_to(config, embedded, target, args.timeline, args.from.as_deref()).await
 }
 

@@ -95,6 +95,12 @@ pub const VARS: &[Var] = &[
     // Restore from the off-site repository (repository/fetch.rs, cli/restore.rs).
     Var { name: "OMNI_RESTORE_IF_EMPTY", default: "false", help: "true: a start that finds an empty or missing data directory and base backups in OMNI_REPOSITORY_URL restores latest from there instead of creating an empty cluster (never when the data directory holds anything)" },
     // HTTPS at the gateway (tls/).
+    Var { name: "OMNI_ENCRYPT_RECIPIENTS", default: "", help: "age X25519 public keys (age1..., from age-keygen), comma-separated: every object that leaves the machine is encrypted to them; set at most one of the three OMNI_ENCRYPT_* variables (README \"Encrypted off-site backups\")" },
+    Var { name: "OMNI_ENCRYPT_RECIPIENTS_FILE", default: "", help: "a file of age public keys, one a line (# comments); read again for each object, so a rotated key applies to new objects" },
+    Var { name: "OMNI_ENCRYPT_PASSPHRASE_FILE", default: "", help: "a file whose first line is a long random passphrase (age scrypt), for the simple case" },
+    Var { name: "OMNI_DECRYPT_IDENTITY_FILE", default: "", help: "the private key (age-keygen's key.txt, or the passphrase file) restores decrypt with; restore --identity FILE overrides it" },
+    Var { name: "OMNI_BACKUP_HEARTBEAT_URL", default: "", help: "a monitor's URL (healthchecks.io, Uptime Kuma push): requested after each confirmed base or logical backup upload and while WAL uploads are healthy; <url>/fail with the reason when uploads fail" },
+    Var { name: "OMNI_BACKUP_HEARTBEAT_INTERVAL", default: "1h", help: "at least this often while WAL uploads are healthy" },
     Var { name: "OMNI_TLS_CERT", default: "", help: "PEM certificate file, chain included: with OMNI_TLS_KEY, OMNI_PORT speaks HTTPS (HTTP/2 and HTTP/1.1); replaced files are served to new connections without a restart; empty = plain HTTP" },
     Var { name: "OMNI_TLS_KEY", default: "", help: "PEM private key of OMNI_TLS_CERT; must not be readable by every account (chmod 600)" },
     Var { name: "OMNI_HTTP_PORT", default: "", help: "with HTTPS on: the plain-HTTP port that redirects every request to https (308); default 80 (needs root or CAP_NET_BIND_SERVICE); off = none" },

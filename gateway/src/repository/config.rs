@@ -2,11 +2,20 @@
 //! from the configuration's layers (the configuration itself knows nothing
 //! of it). A bad value stops the start (exit 2) naming the variable, and
 //! `doctor` shows the same message.
+//!
+//! Encryption (`OMNI_ENCRYPT_RECIPIENTS`, `OMNI_ENCRYPT_RECIPIENTS_FILE`,
+//! `OMNI_ENCRYPT_PASSPHRASE_FILE`), the restore's key
+//! (`OMNI_DECRYPT_IDENTITY_FILE`) and the heartbeat
+//! (`OMNI_BACKUP_HEARTBEAT_URL`, `OMNI_BACKUP_HEARTBEAT_INTERVAL`) are read
+//! here too, from the environment, then `.env`, then the settings file
+//! ([`setting`]); a relative path is taken from the working directory.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::store::{Location, URL_VAR};
-use crate::config::{Config, ConfigError};
+use super::crypt::{EncryptSettings, Encryption};
+use crate::config::{Config, ConfigError, Origin};
 
 /// `OMNI_REPOSITORY_*`, parsed.
 #[derive(Debug, Clone)]
@@ -22,6 +31,62 @@ pub struct RepositoryConfig {
     pub window: Duration,
     /// `OMNI_REPOSITORY_DELETE`: false deletes nothing there, ever.
     pub delete: bool,
+    /// `OMNI_ENCRYPT_*`: what every object is encrypted to (`Off`: plain).
+    pub encryption: Encryption,
+    /// `OMNI_DECRYPT_IDENTITY_FILE`: the private key restores decrypt with.
+    pub identity_file: Option<PathBuf>,
+    /// `OMNI_BACKUP_HEARTBEAT_URL` (its secret part is never shown).
+    pub heartbeat_url: Option<String>,
+    /// `OMNI_BACKUP_HEARTBEAT_INTERVAL` (default 1h).
+    pub heartbeat_interval: Duration,
+}
+
+/// A setting of the repository's own, from the configuration's layers
+/// (`--set`, the environment, `.env`, the settings file, then its default in
+/// `config::VARS`); `None` when empty.
+pub fn setting(config: &Config, var: &'static str) -> Option<(String, Origin)> {
+    let (value, origin) = config.layers.lookup(var);
+    (!value.trim().is_empty()).then(|| (value.trim().to_string(), origin))
+}
+
+fn invalid(config: &Config, var: &'static str, problem: impl Into<String>) -> ConfigError {
+    let (value, origin) = setting(config, var).unwrap_or((String::new(), Origin::Default));
+    ConfigError::Invalid { var, value, origin, problem: problem.into() }
+}
+
+fn path_setting(config: &Config, var: &'static str) -> Option<PathBuf> {
+    setting(config, var).map(|(v, _)| config.cwd.join(v))
+}
+
+/// The encryption settings alone (also for `restore`, which needs no repository settings).
+pub fn encryption(config: &Config) -> Result<Encryption, ConfigError> {
+    let settings = EncryptSettings {
+        recipients: setting(config, "OMNI_ENCRYPT_RECIPIENTS").map(|(v, _)| v),
+        recipients_file: path_setting(config, "OMNI_ENCRYPT_RECIPIENTS_FILE"),
+        passphrase_file: path_setting(config, "OMNI_ENCRYPT_PASSPHRASE_FILE"),
+    };
+    Encryption::from_settings(&settings).map_err(|e| {
+        let text = e.to_string();
+        let var = ["OMNI_ENCRYPT_RECIPIENTS_FILE", "OMNI_ENCRYPT_PASSPHRASE_FILE", "OMNI_ENCRYPT_RECIPIENTS"].into_iter().find(|v| text.contains(v)).unwrap_or("OMNI_ENCRYPT_RECIPIENTS");
+        invalid(config, var, text)
+    })
+}
+
+/// `OMNI_DECRYPT_IDENTITY_FILE`, when set.
+pub fn identity_file(config: &Config) -> Option<PathBuf> {
+    path_setting(config, "OMNI_DECRYPT_IDENTITY_FILE")
+}
+
+/// Whether `location` is a public cloud's store: s3://, gs:// or az://
+/// without an endpoint of its own (`AWS_ENDPOINT_URL`, an emulator).
+pub fn is_public_cloud(location: &Location) -> bool {
+    let set = |v: &str| std::env::var(v).is_ok_and(|x| !x.trim().is_empty());
+    match location.scheme {
+        super::store::Scheme::S3 => !set("AWS_ENDPOINT_URL") && !set("AWS_ENDPOINT"),
+        super::store::Scheme::Gcs => !set("GOOGLE_BASE_URL") && !set("STORAGE_EMULATOR_HOST"),
+        super::store::Scheme::Azure => !std::env::var("AZURE_STORAGE_USE_EMULATOR").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) && !set("AZURE_STORAGE_ENDPOINT") && !set("AZURITE_BLOB_STORAGE_URL"),
+        super::store::Scheme::File => false,
+    }
 }
 
 impl RepositoryConfig {
@@ -50,7 +115,31 @@ impl RepositoryConfig {
         if let Some(l) = location.as_ref().filter(|l| l.scheme != super::store::Scheme::File) {
             super::store::Repository::open_location(l.clone()).map_err(|e| p.invalid(URL_VAR, e.to_string().trim_start_matches(&format!("{URL_VAR}: ")).to_string()))?;
         }
-        Ok(RepositoryConfig { location, wal_interval, queue_max_bytes: queue_max_mb * 1024 * 1024, window, delete })
+        let encryption = encryption(config)?;
+        let heartbeat_interval = match setting(config, "OMNI_BACKUP_HEARTBEAT_INTERVAL") {
+            None => Duration::from_secs(3600),
+            Some((v, _)) => omni_contract::interval::parse(&v)
+                .filter(|d| *d >= Duration::from_secs(1))
+                .ok_or_else(|| invalid(config, "OMNI_BACKUP_HEARTBEAT_INTERVAL", "expected a duration of at least 1s, such as 1h, 30m or 10s"))?,
+        };
+        let heartbeat_url = setting(config, "OMNI_BACKUP_HEARTBEAT_URL").map(|(v, _)| v);
+        if let Some(url) = &heartbeat_url {
+            super::heartbeat::Heartbeat::new(url, heartbeat_interval).map_err(|problem| {
+                // The value holds the monitor's secret: it is not repeated.
+                ConfigError::Invalid { var: "OMNI_BACKUP_HEARTBEAT_URL", value: super::heartbeat::shown(url), origin: Origin::Environment, problem }
+            })?;
+        }
+        Ok(RepositoryConfig {
+            location,
+            wal_interval,
+            queue_max_bytes: queue_max_mb * 1024 * 1024,
+            window,
+            delete,
+            encryption,
+            identity_file: identity_file(config),
+            heartbeat_url,
+            heartbeat_interval,
+        })
     }
 }
 

@@ -92,8 +92,9 @@ pub struct EncryptSettings {
 
 /// What is encrypted to, as configured (checked once at start: a bad
 /// setting stops the start naming it).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub enum Encryption {
+    #[default]
     Off,
     Recipients { keys: Vec<String> },
     RecipientsFile { path: PathBuf },
@@ -304,6 +305,17 @@ impl<W: Write> Sealed<W> {
 /// Whether `bytes` (an object's first bytes) are an age file.
 pub fn is_sealed(bytes: &[u8]) -> bool {
     bytes.starts_with(AGE_MAGIC)
+}
+
+/// The length of an age file's header (through its `---` MAC line), from
+/// its first bytes; `None` when they hold no whole header.
+pub fn header_len(bytes: &[u8]) -> Option<usize> {
+    if !is_sealed(bytes) {
+        return None;
+    }
+    let at = bytes.windows(4).position(|w| w == b"\n---")? + 1;
+    let end = bytes[at..].iter().position(|b| *b == b'\n')?;
+    Some(at + end + 1)
 }
 
 /// The public keys an object says it is encrypted to (its `omni-recipient`

@@ -16,6 +16,13 @@
 //!
 //! Files are written under a temporary name and renamed, so a download cut
 //! short leaves nothing that looks complete. Progress goes through `say`.
+//!
+//! An encrypted repository (age, `repository/crypt.rs`) is read with the
+//! identity of `--identity FILE` or `OMNI_DECRYPT_IDENTITY_FILE`
+//! ([`set_keys`]): each object's stored bytes are checked first, then
+//! decrypted. The manifests are read (so decrypted) before anything is
+//! written: a missing or wrong identity stops the restore there, naming the
+//! public keys the repository's objects are encrypted to.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +39,23 @@ use crate::pg::cluster::sibling;
 use crate::pitr::generation::Identity;
 use crate::pitr::restore::{self, Restore, Target};
 use crate::process::privilege;
+
+/// The identity restores decrypt with: `identity` (`restore --identity`),
+/// else `OMNI_DECRYPT_IDENTITY_FILE`; with neither, an encrypted object is
+/// refused naming the keys it needs. A file that cannot be read or holds
+/// no valid key stops here, naming where it came from.
+pub fn set_keys(config: &Config, identity: Option<&Path>) -> Result<()> {
+    let (path, variable) = match identity {
+        Some(p) => (Some(p.to_path_buf()), "--identity"),
+        None => (super::config::identity_file(config), "OMNI_DECRYPT_IDENTITY_FILE"),
+    };
+    let keys = match path {
+        Some(p) => Some(super::crypt::Keys::load(&p, variable)?),
+        None => None,
+    };
+    super::store::set_crypt(super::store::Crypt { keys, ..Default::default() });
+    Ok(())
+}
 
 /// A segment's size when no whole segment tells it (PostgreSQL's default).
 const DEFAULT_SEGMENT_BYTES: usize = 16 * 1024 * 1024;
@@ -132,7 +156,7 @@ pub async fn plan(repo: &Repository, target: Target, major: u32, say: &(dyn Fn(S
             continue;
         }
         for path in &content.manifests {
-            let manifest: BaseManifest = serde_json::from_slice(&repo.get(path).await?).with_context(|| format!("{}: {path} is not a base backup manifest", repo.display()))?;
+            let manifest: BaseManifest = serde_json::from_slice(&repo.get_plain(path).await?).with_context(|| format!("{}: {path} is not a base backup manifest", repo.display()))?;
             let ended = manifest.backup.finished_at;
             oldest = Some(oldest.map_or(ended, |o| o.min(ended)));
             let fits = match target {
@@ -249,7 +273,7 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
     let stream = crate::pitr::archive::stream_dir(wal_dir);
     std::fs::create_dir_all(&stream).with_context(|| format!("creating {}", stream.display()))?;
     for history in &content.histories {
-        let data = repo.get(&layout::wal_history(gen, history)).await?;
+        let data = repo.get_plain(&layout::wal_history(gen, history)).await?;
         write_atomically(&stream.join(history), &data)?;
         objects += 1;
         bytes += data.len() as u64;
@@ -262,7 +286,7 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
     let mut said = std::time::Instant::now();
     for segment in &wanted {
         let local = stream.join(segment.as_str());
-        let stored = repo.get(&layout::wal_segment(gen, segment)).await?;
+        let stored = repo.get_plain(&layout::wal_segment(gen, segment)).await?;
         let data = layout::decode_segment(&stored).with_context(|| format!("{}: the WAL segment {segment} is damaged (its lz4 frame does not check)", repo.display()))?;
         segment_bytes.get_or_insert(data.len());
         write_atomically(&local, &data)?;
@@ -297,12 +321,12 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
                 // A gap: what follows cannot be replayed.
                 break;
             }
-            let bytes_of = match repo.get(&layout::wal_chunk(gen, segment, from, to)).await {
+            let bytes_of = match repo.get_plain(&layout::wal_chunk(gen, segment, from, to)).await {
                 Ok(bytes) => bytes,
                 // The repository is still being written: the segment was
                 // completed after it was listed, and its chunks were
                 // replaced by the whole segment.
-                Err(RepositoryError::NotFound { .. }) => match repo.get(&layout::wal_segment(gen, segment)).await {
+                Err(RepositoryError::NotFound { .. }) => match repo.get_plain(&layout::wal_segment(gen, segment)).await {
                     Ok(stored) => {
                         completed = Some(stored);
                         break;
@@ -571,6 +595,7 @@ pub async fn restore_if_empty(config: &Config) -> Result<bool> {
     if !config.wal.enabled {
         bail!("{RESTORE_IF_EMPTY}=true needs the WAL archive (OMNI_WAL_DIR is off): the restore downloads into it");
     }
+    set_keys(config, None)?;
     let repo = Repository::open_location(location)?;
     if !holds_backups(&repo).await? {
         tracing::info!("{RESTORE_IF_EMPTY}: {} is empty and {} holds no base backup: creating a new cluster", data_dir.display(), repo.display());

@@ -127,11 +127,13 @@ impl Heartbeat {
     }
 
     /// WAL uploads are healthy: a success ping if none was delivered within
-    /// the interval. Returns whether one was sent.
+    /// the interval, or if a failure was reported since the last one.
+    /// Returns whether one was sent.
     pub async fn keepalive(&self) -> bool {
         let due = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.last_ok.is_none_or(|t| t.elapsed() >= self.interval)
+            // After a failure was reported, the recovery is told at once.
+            state.failing_since_ping.is_some() || state.last_ok.is_none_or(|t| t.elapsed() >= self.interval)
         };
         if due {
             self.ok("WAL uploads healthy").await;

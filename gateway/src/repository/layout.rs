@@ -137,6 +137,11 @@ pub struct BaseManifest {
     pub backup: BaseBackup,
     /// Every file of the backup, relative to `base/<id>/`.
     pub files: Vec<ManifestFile>,
+    /// The public keys its files are encrypted to (age; `passphrase` for a
+    /// passphrase); empty when they are not encrypted. The `sha256` of each
+    /// file is of the stored, encrypted bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

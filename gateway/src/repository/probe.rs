@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::store::{Put, Repository, RepositoryError};
+use super::store::{Repository, RepositoryError};
 
 /// One step of the probe.
 #[derive(Debug, Serialize)]
@@ -69,17 +69,18 @@ pub async fn run(repo: &Repository, delete: bool) -> Report {
     };
 
     let started = Instant::now();
-    let wrote = repo.put_once(&object, body.clone()).await;
+    // Encrypted like every object when encryption is on (put_object).
+    let wrote = repo.put_object(&object, body.clone()).await;
     steps.push(step("write", started, wrote.as_ref().err().map(RepositoryError::to_string)));
-    match wrote {
-        Ok(Put::Created) | Ok(Put::AlreadyThere) => {}
+    let stored = match wrote {
+        Ok(stored) => stored,
         Err(e) => return failed(steps, "write", e.to_string()),
-    }
+    };
 
     let started = Instant::now();
     let read = match repo.get(&object).await {
-        Ok(bytes) if bytes == body => Ok(()),
-        Ok(bytes) => Err(format!("read back {} bytes that differ from the {} written", bytes.len(), body.len())),
+        Ok(bytes) if super::store::sha256_hex(&bytes) == stored.sha256 => Ok(()),
+        Ok(bytes) => Err(format!("read back {} bytes that differ from the {} written", bytes.len(), stored.size)),
         Err(e) => Err(e.to_string()),
     };
     steps.push(step("read", started, read.clone().err()));

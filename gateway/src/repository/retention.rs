@@ -8,6 +8,14 @@
 //! so that one cut off halfway is never taken for complete. A base backup
 //! without manifest (being uploaded) is left alone. With
 //! `OMNI_REPOSITORY_DELETE=false` nothing runs.
+//!
+//! Encrypted repositories: the server holds public keys only and cannot
+//! decrypt its own manifests and `.history` files; it reads the plain
+//! copies it kept when it uploaded them (`OMNI_WAL_DIR/repository-plain`,
+//! see `store::Repository::get_plain`). A manifest it cannot read (another
+//! installation's, or its copy lost) is never guessed at: that backup is
+//! kept, and while one is unreadable no WAL is deleted at all (the
+//! unreadable backup may need any of it); the status says how many.
 
 use std::path::Path;
 use std::time::Duration;
@@ -75,24 +83,42 @@ pub fn plan(gen: &str, objects: &[Listed], manifests: &[BaseManifest], histories
 
 /// Applies [`plan`] to generation `gen` of the repository; returns how many
 /// objects went.
-pub async fn apply(repo: &Repository, gen: &str, window: Duration) -> Result<usize, RepositoryError> {
+pub async fn apply(repo: &Repository, gen: &str, window: Duration) -> Result<Planned, RepositoryError> {
     let doomed = planned(repo, gen, window).await?;
-    for path in &doomed {
+    for path in &doomed.delete {
         repo.delete(path).await?;
     }
-    Ok(doomed.len())
+    Ok(doomed)
+}
+
+/// What retention would delete, and what it could not read.
+#[derive(Debug, Default)]
+pub struct Planned {
+    pub delete: Vec<String>,
+    /// Manifests it could not read (encrypted, without a plain copy here):
+    /// their backups and all WAL are kept.
+    pub unreadable: Vec<String>,
 }
 
 /// What [`apply`] would delete in generation `gen`, read from the repository
 /// (listed, manifests and history files read), deleting nothing.
-pub async fn planned(repo: &Repository, gen: &str, window: Duration) -> Result<Vec<String>, RepositoryError> {
+pub async fn planned(repo: &Repository, gen: &str, window: Duration) -> Result<Planned, RepositoryError> {
     let objects = repo.list(&format!("{gen}/")).await?;
     let mut manifests = Vec::new();
     let mut histories = Vec::new();
+    let mut unreadable = Vec::new();
     for o in &objects {
         match layout::parse(&o.path) {
             Some(Object::BaseManifest { .. }) => {
-                let bytes = repo.get(&o.path).await?;
+                let bytes = match repo.get_plain(&o.path).await {
+                    Ok(b) => b,
+                    Err(RepositoryError::Crypt(e)) => {
+                        tracing::info!("off-site retention: {e}; that base backup and all WAL are kept");
+                        unreadable.push(o.path.clone());
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 match serde_json::from_slice::<BaseManifest>(&bytes) {
                     Ok(m) => manifests.push(m),
                     Err(e) => tracing::warn!("off-site retention: {} is not a manifest this gateway reads ({e}); that base backup is kept", o.path),
@@ -100,13 +126,23 @@ pub async fn planned(repo: &Repository, gen: &str, window: Duration) -> Result<V
             }
             Some(Object::History { file, .. }) => {
                 if let Some(t) = archive::name_timeline(&file) {
-                    histories.push((t, String::from_utf8_lossy(&repo.get(&o.path).await?).into_owned()));
+                    match repo.get_plain(&o.path).await {
+                        Ok(text) => histories.push((t, String::from_utf8_lossy(&text).into_owned())),
+                        // A timeline's history unknown: its WAL is not judged.
+                        Err(RepositoryError::Crypt(_)) => unreadable.push(o.path.clone()),
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             _ => {}
         }
     }
-    Ok(plan(gen, &objects, &manifests, &histories, Utc::now(), window))
+    let mut delete = plan(gen, &objects, &manifests, &histories, Utc::now(), window);
+    if !unreadable.is_empty() {
+        // Only whole base backups known to be past the window go; WAL stays.
+        delete.retain(|p| matches!(layout::parse(p), Some(Object::BaseManifest { .. }) | Some(Object::BaseFile { .. })));
+    }
+    Ok(Planned { delete, unreadable })
 }
 
 /// What a restore from the repository alone can reach, read from the
@@ -135,7 +171,15 @@ pub async fn window(repo: &Repository, gen: &str) -> Result<OffsiteWindow, Repos
     manifests.sort_by(|a, b| a.path.cmp(&b.path));
     let mut oldest = None;
     for m in &manifests {
-        match serde_json::from_slice::<BaseManifest>(&repo.get(&m.path).await?) {
+        let bytes = match repo.get_plain(&m.path).await {
+            Ok(b) => b,
+            Err(RepositoryError::Crypt(e)) => {
+                tracing::debug!("off-site window: {e}; the next base backup is the window's start");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match serde_json::from_slice::<BaseManifest>(&bytes) {
             Ok(manifest) => {
                 oldest = Some(manifest.backup);
                 break;
@@ -193,6 +237,7 @@ mod tests {
                 system_identifier: None,
             },
             files: Vec::new(),
+            recipients: Vec::new(),
         }
     }
 

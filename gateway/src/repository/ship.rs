@@ -35,6 +35,15 @@
 //! the streamer and PostgreSQL stop it keeps shipping, and once they are
 //! down one last WAL round ships the streamer's last bytes.
 //!
+//! With `OMNI_ENCRYPT_*` every object is sealed by the store layer
+//! (`store::Repository::put_object`, `put_file`; see `crypt.rs`); the
+//! manifests and `.history` files it uploads are also kept plain in
+//! `OMNI_WAL_DIR/repository-plain/`, for retention and the window to read.
+//! `OMNI_BACKUP_HEARTBEAT_URL` (`heartbeat.rs`) hears of each base and
+//! logical backup confirmed, of WAL rounds that succeeded with a write
+//! confirmed since the last success ping (at most once per interval), and
+//! of each failed round (`/fail`, once per interval while it fails).
+//!
 //! Pitr's retention asks [`Shipper::confirms`] (through
 //! `pitr::archive::set_deletion_check`) before it deletes a segment or a
 //! base backup: nothing local goes before its upload is confirmed.
@@ -51,6 +60,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::RepositoryConfig;
 use super::layout;
+use super::heartbeat::Heartbeat;
 use super::store::{self, Put, Repository, RepositoryError};
 use crate::pitr::{archive, base, generation::Identity};
 use crate::status::repository::{RepositoryState, RepositoryView};
@@ -145,6 +155,11 @@ pub struct Shipper {
     view: Arc<Mutex<RepositoryView>>,
     /// Set by a conflict: no upload until the gateway restarts.
     halted: Arc<AtomicBool>,
+    /// `OMNI_BACKUP_HEARTBEAT_URL`'s pings.
+    heartbeat: Option<Arc<Heartbeat>>,
+    /// A remote write was confirmed since the last success ping: a
+    /// keepalive may say "alive" (never without one).
+    confirmed_since_ping: Arc<AtomicBool>,
 }
 
 impl Shipper {
@@ -153,7 +168,23 @@ impl Shipper {
         let file = wal_dir.as_deref().and_then(load_state).filter(|f| f.url == url);
         let needs_listing = file.is_none();
         let file = file.unwrap_or(StateFile { url: url.clone(), objects: BTreeMap::new() });
-        let view = RepositoryView::new(url, settings.queue_max_bytes, settings.delete, settings.window.as_secs());
+        let mut view = RepositoryView::new(url, settings.queue_max_bytes, settings.delete, settings.window.as_secs());
+        let heartbeat = settings.heartbeat_url.as_deref().and_then(|u| Heartbeat::new(u, settings.heartbeat_interval).ok()).map(Arc::new);
+        view.encryption = match repo.encrypts() {
+            true => repo.sealer_recipients().map_or_else(|e| format!("age (its recipients cannot be read now: {e})"), |r| format!("age, to {}", r.iter().map(|k| super::crypt::short(k)).collect::<Vec<_>>().join(", "))),
+            false => "off".into(),
+        };
+        if !repo.encrypts() && super::config::is_public_cloud(repo.location()) {
+            let warning = format!(
+                "{} is a public cloud's store and nothing is encrypted: the provider, and anyone with the bucket's credentials, can read every backup. Set OMNI_ENCRYPT_RECIPIENTS (age public keys) or OMNI_ENCRYPT_PASSPHRASE_FILE",
+                repo.display()
+            );
+            tracing::warn!("off-site repository: {warning}");
+            view.warnings.push(warning);
+        }
+        if let Some(beat) = &heartbeat {
+            tracing::info!("off-site repository: heartbeat to {beat:?}");
+        }
         Shipper {
             repo,
             settings,
@@ -163,7 +194,46 @@ impl Shipper {
             state: Arc::new(Mutex::new(State { file, needs_listing, ..State::default() })),
             view: Arc::new(Mutex::new(view)),
             halted: Arc::default(),
+            heartbeat,
+            confirmed_since_ping: Arc::default(),
         }
+    }
+
+    /// Keeps the plain text of an encrypted manifest or `.history` file
+    /// beside `repository.json`: the server cannot decrypt its own objects,
+    /// and retention and the window read these back. A copy that cannot be
+    /// written only costs that: retention keeps what it cannot read.
+    fn keep_plain_copy(&self, name: &str, plain: &[u8]) {
+        if let Err(e) = self.repo.keep_plain_copy(name, plain) {
+            tracing::warn!("off-site repository: could not keep the plain copy of {name} ({e}); retention keeps what it cannot read");
+        }
+    }
+
+    /// A confirmed remote write the monitor is told of.
+    async fn ping_ok(&self, event: String) {
+        if let Some(beat) = &self.heartbeat {
+            beat.ok(&event).await;
+            self.confirmed_since_ping.store(false, Ordering::Relaxed);
+            self.view.lock().unwrap_or_else(|e| e.into_inner()).heartbeat = beat.last().and_then(|l| serde_json::to_value(l).ok());
+        }
+    }
+
+    /// After a round: WAL uploads healthy (with a write confirmed since the
+    /// last success ping) keep the monitor told at least once per interval;
+    /// a failed round tells it why.
+    async fn ping_after(&self, which: Loop, failed: Option<String>) {
+        let Some(beat) = &self.heartbeat else { return };
+        if let Some(reason) = failed {
+            beat.failed(&reason).await;
+        } else {
+            // Healthy means both loops: a failing backups loop is not
+            // answered by a WAL round's "alive".
+            let healthy = which == Loop::Wal && self.state().failing.iter().all(Option::is_none);
+            if healthy && self.confirmed_since_ping.load(Ordering::Relaxed) && beat.keepalive().await {
+                self.confirmed_since_ping.store(false, Ordering::Relaxed);
+            }
+        }
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).heartbeat = beat.last().and_then(|l| serde_json::to_value(l).ok());
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -175,6 +245,7 @@ impl Shipper {
     }
 
     fn confirm(&self, name: &str, size: u64, sha256: String, put: Put) {
+        self.confirmed_since_ping.store(true, Ordering::Relaxed);
         {
             let mut state = self.state();
             state.file.objects.insert(name.to_string(), Confirmed { size, sha256 });
@@ -248,7 +319,12 @@ impl Shipper {
                 outcome = round => outcome,
                 () = hurry.cancelled() => return,
             };
+            let failed = match &outcome {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => None,
+            };
             delay = self.after_round(which, outcome, every);
+            self.ping_after(which, failed).await;
         }
         // The streamer and PostgreSQL have stopped: their last WAL goes now.
         if which == Loop::Wal && !self.halted.load(Ordering::Relaxed) {
@@ -448,10 +524,9 @@ impl Shipper {
                     continue;
                 }
                 let Ok(bytes) = std::fs::read(entry.path()) else { continue };
-                let size = bytes.len() as u64;
-                let sha = store::sha256_hex(&bytes);
-                let put = self.repo.put_once(&name, Bytes::from(bytes)).await?;
-                self.confirm(&name, size, sha, put);
+                self.keep_plain_copy(&name, &bytes);
+                let stored = self.repo.put_object(&name, Bytes::from(bytes)).await?;
+                self.confirm(&name, stored.size, stored.sha256, stored.put);
             }
         }
         // Completed segments, in WAL order, each once (the first directory
@@ -489,9 +564,8 @@ impl Shipper {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(RepositoryError::Local { path: seg.path.display().to_string(), source }),
             };
-            let (size, sha) = (encoded.len() as u64, store::sha256_hex(&encoded));
-            let put = self.repo.put_once(&name, Bytes::from(encoded)).await?;
-            self.confirm(&name, size, sha, put);
+            let stored = self.repo.put_object(&name, Bytes::from(encoded)).await?;
+            self.confirm(&name, stored.size, stored.sha256, stored.put);
             pending.objects = pending.objects.saturating_sub(1);
             pending.bytes = pending.bytes.saturating_sub(archive::SEGMENT_BYTES);
             self.drop_chunks(gen, &seg.name).await;
@@ -556,7 +630,7 @@ impl Shipper {
         pending.add(bytes.len() as u64, modified);
         let name = layout::wal_chunk(gen, &seg.name, shipped, to);
         let size = bytes.len() as u64;
-        let put = self.repo.put_once(&name, Bytes::from(bytes)).await?;
+        let put = self.repo.put_object(&name, Bytes::from(bytes)).await?.put;
         pending.objects -= 1;
         pending.bytes -= size;
         if pending.objects == 0 {
@@ -564,6 +638,7 @@ impl Shipper {
         }
         // Chunks are not recorded in the state file: listing them is cheap.
         self.state().chunks.insert(seg.name.clone(), (to, modified));
+        self.confirmed_since_ping.store(true, Ordering::Relaxed);
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         view.last_upload = Some(SystemTime::now());
         if put == Put::Created {
@@ -689,7 +764,9 @@ impl Shipper {
         };
         if !self.settings.delete {
             match super::retention::planned(&self.repo, gen, self.settings.window).await {
-                Ok(past) => {
+                Ok(planned) => {
+                    self.view.lock().unwrap_or_else(|e| e.into_inner()).retention.unreadable = planned.unreadable.len() as u64;
+                    let past = planned.delete;
                     if !past.is_empty() {
                         tracing::info!("off-site retention: {} objects of {} are past OMNI_REPOSITORY_WINDOW ({} s) and kept: OMNI_REPOSITORY_DELETE=false deletes nothing (the bucket's lifecycle rules decide)", past.len(), self.repo.display(), self.settings.window.as_secs());
                     }
@@ -703,7 +780,9 @@ impl Shipper {
             finished();
             return Ok(());
         }
-        let deleted = super::retention::apply(&self.repo, gen, self.settings.window).await?;
+        let planned = super::retention::apply(&self.repo, gen, self.settings.window).await?;
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).retention.unreadable = planned.unreadable.len() as u64;
+        let deleted = planned.delete.len();
         finished();
         ran(deleted as u64, None);
         if deleted > 0 {
@@ -722,8 +801,8 @@ impl Shipper {
             let (size, sha256) = match known {
                 Some(c) => (c.size, c.sha256),
                 None => {
-                    let (put, size, sha) = match self.repo.put_file_once(&name, &path).await {
-                        Ok(done) => done,
+                    let (put, size, sha) = match self.repo.put_file(&name, &path).await {
+                        Ok(done) => (done.put, done.size, done.sha256),
                         // Retention removed it meanwhile (it never does before the manifest is confirmed).
                         Err(RepositoryError::Local { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                         Err(e) => return Err(e),
@@ -734,14 +813,16 @@ impl Shipper {
             };
             files.push(layout::ManifestFile { name: relative, size, sha256 });
         }
-        let manifest = layout::BaseManifest { backup: backup.clone(), files };
+        let recipients = if self.repo.encrypts() { self.repo.sealer_recipients()? } else { Vec::new() };
+        let manifest = layout::BaseManifest { backup: backup.clone(), files, recipients };
         let text = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
         let name = layout::base_manifest(gen, &backup.id);
-        let (size, sha) = (text.len() as u64, store::sha256_hex(&text));
-        let put = self.repo.put_once(&name, Bytes::from(text)).await?;
-        self.confirm(&name, size, sha, put);
+        self.keep_plain_copy(&name, &text);
+        let stored = self.repo.put_object(&name, Bytes::from(text)).await?;
+        self.confirm(&name, stored.size, stored.sha256, stored.put);
         self.state().retention_due = true;
-        tracing::info!("off-site repository {}: base backup {} uploaded ({} files, {} MB)", self.repo.display(), backup.id, manifest.files.len(), backup.bytes / 1_000_000);
+        tracing::info!("off-site repository {}: base backup {} uploaded ({} files, {} MB{})", self.repo.display(), backup.id, manifest.files.len(), backup.bytes / 1_000_000, if manifest.recipients.is_empty() { String::new() } else { format!(", encrypted to {}", manifest.recipients.iter().map(|k| super::crypt::short(k)).collect::<Vec<_>>().join(", ")) });
+        self.ping_ok(format!("base backup {} in the repository {}", backup.id, self.repo.display())).await;
         Ok(())
     }
 
@@ -752,8 +833,13 @@ impl Shipper {
             if self.is_confirmed(&object) {
                 continue;
             }
-            match self.repo.put_file_once(&object, &self.backup_dir.join(&file)).await {
-                Ok((put, size, sha)) => self.confirm(&object, size, sha, put),
+            match self.repo.put_file(&object, &self.backup_dir.join(&file)).await {
+                Ok(stored) => {
+                    self.confirm(&object, stored.size, stored.sha256, stored.put);
+                    if file.ends_with(".sha256") {
+                        self.ping_ok(format!("logical backup {name} in the repository {}", self.repo.display())).await;
+                    }
+                }
                 // Deleted by the backups' own retention before it went: nothing to keep.
                 Err(RepositoryError::Local { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                 Err(e) => return Err(e),
@@ -761,6 +847,25 @@ impl Shipper {
         }
         Ok(())
     }
+}
+
+/// Where the plain copies of encrypted manifests and `.history` files are
+/// kept, in `OMNI_WAL_DIR` beside `repository.json`.
+pub const PLAIN_COPIES: &str = "repository-plain";
+/// Where a large file is sealed before its upload, in `OMNI_WAL_DIR`.
+pub const OUTBOX: &str = "repository-outbox";
+
+/// Sets the process's encryption from the settings, before the repository
+/// is opened: objects sealed to `OMNI_ENCRYPT_*`; plain copies and the
+/// sealing scratch under `wal_dir` (`None`: no archive; large files are
+/// sealed in the system's temporary directory).
+pub fn set_crypt(settings: &RepositoryConfig, wal_dir: Option<&Path>) {
+    store::set_crypt(store::Crypt {
+        encryption: settings.encryption.clone(),
+        keys: None,
+        plain_copies: wal_dir.map(|d| d.join(PLAIN_COPIES)),
+        scratch: wal_dir.map(|d| d.join(OUTBOX)),
+    });
 }
 
 /// Whether `path` of the archive at `wal_dir` is confirmed in the

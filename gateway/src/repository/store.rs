@@ -18,8 +18,22 @@
 //! come from the environment), and the store's error texts, which can name
 //! request URLs, lose their query strings (signatures, SAS tokens) and any
 //! credential value of the environment ([`redact`]).
+//!
+//! **Encryption** (`repository/crypt.rs`): with `OMNI_ENCRYPT_*` set, every
+//! object the gateway writes goes through [`Repository::put_object`] or
+//! [`Repository::put_file`], which seal it with age first (after the
+//! layout's own compression) and record the SHA-256 of the *stored* bytes;
+//! a sealer that cannot be made (an unreadable recipients file) is an error,
+//! never a plain upload. An encrypted retry is new ciphertext: an object
+//! already there that is an age file of the same size to the same
+//! recipients is taken as the earlier upload of the same content (the
+//! server, holding public keys only, cannot compare plaintexts); any other
+//! difference is a conflict as before. Reads that need the content
+//! ([`Repository::get_plain`]) decrypt with the restore's identity, or, on
+//! the server, take the plain copy of a manifest or `.history` file kept
+//! locally beside `repository.json` when it was uploaded.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +41,8 @@ use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
+
+use super::crypt::{self, CryptError, Encryption, Keys};
 
 /// The variable that names the repository, in every message about it.
 pub const URL_VAR: &str = "OMNI_REPOSITORY_URL";
@@ -134,6 +150,63 @@ pub enum RepositoryError {
     Store { location: String, what: &'static str, path: String, message: String },
     #[error("reading {path}: {source}")]
     Local { path: String, source: std::io::Error },
+    /// Encryption is configured and cannot be applied, or an object cannot
+    /// be decrypted: nothing was uploaded (or restored) for it.
+    #[error(transparent)]
+    Crypt(#[from] CryptError),
+}
+
+/// How the objects of this process are encrypted and read back (set once
+/// the settings are read: [`set_crypt`]); every [`Repository`] opened after
+/// takes it.
+#[derive(Debug, Default)]
+pub struct Crypt {
+    /// What objects are sealed to (`Off`: plain).
+    pub encryption: Encryption,
+    /// The restore's private keys (`OMNI_DECRYPT_IDENTITY_FILE`, `--identity`).
+    pub keys: Option<Keys>,
+    /// Where the plain copies of manifests and `.history` files are kept
+    /// (`OMNI_WAL_DIR/repository-plain`): what the server reads back.
+    pub plain_copies: Option<PathBuf>,
+    /// Where a large file is sealed before its upload (`OMNI_WAL_DIR/repository-outbox`).
+    pub scratch: Option<PathBuf>,
+}
+
+static CRYPT: std::sync::RwLock<Option<Arc<Crypt>>> = std::sync::RwLock::new(None);
+
+/// Sets the encryption of the repositories opened from now on.
+pub fn set_crypt(crypt: Crypt) {
+    *CRYPT.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(crypt));
+}
+
+fn process_crypt() -> Option<Arc<Crypt>> {
+    CRYPT.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// An object as stored: what [`Repository::put_object`] and
+/// [`Repository::put_file`] confirm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub put: Put,
+    /// The stored object's size and SHA-256 (of the encrypted bytes when sealed).
+    pub size: u64,
+    pub sha256: String,
+    /// The public keys it is encrypted to (`passphrase`; empty: plain).
+    pub recipients: Vec<String>,
+}
+
+/// Whether `there` (an object's first bytes, at least its header, and its
+/// size) can stand for `ours` (what a retry would write, at least its
+/// header, and its size): both age files to the same recipients whose
+/// payloads (after the header, whose length varies: age adds random
+/// "grease" stanzas) are of one length, which is that of the plaintext.
+fn same_sealing(there_head: &[u8], there_size: u64, ours_head: &[u8], ours_size: u64) -> bool {
+    let payload = |head: &[u8], size: u64| crypt::header_len(head).map(|h| size.saturating_sub(h as u64));
+    crypt::is_sealed(there_head)
+        && crypt::is_sealed(ours_head)
+        && crypt::header_recipients(there_head) == crypt::header_recipients(ours_head)
+        && payload(there_head, there_size).is_some()
+        && payload(there_head, there_size) == payload(ours_head, ours_size)
 }
 
 /// Whether [`Repository::put_once`] wrote the object or found it there already.
@@ -162,6 +235,8 @@ pub struct Repository {
     /// The store ignores or refuses conditional writes: every write looks
     /// for the object first (see [`Repository::put_once`]). Shared by the clones.
     look_first: Arc<std::sync::atomic::AtomicBool>,
+    /// The process's encryption ([`set_crypt`]) when it was opened.
+    crypt: Option<Arc<Crypt>>,
 }
 
 impl Repository {
@@ -219,7 +294,13 @@ impl Repository {
                 Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&location.bucket).map_err(failed)?)
             }
         };
-        Ok(Repository { store, location, look_first: Arc::default() })
+        Ok(Repository { store, location, look_first: Arc::default(), crypt: process_crypt() })
+    }
+
+    /// The same repository with its own encryption instead of the process's.
+    pub fn with_crypt(mut self, crypt: Crypt) -> Repository {
+        self.crypt = Some(Arc::new(crypt));
+        self
     }
 
     /// The URL, safe to show anywhere.
@@ -310,7 +391,7 @@ impl Repository {
 
     async fn same_or_conflict(&self, path: &str, bytes: &Bytes) -> Result<Put, RepositoryError> {
         let there = self.get(path).await?;
-        if there == *bytes {
+        if there == *bytes || same_sealing(&there, there.len() as u64, bytes, bytes.len() as u64) {
             Ok(Put::AlreadyThere)
         } else {
             Err(RepositoryError::Conflict { location: self.display(), path: path.to_string(), detail: format!("{} bytes there, {} to write", there.len(), bytes.len()) })
@@ -324,7 +405,11 @@ impl Repository {
     pub async fn honours_conditional_writes(&self, delete: bool) -> Result<bool, RepositoryError> {
         let name = format!("probe/conditional-{:016x}", rand::random::<u64>());
         let opts = || PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-        let payload = || PutPayload::from_static(b"omni conditional write probe");
+        let body = match self.sealer()? {
+            Some(sealer) => Bytes::from(sealer.seal(b"omni conditional write probe", &name)?),
+            None => Bytes::from_static(b"omni conditional write probe"),
+        };
+        let payload = || PutPayload::from_bytes(body.clone());
         let honoured = match self.store.put_opts(&self.full(&name), payload(), opts()).await {
             Err(object_store::Error::NotImplemented { .. }) => false,
             Err(e) => return Err(self.store_error("writing", &name, e)),
@@ -356,7 +441,11 @@ impl Repository {
         }
         let sha = sha256_file(local).map_err(local_error)?;
         if let Some(there) = self.head(path).await? {
-            let same = there == size && self.sha256_of(path, there).await? == sha;
+            let same = {
+                let (stored, head) = self.sha256_of(path, there).await?;
+                // An encrypted retry: see the module's text.
+                (there == size && stored == sha) || same_sealing(&head, there, &file_head(local).map_err(local_error)?, size)
+            };
             return if same {
                 Ok((Put::AlreadyThere, size, sha))
             } else {
@@ -450,8 +539,38 @@ impl Repository {
                 let _ = std::fs::remove_file(local);
                 Err(e)
             }
-            None => Ok(written),
+            None => {
+                drop(file);
+                let opened = self.open_file(path, local);
+                if opened.is_err() {
+                    let _ = std::fs::remove_file(local);
+                }
+                opened.map(|plain| plain.unwrap_or(written))
+            }
         }
+    }
+
+    /// The verified download `local` decrypted in place when it is an age
+    /// file (streamed through a `.age` file beside it); its plain size then.
+    fn open_file(&self, path: &str, local: &Path) -> Result<Option<u64>, RepositoryError> {
+        let local_error = |source| RepositoryError::Local { path: local.display().to_string(), source };
+        if !crypt::is_sealed(&file_head(local).map_err(local_error)?) {
+            return Ok(None);
+        }
+        let Some(keys) = self.crypt.as_ref().and_then(|c| c.keys.as_ref()) else {
+            return Err(crypt::needs_key(&file_head(local).map_err(local_error)?, path).into());
+        };
+        let sealed = local.with_extension("age-download");
+        std::fs::rename(local, &sealed).map_err(local_error)?;
+        let result = (|| {
+            let mut reader = keys.open(std::fs::File::open(&sealed).map_err(local_error)?, path)?;
+            let mut out = std::fs::File::create(local).map_err(local_error)?;
+            let n = std::io::copy(&mut reader, &mut out).map_err(|e| CryptError::Damaged { what: path.to_string(), message: format!("its encrypted data is damaged ({e})") })?;
+            out.sync_all().map_err(local_error)?;
+            Ok::<u64, RepositoryError>(n)
+        })();
+        let _ = std::fs::remove_file(&sealed);
+        result.map(Some)
     }
 
     /// The size of the object at `path`, `None` when there is none.
@@ -466,20 +585,241 @@ impl Repository {
     /// The SHA-256 of an object, streamed (never whole in memory) in one
     /// request: rclone's S3 server answers a range request with the whole
     /// object (200, not 206), which object_store refuses.
-    async fn sha256_of(&self, path: &str, size: u64) -> Result<String, RepositoryError> {
+    async fn sha256_of(&self, path: &str, size: u64) -> Result<(String, Vec<u8>), RepositoryError> {
         use futures::StreamExt;
         let mut hasher = Sha256::new();
         let mut read = 0u64;
+        let mut head = Vec::new();
         let mut stream = self.store.get(&self.full(path)).await.map_err(|e| self.store_error("reading", path, e))?.into_stream();
         while let Some(bytes) = stream.next().await {
             let bytes = bytes.map_err(|e| self.store_error("reading", path, e))?;
             read += bytes.len() as u64;
             hasher.update(&bytes);
+            if head.len() < HEAD_BYTES {
+                head.extend_from_slice(&bytes[..bytes.len().min(HEAD_BYTES - head.len())]);
+            }
         }
         if read != size {
             return Err(RepositoryError::Store { location: self.display(), what: "reading", path: path.to_string(), message: format!("{read} bytes read, {size} expected") });
         }
-        Ok(hex(&hasher.finalize()))
+        Ok((hex(&hasher.finalize()), head))
+    }
+
+    /// Whether objects are encrypted (`OMNI_ENCRYPT_*`).
+    pub fn encrypts(&self) -> bool {
+        self.crypt.as_ref().is_some_and(|c| c.encryption.is_on())
+    }
+
+    /// The sealer for the next object; `None` when nothing is encrypted. An
+    /// error (a recipients file gone unreadable) stops the upload: fail closed.
+    fn sealer(&self) -> Result<Option<crypt::Sealer>, RepositoryError> {
+        match &self.crypt {
+            Some(c) if c.encryption.is_on() => Ok(Some(c.encryption.sealer()?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The public keys the next objects are encrypted to (see [`Stored::recipients`]).
+    pub fn sealer_recipients(&self) -> Result<Vec<String>, RepositoryError> {
+        Ok(self.sealer()?.map(|s| s.recipients()).unwrap_or_default())
+    }
+
+    /// Writes `plain` at `path` once, encrypted when encryption is on (see
+    /// the module's text); returns what is stored.
+    pub async fn put_object(&self, path: &str, plain: Bytes) -> Result<Stored, RepositoryError> {
+        let (bytes, recipients) = match self.sealer()? {
+            None => (plain, Vec::new()),
+            Some(sealer) => {
+                let what = path.to_string();
+                let sealed = tokio::task::spawn_blocking(move || sealer.seal(&plain, &what).map(|s| (s, sealer.recipients())))
+                    .await
+                    .map_err(|e| RepositoryError::Local { path: path.to_string(), source: std::io::Error::other(e) })??;
+                (Bytes::from(sealed.0), sealed.1)
+            }
+        };
+        let (mut size, mut sha256) = (bytes.len() as u64, sha256_hex(&bytes));
+        let put = self.put_once(path, bytes).await?;
+        if put == Put::AlreadyThere && !recipients.is_empty() {
+            // The earlier upload's ciphertext is what the manifest must name.
+            let there = self.get(path).await?;
+            (size, sha256) = (there.len() as u64, sha256_hex(&there));
+        }
+        Ok(Stored { put, size, sha256, recipients })
+    }
+
+    /// Uploads the file `local` to `path` once ([`Repository::put_file_once`]),
+    /// encrypted when encryption is on: a small file sealed in memory, a
+    /// big one sealed while its parts are uploaded; over an object already
+    /// there, sealed whole into the scratch directory first to be compared.
+    pub async fn put_file(&self, path: &str, local: &Path) -> Result<Stored, RepositoryError> {
+        let Some(sealer) = self.sealer()? else {
+            let (put, size, sha256) = self.put_file_once(path, local).await?;
+            return Ok(Stored { put, size, sha256, recipients: Vec::new() });
+        };
+        let local_size = std::fs::metadata(local).map_err(|source| RepositoryError::Local { path: local.display().to_string(), source })?.len();
+        if local_size <= SINGLE_PUT_MAX {
+            let plain = std::fs::read(local).map_err(|source| RepositoryError::Local { path: local.display().to_string(), source })?;
+            return self.put_object(path, Bytes::from(plain)).await;
+        }
+        // A big file with no object there yet: sealed while it is uploaded.
+        if self.head(path).await?.is_none() {
+            let recipients = sealer.recipients();
+            let (size, sha256) = self.put_sealed_stream(path, local, sealer).await?;
+            return Ok(Stored { put: Put::Created, size, sha256, recipients });
+        }
+        // An object is there (an earlier upload whose answer was lost?):
+        // sealed whole first, then compared as put_file_once compares.
+        let scratch = self.crypt.as_ref().and_then(|c| c.scratch.clone()).unwrap_or_else(std::env::temp_dir);
+        let local_error = |source| RepositoryError::Local { path: scratch.display().to_string(), source };
+        std::fs::create_dir_all(&scratch).map_err(local_error)?;
+        let sealed = scratch.join(format!("{}.age", path.replace('/', "_")));
+        let recipients = sealer.recipients();
+        let (src, dst) = (local.to_path_buf(), sealed.clone());
+        let done = tokio::task::spawn_blocking(move || sealer.seal_file(&src, &dst)).await.map_err(|e| local_error(std::io::Error::other(e)))?;
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&sealed);
+            // The plain file went away meanwhile: the caller's NotFound.
+            if let CryptError::Io { source, .. } = &e {
+                if source.kind() == std::io::ErrorKind::NotFound && !local.exists() {
+                    return Err(RepositoryError::Local { path: local.display().to_string(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+                }
+            }
+            return Err(e.into());
+        }
+        let result = self.put_file_once(path, &sealed).await;
+        let _ = std::fs::remove_file(&sealed);
+        let (put, mut size, mut sha256) = result?;
+        if put == Put::AlreadyThere {
+            // The earlier upload's ciphertext (its header may differ in length) is what is stored.
+            size = self.head(path).await?.unwrap_or(size);
+            sha256 = self.sha256_of(path, size).await?.0;
+        }
+        Ok(Stored { put, size, sha256, recipients })
+    }
+
+    /// `local` sealed and uploaded in parts at the same time (a thread
+    /// seals into parts of [`PART_BYTES`], the upload sends them as they
+    /// come): the upload of a big file costs little more than without
+    /// encryption. Any error, sealing or sending, aborts the upload: nothing
+    /// half-written, nothing plain. Returns the stored size and SHA-256.
+    async fn put_sealed_stream(&self, path: &str, local: &Path, sealer: crypt::Sealer) -> Result<(u64, String), RepositoryError> {
+        struct Parts {
+            tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+            buf: Vec<u8>,
+            hasher: Sha256,
+            size: u64,
+        }
+        impl Parts {
+            fn send(&mut self) -> std::io::Result<()> {
+                let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_BYTES));
+                self.tx.blocking_send(part).map_err(|_| std::io::Error::other("the upload stopped"))
+            }
+        }
+        impl std::io::Write for Parts {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                let n = data.len().min(PART_BYTES - self.buf.len());
+                self.buf.extend_from_slice(&data[..n]);
+                self.hasher.update(&data[..n]);
+                self.size += n as u64;
+                if self.buf.len() == PART_BYTES {
+                    self.send()?;
+                }
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let src = local.to_path_buf();
+        let sealing = tokio::task::spawn_blocking(move || -> Result<(u64, String), CryptError> {
+            let io = |source| CryptError::Io { what: src.display().to_string(), source };
+            let mut input = std::fs::File::open(&src).map_err(io)?;
+            let parts = Parts { tx, buf: Vec::with_capacity(PART_BYTES), hasher: Sha256::new(), size: 0 };
+            let mut w = sealer.wrap(parts).map_err(io)?;
+            std::io::copy(&mut input, &mut w).map_err(io)?;
+            let mut parts = w.finish().map_err(io)?;
+            if !parts.buf.is_empty() {
+                parts.send().map_err(io)?;
+            }
+            Ok((parts.size, hex(&parts.hasher.finalize())))
+        });
+        let mut upload = match self.store.put_multipart(&self.full(path)).await {
+            Ok(u) => u,
+            Err(e) => {
+                drop(rx);
+                let _ = sealing.await;
+                return Err(self.store_error("starting the upload of", path, e));
+            }
+        };
+        let sent = async {
+            while let Some(part) = rx.recv().await {
+                upload.put_part(PutPayload::from(part)).await.map_err(|e| self.store_error("uploading a part of", path, e))?;
+            }
+            Ok::<(), RepositoryError>(())
+        }
+        .await;
+        drop(rx);
+        let sealed = sealing.await.map_err(|e| RepositoryError::Local { path: local.display().to_string(), source: std::io::Error::other(e) });
+        let outcome = match (sent, sealed) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(Err(e))) => Err(e.into()),
+            (Ok(()), Ok(Ok(done))) => match upload.complete().await {
+                Ok(_) => return Ok(done),
+                Err(e) => Err(self.store_error("completing the upload of", path, e)),
+            },
+        };
+        // What was sent is not an object: it is dropped, not half-kept.
+        let _ = upload.abort().await;
+        outcome
+    }
+
+    /// The content of the object at `path`: decrypted when it is an age
+    /// file (with the restore's identity; on the server, its plain copy
+    /// kept locally), as stored otherwise. An encrypted object that cannot
+    /// be opened is [`CryptError::NoKey`] or [`CryptError::WrongKey`],
+    /// naming the keys it needs.
+    pub async fn get_plain(&self, path: &str) -> Result<Bytes, RepositoryError> {
+        let stored = self.get(path).await?;
+        self.open_stored(path, stored)
+    }
+
+    /// [`Repository::get_plain`], with the stored bytes checked against `sha256` first.
+    pub async fn get_plain_verified(&self, path: &str, sha256: &str) -> Result<Bytes, RepositoryError> {
+        let stored = self.get_verified(path, sha256).await?;
+        self.open_stored(path, stored)
+    }
+
+    fn open_stored(&self, path: &str, stored: Bytes) -> Result<Bytes, RepositoryError> {
+        if !crypt::is_sealed(&stored) {
+            return Ok(stored);
+        }
+        if let Some(keys) = self.crypt.as_ref().and_then(|c| c.keys.as_ref()) {
+            return Ok(Bytes::from(keys.open_bytes(&stored, path)?));
+        }
+        if let Some(copy) = self.plain_copy(path).and_then(|p| std::fs::read(p).ok()) {
+            return Ok(Bytes::from(copy));
+        }
+        Err(crypt::needs_key(&stored, path).into())
+    }
+
+    fn plain_copy(&self, path: &str) -> Option<PathBuf> {
+        let dir = self.crypt.as_ref()?.plain_copies.as_ref()?;
+        Some(dir.join(path))
+    }
+
+    /// Keeps `plain`, the content of the encrypted object `path`, locally
+    /// (manifests and `.history` files: what retention and the window read
+    /// back). Nothing is kept when objects are not encrypted.
+    pub fn keep_plain_copy(&self, path: &str, plain: &[u8]) -> std::io::Result<()> {
+        let Some(copy) = self.plain_copy(path).filter(|_| self.encrypts()) else { return Ok(()) };
+        if let Some(dir) = copy.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = copy.with_extension("tmp");
+        std::fs::write(&tmp, plain)?;
+        std::fs::rename(&tmp, &copy)
     }
 
     /// Every object under `prefix` (relative to the repository's own
@@ -513,7 +853,12 @@ impl Repository {
     /// Deletes the object at `path` (none there is not an error).
     pub async fn delete(&self, path: &str) -> Result<(), RepositoryError> {
         match self.store.delete(&self.full(path)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                if let Some(copy) = self.plain_copy(path) {
+                    let _ = std::fs::remove_file(copy);
+                }
+                Ok(())
+            }
             Err(e) => Err(self.store_error("deleting", path, e)),
         }
     }
@@ -527,6 +872,17 @@ pub fn install_crypto_provider() {
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// How much of an object's start is read to see its age header.
+const HEAD_BYTES: usize = 64 * 1024;
+
+/// The first bytes of a local file (its age header, when it is one).
+fn file_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(HEAD_BYTES);
+    std::fs::File::open(path)?.take(HEAD_BYTES as u64).read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// Lowercase hex.
@@ -622,6 +978,78 @@ mod tests {
         let refused = repo.get_to_file_verified("base/x/base.tar.lz4", &bad, &"0".repeat(64)).await;
         assert!(matches!(refused, Err(RepositoryError::Checksum { .. })), "{refused:?}");
         assert!(!bad.exists(), "a file whose SHA-256 does not match is not left behind");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn encrypted_objects_are_age_files_a_retry_is_the_same_upload_and_only_the_key_or_a_plain_copy_reads_them() {
+        use age::secrecy::ExposeSecret;
+        let root = std::env::temp_dir().join(format!("omni-store-crypt-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&root).unwrap();
+        let identity = age::x25519::Identity::generate();
+        let recipients = root.join("recipients.txt");
+        std::fs::write(&recipients, format!("{}\n", identity.to_public())).unwrap();
+        let key = root.join("key.txt");
+        std::fs::write(&key, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+        let encryption = Encryption::from_settings(&crypt::EncryptSettings { recipients_file: Some(recipients.clone()), ..Default::default() }).unwrap();
+        let url = format!("file://{}/repo", root.display());
+        let server = Repository::open(&url).unwrap().with_crypt(Crypt { encryption, keys: None, plain_copies: Some(root.join("plain")), scratch: Some(root.join("outbox")) });
+
+        let plain = Bytes::from(vec![7u8; 100_000]);
+        let first = server.put_object("g/wal/x.lz4", plain.clone()).await.unwrap();
+        assert_eq!((first.put, first.recipients.clone()), (Put::Created, vec![identity.to_public().to_string()]));
+        let stored = server.get("g/wal/x.lz4").await.unwrap();
+        assert!(crypt::is_sealed(&stored) && sha256_hex(&stored) == first.sha256);
+        // A retry seals again (other bytes, same size, same recipients): the upload already there.
+        let again = server.put_object("g/wal/x.lz4", plain.clone()).await.unwrap();
+        assert_eq!((again.put, again.sha256.clone()), (Put::AlreadyThere, first.sha256.clone()));
+        assert_eq!(server.get("g/wal/x.lz4").await.unwrap(), stored, "never overwritten");
+        // Other content of another size is still a conflict.
+        assert!(matches!(server.put_object("g/wal/x.lz4", Bytes::from(vec![1u8; 10])).await, Err(RepositoryError::Conflict { .. })));
+
+        // A small file (sealed in memory) and one past SINGLE_PUT_MAX (sealed
+        // while its parts are uploaded); a retry of the big one goes through
+        // the outbox, which is left empty.
+        let local = root.join("base.tar.lz4");
+        std::fs::write(&local, vec![3u8; 300_000]).unwrap();
+        let file = server.put_file("g/base/1/base.tar.lz4", &local).await.unwrap();
+        assert!(crypt::is_sealed(&server.get("g/base/1/base.tar.lz4").await.unwrap()));
+        let big_plain: Vec<u8> = (0..SINGLE_PUT_MAX as usize + 3_000_000).map(|i| (i % 251) as u8).collect();
+        let big = root.join("big.tar.lz4");
+        std::fs::write(&big, &big_plain).unwrap();
+        let first = server.put_file("g/base/1/big.tar.lz4", &big).await.unwrap();
+        assert_eq!(first.put, Put::Created);
+        let stored = server.get("g/base/1/big.tar.lz4").await.unwrap();
+        assert!(crypt::is_sealed(&stored) && sha256_hex(&stored) == first.sha256 && stored.len() as u64 == first.size);
+        let again = server.put_file("g/base/1/big.tar.lz4", &big).await.unwrap();
+        assert_eq!((again.put, again.sha256), (Put::AlreadyThere, first.sha256.clone()));
+        assert_eq!(std::fs::read_dir(root.join("outbox")).map_or(0, |d| d.count()), 0);
+
+        // The server cannot read what it wrote, except through its plain copy.
+        let err = server.get_plain("g/wal/x.lz4").await.unwrap_err().to_string();
+        assert!(err.contains("OMNI_DECRYPT_IDENTITY_FILE") && err.contains(&crypt::short(&identity.to_public().to_string())), "{err}");
+        server.keep_plain_copy("g/base/1/manifest.json", b"{}").unwrap();
+        server.put_object("g/base/1/manifest.json", Bytes::from_static(b"{}")).await.unwrap();
+        assert_eq!(server.get_plain("g/base/1/manifest.json").await.unwrap(), Bytes::from_static(b"{}"));
+        server.delete("g/base/1/manifest.json").await.unwrap();
+        assert!(!root.join("plain/g/base/1/manifest.json").exists(), "a deleted object's plain copy goes with it");
+
+        // The restore's identity reads everything, a verified download included.
+        let keys = crypt::Keys::load(&key, "--identity").unwrap();
+        let restore = Repository::open(&url).unwrap().with_crypt(Crypt { keys: Some(keys), ..Crypt::default() });
+        assert_eq!(restore.get_plain("g/wal/x.lz4").await.unwrap(), plain);
+        let down = root.join("down");
+        assert_eq!(restore.get_to_file_verified("g/base/1/base.tar.lz4", &down, &file.sha256).await.unwrap(), 300_000);
+        assert_eq!(std::fs::read(&down).unwrap(), vec![3u8; 300_000]);
+        let down = root.join("down-big");
+        assert_eq!(restore.get_to_file_verified("g/base/1/big.tar.lz4", &down, &first.sha256).await.unwrap(), big_plain.len() as u64);
+        assert!(std::fs::read(&down).unwrap() == big_plain);
+
+        // Fail closed: the recipients file unreadable stops the write, nothing plain goes.
+        std::fs::remove_file(&recipients).unwrap();
+        let err = server.put_object("g/wal/y.lz4", plain).await.unwrap_err().to_string();
+        assert!(err.contains("OMNI_ENCRYPT_RECIPIENTS_FILE") && err.contains("nothing is uploaded"), "{err}");
+        assert_eq!(server.head("g/wal/y.lz4").await.unwrap(), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

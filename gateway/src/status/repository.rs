@@ -65,6 +65,13 @@ pub struct RepositoryView {
     /// Whether the store honours conditional writes (`None` until asked);
     /// false: every write looks for the object first.
     pub conditional_writes: Option<bool>,
+    /// `off`, or what objects are encrypted to (`age, to age1…`).
+    pub encryption: String,
+    /// Said once at the start and kept here (a public cloud without
+    /// encryption); the Backups page shows them.
+    pub warnings: Vec<String>,
+    /// The heartbeat's last ping (`OMNI_BACKUP_HEARTBEAT_URL`), when one is set.
+    pub heartbeat: Option<serde_json::Value>,
 }
 
 /// Retention in the repository, as the status shows it.
@@ -81,6 +88,9 @@ pub struct RetentionView {
     /// With deletion off: objects the window no longer needs, kept (as of
     /// the last look; `None` before one, or when the store refused the listing).
     pub kept_past_window: Option<u64>,
+    /// Manifests and `.history` files it could not read at its last run
+    /// (encrypted, no plain copy here): their backups and all WAL are kept.
+    pub unreadable: u64,
 }
 
 impl RepositoryView {
@@ -101,6 +111,9 @@ impl RepositoryView {
             last_error: None,
             retention: RetentionView { delete, window_s, ..RetentionView::default() },
             conditional_writes: None,
+            encryption: "off".into(),
+            warnings: Vec::new(),
+            heartbeat: None,
         }
     }
 
@@ -140,12 +153,16 @@ impl RepositoryView {
             "next_retry_s": self.next_retry.map(|t| (t.saturating_duration_since(Instant::now()).as_secs_f64() * 10.0).round() / 10.0),
             "last_error": self.last_error,
             "conditional_writes": self.conditional_writes,
+            "encryption": self.encryption,
+            "warnings": self.warnings,
+            "heartbeat": self.heartbeat,
             "retention": {
                 "delete": self.retention.delete,
                 "window_s": self.retention.window_s,
                 "last_run_unix": self.retention.last_run.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
                 "deleted_objects": self.retention.deleted_objects,
                 "kept_past_window": self.retention.kept_past_window,
+                "unreadable": self.retention.unreadable,
                 "summary": self.retention_summary(),
             },
         })
@@ -154,14 +171,18 @@ impl RepositoryView {
     /// One sentence on retention in the repository, for people.
     pub fn retention_summary(&self) -> String {
         let r = &self.retention;
+        let unreadable = match r.unreadable {
+            0 => String::new(),
+            n => format!("; {n} encrypted manifests or history files cannot be read here (no plain copy beside repository.json): their base backups and all WAL are kept"),
+        };
         if r.delete {
-            return format!("objects older than OMNI_REPOSITORY_WINDOW ({} s) that no kept base backup needs are deleted; {} deleted since the start", r.window_s, r.deleted_objects);
+            return format!("objects older than OMNI_REPOSITORY_WINDOW ({} s) that no kept base backup needs are deleted; {} deleted since the start{unreadable}", r.window_s, r.deleted_objects);
         }
         let kept = match r.kept_past_window {
             Some(n) => format!("; {n} objects past OMNI_REPOSITORY_WINDOW are kept"),
             None => String::new(),
         };
-        format!("deletion is off (OMNI_REPOSITORY_DELETE=false): nothing is ever deleted in the repository, the bucket's lifecycle rules decide{kept}")
+        format!("deletion is off (OMNI_REPOSITORY_DELETE=false): nothing is ever deleted in the repository, the bucket's lifecycle rules decide{kept}{unreadable}")
     }
 
     /// The `omni_repository_*` lines of `/metrics`.
@@ -177,6 +198,7 @@ impl RepositoryView {
         gauge("omni_repository_uploaded_objects_total", "counter", "Objects confirmed in the off-site repository since the start.", self.uploaded_objects.to_string());
         gauge("omni_repository_uploaded_bytes_total", "counter", "Bytes confirmed in the off-site repository since the start.", self.uploaded_bytes.to_string());
         gauge("omni_repository_failures_total", "counter", "Failed upload rounds since the start.", self.failures.to_string());
+        gauge("omni_repository_encrypted", "gauge", "1 when what goes to the off-site repository is encrypted (OMNI_ENCRYPT_*).", u8::from(self.encryption != "off").to_string());
         if let Some(age) = self.last_upload.and_then(|t| t.elapsed().ok()) {
             gauge("omni_repository_last_upload_age_seconds", "gauge", "Seconds since an upload to the off-site repository was last confirmed.", age.as_secs_f64().to_string());
         }

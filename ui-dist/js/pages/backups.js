@@ -283,7 +283,11 @@ function offsite() {
       h('dt', {}, 'Behind by'), h('dd', { dataset: { field: 'lag' } }, r.lag_bytes ? `${formatBytes(r.lag_bytes)} in ${r.queue_depth} objects, oldest ${formatDuration(r.lag_seconds)}` : 'nothing'),
       r.retention ? [h('dt', {}, 'Retention'), h('dd', { dataset: { field: 'retention', delete: String(r.retention.delete) } }, r.retention.summary)] : null,
       r.queue_full ? [h('dt', {}, 'Queue'), h('dd', { class: 'alert alert-warn', dataset: { field: 'queue-full' } }, `over its limit of ${formatBytes(r.queue_max_bytes)}: uploads are not keeping up`)] : null,
-      r.last_error ? [h('dt', {}, 'Last error'), h('dd', { dataset: { field: 'last-error' } }, r.last_error)] : null));
+      r.last_error ? [h('dt', {}, 'Last error'), h('dd', { dataset: { field: 'last-error' } }, r.last_error)] : null,
+      r.encryption ? [h('dt', {}, 'Encryption'), h('dd', { class: 'mono', dataset: { field: 'encryption' } }, r.encryption)] : null,
+      r.heartbeat ? [h('dt', {}, 'Heartbeat'), h('dd', { dataset: { field: 'heartbeat', kind: r.heartbeat.kind } },
+        `${r.heartbeat.kind === 'ok' ? 'alive' : 'failure'} ${r.heartbeat.delivered ? 'told' : 'NOT delivered'} at ${formatDate(new Date(r.heartbeat.at * 1000).toISOString())}: ${r.heartbeat.detail}`)] : null,
+      (r.warnings || []).map((w) => [h('dt', {}, 'Warning'), h('dd', { class: 'alert alert-warn', dataset: { field: 'warning' } }, w)])));
   }
 
   async function test() {
