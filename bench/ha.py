@@ -4,7 +4,7 @@
 Runs the HA test kit's measurements (tests/tests/ha_patroni.rs,
 `bench_failovers_and_write_throughput`, ignored by `make test`): etcd and two
 Patroni nodes from deploy/ha/ on loopback, two gateways with the multi-host
-DATABASE_URL behind nginx (deploy/nginx-lb.conf), then
+DATABASE_URL behind nginx (deploy/ha/nginx.conf), then
   failover     FAILOVERS times a `kill -9` of the primary's postmaster under
                three writers of preferences through nginx: the write
                unavailability the writers saw (first failed to first
@@ -82,7 +82,7 @@ def main():
         f"| {i + 1} | {a:.0f} | {b:.0f} |" for i, (a, b) in enumerate(zip(sides["patroni_two_gateways"], sides["embedded_one_gateway"])))
     body = f"""`{COMMAND}` (`make bench`): etcd and two Patroni nodes of PostgreSQL 15 from `deploy/ha/` on loopback
 (`synchronous_mode: true`), two gateways (debug build) with the multi-host `DATABASE_URL` behind nginx
-(`deploy/nginx-lb.conf`), three writers of preferences through nginx; {len(events)} × `kill -9` of the primary's postmaster.
+(`deploy/ha/nginx.conf`), three writers of preferences through nginx; {len(events)} × `kill -9` of the primary's postmaster.
 *Patroni* is the kill to the promoted node's PostgreSQL logging `database system is ready to accept connections`
 (its own log); *unavailable* is the writers' first failed to first acknowledged write (their own timestamps);
 *gateway adds* is that log line to the first acknowledged write (target ≤ 1 s; it includes the write's own round trip).

@@ -1,7 +1,7 @@
 //! Gateways on a PostgreSQL run by Patroni (issue 30), all on loopback: etcd
 //! and Patroni nodes of PostgreSQL started from the reference deployment in
 //! `deploy/ha/` (omni_tests::patroni), two gateways with libpq's multi-host
-//! `DATABASE_URL` behind nginx running `deploy/nginx-lb.conf`.
+//! `DATABASE_URL` behind nginx running `deploy/ha/nginx.conf`.
 //!
 //! * `kill -9` of the primary's postmaster under sequence-numbered writes
 //!   through nginx: Patroni promotes the synchronous standby, no
@@ -52,7 +52,7 @@ fn the_reference_patroni_cluster_has_a_primary_and_a_synchronous_standby() {
 
 // ---------------------------------------------------------------- nginx
 
-/// Debian's nginx running `deploy/nginx-lb.conf` (its ports replaced, its
+/// Debian's nginx running `deploy/ha/nginx.conf` (its ports replaced, its
 /// third gateway left out) in front of two gateways; stopped on drop.
 struct Nginx {
     child: ChildGuard,
@@ -64,11 +64,11 @@ impl Nginx {
     fn start(gateways: [u16; 2]) -> Nginx {
         let dir = TempDir::new("ha-nginx");
         let port = free_port();
-        let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nginx-lb.conf")).unwrap();
+        let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ha/nginx.conf")).unwrap();
         let mut site = shipped.replace("    server 127.0.0.1:8884 max_fails=1 fail_timeout=5s;\n", "");
         for (from, to) in [8882, 8883].iter().zip(gateways) {
             let from = format!("server 127.0.0.1:{from} ");
-            assert_eq!(site.matches(&from).count(), 1, "deploy/nginx-lb.conf names {from:?} once");
+            assert_eq!(site.matches(&from).count(), 1, "deploy/ha/nginx.conf names {from:?} once");
             site = site.replace(&from, &format!("server 127.0.0.1:{to} "));
         }
         assert_eq!(site.matches("listen 8080;").count(), 1);
