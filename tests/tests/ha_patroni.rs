@@ -655,8 +655,9 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
 // ---------------------------------------------------------------- benchmark
 
 /// Preference writes from `clients` threads for `seconds`, the threads
-/// spread over `ports`: acknowledged writes per second, and any refusal.
-fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, usize) {
+/// spread over `ports`: acknowledged writes per second, and the first
+/// refusal (a thread stops at its first).
+fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, Option<String>) {
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_drop = SetOnDrop(stop.clone());
     let started = Instant::now();
@@ -664,7 +665,7 @@ fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, usize)
         .map(|i| {
             let (port, stop) = (ports[i % ports.len()], stop.clone());
             std::thread::spawn(move || {
-                let (mut ok, mut refused, mut session) = (0usize, 0usize, uuid::Uuid::new_v4().to_string());
+                let (mut ok, mut refused, mut session) = (0usize, None, uuid::Uuid::new_v4().to_string());
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
@@ -674,7 +675,14 @@ fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, usize)
                     let r = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": format!("k-{n}"), "value": "v"})).try_send(port);
                     match r {
                         Ok(r) if r.status == 200 => ok += 1,
-                        _ => refused += 1,
+                        Ok(r) => {
+                            refused = Some(format!("{} {}", r.status, r.text()));
+                            break;
+                        }
+                        Err(e) => {
+                            refused = Some(e.to_string());
+                            break;
+                        }
                     }
                 }
                 (ok, refused)
@@ -683,14 +691,19 @@ fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, usize)
         .collect();
     wait_until(Duration::from_secs_f64(seconds + 5.0), "the measuring window to end", || (started.elapsed().as_secs_f64() >= seconds).then_some(()));
     stop.store(true, Ordering::Relaxed);
-    let (ok, refused) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
-    (ok as f64 / started.elapsed().as_secs_f64(), refused)
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut ok, mut first_refusal) = (0, None);
+    for (acknowledged, refused) in threads.into_iter().map(|t| t.join().unwrap()) {
+        ok += acknowledged;
+        first_refusal = first_refusal.or(refused);
+    }
+    (ok as f64 / elapsed, first_refusal)
 }
 
 /// The measurements behind `bench/ha.py` (run by it; `HA_BENCH_OUT` names
 /// the JSON file written): `HA_BENCH_FAILOVERS` (10) kills of the primary's
 /// postmaster under writers through nginx, each with the writers' own
-/// unavailability and Patroni's promotion from its node's log; then
+/// unavailability and Patroni's promotion from its node's log; before them,
 /// `HA_BENCH_ROUNDS` (3) interleaved rounds of `HA_BENCH_SECONDS` (10) of
 /// preference writes through two gateways on the cluster and through one
 /// gateway on its embedded PostgreSQL.
@@ -708,6 +721,20 @@ fn bench_failovers_and_write_throughput() {
     let gws: Vec<Gateway> = dirs[..2].iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
     let nginx = Nginx::start([gws[0].port, gws[1].port]);
 
+    // Throughput first, on the healthy cluster: its two gateways beside one
+    // on its embedded PostgreSQL, interleaved.
+    let embedded = GatewayBuilder::new(dirs[2].path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let ha_ports = [gws[0].port, gws[1].port];
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        for (side, ports) in [("patroni_two_gateways", &ha_ports[..]), ("embedded_one_gateway", &[embedded.port][..])] {
+            let (rate, refused) = write_throughput(ports, clients, seconds);
+            assert!(refused.is_none(), "a write to {ports:?} was refused: {refused:?}");
+            let sample = json!({"round": round + 1, "side": side, "writes_per_s": rate});
+            eprintln!("{sample}");
+            samples.push(sample);
+        }
+    }
     let mut events = Vec::new();
     for i in 0..failovers {
         cluster.wait_healthy(Duration::from_secs(120));
@@ -736,19 +763,10 @@ fn bench_failovers_and_write_throughput() {
         events.push(event);
     }
 
-    // Throughput: the cluster's two gateways beside one on its embedded PostgreSQL, interleaved.
+    // The two gateways after the failovers: a short window, its first refusal noted.
     cluster.wait_healthy(Duration::from_secs(120));
-    let embedded = GatewayBuilder::new(dirs[2].path()).env("OMNI_API_KEY", TEST_API_KEY).start();
-    let ha_ports = [gws[0].port, gws[1].port];
-    let mut samples = Vec::new();
-    for round in 0..rounds {
-        for (side, ports) in [("patroni_two_gateways", &ha_ports[..]), ("embedded_one_gateway", &[embedded.port][..])] {
-            let (rate, refused) = write_throughput(ports, clients, seconds);
-            let sample = json!({"round": round + 1, "side": side, "writes_per_s": rate, "refused": refused});
-            eprintln!("{sample}");
-            samples.push(sample);
-        }
-    }
-    let doc = json!({"failovers": events, "throughput": samples, "clients": clients, "seconds": seconds, "cluster": cluster.list()});
+    let (after, refused) = write_throughput(&ha_ports, clients, 3.0);
+    eprintln!("after the failovers: {after:.0} writes/s, first refusal {refused:?}");
+    let doc = json!({"after_failovers": {"writes_per_s": after, "first_refusal": refused}, "failovers": events, "throughput": samples, "clients": clients, "seconds": seconds, "cluster": cluster.list()});
     std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
 }
