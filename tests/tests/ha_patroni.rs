@@ -140,6 +140,9 @@ struct Outcome {
     body: String,
 }
 
+/// One writer's outcomes in order, and the `(session, key)` it had acknowledged.
+type Written = (Vec<Outcome>, Vec<(String, String)>);
+
 /// What the writers' outcomes add up to against the rows on the new primary.
 struct Tally {
     acknowledged: usize,
@@ -153,7 +156,7 @@ struct Tally {
     outage_wall: Option<(SystemTime, SystemTime)>,
 }
 
-fn tally(db: &mut postgres::Client, results: &[(Vec<Outcome>, Vec<(String, String)>)], refused: impl Fn(&Outcome)) -> Tally {
+fn tally(db: &mut postgres::Client, results: &[Written], refused: impl Fn(&Outcome)) -> Tally {
     let stored: std::collections::BTreeSet<(String, String)> =
         db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut t = Tally { acknowledged: 0, lost: Vec::new(), failed: 0, outage: None, outage_wall: None };
@@ -179,7 +182,7 @@ fn tally(db: &mut postgres::Client, results: &[(Vec<Outcome>, Vec<(String, Strin
 
 /// Sequence-numbered writes (the preferences API) through `port` until
 /// `stop`: every outcome in order, and the `(session, key)` acknowledged.
-fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outcome>, Vec<(String, String)>)> {
+fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Written> {
     std::thread::spawn(move || {
         let mut session = uuid::Uuid::new_v4().to_string();
         let (mut outcomes, mut acknowledged) = (Vec::new(), Vec::new());
@@ -187,7 +190,7 @@ fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outc
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             // A session keeps at most 100 preferences: a new one every 90 writes.
-            if n % 90 == 0 {
+            if n.is_multiple_of(90) {
                 session = uuid::Uuid::new_v4().to_string();
             }
             let key = format!("seq-{n:06}");
@@ -313,7 +316,7 @@ fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_aga
     wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
     stop.store(true, Ordering::Relaxed);
     watching.store(false, Ordering::Relaxed);
-    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let results: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     for w in watchers {
         w.join().unwrap();
     }
@@ -371,7 +374,7 @@ fn writes_across(url: &str, gws: &[Gateway], nginx: &Nginx, event: impl FnOnce()
 
     event();
 
-    for gw in &gws[..] {
+    for gw in gws {
         wait_until(Duration::from_secs(30), "the gateway's /health to answer 200 again", || (gw.get("/health").status == 200).then_some(()));
     }
     let session = uuid::Uuid::new_v4().to_string();
@@ -384,7 +387,7 @@ fn writes_across(url: &str, gws: &[Gateway], nginx: &Nginx, event: impl FnOnce()
     let resumed = Instant::now();
     wait_until(Duration::from_secs(30), "writes to flow for 2 s after the event", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
     stop.store(true, Ordering::Relaxed);
-    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let results: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
 
     let mut db = postgres::Client::connect(url, postgres::NoTls).unwrap();
     let error_log = nginx.dir.path().join("error.log");
@@ -634,7 +637,7 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
     let resumed = Instant::now();
     wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
     stop.store(true, Ordering::Relaxed);
-    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let results: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
 
     let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let in_recovery: bool = db.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
@@ -669,7 +672,7 @@ fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, Option
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    if n % 90 == 0 {
+                    if n.is_multiple_of(90) {
                         session = uuid::Uuid::new_v4().to_string();
                     }
                     let r = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": format!("k-{n}"), "value": "v"})).try_send(port);
