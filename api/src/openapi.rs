@@ -97,6 +97,29 @@ pub fn document_sessions(document: &mut serde_json::Value) {
     }
 }
 
+/// Every operation that answers 503 because the database is away
+/// (`database_unavailable`: no host of `DATABASE_URL` accepts writes, as
+/// while an HA cluster fails over to a new primary) carries `Retry-After`
+/// (db.rs): stated here once for all of them. The operations are those whose
+/// 503 already names the database.
+pub fn document_failing_over(document: &mut serde_json::Value) {
+    let Some(paths) = document["paths"].as_object_mut() else { return };
+    for operation in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.values_mut()) {
+        let Some(unavailable) = operation["responses"].get_mut("503") else { continue };
+        let error_body = unavailable["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorBody";
+        let before = unavailable["description"].as_str().unwrap_or_default().to_owned();
+        if !error_body || !before.to_lowercase().contains("database") {
+            continue;
+        }
+        unavailable["description"] = format!(
+            "{before}. No database host accepts writes (unreachable, or failing over to a new primary): code `database_unavailable`, \
+             nothing was written; retry after the seconds in Retry-After"
+        )
+        .into();
+        unavailable["headers"]["retry-after"] = serde_json::json!({ "description": "Seconds to wait before retrying", "schema": { "type": "integer", "minimum": 1 } });
+    }
+}
+
 /// States who may call what (routes.rs, roles.rs): admin-only operations
 /// answer 403 to a signed-in `user`; the setup operations also accept the
 /// setup token while the install is not set up, and answer 403 without it;
@@ -138,4 +161,33 @@ pub fn document_roles(document: &mut serde_json::Value, guarded: &crate::routes:
 ))]
 pub async fn document(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(state.openapi.get().cloned().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::document_failing_over;
+    use serde_json::json;
+
+    #[test]
+    fn a_503_naming_the_database_carries_retry_after_and_no_other_does() {
+        let error_body = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } });
+        let mut document = json!({ "paths": {
+            "/api/v1/preferences": { "post": { "responses": {
+                "200": { "description": "Saved" },
+                "503": { "description": "Database unavailable", "content": error_body },
+            } } },
+            "/api/v1/pitr/status": { "get": { "responses": {
+                "503": { "description": "The gateway is still starting", "content": error_body },
+            } } },
+            "/health": { "get": { "responses": {
+                "503": { "description": "The database is failing over", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Health" } } } },
+            } } },
+        } });
+        document_failing_over(&mut document);
+        let post = &document["paths"]["/api/v1/preferences"]["post"]["responses"]["503"];
+        assert_eq!(post["headers"]["retry-after"]["schema"]["minimum"], 1);
+        assert!(post["description"].as_str().unwrap().contains("failing over"), "{post}");
+        assert!(document["paths"]["/api/v1/pitr/status"]["get"]["responses"]["503"].get("headers").is_none());
+        assert!(document["paths"]["/health"]["get"]["responses"]["503"].get("headers").is_none());
+    }
 }

@@ -157,6 +157,7 @@ pub fn app(db: Db, config: WorkerSettings) -> (Router, Arc<OnceLock<ApiKey>>) {
     openapi::document_body_rejections(&mut document);
     import_routes::document(&mut document);
     openapi::document_sessions(&mut document);
+    openapi::document_failing_over(&mut document);
     openapi::document_roles(&mut document, &guarded);
     state.openapi.set(document).expect("the router is built once per state");
     let router = router

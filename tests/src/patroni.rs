@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use crate::{as_postgres_user, chown_tree, free_port, pg_bin_dir, wait_until, ChildGuard, Request, TempDir};
@@ -111,6 +111,18 @@ impl PatroniNode {
         });
     }
 
+    /// When this node's PostgreSQL, at or after `since`, first logged that
+    /// it accepts read-write connections (`database system is ready to
+    /// accept connections`, not the standby's `read-only` one): the end of a
+    /// promotion, by PostgreSQL's own clock (`log_line_prefix` `%m`, UTC).
+    pub fn accepts_writes_since(&self, since: SystemTime) -> Option<SystemTime> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("database system is ready to accept connections"))
+            .filter_map(postgres_log_time)
+            .find(|at| *at >= since)
+    }
+
     /// A superuser connection to this node's PostgreSQL.
     pub fn client(&self) -> Result<postgres::Client, postgres::Error> {
         let mut config = postgres::Config::new();
@@ -133,6 +145,30 @@ impl PatroniNode {
     }
 }
 
+/// The time at the start of a PostgreSQL log line (`2026-12-05 11:20:01.234 UTC [123] LOG: …`).
+pub fn postgres_log_time(line: &str) -> Option<SystemTime> {
+    let stamp = line.get(..27)?;
+    let (date, rest) = stamp.split_once(' ')?;
+    let (time, zone) = rest.split_once(' ')?;
+    if zone != "UTC" {
+        return None;
+    }
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let (hms, millis) = time.split_once('.')?;
+    let mut hms = hms.split(':').map(|p| p.parse::<i64>());
+    let (h, min, sec) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+    let millis: u64 = millis.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let seconds = u64::try_from(days * 86_400 + h * 3600 + min * 60 + sec).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(seconds) + Duration::from_millis(millis))
+}
+
 fn proc_state(pid: i32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(") ")?.1.chars().next()
@@ -143,7 +179,8 @@ pub struct PatroniCluster {
     pub nodes: Vec<PatroniNode>,
     pub etcd_port: u16,
     etcd: Option<ChildGuard>,
-    haproxy: Option<(ChildGuard, u16)>,
+    /// HAProxy, its read-write port and its status page's port.
+    haproxy: Option<(ChildGuard, u16, u16)>,
     dir: TempDir,
 }
 
@@ -311,9 +348,10 @@ impl PatroniCluster {
     pub fn start_haproxy(&mut self) -> u16 {
         let file = "haproxy.cfg";
         let mut text = fs::read_to_string(deploy_file(file)).expect("deploy/ha/haproxy.cfg");
-        let (rw, ro) = (free_port(), free_port());
+        let (rw, ro, stats) = (free_port(), free_port(), free_port());
         text = replace_exact(&text, file, "bind *:5000", 1, &format!("bind 127.0.0.1:{rw}"));
         text = replace_exact(&text, file, "bind *:5001", 1, &format!("bind 127.0.0.1:{ro}"));
+        text = replace_exact(&text, file, "bind *:7000", 1, &format!("bind 127.0.0.1:{stats}"));
         for n in 1..=3 {
             let line = |port: &str| format!("server pg{n} 10.0.0.1{n}:5432 maxconn 300 check port {port}");
             let shipped = line("8008");
@@ -339,8 +377,21 @@ impl PatroniCluster {
             let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).ok()?.get(0);
             (!in_recovery).then_some(())
         });
-        self.haproxy = Some((child, rw));
+        self.haproxy = Some((child, rw, stats));
         rw
+    }
+
+    /// The status on HAProxy's status page (`/;csv`) of the `primary`
+    /// listener's `server` (a node's name, or `BACKEND` for the listener as a
+    /// whole): `UP`, `DOWN`, or a transition such as `UP 1/2`; `None` when
+    /// the page does not answer.
+    pub fn haproxy_primary_status(&self, server: &str) -> Option<String> {
+        let (_, _, stats) = self.haproxy.as_ref().expect("start_haproxy first");
+        let csv = Request::get("/;csv").try_send(*stats).ok().filter(|r| r.status == 200)?.text();
+        let header: Vec<&str> = csv.lines().next()?.trim_start_matches("# ").split(',').collect();
+        let column = header.iter().position(|h| *h == "status")?;
+        let row = csv.lines().find(|l| l.starts_with(&format!("primary,{server},")))?;
+        row.split(',').nth(column).map(str::to_owned)
     }
 
     fn haproxy_url_for(&self, port: u16) -> String {
@@ -349,14 +400,14 @@ impl PatroniCluster {
 
     /// The URL through HAProxy's read-write port ([`PatroniCluster::start_haproxy`] first).
     pub fn haproxy_url(&self) -> String {
-        let (_, port) = self.haproxy.as_ref().expect("start_haproxy first");
+        let (_, port, _) = self.haproxy.as_ref().expect("start_haproxy first");
         self.haproxy_url_for(*port)
     }
 }
 
 impl Drop for PatroniCluster {
     fn drop(&mut self) {
-        if let Some((mut haproxy, _)) = self.haproxy.take() {
+        if let Some((mut haproxy, _, _)) = self.haproxy.take() {
             haproxy.kill9();
         }
         for node in &mut self.nodes {

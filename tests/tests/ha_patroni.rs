@@ -1,7 +1,7 @@
 //! Gateways on a PostgreSQL run by Patroni (issue 30), all on loopback: etcd
 //! and Patroni nodes of PostgreSQL started from the reference deployment in
 //! `deploy/ha/` (omni_tests::patroni), two gateways with libpq's multi-host
-//! `DATABASE_URL` behind nginx running `deploy/nginx-lb.conf`.
+//! `DATABASE_URL` behind nginx running `deploy/ha/nginx.conf`.
 //!
 //! * `kill -9` of the primary's postmaster under sequence-numbered writes
 //!   through nginx: Patroni promotes the synchronous standby, no
@@ -14,6 +14,12 @@
 //!   by the leader lease row (migration 0005), which survives the failover.
 //! * The same writers with HAProxy (`deploy/ha/haproxy.cfg`) instead of the
 //!   multi-host URL: no acknowledged write lost either.
+//! * On three nodes, `patronictl switchover` to the synchronous standby,
+//!   then `patronictl failover` to a lagging candidate (the asynchronous
+//!   replica, its replay paused) that Patroni refuses: after each, no
+//!   acknowledged write lost, both gateways serving, the write
+//!   unavailability printed beside the promotion in PostgreSQL's log.
+//! * `bench_failovers_and_write_throughput` (ignored): what `bench/ha.py` measures.
 
 use crate::gateway;
 
@@ -21,7 +27,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use gateway::{workdir, Gateway, GatewayBuilder};
 use omni_tests::patroni::PatroniCluster;
@@ -46,7 +52,7 @@ fn the_reference_patroni_cluster_has_a_primary_and_a_synchronous_standby() {
 
 // ---------------------------------------------------------------- nginx
 
-/// Debian's nginx running `deploy/nginx-lb.conf` (its ports replaced, its
+/// Debian's nginx running `deploy/ha/nginx.conf` (its ports replaced, its
 /// third gateway left out) in front of two gateways; stopped on drop.
 struct Nginx {
     child: ChildGuard,
@@ -58,11 +64,11 @@ impl Nginx {
     fn start(gateways: [u16; 2]) -> Nginx {
         let dir = TempDir::new("ha-nginx");
         let port = free_port();
-        let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nginx-lb.conf")).unwrap();
+        let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ha/nginx.conf")).unwrap();
         let mut site = shipped.replace("    server 127.0.0.1:8884 max_fails=1 fail_timeout=5s;\n", "");
         for (from, to) in [8882, 8883].iter().zip(gateways) {
             let from = format!("server 127.0.0.1:{from} ");
-            assert_eq!(site.matches(&from).count(), 1, "deploy/nginx-lb.conf names {from:?} once");
+            assert_eq!(site.matches(&from).count(), 1, "deploy/ha/nginx.conf names {from:?} once");
             site = site.replace(&from, &format!("server 127.0.0.1:{to} "));
         }
         assert_eq!(site.matches("listen 8080;").count(), 1);
@@ -126,11 +132,16 @@ fn status_of(gw: &Gateway) -> Option<(serde_json::Value, serde_json::Value)> {
 #[derive(Clone, Debug)]
 struct Outcome {
     started: Instant,
+    /// `started` by the wall clock, to set beside PostgreSQL's log.
+    wall: SystemTime,
     took: Duration,
     status: u16,
     retry_after: Option<String>,
     body: String,
 }
+
+/// One writer's outcomes in order, and the `(session, key)` it had acknowledged.
+type Written = (Vec<Outcome>, Vec<(String, String)>);
 
 /// What the writers' outcomes add up to against the rows on the new primary.
 struct Tally {
@@ -141,12 +152,14 @@ struct Tally {
     failed: usize,
     /// Write unavailability: the first failed write to the first successful one after it, over all writers.
     outage: Option<(Instant, Instant)>,
+    /// The same span by the wall clock.
+    outage_wall: Option<(SystemTime, SystemTime)>,
 }
 
-fn tally(db: &mut postgres::Client, results: &[(Vec<Outcome>, Vec<(String, String)>)], refused: impl Fn(&Outcome)) -> Tally {
+fn tally(db: &mut postgres::Client, results: &[Written], refused: impl Fn(&Outcome)) -> Tally {
     let stored: std::collections::BTreeSet<(String, String)> =
         db.query("SELECT session_id::text, key FROM omni_user_preferences", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut t = Tally { acknowledged: 0, lost: Vec::new(), failed: 0, outage: None };
+    let mut t = Tally { acknowledged: 0, lost: Vec::new(), failed: 0, outage: None, outage_wall: None };
     for (outcomes, acked) in results {
         t.acknowledged += acked.len();
         t.lost.extend(acked.iter().filter(|k| !stored.contains(*k)).cloned());
@@ -160,6 +173,8 @@ fn tally(db: &mut postgres::Client, results: &[(Vec<Outcome>, Vec<(String, Strin
             let back = outcomes[first_failed..].iter().find(|o| o.status == 200).expect("writes resumed");
             let (from, to) = (outcomes[first_failed].started, back.started + back.took);
             t.outage = Some(t.outage.map_or((from, to), |(f, tt)| (f.min(from), tt.max(to))));
+            let (from, to) = (outcomes[first_failed].wall, back.wall + back.took);
+            t.outage_wall = Some(t.outage_wall.map_or((from, to), |(f, tt)| (f.min(from), tt.max(to))));
         }
     }
     t
@@ -167,7 +182,7 @@ fn tally(db: &mut postgres::Client, results: &[(Vec<Outcome>, Vec<(String, Strin
 
 /// Sequence-numbered writes (the preferences API) through `port` until
 /// `stop`: every outcome in order, and the `(session, key)` acknowledged.
-fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outcome>, Vec<(String, String)>)> {
+fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Written> {
     std::thread::spawn(move || {
         let mut session = uuid::Uuid::new_v4().to_string();
         let (mut outcomes, mut acknowledged) = (Vec::new(), Vec::new());
@@ -175,11 +190,11 @@ fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outc
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             // A session keeps at most 100 preferences: a new one every 90 writes.
-            if n % 90 == 0 {
+            if n.is_multiple_of(90) {
                 session = uuid::Uuid::new_v4().to_string();
             }
             let key = format!("seq-{n:06}");
-            let started = Instant::now();
+            let (started, wall) = (Instant::now(), SystemTime::now());
             let answer = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": key, "value": n.to_string()})).try_send(port);
             let took = started.elapsed();
             let (status, retry_after, body) = match answer {
@@ -189,7 +204,7 @@ fn writer(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Outc
             if status == 200 {
                 acknowledged.push((session.clone(), key));
             }
-            outcomes.push(Outcome { started, took, status, retry_after, body });
+            outcomes.push(Outcome { started, wall, took, status, retry_after, body });
             if status != 200 {
                 // A client honouring Retry-After would wait; this one only
                 // paces itself so the outage is measured finely.
@@ -301,7 +316,7 @@ fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_aga
     wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
     stop.store(true, Ordering::Relaxed);
     watching.store(false, Ordering::Relaxed);
-    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let results: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     for w in watchers {
         w.join().unwrap();
     }
@@ -313,7 +328,7 @@ fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_aga
     assert_eq!(new_primary, sync, "the synchronous standby was promoted");
     let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let error_log = nginx.dir.path().join("error.log");
-    let Tally { acknowledged, lost, failed, outage } = tally(&mut db, &results, |o| {
+    let Tally { acknowledged, lost, failed, outage, .. } = tally(&mut db, &results, |o| {
         assert_eq!(o.status, 503, "a refused write is a 503: {o:?}\nnginx: {}", std::fs::read_to_string(&error_log).unwrap_or_default());
         assert!(o.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "a 503 carries Retry-After: {o:?}");
         assert!(o.body.contains("database_unavailable"), "{o:?}");
@@ -335,6 +350,162 @@ fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_aga
     let restarts_after: Vec<serde_json::Value> = gws.iter().map(|g| status_of(g).unwrap().0["restarts"].clone()).collect();
     assert_eq!(restarts_before, restarts_after, "no worker was restarted");
     assert!(gws.iter().all(|g| !g.log().contains("health check failed")), "{}", gws[0].log());
+}
+
+// ---------------------------------------------------------------- switchover, refused failover
+
+/// Three writers through nginx across `event` (which returns once the
+/// cluster has settled after it): 60 more writes acknowledged first, then
+/// the event; then both gateways answer `/health` 200 and acknowledge a
+/// write each, straight to them, and writes flow 2 s more. Checks what
+/// holds after any event: no acknowledged write missing from the primary,
+/// every refused write a 503 with `Retry-After` answered promptly, no
+/// worker restarted.
+fn writes_across(url: &str, gws: &[Gateway], nginx: &Nginx, event: impl FnOnce()) -> Tally {
+    let restarts_before: Vec<serde_json::Value> = gws.iter().map(|g| status_of(g).unwrap().0["restarts"].clone()).collect();
+    let count = |db: &mut postgres::Client| -> Option<i64> { db.query_one("SELECT count(*) FROM omni_user_preferences", &[]).ok().map(|r| r.get(0)) };
+    let mut app = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let before = count(&mut app).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = SetOnDrop(stop.clone());
+    let writers: Vec<_> = (0..3).map(|_| writer(nginx.port, stop.clone())).collect();
+    wait_until(Duration::from_secs(60), "60 acknowledged writes before the event", || (count(&mut app)? >= before + 60).then_some(()));
+    drop(app);
+
+    event();
+
+    for gw in gws {
+        wait_until(Duration::from_secs(30), "the gateway's /health to answer 200 again", || (gw.get("/health").status == 200).then_some(()));
+    }
+    let session = uuid::Uuid::new_v4().to_string();
+    for gw in gws {
+        wait_until(Duration::from_secs(30), "a write acknowledged through each gateway", || {
+            let r = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": format!("after-{}", gw.port), "value": "x"})).send_to(gw.port);
+            (r.status == 200).then_some(())
+        });
+    }
+    let resumed = Instant::now();
+    wait_until(Duration::from_secs(30), "writes to flow for 2 s after the event", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+
+    let mut db = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let error_log = nginx.dir.path().join("error.log");
+    let t = tally(&mut db, &results, |o| {
+        assert_eq!(o.status, 503, "a refused write is a 503: {o:?}\nnginx: {}", std::fs::read_to_string(&error_log).unwrap_or_default());
+        assert!(o.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "a 503 carries Retry-After: {o:?}");
+        assert!(o.body.contains("database_unavailable"), "{o:?}");
+    });
+    assert!(t.acknowledged > 60, "{} writes acknowledged", t.acknowledged);
+    assert!(t.lost.is_empty(), "{} acknowledged writes lost: {:?}", t.lost.len(), t.lost);
+    if t.failed > 0 {
+        // What the writers were refused with is in the API's document.
+        let doc = Request::get("/api/v1/openapi.json").send_to(gws[0].port).json();
+        let documented = &doc["paths"]["/api/v1/preferences"]["post"]["responses"]["503"];
+        assert!(documented["headers"].get("retry-after").is_some(), "POST /api/v1/preferences documents its 503 with Retry-After: {documented}");
+    }
+    let restarts_after: Vec<serde_json::Value> = gws.iter().map(|g| status_of(g).unwrap().0["restarts"].clone()).collect();
+    assert_eq!(restarts_before, restarts_after, "no worker was restarted");
+    assert!(gws.iter().all(|g| !g.log().contains("health check failed")), "{}", gws[0].log());
+    t
+}
+
+fn seconds_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// `patronictl`'s output, both streams.
+fn said(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The leader's `(name, timeline)` in `patronictl list`.
+fn leader_and_timeline(cluster: &PatroniCluster) -> (String, i64) {
+    let members = cluster.members();
+    let leader = members.iter().find(|m| m["Role"] == "Leader").unwrap_or_else(|| panic!("no leader: {}", cluster.list()));
+    (leader["Member"].as_str().unwrap_or_default().to_owned(), leader["TL"].as_i64().unwrap_or(-1))
+}
+
+#[test]
+fn a_switchover_then_a_failover_to_a_lagging_candidate_refused_by_patroni_lose_no_acknowledged_write() {
+    let cluster = PatroniCluster::start(3);
+    let url = cluster.database_url();
+    let backups = TempDir::new("ha-switchover-backups");
+    let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
+    let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
+    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+
+    // 1. `patronictl switchover` to the synchronous standby.
+    let (primary, sync) = (cluster.primary(Duration::from_secs(5)), cluster.sync_standby(Duration::from_secs(5)));
+    let (old, new) = (cluster.nodes[primary].name.clone(), cluster.nodes[sync].name.clone());
+    let (_, timeline_before) = leader_and_timeline(&cluster);
+    let mut asked = SystemTime::UNIX_EPOCH;
+    let t = writes_across(&url, &gws, &nginx, || {
+        asked = SystemTime::now();
+        let out = cluster.patronictl(&["switchover", "--leader", &old, "--candidate", &new, "--force"]);
+        let text = said(&out);
+        assert!(out.status.success() && text.contains(&format!("Successfully switched over to \"{new}\"")), "patronictl switchover: {text}\n{}", cluster.logs());
+        wait_until(Duration::from_secs(60), "the old primary to follow the new one", || (cluster.nodes[primary].rest("/replica") == Some(200)).then_some(()));
+    });
+    assert_eq!(cluster.primary(Duration::from_secs(5)), sync, "{}", cluster.list());
+    let (leader, timeline) = leader_and_timeline(&cluster);
+    assert_eq!((leader.as_str(), timeline), (new.as_str(), timeline_before + 1), "{}", cluster.list());
+    let ready = cluster.nodes[sync].accepts_writes_since(asked).unwrap_or_else(|| panic!("{new} logged no promotion\n{}", cluster.logs()));
+    match t.outage_wall {
+        Some((from, to)) => eprintln!(
+            "switchover {old} -> {new}: {} writes acknowledged, 0 lost, {} refused (503 with Retry-After); write unavailability {:.2} s; \
+             PostgreSQL on {new} accepted writes {:.2} s after patronictl was asked, writes acknowledged again {:.2} s after that",
+            t.acknowledged,
+            t.failed,
+            seconds_between(from, to),
+            seconds_between(asked, ready),
+            seconds_between(ready, to)
+        ),
+        None => eprintln!("switchover {old} -> {new}: {} writes acknowledged, 0 lost, none refused", t.acknowledged),
+    }
+
+    // 2. `patronictl failover` to a candidate that lags: an asynchronous
+    //    replica, its replay paused just before (Patroni resumes a paused
+    //    replay at its next loop, so only just before). Patroni refuses
+    //    (synchronous_mode promotes only the synchronous standby, the one
+    //    that has every acknowledged commit); the primary stays.
+    cluster.wait_healthy(Duration::from_secs(60));
+    let primary = cluster.primary(Duration::from_secs(5));
+    let lagging = wait_until(Duration::from_secs(30), "an asynchronous replica", || {
+        cluster.nodes.iter().position(|n| n.rest("/replica") == Some(200) && n.rest("/sync") != Some(200))
+    });
+    let candidate = cluster.nodes[lagging].name.clone();
+    let mut replica = cluster.nodes[lagging].client().unwrap();
+    let (leader_before, timeline_before) = leader_and_timeline(&cluster);
+    let mut behind = 0i64;
+    let t = writes_across(&url, &gws, &nginx, || {
+        // The writers move the primary's WAL past what the candidate replayed.
+        replica.batch_execute("SELECT pg_wal_replay_pause()").unwrap();
+        let mut admin = cluster.nodes[primary].client().unwrap();
+        behind = wait_until(Duration::from_secs(30), "the paused candidate to lag", || {
+            let replayed: String = replica.query_one("SELECT pg_last_wal_replay_lsn()::text", &[]).ok()?.get(0);
+            let lag: i64 = admin.query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", &[&replayed]).ok()?.get(0);
+            (lag > 0).then_some(lag)
+        });
+        let out = cluster.patronictl(&["failover", "--candidate", &candidate, "--force"]);
+        let text = said(&out);
+        assert!(text.contains("Failover failed") && !text.contains("Successfully"), "patronictl failover to {candidate}: {text}\n{}", cluster.logs());
+        let reason = format!("Failover candidate={candidate} does not match with sync_standbys");
+        wait_until(Duration::from_secs(10), "the primary's Patroni to log why it refused", || cluster.nodes[primary].log().contains(&reason).then_some(()));
+    });
+    assert_eq!(t.failed, 0, "no write refused while Patroni refused the failover");
+    assert_eq!(leader_and_timeline(&cluster), (leader_before.clone(), timeline_before), "the cluster kept its primary: {}", cluster.list());
+    assert_eq!(cluster.nodes[primary].rest("/primary"), Some(200));
+    assert_eq!(cluster.nodes[lagging].rest("/replica"), Some(200), "the candidate is still a replica");
+    eprintln!(
+        "failover to {candidate} ({behind} bytes of WAL behind, replay paused) refused by Patroni; {leader_before} kept leading on timeline {timeline_before}; \
+         {} writes acknowledged, 0 lost, none refused",
+        t.acknowledged
+    );
+    cluster.wait_healthy(Duration::from_secs(60));
 }
 
 // ---------------------------------------------------------------- leadership
@@ -449,22 +620,29 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
     });
     drop(app);
     let primary = cluster.primary(Duration::from_secs(5));
+    let (old, other) = (cluster.nodes[primary].name.clone(), cluster.nodes[1 - primary].name.clone());
+    let shows = |server: &str| cluster.haproxy_primary_status(server).unwrap_or_default();
+    assert_eq!((shows(&old), shows(&other), shows("BACKEND")), ("UP".into(), "DOWN".into(), "UP".into()), "HAProxy's status page before the kill");
     let killed = Instant::now();
     cluster.nodes[primary].kill9_postmaster();
+    // HAProxy's status page: the dead primary DOWN once its check fails.
     let new_primary = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
     let promoted = killed.elapsed();
     for gw in &gws {
         wait_until(Duration::from_secs(60), "the gateway's /health to answer 200 again", || (gw.get("/health").status == 200).then_some(()));
     }
+    wait_until(Duration::from_secs(10), "HAProxy's status page to show the new primary UP, the old one DOWN", || {
+        ((shows(&old), shows(&other), shows("BACKEND")) == ("DOWN".into(), "UP".into(), "UP".into())).then_some(())
+    });
     let resumed = Instant::now();
     wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
     stop.store(true, Ordering::Relaxed);
-    let results: Vec<(Vec<Outcome>, Vec<(String, String)>)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let results: Vec<Written> = writers.into_iter().map(|w| w.join().unwrap()).collect();
 
     let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let in_recovery: bool = db.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
     assert!(!in_recovery, "HAProxy routes to the new primary ({})", cluster.nodes[new_primary].name);
-    let Tally { acknowledged, lost, failed, outage } = tally(&mut db, &results, |o| {
+    let Tally { acknowledged, lost, failed, outage, .. } = tally(&mut db, &results, |o| {
         assert!(o.status == 503 || o.status == 502, "a refused write is a 503 (or nginx's 502 while no gateway is ready): {o:?}");
     });
     assert!(acknowledged > 60, "{acknowledged} writes acknowledged");
@@ -475,4 +653,123 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
         (to - from).as_secs_f64(),
         promoted.as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------- benchmark
+
+/// Preference writes from `clients` threads for `seconds`, the threads
+/// spread over `ports`: acknowledged writes per second, and the first
+/// refusal (a thread stops at its first).
+fn write_throughput(ports: &[u16], clients: usize, seconds: f64) -> (f64, Option<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = SetOnDrop(stop.clone());
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (port, stop) = (ports[i % ports.len()], stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut refused, mut session) = (0usize, None, uuid::Uuid::new_v4().to_string());
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    if n.is_multiple_of(90) {
+                        session = uuid::Uuid::new_v4().to_string();
+                    }
+                    let r = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": format!("k-{n}"), "value": "v"})).try_send(port);
+                    match r {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => {
+                            refused = Some(format!("{} {}", r.status, r.text()));
+                            break;
+                        }
+                        Err(e) => {
+                            refused = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    wait_until(Duration::from_secs_f64(seconds + 5.0), "the measuring window to end", || (started.elapsed().as_secs_f64() >= seconds).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut ok, mut first_refusal) = (0, None);
+    for (acknowledged, refused) in threads.into_iter().map(|t| t.join().unwrap()) {
+        ok += acknowledged;
+        first_refusal = first_refusal.or(refused);
+    }
+    (ok as f64 / elapsed, first_refusal)
+}
+
+/// The measurements behind `bench/ha.py` (run by it; `HA_BENCH_OUT` names
+/// the JSON file written): `HA_BENCH_FAILOVERS` (10) kills of the primary's
+/// postmaster under writers through nginx, each with the writers' own
+/// unavailability and Patroni's promotion from its node's log; before them,
+/// `HA_BENCH_ROUNDS` (3) interleaved rounds of `HA_BENCH_SECONDS` (10) of
+/// preference writes through two gateways on the cluster and through one
+/// gateway on its embedded PostgreSQL.
+#[test]
+#[ignore = "a benchmark: bench/ha.py runs it"]
+fn bench_failovers_and_write_throughput() {
+    let env = |name: &str, default: f64| std::env::var(name).ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(default);
+    let (failovers, rounds, seconds) = (env("HA_BENCH_FAILOVERS", 10.0) as usize, env("HA_BENCH_ROUNDS", 3.0) as usize, env("HA_BENCH_SECONDS", 10.0));
+    let clients = env("HA_BENCH_CLIENTS", 8.0) as usize;
+    let out = std::env::var("HA_BENCH_OUT").expect("HA_BENCH_OUT: the JSON file to write");
+    let cluster = PatroniCluster::start(2);
+    let url = cluster.database_url();
+    let backups = TempDir::new("ha-bench-backups");
+    let dirs: Vec<TempDir> = (0..3).map(|_| workdir()).collect();
+    let gws: Vec<Gateway> = dirs[..2].iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
+    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+
+    // Throughput first, on the healthy cluster: its two gateways beside one
+    // on its embedded PostgreSQL, interleaved.
+    let embedded = GatewayBuilder::new(dirs[2].path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let ha_ports = [gws[0].port, gws[1].port];
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        for (side, ports) in [("patroni_two_gateways", &ha_ports[..]), ("embedded_one_gateway", &[embedded.port][..])] {
+            let (rate, refused) = write_throughput(ports, clients, seconds);
+            assert!(refused.is_none(), "a write to {ports:?} was refused: {refused:?}");
+            let sample = json!({"round": round + 1, "side": side, "writes_per_s": rate});
+            eprintln!("{sample}");
+            samples.push(sample);
+        }
+    }
+    let mut events = Vec::new();
+    for i in 0..failovers {
+        cluster.wait_healthy(Duration::from_secs(120));
+        let primary = cluster.primary(Duration::from_secs(5));
+        let mut killed = SystemTime::UNIX_EPOCH;
+        let mut promoted_node = primary;
+        let t = writes_across(&url, &gws, &nginx, || {
+            killed = SystemTime::now();
+            cluster.nodes[primary].kill9_postmaster();
+            promoted_node = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
+        });
+        let ready = cluster.nodes[promoted_node].accepts_writes_since(killed).unwrap_or_else(|| panic!("no promotion logged\n{}", cluster.logs()));
+        let (from, to) = t.outage_wall.expect("the kill made some write fail");
+        let event = json!({
+            "failover": i + 1,
+            "promoted": cluster.nodes[promoted_node].name,
+            "acknowledged": t.acknowledged,
+            "lost": t.lost.len(),
+            "refused": t.failed,
+            "unavailable_s": seconds_between(from, to),
+            "patroni_promotion_s": seconds_between(killed, ready),
+            "first_failed_after_kill_s": seconds_between(killed, from),
+            "gateway_adds_s": seconds_between(ready, to),
+        });
+        eprintln!("{event}");
+        events.push(event);
+    }
+
+    // The two gateways after the failovers: a short window, its first refusal noted.
+    cluster.wait_healthy(Duration::from_secs(120));
+    let (after, refused) = write_throughput(&ha_ports, clients, 3.0);
+    eprintln!("after the failovers: {after:.0} writes/s, first refusal {refused:?}");
+    let doc = json!({"after_failovers": {"writes_per_s": after, "first_refusal": refused}, "failovers": events, "throughput": samples, "clients": clients, "seconds": seconds, "cluster": cluster.list()});
+    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
 }
