@@ -49,10 +49,7 @@ fn pitr_recovery_the_archive_alone_restores_after_the_data_disk_is_lost() {
     // The disk of the data directory is gone: the directory and everything beside it.
     let lost = siblings_of_the_data_dir(dir.path());
     assert!(lost.contains(&"postgres.password".to_string()), "{lost:?}");
-    for name in &lost {
-        let path = dir.path().join("data").join(name);
-        if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }.unwrap();
-    }
+    lose_the_data_disk(dir.path());
 
     let (ok, out, err) = cli(dir.path(), &["restore", "--to", "latest"]);
     assert!(ok, "a restore needs nothing but OMNI_WAL_DIR:\n{out}\n{err}");
@@ -197,14 +194,7 @@ fn pitr_recovery_a_clean_stop_under_write_load_leaves_every_acknowledged_write_i
     let dir = workdir();
     let mut gw = GatewayBuilder::new(dir.path()).start();
     wait_for_base_backup(&gw);
-    gw.db().batch_execute("CREATE TABLE pitr_load (id int PRIMARY KEY)").unwrap();
-    let writer = {
-        let db = gw.db();
-        std::thread::spawn(move || write_until_refused(db))
-    };
-    let mut db = gw.db();
-    wait_until(Duration::from_secs(60), "some write load", || (db.query_one("SELECT count(*) FROM pitr_load", &[]).unwrap().get::<_, i64>(0) > 1000).then_some(()));
-    drop(db);
+    let writer = write_load(&gw);
     assert!(gw.terminate().success(), "{}", gw.log());
     let acked = writer.join().unwrap();
     let log = gw.log();
@@ -218,6 +208,20 @@ fn pitr_recovery_a_clean_stop_under_write_load_leaves_every_acknowledged_write_i
     println!("a clean stop under load: {} writes acknowledged, {} restored from the archive alone, {} lost", acked.len(), present.len(), lost.len());
     assert!(acked.len() > 1000, "the load ran");
     assert!(lost.is_empty(), "{} writes acknowledged before the stop are not in the archive: {lost:?}\n{log}", lost.len());
+}
+
+/// A writer committing one row of `pitr_load` at a time until its
+/// connection fails, once it has written 1,000; joined, it gives the
+/// acknowledged ids.
+fn write_load(gw: &Gateway) -> std::thread::JoinHandle<Vec<i32>> {
+    gw.db().batch_execute("CREATE TABLE pitr_load (id int PRIMARY KEY)").unwrap();
+    let writer = {
+        let db = gw.db();
+        std::thread::spawn(move || write_until_refused(db))
+    };
+    let mut db = gw.db();
+    wait_until(Duration::from_secs(60), "some write load", || (db.query_one("SELECT count(*) FROM pitr_load", &[]).unwrap().get::<_, i64>(0) > 1000).then_some(()));
+    writer
 }
 
 /// Writes one row per commit until the connection fails; returns the
@@ -237,14 +241,7 @@ fn online_latest_restore_under_load(sync: bool) {
     let dir = workdir();
     let gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_WAL_SYNC", sync.to_string()).start();
     wait_for_base_backup(&gw);
-    gw.db().batch_execute("CREATE TABLE pitr_load (id int PRIMARY KEY)").unwrap();
-    let writer = {
-        let db = gw.db();
-        std::thread::spawn(move || write_until_refused(db))
-    };
-    let mut db = gw.db();
-    wait_until(Duration::from_secs(60), "some write load", || (db.query_one("SELECT count(*) FROM pitr_load", &[]).unwrap().get::<_, i64>(0) > 1000).then_some(()));
-    drop(db);
+    let writer = write_load(&gw);
     let asked_at = Instant::now();
     let (status, answer) = try_post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({ "target_time": "latest" })).unwrap();
     assert_eq!(status, 200, "{answer}\n{}", gw.log());
