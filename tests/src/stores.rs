@@ -653,3 +653,116 @@ mod tests {
         assert_eq!(mac.iter().map(|b| format!("{b:02x}")).collect::<String>(), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Write-only credentials (the repository's ransomware-resistant mode):
+// SeaweedFS with a second identity, `writer`, that may read, write and list
+// the bucket, and a bucket policy that denies it s3:DeleteObject. SeaweedFS's
+// `Write` action covers DeleteObject (an identity with Read, Write and List
+// deletes), so the identity alone cannot make a write-only credential: the
+// bucket policy's Deny does (it wins over the identity's Allow).
+
+/// The write-only identity's keys ([`StoreServer::start_seaweed_write_only`]).
+pub const S3_WRITER_ACCESS_KEY: &str = "omni-test-writer";
+pub const S3_WRITER_SECRET_KEY: &str = "omni-test-writer-secret-0123456789";
+/// The write-only identity's principal, as SeaweedFS matches it in a bucket policy.
+pub const S3_WRITER_PRINCIPAL: &str = "arn:aws:iam::000000000000:user/writer";
+
+/// Which S3 keys sign a request of [`StoreServer::signed_s3`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S3Identity {
+    /// The kit's admin identity ([`S3_ACCESS_KEY`]).
+    Admin,
+    /// The write-only identity ([`S3_WRITER_ACCESS_KEY`]).
+    Writer,
+}
+
+impl S3Identity {
+    fn keys(self) -> (&'static str, &'static str) {
+        match self {
+            S3Identity::Admin => (S3_ACCESS_KEY, S3_SECRET_KEY),
+            S3Identity::Writer => (S3_WRITER_ACCESS_KEY, S3_WRITER_SECRET_KEY),
+        }
+    }
+}
+
+/// The SeaweedFS identities of a write-only store: the kit's admin, and
+/// `writer` with Read, Write and List on [`BUCKET`] only.
+pub fn seaweed_write_only_identities() -> serde_json::Value {
+    serde_json::json!({"identities": [
+        {
+            "name": "omni",
+            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        },
+        {
+            "name": "writer",
+            "credentials": [{"accessKey": S3_WRITER_ACCESS_KEY, "secretKey": S3_WRITER_SECRET_KEY}],
+            "actions": [format!("Read:{BUCKET}"), format!("Write:{BUCKET}"), format!("List:{BUCKET}")],
+        },
+    ]})
+}
+
+/// The bucket policy that takes deletion away from `writer`.
+pub fn seaweed_write_only_policy() -> serde_json::Value {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "BackupsAreNeverDeletedByTheGateway",
+            "Effect": "Deny",
+            "Principal": {"AWS": S3_WRITER_PRINCIPAL},
+            "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
+            "Resource": [format!("arn:aws:s3:::{BUCKET}/*")],
+        }],
+    })
+}
+
+impl StoreServer {
+    /// SeaweedFS whose [`StoreServer::env`] holds the write-only identity's
+    /// keys: it reads, writes and lists [`BUCKET`], and a DELETE of any of
+    /// its objects is refused (403). The identities are set by a restart
+    /// on the same data (SeaweedFS reads `-s3.config` at start), the policy
+    /// by the admin identity (`PUT /<bucket>?policy`).
+    pub fn start_seaweed_write_only() -> StoreServer {
+        let mut server = StoreServer::start_new(Kind::Seaweed);
+        fs::write(server.data.path().join("s3.json"), seaweed_write_only_identities().to_string()).unwrap();
+        server.stop();
+        server.start();
+        let policy = seaweed_write_only_policy().to_string();
+        let response = server.signed_s3(S3Identity::Admin, "PUT", &format!("/{BUCKET}"), "policy=", policy.as_bytes());
+        assert!((200..300).contains(&response.status), "setting the bucket policy on SeaweedFS: {} {}\n{}", response.status, response.text(), server.log());
+        server.env.insert("AWS_ACCESS_KEY_ID".to_owned(), S3_WRITER_ACCESS_KEY.to_owned());
+        server.env.insert("AWS_SECRET_ACCESS_KEY".to_owned(), S3_WRITER_SECRET_KEY.to_owned());
+        server
+    }
+
+    /// An S3 request signed with AWS Signature Version 4 by `who`: `path`
+    /// is `/<bucket>/<key>` (unreserved characters and `/` only), `query`
+    /// canonical (sorted, encoded, `name=` for a bare name).
+    pub fn signed_s3(&self, who: S3Identity, method: &str, path: &str, query: &str, body: &[u8]) -> crate::Response {
+        assert!(matches!(self.kind, Kind::Rclone | Kind::Seaweed), "{} is no S3 server", self.kind.name());
+        let (access, secret) = who.keys();
+        let (y, mo, d, h, mi, s) = utc_parts(SystemTime::now());
+        let date = format!("{y:04}{mo:02}{d:02}");
+        let stamp = format!("{date}T{h:02}{mi:02}{s:02}Z");
+        let host = format!("127.0.0.1:{}", self.port);
+        let payload = hex(&Sha256::digest(body));
+        let canonical = format!("{method}\n{path}\n{query}\nhost:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{stamp}\n\nhost;x-amz-content-sha256;x-amz-date\n{payload}");
+        let scope = format!("{date}/us-east-1/s3/aws4_request");
+        let to_sign = format!("AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
+        let mut key = hmac_sha256(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+        for part in ["us-east-1", "s3", "aws4_request"] {
+            key = hmac_sha256(&key, part.as_bytes());
+        }
+        let signature = hex(&hmac_sha256(&key, to_sign.as_bytes()));
+        let target = if query.is_empty() { path.to_owned() } else { format!("{path}?{query}") };
+        let mut request = Request::new(method, target)
+            .header("x-amz-date", &stamp)
+            .header("x-amz-content-sha256", &payload)
+            .header("authorization", format!("AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"));
+        if !body.is_empty() || method == "PUT" {
+            request = request.raw_body("application/octet-stream", body.to_vec());
+        }
+        request.send_to(self.port)
+    }
+}

@@ -53,6 +53,7 @@ mod offsite_restore;
 mod offsite_ship;
 mod offsite_stores;
 mod offsite_upload;
+mod offsite_write_only;
 mod pitr;
 mod pitr_api;
 mod pitr_checksums;
