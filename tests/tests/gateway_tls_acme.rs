@@ -4,9 +4,12 @@
 //! certificate served to new connections, and after a restart the stored
 //! certificate served without a new order.
 //!
-//! Pebble runs with `PEBBLE_VA_ALWAYS_VALID=1` (its validation authority
-//! accepts every challenge without connecting), on free ports, its HTTPS
-//! served with a certificate of a test CA made here (`OMNI_ACME_CA_FILE`).
+//! Pebble runs on free ports, its HTTPS served with a certificate of a test
+//! CA made here (`OMNI_ACME_CA_FILE`): first with `PEBBLE_VA_ALWAYS_VALID=1`
+//! (its validation authority accepts every challenge without connecting),
+//! then for real: `pebble-challtestsrv` as its DNS server resolves every
+//! name to 127.0.0.1 and pebble fetches the HTTP-01 answer from the
+//! gateway's plain port (`OMNI_HTTP_PORT`, pebble's `httpPort`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,12 +31,15 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// Pebble on free ports; its directory's HTTPS certificate signed by `ca.pem` of `dir`.
 struct Pebble {
     child: ChildGuard,
+    _dns: Option<ChildGuard>,
     directory: String,
     log: PathBuf,
 }
 
 impl Pebble {
-    fn start(dir: &Path) -> Pebble {
+    /// `http01`: validate for real, fetching challenges from this port
+    /// (names resolved to 127.0.0.1); `None`: every challenge is valid.
+    fn start(dir: &Path, http01: Option<u16>) -> Pebble {
         openssl(dir, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "pebble.key", "-out", "pebble.csr", "-subj", "/CN=localhost"]);
         std::fs::write(dir.join("pebble.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
         openssl(dir, &["x509", "-req", "-in", "pebble.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "7", "-days", "2", "-extfile", "pebble.ext", "-out", "pebble.pem"]);
@@ -43,18 +49,37 @@ impl Pebble {
             "managementListenAddress": format!("127.0.0.1:{}", free_port()),
             "certificate": dir.join("pebble.pem"),
             "privateKey": dir.join("pebble.key"),
-            "httpPort": free_port(),
+            "httpPort": http01.unwrap_or_else(free_port),
             "tlsPort": free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         }});
         std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
         let log = dir.join("pebble.log");
+        let dns = http01.map(|_| {
+            let (port, management) = (free_port(), free_port());
+            let dns = ChildGuard::spawn(
+                Command::new("pebble-challtestsrv")
+                    .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", "", "-dns01"])
+                    .arg(format!("127.0.0.1:{port}"))
+                    .arg("-management")
+                    .arg(format!("127.0.0.1:{management}"))
+                    .stdin(Stdio::null())
+                    .stdout(std::fs::File::create(dir.join("challtestsrv.log")).unwrap())
+                    .stderr(Stdio::null()),
+            );
+            wait_until(Duration::from_secs(30), "pebble-challtestsrv", || std::net::TcpStream::connect(("127.0.0.1", management)).ok());
+            (dns, port)
+        });
+        let mut command = Command::new("pebble");
+        command.args(["-config", "pebble.json"]);
+        match &dns {
+            Some((_, port)) => command.arg("-dnsserver").arg(format!("127.0.0.1:{port}")),
+            None => command.env("PEBBLE_VA_ALWAYS_VALID", "1"),
+        };
         let child = ChildGuard::spawn(
-            Command::new("pebble")
-                .args(["-config", "pebble.json"])
+            command
                 .current_dir(dir)
-                .env("PEBBLE_VA_ALWAYS_VALID", "1")
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 // No nonces refused at random: the outcome does not depend on luck.
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
@@ -68,7 +93,7 @@ impl Pebble {
             let out = Command::new("curl").args(["-sS", "--cacert", &ca, "-o", "/dev/null", "-w", "%{http_code}", &directory]).output().unwrap();
             (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
         });
-        Pebble { child, directory, log }
+        Pebble { child, _dns: dns.map(|(guard, _)| guard), directory, log }
     }
 
     fn log(&self) -> String {
@@ -83,7 +108,7 @@ impl Pebble {
 
 /// A gateway for [`DOMAIN`] by ACME from `directory`, in `dir` (so its
 /// data directory, and the stored certificate, outlive it).
-fn gateway(dir: &Path, pg: &TempPostgres, directory: &str) -> Gateway {
+fn gateway(dir: &Path, pg: &TempPostgres, directory: &str, http_port: u16) -> Gateway {
     let mut gw = GatewayBuilder::new(dir)
         .env("OMNI_API_BIN", bin_path("fake-worker").display().to_string())
         .env("DATABASE_URL", pg.url())
@@ -92,7 +117,7 @@ fn gateway(dir: &Path, pg: &TempPostgres, directory: &str) -> Gateway {
         .env("OMNI_ACME_DIRECTORY", directory)
         .env("OMNI_ACME_EMAIL", "admin@example.com")
         .env("OMNI_ACME_CA_FILE", dir.join("ca.pem").display().to_string())
-        .env("OMNI_HTTP_PORT", free_port().to_string())
+        .env("OMNI_HTTP_PORT", http_port.to_string())
         .spawn();
     let port = gw.port;
     wait_until(Duration::from_secs(60), "/health 200 over HTTPS", || {
@@ -134,7 +159,7 @@ fn acme_serves_self_signed_then_pebbles_certificate_and_reuses_it_after_a_restar
 
     // A directory that refuses connections: the gateway serves, self-signed, and says why.
     let refused = format!("https://127.0.0.1:{}/dir", free_port());
-    let mut gw = gateway(dir.path(), &pg, &refused);
+    let mut gw = gateway(dir.path(), &pg, &refused, free_port());
     let cert = served(gw.port);
     assert!(cert.contains(&format!("DNS:{DOMAIN}")) && !cert.contains("Pebble"), "{cert}");
     let tls = wait_until(Duration::from_secs(60), "the ACME error in the status", || {
@@ -148,8 +173,8 @@ fn acme_serves_self_signed_then_pebbles_certificate_and_reuses_it_after_a_restar
     gw.terminate();
 
     // Pebble: its certificate reaches new connections, the status says so.
-    let pebble = Pebble::start(dir.path());
-    let mut gw = gateway(dir.path(), &pg, &pebble.directory);
+    let pebble = Pebble::start(dir.path(), None);
+    let mut gw = gateway(dir.path(), &pg, &pebble.directory, free_port());
     let cert = wait_until(Duration::from_secs(90), "a certificate issued by pebble", || {
         let cert = served(gw.port);
         cert.contains("Pebble").then_some(cert)
@@ -171,7 +196,7 @@ fn acme_serves_self_signed_then_pebbles_certificate_and_reuses_it_after_a_restar
     assert_eq!(issued, 1, "{}", pebble.log());
 
     // A restart serves the stored certificate at once and orders nothing.
-    let mut gw = gateway(dir.path(), &pg, &pebble.directory);
+    let mut gw = gateway(dir.path(), &pg, &pebble.directory, free_port());
     assert!(served(gw.port).contains("Pebble"), "the stored certificate is not served first");
     let tls = tls_status(&gw);
     assert!(tls["state"].as_str().unwrap().contains("stored by an earlier run"), "{tls}");
@@ -179,4 +204,28 @@ fn acme_serves_self_signed_then_pebbles_certificate_and_reuses_it_after_a_restar
     assert_eq!(pebble.finalized(), issued, "a new order after the restart: {}", pebble.log());
     gw.terminate();
     drop(pebble.child);
+}
+
+#[test]
+fn acme_answers_pebbles_http01_check_on_the_plain_port() {
+    let dir = workdir();
+    make_test_ca(dir.path(), "ca");
+    let pg = TempPostgres::start_new();
+    let http_port = free_port();
+    let pebble = Pebble::start(dir.path(), Some(http_port));
+    let mut gw = gateway(dir.path(), &pg, &pebble.directory, http_port);
+    let cert = wait_until(Duration::from_secs(90), "a certificate issued by pebble after a real HTTP-01 check", || {
+        let tls = tls_status(&gw);
+        assert!(tls["last_error"].is_null(), "{tls}\n{}\n{}", gw.log(), pebble.log());
+        let cert = served(gw.port);
+        cert.contains("Pebble").then_some(cert)
+    });
+    assert!(cert.contains(&format!("DNS:{DOMAIN}")), "{cert}");
+    // Pebble fetched the answer from the plain port (its VA logs each check).
+    let log = pebble.log();
+    assert!(log.contains(&format!("Attempting to validate w/ HTTP: http://{DOMAIN}:{http_port}/.well-known/acme-challenge/")) && log.contains("set VALID by completed challenge"), "{log}");
+    // The answered challenge is forgotten: the path is 404 again.
+    let out = Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{http_port}/.well-known/acme-challenge/anything")]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    gw.terminate();
 }
