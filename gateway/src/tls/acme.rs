@@ -197,8 +197,7 @@ impl Acme {
         if self.status().state == STATE_SELF_SIGNED {
             return Duration::ZERO;
         }
-        let renew_at = not_after - (not_after.saturating_sub(not_before)) / 3;
-        Duration::from_secs(renew_at.saturating_sub(super::unix(SystemTime::now())))
+        until_renewal(not_before, not_after, super::unix(SystemTime::now()))
     }
 
     /// One order: account, authorizations answered by HTTP-01, CSR,
@@ -265,6 +264,13 @@ impl Acme {
     }
 }
 
+/// How long until a certificate valid from `not_before` to `not_after`
+/// (Unix seconds) has a third of its lifetime left, at `now`.
+fn until_renewal(not_before: u64, not_after: u64, now: u64) -> Duration {
+    let renew_at = not_after - not_after.saturating_sub(not_before) / 3;
+    Duration::from_secs(renew_at.saturating_sub(now))
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredAccount {
     directory: String,
@@ -316,5 +322,16 @@ mod tests {
         assert_eq!((challenges.answer("t1").as_deref(), challenges.answer("t2")), (Some("t1.thumb"), None));
         challenges.clear();
         assert_eq!(challenges.answer("t1"), None);
+    }
+
+    #[test]
+    fn renewal_comes_when_a_third_of_the_lifetime_is_left() {
+        let day = 86_400;
+        // 90 days: renewed from day 60 on.
+        assert_eq!(until_renewal(0, 90 * day, 10 * day), Duration::from_secs(50 * day));
+        assert_eq!(until_renewal(0, 90 * day, 60 * day), Duration::ZERO);
+        assert_eq!(until_renewal(0, 90 * day, 100 * day), Duration::ZERO);
+        // A six-day certificate: after four days.
+        assert_eq!(until_renewal(day, 7 * day, day), Duration::from_secs(4 * day));
     }
 }
