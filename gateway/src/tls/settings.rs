@@ -76,6 +76,9 @@ impl HttpsSettings {
         if http_port != 0 && http_port == config.port {
             return Err(p.invalid("OMNI_HTTP_PORT", format!("it is OMNI_PORT too ({}), which serves HTTPS; pick another port for plain HTTP, or off", config.port)));
         }
+        if http_port == 0 && matches!(source, Source::Acme(_)) {
+            return Err(p.invalid("OMNI_HTTP_PORT", "OMNI_TLS_DOMAINS obtains certificates with the HTTP-01 challenge, which the certificate authority checks on the plain port: give OMNI_HTTP_PORT a port (reachable as port 80 of each domain), or use OMNI_TLS_CERT and OMNI_TLS_KEY"));
+        }
         Ok(Some(HttpsSettings { source, http_port: (http_port != 0).then_some(http_port), hsts_max_age }))
     }
 }
@@ -169,6 +172,8 @@ mod tests {
         }
         let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_DIRECTORY", "letsencrypt")]).unwrap_err();
         assert!(err.starts_with("OMNI_ACME_DIRECTORY"), "{err}");
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_HTTP_PORT", "off")]).unwrap_err();
+        assert!(err.starts_with("OMNI_HTTP_PORT") && err.contains("HTTP-01"), "{err}");
         let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_EMAIL", "admin")]).unwrap_err();
         assert!(err.starts_with("OMNI_ACME_EMAIL"), "{err}");
     }
