@@ -161,16 +161,21 @@ pub async fn run(config: Config) -> Result<i32> {
     let https = crate::tls::settings::HttpsSettings::parse(&config)?;
     if https.is_none() {
         if let Some(port) = config.parser().string("OMNI_HTTP_PORT") {
-            tracing::warn!("OMNI_HTTP_PORT={port} is ignored: the plain-HTTP redirect port exists only with HTTPS (OMNI_TLS_CERT and OMNI_TLS_KEY); OMNI_PORT serves plain HTTP");
+            tracing::warn!("OMNI_HTTP_PORT={port} is ignored: the plain-HTTP redirect port exists only with HTTPS (OMNI_TLS_CERT and OMNI_TLS_KEY, or OMNI_TLS_DOMAINS); OMNI_PORT serves plain HTTP");
         }
     }
-    let tls = match &https {
-        Some(settings) => {
-            let (key, info) = crate::tls::load(&settings.files)?;
-            tracing::info!(subject = %info.subject, chain = info.chain_length, "TLS certificate loaded from {}", settings.files.cert.display());
-            Some(crate::tls::Live::new(key, info))
+    let (tls, acme) = match https.as_ref().map(|s| &s.source) {
+        Some(crate::tls::settings::Source::Files(files)) => {
+            let (key, info) = crate::tls::load(files)?;
+            tracing::info!(subject = %info.subject, chain = info.chain_length, "TLS certificate loaded from {}", files.cert.display());
+            (Some(crate::tls::Live::new(key, info)), None)
         }
-        None => None,
+        // ACME: a stored or self-signed certificate at once, obtained in the background.
+        Some(crate::tls::settings::Source::Acme(settings)) => {
+            let (acme, live) = crate::tls::acme::Acme::start(settings.clone())?;
+            (Some(live), Some(acme))
+        }
+        None => None.unzip(),
     };
     let listener = serve::bind(addr).await?;
     let plain = match https.as_ref().and_then(|s| s.http_port) {
@@ -186,8 +191,8 @@ pub async fn run(config: Config) -> Result<i32> {
     }
     // Replaced certificate files are served to new connections; the watch
     // lasts as long as the gateway runs.
-    let _tls_watch = match (&https, &tls) {
-        (Some(settings), Some(live)) => Some(crate::tls::watch(settings.files.clone(), live.clone())?),
+    let _tls_watch = match (https.as_ref().map(|s| &s.source), &tls) {
+        (Some(crate::tls::settings::Source::Files(files)), Some(live)) => Some(crate::tls::watch(files.clone(), live.clone())?),
         _ => None,
     };
 
@@ -244,11 +249,14 @@ pub async fn run(config: Config) -> Result<i32> {
         stop_streams: http.token(),
         internal: internal.clone(),
         stream_slots: Default::default(),
-        https: https.clone().zip(tls).map(|(settings, live)| Arc::new(serve::Https::new(live, settings))),
+        https: https.clone().zip(tls.clone()).map(|(settings, live)| Arc::new(serve::Https::new(live, settings, acme.clone()))),
     });
+    if let (Some(acme), Some(live)) = (&acme, &tls) {
+        background.spawn(acme.clone().run(live.clone(), background.token()));
+    }
     // A hurried stop does not wait for the drain any more.
     if let Some(plain) = plain {
-        let redirecting = serve::plain::serve(plain, config.port, config.http.header_timeout, config.http.drain_timeout, http.token());
+        let redirecting = serve::plain::serve(plain, config.port, acme.as_ref().map(|a| a.challenges.clone()), config.http.header_timeout, config.http.drain_timeout, http.token());
         http.spawn(redirecting);
     }
     let (serving, hurried) = (serve::serve(listener, surface, http.token(), config.http.clone()), http.hurried());

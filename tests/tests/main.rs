@@ -37,6 +37,7 @@ mod gateway_proxy;
 mod gateway_settings;
 mod gateway_supervision;
 mod gateway_tls;
+mod gateway_tls_acme;
 mod ha_patroni;
 mod import_doors;
 mod import_sqlite;

@@ -82,14 +82,16 @@ pub struct Https {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub live: Arc<crate::tls::Live>,
     pub settings: crate::tls::settings::HttpsSettings,
+    /// With `OMNI_TLS_DOMAINS`: the ACME client's status.
+    pub acme: Option<Arc<crate::tls::acme::Acme>>,
     /// `Strict-Transport-Security`, `None` with `OMNI_HSTS_MAX_AGE=0`.
     hsts: Option<hyper::header::HeaderValue>,
 }
 
 impl Https {
-    pub fn new(live: Arc<crate::tls::Live>, settings: crate::tls::settings::HttpsSettings) -> Https {
+    pub fn new(live: Arc<crate::tls::Live>, settings: crate::tls::settings::HttpsSettings, acme: Option<Arc<crate::tls::acme::Acme>>) -> Https {
         let hsts = (settings.hsts_max_age > 0).then(|| hyper::header::HeaderValue::from_str(&format!("max-age={}", settings.hsts_max_age)).expect("digits are a valid header value"));
-        Https { acceptor: tokio_rustls::TlsAcceptor::from(crate::tls::server_config(live.clone())), live, settings, hsts }
+        Https { acceptor: tokio_rustls::TlsAcceptor::from(crate::tls::server_config(live.clone())), live, settings, acme, hsts }
     }
 
     /// The `tls` member of `/gateway/status`.
@@ -97,20 +99,42 @@ impl Https {
         let info = self.live.info();
         let (reloads, last_error) = self.live.reloads();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        serde_json::json!({
+        let mut doc = serde_json::json!({
             "enabled": true,
             "source": "files",
-            "cert_file": self.settings.files.cert.display().to_string(),
-            "key_file": self.settings.files.key.display().to_string(),
             "subject": info.subject,
+            "issuer": info.issuer,
             "not_after": info.not_after,
             "expires_in_s": info.not_after.saturating_sub(now),
             "chain_length": info.chain_length,
-            "reloads": reloads,
-            "last_reload_error": last_error,
             "http_port": self.settings.http_port,
             "hsts_max_age": self.settings.hsts_max_age,
-        })
+        });
+        match (&self.settings.source, &self.acme) {
+            (crate::tls::settings::Source::Files(files), _) => {
+                doc["cert_file"] = files.cert.display().to_string().into();
+                doc["key_file"] = files.key.display().to_string().into();
+                doc["reloads"] = reloads.into();
+                doc["last_reload_error"] = last_error.into();
+            }
+            (crate::tls::settings::Source::Acme(settings), Some(acme)) => {
+                let status = acme.status();
+                doc["source"] = "acme".into();
+                doc["state"] = status.state.clone().into();
+                doc["last_error"] = status.last_error.clone().into();
+                doc["acme"] = serde_json::json!({
+                    "domains": settings.domains,
+                    "directory": settings.directory,
+                    "store": settings.store.display().to_string(),
+                    "orders": status.orders,
+                    "failures": status.failures,
+                    "last_error_at": status.last_error_at,
+                    "next_attempt_at": status.next_attempt_at,
+                });
+            }
+            (crate::tls::settings::Source::Acme(_), None) => {}
+        }
+        doc
     }
 
     /// `/metrics` lines: when the served certificate expires.
@@ -120,7 +144,14 @@ impl Https {
             "# HELP omni_tls_certificate_expiry_seconds When the certificate served on the HTTPS port expires (Unix seconds).\n# TYPE omni_tls_certificate_expiry_seconds gauge\nomni_tls_certificate_expiry_seconds {}\n# HELP omni_tls_reloads_total Certificate file changes read since start.\n# TYPE omni_tls_reloads_total counter\nomni_tls_reloads_total {reloads}\n# HELP omni_tls_reload_failed 1 when the last change of the certificate files was refused (the previous certificate is still served).\n# TYPE omni_tls_reload_failed gauge\nomni_tls_reload_failed {}\n",
             self.live.info().not_after,
             u8::from(last_error.is_some()),
-        )
+        ) + &self.acme.as_ref().map_or_else(String::new, |acme| {
+            let status = acme.status();
+            format!(
+                "# HELP omni_tls_acme_last_error 1 when the last attempt to obtain a certificate by ACME failed (see tls.last_error in /gateway/status).\n# TYPE omni_tls_acme_last_error gauge\nomni_tls_acme_last_error {}\n# HELP omni_tls_acme_orders_total Certificates obtained by ACME since start.\n# TYPE omni_tls_acme_orders_total counter\nomni_tls_acme_orders_total {}\n",
+                u8::from(status.last_error.is_some()),
+                status.orders,
+            )
+        })
     }
 
     /// HSTS for a request naming `host`: never for localhost or an IP

@@ -2,7 +2,8 @@
 //! redirected with `308 Permanent Redirect` to the same host on the HTTPS
 //! port, path and query kept (308, unlike 301, keeps the method and body).
 //! `/.well-known/acme-challenge/…` is the one path not redirected: it is
-//! where a certificate authority checks HTTP-01 challenges.
+//! where a certificate authority checks HTTP-01 challenges, answered from
+//! the pending ones of the ACME client (`OMNI_TLS_DOMAINS`).
 //!
 //! Few requests come here (a browser follows the redirect once, then HSTS
 //! keeps it on HTTPS), so it runs on the main runtime.
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::serve::{error, full, Body};
+use crate::tls::acme::Challenges;
 
 /// Where ACME's HTTP-01 challenges are asked.
 pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -39,7 +41,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves the plain port until `stop`; then lets each connection finish
 /// its request (for up to `drain`) and returns.
-pub async fn serve(listener: TcpListener, https_port: u16, header_timeout: Duration, drain: Duration, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, https_port: u16, challenges: Option<Challenges>, header_timeout: Duration, drain: Duration, stop: CancellationToken) {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1.timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(16 * 1024).keep_alive(true);
     let open = TaskTracker::new();
@@ -58,11 +60,13 @@ pub async fn serve(listener: TcpListener, https_port: u16, header_timeout: Durat
             }
         };
         let port = https_port.clone();
+        let challenges = challenges.clone();
         let conn = http1.serve_connection(
             TokioIo::new(stream),
             hyper::service::service_fn(move |req| {
                 let port = *port;
-                async move { Ok::<_, std::convert::Infallible>(answer(&req, port)) }
+                let answered = answer(&req, port, challenges.as_ref());
+                async move { Ok::<_, std::convert::Infallible>(answered) }
             }),
         );
         let stop = stop.clone();
@@ -83,13 +87,24 @@ pub async fn serve(listener: TcpListener, https_port: u16, header_timeout: Durat
 }
 
 /// The answer to one request on the plain port.
-fn answer(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
-    if req.uri().path().starts_with(ACME_CHALLENGE_PREFIX) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "no_acme_challenge",
-            "no ACME challenge is pending for this token: this gateway's certificate comes from OMNI_TLS_CERT and OMNI_TLS_KEY",
-        );
+fn answer(req: &Request<Incoming>, https_port: u16, challenges: Option<&Challenges>) -> Response<Body> {
+    if let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX) {
+        return match challenges {
+            Some(challenges) => match challenges.answer(token) {
+                Some(key_authorization) => Response::builder()
+                    .status(StatusCode::OK)
+                    .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+                    .header(hyper::header::CACHE_CONTROL, "no-store")
+                    .body(full(key_authorization))
+                    .expect("static headers"),
+                None => error(StatusCode::NOT_FOUND, "no_acme_challenge", "no ACME challenge is pending for this token: this gateway asked for none, or it was already answered"),
+            },
+            None => error(
+                StatusCode::NOT_FOUND,
+                "no_acme_challenge",
+                "no ACME challenge is pending for this token: this gateway's certificate comes from OMNI_TLS_CERT and OMNI_TLS_KEY",
+            ),
+        };
     }
     match redirect_target(req, https_port) {
         Some(location) => Response::builder()

@@ -17,6 +17,7 @@
 //!   a new pair that fails the checks is logged and the old one stays.
 //! * ALPN offers `h2` then `http/1.1`.
 
+pub mod acme;
 pub mod settings;
 
 use std::{
@@ -48,6 +49,10 @@ pub struct CertFiles {
 pub struct CertInfo {
     /// The end-entity certificate's subject.
     pub subject: String,
+    /// The issuer's name (the subject again when self-signed).
+    pub issuer: String,
+    /// Unix seconds.
+    pub not_before: u64,
     /// Unix seconds.
     pub not_after: u64,
     /// Certificates in the file (the end entity and its chain).
@@ -100,7 +105,7 @@ pub fn load(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError
         rustls::Error::InconsistentKeys(_) => TlsError(format!("{key_var} does not match the certificate of {cert_var} ({subject}): give the key the certificate was issued for")),
         other => TlsError(format!("{key_var}: the key cannot be used ({other})")),
     })?;
-    let info = CertInfo { subject, not_after: unix(not_after), chain_length: chain.len() };
+    let info = CertInfo { subject, issuer: tbs.issuer.to_string(), not_before: unix(not_before), not_after: unix(not_after), chain_length: chain.len() };
     Ok((Arc::new(certified), info))
 }
 
@@ -160,6 +165,12 @@ impl Live {
             }
         }
         self.reloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The served certificate's validity (Unix seconds), `None` if unknown.
+    pub fn lifetime(&self) -> Option<(u64, u64)> {
+        let info = self.info();
+        (info.not_after > 0).then_some((info.not_before, info.not_after))
     }
 
     pub fn info(&self) -> CertInfo {

@@ -1,14 +1,43 @@
 //! HTTPS settings, parsed by the tls layer from the configuration's layers:
-//! `OMNI_TLS_CERT`, `OMNI_TLS_KEY`, `OMNI_HTTP_PORT`, `OMNI_HSTS_MAX_AGE`.
+//! `OMNI_TLS_CERT`, `OMNI_TLS_KEY`, `OMNI_HTTP_PORT`, `OMNI_HSTS_MAX_AGE`,
+//! and for certificates obtained by ACME `OMNI_TLS_DOMAINS`,
+//! `OMNI_ACME_DIRECTORY`, `OMNI_ACME_EMAIL`, `OMNI_ACME_CA_FILE`.
+
+use std::path::PathBuf;
 
 use crate::config::{Config, ConfigError};
 
 use super::CertFiles;
 
-/// HTTPS on the gateway's port, when `OMNI_TLS_CERT` and `OMNI_TLS_KEY` are set.
+/// Where the certificate comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// `OMNI_TLS_CERT` and `OMNI_TLS_KEY`, watched.
+    Files(CertFiles),
+    /// `OMNI_TLS_DOMAINS`: obtained by ACME.
+    Acme(AcmeSettings),
+}
+
+/// The ACME client's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AcmeSettings {
+    /// `OMNI_TLS_DOMAINS`, lower-cased, in order, without duplicates.
+    pub domains: Vec<String>,
+    /// `OMNI_ACME_DIRECTORY`.
+    pub directory: String,
+    /// `OMNI_ACME_EMAIL`.
+    pub email: Option<String>,
+    /// `OMNI_ACME_CA_FILE`.
+    pub ca_file: Option<PathBuf>,
+    /// `OMNI_DATA_DIR/tls`: the account, the certificate and its key.
+    pub store: PathBuf,
+}
+
+/// HTTPS on the gateway's port, when `OMNI_TLS_CERT` and `OMNI_TLS_KEY`
+/// (or `OMNI_TLS_DOMAINS`) are set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpsSettings {
-    pub files: CertFiles,
+    pub source: Source,
     /// `OMNI_HTTP_PORT`: the plain port that redirects to HTTPS (and will
     /// answer ACME's HTTP-01 challenges); `None` with `off`.
     pub http_port: Option<u16>,
@@ -31,16 +60,60 @@ impl HttpsSettings {
             Some(v) if v.eq_ignore_ascii_case("off") => 0,
             Some(_) => p.port("OMNI_HTTP_PORT", false).map_err(|_| p.invalid("OMNI_HTTP_PORT", "expected a port number from 1 to 65535, or off (no plain port)"))?.value,
         };
-        let files = match (cert, key) {
-            (None, None) => return Ok(None),
-            (Some(cert), Some(key)) => CertFiles { cert, key },
+        let domains = p.string("OMNI_TLS_DOMAINS");
+        if domains.is_some() && (cert.is_some() || key.is_some()) {
+            return Err(p.invalid("OMNI_TLS_DOMAINS", "OMNI_TLS_CERT/OMNI_TLS_KEY are set too: a certificate comes either from files (OMNI_TLS_CERT and OMNI_TLS_KEY) or from ACME (OMNI_TLS_DOMAINS); unset one of them"));
+        }
+        let source = match (cert, key) {
+            (None, None) => match domains {
+                None => return Ok(None),
+                Some(list) => Source::Acme(AcmeSettings::parse(config, &list)?),
+            },
+            (Some(cert), Some(key)) => Source::Files(CertFiles { cert, key }),
             (Some(_), None) => return Err(p.invalid("OMNI_TLS_KEY", "OMNI_TLS_CERT is set but OMNI_TLS_KEY is not: HTTPS needs both, the certificate (PEM, chain included) and its private key")),
             (None, Some(_)) => return Err(p.invalid("OMNI_TLS_CERT", "OMNI_TLS_KEY is set but OMNI_TLS_CERT is not: HTTPS needs both, the certificate (PEM, chain included) and its private key")),
         };
         if http_port != 0 && http_port == config.port {
             return Err(p.invalid("OMNI_HTTP_PORT", format!("it is OMNI_PORT too ({}), which serves HTTPS; pick another port for plain HTTP, or off", config.port)));
         }
-        Ok(Some(HttpsSettings { files, http_port: (http_port != 0).then_some(http_port), hsts_max_age }))
+        if http_port == 0 && matches!(source, Source::Acme(_)) {
+            return Err(p.invalid("OMNI_HTTP_PORT", "OMNI_TLS_DOMAINS obtains certificates with the HTTP-01 challenge, which the certificate authority checks on the plain port: give OMNI_HTTP_PORT a port (reachable as port 80 of each domain), or use OMNI_TLS_CERT and OMNI_TLS_KEY"));
+        }
+        Ok(Some(HttpsSettings { source, http_port: (http_port != 0).then_some(http_port), hsts_max_age }))
+    }
+}
+
+impl AcmeSettings {
+    fn parse(config: &Config, list: &str) -> Result<AcmeSettings, ConfigError> {
+        let p = config.parser();
+        let mut domains: Vec<String> = Vec::new();
+        for name in list.split(',').map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase()).filter(|d| !d.is_empty()) {
+            let valid = name.len() <= 253
+                && name.split('.').count() >= 2
+                && name.split('.').all(|label| !label.is_empty() && label.len() <= 63 && !label.starts_with('-') && !label.ends_with('-') && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                && name.parse::<std::net::IpAddr>().is_err();
+            if !valid {
+                return Err(p.invalid("OMNI_TLS_DOMAINS", format!("{name:?} is not a domain name an ACME certificate authority issues for (letters, digits and hyphens in dot-separated labels, such as omni.example.com; no IP addresses, no wildcards: HTTP-01 cannot prove them)")));
+            }
+            if !domains.contains(&name) {
+                domains.push(name);
+            }
+        }
+        if domains.is_empty() {
+            return Err(p.invalid("OMNI_TLS_DOMAINS", "no domain name in the list; expected comma-separated names such as omni.example.com,www.omni.example.com"));
+        }
+        let directory = p.string("OMNI_ACME_DIRECTORY").unwrap_or_default();
+        if !(directory.starts_with("https://") || directory.starts_with("http://")) || directory.parse::<hyper::Uri>().is_err() {
+            return Err(p.invalid("OMNI_ACME_DIRECTORY", "expected the URL of an ACME directory, such as https://acme-v02.api.letsencrypt.org/directory"));
+        }
+        let email = p.string("OMNI_ACME_EMAIL");
+        if let Some(email) = &email {
+            if !email.contains('@') || email.contains(char::is_whitespace) || email.starts_with("mailto:") {
+                return Err(p.invalid("OMNI_ACME_EMAIL", "expected an e-mail address such as admin@example.com (without mailto:), or nothing"));
+            }
+        }
+        let ca_file = p.optional_path("OMNI_ACME_CA_FILE");
+        Ok(AcmeSettings { domains, directory, email, ca_file, store: p.path("OMNI_DATA_DIR").value.join("tls") })
     }
 }
 
@@ -64,7 +137,7 @@ mod tests {
     fn https_settings_need_both_files_and_name_what_is_wrong() {
         assert_eq!(parse(&[]).unwrap(), None);
         let on = parse(&[("OMNI_TLS_CERT", "tls/cert.pem"), ("OMNI_TLS_KEY", "/etc/key.pem")]).unwrap().unwrap();
-        assert_eq!(on.files.cert, Path::new("/srv/tls/cert.pem"));
+        assert_eq!(on.source, Source::Files(CertFiles { cert: "/srv/tls/cert.pem".into(), key: "/etc/key.pem".into() }));
         assert_eq!((on.http_port, on.hsts_max_age), (Some(80), 31_536_000));
         let off = parse(&[("OMNI_TLS_CERT", "c"), ("OMNI_TLS_KEY", "k"), ("OMNI_HTTP_PORT", "off"), ("OMNI_HSTS_MAX_AGE", "0")]).unwrap().unwrap();
         assert_eq!((off.http_port, off.hsts_max_age), (None, 0));
@@ -79,5 +152,29 @@ mod tests {
         assert!(err.contains("OMNI_HTTP_PORT") && err.contains("OMNI_PORT"), "{err}");
         let err = parse(&[("OMNI_HSTS_MAX_AGE", "a year")]).unwrap_err();
         assert!(err.contains("OMNI_HSTS_MAX_AGE"), "{err}");
+    }
+
+    #[test]
+    fn acme_settings_take_domains_and_refuse_files_beside_them() {
+        let on = parse(&[("OMNI_TLS_DOMAINS", " Omni.Example.com, www.omni.example.com,omni.example.com ")]).unwrap().unwrap();
+        let Source::Acme(acme) = on.source else { panic!("not ACME: {on:?}") };
+        assert_eq!(acme.domains, ["omni.example.com", "www.omni.example.com"]);
+        assert_eq!(acme.directory, "https://acme-v02.api.letsencrypt.org/directory");
+        assert_eq!((acme.email, acme.ca_file), (None, None));
+        assert!(acme.store.ends_with("tls"), "{:?}", acme.store);
+        assert_eq!(on.http_port, Some(80));
+
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_TLS_CERT", "c"), ("OMNI_TLS_KEY", "k")]).unwrap_err();
+        assert!(err.contains("OMNI_TLS_DOMAINS") && err.contains("OMNI_TLS_CERT"), "{err}");
+        for bad in ["*.example.com", "127.0.0.1", "localhost", "a b.example"] {
+            let err = parse(&[("OMNI_TLS_DOMAINS", bad)]).unwrap_err();
+            assert!(err.starts_with("OMNI_TLS_DOMAINS"), "{bad}: {err}");
+        }
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_DIRECTORY", "letsencrypt")]).unwrap_err();
+        assert!(err.starts_with("OMNI_ACME_DIRECTORY"), "{err}");
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_HTTP_PORT", "off")]).unwrap_err();
+        assert!(err.starts_with("OMNI_HTTP_PORT") && err.contains("HTTP-01"), "{err}");
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_EMAIL", "admin")]).unwrap_err();
+        assert!(err.starts_with("OMNI_ACME_EMAIL"), "{err}");
     }
 }
