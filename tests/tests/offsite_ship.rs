@@ -7,9 +7,9 @@
 
 use crate::gateway;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{two_base_backups_a_second_apart, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::{wait_until, Request, TEST_API_KEY};
 
@@ -135,15 +135,7 @@ fn offsite_delete_false_keeps_every_object_with_retention_due_and_says_so() {
     wait_for(&gw, Duration::from_secs(30), "the whole segment", || listing(&store, "keep").contains_key(&whole).then_some(()));
 
     // Two more base backups: the first one and the WAL before the second are past both windows.
-    let take_base = || {
-        let taken = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
-        assert_eq!(taken.status, 200, "{}", taken.text());
-        taken.json()["id"].as_str().unwrap().to_owned()
-    };
-    take_base();
-    let done = Instant::now();
-    wait_until(Duration::from_secs(5), "the second base backup to be over 1 s old", || (done.elapsed() > Duration::from_millis(1100)).then_some(()));
-    let third = take_base();
+    let third = two_base_backups_a_second_apart(&gw);
     let third_manifest = format!("keep/{gen}/base/{third}/manifest.json");
     wait_for(&gw, Duration::from_secs(60), "the third base backup in the store", || listing(&store, "keep").contains_key(&third_manifest).then_some(()));
     let before = listing(&store, "keep");

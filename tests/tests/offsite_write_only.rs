@@ -17,11 +17,11 @@ use crate::gateway;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gateway::{wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{take_base_backup, two_base_backups_a_second_apart, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::stores::{S3Identity, StoreServer, BUCKET};
-use omni_tests::{wait_until, Request, TEST_API_KEY};
+use omni_tests::{wait_until, TEST_API_KEY};
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
 const PREFIX: &str = "wonly";
@@ -125,15 +125,7 @@ fn offsite_write_only_credentials_run_without_deleting_and_an_overwrite_is_refus
     never_fewer(&store, &mut seen, "after a whole segment");
 
     // Two more base backups: the first and the WAL before the second are past both windows.
-    let take_base = || {
-        let taken = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
-        assert_eq!(taken.status, 200, "{}", taken.text());
-        taken.json()["id"].as_str().unwrap().to_owned()
-    };
-    take_base();
-    let done = Instant::now();
-    wait_until(Duration::from_secs(5), "the second base backup to be over 1 s old", || (done.elapsed() > Duration::from_millis(1100)).then_some(()));
-    let third = take_base();
+    let third = two_base_backups_a_second_apart(&gw);
     wait_for(&gw, Duration::from_secs(120), "the third base backup in the store", || store.list(&format!("{PREFIX}/")).contains(&manifest(&third)).then_some(()));
     let retention = wait_for(&gw, Duration::from_secs(60), "the status to count what the window no longer needs", || {
         let r = repository(&gw)["retention"].clone();
@@ -174,7 +166,7 @@ fn offsite_write_only_credentials_run_without_deleting_and_an_overwrite_is_refus
     let local = dir.path().join("data/wal/stream").join(&current);
     assert!(local.is_file(), "the local segment {current} is kept while its upload is refused");
     // A base backup after the stop runs local retention: the unconfirmed segment stays.
-    let fourth = take_base();
+    let fourth = take_base_backup(&gw);
     wait_until(Duration::from_secs(60), "the fourth base backup locally", || dir.path().join(format!("data/wal/base/{fourth}.json")).is_file().then_some(()));
     assert!(local.is_file(), "local retention deleted {current}, whose upload was refused");
     assert!(!store.list(&format!("{PREFIX}/")).contains(&manifest(&fourth)), "an upload went on after the conflict");

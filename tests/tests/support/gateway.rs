@@ -351,6 +351,23 @@ pub fn post_slow(port: u16, path: &str, body: &serde_json::Value) -> (u16, serde
     (status, json)
 }
 
+/// Two on-demand base backups (`POST /api/v1/backup/base`), the second
+/// once the first is over 1 s old, so that with 1 s windows the first one and
+/// the WAL before the second are no longer needed; returns the second's id.
+pub fn two_base_backups_a_second_apart(gw: &Gateway) -> String {
+    take_base_backup(gw);
+    let done = Instant::now();
+    wait_until(Duration::from_secs(5), "the first base backup to be over 1 s old", || (done.elapsed() > Duration::from_millis(1100)).then_some(()));
+    take_base_backup(gw)
+}
+
+/// An on-demand base backup (`POST /api/v1/backup/base`); returns its id.
+pub fn take_base_backup(gw: &Gateway) -> String {
+    let taken = Request::new("POST", "/api/v1/backup/base").api_key().send_to(gw.port);
+    assert_eq!(taken.status, 200, "{}", taken.text());
+    taken.json()["id"].as_str().unwrap().to_owned()
+}
+
 /// [`wait_until`] that fails with the gateway's off-site repository status
 /// and its log lines about it (and its warnings and errors).
 pub fn wait_for_repository<T>(gw: &Gateway, timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
