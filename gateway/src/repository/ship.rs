@@ -426,7 +426,7 @@ impl Shipper {
             state.dirty = false;
             serde_json::to_string(&state.file).expect("the state serializes")
         };
-        if let Err(e) = write_atomically(&wal_dir.join(STATE_FILE), text.as_bytes()) {
+        if let Err(e) = store::write_atomically(&wal_dir.join(STATE_FILE), text.as_bytes()) {
             self.state().dirty = true;
             tracing::warn!("off-site repository: could not record what was uploaded in {} ({e}); a restart lists the repository instead", wal_dir.join(STATE_FILE).display());
         }
@@ -992,20 +992,6 @@ fn load_state(wal_dir: &Path) -> Option<StateFile> {
             None
         }
     }
-}
-
-/// A new temporary file, flushed, renamed over `path`, the directory flushed.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

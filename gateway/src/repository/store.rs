@@ -817,9 +817,7 @@ impl Repository {
         if let Some(dir) = copy.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = copy.with_extension("tmp");
-        std::fs::write(&tmp, plain)?;
-        std::fs::rename(&tmp, &copy)
+        write_atomically(&copy, plain)
     }
 
     /// Every object under `prefix` (relative to the repository's own
@@ -961,6 +959,24 @@ fn redact_queries(text: &str) -> String {
     out
 }
 
+
+/// Writes `path` through `<path>.tmp`: flushed, renamed over it, the
+/// directory flushed, so a crash leaves the old content or the new, never a
+/// half file (the shipper's `repository.json`, the plain copies).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
 #[cfg(test)]
 mod tests {
     use super::*;
