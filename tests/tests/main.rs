@@ -53,6 +53,7 @@ mod offsite_probe;
 mod offsite_restore;
 mod offsite_ship;
 mod offsite_stores;
+mod offsite_sse;
 mod offsite_upload;
 mod offsite_write_only;
 mod pitr;

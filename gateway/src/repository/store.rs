@@ -266,6 +266,10 @@ impl Repository {
                         b = b.with_config(Key::Client(key), value);
                     }
                 }
+                let setting = |name: &str| name.parse::<Key>().ok().and_then(|key| b.get_config_value(&key));
+                if let Some(problem) = sse_mismatch(setting("aws_server_side_encryption").as_deref(), setting("aws_sse_kms_key_id").is_some(), setting("aws_sse_customer_key_base64").is_some()) {
+                    return Err(RepositoryError::Url(problem));
+                }
                 Arc::new(b.build().map_err(failed)?)
             }
             Scheme::Gcs => {
@@ -907,11 +911,30 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// A server-side encryption key the S3 client would silently ignore: it
+/// sends a KMS key id only with `aws:kms`/`aws:kms:dsse` and a customer key
+/// only with `sse-c`, so a key set alone would leave the objects encrypted
+/// with something else, or not at all, without a word.
+fn sse_mismatch(kind: Option<&str>, kms_key: bool, customer_key: bool) -> Option<String> {
+    let named = kind.map_or("not set".to_owned(), |k| format!("{k:?}"));
+    if customer_key && kind != Some("sse-c") {
+        return Some(format!(
+            "AWS_SSE_CUSTOMER_KEY_BASE64 is set but AWS_SERVER_SIDE_ENCRYPTION is {named}: the key would not be sent; set AWS_SERVER_SIDE_ENCRYPTION=sse-c (SSE-C) or unset the key"
+        ));
+    }
+    if kms_key && !matches!(kind, Some("aws:kms" | "aws:kms:dsse")) {
+        return Some(format!("AWS_SSE_KMS_KEY_ID is set but AWS_SERVER_SIDE_ENCRYPTION is {named}: the key would not be used; set AWS_SERVER_SIDE_ENCRYPTION=aws:kms (SSE-KMS) or unset the key"));
+    }
+    None
+}
+
 /// The credential variables whose values never appear in a message.
 const SECRET_VARS: &[&str] = &[
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_ACCESS_KEY_ID",
+    // SSE-C: the key the store encrypts with and must never be shown.
+    "AWS_SSE_CUSTOMER_KEY_BASE64",
     "GOOGLE_SERVICE_ACCOUNT_KEY",
     "AZURE_STORAGE_ACCOUNT_KEY",
     "AZURE_STORAGE_ACCESS_KEY",
@@ -980,6 +1003,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_side_encryption_key_without_its_kind_is_refused_naming_both_variables() {
+        let customer = sse_mismatch(None, false, true).unwrap();
+        assert!(customer.contains("AWS_SSE_CUSTOMER_KEY_BASE64") && customer.contains("AWS_SERVER_SIDE_ENCRYPTION=sse-c"), "{customer}");
+        assert!(sse_mismatch(Some("AES256"), false, true).is_some());
+        assert_eq!(sse_mismatch(Some("sse-c"), false, true), None);
+        let kms = sse_mismatch(Some("sse-c"), true, false).unwrap();
+        assert!(kms.contains("AWS_SSE_KMS_KEY_ID") && kms.contains("\"sse-c\""), "{kms}");
+        assert_eq!(sse_mismatch(Some("aws:kms"), true, false), None);
+        assert_eq!(sse_mismatch(Some("aws:kms:dsse"), true, false), None);
+        assert_eq!(sse_mismatch(Some("AES256"), false, false), None, "SSE-S3 needs no key");
+        assert_eq!(sse_mismatch(None, false, false), None);
+    }
 
     #[tokio::test]
     async fn a_download_to_a_file_is_kept_only_when_its_sha256_matches() {
