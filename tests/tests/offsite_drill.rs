@@ -8,7 +8,7 @@
 //! rclone's files on disk) is named in the status and the log, the service
 //! stays up (`/health` 200, `degraded`). An encrypted repository without
 //! `OMNI_DECRYPT_IDENTITY_FILE` is checked against its manifest only, and
-//! the result says so.
+//! the result says so; with it, decrypted and restored.
 
 use crate::gateway;
 
@@ -166,4 +166,32 @@ fn offsite_drill_without_the_key_checks_an_encrypted_repository_against_its_mani
     assert_eq!(gw.get("/health").status, 200);
     assert!(gw.terminate().success(), "{}", gw.log());
     assert_eq!(leftover_scratch(&gw), Vec::<PathBuf>::new(), "a drill leaves no scratch space, one cut short by the stop neither");
+}
+
+#[test]
+fn offsite_drill_with_the_key_decrypts_and_restores_an_encrypted_repository() {
+    let store = StoreServer::start_new(Kind::Rclone);
+    let keys = workdir();
+    let public = public_key(keys.path());
+    let dir = workdir();
+    let mut builder = GatewayBuilder::new(dir.path())
+        .env("OMNI_REPOSITORY_URL", store.url("keyed"))
+        .env("OMNI_REPOSITORY_WAL_INTERVAL", "1s")
+        .env("OMNI_BACKUP_DRILL_INTERVAL", "3s")
+        .env("OMNI_ENCRYPT_RECIPIENTS", public)
+        .env("OMNI_DECRYPT_IDENTITY_FILE", keys.path().join("key.txt").display().to_string());
+    for (k, v) in store.env() {
+        builder = builder.env(k, v.clone());
+    }
+    let mut gw = builder.start();
+    wait_for_base_backup(&gw);
+    let id = base_backup_id(&gw);
+
+    let passed = wait_for(&gw, Duration::from_secs(240), "an off-site drill that passed", || Some(last_verified(&gw)).filter(|v| v["ok"] == true));
+    assert_eq!((passed["manifest_only"].as_bool(), passed["base_backup"].as_str()), (Some(false), Some(id.as_str())), "{passed}");
+    assert!(passed["app_tables"].as_i64().is_some_and(|n| n > 0), "restored: {passed}");
+    assert!(passed["summary"].as_str().unwrap().contains("decrypted"), "{passed}");
+    assert_eq!(metric(&gw, "omni_repository_drill_manifest_only"), Some(0.0));
+    assert!(gw.terminate().success(), "{}", gw.log());
+    assert_eq!(leftover_scratch(&gw), Vec::<PathBuf>::new());
 }
