@@ -197,3 +197,23 @@ fn offsite_drill_with_the_key_decrypts_and_restores_an_encrypted_repository() {
     assert!(gw.terminate().success(), "{}", gw.log());
     assert_eq!(leftover_scratch(&gw), Vec::<PathBuf>::new());
 }
+
+/// A drill of the repository cut short by the gateway's stop in the middle
+/// of its download (held there by the test hook) leaves no scratch space.
+#[test]
+fn offsite_drill_cut_short_by_the_stop_leaves_no_scratch_space() {
+    let dir = workdir();
+    let other_disk = TempDir::new("offsite");
+    let store = other_disk.path().join("repo");
+    let mut gw = GatewayBuilder::new(dir.path())
+        .env("OMNI_REPOSITORY_URL", format!("file://{}", store.display()))
+        .env("OMNI_REPOSITORY_WAL_INTERVAL", "1s")
+        .env("OMNI_BACKUP_DRILL_INTERVAL", "3s")
+        .env("OMNI_TEST_HOLD_RESTORE_STEP", "downloading-base")
+        .start();
+    wait_for_base_backup(&gw);
+    let held = wait_for(&gw, Duration::from_secs(240), "an off-site drill held in its download", || leftover_scratch(&gw).into_iter().find(|d| d.join("data.restore.held").exists()));
+    assert!(held.join("wal/base").is_dir(), "the download was under way in {}", held.display());
+    assert!(gw.terminate().success(), "{}", gw.log());
+    assert_eq!(leftover_scratch(&gw), Vec::<PathBuf>::new(), "the held drill's scratch space outlived the stop:\n{}", gw.log());
+}

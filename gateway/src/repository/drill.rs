@@ -169,7 +169,9 @@ impl OffsiteDrill {
 
         let wal_dir = scratch.join("wal");
         archive::prepare(&wal_dir, &self.account)?;
-        let fetched = fetch::download(&repo, &plan, &wal_dir, None, &say).await?;
+        // The cluster is restored into `<scratch>/data`: the download's test
+        // hook (`downloading-base`, `downloading-wal`) holds there.
+        let fetched = fetch::download(&repo, &plan, &wal_dir, Some(&scratch.join("data")), &say).await?;
         privilege::chown_tree(&wal_dir, &self.account)?;
         (progress.objects, progress.bytes) = (fetched.objects as u64, fetched.bytes);
         let backup = base::list(&wal_dir).pop().with_context(|| format!("the download of base backup {} from {} left no base backup in {}", fetched.base_backup, repo.display(), wal_dir.display()))?;
