@@ -493,7 +493,9 @@ fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
         let (jobs, asked) = (running.stage("jobs"), running.shutdown.asked());
         let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, jobs, asked.clone());
-        crate::pitr::spawn_drills(&cluster, config.wal.clone(), jobs, asked);
+        // The off-site copy is drilled after each local drill, when there is one.
+        let offsite = crate::repository::drill::after_local_drills(config, &cluster);
+        crate::pitr::spawn_drills(&cluster, config.wal.clone(), jobs, asked, offsite);
         let policy = crate::pitr::receiver::ReceiverPolicy::new(cluster.clone(), config.wal.clone(), config.restart, base_backups.ask.clone()).with_hold(hold.clone());
         if let Some(postgres) = postgres_commands.clone() {
             let online = crate::pitr::online::Online::new(cluster, config.wal.clone(), board.clone(), hold.clone(), &base_backups, postgres, config.restart.stop_timeout);

@@ -49,6 +49,7 @@ mod ops_install;
 mod ops_load_balancer;
 mod offsite_crypt;
 mod offsite_disaster;
+mod offsite_drill;
 mod offsite_probe;
 mod offsite_restore;
 mod offsite_ship;

@@ -85,7 +85,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_WAL_DIR", default: "", help: "streamed WAL and base backups for point-in-time recovery (persistent mode); default: OMNI_DATA_DIR/wal; put it on another disk in production; `off` turns point-in-time recovery off" },
     Var { name: "OMNI_WAL_SYNC", default: "false", help: "commits wait until the WAL streamer has flushed them (no loss, slower commits; commits stall while the streamer is down)" },
     Var { name: "OMNI_PITR_WINDOW", default: "7d", help: "how far back a point-in-time restore can go; base backups and WAL older than needed are deleted" },
-    Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand)" },
+    Var { name: "OMNI_BACKUP_DRILL_INTERVAL", default: "7d", help: "how often the newest base backup and its WAL are restored into a temporary cluster to prove they work (omni-gateway backup verify on demand); with OMNI_REPOSITORY_URL, the repository's newest one too, downloaded and checked against its manifest" },
     // Off-site repository, upload side (repository/): what the WAL archive and OMNI_BACKUP_DIR hold, copied to an object store.
     Var { name: "OMNI_REPOSITORY_URL", default: "", help: "off-site copy of base backups, WAL and logical backups: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or file:///abs/path; credentials from AWS_*, GOOGLE_*, AZURE_*; empty = off" },
     Var { name: "OMNI_REPOSITORY_WAL_INTERVAL", default: "1s", help: "how often new WAL is shipped to the repository (the off-site recovery point), e.g. 1s, 500ms, 1m" },
@@ -98,7 +98,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_ENCRYPT_RECIPIENTS", default: "", help: "age X25519 public keys (age1..., from age-keygen), comma-separated: every object that leaves the machine is encrypted to them; set at most one of the three OMNI_ENCRYPT_* variables (README \"Encrypted off-site backups\")" },
     Var { name: "OMNI_ENCRYPT_RECIPIENTS_FILE", default: "", help: "a file of age public keys, one a line (# comments); read again for each object, so a rotated key applies to new objects" },
     Var { name: "OMNI_ENCRYPT_PASSPHRASE_FILE", default: "", help: "a file whose first line is a long random passphrase (age scrypt), for the simple case" },
-    Var { name: "OMNI_DECRYPT_IDENTITY_FILE", default: "", help: "the private key (age-keygen's key.txt, or the passphrase file) restores decrypt with; restore --identity FILE overrides it" },
+    Var { name: "OMNI_DECRYPT_IDENTITY_FILE", default: "", help: "the private key (age-keygen's key.txt, or the passphrase file) restores and the off-site drill decrypt with (without it, the drill of an encrypted repository checks the manifest only); restore --identity FILE overrides it" },
     Var { name: "OMNI_BACKUP_HEARTBEAT_URL", default: "", help: "a monitor's URL (healthchecks.io, Uptime Kuma push): requested after each confirmed base or logical backup upload and while WAL uploads are healthy; <url>/fail with the reason when uploads fail" },
     Var { name: "OMNI_BACKUP_HEARTBEAT_INTERVAL", default: "1h", help: "at least this often while WAL uploads are healthy" },
     Var { name: "OMNI_TLS_CERT", default: "", help: "PEM certificate file, chain included: with OMNI_TLS_KEY, OMNI_PORT speaks HTTPS (HTTP/2 and HTTP/1.1); replaced files are served to new connections without a restart; empty = plain HTTP" },

@@ -227,13 +227,18 @@ pub fn spawn_base_backups(cluster: &Cluster, wal: WalConfig, every: Option<std::
     BaseBackups { ask: tx, busy, stage: stage.clone() }
 }
 
+/// What runs after each scheduled restore drill, whatever its result: the
+/// drill of the off-site copy (`repository::drill`, a layer above this
+/// one). A stop abandons it as it abandons the drill.
+pub type AfterDrill = Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// Starts the scheduled restore drill: every `OMNI_BACKUP_DRILL_INTERVAL`
 /// after the last one recorded (so restarts do not postpone it), the newest
 /// base backup and its WAL are restored into a temporary cluster
 /// ([`restore::drill`]); the result goes to `drill.json`, the log (an error
-/// when it fails) and `/metrics`.
+/// when it fails) and `/metrics`. Then `after`, when given.
 /// A stop asked (`asked`) abandons a drill under way.
-pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, stage: &Stage, asked: CancellationToken) {
+pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, stage: &Stage, asked: CancellationToken, after: Option<AfterDrill>) {
     let server = Server::of(cluster);
     let data_dir = cluster.data_dir.clone();
     let stop = stage.token();
@@ -255,10 +260,16 @@ pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, stage: &Stage, asked: Can
                     () = tokio::time::sleep(wal.drill_every) => continue,
                 }
             }
+            let drills = async {
+                restore::drill(&wal, &server.binaries, &server.account, &data_dir).await;
+                if let Some(after) = &after {
+                    after().await;
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = asked.cancelled() => return,
-                _ = restore::drill(&wal, &server.binaries, &server.account, &data_dir) => {}
+                () = drills => {}
             }
         }
     });

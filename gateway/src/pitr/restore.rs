@@ -481,21 +481,8 @@ pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Accoun
     let scratch = scratch_guard.path().to_path_buf();
     let outcome = async {
         let backup = backup.clone().with_context(|| format!("no verified base backup in {} to drill", archive::base_dir(&wal.dir).display()))?;
-        let timeline = archive::timelines(&wal.dir).into_iter().rev().find(|t| backup.serves(&archive::lineage(&wal.dir, *t))).unwrap_or(backup.timeline());
-        tracing::info!("restore drill: checking base backup {} against its manifest", backup.id);
-        base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
-        std::fs::DirBuilder::new().mode(0o700).create(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-        if let Some((uid, gid)) = account.run_as() {
-            std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))?;
-        }
-        let data_dir = scratch.join("data");
-        tracing::info!("restore drill: restoring {} and its WAL into {}", backup.id, data_dir.display());
-        let restore = Restore { data_dir: &data_dir, wal, binaries, account, password: "", progress: None };
-        let tables = restore.recover(&backup, None, timeline, &data_dir, None).await?;
-        if tables == 0 {
-            bail!("the restored app database has no tables");
-        }
-        Ok(tables)
+        make_scratch(&scratch, account)?;
+        drill_archive(wal, binaries, account, &scratch, &backup).await
     }
     .await;
     drop(scratch_guard);
@@ -516,6 +503,37 @@ pub async fn drill_backup(wal: &WalConfig, binaries: &Binaries, account: &Accoun
         tracing::warn!("could not record the drill result in {}: {e}", path.display());
     }
     result
+}
+
+/// Creates the (absent) scratch directory of a drill: 0700, PostgreSQL's
+/// account's (the recovery `postgres` works in it).
+pub(crate) fn make_scratch(scratch: &Path, account: &Account) -> Result<()> {
+    std::fs::DirBuilder::new().mode(0o700).create(scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    if let Some((uid, gid)) = account.run_as() {
+        std::os::unix::fs::chown(scratch, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// The checks of a drill, on the archive `wal.dir` (this machine's own, or
+/// one downloaded from the repository into scratch space): `backup` (one of
+/// that archive's) is checked against its manifest ([`base::verify`]),
+/// restored with all the WAL after it, on the newest timeline it restores
+/// onto, into `<scratch>/data` (`scratch`: an existing drill directory,
+/// [`make_scratch`]), and its app database opened; returns how many app
+/// tables it has (none is a failure: the app's schema did not come back).
+pub(crate) async fn drill_archive(wal: &WalConfig, binaries: &Binaries, account: &Account, scratch: &Path, backup: &base::BaseBackup) -> Result<i64> {
+    let timeline = archive::timelines(&wal.dir).into_iter().rev().find(|t| backup.serves(&archive::lineage(&wal.dir, *t))).unwrap_or(backup.timeline());
+    tracing::info!("restore drill: checking base backup {} against its manifest", backup.id);
+    base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
+    let data_dir = scratch.join("data");
+    tracing::info!("restore drill: restoring {} and its WAL into {}", backup.id, data_dir.display());
+    let restore = Restore { data_dir: &data_dir, wal, binaries, account, password: "", progress: None };
+    let tables = restore.recover(backup, None, timeline, &data_dir, None).await?;
+    if tables == 0 {
+        bail!("the restored app database has no tables");
+    }
+    Ok(tables)
 }
 
 /// The recovery `postgres`. Stopped by [`Postmaster::stop`]; dropped without
@@ -606,10 +624,10 @@ static SCRATCH_IN_USE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Ve
 /// container restarted) is never in the way. Removed when dropped. Those a
 /// killed process left behind are swept on the next use: another pid that
 /// no longer runs, or ours but not in use.
-struct Scratch(RemovedOnDrop);
+pub(crate) struct Scratch(RemovedOnDrop);
 
 impl Scratch {
-    fn new(data_dir: &Path, what: &str) -> Scratch {
+    pub(crate) fn new(data_dir: &Path, what: &str) -> Scratch {
         let me = std::process::id();
         let mut in_use = SCRATCH_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = format!("{}.{what}-", data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
@@ -629,7 +647,7 @@ impl Scratch {
         Scratch(RemovedOnDrop(path))
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0 .0
     }
 }

@@ -94,9 +94,9 @@ pub async fn holds_backups(repo: &Repository) -> Result<bool> {
 /// repository alone ([`plan`]): nothing local is written before it is known.
 #[derive(Debug)]
 pub struct Plan {
-    generation: String,
+    pub(crate) generation: String,
     identity: Identity,
-    manifest: BaseManifest,
+    pub(crate) manifest: BaseManifest,
     content: Generation,
     /// When the newest WAL object of the generation was written (the store's clock).
     pub wal_end: Option<DateTime<Utc>>,

@@ -10,6 +10,7 @@
 //! verified, list, delete); `layout.rs` names every object.
 
 pub mod crypt;
+pub mod drill;
 pub mod heartbeat;
 pub mod layout;
 pub mod probe;

@@ -2,13 +2,85 @@
 //! `/gateway/status` (and `/health`), the `omni_repository_*` metrics. Plain
 //! data filled by `repository/ship.rs`; like the relay, it is not among the
 //! supervised children: a failing repository degrades, it never makes
-//! `/health` answer 503.
+//! `/health` answer 503. Beside it, the last drill of the off-site copy
+//! ([`Verified`], `repository/drill.rs`): `last_verified` in the status.
 
 use std::fmt::Write;
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+
+/// The last drill of the off-site copy, as `OMNI_WAL_DIR/drill-offsite.json`
+/// records it and `last_verified` in the status shows it: what was
+/// downloaded from the repository, checked against its manifest and, with
+/// the key, decrypted and restored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verified {
+    pub at: DateTime<Utc>,
+    /// Every check it made passed (with `manifest_only`: only those).
+    pub ok: bool,
+    /// The base backup of the repository it drilled (`None`: it found none,
+    /// or could not read the repository).
+    pub base_backup: Option<String>,
+    /// No `OMNI_DECRYPT_IDENTITY_FILE` for an encrypted repository: the
+    /// stored objects were checked against their manifest, nothing was
+    /// decrypted or restored (`summary` says so).
+    pub manifest_only: bool,
+    /// The object (path in the repository) whose bytes are not the ones
+    /// its manifest names, or that is missing or will not decrypt.
+    pub damaged_object: Option<String>,
+    /// Why it failed, with what to do.
+    pub error: Option<String>,
+    /// What was checked, in one sentence for people.
+    pub summary: String,
+    /// Tables of the app database in the restored copy (a full drill).
+    pub app_tables: Option<i64>,
+    pub objects: u64,
+    pub bytes: u64,
+    pub took_ms: u64,
+    /// When a drill last passed (this one or an earlier one).
+    pub last_success: Option<DateTime<Utc>>,
+}
+
+impl Verified {
+    /// Why a failed drill degrades the service (`None`: it passed).
+    pub fn degraded(&self) -> Option<String> {
+        (!self.ok).then(|| format!("the last drill of the off-site copy failed: {}", self.error.as_deref().unwrap_or("see the log")))
+    }
+
+    /// The `omni_repository_drill_*` lines of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge("omni_repository_drill_ok", "1 when the last drill of the off-site copy passed (downloaded, checked against its manifest, restored when a key is set).", u8::from(self.ok).to_string());
+        gauge("omni_repository_drill_manifest_only", "1 when the last off-site drill only checked objects against their manifest (encrypted, no OMNI_DECRYPT_IDENTITY_FILE).", u8::from(self.manifest_only).to_string());
+        gauge("omni_repository_drill_last_run_timestamp_seconds", "When the last drill of the off-site copy ended (Unix time).", unix(self.at));
+        if let Some(at) = self.last_success {
+            gauge("omni_repository_drill_last_success_timestamp_seconds", "When a drill of the off-site copy last passed (Unix time).", unix(at));
+        }
+        out
+    }
+}
+
+/// The last off-site drill of this process (or, after a restart, the one
+/// its record holds). One per process, set apart from the view: the drill
+/// runs among the cluster's jobs, the view belongs to the shipper, and
+/// neither waits for the other to start.
+static LAST_VERIFIED: std::sync::RwLock<Option<Verified>> = std::sync::RwLock::new(None);
+
+/// Shows `verified` as the last off-site drill.
+pub fn set_last_verified(verified: Verified) {
+    *LAST_VERIFIED.write().unwrap_or_else(|e| e.into_inner()) = Some(verified);
+}
+
+/// The last off-site drill, if one ran.
+pub fn last_verified() -> Option<Verified> {
+    LAST_VERIFIED.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 /// Where the shipper stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -130,6 +202,7 @@ impl RepositoryView {
             RepositoryState::Stopped => why.push(format!("uploads are stopped: {}", self.last_error.as_deref().unwrap_or("see the log"))),
             _ => {}
         }
+        why.extend(last_verified().as_ref().and_then(Verified::degraded));
         if self.queue_full() {
             why.push(format!("{} MB wait for upload, over OMNI_REPOSITORY_QUEUE_MAX_MB={}", self.lag_bytes / 1_048_576, self.queue_max_bytes / 1_048_576));
         }
@@ -156,6 +229,7 @@ impl RepositoryView {
             "encryption": self.encryption,
             "warnings": self.warnings,
             "heartbeat": self.heartbeat,
+            "last_verified": last_verified(),
             "retention": {
                 "delete": self.retention.delete,
                 "window_s": self.retention.window_s,
@@ -202,12 +276,20 @@ impl RepositoryView {
         if let Some(age) = self.last_upload.and_then(|t| t.elapsed().ok()) {
             gauge("omni_repository_last_upload_age_seconds", "gauge", "Seconds since an upload to the off-site repository was last confirmed.", age.as_secs_f64().to_string());
         }
+        if let Some(v) = last_verified() {
+            out.push_str(&v.metrics());
+        }
         let _ = writeln!(out, "# HELP omni_repository_state 1 for the state the off-site shipper is in.\n# TYPE omni_repository_state gauge");
         for s in [RepositoryState::Starting, RepositoryState::Ok, RepositoryState::Retrying, RepositoryState::Stopped] {
             let _ = writeln!(out, "omni_repository_state{{state=\"{}\"}} {}", s.as_str(), u8::from(self.state == s));
         }
         out
     }
+}
+
+/// Unix seconds, with milliseconds.
+fn unix(at: DateTime<Utc>) -> String {
+    (at.timestamp_millis() as f64 / 1000.0).to_string()
 }
 
 #[cfg(test)]
@@ -238,5 +320,31 @@ mod tests {
         assert_eq!((r["delete"].as_bool(), r["kept_past_window"].as_u64()), (Some(false), Some(3)));
         let summary = r["summary"].as_str().unwrap();
         assert!(summary.contains("deletion is off (OMNI_REPOSITORY_DELETE=false)") && summary.contains("3 objects past"), "{summary}");
+    }
+
+    #[test]
+    fn a_failed_offsite_drill_degrades_names_the_object_and_keeps_the_last_success() {
+        let passed = Utc::now() - chrono::TimeDelta::hours(1);
+        let mut v = Verified {
+            at: Utc::now(),
+            ok: false,
+            base_backup: Some("B".into()),
+            manifest_only: false,
+            damaged_object: Some("g/base/B/base.tar.lz4".into()),
+            error: Some("file:///r: g/base/B/base.tar.lz4 is damaged".into()),
+            summary: String::new(),
+            app_tables: None,
+            objects: 1,
+            bytes: 10,
+            took_ms: 5,
+            last_success: Some(passed),
+        };
+        assert!(v.degraded().unwrap().contains("g/base/B/base.tar.lz4"), "{:?}", v.degraded());
+        let text = v.metrics();
+        assert!(text.contains("omni_repository_drill_ok 0\n"), "{text}");
+        assert!(text.contains(&format!("omni_repository_drill_last_success_timestamp_seconds {}\n", unix(passed))), "{text}");
+        v.ok = true;
+        assert_eq!(v.degraded(), None);
+        assert!(v.metrics().contains("omni_repository_drill_ok 1\n"));
     }
 }

@@ -16,7 +16,8 @@
 // The off-site card shows the repository's shipper (GET /gateway/status
 // `repository`: state, last upload, lag, queue, last error) and its "Test
 // connection" button (POST /api/v1/backup/repository/test), which names the
-// step that failed and why.
+// step that failed and why, and "Last verified off-site" (`last_verified`:
+// the last drill of the repository; a damaged object is named).
 
 import { ApiError, errorFrom } from '../api.js';
 import { formatBytes, formatDate, formatDuration, h, replace } from '../dom.js';
@@ -287,7 +288,25 @@ function offsite() {
       r.encryption ? [h('dt', {}, 'Encryption'), h('dd', { class: 'mono', dataset: { field: 'encryption' } }, r.encryption)] : null,
       r.heartbeat ? [h('dt', {}, 'Heartbeat'), h('dd', { dataset: { field: 'heartbeat', kind: r.heartbeat.kind } },
         `${r.heartbeat.kind === 'ok' ? 'alive' : 'failure'} ${r.heartbeat.delivered ? 'told' : 'NOT delivered'} at ${formatDate(new Date(r.heartbeat.at * 1000).toISOString())}: ${r.heartbeat.detail}`)] : null,
+      [h('dt', {}, 'Last verified off-site'), lastVerified(r.last_verified)],
       (r.warnings || []).map((w) => [h('dt', {}, 'Warning'), h('dd', { class: 'alert alert-warn', dataset: { field: 'warning' } }, w)])));
+  }
+
+  /** The last drill of the repository: when, what it checked, or the object that is damaged. */
+  function lastVerified(v) {
+    if (!v) {
+      return h('dd', { dataset: { field: 'last-verified', ok: '' } }, 'not yet: the repository is drilled after each restore drill (OMNI_BACKUP_DRILL_INTERVAL)');
+    }
+    const when = h('time', { datetime: v.at }, formatDate(v.at));
+    if (v.ok) {
+      return h('dd', { dataset: { field: 'last-verified', ok: 'true', manifestOnly: String(v.manifest_only) } },
+        v.manifest_only ? 'checked against the manifest only on ' : 'passed on ', when, `: ${v.summary}`);
+    }
+    const lastGood = v.last_success ? [' The last drill that passed was on ', h('time', { datetime: v.last_success }, formatDate(v.last_success)), '.'] : ' No drill has passed yet.';
+    return h('dd', { class: 'alert alert-error', role: 'alert', dataset: { field: 'last-verified', ok: 'false' } },
+      h('strong', {}, 'FAILED on '), when, ': ',
+      v.damaged_object ? ['the object ', h('span', { class: 'mono', dataset: { field: 'damaged-object' } }, v.damaged_object), ' is damaged. '] : null,
+      v.error, lastGood);
   }
 
   async function test() {
