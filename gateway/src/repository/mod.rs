@@ -13,6 +13,7 @@ pub mod crypt;
 pub mod heartbeat;
 pub mod layout;
 pub mod probe;
+pub mod reencrypt;
 pub mod retention;
 pub mod store;
 pub mod gcs;
