@@ -5,8 +5,10 @@
 //! refused naming B), then `backup reencrypt --identity A` (refused while
 //! the gateway runs, with a key that opens nothing, without encryption)
 //! gives every object a copy B opens, keeping the old ones with
-//! `OMNI_REPOSITORY_DELETE=false` and deleting them otherwise; a restore
-//! with B alone brings back every row. And the public-cloud warning: a
+//! `OMNI_REPOSITORY_DELETE=false` and deleting them otherwise (a run cut
+//! off is finished by the next); the gateway started again reads the new
+//! manifests (from the plain copies the rotation left it); a restore with
+//! B alone brings back every row. And the public-cloud warning: a
 //! repository on a public cloud without encryption is warned about once,
 //! in the log and in the status the Backups page shows; with encryption or
 //! an endpoint of its own, not at all.
@@ -209,6 +211,16 @@ fn offsite_rotate_reencrypt_gives_every_object_a_copy_for_the_new_key_and_restor
     let (ok, out, err) = cli_env(source.path(), &["backup", "reencrypt", "--identity", &key_a.display().to_string()], &env);
     assert!(ok && out.contains("re-encrypted 0 objects") && out.contains("deleted 0 old objects"), "{out}\n{err}");
     assert_eq!(objects(&store, "rot"), now, "a run with nothing to do changed the repository");
+
+    // The gateway, started again, reads the new manifests from the plain
+    // copies the rotation left it (it holds public keys only).
+    let mut gw = builder().start();
+    let retention = wait_for(&gw, Duration::from_secs(60), "a retention round", || {
+        let r = repository(&gw)["retention"].clone();
+        r["last_run_unix"].is_number().then_some(r)
+    });
+    assert_eq!(retention["unreadable"], 0, "retention could not read a manifest after the rotation: {retention}");
+    assert!(gw.terminate().success(), "{}", gw.log());
 
     // With A alone a restore is refused; with B alone it brings back every row.
     let (ok, out, err) = cli_env(fresh.path(), &["restore", "--from", &url, "--to", "latest", "--identity", &key_a.display().to_string()], &env);
