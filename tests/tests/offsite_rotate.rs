@@ -8,7 +8,9 @@
 //! `OMNI_REPOSITORY_DELETE=false` and deleting them otherwise (a run cut
 //! off is finished by the next); the gateway started again reads the new
 //! manifests (from the plain copies the rotation left it); a restore with
-//! B alone brings back every row. And the public-cloud warning: a
+//! B alone brings back every row, from the mixed repository (to a time
+//! before the second base backup: the copies of A's backup and WAL, B's
+//! own WAL) and from the rotated one. And the public-cloud warning: a
 //! repository on a public cloud without encryption is warned about once,
 //! in the log and in the status the Backups page shows; with encryption or
 //! an endpoint of its own, not at all.
@@ -127,6 +129,9 @@ fn offsite_rotate_reencrypt_gives_every_object_a_copy_for_the_new_key_and_restor
     let seg_b: String = db.query_one("SELECT file_name FROM pg_walfile_name_offset(pg_switch_wal())", &[]).unwrap().get(0);
     wait_archived(&mut db);
     wait_for(&gw, Duration::from_secs(60), &format!("{seg_b} whole in the store"), || store.holds_wal(&wal, &seg_b, u64::MAX).then_some(()));
+    // T, before the second base backup: a restore to T starts from the first
+    // (A's) and replays WAL of both keys.
+    let t: String = db.query_one(r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#, &[]).unwrap().get(0);
     let second = take_base_backup(&gw);
     wait_for(&gw, Duration::from_secs(180), &format!("base/{second}/manifest.json in the store"), || {
         store.list("rot/").into_iter().find(|n| n.ends_with(&format!("/base/{second}/manifest.json")))
@@ -185,6 +190,17 @@ fn offsite_rotate_reencrypt_gives_every_object_a_copy_for_the_new_key_and_restor
     let copied: serde_json::Value = serde_json::from_slice(&std::fs::read(&plain_copy).unwrap_or_else(|e| panic!("{}: {e}", plain_copy.display()))).unwrap();
     assert_eq!(copied["backup"]["id"], format!("{first}.k-{tag}"));
     assert_eq!(copied["recipients"], serde_json::json!([public_b]), "the new manifest names the recipients its files were sealed to");
+
+    // Mixed (old objects and their copies side by side): B alone restores
+    // every row to T, from the copy of the first base backup and the copies of A's WAL.
+    let mixed = workdir();
+    let (ok, out, err) = cli_env(mixed.path(), &["restore", "--from", &url, "--to", &t, "--identity", &key_b.display().to_string()], &env);
+    assert!(ok, "restore --from a mixed repository with B:\n{out}\n{err}");
+    let mut restored = GatewayBuilder::new(mixed.path()).start();
+    let rows: BTreeSet<i32> = restored.db().query("SELECT id FROM pitr_rows", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, (0..150).collect::<BTreeSet<i32>>(), "a restore to T with B from the mixed repository");
+    assert!(out.contains(&format!("base backup {first}.k-{tag}")), "the copy of the first base backup was taken: {out}");
+    assert!(restored.terminate().success(), "{}", restored.log());
 
     // A run cut off as it can be: one copy not written yet, and a base
     // backup whose old manifest went but not its files.
