@@ -1,5 +1,6 @@
 //! `omni-gateway backup create|list|restore <name>|delete <name>`: backups
-//! for operators with a shell.
+//! for operators with a shell (and `base`, `verify`, `drill` for the WAL
+//! archive, `reencrypt` for the off-site repository's key rotation).
 //!
 //! It runs the worker's own backup code (`omni_contract::backups`, linked into this
 //! binary), not a copy and not an HTTP call, so there is no API key to find
@@ -53,6 +54,12 @@ pub enum BackupCommand {
         #[arg(long, value_name = "ID")]
         backup: Option<String>,
     },
+    /// Key rotation: rewrite the off-site repository's objects to the current OMNI_ENCRYPT_* recipients, reading them with the old key; old objects are deleted once their copies are confirmed, when OMNI_REPOSITORY_DELETE allows. Run with the gateway stopped
+    Reencrypt {
+        /// The OLD age identity file (`age-keygen`'s key.txt, or the old passphrase file) that opens the objects to rewrite
+        #[arg(long, value_name = "FILE")]
+        identity: std::path::PathBuf,
+    },
 }
 
 /// Runs one backup command, printing what it did on stdout.
@@ -63,6 +70,12 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
     }
     if let BackupCommand::Drill { all, backup } = &command {
         return crate::cli::archive::drill(config, *all, backup.as_deref()).await;
+    }
+    // As the gateway: it takes the cluster's lock and writes the plain
+    // copies the gateway's retention reads.
+    if let BackupCommand::Reencrypt { identity } = &command {
+        crate::repository::reencrypt::run(config, identity, &|line| println!("{line}")).await?;
+        return Ok(());
     }
     let needs_database = matches!(command, BackupCommand::Create | BackupCommand::Restore { .. });
     let database = if needs_database { Some(database(config)?) } else { None };
@@ -91,7 +104,7 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
             service(config, None).delete(&name)?;
             println!("deleted {name}");
         }
-        BackupCommand::Base | BackupCommand::Verify | BackupCommand::Drill { .. } => unreachable!("handled before the account switch"),
+        BackupCommand::Base | BackupCommand::Verify | BackupCommand::Drill { .. } | BackupCommand::Reencrypt { .. } => unreachable!("handled before the account switch"),
     }
     Ok(())
 }

@@ -23,6 +23,14 @@
 //! decrypted. The manifests are read (so decrypted) before anything is
 //! written: a missing or wrong identity stops the restore there, naming the
 //! public keys the repository's objects are encrypted to.
+//!
+//! After a key rotation (`backup reencrypt`, see `layout.rs`) an object can
+//! have copies sealed to other keys (`<name>.k-<tag>`, a base backup
+//! `<id>.k-<tag>`). The restore takes, of each object, a copy the identity
+//! opens (the keys of the last one that opened tried first), so old-only,
+//! new-only and mixed repositories restore alike. A base backup none of
+//! whose copies opens stops the restore naming the keys it needs: a restore
+//! never falls back silently to an older backup it can read.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +40,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use bytes::Bytes;
+
+use super::crypt::CryptError;
 use super::layout::{self, BaseManifest, Object};
 use super::store::{Repository, RepositoryError};
 use crate::config::{Config, Database, EmbeddedConfig};
@@ -81,6 +92,9 @@ struct Generation {
     /// segment → (from, to) chunks.
     chunks: BTreeMap<String, Vec<(u64, u64)>>,
     histories: Vec<String>,
+    /// Object name (as the shipper writes it) → the names of its copies
+    /// there (itself, re-encrypted ones), for WAL and history files.
+    copies: BTreeMap<String, Vec<String>>,
 }
 
 /// Whether the repository holds at least one complete base backup (any
@@ -124,7 +138,16 @@ pub async fn plan(repo: &Repository, target: Target, major: u32, say: &(dyn Fn(S
     })?;
     let mut generations: BTreeMap<String, Generation> = BTreeMap::new();
     for object in &listed {
-        match layout::parse(&object.path) {
+        let parsed = layout::parse(&object.path);
+        if let Some(Object::Segment { gen, .. } | Object::Chunk { gen, .. } | Object::History { gen, .. }) = &parsed {
+            let copies = generations.entry(gen.clone()).or_default().copies.entry(layout::canonical(&object.path).0).or_default();
+            let first = copies.is_empty();
+            copies.push(object.path.clone());
+            if !first {
+                continue;
+            }
+        }
+        match parsed {
             Some(Object::BaseManifest { gen, id }) => generations.entry(gen.clone()).or_default().manifests.push(layout::base_manifest(&gen, &id)),
             Some(Object::Segment { gen, segment }) => {
                 generations.entry(gen).or_default().segments.insert(segment, object.size);
@@ -147,6 +170,10 @@ pub async fn plan(repo: &Repository, target: Target, major: u32, say: &(dyn Fn(S
     let mut best: Option<(String, BaseManifest)> = None;
     let mut oldest: Option<DateTime<Utc>> = None;
     let mut other_majors = Vec::new();
+    // Base backups (by the name of the original) one copy of which opened,
+    // and the refusals of those that did not open.
+    let mut opened = std::collections::BTreeSet::new();
+    let mut refused: Vec<(String, CryptError)> = Vec::new();
     for (gen, content) in &generations {
         let Some((_, gen_major)) = layout::parse_generation(gen) else { continue };
         if gen_major != major {
@@ -156,7 +183,18 @@ pub async fn plan(repo: &Repository, target: Target, major: u32, say: &(dyn Fn(S
             continue;
         }
         for path in &content.manifests {
-            let manifest: BaseManifest = serde_json::from_slice(&repo.get_plain(path).await?).with_context(|| format!("{}: {path} is not a base backup manifest", repo.display()))?;
+            let original = layout::canonical(path).0;
+            let bytes = match repo.get_plain(path).await {
+                Ok(bytes) => bytes,
+                // Another copy of the same backup may open (a rotation): judged below.
+                Err(RepositoryError::Crypt(e @ (CryptError::WrongKey { .. } | CryptError::NoKey { .. }))) => {
+                    refused.push((original, e));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            opened.insert(original);
+            let manifest: BaseManifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: {path} is not a base backup manifest", repo.display()))?;
             let ended = manifest.backup.finished_at;
             oldest = Some(oldest.map_or(ended, |o| o.min(ended)));
             let fits = match target {
@@ -167,6 +205,9 @@ pub async fn plan(repo: &Repository, target: Target, major: u32, say: &(dyn Fn(S
                 best = Some((gen.clone(), manifest));
             }
         }
+    }
+    if let Some((_, e)) = refused.into_iter().find(|(original, _)| !opened.contains(original)) {
+        return Err(RepositoryError::Crypt(e).into());
     }
     let Some((gen, manifest)) = best else {
         if let Some(oldest) = oldest {
@@ -218,6 +259,7 @@ pub async fn fetch(repo: &Repository, wal_dir: &Path, target: Target, major: u32
 /// `downloading-wal`: held after the first file of each step).
 pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: Option<&Path>, say: &(dyn Fn(String) + Sync)) -> Result<Fetched> {
     let (gen, identity, manifest, content) = (&plan.generation, &plan.identity, &plan.manifest, &plan.content);
+    let mut prefer = None;
     refuse_other_archive(wal_dir, identity)?;
     let backup = &manifest.backup;
     let total: u64 = manifest.files.iter().map(|f| f.size).sum();
@@ -273,7 +315,7 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
     let stream = crate::pitr::archive::stream_dir(wal_dir);
     std::fs::create_dir_all(&stream).with_context(|| format!("creating {}", stream.display()))?;
     for history in &content.histories {
-        let data = repo.get_plain(&layout::wal_history(gen, history)).await?;
+        let data = get_copy(repo, &content.copies, &layout::wal_history(gen, history), &mut prefer).await?;
         write_atomically(&stream.join(history), &data)?;
         objects += 1;
         bytes += data.len() as u64;
@@ -286,7 +328,7 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
     let mut said = std::time::Instant::now();
     for segment in &wanted {
         let local = stream.join(segment.as_str());
-        let stored = repo.get_plain(&layout::wal_segment(gen, segment)).await?;
+        let stored = get_copy(repo, &content.copies, &layout::wal_segment(gen, segment), &mut prefer).await?;
         let data = layout::decode_segment(&stored).with_context(|| format!("{}: the WAL segment {segment} is damaged (its lz4 frame does not check)", repo.display()))?;
         segment_bytes.get_or_insert(data.len());
         write_atomically(&local, &data)?;
@@ -321,7 +363,7 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
                 // A gap: what follows cannot be replayed.
                 break;
             }
-            let bytes_of = match repo.get_plain(&layout::wal_chunk(gen, segment, from, to)).await {
+            let bytes_of = match get_copy(repo, &content.copies, &layout::wal_chunk(gen, segment, from, to), &mut prefer).await {
                 Ok(bytes) => bytes,
                 // The repository is still being written: the segment was
                 // completed after it was listed, and its chunks were
@@ -363,6 +405,36 @@ pub async fn download(repo: &Repository, plan: &Plan, wal_dir: &Path, data_dir: 
     crate::pitr::generation::record(wal_dir, identity)?;
     say(format!("downloaded {objects} objects, {bytes} bytes into {}", wal_dir.display()));
     Ok(Fetched { generation: gen.clone(), identity: *identity, base_backup: backup.id.clone(), objects, bytes, segments, partial })
+}
+
+/// The content of the object `name` from one of its `copies` (see the
+/// module's text) the identity opens, those of the keys tag `prefer` (the
+/// last that opened) first. When none opens: a refusal naming the keys
+/// needed rather than a copy found gone.
+async fn get_copy(repo: &Repository, copies: &BTreeMap<String, Vec<String>>, name: &str, prefer: &mut Option<Option<String>>) -> Result<Bytes, RepositoryError> {
+    let mut paths: Vec<&str> = copies.get(name).map(|c| c.iter().map(String::as_str).collect()).unwrap_or_else(|| vec![name]);
+    if let Some(tag) = prefer.as_ref() {
+        paths.sort_by_key(|p| layout::canonical(p).1 != *tag);
+    }
+    let mut refusal: Option<RepositoryError> = None;
+    for path in paths {
+        match repo.get_plain(path).await {
+            Ok(bytes) => {
+                *prefer = Some(layout::canonical(path).1);
+                return Ok(bytes);
+            }
+            Err(e @ RepositoryError::Crypt(CryptError::WrongKey { .. } | CryptError::NoKey { .. })) => {
+                if !matches!(refusal, Some(RepositoryError::Crypt(_))) {
+                    refusal = Some(e);
+                }
+            }
+            Err(e @ RepositoryError::NotFound { .. }) => {
+                refusal.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(refusal.expect("an object has at least one name"))
 }
 
 /// How often a long download says how far it got, at least.

@@ -26,6 +26,27 @@
 //! exists, else the chunks of that segment concatenated in order (only
 //! ever the last segment of a timeline), padded with zeros to the segment
 //! size as PostgreSQL expects of a `.partial` segment.
+//!
+//! **Re-encrypted copies** (`backup reencrypt`, `repository/reencrypt.rs`):
+//! objects are written once, so a copy sealed to new recipients takes a new
+//! name, marked with the *keys tag* of those recipients (`k-` and 8 hex
+//! digits of the SHA-256 of the sorted public keys, [`keys_tag`]):
+//!
+//! ```text
+//!     wal/<segment>.lz4.k-<tag>         a WAL segment, history file, chunk or
+//!     wal/<TLI>.history.k-<tag>         logical backup: the name, then the tag
+//!     logical/<name>.k-<tag>
+//!     base/<id>.k-<tag>/<file>          a base backup: a backup of its own (its
+//!     base/<id>.k-<tag>/manifest.json   manifest's id is `<id>.k-<tag>`), so
+//!                                       "manifest last" and retention hold as is
+//! ```
+//!
+//! [`parse`] reads a tagged WAL or logical name as the object it copies (so
+//! retention and the chunk bookkeeping treat both alike, deleting by the
+//! listed name); [`canonical`] gives the name a copy was made of, and the
+//! restore takes, of the copies of one object, one its identity opens.
+//! The tag being a function of the recipients, a second run of a rotation
+//! finds the names of the first.
 
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +107,60 @@ pub fn logical(name: &str) -> String {
     format!("logical/{name}")
 }
 
+/// What marks a re-encrypted copy's name: `<name>.k-<tag>`.
+const KEYS_MARK: &str = ".k-";
+/// Hex digits of a keys tag.
+const TAG_LEN: usize = 8;
+
+/// The keys tag of `recipients` (public keys, or `passphrase`): 8 hex
+/// digits of the SHA-256 of the sorted, distinct keys, one per line. The
+/// same recipients give the same tag in any order, so names are stable
+/// across runs.
+pub fn keys_tag(recipients: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut keys: Vec<&str> = recipients.iter().map(|k| k.trim()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let digest = Sha256::digest(keys.join("\n").as_bytes());
+    digest.iter().take(TAG_LEN / 2).map(|b| format!("{b:02x}")).collect()
+}
+
+/// `name` without a trailing `.k-<tag>`, and the tag.
+fn split_tag(name: &str) -> (&str, Option<&str>) {
+    match name.rsplit_once(KEYS_MARK) {
+        Some((base, tag)) if !base.is_empty() && !base.ends_with('/') && tag.len() == TAG_LEN && tag.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => (base, Some(tag)),
+        _ => (name, None),
+    }
+}
+
+/// The name of the object `path` is a re-encrypted copy of (`path` itself
+/// for an original), and the copy's keys tag (`None`: an original).
+pub fn canonical(path: &str) -> (String, Option<String>) {
+    let parts: Vec<&str> = path.split('/').collect();
+    if let [gen, "base", id, file] = parts.as_slice() {
+        let (id, tag) = split_tag(id);
+        return (format!("{gen}/base/{id}/{file}"), tag.map(str::to_string));
+    }
+    let (name, tag) = split_tag(path);
+    (name.to_string(), tag.map(str::to_string))
+}
+
+/// The name of the copy of `path` sealed to the recipients of `tag`
+/// ([`keys_tag`]); a copy's copy is named after the original.
+pub fn rekeyed(path: &str, tag: &str) -> String {
+    let (original, _) = canonical(path);
+    let parts: Vec<&str> = original.split('/').collect();
+    if let [gen, "base", id, file] = parts.as_slice() {
+        return base_file(gen, &rekeyed_id(id, tag), file);
+    }
+    format!("{original}{KEYS_MARK}{tag}")
+}
+
+/// The id of a base backup's copy sealed to the recipients of `tag`.
+pub fn rekeyed_id(id: &str, tag: &str) -> String {
+    format!("{}{KEYS_MARK}{tag}", split_tag(id).0)
+}
+
 /// What an object name stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
@@ -103,6 +178,10 @@ fn is_segment_name(name: &str) -> bool {
 
 /// Reads an object name back; `None` for a name this layout never writes.
 pub fn parse(path: &str) -> Option<Object> {
+    // A re-encrypted copy of a WAL or logical object stands for the original
+    // (a base backup's copy is a backup of its own: its id keeps the tag).
+    let parts: Vec<&str> = path.split('/').collect();
+    let path = if parts.get(1) == Some(&"base") { path } else { split_tag(path).0 };
     let parts: Vec<&str> = path.split('/').collect();
     match parts.as_slice() {
         ["logical", name] if !name.is_empty() => Some(Object::Logical { name: name.to_string() }),
@@ -193,6 +272,33 @@ mod tests {
         assert_eq!(parse(&base_file(GEN, id, "base.tar.lz4")), Some(Object::BaseFile { gen: GEN.into(), id: id.into(), file: "base.tar.lz4".into() }));
         assert_eq!(parse(&base_manifest(GEN, id)), Some(Object::BaseManifest { gen: GEN.into(), id: id.into() }));
         assert_eq!(parse(&logical("backup-2026.sql")), Some(Object::Logical { name: "backup-2026.sql".into() }));
+    }
+
+    #[test]
+    fn a_re_encrypted_copy_is_named_by_its_keys_and_read_back_as_its_original() {
+        let tag = keys_tag(&["age1b".into(), "age1a".into()]);
+        assert_eq!(tag, keys_tag(&["age1a".into(), "age1b".into(), "age1a".into()]), "order and repeats do not change the tag");
+        assert_ne!(tag, keys_tag(&["age1a".into()]));
+        assert_eq!(tag.len(), 8);
+        let seg = "00000001000000000000000A";
+        let id = "20261205T050000.123Z";
+        for original in [wal_segment(GEN, seg), wal_chunk(GEN, seg, 0, 0x2000), wal_history(GEN, "00000002.history"), logical("omni_backup_20261205_050000.sql")] {
+            let copy = rekeyed(&original, &tag);
+            assert_eq!(copy, format!("{original}.k-{tag}"));
+            assert_eq!(parse(&copy), parse(&original), "{copy}");
+            assert_eq!(canonical(&copy), (original.clone(), Some(tag.clone())));
+            assert_eq!(canonical(&original), (original.clone(), None));
+            let again = keys_tag(&["age1c".into()]);
+            assert_eq!(rekeyed(&copy, &again), format!("{original}.k-{again}"), "a copy of a copy is named after the original");
+        }
+        let copy = rekeyed(&base_file(GEN, id, "base.tar.lz4"), &tag);
+        assert_eq!(copy, base_file(GEN, &format!("{id}.k-{tag}"), "base.tar.lz4"));
+        assert_eq!(parse(&rekeyed(&base_manifest(GEN, id), &tag)), Some(Object::BaseManifest { gen: GEN.into(), id: rekeyed_id(id, &tag) }));
+        assert_eq!(canonical(&copy), (base_file(GEN, id, "base.tar.lz4"), Some(tag.clone())));
+        // Not tags: wrong length, upper case, nothing before.
+        for name in [format!("{GEN}/wal/{seg}.lz4.k-abc"), format!("{GEN}/wal/{seg}.lz4.k-ABCDEF12"), "logical/.k-abcdef12".to_string()] {
+            assert_eq!(canonical(&name).1, None, "{name}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod drill;
 pub mod heartbeat;
 pub mod layout;
 pub mod probe;
+pub mod reencrypt;
 pub mod retention;
 pub mod store;
 pub mod gcs;

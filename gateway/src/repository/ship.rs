@@ -795,6 +795,9 @@ impl Shipper {
     async fn ship_base(&self, gen: &str, wal_dir: &Path, backup: &base::BaseBackup) -> Result<(), RepositoryError> {
         let dir = backup.dir(wal_dir);
         let mut files = Vec::new();
+        // The keys the files were actually sealed to (a rotation between two
+        // files shows as both), not the recipients read again afterwards.
+        let mut sealed_to: Vec<String> = Vec::new();
         for (relative, path) in files_under(&dir) {
             let name = layout::base_file(gen, &backup.id, &relative);
             let known = self.state().file.objects.get(&name).cloned().filter(|c| !c.sha256.is_empty());
@@ -802,7 +805,10 @@ impl Shipper {
                 Some(c) => (c.size, c.sha256),
                 None => {
                     let (put, size, sha) = match self.repo.put_file(&name, &path).await {
-                        Ok(done) => (done.put, done.size, done.sha256),
+                        Ok(done) => {
+                            sealed_to.extend(done.recipients.into_iter().filter(|k| !sealed_to.contains(k)).collect::<Vec<_>>());
+                            (done.put, done.size, done.sha256)
+                        }
                         // Retention removed it meanwhile (it never does before the manifest is confirmed).
                         Err(RepositoryError::Local { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                         Err(e) => return Err(e),
@@ -813,7 +819,8 @@ impl Shipper {
             };
             files.push(layout::ManifestFile { name: relative, size, sha256 });
         }
-        let recipients = if self.repo.encrypts() { self.repo.sealer_recipients()? } else { Vec::new() };
+        // Files confirmed in an earlier round (their recipients not recorded): the current ones.
+        let recipients = if !sealed_to.is_empty() || !self.repo.encrypts() { sealed_to } else { self.repo.sealer_recipients()? };
         let manifest = layout::BaseManifest { backup: backup.clone(), files, recipients };
         let text = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
         let name = layout::base_manifest(gen, &backup.id);

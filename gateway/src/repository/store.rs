@@ -589,7 +589,7 @@ impl Repository {
     /// The SHA-256 of an object, streamed (never whole in memory) in one
     /// request: rclone's S3 server answers a range request with the whole
     /// object (200, not 206), which object_store refuses.
-    async fn sha256_of(&self, path: &str, size: u64) -> Result<(String, Vec<u8>), RepositoryError> {
+    pub async fn sha256_of(&self, path: &str, size: u64) -> Result<(String, Vec<u8>), RepositoryError> {
         use futures::StreamExt;
         let mut hasher = Sha256::new();
         let mut read = 0u64;
