@@ -16,9 +16,14 @@
 //!   watch on the file itself would lose) and reloads after a quiet moment;
 //!   a new pair that fails the checks is logged and the old one stays.
 //! * ALPN offers `h2` then `http/1.1`.
+//! * Certificates obtained by ACME (`OMNI_TLS_DOMAINS`): [`acme`]; with an
+//!   external database kept in it for every gateway on it ([`shared`]), the
+//!   private keys sealed with `OMNI_TLS_SECRET_FILE` ([`seal`]).
 
 pub mod acme;
+pub mod seal;
 pub mod settings;
+pub mod shared;
 
 use std::{
     path::{Path, PathBuf},
@@ -73,15 +78,21 @@ pub fn load(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError
     let key_var = format!("OMNI_TLS_KEY={}", files.key.display());
     let cert_pem = std::fs::read(&files.cert).map_err(|e| TlsError(format!("{cert_var}: cannot read it ({e})")))?;
     let key_pem = read_key(&files.key, &key_var)?;
+    check_pair(&cert_pem, &key_pem, &cert_var, &key_var)
+}
 
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+/// Checks a certificate chain and its key given as PEM; `cert_var` and
+/// `key_var` name where each came from in the errors.
+pub fn check_pair(cert_pem: &[u8], key_pem: &[u8], cert_var: &str, key_var: &str) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError> {
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError(format!("{cert_var}: not a PEM certificate file ({e})")))?;
     let Some(leaf) = chain.first() else {
         return Err(TlsError(format!("{cert_var}: no CERTIFICATE block in the file; it must hold the certificate, then its chain, in PEM")));
     };
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
-        let hint = if CertificateDer::pem_slice_iter(&key_pem).next().is_some() { " (it holds a certificate: are OMNI_TLS_CERT and OMNI_TLS_KEY swapped?)" } else { "" };
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
+        let hint = if CertificateDer::pem_slice_iter(key_pem).next().is_some() { " (it holds a certificate: are OMNI_TLS_CERT and OMNI_TLS_KEY swapped?)" } else { "" };
         TlsError(format!("{key_var}: no private key in the file{hint}; expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block"))
     })?;
 
@@ -175,6 +186,11 @@ impl Live {
 
     pub fn info(&self) -> CertInfo {
         self.current.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// The served end-entity certificate (DER): tells two certificates apart.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).0.cert.first().cloned()
     }
 }
 
