@@ -165,6 +165,30 @@ fn gateway_on(dir: &Path, host: &str, pg: &TempPostgres, directory: &str, http_p
     gw
 }
 
+/// A gateway for [`DOMAIN`] on its own embedded database: the account and
+/// certificate are files in `dir/data/tls` then.
+fn embedded_gateway(dir: &Path, directory: &str, http_port: u16) -> Gateway {
+    std::fs::create_dir_all(dir).unwrap();
+    omni_tests::copy_gateway_cluster(&omni_tests::pg_bin_dir(), dir);
+    let ca = dir.parent().unwrap().join("ca.pem");
+    let mut gw = GatewayBuilder::new(dir)
+        .env("OMNI_API_BIN", bin_path("fake-worker").display().to_string())
+        .env("OMNI_API_KEY", TEST_API_KEY)
+        .env("OMNI_TLS_DOMAINS", DOMAIN)
+        .env("OMNI_ACME_DIRECTORY", directory)
+        .env("OMNI_ACME_CA_FILE", ca.display().to_string())
+        .env("OMNI_HTTP_PORT", http_port.to_string())
+        .spawn();
+    let port = gw.port;
+    wait_until(Duration::from_secs(90), "/health 200 over HTTPS", || {
+        if let Some(status) = gw.child.try_status() {
+            panic!("the gateway exited ({status}): {}", gw.log());
+        }
+        (curl(port, "/health").0 == 200).then_some(())
+    });
+    gw
+}
+
 /// A secret file (mode 600) in `dir`, made once.
 fn secret(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
@@ -301,13 +325,14 @@ fn acme_serves_self_signed_then_pebbles_certificate_and_reuses_it_after_a_restar
 }
 
 #[test]
-fn acme_answers_pebbles_http01_check_on_the_plain_port() {
+fn acme_answers_pebbles_http01_check_on_the_plain_port_and_keeps_files_with_the_embedded_database() {
     let dir = workdir();
     make_test_ca(dir.path(), "ca");
-    let pg = TempPostgres::start_new();
     let http_port = free_port();
     let pebble = Pebble::start(dir.path(), Some(http_port));
-    let mut gw = gateway(&dir.path().join("gw"), &pg, &pebble.directory, http_port);
+    // The embedded database: this gateway's store is files.
+    let home = dir.path().join("gw");
+    let mut gw = embedded_gateway(&home, &pebble.directory, http_port);
     let cert = wait_until(Duration::from_secs(90), "a certificate issued by pebble after a real HTTP-01 check", || {
         let tls = tls_status(&gw);
         assert!(tls["last_error"].is_null(), "{tls}\n{}\n{}", gw.log(), pebble.log());
@@ -321,6 +346,10 @@ fn acme_answers_pebbles_http01_check_on_the_plain_port() {
     // The answered challenge is forgotten: the path is 404 again.
     let out = Command::new("curl").args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{http_port}/.well-known/acme-challenge/anything")]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    for name in ["cert.pem", "key.pem", "account.json"] {
+        let mode = std::fs::metadata(home.join("data/tls").join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
     gw.terminate();
 }
 
