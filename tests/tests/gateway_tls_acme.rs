@@ -48,8 +48,10 @@ struct PebbleOptions {
     /// pointed at it while it is still down).
     port: u16,
     /// `Some(port)`: validate HTTP-01 for real on this port of `dns_ip`;
-    /// `None`: every challenge is valid.
+    /// `None` (and no `tls_alpn01`): every challenge is valid.
     http01: Option<u16>,
+    /// `Some(port)`: validate TLS-ALPN-01 for real on this port of `dns_ip`.
+    tls_alpn01: Option<u16>,
     /// The address pebble-challtestsrv gives every name.
     dns_ip: &'static str,
     /// Seconds a certificate is valid (pebble's default: five years).
@@ -60,11 +62,11 @@ impl Pebble {
     /// `http01`: validate for real, fetching challenges from this port
     /// (names resolved to 127.0.0.1); `None`: every challenge is valid.
     fn start(dir: &Path, http01: Option<u16>) -> Pebble {
-        Pebble::start_with(dir, PebbleOptions { port: free_port(), http01, dns_ip: "127.0.0.1", validity_s: None })
+        Pebble::start_with(dir, PebbleOptions { port: free_port(), http01, tls_alpn01: None, dns_ip: "127.0.0.1", validity_s: None })
     }
 
     fn start_with(dir: &Path, options: PebbleOptions) -> Pebble {
-        let PebbleOptions { port, http01, dns_ip, validity_s } = options;
+        let PebbleOptions { port, http01, tls_alpn01, dns_ip, validity_s } = options;
         openssl(dir, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "pebble.key", "-out", "pebble.csr", "-subj", "/CN=localhost"]);
         std::fs::write(dir.join("pebble.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
         openssl(dir, &["x509", "-req", "-in", "pebble.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "7", "-days", "2", "-extfile", "pebble.ext", "-out", "pebble.pem"]);
@@ -74,7 +76,7 @@ impl Pebble {
             "certificate": dir.join("pebble.pem"),
             "privateKey": dir.join("pebble.key"),
             "httpPort": http01.unwrap_or_else(free_port),
-            "tlsPort": free_port(),
+            "tlsPort": tls_alpn01.unwrap_or_else(free_port),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         }});
@@ -83,7 +85,7 @@ impl Pebble {
         }
         std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
         let log = dir.join("pebble.log");
-        let dns = http01.map(|_| {
+        let dns = http01.or(tls_alpn01).map(|_| {
             let (port, management) = (free_port(), free_port());
             let dns = ChildGuard::spawn(
                 Command::new("pebble-challtestsrv")
@@ -168,17 +170,20 @@ fn gateway_on(dir: &Path, host: &str, pg: &TempPostgres, directory: &str, http_p
 /// A gateway for [`DOMAIN`] on its own embedded database: the account and
 /// certificate are files in `dir/data/tls` then.
 fn embedded_gateway(dir: &Path, directory: &str, http_port: u16) -> Gateway {
+    embedded_gateway_with(dir, directory, &[("OMNI_HTTP_PORT", http_port.to_string())])
+}
+
+fn embedded_gateway_with(dir: &Path, directory: &str, env: &[(&str, String)]) -> Gateway {
     std::fs::create_dir_all(dir).unwrap();
     omni_tests::copy_gateway_cluster(&omni_tests::pg_bin_dir(), dir);
     let ca = dir.parent().unwrap().join("ca.pem");
-    let mut gw = GatewayBuilder::new(dir)
+    let gw = GatewayBuilder::new(dir)
         .env("OMNI_API_BIN", bin_path("fake-worker").display().to_string())
         .env("OMNI_API_KEY", TEST_API_KEY)
         .env("OMNI_TLS_DOMAINS", DOMAIN)
         .env("OMNI_ACME_DIRECTORY", directory)
-        .env("OMNI_ACME_CA_FILE", ca.display().to_string())
-        .env("OMNI_HTTP_PORT", http_port.to_string())
-        .spawn();
+        .env("OMNI_ACME_CA_FILE", ca.display().to_string());
+    let mut gw = env.iter().fold(gw, |gw, (name, value)| gw.env(name, value.clone())).spawn();
     let port = gw.port;
     wait_until(Duration::from_secs(90), "/health 200 over HTTPS", || {
         if let Some(status) = gw.child.try_status() {
@@ -369,7 +374,7 @@ fn acme_two_gateways_on_one_database_share_one_order_answer_each_others_checks_a
     // and pebble's check of A's order can only be answered by B.
     let mut b = gateway_on(&dir.path().join("gw-b"), "127.0.0.2", &pg, &directory, http_port, &secret);
     wait_until(Duration::from_secs(60), "B's failed attempt in its status", || tls_status_at("127.0.0.2", &b)["last_error"].is_string().then_some(()));
-    let pebble = Pebble::start_with(dir.path(), PebbleOptions { port: pebble_port, http01: Some(http_port), dns_ip: "127.0.0.2", validity_s: Some(90) });
+    let pebble = Pebble::start_with(dir.path(), PebbleOptions { port: pebble_port, http01: Some(http_port), tls_alpn01: None, dns_ip: "127.0.0.2", validity_s: Some(90) });
     let mut a = gateway_on(&dir.path().join("gw-a"), "127.0.0.1", &pg, &directory, http_port, &secret);
 
     let first = wait_until(Duration::from_secs(90), "one pebble certificate served by both gateways", || {
@@ -401,4 +406,32 @@ fn acme_two_gateways_on_one_database_share_one_order_answer_each_others_checks_a
     assert_ne!(renewed, first);
     a.terminate();
     b.terminate();
+}
+
+#[test]
+fn acme_answers_pebbles_tls_alpn01_check_on_the_https_port_without_a_plain_port() {
+    let dir = workdir();
+    make_test_ca(dir.path(), "ca");
+    let https_port = free_port();
+    let pebble = Pebble::start_with(dir.path(), PebbleOptions { port: free_port(), http01: None, tls_alpn01: Some(https_port), dns_ip: "127.0.0.1", validity_s: None });
+    let mut gw = embedded_gateway_with(
+        &dir.path().join("gw"),
+        &pebble.directory,
+        &[("OMNI_PORT", https_port.to_string()), ("OMNI_HTTP_PORT", "off".into()), ("OMNI_ACME_CHALLENGE", "tls-alpn-01".into())],
+    );
+    let cert = wait_until(Duration::from_secs(90), "a certificate issued by pebble after a real TLS-ALPN-01 check", || {
+        let tls = tls_status(&gw);
+        assert!(tls["last_error"].is_null(), "{tls}\n{}\n{}", gw.log(), pebble.log());
+        let cert = served(gw.port);
+        cert.contains("Pebble").then_some(cert)
+    });
+    assert!(cert.contains(&format!("DNS:{DOMAIN}")), "{cert}");
+    assert_eq!(pebble.finalized(), 1, "{}", pebble.log());
+    // Checked for real (no plain port to answer HTTP-01, and pebble's VA is not told to pass all).
+    assert!(pebble.log().contains("set VALID by completed challenge"), "{}", pebble.log());
+    // The check is over: a handshake offering acme-tls/1 gets no certificate now.
+    let script = format!("openssl s_client -connect 127.0.0.1:{https_port} -servername {DOMAIN} -alpn acme-tls/1 </dev/null 2>&1");
+    let out = String::from_utf8_lossy(&Command::new("sh").args(["-c", &script]).output().unwrap().stdout).into_owned();
+    assert!(!out.contains("BEGIN CERTIFICATE") && !out.contains("Pebble"), "{out}");
+    gw.terminate();
 }

@@ -109,6 +109,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_ACME_DIRECTORY", default: "https://acme-v02.api.letsencrypt.org/directory", help: "with OMNI_TLS_DOMAINS: the ACME directory URL of the certificate authority (default Let's Encrypt production)" },
     Var { name: "OMNI_ACME_EMAIL", default: "", help: "with OMNI_TLS_DOMAINS: the contact address of the ACME account (expiry notices); empty = none" },
     Var { name: "OMNI_ACME_CA_FILE", default: "", help: "with OMNI_TLS_DOMAINS: a PEM CA certificate to trust for the ACME directory's HTTPS (test and private CAs) instead of the system's; empty = the system's" },
+    Var { name: "OMNI_ACME_CHALLENGE", default: "http-01", help: "with OMNI_TLS_DOMAINS: http-01 (answered on OMNI_HTTP_PORT, by any gateway of a shared database) or tls-alpn-01 (answered on OMNI_PORT with ALPN acme-tls/1, by the gateway that orders; OMNI_HTTP_PORT may be off)" },
     Var { name: "OMNI_TLS_SECRET_FILE", default: "", help: "with OMNI_TLS_DOMAINS and an external DATABASE_URL (required then): a file of at least 32 random bytes, the same on every gateway, sealing the private keys the gateways share in that database; one gateway orders, all serve the certificate" },
 ];
 

@@ -8,7 +8,12 @@
 //!   once instead.
 //! * **HTTP-01.** Each pending challenge's token and key authorization go
 //!   into [`Challenges`], which the plain port (`OMNI_HTTP_PORT`) answers
-//!   at `/.well-known/acme-challenge/<token>`.
+//!   at `/.well-known/acme-challenge/<token>`. **TLS-ALPN-01**
+//!   (`OMNI_ACME_CHALLENGE=tls-alpn-01`): a certificate with the
+//!   acmeIdentifier extension ([`alpn_certificate`]) is served on the HTTPS
+//!   port to handshakes offering ALPN `acme-tls/1`, by the ordering gateway
+//!   only (rustls asks the resolver synchronously, so it cannot read the
+//!   database): behind a load balancer, use HTTP-01.
 //! * **Stored** ([`Store`]): with the embedded database, the account (its
 //!   key) and the certificate with its key live in `OMNI_DATA_DIR/tls/`
 //!   (mode 600). With an external `DATABASE_URL` they live in that database
@@ -40,7 +45,11 @@ use rustls::{
 use tokio_util::sync::CancellationToken;
 use x509_cert::der::Decode;
 
-use super::{settings::AcmeSettings, shared::Shared, CertFiles, CertInfo, Live, TlsError};
+use super::{
+    settings::{AcmeSettings, Challenge},
+    shared::Shared,
+    CertFiles, CertInfo, Live, TlsError,
+};
 
 /// Pending HTTP-01 challenges: token → key authorization, this gateway's
 /// own, and with a shared store those any gateway on the database asked.
@@ -338,9 +347,10 @@ impl Acme {
                 }
             }
             let outcome = tokio::select! {
-                outcome = self.obtain() => outcome,
+                outcome = self.obtain(live) => outcome,
                 () = stop.cancelled() => return,
             };
+            live.clear_alpn_challenges();
             let tokens = self.challenges.clear();
             if let Store::Database(shared) = &self.store {
                 shared.forget_challenges(&tokens).await;
@@ -483,9 +493,9 @@ impl Acme {
         }
     }
 
-    /// One order: account, authorizations answered by HTTP-01, CSR,
-    /// certificate; checked, stored, then returned.
-    async fn obtain(&self) -> anyhow::Result<(Arc<CertifiedKey>, CertInfo)> {
+    /// One order: account, authorizations answered by HTTP-01 (or
+    /// TLS-ALPN-01 on `live`), CSR, certificate; checked, stored, then returned.
+    async fn obtain(&self, live: &Live) -> anyhow::Result<(Arc<CertifiedKey>, CertInfo)> {
         use anyhow::Context;
         let account = self.account().await?;
         let identifiers: Vec<Identifier> = self.settings.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
@@ -498,19 +508,35 @@ impl Acme {
                 AuthorizationStatus::Valid => continue,
                 other => anyhow::bail!("the authorization for {} is {other:?}", authz.identifier()),
             }
-            let mut challenge = authz.challenge(ChallengeType::Http01).ok_or_else(|| anyhow::anyhow!("the authority offers no HTTP-01 challenge (the only kind answered so far)"))?;
-            let (token, key_authorization) = (challenge.token.clone(), challenge.key_authorization().as_str().to_string());
-            if let Store::Database(shared) = &self.store {
-                // Before ready: the authority may ask any gateway behind the balancer.
-                shared.put_challenge(&token, &key_authorization).await?;
+            let Identifier::Dns(domain) = authz.identifier().identifier.clone() else { anyhow::bail!("the authority asks to prove {}, not a domain name", authz.identifier()) };
+            match self.settings.challenge {
+                Challenge::Http01 => {
+                    let mut challenge = authz.challenge(ChallengeType::Http01).ok_or_else(|| anyhow::anyhow!("the authority offers no HTTP-01 challenge for {domain}; try OMNI_ACME_CHALLENGE=tls-alpn-01"))?;
+                    let (token, key_authorization) = (challenge.token.clone(), challenge.key_authorization().as_str().to_string());
+                    if let Store::Database(shared) = &self.store {
+                        // Before ready: the authority may ask any gateway behind the balancer.
+                        shared.put_challenge(&token, &key_authorization).await?;
+                    }
+                    self.challenges.put(token, key_authorization);
+                    challenge.set_ready().await.context("challenge ready")?;
+                }
+                Challenge::TlsAlpn01 => {
+                    let mut challenge = authz.challenge(ChallengeType::TlsAlpn01).ok_or_else(|| anyhow::anyhow!("the authority offers no TLS-ALPN-01 challenge for {domain}; try OMNI_ACME_CHALLENGE=http-01"))?;
+                    live.put_alpn_challenge(&domain, alpn_certificate(&domain, challenge.key_authorization().digest().as_ref())?);
+                    challenge.set_ready().await.context("challenge ready")?;
+                }
             }
-            self.challenges.put(token, key_authorization);
-            challenge.set_ready().await.context("challenge ready")?;
         }
         let retries = RetryPolicy::new().timeout(Duration::from_secs(120));
         let status = order.poll_ready(&retries).await.context("waiting for the authorizations")?;
         if status != OrderStatus::Ready {
-            anyhow::bail!("the order is {status:?}, not ready: the authority could not check http://<domain>/.well-known/acme-challenge/ on port 80 (OMNI_HTTP_PORT must be reachable as port 80 of each domain)");
+            anyhow::bail!(
+                "the order is {status:?}, not ready: {}",
+                match self.settings.challenge {
+                    Challenge::Http01 => "the authority could not check http://<domain>/.well-known/acme-challenge/ on port 80 (OMNI_HTTP_PORT must be reachable as port 80 of each domain)",
+                    Challenge::TlsAlpn01 => "the authority could not check TLS-ALPN-01 on port 443 (OMNI_PORT must be reachable as port 443 of each domain, without a TLS-terminating proxy in front)",
+                }
+            );
         }
         let key_pem = order.finalize().await.context("finalize")?;
         let chain_pem = order.poll_certificate(&retries).await.context("downloading the certificate")?;
@@ -588,6 +614,21 @@ fn renewal_at(not_before: u64, not_after: u64, window: Option<(u64, u64)>, point
         Some((start, end)) if end >= start => start + ((end - start) as f64 * point.clamp(0.0, 1.0)) as u64,
         _ => not_after - not_after.saturating_sub(not_before) / 3,
     }
+}
+
+/// The certificate answering TLS-ALPN-01 for `domain` (RFC 8737): self-signed,
+/// naming only `domain`, with the critical acmeIdentifier extension holding
+/// the SHA-256 `digest` of the key authorization.
+fn alpn_certificate(domain: &str, digest: &[u8]) -> anyhow::Result<Arc<CertifiedKey>> {
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()])?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    // Not `CertifiedKey::from_der`: its key check parses the certificate
+    // with webpki, which refuses the critical acmeIdentifier extension.
+    let signing = super::provider().key_provider.load_private_key(der)?;
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
 }
 
 /// RFC 9773's identifier of a certificate (its authority key identifier and
@@ -671,6 +712,20 @@ mod tests {
         assert_eq!(renewal_at(0, 90 * day, Some((3 * day, 4 * day)), 0.0), 3 * day);
         // A window that ends before it starts is no window.
         assert_eq!(renewal_at(0, 90 * day, Some((72 * day, 70 * day)), 0.5), 60 * day);
+    }
+
+    #[test]
+    fn the_tls_alpn_01_certificate_names_the_domain_and_carries_the_critical_acme_identifier() {
+        let digest = [7u8; 32];
+        let key = alpn_certificate("omni.example.com", &digest).unwrap();
+        let cert = x509_cert::Certificate::from_der(&key.cert[0]).unwrap();
+        let extensions = cert.tbs_certificate.extensions.unwrap();
+        let acme = extensions.iter().find(|e| e.extn_id.to_string() == "1.3.6.1.5.5.7.1.31").expect("the acmeIdentifier extension");
+        assert!(acme.critical);
+        // An OCTET STRING of the 32-byte digest.
+        assert_eq!(acme.extn_value.as_bytes(), [&[0x04, 32][..], &digest[..]].concat());
+        let san = extensions.iter().find(|e| e.extn_id.to_string() == "2.5.29.17").expect("subjectAltName");
+        assert!(san.extn_value.as_bytes().windows(16).any(|w| w == b"omni.example.com"));
     }
 
     #[test]

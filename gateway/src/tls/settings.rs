@@ -1,7 +1,8 @@
 //! HTTPS settings, parsed by the tls layer from the configuration's layers:
 //! `OMNI_TLS_CERT`, `OMNI_TLS_KEY`, `OMNI_HTTP_PORT`, `OMNI_HSTS_MAX_AGE`,
 //! and for certificates obtained by ACME `OMNI_TLS_DOMAINS`,
-//! `OMNI_ACME_DIRECTORY`, `OMNI_ACME_EMAIL`, `OMNI_ACME_CA_FILE`, and with an
+//! `OMNI_ACME_DIRECTORY`, `OMNI_ACME_EMAIL`, `OMNI_ACME_CA_FILE`,
+//! `OMNI_ACME_CHALLENGE`, and with an
 //! external `DATABASE_URL` `OMNI_TLS_SECRET_FILE` (the store is shared then).
 
 use std::path::PathBuf;
@@ -30,12 +31,23 @@ pub struct AcmeSettings {
     pub email: Option<String>,
     /// `OMNI_ACME_CA_FILE`.
     pub ca_file: Option<PathBuf>,
+    /// `OMNI_ACME_CHALLENGE`: how control of the domains is proven.
+    pub challenge: Challenge,
     /// `OMNI_DATA_DIR/tls`: the account, the certificate and its key
     /// (with the embedded database).
     pub store: PathBuf,
     /// With an external `DATABASE_URL`: the store is there instead, shared
     /// by every gateway on that database.
     pub shared: Option<SharedSettings>,
+}
+
+/// The ACME challenge answered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Challenge {
+    /// `http-01`: on the plain port (`OMNI_HTTP_PORT`), by any gateway of a shared store.
+    Http01,
+    /// `tls-alpn-01`: on the HTTPS port (ALPN `acme-tls/1`), by the gateway that ordered.
+    TlsAlpn01,
 }
 
 /// Where several gateways keep one certificate (tls/shared.rs).
@@ -97,7 +109,7 @@ impl HttpsSettings {
         if http_port != 0 && http_port == config.port {
             return Err(p.invalid("OMNI_HTTP_PORT", format!("it is OMNI_PORT too ({}), which serves HTTPS; pick another port for plain HTTP, or off", config.port)));
         }
-        if http_port == 0 && matches!(source, Source::Acme(_)) {
+        if http_port == 0 && matches!(&source, Source::Acme(acme) if acme.challenge == Challenge::Http01) {
             return Err(p.invalid("OMNI_HTTP_PORT", "OMNI_TLS_DOMAINS obtains certificates with the HTTP-01 challenge, which the certificate authority checks on the plain port: give OMNI_HTTP_PORT a port (reachable as port 80 of each domain), or use OMNI_TLS_CERT and OMNI_TLS_KEY"));
         }
         Ok(Some(HttpsSettings { source, http_port: (http_port != 0).then_some(http_port), hsts_max_age }))
@@ -134,6 +146,11 @@ impl AcmeSettings {
             }
         }
         let ca_file = p.optional_path("OMNI_ACME_CA_FILE");
+        let challenge = match p.string("OMNI_ACME_CHALLENGE").map(|c| c.to_ascii_lowercase()).as_deref() {
+            None | Some("http-01") => Challenge::Http01,
+            Some("tls-alpn-01") => Challenge::TlsAlpn01,
+            Some(_) => return Err(p.invalid("OMNI_ACME_CHALLENGE", "expected http-01 (answered on OMNI_HTTP_PORT, reachable as port 80) or tls-alpn-01 (answered on OMNI_PORT, reachable as port 443)")),
+        };
         // Several gateways can share a database only when it is external;
         // the embedded one is this gateway's own, and files serve it.
         let shared = match &config.database {
@@ -148,7 +165,7 @@ impl AcmeSettings {
             },
             crate::config::Database::Embedded(_) => None,
         };
-        Ok(AcmeSettings { domains, directory, email, ca_file, store: p.path("OMNI_DATA_DIR").value.join("tls"), shared })
+        Ok(AcmeSettings { domains, directory, email, ca_file, challenge, store: p.path("OMNI_DATA_DIR").value.join("tls"), shared })
     }
 }
 
@@ -211,6 +228,12 @@ mod tests {
         assert!(err.starts_with("OMNI_HTTP_PORT") && err.contains("HTTP-01"), "{err}");
         let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_EMAIL", "admin")]).unwrap_err();
         assert!(err.starts_with("OMNI_ACME_EMAIL"), "{err}");
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_CHALLENGE", "dns-01")]).unwrap_err();
+        assert!(err.starts_with("OMNI_ACME_CHALLENGE") && err.contains("tls-alpn-01"), "{err}");
+        // TLS-ALPN-01 needs no plain port.
+        let on = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_CHALLENGE", "TLS-ALPN-01"), ("OMNI_HTTP_PORT", "off")]).unwrap().unwrap();
+        let Source::Acme(acme) = on.source else { panic!("not ACME: {on:?}") };
+        assert_eq!((acme.challenge, on.http_port), (Challenge::TlsAlpn01, None));
     }
 
     #[test]
