@@ -302,7 +302,10 @@ pub async fn listen(shared: Arc<Shared>, changed: impl Fn(), stop: tokio_util::s
         };
         tokio::select! {
             ended = session => match ended {
-                Ok(()) => tracing::warn!("TLS store: the {CHANNEL} session ended; reconnecting"),
+                Ok(()) => {
+                    failures = 0;
+                    tracing::warn!("TLS store: the {CHANNEL} session ended; reconnecting");
+                }
                 Err(e) => {
                     failures += 1;
                     // Once, then quietly: the database may be down for a while.
