@@ -172,7 +172,7 @@ pub async fn run(config: Config) -> Result<i32> {
         }
         // ACME: a stored or self-signed certificate at once, obtained in the background.
         Some(crate::tls::settings::Source::Acme(settings)) => {
-            let (acme, live) = crate::tls::acme::Acme::start(settings.clone())?;
+            let (acme, live) = crate::tls::acme::Acme::start(settings.clone()).await?;
             (Some(live), Some(acme))
         }
         None => None.unzip(),

@@ -105,10 +105,12 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_TLS_KEY", default: "", help: "PEM private key of OMNI_TLS_CERT; must not be readable by every account (chmod 600)" },
     Var { name: "OMNI_HTTP_PORT", default: "", help: "with HTTPS on: the plain-HTTP port that redirects every request to https (308); default 80 (needs root or CAP_NET_BIND_SERVICE); off = none" },
     Var { name: "OMNI_HSTS_MAX_AGE", default: "31536000", help: "with HTTPS on: Strict-Transport-Security max-age in seconds (never sent to localhost or loopback addresses); 0 = no HSTS" },
-    Var { name: "OMNI_TLS_DOMAINS", default: "", help: "comma-separated domain names: OMNI_PORT speaks HTTPS with a certificate obtained by ACME (HTTP-01 on OMNI_HTTP_PORT) and stored under OMNI_DATA_DIR/tls; a self-signed one is served until it arrives; not with OMNI_TLS_CERT" },
+    Var { name: "OMNI_TLS_DOMAINS", default: "", help: "comma-separated domain names: OMNI_PORT speaks HTTPS with a certificate obtained by ACME (HTTP-01 on OMNI_HTTP_PORT) and stored under OMNI_DATA_DIR/tls (in the database, shared, with an external DATABASE_URL); a self-signed one is served until it arrives; not with OMNI_TLS_CERT" },
     Var { name: "OMNI_ACME_DIRECTORY", default: "https://acme-v02.api.letsencrypt.org/directory", help: "with OMNI_TLS_DOMAINS: the ACME directory URL of the certificate authority (default Let's Encrypt production)" },
     Var { name: "OMNI_ACME_EMAIL", default: "", help: "with OMNI_TLS_DOMAINS: the contact address of the ACME account (expiry notices); empty = none" },
     Var { name: "OMNI_ACME_CA_FILE", default: "", help: "with OMNI_TLS_DOMAINS: a PEM CA certificate to trust for the ACME directory's HTTPS (test and private CAs) instead of the system's; empty = the system's" },
+    Var { name: "OMNI_ACME_CHALLENGE", default: "http-01", help: "with OMNI_TLS_DOMAINS: http-01 (answered on OMNI_HTTP_PORT, by any gateway of a shared database) or tls-alpn-01 (answered on OMNI_PORT with ALPN acme-tls/1, by the gateway that orders; OMNI_HTTP_PORT may be off)" },
+    Var { name: "OMNI_TLS_SECRET_FILE", default: "", help: "with OMNI_TLS_DOMAINS and an external DATABASE_URL (required then): a file of at least 32 random bytes, the same on every gateway, sealing the private keys the gateways share in that database; one gateway orders, all serve the certificate" },
 ];
 
 /// Which layer supplied a value.

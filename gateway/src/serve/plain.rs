@@ -3,7 +3,9 @@
 //! port, path and query kept (308, unlike 301, keeps the method and body).
 //! `/.well-known/acme-challenge/…` is the one path not redirected: it is
 //! where a certificate authority checks HTTP-01 challenges, answered from
-//! the pending ones of the ACME client (`OMNI_TLS_DOMAINS`).
+//! the pending ones of the ACME client (`OMNI_TLS_DOMAINS`): this gateway's
+//! own, and with an external database those of every gateway on it (the
+//! authority's check may reach any of them behind a load balancer).
 //!
 //! Few requests come here (a browser follows the redirect once, then HSTS
 //! keeps it on HTTPS), so it runs on the main runtime.
@@ -65,8 +67,8 @@ pub async fn serve(listener: TcpListener, https_port: u16, challenges: Option<Ch
             TokioIo::new(stream),
             hyper::service::service_fn(move |req| {
                 let port = *port;
-                let answered = answer(&req, port, challenges.as_ref());
-                async move { Ok::<_, std::convert::Infallible>(answered) }
+                let challenges = challenges.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, port, challenges.as_ref()).await) }
             }),
         );
         let stop = stop.clone();
@@ -87,17 +89,17 @@ pub async fn serve(listener: TcpListener, https_port: u16, challenges: Option<Ch
 }
 
 /// The answer to one request on the plain port.
-fn answer(req: &Request<Incoming>, https_port: u16, challenges: Option<&Challenges>) -> Response<Body> {
+async fn answer(req: &Request<Incoming>, https_port: u16, challenges: Option<&Challenges>) -> Response<Body> {
     if let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX) {
         return match challenges {
-            Some(challenges) => match challenges.answer(token) {
+            Some(challenges) => match challenges.answer(token).await {
                 Some(key_authorization) => Response::builder()
                     .status(StatusCode::OK)
                     .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
                     .header(hyper::header::CACHE_CONTROL, "no-store")
                     .body(full(key_authorization))
                     .expect("static headers"),
-                None => error(StatusCode::NOT_FOUND, "no_acme_challenge", "no ACME challenge is pending for this token: this gateway asked for none, or it was already answered"),
+                None => error(StatusCode::NOT_FOUND, "no_acme_challenge", "no ACME challenge is pending for this token: no gateway asked for it, or it was already answered"),
             },
             None => error(
                 StatusCode::NOT_FOUND,

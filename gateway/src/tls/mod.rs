@@ -15,10 +15,16 @@
 //!   directories (certbot and Kubernetes replace files by renaming, which a
 //!   watch on the file itself would lose) and reloads after a quiet moment;
 //!   a new pair that fails the checks is logged and the old one stays.
-//! * ALPN offers `h2` then `http/1.1`.
+//! * ALPN offers `h2` then `http/1.1` (and `acme-tls/1`, whose handshakes
+//!   get the TLS-ALPN-01 challenge certificate of [`Live::put_alpn_challenge`]).
+//! * Certificates obtained by ACME (`OMNI_TLS_DOMAINS`): [`acme`]; with an
+//!   external database kept in it for every gateway on it ([`shared`]), the
+//!   private keys sealed with `OMNI_TLS_SECRET_FILE` ([`seal`]).
 
 pub mod acme;
+pub mod seal;
 pub mod settings;
+pub mod shared;
 
 use std::{
     path::{Path, PathBuf},
@@ -73,15 +79,21 @@ pub fn load(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError
     let key_var = format!("OMNI_TLS_KEY={}", files.key.display());
     let cert_pem = std::fs::read(&files.cert).map_err(|e| TlsError(format!("{cert_var}: cannot read it ({e})")))?;
     let key_pem = read_key(&files.key, &key_var)?;
+    check_pair(&cert_pem, &key_pem, &cert_var, &key_var)
+}
 
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+/// Checks a certificate chain and its key given as PEM; `cert_var` and
+/// `key_var` name where each came from in the errors.
+pub fn check_pair(cert_pem: &[u8], key_pem: &[u8], cert_var: &str, key_var: &str) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError> {
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError(format!("{cert_var}: not a PEM certificate file ({e})")))?;
     let Some(leaf) = chain.first() else {
         return Err(TlsError(format!("{cert_var}: no CERTIFICATE block in the file; it must hold the certificate, then its chain, in PEM")));
     };
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
-        let hint = if CertificateDer::pem_slice_iter(&key_pem).next().is_some() { " (it holds a certificate: are OMNI_TLS_CERT and OMNI_TLS_KEY swapped?)" } else { "" };
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
+        let hint = if CertificateDer::pem_slice_iter(key_pem).next().is_some() { " (it holds a certificate: are OMNI_TLS_CERT and OMNI_TLS_KEY swapped?)" } else { "" };
         TlsError(format!("{key_var}: no private key in the file{hint}; expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block"))
     })?;
 
@@ -136,11 +148,26 @@ pub struct Live {
     /// by a reload taken): for the status, and for waiting on in tests.
     reloads: std::sync::atomic::AtomicU64,
     last_error: RwLock<Option<String>>,
+    /// TLS-ALPN-01 challenge certificates by domain, served only to a
+    /// handshake that offers ALPN `acme-tls/1` (the authority's check).
+    alpn_challenges: RwLock<std::collections::HashMap<String, Arc<CertifiedKey>>>,
 }
+
+/// The ALPN protocol of ACME's TLS-ALPN-01 check (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 impl Live {
     pub fn new(key: Arc<CertifiedKey>, info: CertInfo) -> Arc<Live> {
-        Arc::new(Live { current: RwLock::new((key, info)), reloads: Default::default(), last_error: RwLock::new(None) })
+        Arc::new(Live { current: RwLock::new((key, info)), reloads: Default::default(), last_error: RwLock::new(None), alpn_challenges: Default::default() })
+    }
+
+    /// Serves `key` to the authority's TLS-ALPN-01 check of `domain`.
+    pub fn put_alpn_challenge(&self, domain: &str, key: Arc<CertifiedKey>) {
+        self.alpn_challenges.write().unwrap_or_else(|e| e.into_inner()).insert(domain.to_ascii_lowercase(), key);
+    }
+
+    pub fn clear_alpn_challenges(&self) {
+        self.alpn_challenges.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub fn replace(&self, key: Arc<CertifiedKey>, info: CertInfo) {
@@ -176,22 +203,35 @@ impl Live {
     pub fn info(&self) -> CertInfo {
         self.current.read().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
+
+    /// The served end-entity certificate (DER): tells two certificates apart.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).0.cert.first().cloned()
+    }
 }
 
 impl ResolvesServerCert for Live {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // RFC 8737: a handshake offering acme-tls/1 gets the challenge
+        // certificate for its server name, or no certificate at all.
+        if hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN)) {
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.alpn_challenges.read().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+        }
         Some(self.current.read().unwrap_or_else(|e| e.into_inner()).0.clone())
     }
 }
 
-/// rustls' server side: the certificate from `live`, ALPN `h2` then `http/1.1`.
+/// rustls' server side: the certificate from `live`, ALPN `h2` then
+/// `http/1.1`; `acme-tls/1` last, chosen only by a client offering nothing
+/// else (an authority's TLS-ALPN-01 check, which closes after the handshake).
 pub fn server_config(live: Arc<Live>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(live);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     Arc::new(config)
 }
 
@@ -356,6 +396,6 @@ mod tests {
         let dir = Scratch::new("alpn");
         let (key, info) = load(&pair(&dir.0, "a", "localhost", 1)).unwrap();
         let config = server_config(Live::new(key, info));
-        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"acme-tls/1".to_vec()]);
     }
 }

@@ -1,7 +1,9 @@
 //! HTTPS settings, parsed by the tls layer from the configuration's layers:
 //! `OMNI_TLS_CERT`, `OMNI_TLS_KEY`, `OMNI_HTTP_PORT`, `OMNI_HSTS_MAX_AGE`,
 //! and for certificates obtained by ACME `OMNI_TLS_DOMAINS`,
-//! `OMNI_ACME_DIRECTORY`, `OMNI_ACME_EMAIL`, `OMNI_ACME_CA_FILE`.
+//! `OMNI_ACME_DIRECTORY`, `OMNI_ACME_EMAIL`, `OMNI_ACME_CA_FILE`,
+//! `OMNI_ACME_CHALLENGE`, and with an
+//! external `DATABASE_URL` `OMNI_TLS_SECRET_FILE` (the store is shared then).
 
 use std::path::PathBuf;
 
@@ -29,8 +31,39 @@ pub struct AcmeSettings {
     pub email: Option<String>,
     /// `OMNI_ACME_CA_FILE`.
     pub ca_file: Option<PathBuf>,
-    /// `OMNI_DATA_DIR/tls`: the account, the certificate and its key.
+    /// `OMNI_ACME_CHALLENGE`: how control of the domains is proven.
+    pub challenge: Challenge,
+    /// `OMNI_DATA_DIR/tls`: the account, the certificate and its key
+    /// (with the embedded database).
     pub store: PathBuf,
+    /// With an external `DATABASE_URL`: the store is there instead, shared
+    /// by every gateway on that database.
+    pub shared: Option<SharedSettings>,
+}
+
+/// The ACME challenge answered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Challenge {
+    /// `http-01`: on the plain port (`OMNI_HTTP_PORT`), by any gateway of a shared store.
+    Http01,
+    /// `tls-alpn-01`: on the HTTPS port (ALPN `acme-tls/1`), by the gateway that ordered.
+    TlsAlpn01,
+}
+
+/// Where several gateways keep one certificate (tls/shared.rs).
+#[derive(Clone, PartialEq)]
+pub struct SharedSettings {
+    /// `DATABASE_URL` (external).
+    pub database_url: String,
+    /// `OMNI_TLS_SECRET_FILE`: what the private keys are sealed with.
+    pub secret_file: PathBuf,
+}
+
+impl std::fmt::Debug for SharedSettings {
+    // The URL may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSettings").field("secret_file", &self.secret_file).finish_non_exhaustive()
+    }
 }
 
 /// HTTPS on the gateway's port, when `OMNI_TLS_CERT` and `OMNI_TLS_KEY`
@@ -76,7 +109,7 @@ impl HttpsSettings {
         if http_port != 0 && http_port == config.port {
             return Err(p.invalid("OMNI_HTTP_PORT", format!("it is OMNI_PORT too ({}), which serves HTTPS; pick another port for plain HTTP, or off", config.port)));
         }
-        if http_port == 0 && matches!(source, Source::Acme(_)) {
+        if http_port == 0 && matches!(&source, Source::Acme(acme) if acme.challenge == Challenge::Http01) {
             return Err(p.invalid("OMNI_HTTP_PORT", "OMNI_TLS_DOMAINS obtains certificates with the HTTP-01 challenge, which the certificate authority checks on the plain port: give OMNI_HTTP_PORT a port (reachable as port 80 of each domain), or use OMNI_TLS_CERT and OMNI_TLS_KEY"));
         }
         Ok(Some(HttpsSettings { source, http_port: (http_port != 0).then_some(http_port), hsts_max_age }))
@@ -113,7 +146,26 @@ impl AcmeSettings {
             }
         }
         let ca_file = p.optional_path("OMNI_ACME_CA_FILE");
-        Ok(AcmeSettings { domains, directory, email, ca_file, store: p.path("OMNI_DATA_DIR").value.join("tls") })
+        let challenge = match p.string("OMNI_ACME_CHALLENGE").map(|c| c.to_ascii_lowercase()).as_deref() {
+            None | Some("http-01") => Challenge::Http01,
+            Some("tls-alpn-01") => Challenge::TlsAlpn01,
+            Some(_) => return Err(p.invalid("OMNI_ACME_CHALLENGE", "expected http-01 (answered on OMNI_HTTP_PORT, reachable as port 80) or tls-alpn-01 (answered on OMNI_PORT, reachable as port 443)")),
+        };
+        // Several gateways can share a database only when it is external;
+        // the embedded one is this gateway's own, and files serve it.
+        let shared = match &config.database {
+            crate::config::Database::External { url } => match p.optional_path("OMNI_TLS_SECRET_FILE") {
+                Some(secret_file) => Some(SharedSettings { database_url: url.clone(), secret_file }),
+                None => {
+                    return Err(p.invalid(
+                        "OMNI_TLS_SECRET_FILE",
+                        "OMNI_TLS_DOMAINS with an external DATABASE_URL keeps the certificate and its private key in that database, shared by every gateway on it, sealed with a secret only the gateways hold: name a file of at least 32 random bytes, the same on every gateway (head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE)",
+                    ))
+                }
+            },
+            crate::config::Database::Embedded(_) => None,
+        };
+        Ok(AcmeSettings { domains, directory, email, ca_file, challenge, store: p.path("OMNI_DATA_DIR").value.join("tls"), shared })
     }
 }
 
@@ -160,7 +212,7 @@ mod tests {
         let Source::Acme(acme) = on.source else { panic!("not ACME: {on:?}") };
         assert_eq!(acme.domains, ["omni.example.com", "www.omni.example.com"]);
         assert_eq!(acme.directory, "https://acme-v02.api.letsencrypt.org/directory");
-        assert_eq!((acme.email, acme.ca_file), (None, None));
+        assert_eq!((acme.email, acme.ca_file, acme.shared), (None, None, None));
         assert!(acme.store.ends_with("tls"), "{:?}", acme.store);
         assert_eq!(on.http_port, Some(80));
 
@@ -176,5 +228,21 @@ mod tests {
         assert!(err.starts_with("OMNI_HTTP_PORT") && err.contains("HTTP-01"), "{err}");
         let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_EMAIL", "admin")]).unwrap_err();
         assert!(err.starts_with("OMNI_ACME_EMAIL"), "{err}");
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_CHALLENGE", "dns-01")]).unwrap_err();
+        assert!(err.starts_with("OMNI_ACME_CHALLENGE") && err.contains("tls-alpn-01"), "{err}");
+        // TLS-ALPN-01 needs no plain port.
+        let on = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("OMNI_ACME_CHALLENGE", "TLS-ALPN-01"), ("OMNI_HTTP_PORT", "off")]).unwrap().unwrap();
+        let Source::Acme(acme) = on.source else { panic!("not ACME: {on:?}") };
+        assert_eq!((acme.challenge, on.http_port), (Challenge::TlsAlpn01, None));
+    }
+
+    #[test]
+    fn acme_with_an_external_database_shares_the_store_and_needs_the_secret() {
+        let url = "postgres://omni@db.example:5432/omni";
+        let err = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("DATABASE_URL", url)]).unwrap_err();
+        assert!(err.starts_with("OMNI_TLS_SECRET_FILE") && err.contains("same on every gateway"), "{err}");
+        let on = parse(&[("OMNI_TLS_DOMAINS", "omni.example.com"), ("DATABASE_URL", url), ("OMNI_TLS_SECRET_FILE", "/etc/omni/tls-secret")]).unwrap().unwrap();
+        let Source::Acme(acme) = on.source else { panic!("not ACME: {on:?}") };
+        assert_eq!(acme.shared, Some(SharedSettings { database_url: url.into(), secret_file: "/etc/omni/tls-secret".into() }));
     }
 }
