@@ -189,7 +189,7 @@ export function makeTestCA(dir) {
   fs.mkdirSync(dir, { recursive: true });
   const file = (name) => path.join(dir, name);
   const openssl = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
-  openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
+  openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '90',
     '-subj', '/CN=Omni UI test CA', '-keyout', file('ca.key'), '-out', file('ca.pem'),
     '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign');
   openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=127.0.0.1',
@@ -199,7 +199,7 @@ export function makeTestCA(dir) {
     'keyUsage=critical,digitalSignature', 'extendedKeyUsage=serverAuth', '',
   ].join('\n'));
   openssl('x509', '-req', '-in', file('server.csr'), '-CA', file('ca.pem'), '-CAkey', file('ca.key'), '-CAcreateserial',
-    '-days', '2', '-extfile', file('server.ext'), '-out', file('server.pem'));
+    '-days', '90', '-extfile', file('server.ext'), '-out', file('server.pem'));
   fs.chmodSync(file('server.key'), 0o600);
   return { ca: fs.readFileSync(file('ca.pem'), 'utf8'), caFile: file('ca.pem'), cert: file('server.pem'), key: file('server.key') };
 }
