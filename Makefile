@@ -53,6 +53,7 @@ bench:
 	$(CARGO) build --release --workspace
 	python3 bench/startup.py
 	python3 bench/proxy.py
+	python3 bench/tls.py
 	python3 bench/logs.py
 	bash bench/api_prefs.sh
 	python3 bench/backup.py

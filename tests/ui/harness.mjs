@@ -10,9 +10,16 @@
 // gateway's port, as a user does. Every process group is killed at the end,
 // also when a test fails or the runner exits early. Nothing here sleeps in
 // place of a condition: waitFor() polls.
+//
+// HTTPS: makeTestCA() makes a CA and a certificate for 127.0.0.1 with
+// openssl; startStack({ https: { ca, cert, key } }) serves the port with
+// it (or { https: { insecure: true } } for a gateway that makes its own,
+// self-signed), and launchBrowser({ trust: ca }) gives Chromium an NSS
+// database that trusts that CA, as an administrator would install it.
 
 import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -135,9 +142,9 @@ export async function freePort() {
   }
 }
 
-async function status(url) {
+async function status(url, tls = null) {
   try {
-    const response = await fetch(url);
+    const response = await (tls ? httpsFetch(url, {}, tls) : fetch(url));
     await response.arrayBuffer();
     return response.status;
   } catch {
@@ -145,13 +152,68 @@ async function status(url) {
   }
 }
 
+/**
+ * fetch() over HTTPS trusting `tls.ca` (PEM) only, or nothing at all with
+ * `tls.insecure` (a gateway's own self-signed stand-in). Node's fetch takes
+ * no CA of its own; this answers the part of a Response the tests use.
+ */
+export function httpsFetch(url, { method = 'GET', headers = {}, body } = {}, tls) {
+  return new Promise((resolve, reject) => {
+    const request = https.request(url, { method, headers, ca: tls.ca, rejectUnauthorized: !tls.insecure }, (res) => {
+      const chunks = [];
+      res.on('data', (chunk) => chunks.push(chunk));
+      res.on('error', reject);
+      res.on('end', () => {
+        const buffer = Buffer.concat(chunks);
+        resolve({
+          status: res.statusCode,
+          headers: res.headers,
+          arrayBuffer: async () => buffer,
+          text: async () => buffer.toString('utf8'),
+          json: async () => JSON.parse(buffer.toString('utf8')),
+        });
+      });
+    });
+    request.on('error', reject);
+    if (body !== undefined) request.write(body);
+    request.end();
+  });
+}
+
+/**
+ * A certificate authority and a certificate it signed for 127.0.0.1 and
+ * localhost, made with openssl in `dir`: { ca (PEM), caFile, cert, key }
+ * (files; the key is mode 600, as the gateway requires).
+ */
+export function makeTestCA(dir) {
+  fs.mkdirSync(dir, { recursive: true });
+  const file = (name) => path.join(dir, name);
+  const openssl = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+  openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '90',
+    '-subj', '/CN=Omni UI test CA', '-keyout', file('ca.key'), '-out', file('ca.pem'),
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign');
+  openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=127.0.0.1',
+    '-keyout', file('server.key'), '-out', file('server.csr'));
+  fs.writeFileSync(file('server.ext'), [
+    'subjectAltName=IP:127.0.0.1,DNS:localhost', 'basicConstraints=critical,CA:FALSE',
+    'keyUsage=critical,digitalSignature', 'extendedKeyUsage=serverAuth', '',
+  ].join('\n'));
+  openssl('x509', '-req', '-in', file('server.csr'), '-CA', file('ca.pem'), '-CAkey', file('ca.key'), '-CAcreateserial',
+    '-days', '90', '-extfile', file('server.ext'), '-out', file('server.pem'));
+  fs.chmodSync(file('server.key'), 0o600);
+  return { ca: fs.readFileSync(file('ca.pem'), 'utf8'), caFile: file('ca.pem'), cert: file('server.pem'), key: file('server.key') };
+}
+
 // ---------------------------------------------------------------- the stack
 
 /**
  * Starts the gateway (and, until the gateway proxies the API, a worker
  * beside it). Returns { base, viaGateway, gatewayBase, db(), api(), stop() }.
+ * With `https` ({ ca, cert, key } from makeTestCA(), or { insecure: true }
+ * when extraEnv makes the gateway serve its own certificate) the port
+ * speaks HTTPS, base is https://127.0.0.1:<port>, and api() trusts the CA.
  */
-export async function startStack(label = 'stack', { netns = null, installed = false, extraEnv = null } = {}) {
+export async function startStack(label = 'stack', { netns = null, installed = false, extraEnv = null, https: tls = null } = {}) {
   const cwd = fs.mkdtempSync(path.join(os.tmpdir(), `omni-ui-${label}-`));
   // Run as root, PostgreSQL runs as an unprivileged user that must reach its data dir.
   fs.chmodSync(cwd, 0o755);
@@ -166,6 +228,11 @@ export async function startStack(label = 'stack', { netns = null, installed = fa
     LOG_FORMAT: 'json',
   };
   delete env.DATABASE_URL;
+  if (tls) {
+    if (tls.cert) Object.assign(env, { OMNI_TLS_CERT: tls.cert, OMNI_TLS_KEY: tls.key });
+    // The redirecting plain port would default to 80; a free one keeps stacks apart.
+    env.OMNI_HTTP_PORT = String(await freePort());
+  }
   // More variables, made from the stack's own directory: (cwd) => ({ NAME: value }).
   if (extraEnv) Object.assign(env, extraEnv(cwd));
   let gatewayBin = binary('omni-gateway');
@@ -192,10 +259,11 @@ export async function startStack(label = 'stack', { netns = null, installed = fa
   };
   try {
     stack.gateway = spawnGroup(`gateway-${label}`, gatewayBin, [], { cwd, env });
-    stack.gatewayBase = `http://127.0.0.1:${port}`;
+    stack.gatewayBase = `${tls ? 'https' : 'http'}://127.0.0.1:${port}`;
+    stack.tls = tls;
     await waitFor(async () => {
       if (stack.gateway.exited) throw new Error(`the gateway exited (${JSON.stringify(stack.gateway.exited)}); log: ${stack.gateway.logFile}`);
-      return (await status(`${stack.gatewayBase}/health`)) === 200;
+      return (await status(`${stack.gatewayBase}/health`, tls)) === 200;
     }, { timeout: 60000, what: 'the gateway /health to answer 200' });
 
     const match = stack.gateway.output.match(/PostgreSQL \d+ on 127\.0\.0\.1:(\d+)/);
@@ -209,7 +277,7 @@ export async function startStack(label = 'stack', { netns = null, installed = fa
     await stack.stop();
     throw error;
   }
-  stack.api = (p, options = {}) => fetch(`${stack.base}${p}`, options);
+  stack.api = (p, options = {}) => (tls ? httpsFetch(`${stack.base}${p}`, options, tls) : fetch(`${stack.base}${p}`, options));
   stack.query = async (sql, params = []) => {
     const client = new pg.Client(stack.pg);
     await client.connect();
@@ -264,7 +332,7 @@ export function makeNetns() {
 
 /** Everything goes through the gateway's port, as it does for a user. */
 async function useGateway(stack) {
-  await waitFor(async () => (await status(`${stack.gatewayBase}/api/v1/health`)) === 200,
+  await waitFor(async () => (await status(`${stack.gatewayBase}/api/v1/health`, stack.tls)) === 200,
     { timeout: 30000, what: 'the worker to answer /api/v1/health through the gateway' });
   stack.base = stack.gatewayBase;
   stack.viaGateway = true;
@@ -272,17 +340,35 @@ async function useGateway(stack) {
 
 // ---------------------------------------------------------------- browser
 
-export async function launchBrowser({ netns = null } = {}) {
+/**
+ * A HOME whose NSS database (~/.pki/nssdb, where Chromium on Linux reads
+ * the certificate authorities an administrator added) trusts `caFile` for
+ * servers. Needs certutil (Debian's libnss3-tools; tests/ui/run.sh installs it).
+ */
+function homeTrusting(caFile) {
+  const home = fs.mkdtempSync(path.join(os.tmpdir(), 'omni-ui-home-'));
+  const db = path.join(home, '.pki', 'nssdb');
+  fs.mkdirSync(db, { recursive: true });
+  const certutil = (...args) => execFileSync('certutil', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  certutil('-N', '-d', `sql:${db}`, '--empty-password');
+  certutil('-A', '-d', `sql:${db}`, '-n', 'omni-ui-test-ca', '-t', 'C,,', '-i', caFile);
+  process.on('exit', () => fs.rmSync(home, { recursive: true, force: true }));
+  return home;
+}
+
+/** Chromium; with { trust: caFile } it trusts that CA (see homeTrusting). */
+export async function launchBrowser({ netns = null, trust = null } = {}) {
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} not found: install it with \`apt-get install -y chromium\` (tests/ui/run.sh does)`);
   }
+  const env = trust ? { ...process.env, HOME: homeTrusting(trust) } : undefined;
   let executablePath = CHROMIUM;
   if (netns) {
     // Playwright speaks to Chromium over pipes, which cross namespaces.
     executablePath = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'omni-ui-netns-')), 'chromium');
     fs.writeFileSync(executablePath, `#!/bin/sh\nexec ip netns exec ${netns.name} ${CHROMIUM} "$@"\n`, { mode: 0o755 });
   }
-  return chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true });
+  return chromium.launch({ executablePath, args: CHROMIUM_ARGS, headless: true, env });
 }
 
 /**
@@ -291,8 +377,8 @@ export async function launchBrowser({ netns = null } = {}) {
  * every console error (Chromium logs one for each 4xx/5xx answer), every
  * request that failed, and every answer of 400 or more.
  */
-export async function openPage(browser, stack, { width = 1280, height = 800, strict = false } = {}) {
-  const context = await browser.newContext({ baseURL: stack.base, viewport: { width, height } });
+export async function openPage(browser, stack, { width = 1280, height = 800, strict = false, ignoreHTTPSErrors = false } = {}) {
+  const context = await browser.newContext({ baseURL: stack.base, viewport: { width, height }, ignoreHTTPSErrors });
   const page = await context.newPage();
   page.setDefaultTimeout(15000);
   const problems = [];

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Browser tests of ui-dist/ in headless Chromium against the real stack.
 # Needs `cargo build --workspace` done first (make test does it). Installs
-# Debian's Chromium when missing (never a downloaded browser), the npm
+# Debian's Chromium (and certutil) when missing (never a downloaded browser), the npm
 # dependencies from the lockfile, then runs every tests/ui/*.test.mjs.
 #
 #   tests/ui/run.sh --install-only   # Chromium and npm only (CI, while it compiles)
@@ -14,6 +14,13 @@ if [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]; then
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+# certutil: https.test.mjs makes Chromium trust its test CA through an NSS database.
+if ! command -v certutil >/dev/null; then
+  echo "tests/ui: installing certutil (libnss3-tools) with apt-get" >&2
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libnss3-tools >/dev/null
 fi
 
 cd "$here"

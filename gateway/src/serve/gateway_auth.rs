@@ -5,7 +5,9 @@
 //! database), so it asks the worker: the request's credential headers, and
 //! only those (`x-api-key`, `cookie`), are sent to `GET /api/v1/auth/check`
 //! on the current upstream with the client address the gateway believes
-//! (`x-omni-client-addr`, as the proxy sends it), so the worker's limits
+//! (`x-omni-client-addr`, as the proxy sends it) and the scheme
+//! (`x-forwarded-proto`, set by `route`: over HTTPS the session cookie is
+//! `__Host-omni_session`), so the worker's limits
 //! count a wrong key against its sender, not against the gateway. The
 //! worker's answer is passed on as it is: 204 lets the request through,
 //! 401, 403 and 429 (with `Retry-After`) go to the client unchanged, and
@@ -36,6 +38,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most remembered answers; the memory is cleared when full.
 const MAX_REMEMBERED: usize = 1024;
 const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const CHECK_PATH: &str = "/api/v1/auth/check";
 
 pub struct GatewayAuth {
@@ -54,7 +57,7 @@ impl GatewayAuth {
     /// `Ok` when the request's credentials pass the worker's check; otherwise
     /// the response to send (the worker's 401, or 503 when no worker can tell).
     pub async fn check(&self, headers: &HeaderMap, client: std::net::IpAddr) -> Result<(), Response<Body>> {
-        let credentials: Vec<(HeaderName, hyper::header::HeaderValue)> = [API_KEY, COOKIE]
+        let credentials: Vec<(HeaderName, hyper::header::HeaderValue)> = [API_KEY, COOKIE, FORWARDED_PROTO]
             .into_iter()
             .flat_map(|name| headers.get_all(&name).iter().map(move |v| (name.clone(), v.clone())).collect::<Vec<_>>())
             .collect();

@@ -681,10 +681,17 @@ fn over_h2(mut req: Request<Incoming>) -> Request<Incoming> {
 }
 
 /// Gateway-owned paths are answered here; everything else goes to the worker.
-async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, req: Request<Incoming>, draining: bool) -> Response<Body> {
+async fn route(surface: &Arc<Surface>, conn: &crate::serve::proxy::Peer, mut req: Request<Incoming>, draining: bool) -> Response<Body> {
     let peer = conn.addr;
     let is_read = matches!(*req.method(), Method::GET | Method::HEAD);
     let client = crate::serve::proxy::client_addr(req.headers(), peer.ip(), &surface.proxy.limits.trusted_proxies);
+    if req.uri().path().starts_with("/gateway/") {
+        // The worker's credentials check (`gateway_auth.rs`) reads the session
+        // cookie named for the scheme (`__Host-omni_session` over HTTPS): say
+        // which, as the proxy does, whatever the client claimed.
+        let proto = conn.proto(req.headers(), &surface.proxy.limits.trusted_proxies);
+        req.headers_mut().insert(hyper::header::HeaderName::from_static("x-forwarded-proto"), hyper::header::HeaderValue::from_static(proto));
+    }
     match req.uri().path() {
         "/health" if is_read => health(surface).await,
         "/gateway/status" if is_read => {

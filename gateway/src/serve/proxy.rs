@@ -135,6 +135,16 @@ impl Peer {
         let value = |ip: IpAddr| HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value");
         Peer { addr, ip: value(addr.ip()), canonical: value(addr.ip().to_canonical()), https: false }
     }
+
+    /// The scheme the client used, as `X-Forwarded-Proto` tells the worker:
+    /// `https` on TLS the gateway terminated, else [`client_proto`].
+    pub fn proto(&self, headers: &HeaderMap, trusted: &TrustedProxies) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            client_proto(headers, self.addr.ip(), trusted)
+        }
+    }
 }
 
 impl Proxy {
@@ -231,7 +241,7 @@ fn upstream_headers(req: &mut hyper::http::request::Parts, upgrade: bool, peer: 
     } else {
         HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
     };
-    let proto = if peer.https { "https" } else { client_proto(&req.headers, peer.addr.ip(), trusted) };
+    let proto = peer.proto(&req.headers, trusted);
     let upgrade = if upgrade { req.headers.get(header::UPGRADE).cloned() } else { None };
     let host = req.headers.get(header::HOST).cloned().or_else(|| req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     // For logs only: what came in, with the peer appended. The worker's
@@ -373,5 +383,19 @@ mod tests {
         assert_eq!(client_addr(&headers(&[("x-forwarded-for", "unknown, 10.0.0.8")]), nginx, &trusted), "10.0.0.8".parse::<IpAddr>().unwrap());
         assert_eq!(client_addr(&HeaderMap::new(), nginx, &trusted), nginx);
         assert_eq!(client_addr(&headers(&[("x-forwarded-for", "[2001:db8::1]:443")]), nginx, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn the_scheme_is_https_on_terminated_tls_whatever_the_client_says() {
+        let trusted = TrustedProxies::parse("10.0.0.0/24").unwrap();
+        let mut peer = Peer::new("198.51.100.1:50000".parse().unwrap());
+        let claims_https = headers(&[("x-forwarded-proto", "https")]);
+        let claims_http = headers(&[("x-forwarded-proto", "http")]);
+        assert_eq!(peer.proto(&claims_https, &trusted), "http", "a client cannot claim https for itself");
+        peer.https = true;
+        assert_eq!(peer.proto(&claims_http, &trusted), "https");
+        assert_eq!(peer.proto(&HeaderMap::new(), &TrustedProxies::default()), "https");
+        let proxy = Peer::new("10.0.0.5:50000".parse().unwrap());
+        assert_eq!(proxy.proto(&claims_https, &trusted), "https", "a trusted proxy's https is kept");
     }
 }

@@ -133,6 +133,15 @@ impl Upstreams {
     }
 }
 
+/// Idle connections one HTTP thread's pool keeps to a worker. A pooled
+/// connection costs about 18 KiB here (hyper's read and write buffers, its
+/// task) and as much in the worker; a burst of 1,000 clients used to leave
+/// 1,000 of them idle for 20 s (bench/tls.py, "HTTPS"). Under steady load
+/// the idle ones are few (each is taken again at once), so the cap only
+/// trims what a burst leaves behind: 128 per thread is twice what the
+/// 64-connection benchmarks keep busy on one thread.
+const POOL_MAX_IDLE: usize = 128;
+
 /// Keep-alive pool to one worker. Idle connections are evicted after 20 s,
 /// below the worker's own idle limit, so the pool never hands out a
 /// connection the worker is about to close.
@@ -143,7 +152,7 @@ fn pooled_client() -> Client<HttpConnector, Body> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(20))
         .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
         .build(connector)
 }
 

@@ -9,6 +9,12 @@
 // (with an off-site repository, its lag, queue and upload rate too);
 // a restart seen on the stream is marked on them at once, before the next
 // sample.
+//
+// With HTTPS on, a card says which certificate the port serves and when it
+// expires; a self-signed stand-in (OMNI_TLS_DOMAINS before ACME has
+// delivered) is said loudly, with the last ACME error, because every
+// browser warns about it. The event stream does not carry `tls`: it comes
+// from /gateway/status, read again with the history.
 
 import { call } from '../api.js';
 import { formatDuration, h, replace } from '../dom.js';
@@ -26,6 +32,43 @@ const NAMES = { postgres: 'PostgreSQL', api: 'API worker', wal: 'Point-in-time r
 // What a card is about, when its name alone does not say.
 const ABOUT = { wal: 'The WAL archive: every change is kept, so a restore can reach any moment of the window (Backups page).' };
 const STATE_KIND = { ready: 'ok', starting: 'info', backoff: 'warn', stopping: 'warn', stopped: 'warn', failed: 'error' };
+/** Fewer days than this before expiry: the certificate is flagged. */
+const EXPIRY_WARN_DAYS = 14;
+
+function unixDate(seconds) {
+  return typeof seconds === 'number' ? new Date(seconds * 1000).toLocaleString() : '—';
+}
+
+/** The HTTPS card (GET /gateway/status `tls`), or nothing when the port speaks plain HTTP. */
+function tlsCard(tls) {
+  if (!tls?.enabled) return null;
+  // The gateway's own words for the stand-in (tls/acme.rs STATE_SELF_SIGNED).
+  const selfSigned = typeof tls.state === 'string' && tls.state.startsWith('self-signed');
+  const days = typeof tls.expires_in_s === 'number' ? tls.expires_in_s / 86400 : null;
+  const expiring = !selfSigned && days !== null && days < EXPIRY_WARN_DAYS;
+  const problem = tls.last_error || tls.last_reload_error;
+  const [kind, badge] = selfSigned ? ['error', 'self-signed'] : expiring ? ['warn', 'expires soon'] : problem ? ['warn', 'certificate served'] : ['ok', 'certificate served'];
+  const acme = tls.acme || null;
+  return h('section', { class: 'card', id: 'tls', style: 'margin-bottom:1rem', dataset: { component: 'tls', selfSigned: String(selfSigned) }, 'aria-labelledby': 'tls-title' },
+    h('div', { class: 'component-head', style: 'flex-wrap:wrap' },
+      h('h2', { id: 'tls-title' }, 'HTTPS'),
+      h('span', { class: `badge badge-${kind}`, dataset: { field: 'tls-state' } }, badge)),
+    selfSigned ? h('div', { class: 'alert alert-error', role: 'alert', dataset: { field: 'self-signed' } },
+      h('strong', {}, 'Self-signed: waiting for the first certificate'),
+      `Browsers warn on this address until the certificate authority (${acme?.directory || 'ACME'}) issues one for ${(acme?.domains || []).join(', ') || 'the domains'}. `
+        + 'Check that the domains point at this machine and that OMNI_HTTP_PORT is reachable from the internet.') : null,
+    h('dl', { class: 'kv' },
+      h('dt', {}, 'Certificate'), h('dd', { dataset: { field: 'subject' } }, tls.subject || '—'),
+      h('dt', {}, 'Issuer'), h('dd', { dataset: { field: 'issuer' } }, tls.issuer || '—'),
+      h('dt', {}, 'Expires'), h('dd', { dataset: { field: 'expires' } },
+        `${unixDate(tls.not_after)}${days === null ? '' : ` (in ${formatDuration(tls.expires_in_s)})`}`),
+      h('dt', {}, 'Source'), h('dd', { dataset: { field: 'source' } }, tls.source === 'acme' ? `ACME: ${tls.state || '—'}` : `files: ${tls.cert_file || '—'}`),
+      acme ? [h('dt', {}, 'Failed attempts'), h('dd', { dataset: { field: 'acme-failures' } }, String(acme.failures ?? 0))] : null,
+      acme?.next_attempt_at ? [h('dt', {}, 'Next attempt'), h('dd', { dataset: { field: 'acme-next' } }, unixDate(acme.next_attempt_at))] : null,
+      tls.source === 'acme' ? [h('dt', {}, 'Last ACME error'), h('dd', { dataset: { field: 'acme-error' } },
+        tls.last_error ? `${tls.last_error}${acme?.last_error_at ? ` (${unixDate(acme.last_error_at)})` : ''}` : 'none')] : null,
+      tls.last_reload_error ? [h('dt', {}, 'Last reload refused'), h('dd', { dataset: { field: 'reload-error' } }, tls.last_reload_error)] : null));
+}
 
 // The replication relay's own fields: where it sends, how far behind it is.
 function replicationRows(c) {
@@ -41,6 +84,7 @@ function replicationRows(c) {
 
 export async function render(main) {
   const grid = h('div', { class: 'grid', id: 'components' }, h('p', { class: 'loading' }, 'Loading status…'));
+  const tlsSlot = h('div', { id: 'tls-slot' });
   const overall = h('span', { id: 'overall', class: 'badge' }, 'Checking…');
   const live = h('span', { class: 'live', id: 'live-mode', role: 'status' }, 'Connecting…');
   const error = h('div', { id: 'status-error', role: 'alert' });
@@ -63,11 +107,15 @@ export async function render(main) {
   // The cluster's last major upgrade (GET /gateway/status `upgrade`); kept
   // across event messages that do not carry it.
   let upgrade = null;
+  // HTTPS (GET /gateway/status `tls`), likewise kept.
+  let tls = null;
+  let tlsShown = null;
 
   function show(status) {
     if (!status || !Array.isArray(status.components)) return;
     snapshot = status;
     if (status.upgrade) upgrade = status.upgrade;
+    if (status.tls) tls = status.tls;
     noteRestarts(status.components);
     receivedAt = performance.now();
     replace(error);
@@ -83,6 +131,12 @@ export async function render(main) {
     const failed = components.some((c) => c.state === 'failed');
     overall.className = `badge badge-${healthy ? 'ok' : failed ? 'error' : 'warn'}`;
     overall.textContent = stopping ? 'Gateway stopping' : healthy ? 'All services ready' : failed ? 'A service has failed' : 'Degraded';
+    // Redrawn only when it changed: its alert is announced on every redraw.
+    const tlsNow = JSON.stringify(tls);
+    if (tlsNow !== tlsShown) {
+      tlsShown = tlsNow;
+      replace(tlsSlot, tlsCard(tls));
+    }
     replace(grid, components.map((c) => {
       const uptime = typeof c.uptime_s === 'number' && c.state === 'ready' ? c.uptime_s + elapsed : c.uptime_s;
       // A child in backoff is retried for ever; say which attempt and when the next one comes.
@@ -130,6 +184,8 @@ export async function render(main) {
   }
 
   async function loadHistory() {
+    // The event stream does not carry `tls`; a certificate that arrives shows within one period.
+    if (tls) call('/gateway/status').then(show, () => {});
     try {
       history = await authedCall('/gateway/metrics/history');
       drawCharts();
@@ -262,6 +318,7 @@ export async function render(main) {
       h('div', {}, h('h1', {}, 'Service status'), h('p', {}, 'Processes supervised by the Omni gateway.')),
       h('div', { style: 'display:flex;gap:.75rem;align-items:center;flex-wrap:wrap' }, overall, live)),
     error,
+    tlsSlot,
     grid,
     h('section', { class: 'card history', 'aria-labelledby': 'history-title' },
       h('div', { class: 'component-head' }, h('h2', { id: 'history-title' }, 'Last hour'),
