@@ -153,7 +153,7 @@ fn waiting_on_the_lock(db: &mut postgres::Client, names: &[String]) -> Vec<usize
 /// (method, path and status: `"POST /api/v1/preferences 502"`), once it is
 /// logged: each gateway nginx tried, by port, with its status, in order.
 fn upstreams_of(nginx: &Nginx, request: &str) -> Vec<(u16, String)> {
-    let line = wait_until(Duration::from_secs(10), "nginx to log the request", || nginx.access_log().lines().filter(|l| l.starts_with(request)).last().map(str::to_owned));
+    let line = wait_until(Duration::from_secs(10), "nginx to log the request", || nginx.access_log().lines().rfind(|l| l.starts_with(request)).map(str::to_owned));
     let field = |name: &str| -> Vec<String> {
         let start = line.find(&format!("{name}=[")).unwrap_or_else(|| panic!("{name} in {line:?}")) + name.len() + 2;
         line[start..start + line[start..].find(']').unwrap()].split(", ").map(str::to_owned).collect()
