@@ -10,15 +10,26 @@
 //!   quickly, and `/health` and `/gateway/status` say `failing_over` for the
 //!   database meanwhile (the worker stays ready). The write unavailability
 //!   (first failed to first successful write) is printed.
-//! * A scheduled backup slot spanning a failover runs exactly once, fenced
-//!   by the leader lease row (migration 0005), which survives the failover.
+//! * A scheduled backup slot spanning a failover runs exactly once: the
+//!   slot falls due between the kill and the first read-write "ready" line
+//!   of PostgreSQL (asserted from the backup's name and PostgreSQL's log);
+//!   the lease row (migration 0005) is read before and after (holder, epoch),
+//!   the old leader gave it up, and the gateway that holds it afterwards
+//!   wrote the slot's one backup.
 //! * The same writers with HAProxy (`deploy/ha/haproxy.cfg`) instead of the
-//!   multi-host URL: no acknowledged write lost either.
+//!   multi-host URL: no acknowledged write lost either; while HAProxy's
+//!   status page shows the `primary` backend DOWN, both gateways answer
+//!   `/health` 503 (`unavailable`) and writes 503 with `Retry-After`, promptly.
 //! * On three nodes, `patronictl switchover` to the synchronous standby,
 //!   then `patronictl failover` to a lagging candidate (the asynchronous
 //!   replica, its replay paused) that Patroni refuses: after each, no
 //!   acknowledged write lost, both gateways serving, the write
 //!   unavailability printed beside the promotion in PostgreSQL's log.
+//! * nginx with `deploy/ha/nginx.conf` in front of three gateways (on a plain
+//!   PostgreSQL: this is about nginx): a POST held in flight in a gateway
+//!   that is then killed gets nginx's 502 and is never sent to another
+//!   gateway; a GET in the same situation is sent to the next one and
+//!   answered (its access log shows each gateway tried).
 //! * `bench_failovers_and_write_throughput` (ignored): what `bench/ha.py` measures.
 
 use crate::gateway;
@@ -31,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use gateway::{workdir, Gateway, GatewayBuilder};
 use omni_tests::patroni::PatroniCluster;
-use omni_tests::{free_port, wait_until, ChildGuard, Request, TempDir, TEST_API_KEY};
+use omni_tests::{free_port, wait_until, ChildGuard, Request, TempDir, TempPostgres, TEST_API_KEY};
 use serde_json::json;
 
 #[test]
@@ -52,8 +63,10 @@ fn the_reference_patroni_cluster_has_a_primary_and_a_synchronous_standby() {
 
 // ---------------------------------------------------------------- nginx
 
-/// Debian's nginx running `deploy/ha/nginx.conf` (its ports replaced, its
-/// third gateway left out) in front of two gateways; stopped on drop.
+/// Debian's nginx running `deploy/ha/nginx.conf` (its ports replaced, the
+/// gateways it names beyond those given left out) in front of two or three
+/// gateways; stopped on drop. Its access log names every gateway each
+/// request was sent to (`$upstream_addr`) and what each answered.
 struct Nginx {
     child: ChildGuard,
     port: u16,
@@ -61,15 +74,19 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(gateways: [u16; 2]) -> Nginx {
+    fn start(gateways: &[u16]) -> Nginx {
         let dir = TempDir::new("ha-nginx");
         let port = free_port();
         let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ha/nginx.conf")).unwrap();
-        let mut site = shipped.replace("    server 127.0.0.1:8884 max_fails=1 fail_timeout=5s;\n", "");
-        for (from, to) in [8882, 8883].iter().zip(gateways) {
+        assert!((2..=3).contains(&gateways.len()), "deploy/ha/nginx.conf names three gateways");
+        let mut site = shipped;
+        for (i, from) in [8882, 8883, 8884].iter().enumerate() {
             let from = format!("server 127.0.0.1:{from} ");
             assert_eq!(site.matches(&from).count(), 1, "deploy/ha/nginx.conf names {from:?} once");
-            site = site.replace(&from, &format!("server 127.0.0.1:{to} "));
+            site = match gateways.get(i) {
+                Some(to) => site.replace(&from, &format!("server 127.0.0.1:{to} ")),
+                None => site.replace(&format!("    {from}max_fails=1 fail_timeout=5s;\n"), ""),
+            };
         }
         assert_eq!(site.matches("listen 8080;").count(), 1);
         site = site.replace("listen 8080;", &format!("listen 127.0.0.1:{port};"));
@@ -79,7 +96,7 @@ impl Nginx {
         let main = format!(
             "daemon off;\nmaster_process on;\nworker_processes 1;\n{user}\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
              events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  include {d}/site.conf;\n}}\n"
+             http {{\n  log_format upstreams '$request_method $request_uri $status upstream=[$upstream_addr] upstream_status=[$upstream_status]';\n  access_log {d}/access.log upstreams;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  include {d}/site.conf;\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
         let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
@@ -103,12 +120,125 @@ impl Nginx {
         });
         Nginx { child, port, dir }
     }
+
+    /// The access log's lines so far (see the log format above).
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
         self.child.terminate(Duration::from_secs(5));
     }
+}
+
+// ---------------------------------------------------------------- nginx: which requests go to a second gateway
+
+/// The gateways whose worker has a backend waiting on a lock in a statement
+/// on `omni_user_preferences`, one entry per backend: the workers are told
+/// apart by the `application_name` in their `DATABASE_URL` (`names`).
+fn waiting_on_the_lock(db: &mut postgres::Client, names: &[String]) -> Vec<usize> {
+    let rows = db
+        .query("SELECT application_name FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE '%omni_user_preferences%'", &[])
+        .unwrap();
+    rows.iter().filter_map(|r| names.iter().position(|n| *n == r.get::<_, String>(0))).collect()
+}
+
+/// What nginx's access log says of the last request logged as `request`
+/// (method, path and status: `"POST /api/v1/preferences 502"`), once it is
+/// logged: each gateway nginx tried, by port, with its status, in order.
+fn upstreams_of(nginx: &Nginx, request: &str) -> Vec<(u16, String)> {
+    let line = wait_until(Duration::from_secs(10), "nginx to log the request", || nginx.access_log().lines().rfind(|l| l.starts_with(request)).map(str::to_owned));
+    let field = |name: &str| -> Vec<String> {
+        let start = line.find(&format!("{name}=[")).unwrap_or_else(|| panic!("{name} in {line:?}")) + name.len() + 2;
+        line[start..start + line[start..].find(']').unwrap()].split(", ").map(str::to_owned).collect()
+    };
+    let port = |address: &String| -> u16 { address.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{address:?} in {line:?}")) };
+    field("upstream").iter().map(port).zip(field("upstream_status")).collect()
+}
+
+/// `deploy/ha/nginx.conf` has no `non_idempotent` in `proxy_next_upstream`:
+/// a POST that reached a gateway which then dies is answered 502 and never
+/// sent to another gateway (it may have been applied already), while a GET
+/// in the same situation is sent to the next gateway and answered. Each
+/// request is held in flight by a lock the test takes on the preferences
+/// table, and its gateway (with its worker) gets SIGKILL meanwhile.
+#[test]
+fn nginx_retries_a_get_on_another_gateway_but_never_a_post_that_reached_one() {
+    let pg = TempPostgres::start_new();
+    let backups = TempDir::new("ha-nginx-backups");
+    let dirs: Vec<TempDir> = (0..3).map(|_| workdir()).collect();
+    let names: Vec<String> = (0..3).map(|i| format!("omni-api-gw{i}")).collect();
+    let mut gws: Vec<Gateway> =
+        dirs.iter().zip(&names).map(|(d, name)| gateway_on(&format!("{}?application_name={name}", pg.url()), d.path(), backups.path(), &[])).collect();
+    let ports: Vec<u16> = gws.iter().map(|g| g.port).collect();
+    let nginx = Nginx::start(&ports);
+    let session = uuid::Uuid::new_v4().to_string();
+    let ok = Request::new("POST", "/api/v1/preferences").session(&session).json(&json!({"key": "before", "value": "1"})).send_to(nginx.port);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let mut watch = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let mut locker = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let kill = |gw: &mut Gateway| {
+        let worker = gw.pid_of("api").expect("the worker's pid");
+        gw.child.kill9();
+        wait_until(Duration::from_secs(10), "the killed gateway's worker to be gone", || (!gateway::alive(worker)).then_some(()));
+    };
+
+    // 1. A POST held in flight in one gateway, which is then killed.
+    locker.batch_execute("BEGIN; LOCK TABLE omni_user_preferences IN ACCESS EXCLUSIVE MODE").unwrap();
+    let (port, s) = (nginx.port, session.clone());
+    let post = std::thread::spawn(move || Request::new("POST", "/api/v1/preferences").session(&s).json(&json!({"key": "once", "value": "1"})).try_send(port));
+    let a = wait_until(Duration::from_secs(30), "the POST to wait on the lock in one gateway's worker", || match waiting_on_the_lock(&mut watch, &names)[..] {
+        [one] => Some(one),
+        _ => None,
+    });
+    kill(&mut gws[a]);
+    // Sent to another gateway, the POST would wait on the lock there: nginx
+    // answering while the lock is held is the proof it was not.
+    wait_until(Duration::from_secs(20), "nginx to answer the POST while the lock is still held", || post.is_finished().then_some(()));
+    let answer = post.join().unwrap().map(|r| (r.status, r.text()));
+    assert!(matches!(answer, Ok((502, _))), "the client of a POST whose gateway died is told so (nginx's 502): {answer:?}\nnginx: {}", nginx.error_log());
+    let waiting = waiting_on_the_lock(&mut watch, &names);
+    assert!(waiting.iter().all(|g| *g == a), "only the killed gateway's worker ever had the POST; waiting on the lock: {waiting:?} (killed: {a})");
+    let tried = upstreams_of(&nginx, "POST /api/v1/preferences 502");
+    assert_eq!(tried.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![ports[a]], "nginx sent the POST to the killed gateway only: {tried:?}");
+    locker.batch_execute("ROLLBACK").unwrap();
+    // The dead worker's statement, still queued on the server, may now
+    // commit: once at most, from that gateway only.
+    wait_until(Duration::from_secs(10), "the killed worker's backend to finish", || waiting_on_the_lock(&mut watch, &names).is_empty().then_some(()));
+    let applied: i64 = watch.query_one("SELECT count(*) FROM omni_user_preferences WHERE key = 'once'", &[]).unwrap().get(0);
+    assert!(applied <= 1, "the POST was applied {applied} times");
+    eprintln!("POST through nginx to gateway {a} (killed in flight): 502, tried {tried:?}, applied {applied} time(s)");
+
+    // 2. A GET held in flight in a live gateway, which is then killed: nginx sends it to the other one.
+    locker.batch_execute("BEGIN; LOCK TABLE omni_user_preferences IN ACCESS EXCLUSIVE MODE").unwrap();
+    let (port, s) = (nginx.port, session.clone());
+    let get = std::thread::spawn(move || Request::get("/api/v1/preferences").session(&s).try_send(port));
+    let b = wait_until(Duration::from_secs(30), "the GET to wait on the lock in one gateway's worker", || match waiting_on_the_lock(&mut watch, &names)[..] {
+        [one] => Some(one),
+        _ => None,
+    });
+    assert_ne!(b, a, "the killed gateway cannot have the GET");
+    kill(&mut gws[b]);
+    let c = 3 - a - b;
+    wait_until(Duration::from_secs(20), "nginx to send the GET to the last live gateway, whose worker waits on the lock too", || {
+        waiting_on_the_lock(&mut watch, &names).contains(&c).then_some(())
+    });
+    assert!(!get.is_finished(), "the GET is still in flight on the third gateway");
+    locker.batch_execute("ROLLBACK").unwrap();
+    let answer = get.join().unwrap().expect("an answer to the GET");
+    assert_eq!(answer.status, 200, "{}\nnginx: {}", answer.text(), nginx.error_log());
+    assert!(answer.text().contains("before"), "{}", answer.text());
+    let tried = upstreams_of(&nginx, "GET /api/v1/preferences 200");
+    let order: Vec<u16> = tried.iter().map(|(p, _)| *p).collect();
+    assert_eq!(tried.last(), Some(&(ports[c], "200".to_owned())), "the GET was answered by the third gateway: {tried:?}");
+    assert!(order.contains(&ports[b]), "the GET reached the killed gateway first: {tried:?}");
+    eprintln!("GET through nginx to gateway {b} (killed in flight): retried, tried {tried:?}");
 }
 
 // ---------------------------------------------------------------- gateways
@@ -240,7 +370,7 @@ fn kill_9_of_the_primary_loses_no_acknowledged_write_and_both_gateways_serve_aga
     let backups = TempDir::new("ha-backups");
     let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
     let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
-    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+    let nginx = Nginx::start(&[gws[0].port, gws[1].port]);
     for gw in &gws {
         let health = gw.get("/health");
         assert_eq!(health.status, 200, "{}", health.text());
@@ -436,7 +566,7 @@ fn a_switchover_then_a_failover_to_a_lagging_candidate_refused_by_patroni_lose_n
     let backups = TempDir::new("ha-switchover-backups");
     let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
     let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
-    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+    let nginx = Nginx::start(&[gws[0].port, gws[1].port]);
 
     // 1. `patronictl switchover` to the synchronous standby.
     let (primary, sync) = (cluster.primary(Duration::from_secs(5)), cluster.sync_standby(Duration::from_secs(5)));
@@ -529,15 +659,33 @@ fn backup_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The lease row (migration 0005): `(holder, epoch, acquired_at)`.
+fn lease(db: &mut postgres::Client) -> (String, i64, SystemTime) {
+    let row = db.query_one("SELECT holder, epoch, acquired_at FROM omni_leader_lease", &[]).unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// Which gateway's worker a lease holder (`host:pid:start`) is.
+fn holder_gateway(gws: &[Gateway], holder: &str) -> Option<usize> {
+    let pid: i64 = holder.split(':').nth(1)?.parse().ok()?;
+    gws.iter().position(|g| g.pid_of("api").map(i64::from) == Some(pid))
+}
+
+/// How many lines of `gw`'s log contain `what`.
+fn log_count(gw: &Gateway, what: &str) -> usize {
+    gw.log().lines().filter(|l| l.contains(what)).count()
+}
+
 #[test]
 fn a_scheduled_backup_slot_spanning_a_failover_runs_exactly_once() {
     const EVERY_S: u64 = 6;
+    let every = Duration::from_secs(EVERY_S);
     let cluster = PatroniCluster::start(2);
     let url = cluster.database_url();
     let backups = TempDir::new("ha-scheduled");
     let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
-    let every = format!("{EVERY_S}s");
-    let schedule = [("OMNI_BACKUP_INTERVAL", every.as_str()), ("OMNI_BACKUP_KEEP", "20")];
+    let interval = format!("{EVERY_S}s");
+    let schedule = [("OMNI_BACKUP_INTERVAL", interval.as_str()), ("OMNI_BACKUP_KEEP", "20")];
     let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &schedule)).collect();
     let leads = |gw: &Gateway| status_of(gw).and_then(|(api, _)| api["leader"].as_bool());
     let leader = wait_until(Duration::from_secs(30), "exactly one gateway to lead", || {
@@ -549,53 +697,85 @@ fn a_scheduled_backup_slot_spanning_a_failover_runs_exactly_once() {
         }
     });
     let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let epoch_before: i64 = db.query_one("SELECT epoch FROM omni_leader_lease", &[]).unwrap().get(0);
+    let (holder_before, epoch_before, _) = lease(&mut db);
+    assert_eq!(holder_gateway(&gws, &holder_before), Some(leader), "the lease row names the worker of the gateway that says it leads: {holder_before}");
+    drop(db);
 
-    // The first scheduled backup; then kill the primary so that the next
-    // slot falls due while no primary accepts writes.
+    // The first scheduled backup; the next slot is due one interval after
+    // the time in its name (contract::backups::schedule::next_due). That due
+    // time is a clock by design, so the kill waits on the clock: 1.5 s
+    // before it, so that it falls due while Patroni promotes the standby.
     let first = wait_until(Duration::from_secs(60), "the first scheduled backup", || backup_files(backups.path()).first().cloned());
-    let written_at = Instant::now();
-    wait_until(Duration::from_secs(EVERY_S), "the slot's end to near", || (written_at.elapsed() >= Duration::from_secs(EVERY_S - 2)).then_some(()));
+    let first_name = first.file_name().unwrap().to_string_lossy().into_owned();
+    let taken = |name: &str| omni_contract::backups::name::time_of(name).unwrap_or_else(|| panic!("a backup name with its time: {name}"));
+    let due = taken(&first_name) + every;
+    wait_until(every + Duration::from_secs(5), "1.5 s before the next slot is due", || (SystemTime::now() + Duration::from_millis(1500) >= due).then_some(()));
+    let gave_up_before: Vec<usize> = gws.iter().map(|g| log_count(g, "leader lease: given up with the session")).collect();
     let primary = cluster.primary(Duration::from_secs(5));
+    let killed = SystemTime::now();
     cluster.nodes[primary].kill9_postmaster();
-    let killed = Instant::now();
     let new_primary = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
-    eprintln!("{} promoted {:.2} s after the kill", cluster.nodes[new_primary].name, killed.elapsed().as_secs_f64());
+    // When a primary accepted writes again, by PostgreSQL's own log: the
+    // first read-write "ready" line on any node after the kill.
+    let writable = wait_until(Duration::from_secs(10), "the promoted node to log that it accepts writes", || {
+        cluster.nodes.iter().filter_map(|n| n.accepts_writes_since(killed)).min()
+    });
+    let secs = |t: SystemTime| t.duration_since(killed).map_or_else(|e| -e.duration().as_secs_f64(), |d| d.as_secs_f64());
+    eprintln!("{} promoted; it accepted writes {:.2} s after the kill; the slot was due at {:.2} s", cluster.nodes[new_primary].name, secs(writable), secs(due));
+    assert!(killed < due && due < writable, "the slot fell due while no primary accepted writes: the kill, the slot, writes again at {:.2}, {:.2}, {:.2} s", 0.0, secs(due), secs(writable));
 
     // The slot that spanned the failover, and one more after it.
     wait_until(Duration::from_secs(60), "two scheduled backups after the failover", || (backup_files(backups.path()).len() >= 3).then_some(()));
     let files = backup_files(backups.path());
     let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    eprintln!("scheduled backups: {names:?} (first {first:?})");
+    eprintln!("scheduled backups: {names:?}");
+    assert_eq!(names[0], first_name);
     let by_gateway: Vec<Vec<String>> = gws.iter().map(written_backups).collect();
     let mut all: Vec<String> = by_gateway.concat();
     let count = all.len();
     all.sort();
     all.dedup();
     assert_eq!(all.len(), count, "a backup was written by two gateways: {by_gateway:?}");
+    // The spanning slot's backup was taken once a primary accepted writes
+    // again (its name is its start, to the second), and it was the only one
+    // for that slot: the next came a full interval later.
+    let spanning = taken(&names[1]);
+    assert!(spanning + Duration::from_secs(1) > writable, "{} was taken before a primary accepted writes ({:.2} s after the kill)", names[1], secs(writable));
     for pair in names.windows(2) {
-        let seconds = |n: &str| -> i64 {
-            let digits: String = n.chars().filter(char::is_ascii_digit).collect();
-            let p = |r: std::ops::Range<usize>| digits[r].parse::<i64>().unwrap();
-            ((p(6..8) * 24 + p(8..10)) * 60 + p(10..12)) * 60 + p(12..14)
-        };
-        let gap = seconds(&pair[1]) - seconds(&pair[0]);
-        assert!(gap >= EVERY_S as i64, "two backups in one slot: {pair:?}");
-        assert!(gap <= EVERY_S as i64 + 20, "a slot was skipped: {pair:?} are {gap} s apart");
+        let gap = taken(&pair[1]).duration_since(taken(&pair[0])).unwrap_or_default();
+        assert!(gap >= every, "two backups in one slot: {pair:?}");
+        assert!(gap <= every + Duration::from_secs(30), "a slot was skipped: {pair:?} are {gap:?} apart");
     }
 
-    // The lease survived the failover: on the new primary, one holder, the
-    // epoch the same (the leader renewed it) or one further (another took it).
-    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let (holders, epoch_after): (i64, i64) = db.query_one("SELECT count(*), max(epoch) FROM omni_leader_lease", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
-    assert_eq!(holders, 1);
-    assert!(epoch_after >= epoch_before, "epoch {epoch_before} before, {epoch_after} after");
-    // The gateways learn it from their workers' health answers: wait for both to tell.
+    // The lease across the failover, read on the new primary: the old
+    // leader gave it up with its session; the lease row came over by
+    // replication and names the worker that took it afterwards, and that
+    // gateway says it leads and wrote the spanning slot's backup.
     let leaders = wait_until(Duration::from_secs(15), "exactly one leader after the failover", || {
         let views: Vec<Option<bool>> = gws.iter().map(leads).collect();
         (views.iter().filter(|l| **l == Some(true)).count() == 1 && views.iter().all(Option::is_some)).then_some(views)
     });
-    eprintln!("gateway {leader} led before; leaders after: {leaders:?}; lease epoch {epoch_before} -> {epoch_after}");
+    let after = leaders.iter().position(|l| *l == Some(true)).unwrap();
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let (holder_after, epoch_after, acquired_after) = lease(&mut db);
+    assert_eq!(holder_gateway(&gws, &holder_after), Some(after), "the lease row names the gateway that says it leads: {holder_after}");
+    assert!(log_count(&gws[leader], "leader lease: given up with the session") > gave_up_before[leader], "the leader gave up the lease with its session:\n{}", gws[leader].log());
+    assert!(by_gateway[after].contains(&names[1]), "the new leader wrote the spanning slot's backup {}: {by_gateway:?}", names[1]);
+    // The row came over from the old primary with its holder's backend,
+    // gone from the new server: whoever renewed or took it then did so
+    // with the next epoch unless it was renewed within its 3 s.
+    if holder_after != holder_before || writable.duration_since(killed).unwrap_or_default() > omni_contract::leader::LEASE_TTL {
+        assert_eq!(epoch_after, epoch_before + 1, "the lease was taken again once, after the failover");
+        assert!(acquired_after > killed, "taken after the kill");
+    } else {
+        assert!(epoch_after >= epoch_before);
+    }
+    let fenced: Vec<String> = gws.iter().flat_map(|g| g.log().lines().filter(|l| l.contains("cannot prove it leads")).map(str::to_owned).collect::<Vec<_>>()).collect();
+    eprintln!(
+        "lease: gateway {leader} (epoch {epoch_before}) before the kill; gateway {after} (epoch {epoch_after}, taken {:.2} s after the kill) after; the spanning slot's backup {} by gateway {after}; fence refusals: {fenced:?}",
+        secs(acquired_after),
+        names[1]
+    );
 }
 
 // ---------------------------------------------------------------- HAProxy
@@ -608,7 +788,7 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
     let backups = TempDir::new("ha-haproxy-backups");
     let dirs: Vec<TempDir> = (0..2).map(|_| workdir()).collect();
     let gws: Vec<Gateway> = dirs.iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
-    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+    let nginx = Nginx::start(&[gws[0].port, gws[1].port]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_drop = SetOnDrop(stop.clone());
@@ -623,17 +803,110 @@ fn through_haproxy_kill_9_of_the_primary_loses_no_acknowledged_write() {
     let (old, other) = (cluster.nodes[primary].name.clone(), cluster.nodes[1 - primary].name.clone());
     let shows = |server: &str| cluster.haproxy_primary_status(server).unwrap_or_default();
     assert_eq!((shows(&old), shows(&other), shows("BACKEND")), ("UP".into(), "DOWN".into(), "UP".into()), "HAProxy's status page before the kill");
-    let killed = Instant::now();
-    cluster.nodes[primary].kill9_postmaster();
-    // HAProxy's status page: the dead primary DOWN once its check fails.
-    let new_primary = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
-    let promoted = killed.elapsed();
+    // While the database fails over: HAProxy's status page polled on its
+    // own (each change of the old node's, the new one's and the `primary`
+    // backend's status, with its time), and both gateways asked straight,
+    // `/health` and writes, each by a thread of its own so a slow answer
+    // does not hide the others. The gap is the killed postmaster gone to
+    // HAProxy showing the new primary UP: no server of `primary` accepts
+    // writes meanwhile.
+    let sampling = AtomicBool::new(true);
+    let started = Instant::now();
+    let since = |t: Instant| t.saturating_duration_since(started);
+    /// When it was asked (since `started`), which gateway, `/health` or a write, how long it took, the answer.
+    type Sample = (Duration, usize, &'static str, Duration, Result<omni_tests::Response, String>);
+    let (promoted, dead, new_primary, timeline, samples) = std::thread::scope(|scope| {
+        let poller = scope.spawn(|| {
+            let mut timeline: Vec<(Duration, (String, String, String))> = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                let now = (shows(&old), shows(&other), shows("BACKEND"));
+                if timeline.last().is_none_or(|(_, last)| *last != now) {
+                    timeline.push((since(Instant::now()), now));
+                }
+            }
+            timeline
+        });
+        let samplers: Vec<_> = (0..gws.len())
+            .flat_map(|g| [(g, "/health"), (g, "write")])
+            .map(|(g, what)| {
+                let (port, sampling) = (gws[g].port, &sampling);
+                scope.spawn(move || {
+                    let mut samples: Vec<Sample> = Vec::new();
+                    while sampling.load(Ordering::Relaxed) {
+                        let asked = Instant::now();
+                        let answer = match what {
+                            "/health" => Request::get("/health").try_send(port),
+                            // A session keeps at most 100 preferences: one per write.
+                            _ => Request::new("POST", "/api/v1/preferences").session(&uuid::Uuid::new_v4().to_string()).json(&json!({"key": "gap", "value": "x"})).try_send(port),
+                        };
+                        samples.push((since(asked), g, what, asked.elapsed(), answer.map_err(|e| e.to_string())));
+                    }
+                    samples
+                })
+            })
+            .collect();
+        cluster.nodes[primary].kill9_postmaster();
+        let dead = since(Instant::now());
+        let new_primary = wait_until(Duration::from_secs(60), "a new primary", || cluster.nodes.iter().position(|n| n.rest("/primary") == Some(200)).filter(|i| *i != primary));
+        let promoted = since(Instant::now()) - dead;
+        wait_until(Duration::from_secs(10), "HAProxy's status page to show the new primary UP, the old one DOWN", || {
+            ((shows(&old), shows(&other), shows("BACKEND")) == ("DOWN".into(), "UP".into(), "UP".into())).then_some(())
+        });
+        sampling.store(false, Ordering::Relaxed);
+        let samples: Vec<Sample> = samplers.into_iter().flat_map(|s| s.join().unwrap()).collect();
+        (promoted, dead, new_primary, poller.join().unwrap(), samples)
+    });
     for gw in &gws {
         wait_until(Duration::from_secs(60), "the gateway's /health to answer 200 again", || (gw.get("/health").status == 200).then_some(()));
     }
-    wait_until(Duration::from_secs(10), "HAProxy's status page to show the new primary UP, the old one DOWN", || {
-        ((shows(&old), shows(&other), shows("BACKEND")) == ("DOWN".into(), "UP".into(), "UP".into())).then_some(())
-    });
+    let seconds = |d: Duration| d.as_secs_f64() - dead.as_secs_f64();
+    let said = timeline.iter().map(|(at, (o, n, b))| format!("{:+.2} s: {old} {o}, {other} {n}, primary {b}", seconds(*at))).collect::<Vec<_>>().join("\n");
+    eprintln!("HAProxy's status page, in seconds from the kill (Patroni promoted {other} at {:.2} s):\n{said}", promoted.as_secs_f64());
+    let up_again = timeline.iter().find(|(_, (_, new, _))| new == "UP").map(|(at, _)| *at).expect("the new primary UP on the status page");
+    // Not asserted: that the `primary` backend as a whole shows DOWN. It
+    // need not: HAProxy checks Patroni's REST API, and the dead primary's
+    // Patroni answers `/primary` 200 until its own loop sees PostgreSQL gone
+    // (3-4 s here, loop_wait 2 s), by when the standby is promoting; its
+    // check fails from then on while the new one's passes. Meanwhile HAProxy
+    // sends connections to the dead node's port, which refuses them.
+    //
+    // What the gateways said in the gap: `/health` 503, every write a 503
+    // with Retry-After, neither waiting until a proxy's timeout. The
+    // database shows `unavailable` while HAProxy sends every connection to
+    // the dead node (it hides the standbys), or `failing_over` when the
+    // standby probe that follows the failed check lands just after the
+    // promotion. Each takes seconds meanwhile: HAProxy holds a connection
+    // while it retries the dead node (`retries 2`), so the check's 2 s (and
+    // the probe's 1 s) or the pool's 2 s checkout run out first.
+    let in_gap: Vec<&Sample> = samples.iter().filter(|(asked, _, _, _, _)| *asked >= dead && *asked < up_again).collect();
+    let listed = in_gap
+        .iter()
+        .map(|(at, g, what, took, answer)| {
+            let answer = answer.as_ref().map_or_else(|e| e.clone(), |r| format!("{} {}", r.status, r.json()["database"]["state"]));
+            format!("{:+.2} s: gateway {g} {what}: {answer} in {:.2} s", seconds(*at), took.as_secs_f64())
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("the gateways asked in the gap (to {:+.2} s):\n{listed}", seconds(up_again));
+    for g in 0..gws.len() {
+        for what in ["/health", "write"] {
+            assert!(in_gap.iter().any(|(_, gg, w, _, _)| *gg == g && *w == what), "gateway {g} was asked {what} in the gap:\n{listed}");
+        }
+    }
+    let mut longest = Duration::ZERO;
+    for (at, g, what, took, answer) in &in_gap {
+        let r = answer.as_ref().unwrap_or_else(|e| panic!("gateway {g} {what} at {:+.2} s: {e}", seconds(*at)));
+        if *what == "/health" {
+            let state = r.json()["database"]["state"].as_str().map(str::to_owned);
+            assert!(r.status == 503 && matches!(state.as_deref(), Some("unavailable" | "failing_over")), "/health of gateway {g} at {:+.2} s: {}", seconds(*at), r.text());
+        } else {
+            assert_eq!(r.status, 503, "a write to gateway {g} at {:+.2} s: {}", seconds(*at), r.text());
+            assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)), "a 503 carries Retry-After: {}", r.text());
+            assert!(r.text().contains("database_unavailable"), "{}", r.text());
+        }
+        longest = longest.max(*took);
+    }
+    assert!(longest < Duration::from_secs(5), "a gateway took {longest:?} to answer /health or a refused write (HAProxy's connect timeout is 4 s)");
     let resumed = Instant::now();
     wait_until(Duration::from_secs(30), "writes to flow for 2 s after the failover", || (resumed.elapsed() > Duration::from_secs(2)).then_some(()));
     stop.store(true, Ordering::Relaxed);
@@ -722,7 +995,7 @@ fn bench_failovers_and_write_throughput() {
     let backups = TempDir::new("ha-bench-backups");
     let dirs: Vec<TempDir> = (0..3).map(|_| workdir()).collect();
     let gws: Vec<Gateway> = dirs[..2].iter().map(|d| gateway_on(&url, d.path(), backups.path(), &[])).collect();
-    let nginx = Nginx::start([gws[0].port, gws[1].port]);
+    let nginx = Nginx::start(&[gws[0].port, gws[1].port]);
 
     // Throughput first, on the healthy cluster: its two gateways beside one
     // on its embedded PostgreSQL, interleaved.
