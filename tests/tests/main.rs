@@ -51,6 +51,7 @@ mod offsite_crypt;
 mod offsite_disaster;
 mod offsite_probe;
 mod offsite_restore;
+mod offsite_resume;
 mod offsite_ship;
 mod offsite_stores;
 mod offsite_upload;
