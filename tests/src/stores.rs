@@ -541,6 +541,32 @@ impl StoreServer {
         }
     }
 
+    /// The multipart uploads in progress (started, neither completed nor
+    /// aborted) whose object name ends with `suffix`, each with how many
+    /// parts the store holds for it: `ListMultipartUploads`, then
+    /// `ListParts` of each (S3 servers only). What a test waits for before
+    /// it kills the store in the middle of an upload.
+    pub fn multipart_uploads(&self, suffix: &str) -> Vec<(String, usize)> {
+        let listed = self.signed_s3(S3Identity::Admin, "GET", &format!("/{BUCKET}"), "uploads=", b"");
+        let body = listed.text();
+        // rclone's server answers NoSuchUpload when the bucket has no upload in progress.
+        if listed.status == 404 && body.contains("NoSuchUpload") {
+            return Vec::new();
+        }
+        assert_eq!(listed.status, 200, "listing the multipart uploads on {}: {body}", self.kind.name());
+        let uploads: Vec<(String, String)> = xml_values(&body, "Upload").iter().filter_map(|u| Some((xml_values(u, "Key").pop()?, xml_values(u, "UploadId").pop()?))).collect();
+        uploads
+            .into_iter()
+            .filter(|(key, _)| key.ends_with(suffix))
+            .map(|(key, id)| {
+                let parts = self.signed_s3(S3Identity::Admin, "GET", &format!("/{BUCKET}/{key}"), &format!("uploadId={}", uri_encode(&id)), b"");
+                // An upload completed or aborted meanwhile has no parts to list (404).
+                let count = if parts.status == 200 { xml_values(&parts.text(), "PartNumber").len() } else { 0 };
+                (key, count)
+            })
+            .collect()
+    }
+
     /// A GET signed with AWS Signature Version 4 (the kit's credentials, us-east-1).
     fn signed_s3_get(&self, path: &str, query: &str) -> crate::Response {
         let (y, mo, d, h, mi, s) = utc_parts(SystemTime::now());

@@ -52,6 +52,7 @@ mod offsite_disaster;
 mod offsite_drill;
 mod offsite_probe;
 mod offsite_restore;
+mod offsite_resume;
 mod offsite_rotate;
 mod offsite_ship;
 mod offsite_stores;

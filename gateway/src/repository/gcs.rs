@@ -199,7 +199,7 @@ impl ObjectStore for JsonUploads {
             .ok_or_else(|| generic(format!("starting the upload of {location}: no session URI in the answer")))?
             .to_string();
         let state = Session { store: JsonUploads { inner: self.inner.clone(), http: self.http.clone(), base_url: self.base_url.clone(), bucket: self.bucket.clone() }, path: location.clone(), session, sent: 0, pending: Vec::new() };
-        Ok(Box::new(Resumable { state: Arc::new(tokio::sync::Mutex::new(state)) }))
+        Ok(Box::new(Resumable { state: Arc::new(tokio::sync::Mutex::new(state)), queued: Arc::default() }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
@@ -274,19 +274,34 @@ impl Session {
 #[derive(Debug)]
 struct Resumable {
     state: Arc<tokio::sync::Mutex<Session>>,
+    /// Bytes given to [`MultipartUpload::put_part`], in the order of the
+    /// calls (appended before the call returns): the session's chunks must
+    /// follow that order, whichever part's future runs first (the store
+    /// runs several at once, each on its own task).
+    queued: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Resumable {
+    /// The queued bytes, moved behind what the session holds.
+    fn take_queued(&self, session: &mut Session) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        session.pending.append(&mut queued);
+    }
 }
 
 #[async_trait]
 impl MultipartUpload for Resumable {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        let state = self.state.clone();
-        Box::pin(async move {
-            // Parts go in the order they were given: the lock is taken in
-            // that order (tokio's mutex is fair).
-            let mut session = state.lock().await;
+        {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
             for part in data.iter() {
-                session.pending.extend_from_slice(part);
+                queued.extend_from_slice(part);
             }
+        }
+        let this = Resumable { state: self.state.clone(), queued: self.queued.clone() };
+        Box::pin(async move {
+            let mut session = this.state.lock().await;
+            this.take_queued(&mut session);
             let aligned = session.pending.len() / CHUNK_ALIGN * CHUNK_ALIGN;
             if aligned > 0 {
                 session.send(aligned, None).await?;
@@ -297,6 +312,7 @@ impl MultipartUpload for Resumable {
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
         let mut session = self.state.lock().await;
+        self.take_queued(&mut session);
         let rest = session.pending.len();
         let total = session.sent + rest as u64;
         session.send(rest, Some(total)).await?;

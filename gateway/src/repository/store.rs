@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
 use sha2::{Digest, Sha256};
 
 use super::crypt::{self, CryptError, Encryption, Keys};
@@ -52,6 +52,16 @@ pub const URL_VAR: &str = "OMNI_REPOSITORY_URL";
 const SINGLE_PUT_MAX: u64 = 32 * 1024 * 1024;
 /// The size of one part of a multipart upload.
 const PART_BYTES: usize = 8 * 1024 * 1024;
+/// Parts of one upload in flight at once (rclone's default too): the
+/// store's time per request overlaps instead of adding up. Memory stays
+/// bounded: this many parts, the one being filled, and [`PIECES_QUEUED`] pieces.
+const PARTS_IN_FLIGHT: usize = 4;
+/// A big file is read (and sealed) in pieces of this size, each hashed and
+/// handed to the upload as it comes: one pass over the file, no zeroed
+/// part-sized buffer (a part is the list of its pieces).
+const PIECE_BYTES: usize = 1024 * 1024;
+/// Pieces read ahead of the upload.
+const PIECES_QUEUED: usize = 4;
 
 /// The kind of store a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +271,9 @@ impl Repository {
             Scheme::S3 => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as Key};
                 let mut b = AmazonS3Builder::from_env().with_bucket_name(&location.bucket).with_retry(retry);
+                if unsigned_payload_by_default(&[b.get_config_value(&Key::Endpoint), b.get_config_value(&Key::S3Endpoint)], std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some()) {
+                    b = b.with_unsigned_payload(true);
+                }
                 for (key, value) in timeouts {
                     if b.get_config_value(&Key::Client(key)).is_none() {
                         b = b.with_config(Key::Client(key), value);
@@ -443,8 +456,11 @@ impl Repository {
             let sha = sha256_hex(&bytes);
             return Ok((self.put_once(path, bytes).await?, size, sha));
         }
-        let sha = sha256_file(local).map_err(local_error)?;
+        // Only a retry finds an object there: then (and only then) the file
+        // is read once before, for its SHA-256, to compare.
         if let Some(there) = self.head(path).await? {
+            let src = local.to_path_buf();
+            let sha = tokio::task::spawn_blocking(move || sha256_file(&src)).await.map_err(|e| local_error(std::io::Error::other(e)))?.map_err(local_error)?;
             let same = {
                 let (stored, head) = self.sha256_of(path, there).await?;
                 // An encrypted retry: see the module's text.
@@ -456,38 +472,65 @@ impl Repository {
                 Err(RepositoryError::Conflict { location: self.display(), path: path.to_string(), detail: format!("{there} bytes there, {size} to write, or other bytes") })
             };
         }
-        let mut upload = self.store.put_multipart(&self.full(path)).await.map_err(|e| self.store_error("starting the upload of", path, e))?;
-        let sent = async {
-            use std::io::Read;
-            let mut file = std::fs::File::open(local).map_err(local_error)?;
-            loop {
-                let mut part = vec![0u8; PART_BYTES];
-                let mut filled = 0;
-                while filled < PART_BYTES {
-                    match file.read(&mut part[filled..]).map_err(local_error)? {
-                        0 => break,
-                        n => filled += n,
-                    }
-                }
-                if filled == 0 {
-                    break;
-                }
-                part.truncate(filled);
-                upload.put_part(PutPayload::from(part)).await.map_err(|e| self.store_error("uploading a part of", path, e))?;
-                if filled < PART_BYTES {
-                    break;
-                }
+        let src = local.to_path_buf();
+        let (size, sha) = self
+            .put_pieces(path, move |pieces| {
+                let local_error = |source| RepositoryError::Local { path: src.display().to_string(), source };
+                let mut input = std::fs::File::open(&src).map_err(local_error)?;
+                pieces.read_from(&mut input).map_err(local_error)
+            })
+            .await?;
+        Ok((Put::Created, size, sha))
+    }
+
+    /// A multipart upload of the bytes `produce` writes into [`Pieces`] on
+    /// a thread of its own: each piece is hashed there and sent as it comes,
+    /// [`PARTS_IN_FLIGHT`] parts at a time (one on GCS, whose resumable
+    /// session takes its chunks one after the other). The object appears
+    /// only when the upload completes; any error, producing or sending,
+    /// aborts it: nothing half-written is ever an object. Returns the
+    /// stored size and SHA-256 (one pass: the bytes are hashed as they go).
+    async fn put_pieces<F>(&self, path: &str, produce: F) -> Result<(u64, String), RepositoryError>
+    where
+        F: FnOnce(&mut Pieces) -> Result<(), RepositoryError> + Send + 'static,
+    {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIECES_QUEUED);
+        let producing = tokio::task::spawn_blocking(move || {
+            let mut pieces = Pieces { tx, buf: Vec::with_capacity(PIECE_BYTES), hasher: Sha256::new(), size: 0 };
+            produce(&mut pieces)?;
+            pieces.send().map_err(|source| RepositoryError::Local { path: "the upload".into(), source })?;
+            Ok::<_, RepositoryError>((pieces.size, hex(&pieces.hasher.finalize())))
+        });
+        let joined = |e: tokio::task::JoinError| RepositoryError::Local { path: path.to_string(), source: std::io::Error::other(e) };
+        let upload = match self.store.put_multipart(&self.full(path)).await {
+            Ok(u) => u,
+            Err(e) => {
+                drop(rx);
+                let _ = producing.await;
+                return Err(self.store_error("starting the upload of", path, e));
             }
-            upload.complete().await.map_err(|e| self.store_error("completing the upload of", path, e))?;
-            Ok(())
+        };
+        let in_flight = if self.location.scheme == Scheme::Gcs { 1 } else { PARTS_IN_FLIGHT };
+        let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let sent = async {
+            while let Some(piece) = rx.recv().await {
+                parts.wait_for_capacity(in_flight).await.map_err(|e| self.store_error("uploading a part of", path, e))?;
+                parts.put(piece);
+            }
+            Ok::<(), RepositoryError>(())
         }
         .await;
-        if let Err(e) = sent {
-            // What was sent is not an object: it is dropped, not half-kept.
-            let _ = upload.abort().await;
-            return Err(e);
-        }
-        Ok((Put::Created, size, sha))
+        // A failed send stops the producer: its next piece finds no receiver.
+        drop(rx);
+        let produced = producing.await.map_err(joined).and_then(|done| done);
+        let outcome = match (sent, produced) {
+            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+            // finish() sends the last part, waits for all, completes; it aborts on failure itself.
+            (Ok(()), Ok(done)) => return parts.finish().await.map(|_| done).map_err(|e| self.store_error("completing the upload of", path, e)),
+        };
+        // What was sent is not an object: it is dropped, not half-kept.
+        let _ = parts.abort().await;
+        outcome
     }
 
     /// The object's bytes.
@@ -701,82 +744,22 @@ impl Repository {
         Ok(Stored { put, size, sha256, recipients })
     }
 
-    /// `local` sealed and uploaded in parts at the same time (a thread
-    /// seals into parts of [`PART_BYTES`], the upload sends them as they
-    /// come): the upload of a big file costs little more than without
-    /// encryption. Any error, sealing or sending, aborts the upload: nothing
+    /// `local` sealed and uploaded in parts at the same time (the sealing
+    /// thread writes into [`Pieces`], the upload sends them as they come):
+    /// the upload of a big file costs little more than without encryption.
+    /// Any error, sealing or sending, aborts the upload: nothing
     /// half-written, nothing plain. Returns the stored size and SHA-256.
     async fn put_sealed_stream(&self, path: &str, local: &Path, sealer: crypt::Sealer) -> Result<(u64, String), RepositoryError> {
-        struct Parts {
-            tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-            buf: Vec<u8>,
-            hasher: Sha256,
-            size: u64,
-        }
-        impl Parts {
-            fn send(&mut self) -> std::io::Result<()> {
-                let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_BYTES));
-                self.tx.blocking_send(part).map_err(|_| std::io::Error::other("the upload stopped"))
-            }
-        }
-        impl std::io::Write for Parts {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                let n = data.len().min(PART_BYTES - self.buf.len());
-                self.buf.extend_from_slice(&data[..n]);
-                self.hasher.update(&data[..n]);
-                self.size += n as u64;
-                if self.buf.len() == PART_BYTES {
-                    self.send()?;
-                }
-                Ok(n)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
         let src = local.to_path_buf();
-        let sealing = tokio::task::spawn_blocking(move || -> Result<(u64, String), CryptError> {
+        self.put_pieces(path, move |pieces| {
+            let mut input = std::fs::File::open(&src).map_err(|source| RepositoryError::Local { path: src.display().to_string(), source })?;
             let io = |source| CryptError::Io { what: src.display().to_string(), source };
-            let mut input = std::fs::File::open(&src).map_err(io)?;
-            let parts = Parts { tx, buf: Vec::with_capacity(PART_BYTES), hasher: Sha256::new(), size: 0 };
-            let mut w = sealer.wrap(parts).map_err(io)?;
-            std::io::copy(&mut input, &mut w).map_err(io)?;
-            let mut parts = w.finish().map_err(io)?;
-            if !parts.buf.is_empty() {
-                parts.send().map_err(io)?;
-            }
-            Ok((parts.size, hex(&parts.hasher.finalize())))
-        });
-        let mut upload = match self.store.put_multipart(&self.full(path)).await {
-            Ok(u) => u,
-            Err(e) => {
-                drop(rx);
-                let _ = sealing.await;
-                return Err(self.store_error("starting the upload of", path, e));
-            }
-        };
-        let sent = async {
-            while let Some(part) = rx.recv().await {
-                upload.put_part(PutPayload::from(part)).await.map_err(|e| self.store_error("uploading a part of", path, e))?;
-            }
-            Ok::<(), RepositoryError>(())
-        }
-        .await;
-        drop(rx);
-        let sealed = sealing.await.map_err(|e| RepositoryError::Local { path: local.display().to_string(), source: std::io::Error::other(e) });
-        let outcome = match (sent, sealed) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => Err(e),
-            (Ok(()), Ok(Err(e))) => Err(e.into()),
-            (Ok(()), Ok(Ok(done))) => match upload.complete().await {
-                Ok(_) => return Ok(done),
-                Err(e) => Err(self.store_error("completing the upload of", path, e)),
-            },
-        };
-        // What was sent is not an object: it is dropped, not half-kept.
-        let _ = upload.abort().await;
-        outcome
+            let mut sealed = sealer.wrap(pieces).map_err(io)?;
+            std::io::copy(&mut input, &mut sealed).map_err(io)?;
+            sealed.finish().map_err(io)?;
+            Ok(())
+        })
+        .await
     }
 
     /// The content of the object at `path`: decrypted when it is an age
@@ -866,6 +849,19 @@ impl Repository {
     }
 }
 
+/// Whether S3 requests go with `UNSIGNED-PAYLOAD` instead of the SHA-256
+/// of their body in the SigV4 signature: yes over HTTPS (AWS's own
+/// endpoint when none is set), unless `AWS_UNSIGNED_PAYLOAD` decides.
+/// Over TLS the body's hash in the signature adds nothing TLS does not
+/// already check on the way, and every object's own SHA-256 is in its
+/// manifest (or `repository.json`) and checked at restore; yet it cost a
+/// second SHA-256 pass over every byte uploaded, half the upload's CPU
+/// (BENCHMARKS.md, the off-site profile). Over plain HTTP (`AWS_ALLOW_HTTP`,
+/// a store on the same host) the signature keeps covering the bytes.
+fn unsigned_payload_by_default(endpoints: &[Option<String>], variable_set: bool) -> bool {
+    !variable_set && endpoints.iter().flatten().all(|e| e.trim().to_ascii_lowercase().starts_with("https://"))
+}
+
 /// Installs ring as rustls' process-wide crypto provider (the HTTP client
 /// of the cloud stores is built without one); once, and harmless when one
 /// is already installed.
@@ -926,6 +922,58 @@ fn sse_mismatch(kind: Option<&str>, kms_key: bool, customer_key: bool) -> Option
         return Some(format!("AWS_SSE_KMS_KEY_ID is set but AWS_SERVER_SIDE_ENCRYPTION is {named}: the key would not be used; set AWS_SERVER_SIDE_ENCRYPTION=aws:kms (SSE-KMS) or unset the key"));
     }
     None
+}
+
+/// The bytes of one multipart upload on their way from the thread that
+/// reads (or seals) them to the upload: gathered into pieces of
+/// [`PIECE_BYTES`], each hashed, counted and sent (blocking while
+/// [`PIECES_QUEUED`] wait: the upload sets the pace).
+struct Pieces {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Pieces {
+    /// Sends the piece gathered so far (none: nothing).
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE_BYTES));
+        self.hasher.update(&piece);
+        self.size += piece.len() as u64;
+        self.tx.blocking_send(Bytes::from(piece)).map_err(|_| std::io::Error::other("the upload stopped"))
+    }
+
+    /// Everything `input` holds, read straight into the pieces (no copy, no zeroing).
+    fn read_from(&mut self, input: &mut impl std::io::Read) -> std::io::Result<()> {
+        use std::io::Read;
+        loop {
+            let room = (PIECE_BYTES - self.buf.len()) as u64;
+            if input.by_ref().take(room).read_to_end(&mut self.buf)? == 0 {
+                return Ok(());
+            }
+            if self.buf.len() == PIECE_BYTES {
+                self.send()?;
+            }
+        }
+    }
+}
+
+impl std::io::Write for Pieces {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(PIECE_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == PIECE_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The credential variables whose values never appear in a message.
@@ -1126,6 +1174,17 @@ mod tests {
         }
         assert!(Location::parse("ftp://h/x").unwrap_err().contains("unknown scheme \"ftp\""));
         assert!(Location::parse("s3://key:secret@bucket/p").unwrap_err().contains("AWS_ACCESS_KEY_ID"));
+    }
+
+    #[test]
+    fn payloads_go_unsigned_over_https_only_unless_the_variable_says() {
+        let https = Some("https://s3.example.com".to_string());
+        let http = Some("http://127.0.0.1:9000".to_string());
+        assert!(unsigned_payload_by_default(&[None, None], false), "AWS's own endpoint is HTTPS");
+        assert!(unsigned_payload_by_default(&[https.clone(), None], false));
+        assert!(!unsigned_payload_by_default(&[http.clone(), None], false));
+        assert!(!unsigned_payload_by_default(&[https.clone(), http], false), "one plain endpoint signs");
+        assert!(!unsigned_payload_by_default(&[https, None], true), "AWS_UNSIGNED_PAYLOAD decides when set");
     }
 
     #[test]

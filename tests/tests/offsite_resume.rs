@@ -1,0 +1,197 @@
+//! Uploads that resume after the store was killed in their middle, against
+//! real S3 servers (tests/src/stores.rs): SIGKILL, as a crash of the store
+//! or a network that drops, while a base backup's multipart upload has
+//! parts in the store and WAL is being shipped; then the store starts
+//! again on its data. Nothing half-written is ever taken for complete (the
+//! big file is in the store only whole, with the size and SHA-256 its
+//! manifest names, and the manifest comes only after it), nothing is lost
+//! (every completed segment is there, whole, with the local bytes; the
+//! writes made while the store was down reach it), nothing is there twice
+//! (one object per file of the backup, one per segment), and the
+//! repository status goes `retrying`, then `ok`. What the store holds is
+//! read through its own API, never through the gateway.
+
+use crate::gateway;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use omni_gateway::repository::store::{sha256_hex, Repository};
+use omni_tests::stores::{Kind, StoreServer};
+use omni_tests::TEST_API_KEY;
+
+const PREFIX: &str = "resume";
+
+fn builder(dir: &std::path::Path, store: &StoreServer) -> GatewayBuilder {
+    let mut b = GatewayBuilder::new(dir).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_REPOSITORY_URL", store.url(PREFIX)).env("OMNI_REPOSITORY_WAL_INTERVAL", "1s");
+    for (k, v) in store.env() {
+        b = b.env(k, v.clone());
+    }
+    b
+}
+
+/// `<sysid>-pg<major>`, the generation the gateway ships into.
+fn generation(gw: &Gateway) -> String {
+    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
+    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
+}
+
+/// A second client of the store (the store code, with the store's
+/// credentials in this test's environment: nextest runs each test in a
+/// process of its own), at the gateway's prefix.
+fn client(store: &StoreServer) -> (Repository, tokio::runtime::Runtime) {
+    for (k, v) in store.env() {
+        std::env::set_var(k, v);
+    }
+    let repo = Repository::open(&store.url(PREFIX)).unwrap();
+    (repo, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
+}
+
+fn repository_status(gw: &Gateway) -> serde_json::Value {
+    gw.get("/gateway/status").json()["repository"].clone()
+}
+
+/// Rows of random bytes, stored as they are (no TOAST compression, and lz4
+/// cannot shrink them either): the next base backup's `base.tar.lz4` is
+/// about `mb` MB, well past one request (a multipart upload of many
+/// parts), and the WAL of the insert is several whole segments to ship.
+fn fill_with_incompressible_rows(db: &mut postgres::Client, mb: u32) {
+    db.batch_execute(&format!(
+        "CREATE TABLE resume_fill (b bytea);
+         ALTER TABLE resume_fill ALTER COLUMN b SET STORAGE EXTERNAL;
+         INSERT INTO resume_fill
+           SELECT (SELECT decode(string_agg(md5(random()::text || g::text), ''), 'hex') FROM generate_series(1, 512) AS g WHERE i > 0)
+           FROM generate_series(1, {}) AS i;",
+        mb * 128
+    ))
+    .unwrap();
+}
+
+fn killed_in_the_middle_of_a_multipart_upload_then_resumed(kind: Kind) {
+    let mut store = StoreServer::start_new(kind);
+    let dir = workdir();
+    let gw = builder(dir.path(), &store).start();
+    wait_for_base_backup(&gw);
+    let gen = generation(&gw);
+    let base = format!("{PREFIX}/{gen}/base/");
+    wait_for(&gw, Duration::from_secs(90), "the first base backup's manifest in the store", || store.list(&base).iter().any(|n| n.ends_with("/manifest.json")).then_some(()));
+
+    let mut db = gw.db();
+    fill_with_incompressible_rows(&mut db, 96);
+    db.batch_execute("CREATE TABLE resume_rows (id int PRIMARY KEY)").unwrap();
+
+    // A base backup (the POST answers once it is kept locally, and its
+    // upload starts then); the store is killed as soon as it holds parts of it.
+    let taking = {
+        let port = gw.port;
+        std::thread::spawn(move || {
+            let taken = omni_tests::Request::new("POST", "/api/v1/backup/base").api_key().send_to(port);
+            assert_eq!(taken.status, 200, "{}", taken.text());
+            taken.json()["id"].as_str().unwrap().to_owned()
+        })
+    };
+    let (upload, parts) = wait_for(&gw, Duration::from_secs(180), "a part of the new base backup's base.tar.lz4 in the store", || {
+        store.multipart_uploads("/base.tar.lz4").into_iter().find(|(key, parts)| key.starts_with(&base) && *parts > 0)
+    });
+    store.stop();
+    let id = taking.join().expect("the base backup was taken");
+    assert!(upload.ends_with(&format!("/base/{id}/base.tar.lz4")), "the upload in progress is the new backup's: {upload}");
+
+    // The upload was cut in its middle: it failed (the gateway says so), and
+    // the status says uploads are retried; the service goes on.
+    wait_for(&gw, Duration::from_secs(120), "the gateway to report the cut upload of base.tar.lz4", || {
+        gw.log().lines().any(|l| l.contains("upload failed") && l.contains(&format!("base/{id}/base.tar.lz4"))).then_some(())
+    });
+    let retrying = wait_for(&gw, Duration::from_secs(60), "the repository status to say uploads are retried", || {
+        let r = repository_status(&gw);
+        (r["state"] == "retrying").then_some(r)
+    });
+    assert!(retrying["last_error"].is_string(), "{retrying}");
+    eprintln!("{}: killed with {parts} part(s) of {upload} in the store", kind.name());
+
+    // Writes while the store is down, one segment ended: their WAL waits.
+    for i in 0..200 {
+        db.execute("INSERT INTO resume_rows VALUES ($1)", &[&i]).unwrap();
+    }
+    let row = db.query_one("SELECT file_name, file_offset::bigint FROM pg_walfile_name_offset(pg_current_wal_lsn())", &[]).unwrap();
+    let (down_segment, down_offset): (String, u64) = (row.get(0), row.get::<_, i64>(1) as u64);
+    db.batch_execute("SELECT pg_switch_wal()").unwrap();
+    for i in 200..400 {
+        db.execute("INSERT INTO resume_rows VALUES ($1)", &[&i]).unwrap();
+    }
+    let row = db.query_one("SELECT file_name, file_offset::bigint FROM pg_walfile_name_offset(pg_current_wal_lsn())", &[]).unwrap();
+    let (last_segment, last_offset): (String, u64) = (row.get(0), row.get::<_, i64>(1) as u64);
+
+    // Back on its data: the upload starts over and completes, the WAL follows.
+    store.start();
+    let manifest_name = format!("{base}{id}/manifest.json");
+    wait_for(&gw, Duration::from_secs(180), &format!("{manifest_name} in the store"), || store.list(&base).contains(&manifest_name).then_some(()));
+    let wal = format!("{PREFIX}/{gen}/wal/");
+    wait_for(&gw, Duration::from_secs(60), "the WAL of the writes made while the store was down", || {
+        (store.holds_wal(&wal, &down_segment, down_offset) && store.holds_wal(&wal, &last_segment, last_offset)).then_some(())
+    });
+    let ok = wait_for(&gw, Duration::from_secs(60), "the repository status to be ok again", || {
+        let r = repository_status(&gw);
+        (r["state"] == "ok").then_some(r)
+    });
+    assert!(ok["failures"].as_u64().unwrap() >= 1, "the failed tries are counted: {ok}");
+
+    // The base backup: exactly its files and its manifest, each whole, with
+    // the manifest's size and SHA-256, which are the local file's.
+    let (repo, rt) = client(&store);
+    let manifest: serde_json::Value = serde_json::from_slice(&rt.block_on(repo.get_plain(&format!("{gen}/base/{id}/manifest.json"))).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    let mut expected: Vec<String> = files.iter().map(|f| format!("{base}{id}/{}", f["name"].as_str().unwrap())).collect();
+    expected.push(manifest_name.clone());
+    expected.sort();
+    assert_eq!(store.list(&format!("{base}{id}/")), expected, "the backup's objects, each once, nothing else");
+    let local = dir.path().join("data/wal/base").join(&id);
+    for f in files {
+        let name = f["name"].as_str().unwrap();
+        let stored = rt.block_on(repo.get(&format!("{gen}/base/{id}/{name}"))).unwrap();
+        assert_eq!(stored.len() as u64, f["size"].as_u64().unwrap(), "{name}: the manifest's size");
+        assert_eq!(sha256_hex(&stored), f["sha256"].as_str().unwrap(), "{name}: the manifest's SHA-256 is of the stored bytes");
+        let mine = std::fs::read(local.join(name)).unwrap();
+        assert!(stored == mine, "{name}: the store holds the local file's bytes");
+    }
+    assert!(files.iter().any(|f| f["name"] == "base.tar.lz4" && f["size"].as_u64().unwrap() > 64 << 20), "base.tar.lz4 went in many parts: {manifest}");
+    if kind.honours_conditional_put() {
+        assert!(!gw.log().contains("already exists with other content"), "nothing was written twice over another upload");
+    }
+
+    // The WAL: every completed segment since the first base backup is in
+    // the store once, whole, with the local bytes; no other name for it.
+    let mut segments: BTreeMap<String, usize> = BTreeMap::new();
+    for name in store.list(&wal) {
+        let rest = name.strip_prefix(&wal).unwrap();
+        let segment = rest.split(['.', '/']).next().unwrap().to_owned();
+        assert!(segment.len() == 24 || rest.ends_with(".history"), "an object of wal/ that is no segment, chunk or history: {name}");
+        if rest.ends_with(".lz4") && !rest.contains('/') {
+            *segments.entry(segment).or_default() += 1;
+        }
+    }
+    let stream = dir.path().join("data/wal/stream");
+    let mut local_segments: Vec<String> = std::fs::read_dir(&stream).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())).collect();
+    local_segments.sort();
+    assert!(local_segments.len() >= 6, "the fill and the switch completed segments: {local_segments:?}");
+    for segment in &local_segments {
+        assert_eq!(segments.get(segment), Some(&1), "{segment}: once in the store, whole ({segments:?})");
+        let stored = rt.block_on(repo.get(&format!("{gen}/wal/{segment}.lz4"))).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut lz4_flex::frame::FrameDecoder::new(&stored[..]), &mut bytes).unwrap_or_else(|e| panic!("{segment}.lz4 is not a whole lz4 frame: {e}"));
+        assert!(bytes == std::fs::read(stream.join(segment)).unwrap(), "{segment}: the store holds the local segment's bytes");
+    }
+    drop(gw);
+    store.stop();
+}
+
+#[test]
+fn offsite_resume_seaweedfs_killed_mid_multipart_upload_nothing_lost_or_half_written() {
+    killed_in_the_middle_of_a_multipart_upload_then_resumed(Kind::Seaweed);
+}
+
+#[test]
+fn offsite_resume_rclone_killed_mid_multipart_upload_nothing_lost_or_half_written() {
+    killed_in_the_middle_of_a_multipart_upload_then_resumed(Kind::Rclone);
+}
