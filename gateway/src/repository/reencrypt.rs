@@ -113,7 +113,7 @@ impl Progress<'_> {
     fn step(&mut self, bytes: u64) {
         self.done += 1;
         self.done_bytes += bytes;
-        if self.done == 1 || self.done == self.total || self.said.elapsed() >= PROGRESS_EVERY || self.done % 50 == 0 {
+        if self.done == 1 || self.done == self.total || self.said.elapsed() >= PROGRESS_EVERY || self.done.is_multiple_of(50) {
             (self.say)(format!("re-encrypting {}/{} objects, {} of {}", self.done, self.total, human(self.done_bytes), human(self.total_bytes)));
             self.said = Instant::now();
         }
