@@ -142,22 +142,25 @@ impl Encryption {
             Encryption::Off => Ok(Sealer::Plain),
             Encryption::Recipients { keys } => Ok(Sealer::Keys(parse_recipients(keys.iter().map(String::as_str), "OMNI_ENCRYPT_RECIPIENTS")?)),
             Encryption::RecipientsFile { path } => {
-                let text = read_setting_file(path, "OMNI_ENCRYPT_RECIPIENTS_FILE")?;
+                let text = read_setting_file(path, "OMNI_ENCRYPT_RECIPIENTS_FILE", UPLOADS_WAIT)?;
                 let lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
                 let keys = parse_recipients(lines, &format!("OMNI_ENCRYPT_RECIPIENTS_FILE ({})", path.display()))?;
                 Ok(Sealer::Keys(keys))
             }
-            Encryption::Passphrase { path } => Ok(Sealer::Passphrase(read_passphrase(path, "OMNI_ENCRYPT_PASSPHRASE_FILE")?)),
+            Encryption::Passphrase { path } => Ok(Sealer::Passphrase(read_passphrase(path, "OMNI_ENCRYPT_PASSPHRASE_FILE", UPLOADS_WAIT)?)),
         }
     }
 }
 
-fn read_setting_file(path: &Path, variable: &str) -> Result<String, CryptError> {
-    std::fs::read_to_string(path).map_err(|e| CryptError::Config(format!("{variable}={}: cannot read it ({e}); nothing is uploaded until it can be read", path.display())))
+/// The file a setting names; `until` says what waits for it in the error.
+fn read_setting_file(path: &Path, variable: &str, until: &str) -> Result<String, CryptError> {
+    std::fs::read_to_string(path).map_err(|e| CryptError::Config(format!("{variable}={}: cannot read it ({e}); {until}", path.display())))
 }
 
-fn read_passphrase(path: &Path, variable: &str) -> Result<SecretString, CryptError> {
-    let text = read_setting_file(path, variable)?;
+const UPLOADS_WAIT: &str = "nothing is uploaded until it can be read";
+
+fn read_passphrase(path: &Path, variable: &str, until: &str) -> Result<SecretString, CryptError> {
+    let text = read_setting_file(path, variable, until)?;
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
         return Err(CryptError::Config(format!("{variable}={}: the file's first line is empty; it must hold the passphrase", path.display())));
@@ -364,10 +367,11 @@ impl fmt::Debug for Keys {
 
 impl Keys {
     pub fn load(path: &Path, variable: &str) -> Result<Keys, CryptError> {
-        let text = read_setting_file(path, variable)?;
+        let until = "nothing encrypted can be read without it";
+        let text = read_setting_file(path, variable, until)?;
         let secret_lines: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("AGE-SECRET-KEY-")).collect();
         if secret_lines.is_empty() {
-            let passphrase = read_passphrase(path, variable)?;
+            let passphrase = read_passphrase(path, variable, until)?;
             return Ok(Keys { identities: Vec::new(), passphrase: Some(passphrase), public: vec!["passphrase".into()] });
         }
         let mut identities = Vec::new();
