@@ -10,7 +10,9 @@
 //! id, the dump's name and the binaries' major are substituted, and
 //! `pg_ctl` gets the test's port and socket directory. The restored cluster
 //! must promote itself and hold every row; the logical backup must check
-//! against its `.sha256` and load into a scratch database.
+//! against its `.sha256` and load into a scratch database; the block run
+//! again with its point-in-time line uncommented must stop at that time
+//! and promote.
 
 use crate::gateway;
 
@@ -84,8 +86,57 @@ impl Drop for Started {
     }
 }
 
+/// What a run of the README's first block needs: where the bucket was
+/// copied down, the key, the generation and the backup id.
+struct Bucket<'a> {
+    dir: &'a Path,
+    key: &'a Path,
+    gen: &'a str,
+    id: &'a str,
+}
+
+/// The README's first block with its `/srv/…` under `root` (the bucket's
+/// copy at `bucket.dir`), then `extra` substituted; started on a free port
+/// with its socket in the data directory. Returns the port, the started
+/// cluster and what the commands printed.
+fn restore_by_hand(block: &str, root: &Path, bucket: &Bucket, extra: &[(&str, String)]) -> (u16, Started, String) {
+    std::fs::create_dir_all(root).unwrap();
+    let port = free_port();
+    let data = root.join("pg");
+    let mut pairs = vec![
+        ("/srv/bucket", bucket.dir.display().to_string()),
+        ("/srv/", format!("{}/", root.display())),
+        ("/root/key.txt", bucket.key.display().to_string()),
+        ("/usr/lib/postgresql/17/bin", pg_bin_dir().display().to_string()),
+        ("<sysid>-pg17", bucket.gen.to_owned()),
+        ("<id>", bucket.id.to_owned()),
+        // The test machine's port, and a socket directory of the cluster's own.
+        ("pg_ctl -D", format!("pg_ctl -o '-p {port} -k {}' -D", data.display())),
+    ];
+    pairs.extend(extra.iter().cloned());
+    let script = substitute(block, &pairs);
+    let started = Started(data.clone());
+    let out = bash(&script, root, &[("PGPORT", port.to_string()), ("PGHOST", data.display().to_string())]);
+    (port, started, out)
+}
+
+/// A connection to `db` of the restored cluster on `port` once it is out
+/// of recovery (promoted).
+fn promoted(port: u16, password: &str, db: &str) -> postgres::Client {
+    wait_until(Duration::from_secs(180), "the restored cluster to leave recovery", || {
+        let mut client = postgres::Client::connect(&format!("postgres://postgres:{password}@127.0.0.1:{port}/{db}"), postgres::NoTls).ok()?;
+        let recovering: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).ok()?.get(0);
+        (!recovering).then_some(client)
+    })
+}
+
+/// Rows of `by_hand` per phase, in the order written.
+fn phases(client: &mut postgres::Client) -> Vec<(String, i64)> {
+    client.query("SELECT phase, count(*) FROM by_hand GROUP BY phase ORDER BY min(id)", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
 #[test]
-fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every_row_and_the_logical_dump() {
+fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every_row_a_point_in_time_and_the_logical_dump() {
     let tmp = TempDir::new("byhand");
     let (key, public) = keygen(tmp.path());
     let bucket = tmp.path().join("bucket");
@@ -121,7 +172,8 @@ fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every
     let sidecar = bucket.join("logical").join(format!("{name}.sha256"));
     wait_for(&gw, Duration::from_secs(60), "the logical backup's .sha256 in the repository", || sidecar.is_file().then_some(()));
 
-    // Then rows that only the chunks of the newest segment hold.
+    // T, on the server's clock; then rows that only the chunks of the newest segment hold.
+    let t: String = db.query_one("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US+00')", &[]).unwrap().get(0);
     db.batch_execute("INSERT INTO by_hand SELECT g, 'chunks' FROM generate_series(201, 300) g").unwrap();
     let (newest, offset): (String, i32) = db.query_one("SELECT file_name, file_offset FROM pg_walfile_name_offset(pg_current_wal_lsn())", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
     assert!(newest > whole, "the last rows are in a later segment than {whole}: {newest}");
@@ -139,50 +191,45 @@ fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every
     // The README's first block, as written.
     let blocks = readme_blocks();
     assert_eq!(blocks.len(), 2, "the README's by-hand restore is two sh blocks: {blocks:?}");
-    let root = tmp.path().display().to_string();
-    let port = free_port();
-    let common = [("/srv/", format!("{root}/")), ("/root/key.txt", key.display().to_string()), ("/usr/lib/postgresql/17/bin", pg_bin_dir().display().to_string())];
-    let mut pairs = common.to_vec();
-    pairs.extend([
-        ("<sysid>-pg17", gen.clone()),
-        ("<id>", id.clone()),
-        // The test machine's port, and a socket directory of the cluster's own.
-        ("pg_ctl -D", format!("pg_ctl -o '-p {port} -k {root}/pg' -D")),
-    ]);
-    let first = substitute(&blocks[0], &pairs);
-    let env = [("PGPORT", port.to_string()), ("PGHOST", format!("{root}/pg"))];
-    let data = tmp.path().join("pg");
-    let _started = Started(data.clone());
+    let copy = Bucket { dir: &bucket, key: &key, gen: &gen, id: &id };
     let clock = Instant::now();
-    let out = bash(&first, tmp.path(), &env);
+    let (port, started, out) = restore_by_hand(&blocks[0], &tmp.path().join("latest"), &copy, &[]);
     let ran = clock.elapsed();
     let said = out.lines().last().unwrap_or_default().trim().to_owned();
     assert!(said == "t" || said == "f", "the last command prints t or f (pg_is_in_recovery()): {out}");
 
     // Promoted by itself at the end of the WAL, with every row.
-    let url = |db: &str| format!("postgres://postgres:{password}@127.0.0.1:{port}/{db}");
-    let mut restored = wait_until(Duration::from_secs(180), "the restored cluster to leave recovery", || {
-        let mut client = postgres::Client::connect(&url("omni"), postgres::NoTls).ok()?;
-        let recovering: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).ok()?.get(0);
-        (!recovering).then_some(client)
-    });
+    let mut restored = promoted(port, &password, "omni");
     eprintln!("by hand: the README's commands ran in {} ms, promoted {} ms after they began (psql said {said})", ran.as_millis(), clock.elapsed().as_millis());
-    let log = std::fs::read_to_string(data.join("restore.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(started.0.join("restore.log")).unwrap_or_default();
     assert!(log.contains("archive recovery complete"), "{log}");
     assert!(log.contains(&format!("restored log file \"{newest}\" from archive")), "the chunks of {newest} were replayed: {log}");
-    let phases: Vec<(String, i64)> = restored.query("SELECT phase, count(*) FROM by_hand GROUP BY phase ORDER BY min(id)", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(phases, [("before".to_owned(), 100), ("whole".to_owned(), 100), ("chunks".to_owned(), 100)], "every row written before the last WAL was shipped");
+    assert_eq!(phases(&mut restored), [("before".to_owned(), 100), ("whole".to_owned(), 100), ("chunks".to_owned(), 100)], "every row written before the last WAL was shipped");
     let timeline: i32 = restored.query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[]).unwrap().get(0);
     assert!(timeline >= 2, "promoted onto a new timeline: {timeline}");
 
     // The second block: the logical backup, checked and loaded (with the
     // variables of the first block, as in the same shell).
     let vars = blocks[0].lines().find(|l| l.starts_with("R=")).expect("the first block sets R, K and PG");
-    let mut pairs = common.to_vec();
-    pairs.push(("<name>", name.clone()));
+    let pairs = [
+        ("/srv/bucket", bucket.display().to_string()),
+        ("/srv/", format!("{}/latest/", tmp.path().display())),
+        ("/root/key.txt", key.display().to_string()),
+        ("/usr/lib/postgresql/17/bin", pg_bin_dir().display().to_string()),
+        ("<name>", name.clone()),
+    ];
+    let env = [("PGPORT", port.to_string()), ("PGHOST", started.0.display().to_string())];
     let out = bash(&substitute(&format!("{vars}\n{}", blocks[1]), &pairs), tmp.path(), &env);
     assert!(out.contains(&format!("{name}: OK")), "sha256sum -c checks the dump: {out}");
-    let mut scratch = postgres::Client::connect(&url("scratch"), postgres::NoTls).unwrap();
+    let mut scratch = promoted(port, &password, "scratch");
     let rows: i64 = scratch.query_one("SELECT count(*) FROM by_hand", &[]).unwrap().get(0);
     assert_eq!(rows, 200, "the logical backup holds the rows written before it");
+    drop((restored, scratch, started));
+
+    // The point-in-time line, uncommented: the rows up to T, promoted.
+    let (port, started, _) = restore_by_hand(&blocks[0], &tmp.path().join("pitr"), &copy, &[("# a point in time: ", String::new()), ("2026-12-05 10:00:00+00", t.clone())]);
+    let mut restored = promoted(port, &password, "omni");
+    let log = std::fs::read_to_string(started.0.join("restore.log")).unwrap_or_default();
+    assert!(log.contains("recovery stopping before commit"), "{log}");
+    assert_eq!(phases(&mut restored), [("before".to_owned(), 100), ("whole".to_owned(), 100)], "the rows committed before {t}, none after");
 }
