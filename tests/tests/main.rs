@@ -47,6 +47,7 @@ mod ops_doctor;
 mod ops_external_database;
 mod ops_install;
 mod ops_load_balancer;
+mod offsite_by_hand;
 mod offsite_crypt;
 mod offsite_disaster;
 mod offsite_drill;
