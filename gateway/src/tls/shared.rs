@@ -60,17 +60,7 @@ pub struct Shared {
 /// Who this gateway is in `claimed_by` and `obtained_by`: host and pid.
 pub fn gateway_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let mut buf = [0u8; 256];
-        // SAFETY: gethostname writes at most buf.len() bytes.
-        let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
-            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-            String::from_utf8_lossy(&buf[..end]).into_owned()
-        } else {
-            "unknown-host".to_owned()
-        };
-        format!("{host}:{}", std::process::id())
-    })
+    ID.get_or_init(|| format!("{}:{}", omni_contract::leader::host_name(), std::process::id()))
 }
 
 impl Shared {
