@@ -270,6 +270,11 @@ test('off-site drill: "Last verified off-site" names the base backup it restored
     assert.match(said, /\. The last drill that passed was on .+\.$/);
     assert.equal(await alert.locator('time').last().getAttribute('datetime'), failed.last_success);
     await screenshots(page, 'backups-offsite-damaged');
+    // At 360 px the alert is read under its label, across the card, from the left.
+    await page.setViewportSize({ width: 360, height: 740 });
+    const [alertBox, cardBox] = [await alert.boundingBox(), await page.locator('#offsite').boundingBox()];
+    assert.ok(alertBox.width > cardBox.width * 0.8, `the alert is ${alertBox.width} px wide in a card of ${cardBox.width} px`);
+    assert.equal(await alert.evaluate((dd) => getComputedStyle(dd).textAlign), 'left');
     assert.deepEqual(page.problems, []);
   } finally {
     await context.close();
