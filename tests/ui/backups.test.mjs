@@ -3,6 +3,8 @@
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import fs from 'node:fs';
+import path from 'node:path';
 import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack, waitFor } from './harness.mjs';
 
 let stack;
@@ -203,5 +205,79 @@ test('off-site copy: the off-site window beside the local one, the state of a di
   } finally {
     await context.close();
     await offsite.stop();
+  }
+});
+
+/** Inverts 64 bytes in the middle of `file`, in place. */
+function flipBytes(file) {
+  const bytes = fs.readFileSync(file);
+  assert.ok(bytes.length > 128, `${file} is too small to damage in its middle`);
+  const middle = Math.floor(bytes.length / 2);
+  for (let i = middle; i < middle + 64; i += 1) bytes[i] = ~bytes[i] & 0xff;
+  fs.writeFileSync(file, bytes);
+}
+
+test('off-site drill: "Last verified off-site" names the base backup it restored, then the damaged object in a red alert', async () => {
+  const drilled = await startStack('drill', {
+    extraEnv: (cwd) => ({ OMNI_REPOSITORY_URL: `file://${cwd}/offsite`, OMNI_REPOSITORY_WAL_INTERVAL: '1s', OMNI_BACKUP_DRILL_INTERVAL: '3s' }),
+  });
+  const { context, page } = await openPage(browser, drilled, { strict: true });
+  const lastVerified = async () => (await (await drilled.api('/gateway/status', { headers: { accept: 'application/json' } })).json()).repository?.last_verified;
+  try {
+    // The first drills may run before the base backup's manifest reaches the repository, and fail saying so.
+    const passed = await waitFor(async () => {
+      const v = await lastVerified();
+      return v && v.ok === true ? v : null;
+    }, { timeout: 240000, what: 'an off-site drill that passed' });
+    assert.ok(passed.base_backup, JSON.stringify(passed));
+    await signIn(page);
+    await page.goto('/backups');
+    const field = page.locator('#offsite [data-field="last-verified"]');
+    await field.waitFor();
+    assert.equal(await field.getAttribute('data-ok'), 'true');
+    assert.equal(await field.getAttribute('data-manifest-only'), 'false');
+    const shown = await field.innerText();
+    assert.match(shown, /^passed on .+: base backup /);
+    assert.ok(shown.includes(`base backup ${passed.base_backup} of file://`), shown);
+    assert.equal(await field.locator('time').getAttribute('datetime'), passed.at);
+    await screenshots(page, 'backups-offsite-verified');
+
+    // Damaged in the store itself: the next drill names the object.
+    const offsite = path.join(drilled.cwd, 'offsite');
+    const generation = fs.readdirSync(offsite).find((name) => fs.existsSync(path.join(offsite, name, 'base', passed.base_backup, 'base.tar.lz4')));
+    assert.ok(generation, `base/${passed.base_backup}/base.tar.lz4 under ${offsite}`);
+    const object = `${generation}/base/${passed.base_backup}/base.tar.lz4`;
+    flipBytes(path.join(offsite, object));
+    const failed = await waitFor(async () => {
+      const v = await lastVerified();
+      return v && v.ok === false && v.damaged_object ? v : null;
+    }, { timeout: 240000, what: 'an off-site drill that names a damaged object' });
+    assert.equal(failed.damaged_object, object, JSON.stringify(failed));
+    const health = await drilled.api('/health');
+    const healthText = await health.text();
+    assert.equal(health.status, 200, `a damaged off-site copy does not fail /health: ${healthText}`);
+    assert.ok(JSON.stringify(JSON.parse(healthText).degraded).includes(object), healthText);
+
+    await page.reload();
+    const alert = page.locator('#offsite').getByRole('alert').filter({ hasText: object });
+    await alert.waitFor();
+    assert.equal(await alert.getAttribute('data-field'), 'last-verified');
+    assert.equal(await alert.getAttribute('data-ok'), 'false');
+    assert.equal(await alert.locator('[data-field="damaged-object"]').innerText(), object);
+    const said = await alert.innerText();
+    // The title line is the date of the failure; the error is a sentence of its own.
+    assert.match(said, /^FAILED on [^\n]+\nThe object \S+ is damaged\. /);
+    assert.match(said, /\. The last drill that passed was on .+\.$/);
+    assert.equal(await alert.locator('time').last().getAttribute('datetime'), failed.last_success);
+    await screenshots(page, 'backups-offsite-damaged');
+    // At 360 px the alert is read under its label, across the card, from the left.
+    await page.setViewportSize({ width: 360, height: 740 });
+    const [alertBox, cardBox] = [await alert.boundingBox(), await page.locator('#offsite').boundingBox()];
+    assert.ok(alertBox.width > cardBox.width * 0.8, `the alert is ${alertBox.width} px wide in a card of ${cardBox.width} px`);
+    assert.equal(await alert.evaluate((dd) => getComputedStyle(dd).textAlign), 'left');
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await drilled.stop();
   }
 });

@@ -304,9 +304,10 @@ function offsite() {
     }
     const lastGood = v.last_success ? [' The last drill that passed was on ', h('time', { datetime: v.last_success }, formatDate(v.last_success)), '.'] : ' No drill has passed yet.';
     return h('dd', { class: 'alert alert-error', role: 'alert', dataset: { field: 'last-verified', ok: 'false' } },
-      h('strong', {}, 'FAILED on '), when, ': ',
-      v.damaged_object ? ['the object ', h('span', { class: 'mono', dataset: { field: 'damaged-object' } }, v.damaged_object), ' is damaged. '] : null,
-      v.error, lastGood);
+      // `.alert strong` is a line of its own: the date goes with it.
+      h('strong', {}, 'FAILED on ', when),
+      v.damaged_object ? ['The object ', h('span', { class: 'mono', dataset: { field: 'damaged-object' } }, v.damaged_object), ' is damaged. '] : null,
+      v.error && !/[.!?]$/.test(v.error) ? `${v.error}.` : v.error, lastGood);
   }
 
   async function test() {
