@@ -29,6 +29,7 @@ pub mod vars {
     pub const PG_BIN_DIR: &str = "PGSERVE_BIN_DIR";
     pub const BACKUP_KEEP: &str = "OMNI_BACKUP_KEEP";
     pub const BACKUP_INTERVAL: &str = "OMNI_BACKUP_INTERVAL";
+    pub const BACKUP_REPOSITORY: &str = "OMNI_BACKUP_REPOSITORY";
     pub const SETTINGS_FILE: &str = "OMNI_SETTINGS_FILE";
     pub const DATA_ROOT: &str = "OMNI_DATA_ROOT";
     pub const GATEWAY_URL: &str = "OMNI_GATEWAY_URL";
@@ -42,9 +43,9 @@ pub mod vars {
     /// Every variable the worker reads. The gateway removes these from what
     /// it passes on, then writes its own values, so a stray one in the
     /// gateway's environment never reaches the worker unchecked.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         DATABASE_URL, LISTEN, LISTEN_FD, READY_FD, START_FD, API_KEY, UI_DIR, BACKUP_DIR, PG_BIN_DIR, BACKUP_KEEP, BACKUP_INTERVAL,
-        SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT, GATEWAY_TOKEN, SETUP_TOKEN, PUBLIC_URL,
+        BACKUP_REPOSITORY, SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT, GATEWAY_TOKEN, SETUP_TOKEN, PUBLIC_URL,
     ];
 }
 
@@ -100,6 +101,11 @@ pub struct WorkerSettings {
     pub backup_keep: usize,
     /// How often to take a backup (`OMNI_BACKUP_INTERVAL`); off when unset.
     pub backup_interval: Option<Duration>,
+    /// The off-site repository the gateway uploads every backup to, its URL
+    /// as shown (`OMNI_BACKUP_REPOSITORY`, from the gateway's
+    /// `OMNI_REPOSITORY_URL`): retention keeps a backup until its upload
+    /// there is confirmed. Unset: no off-site copy.
+    pub backup_repository: Option<String>,
     /// When set, `POST /setup/initialize` also writes the storage settings
     /// here, because the gateway needs them before PostgreSQL is running.
     pub settings_file: Option<PathBuf>,
@@ -232,6 +238,7 @@ impl WorkerSettings {
             pg_bin_dir: None,
             backup_keep: DEFAULT_BACKUP_KEEP,
             backup_interval: None,
+            backup_repository: None,
             settings_file: None,
             data_root: base.to_path_buf(),
             gateway_url: None,
@@ -287,6 +294,7 @@ impl WorkerSettings {
             s.backup_keep = check::backup_keep(&keep).map_err(|m| invalid(vars::BACKUP_KEEP, m))?;
         }
         s.backup_interval = get(vars::BACKUP_INTERVAL).map(|t| check::backup_interval(&t).map_err(|m| invalid(vars::BACKUP_INTERVAL, m))).transpose()?;
+        s.backup_repository = get(vars::BACKUP_REPOSITORY).map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
         s.gateway_url = get(vars::GATEWAY_URL).map(|u| check::gateway_url(&u).map_err(|m| invalid(vars::GATEWAY_URL, m))).transpose()?;
         s.gateway_token = checked(vars::GATEWAY_TOKEN, &check::gateway_token)?;
         s.setup_token = checked(vars::SETUP_TOKEN, &check::setup_token)?;
@@ -331,6 +339,9 @@ impl WorkerSettings {
         env.push((vars::BACKUP_KEEP, self.backup_keep.to_string()));
         if let Some(every) = self.backup_interval {
             env.push((vars::BACKUP_INTERVAL, interval::format(every)));
+        }
+        if let Some(repository) = &self.backup_repository {
+            env.push((vars::BACKUP_REPOSITORY, repository.clone()));
         }
         if let Some(file) = &self.settings_file {
             env.push((vars::SETTINGS_FILE, path(file)));
@@ -429,6 +440,7 @@ mod tests {
         s.ui_dir = Some("/srv/omni/ui-dist".into());
         s.backup_keep = 0;
         s.backup_interval = Some(Duration::from_secs(6 * 3600));
+        s.backup_repository = Some("s3://bucket/omni".into());
         s.settings_file = Some("/srv/omni/data/omni-settings.json".into());
         s.gateway_url = Some("http://127.0.0.1:8882".into());
         s.gateway_token = Some("0123456789abcdef0123456789abcdef".into());

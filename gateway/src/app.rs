@@ -367,6 +367,7 @@ async fn supervise(
         settings.gateway_token = Some(gateway_token.clone());
         settings.setup_token = setup_token.clone();
         settings.public_url = public_url.clone();
+        settings.backup_repository = crate::repository::config::shown_url(config);
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
     // A point-in-time restore holds PostgreSQL's and the streamer's starts (pitr/online.rs).
@@ -528,7 +529,7 @@ fn start_repository(config: &Config, running: &mut Running) -> Result<()> {
     let repo = crate::repository::store::Repository::open_location(location)?;
     let wal_dir = cluster.as_ref().map(|_| config.wal.dir.clone());
     let pg = cluster.as_ref().map(|c| c.pg_config(cluster::APP_DATABASE));
-    let shipper = crate::repository::ship::Shipper::new(repo, settings, wal_dir, config.backup_dir.clone(), pg);
+    let shipper = crate::repository::ship::Shipper::new(repo, settings, wal_dir, (config.backup_dir.clone(), config.backup_keep), pg);
     shipper.spawn(&running.board, running.stage("repository"));
     Ok(())
 }

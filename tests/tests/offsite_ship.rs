@@ -197,3 +197,65 @@ fn offsite_a_store_that_ignores_conditional_writes_is_found_out_and_nothing_is_o
     assert!(error.contains(&format!("{segment}.lz4")) && error.contains("other content"), "the error names the object: {stopped}");
     assert_eq!(rt.block_on(repo.get(&planted)).unwrap(), bytes::Bytes::from_static(b"not this cluster's WAL"), "never overwritten");
 }
+
+/// The `.sql` backups in `dir`, sorted (their sidecars aside).
+fn sql_backups(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("omni_backup_") && n.ends_with(".sql")).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn offsite_logical_backups_past_keep_stay_until_their_upload_is_confirmed() {
+    let mut store = StoreServer::start_new(Kind::Rclone);
+    let dir = workdir();
+    let gw = builder(dir.path(), &store, "keep1")
+        .env("OMNI_BACKUP_KEEP", "1")
+        // Logical backups only: nothing else waits in the queue.
+        .env("OMNI_WAL_DIR", "off")
+        .start();
+    wait_for(&gw, Duration::from_secs(60), "the shipper's first round", || (gw.get("/gateway/status").json()["repository"]["state"] == "ok").then_some(()));
+
+    // The store down: three backups, OMNI_BACKUP_KEEP=1, none of them uploaded.
+    store.stop();
+    let backups = dir.path().join("data/backups");
+    let made: Vec<String> = (0..3)
+        .map(|_| {
+            let created = Request::new("POST", "/api/v1/backup/create").api_key().send_to(gw.port);
+            assert_eq!(created.status, 200, "{}", created.text());
+            created.json()["backup_file"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(sql_backups(&backups), made, "retention deleted a backup whose upload was not confirmed");
+    for name in &made {
+        assert!(backups.join(format!("{name}.sha256")).is_file(), "{name}.sha256");
+    }
+    let said = "because their upload to the off-site repository";
+    wait_for(&gw, Duration::from_secs(10), "the log to say why retention keeps them", || gw.log().lines().any(|l| l.contains("retention: kept 2 backups past OMNI_BACKUP_KEEP=1") && l.contains(said)).then_some(()));
+    let waiting = wait_for(&gw, Duration::from_secs(60), "the status to count three logical backups waiting for upload", || {
+        let r = gw.get("/gateway/status").json()["repository"].clone();
+        (r["queue_logical_backups"] == 3 && r["state"] == "retrying").then_some(r)
+    });
+    assert!(waiting["last_error"].is_string(), "{waiting}");
+    assert_eq!(sql_backups(&backups), made, "still all three");
+
+    // The store back: all three uploaded, then retention keeps the newest only.
+    store.start();
+    let logical = "keep1/logical/";
+    wait_for(&gw, Duration::from_secs(90), "the three logical backups in the store", || {
+        let there = store.list(logical);
+        made.iter().all(|n| there.contains(&format!("{logical}{n}")) && there.contains(&format!("{logical}{n}.sha256"))).then_some(())
+    });
+    wait_for(&gw, Duration::from_secs(30), "retention to bring the local backups down to OMNI_BACKUP_KEEP=1", || (sql_backups(&backups) == made[2..]).then_some(()));
+    let mut left: Vec<String> = std::fs::read_dir(&backups).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+    left.sort();
+    let newest = &made[2];
+    assert_eq!(left, vec![newest.clone(), format!("{newest}.sha256"), format!("{newest}.uploaded")], "the deleted backups' sidecars went with them");
+    assert_eq!(std::fs::read_to_string(backups.join(format!("{newest}.uploaded"))).unwrap().trim(), store.url("keep1"), "the mark names the repository");
+    let ok = wait_for(&gw, Duration::from_secs(30), "nothing waiting", || {
+        let r = gw.get("/gateway/status").json()["repository"].clone();
+        (r["queue_logical_backups"] == 0 && r["state"] == "ok").then_some(r)
+    });
+    assert_eq!(ok["queue_depth"], 0, "{ok}");
+    assert_eq!(store.list(logical).len(), 6, "the store keeps all three: retention here is local");
+}

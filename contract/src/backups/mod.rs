@@ -29,6 +29,13 @@
 //!   retention keeps the newest `OMNI_BACKUP_KEEP` ordinary backups and,
 //!   separately, the newest `OMNI_BACKUP_KEEP` safety backups, so failed
 //!   restores or imports never push scheduled backups out;
+//! * with an off-site repository (the gateway's `OMNI_REPOSITORY_URL`, handed
+//!   to the worker as `OMNI_BACKUP_REPOSITORY`), retention deletes no backup
+//!   whose upload there is not confirmed: the gateway's shipper confirms one
+//!   with `<name>.uploaded` beside it ([`mark_uploaded`], naming the
+//!   repository), and runs retention again ([`Backups::prune`]) once it has,
+//!   so what was kept waiting goes then. One rule, [`Backups::may_delete`],
+//!   for every process that deletes;
 //! * one restore (or import) at a time across every worker on the database:
 //!   [`crate::leader::exclusive`], a session advisory lock, tried without
 //!   waiting; a finished restore is announced on it, so every worker resets
@@ -252,6 +259,9 @@ pub struct Backups {
     database_url: String,
     /// Newest backups kept after each create; 0 keeps all (`OMNI_BACKUP_KEEP`).
     keep: usize,
+    /// The off-site repository (its URL as shown) that must confirm a
+    /// backup's upload before retention deletes it; `None`: no off-site copy.
+    upload_to: Option<String>,
 }
 
 /// Held for the duration of one operation; dropping it releases the `flock`.
@@ -277,12 +287,20 @@ impl Drop for Partial {
 
 impl Backups {
     pub fn new(dir: PathBuf, bin_dir: Option<PathBuf>, database_url: String, keep: usize) -> Backups {
-        Backups { dir, bin_dir, database_url, keep }
+        Backups { dir, bin_dir, database_url, keep, upload_to: None }
+    }
+
+    /// The same service, whose retention keeps every backup whose upload to
+    /// `repository` (its URL as shown) is not confirmed; `None`: no off-site copy.
+    pub fn uploaded_to(mut self, repository: Option<String>) -> Backups {
+        self.upload_to = repository;
+        self
     }
 
     /// The worker's backup service, as its settings describe it.
     pub fn from_settings(settings: &WorkerSettings) -> Backups {
         Backups::new(settings.backup_dir.clone(), settings.pg_bin_dir.clone(), settings.database_url.clone(), settings.backup_keep)
+            .uploaded_to(settings.backup_repository.clone())
     }
 
     /// The backup directory, created (mode 0700) if missing, canonical.
@@ -527,16 +545,46 @@ impl Backups {
         Ok(Created { backup_file: name, size_bytes, timestamp: name::rfc3339(time) })
     }
 
+    /// Retention alone, outside a create: the gateway's shipper runs it once
+    /// it confirmed uploads that retention kept waiting. [`BackupError::Busy`]
+    /// while another operation runs (whose create applies retention itself).
+    /// It never creates the lock file: its caller may run as another account
+    /// than the worker's (the gateway as root), whose file it would then be;
+    /// without one no backup was ever made here.
+    pub fn prune(&self) -> Result<()> {
+        if self.keep == 0 || !self.dir.join(LOCK_FILE).is_file() {
+            return Ok(());
+        }
+        let dir = self.dir()?;
+        let _lock = self.lock(&dir)?;
+        self.apply_retention(&dir, None);
+        Ok(())
+    }
+
+    /// Whether retention may delete the backup `name` of `dir`: always
+    /// without an off-site repository; with one, only once its upload there
+    /// is confirmed (`<name>.uploaded` naming that repository).
+    pub fn may_delete(&self, dir: &Path, name: &str) -> bool {
+        self.upload_to.as_deref().is_none_or(|repository| is_uploaded(dir, name, repository))
+    }
+
     /// Keeps the newest `keep` backups of each kind: a restore's or an
-    /// import's safety backups never push the user's own backups out.
+    /// import's safety backups never push the user's own backups out. Older
+    /// ones whose upload is not confirmed stay too ([`Backups::may_delete`]),
+    /// said once per run; a later run deletes them once it is.
     fn apply_retention(&self, dir: &Path, protect: Option<&str>) {
         if self.keep == 0 {
             return;
         }
         let Ok(backups) = list_in(dir) else { return };
+        let mut waiting = 0;
         for kind in [Kind::Backup, Kind::Safety] {
             let old = backups.iter().filter(|b| b.kind == kind).skip(self.keep).filter(|b| Some(b.filename.as_str()) != protect);
             for old in old {
+                if !self.may_delete(dir, &old.filename) {
+                    waiting += 1;
+                    continue;
+                }
                 match fs::remove_file(dir.join(&old.filename)) {
                     Ok(()) => {
                         remove_sidecars(dir, &old.filename);
@@ -545,6 +593,14 @@ impl Backups {
                     Err(error) => tracing::warn!(file = %old.filename, %error, "retention: could not delete an old backup"),
                 }
             }
+        }
+        if let (true, Some(repository)) = (waiting > 0, &self.upload_to) {
+            tracing::info!(
+                kept = waiting,
+                keep = self.keep,
+                "retention: kept {waiting} backups past OMNI_BACKUP_KEEP={} because their upload to the off-site repository {repository} is not confirmed yet; they are deleted once it is",
+                self.keep
+            );
         }
         let _ = sync_dir(dir);
     }
@@ -973,10 +1029,63 @@ fn mark_safety(dir: &Path, name: &str) -> Result<()> {
         .map_err(BackupError::io(format!("marking {name} as a safety backup")))
 }
 
-/// Removes what lies beside a backup: its sha256 and its kind marker.
+/// `<name>.uploaded` beside a backup: the off-site repository that confirmed its upload.
+fn uploaded_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.uploaded"))
+}
+
+/// Whether `<name>.uploaded` names `repository` (a mark of another
+/// repository, from before `OMNI_REPOSITORY_URL` changed, does not count).
+fn is_uploaded(dir: &Path, name: &str, repository: &str) -> bool {
+    let Ok(file) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(uploaded_path(dir, name)) else { return false };
+    let mut text = String::new();
+    io::Read::read_to_string(&mut io::Read::take(file, 4096), &mut text).is_ok() && text.trim_end() == repository
+}
+
+/// Records that the backup `name` of `dir` is confirmed in the off-site
+/// `repository` (its URL as shown): `<name>.uploaded`, written to a
+/// temporary file and renamed, owned like the backup (the gateway's shipper
+/// writes it as root; the worker's retention removes it with the backup).
+/// `Ok(false)`: already recorded, or `name` is no backup of this directory.
+pub fn mark_uploaded(dir: &Path, name: &str, repository: &str) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    if !name::is_valid(name) || is_uploaded(dir, name, repository) {
+        return Ok(false);
+    }
+    let backup = match fs::symlink_metadata(dir.join(name)) {
+        Ok(m) if m.file_type().is_file() => m,
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let tmp = dir.join(format!(".{name}.uploaded.partial"));
+    let write = || -> io::Result<()> {
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
+        io::Write::write_all(&mut f, format!("{repository}\n").as_bytes())?;
+        let ours = f.metadata()?;
+        if (ours.uid(), ours.gid()) != (backup.uid(), backup.gid()) {
+            std::os::unix::fs::fchown(&f, Some(backup.uid()), Some(backup.gid()))?;
+        }
+        fs::rename(&tmp, uploaded_path(dir, name))
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    // Deleted meanwhile (by retention or by hand): its mark goes with it.
+    if fs::symlink_metadata(dir.join(name)).is_err() {
+        let _ = fs::remove_file(uploaded_path(dir, name));
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Removes what lies beside a backup: its sha256, its kind marker and its
+/// off-site confirmation.
 fn remove_sidecars(dir: &Path, name: &str) {
     let _ = fs::remove_file(checksum_path(dir, name));
     let _ = fs::remove_file(safety_path(dir, name));
+    let _ = fs::remove_file(uploaded_path(dir, name));
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -985,7 +1094,69 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::RelayFilter;
+    use super::*;
+
+    /// A directory with `n` backups (oldest first, each with its `.sha256`) and the lock file.
+    fn directory_with_backups(n: usize) -> (PathBuf, Vec<String>) {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("omni-backups-test-{}-{id}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(LOCK_FILE), b"").unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("omni_backup_20261205_10000{i}.sql")).collect();
+        for name in &names {
+            fs::write(dir.join(name), b"-- dump\n").unwrap();
+            fs::write(checksum_path(&dir, name), format!("x  {name}\n")).unwrap();
+        }
+        (dir, names)
+    }
+
+    #[test]
+    fn retention_keeps_what_the_repository_has_not_confirmed_and_deletes_it_once_it_has() {
+        let (dir, names) = directory_with_backups(3);
+        let repo = "s3://bucket/omni";
+        let backups = Backups::new(dir.clone(), None, String::new(), 1).uploaded_to(Some(repo.into()));
+        backups.prune().unwrap();
+        assert!(names.iter().all(|n| dir.join(n).is_file()), "nothing confirmed: all kept");
+
+        // Confirmed in another repository (OMNI_REPOSITORY_URL changed): still kept.
+        assert!(mark_uploaded(&dir, &names[0], "s3://old-bucket").unwrap());
+        backups.prune().unwrap();
+        assert!(dir.join(&names[0]).is_file(), "a mark of another repository does not count");
+
+        assert!(mark_uploaded(&dir, &names[0], repo).unwrap());
+        assert!(!mark_uploaded(&dir, &names[0], repo).unwrap(), "marked once");
+        assert!(!mark_uploaded(&dir, "../etc/passwd", repo).unwrap(), "only a backup's name");
+        assert!(!mark_uploaded(&dir, "omni_backup_20261205_100009.sql", repo).unwrap(), "only a backup that is there");
+        assert!(!uploaded_path(&dir, "omni_backup_20261205_100009.sql").exists());
+        backups.prune().unwrap();
+        assert!(!dir.join(&names[0]).exists(), "confirmed: deleted by the next retention");
+        assert!(!checksum_path(&dir, &names[0]).exists() && !uploaded_path(&dir, &names[0]).exists(), "its sidecars go with it");
+        assert!(dir.join(&names[1]).is_file() && dir.join(&names[2]).is_file());
+
+        // Both confirmed: only the newest stays.
+        mark_uploaded(&dir, &names[1], repo).unwrap();
+        mark_uploaded(&dir, &names[2], repo).unwrap();
+        backups.prune().unwrap();
+        let mut left: Vec<String> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+        left.sort();
+        assert_eq!(left, vec![names[2].clone(), format!("{}.sha256", names[2]), format!("{}.uploaded", names[2])]);
+
+        // Without a repository the rule is OMNI_BACKUP_KEEP alone.
+        let plain = Backups::new(dir.clone(), None, String::new(), 1);
+        assert!(plain.may_delete(&dir, "omni_backup_20261205_100009.sql"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn prune_never_creates_the_lock_file() {
+        let (dir, names) = directory_with_backups(2);
+        fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        Backups::new(dir.clone(), None, String::new(), 1).prune().unwrap();
+        assert!(!dir.join(LOCK_FILE).exists() && dir.join(&names[0]).is_file());
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_relays_event_triggers_are_left_out_and_rows_pass_untouched() {

@@ -111,7 +111,7 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
 
 fn service(config: &Config, database: Option<(String, Option<std::path::PathBuf>)>) -> Backups {
     let (url, bin_dir) = database.unwrap_or_default();
-    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep)
+    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep).uploaded_to(crate::repository::config::shown_url(config))
 }
 
 /// The database URL and the directory of `pg_dump`/`psql` (also used by `import-sqlite`).

@@ -41,7 +41,7 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<()> {
     let checked = path.clone();
     tokio::task::spawn_blocking(move || import::check(&checked)).await.context("checking the file")??;
     let (url, bin_dir) = crate::cli::backup::database(config)?;
-    let backups = Backups::new(config.backup_dir.clone(), bin_dir, url.clone(), config.backup_keep);
+    let backups = Backups::new(config.backup_dir.clone(), bin_dir, url.clone(), config.backup_keep).uploaded_to(crate::repository::config::shown_url(config));
     eprintln!("{} {}", if args.dry_run { "dry run of the import of" } else { "importing" }, path.display());
     let last_table = std::sync::Mutex::new(String::new());
     let progress = move |p: &Progress| {

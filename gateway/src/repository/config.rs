@@ -77,6 +77,15 @@ pub fn identity_file(config: &Config) -> Option<PathBuf> {
     path_setting(config, "OMNI_DECRYPT_IDENTITY_FILE")
 }
 
+/// The repository's URL as shown (`OMNI_REPOSITORY_URL`, parsed), when one
+/// is set and valid: the one logical backups are confirmed in
+/// (`<name>.uploaded`) before their retention deletes them, in the worker
+/// (`OMNI_BACKUP_REPOSITORY`), the backup CLI and the shipper alike.
+pub fn shown_url(config: &Config) -> Option<String> {
+    let (url, _) = setting(config, URL_VAR)?;
+    Location::parse(&url).ok().map(|l| l.display())
+}
+
 /// Whether `location` is a public cloud's store: s3://, gs:// or az://
 /// without an endpoint of its own (`AWS_ENDPOINT_URL`, an emulator).
 pub fn is_public_cloud(location: &Location) -> bool {

@@ -46,7 +46,12 @@
 //!
 //! Pitr's retention asks [`Shipper::confirms`] (through
 //! `pitr::archive::set_deletion_check`) before it deletes a segment or a
-//! base backup: nothing local goes before its upload is confirmed.
+//! base backup: nothing local goes before its upload is confirmed. Logical
+//! backups are deleted by the worker's retention (`omni_contract::backups`,
+//! another process): each one confirmed gets `<name>.uploaded` beside it
+//! (`backups::mark_uploaded`), which that retention requires, and once a
+//! mark is new the shipper runs that retention itself (`Backups::prune`),
+//! so what it kept waiting goes without waiting for the next backup.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -55,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use omni_contract::backups::{self, BackupError, Backups};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -139,6 +145,10 @@ struct State {
     retention_due: bool,
     /// Whether the store was asked if it honours conditional writes.
     conditional_checked: bool,
+    /// The logical backups' retention is to run (it found the directory busy).
+    prune_due: bool,
+    /// A `<name>.uploaded` mark could not be written (said once until one is).
+    mark_failing: bool,
 }
 
 /// The off-site shipper; cheap to clone.
@@ -149,6 +159,9 @@ pub struct Shipper {
     /// `OMNI_WAL_DIR` when WAL is streamed; `None`: logical backups only.
     wal_dir: Option<PathBuf>,
     backup_dir: PathBuf,
+    /// The logical backups' retention (`OMNI_BACKUP_KEEP`), run once their
+    /// uploads are confirmed.
+    logical: Backups,
     /// Where the streamer's flush position is asked (the embedded cluster).
     pg: Option<tokio_postgres::Config>,
     state: Arc<Mutex<State>>,
@@ -163,8 +176,11 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    pub fn new(repo: Repository, settings: RepositoryConfig, wal_dir: Option<PathBuf>, backup_dir: PathBuf, pg: Option<tokio_postgres::Config>) -> Shipper {
+    /// `backups`: `OMNI_BACKUP_DIR` and `OMNI_BACKUP_KEEP`.
+    pub fn new(repo: Repository, settings: RepositoryConfig, wal_dir: Option<PathBuf>, backups: (PathBuf, usize), pg: Option<tokio_postgres::Config>) -> Shipper {
         let url = repo.display();
+        let (backup_dir, backup_keep) = backups;
+        let logical = Backups::new(backup_dir.clone(), None, String::new(), backup_keep).uploaded_to(Some(url.clone()));
         let file = wal_dir.as_deref().and_then(load_state).filter(|f| f.url == url);
         let needs_listing = file.is_none();
         let file = file.unwrap_or(StateFile { url: url.clone(), objects: BTreeMap::new() });
@@ -190,6 +206,7 @@ impl Shipper {
             settings,
             wal_dir,
             backup_dir,
+            logical,
             pg,
             state: Arc::new(Mutex::new(State { file, needs_listing, ..State::default() })),
             view: Arc::new(Mutex::new(view)),
@@ -682,6 +699,8 @@ impl Shipper {
 
     /// One round of the backups loop.
     async fn backups_round(&self) -> Result<(), RepositoryError> {
+        // Counted first: a store down since the start still shows what waits.
+        self.count_logical_waiting();
         if self.halted.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -692,6 +711,9 @@ impl Shipper {
         let mut pending = Pending::default();
         let mut result = self.ship_backups(gen.as_deref(), &mut pending).await;
         self.state().pending[Loop::Backups as usize] = pending;
+        // What was confirmed, even in a round that failed later, is released.
+        self.release_logical().await;
+        self.count_logical_waiting();
         if let (Ok(()), Some(gen)) = (&result, gen.as_deref()) {
             result = self.retention(gen).await;
         }
@@ -737,6 +759,57 @@ impl Shipper {
             pending.oldest = None;
         }
         Ok(())
+    }
+
+    /// Logical backups in `OMNI_BACKUP_DIR` whose upload is not confirmed,
+    /// for the status: the worker's retention keeps them all.
+    fn count_logical_waiting(&self) {
+        let waiting = logical_backups(&self.backup_dir).iter().filter(|n| !self.is_confirmed(&layout::logical(&format!("{n}.sha256")))).count() as u64;
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).queue_logical_backups = waiting;
+    }
+
+    /// Marks each logical backup the repository confirmed (`<name>.uploaded`
+    /// beside it, which the worker's retention requires before it deletes
+    /// one), then, when a mark is new (or the last try found the directory
+    /// busy), runs that retention: what it kept for the upload goes now.
+    async fn release_logical(&self) {
+        let confirmed: Vec<String> = logical_backups(&self.backup_dir).into_iter().filter(|n| self.is_confirmed(&layout::logical(&format!("{n}.sha256")))).collect();
+        let (dir, url, logical) = (self.backup_dir.clone(), self.repo.display(), self.logical.clone());
+        let prune_due = std::mem::take(&mut self.state().prune_due);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut marked = 0;
+            let mut failed = None;
+            for name in &confirmed {
+                match backups::mark_uploaded(&dir, name, &url) {
+                    Ok(true) => marked += 1,
+                    Ok(false) => {}
+                    Err(e) => failed = Some(format!("{name}.uploaded: {e}")),
+                }
+            }
+            let pruned = (marked > 0 || prune_due).then(|| logical.prune());
+            (failed, pruned)
+        })
+        .await;
+        let (failed, pruned) = match done {
+            Ok(done) => done,
+            Err(e) => (Some(e.to_string()), None),
+        };
+        {
+            let mut state = self.state();
+            match failed {
+                Some(e) if !std::mem::replace(&mut state.mark_failing, true) => tracing::warn!(
+                    "off-site repository: could not record in {} that a logical backup is uploaded ({e}); OMNI_BACKUP_KEEP's retention keeps it until this works",
+                    self.backup_dir.display()
+                ),
+                Some(_) => {}
+                None => state.mark_failing = false,
+            }
+        }
+        match pruned {
+            Some(Err(BackupError::Busy)) => self.state().prune_due = true,
+            Some(Err(e)) => tracing::warn!("off-site repository: the retention of logical backups (OMNI_BACKUP_KEEP) could not run after their upload ({e}); the next backup's runs it"),
+            Some(Ok(())) | None => {}
+        }
     }
 
     /// Retention in the repository, when due. With `OMNI_REPOSITORY_DELETE=false`

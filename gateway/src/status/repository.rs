@@ -121,6 +121,9 @@ pub struct RepositoryView {
     pub lag_bytes: u64,
     /// Objects waiting to be uploaded.
     pub queue_depth: u64,
+    /// Logical backups of `OMNI_BACKUP_DIR` whose upload is not confirmed:
+    /// `OMNI_BACKUP_KEEP`'s retention keeps each of them until it is.
+    pub queue_logical_backups: u64,
     /// `OMNI_REPOSITORY_QUEUE_MAX_MB`, in bytes.
     pub queue_max_bytes: u64,
     pub uploaded_objects: u64,
@@ -174,6 +177,7 @@ impl RepositoryView {
             lag_seconds: 0.0,
             lag_bytes: 0,
             queue_depth: 0,
+            queue_logical_backups: 0,
             queue_max_bytes,
             uploaded_objects: 0,
             uploaded_bytes: 0,
@@ -217,6 +221,7 @@ impl RepositoryView {
             "lag_seconds": (self.lag_seconds * 1000.0).round() / 1000.0,
             "lag_bytes": self.lag_bytes,
             "queue_depth": self.queue_depth,
+            "queue_logical_backups": self.queue_logical_backups,
             "queue_max_bytes": self.queue_max_bytes,
             "queue_full": self.queue_full(),
             "uploaded_objects": self.uploaded_objects,
