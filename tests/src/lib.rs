@@ -28,6 +28,30 @@ use std::{
 
 // ---------------------------------------------------------------- basics
 
+/// A tmpfs mounted for a test (a small disk that fills), unmounted on drop
+/// (also on failure). The tests run as root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"]).arg(at).status().unwrap().success();
+        assert!(ok, "mounting a tmpfs at {} (the tests run as root)", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+
+    pub fn resize(&self, size: &str) {
+        let ok = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap().success();
+        assert!(ok, "resizing the tmpfs");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A TCP port that was free a moment ago, picked at random below the
 /// kernel's ephemeral range (`ip_local_port_range`). A port bound to
 /// 127.0.0.1:0 and released comes from that range, where any outgoing

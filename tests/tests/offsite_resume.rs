@@ -68,6 +68,29 @@ fn fill_with_incompressible_rows(db: &mut postgres::Client, mb: u32) {
     .unwrap();
 }
 
+/// The base backup `id` in the store: exactly its files and its manifest,
+/// each whole, with the manifest's size and SHA-256, which are those of the
+/// local files in `local`; its manifest's files.
+fn backup_whole_in_store(store: &StoreServer, repo: &Repository, rt: &tokio::runtime::Runtime, gen: &str, id: &str, local: &std::path::Path) -> Vec<serde_json::Value> {
+    let base = format!("{PREFIX}/{gen}/base/");
+    let manifest_name = format!("{base}{id}/manifest.json");
+    let manifest: serde_json::Value = serde_json::from_slice(&rt.block_on(repo.get_plain(&format!("{gen}/base/{id}/manifest.json"))).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap().clone();
+    let mut expected: Vec<String> = files.iter().map(|f| format!("{base}{id}/{}", f["name"].as_str().unwrap())).collect();
+    expected.push(manifest_name);
+    expected.sort();
+    assert_eq!(store.list(&format!("{base}{id}/")), expected, "the backup's objects, each once, nothing else");
+    for f in &files {
+        let name = f["name"].as_str().unwrap();
+        let stored = rt.block_on(repo.get(&format!("{gen}/base/{id}/{name}"))).unwrap();
+        assert_eq!(stored.len() as u64, f["size"].as_u64().unwrap(), "{name}: the manifest's size");
+        assert_eq!(sha256_hex(&stored), f["sha256"].as_str().unwrap(), "{name}: the manifest's SHA-256 is of the stored bytes");
+        let mine = std::fs::read(local.join(name)).unwrap();
+        assert!(stored == mine, "{name}: the store holds the local file's bytes");
+    }
+    files
+}
+
 fn killed_in_the_middle_of_a_multipart_upload_then_resumed(kind: Kind) {
     let mut store = StoreServer::start_new(kind);
     let dir = workdir();
@@ -140,22 +163,8 @@ fn killed_in_the_middle_of_a_multipart_upload_then_resumed(kind: Kind) {
     // The base backup: exactly its files and its manifest, each whole, with
     // the manifest's size and SHA-256, which are the local file's.
     let (repo, rt) = client(&store);
-    let manifest: serde_json::Value = serde_json::from_slice(&rt.block_on(repo.get_plain(&format!("{gen}/base/{id}/manifest.json"))).unwrap()).unwrap();
-    let files = manifest["files"].as_array().unwrap();
-    let mut expected: Vec<String> = files.iter().map(|f| format!("{base}{id}/{}", f["name"].as_str().unwrap())).collect();
-    expected.push(manifest_name.clone());
-    expected.sort();
-    assert_eq!(store.list(&format!("{base}{id}/")), expected, "the backup's objects, each once, nothing else");
-    let local = dir.path().join("data/wal/base").join(&id);
-    for f in files {
-        let name = f["name"].as_str().unwrap();
-        let stored = rt.block_on(repo.get(&format!("{gen}/base/{id}/{name}"))).unwrap();
-        assert_eq!(stored.len() as u64, f["size"].as_u64().unwrap(), "{name}: the manifest's size");
-        assert_eq!(sha256_hex(&stored), f["sha256"].as_str().unwrap(), "{name}: the manifest's SHA-256 is of the stored bytes");
-        let mine = std::fs::read(local.join(name)).unwrap();
-        assert!(stored == mine, "{name}: the store holds the local file's bytes");
-    }
-    assert!(files.iter().any(|f| f["name"] == "base.tar.lz4" && f["size"].as_u64().unwrap() > 64 << 20), "base.tar.lz4 went in many parts: {manifest}");
+    let files = backup_whole_in_store(&store, &repo, &rt, &gen, &id, &dir.path().join("data/wal/base").join(&id));
+    assert!(files.iter().any(|f| f["name"] == "base.tar.lz4" && f["size"].as_u64().unwrap() > 64 << 20), "base.tar.lz4 went in many parts: {files:?}");
     if kind.honours_conditional_put() {
         assert!(!gw.log().contains("already exists with other content"), "nothing was written twice over another upload");
     }
@@ -197,4 +206,66 @@ fn offsite_resume_seaweedfs_killed_mid_multipart_upload_nothing_lost_or_half_wri
 #[test]
 fn offsite_resume_rclone_killed_mid_multipart_upload_nothing_lost_or_half_written() {
     killed_in_the_middle_of_a_multipart_upload_then_resumed(Kind::Rclone);
+}
+
+/// The store's disk fills during the uploads (rclone's bucket on a tmpfs
+/// too small for the first base backup): the uploads fail and are retried,
+/// the status says so, the service goes on, no manifest is written for a
+/// backup whose files did not all arrive and nothing is taken for complete
+/// that is not; once there is room, the same base backup arrives whole and
+/// the WAL written meanwhile follows.
+#[test]
+fn offsite_resume_a_full_bucket_stops_nothing_and_uploads_resume_once_there_is_room() {
+    let store = StoreServer::start_new(Kind::Rclone);
+    let disk = omni_tests::Tmpfs::mount(&store.rclone_object_file(""), "2m");
+    let dir = workdir();
+    let gw = builder(dir.path(), &store).start();
+    wait_for_base_backup(&gw);
+    let gen = generation(&gw);
+    let base = format!("{PREFIX}/{gen}/base/");
+    let local_base = dir.path().join("data/wal/base");
+    let id = std::fs::read_dir(&local_base).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().expect("a base backup is recorded");
+
+    // Full: the base backup's upload fails, is reported and retried.
+    wait_for(&gw, Duration::from_secs(120), "the gateway to report a failed upload of the base backup", || {
+        gw.log().lines().any(|l| l.contains("upload failed") && l.contains(&format!("base/{id}/"))).then_some(())
+    });
+    let retrying = wait_for(&gw, Duration::from_secs(60), "the repository status to say uploads are retried", || {
+        let r = repository_status(&gw);
+        (r["state"] == "retrying" && r["last_error"].is_string()).then_some(r)
+    });
+    let health = gw.get("/health");
+    assert_eq!(health.status, 200, "a full store does not take the service down: {}", health.text());
+    assert!(!store.list(&base).iter().any(|n| n.ends_with("/manifest.json")), "no manifest for a backup whose files did not all arrive: {:?}", store.list(&base));
+    assert!(local_base.join(&id).is_dir(), "the base backup is kept locally while its upload fails");
+    eprintln!("full store: {}", retrying["last_error"]);
+
+    // Writes go on meanwhile; their WAL waits.
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE full_rows (id int PRIMARY KEY); INSERT INTO full_rows SELECT generate_series(1, 500)").unwrap();
+    let row = db.query_one("SELECT file_name, file_offset::bigint FROM pg_walfile_name_offset(pg_current_wal_lsn())", &[]).unwrap();
+    let (segment, offset): (String, u64) = (row.get(0), row.get::<_, i64>(1) as u64);
+
+    // Room again: the same base backup arrives whole, then the WAL.
+    disk.resize("512m");
+    let manifest_name = format!("{base}{id}/manifest.json");
+    wait_for(&gw, Duration::from_secs(180), &format!("{manifest_name} in the store"), || store.list(&base).contains(&manifest_name).then_some(()));
+    let wal = format!("{PREFIX}/{gen}/wal/");
+    wait_for(&gw, Duration::from_secs(60), "the WAL of the writes made while the store was full", || store.holds_wal(&wal, &segment, offset).then_some(()));
+    let ok = wait_for(&gw, Duration::from_secs(60), "the repository status to be ok again", || {
+        let r = repository_status(&gw);
+        (r["state"] == "ok").then_some(r)
+    });
+    assert!(ok["failures"].as_u64().unwrap() >= 1, "the failed tries are counted: {ok}");
+    let (repo, rt) = client(&store);
+    backup_whole_in_store(&store, &repo, &rt, &gen, &id, &local_base.join(&id));
+    // Every whole segment in the store is a whole lz4 frame.
+    for name in store.list(&wal).iter().filter(|n| n.ends_with(".lz4") && !n.contains(".chunks/")) {
+        let stored = rt.block_on(repo.get(name.strip_prefix(&format!("{PREFIX}/")).unwrap())).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut lz4_flex::frame::FrameDecoder::new(&stored[..]), &mut bytes).unwrap_or_else(|e| panic!("{name} is not a whole lz4 frame: {e}"));
+        assert_eq!(bytes.len(), 16 << 20, "{name}: a whole segment");
+    }
+    drop(gw);
+    drop(disk);
 }

@@ -7,35 +7,11 @@
 
 use crate::gateway;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use gateway::{workdir, GatewayBuilder};
-use omni_tests::wait_until;
-
-/// A tmpfs mounted for the test, unmounted on drop (also on failure).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"]).arg(at).status().unwrap().success();
-        assert!(ok, "mounting a tmpfs at {} (the tests run as root)", at.display());
-        Tmpfs(at.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap().success();
-        assert!(ok, "resizing the tmpfs");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use omni_tests::{wait_until, Tmpfs};
 
 fn base_backups(wal: &Path) -> Vec<String> {
     let mut ids: Vec<String> = std::fs::read_dir(wal.join("base"))
