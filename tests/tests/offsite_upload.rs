@@ -408,6 +408,12 @@ fn offsite_upload_to_rclone_s3_uploads_nothing_twice_and_resumes_after_the_store
     eprintln!("offsite: uploads resumed {} ms after the store came back", waited.elapsed().as_millis());
     wait_for(&gw, Duration::from_secs(60), "the repository entry to be ok again", || (repository_status(&gw)["state"] == "ok").then_some(()));
     assert!(check_segments(&gw, &store, &gen) >= 3, "every whole segment decodes to the local bytes");
+    // The record keeps no entry for a segment retention deleted locally
+    // (it would grow by one per segment for as long as the gateway runs).
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("data/wal/repository.json")).unwrap()).unwrap();
+    let recorded: Vec<&str> = record["objects"].as_object().unwrap().keys().filter_map(|k| k.strip_prefix(&format!("{gen}/wal/"))?.strip_suffix(".lz4")).collect();
+    assert!(!recorded.contains(&segment.as_str()), "{segment}, deleted locally, is still in the record: {recorded:?}");
+    assert!(recorded.contains(&down_segment.as_str()), "{down_segment}, uploaded and still local, is in the record: {recorded:?}");
 
     // The record of what was uploaded is lost: it is rebuilt by listing, and
     // still nothing goes twice.

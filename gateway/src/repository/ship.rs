@@ -432,13 +432,20 @@ impl Shipper {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
     }
 
-    /// Writes the confirmed set when it changed.
+    /// Writes the confirmed set when it changed, without the entries whose
+    /// local file is gone (see [`local_source_exists`]).
     fn save(&self) {
         let Some(wal_dir) = &self.wal_dir else { return };
+        if !self.state().dirty {
+            return;
+        }
+        let stream_dirs = archive::stream_dirs(wal_dir);
+        let names: Vec<String> = self.state().file.objects.keys().cloned().collect();
+        let gone: Vec<String> = names.into_iter().filter(|name| !local_source_exists(name, wal_dir, &stream_dirs, &self.backup_dir)).collect();
         let text = {
             let mut state = self.state();
-            if !state.dirty {
-                return;
+            for name in &gone {
+                state.file.objects.remove(name);
             }
             state.dirty = false;
             serde_json::to_string(&state.file).expect("the state serializes")
@@ -967,6 +974,29 @@ fn confirmed_path(wal_dir: &Path, gen: Option<&str>, objects: &BTreeMap<String, 
     }
 }
 
+/// Whether the local file an entry of the confirmed set stands for is
+/// still there: a completed segment in one of the archive's stream
+/// directories, a base backup in `base/`, a logical backup (or its
+/// `.sha256`) in `OMNI_BACKUP_DIR`; history files and names this layout
+/// does not write always count as there. The set is only ever asked about
+/// local files that exist (what to upload, what retention may delete), so
+/// an entry whose file is gone is dead weight, and without dropping it the
+/// record grows by a segment's entry for as long as the gateway runs. Should
+/// the file come back (a restore's archive), its upload finds the object
+/// there and counts as done (the same bytes, or for an encrypted one the
+/// same recipients and length), or uploads it again if retention deleted it.
+fn local_source_exists(name: &str, wal_dir: &Path, stream_dirs: &[PathBuf], backup_dir: &Path) -> bool {
+    match layout::parse(name) {
+        Some(layout::Object::Segment { segment, .. }) => stream_dirs.iter().any(|d| d.join(&segment).exists() || d.join(format!("{segment}.partial")).exists()),
+        Some(layout::Object::BaseFile { id, .. } | layout::Object::BaseManifest { id, .. }) => {
+            let base = wal_dir.join("base");
+            base.join(&id).exists() || base.join(format!("{id}.json")).exists()
+        }
+        Some(layout::Object::Logical { .. }) => name.strip_prefix("logical/").is_none_or(|file| backup_dir.join(file).exists()),
+        Some(layout::Object::History { .. } | layout::Object::Chunk { .. }) | None => true,
+    }
+}
+
 /// For a one-shot command beside the running gateway (`omni-gateway backup
 /// base`), whose retention must not delete what the gateway's shipper has
 /// not uploaded yet: retention asks the shipper's record on disk.
@@ -1095,6 +1125,33 @@ mod tests {
         assert!(!may("/w/base/20261206T000000.000Z", Some(gen)), "a base backup without its manifest");
         assert!(!may("/w/stream/000000010000000000000002", None), "no generation known: keep");
         assert!(may("/w/generations/x/stream/000000010000000000000002", None), "not the shipper's");
+    }
+
+    #[test]
+    fn the_record_keeps_only_entries_whose_local_file_is_there() {
+        let root = std::env::temp_dir().join(format!("omni-ship-record-{}", std::process::id()));
+        let (wal, backups) = (root.join("wal"), root.join("backups"));
+        for dir in [wal.join("stream"), wal.join("stream-20261201"), wal.join("base/20261205T000000.000Z"), backups.clone()] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        for file in [wal.join("stream/000000010000000000000005"), wal.join("stream-20261201/000000010000000000000003"), wal.join("stream/000000010000000000000006.partial"), backups.join("a.sql"), backups.join("a.sql.sha256")] {
+            std::fs::write(file, b"x").unwrap();
+        }
+        let dirs = archive::stream_dirs(&wal);
+        let there = |name: String| local_source_exists(&name, &wal, &dirs, &backups);
+        let gen = "1-pg17";
+        assert!(there(layout::wal_segment(gen, "000000010000000000000005")));
+        assert!(there(layout::wal_segment(gen, "000000010000000000000003")), "in an earlier stream directory");
+        assert!(there(layout::wal_segment(gen, "000000010000000000000006")), "still being written");
+        assert!(!there(layout::wal_segment(gen, "000000010000000000000002")), "deleted by retention");
+        assert!(there(layout::base_file(gen, "20261205T000000.000Z", "base.tar.lz4")));
+        assert!(there(layout::base_manifest(gen, "20261205T000000.000Z")));
+        assert!(!there(layout::base_manifest(gen, "20261201T000000.000Z")));
+        assert!(there(layout::logical("a.sql")) && there(layout::logical("a.sql.sha256")));
+        assert!(!there(layout::logical("b.sql")));
+        assert!(there(layout::wal_history(gen, "00000002.history")), "history files are kept");
+        assert!(there("something/else".into()), "a name this layout does not write is kept");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
