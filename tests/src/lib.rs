@@ -57,8 +57,21 @@ impl Drop for Tmpfs {
 /// 127.0.0.1:0 and released comes from that range, where any outgoing
 /// connection of a parallel test can take it before the process it was
 /// picked for binds it (a gateway then waited for its PostgreSQL port).
+///
+/// Never the same port twice in one test process: a port handed out is
+/// free until its taker binds it, and a second pick meanwhile (etcd's
+/// client and peer ports, picked one after the other) could land on it.
 pub fn free_port() -> u16 {
-    omni_contract::ports::free_loopback_port().expect("a free loopback port")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let port = omni_contract::ports::free_loopback_port().expect("a free loopback port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port that this test has not handed out already")
 }
 
 /// `target/<profile>` of this workspace, found from the test executable
