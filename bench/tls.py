@@ -386,7 +386,7 @@ http {{
         f"figure, medians; GET of a 3-byte static file served by omni-api through each proxy; the same ECDSA P-256 certificate "
         f"and key for both; {nginx_version} (`worker_processes auto`, TLS 1.2/1.3, upstream keep-alive 128) beside the release "
         f"omni-gateway; {os.cpu_count()} cores shared by the clients, the proxy and the worker (1-minute load average "
-        f"{load_before:.1f} before the run, {load_after:.1f} after it: other builds ran on the machine, the figures are noisy).",
+        f"{load_before:.1f} before the run, {load_after:.1f} after it).",
         "",
         "| | omni-gateway | nginx | gateway ÷ nginx |",
         "|---|---:|---:|---:|",
