@@ -4,6 +4,7 @@ for a gateway to be healthy, and writing one section of BENCHMARKS.md."""
 import json
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -88,3 +89,22 @@ def cpu_seconds(pid):
     """User + system CPU time `pid` has used so far (from /proc/<pid>/stat)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listening_port(pid):
+    """The TCP port `pid` listens on (the worker's handed-over socket)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            return int(line.split()[3].rsplit(":", 1)[1])
+    raise SystemExit(f"no listening socket found for pid {pid}")
+
+
+def static_ui(work):
+    """A UI directory under `work` for OMNI_UI_DIR: an index page and the
+    3-byte `/ping.txt` the proxy benchmarks request."""
+    ui = work / "ui"
+    ui.mkdir()
+    (ui / "index.html").write_text("<!doctype html><title>bench</title>\n")
+    (ui / "ping.txt").write_text("ok\n")
+    return ui

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, wait_healthy, write_section  # noqa: E402
+from common import ROOT, free_port, static_ui, wait_healthy, write_section  # noqa: E402
 
 GATEWAY = Path(os.environ.get("OMNI_GATEWAY_BIN", ROOT / "target" / "release" / "omni-gateway"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -106,10 +106,7 @@ def main():
         raise SystemExit("bench/logs.py needs wrk: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="omni-logs-bench-"))
     os.chmod(work, 0o755)
-    ui = work / "ui"
-    ui.mkdir()
-    (ui / "index.html").write_text("<!doctype html><title>bench</title>\n")
-    (ui / "ping.txt").write_text("ok\n")
+    ui = static_ui(work)
     port = free_port()
     env = dict(os.environ, OMNI_PORT=str(port), PGSERVE_PORT="0", LOG_LEVEL="info", OMNI_UI_DIR=str(ui),
                PGSERVE_MEMORY_MODE="true", OMNI_API_KEY=KEY)

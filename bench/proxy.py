@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, wait_healthy, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, listening_port, static_ui, wait_healthy, write_json, write_section  # noqa: E402
 
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -44,15 +44,6 @@ GATEWAY_B = os.environ.get("BENCH_GATEWAY_B")
 def get_json(url):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.load(r)
-
-
-def listening_port(pid):
-    """The TCP port `pid` listens on (the worker's handed-over socket)."""
-    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if f"pid={pid}," in line:
-            return int(line.split()[3].rsplit(":", 1)[1])
-    raise SystemExit(f"no listening socket found for pid {pid}")
 
 
 def cpu_ticks(pid):
@@ -101,10 +92,7 @@ def main():
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="omni-proxy-bench-"))
     os.chmod(work, 0o755)
-    ui = work / "ui"
-    ui.mkdir()
-    (ui / "index.html").write_text("<!doctype html><title>bench</title>\n")
-    (ui / "ping.txt").write_text("ok\n")
+    ui = static_ui(work)
     gw_port, nginx_port = free_port(), free_port()
 
     def start_gateway(binary, port, name):

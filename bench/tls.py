@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, listening_port, static_ui, write_json, write_section  # noqa: E402
 
 GATEWAY = Path(os.environ.get("OMNI_GATEWAY_BIN", ROOT / "target" / "release" / "omni-gateway"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -115,14 +115,6 @@ def wait_https_healthy(port, ca, proc, timeout=120):
             if time.monotonic() > deadline:
                 raise SystemExit(f"omni-gateway not healthy over HTTPS within {timeout} s ({e})")
             time.sleep(0.05)
-
-
-def listening_port(pid):
-    out = sh("ss", "-Hltnp").stdout
-    for line in out.splitlines():
-        if f"pid={pid}," in line:
-            return int(line.split()[3].rsplit(":", 1)[1])
-    raise SystemExit(f"no listening socket found for pid {pid}")
 
 
 def rss_kib(pid):
@@ -287,10 +279,7 @@ def main():
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="omni-tls-bench-"))
     os.chmod(work, 0o755)
-    ui = work / "ui"
-    ui.mkdir()
-    (ui / "index.html").write_text("<!doctype html><title>bench</title>\n")
-    (ui / "ping.txt").write_text("ok\n")
+    ui = static_ui(work)
     ca, cert, key = make_certificate(work)
     gw_port, nginx_port = free_port(), free_port()
     (work / "gw").mkdir()
