@@ -966,17 +966,27 @@ fn sha256_of(mut file: &File) -> io::Result<String> {
 fn record_checksum(dir: &Path, name: &str) -> Result<()> {
     let (file, _) = open_existing(dir, name)?;
     let digest = sha256_of(&file).map_err(BackupError::io(format!("reading {name} for its sha256")))?;
-    let path = checksum_path(dir, name);
-    let tmp = dir.join(format!(".{name}.sha256.partial"));
+    write_sidecar(dir, &checksum_path(dir, name), &format!("{digest}  {name}\n"), None).map_err(BackupError::io(format!("recording the sha256 of {name}")))
+}
+
+/// Writes the file `path` beside a backup in `dir` whole or not at all:
+/// through `.<file>.partial` (which `remove_stale_partials` clears after a
+/// crash), flushed, then renamed; `owner`: given to that uid and gid.
+fn write_sidecar(dir: &Path, path: &Path, text: &str, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file}.partial"));
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
-        io::Write::write_all(&mut f, format!("{digest}  {name}\n").as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        BackupError::io(format!("recording the sha256 of {name}"))(e)
+        let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
+        io::Write::write_all(&mut f, text.as_bytes())?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
     })
 }
 
@@ -1058,20 +1068,7 @@ pub fn mark_uploaded(dir: &Path, name: &str, repository: &str) -> io::Result<boo
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    let tmp = dir.join(format!(".{name}.uploaded.partial"));
-    let write = || -> io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(&tmp)?;
-        io::Write::write_all(&mut f, format!("{repository}\n").as_bytes())?;
-        let ours = f.metadata()?;
-        if (ours.uid(), ours.gid()) != (backup.uid(), backup.gid()) {
-            std::os::unix::fs::fchown(&f, Some(backup.uid()), Some(backup.gid()))?;
-        }
-        fs::rename(&tmp, uploaded_path(dir, name))
-    };
-    write().inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })?;
+    write_sidecar(dir, &uploaded_path(dir, name), &format!("{repository}\n"), Some((backup.uid(), backup.gid())))?;
     // Deleted meanwhile (by retention or by hand): its mark goes with it.
     if fs::symlink_metadata(dir.join(name)).is_err() {
         let _ = fs::remove_file(uploaded_path(dir, name));

@@ -53,9 +53,7 @@ impl Verified {
     /// The `omni_repository_drill_*` lines of `/metrics`.
     pub fn metrics(&self) -> String {
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        };
+        let mut gauge = |name: &str, help: &str, value: String| metric(&mut out, name, "gauge", help, value);
         gauge("omni_repository_drill_ok", "1 when the last drill of the off-site copy passed (downloaded, checked against its manifest, restored when a key is set).", u8::from(self.ok).to_string());
         gauge("omni_repository_drill_manifest_only", "1 when the last off-site drill only checked objects against their manifest (encrypted, no OMNI_DECRYPT_IDENTITY_FILE).", u8::from(self.manifest_only).to_string());
         gauge("omni_repository_drill_last_run_timestamp_seconds", "When the last drill of the off-site copy ended (Unix time).", unix(self.at));
@@ -267,9 +265,7 @@ impl RepositoryView {
     /// The `omni_repository_*` lines of `/metrics`.
     pub fn metrics(&self) -> String {
         let mut out = String::new();
-        let mut gauge = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
+        let mut gauge = |name: &str, kind: &str, help: &str, value: String| metric(&mut out, name, kind, help, value);
         gauge("omni_repository_lag_seconds", "gauge", "Age of the oldest local WAL or backup not yet in the off-site repository (0 when none).", self.lag_seconds.to_string());
         gauge("omni_repository_lag_bytes", "gauge", "Bytes complete locally and not yet in the off-site repository.", self.lag_bytes.to_string());
         gauge("omni_repository_queue_depth", "gauge", "Objects waiting to be uploaded to the off-site repository.", self.queue_depth.to_string());
@@ -290,6 +286,11 @@ impl RepositoryView {
         }
         out
     }
+}
+
+/// One metric of `/metrics`: its help, its type and its value.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: String) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }
 
 /// Unix seconds, with milliseconds.
