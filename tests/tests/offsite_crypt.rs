@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gateway::{cli_env, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
+use gateway::{cli_env, oldest_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
@@ -165,7 +165,7 @@ fn offsite_crypt_every_object_is_age_decryptable_by_the_cli_fails_closed_and_res
     }
     let mut gw = builder.start();
     wait_for_base_backup(&gw);
-    let id = std::fs::read_dir(source.path().join("data/wal/base")).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().unwrap();
+    let id = oldest_base_backup(source.path());
     let manifest = wait_for(&gw, Duration::from_secs(180), &format!("the store to list base/{id}/manifest.json"), || {
         store.list("crypt/").into_iter().find(|n| n.ends_with(&format!("/base/{id}/manifest.json")))
     });

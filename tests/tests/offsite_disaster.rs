@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway::{cli_env, wait_for_base_backup, workdir, GatewayBuilder};
+use gateway::{cli_env, oldest_base_backup, wait_for_base_backup, workdir, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::wait_until;
 
@@ -59,11 +59,6 @@ enum Via {
     StartIfEmpty,
 }
 
-/// The id of the (first) base backup recorded in the archive's `base/`.
-fn local_base_backup(base: &std::path::Path) -> String {
-    std::fs::read_dir(base).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().expect("a base backup is recorded")
-}
-
 fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
     let store = StoreServer::start_new(kind);
     let url = store.url("disaster");
@@ -79,7 +74,7 @@ fn lose_the_machine_then_restore_from_the_bucket(kind: Kind, via: Via) {
     wait_for_base_backup(&gw);
     // The base backup is in the repository once the store lists its
     // manifest (written last), whatever the status says meanwhile.
-    let id = local_base_backup(&lost.path().join("data/wal/base"));
+    let id = oldest_base_backup(lost.path());
     let manifest = wait_until(Duration::from_secs(180), &format!("the store to list base/{id}/manifest.json"), || manifest_in_store(&store, "disaster", &id));
     let gen = manifest.split('/').nth(1).expect("<prefix>/<gen>/base/<id>/manifest.json").to_owned();
     let mut db = gw.db();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{generation, oldest_base_backup, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::TempDir;
 
@@ -27,17 +27,6 @@ fn record(gw: &Gateway) -> Option<serde_json::Value> {
 
 fn last_verified(gw: &Gateway) -> serde_json::Value {
     gw.get("/gateway/status").json()["repository"]["last_verified"].clone()
-}
-
-/// `<sysid>-pg<major>`, the generation the gateway ships into.
-fn generation(gw: &Gateway) -> String {
-    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
-    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
-}
-
-/// The id of the only local base backup.
-fn base_backup_id(gw: &Gateway) -> String {
-    std::fs::read_dir(gw.cwd.join("data/wal/base")).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().unwrap()
 }
 
 /// Inverts 64 bytes in the middle of `file`, in place.
@@ -75,7 +64,7 @@ fn offsite_drill_restores_the_repository_copy_and_names_a_damaged_object() {
         .start();
     wait_for_base_backup(&gw);
     gw.db().batch_execute("CREATE TABLE drilled (id int); INSERT INTO drilled SELECT generate_series(1, 100)").unwrap();
-    let (gen, id) = (generation(&gw), base_backup_id(&gw));
+    let (gen, id) = (generation(&gw), oldest_base_backup(&gw.cwd));
 
     // Healthy: a drill restores the repository's copy (the first ones may
     // run before the base backup's manifest is there, and fail saying so).
@@ -147,7 +136,7 @@ fn offsite_drill_without_the_key_checks_an_encrypted_repository_against_its_mani
     }
     let mut gw = builder.start();
     wait_for_base_backup(&gw);
-    let (gen, id) = (generation(&gw), base_backup_id(&gw));
+    let (gen, id) = (generation(&gw), oldest_base_backup(&gw.cwd));
 
     let checked = wait_for(&gw, Duration::from_secs(240), "an off-site drill that passed", || Some(last_verified(&gw)).filter(|v| v["ok"] == true));
     assert_eq!(checked["manifest_only"], true, "{checked}");
@@ -187,7 +176,7 @@ fn offsite_drill_with_the_key_decrypts_and_restores_an_encrypted_repository() {
     }
     let mut gw = builder.start();
     wait_for_base_backup(&gw);
-    let id = base_backup_id(&gw);
+    let id = oldest_base_backup(&gw.cwd);
 
     let passed = wait_for(&gw, Duration::from_secs(240), "an off-site drill that passed", || Some(last_verified(&gw)).filter(|v| v["ok"] == true));
     assert_eq!((passed["manifest_only"].as_bool(), passed["base_backup"].as_str()), (Some(false), Some(id.as_str())), "{passed}");

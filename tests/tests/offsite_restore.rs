@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use gateway::{cli_env, postgres_pids_on, wait_for_base_backup, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
+use gateway::{cli_env, oldest_base_backup, postgres_pids_on, wait_for_base_backup, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer, S3_SECRET_KEY};
 use omni_tests::{bin_path, pg_bin_dir, wait_until, ChildGuard};
 
@@ -36,7 +36,7 @@ fn source_with_a_t_b(store: &StoreServer, prefix: &str, cwd: &Path) -> (String, 
     }
     let mut gw = builder.start();
     wait_for_base_backup(&gw);
-    let id = std::fs::read_dir(cwd.join("data/wal/base")).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().unwrap();
+    let id = oldest_base_backup(cwd);
     let manifest = wait_until(Duration::from_secs(180), &format!("the store to list base/{id}/manifest.json"), || {
         store.list(&format!("{prefix}/")).into_iter().find(|n| n.ends_with(&format!("/base/{id}/manifest.json")))
     });

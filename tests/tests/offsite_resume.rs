@@ -16,7 +16,7 @@ use crate::gateway;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{generation, oldest_base_backup, repository_status, wait_for_base_backup, wait_for_repository as wait_for, workdir, GatewayBuilder};
 use omni_gateway::repository::store::{sha256_hex, Repository};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::TEST_API_KEY;
@@ -31,12 +31,6 @@ fn builder(dir: &std::path::Path, store: &StoreServer) -> GatewayBuilder {
     b
 }
 
-/// `<sysid>-pg<major>`, the generation the gateway ships into.
-fn generation(gw: &Gateway) -> String {
-    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
-    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
-}
-
 /// A second client of the store (the store code, with the store's
 /// credentials in this test's environment: nextest runs each test in a
 /// process of its own), at the gateway's prefix.
@@ -46,10 +40,6 @@ fn client(store: &StoreServer) -> (Repository, tokio::runtime::Runtime) {
     }
     let repo = Repository::open(&store.url(PREFIX)).unwrap();
     (repo, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
-}
-
-fn repository_status(gw: &Gateway) -> serde_json::Value {
-    gw.get("/gateway/status").json()["repository"].clone()
 }
 
 /// Rows of random bytes, stored as they are (no TOAST compression, and lz4
@@ -224,7 +214,7 @@ fn offsite_resume_a_full_bucket_stops_nothing_and_uploads_resume_once_there_is_r
     let gen = generation(&gw);
     let base = format!("{PREFIX}/{gen}/base/");
     let local_base = dir.path().join("data/wal/base");
-    let id = std::fs::read_dir(&local_base).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().expect("a base backup is recorded");
+    let id = oldest_base_backup(dir.path());
 
     // Full: the base backup's upload fails, is reported and retried.
     wait_for(&gw, Duration::from_secs(120), "the gateway to report a failed upload of the base backup", || {

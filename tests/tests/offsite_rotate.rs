@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use gateway::{cli_env, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
+use gateway::{cli_env, oldest_base_backup, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::TEST_API_KEY;
 
@@ -105,7 +105,7 @@ fn offsite_rotate_reencrypt_gives_every_object_a_copy_for_the_new_key_and_restor
     // Under key A: a base backup, rows, a whole segment.
     let mut gw = builder().start();
     wait_for_base_backup(&gw);
-    let first = std::fs::read_dir(source.path().join("data/wal/base")).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().unwrap();
+    let first = oldest_base_backup(source.path());
     let manifest = wait_for(&gw, Duration::from_secs(180), &format!("base/{first}/manifest.json in the store"), || {
         store.list("rot/").into_iter().find(|n| n.ends_with(&format!("/base/{first}/manifest.json")))
     });

@@ -9,7 +9,7 @@ use crate::gateway;
 
 use std::time::Duration;
 
-use gateway::{two_base_backups_a_second_apart, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{generation, two_base_backups_a_second_apart, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::{wait_until, Request, TEST_API_KEY};
 
@@ -33,12 +33,6 @@ fn time(v: &serde_json::Value) -> String {
     let t = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
     assert!(t.len() == 24 && t.ends_with('Z'), "{t}");
     t.to_owned()
-}
-
-/// `<sysid>-pg<major>`, the generation the gateway ships into.
-fn generation(gw: &Gateway) -> String {
-    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
-    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
 }
 
 #[test]

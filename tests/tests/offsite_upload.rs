@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gateway::{wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{generation, repository_status, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::{free_port, isolated_command, wait_until, ChildGuard, Request, TempDir, TEST_API_KEY};
 use sha2::{Digest, Sha256};
 
@@ -22,12 +22,6 @@ const INTERVAL: Duration = Duration::from_secs(1);
 
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `<sysid>-pg<major>`, the generation the gateway ships into, from its archive's identity.
-fn generation(gw: &Gateway) -> String {
-    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
-    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
 }
 
 /// Every file under `root`, by its path relative to it.
@@ -127,10 +121,6 @@ fn switch_and_wait_segment(gw: &Gateway, store: &Path, gen: &str) -> String {
     let whole = store.join(gen).join("wal").join(format!("{segment}.lz4"));
     wait_for(gw, Duration::from_secs(60), &format!("{} in the repository", whole.display()), || whole.is_file().then_some(()));
     segment
-}
-
-fn repository_status(gw: &Gateway) -> serde_json::Value {
-    gw.get("/gateway/status").json()["repository"].clone()
 }
 
 #[test]

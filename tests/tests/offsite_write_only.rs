@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use gateway::{take_base_backup, two_base_backups_a_second_apart, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{generation, oldest_base_backup, take_base_backup, two_base_backups_a_second_apart, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::stores::{S3Identity, StoreServer, BUCKET};
 use omni_tests::{wait_until, TEST_API_KEY};
 
@@ -33,12 +33,6 @@ fn recipient(dir: &Path) -> String {
     assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
     let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
     String::from_utf8(public.stdout).unwrap().trim().to_owned()
-}
-
-/// `<sysid>-pg<major>`, the generation the gateway ships into.
-fn generation(gw: &Gateway) -> String {
-    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
-    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
 }
 
 fn repository(gw: &Gateway) -> serde_json::Value {
@@ -102,7 +96,7 @@ fn offsite_write_only_credentials_run_without_deleting_and_an_overwrite_is_refus
     wait_for_base_backup(&gw);
     let gen = generation(&gw);
     let manifest = |id: &str| format!("{PREFIX}/{gen}/base/{id}/manifest.json");
-    let first = std::fs::read_dir(dir.path().join("data/wal/base")).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().unwrap();
+    let first = oldest_base_backup(dir.path());
     wait_for(&gw, Duration::from_secs(120), "the first base backup in the store", || store.list(&format!("{PREFIX}/")).contains(&manifest(&first)).then_some(()));
     let status = wait_for(&gw, Duration::from_secs(60), "the probe's answer on conditional writes", || {
         let r = repository(&gw);

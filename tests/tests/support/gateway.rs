@@ -271,6 +271,24 @@ pub fn workdir() -> TempDir {
     TempDir::new("gw")
 }
 
+/// `<sysid>-pg<major>`: the generation of the gateway's WAL archive, its
+/// folder in an off-site repository.
+pub fn generation(gw: &Gateway) -> String {
+    let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(gw.cwd.join("data/wal/identity.json")).unwrap()).unwrap();
+    format!("{}-pg{}", identity["system_identifier"].as_str().unwrap(), identity["major"])
+}
+
+/// The id of the oldest base backup recorded in the archive of the
+/// gateway that ran in `cwd` (`data/wal/base/<id>.json`).
+pub fn oldest_base_backup(cwd: &Path) -> String {
+    std::fs::read_dir(cwd.join("data/wal/base")).unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_owned)).min().expect("a base backup is recorded")
+}
+
+/// The `repository` entry of `/gateway/status`.
+pub fn repository_status(gw: &Gateway) -> serde_json::Value {
+    gw.get("/gateway/status").json()["repository"].clone()
+}
+
 /// Waits until the first verified base backup is recorded (point-in-time recovery).
 pub fn wait_for_base_backup(gw: &Gateway) {
     let base = gw.cwd.join("data/wal/base");
