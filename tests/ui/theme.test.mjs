@@ -103,8 +103,12 @@ test('every page renders under the Content-Security-Policy without a violation',
     assert.doesNotMatch(csp, /unsafe-inline/);
     assert.equal(first.headers()['x-frame-options'], 'DENY');
     await signIn(page);
+    // The next page load asks the server, which must have the theme by then.
+    const stored = page.waitForResponse((r) => new URL(r.url()).pathname === '/api/v1/preferences'
+      && r.request().method() === 'POST');
     await page.getByRole('button', { name: 'Dark theme' }).click();
     await page.waitForFunction(() => document.documentElement.dataset.theme === 'dark');
+    assert.ok((await stored).ok());
     for (const [path, heading] of [['/', 'Dashboard'], ['/status', 'Status'], ['/logs', 'Logs'], ['/backups', 'Backups'],
       ['/import', 'Import'], ['/accounts', 'Accounts']]) {
       await page.goto(path);

@@ -17,8 +17,8 @@ export class ApiError extends Error {
  * Calls `path` and returns the parsed JSON body (or null for an empty one).
  * `json` is sent as the request body; `headers` are added as given.
  */
-export async function call(path, { method = 'GET', json, headers = {}, signal } = {}) {
-  const init = { method, headers: { accept: 'application/json', ...headers }, signal };
+export async function call(path, { method = 'GET', json, headers = {}, signal, keepalive = false } = {}) {
+  const init = { method, headers: { accept: 'application/json', ...headers }, signal, keepalive };
   if (json !== undefined) {
     init.headers['content-type'] = 'application/json';
     init.body = JSON.stringify(json);

@@ -68,7 +68,8 @@ export async function getPreference(key) {
 }
 
 export async function setPreference(key, value) {
-  const stored = await call('/api/v1/preferences', { method: 'POST', json: { key, value }, headers: sessionHeaders() });
+  // keepalive: a click followed at once by a navigation still stores it.
+  const stored = await call('/api/v1/preferences', { method: 'POST', json: { key, value }, headers: sessionHeaders(), keepalive: true });
   if (preferences) (await preferences.catch(() => new Map())).set(key, value);
   return stored;
 }
