@@ -64,6 +64,7 @@ bench:
 	python3 bench/recovery.py
 	python3 bench/login_flood.py
 	python3 bench/offsite.py
+	python3 bench/offsite_crypt.py
 	python3 bench/ha.py
 
 ## Chaos soak: kill -9 PostgreSQL and the worker under write load; appends to RELIABILITY.md (SOAK_SECONDS, default 240).
