@@ -12,7 +12,12 @@
 //! must promote itself and hold every row; the logical backup must check
 //! against its `.sha256` and load into a scratch database; the block run
 //! again with its point-in-time line uncommented must stop at that time
-//! and promote.
+//! and promote. Then the key is rotated (`backup reencrypt --identity OLD`
+//! to a new key made the same way), first with `OMNI_REPOSITORY_DELETE=false`
+//! (each old object beside its `.k-<tag>` copy: the new key opens only the
+//! copy), then with deletion (the copies alone): each time both blocks, run
+//! with the new key only and the backup's copy `<id>.k-<tag>`, must bring
+//! back every row and the dump.
 
 use crate::gateway;
 
@@ -20,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gateway::{kill9_with_its_postgres, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, wait_postgres_gone, workdir, GatewayBuilder};
+use gateway::{cli_env, kill9_with_its_postgres, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, wait_postgres_gone, workdir, GatewayBuilder};
 use omni_tests::{free_port, pg_bin_dir, wait_until, Request, TempDir, TEST_API_KEY};
 
 /// The `sh` blocks of README.md's "Restore by hand from the bucket", in order.
@@ -51,9 +56,9 @@ fn bash(script: &str, cwd: &Path, env: &[(&str, String)]) -> String {
     stdout.into_owned()
 }
 
-/// A new age key pair by Debian's `age-keygen`: (key file, public key).
-fn keygen(dir: &Path) -> (PathBuf, String) {
-    let key = dir.join("key.txt");
+/// A new age key pair by Debian's `age-keygen` in `dir/name`: (key file, public key).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
     let out = Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
     assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
     let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
@@ -138,7 +143,7 @@ fn phases(client: &mut postgres::Client) -> Vec<(String, i64)> {
 #[test]
 fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every_row_a_point_in_time_and_the_logical_dump() {
     let tmp = TempDir::new("byhand");
-    let (key, public) = keygen(tmp.path());
+    let (key, public) = keygen(tmp.path(), "key.txt");
     let bucket = tmp.path().join("bucket");
     let source = workdir();
     let mut gw = GatewayBuilder::new(source.path())
@@ -208,20 +213,8 @@ fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every
     let timeline: i32 = restored.query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[]).unwrap().get(0);
     assert!(timeline >= 2, "promoted onto a new timeline: {timeline}");
 
-    // The second block: the logical backup, checked and loaded (with the
-    // variables of the first block, as in the same shell).
-    let vars = blocks[0].lines().find(|l| l.starts_with("R=")).expect("the first block sets R, K and PG");
-    let pairs = [
-        ("/srv/bucket", bucket.display().to_string()),
-        ("/srv/", format!("{}/latest/", tmp.path().display())),
-        ("/root/key.txt", key.display().to_string()),
-        ("/usr/lib/postgresql/17/bin", pg_bin_dir().display().to_string()),
-        ("<name>", name.clone()),
-    ];
-    let env = [("PGPORT", port.to_string()), ("PGHOST", started.0.display().to_string())];
-    let out = bash(&substitute(&format!("{vars}\n{}", blocks[1]), &pairs), tmp.path(), &env);
-    assert!(out.contains(&format!("{name}: OK")), "sha256sum -c checks the dump: {out}");
-    let mut scratch = promoted(port, &password, "scratch");
+    // The second block: the logical backup, checked and loaded.
+    let mut scratch = load_dump(&blocks, &copy, &tmp.path().join("latest"), &name, port, &started, &password);
     let rows: i64 = scratch.query_one("SELECT count(*) FROM by_hand", &[]).unwrap().get(0);
     assert_eq!(rows, 200, "the logical backup holds the rows written before it");
     drop((restored, scratch, started));
@@ -232,4 +225,70 @@ fn offsite_by_hand_the_readme_restore_from_an_encrypted_bucket_brings_back_every
     let log = std::fs::read_to_string(started.0.join("restore.log")).unwrap_or_default();
     assert!(log.contains("recovery stopping before commit"), "{log}");
     assert_eq!(phases(&mut restored), [("before".to_owned(), 100), ("whole".to_owned(), 100)], "the rows committed before {t}, none after");
+    drop((restored, started));
+
+    // A key rotation (README, "Rotating the key") to a new key: every object
+    // gets a copy named with the new keys' tag. Kept beside the old objects
+    // first, then alone; both times the README's blocks, with the new key
+    // only, bring everything back.
+    let (new_key, new_public) = keygen(tmp.path(), "new-key.txt");
+    let url = format!("file://{}", bucket.display());
+    let originals = [format!("base/{id}/manifest.json"), format!("wal/{whole}.lz4"), format!("logical/{name}")];
+    for delete in [false, true] {
+        let env = [("OMNI_REPOSITORY_URL", url.clone()), ("OMNI_ENCRYPT_RECIPIENTS", new_public.clone()), ("OMNI_REPOSITORY_DELETE", delete.to_string())];
+        let (ok, out, err) = cli_env(source.path(), &["backup", "reencrypt", "--identity", &key.display().to_string()], &env);
+        assert!(ok, "backup reencrypt (OMNI_REPOSITORY_DELETE={delete}):\n{out}\n{err}");
+        let tag = out.split("keys tag k-").nth(1).map(|t| t[..8].to_owned()).unwrap_or_else(|| panic!("the keys tag is said: {out}"));
+        let in_bucket = |name: &str| if name.starts_with("logical/") { bucket.join(name) } else { bucket.join(&gen).join(name) };
+        for original in &originals {
+            assert_eq!(in_bucket(original).exists(), !delete, "{original} with OMNI_REPOSITORY_DELETE={delete}");
+        }
+        let copies = [format!("base/{id}.k-{tag}/manifest.json"), format!("wal/{whole}.lz4.k-{tag}"), format!("logical/{name}.k-{tag}"), format!("logical/{name}.sha256.k-{tag}")];
+        for copy in &copies {
+            assert!(in_bucket(copy).is_file(), "{copy} after the rotation (OMNI_REPOSITORY_DELETE={delete})");
+        }
+        let chunk_copies = std::fs::read_dir(&chunks).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(&format!(".k-{tag}"))).count();
+        assert!(chunk_copies > 0, "the chunks of {newest} have copies");
+
+        let rotated = Bucket { dir: &bucket, key: &new_key, gen: &gen, id: &format!("{id}.k-{tag}") };
+        let root = tmp.path().join(format!("rotated-delete-{delete}"));
+        let (port, started, out) = restore_by_hand(&blocks[0], &root, &rotated, &[]);
+        assert!(out.contains(&format!("/base/{id}.k-{tag}/manifest.json")), "the listing names the backup's copy, which the new key opens: {out}");
+        assert!(!out.contains(&format!("/base/{id}/manifest.json")), "the listing does not name the old backup, which the new key does not open: {out}");
+        let mut restored = promoted(port, &password, "omni");
+        let log = std::fs::read_to_string(started.0.join("restore.log")).unwrap_or_default();
+        assert!(log.contains(&format!("restored log file \"{newest}\" from archive")), "the copies of the chunks of {newest} were replayed: {log}");
+        assert_eq!(
+            phases(&mut restored),
+            [("before".to_owned(), 100), ("whole".to_owned(), 100), ("chunks".to_owned(), 100)],
+            "every row, from the rotated bucket (OMNI_REPOSITORY_DELETE={delete}) with the new key alone"
+        );
+        let mut scratch = load_dump(&blocks, &rotated, &root, &name, port, &started, &password);
+        let rows: i64 = scratch.query_one("SELECT count(*) FROM by_hand", &[]).unwrap().get(0);
+        assert_eq!(rows, 200, "the rotated logical backup holds the rows written before it");
+        drop((restored, scratch, started));
+    }
+}
+
+/// The README's second block (the logical backup `name`, checked and
+/// loaded into `scratch` of the cluster the first block started under
+/// `root`), with the variables and helpers of the first block, as in the
+/// same shell. Returns a connection to `scratch`.
+fn load_dump(blocks: &[String], bucket: &Bucket, root: &Path, name: &str, port: u16, started: &Started, password: &str) -> postgres::Client {
+    let first: Vec<&str> = blocks[0].lines().collect();
+    let mut shell = Vec::new();
+    for start in ["R=", "shopt ", "P=", "opens()", "pick()"] {
+        shell.push(*first.iter().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("the first block has a line {start}…: {first:?}")));
+    }
+    let pairs = [
+        ("/srv/bucket", bucket.dir.display().to_string()),
+        ("/srv/", format!("{}/", root.display())),
+        ("/root/key.txt", bucket.key.display().to_string()),
+        ("/usr/lib/postgresql/17/bin", pg_bin_dir().display().to_string()),
+        ("<name>", name.to_owned()),
+    ];
+    let env = [("PGPORT", port.to_string()), ("PGHOST", started.0.display().to_string())];
+    let out = bash(&substitute(&format!("{}\n{}", shell.join("\n"), blocks[1]), &pairs), root, &env);
+    assert!(out.contains(&format!("{name}: OK")), "sha256sum -c checks the dump: {out}");
+    promoted(port, password, "scratch")
 }
