@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, listening_port, static_ui, wait_healthy, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, tcp_worker, static_ui, wait_healthy, write_json, write_section  # noqa: E402
 
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -105,6 +105,7 @@ def main():
     gw = start_gateway(GATEWAY, gw_port, "a")
     gw_b, gw_b_port = None, None
     nginx = None
+    tcp = None
     try:
         wait_healthy(gw_port, gw)
         if GATEWAY_B:
@@ -112,7 +113,7 @@ def main():
             gw_b = start_gateway(GATEWAY_B, gw_b_port, "b")
             wait_healthy(gw_b_port, gw_b)
         api = next(c for c in get_json(f"http://127.0.0.1:{gw_port}/gateway/status")["components"] if c["name"] == "api")
-        worker_port = listening_port(api["pid"])
+        tcp, worker_port = tcp_worker(api["pid"])
         conf = work / "nginx.conf"
         conf.write_text(f"""
 worker_processes auto;
@@ -173,6 +174,9 @@ http {{
         if nginx:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=10)
+        if tcp:
+            tcp.send_signal(signal.SIGTERM)
+            tcp.wait(timeout=30)
         for g in (gw, gw_b):
             if g:
                 g.send_signal(signal.SIGTERM)

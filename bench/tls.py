@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, listening_port, static_ui, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, tcp_worker, static_ui, write_json, write_section  # noqa: E402
 
 GATEWAY = Path(os.environ.get("OMNI_GATEWAY_BIN", ROOT / "target" / "release" / "omni-gateway"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -290,11 +290,12 @@ def main():
     gw = subprocess.Popen([str(GATEWAY)], cwd=work / "gw", env=env, stdout=subprocess.DEVNULL, stderr=open(work / "gw.log", "w"),
                           start_new_session=True)
     nginx = None
+    tcp = None
     try:
         wait_https_healthy(gw_port, ca, gw)
         status = https_get_json(gw_port, ca, "/gateway/status")
         worker = next(c for c in status["components"] if c["name"] == "api")
-        worker_port = listening_port(worker["pid"])
+        tcp, worker_port = tcp_worker(worker["pid"])
         conf = work / "nginx.conf"
         conf.write_text(f"""
 worker_processes auto;
@@ -341,7 +342,7 @@ http {{
         # leave each with buffers it keeps.
         memory = {
             "gateway": idle_memory("gateway", gw_port, ca, lambda: rss_kib(gw.pid), worker["pid"]),
-            "nginx": idle_memory("nginx", nginx_port, ca, lambda: tree_rss_kib(nginx.pid), worker["pid"]),
+            "nginx": idle_memory("nginx", nginx_port, ca, lambda: tree_rss_kib(nginx.pid), tcp.pid),
         }
         targets = [("gateway", gw_port), ("nginx", nginx_port)]
         runs = {name: {"handshakes": [], "keepalive": [], "h2": []} for name, _ in targets}
@@ -357,6 +358,9 @@ http {{
         if nginx:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=10)
+        if tcp:
+            tcp.send_signal(signal.SIGTERM)
+            tcp.wait(timeout=30)
         gw.send_signal(signal.SIGTERM)
         gw.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
