@@ -91,13 +91,32 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def listening_port(pid):
-    """The TCP port `pid` listens on (the worker's handed-over socket)."""
-    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if f"pid={pid}," in line:
-            return int(line.split()[3].rsplit(":", 1)[1])
-    raise SystemExit(f"no listening socket found for pid {pid}")
+def tcp_worker(pid):
+    """A second worker like the gateway's (`pid`), listening on a TCP port,
+    for the paths that cannot use the gateway's: the direct floor and nginx.
+    The gateway's worker listens on a Unix socket in the gateway's private
+    directory, which only the gateway reaches. This one runs the same binary
+    with the same environment and account; returns (process, port)."""
+    env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+    for name in ("OMNI_API_LISTEN_FD", "OMNI_API_READY_FD", "OMNI_API_START_FD"):
+        env.pop(name, None)
+    port = free_port()
+    env["OMNI_API_LISTEN"] = f"127.0.0.1:{port}"
+    ids = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in open(f"/proc/{pid}/status")) if k in ("Uid", "Gid")}
+    proc = subprocess.Popen([os.readlink(f"/proc/{pid}/exe")], env=env, cwd="/", user=ids["Uid"], group=ids["Gid"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the TCP worker exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, port
+        except Exception:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the TCP worker did not become healthy within 30 s")
 
 
 def static_ui(work):

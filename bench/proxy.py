@@ -4,7 +4,7 @@ omni-gateway, and through nginx as a keep-alive reverse proxy to the same
 worker, measured side by side with wrk in interleaved rounds.
 
 The stack is the real one (release omni-gateway with its embedded PostgreSQL
-and omni-api). The request is a 3-byte static file, so the worker's own cost
+and omni-api). The request is the UI's 195-byte favicon, served from memory, so the worker's own cost
 is small and the proxies' overhead shows. Reports requests/s, p50 and p99
 (medians over rounds), the gateway's CPU time per request and its memory.
 
@@ -30,13 +30,18 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, listening_port, static_ui, wait_healthy, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, tcp_worker, wait_healthy, write_json, write_section  # noqa: E402
 
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 SECONDS = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 CONNECTIONS = 64
-PATH = "/ping.txt"
+# The smallest file of the UI built into omni-api (195 bytes), served from
+# memory as users run it: OMNI_UI_DIR (development) reads files from disk on
+# every request, on blocking threads, and its cost (80 µs of the worker's CPU
+# per request, 8 context switches) drowned the proxies' differences.
+PATH = "/favicon.svg"
+BODY = (ROOT / "ui-dist" / "favicon.svg").read_bytes()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GATEWAY_B = os.environ.get("BENCH_GATEWAY_B")
 
@@ -92,11 +97,10 @@ def main():
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="omni-proxy-bench-"))
     os.chmod(work, 0o755)
-    ui = static_ui(work)
     gw_port, nginx_port = free_port(), free_port()
 
     def start_gateway(binary, port, name):
-        env = dict(os.environ, OMNI_PORT=str(port), PGSERVE_PORT="0", LOG_LEVEL="warn", OMNI_UI_DIR=str(ui),
+        env = dict(os.environ, OMNI_PORT=str(port), PGSERVE_PORT="0", LOG_LEVEL="warn",
                    PGSERVE_MEMORY_MODE="true", OMNI_API_KEY="bench-key-0123456789")
         (work / name).mkdir()
         return subprocess.Popen([str(binary)], cwd=work / name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -105,6 +109,7 @@ def main():
     gw = start_gateway(GATEWAY, gw_port, "a")
     gw_b, gw_b_port = None, None
     nginx = None
+    tcp = None
     try:
         wait_healthy(gw_port, gw)
         if GATEWAY_B:
@@ -112,7 +117,7 @@ def main():
             gw_b = start_gateway(GATEWAY_B, gw_b_port, "b")
             wait_healthy(gw_b_port, gw_b)
         api = next(c for c in get_json(f"http://127.0.0.1:{gw_port}/gateway/status")["components"] if c["name"] == "api")
-        worker_port = listening_port(api["pid"])
+        tcp, worker_port = tcp_worker(api["pid"])
         conf = work / "nginx.conf"
         conf.write_text(f"""
 worker_processes auto;
@@ -144,7 +149,7 @@ http {{
             for _ in range(100):
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}{PATH}", timeout=1) as r:
-                        if r.read() == b"ok\n":
+                        if r.read() == BODY:
                             break
                 except Exception:
                     time.sleep(0.05)
@@ -173,6 +178,9 @@ http {{
         if nginx:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=10)
+        if tcp:
+            tcp.send_signal(signal.SIGTERM)
+            tcp.wait(timeout=30)
         for g in (gw, gw_b):
             if g:
                 g.send_signal(signal.SIGTERM)
@@ -196,7 +204,7 @@ http {{
     nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [
         f"Command: `python3 bench/proxy.py {ROUNDS} {SECONDS}` (run by `make bench`): wrk, {CONNECTIONS} connections, 2 threads, "
-        f"{SECONDS} s per run, {ROUNDS} interleaved rounds, GET of a 3-byte static file served by omni-api; {os.cpu_count()} cores shared by "
+        f"{SECONDS} s per run, {ROUNDS} interleaved rounds, GET of the 195-byte favicon built into omni-api; {os.cpu_count()} cores shared by "
         f"wrk, the proxy and the worker (1-minute load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it). "
         f"{nginx_version} as a reverse proxy with upstream keep-alive (128) to the same worker. Medians.",
         "",

@@ -17,8 +17,9 @@ Figures, medians over rounds:
     requests of each 1,000 come at once, so the proxy's pool to the worker
     grows as far as it lets it; the worker's own growth is reported beside.
 
-The request is a 3-byte static file served by omni-api, so the proxies'
-own cost shows. Needs a release build (`cargo build --release --workspace`;
+The request is the UI's 195-byte favicon, built into omni-api and served
+from memory (as users run it, without OMNI_UI_DIR), so the proxies' own
+cost shows. Needs a release build (`cargo build --release --workspace`;
 OMNI_GATEWAY_BIN picks another gateway binary), wrk, nginx and h2load
 (Debian's nghttp2-client; installed here with apt-get when missing and
 running as root).
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, listening_port, static_ui, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, tcp_worker, write_json, write_section  # noqa: E402
 
 GATEWAY = Path(os.environ.get("OMNI_GATEWAY_BIN", ROOT / "target" / "release" / "omni-gateway"))
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -50,7 +51,7 @@ SECONDS = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 CONNECTIONS = 64
 H2_CONNECTIONS, H2_STREAMS = 4, 16
 IDLE = 1000
-PATH = "/ping.txt"
+PATH = "/favicon.svg"
 # Idle connections must outlive the measurement on both sides.
 IDLE_LIMIT_S = 300
 
@@ -279,22 +280,22 @@ def main():
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="omni-tls-bench-"))
     os.chmod(work, 0o755)
-    ui = static_ui(work)
     ca, cert, key = make_certificate(work)
     gw_port, nginx_port = free_port(), free_port()
     (work / "gw").mkdir()
-    env = dict(os.environ, OMNI_PORT=str(gw_port), PGSERVE_PORT="0", LOG_LEVEL="warn", OMNI_UI_DIR=str(ui),
+    env = dict(os.environ, OMNI_PORT=str(gw_port), PGSERVE_PORT="0", LOG_LEVEL="warn",
                PGSERVE_MEMORY_MODE="true", OMNI_API_KEY="bench-key-0123456789",
                OMNI_TLS_CERT=str(cert), OMNI_TLS_KEY=str(key), OMNI_HTTP_PORT="off",
                OMNI_HEADER_TIMEOUT_S=str(IDLE_LIMIT_S), OMNI_MAX_CONNECTIONS="8192")
     gw = subprocess.Popen([str(GATEWAY)], cwd=work / "gw", env=env, stdout=subprocess.DEVNULL, stderr=open(work / "gw.log", "w"),
                           start_new_session=True)
     nginx = None
+    tcp = None
     try:
         wait_https_healthy(gw_port, ca, gw)
         status = https_get_json(gw_port, ca, "/gateway/status")
         worker = next(c for c in status["components"] if c["name"] == "api")
-        worker_port = listening_port(worker["pid"])
+        tcp, worker_port = tcp_worker(worker["pid"])
         conf = work / "nginx.conf"
         conf.write_text(f"""
 worker_processes auto;
@@ -341,7 +342,7 @@ http {{
         # leave each with buffers it keeps.
         memory = {
             "gateway": idle_memory("gateway", gw_port, ca, lambda: rss_kib(gw.pid), worker["pid"]),
-            "nginx": idle_memory("nginx", nginx_port, ca, lambda: tree_rss_kib(nginx.pid), worker["pid"]),
+            "nginx": idle_memory("nginx", nginx_port, ca, lambda: tree_rss_kib(nginx.pid), tcp.pid),
         }
         targets = [("gateway", gw_port), ("nginx", nginx_port)]
         runs = {name: {"handshakes": [], "keepalive": [], "h2": []} for name, _ in targets}
@@ -357,6 +358,9 @@ http {{
         if nginx:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(timeout=10)
+        if tcp:
+            tcp.send_signal(signal.SIGTERM)
+            tcp.wait(timeout=30)
         gw.send_signal(signal.SIGTERM)
         gw.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
@@ -372,7 +376,7 @@ http {{
     h2load_version = sh("h2load", "--version").stdout.strip().splitlines()[0]
     lines = [
         f"Command: `python3 bench/tls.py {ROUNDS} {SECONDS}` (run by `make bench`): {ROUNDS} interleaved rounds of {SECONDS} s per "
-        f"figure, medians; GET of a 3-byte static file served by omni-api through each proxy; the same ECDSA P-256 certificate "
+        f"figure, medians; GET of the 195-byte favicon built into omni-api through each proxy; the same ECDSA P-256 certificate "
         f"and key for both; {nginx_version} (`worker_processes auto`, TLS 1.2/1.3, upstream keep-alive 128) beside the release "
         f"omni-gateway; {os.cpu_count()} cores shared by the clients, the proxy and the worker (1-minute load average "
         f"{load_before:.1f} before the run, {load_after:.1f} after it).",

@@ -19,6 +19,7 @@ use std::{
     io::Write,
     net::TcpListener as StdListener,
     os::fd::{FromRawFd, RawFd},
+    os::unix::net::UnixListener as StdUnixListener,
     time::Duration,
 };
 
@@ -28,7 +29,7 @@ use omni_contract::{
     sqlite,
     worker_settings::{Listen, WorkerSettings},
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::{
     auth,
@@ -84,15 +85,22 @@ pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
     start_backups(&config, leadership);
     crate::sessions::spawn_purge(db.clone());
 
-    let address = listener.local_addr().context("reading the listening address")?;
+    let address = listener.describe();
     if let Some(file) = ready {
         announce_ready(file);
         tracing::info!(%address, "listening; readiness announced to the gateway");
     } else {
         tracing::info!(%address, "listening; ready when GET /api/v1/health answers 200");
     }
-    // The peer address is the client's when no gateway stands in between (rate_limit::client_address).
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
+    match listener {
+        // The peer address is the client's when no gateway stands in between (rate_limit::client_address).
+        Bound::Tcp(listener) => axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTP")?,
+        // Only the gateway connects here, and it always says who the client is.
+        Bound::Unix(listener) => axum::serve(listener, app.into_make_service()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?,
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -182,12 +190,36 @@ fn start_backups(config: &WorkerSettings, leadership: omni_contract::leader::Lea
     }
 }
 
-fn listener(listen: &Listen) -> anyhow::Result<TcpListener> {
-    let std_listener = match *listen {
-        Listen::Bind(address) => StdListener::bind(address)
-            .with_context(|| format!("OMNI_API_LISTEN: cannot listen on {address}; is another process using it?"))?,
+/// Where the worker listens: TCP when started by hand (`OMNI_API_LISTEN`),
+/// the gateway's Unix socket (or a TCP one) when handed over.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Bound {
+    fn describe(&self) -> String {
+        match self {
+            Bound::Tcp(l) => l.local_addr().map_or_else(|_| "a TCP socket".to_owned(), |a| a.to_string()),
+            Bound::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "the gateway's Unix socket".to_owned()),
+        }
+    }
+}
+
+fn listener(listen: &Listen) -> anyhow::Result<Bound> {
+    match *listen {
+        Listen::Bind(address) => {
+            let std_listener = StdListener::bind(address)
+                .with_context(|| format!("OMNI_API_LISTEN: cannot listen on {address}; is another process using it?"))?;
+            std_listener.set_nonblocking(true).context("making the listening socket non-blocking")?;
+            Ok(Bound::Tcp(TcpListener::from_std(std_listener).context("registering the listening socket")?))
+        }
         Listen::InheritedFd(fd) => {
-            // Check the descriptor is a listening TCP socket before trusting it:
+            // Check the descriptor is a listening socket before trusting it:
             // from_raw_fd cannot tell.
             let mut value: libc::c_int = 0;
             let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -198,16 +230,28 @@ fn listener(listen: &Listen) -> anyhow::Result<TcpListener> {
             if rc != 0 || value == 0 {
                 bail!("OMNI_API_LISTEN_FD: file descriptor {fd} is not a listening socket");
             }
-            // SAFETY: the gateway handed this descriptor to us alone; we own it from here on.
-            let listener = unsafe { StdListener::from_raw_fd(fd) };
+            let mut domain: libc::c_int = 0;
+            let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: as above.
+            let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut length) };
+            if rc != 0 {
+                bail!("OMNI_API_LISTEN_FD: cannot tell the kind of file descriptor {fd}");
+            }
             // Keep it out of children we spawn later (pg_dump for backups).
             // SAFETY: plain fcntl on a descriptor we own.
             unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            listener
+            if domain == libc::AF_UNIX {
+                // SAFETY: the gateway handed this descriptor to us alone; we own it from here on.
+                let listener = unsafe { StdUnixListener::from_raw_fd(fd) };
+                listener.set_nonblocking(true).context("making the listening socket non-blocking")?;
+                return Ok(Bound::Unix(UnixListener::from_std(listener).context("registering the listening socket")?));
+            }
+            // SAFETY: as above.
+            let listener = unsafe { StdListener::from_raw_fd(fd) };
+            listener.set_nonblocking(true).context("making the listening socket non-blocking")?;
+            Ok(Bound::Tcp(TcpListener::from_std(listener).context("registering the listening socket")?))
         }
-    };
-    std_listener.set_nonblocking(true).context("making the listening socket non-blocking")?;
-    TcpListener::from_std(std_listener).context("registering the listening socket")
+    }
 }
 
 async fn shutdown_signal() {

@@ -141,3 +141,65 @@ fn omni_api_user_chooses_the_workers_account_and_a_missing_one_stops_the_start()
     assert!(!status.success());
     assert!(log.contains("OMNI_API_USER=omni-no-such-user does not exist") && log.contains("useradd"), "{log}");
 }
+
+/// Socket inodes of `pid`'s open descriptors.
+fn socket_inodes(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_worker_listens_only_where_the_gateway_can_reach_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let dir = workdir();
+    let mut gw = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).start();
+    let worker = gw.pid_of("api").expect("worker pid");
+    let inodes = socket_inodes(worker);
+    // No TCP socket of the worker listens (state 0A), on IPv4 or IPv6: no
+    // local account reaches it around the gateway and its client-address header.
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let listening: Vec<String> = std::fs::read_to_string(table)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().nth(3) == Some("0A") && l.split_whitespace().nth(9).is_some_and(|i| inodes.iter().any(|w| w == i)))
+            .map(str::to_owned)
+            .collect();
+        assert!(listening.is_empty(), "the worker listens on TCP ({table}): {listening:?}");
+    }
+    // It listens on a Unix socket, in a directory only the gateway's account opens.
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let socket = unix
+        .lines()
+        .skip(1)
+        .find(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 8 && f[3] == "00010000" && inodes.iter().any(|i| i == f[6])
+        })
+        .and_then(|l| l.split_whitespace().nth(7))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| panic!("no listening Unix socket of the worker in /proc/net/unix"));
+    let parent = socket.parent().unwrap().to_owned();
+    let meta = std::fs::metadata(&parent).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, 0), "{} must be private to the gateway's account", parent.display());
+    let curl = |as_user: Option<u32>| {
+        let mut command = std::process::Command::new("curl");
+        command.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"]).arg(&socket).arg("http://localhost/api/v1/health");
+        if let Some(uid) = as_user {
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+        }
+        let out = command.output().unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(curl(None).0, "200", "the gateway's account reaches the worker there");
+    let (code, error) = curl(Some(account_ids("postgres").0));
+    assert_eq!(code, "000", "another account must not connect: {error}");
+    assert!(error.contains("Permission denied") || error.contains("Couldn't connect"), "{error}");
+    gw.terminate();
+    assert!(!parent.exists(), "{} must go when the gateway stops", parent.display());
+}

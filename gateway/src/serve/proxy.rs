@@ -196,7 +196,7 @@ impl Proxy {
                     // so after a crash: the request may have been committed.)
                     let retired = upstream.replaced.load(std::sync::atomic::Ordering::Relaxed);
                     let retry = body.replayable() && (nothing_sent || idempotent || retired) && Instant::now() < deadline;
-                    tracing::debug!("upstream {} failed ({e:?}); retry: {retry}", upstream.addr);
+                    tracing::debug!("upstream {} failed ({e:?}); retry: {retry}", upstream.addr.display());
                     if retry {
                         failed_generation = Some(upstream.generation);
                         continue;

@@ -1,9 +1,12 @@
 //! The API worker (`omni-api`) as a supervised child.
 //!
-//! Port handover without a race: the gateway binds `127.0.0.1:0` itself and
-//! passes the listening socket to the worker as fd 3 (`OMNI_API_LISTEN_FD=3`),
-//! so the port is known before the worker starts and nothing else can take
-//! it in between.
+//! Socket handover without a race: the gateway binds a Unix socket in a
+//! private directory of its own (mode 0700, [`SocketDir`]) and passes the
+//! listening socket to the worker as fd 3 (`OMNI_API_LISTEN_FD=3`), so the
+//! address is known before the worker starts and nothing else can take it in
+//! between. Only the gateway can connect to it: no local user reaches the
+//! worker around the gateway (its client-address header, its limits), and a
+//! proxied request costs the kernel less than over loopback TCP.
 //!
 //! Readiness is announced, not polled (s6's notification descriptor): the
 //! write end of a pipe is the worker's fd 4 (`OMNI_API_READY_FD=4`), and the
@@ -34,13 +37,16 @@
 
 pub mod dev;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
+use rand::distributions::{Alphanumeric, DistString};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::process::Child;
@@ -82,6 +88,10 @@ pub struct WorkerPolicy {
     instance: Instance,
     /// Where the worker's "do I lead?" (its health answer) is shown.
     board: Option<crate::status::Board>,
+    /// Where the workers' sockets are, made at the first start.
+    sockets: Option<SocketDir>,
+    /// Numbers each instance's socket.
+    spawned: u64,
 }
 
 /// The worker's lifecycle, as the policy sees it. The supervisor drives it:
@@ -101,7 +111,7 @@ enum Instance {
     /// Started, not yet ready (first start, restart, or a reload's new
     /// instance, then beside the one in `replacing`).
     Announcing {
-        addr: SocketAddr,
+        addr: Arc<Path>,
         /// The read end of its readiness pipe until it announced itself (or
         /// closed the pipe without doing so), and when it was started.
         pipe: Option<(pipe::Receiver, Instant)>,
@@ -112,10 +122,10 @@ enum Instance {
     Serving(Serving),
 }
 
-/// An instance published to the proxy: its address and generation.
-#[derive(Clone, Copy)]
+/// An instance published to the proxy: its socket and generation.
+#[derive(Clone)]
 struct Serving {
-    addr: SocketAddr,
+    addr: Arc<Path>,
     generation: u64,
 }
 
@@ -123,8 +133,8 @@ impl Instance {
     /// The instance that serves now, if one does.
     fn serving(&self) -> Option<Serving> {
         match self {
-            Instance::Serving(s) => Some(*s),
-            Instance::Announcing { replacing, .. } => *replacing,
+            Instance::Serving(s) => Some(s.clone()),
+            Instance::Announcing { replacing, .. } => replacing.clone(),
             Instance::Idle | Instance::Held(_) => None,
         }
     }
@@ -133,7 +143,7 @@ impl Instance {
 /// A worker spawned ahead of its start ([`WorkerPolicy::prestart`]).
 struct Held {
     child: Child,
-    addr: SocketAddr,
+    addr: Arc<Path>,
     ready_read: pipe::Receiver,
     /// Write end of its start pipe: a newline starts it, dropping it stops it.
     go: std::fs::File,
@@ -141,7 +151,7 @@ struct Held {
 
 impl WorkerPolicy {
     pub fn new(bin: PathBuf, settings: WorkerSettings, upstreams: Upstreams, drain: Duration, account: Account) -> Self {
-        WorkerPolicy { bin, settings, upstreams, drain, account, instance: Instance::Idle, board: None }
+        WorkerPolicy { bin, settings, upstreams, drain, account, instance: Instance::Idle, board: None, sockets: None, spawned: 0 }
     }
 
     /// Shows on `board` whether the serving worker leads (several gateways
@@ -161,7 +171,7 @@ impl WorkerPolicy {
         };
         match self.spawn(Some(start_read)).await {
             Ok((child, addr, ready_read)) => {
-                tracing::info!("started API worker (pid {}) on {addr} as user {}; it waits for PostgreSQL to be ready before it connects", child.id().unwrap_or(0), self.account.name);
+                tracing::info!("started API worker (pid {}) on {} as user {}; it waits for PostgreSQL to be ready before it connects", child.id().unwrap_or(0), addr.display(), self.account.name);
                 self.instance = Instance::Held(Held { child, addr, ready_read, go: std::fs::File::from(start_write) });
             }
             Err(e) => tracing::warn!("could not pre-start the API worker: {e:#}"),
@@ -169,9 +179,15 @@ impl WorkerPolicy {
     }
 
     /// Spawns an instance; with `start_read`, one that waits for its start signal.
-    async fn spawn(&mut self, start_read: Option<OwnedFd>) -> Result<(Child, SocketAddr, pipe::Receiver)> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a local port for the worker")?;
-        let addr = listener.local_addr()?;
+    async fn spawn(&mut self, start_read: Option<OwnedFd>) -> Result<(Child, Arc<Path>, pipe::Receiver)> {
+        if self.sockets.is_none() {
+            self.sockets = Some(SocketDir::make()?);
+        }
+        let dir = self.sockets.as_ref().expect("made above");
+        self.spawned += 1;
+        let addr: Arc<Path> = dir.path.join(format!("api-{}.sock", self.spawned)).into();
+        let _ = std::fs::remove_file(&addr);
+        let listener = UnixListener::bind(&addr).with_context(|| format!("could not listen on {} for the worker", addr.display()))?;
         let mut spec = ChildSpec::new("api", &self.bin);
         let (ready_read, ready_write) = readiness_pipe()?;
         let mut settings = self.settings.clone();
@@ -203,7 +219,7 @@ impl WorkerPolicy {
     }
 
     /// The pre-started instance, told to start, if it is still alive.
-    fn release_held(&mut self) -> Option<(Child, SocketAddr, pipe::Receiver)> {
+    fn release_held(&mut self) -> Option<(Child, Arc<Path>, pipe::Receiver)> {
         let Instance::Held(mut held) = std::mem::replace(&mut self.instance, Instance::Idle) else { return None };
         if !matches!(held.child.try_wait(), Ok(None)) {
             tracing::warn!("the pre-started API worker exited before PostgreSQL was ready; starting another");
@@ -217,6 +233,49 @@ impl WorkerPolicy {
             return None;
         }
         Some((held.child, held.addr, held.ready_read))
+    }
+}
+
+/// The gateway's private directory for its workers' sockets: short (a
+/// socket's path is limited to about 100 bytes, so not under an arbitrarily
+/// deep data root), mode 0700 and owned by the gateway's own user (the
+/// worker gets its listening socket as a descriptor and never needs the
+/// path). Removed when the gateway stops.
+struct SocketDir {
+    path: PathBuf,
+}
+
+impl SocketDir {
+    fn make() -> Result<SocketDir> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|d| d.is_dir()).unwrap_or_else(std::env::temp_dir);
+        for _ in 0..16 {
+            let nonce = Alphanumeric.sample_string(&mut rand::thread_rng(), 6);
+            let path = base.join(format!("omni-api-{}-{nonce}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(SocketDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("could not create {} for the worker's socket", path.display())),
+            }
+        }
+        bail!("could not create a private directory for the worker's socket in {}", base.display())
+    }
+
+    /// Removes every socket's name but `keep`'s (a replaced or crashed
+    /// instance's), so restarts do not pile them up.
+    fn remove_all_but(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path != keep {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -307,7 +366,7 @@ impl Policy for WorkerPolicy {
             Some(held) => held,
             None => {
                 let (child, addr, ready_read) = self.spawn(None).await?;
-                tracing::info!(component = "api", "started API worker (pid {}) on {addr} as user {}", child.id().unwrap_or(0), self.account.name);
+                tracing::info!(component = "api", "started API worker (pid {}) on {} as user {}", child.id().unwrap_or(0), addr.display(), self.account.name);
                 (child, addr, ready_read)
             }
         };
@@ -337,8 +396,8 @@ impl Policy for WorkerPolicy {
             }
         }
         let (addr, serving) = match &self.instance {
-            Instance::Announcing { addr, .. } => (*addr, false),
-            Instance::Serving(s) => (s.addr, true),
+            Instance::Announcing { addr, .. } => (addr.clone(), false),
+            Instance::Serving(s) => (s.addr.clone(), true),
             Instance::Idle | Instance::Held(_) => bail!("no worker instance to check"),
         };
         let leader = health(addr).await?;
@@ -350,8 +409,14 @@ impl Policy for WorkerPolicy {
     }
 
     async fn on_ready(&mut self) -> Result<()> {
-        if let Instance::Announcing { addr, .. } = self.instance {
-            let generation = self.upstreams.publish(addr);
+        if let Instance::Announcing { addr, .. } = &self.instance {
+            let addr = addr.clone();
+            let generation = self.upstreams.publish(addr.clone());
+            // The instance it replaced, if any, is no longer connected to:
+            // its pooled connections stay open, its socket's name goes.
+            if let Some(dir) = &self.sockets {
+                dir.remove_all_but(&addr);
+            }
             self.instance = Instance::Serving(Serving { addr, generation });
         }
         Ok(())
@@ -372,7 +437,7 @@ impl Policy for WorkerPolicy {
 
     fn abandon_candidate(&mut self) {
         if let Instance::Announcing { replacing, .. } = &self.instance {
-            self.instance = match *replacing {
+            self.instance = match replacing.clone() {
                 Some(serving) => Instance::Serving(serving),
                 None => Instance::Idle,
             };
@@ -398,8 +463,8 @@ impl Policy for WorkerPolicy {
 
 /// `GET /api/v1/health` over a fresh connection; `Ok` on a 200, with the
 /// answer's `leader` (absent from a worker that does not say).
-async fn health(addr: SocketAddr) -> Result<Option<bool>> {
-    let answer = probe::get(addr, "/api/v1/health", HEALTH_TIMEOUT).await?;
+async fn health(addr: Arc<Path>) -> Result<Option<bool>> {
+    let answer = probe::get(probe::Endpoint::Unix(addr), "/api/v1/health", HEALTH_TIMEOUT).await?;
     let doc = serde_json::from_slice::<serde_json::Value>(&answer.body).ok();
     match answer.status {
         200 => Ok(doc.and_then(|doc| doc["leader"].as_bool())),

@@ -194,8 +194,8 @@ fn main() {
     NEVER_READY.store(file_named_by("FAKE_NEVER_READY_IF_FILE") == Some(true), Ordering::Relaxed);
     HELD.store(file_named_by("FAKE_READY_WHEN_FILE") == Some(false), Ordering::SeqCst);
     let fd: i32 = std::env::var("OMNI_API_LISTEN_FD").expect("OMNI_API_LISTEN_FD").parse().expect("fd number");
-    // SAFETY: the gateway handed this listening socket over as `fd`.
-    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // SAFETY: the gateway handed this listening socket (a Unix one) over as `fd`.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
     std_listener.set_nonblocking(true).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
@@ -217,7 +217,7 @@ fn main() {
                 let _ = unsafe { std::fs::File::from_raw_fd(fd) }.write_all(b"\n");
             });
         }
-        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        let listener = tokio::net::UnixListener::from_std(std_listener).unwrap();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         loop {
             tokio::select! {
