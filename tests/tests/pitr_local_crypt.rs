@@ -2,7 +2,8 @@
 //! and Debian's `age`: without `OMNI_ENCRYPT_*` the start is refused naming
 //! them, nothing created; with it every file of a base backup and every
 //! completed WAL segment in `data/wal` is an age file (`age -d | lz4 -d`
-//! gives a whole segment back); a point-in-time restore without the
+//! gives a whole segment back), and the off-site repository gets those
+//! files as they are; a point-in-time restore without the
 //! identity is refused naming `OMNI_DECRYPT_IDENTITY_FILE`, `--identity` and
 //! the key it needs, the data directory untouched; with `--identity` it
 //! brings back exactly the rows written before the target.
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use gateway::{cli, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
+use gateway::{cli, generation, oldest_base_backup, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
 use omni_tests::wait_until;
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
@@ -96,7 +97,15 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     let keys = workdir();
     let (key, public) = keygen(keys.path(), "key.txt");
     let dir = workdir();
-    let start = || GatewayBuilder::new(dir.path()).env("OMNI_ENCRYPT_LOCAL", "true").env("OMNI_ENCRYPT_RECIPIENTS", public.clone()).env("OMNI_BACKUP_DRILL_INTERVAL", "1d").start();
+    let bucket = keys.path().join("bucket");
+    let start = || {
+        GatewayBuilder::new(dir.path())
+            .env("OMNI_ENCRYPT_LOCAL", "true")
+            .env("OMNI_ENCRYPT_RECIPIENTS", public.clone())
+            .env("OMNI_BACKUP_DRILL_INTERVAL", "1d")
+            .env("OMNI_REPOSITORY_URL", format!("file://{}", bucket.display()))
+            .start()
+    };
     let mut gw = start();
     wait_for_base_backup(&gw);
     let t = write_a_note_t_write_b(&gw);
@@ -115,13 +124,40 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
         let (plain, sealed) = segments(&stream);
         (plain.is_empty() && sealed.len() >= 3).then_some(())
     });
+    // Off-site: the local sealed files are the objects (a base backup's byte
+    // for byte: it is sealed before it gets its name); nothing sealed twice.
+    let gen = generation(&gw);
+    let id = oldest_base_backup(dir.path());
+    let remote = bucket.join(&gen);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, sealed) = segments(&stream);
+        if remote.join(format!("base/{id}/manifest.json")).is_file() && sealed.iter().all(|s| remote.join(format!("wal/{s}.lz4")).is_file()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the base backup and the sealed segments {sealed:?} are not in the repository: {:?}\n{}", files(&bucket), gw.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for file in ["base.tar.lz4", "pg_wal.tar", "backup_manifest"] {
+        let object = std::fs::read(remote.join(format!("base/{id}/{file}"))).unwrap();
+        assert!(object == std::fs::read(wal.join(format!("base/{id}/{file}.age"))).unwrap(), "the object {file} is not the local {file}.age as it is");
+    }
+    let manifest = Command::new("age").arg("-d").arg("-i").arg(&key).arg(remote.join(format!("base/{id}/manifest.json"))).output().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    assert!(manifest["recipients"].to_string().contains(&public), "the manifest names the recipients: {manifest}");
+    assert!(!manifest["files"].to_string().contains(".age"), "the objects keep the off-site names: {manifest}");
+    let (_, sealed) = segments(&stream);
+    let newest = sealed.last().unwrap();
+    assert!(age_lz4_decrypt(&key, &remote.join(format!("wal/{newest}.lz4"))) == age_lz4_decrypt(&key, &stream.join(format!("{newest}.lz4.age"))), "the object of {newest} holds the segment");
+    assert!(files(&bucket).iter().all(|f| is_age(f)), "every object is an age file, decryptable once");
+
     let out = cli(dir.path(), &["doctor"]).1;
     assert!(out.contains("local copies") && out.contains("OMNI_ENCRYPT_LOCAL"), "doctor says the local copies are encrypted:\n{out}");
     assert!(gw.terminate().success(), "{}", gw.log());
     assert!(gw.log().contains("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments"), "the start says it: {}", gw.log());
 
     // Every file of every base backup, every completed segment: age files.
-    let base_files: Vec<PathBuf> = files(&wal.join("base")).into_iter().filter(|p| !p.extension().is_some_and(|e| e == "json")).collect();
+    let base_files: Vec<PathBuf> = files(&wal.join("base")).into_iter().filter(|p| p.extension().is_none_or(|e| e != "json")).collect();
     assert!(base_files.len() >= 3, "base.tar.lz4, pg_wal.tar and backup_manifest: {base_files:?}");
     for file in &base_files {
         assert!(file.to_string_lossy().ends_with(".age") && is_age(file), "{} is not an age file", file.display());

@@ -191,7 +191,9 @@ pub fn seal_segments(wal_dir: &Path, account: &Account, keep_newest: bool) -> Re
                 continue;
             }
             let to = sealed_segment(&dir, &seg.name);
+            let clock = std::time::Instant::now();
             seal_file(encryption, &seg.path, &to, true, account)?;
+            tracing::debug!("{} sealed into {} ({} bytes) in {} ms", seg.name, to.display(), std::fs::metadata(&to).map_or(0, |m| m.len()), clock.elapsed().as_millis());
             match std::fs::remove_file(&seg.path) {
                 Ok(()) => sealed += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -300,4 +302,101 @@ pub fn sealed_files(wal_dir: &Path, backup: Option<&Path>) -> Vec<PathBuf> {
 /// `--identity`) and the keys that would open them.
 pub fn check_restorable(wal_dir: &Path, backup: &Path) -> Result<(), CryptError> {
     sealed_files(wal_dir, Some(backup)).iter().try_for_each(|p| check_openable(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use age::secrecy::ExposeSecret;
+    use crypt::EncryptSettings;
+
+    /// A directory removed when the test ends, however it ends.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(label: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("omni-sealed-{label}-{}-{:x}", std::process::id(), rand::random::<u32>()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn me() -> Account {
+        Account { name: "test".into(), uid: 0, gid: 0, home: "/".into(), switch: false }
+    }
+
+    /// WAL-like bytes: records among zeros, as a segment mostly is.
+    fn segment_bytes() -> Vec<u8> {
+        let mut bytes = vec![0u8; archive::SEGMENT_BYTES as usize];
+        for (i, b) in bytes.iter_mut().enumerate().take(6 << 20) {
+            *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8 & 0x3f;
+        }
+        bytes
+    }
+
+    /// The global state is the process's: one test sets it, in order.
+    #[test]
+    fn segments_are_sealed_in_the_uploads_format_and_read_back_only_with_the_key() {
+        let dir = Scratch::new("segments");
+        let wal = dir.0.join("wal");
+        let stream = archive::stream_dir(&wal);
+        std::fs::create_dir_all(&stream).unwrap();
+        let identity = age::x25519::Identity::generate();
+        let key_file = dir.0.join("key.txt");
+        std::fs::write(&key_file, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+        let to_key = Encryption::from_settings(&EncryptSettings { recipients: Some(identity.to_public().to_string()), ..Default::default() }).unwrap();
+
+        let plain = segment_bytes();
+        let (done, live) = ("000000010000000000000003", "000000010000000000000004");
+        std::fs::write(stream.join(done), &plain).unwrap();
+        std::fs::write(stream.join(format!("{live}.partial")), &plain).unwrap();
+        set_encryption(to_key);
+        let clock = std::time::Instant::now();
+        assert_eq!(seal_segments(&wal, &me(), false).unwrap(), 1);
+        eprintln!("one 16 MiB segment (6 MiB of records) compressed and encrypted in {} ms", clock.elapsed().as_millis());
+        let sealed = sealed_segment(&stream, done);
+        assert!(!stream.join(done).exists() && stream.join(format!("{live}.partial")).exists(), "the completed segment only is sealed");
+        let stored = std::fs::read(&sealed).unwrap();
+        assert!(crypt::is_sealed(&stored) && crypt::header_recipients(&stored) == [identity.to_public().to_string()]);
+        let segs = archive::segments(&stream);
+        assert!(segs.iter().any(|s| s.name == done && s.sealed && !s.partial), "{segs:?}");
+
+        // Without the key: refused naming it, nothing written.
+        set_keys(None);
+        let dest = dir.0.join("RECOVERYXLOG");
+        let dirs = stream.display().to_string();
+        let args = |file: &str, keyfile: &str| vec![keyfile.to_string(), file.to_string(), dest.display().to_string(), dirs.clone()];
+        let err = check_restorable(&wal, &dir.0.join("no-backup")).unwrap_err().to_string();
+        assert!(err.contains("OMNI_DECRYPT_IDENTITY_FILE") && err.contains("--identity") && err.contains(&crypt::short(&identity.to_public().to_string())), "{err}");
+        assert_eq!(restore_wal_main(&args(done, "-")), 255);
+        assert!(!dest.exists());
+        // A wrong key: refused too.
+        let stranger = dir.0.join("stranger.txt");
+        std::fs::write(&stranger, format!("{}\n", age::x25519::Identity::generate().to_string().expose_secret())).unwrap();
+        assert_eq!(restore_wal_main(&args(done, &stranger.display().to_string())), 255);
+
+        // With it: the segment byte for byte, the .partial as it is, 1 for a missing one.
+        assert_eq!(restore_wal_main(&args(done, &key_file.display().to_string())), 0);
+        assert!(std::fs::read(&dest).unwrap() == plain);
+        assert!(check_restorable(&wal, &dir.0.join("no-backup")).is_ok());
+        assert_eq!(restore_wal_main(&args(live, &key_file.display().to_string())), 0);
+        assert_eq!(restore_wal_main(&args("000000010000000000000009", &key_file.display().to_string())), 1);
+
+        // A base backup's files: sealed in place, read back through the keys.
+        let backup = dir.0.join("backup");
+        std::fs::create_dir_all(&backup).unwrap();
+        std::fs::write(backup.join("backup_manifest"), b"{ manifest }").unwrap();
+        std::fs::write(backup.join("pg_wal.tar"), &plain[..1 << 20]).unwrap();
+        assert_eq!(seal_tree(encryption().unwrap(), &backup, &me()).unwrap(), 2);
+        assert!(!backup.join("pg_wal.tar").exists() && crypt::is_sealed(&std::fs::read(backup.join("pg_wal.tar.age")).unwrap()));
+        assert_eq!(read(&backup.join("backup_manifest.age")).unwrap(), b"{ manifest }");
+        assert!(sealed_files(&wal, Some(&backup)).len() == 2);
+        // The recovery's copy of the identity opens them too.
+        let copy = identity_for_recovery(&dir.0, &me()).unwrap();
+        assert_eq!(Keys::load(Path::new(&copy), "copy").unwrap().public(), [identity.to_public().to_string()]);
+    }
 }
