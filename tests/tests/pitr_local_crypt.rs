@@ -6,7 +6,9 @@
 //! files as they are; a point-in-time restore without the
 //! identity is refused naming `OMNI_DECRYPT_IDENTITY_FILE`, `--identity` and
 //! the key it needs, the data directory untouched; with `--identity` it
-//! brings back exactly the rows written before the target.
+//! brings back exactly the rows written before the target. The online
+//! restore and `backup verify` are refused without the key (the service
+//! serving on as it was) and work with `OMNI_DECRYPT_IDENTITY_FILE`.
 
 use crate::gateway;
 
@@ -16,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use gateway::{cli, generation, oldest_base_backup, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
-use omni_tests::wait_until;
+use gateway::{cli, cli_env, generation, oldest_base_backup, post_slow, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
+use omni_tests::{wait_until, Request, TEST_API_KEY};
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
 
@@ -194,4 +196,57 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     let mut count = |phase: &str| db.query_one("SELECT count(*) FROM pitr_rows WHERE phase = $1", &[&phase]).unwrap().get::<_, i64>(0);
     assert_eq!(count("A"), 50, "every write before {t} is back\n{}", gw.log());
     assert_eq!(count("B") + count("C"), 0, "no write after {t} is back");
+}
+
+#[test]
+fn pitr_local_crypt_the_online_restore_and_the_drill_need_the_identity_and_work_with_it() {
+    let keys = workdir();
+    let (key, public) = keygen(keys.path(), "key.txt");
+    let dir = workdir();
+    let start = |identity: Option<&Path>| {
+        let mut builder = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_ENCRYPT_LOCAL", "true").env("OMNI_ENCRYPT_RECIPIENTS", public.clone());
+        if let Some(key) = identity {
+            builder = builder.env("OMNI_DECRYPT_IDENTITY_FILE", key.display().to_string());
+        }
+        builder.start()
+    };
+    let mut gw = start(None);
+    wait_for_base_backup(&gw);
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)").unwrap();
+    db.query_one("SELECT pg_switch_wal()", &[]).unwrap();
+    db.batch_execute("INSERT INTO kept VALUES (43)").unwrap();
+    wait_archived(&mut db);
+    let stream = dir.path().join("data/wal/stream");
+    wait_until(Duration::from_secs(30), "a completed segment to be encrypted", || (segments(&stream).0.is_empty() && !segments(&stream).1.is_empty()).then_some(()));
+    let window = Request::new("GET", "/api/v1/backup/window").api_key().send_to(gw.port);
+    assert_eq!(window.json()["encrypted_locally"], true, "{}", window.text());
+
+    // The server holds no private key: an online restore is refused before anything stops.
+    let (status, answer) = post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({"target_time": "latest"}));
+    assert_eq!(status, 409, "{answer}\n{}", gw.log());
+    let detail = answer["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("OMNI_DECRYPT_IDENTITY_FILE") && detail.contains(&public[..9]) && detail.contains("nothing was changed"), "{answer}");
+    assert_eq!(gw.get("/health").status, 200, "{}", gw.log());
+    let rows: i64 = gw.db().query_one("SELECT count(*) FROM kept", &[]).unwrap().get(0);
+    assert_eq!(rows, 2, "the data serves as it was");
+
+    // The drill by hand: refused without the key, passes with it.
+    let env = |identity: Option<&Path>| {
+        let mut env = vec![("OMNI_ENCRYPT_LOCAL", "true".to_string()), ("OMNI_ENCRYPT_RECIPIENTS", public.clone())];
+        env.extend(identity.map(|k| ("OMNI_DECRYPT_IDENTITY_FILE", k.display().to_string())));
+        env
+    };
+    let (ok, out, err) = cli_env(dir.path(), &["backup", "verify"], &env(None));
+    assert!(!ok && err.contains("OMNI_DECRYPT_IDENTITY_FILE"), "a drill without the key:\n{out}\n{err}");
+    let (ok, out, err) = cli_env(dir.path(), &["backup", "verify"], &env(Some(&key)));
+    assert!(ok && out.contains("restore drill passed"), "a drill with the key:\n{out}\n{err}");
+    assert!(gw.terminate().success(), "{}", gw.log());
+
+    // With OMNI_DECRYPT_IDENTITY_FILE the online restore runs and brings everything back.
+    let gw = start(Some(&key));
+    let (status, answer) = post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({"target_time": "latest"}));
+    assert_eq!(status, 200, "{answer}\n{}", gw.log());
+    let rows: i64 = gw.db().query_one("SELECT count(*) FROM kept", &[]).unwrap().get(0);
+    assert_eq!(rows, 2, "every row is back after the restore to latest\n{}", gw.log());
 }
