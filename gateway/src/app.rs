@@ -215,6 +215,8 @@ pub async fn run(config: Config) -> Result<i32> {
             "data_dir": e.data_dir.value.display().to_string(),
             "data_dir_origin": e.data_dir.origin.to_string(),
             "memory_mode": e.memory_mode,
+            // OMNI_ENCRYPT_LOCAL: the WAL archive's base backups and completed segments are kept encrypted.
+            "wal_encrypted_locally": !e.memory_mode && config.wal.enabled && config.wal.encrypt_local,
         }),
         Database::External { .. } => serde_json::json!({ "kind": "external" }),
     });

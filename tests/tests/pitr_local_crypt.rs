@@ -221,6 +221,8 @@ fn pitr_local_crypt_the_online_restore_and_the_drill_need_the_identity_and_work_
     wait_until(Duration::from_secs(30), "a completed segment to be encrypted", || (segments(&stream).0.is_empty() && !segments(&stream).1.is_empty()).then_some(()));
     let window = Request::new("GET", "/api/v1/backup/window").api_key().send_to(gw.port);
     assert_eq!(window.json()["encrypted_locally"], true, "{}", window.text());
+    let storage = gw.get("/gateway/status").json()["storage"].clone();
+    assert_eq!(storage["wal_encrypted_locally"], true, "{storage}");
 
     // The server holds no private key: an online restore is refused before anything stops.
     let (status, answer) = post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({"target_time": "latest"}));

@@ -192,7 +192,12 @@ pub fn seal_segments(wal_dir: &Path, account: &Account, keep_newest: bool) -> Re
             }
             let to = sealed_segment(&dir, &seg.name);
             let clock = std::time::Instant::now();
-            seal_file(encryption, &seg.path, &to, true, account)?;
+            match seal_file(encryption, &seg.path, &to, true, account) {
+                Ok(()) => {}
+                // Deleted meanwhile (retention, a restore's move): nothing to seal.
+                Err(_) if !seg.path.exists() => continue,
+                Err(e) => return Err(e),
+            }
             tracing::debug!("{} sealed into {} ({} bytes) in {} ms", seg.name, to.display(), std::fs::metadata(&to).map_or(0, |m| m.len()), clock.elapsed().as_millis());
             match std::fs::remove_file(&seg.path) {
                 Ok(()) => sealed += 1,
