@@ -196,6 +196,14 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     let mut count = |phase: &str| db.query_one("SELECT count(*) FROM pitr_rows WHERE phase = $1", &[&phase]).unwrap().get::<_, i64>(0);
     assert_eq!(count("A"), 50, "every write before {t} is back\n{}", gw.log());
     assert_eq!(count("B") + count("C"), 0, "no write after {t} is back");
+    // The restored cluster's new timeline is kept encrypted too.
+    db.query_one("SELECT pg_switch_wal()", &[]).unwrap();
+    db.batch_execute("INSERT INTO pitr_rows VALUES (4000, 'D')").unwrap();
+    wait_archived(&mut db);
+    wait_until(Duration::from_secs(30), "the new timeline's completed segments to be encrypted", || {
+        let (plain, sealed) = segments(&stream);
+        (plain.is_empty() && sealed.iter().any(|s| s.starts_with("00000002"))).then_some(())
+    });
 }
 
 #[test]

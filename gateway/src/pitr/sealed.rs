@@ -400,6 +400,14 @@ mod tests {
         assert!(!backup.join("pg_wal.tar").exists() && crypt::is_sealed(&std::fs::read(backup.join("pg_wal.tar.age")).unwrap()));
         assert_eq!(read(&backup.join("backup_manifest.age")).unwrap(), b"{ manifest }");
         assert!(sealed_files(&wal, Some(&backup)).len() == 2);
+        // pg_receivewal before 15: the newest completed segment waits for the next one.
+        let (older, newest) = ("000000010000000000000005", "000000010000000000000006");
+        std::fs::remove_file(stream.join(format!("{live}.partial"))).unwrap();
+        std::fs::write(stream.join(older), &plain[..1024]).unwrap();
+        std::fs::write(stream.join(newest), &plain[..1024]).unwrap();
+        assert_eq!(seal_segments(&wal, &me(), true).unwrap(), 1);
+        assert!(sealed_segment(&stream, older).exists() && stream.join(newest).exists() && !sealed_segment(&stream, newest).exists());
+
         // The recovery's copy of the identity opens them too.
         let copy = identity_for_recovery(&dir.0, &me()).unwrap();
         assert_eq!(Keys::load(Path::new(&copy), "copy").unwrap().public(), [identity.to_public().to_string()]);
