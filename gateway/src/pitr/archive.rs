@@ -462,5 +462,8 @@ mod tests {
         let full = cmd.find("\"$d/%f\" \"%p\"").unwrap();
         let partial = cmd.find("%f.partial").unwrap();
         assert!(full < partial, "complete segments are preferred: {cmd}");
+        // An encrypted archive: the gateway's own restore-wal, its arguments quoted.
+        let cmd = restore_command(Path::new("/srv/it's 100%"), Some((Path::new("/opt/omni gateway"), "/run/s/identity.txt")));
+        assert!(cmd.starts_with("'/opt/omni gateway' restore-wal '/run/s/identity.txt' \"%f\" \"%p\" '/srv/it'\\''s 100%%/stream'"), "{cmd}");
     }
 }

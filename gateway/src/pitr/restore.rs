@@ -347,10 +347,14 @@ impl Restore<'_> {
                 std::os::unix::fs::chown(&hba, Some(uid), Some(gid))?;
             }
             // Sealed segments (OMNI_ENCRYPT_LOCAL) are read by `omni-gateway restore-wal`.
-            let gateway = std::env::current_exe().context("finding the gateway's own binary for the restore_command")?;
-            let identity = super::sealed::identity_for_recovery(&socket_dir, self.account)?;
             let sealed = !super::sealed::sealed_files(&self.wal.dir, None).is_empty() || super::sealed::encryption().is_some();
-            let restore_command = archive::restore_command(&self.wal.dir, sealed.then_some((gateway.as_path(), identity.as_str())));
+            let restore_command = if sealed {
+                let gateway = std::env::current_exe().context("finding the gateway's own binary for the restore_command (the WAL archive is encrypted)")?;
+                let identity = super::sealed::identity_for_recovery(&socket_dir, self.account)?;
+                archive::restore_command(&self.wal.dir, Some((gateway.as_path(), identity.as_str())))
+            } else {
+                archive::restore_command(&self.wal.dir, None)
+            };
             let mut spec = ChildSpec::new("postgres", self.binaries.postgres())
                 .arg("-D")
                 .arg(dir)
