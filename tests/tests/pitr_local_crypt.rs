@@ -213,8 +213,10 @@ fn pitr_local_crypt_the_online_restore_and_the_drill_need_the_identity_and_work_
     let dir = workdir();
     let start = |identity: Option<&Path>| {
         let mut builder = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_ENCRYPT_LOCAL", "true").env("OMNI_ENCRYPT_RECIPIENTS", public.clone());
-        if let Some(key) = identity {
-            builder = builder.env("OMNI_DECRYPT_IDENTITY_FILE", key.display().to_string());
+        match identity {
+            Some(key) => builder = builder.env("OMNI_DECRYPT_IDENTITY_FILE", key.display().to_string()),
+            // The scheduled drill, which cannot read the archive here.
+            None => builder = builder.env("OMNI_BACKUP_DRILL_INTERVAL", "2s"),
         }
         builder.start()
     };
@@ -240,6 +242,12 @@ fn pitr_local_crypt_the_online_restore_and_the_drill_need_the_identity_and_work_
     assert_eq!(gw.get("/health").status, 200, "{}", gw.log());
     let rows: i64 = gw.db().query_one("SELECT count(*) FROM kept", &[]).unwrap().get(0);
     assert_eq!(rows, 2, "the data serves as it was");
+
+    wait_until(Duration::from_secs(30), "the scheduled drill to say why it is skipped", || gw.log().contains("restore drill skipped").then_some(()));
+    let log = gw.log();
+    let said = log.lines().find(|l| l.contains("restore drill skipped")).unwrap();
+    assert!(said.contains("OMNI_DECRYPT_IDENTITY_FILE") && said.contains(&public[..9]), "{said}");
+    assert!(!log.contains("RESTORE DRILL FAILED") && !dir.path().join("data/wal/drill.json").exists(), "a skipped drill is no failed one: {log}");
 
     // The drill by hand: refused without the key, passes with it.
     let env = |identity: Option<&Path>| {

@@ -306,18 +306,16 @@ pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, stage: &Stage, asked: Can
                     () = tokio::time::sleep(wal.drill_every) => continue,
                 }
             }
-            // OMNI_ENCRYPT_LOCAL without OMNI_DECRYPT_IDENTITY_FILE: the server cannot read its own archive.
-            if let Some(backup) = base::list(&wal.dir).pop() {
-                if let Err(e) = sealed::check_restorable(&wal.dir, &backup.dir(&wal.dir)) {
-                    tracing::warn!("restore drill skipped: {e}. Drill by hand where the key is: omni-gateway backup verify with OMNI_DECRYPT_IDENTITY_FILE");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(wal.drill_every) => continue,
+            // OMNI_ENCRYPT_LOCAL without OMNI_DECRYPT_IDENTITY_FILE: the server
+            // cannot read its own archive; the off-site drill still runs after.
+            let unreadable = base::list(&wal.dir).pop().and_then(|b| sealed::check_restorable(&wal.dir, &b.dir(&wal.dir)).err());
+            let drills = async {
+                match &unreadable {
+                    Some(e) => tracing::warn!("restore drill skipped: {e}. Drill by hand where the key is: omni-gateway backup verify with OMNI_DECRYPT_IDENTITY_FILE"),
+                    None => {
+                        restore::drill(&wal, &server.binaries, &server.account, &data_dir).await;
                     }
                 }
-            }
-            let drills = async {
-                restore::drill(&wal, &server.binaries, &server.account, &data_dir).await;
                 if let Some(after) = &after {
                     after().await;
                 }
@@ -326,6 +324,13 @@ pub fn spawn_drills(cluster: &Cluster, wal: WalConfig, stage: &Stage, asked: Can
                 () = stop.cancelled() => return,
                 () = asked.cancelled() => return,
                 () = drills => {}
+            }
+            // A skipped drill records nothing: wait a whole interval before the next try.
+            if unreadable.is_some() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wal.drill_every) => {}
+                }
             }
         }
     });
