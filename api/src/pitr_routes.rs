@@ -139,6 +139,10 @@ pub struct Window {
     /// above; null without an off-site repository.
     #[serde(default)]
     offsite: Option<OffsiteWindow>,
+    /// `OMNI_ENCRYPT_LOCAL`: the local archive's base backups and completed
+    /// WAL segments are kept encrypted (restores need the private key).
+    #[serde(default)]
+    encrypted_locally: bool,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]

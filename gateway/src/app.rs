@@ -215,6 +215,8 @@ pub async fn run(config: Config) -> Result<i32> {
             "data_dir": e.data_dir.value.display().to_string(),
             "data_dir_origin": e.data_dir.origin.to_string(),
             "memory_mode": e.memory_mode,
+            // OMNI_ENCRYPT_LOCAL: the WAL archive's base backups and completed segments are kept encrypted.
+            "wal_encrypted_locally": !e.memory_mode && config.wal.enabled && config.wal.encrypt_local,
         }),
         Database::External { .. } => serde_json::json!({ "kind": "external" }),
     });
@@ -294,7 +296,8 @@ pub async fn run(config: Config) -> Result<i32> {
 pub fn check_features(config: &Config) -> Result<(), crate::config::ConfigError> {
     crate::relay::ReplicationConfig::parse(config)?;
     crate::tls::settings::HttpsSettings::parse(config)?;
-    crate::repository::config::RepositoryConfig::parse(config).map(drop)
+    crate::repository::config::RepositoryConfig::parse(config)?;
+    crate::repository::config::check_local_encryption(config)
 }
 
 pub fn setup_token_file(config: &Config) -> PathBuf {
@@ -493,6 +496,10 @@ fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_
     let mut deferred_wal = None;
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
         let (jobs, asked) = (running.stage("jobs"), running.shutdown.asked());
+        if let Err(e) = crate::repository::config::local_crypt(config, None) {
+            tracing::warn!("{e:#}");
+        }
+        crate::pitr::spawn_sealer(&cluster, config.wal.clone(), jobs);
         let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, jobs, asked.clone());
         // The off-site copy is drilled after each local drill, when there is one.
         let offsite = crate::repository::drill::after_local_drills(config, &cluster);

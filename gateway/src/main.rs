@@ -102,6 +102,12 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
+    // PostgreSQL's restore_command for an encrypted archive, run as its
+    // account: no configuration, no logging setup (pitr/sealed.rs).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("restore-wal") {
+        return ExitCode::from(omni_gateway::pitr::sealed::restore_wal_main(&args[2..]));
+    }
     let cli = Cli::parse();
     let config = match load(&cli) {
         Ok(c) => c,

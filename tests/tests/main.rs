@@ -64,6 +64,7 @@ mod pitr;
 mod pitr_api;
 mod pitr_checksums;
 mod pitr_full_disk;
+mod pitr_local_crypt;
 mod pitr_memory_backups;
 mod pitr_recovery;
 mod pitr_timelines;

@@ -25,6 +25,7 @@ pub async fn run(config: &Config, verify: bool) -> Result<()> {
     let data_dir = &embedded.data_dir.value;
     let bins = binaries::find(embedded.bin_dir.as_deref())?;
     let account = privilege::postgres_account(&embedded.run_as)?;
+    crate::repository::config::local_crypt(config, None)?;
     if verify {
         let drill = restore::drill(&config.wal, &bins, &account, data_dir).await;
         if !drill.ok {
@@ -61,6 +62,7 @@ pub async fn drill(config: &Config, all: bool, id: Option<&str>) -> Result<()> {
     let embedded = embedded(config)?;
     let bins = binaries::find(embedded.bin_dir.as_deref())?;
     let account = privilege::postgres_account(&embedded.run_as)?;
+    crate::repository::config::local_crypt(config, None)?;
     let backups = base::list(&config.wal.dir);
     let chosen: Vec<base::BaseBackup> = match id {
         Some(id) => vec![backups.iter().find(|b| b.id == id).cloned().with_context(|| {

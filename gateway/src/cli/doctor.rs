@@ -205,6 +205,17 @@ pub async fn run(config: &Config) -> Report {
         },
         Err(e) => report.add("off-site repository", Status::Fail, e.to_string()),
     }
+    if config.wal.enabled && config.wal.encrypt_local {
+        // A missing OMNI_ENCRYPT_* never gets here either: the configuration row names it.
+        let to = crate::repository::config::encryption(config).ok().and_then(|e| e.sealer().ok()).map_or_else(|| "age".into(), |s| s.describe());
+        let key = match crate::repository::config::identity_file(config) {
+            Some(p) => format!("OMNI_DECRYPT_IDENTITY_FILE={} opens them here", p.display()),
+            None => "restores need OMNI_DECRYPT_IDENTITY_FILE or restore --identity FILE (not set here: the scheduled drill is skipped)".into(),
+        };
+        report.add("local copies", Status::Ok, format!("encrypted ({to}, OMNI_ENCRYPT_LOCAL): base backups and completed WAL segments in {}; {key}; the segment being written and the .sql backups stay plain", config.wal.dir.display()));
+    } else if config.wal.enabled {
+        report.add("local copies", Status::Ok, format!("not encrypted (OMNI_ENCRYPT_LOCAL=false): anyone who reads {} reads the backups", config.wal.dir.display()));
+    }
     let token_file = crate::app::setup_token_file(config);
     match std::fs::read_to_string(&token_file) {
         Ok(token) if config.api_key.is_none() => report.add(

@@ -36,10 +36,10 @@ pub struct RestoreArgs {
     /// the environment: AWS_*, GOOGLE_*, AZURE_*) into OMNI_WAL_DIR first
     #[arg(long, value_name = "URL", requires = "to", conflicts_with_all = ["window", "discard_previous"])]
     pub from: Option<String>,
-    /// With --from: the age identity file (`age-keygen`'s key.txt, or the
-    /// passphrase file) that decrypts an encrypted repository; default
-    /// OMNI_DECRYPT_IDENTITY_FILE
-    #[arg(long, value_name = "FILE", requires = "from")]
+    /// The age identity file (`age-keygen`'s key.txt, or the passphrase
+    /// file) that decrypts an encrypted repository (--from) or an archive
+    /// kept encrypted (OMNI_ENCRYPT_LOCAL); default OMNI_DECRYPT_IDENTITY_FILE
+    #[arg(long, value_name = "FILE", requires = "to")]
     pub identity: Option<std::path::PathBuf>,
 }
 
@@ -82,6 +82,8 @@ pub async fn run(config: &Config, args: RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let target = args.to.expect("clap requires --to here");
+    // OMNI_ENCRYPT_LOCAL: the local archive opens with the same identity.
+    crate::repository::config::local_crypt(config, args.identity.as_deref())?;
     if args.from.is_some() {
         crate::repository::fetch::set_keys(config, args.identity.as_deref())?;
     }

@@ -98,6 +98,7 @@ pub const VARS: &[Var] = &[
     Var { name: "OMNI_ENCRYPT_RECIPIENTS", default: "", help: "age X25519 public keys (age1..., from age-keygen), comma-separated: every object that leaves the machine is encrypted to them; set at most one of the three OMNI_ENCRYPT_* variables (README \"Encrypted off-site backups\")" },
     Var { name: "OMNI_ENCRYPT_RECIPIENTS_FILE", default: "", help: "a file of age public keys, one a line (# comments); read again for each object, so a rotated key applies to new objects" },
     Var { name: "OMNI_ENCRYPT_PASSPHRASE_FILE", default: "", help: "a file whose first line is a long random passphrase (age scrypt), for the simple case" },
+    Var { name: "OMNI_ENCRYPT_LOCAL", default: "false", help: "true: the WAL archive on this machine (OMNI_WAL_DIR's base backups and completed WAL segments) is encrypted too, to the OMNI_ENCRYPT_* recipients (one of them must be set); restores then need OMNI_DECRYPT_IDENTITY_FILE or restore --identity FILE; the segment being written and the .sql backups stay plain" },
     Var { name: "OMNI_DECRYPT_IDENTITY_FILE", default: "", help: "the private key (age-keygen's key.txt, or the passphrase file) restores and the off-site drill decrypt with (without it, the drill of an encrypted repository checks the manifest only); restore --identity FILE overrides it" },
     Var { name: "OMNI_BACKUP_HEARTBEAT_URL", default: "", help: "a monitor's URL (healthchecks.io, Uptime Kuma push): requested after each confirmed base or logical backup upload and while WAL uploads are healthy; <url>/fail with the reason when uploads fail" },
     Var { name: "OMNI_BACKUP_HEARTBEAT_INTERVAL", default: "1h", help: "at least this often while WAL uploads are healthy" },
@@ -383,6 +384,9 @@ pub struct WalConfig {
     pub window: Duration,
     /// Between two scheduled restore drills.
     pub drill_every: Duration,
+    /// `OMNI_ENCRYPT_LOCAL`: base backups and completed segments are kept
+    /// encrypted (`pitr/sealed.rs`; the encryption is `OMNI_ENCRYPT_*`'s).
+    pub encrypt_local: bool,
 }
 
 /// Reads variables from the layers with the shared rules: trimmed values,
@@ -550,7 +554,11 @@ fn parse_wal(p: &Parser<'_>) -> Result<WalConfig, ConfigError> {
             .ok_or_else(|| p.invalid("OMNI_PITR_WINDOW", "expected a duration such as 7d, 36h or 90m"))?,
         drill_every: omni_contract::interval::parse(&p.raw("OMNI_BACKUP_DRILL_INTERVAL").0)
             .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
+        encrypt_local: p.bool("OMNI_ENCRYPT_LOCAL")?,
     };
+    if wal.encrypt_local && !wal.enabled {
+        return Err(p.invalid("OMNI_ENCRYPT_LOCAL", "it encrypts the WAL archive, which OMNI_WAL_DIR=off turns off"));
+    }
     if wal.sync && !wal.enabled {
         return Err(p.invalid("OMNI_WAL_SYNC", "commits cannot wait for a WAL streamer that OMNI_WAL_DIR=off turns off"));
     }

@@ -70,23 +70,27 @@ pub fn stream_dirs(wal_dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// A WAL segment file: `TTTTTTTTXXXXXXXXYYYYYYYY`, maybe `.partial`.
+/// A WAL segment file: `TTTTTTTTXXXXXXXXYYYYYYYY`, maybe `.partial`, or
+/// a completed one sealed (`<name>.lz4.age`, `OMNI_ENCRYPT_LOCAL`: sealed.rs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
     pub path: PathBuf,
-    /// The 24-hex-digit name without `.partial`.
+    /// The 24-hex-digit name without `.partial` or `.lz4.age`.
     pub name: String,
     pub partial: bool,
+    /// Encrypted: only a restore with the identity reads it.
+    pub sealed: bool,
 }
 
 impl Segment {
     pub fn parse(path: &Path) -> Option<Segment> {
         let file = path.file_name()?.to_str()?;
-        let (name, partial) = match file.strip_suffix(".partial") {
-            Some(n) => (n, true),
-            None => (file, false),
+        let (name, partial, sealed) = match (file.strip_suffix(".partial"), file.strip_suffix(super::sealed::SEGMENT_SUFFIX)) {
+            (Some(n), _) => (n, true, false),
+            (None, Some(n)) => (n, false, true),
+            (None, None) => (file, false, false),
         };
-        (name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| Segment { path: path.to_path_buf(), name: name.to_string(), partial })
+        (name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| Segment { path: path.to_path_buf(), name: name.to_string(), partial, sealed })
     }
 
     /// The position in the WAL stream, whatever the timeline.
@@ -147,9 +151,16 @@ pub fn remove_short_partials(stream: &Path) -> usize {
 /// WAL"; a copy that fails (a full disk, an I/O error) exits 255: PostgreSQL
 /// treats an exit status above 125 like a signal and stops the recovery
 /// with an error, rather than ending it early with part of the WAL.
-pub fn restore_command(wal_dir: &Path) -> String {
+///
+/// An archive with sealed segments (`OMNI_ENCRYPT_LOCAL`) is read by
+/// `<gateway> restore-wal <identity file> %f %p <dirs>` instead
+/// ([`super::sealed::restore_wal_main`]), with the same exit statuses.
+pub fn restore_command(wal_dir: &Path, sealed: Option<(&Path, &str)>) -> String {
     let dirs: Vec<String> = stream_dirs(wal_dir).iter().map(|d| shell_quote(&d.display().to_string())).collect();
     let dirs = dirs.join(" ");
+    if let Some((gateway, identity)) = sealed {
+        return format!("{} restore-wal {} \"%f\" \"%p\" {dirs}", shell_quote(&gateway.display().to_string()), shell_quote(identity));
+    }
     let command = format!(
         "for d in {dirs}; do [ -f \"$d/%f\" ] && {{ cp \"$d/%f\" \"%p\" && exit 0; exit 255; }}; done; \
          for d in {dirs}; do [ -f \"$d/%f.partial\" ] && {{ cp \"$d/%f.partial\" \"%p\" && exit 0; exit 255; }}; done; exit 1"
@@ -393,7 +404,8 @@ pub fn seed_stream(wal_dir: &Path, pg_wal: &Path, timeline: u32, last_segment: &
             continue;
         };
         let done = stream.join(to.file_name().expect("a file name").to_string_lossy().trim_end_matches(".partial"));
-        if to.exists() || done.exists() {
+        let sealed = super::sealed::sealed_segment(&stream, &done.file_name().expect("a file name").to_string_lossy());
+        if to.exists() || done.exists() || sealed.exists() {
             continue;
         }
         let tmp = stream.join(format!(".{file}.seed"));
@@ -445,10 +457,13 @@ mod tests {
 
     #[test]
     fn restore_command_quotes_paths_and_falls_back_to_partial_segments() {
-        let cmd = restore_command(Path::new("/srv/it's 100%"));
+        let cmd = restore_command(Path::new("/srv/it's 100%"), None);
         assert!(cmd.contains("'/srv/it'\\''s 100%%/stream'"), "{cmd}");
         let full = cmd.find("\"$d/%f\" \"%p\"").unwrap();
         let partial = cmd.find("%f.partial").unwrap();
         assert!(full < partial, "complete segments are preferred: {cmd}");
+        // An encrypted archive: the gateway's own restore-wal, its arguments quoted.
+        let cmd = restore_command(Path::new("/srv/it's 100%"), Some((Path::new("/opt/omni gateway"), "/run/s/identity.txt")));
+        assert!(cmd.starts_with("'/opt/omni gateway' restore-wal '/run/s/identity.txt' \"%f\" \"%p\" '/srv/it'\\''s 100%%/stream'"), "{cmd}");
     }
 }

@@ -111,6 +111,12 @@ pub async fn take(server: &Server, wal: &WalConfig) -> Result<BaseBackup> {
         let (timeline, start_lsn, end_lsn) = wal_range(&partial);
         let system_identifier = system_identifier(server).await;
         let bytes = tree_size(&partial);
+        // OMNI_ENCRYPT_LOCAL: checked plain, kept sealed (sealed.rs).
+        if let Some(encryption) = super::sealed::encryption() {
+            let (at, owner, sealing) = (partial.clone(), server.account.clone(), clock.elapsed());
+            let files = tokio::task::spawn_blocking(move || super::sealed::seal_tree(encryption, &at, &owner)).await.context("sealing the base backup stopped")??;
+            tracing::info!("base backup {id}: {files} files encrypted ({} ms)", (clock.elapsed() - sealing).as_millis());
+        }
         let backup = BaseBackup { id: id.clone(), started_at, finished_at: Utc::now(), bytes, start_segment, timeline, start_lsn, end_lsn, system_identifier };
         let dir = backup.dir(&wal.dir);
         std::fs::rename(&partial, &dir).with_context(|| format!("could not rename {} to {}", partial.display(), dir.display()))?;

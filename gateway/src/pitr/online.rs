@@ -140,6 +140,8 @@ impl Online {
             "streaming": self.board.state("wal") == Some(State::Ready),
             "base_backups": backups,
             "last_drill": drill,
+            // OMNI_ENCRYPT_LOCAL: base backups and completed segments are kept encrypted.
+            "encrypted_locally": super::sealed::encryption().is_some(),
         })
     }
 
@@ -191,6 +193,12 @@ impl Online {
             }
             return Err(refuse(409, "no_base_backup", "there is no verified base backup yet, so there is nothing to restore from; take one (POST /api/v1/backup/base)"));
         };
+        // OMNI_ENCRYPT_LOCAL without the identity: refused before anything stops.
+        if let Some(newest) = base::list(&self.wal.dir).pop() {
+            if let Err(e) = super::sealed::check_restorable(&self.wal.dir, &newest.dir(&self.wal.dir)) {
+                return Err(refuse(409, "identity_needed", format!("the WAL archive is encrypted (OMNI_ENCRYPT_LOCAL) and cannot be read here: {e}; nothing was changed")));
+            }
+        }
         if let Target::Time(t) = target {
             // While the streamer is connected the newest timeline's archive is current up to now.
             let streaming = self.board.state("wal") == Some(State::Ready) && timeline == super::archive::newest_timeline(&self.wal.dir);

@@ -200,6 +200,8 @@ impl Restore<'_> {
         let timeline = target_timeline(&self.wal.dir, target, timeline)?;
         let lineage = archive::lineage(&self.wal.dir, timeline);
         let backup = self.pick_base(target, &lineage)?;
+        // OMNI_ENCRYPT_LOCAL: without the identity, nothing is touched.
+        super::sealed::check_restorable(&self.wal.dir, &backup.dir(&self.wal.dir)).with_context(|| format!("base backup {} and the WAL after it are encrypted (OMNI_ENCRYPT_LOCAL): nothing was changed", backup.id))?;
         self.report("reading commit times in the WAL archive", 10);
         let stop_at = match target {
             Target::Latest => None,
@@ -344,6 +346,15 @@ impl Restore<'_> {
             if let Some((uid, gid)) = owner {
                 std::os::unix::fs::chown(&hba, Some(uid), Some(gid))?;
             }
+            // Sealed segments (OMNI_ENCRYPT_LOCAL) are read by `omni-gateway restore-wal`.
+            let sealed = !super::sealed::sealed_files(&self.wal.dir, None).is_empty() || super::sealed::encryption().is_some();
+            let restore_command = if sealed {
+                let gateway = std::env::current_exe().context("finding the gateway's own binary for the restore_command (the WAL archive is encrypted)")?;
+                let identity = super::sealed::identity_for_recovery(&socket_dir, self.account)?;
+                archive::restore_command(&self.wal.dir, Some((gateway.as_path(), identity.as_str())))
+            } else {
+                archive::restore_command(&self.wal.dir, None)
+            };
             let mut spec = ChildSpec::new("postgres", self.binaries.postgres())
                 .arg("-D")
                 .arg(dir)
@@ -360,7 +371,7 @@ impl Restore<'_> {
                 .arg("-c")
                 .arg("log_line_prefix=[%p] ")
                 .arg("-c")
-                .arg(format!("restore_command={}", archive::restore_command(&self.wal.dir)))
+                .arg(format!("restore_command={restore_command}"))
                 .arg("-c")
                 .arg("recovery_target_action=promote")
                 .arg("-c")
@@ -524,6 +535,7 @@ pub(crate) fn make_scratch(scratch: &Path, account: &Account) -> Result<()> {
 /// tables it has (none is a failure: the app's schema did not come back).
 pub(crate) async fn drill_archive(wal: &WalConfig, binaries: &Binaries, account: &Account, scratch: &Path, backup: &base::BaseBackup) -> Result<i64> {
     let timeline = archive::timelines(&wal.dir).into_iter().rev().find(|t| backup.serves(&archive::lineage(&wal.dir, *t))).unwrap_or(backup.timeline());
+    super::sealed::check_restorable(&wal.dir, &backup.dir(&wal.dir)).with_context(|| format!("base backup {} and the WAL after it are encrypted (OMNI_ENCRYPT_LOCAL)", backup.id))?;
     tracing::info!("restore drill: checking base backup {} against its manifest", backup.id);
     base::verify(binaries, account, &backup.dir(&wal.dir)).await?;
     let data_dir = scratch.join("data");
@@ -1000,6 +1012,13 @@ pub async fn commit_after_on(wal: &WalConfig, binaries: &Binaries, data_dir: &Pa
                 let copy = scratch.join(&seg.name);
                 std::fs::copy(&seg.path, &copy).with_context(|| format!("copying {}", seg.path.display()))?;
                 copy
+            } else if seg.sealed {
+                let copy = scratch.join(&seg.name);
+                let (from, to) = (seg.path.clone(), copy.clone());
+                tokio::task::spawn_blocking(move || super::sealed::open_segment(&from).and_then(|b| std::fs::write(&to, b).with_context(|| format!("writing {}", to.display()))))
+                    .await
+                    .context("decrypting a WAL segment stopped")??;
+                copy
             } else {
                 seg.path.clone()
             };
@@ -1013,7 +1032,7 @@ pub async fn commit_after_on(wal: &WalConfig, binaries: &Binaries, data_dir: &Pa
             child::run(spec).await.context("could not run pg_waldump")?;
             let until = archive::name_timeline(&seg.name).and_then(|tl| lineage.leaves(tl)).unwrap_or(u64::MAX);
             let newest = commit_times(&std::fs::read_to_string(&out_path)?).into_iter().filter(|(lsn, _)| *lsn < until).map(|(_, at)| at).max();
-            if seg.partial {
+            if seg.partial || seg.sealed {
                 let _ = std::fs::remove_file(&file);
             }
             if let Some(newest) = newest {

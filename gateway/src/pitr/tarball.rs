@@ -12,7 +12,6 @@
 //! its end. The archive is read once, as a stream: no disk space, no copy.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -23,9 +22,13 @@ use sha2::{Digest, Sha256};
 use super::archive::SEGMENT_BYTES;
 use crate::process::privilege::{self, Account};
 
-/// The archive named `<stem>.tar[.lz4|.gz]` in `dir`, if any.
+/// The archive named `<stem>.tar[.lz4|.gz]` in `dir`, if any, or its
+/// sealed copy (`….age`, `OMNI_ENCRYPT_LOCAL`: decrypted as it is read).
 pub fn archive(dir: &Path, stem: &str) -> Option<PathBuf> {
-    ["tar.lz4", "tar.gz", "tar"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file())
+    ["tar.lz4", "tar.gz", "tar"]
+        .iter()
+        .flat_map(|ext| [dir.join(format!("{stem}.{ext}")), dir.join(format!("{stem}.{ext}{}", super::sealed::SUFFIX))])
+        .find(|p| p.is_file())
 }
 
 /// Whether `dir` holds a tar-format base backup (otherwise it is a plain one).
@@ -33,10 +36,11 @@ pub fn is_tar(dir: &Path) -> bool {
     archive(dir, "base").is_some()
 }
 
-/// The archive's tar stream, decompressed as its name says.
+/// The archive's tar stream, decrypted and decompressed as its name says.
 fn open(path: &Path) -> Result<Box<dyn Read>> {
-    let file = BufReader::with_capacity(1 << 20, File::open(path).with_context(|| format!("opening {}", path.display()))?);
+    let file = BufReader::with_capacity(1 << 20, super::sealed::open(path)?);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = name.strip_suffix(super::sealed::SUFFIX).unwrap_or(&name);
     Ok(if name.ends_with(".lz4") {
         Box::new(lz4_flex::frame::FrameDecoder::new(file))
     } else if name.ends_with(".gz") {
@@ -98,7 +102,12 @@ impl ManifestFile {
 /// everything before its `"Manifest-Checksum"` line.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("backup_manifest");
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let sealed = dir.join(format!("backup_manifest{}", super::sealed::SUFFIX));
+    let bytes = if !path.exists() && sealed.exists() {
+        super::sealed::read(&sealed)?
+    } else {
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+    };
     let key = b"\"Manifest-Checksum\"";
     let at = bytes.windows(key.len()).rposition(|w| w == key).with_context(|| format!("{} has no Manifest-Checksum: it is truncated", path.display()))?;
     let rest = String::from_utf8_lossy(&bytes[at + key.len()..]);
@@ -201,6 +210,7 @@ pub fn segment_name(timeline: u32, lsn: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     /// A backup directory with `base.tar.lz4` holding `files` and a manifest
     /// recording `recorded` (name, content) with correct CRCs and its own checksum.

@@ -72,6 +72,42 @@ pub fn encryption(config: &Config) -> Result<Encryption, ConfigError> {
     })
 }
 
+/// `OMNI_ENCRYPT_LOCAL=true` needs something to encrypt to: refused
+/// before anything starts when no `OMNI_ENCRYPT_*` is set.
+pub fn check_local_encryption(config: &Config) -> Result<(), ConfigError> {
+    if config.wal.encrypt_local && !encryption(config)?.is_on() {
+        let (value, origin) = config.layers.lookup("OMNI_ENCRYPT_LOCAL");
+        return Err(ConfigError::Invalid {
+            var: "OMNI_ENCRYPT_LOCAL",
+            value,
+            origin,
+            problem: "it encrypts the local copies to the off-site backups' keys, and none is set: set OMNI_ENCRYPT_RECIPIENTS (age public keys), OMNI_ENCRYPT_RECIPIENTS_FILE or OMNI_ENCRYPT_PASSPHRASE_FILE, or set OMNI_ENCRYPT_LOCAL=false".into(),
+        });
+    }
+    Ok(())
+}
+
+/// This process's side of `OMNI_ENCRYPT_LOCAL` (`pitr/sealed.rs`): the
+/// archive is sealed to `OMNI_ENCRYPT_*` when it is on, and opened with
+/// `identity` (`--identity`), else `OMNI_DECRYPT_IDENTITY_FILE`, when one
+/// is given. An identity file that cannot be read is an error naming it.
+pub fn local_crypt(config: &Config, identity: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (path, variable) = match identity {
+        Some(p) => (Some(p.to_path_buf()), "--identity"),
+        None => (identity_file(config), "OMNI_DECRYPT_IDENTITY_FILE"),
+    };
+    if let Some(path) = path {
+        crate::pitr::sealed::set_keys(Some(super::crypt::Keys::load(&path, variable)?));
+    }
+    if config.wal.encrypt_local {
+        let encryption = encryption(config)?;
+        let to = encryption.sealer().map(|s| s.describe()).unwrap_or_else(|e| e.to_string());
+        tracing::info!("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments in {} are kept encrypted ({to}); restores need OMNI_DECRYPT_IDENTITY_FILE or --identity", config.wal.dir.display());
+        crate::pitr::sealed::set_encryption(encryption);
+    }
+    Ok(())
+}
+
 /// `OMNI_DECRYPT_IDENTITY_FILE`, when set.
 pub fn identity_file(config: &Config) -> Option<PathBuf> {
     path_setting(config, "OMNI_DECRYPT_IDENTITY_FILE")

@@ -9,7 +9,8 @@
 //! `store.rs` is the one way to the store (open, write once, read
 //! verified, list, delete); `layout.rs` names every object.
 
-pub mod crypt;
+// The age encryption lives with the archive it also seals (`OMNI_ENCRYPT_LOCAL`).
+pub use crate::pitr::crypt;
 pub mod drill;
 pub mod heartbeat;
 pub mod layout;

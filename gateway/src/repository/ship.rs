@@ -36,7 +36,10 @@
 //! down one last WAL round ships the streamer's last bytes.
 //!
 //! With `OMNI_ENCRYPT_*` every object is sealed by the store layer
-//! (`store::Repository::put_object`, `put_file`; see `crypt.rs`); the
+//! (`store::Repository::put_object`, `put_file`; see `crypt.rs`), but for
+//! files already sealed on this machine (`OMNI_ENCRYPT_LOCAL`: a base
+//! backup's `<file>.age`, a segment's `<segment>.lz4.age`), which hold the
+//! object's exact format and go as they are (`put_sealed_file`); the
 //! manifests and `.history` files it uploads are also kept plain in
 //! `OMNI_WAL_DIR/repository-plain/`, for retention and the window to read.
 //! `OMNI_BACKUP_HEARTBEAT_URL` (`heartbeat.rs`) hears of each base and
@@ -555,10 +558,14 @@ impl Shipper {
         }
         // Completed segments, in WAL order, each once (the first directory
         // that has it, as the restore_command takes it).
+        // A segment sealed locally (OMNI_ENCRYPT_LOCAL) goes as it is; its
+        // plain file, while it is being sealed, is not read.
         let mut waiting: Vec<archive::Segment> = Vec::new();
         let mut complete: std::collections::HashSet<String> = std::collections::HashSet::new();
         for dir in &dirs {
-            for seg in archive::segments(dir).into_iter().filter(|s| !s.partial) {
+            let mut segments: Vec<archive::Segment> = archive::segments(dir).into_iter().filter(|s| !s.partial).collect();
+            segments.sort_by_key(|s| !s.sealed);
+            for seg in segments {
                 if complete.insert(seg.name.clone()) && !self.is_confirmed(&layout::wal_segment(gen, &seg.name)) {
                     waiting.push(seg);
                 }
@@ -578,6 +585,18 @@ impl Shipper {
         }
         for seg in waiting {
             let name = layout::wal_segment(gen, &seg.name);
+            if seg.sealed {
+                let stored = match self.repo.put_sealed_file(&name, &seg.path).await {
+                    Ok(stored) => stored,
+                    Err(RepositoryError::Local { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                self.confirm(&name, stored.size, stored.sha256, stored.put);
+                pending.objects = pending.objects.saturating_sub(1);
+                pending.bytes = pending.bytes.saturating_sub(archive::SEGMENT_BYTES);
+                self.drop_chunks(gen, &seg.name).await;
+                continue;
+            }
             let path = seg.path.clone();
             let encoded = tokio::task::spawn_blocking(move || std::fs::read(&path).and_then(|b| layout::encode_segment(&b)))
                 .await
@@ -879,12 +898,19 @@ impl Shipper {
         // files shows as both), not the recipients read again afterwards.
         let mut sealed_to: Vec<String> = Vec::new();
         for (relative, path) in files_under(&dir) {
+            // Sealed locally (OMNI_ENCRYPT_LOCAL): `<file>.age` is the object `<file>`, uploaded as it is.
+            let sealed = relative.strip_suffix(crate::pitr::sealed::SUFFIX).map(str::to_string);
+            let relative = sealed.clone().unwrap_or(relative);
             let name = layout::base_file(gen, &backup.id, &relative);
             let known = self.state().file.objects.get(&name).cloned().filter(|c| !c.sha256.is_empty());
             let (size, sha256) = match known {
                 Some(c) => (c.size, c.sha256),
                 None => {
-                    let (put, size, sha) = match self.repo.put_file(&name, &path).await {
+                    let upload = match sealed {
+                        Some(_) => self.repo.put_sealed_file(&name, &path).await,
+                        None => self.repo.put_file(&name, &path).await,
+                    };
+                    let (put, size, sha) = match upload {
                         Ok(done) => {
                             sealed_to.extend(done.recipients.into_iter().filter(|k| !sealed_to.contains(k)).collect::<Vec<_>>());
                             (done.put, done.size, done.sha256)
@@ -987,7 +1013,9 @@ fn confirmed_path(wal_dir: &Path, gen: Option<&str>, objects: &BTreeMap<String, 
 /// same recipients and length), or uploads it again if retention deleted it.
 fn local_source_exists(name: &str, wal_dir: &Path, stream_dirs: &[PathBuf], backup_dir: &Path) -> bool {
     match layout::parse(name) {
-        Some(layout::Object::Segment { segment, .. }) => stream_dirs.iter().any(|d| d.join(&segment).exists() || d.join(format!("{segment}.partial")).exists()),
+        Some(layout::Object::Segment { segment, .. }) => {
+            stream_dirs.iter().any(|d| d.join(&segment).exists() || d.join(format!("{segment}.partial")).exists() || crate::pitr::sealed::sealed_segment(d, &segment).exists())
+        }
         Some(layout::Object::BaseFile { id, .. } | layout::Object::BaseManifest { id, .. }) => {
             let base = wal_dir.join("base");
             base.join(&id).exists() || base.join(format!("{id}.json")).exists()

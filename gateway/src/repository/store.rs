@@ -744,6 +744,26 @@ impl Repository {
         Ok(Stored { put, size, sha256, recipients })
     }
 
+    /// Uploads `local`, a file already sealed on this machine
+    /// (`OMNI_ENCRYPT_LOCAL`, `pitr/sealed.rs`), as it is: the server holds
+    /// public keys only and could not seal its content again. The object
+    /// is the file's bytes, the recipients those its header names; a file
+    /// that is not an age file is refused, never uploaded plain.
+    pub async fn put_sealed_file(&self, path: &str, local: &Path) -> Result<Stored, RepositoryError> {
+        let head = file_head(local).map_err(|source| RepositoryError::Local { path: local.display().to_string(), source })?;
+        if !crypt::is_sealed(&head) {
+            return Err(CryptError::Damaged { what: local.display().to_string(), message: "named as encrypted (.age) but not an age file: refusing to upload it".into() }.into());
+        }
+        let recipients = crypt::header_recipients(&head);
+        let (put, mut size, mut sha256) = self.put_file_once(path, local).await?;
+        if put == Put::AlreadyThere {
+            // An earlier upload of another sealing of the same content (same recipients, same length).
+            size = self.head(path).await?.unwrap_or(size);
+            sha256 = self.sha256_of(path, size).await?.0;
+        }
+        Ok(Stored { put, size, sha256, recipients })
+    }
+
     /// `local` sealed and uploaded in parts at the same time (the sealing
     /// thread writes into [`Pieces`], the upload sends them as they come):
     /// the upload of a big file costs little more than without encryption.

@@ -1,4 +1,5 @@
-//! Encryption of what leaves the machine: the `age` format, one object at a
+//! Encryption of what leaves the machine (and, with `OMNI_ENCRYPT_LOCAL`,
+//! of the WAL archive on it: `sealed.rs`): the `age` format, one object at a
 //! time, to public keys (`OMNI_ENCRYPT_RECIPIENTS`,
 //! `OMNI_ENCRYPT_RECIPIENTS_FILE`) or to a passphrase
 //! (`OMNI_ENCRYPT_PASSPHRASE_FILE`).
@@ -382,6 +383,17 @@ impl Keys {
         }
         let public = identities.iter().map(|i| i.to_public().to_string()).collect();
         Ok(Keys { identities, passphrase: None, public })
+    }
+
+    /// The identity file's text again (its secret keys, or the
+    /// passphrase), for a process that cannot read the file itself (the
+    /// recovery's `restore_command`, run as PostgreSQL's account).
+    pub fn file_text(&self) -> String {
+        use age::secrecy::ExposeSecret;
+        match &self.passphrase {
+            Some(passphrase) => format!("{}\n", passphrase.expose_secret()),
+            None => self.identities.iter().map(|i| format!("{}\n", i.to_string().expose_secret())).collect(),
+        }
     }
 
     /// The public keys these identities open.

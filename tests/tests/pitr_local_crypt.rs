@@ -1,0 +1,270 @@
+//! `OMNI_ENCRYPT_LOCAL=true`, end to end with the real gateway, PostgreSQL
+//! and Debian's `age`: without `OMNI_ENCRYPT_*` the start is refused naming
+//! them, nothing created; with it every file of a base backup and every
+//! completed WAL segment in `data/wal` is an age file (`age -d | lz4 -d`
+//! gives a whole segment back), and the off-site repository gets those
+//! files as they are; a point-in-time restore without the
+//! identity is refused naming `OMNI_DECRYPT_IDENTITY_FILE`, `--identity` and
+//! the key it needs, the data directory untouched; with `--identity` it
+//! brings back exactly the rows written before the target. The online
+//! restore and `backup verify` are refused without the key (the service
+//! serving on as it was) and work with `OMNI_DECRYPT_IDENTITY_FILE`.
+
+use crate::gateway;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use gateway::{cli, cli_env, generation, oldest_base_backup, post_slow, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
+use omni_tests::{wait_until, Request, TEST_API_KEY};
+
+const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
+
+/// A new age key pair by Debian's `age-keygen`: (key file, public key).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let out = Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
+    assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
+    (key, String::from_utf8(public.stdout).unwrap().trim().to_owned())
+}
+
+fn is_age(path: &Path) -> bool {
+    let mut head = vec![0u8; AGE_MAGIC.len()];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == AGE_MAGIC
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// (completed plain segments, sealed segments) of `stream/`.
+fn segments(stream: &Path) -> (Vec<String>, Vec<String>) {
+    let names: Vec<String> = std::fs::read_dir(stream).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let hex = |n: &str| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit());
+    let plain = names.iter().filter(|n| hex(n)).cloned().collect();
+    let sealed = names.iter().filter_map(|n| n.strip_suffix(".lz4.age")).filter(|n| hex(n)).map(str::to_owned).collect();
+    (plain, sealed)
+}
+
+/// Each file of a directory tree with its size and modification time.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
+    files(dir).into_iter().filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, (m.len(), m.modified().unwrap())))).collect()
+}
+
+/// `age -d -i key file | lz4 -d`.
+fn age_lz4_decrypt(key: &Path, file: &Path) -> Vec<u8> {
+    let out = Command::new("age").arg("-d").arg("-i").arg(key).arg(file).output().unwrap();
+    assert!(out.status.success(), "age -d {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    let mut child = Command::new("lz4").args(["-d", "-c"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("lz4 (Debian's lz4 package) is installed");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = out.stdout;
+    let feeder = std::thread::spawn(move || stdin.write_all(&input));
+    let done = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(done.status.success(), "lz4 -d of {}", file.display());
+    done.stdout
+}
+
+#[test]
+fn pitr_local_crypt_without_keys_to_encrypt_to_the_start_is_refused_naming_them() {
+    let dir = workdir();
+    let (status, log) = GatewayBuilder::new(dir.path()).env("OMNI_ENCRYPT_LOCAL", "true").run_to_exit();
+    assert!(!status.success(), "a start with OMNI_ENCRYPT_LOCAL=true and nothing to encrypt to: {log}");
+    for named in ["OMNI_ENCRYPT_LOCAL", "OMNI_ENCRYPT_RECIPIENTS", "OMNI_ENCRYPT_RECIPIENTS_FILE", "OMNI_ENCRYPT_PASSPHRASE_FILE"] {
+        assert!(log.contains(named), "the error names {named}: {log}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was created before the refusal");
+}
+
+#[test]
+fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_identity() {
+    let keys = workdir();
+    let (key, public) = keygen(keys.path(), "key.txt");
+    let dir = workdir();
+    let bucket = keys.path().join("bucket");
+    let start = || {
+        GatewayBuilder::new(dir.path())
+            .env("OMNI_ENCRYPT_LOCAL", "true")
+            .env("OMNI_ENCRYPT_RECIPIENTS", public.clone())
+            .env("OMNI_BACKUP_DRILL_INTERVAL", "1d")
+            .env("OMNI_REPOSITORY_URL", format!("file://{}", bucket.display()))
+            .start()
+    };
+    let mut gw = start();
+    wait_for_base_backup(&gw);
+    let t = write_a_note_t_write_b(&gw);
+    // Completed segments after T: the restore replays through them.
+    let mut db = gw.db();
+    for from in [1000, 2000] {
+        db.batch_execute(&format!("INSERT INTO pitr_rows SELECT g, 'C' FROM generate_series({from}, {from} + 100) g")).unwrap();
+        db.query_one("SELECT pg_switch_wal()", &[]).unwrap();
+    }
+    db.batch_execute("INSERT INTO pitr_rows VALUES (3000, 'C')").unwrap();
+    wait_archived(&mut db);
+    drop(db);
+    let wal = dir.path().join("data/wal");
+    let stream = wal.join("stream");
+    wait_until(Duration::from_secs(30), "every completed segment to be encrypted", || {
+        let (plain, sealed) = segments(&stream);
+        (plain.is_empty() && sealed.len() >= 3).then_some(())
+    });
+    // Off-site: the local sealed files are the objects (a base backup's byte
+    // for byte: it is sealed before it gets its name); nothing sealed twice.
+    let gen = generation(&gw);
+    let id = oldest_base_backup(dir.path());
+    let remote = bucket.join(&gen);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, sealed) = segments(&stream);
+        if remote.join(format!("base/{id}/manifest.json")).is_file() && sealed.iter().all(|s| remote.join(format!("wal/{s}.lz4")).is_file()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the base backup and the sealed segments {sealed:?} are not in the repository: {:?}\n{}", files(&bucket), gw.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for file in ["base.tar.lz4", "pg_wal.tar", "backup_manifest"] {
+        let object = std::fs::read(remote.join(format!("base/{id}/{file}"))).unwrap();
+        assert!(object == std::fs::read(wal.join(format!("base/{id}/{file}.age"))).unwrap(), "the object {file} is not the local {file}.age as it is");
+    }
+    let manifest = Command::new("age").arg("-d").arg("-i").arg(&key).arg(remote.join(format!("base/{id}/manifest.json"))).output().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    assert!(manifest["recipients"].to_string().contains(&public), "the manifest names the recipients: {manifest}");
+    assert!(!manifest["files"].to_string().contains(".age"), "the objects keep the off-site names: {manifest}");
+    let (_, sealed) = segments(&stream);
+    let newest = sealed.last().unwrap();
+    assert!(age_lz4_decrypt(&key, &remote.join(format!("wal/{newest}.lz4"))) == age_lz4_decrypt(&key, &stream.join(format!("{newest}.lz4.age"))), "the object of {newest} holds the segment");
+    assert!(files(&bucket).iter().all(|f| is_age(f)), "every object is an age file, decryptable once");
+
+    let out = cli(dir.path(), &["doctor"]).1;
+    assert!(out.contains("local copies") && out.contains("OMNI_ENCRYPT_LOCAL"), "doctor says the local copies are encrypted:\n{out}");
+    assert!(gw.terminate().success(), "{}", gw.log());
+    assert!(gw.log().contains("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments"), "the start says it: {}", gw.log());
+
+    // Every file of every base backup, every completed segment: age files.
+    let base_files: Vec<PathBuf> = files(&wal.join("base")).into_iter().filter(|p| p.extension().is_none_or(|e| e != "json")).collect();
+    assert!(base_files.len() >= 3, "base.tar.lz4, pg_wal.tar and backup_manifest: {base_files:?}");
+    for file in &base_files {
+        assert!(file.to_string_lossy().ends_with(".age") && is_age(file), "{} is not an age file", file.display());
+    }
+    let (plain, sealed) = segments(&stream);
+    assert!(plain.is_empty(), "completed segments left plain: {plain:?}");
+    for name in &sealed {
+        assert!(is_age(&stream.join(format!("{name}.lz4.age"))), "{name}.lz4.age is not an age file");
+    }
+    let whole = age_lz4_decrypt(&key, &stream.join(format!("{}.lz4.age", sealed[0])));
+    assert_eq!(whole.len(), 16 * 1024 * 1024, "age -d | lz4 -d gives the whole segment back");
+    for file in files(&stream) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.ends_with(".partial") || name.ends_with(".history") || is_age(&file), "{name} in stream/ is neither encrypted nor the segment being written");
+    }
+
+    // Without the identity: refused before anything moves, naming what it needs.
+    let data = gw.data_dir();
+    let before = snapshot(&data);
+    let (ok, out, err) = cli(dir.path(), &["restore", "--to", &t]);
+    assert!(!ok, "a restore without the identity:\n{out}\n{err}");
+    for named in ["OMNI_DECRYPT_IDENTITY_FILE", "--identity", &public[..9], &public[public.len() - 8..]] {
+        assert!(err.contains(named), "the refusal names {named}: {err}");
+    }
+    assert_eq!(snapshot(&data), before, "the data directory was touched");
+    let aside: Vec<String> = std::fs::read_dir(data.parent().unwrap()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("before-restore") || n.contains("restoring")).collect();
+    assert!(aside.is_empty(), "nothing was moved aside or staged: {aside:?}");
+
+    // With it: the rows written before T, none after.
+    let (ok, out, err) = cli(dir.path(), &["restore", "--to", &t, "--identity", &key.display().to_string()]);
+    assert!(ok, "omni-gateway restore --identity failed:\n{out}\n{err}");
+    let gw = start();
+    let mut db = gw.db();
+    let mut count = |phase: &str| db.query_one("SELECT count(*) FROM pitr_rows WHERE phase = $1", &[&phase]).unwrap().get::<_, i64>(0);
+    assert_eq!(count("A"), 50, "every write before {t} is back\n{}", gw.log());
+    assert_eq!(count("B") + count("C"), 0, "no write after {t} is back");
+    // The restored cluster's new timeline is kept encrypted too.
+    db.query_one("SELECT pg_switch_wal()", &[]).unwrap();
+    db.batch_execute("INSERT INTO pitr_rows VALUES (4000, 'D')").unwrap();
+    wait_archived(&mut db);
+    wait_until(Duration::from_secs(30), "the new timeline's completed segments to be encrypted", || {
+        let (plain, sealed) = segments(&stream);
+        (plain.is_empty() && sealed.iter().any(|s| s.starts_with("00000002"))).then_some(())
+    });
+}
+
+#[test]
+fn pitr_local_crypt_the_online_restore_and_the_drill_need_the_identity_and_work_with_it() {
+    let keys = workdir();
+    let (key, public) = keygen(keys.path(), "key.txt");
+    let dir = workdir();
+    let start = |identity: Option<&Path>| {
+        let mut builder = GatewayBuilder::new(dir.path()).env("OMNI_API_KEY", TEST_API_KEY).env("OMNI_ENCRYPT_LOCAL", "true").env("OMNI_ENCRYPT_RECIPIENTS", public.clone());
+        match identity {
+            Some(key) => builder = builder.env("OMNI_DECRYPT_IDENTITY_FILE", key.display().to_string()),
+            // The scheduled drill, which cannot read the archive here.
+            None => builder = builder.env("OMNI_BACKUP_DRILL_INTERVAL", "2s"),
+        }
+        builder.start()
+    };
+    let mut gw = start(None);
+    wait_for_base_backup(&gw);
+    let mut db = gw.db();
+    db.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (42)").unwrap();
+    db.query_one("SELECT pg_switch_wal()", &[]).unwrap();
+    db.batch_execute("INSERT INTO kept VALUES (43)").unwrap();
+    wait_archived(&mut db);
+    let stream = dir.path().join("data/wal/stream");
+    wait_until(Duration::from_secs(30), "a completed segment to be encrypted", || (segments(&stream).0.is_empty() && !segments(&stream).1.is_empty()).then_some(()));
+    let window = Request::new("GET", "/api/v1/backup/window").api_key().send_to(gw.port);
+    assert_eq!(window.json()["encrypted_locally"], true, "{}", window.text());
+    let storage = gw.get("/gateway/status").json()["storage"].clone();
+    assert_eq!(storage["wal_encrypted_locally"], true, "{storage}");
+
+    // The server holds no private key: an online restore is refused before anything stops.
+    let (status, answer) = post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({"target_time": "latest"}));
+    assert_eq!(status, 409, "{answer}\n{}", gw.log());
+    let detail = answer["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("OMNI_DECRYPT_IDENTITY_FILE") && detail.contains(&public[..9]) && detail.contains("nothing was changed"), "{answer}");
+    assert_eq!(gw.get("/health").status, 200, "{}", gw.log());
+    let rows: i64 = gw.db().query_one("SELECT count(*) FROM kept", &[]).unwrap().get(0);
+    assert_eq!(rows, 2, "the data serves as it was");
+
+    wait_until(Duration::from_secs(30), "the scheduled drill to say why it is skipped", || gw.log().contains("restore drill skipped").then_some(()));
+    let log = gw.log();
+    let said = log.lines().find(|l| l.contains("restore drill skipped")).unwrap();
+    assert!(said.contains("OMNI_DECRYPT_IDENTITY_FILE") && said.contains(&public[..9]), "{said}");
+    assert!(!log.contains("RESTORE DRILL FAILED") && !dir.path().join("data/wal/drill.json").exists(), "a skipped drill is no failed one: {log}");
+
+    // The drill by hand: refused without the key, passes with it.
+    let env = |identity: Option<&Path>| {
+        let mut env = vec![("OMNI_ENCRYPT_LOCAL", "true".to_string()), ("OMNI_ENCRYPT_RECIPIENTS", public.clone())];
+        env.extend(identity.map(|k| ("OMNI_DECRYPT_IDENTITY_FILE", k.display().to_string())));
+        env
+    };
+    let (ok, out, err) = cli_env(dir.path(), &["backup", "verify"], &env(None));
+    assert!(!ok && err.contains("OMNI_DECRYPT_IDENTITY_FILE"), "a drill without the key:\n{out}\n{err}");
+    let (ok, out, err) = cli_env(dir.path(), &["backup", "verify"], &env(Some(&key)));
+    assert!(ok && out.contains("restore drill passed"), "a drill with the key:\n{out}\n{err}");
+    assert!(gw.terminate().success(), "{}", gw.log());
+
+    // With OMNI_DECRYPT_IDENTITY_FILE the online restore runs and brings everything back.
+    let gw = start(Some(&key));
+    let (status, answer) = post_slow(gw.port, "/api/v1/backup/restore-to", &serde_json::json!({"target_time": "latest"}));
+    assert_eq!(status, 200, "{answer}\n{}", gw.log());
+    let rows: i64 = gw.db().query_one("SELECT count(*) FROM kept", &[]).unwrap().get(0);
+    assert_eq!(rows, 2, "every row is back after the restore to latest\n{}", gw.log());
+}
