@@ -14,6 +14,7 @@ use crate::gateway;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -188,9 +189,27 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     let aside: Vec<String> = std::fs::read_dir(data.parent().unwrap()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("before-restore") || n.contains("restoring")).collect();
     assert!(aside.is_empty(), "nothing was moved aside or staged: {aside:?}");
 
-    // With it: the rows written before T, none after.
-    let (ok, out, err) = cli(dir.path(), &["restore", "--to", &t, "--identity", &key.display().to_string()]);
+    // With it: the rows written before T, none after. Run from a binary in a
+    // directory only root opens (as under /root): PostgreSQL's account, which
+    // runs the restore_command, cannot run it there, so the recovery runs a copy.
+    let private = dir.path().join("root-only");
+    std::fs::DirBuilder::new().mode(0o700).create(&private).unwrap();
+    let binary = private.join("omni-gateway");
+    std::fs::copy(omni_tests::bin_path("omni-gateway"), &binary).unwrap();
+    let out = Command::new(&binary)
+        .args(["restore", "--to", &t, "--identity", &key.display().to_string()])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PGSERVE_BIN_DIR", omni_tests::pg_bin_dir())
+        .env("LOG_LEVEL", "info")
+        .output()
+        .unwrap();
+    let (ok, out, err) = (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(ok, "omni-gateway restore --identity failed:\n{out}\n{err}");
+    if omni_tests::is_root() {
+        assert!(err.contains("runs a copy of it"), "the recovery ran a copy of the gateway PostgreSQL's account can run:\n{err}");
+    }
     let gw = start();
     let mut db = gw.db();
     let mut count = |phase: &str| db.query_one("SELECT count(*) FROM pitr_rows WHERE phase = $1", &[&phase]).unwrap().get::<_, i64>(0);

@@ -349,7 +349,18 @@ impl Restore<'_> {
             // Sealed segments (OMNI_ENCRYPT_LOCAL) are read by `omni-gateway restore-wal`.
             let sealed = !super::sealed::sealed_files(&self.wal.dir, None).is_empty() || super::sealed::encryption().is_some();
             let restore_command = if sealed {
-                let gateway = std::env::current_exe().context("finding the gateway's own binary for the restore_command (the WAL archive is encrypted)")?;
+                let mut gateway = std::env::current_exe().context("finding the gateway's own binary for the restore_command (the WAL archive is encrypted)")?;
+                if crate::process::privilege::check_executable(&gateway, self.account).is_err() {
+                    // A binary PostgreSQL's account cannot run (under /root, say): a copy it can, removed with the directory.
+                    let copy = socket_dir.join("omni-gateway");
+                    std::fs::copy(&gateway, &copy).with_context(|| format!("copying {} for the restore_command", gateway.display()))?;
+                    if let Some((uid, gid)) = owner {
+                        std::os::unix::fs::chown(&copy, Some(uid), Some(gid))?;
+                    }
+                    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o500))?;
+                    tracing::info!("user {} cannot run {}: the recovery's restore_command runs a copy of it", self.account.name, gateway.display());
+                    gateway = copy;
+                }
                 let identity = super::sealed::identity_for_recovery(&socket_dir, self.account)?;
                 archive::restore_command(&self.wal.dir, Some((gateway.as_path(), identity.as_str())))
             } else {
