@@ -60,11 +60,9 @@ COMMAND = f"python3 bench/offsite_crypt.py {ROUNDS} {SIZE_MB}"
 BUCKET = offsite.BUCKET
 CIPHER_PASS = "bench-cipher-pass-0123456789abcdef0123456789abcdef"
 # The gateway's modes: a prefix of the bucket each, and the variables that
-# make it. OMNI_ENCRYPT_LOCAL (the local archive encrypted too) is to come:
-# its cost goes here as a third mode, `"local": {"OMNI_ENCRYPT_RECIPIENTS": …,
-# "OMNI_ENCRYPT_LOCAL": "true"}`, measured in the same rounds, with a row of
-# its own in report() (the base backup's local part is where it shows).
-MODES = {"plain": {}, "age": {}}
+# make it. "local" is "age" with OMNI_ENCRYPT_LOCAL=true: base backups are
+# sealed on disk (the local part of the backup) and uploaded as they are.
+MODES = {"plain": {}, "age": {}, "local": {}}
 MODE_VARS = ("OMNI_ENCRYPT_RECIPIENTS", "OMNI_ENCRYPT_RECIPIENTS_FILE", "OMNI_ENCRYPT_PASSPHRASE_FILE", "OMNI_ENCRYPT_LOCAL")
 # pgBackRest's repositories: the number, its path, encrypted or not.
 REPOS = {"plain": (1, "/pgbackrest-plain"), "aes": (2, "/pgbackrest-aes")}
@@ -148,6 +146,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-offsite-crypt-", dir=ROOT / "target"))
     work.chmod(0o755)  # PostgreSQL runs as postgres and must reach its directories
     MODES["age"] = {"OMNI_ENCRYPT_RECIPIENTS": age_public_key(work)}
+    MODES["local"] = dict(MODES["age"], OMNI_ENCRYPT_LOCAL="true")
     s3 = gw = None
     results = {f"{what}_{mode}": [] for mode in MODES for what in ("gw_backup", "gw_local", "gw_upload", "gw_upload_cpu")}
     results.update({f"{what}_{repo}": [] for repo in REPOS for what in ("pgbr_backup", "pgbr_cpu")})
@@ -197,7 +196,8 @@ def main():
             results[f"gw_backup_{mode}"].append(t2 - t0)
             results[f"gw_local_{mode}"].append(t1 - t0)
             results[f"gw_upload_{mode}"].append(t2 - t1)
-            results[f"gw_upload_cpu_{mode}"].append(cpu / (size / 1e9))
+            # Per GB of the base backup as PostgreSQL gave it (a sealed one is compressed on disk).
+            results[f"gw_upload_cpu_{mode}"].append(cpu / (sizes["gateway plain"][0] / 1e9 if mode == "local" and "gateway plain" in sizes else size / 1e9))
             print(f"round {i + 1} gateway {mode}: base backup {t2 - t0:.1f} s (local {t1 - t0:.1f} s, upload {t2 - t1:.1f} s, {size / 1e6:.0f} MB, "
                   f"{stored / 1e6:.0f} MB stored, {cpu:.2f} s CPU)", file=sys.stderr, flush=True)
 
@@ -257,13 +257,23 @@ def report(results, sizes, load_start, load_end):
         f"| pgBackRest: `backup --type=full` (aes-256-cbc encrypted) | {m['pgbr_backup_plain']:.1f} s | {m['pgbr_backup_aes']:.1f} s | {enc_pgbr:.2f}× | |",
         f"| pgBackRest: CPU of the backup (all its processes) | {m['pgbr_cpu_plain']:.1f} s | {m['pgbr_cpu_aes']:.1f} s | "
         f"{m['pgbr_cpu_aes'] / m['pgbr_cpu_plain']:.2f}× | |",
-        # OMNI_ENCRYPT_LOCAL: its row here once the mode is measured (see MODES).
+        "",
+        "With `OMNI_ENCRYPT_LOCAL=true` as well (the same key; the base backup sealed on disk, then uploaded as it is), against age off-site only:",
+        "",
+        "| gateway | off-site only | local too | local too ÷ off-site only |",
+        "|---|---:|---:|---:|",
+        f"| local part of the base backup (`POST /api/v1/backup/base` answered) | {m['gw_local_age']:.1f} s | {m['gw_local_local']:.1f} s | "
+        f"{m['gw_local_local'] / m['gw_local_age']:.2f}× |",
+        f"| upload (answered → `manifest.json` in the bucket) | {m['gw_upload_age']:.1f} s | {m['gw_upload_local']:.1f} s | "
+        f"{m['gw_upload_local'] / m['gw_upload_age']:.2f}× |",
+        f"| whole base backup | {m['gw_backup_age']:.1f} s | {m['gw_backup_local']:.1f} s | {m['gw_backup_local'] / m['gw_backup_age']:.2f}× |",
+        f"| on disk | {sizes['gateway age'][0] / 1e6:.0f} MB | {sizes['gateway local'][0] / 1e6:.0f} MB | |",
         "",
         f"Encrypted, gateway ÷ pgBackRest: base backup **{m['gw_backup_age'] / m['pgbr_backup_aes']:.2f}×** ({m['gw_backup_age']:.1f} s / "
         f"{m['pgbr_backup_aes']:.1f} s; plain {m['gw_backup_plain'] / m['pgbr_backup_plain']:.2f}×). "
         f"Sizes: the gateway's base backup {sizes['gateway plain'][0] / 1e6:.0f} MB, stored {sizes['gateway plain'][1] / 1e6:.0f} MB plain and "
         f"{sizes['gateway age'][1] / 1e6:.0f} MB encrypted; pgBackRest's full backup {sizes['pgbackrest plain'] / 1e6:.0f} MB plain, "
-        f"{sizes['pgbackrest aes'] / 1e6:.0f} MB encrypted. Encryption of the local archive (`OMNI_ENCRYPT_LOCAL`) is not measured here yet.",
+        f"{sizes['pgbackrest aes'] / 1e6:.0f} MB encrypted.",
         "",
         "Each round (plain / encrypted, seconds): gateway upload " + ", ".join(f"{p:.1f} / {e:.1f}" for p, e in zip(results["gw_upload_plain"], results["gw_upload_age"]))
         + "; gateway base backup " + ", ".join(f"{p:.1f} / {e:.1f}" for p, e in zip(results["gw_backup_plain"], results["gw_backup_age"]))
@@ -285,6 +295,9 @@ def report(results, sizes, load_start, load_end):
         ("offsite.encryption.pgbackrest_aes", round(m["pgbr_backup_aes"], 2), "s"),
         ("offsite.encryption.upload_cpu_per_gb_plain", round(m["gw_upload_cpu_plain"], 3), "s/GB"),
         ("offsite.encryption.upload_cpu_per_gb_age", round(m["gw_upload_cpu_age"], 3), "s/GB"),
+        ("offsite.encryption.local_base_backup_over_offsite_only", round(m["gw_backup_local"] / m["gw_backup_age"], 3), "ratio"),
+        ("offsite.encryption.local_backup_local_part", round(m["gw_local_local"], 2), "s"),
+        ("offsite.encryption.local_backup_local_part_offsite_only", round(m["gw_local_age"], 2), "s"),
     ])
 
 
