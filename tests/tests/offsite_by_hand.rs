@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gateway::{cli_env, kill9_with_its_postgres, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, wait_postgres_gone, workdir, GatewayBuilder};
+use gateway::{cli_env, keygen, kill9_with_its_postgres, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, wait_postgres_gone, workdir, GatewayBuilder};
 use omni_tests::{free_port, pg_bin_dir, wait_until, Request, TempDir, TEST_API_KEY};
 
 /// The `sh` blocks of README.md's "Restore by hand from the bucket", in order.
@@ -56,14 +56,6 @@ fn bash(script: &str, cwd: &Path, env: &[(&str, String)]) -> String {
     stdout.into_owned()
 }
 
-/// A new age key pair by Debian's `age-keygen` in `dir/name`: (key file, public key).
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let out = Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
-    assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
-    let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
-    (key, String::from_utf8(public.stdout).unwrap().trim().to_owned())
-}
 
 /// How far the chunks in `dir` (`<from>-<to>`, 8 hex digits each) cover
 /// their segment contiguously from byte 0.

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gateway::{cli_env, oldest_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
+use gateway::{age_decrypt, cli_env, keygen, oldest_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
@@ -84,31 +84,7 @@ impl Drop for Monitor {
     }
 }
 
-/// A new age key pair by Debian's `age-keygen`: (key file, public key).
-fn keygen(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
-    let key = dir.join(name);
-    let out = Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
-    assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
-    let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
-    (key, String::from_utf8(public.stdout).unwrap().trim().to_owned())
-}
 
-/// `age -d -i key` of `file`, with `lz4 -d` after it when `lz4`.
-fn decrypt(key: &Path, file: &Path, lz4: bool) -> Vec<u8> {
-    let out = Command::new("age").arg("-d").arg("-i").arg(key).arg(file).output().unwrap();
-    assert!(out.status.success(), "age -d {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
-    if !lz4 {
-        return out.stdout;
-    }
-    let mut child = Command::new("lz4").args(["-d", "-c"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("lz4 (Debian's lz4 package) is installed");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = out.stdout;
-    let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let done = child.wait_with_output().unwrap();
-    feeder.join().unwrap().unwrap();
-    assert!(done.status.success(), "lz4 -d of {}", file.display());
-    done.stdout
-}
 
 /// `age1abcdefg…wxyz` as the gateway shortens a key in its messages: both ends.
 fn named(text: &str, key: &str) -> bool {
@@ -194,9 +170,9 @@ fn offsite_crypt_every_object_is_age_decryptable_by_the_cli_fails_closed_and_res
 
     // Debian's age CLI, then lz4, gives back the local files byte for byte.
     let base = store.rclone_object_file(&format!("crypt/{gen}/base/{id}/base.tar.lz4"));
-    assert!(decrypt(&key, &base, false) == std::fs::read(source.path().join(format!("data/wal/base/{id}/base.tar.lz4"))).unwrap(), "age -d of base.tar.lz4 is not the local file");
+    assert!(age_decrypt(&key, &base, false) == std::fs::read(source.path().join(format!("data/wal/base/{id}/base.tar.lz4"))).unwrap(), "age -d of base.tar.lz4 is not the local file");
     let segment = store.rclone_object_file(&format!("{wal}{whole}.lz4"));
-    assert!(decrypt(&key, &segment, true) == std::fs::read(source.path().join(format!("data/wal/stream/{whole}"))).unwrap(), "age -d | lz4 -d of {whole} is not the local segment");
+    assert!(age_decrypt(&key, &segment, true) == std::fs::read(source.path().join(format!("data/wal/stream/{whole}"))).unwrap(), "age -d | lz4 -d of {whole} is not the local segment");
     let out = Command::new("age").arg("-d").arg("-i").arg(&wrong_key).arg(&segment).output().unwrap();
     assert!(!out.status.success(), "another key opens the segment");
 

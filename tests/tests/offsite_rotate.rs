@@ -18,22 +18,14 @@
 use crate::gateway;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use gateway::{cli_env, oldest_base_backup, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
+use gateway::{cli_env, keygen, oldest_base_backup, take_base_backup, wait_archived, wait_for_base_backup, wait_for_repository as wait_for, workdir, write_a_note_t_write_b, Gateway, GatewayBuilder};
 use omni_tests::stores::{Kind, StoreServer};
 use omni_tests::TEST_API_KEY;
 
-/// A new age key pair by Debian's `age-keygen`: (key file, public key).
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let out = Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
-    assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
-    let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
-    (key, String::from_utf8(public.stdout).unwrap().trim().to_owned())
-}
 
 /// Whether `age -d -i key` opens `file`.
 fn opens(key: &Path, file: &Path) -> bool {

@@ -13,25 +13,17 @@
 use crate::gateway;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use gateway::{cli, cli_env, generation, oldest_base_backup, post_slow, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
+use gateway::{age_decrypt, cli, cli_env, generation, keygen, oldest_base_backup, post_slow, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
 use omni_tests::{wait_until, Request, TEST_API_KEY};
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
 
-/// A new age key pair by Debian's `age-keygen`: (key file, public key).
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let out = Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
-    assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
-    let public = Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
-    (key, String::from_utf8(public.stdout).unwrap().trim().to_owned())
-}
 
 fn is_age(path: &Path) -> bool {
     let mut head = vec![0u8; AGE_MAGIC.len()];
@@ -70,19 +62,6 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
     files(dir).into_iter().filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, (m.len(), m.modified().unwrap())))).collect()
 }
 
-/// `age -d -i key file | lz4 -d`.
-fn age_lz4_decrypt(key: &Path, file: &Path) -> Vec<u8> {
-    let out = Command::new("age").arg("-d").arg("-i").arg(key).arg(file).output().unwrap();
-    assert!(out.status.success(), "age -d {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
-    let mut child = Command::new("lz4").args(["-d", "-c"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("lz4 (Debian's lz4 package) is installed");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = out.stdout;
-    let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let done = child.wait_with_output().unwrap();
-    feeder.join().unwrap().unwrap();
-    assert!(done.status.success(), "lz4 -d of {}", file.display());
-    done.stdout
-}
 
 #[test]
 fn pitr_local_crypt_without_keys_to_encrypt_to_the_start_is_refused_naming_them() {
@@ -151,7 +130,7 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     assert!(!manifest["files"].to_string().contains(".age"), "the objects keep the off-site names: {manifest}");
     let (_, sealed) = segments(&stream);
     let newest = sealed.last().unwrap();
-    assert!(age_lz4_decrypt(&key, &remote.join(format!("wal/{newest}.lz4"))) == age_lz4_decrypt(&key, &stream.join(format!("{newest}.lz4.age"))), "the object of {newest} holds the segment");
+    assert!(age_decrypt(&key, &remote.join(format!("wal/{newest}.lz4")), true) == age_decrypt(&key, &stream.join(format!("{newest}.lz4.age")), true), "the object of {newest} holds the segment");
     assert!(files(&bucket).iter().all(|f| is_age(f)), "every object is an age file, decryptable once");
 
     let out = cli(dir.path(), &["doctor"]).1;
@@ -170,7 +149,7 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     for name in &sealed {
         assert!(is_age(&stream.join(format!("{name}.lz4.age"))), "{name}.lz4.age is not an age file");
     }
-    let whole = age_lz4_decrypt(&key, &stream.join(format!("{}.lz4.age", sealed[0])));
+    let whole = age_decrypt(&key, &stream.join(format!("{}.lz4.age", sealed[0])), true);
     assert_eq!(whole.len(), 16 * 1024 * 1024, "age -d | lz4 -d gives the whole segment back");
     for file in files(&stream) {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();

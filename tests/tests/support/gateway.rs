@@ -401,3 +401,31 @@ pub fn wait_for_repository<T>(gw: &Gateway, timeout: Duration, what: &str, mut f
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A new age key pair by Debian's `age-keygen` in `dir/name`: (key file, public key).
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let out = std::process::Command::new("age-keygen").arg("-o").arg(&key).output().expect("age-keygen (Debian's age package) is installed");
+    assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    let public = std::process::Command::new("age-keygen").arg("-y").arg(&key).output().unwrap();
+    (key, String::from_utf8(public.stdout).unwrap().trim().to_owned())
+}
+
+/// `age -d -i key` of `file` (Debian's `age`), with `lz4 -d` after it when `lz4`.
+pub fn age_decrypt(key: &Path, file: &Path, lz4: bool) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let out = Command::new("age").arg("-d").arg("-i").arg(key).arg(file).output().unwrap();
+    assert!(out.status.success(), "age -d {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    if !lz4 {
+        return out.stdout;
+    }
+    let mut child = Command::new("lz4").args(["-d", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("lz4 (Debian's lz4 package) is installed");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = out.stdout;
+    let feeder = std::thread::spawn(move || stdin.write_all(&input));
+    let done = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(done.status.success(), "lz4 -d of {}", file.display());
+    done.stdout
+}
