@@ -68,7 +68,7 @@ impl GatewayAuth {
         let Some(upstream) = self.upstreams.wait_for(None, ASK_TIMEOUT).await else {
             return Err(error(StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable", "the API worker, which checks credentials, is not running; retry in a few seconds"));
         };
-        let mut request = Request::get(format!("http://{}{CHECK_PATH}", upstream.authority)).header(crate::serve::proxy::CLIENT_ADDR, client.to_string());
+        let mut request = Request::get(CHECK_PATH).header(hyper::header::HOST, upstream.host.clone()).header(crate::serve::proxy::CLIENT_ADDR, client.to_string());
         for (name, value) in &credentials {
             request = request.header(name, value);
         }

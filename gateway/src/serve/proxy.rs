@@ -4,9 +4,9 @@
 //!    (no body, or a small one read into memory); large bodies stream.
 //! 2. [`upstream_headers`]: rewrite the head once, in place: hop-by-hop
 //!    headers out, `X-Forwarded-*` and [`CLIENT_ADDR`] in, upgrades kept;
-//!    [`upstream_request`] then gives each attempt its URI and `Host` from
-//!    the upstream's address, made once per worker (no formatting or
-//!    parsing per request).
+//!    [`upstream_request`] then gives each attempt its target (origin
+//!    form) and the worker's `Host`, made once per worker (no formatting
+//!    or parsing per request).
 //! 3. pick the upstream ([`Upstreams::wait_for`]), waiting a bounded time
 //!    while the worker restarts.
 //! 4. send, retrying on another generation only when it is safe: nothing
@@ -181,10 +181,7 @@ impl Proxy {
                 self.metrics.upstream_error("closed");
                 return error(StatusCode::BAD_GATEWAY, "upstream_error", "the API worker closed the connection before answering");
             };
-            let out = match upstream_request(&req, &headers, out_body, &upstream) {
-                Ok(r) => r,
-                Err(resp) => return resp,
-            };
+            let out = upstream_request(&req, &headers, out_body, &upstream);
             let timeout = crate::pitr::online::upstream_timeout(req.uri.path(), self.limits.upstream_timeout);
             match tokio::time::timeout(timeout, upstream.client().request(out)).await {
                 Ok(Ok(resp)) => return client_response(resp, client_upgrade, &self.tunnels, &self.close_tunnels),
@@ -271,22 +268,18 @@ fn upstream_headers(req: &mut hyper::http::request::Parts, upgrade: bool, peer: 
     headers
 }
 
-/// Phase 2b: the request one attempt sends to `upstream`.
-#[allow(clippy::result_large_err)] // the error is the response to send, built once per bad request
-fn upstream_request(req: &hyper::http::request::Parts, headers: &HeaderMap, body: Body, upstream: &Upstream) -> Result<Request<Body>, Response<Body>> {
-    let mut uri = hyper::http::uri::Parts::default();
-    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = Some(req.uri.path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")));
-    let uri = Uri::from_parts(uri).map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request_target", "the request target is not a valid path"))?;
+/// Phase 2b: the request one attempt sends to `upstream`: the target in
+/// origin form (`/path?query`), the worker's `Host`.
+fn upstream_request(req: &hyper::http::request::Parts, headers: &HeaderMap, body: Body, upstream: &Upstream) -> Request<Body> {
+    let target = req.uri.path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let mut out = Request::new(body);
     *out.method_mut() = req.method.clone();
-    *out.uri_mut() = uri;
+    *out.uri_mut() = Uri::from(target);
     *out.version_mut() = hyper::Version::HTTP_11;
     let mut headers = headers.clone();
     headers.insert(header::HOST, upstream.host.clone());
     *out.headers_mut() = headers;
-    Ok(out)
+    out
 }
 
 /// Removes, in place, the hop-by-hop headers and those the `Connection`
@@ -321,7 +314,7 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Phase 5: the response the client receives.
-fn client_response(mut resp: Response<Incoming>, client_upgrade: Option<hyper::upgrade::OnUpgrade>, tunnels: &TaskTracker, close_tunnels: &CancellationToken) -> Response<Body> {
+fn client_response(mut resp: Response<crate::serve::upstream::Pooled>, client_upgrade: Option<hyper::upgrade::OnUpgrade>, tunnels: &TaskTracker, close_tunnels: &CancellationToken) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);

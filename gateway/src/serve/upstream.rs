@@ -14,19 +14,27 @@
 //! A worker listens on a Unix socket in the gateway's private directory
 //! (`worker/mod.rs`): only the gateway can reach it, and a request costs
 //! the kernel less than over loopback TCP (no TCP state, acks or timers).
+//!
+//! The pool ([`WorkerPool`]) is hyper's HTTP/1 connections kept idle in a
+//! stack: a request takes the most recently used one (or connects), and its
+//! response body gives the connection back when it ends ([`Pooled`]), on the
+//! same thread, with no task spawned for it. A request that a reused
+//! connection never sent (the worker closed it while idle) is sent on
+//! another.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
@@ -36,13 +44,11 @@ use crate::serve::Body;
 pub struct Upstream {
     /// The worker's Unix socket.
     pub addr: Arc<Path>,
-    /// The URI authority and `Host` header the worker receives
-    /// (`localhost`), made once here rather than for every request.
-    pub authority: hyper::http::uri::Authority,
+    /// The `Host` header the worker receives (`localhost`).
     pub host: hyper::header::HeaderValue,
     pub generation: u64,
     /// One pool per HTTP thread, the last for any other thread (made on first use).
-    pools: Box<[OnceLock<Client<WorkerSocket, Body>>]>,
+    pools: Box<[OnceLock<Arc<WorkerPool>>]>,
     /// Set when a reload published a successor while this one still ran:
     /// it drains gracefully, so a request it dropped was never processed.
     /// (A crashed worker is withdrawn instead, and this stays false.)
@@ -62,10 +68,10 @@ pub fn set_http_thread(index: usize) {
 
 impl Upstream {
     /// The calling thread's pool to this worker.
-    pub fn client(&self) -> &Client<WorkerSocket, Body> {
+    pub fn client(&self) -> &Arc<WorkerPool> {
         let shared = self.pools.len() - 1;
         let slot = HTTP_THREAD.with(Cell::get).filter(|i| *i < shared).unwrap_or(shared);
-        self.pools[slot].get_or_init(|| pooled_client(WorkerSocket(self.addr.clone())))
+        self.pools[slot].get_or_init(|| WorkerPool::new(self.addr.clone()))
     }
 }
 
@@ -93,10 +99,9 @@ impl Upstreams {
     /// Makes the worker listening on the Unix socket `addr` the upstream; returns its generation.
     pub fn publish(&self, addr: Arc<Path>) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let authority = hyper::http::uri::Authority::from_static("localhost");
         let host = hyper::header::HeaderValue::from_static("localhost");
         let pools = (0..=self.http_threads.load(Ordering::Relaxed)).map(|_| OnceLock::new()).collect();
-        let upstream = Arc::new(Upstream { addr, authority, host, generation, pools, replaced: AtomicBool::new(false) });
+        let upstream = Arc::new(Upstream { addr, host, generation, pools, replaced: AtomicBool::new(false) });
         if let Some(previous) = self.tx.send_replace(Some(upstream)) {
             previous.replaced.store(true, Ordering::Relaxed);
         }
@@ -152,42 +157,236 @@ impl Upstreams {
 /// 64-connection benchmarks keep busy on one thread.
 const POOL_MAX_IDLE: usize = 128;
 
-/// Keep-alive pool to one worker. Idle connections are evicted after 20 s,
-/// below the worker's own idle limit, so the pool never hands out a
-/// connection the worker is about to close.
-fn pooled_client(socket: WorkerSocket) -> Client<WorkerSocket, Body> {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(20))
-        .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(POOL_MAX_IDLE)
-        .build(socket)
+/// How long an idle connection is kept: below any idle limit a worker may
+/// have, so the pool never hands out a connection about to be closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One thread's keep-alive connections to one worker.
+pub struct WorkerPool {
+    socket: Arc<Path>,
+    /// Idle connections, the most recently used last.
+    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
 }
 
-/// The pool's connector: every connection goes to the worker's socket,
-/// whatever the request's URI says. A connect on a Unix socket succeeds or
-/// fails at once (no handshake to wait for, no timeout needed); a worker
-/// that is gone refuses it, which the proxy retries like any refused connect.
-#[derive(Clone)]
-pub struct WorkerSocket(Arc<Path>);
+/// Why a request to the worker got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the worker: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("HTTP handshake with the worker failed: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("the worker's connection failed: {0}")]
+    Exchange(#[source] hyper::Error),
+}
 
-impl tower_service::Service<Uri> for WorkerSocket {
-    type Response = TokioIo<UnixStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<UnixStream>>> + Send>>;
+impl UpstreamError {
+    /// Whether nothing of the request reached the worker.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::Handshake(_))
+    }
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+impl WorkerPool {
+    fn new(socket: Arc<Path>) -> Arc<WorkerPool> {
+        let pool = Arc::new(WorkerPool { socket, idle: Mutex::new(Vec::new()) });
+        // Closes connections idle for too long even when no request comes
+        // to notice (a burst's leftovers); ends with the pool.
+        let weak = Arc::downgrade(&pool);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(POOL_IDLE_TIMEOUT / 2).await;
+                    match weak.upgrade() {
+                        Some(pool) => pool.evict(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        pool
     }
 
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move { UnixStream::connect(&*path).await.map(TokioIo::new) })
+    fn evict(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+    }
+
+    fn take(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= POOL_MAX_IDLE {
+            // The oldest goes: it is the likeliest to stay unused.
+            idle.remove(0);
+        }
+        idle.push((sender, Instant::now()));
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        let stream = UnixStream::connect(&*self.socket).await.map_err(UpstreamError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
+        // On this thread's runtime, beside the request that uses it.
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("a connection to the worker ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `request` on an idle connection, or a new one. Its response's
+    /// body gives the connection back to the pool once it ends.
+    pub async fn request(self: &Arc<Self>, mut request: Request<Body>) -> Result<Response<Pooled>, UpstreamError> {
+        // hyper's connection writes the target as it is: the worker gets the
+        // origin form (`/path?query`), and a Host.
+        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+            let target = request.uri().path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+            *request.uri_mut() = hyper::Uri::from(target);
+        }
+        request.headers_mut().entry(hyper::header::HOST).or_insert(hyper::header::HeaderValue::from_static("localhost"));
+        while let Some(mut sender) = self.take() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled(response, sender)),
+                Err(mut failed) => match failed.take_message() {
+                    // Never written: the worker closed this idle connection meanwhile.
+                    Some(unsent) => request = unsent,
+                    None => return Err(UpstreamError::Exchange(failed.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(self.pooled(response, sender)),
+            Err(e) => Err(UpstreamError::Exchange(e)),
+        }
+    }
+
+    fn pooled(self: &Arc<Self>, response: Response<Incoming>, sender: SendRequest<Body>) -> Response<Pooled> {
+        // A protocol switch takes the connection for good.
+        let back = (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, Arc::downgrade(self)));
+        response.map(|body| Pooled { body, back })
+    }
+}
+
+/// A response body from the worker that gives its connection back to the
+/// pool when it has been read to its end (or was empty). Dropped before
+/// its end, it drops the connection with it: hyper closes it.
+pub struct Pooled {
+    body: Incoming,
+    back: Option<(SendRequest<Body>, Weak<WorkerPool>)>,
+}
+
+impl Pooled {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.back.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.give_back(sender);
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.give_back();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if hyper::body::Body::is_end_stream(&self.body) {
+            self.give_back();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+
+    /// A worker stand-in on a Unix socket: answers `ok` (with `Connection:
+    /// close` when `close`), counting the connections it accepts.
+    async fn socket_server(close: bool) -> (Arc<Path>, Arc<AtomicUsize>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("omni-pool-test-{}-{close}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path: Arc<Path> = dir.join("api.sock").into();
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async { Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))) });
+                    let _ = hyper::server::conn::http1::Builder::new().keep_alive(!close).serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        (path, accepted, dir)
+    }
+
+    async fn get(pool: &Arc<WorkerPool>) -> Bytes {
+        let request = Request::get("http://localhost/x").body(crate::serve::full("")).unwrap();
+        let response = pool.request(request).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read_and_dropped_when_the_worker_closes_it() {
+        let (path, accepted, dir) = socket_server(false).await;
+        let pool = WorkerPool::new(path);
+        for _ in 0..5 {
+            assert_eq!(get(&pool).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for requests one after another");
+        // Two at once need two; both are kept afterwards.
+        let (a, b) = tokio::join!(get(&pool), get(&pool));
+        assert_eq!((a, b), (Bytes::from_static(b"ok"), Bytes::from_static(b"ok")));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle.lock().unwrap().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+
+        // A worker that closes after each answer: no closed connection is handed out.
+        let (path, accepted, dir) = socket_server(true).await;
+        let pool = WorkerPool::new(path);
+        for _ in 0..3 {
+            assert_eq!(get(&pool).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[tokio::test]
     async fn only_a_reload_marks_the_previous_worker_replaced() {
