@@ -476,6 +476,24 @@ def pct(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+def filled_and_archived(gw, pgbr, size_mb, sizes):
+    """The cluster filled with `size_mb` of rows (its size in `sizes["cluster"]`)
+    and archiving through `pgbr` (the gateway restarted for archive_mode, the
+    stanza made and checked): where both off-site benchmarks start. Returns `pgbr`."""
+    print(f"filling {size_mb} MB", file=sys.stderr, flush=True)
+    t, _ = timed(lambda: gw.fill(size_mb))
+    sizes["cluster"] = int(gw.psql("SELECT sum(pg_database_size(oid)) FROM pg_database"))
+    print(f"filled in {t:.0f} s: cluster {sizes['cluster'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
+    gw.psql("ALTER SYSTEM SET archive_mode = on")
+    gw.psql(f"ALTER SYSTEM SET archive_command = '{pgbr.archive} %p'")
+    gw.stop()
+    gw.start()
+    pgbr.configure(gw)
+    pgbr.run("stanza-create")
+    pgbr.run("check")
+    return pgbr
+
+
 def main():
     rclone = need_tools()
     load_start = os.getloadavg()
@@ -489,18 +507,7 @@ def main():
     try:
         s3 = S3Server(rclone, work)
         gw = Gateway(work, s3)
-        print(f"filling {SIZE_MB} MB", file=sys.stderr, flush=True)
-        t, _ = timed(lambda: gw.fill(SIZE_MB))
-        sizes["cluster"] = int(gw.psql("SELECT sum(pg_database_size(oid)) FROM pg_database"))
-        print(f"filled in {t:.0f} s: cluster {sizes['cluster'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
-        pgbr = PgBackRest(work, s3, gw)
-        gw.psql("ALTER SYSTEM SET archive_mode = on")
-        gw.psql(f"ALTER SYSTEM SET archive_command = '{pgbr.archive} %p'")
-        gw.stop()
-        gw.start()
-        pgbr.configure(gw)
-        pgbr.run("stanza-create")
-        pgbr.run("check")
+        pgbr = filled_and_archived(gw, PgBackRest(work, s3, gw), SIZE_MB, sizes)
         gen = next(k.split("/")[1] for k in s3.keys(f"{PREFIX}/") if "/base/" in k)
         wal_dir = gw.work / "data" / "wal"
 

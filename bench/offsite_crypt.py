@@ -155,18 +155,7 @@ def main():
         s3 = offsite.S3Server(rclone, work)
         gw = Gateway(work, s3)
         gw.s3 = s3
-        print(f"filling {SIZE_MB} MB", file=sys.stderr, flush=True)
-        t, _ = offsite.timed(lambda: gw.fill(SIZE_MB))
-        sizes["cluster"] = int(gw.psql("SELECT sum(pg_database_size(oid)) FROM pg_database"))
-        print(f"filled in {t:.0f} s: cluster {sizes['cluster'] / 1e9:.2f} GB", file=sys.stderr, flush=True)
-        pgbr = PgBackRest(work, s3, gw)
-        gw.psql("ALTER SYSTEM SET archive_mode = on")
-        gw.psql(f"ALTER SYSTEM SET archive_command = '{pgbr.archive} %p'")
-        gw.stop()
-        gw.start()
-        pgbr.configure(gw)
-        pgbr.run("stanza-create")
-        pgbr.run("check")
+        pgbr = offsite.filled_and_archived(gw, PgBackRest(work, s3, gw), SIZE_MB, sizes)
         wal_dir = gw.work / "data" / "wal"
         # Each mode once before the rounds, untimed: its prefix gets the
         # archive's backlog (the fill's WAL, the first base backups).
