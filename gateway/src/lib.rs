@@ -36,6 +36,7 @@ pub mod supervise;
 pub mod tls;
 pub mod worker;
 
-
 #[cfg(test)]
 mod layers;
+#[cfg(test)]
+mod testing;

@@ -452,23 +452,10 @@ pub fn needs_key(sealed_head: &[u8], what: &str) -> CryptError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Scratch;
     use age::secrecy::ExposeSecret;
     use std::process::Command;
 
-    /// A directory removed when the test ends, however it ends.
-    struct Scratch(PathBuf);
-    impl Scratch {
-        fn new(label: &str) -> Scratch {
-            let dir = std::env::temp_dir().join(format!("omni-crypt-{label}-{}-{:x}", std::process::id(), rand::random::<u32>()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn keys_of(identity: &x25519::Identity, dir: &Path, name: &str) -> Keys {
         let path = dir.join(name);

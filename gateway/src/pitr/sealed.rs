@@ -312,23 +312,10 @@ pub fn check_restorable(wal_dir: &Path, backup: &Path) -> Result<(), CryptError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Scratch;
     use age::secrecy::ExposeSecret;
     use crypt::EncryptSettings;
 
-    /// A directory removed when the test ends, however it ends.
-    struct Scratch(PathBuf);
-    impl Scratch {
-        fn new(label: &str) -> Scratch {
-            let dir = std::env::temp_dir().join(format!("omni-sealed-{label}-{}-{:x}", std::process::id(), rand::random::<u32>()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn me() -> Account {
         Account { name: "test".into(), uid: 0, gid: 0, home: "/".into(), switch: false }

@@ -281,21 +281,9 @@ pub fn watch(files: CertFiles, live: Arc<Live>) -> Result<notify::RecommendedWat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Scratch;
     use std::{os::unix::fs::PermissionsExt, process::Command, time::Instant};
 
-    struct Scratch(PathBuf);
-    impl Scratch {
-        fn new(label: &str) -> Scratch {
-            let dir = std::env::temp_dir().join(format!("omni-tls-{label}-{}-{:x}", std::process::id(), rand::random::<u32>()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn openssl(args: &[&str], dir: &Path) {
         let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (.ci/run installs it)");
