@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gateway::{generation, repository_status, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
+use gateway::{files_under, generation, repository_status, wait_for_base_backup, wait_for_repository as wait_for, workdir, Gateway, GatewayBuilder};
 use omni_tests::{free_port, isolated_command, wait_until, ChildGuard, Request, TempDir, TEST_API_KEY};
 use sha2::{Digest, Sha256};
 
@@ -26,19 +26,7 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Every file under `root`, by its path relative to it.
 fn objects(root: &Path) -> BTreeMap<String, PathBuf> {
-    let mut found = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(root) {
-                found.insert(rel.to_string_lossy().into_owned(), path);
-            }
-        }
-    }
-    found
+    files_under(root).into_iter().filter_map(|path| Some((path.strip_prefix(root).ok()?.to_string_lossy().into_owned(), path))).collect()
 }
 
 /// Waits for a base backup's manifest in the store, then checks every file

@@ -236,19 +236,10 @@ fn inside_the_container_neither_the_worker_nor_postgres_runs_as_root() {
 
 /// The manifests of base backups under `root` (a `file://` repository's directory).
 fn manifests_under(root: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.file_name().is_some_and(|n| n == "manifest.json") && path.parent().and_then(|p| p.parent()).is_some_and(|p| p.ends_with("base")) {
-                found.push(path);
-            }
-        }
-    }
-    found
+    crate::gateway::files_under(root)
+        .into_iter()
+        .filter(|path| path.file_name().is_some_and(|n| n == "manifest.json") && path.parent().and_then(|p| p.parent()).is_some_and(|p| p.ends_with("base")))
+        .collect()
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use gateway::{age_decrypt, cli, cli_env, generation, keygen, oldest_base_backup, post_slow, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
+use gateway::{age_decrypt, cli, cli_env, files_under, generation, keygen, oldest_base_backup, post_slow, wait_archived, wait_for_base_backup, workdir, write_a_note_t_write_b, GatewayBuilder};
 use omni_tests::{wait_until, Request, TEST_API_KEY};
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
@@ -28,24 +28,6 @@ const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
 fn is_age(path: &Path) -> bool {
     let mut head = vec![0u8; AGE_MAGIC.len()];
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == AGE_MAGIC
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found
 }
 
 /// (completed plain segments, sealed segments) of `stream/`.
@@ -59,7 +41,7 @@ fn segments(stream: &Path) -> (Vec<String>, Vec<String>) {
 
 /// Each file of a directory tree with its size and modification time.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
-    files(dir).into_iter().filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, (m.len(), m.modified().unwrap())))).collect()
+    files_under(dir).into_iter().filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, (m.len(), m.modified().unwrap())))).collect()
 }
 
 
@@ -117,7 +99,7 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
         if remote.join(format!("base/{id}/manifest.json")).is_file() && sealed.iter().all(|s| remote.join(format!("wal/{s}.lz4")).is_file()) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the base backup and the sealed segments {sealed:?} are not in the repository: {:?}\n{}", files(&bucket), gw.log());
+        assert!(std::time::Instant::now() < deadline, "the base backup and the sealed segments {sealed:?} are not in the repository: {:?}\n{}", files_under(&bucket), gw.log());
         std::thread::sleep(Duration::from_millis(100));
     }
     for file in ["base.tar.lz4", "pg_wal.tar", "backup_manifest"] {
@@ -131,7 +113,7 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     let (_, sealed) = segments(&stream);
     let newest = sealed.last().unwrap();
     assert!(age_decrypt(&key, &remote.join(format!("wal/{newest}.lz4")), true) == age_decrypt(&key, &stream.join(format!("{newest}.lz4.age")), true), "the object of {newest} holds the segment");
-    assert!(files(&bucket).iter().all(|f| is_age(f)), "every object is an age file, decryptable once");
+    assert!(files_under(&bucket).iter().all(|f| is_age(f)), "every object is an age file, decryptable once");
 
     let out = cli(dir.path(), &["doctor"]).1;
     assert!(out.contains("local copies") && out.contains("OMNI_ENCRYPT_LOCAL"), "doctor says the local copies are encrypted:\n{out}");
@@ -139,7 +121,7 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     assert!(gw.log().contains("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments"), "the start says it: {}", gw.log());
 
     // Every file of every base backup, every completed segment: age files.
-    let base_files: Vec<PathBuf> = files(&wal.join("base")).into_iter().filter(|p| p.extension().is_none_or(|e| e != "json")).collect();
+    let base_files: Vec<PathBuf> = files_under(&wal.join("base")).into_iter().filter(|p| p.extension().is_none_or(|e| e != "json")).collect();
     assert!(base_files.len() >= 3, "base.tar.lz4, pg_wal.tar and backup_manifest: {base_files:?}");
     for file in &base_files {
         assert!(file.to_string_lossy().ends_with(".age") && is_age(file), "{} is not an age file", file.display());
@@ -151,7 +133,7 @@ fn pitr_local_crypt_keeps_the_archive_encrypted_and_restores_only_with_the_ident
     }
     let whole = age_decrypt(&key, &stream.join(format!("{}.lz4.age", sealed[0])), true);
     assert_eq!(whole.len(), 16 * 1024 * 1024, "age -d | lz4 -d gives the whole segment back");
-    for file in files(&stream) {
+    for file in files_under(&stream) {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.ends_with(".partial") || name.ends_with(".history") || is_age(&file), "{name} in stream/ is neither encrypted nor the segment being written");
     }
