@@ -795,11 +795,9 @@ pub(crate) fn pick_free_port() -> Result<u16> {
     omni_contract::ports::free_loopback_port().context("could not find a free port for PGSERVE_PORT=0")
 }
 
-/// A short private directory for the Unix socket (socket paths are limited
-/// to ~100 bytes, so it cannot live under an arbitrarily deep data dir).
+/// A private directory for PostgreSQL's Unix socket, given to its account.
 pub(crate) fn make_socket_dir(account: &Account) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("omni-pg-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("could not create socket dir {}", dir.display()))?;
+    let dir = privilege::private_temp_dir("omni-pg")?;
     if account.switch {
         std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid))?;
     }

@@ -220,6 +220,17 @@ pub fn prepare_settings_file(file: &Path, account: &Account) -> Result<()> {
     Ok(())
 }
 
+/// A new short private directory (mode 0700, this process's account) in
+/// the temporary directory, `<prefix>-<pid>-<random>`: for Unix sockets,
+/// whose paths are limited to ~100 bytes, so they cannot live under an
+/// arbitrarily deep data directory.
+pub fn private_temp_dir(prefix: &str) -> Result<PathBuf> {
+    use rand::distributions::{Alphanumeric, DistString};
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("could not create the private directory {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Checks that `account` can run `program` (only when switching), since
 /// `exec` would only say "permission denied".
 pub fn check_executable(program: &Path, account: &Account) -> Result<()> {

@@ -38,7 +38,6 @@
 pub mod dev;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
-use rand::distributions::{Alphanumeric, DistString};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::process::Child;
@@ -236,28 +234,18 @@ impl WorkerPolicy {
     }
 }
 
-/// The gateway's private directory for its workers' sockets: short (a
-/// socket's path is limited to about 100 bytes, so not under an arbitrarily
-/// deep data root), mode 0700 and owned by the gateway's own user (the
-/// worker gets its listening socket as a descriptor and never needs the
-/// path). Removed when the gateway stops.
+/// The gateway's private directory for its workers' sockets
+/// ([`private_temp_dir`](crate::process::privilege::private_temp_dir):
+/// mode 0700, the gateway's own account; the worker gets its listening
+/// socket as a descriptor and never needs the path). Removed when the
+/// gateway stops.
 struct SocketDir {
     path: PathBuf,
 }
 
 impl SocketDir {
     fn make() -> Result<SocketDir> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|d| d.is_dir()).unwrap_or_else(std::env::temp_dir);
-        for _ in 0..16 {
-            let nonce = Alphanumeric.sample_string(&mut rand::thread_rng(), 6);
-            let path = base.join(format!("omni-api-{}-{nonce}", std::process::id()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(SocketDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("could not create {} for the worker's socket", path.display())),
-            }
-        }
-        bail!("could not create a private directory for the worker's socket in {}", base.display())
+        Ok(SocketDir { path: crate::process::privilege::private_temp_dir("omni-api")? })
     }
 
     /// Removes every socket's name but `keep`'s (a replaced or crashed
