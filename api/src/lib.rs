@@ -21,6 +21,7 @@ pub mod lingering;
 pub mod migration_check;
 pub mod openapi;
 pub mod pitr_routes;
+pub mod overwrites;
 pub mod preferences;
 pub mod rate_limit;
 pub mod roles;

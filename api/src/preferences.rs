@@ -111,6 +111,20 @@ impl Owner {
         }
     }
 
+    pub(crate) fn session(self) -> Option<Uuid> {
+        match self {
+            Owner::Session(id) => Some(id),
+            Owner::Account(_) => None,
+        }
+    }
+
+    pub(crate) fn account(self) -> Option<i64> {
+        match self {
+            Owner::Account(id) => Some(id),
+            Owner::Session(_) => None,
+        }
+    }
+
     fn id(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
         match self {
             Owner::Account(id) => id,
@@ -209,6 +223,11 @@ pub async fn upsert(
 ) -> Result<Json<Preference>, ApiError> {
     validate_key(&preference.key)?;
     validate_value(&preference.value)?;
+    // Under load, overwrites of existing keys share one statement and one
+    // commit (`overwrites`); what that does not store comes here.
+    if state.overwrites.write(owner, &preference.key, &preference.value).await {
+        return Ok(Json(preference));
+    }
     let mut client = state.db.client().await?;
     // Overwriting an existing key without growing what a limit counts needs
     // no lock: one statement, committed on its own, so concurrent writers

@@ -33,7 +33,9 @@ use crate::{
     db::Db,
     pitr_routes,
     errors,
-    health, import_routes, lingering, migration_check, openapi, preferences, rate_limit, roles, sessions, setup, static_files,
+    health, import_routes, lingering, migration_check, openapi,
+    overwrites::Overwrites,
+    preferences, rate_limit, roles, sessions, setup, static_files,
 };
 
 /// Largest request body accepted; preference values are at most 64 KiB.
@@ -54,6 +56,8 @@ pub struct AppState {
     pub limiter: Arc<rate_limit::Limiter>,
     /// The one-time setup token: `OMNI_SETUP_TOKEN`, or made at start.
     pub setup_token: Arc<String>,
+    /// Preference overwrites written together (group commit).
+    pub overwrites: Overwrites,
 }
 
 /// Which operations (path, method) each guarded sub-router holds, for the
@@ -143,6 +147,7 @@ impl AppState {
 pub fn app(db: Db, config: WorkerSettings) -> (Router, Arc<OnceLock<ApiKey>>) {
     let api_key = Arc::new(OnceLock::new());
     let state = AppState {
+        overwrites: Overwrites::new(db.clone()),
         db,
         api_key: api_key.clone(),
         settings: Arc::new(config.clone()),
