@@ -267,3 +267,59 @@ fn an_overwrite_that_grows_nothing_does_not_wait_for_the_anonymous_writers_lock(
     let value = worker.request("GET", "/api/v1/preferences/theme").session(&session).send().json();
     assert_eq!(value["value"], "a longer value");
 }
+
+/// Concurrent overwrites of existing keys are written together: they take
+/// far fewer transactions (each a WAL flush) than requests, every request
+/// is answered 200 after its write, and each key ends with a value one of
+/// its writers sent.
+#[test]
+fn concurrent_overwrites_share_transactions_and_each_is_stored() {
+    const WRITERS: usize = 32;
+    const WRITES: usize = 30;
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let session = new_session();
+    for k in 0..20 {
+        assert_eq!(put(&worker, &session, &format!("k{k}"), "value-000-00").status, 200);
+    }
+    let mut client = pg.client();
+    let xid = |client: &mut postgres::Client| -> i64 { client.query_one("SELECT txid_current()", &[]).unwrap().get(0) };
+    let before = xid(&mut client);
+    let port = worker.port;
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let session = session.clone();
+                scope.spawn(move || {
+                    (0..WRITES)
+                        .filter_map(|i| {
+                            let response = Request::new("POST", "/api/v1/preferences")
+                                .port(port)
+                                .session(&session)
+                                .json(&json!({"key": format!("k{}", (w + i) % 20), "value": format!("value-{w:03}-{i:02}")}))
+                                .send();
+                            (response.status != 200 || response.json()["value"] != format!("value-{w:03}-{i:02}"))
+                                .then(|| format!("{} {}", response.status, response.text()))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(failures.is_empty(), "{failures:?}");
+    let transactions = xid(&mut client) - before - 1;
+    let requests = (WRITERS * WRITES) as i64;
+    assert!(transactions * 2 <= requests, "{requests} overwrites took {transactions} transactions");
+    let rows = client
+        .query("SELECT key, value FROM omni_user_preferences WHERE session_id = $1::text::uuid", &[&session])
+        .unwrap();
+    assert_eq!(rows.len(), 20);
+    for row in rows {
+        let (key, value): (String, String) = (row.get(0), row.get(1));
+        let k: usize = key[1..].parse().unwrap();
+        let (w, i): (usize, usize) = (value[6..9].parse().unwrap(), value[10..12].parse().unwrap());
+        assert_eq!((w + i) % 20, k, "{key} holds {value}, which was written to another key");
+    }
+    eprintln!("{requests} concurrent overwrites took {transactions} transactions");
+}
