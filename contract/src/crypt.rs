@@ -1,5 +1,6 @@
 //! Encryption of what leaves the machine (and, with `OMNI_ENCRYPT_LOCAL`,
-//! of the WAL archive on it: `sealed.rs`): the `age` format, one object at a
+//! of the WAL archive on it, the gateway's `pitr/sealed.rs`, and of the
+//! logical backups, [`crate::backups`]): the `age` format, one object at a
 //! time, to public keys (`OMNI_ENCRYPT_RECIPIENTS`,
 //! `OMNI_ENCRYPT_RECIPIENTS_FILE`) or to a passphrase
 //! (`OMNI_ENCRYPT_PASSPHRASE_FILE`).
@@ -452,10 +453,28 @@ pub fn needs_key(sealed_head: &[u8], what: &str) -> CryptError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Scratch;
     use age::secrecy::ExposeSecret;
     use std::process::Command;
 
+    /// A directory of its own under the temporary directory, removed when the test ends.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(label: &str) -> Scratch {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("omni-crypt-test-{label}-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 
     fn keys_of(identity: &x25519::Identity, dir: &Path, name: &str) -> Keys {
         let path = dir.join(name);
