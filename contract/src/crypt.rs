@@ -162,7 +162,11 @@ fn read_setting_file(path: &Path, variable: &str, until: &str) -> Result<String,
 const UPLOADS_WAIT: &str = "nothing is uploaded until it can be read";
 
 fn read_passphrase(path: &Path, variable: &str, until: &str) -> Result<SecretString, CryptError> {
-    let text = read_setting_file(path, variable, until)?;
+    passphrase_of(&read_setting_file(path, variable, until)?, path, variable)
+}
+
+/// The passphrase: the first line of `text`, the file `path` of `variable`.
+fn passphrase_of(text: &str, path: &Path, variable: &str) -> Result<SecretString, CryptError> {
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
         return Err(CryptError::Config(format!("{variable}={}: the file's first line is empty; it must hold the passphrase", path.display())));
@@ -369,11 +373,16 @@ impl fmt::Debug for Keys {
 
 impl Keys {
     pub fn load(path: &Path, variable: &str) -> Result<Keys, CryptError> {
-        let until = "nothing encrypted can be read without it";
-        let text = read_setting_file(path, variable, until)?;
+        let text = read_setting_file(path, variable, "nothing encrypted can be read without it")?;
+        Keys::parse(&text, path, variable)
+    }
+
+    /// The keys of an identity file's `text`, read already (the worker is
+    /// handed the file open, when its account cannot open it itself).
+    pub fn parse(text: &str, path: &Path, variable: &str) -> Result<Keys, CryptError> {
         let secret_lines: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("AGE-SECRET-KEY-")).collect();
         if secret_lines.is_empty() {
-            let passphrase = read_passphrase(path, variable, until)?;
+            let passphrase = passphrase_of(text, path, variable)?;
             return Ok(Keys { identities: Vec::new(), passphrase: Some(passphrase), public: vec!["passphrase".into()] });
         }
         let mut identities = Vec::new();
