@@ -259,6 +259,15 @@ fn backup_files(dir: &Path) -> Vec<PathBuf> {
     files_under(&dir.join("data/backups")).into_iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("omni_backup_"))).collect()
 }
 
+/// `POST /api/v1/backup/restore/{name}`, asked again while another backup
+/// operation holds the directory (the shipper's retention after an upload).
+fn restore_logical(port: u16, name: &str) -> (u16, serde_json::Value) {
+    wait_until(Duration::from_secs(30), "the backup directory to be free for a restore", || {
+        let (status, answer) = post_slow(port, &format!("/api/v1/backup/restore/{name}"), &serde_json::json!({}));
+        (answer["code"] != "backup_busy").then_some((status, answer))
+    })
+}
+
 fn backups_listed(port: u16) -> Vec<serde_json::Value> {
     let list = Request::new("GET", "/api/v1/backup/list").api_key().send_to(port);
     assert_eq!(list.status, 200, "{}", list.text());
@@ -331,7 +340,7 @@ fn pitr_local_crypt_logical_backups_are_kept_encrypted_and_restored_only_with_th
     let entry = listed.iter().find(|b| b["filename"] == newest.as_str()).unwrap_or_else(|| panic!("{newest} is not listed: {listed:?}"));
     assert_eq!(entry["encrypted"], true, "{entry}");
     assert_eq!(entry["size_bytes"], std::fs::metadata(&local).unwrap().len(), "{entry}");
-    let download = Request::new("GET", &format!("/api/v1/backup/download/{newest}")).api_key().send_to(gw.port);
+    let download = Request::new("GET", format!("/api/v1/backup/download/{newest}")).api_key().send_to(gw.port);
     assert_eq!(download.status, 200, "{}", download.text());
     assert_eq!(download.header("x-omni-backup-encrypted"), Some("age"));
     assert!(download.header("content-disposition").is_some_and(|d| d.contains(&format!("{newest}.age"))), "{:?}", download.header("content-disposition"));
@@ -352,7 +361,7 @@ fn pitr_local_crypt_logical_backups_are_kept_encrypted_and_restored_only_with_th
 
     // Without the identity: refused before anything is touched, naming what it needs.
     gw.db().batch_execute("INSERT INTO secrets VALUES ('written after the backup')").unwrap();
-    let (status, answer) = post_slow(gw.port, &format!("/api/v1/backup/restore/{newest}"), &serde_json::json!({}));
+    let (status, answer) = restore_logical(gw.port, &newest);
     assert_eq!(status, 409, "{answer}\n{}", gw.log());
     assert_eq!(answer["code"], "identity_needed", "{answer}");
     let detail = answer["detail"].as_str().unwrap_or_default();
@@ -364,7 +373,7 @@ fn pitr_local_crypt_logical_backups_are_kept_encrypted_and_restored_only_with_th
 
     // With OMNI_DECRYPT_IDENTITY_FILE: restored, after a safety backup (encrypted too).
     let gw = start(Some(&key));
-    let (status, answer) = post_slow(gw.port, &format!("/api/v1/backup/restore/{newest}"), &serde_json::json!({}));
+    let (status, answer) = restore_logical(gw.port, &newest);
     assert_eq!(status, 200, "{answer}\n{}", gw.log());
     let rows: Vec<String> = gw.db().query("SELECT v FROM secrets", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(rows, vec![CANARY.to_owned()], "the backup's rows, none written after it");
