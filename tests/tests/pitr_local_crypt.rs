@@ -353,7 +353,9 @@ fn pitr_local_crypt_logical_backups_are_kept_encrypted_and_restored_only_with_th
     });
     let remote = bucket.join(format!("logical/{newest}"));
     wait_until(Duration::from_secs(30), "the newest backup's object, the local file as it is", || (std::fs::read(&remote).ok()? == std::fs::read(&local).unwrap()).then_some(()));
-    assert!(is_age(&bucket.join(format!("logical/{newest}.sha256"))), "its .sha256 is encrypted off-site, as every object");
+    let sidecar = bucket.join(format!("logical/{newest}.sha256"));
+    wait_until(Duration::from_secs(30), "the newest backup's .sha256 object", || sidecar.is_file().then_some(()));
+    assert!(is_age(&sidecar), "its .sha256 is encrypted off-site, as every object");
     let listed = backups_listed(gw.port);
     let kept: Vec<&str> = listed.iter().map(|b| b["filename"].as_str().unwrap()).collect();
     assert_eq!(kept, vec![names[2].as_str(), names[1].as_str()], "retention counts the encrypted backups: {listed:?}");
@@ -383,4 +385,18 @@ fn pitr_local_crypt_logical_backups_are_kept_encrypted_and_restored_only_with_th
     assert!(entry["kind"] == "safety" && entry["encrypted"] == true, "{entry}");
     let undo = age_decrypt(&key, &dir.path().join(format!("data/backups/{safety}.age")), false);
     assert!(String::from_utf8_lossy(&undo).contains("written after the backup"), "the safety backup holds the database as it was before");
+
+    // The CLI: refused without the key, naming the variable; with --identity, restored.
+    let env = vec![("OMNI_ENCRYPT_LOCAL", "true".to_string()), ("OMNI_ENCRYPT_RECIPIENTS", public.clone()), ("OMNI_BACKUP_KEEP", "2".to_string())];
+    // (Asked again while the shipper's retention holds the directory.)
+    let cli_free = |args: &[&str]| wait_until(Duration::from_secs(30), "the backup directory to be free", || {
+        let (ok, out, err) = cli_env(dir.path(), args, &env);
+        (!err.contains("another backup operation is running")).then_some((ok, out, err))
+    });
+    let (ok, out, err) = cli_free(&["backup", "restore", &names[1]]);
+    assert!(!ok && err.contains("OMNI_DECRYPT_IDENTITY_FILE") && err.contains(&public[..9]), "a CLI restore without the key:\n{out}\n{err}");
+    let (ok, out, err) = cli_free(&["backup", "restore", &names[1], "--identity", &key.display().to_string()]);
+    assert!(ok && out.contains(&format!("restored {}", names[1])), "a CLI restore with --identity:\n{out}\n{err}");
+    let (ok, out, _) = cli_env(dir.path(), &["backup", "list"], &env);
+    assert!(ok && out.contains(&names[1]) && out.contains("encrypted"), "{out}");
 }
