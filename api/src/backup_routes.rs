@@ -59,6 +59,11 @@ impl From<BackupError> for ApiError {
                 tracing::error!("{detail}");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backup_failed", detail)
             }
+            BackupError::Encryption(_) => {
+                tracing::error!("{detail}");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backup_encryption_failed", detail)
+            }
+            BackupError::IdentityNeeded { .. } => ApiError::new(StatusCode::CONFLICT, "identity_needed", detail),
             BackupError::ToolMissing { .. } => ApiError::internal("pg_dump or psql cannot be run", detail),
             BackupError::Io { .. } => ApiError::internal("a backup file operation failed", detail),
         }
@@ -81,7 +86,8 @@ async fn detached<T: Send + 'static>(
     (status = 200, description = "Backup written", body = Created),
     (status = 401, description = "Missing or wrong API key", body = ErrorBody),
     (status = 409, description = "Another backup operation is running", body = ErrorBody),
-    (status = 503, description = "pg_dump failed (database unreachable?)", body = ErrorBody),
+    (status = 503, description = "pg_dump failed (database unreachable?, `backup_failed`), or `OMNI_ENCRYPT_LOCAL` is on and the keys to encrypt to \
+        cannot be read (`backup_encryption_failed`, naming the variable): backups are written encrypted or not at all", body = ErrorBody),
     (status = 507, description = "No space left for the backup", body = ErrorBody),
 ))]
 pub async fn create(State(state): State<AppState>) -> Result<Json<Created>, ApiError> {
@@ -103,10 +109,17 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<BackupList>, Api
 }
 
 /// Download a backup file, streamed from disk.
+///
+/// A backup kept encrypted (`OMNI_ENCRYPT_LOCAL`, `encrypted: true` in the
+/// list) is sent as it is on disk, an age file: `Content-Type:
+/// application/octet-stream`, the file name `<filename>.age`, and the header
+/// `X-Omni-Backup-Encrypted: age`. `age -d -i key.txt` gives the SQL file
+/// (its sha256 is the one recorded when it was made).
 #[utoipa::path(get, path = "/api/v1/backup/download/{filename}", tag = "backups", security(("api_key" = [])),
     params(("filename" = String, Path, description = "omni_backup_YYYYMMDD_HHMMSS.sql", pattern = r"^omni_backup_[0-9]{8}_[0-9]{6}\.sql$")),
     responses(
-        (status = 200, description = "The SQL file", content_type = "application/sql"),
+        (status = 200, description = "The SQL file (`application/sql`), or for an encrypted backup the age file (`application/octet-stream`, \
+            named `<filename>.age`, header `X-Omni-Backup-Encrypted: age`)", content_type = "application/sql"),
         (status = 400, description = "Not a backup file name", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such backup", body = ErrorBody),
@@ -116,17 +129,21 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<BackupList>, Api
 pub async fn download(State(state): State<AppState>, Path(filename): Path<String>) -> Result<Response, ApiError> {
     let backups = service(&state);
     let name = filename.clone();
-    let (file, size) = tokio::task::spawn_blocking(move || backups.open(&name))
+    let (file, size, sealed) = tokio::task::spawn_blocking(move || backups.open(&name))
         .await
         .map_err(|e| ApiError::internal("opening the backup failed", e))??;
     let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), DOWNLOAD_CHUNK);
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/sql"));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(if sealed { "application/octet-stream" } else { "application/sql" }));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if sealed {
+        headers.insert("x-omni-backup-encrypted", HeaderValue::from_static("age"));
+    }
     // The name passed the pattern check, so it is safe inside the quotes.
-    let disposition = format!("attachment; filename=\"{filename}\"");
+    let suffix = if sealed { omni_contract::backups::SEALED_SUFFIX } else { "" };
+    let disposition = format!("attachment; filename=\"{filename}{suffix}\"");
     headers.insert(header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).expect("an ASCII file name"));
     Ok(response)
 }
@@ -138,6 +155,11 @@ pub async fn download(State(state): State<AppState>, Path(filename): Path<String
 /// applied), so the worker keeps serving. The safety backup is listed with
 /// `kind: "safety"` and kept apart from `OMNI_BACKUP_KEEP`'s count of
 /// ordinary backups.
+///
+/// A backup kept encrypted (`OMNI_ENCRYPT_LOCAL`) is decrypted with
+/// `OMNI_DECRYPT_IDENTITY_FILE`; without it, or with a key it is not
+/// encrypted to, it is refused with 409 `identity_needed` (naming the
+/// variable and the keys it needs) before anything is touched.
 #[utoipa::path(post, path = "/api/v1/backup/restore/{filename}", tag = "backups", security(("api_key" = [])),
     params(("filename" = String, Path, description = "omni_backup_YYYYMMDD_HHMMSS.sql", pattern = r"^omni_backup_[0-9]{8}_[0-9]{6}\.sql$")),
     responses(
@@ -145,9 +167,13 @@ pub async fn download(State(state): State<AppState>, Path(filename): Path<String
         (status = 400, description = "Not a backup file name", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such backup", body = ErrorBody),
-        (status = 409, description = "Another backup operation is running", body = ErrorBody),
+        (status = 409, description = "Another backup operation is running (`backup_busy`), or the backup is encrypted (`OMNI_ENCRYPT_LOCAL`) and \
+            `OMNI_DECRYPT_IDENTITY_FILE` is not set or does not open it (`identity_needed`, naming the variable and the keys it needs); \
+            the database is unchanged", body = ErrorBody),
         (status = 422, description = "Incomplete, changed since it was made (sha256 mismatch), made by an omni-api with migrations this one \
             does not have, or failing backup; the database is unchanged", body = ErrorBody),
+        (status = 503, description = "The safety backup could not be made: pg_dump failed (`backup_failed`), or its encryption's keys cannot be read \
+            (`backup_encryption_failed`); the database is unchanged", body = ErrorBody),
         (status = 507, description = "No space left for the safety backup", body = ErrorBody),
 ))]
 pub async fn restore(State(state): State<AppState>, Path(filename): Path<String>) -> Result<Json<Restored>, ApiError> {

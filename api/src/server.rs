@@ -47,6 +47,9 @@ pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
     // Taken first, so no child started later (pg_dump) inherits them.
     let ready = config.ready_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_READY_FD", "readiness will not be announced (GET /api/v1/health still tells)"));
     let start = config.start_fd.and_then(|fd| pipe_descriptor(fd, "OMNI_API_START_FD", "connecting to the database at once"));
+    if let (Some(fd), Some(path)) = (config.decrypt_identity_fd, &config.decrypt_identity_file) {
+        take_identity(fd, path);
+    }
     tracing::info!(
         ui_dir = %config.ui_dir.as_deref().map_or("built into omni-api".into(), |d| d.display().to_string()),
         backup_dir = %config.backup_dir.display(),
@@ -147,6 +150,26 @@ fn pipe_descriptor(fd: RawFd, variable: &str, fallback: &str) -> Option<File> {
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: the descriptor is open, and the gateway handed it to us alone.
     Some(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Reads the identity file the gateway opened for us (`OMNI_DECRYPT_IDENTITY_FD`)
+/// and closes it; its keys open encrypted backups for restores. Anything but
+/// an open regular file is left alone, and restores then open `path` themselves.
+fn take_identity(fd: RawFd, path: &std::path::Path) {
+    // SAFETY: fstat writes into the zeroed struct; an invalid fd is an error return.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        tracing::warn!(fd, "OMNI_DECRYPT_IDENTITY_FD names no open file; restores of encrypted backups open OMNI_DECRYPT_IDENTITY_FILE themselves");
+        return;
+    }
+    // SAFETY: the descriptor is open, and the gateway handed it to us alone.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut text = String::new();
+    let read = std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| e.to_string());
+    match read.and_then(|_| omni_contract::crypt::Keys::parse(&text, path, "OMNI_DECRYPT_IDENTITY_FILE").map_err(|e| e.to_string())) {
+        Ok(keys) => backups::hand_over_identity(keys),
+        Err(error) => tracing::warn!(%error, "OMNI_DECRYPT_IDENTITY_FILE: the file handed over cannot be read; restores of encrypted backups open it themselves"),
+    }
 }
 
 /// Waits on the start pipe: true at a newline (the database accepts

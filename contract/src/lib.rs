@@ -16,6 +16,7 @@
 
 pub mod backups;
 pub mod children;
+pub mod crypt;
 pub mod error_body;
 pub mod import;
 pub mod interval;

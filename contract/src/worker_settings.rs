@@ -39,13 +39,20 @@ pub mod vars {
     pub const POOL_SIZE: &str = "OMNI_API_DB_POOL_SIZE";
     pub const LOG_LEVEL: &str = "LOG_LEVEL";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
+    pub const ENCRYPT_LOCAL: &str = "OMNI_ENCRYPT_LOCAL";
+    pub const ENCRYPT_RECIPIENTS: &str = "OMNI_ENCRYPT_RECIPIENTS";
+    pub const ENCRYPT_RECIPIENTS_FILE: &str = "OMNI_ENCRYPT_RECIPIENTS_FILE";
+    pub const ENCRYPT_PASSPHRASE_FILE: &str = "OMNI_ENCRYPT_PASSPHRASE_FILE";
+    pub const DECRYPT_IDENTITY_FILE: &str = "OMNI_DECRYPT_IDENTITY_FILE";
+    pub const DECRYPT_IDENTITY_FD: &str = "OMNI_DECRYPT_IDENTITY_FD";
 
     /// Every variable the worker reads. The gateway removes these from what
     /// it passes on, then writes its own values, so a stray one in the
     /// gateway's environment never reaches the worker unchecked.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 27] = [
         DATABASE_URL, LISTEN, LISTEN_FD, READY_FD, START_FD, API_KEY, UI_DIR, BACKUP_DIR, PG_BIN_DIR, BACKUP_KEEP, BACKUP_INTERVAL,
         BACKUP_REPOSITORY, SETTINGS_FILE, DATA_ROOT, GATEWAY_URL, POOL_SIZE, LOG_LEVEL, LOG_FORMAT, GATEWAY_TOKEN, SETUP_TOKEN, PUBLIC_URL,
+        ENCRYPT_LOCAL, ENCRYPT_RECIPIENTS, ENCRYPT_RECIPIENTS_FILE, ENCRYPT_PASSPHRASE_FILE, DECRYPT_IDENTITY_FILE, DECRYPT_IDENTITY_FD,
     ];
 }
 
@@ -106,6 +113,18 @@ pub struct WorkerSettings {
     /// `OMNI_REPOSITORY_URL`): retention keeps a backup until its upload
     /// there is confirmed. Unset: no off-site copy.
     pub backup_repository: Option<String>,
+    /// `OMNI_ENCRYPT_LOCAL=true`: backups are sealed with age to the
+    /// recipients of `OMNI_ENCRYPT_RECIPIENTS`, `OMNI_ENCRYPT_RECIPIENTS_FILE`
+    /// or `OMNI_ENCRYPT_PASSPHRASE_FILE` (public keys: nothing here can
+    /// decrypt them). `None`: written plain.
+    pub backup_encrypt: Option<crate::crypt::EncryptSettings>,
+    /// `OMNI_DECRYPT_IDENTITY_FILE`: the private key a restore of a sealed
+    /// backup decrypts with (read when one is restored, by this account).
+    pub decrypt_identity_file: Option<PathBuf>,
+    /// That file, opened by the gateway (`OMNI_DECRYPT_IDENTITY_FD`): a
+    /// private key is often root's alone, and the worker runs as
+    /// `OMNI_API_USER`. Read once at start.
+    pub decrypt_identity_fd: Option<RawFd>,
     /// When set, `POST /setup/initialize` also writes the storage settings
     /// here, because the gateway needs them before PostgreSQL is running.
     pub settings_file: Option<PathBuf>,
@@ -219,6 +238,24 @@ pub mod check {
         }
     }
 
+    pub fn flag(text: &str) -> Result<bool, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("{text:?} is neither true nor false")),
+        }
+    }
+
+    /// `OMNI_ENCRYPT_LOCAL=true` needs exactly one of the three ways to encrypt.
+    pub fn encrypt_settings(settings: &crate::crypt::EncryptSettings) -> Result<(), String> {
+        let set = [settings.recipients.is_some(), settings.recipients_file.is_some(), settings.passphrase_file.is_some()].iter().filter(|s| **s).count();
+        match set {
+            1 => Ok(()),
+            0 => Err("true needs OMNI_ENCRYPT_RECIPIENTS, OMNI_ENCRYPT_RECIPIENTS_FILE or OMNI_ENCRYPT_PASSPHRASE_FILE: what backups are encrypted to".into()),
+            _ => Err("set only one of OMNI_ENCRYPT_RECIPIENTS, OMNI_ENCRYPT_RECIPIENTS_FILE and OMNI_ENCRYPT_PASSPHRASE_FILE".into()),
+        }
+    }
+
     pub fn fd(text: &str) -> Result<RawFd, String> {
         text.trim().parse::<RawFd>().ok().filter(|fd| *fd >= 0).ok_or_else(|| format!("{text:?} is not a file descriptor number"))
     }
@@ -239,6 +276,9 @@ impl WorkerSettings {
             backup_keep: DEFAULT_BACKUP_KEEP,
             backup_interval: None,
             backup_repository: None,
+            backup_encrypt: None,
+            decrypt_identity_file: None,
+            decrypt_identity_fd: None,
             settings_file: None,
             data_root: base.to_path_buf(),
             gateway_url: None,
@@ -308,6 +348,17 @@ impl WorkerSettings {
         }
         s.pg_bin_dir = path(vars::PG_BIN_DIR);
         s.settings_file = path(vars::SETTINGS_FILE);
+        if get(vars::ENCRYPT_LOCAL).map(|v| check::flag(&v).map_err(|m| invalid(vars::ENCRYPT_LOCAL, m))).transpose()?.unwrap_or(false) {
+            let settings = crate::crypt::EncryptSettings {
+                recipients: get(vars::ENCRYPT_RECIPIENTS),
+                recipients_file: path(vars::ENCRYPT_RECIPIENTS_FILE),
+                passphrase_file: path(vars::ENCRYPT_PASSPHRASE_FILE),
+            };
+            check::encrypt_settings(&settings).map_err(|m| invalid(vars::ENCRYPT_LOCAL, m))?;
+            s.backup_encrypt = Some(settings);
+        }
+        s.decrypt_identity_file = path(vars::DECRYPT_IDENTITY_FILE);
+        s.decrypt_identity_fd = get(vars::DECRYPT_IDENTITY_FD).map(|fd| check::fd(&fd).map_err(|m| invalid(vars::DECRYPT_IDENTITY_FD, m))).transpose()?;
         Ok(s)
     }
 
@@ -342,6 +393,24 @@ impl WorkerSettings {
         }
         if let Some(repository) = &self.backup_repository {
             env.push((vars::BACKUP_REPOSITORY, repository.clone()));
+        }
+        if let Some(encrypt) = &self.backup_encrypt {
+            env.push((vars::ENCRYPT_LOCAL, "true".to_owned()));
+            if let Some(keys) = &encrypt.recipients {
+                env.push((vars::ENCRYPT_RECIPIENTS, keys.clone()));
+            }
+            if let Some(file) = &encrypt.recipients_file {
+                env.push((vars::ENCRYPT_RECIPIENTS_FILE, path(file)));
+            }
+            if let Some(file) = &encrypt.passphrase_file {
+                env.push((vars::ENCRYPT_PASSPHRASE_FILE, path(file)));
+            }
+        }
+        if let Some(file) = &self.decrypt_identity_file {
+            env.push((vars::DECRYPT_IDENTITY_FILE, path(file)));
+        }
+        if let Some(fd) = self.decrypt_identity_fd {
+            env.push((vars::DECRYPT_IDENTITY_FD, fd.to_string()));
         }
         if let Some(file) = &self.settings_file {
             env.push((vars::SETTINGS_FILE, path(file)));
@@ -409,6 +478,9 @@ mod tests {
             ("OMNI_GATEWAY_TOKEN", "short"),
             ("OMNI_SETUP_TOKEN", "short"),
             ("OMNI_PUBLIC_URL", "omni.example.com"),
+            ("OMNI_ENCRYPT_LOCAL", "maybe"),
+            // Nothing to encrypt to.
+            ("OMNI_ENCRYPT_LOCAL", "true"),
         ] {
             let mut vars = vec![(variable, value)];
             if variable != "DATABASE_URL" {
@@ -441,6 +513,9 @@ mod tests {
         s.backup_keep = 0;
         s.backup_interval = Some(Duration::from_secs(6 * 3600));
         s.backup_repository = Some("s3://bucket/omni".into());
+        s.backup_encrypt = Some(crate::crypt::EncryptSettings { recipients_file: Some("/etc/omni/recipients.txt".into()), ..Default::default() });
+        s.decrypt_identity_file = Some("/root/key.txt".into());
+        s.decrypt_identity_fd = Some(6);
         s.settings_file = Some("/srv/omni/data/omni-settings.json".into());
         s.gateway_url = Some("http://127.0.0.1:8882".into());
         s.gateway_token = Some("0123456789abcdef0123456789abcdef".into());

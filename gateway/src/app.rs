@@ -371,6 +371,9 @@ async fn supervise(
         settings.setup_token = setup_token.clone();
         settings.public_url = public_url.clone();
         settings.backup_repository = crate::repository::config::shown_url(config);
+        // OMNI_ENCRYPT_LOCAL: the worker seals its backups (public keys) and restores them with the identity.
+        settings.backup_encrypt = crate::repository::config::logical_encryption(config);
+        settings.decrypt_identity_file = crate::repository::config::identity_file(config);
         WorkerPolicy::new(worker_bin.clone(), settings, upstreams.clone(), config.http.drain_timeout, worker_account.clone()).reporting_leader_to(board.clone())
     };
     // A point-in-time restore holds PostgreSQL's and the streamer's starts (pitr/online.rs).

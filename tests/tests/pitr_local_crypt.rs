@@ -8,7 +8,12 @@
 //! the key it needs, the data directory untouched; with `--identity` it
 //! brings back exactly the rows written before the target. The online
 //! restore and `backup verify` are refused without the key (the service
-//! serving on as it was) and work with `OMNI_DECRYPT_IDENTITY_FILE`.
+//! serving on as it was) and work with `OMNI_DECRYPT_IDENTITY_FILE`. The
+//! logical backups are kept encrypted too (no dump in plain text anywhere
+//! under the data root; `age -d` gives a dump that loads), listed, counted
+//! by retention and uploaded as they are, and restored through the API only
+//! with `OMNI_DECRYPT_IDENTITY_FILE` (409 `identity_needed` without it,
+//! nothing changed).
 
 use crate::gateway;
 
@@ -247,4 +252,151 @@ fn pitr_local_crypt_the_online_restore_and_the_drill_need_the_identity_and_work_
     assert_eq!(status, 200, "{answer}\n{}", gw.log());
     let rows: i64 = gw.db().query_one("SELECT count(*) FROM kept", &[]).unwrap().get(0);
     assert_eq!(rows, 2, "every row is back after the restore to latest\n{}", gw.log());
+}
+
+/// A logical backup's files in the backup directory (plain and sealed alike).
+fn backup_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(&dir.join("data/backups")).into_iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("omni_backup_"))).collect()
+}
+
+/// `POST /api/v1/backup/restore/{name}`, asked again while another backup
+/// operation holds the directory (the shipper's retention after an upload).
+fn restore_logical(port: u16, name: &str) -> (u16, serde_json::Value) {
+    wait_until(Duration::from_secs(30), "the backup directory to be free for a restore", || {
+        let (status, answer) = post_slow(port, &format!("/api/v1/backup/restore/{name}"), &serde_json::json!({}));
+        (answer["code"] != "backup_busy").then_some((status, answer))
+    })
+}
+
+fn backups_listed(port: u16) -> Vec<serde_json::Value> {
+    let list = Request::new("GET", "/api/v1/backup/list").api_key().send_to(port);
+    assert_eq!(list.status, 200, "{}", list.text());
+    list.json()["backups"].as_array().unwrap().clone()
+}
+
+#[test]
+fn pitr_local_crypt_logical_backups_are_kept_encrypted_and_restored_only_with_the_identity() {
+    use sha2::Digest;
+    let keys = workdir();
+    let (key, public) = keygen(keys.path(), "key.txt");
+    let dir = workdir();
+    let bucket = keys.path().join("bucket");
+    let start = |identity: Option<&Path>| {
+        let mut builder = GatewayBuilder::new(dir.path())
+            .env("OMNI_API_KEY", TEST_API_KEY)
+            .env("OMNI_ENCRYPT_LOCAL", "true")
+            .env("OMNI_ENCRYPT_RECIPIENTS", public.clone())
+            .env("OMNI_BACKUP_KEEP", "2")
+            .env("OMNI_REPOSITORY_URL", format!("file://{}", bucket.display()));
+        if let Some(key) = identity {
+            builder = builder.env("OMNI_DECRYPT_IDENTITY_FILE", key.display().to_string());
+        }
+        builder.start()
+    };
+    const CANARY: &str = "canary-row-5e1f7a-plain-text";
+    let mut gw = start(None);
+    gw.db().batch_execute(&format!("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('{CANARY}')")).unwrap();
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let created = Request::new("POST", "/api/v1/backup/create").api_key().send_to(gw.port);
+        assert_eq!(created.status, 200, "{}\n{}", created.text(), gw.log());
+        names.push(created.json()["backup_file"].as_str().unwrap().to_owned());
+    }
+    let newest = names.last().unwrap().clone();
+
+    // Nothing plain on disk: every backup file is an age file; no file under
+    // the data root holds a dump's text or the row (PostgreSQL's own files aside).
+    let local = dir.path().join(format!("data/backups/{newest}.age"));
+    assert!(is_age(&local), "{} is not an age file: {:?}", local.display(), backup_files(dir.path()));
+    assert!(!dir.path().join(format!("data/backups/{newest}")).exists(), "a plain copy is left beside it");
+    // (The WAL being written and PostgreSQL's own files hold the row, not a dump.)
+    let postgres = gw.data_dir();
+    for file in files_under(dir.path()).into_iter().filter(|p| !p.starts_with(&postgres)) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(b"PostgreSQL database dump"), "{} holds a dump in plain text", file.display());
+        assert!(!file.starts_with(dir.path().join("data/backups")) || !has(CANARY.as_bytes()), "{} holds the row in plain text", file.display());
+    }
+    // Debian's age opens it with the key: the dump made, whose sha256 is the one recorded, and it loads.
+    let dump = age_decrypt(&key, &local, false);
+    assert!(dump.starts_with(b"--\n-- PostgreSQL database dump") && String::from_utf8_lossy(&dump).contains(CANARY), "age -d gives the dump");
+    let recorded = std::fs::read_to_string(dir.path().join(format!("data/backups/{newest}.sha256"))).unwrap();
+    let digest: String = sha2::Sha256::digest(&dump).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(recorded, format!("{digest}  {newest}\n"), "the .sha256 is the decrypted dump's, as sha256sum -c reads it");
+    gw.db().batch_execute("CREATE DATABASE loadcheck").unwrap();
+    let plain = keys.path().join("dump.sql");
+    std::fs::write(&plain, &dump).unwrap();
+    let password = std::fs::read_to_string(dir.path().join("data/postgres.password")).unwrap();
+    let loaded = Command::new(omni_tests::pg_bin_dir().join("psql"))
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-h", "127.0.0.1", "-p", &gw.pg_port.to_string(), "-U", "postgres", "-d", "loadcheck", "-f"])
+        .arg(&plain)
+        .env("PGPASSWORD", password.trim())
+        .output()
+        .unwrap();
+    assert!(loaded.status.success(), "the decrypted dump loads: {}", String::from_utf8_lossy(&loaded.stderr));
+
+    // Listed as the same backups, encrypted; the download is the age file, said so.
+    let listed = backups_listed(gw.port);
+    let entry = listed.iter().find(|b| b["filename"] == newest.as_str()).unwrap_or_else(|| panic!("{newest} is not listed: {listed:?}"));
+    assert_eq!(entry["encrypted"], true, "{entry}");
+    assert_eq!(entry["size_bytes"], std::fs::metadata(&local).unwrap().len(), "{entry}");
+    let download = Request::new("GET", format!("/api/v1/backup/download/{newest}")).api_key().send_to(gw.port);
+    assert_eq!(download.status, 200, "{}", download.text());
+    assert_eq!(download.header("x-omni-backup-encrypted"), Some("age"));
+    assert!(download.header("content-disposition").is_some_and(|d| d.contains(&format!("{newest}.age"))), "{:?}", download.header("content-disposition"));
+    assert!(download.body == std::fs::read(&local).unwrap(), "the download is the sealed file as it is");
+
+    // Off-site: the object is the local file as it is; once confirmed,
+    // OMNI_BACKUP_KEEP=2 lets the oldest go.
+    wait_until(Duration::from_secs(60), "the oldest backup to be uploaded, then deleted by retention", || {
+        (!dir.path().join(format!("data/backups/{}.age", names[0])).exists()).then_some(())
+    });
+    let remote = bucket.join(format!("logical/{newest}"));
+    wait_until(Duration::from_secs(30), "the newest backup's object, the local file as it is", || (std::fs::read(&remote).ok()? == std::fs::read(&local).unwrap()).then_some(()));
+    let sidecar = bucket.join(format!("logical/{newest}.sha256"));
+    wait_until(Duration::from_secs(30), "the newest backup's .sha256 object", || sidecar.is_file().then_some(()));
+    assert!(is_age(&sidecar), "its .sha256 is encrypted off-site, as every object");
+    let listed = backups_listed(gw.port);
+    let kept: Vec<&str> = listed.iter().map(|b| b["filename"].as_str().unwrap()).collect();
+    assert_eq!(kept, vec![names[2].as_str(), names[1].as_str()], "retention counts the encrypted backups: {listed:?}");
+    assert!(listed.iter().all(|b| b["encrypted"] == true && b["kind"] == "backup"), "{listed:?}");
+
+    // Without the identity: refused before anything is touched, naming what it needs.
+    gw.db().batch_execute("INSERT INTO secrets VALUES ('written after the backup')").unwrap();
+    let (status, answer) = restore_logical(gw.port, &newest);
+    assert_eq!(status, 409, "{answer}\n{}", gw.log());
+    assert_eq!(answer["code"], "identity_needed", "{answer}");
+    let detail = answer["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("OMNI_DECRYPT_IDENTITY_FILE") && detail.contains(&public[..9]) && detail.contains(&public[public.len() - 8..]), "{answer}");
+    let rows: i64 = gw.db().query_one("SELECT count(*) FROM secrets", &[]).unwrap().get(0);
+    assert_eq!(rows, 2, "the database is unchanged");
+    assert_eq!(backups_listed(gw.port).len(), 2, "no safety backup was taken");
+    assert!(gw.terminate().success(), "{}", gw.log());
+
+    // With OMNI_DECRYPT_IDENTITY_FILE: restored, after a safety backup (encrypted too).
+    let gw = start(Some(&key));
+    let (status, answer) = restore_logical(gw.port, &newest);
+    assert_eq!(status, 200, "{answer}\n{}", gw.log());
+    let rows: Vec<String> = gw.db().query("SELECT v FROM secrets", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, vec![CANARY.to_owned()], "the backup's rows, none written after it");
+    let safety = answer["safety_backup"].as_str().unwrap().to_owned();
+    let listed = backups_listed(gw.port);
+    let entry = listed.iter().find(|b| b["filename"] == safety.as_str()).unwrap_or_else(|| panic!("{safety} is not listed: {listed:?}"));
+    assert!(entry["kind"] == "safety" && entry["encrypted"] == true, "{entry}");
+    let undo = age_decrypt(&key, &dir.path().join(format!("data/backups/{safety}.age")), false);
+    assert!(String::from_utf8_lossy(&undo).contains("written after the backup"), "the safety backup holds the database as it was before");
+
+    // The CLI: refused without the key, naming the variable; with --identity, restored.
+    let env = vec![("OMNI_ENCRYPT_LOCAL", "true".to_string()), ("OMNI_ENCRYPT_RECIPIENTS", public.clone()), ("OMNI_BACKUP_KEEP", "2".to_string())];
+    // (Asked again while the shipper's retention holds the directory.)
+    let cli_free = |args: &[&str]| wait_until(Duration::from_secs(30), "the backup directory to be free", || {
+        let (ok, out, err) = cli_env(dir.path(), args, &env);
+        (!err.contains("another backup operation is running")).then_some((ok, out, err))
+    });
+    let (ok, out, err) = cli_free(&["backup", "restore", &names[1]]);
+    assert!(!ok && err.contains("OMNI_DECRYPT_IDENTITY_FILE") && err.contains(&public[..9]), "a CLI restore without the key:\n{out}\n{err}");
+    let (ok, out, err) = cli_free(&["backup", "restore", &names[1], "--identity", &key.display().to_string()]);
+    assert!(ok && out.contains(&format!("restored {}", names[1])), "a CLI restore with --identity:\n{out}\n{err}");
+    let (ok, out, _) = cli_env(dir.path(), &["backup", "list"], &env);
+    assert!(ok && out.contains(&names[1]) && out.contains("encrypted"), "{out}");
 }

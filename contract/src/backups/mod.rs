@@ -54,23 +54,39 @@
 //!   ([`RECOPY_MARK`]): a relay decoding that transaction skips it and copies
 //!   the restored database to its target anew, instead of replaying a dump
 //!   statement by statement.
+//! * with `OMNI_ENCRYPT_LOCAL` (the gateway hands the worker its
+//!   `OMNI_ENCRYPT_*` recipients: public keys, nothing secret), a backup is
+//!   sealed with age ([`crate::crypt`]) on its way from pg_dump to the disk:
+//!   its partial file and its named file (`<name>.age`) hold only the
+//!   encrypted dump, never a plain byte, and its `<name>.sha256` is the
+//!   dump's, taken as it passed. It is the same backup by name (listed with
+//!   `encrypted`, counted by retention, uploaded as it is); a download gives
+//!   the encrypted file; a restore decrypts with `OMNI_DECRYPT_IDENTITY_FILE`
+//!   and without it is refused before anything is touched
+//!   ([`BackupError::IdentityNeeded`]), as is one whose key it is not.
 
 pub mod name;
 pub mod schedule;
 
 use std::{
+    collections::BTreeMap,
     ffi::OsString,
     fs::{self, File, OpenOptions},
     io::{self, Seek, SeekFrom},
     os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     process::Stdio,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use tokio::{io::AsyncReadExt, process::Command};
 
+use crate::crypt::{self, CryptError, EncryptSettings, Encryption, Keys, Sealer};
 use crate::worker_settings::WorkerSettings;
+
+/// A sealed backup's file: `<name>` + this.
+pub const SEALED_SUFFIX: &str = ".age";
 
 /// Name of the lock file that serializes operations, in the backup directory.
 const LOCK_FILE: &str = ".omni_backup.lock";
@@ -178,6 +194,10 @@ pub enum BackupError {
     DumpFailed(String),
     #[error("the restore failed and was rolled back; the database is unchanged: {0}")]
     RestoreFailed(String),
+    #[error("{0}; no backup was written (OMNI_ENCRYPT_LOCAL: backups are written encrypted or not at all)")]
+    Encryption(String),
+    #[error("{name} is encrypted (OMNI_ENCRYPT_LOCAL) and cannot be read here: {reason}; nothing was restored and the database is unchanged")]
+    IdentityNeeded { name: String, reason: String },
     #[error("cannot run {tool}: {source}; set PGSERVE_BIN_DIR to the directory holding pg_dump and psql")]
     ToolMissing { tool: String, source: io::Error },
     #[error("{context}: {source}")]
@@ -213,6 +233,10 @@ pub struct BackupInfo {
     /// restore or an import just before it changed the database). Each kind
     /// has its own retention of `OMNI_BACKUP_KEEP` files.
     pub kind: Kind,
+    /// Kept encrypted with age (`OMNI_ENCRYPT_LOCAL`; the file is
+    /// `<filename>.age`, `size_bytes` its size): a restore needs
+    /// `OMNI_DECRYPT_IDENTITY_FILE`, a download gives the encrypted file.
+    pub encrypted: bool,
 }
 
 /// Why a backup was made.
@@ -262,6 +286,23 @@ pub struct Backups {
     /// The off-site repository (its URL as shown) that must confirm a
     /// backup's upload before retention deletes it; `None`: no off-site copy.
     upload_to: Option<String>,
+    /// `OMNI_ENCRYPT_LOCAL`: new backups are sealed to these recipients
+    /// (read again for each backup); `None`: written plain.
+    seal: Option<EncryptSettings>,
+    /// What a restore of a sealed backup decrypts with.
+    identity: Identity,
+}
+
+/// The private key restores of sealed backups decrypt with.
+#[derive(Debug, Clone, Default)]
+pub enum Identity {
+    /// None here: a sealed backup is refused ([`BackupError::IdentityNeeded`]).
+    #[default]
+    None,
+    /// `OMNI_DECRYPT_IDENTITY_FILE`, read when a restore needs it.
+    File(PathBuf),
+    /// Read already (the CLI reads it before it leaves root's account).
+    Loaded(Arc<Keys>),
 }
 
 /// Held for the duration of one operation; dropping it releases the `flock`.
@@ -285,9 +326,28 @@ impl Drop for Partial {
     }
 }
 
+/// The keys the gateway handed this worker (`OMNI_DECRYPT_IDENTITY_FD`:
+/// `OMNI_DECRYPT_IDENTITY_FILE` opened by the gateway, which its account
+/// may not open), read once at start.
+static HANDED_OVER: std::sync::OnceLock<Arc<Keys>> = std::sync::OnceLock::new();
+
+/// Sets the keys restores of sealed backups decrypt with in this process,
+/// when the worker's settings name an identity file ([`Backups::from_settings`]).
+pub fn hand_over_identity(keys: Keys) {
+    let _ = HANDED_OVER.set(Arc::new(keys));
+}
+
 impl Backups {
     pub fn new(dir: PathBuf, bin_dir: Option<PathBuf>, database_url: String, keep: usize) -> Backups {
-        Backups { dir, bin_dir, database_url, keep, upload_to: None }
+        Backups { dir, bin_dir, database_url, keep, upload_to: None, seal: None, identity: Identity::None }
+    }
+
+    /// The same service, sealing new backups to `seal` (`OMNI_ENCRYPT_LOCAL`;
+    /// `None`: plain) and restoring sealed ones with `identity`.
+    pub fn sealed(mut self, seal: Option<EncryptSettings>, identity: Identity) -> Backups {
+        self.seal = seal;
+        self.identity = identity;
+        self
     }
 
     /// The same service, whose retention keeps every backup whose upload to
@@ -301,6 +361,11 @@ impl Backups {
     pub fn from_settings(settings: &WorkerSettings) -> Backups {
         Backups::new(settings.backup_dir.clone(), settings.pg_bin_dir.clone(), settings.database_url.clone(), settings.backup_keep)
             .uploaded_to(settings.backup_repository.clone())
+            .sealed(settings.backup_encrypt.clone(), match (HANDED_OVER.get(), &settings.decrypt_identity_file) {
+                (Some(keys), Some(_)) => Identity::Loaded(keys.clone()),
+                (None, Some(path)) => Identity::File(path.clone()),
+                (_, None) => Identity::None,
+            })
     }
 
     /// The backup directory, created (mode 0700) if missing, canonical.
@@ -359,7 +424,9 @@ impl Backups {
             if checksum_path(&dir, &backup.filename).exists() {
                 continue;
             }
-            let Ok((file, size)) = open_existing(&dir, &backup.filename) else { continue };
+            // A sealed backup's sha256 is recorded before it is named; one
+            // without (copied in by hand) is judged when a restore decrypts it.
+            let Ok((file, size, false)) = open_existing(&dir, &backup.filename) else { continue };
             match check_complete(&file, size, &backup.filename) {
                 Ok(()) => record_late_checksum(&dir, &backup.filename),
                 Err(_) => tracing::warn!(
@@ -382,18 +449,25 @@ impl Backups {
         Ok(self.list()?.iter().find_map(|b| name::time_of(&b.filename)))
     }
 
-    /// Opens a backup for reading: the file and its size.
-    pub fn open(&self, name: &str) -> Result<(File, u64)> {
+    /// Opens a backup for reading (a download): the file, its size, and
+    /// whether it is sealed (`OMNI_ENCRYPT_LOCAL`: the file is then the
+    /// encrypted `<name>.age`, which age authenticates when it is
+    /// decrypted; without the key only its header can be checked here).
+    pub fn open(&self, name: &str) -> Result<(File, u64, bool)> {
         if !name::is_valid(name) {
             return Err(BackupError::InvalidName);
         }
         let dir = self.dir()?;
-        let (file, size) = open_existing(&dir, name)?;
-        if !check_checksum(&dir, name, &file)? {
+        let (file, size, sealed) = open_existing(&dir, name)?;
+        if sealed {
+            if !crypt::is_sealed(&head_of(&file)) {
+                return Err(BackupError::Changed(name.to_owned()));
+            }
+        } else if !check_checksum(&dir, name, &file)? {
             check_complete(&file, size, name)?;
             record_late_checksum(&dir, name);
         }
-        Ok((file, size))
+        Ok((file, size, sealed))
     }
 
     /// Takes a backup now.
@@ -418,9 +492,9 @@ impl Backups {
         }
         let dir = self.dir()?;
         let _lock = self.lock(&dir)?;
-        let (file, _) = open_existing(&dir, name)?;
+        let (file, _, _) = open_existing(&dir, name)?;
         drop(file);
-        fs::remove_file(dir.join(name)).map_err(BackupError::io(format!("deleting {name}")))?;
+        remove_backup(&dir, name).map_err(BackupError::io(format!("deleting {name}")))?;
         remove_sidecars(&dir, name);
         sync_dir(&dir)?;
         tracing::info!(file = name, "deleted backup");
@@ -434,12 +508,21 @@ impl Backups {
         }
         let dir = self.dir()?;
         let _lock = self.lock(&dir)?;
-        let (mut file, size) = open_existing(&dir, name)?;
-        let checked = check_checksum(&dir, name, &file)?;
-        check_complete(&file, size, name)?;
-        if !checked {
-            record_late_checksum(&dir, name);
-        }
+        let (mut file, size, sealed) = open_existing(&dir, name)?;
+        // A sealed backup: the key opens it, and the whole dump decrypted
+        // is the one recorded, before anything is touched.
+        let keys = if sealed {
+            let keys = self.keys_for(name, &file)?;
+            check_sealed(&dir, name, &file, &keys)?;
+            Some(keys)
+        } else {
+            let checked = check_checksum(&dir, name, &file)?;
+            check_complete(&file, size, name)?;
+            if !checked {
+                record_late_checksum(&dir, name);
+            }
+            None
+        };
         // Other gateways' workers share the database, not this directory's lock.
         let cluster = crate::leader::exclusive(&self.database_url)
             .await
@@ -452,6 +535,10 @@ impl Backups {
         loop {
             file.seek(SeekFrom::Start(0)).map_err(BackupError::io(format!("reading {name}")))?;
             let input = file.try_clone().map_err(BackupError::io(format!("reading {name}")))?;
+            let input = match &keys {
+                Some(keys) => Input::Sealed(input, keys.clone(), name.to_owned()),
+                None => Input::Plain(input),
+            };
             match self.run_psql(input, migrate.path()).await {
                 Ok(()) => break,
                 Err(BackupError::RestoreFailed(message)) if attempt < RESTORE_ATTEMPTS && is_lock_conflict(&message) => {
@@ -473,9 +560,51 @@ impl Backups {
         })
     }
 
+    /// The keys that open the sealed backup `name` (`file`), checked on its
+    /// header: none here, an unreadable identity file or another key is
+    /// [`BackupError::IdentityNeeded`], naming the keys it needs.
+    fn keys_for(&self, name: &str, file: &File) -> Result<Arc<Keys>> {
+        let head = head_of(file);
+        let needed: Vec<String> = crypt::header_recipients(&head).iter().map(|k| crypt::short(k)).collect();
+        let needed = if needed.is_empty() { "keys it does not name".to_owned() } else { needed.join(", ") };
+        let refused = |reason: String| BackupError::IdentityNeeded { name: name.to_owned(), reason };
+        let keys = match &self.identity {
+            Identity::None => {
+                return Err(refused(format!(
+                    "it is encrypted to {needed}; set OMNI_DECRYPT_IDENTITY_FILE to the file of its private key (age-keygen's key.txt) and restart the gateway, \
+                     or restore it with omni-gateway backup restore --identity FILE"
+                )))
+            }
+            Identity::File(path) => Arc::new(Keys::load(path, "OMNI_DECRYPT_IDENTITY_FILE").map_err(|e| refused(e.to_string()))?),
+            Identity::Loaded(keys) => keys.clone(),
+        };
+        let opened = keys.open(head.as_slice(), name).map(drop);
+        match opened {
+            Ok(()) => Ok(keys),
+            Err(CryptError::Damaged { .. }) => Err(BackupError::Changed(name.to_owned())),
+            Err(e) => Err(refused(e.to_string())),
+        }
+    }
+
+    /// The sealer for a new backup: `None` when backups are written plain;
+    /// a setting that cannot be used is an error, never a plain backup.
+    fn sealer(&self) -> Result<Option<Sealer>> {
+        let Some(settings) = &self.seal else { return Ok(None) };
+        let sealer = Encryption::from_settings(settings).and_then(|e| e.sealer()).map_err(|e| BackupError::Encryption(e.to_string()))?;
+        if sealer.is_plain() {
+            return Err(BackupError::Encryption(
+                "OMNI_ENCRYPT_LOCAL is on and none of OMNI_ENCRYPT_RECIPIENTS, OMNI_ENCRYPT_RECIPIENTS_FILE, OMNI_ENCRYPT_PASSPHRASE_FILE is set".into(),
+            ));
+        }
+        Ok(Some(sealer))
+    }
+
     /// A backup while the operation lock is held; `protect` is a file that
     /// retention must not delete (the one about to be restored).
     async fn create_locked(&self, dir: &Path, kind: Kind, protect: Option<&str>) -> Result<Created> {
+        // Before pg_dump starts: a recipients file gone bad stops here.
+        let sealer = self.sealer()?;
+        let sealed = sealer.is_some();
         // The final name is taken when the dump is complete (see below); the
         // partial file is named after the start time meanwhile.
         let partial_path = dir.join(format!(".{}.partial", name::for_time(SystemTime::now())));
@@ -496,7 +625,7 @@ impl Backups {
         let mut command = self.command("pg_dump")?;
         command.args(["--clean", "--if-exists", "--format=plain", "--no-password", "--no-publications", "--exclude-schema=omni_relay"]);
         let started = std::time::Instant::now();
-        let (status, stderr) = run_dump(command, file).await?;
+        let (status, stderr, digest) = run_dump(command, file, sealer).await?;
         if !status.success() {
             if stderr.contains("No space left on device") {
                 return Err(BackupError::DiskFull(format!("pg_dump writing into {}", dir.display())));
@@ -511,12 +640,20 @@ impl Backups {
         // an existing one (a restore's safety backup right after a create)
         // rarely has to wait for the next second.
         let (name, time) = free_name(dir).await?;
-        let final_path = dir.join(&name);
+        let final_path = if sealed { sealed_path(dir, &name) } else { dir.join(&name) };
         // The kind is marked before the name exists, so a crash can leave a
         // stray marker (harmless, removed with its backup's name) but never
         // a safety backup counted as one of the user's.
         if kind == Kind::Safety {
             mark_safety(dir, &name)?;
+        }
+        // A sealed backup's sha256 (the dump's, taken as it passed) too:
+        // without the key it could not be judged later.
+        if let Some(digest) = &digest {
+            if let Err(e) = write_checksum(dir, &name, digest) {
+                remove_sidecars(dir, &name);
+                return Err(e);
+            }
         }
         // link(2) fails with EEXIST instead of replacing: never overwrite.
         match fs::hard_link(&partial_path, &final_path) {
@@ -532,7 +669,7 @@ impl Backups {
         }
         partial.0 = None;
         let _ = fs::remove_file(&partial_path);
-        if let Err(e) = record_checksum(dir, &name) {
+        if let Err(e) = if sealed { Ok(()) } else { record_checksum(dir, &name) } {
             // A backup whose checksum could not be recorded is not kept.
             let _ = fs::remove_file(&final_path);
             remove_sidecars(dir, &name);
@@ -540,7 +677,7 @@ impl Backups {
         }
         sync_dir(dir)?;
         let size_bytes = fs::symlink_metadata(&final_path).map(|m| m.len()).unwrap_or(0);
-        tracing::info!(file = %name, ?kind, size_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
+        tracing::info!(file = %name, ?kind, size_bytes, encrypted = sealed, elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
         self.apply_retention(dir, protect);
         Ok(Created { backup_file: name, size_bytes, timestamp: name::rfc3339(time) })
     }
@@ -585,7 +722,7 @@ impl Backups {
                     waiting += 1;
                     continue;
                 }
-                match fs::remove_file(dir.join(&old.filename)) {
+                match remove_backup(dir, &old.filename) {
                     Ok(()) => {
                         remove_sidecars(dir, &old.filename);
                         tracing::info!(file = %old.filename, ?kind, keep = self.keep, "retention: deleted an old backup");
@@ -606,16 +743,21 @@ impl Backups {
     }
 
     /// Replays a dump (`input`) and then the `migrate` script, in one transaction.
-    async fn run_psql(&self, input: File, migrate: &Path) -> Result<()> {
+    async fn run_psql(&self, input: Input, migrate: &Path) -> Result<()> {
         let mut command = self.command("psql")?;
         command
             .args(["--no-psqlrc", "--quiet", "--no-password", "--single-transaction", "-v", "ON_ERROR_STOP=1"])
             .args(["-c", RECOPY_MARK, "-c", DROP_OMNI_TABLES, "-f", "-", "-f"])
             .arg(migrate)
             .env("PGOPTIONS", format!("-c lock_timeout={RESTORE_LOCK_TIMEOUT} -c client_min_messages=warning"))
-            .stdin(Stdio::from(input))
             .stdout(Stdio::null());
-        let (status, stderr) = run(command, "psql").await?;
+        let (status, stderr) = match input {
+            Input::Plain(file) => {
+                command.stdin(Stdio::from(file));
+                run(command, "psql").await?
+            }
+            Input::Sealed(file, keys, name) => run_fed(command, file, &keys, &name).await?,
+        };
         if status.success() {
             Ok(())
         } else {
@@ -711,10 +853,66 @@ fn write_migrate_forward(dir: &Path) -> Result<Partial> {
     Ok(Partial(Some(path)))
 }
 
-/// Runs `pg_dump`, its output written into `file` through [`RelayFilter`];
-/// returns its status and the tail of its stderr.
-async fn run_dump(mut command: Command, file: File) -> Result<(std::process::ExitStatus, String)> {
+/// What a dump being sealed goes through on its way to the file: its
+/// sha256, taken of the plain bytes, and age's writer, whose output
+/// collects in `out` until it is written to the file.
+struct Sealing {
+    hasher: sha2::Sha256,
+    writer: crypt::Sealed<Collected>,
+    out: Collected,
+}
+
+/// What age's writer wrote, taken from it after each write.
+#[derive(Clone, Default)]
+struct Collected(Arc<Mutex<Vec<u8>>>);
+
+impl Collected {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl io::Write for Collected {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sealing {
+    /// `plain` hashed and encrypted: the bytes to write to the file.
+    fn seal(&mut self, plain: &[u8]) -> io::Result<Vec<u8>> {
+        use sha2::Digest;
+        self.hasher.update(plain);
+        io::Write::write_all(&mut self.writer, plain)?;
+        Ok(self.out.take())
+    }
+
+    /// The last encrypted bytes, and the plain dump's sha256 (hex).
+    fn finish(self) -> io::Result<(Vec<u8>, String)> {
+        use sha2::Digest;
+        self.writer.finish()?;
+        Ok((self.out.take(), self.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+    }
+}
+
+/// Runs `pg_dump`, its output written into `file` through [`RelayFilter`]
+/// (and, with `sealer`, encrypted on its way: no plain byte reaches the
+/// disk); returns its status, the tail of its stderr and, when sealed, the
+/// sha256 of the plain dump.
+async fn run_dump(mut command: Command, file: File, sealer: Option<Sealer>) -> Result<(std::process::ExitStatus, String, Option<String>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sealing = match sealer {
+        Some(sealer) => {
+            let out = Collected::default();
+            let writer = sealer.wrap(out.clone()).map_err(|e| BackupError::Encryption(format!("starting the encryption ({e})")))?;
+            Some(Sealing { hasher: <sha2::Sha256 as sha2::Digest>::new(), writer, out })
+        }
+        None => None,
+    };
     command.stdout(Stdio::piped());
     let mut child = start(command, "pg_dump").await?;
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -742,26 +940,85 @@ async fn run_dump(mut command: Command, file: File) -> Result<(std::process::Exi
                 start += at + 1;
             }
             pending.drain(..start);
-            file.write_all(&out).await?;
+            match &mut sealing {
+                Some(sealing) => file.write_all(&sealing.seal(&out)?).await?,
+                None => file.write_all(&out).await?,
+            }
             out.clear();
         }
         // A last line without its newline.
         if !pending.is_empty() && filter.keep(&pending) {
-            file.write_all(&pending).await?;
+            match &mut sealing {
+                Some(sealing) => file.write_all(&sealing.seal(&pending)?).await?,
+                None => file.write_all(&pending).await?,
+            }
         }
-        file.flush().await
+        let digest = match sealing {
+            Some(sealing) => {
+                let (last, digest) = sealing.finish()?;
+                file.write_all(&last).await?;
+                Some(digest)
+            }
+            None => None,
+        };
+        file.flush().await?;
+        Ok::<_, io::Error>(digest)
     };
     let (waited, copied) = tokio::join!(wait(child, "pg_dump"), copy);
     let (status, stderr) = waited?;
-    if let Err(e) = copied {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            return Err(BackupError::DiskFull("writing pg_dump's output".into()));
-        }
-        if status.success() {
-            return Err(BackupError::io("writing pg_dump's output")(e));
-        }
+    match copied {
+        Ok(digest) => Ok((status, stderr, digest)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(BackupError::DiskFull("writing pg_dump's output".into())),
+        Err(e) if status.success() => Err(BackupError::io("writing pg_dump's output")(e)),
+        Err(_) => Ok((status, stderr, None)),
     }
-    Ok((status, stderr))
+}
+
+/// What a restore feeds psql: a plain dump, or a sealed one decrypted on
+/// its way (`name` for messages).
+enum Input {
+    Plain(File),
+    Sealed(File, Arc<Keys>, String),
+}
+
+/// Runs psql with the sealed dump `file` decrypted into its stdin. Should
+/// the decryption fail half-way (the file changed since it was checked),
+/// psql is killed before its stdin ends: it never reaches the end of its
+/// script, so the transaction is rolled back, never committed half-restored.
+async fn run_fed(mut command: Command, file: File, keys: &Keys, name: &str) -> Result<(std::process::ExitStatus, String)> {
+    use std::io::Read;
+    use tokio::io::AsyncWriteExt;
+    command.stdin(Stdio::piped());
+    let mut child = start(command, "psql").await?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let feed = async {
+        let fed = async {
+            let mut plain = keys.open(file, name).map_err(io::Error::other)?;
+            let mut buffer = vec![0u8; 1 << 16];
+            loop {
+                let n = plain.read(&mut buffer)?;
+                if n == 0 {
+                    return Ok::<_, io::Error>(());
+                }
+                stdin.write_all(&buffer[..n]).await?;
+            }
+        }
+        .await;
+        if fed.is_err() {
+            let _ = child.start_kill();
+        }
+        drop(stdin);
+        fed
+    };
+    let (fed, tail) = tokio::join!(feed, stderr_tail(stderr));
+    let status = child.wait().await.map_err(BackupError::io("waiting for psql"))?;
+    let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..]).trim().to_owned();
+    match fed {
+        // psql stopping early (an error in the dump) closes its stdin: its status says why.
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(BackupError::RestoreFailed(format!("{name} could not be decrypted ({e})"))),
+        _ => Ok((status, text)),
+    }
 }
 
 /// Runs a prepared command, returning its status and the tail of its stderr.
@@ -776,26 +1033,28 @@ async fn start(command: Command, tool: &str) -> Result<tokio::process::Child> {
     crate::children::spawn(command).await.map_err(|source| BackupError::ToolMissing { tool: tool.to_owned(), source })
 }
 
-/// Waits for a spawned tool, collecting the tail of its stderr.
-async fn wait(mut child: tokio::process::Child, tool: &str) -> Result<(std::process::ExitStatus, String)> {
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let collect = async {
-        let mut tail = Vec::new();
-        let mut buffer = [0u8; 8192];
-        loop {
-            match stderr.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    tail.extend_from_slice(&buffer[..n]);
-                    if tail.len() > 2 * STDERR_TAIL {
-                        tail.drain(..tail.len() - STDERR_TAIL);
-                    }
+/// What a tool writes to stderr until it closes it, its tail kept.
+async fn stderr_tail(mut stderr: tokio::process::ChildStderr) -> Vec<u8> {
+    let mut tail = Vec::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        match stderr.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buffer[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
                 }
             }
         }
-        tail
-    };
-    let (status, tail) = tokio::join!(child.wait(), collect);
+    }
+    tail
+}
+
+/// Waits for a spawned tool, collecting the tail of its stderr.
+async fn wait(mut child: tokio::process::Child, tool: &str) -> Result<(std::process::ExitStatus, String)> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (status, tail) = tokio::join!(child.wait(), stderr_tail(stderr));
     let status = status.map_err(BackupError::io(format!("waiting for {tool}")))?;
     let text = String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL)..]).trim().to_owned();
     Ok((status, text))
@@ -859,40 +1118,131 @@ fn connection_env(url: &str) -> Result<Vec<(&'static str, OsString)>> {
     Ok(env)
 }
 
-/// Backups in `dir`, newest first: regular files with a valid name only.
+/// Backups in `dir`, newest first: regular files with a valid name only,
+/// plain or sealed (`<name>.age`: the same backup, `encrypted`; should
+/// both be there, the plain one, which is the one opened).
 fn list_in(dir: &Path) -> Result<Vec<BackupInfo>> {
-    let mut backups = Vec::new();
+    let mut backups: BTreeMap<String, BackupInfo> = BTreeMap::new();
     for entry in fs::read_dir(dir).map_err(BackupError::io(format!("reading {}", dir.display())))?.flatten() {
         let Ok(file_name) = entry.file_name().into_string() else { continue };
-        if !name::is_valid(&file_name) {
+        let (backup, encrypted) = match file_name.strip_suffix(SEALED_SUFFIX) {
+            Some(backup) => (backup.to_owned(), true),
+            None => (file_name, false),
+        };
+        if !name::is_valid(&backup) || (encrypted && backups.contains_key(&backup)) {
             continue;
         }
         let Ok(metadata) = fs::symlink_metadata(entry.path()) else { continue };
         if !metadata.file_type().is_file() {
             continue;
         }
-        let created = name::time_of(&file_name).or_else(|| metadata.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
-        let kind = if fs::symlink_metadata(safety_path(dir, &file_name)).is_ok_and(|m| m.file_type().is_file()) { Kind::Safety } else { Kind::Backup };
-        backups.push(BackupInfo { created_at: name::rfc3339(created), size_bytes: metadata.len(), filename: file_name, kind });
+        let created = name::time_of(&backup).or_else(|| metadata.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+        let kind = if fs::symlink_metadata(safety_path(dir, &backup)).is_ok_and(|m| m.file_type().is_file()) { Kind::Safety } else { Kind::Backup };
+        backups.insert(backup.clone(), BackupInfo { created_at: name::rfc3339(created), size_bytes: metadata.len(), filename: backup, kind, encrypted });
     }
     // Fixed-width timestamps: name order is time order.
-    backups.sort_by(|a, b| b.filename.cmp(&a.filename));
-    Ok(backups)
+    Ok(backups.into_values().rev().collect())
 }
 
-/// Opens `dir/name` for reading if it is a regular file (not a symlink).
-fn open_existing(dir: &Path, name: &str) -> Result<(File, u64)> {
+/// `<name>.age` beside the plain name: the backup sealed.
+fn sealed_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}{SEALED_SUFFIX}"))
+}
+
+/// A backup's file, the plain one else the sealed one, if it is a regular file.
+fn backup_file(dir: &Path, name: &str) -> io::Result<Option<(PathBuf, fs::Metadata, bool)>> {
+    for (path, sealed) in [(dir.join(name), false), (sealed_path(dir, name), true)] {
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_file() => return Ok(Some((path, m, sealed))),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Deletes a backup's file, plain and sealed alike.
+fn remove_backup(dir: &Path, name: &str) -> io::Result<()> {
+    let plain = fs::remove_file(dir.join(name));
+    let sealed = fs::remove_file(sealed_path(dir, name));
+    match (plain, sealed) {
+        (Ok(()), _) | (_, Ok(())) => Ok(()),
+        (Err(e), Err(_)) => Err(e),
+    }
+}
+
+/// The first bytes of a file (an age header fits), from its start.
+fn head_of(file: &File) -> Vec<u8> {
+    let mut head = vec![0u8; 64 * 1024];
+    let n = file.read_at(&mut head, 0).unwrap_or(0);
+    head.truncate(n);
+    head
+}
+
+/// A sealed backup decrypted whole with `keys`: its sha256 is the one
+/// recorded and it is a complete dump, or it is refused
+/// ([`BackupError::Changed`]: age's authentication or the sha256 failed;
+/// [`BackupError::Incomplete`]). Without a recorded sha256, a complete one
+/// gets it now, as a plain backup would.
+fn check_sealed(dir: &Path, name: &str, file: &File, keys: &Keys) -> Result<()> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut input = file.try_clone().map_err(BackupError::io(format!("reading {name}")))?;
+    input.seek(SeekFrom::Start(0)).map_err(BackupError::io(format!("reading {name}")))?;
+    let changed = || BackupError::Changed(name.to_owned());
+    let mut plain = keys.open(input, name).map_err(|_| changed())?;
+    let (mut hasher, mut head, mut tail) = (sha2::Sha256::new(), Vec::new(), Vec::new());
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = plain.read(&mut buffer).map_err(|e| {
+            tracing::error!(file = name, error = %e, "an encrypted backup does not decrypt whole: refused");
+            changed()
+        })?;
+        if n == 0 {
+            break;
+        }
+        let bytes = &buffer[..n];
+        hasher.update(bytes);
+        if head.len() < 64 {
+            head.extend_from_slice(&bytes[..bytes.len().min(64 - head.len())]);
+        }
+        tail.extend_from_slice(bytes);
+        tail.drain(..tail.len().saturating_sub(512));
+    }
+    let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    match recorded_checksum(dir, name)? {
+        Some(recorded) if recorded != actual => {
+            tracing::error!(file = name, recorded = %recorded, actual = %actual, "backup changed since it was made: refused");
+            Err(changed())
+        }
+        Some(_) => is_complete(&head, &tail).then_some(()).ok_or_else(|| BackupError::Incomplete(name.to_owned())),
+        None => {
+            if !is_complete(&head, &tail) {
+                return Err(BackupError::Incomplete(name.to_owned()));
+            }
+            match write_checksum(dir, name, &actual).and_then(|()| sync_dir(dir)) {
+                Ok(()) => tracing::warn!(file = name, "this encrypted backup had no recorded sha256; it decrypts to a complete dump, so its sha256 was recorded now"),
+                Err(error) => tracing::warn!(file = name, %error, "this encrypted backup has no recorded sha256 and it could not be recorded now"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Opens the backup `name` of `dir` for reading if it is a regular file
+/// (not a symlink): `dir/name`, else its sealed `dir/name.age`. Returns the
+/// file, its size and whether it is the sealed one.
+fn open_existing(dir: &Path, name: &str) -> Result<(File, u64, bool)> {
     if !name::is_valid(name) {
         return Err(BackupError::InvalidName);
     }
-    let path = dir.join(name);
     let not_found = || BackupError::NotFound(name.to_owned());
-    match fs::symlink_metadata(&path) {
-        Ok(m) if m.file_type().is_file() => {}
-        Ok(_) => return Err(not_found()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+    let (path, sealed) = match backup_file(dir, name) {
+        Ok(Some((path, _, sealed))) => (path, sealed),
+        Ok(None) => return Err(not_found()),
         Err(e) => return Err(BackupError::io(format!("reading {name}"))(e)),
-    }
+    };
     // O_NOFOLLOW: an entry swapped for a symlink since the check is refused.
     let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) {
@@ -905,7 +1255,12 @@ fn open_existing(dir: &Path, name: &str) -> Result<(File, u64)> {
     if !metadata.file_type().is_file() {
         return Err(not_found());
     }
-    Ok((file, metadata.len()))
+    Ok((file, metadata.len(), sealed))
+}
+
+/// Whether a dump's first bytes and last 512 are those of a complete one.
+fn is_complete(head: &[u8], tail: &[u8]) -> bool {
+    head.starts_with(b"--\n-- PostgreSQL database dump") && tail.windows(COMPLETE_MARKER.len()).any(|w| w == COMPLETE_MARKER)
 }
 
 /// A dump ends with pg_dump's completion comment; a truncated one does not.
@@ -914,9 +1269,7 @@ fn check_complete(file: &File, size: u64, name: &str) -> Result<()> {
     let head_len = file.read_at(&mut head, 0).unwrap_or(0);
     let tail_len = size.min(512);
     let mut tail = vec![0u8; tail_len as usize];
-    let complete = head[..head_len].starts_with(b"--\n-- PostgreSQL database dump")
-        && file.read_exact_at(&mut tail, size - tail_len).is_ok()
-        && tail.windows(COMPLETE_MARKER.len()).any(|w| w == COMPLETE_MARKER);
+    let complete = file.read_exact_at(&mut tail, size - tail_len).is_ok() && is_complete(&head[..head_len], &tail);
     if complete {
         Ok(())
     } else {
@@ -930,7 +1283,7 @@ async fn free_name(dir: &Path) -> Result<(String, SystemTime)> {
     for _ in 0..3 {
         let now = SystemTime::now();
         let name = name::for_time(now);
-        if fs::symlink_metadata(dir.join(&name)).is_err() {
+        if fs::symlink_metadata(dir.join(&name)).is_err() && fs::symlink_metadata(sealed_path(dir, &name)).is_err() {
             return Ok((name, now));
         }
         let into_second = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
@@ -964,9 +1317,25 @@ fn sha256_of(mut file: &File) -> io::Result<String> {
 
 /// Writes `<name>.sha256` (temporary file, fsync, rename) for the backup just named.
 fn record_checksum(dir: &Path, name: &str) -> Result<()> {
-    let (file, _) = open_existing(dir, name)?;
+    let (file, _, _) = open_existing(dir, name)?;
     let digest = sha256_of(&file).map_err(BackupError::io(format!("reading {name} for its sha256")))?;
+    write_checksum(dir, name, &digest)
+}
+
+/// Writes `<name>.sha256` saying `digest`, in the format of `sha256sum`
+/// (for a sealed backup, the decrypted dump's: `age -d … > <name>`, then
+/// `sha256sum -c <name>.sha256`).
+fn write_checksum(dir: &Path, name: &str, digest: &str) -> Result<()> {
     write_sidecar(dir, &checksum_path(dir, name), &format!("{digest}  {name}\n"), None).map_err(BackupError::io(format!("recording the sha256 of {name}")))
+}
+
+/// The sha256 recorded in `<name>.sha256`, lowercase hex; `None` when there is none.
+fn recorded_checksum(dir: &Path, name: &str) -> Result<Option<String>> {
+    match fs::read_to_string(checksum_path(dir, name)) {
+        Ok(text) => Ok(Some(text.split_whitespace().next().unwrap_or_default().to_ascii_lowercase())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(BackupError::io(format!("reading {name}.sha256"))(e)),
+    }
 }
 
 /// Writes the file `path` beside a backup in `dir` whole or not at all:
@@ -994,11 +1363,7 @@ fn write_sidecar(dir: &Path, path: &Path, text: &str, owner: Option<(u32, u32)>)
 /// `Ok(false)`: no sha256 was recorded, so the file could not be checked (the
 /// caller then requires a complete dump, see the module documentation).
 fn check_checksum(dir: &Path, name: &str, file: &File) -> Result<bool> {
-    let recorded = match fs::read_to_string(checksum_path(dir, name)) {
-        Ok(text) => text.split_whitespace().next().unwrap_or_default().to_ascii_lowercase(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(BackupError::io(format!("reading {name}.sha256"))(e)),
-    };
+    let Some(recorded) = recorded_checksum(dir, name)? else { return Ok(false) };
     let actual = sha256_of(file).map_err(BackupError::io(format!("reading {name} for its sha256")))?;
     if actual != recorded {
         tracing::error!(file = name, recorded = %recorded, actual = %actual, "backup changed since it was made: refused");
@@ -1062,15 +1427,10 @@ pub fn mark_uploaded(dir: &Path, name: &str, repository: &str) -> io::Result<boo
     if !name::is_valid(name) || is_uploaded(dir, name, repository) {
         return Ok(false);
     }
-    let backup = match fs::symlink_metadata(dir.join(name)) {
-        Ok(m) if m.file_type().is_file() => m,
-        Ok(_) => return Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
+    let Some((_, backup, _)) = backup_file(dir, name)? else { return Ok(false) };
     write_sidecar(dir, &uploaded_path(dir, name), &format!("{repository}\n"), Some((backup.uid(), backup.gid())))?;
     // Deleted meanwhile (by retention or by hand): its mark goes with it.
-    if fs::symlink_metadata(dir.join(name)).is_err() {
+    if backup_file(dir, name)?.is_none() {
         let _ = fs::remove_file(uploaded_path(dir, name));
         return Ok(false);
     }
@@ -1144,6 +1504,85 @@ mod tests {
         let plain = Backups::new(dir.clone(), None, String::new(), 1);
         assert!(plain.may_delete(&dir, "omni_backup_20261205_100009.sql"));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A complete dump as pg_dump writes one.
+    const DUMP: &str = "--\n-- PostgreSQL database dump\n--\n\nCREATE TABLE t (v text);\n\n--\n-- PostgreSQL database dump complete\n--\n";
+
+    #[tokio::test]
+    async fn sealed_backups_are_the_same_backups_and_open_only_with_their_key() {
+        use sha2::Digest;
+        let (dir, names) = directory_with_backups(0);
+        let identity = age::x25519::Identity::generate();
+        let settings = EncryptSettings { recipients: Some(identity.to_public().to_string()), ..Default::default() };
+        let sealer = Encryption::from_settings(&settings).unwrap().sealer().unwrap();
+        assert!(names.is_empty());
+        let names: Vec<String> = (0..3).map(|i| format!("omni_backup_20261205_10000{i}.sql")).collect();
+        let digest: String = sha2::Sha256::digest(DUMP.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        for name in &names {
+            fs::write(sealed_path(&dir, name), sealer.seal(DUMP.as_bytes(), name).unwrap()).unwrap();
+            write_checksum(&dir, name, &digest).unwrap();
+        }
+        let repo = "file:///bucket";
+        let backups = Backups::new(dir.clone(), None, "postgres://nobody@127.0.0.1:1/none".into(), 2).uploaded_to(Some(repo.into()));
+        let listed = backups.list().unwrap();
+        assert_eq!(listed.iter().map(|b| b.filename.as_str()).collect::<Vec<_>>(), vec![names[2].as_str(), names[1].as_str(), names[0].as_str()]);
+        assert!(listed.iter().all(|b| b.encrypted && b.kind == Kind::Backup && b.size_bytes > DUMP.len() as u64));
+        let (_, _, sealed) = backups.open(&names[2]).unwrap();
+        assert!(sealed, "a download gives the sealed file");
+
+        // Confirmed off-site, then deleted by retention, sidecars and all.
+        backups.prune().unwrap();
+        assert!(sealed_path(&dir, &names[0]).is_file(), "kept until its upload is confirmed");
+        assert!(mark_uploaded(&dir, &names[0], repo).unwrap());
+        backups.prune().unwrap();
+        assert!(!sealed_path(&dir, &names[0]).exists() && !checksum_path(&dir, &names[0]).exists() && !uploaded_path(&dir, &names[0]).exists());
+
+        // Without the identity, or with another key: refused naming the variable and the key.
+        for (with, keys) in [("no identity", Identity::None), ("another key", Identity::Loaded(Arc::new(keys_file(&dir, &age::x25519::Identity::generate()))))] {
+            let err = backups.clone().sealed(None, keys).restore(&names[2]).await.unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, BackupError::IdentityNeeded { .. }), "{with}: {text}");
+            assert!(text.contains(&crypt::short(&identity.to_public().to_string())) && text.contains("unchanged"), "{with}: {text}");
+        }
+        let err = backups.clone().sealed(None, Identity::File(dir.join("absent.txt"))).restore(&names[2]).await.unwrap_err().to_string();
+        assert!(err.contains("OMNI_DECRYPT_IDENTITY_FILE") && err.contains("absent.txt"), "{err}");
+        let err = backups.restore(&names[2]).await.unwrap_err().to_string();
+        assert!(err.contains("OMNI_DECRYPT_IDENTITY_FILE"), "{err}");
+
+        // With it: the whole dump is checked against its sha256 first.
+        let keys = keys_file(&dir, &identity);
+        let (file, _, _) = open_existing(&dir, &names[2]).unwrap();
+        check_sealed(&dir, &names[2], &file, &keys).unwrap();
+        write_checksum(&dir, &names[2], &"0".repeat(64)).unwrap();
+        assert!(matches!(check_sealed(&dir, &names[2], &file, &keys), Err(BackupError::Changed(_))));
+        // A byte changed in the encrypted data: age's authentication refuses it.
+        write_checksum(&dir, &names[1], &digest).unwrap();
+        let mut bytes = fs::read(sealed_path(&dir, &names[1])).unwrap();
+        let last = bytes.len() - 20;
+        bytes[last] ^= 1;
+        fs::write(sealed_path(&dir, &names[1]), bytes).unwrap();
+        let (file, _, _) = open_existing(&dir, &names[1]).unwrap();
+        assert!(matches!(check_sealed(&dir, &names[1], &file, &keys), Err(BackupError::Changed(_))));
+        // No recorded sha256: a complete dump gets it now.
+        fs::write(sealed_path(&dir, &names[1]), sealer.seal(DUMP.as_bytes(), "x").unwrap()).unwrap();
+        fs::remove_file(checksum_path(&dir, &names[1])).unwrap();
+        let (file, _, _) = open_existing(&dir, &names[1]).unwrap();
+        check_sealed(&dir, &names[1], &file, &keys).unwrap();
+        assert_eq!(fs::read_to_string(checksum_path(&dir, &names[1])).unwrap(), format!("{digest}  {}\n", names[1]));
+
+        // A backup is refused, never written plain, when the recipients cannot be read.
+        let bad = Backups::new(dir.clone(), None, String::new(), 2).sealed(Some(EncryptSettings { recipients_file: Some(dir.join("gone.txt")), ..Default::default() }), Identity::None);
+        let err = bad.create().await.unwrap_err().to_string();
+        assert!(err.contains("OMNI_ENCRYPT_RECIPIENTS_FILE") && err.contains("no backup was written"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn keys_file(dir: &Path, identity: &age::x25519::Identity) -> Keys {
+        use age::secrecy::ExposeSecret;
+        let path = dir.join(format!("key-{}.txt", &identity.to_public().to_string()[4..12]));
+        fs::write(&path, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+        Keys::load(&path, "OMNI_DECRYPT_IDENTITY_FILE").unwrap()
     }
 
     #[test]

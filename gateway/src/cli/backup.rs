@@ -19,7 +19,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use omni_contract::backups::Backups;
+use omni_contract::backups::{Backups, Identity};
 
 use crate::config::{Config, Database};
 use crate::pg::{binaries, cluster, pidfile};
@@ -35,6 +35,9 @@ pub enum BackupCommand {
     Restore {
         /// omni_backup_YYYYMMDD_HHMMSS.sql
         name: String,
+        /// The private key (age-keygen's key.txt, or the passphrase file) a backup kept encrypted (OMNI_ENCRYPT_LOCAL) is decrypted with; default OMNI_DECRYPT_IDENTITY_FILE
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
     },
     /// Delete a backup
     Delete {
@@ -79,29 +82,39 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
     }
     let needs_database = matches!(command, BackupCommand::Create | BackupCommand::Restore { .. });
     let database = if needs_database { Some(database(config)?) } else { None };
+    // The identity is read before the switch: it is often root's alone.
+    let identity = match &command {
+        BackupCommand::Restore { identity: Some(path), .. } => Identity::Loaded(std::sync::Arc::new(crate::repository::crypt::Keys::load(path, "--identity")?)),
+        BackupCommand::Restore { identity: None, .. } => match crate::repository::config::identity_file(config) {
+            // Unreadable here: read again (and its error given) if a restore needs it.
+            Some(path) => crate::repository::crypt::Keys::load(&path, "OMNI_DECRYPT_IDENTITY_FILE").map_or(Identity::File(path), |keys| Identity::Loaded(std::sync::Arc::new(keys))),
+            None => Identity::None,
+        },
+        _ => Identity::None,
+    };
     let account = privilege::worker_account(&config.api_user)?;
     privilege::prepare_backup_dir(&config.backup_dir, &account)?;
     privilege::become_account(&account)?;
     match command {
         BackupCommand::List => {
-            let backups = service(config, None).list()?;
+            let backups = service(config, None, identity).list()?;
             if backups.is_empty() {
                 println!("no backups in {}", config.backup_dir.display());
             }
             for b in backups {
-                println!("{}  {:>14} bytes  {}", b.filename, b.size_bytes, b.created_at);
+                println!("{}  {:>14} bytes  {}{}", b.filename, b.size_bytes, b.created_at, if b.encrypted { "  encrypted (.age)" } else { "" });
             }
         }
         BackupCommand::Create => {
-            let created = service(config, database).create().await?;
+            let created = service(config, database, identity).create().await?;
             println!("{}  {} bytes  {}", created.backup_file, created.size_bytes, config.backup_dir.display());
         }
-        BackupCommand::Restore { name } => {
-            let restored = service(config, database).restore(&name).await?;
+        BackupCommand::Restore { name, .. } => {
+            let restored = service(config, database, identity).restore(&name).await?;
             println!("restored {}; the database as it was before is saved as {}", restored.restored, restored.safety_backup);
         }
         BackupCommand::Delete { name } => {
-            service(config, None).delete(&name)?;
+            service(config, None, identity).delete(&name)?;
             println!("deleted {name}");
         }
         BackupCommand::Base | BackupCommand::Verify | BackupCommand::Drill { .. } | BackupCommand::Reencrypt { .. } => unreachable!("handled before the account switch"),
@@ -109,9 +122,13 @@ pub async fn run(config: &Config, command: BackupCommand) -> Result<()> {
     Ok(())
 }
 
-fn service(config: &Config, database: Option<(String, Option<std::path::PathBuf>)>) -> Backups {
+/// The backups as the worker sees them: same directory, retention, off-site
+/// confirmation and, with `OMNI_ENCRYPT_LOCAL`, sealing (also for `import-sqlite`'s safety backup).
+pub(crate) fn service(config: &Config, database: Option<(String, Option<std::path::PathBuf>)>, identity: Identity) -> Backups {
     let (url, bin_dir) = database.unwrap_or_default();
-    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep).uploaded_to(crate::repository::config::shown_url(config))
+    Backups::new(config.backup_dir.clone(), bin_dir, url, config.backup_keep)
+        .uploaded_to(crate::repository::config::shown_url(config))
+        .sealed(crate::repository::config::logical_encryption(config), identity)
 }
 
 /// The database URL and the directory of `pg_dump`/`psql` (also used by `import-sqlite`).

@@ -212,7 +212,7 @@ pub async fn run(config: &Config) -> Report {
             Some(p) => format!("OMNI_DECRYPT_IDENTITY_FILE={} opens them here", p.display()),
             None => "restores need OMNI_DECRYPT_IDENTITY_FILE or restore --identity FILE (not set here: the scheduled drill is skipped)".into(),
         };
-        report.add("local copies", Status::Ok, format!("encrypted ({to}, OMNI_ENCRYPT_LOCAL): base backups and completed WAL segments in {}; {key}; the segment being written and the .sql backups stay plain", config.wal.dir.display()));
+        report.add("local copies", Status::Ok, format!("encrypted ({to}, OMNI_ENCRYPT_LOCAL): base backups and completed WAL segments in {}, logical backups in {}; {key}; the WAL segment being written stays plain", config.wal.dir.display(), config.backup_dir.display()));
     } else if config.wal.enabled {
         report.add("local copies", Status::Ok, format!("not encrypted (OMNI_ENCRYPT_LOCAL=false): anyone who reads {} reads the backups", config.wal.dir.display()));
     }

@@ -15,7 +15,7 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::{Context, Result};
 use clap::Args;
 use omni_contract::{
-    backups::Backups,
+    backups::Identity,
     import::{self, Progress},
 };
 
@@ -41,7 +41,7 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<()> {
     let checked = path.clone();
     tokio::task::spawn_blocking(move || import::check(&checked)).await.context("checking the file")??;
     let (url, bin_dir) = crate::cli::backup::database(config)?;
-    let backups = Backups::new(config.backup_dir.clone(), bin_dir, url.clone(), config.backup_keep).uploaded_to(crate::repository::config::shown_url(config));
+    let backups = crate::cli::backup::service(config, Some((url.clone(), bin_dir)), Identity::None);
     eprintln!("{} {}", if args.dry_run { "dry run of the import of" } else { "importing" }, path.display());
     let last_table = std::sync::Mutex::new(String::new());
     let progress = move |p: &Progress| {

@@ -34,7 +34,8 @@
 
 pub mod archive;
 pub mod base;
-pub mod crypt;
+// The age encryption, shared with the worker (logical backups): omni_contract::crypt.
+pub use omni_contract::crypt;
 pub mod generation;
 pub mod online;
 pub mod receiver;

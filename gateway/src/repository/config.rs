@@ -58,13 +58,24 @@ fn path_setting(config: &Config, var: &'static str) -> Option<PathBuf> {
     setting(config, var).map(|(v, _)| config.cwd.join(v))
 }
 
-/// The encryption settings alone (also for `restore`, which needs no repository settings).
-pub fn encryption(config: &Config) -> Result<Encryption, ConfigError> {
-    let settings = EncryptSettings {
+/// `OMNI_ENCRYPT_*` as set (paths resolved, nothing read).
+pub fn encrypt_settings(config: &Config) -> EncryptSettings {
+    EncryptSettings {
         recipients: setting(config, "OMNI_ENCRYPT_RECIPIENTS").map(|(v, _)| v),
         recipients_file: path_setting(config, "OMNI_ENCRYPT_RECIPIENTS_FILE"),
         passphrase_file: path_setting(config, "OMNI_ENCRYPT_PASSPHRASE_FILE"),
-    };
+    }
+}
+
+/// With `OMNI_ENCRYPT_LOCAL=true`, what the logical backups are sealed to
+/// (the worker's `backup_encrypt`, the backup CLI's); `None`: plain.
+pub fn logical_encryption(config: &Config) -> Option<EncryptSettings> {
+    config.wal.encrypt_local.then(|| encrypt_settings(config))
+}
+
+/// The encryption settings alone (also for `restore`, which needs no repository settings).
+pub fn encryption(config: &Config) -> Result<Encryption, ConfigError> {
+    let settings = encrypt_settings(config);
     Encryption::from_settings(&settings).map_err(|e| {
         let text = e.to_string();
         let var = ["OMNI_ENCRYPT_RECIPIENTS_FILE", "OMNI_ENCRYPT_PASSPHRASE_FILE", "OMNI_ENCRYPT_RECIPIENTS"].into_iter().find(|v| text.contains(v)).unwrap_or("OMNI_ENCRYPT_RECIPIENTS");
@@ -102,7 +113,7 @@ pub fn local_crypt(config: &Config, identity: Option<&std::path::Path>) -> anyho
     if config.wal.encrypt_local {
         let encryption = encryption(config)?;
         let to = encryption.sealer().map(|s| s.describe()).unwrap_or_else(|e| e.to_string());
-        tracing::info!("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments in {} are kept encrypted ({to}); restores need OMNI_DECRYPT_IDENTITY_FILE or --identity", config.wal.dir.display());
+        tracing::info!("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments in {} and the logical backups of {} are kept encrypted ({to}); restores need OMNI_DECRYPT_IDENTITY_FILE or --identity", config.wal.dir.display(), config.backup_dir.display());
         crate::pitr::sealed::set_encryption(encryption);
     }
     Ok(())

@@ -760,7 +760,7 @@ impl Shipper {
             pending.add(b.bytes, Some(b.finished_at.into()));
         }
         for n in &logical {
-            let meta = std::fs::metadata(self.backup_dir.join(n)).ok();
+            let meta = logical_file(&self.backup_dir, n).and_then(|p| std::fs::metadata(p).ok());
             pending.add(meta.as_ref().map_or(0, |m| m.len()), meta.and_then(|m| m.modified().ok()));
         }
         self.state().pending[Loop::Backups as usize] = *pending;
@@ -774,8 +774,7 @@ impl Shipper {
             }
         }
         for n in logical {
-            let path = self.backup_dir.join(&n);
-            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            let size = logical_file(&self.backup_dir, &n).and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
             self.ship_logical(&n).await?;
             pending.objects -= 1;
             pending.bytes = pending.bytes.saturating_sub(size);
@@ -940,13 +939,18 @@ impl Shipper {
     }
 
     /// A logical backup, then its `.sha256` (the mark that it is whole).
+    /// One sealed locally (`OMNI_ENCRYPT_LOCAL`: `<name>.age`) is the object
+    /// `logical/<name>` as it is, never encrypted twice.
     async fn ship_logical(&self, name: &str) -> Result<(), RepositoryError> {
         for file in [name.to_string(), format!("{name}.sha256")] {
             let object = layout::logical(&file);
             if self.is_confirmed(&object) {
                 continue;
             }
-            match self.repo.put_file(&object, &self.backup_dir.join(&file)).await {
+            let path = self.backup_dir.join(&file);
+            let sealed = self.backup_dir.join(format!("{file}{}", backups::SEALED_SUFFIX));
+            let upload = if !path.is_file() && sealed.is_file() { self.repo.put_sealed_file(&object, &sealed).await } else { self.repo.put_file(&object, &path).await };
+            match upload {
                 Ok(stored) => {
                     self.confirm(&object, stored.size, stored.sha256, stored.put);
                     if file.ends_with(".sha256") {
@@ -1020,7 +1024,9 @@ fn local_source_exists(name: &str, wal_dir: &Path, stream_dirs: &[PathBuf], back
             let base = wal_dir.join("base");
             base.join(&id).exists() || base.join(format!("{id}.json")).exists()
         }
-        Some(layout::Object::Logical { .. }) => name.strip_prefix("logical/").is_none_or(|file| backup_dir.join(file).exists()),
+        Some(layout::Object::Logical { .. }) => {
+            name.strip_prefix("logical/").is_none_or(|file| backup_dir.join(file).exists() || backup_dir.join(format!("{file}{}", backups::SEALED_SUFFIX)).exists())
+        }
         Some(layout::Object::History { .. } | layout::Object::Chunk { .. }) | None => true,
     }
 }
@@ -1100,8 +1106,14 @@ fn files_under(dir: &Path) -> Vec<(String, PathBuf)> {
     found
 }
 
-/// Logical backups complete in `OMNI_BACKUP_DIR`: a visible file with its
-/// `<name>.sha256` beside it (recorded once the dump is whole), oldest first.
+/// A logical backup's file: `<name>`, or sealed (`OMNI_ENCRYPT_LOCAL`) `<name>.age`.
+fn logical_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    [dir.join(name), dir.join(format!("{name}{}", backups::SEALED_SUFFIX))].into_iter().find(|p| p.is_file())
+}
+
+/// Logical backups complete in `OMNI_BACKUP_DIR`: a visible file (or its
+/// sealed `<name>.age`) with its `<name>.sha256` beside it (recorded once
+/// the dump is whole, or for a sealed one before it is named), oldest first.
 fn logical_backups(dir: &Path) -> Vec<String> {
     let mut found: Vec<(SystemTime, String)> = std::fs::read_dir(dir)
         .into_iter()
@@ -1110,10 +1122,10 @@ fn logical_backups(dir: &Path) -> Vec<String> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let base = name.strip_suffix(".sha256")?;
-            if base.starts_with('.') || base.ends_with(".partial") || !dir.join(base).is_file() {
+            if base.starts_with('.') || base.ends_with(".partial") {
                 return None;
             }
-            let at = std::fs::metadata(dir.join(base)).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            let at = std::fs::metadata(logical_file(dir, base)?).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
             Some((at, base.to_string()))
         })
         .collect();

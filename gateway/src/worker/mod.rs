@@ -64,6 +64,8 @@ const LISTEN_FD: i32 = 3;
 const READY_FD: i32 = 4;
 /// The fd number of the read end of a pre-started worker's start pipe.
 const START_FD: i32 = 5;
+/// The fd number of `OMNI_DECRYPT_IDENTITY_FILE`, opened for the worker.
+const IDENTITY_FD: i32 = 6;
 /// How long the worker may be silent on its readiness pipe before it is
 /// also asked `GET /api/v1/health`: longer than an announcing worker takes
 /// to apply a usual migration, short enough that one that never announces
@@ -192,6 +194,19 @@ impl WorkerPolicy {
         settings.listen = Listen::InheritedFd(LISTEN_FD);
         settings.ready_fd = Some(READY_FD);
         settings.start_fd = start_read.is_some().then_some(START_FD);
+        // The private key restores of encrypted logical backups need
+        // (OMNI_ENCRYPT_LOCAL) is often root's alone: opened here, handed over.
+        let identity = match &settings.decrypt_identity_file {
+            Some(path) => match std::fs::File::open(path) {
+                Ok(file) => Some(OwnedFd::from(file)),
+                Err(e) => {
+                    tracing::warn!("OMNI_DECRYPT_IDENTITY_FILE={}: cannot open it for the API worker ({e}); restores of encrypted logical backups through the API are refused until it can", path.display());
+                    None
+                }
+            },
+            None => None,
+        };
+        settings.decrypt_identity_fd = identity.is_some().then_some(IDENTITY_FD);
         // JSON, so process/child.rs can re-emit each line at its level under one
         // timestamp; the gateway's own LOG_FORMAT decides what operators see.
         settings.log_format = LogFormat::Json;
@@ -204,6 +219,9 @@ impl WorkerPolicy {
         spec.pass_fds = vec![(OwnedFd::from(listener), LISTEN_FD), (ready_write, READY_FD)];
         if let Some(fd) = start_read {
             spec.pass_fds.push((fd, START_FD));
+        }
+        if let Some(fd) = identity {
+            spec.pass_fds.push((fd, IDENTITY_FD));
         }
         spec.death_signal = Signal::SIGKILL;
         spec.output = Output::Json;

@@ -1,5 +1,6 @@
 //! Encryption of what leaves the machine (and, with `OMNI_ENCRYPT_LOCAL`,
-//! of the WAL archive on it: `sealed.rs`): the `age` format, one object at a
+//! of the WAL archive on it, the gateway's `pitr/sealed.rs`, and of the
+//! logical backups, [`crate::backups`]): the `age` format, one object at a
 //! time, to public keys (`OMNI_ENCRYPT_RECIPIENTS`,
 //! `OMNI_ENCRYPT_RECIPIENTS_FILE`) or to a passphrase
 //! (`OMNI_ENCRYPT_PASSPHRASE_FILE`).
@@ -161,7 +162,11 @@ fn read_setting_file(path: &Path, variable: &str, until: &str) -> Result<String,
 const UPLOADS_WAIT: &str = "nothing is uploaded until it can be read";
 
 fn read_passphrase(path: &Path, variable: &str, until: &str) -> Result<SecretString, CryptError> {
-    let text = read_setting_file(path, variable, until)?;
+    passphrase_of(&read_setting_file(path, variable, until)?, path, variable)
+}
+
+/// The passphrase: the first line of `text`, the file `path` of `variable`.
+fn passphrase_of(text: &str, path: &Path, variable: &str) -> Result<SecretString, CryptError> {
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
         return Err(CryptError::Config(format!("{variable}={}: the file's first line is empty; it must hold the passphrase", path.display())));
@@ -368,11 +373,16 @@ impl fmt::Debug for Keys {
 
 impl Keys {
     pub fn load(path: &Path, variable: &str) -> Result<Keys, CryptError> {
-        let until = "nothing encrypted can be read without it";
-        let text = read_setting_file(path, variable, until)?;
+        let text = read_setting_file(path, variable, "nothing encrypted can be read without it")?;
+        Keys::parse(&text, path, variable)
+    }
+
+    /// The keys of an identity file's `text`, read already (the worker is
+    /// handed the file open, when its account cannot open it itself).
+    pub fn parse(text: &str, path: &Path, variable: &str) -> Result<Keys, CryptError> {
         let secret_lines: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("AGE-SECRET-KEY-")).collect();
         if secret_lines.is_empty() {
-            let passphrase = read_passphrase(path, variable, until)?;
+            let passphrase = passphrase_of(text, path, variable)?;
             return Ok(Keys { identities: Vec::new(), passphrase: Some(passphrase), public: vec!["passphrase".into()] });
         }
         let mut identities = Vec::new();
@@ -452,10 +462,28 @@ pub fn needs_key(sealed_head: &[u8], what: &str) -> CryptError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Scratch;
     use age::secrecy::ExposeSecret;
     use std::process::Command;
 
+    /// A directory of its own under the temporary directory, removed when the test ends.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(label: &str) -> Scratch {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("omni-crypt-test-{label}-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 
     fn keys_of(identity: &x25519::Identity, dir: &Path, name: &str) -> Keys {
         let path = dir.join(name);
