@@ -21,7 +21,7 @@ pub mod lingering;
 pub mod migration_check;
 pub mod openapi;
 pub mod pitr_routes;
-pub mod overwrites;
+pub mod preference_batches;
 pub mod preferences;
 pub mod rate_limit;
 pub mod roles;

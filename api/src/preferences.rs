@@ -224,8 +224,8 @@ pub async fn upsert(
     validate_key(&preference.key)?;
     validate_value(&preference.value)?;
     // Under load, overwrites of existing keys share one statement and one
-    // commit (`overwrites`); what that does not store comes here.
-    if state.overwrites.write(owner, &preference.key, &preference.value).await {
+    // commit (`preference_batches`); what that does not store comes here.
+    if state.batches.overwrite(owner, &preference.key, &preference.value).await {
         return Ok(Json(preference));
     }
     let mut client = state.db.client().await?;
@@ -366,6 +366,12 @@ pub async fn get(
     Path(key): Path<String>,
 ) -> Result<Json<Preference>, ApiError> {
     validate_key(&key)?;
+    // Under load, reads share one statement (`preference_batches`).
+    match state.batches.read(owner, &key).await {
+        Some(Some(value)) => return Ok(Json(Preference { key, value })),
+        Some(None) => return Err(not_found(&key)),
+        None => {}
+    }
     let client = state.db.client().await?;
     let statement = client
         .prepare_cached(&format!("SELECT key, value FROM omni_user_preferences WHERE {} = $1 AND key = $2", owner.column()))

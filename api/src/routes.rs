@@ -34,7 +34,7 @@ use crate::{
     pitr_routes,
     errors,
     health, import_routes, lingering, migration_check, openapi,
-    overwrites::Overwrites,
+    preference_batches::Batches,
     preferences, rate_limit, roles, sessions, setup, static_files,
 };
 
@@ -56,8 +56,8 @@ pub struct AppState {
     pub limiter: Arc<rate_limit::Limiter>,
     /// The one-time setup token: `OMNI_SETUP_TOKEN`, or made at start.
     pub setup_token: Arc<String>,
-    /// Preference overwrites written together (group commit).
-    pub overwrites: Overwrites,
+    /// Preference reads and overwrites of concurrent requests, done together.
+    pub batches: Batches,
 }
 
 /// Which operations (path, method) each guarded sub-router holds, for the
@@ -147,7 +147,7 @@ impl AppState {
 pub fn app(db: Db, config: WorkerSettings) -> (Router, Arc<OnceLock<ApiKey>>) {
     let api_key = Arc::new(OnceLock::new());
     let state = AppState {
-        overwrites: Overwrites::new(db.clone()),
+        batches: Batches::new(db.clone()),
         db,
         api_key: api_key.clone(),
         settings: Arc::new(config.clone()),

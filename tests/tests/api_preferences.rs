@@ -323,3 +323,42 @@ fn concurrent_overwrites_share_transactions_and_each_is_stored() {
     }
     eprintln!("{requests} concurrent overwrites took {transactions} transactions");
 }
+
+/// Concurrent reads (which the worker answers together) each get their own
+/// key's value, or 404 for a key their session does not have.
+#[test]
+fn concurrent_reads_each_get_their_own_keys_value_or_404() {
+    const READERS: usize = 32;
+    const READS: usize = 30;
+    let pg = TempPostgres::start_new();
+    let worker = Worker::start(&pg);
+    let sessions: Vec<String> = (0..4).map(|_| new_session()).collect();
+    for (s, session) in sessions.iter().enumerate() {
+        for k in 0..10 {
+            assert_eq!(put(&worker, session, &format!("k{k}"), &format!("s{s}-k{k}")).status, 200);
+        }
+    }
+    let port = worker.port;
+    let wrong: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..READERS)
+            .map(|r| {
+                let sessions = &sessions;
+                scope.spawn(move || {
+                    (0..READS)
+                        .filter_map(|i| {
+                            let (s, k) = ((r + i) % 4, (r * 7 + i) % 12);
+                            let response = Request::new("GET", &format!("/api/v1/preferences/k{k}")).port(port).session(&sessions[s]).send();
+                            let right = match k {
+                                0..=9 => response.status == 200 && response.json()["value"] == format!("s{s}-k{k}"),
+                                _ => response.status == 404 && response.json()["code"] == "preference_not_found",
+                            };
+                            (!right).then(|| format!("session {s} k{k}: {} {}", response.status, response.text()))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
