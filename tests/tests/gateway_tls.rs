@@ -333,7 +333,7 @@ fn a_certificate_replaced_under_load_fails_no_request_and_new_connections_get_it
 }
 
 #[test]
-fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
+fn an_idle_tls_connection_is_closed_after_the_header_timeout() {
     let dir = workdir();
     let tls = start(dir.path(), &[("OMNI_HEADER_TIMEOUT_S", "1")]);
     // An HTTP/2 client that sends its preface and SETTINGS, then nothing.
@@ -350,6 +350,22 @@ fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
     to_gateway.flush().unwrap();
     // The gateway ends it (GOAWAY, then the close) once it has been idle
     // for OMNI_HEADER_TIMEOUT_S; the client still holds its side open.
+    client.wait_exit(Duration::from_secs(20));
+    let lasted = opened.elapsed();
+    assert!(lasted >= Duration::from_millis(900), "closed after {lasted:?}, before the idle limit");
+    drop(to_gateway);
+    // A client that completes its handshake and sends nothing (the
+    // gateway waits for its first bytes before building its HTTP
+    // connection) is ended after the limit as well.
+    let opened = std::time::Instant::now();
+    let mut client = ChildGuard::spawn(
+        Command::new("openssl")
+            .args(["s_client", "-quiet", "-alpn", "http/1.1", "-servername", "localhost", "-connect", &format!("127.0.0.1:{}", tls.gw.port)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let to_gateway = client.child_mut().stdin.take().unwrap();
     client.wait_exit(Duration::from_secs(20));
     let lasted = opened.elapsed();
     assert!(lasted >= Duration::from_millis(900), "closed after {lasted:?}, before the idle limit");

@@ -210,6 +210,8 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
     // No HTTP/2 PINGs: their traffic would keep an idle connection from
     // looking idle (`serve_tls` closes those, dead peers included).
     tls_http.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD_BYTES as u32);
+    let mut tls_http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    tls_http2.timer(TokioTimer::new()).max_header_list_size(MAX_HEAD_BYTES as u32);
     let shared = Arc::new(Shared {
         surface: surface.clone(),
         slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -221,6 +223,7 @@ pub async fn serve(listener: TcpListener, surface: Arc<Surface>, stop: Cancellat
         finished: CancellationToken::new(),
         http1,
         tls_http,
+        tls_http2,
         handshake_timeout: limits.header_timeout,
         main: tokio::runtime::Handle::current(),
     });
@@ -278,8 +281,12 @@ struct Shared {
     /// Every task of every thread is done (or the stop is hurried): the threads end.
     finished: CancellationToken,
     http1: hyper::server::conn::http1::Builder,
-    /// With HTTPS: HTTP/2 or HTTP/1.1 over the TLS stream.
+    /// With HTTPS: HTTP/2 or HTTP/1.1 over the TLS stream, for a client
+    /// whose handshake named neither (and for the drain's answers).
     tls_http: auto::Builder<TokioExecutor>,
+    /// With HTTPS: HTTP/2, for a client whose handshake chose it (ALPN);
+    /// `http1` serves those that chose HTTP/1.1.
+    tls_http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// A TLS client must finish its handshake within `OMNI_HEADER_TIMEOUT_S`.
     handshake_timeout: Duration,
     /// The main runtime, where work that outlives a request is spawned.
@@ -408,7 +415,9 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             Some(https) => {
                 let (shared, https) = (shared.clone(), https.clone());
                 open.spawn(async move {
-                    if let Some(tls) = handshake(&https, stream, peer, shared.handshake_timeout, &close_all).await {
+                    // Boxed: the handshake's state goes with it instead of
+                    // staying in the connection's task.
+                    if let Some(tls) = Box::pin(handshake(&https, stream, peer, shared.handshake_timeout, &close_all)).await {
                         serve_tls(&shared, tls, peer, &stop, &close_all).await;
                     }
                     drop(permit);
@@ -453,16 +462,38 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-/// Serves one TLS connection (HTTP/2 or HTTP/1.1) like [`until_stopped`],
-/// and also ends it once it is idle: no request in flight (its response
-/// body included, so a quiet event stream counts as busy) and no byte
-/// moved either way for `OMNI_HEADER_TIMEOUT_S`. HTTP/2 has no idle limit
-/// of its own, and an idle connection would hold one of
+/// Serves one TLS connection (HTTP/2 or HTTP/1.1, as ALPN chose) like
+/// [`until_stopped`], and also ends it once it is idle: no request in
+/// flight (its response body included, so a quiet event stream counts as
+/// busy) and no byte moved either way for `OMNI_HEADER_TIMEOUT_S`. HTTP/2
+/// has no idle limit of its own, and an idle connection would hold one of
 /// `OMNI_MAX_CONNECTIONS` for ever. The end is graceful (HTTP/2's GOAWAY
 /// and PING); a client that does not even answer that for another idle
 /// period (a dead peer) is cut off.
-async fn serve_tls(shared: &Shared, tls: tokio_rustls::server::TlsStream<TcpStream>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
+///
+/// The protocol's connection is built for the protocol ALPN named, in a
+/// box of its own size: hyper-util's auto builder (which reads the first
+/// bytes to tell the two apart) holds either in the same place, so every
+/// HTTP/1.1 connection's task was as large as an HTTP/2 one's. A client
+/// that named no protocol still gets the auto builder.
+///
+/// And it is built once the client has sent something, as the auto builder
+/// did: a client that connects ahead of time (browsers do) costs only its
+/// TLS state until then.
+async fn serve_tls(shared: &Shared, tls: Box<tokio_rustls::server::TlsStream<TcpStream>>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
     let idle_limit = shared.handshake_timeout;
+    // Nothing decrypted waits in rustls (else the socket may stay quiet): wait for bytes.
+    if tls.get_ref().1.wants_read() {
+        tokio::select! {
+            ready = tls.get_ref().0.readable() => if ready.is_err() {
+                return;
+            },
+            _ = stop.cancelled() => return,
+            _ = close_all.cancelled() => return,
+            _ = tokio::time::sleep(idle_limit) => return,
+        }
+    }
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let io = Watched { io: tls, started: std::time::Instant::now(), last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
     let (started, last_ms) = (io.started, io.last_ms.clone());
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -470,34 +501,57 @@ async fn serve_tls(shared: &Shared, tls: tokio_rustls::server::TlsStream<TcpStre
         in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
             && started.elapsed().saturating_sub(Duration::from_millis(last_ms.load(std::sync::atomic::Ordering::Relaxed))) >= idle_limit
     };
-    let conn = shared.tls_http.serve_connection_with_upgrades(TokioIo::new(io), service(&shared.surface, peer, false, Some(in_flight.clone())));
-    tokio::pin!(conn);
-    let mut check = tokio::time::interval((idle_limit / 4).max(Duration::from_millis(100)));
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = close_all.cancelled() => {}
+    let service = service(&shared.surface, peer, false, Some(in_flight.clone()));
+    let ends = Ends { idle: &idle, idle_limit, peer, stop, close_all };
+    match alpn.as_deref() {
+        Some(b"h2") => ends.serve(Box::pin(shared.tls_http2.serve_connection(TokioIo::new(io), service)), |c| c.graceful_shutdown()).await,
+        Some(b"http/1.1") => ends.serve(Box::pin(shared.http1.serve_connection(TokioIo::new(io), service).with_upgrades()), |c| c.graceful_shutdown()).await,
+        _ => ends.serve(Box::pin(shared.tls_http.serve_connection_with_upgrades(TokioIo::new(io), service)), |c| c.graceful_shutdown()).await,
+    }
+}
+
+/// What ends a TLS connection ([`serve_tls`]): the stop, the cut-off,
+/// and being idle.
+struct Ends<'a, I: Fn() -> bool> {
+    idle: &'a I,
+    idle_limit: Duration,
+    peer: SocketAddr,
+    stop: &'a CancellationToken,
+    close_all: &'a CancellationToken,
+}
+
+impl<I: Fn() -> bool> Ends<'_, I> {
+    /// Serves `conn` until it ends, one of the ends comes, or it is idle
+    /// (then `graceful` begins its end).
+    async fn serve<C: std::future::Future>(&self, mut conn: std::pin::Pin<Box<C>>, graceful: impl Fn(std::pin::Pin<&mut C>)) {
+        let Ends { idle, idle_limit, peer, stop, close_all } = self;
+        let mut check = tokio::time::interval((*idle_limit / 4).max(Duration::from_millis(100)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.cancelled() => {
+                    graceful(conn.as_mut());
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = close_all.cancelled() => {}
+                    }
+                    return;
                 }
-                return;
-            }
-            _ = check.tick() => if idle() {
-                break;
+                _ = check.tick() => if idle() {
+                    break;
+                }
             }
         }
-    }
-    conn.as_mut().graceful_shutdown();
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = close_all.cancelled() => return,
-            _ = check.tick() => if idle() {
-                tracing::debug!("closing the idle connection of {peer}: it did not answer the graceful end");
-                return;
+        graceful(conn.as_mut());
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = close_all.cancelled() => return,
+                _ = check.tick() => if idle() {
+                    tracing::debug!("closing the idle connection of {peer}: it did not answer the graceful end");
+                    return;
+                }
             }
         }
     }
@@ -601,10 +655,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
 /// The TLS handshake of a new client, within `timeout`; `None` (logged at
 /// debug: scanners and clients that distrust the certificate do this all
 /// day) when it fails, times out, or the gateway is closing.
-async fn handshake(https: &Https, stream: TcpStream, peer: SocketAddr, timeout: Duration, close_all: &CancellationToken) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+async fn handshake(https: &Https, stream: TcpStream, peer: SocketAddr, timeout: Duration, close_all: &CancellationToken) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
     tokio::select! {
         done = tokio::time::timeout(timeout, https.acceptor.accept(stream)) => match done {
-            Ok(Ok(tls)) => Some(tls),
+            Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
                 tracing::debug!("TLS handshake with {peer} failed: {e}");
                 None
@@ -637,6 +691,13 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpSt
     }
 }
 
+/// One request's handling, boxed: hyper's HTTP/1.1 connection keeps a box
+/// the size of its service's future from its first request to its end, so
+/// a future held inline (the proxy's, about 6.7 KiB) would stay allocated
+/// for every idle keep-alive connection. Boxed per request, it is freed
+/// with the response, and the connection keeps a pointer.
+type Handling = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
 /// The request handler of one connection; `draining` for those accepted after a stop began.
 fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone {
     let surface = surface.clone();
@@ -646,7 +707,7 @@ fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: 
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let (surface, peer) = (surface.clone(), peer.clone());
         let counted = in_flight.clone().map(InFlight::enter);
-        async move {
+        Box::pin(async move {
             let Some(https) = &surface.https else {
                 return Ok::<_, Infallible>(route(&surface, &peer, req, draining).await);
             };
@@ -659,7 +720,7 @@ fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: 
                 Some(in_flight) => resp.map(|body| Counted { body, _in_flight: in_flight }.boxed()),
                 None => resp,
             })
-        }
+        }) as Handling
     })
 }
 
