@@ -85,7 +85,7 @@ pub struct Segment {
 impl Segment {
     pub fn parse(path: &Path) -> Option<Segment> {
         let file = path.file_name()?.to_str()?;
-        let (name, partial, sealed) = match (file.strip_suffix(".partial"), file.strip_suffix(super::sealed::SEGMENT_SUFFIX)) {
+        let (name, partial, sealed) = match (file.strip_suffix(".partial"), file.strip_suffix(SEGMENT_SUFFIX)) {
             (Some(n), _) => (n, true, false),
             (None, Some(n)) => (n, false, true),
             (None, None) => (file, false, false),
@@ -118,6 +118,13 @@ pub fn newest_write(wal_dir: &Path) -> Option<std::time::SystemTime> {
 
 /// WAL segment size (initdb's default, which this project never changes).
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// A completed segment sealed with `OMNI_ENCRYPT_LOCAL` (`sealed.rs`): `<segment>.lz4.age`.
+pub const SEGMENT_SUFFIX: &str = ".lz4.age";
+
+/// The sealed name of a completed segment in `dir`.
+pub fn sealed_segment(dir: &Path, segment: &str) -> PathBuf {
+    dir.join(format!("{segment}{SEGMENT_SUFFIX}"))
+}
 
 /// Bytes free for the archive on `dir`'s file system.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
@@ -404,7 +411,7 @@ pub fn seed_stream(wal_dir: &Path, pg_wal: &Path, timeline: u32, last_segment: &
             continue;
         };
         let done = stream.join(to.file_name().expect("a file name").to_string_lossy().trim_end_matches(".partial"));
-        let sealed = super::sealed::sealed_segment(&stream, &done.file_name().expect("a file name").to_string_lossy());
+        let sealed = sealed_segment(&stream, &done.file_name().expect("a file name").to_string_lossy());
         if to.exists() || done.exists() || sealed.exists() {
             continue;
         }

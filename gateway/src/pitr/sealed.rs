@@ -28,14 +28,12 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Context, Result};
 
-use super::archive;
+use super::archive::{self, sealed_segment};
 use super::crypt::{self, CryptError, Encryption, Keys};
 use crate::process::privilege::Account;
 
 /// What a sealed file's name ends with.
 pub const SUFFIX: &str = ".age";
-/// A sealed WAL segment: `<segment>.lz4.age`.
-pub const SEGMENT_SUFFIX: &str = ".lz4.age";
 
 static LOCAL: OnceLock<Encryption> = OnceLock::new();
 static KEYS: RwLock<Option<Arc<Keys>>> = RwLock::new(None);
@@ -169,10 +167,6 @@ pub fn seal_tree(encryption: &Encryption, dir: &Path, account: &Account) -> Resu
     Ok(sealed)
 }
 
-/// The sealed name of a completed segment in `dir`.
-pub fn sealed_segment(dir: &Path, segment: &str) -> PathBuf {
-    dir.join(format!("{segment}{SEGMENT_SUFFIX}"))
-}
 
 /// Seals the completed segments of every stream directory of the archive
 /// (`<segment>` → `<segment>.lz4.age`, then the plain one removed); the

@@ -1018,7 +1018,7 @@ fn confirmed_path(wal_dir: &Path, gen: Option<&str>, objects: &BTreeMap<String, 
 fn local_source_exists(name: &str, wal_dir: &Path, stream_dirs: &[PathBuf], backup_dir: &Path) -> bool {
     match layout::parse(name) {
         Some(layout::Object::Segment { segment, .. }) => {
-            stream_dirs.iter().any(|d| d.join(&segment).exists() || d.join(format!("{segment}.partial")).exists() || crate::pitr::sealed::sealed_segment(d, &segment).exists())
+            stream_dirs.iter().any(|d| d.join(&segment).exists() || d.join(format!("{segment}.partial")).exists() || crate::pitr::archive::sealed_segment(d, &segment).exists())
         }
         Some(layout::Object::BaseFile { id, .. } | layout::Object::BaseManifest { id, .. }) => {
             let base = wal_dir.join("base");
