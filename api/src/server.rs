@@ -156,9 +156,7 @@ fn pipe_descriptor(fd: RawFd, variable: &str, fallback: &str) -> Option<File> {
 /// and closes it; its keys open encrypted backups for restores. Anything but
 /// an open regular file is left alone, and restores then open `path` themselves.
 fn take_identity(fd: RawFd, path: &std::path::Path) {
-    // SAFETY: fstat writes into the zeroed struct; an invalid fd is an error return.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+    if !std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok_and(|m| m.is_file()) {
         tracing::warn!(fd, "OMNI_DECRYPT_IDENTITY_FD names no open file; restores of encrypted backups open OMNI_DECRYPT_IDENTITY_FILE themselves");
         return;
     }
