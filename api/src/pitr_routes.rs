@@ -268,7 +268,7 @@ pub async fn base(State(state): State<AppState>) -> Result<Json<BaseBackup>, Api
         (status = 400, description = "Bad body, `target_time` not `latest` or an RFC 3339 time (`invalid_target_time`), `timeline` not a number of 1 or more (`invalid_timeline`), or outside the recoverable window (`outside_window`, the message gives the window)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "The worker runs without a gateway (`no_gateway`)", body = ErrorBody),
-        (status = 409, description = "No WAL archive here (`pitr_unavailable`), no base backup yet (`no_base_backup`), or a restore or base backup is already running (`pitr_busy`)", body = ErrorBody),
+        (status = 409, description = "No WAL archive here (`pitr_unavailable`), no base backup yet (`no_base_backup`), a restore or base backup is already running (`pitr_busy`), or the archive is encrypted (`OMNI_ENCRYPT_LOCAL`) and `OMNI_DECRYPT_IDENTITY_FILE` does not open it (`identity_needed`; nothing was changed)", body = ErrorBody),
         (status = 422, description = "`timeline` names a timeline the WAL archive does not know (`unknown_timeline`; the message lists the known ones)", body = ErrorBody),
         (status = 500, description = "The restore failed; the previous data directory is back and serving (`restore_failed`)", body = ErrorBody),
         (status = 502, description = "The gateway did not answer", body = ErrorBody),
