@@ -283,7 +283,12 @@ pub async fn restore_to(State(state): State<AppState>, ApiJson(body): ApiJson<Re
         return Err(ApiError::bad_request("invalid_timeline", "`timeline` is a timeline number, 1 or more (GET /api/v1/backup/window lists them), or absent"));
     }
     let body = serde_json::json!({ "target_time": target, "timeline": body.timeline });
-    gateway(&state, axum::http::Method::POST, "restore-to", Some(body), RESTORE_LIMIT).await.map(Json)
+    let restored: RestoredTo = gateway(&state, axum::http::Method::POST, "restore-to", Some(body), RESTORE_LIMIT).await?;
+    // PostgreSQL serves the restored data: nothing planned or dialed before
+    // it may answer the caller's next request (the leadership session would
+    // reset the pool too, but only once it has reconnected).
+    state.db.reset();
+    Ok(Json(restored))
 }
 
 /// Test the off-site repository (`OMNI_REPOSITORY_URL`): write, read back,
