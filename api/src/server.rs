@@ -39,6 +39,8 @@ use crate::{
 
 /// How long start-up waits for the database before giving up.
 const DATABASE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a stop waits for the leadership session to end cleanly.
+const LEADERSHIP_STOP: Duration = Duration::from_secs(3);
 
 pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
     if config.setup_token.is_none() {
@@ -85,7 +87,7 @@ pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
     drop(client);
 
     let leadership = db.lead(&config.database_url);
-    start_backups(&config, leadership);
+    start_backups(&config, leadership.clone());
     crate::sessions::spawn_purge(db.clone());
 
     let address = listener.describe();
@@ -104,6 +106,10 @@ pub async fn run(mut config: WorkerSettings) -> anyhow::Result<()> {
         // Only the gateway connects here, and it always says who the client is.
         Bound::Unix(listener) => axum::serve(listener, app.into_make_service()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?,
     }
+    // The leadership session renews its lease every second: ended between
+    // two renewals, so the process never exits while PostgreSQL is still
+    // sending it an answer (which PostgreSQL logs as a lost client).
+    leadership.stop(LEADERSHIP_STOP).await;
     tracing::info!("stopped");
     Ok(())
 }

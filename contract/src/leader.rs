@@ -71,6 +71,9 @@ pub struct Leadership {
     leading: watch::Receiver<bool>,
     lease: Arc<Mutex<Lease>>,
     database_url: Arc<str>,
+    /// Set by [`Leadership::stop`]; the task ends between two renewals.
+    stopping: Arc<watch::Sender<bool>>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// What this worker knows of its own lease.
@@ -127,10 +130,11 @@ impl Leadership {
         let on_restored: Arc<dyn Fn() + Send + Sync> = Arc::new(on_restored);
         let url: Arc<str> = database_url.into();
         let (task_url, task_lease) = (url.clone(), lease.clone());
-        tokio::spawn(async move {
+        let (stopping, mut stop) = watch::channel(false);
+        let task = tokio::spawn(async move {
             let mut first = true;
             loop {
-                match session(&task_url, &tx, &task_lease, on_restored.clone(), first).await {
+                match session(&task_url, &tx, &task_lease, on_restored.clone(), first, stop.clone()).await {
                     Ok(()) => {}
                     Err(error) => tracing::warn!(%error, "leader lease: the dedicated database session failed; retrying"),
                 }
@@ -139,13 +143,31 @@ impl Leadership {
                 if tx.send_replace(false) {
                     tracing::warn!("leader lease: given up with the session; scheduled backups stop here until it is held again");
                 }
-                if tx.is_closed() {
+                if tx.is_closed() || *stop.borrow() {
                     return;
                 }
-                tokio::time::sleep(TICK).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(TICK) => {}
+                    _ = stopped(&mut stop) => return,
+                }
             }
         });
-        Leadership { leading, lease, database_url: url }
+        Leadership { leading, lease, database_url: url, stopping: Arc::new(stopping), task: Arc::new(Mutex::new(Some(task))) }
+    }
+
+    /// Ends the dedicated session cleanly, for a worker that is stopping:
+    /// a renewal under way is answered first, then the session says goodbye
+    /// to the server (so it logs no lost client). Waits at most `within`.
+    /// This worker stops leading; its lease is taken at the next tick of
+    /// another worker (its session is gone from the server).
+    pub async fn stop(&self, within: Duration) {
+        self.stopping.send_replace(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            if tokio::time::timeout(within, task).await.is_err() {
+                tracing::warn!(within_ms = within.as_millis() as u64, "leader lease: the dedicated session did not end in time; leaving it to the exit");
+            }
+        }
     }
 
     /// Whether this worker holds the lease, by its own clock.
@@ -224,8 +246,9 @@ async fn session(
     lease: &Mutex<Lease>,
     on_restored: Arc<dyn Fn() + Send + Sync>,
     first: bool,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut notices) = connect(database_url, "omni-leader").await?;
+    let (client, mut notices, connection) = connect_driven(database_url, "omni-leader").await?;
     let reset = on_restored.clone();
     let notice_task = tokio::spawn(async move {
         while let Some(name) = notices.recv().await {
@@ -246,7 +269,15 @@ async fn session(
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stopped(&mut stop) => {
+                // Between two renewals: nothing is asked of the server now.
+                drop(client);
+                let _ = tokio::time::timeout(CHECK_TIMEOUT, connection).await;
+                return Ok(());
+            }
+        }
         if leading.is_closed() {
             return Ok(());
         }
@@ -288,6 +319,11 @@ async fn session(
     }
 }
 
+/// Completes once [`Leadership::stop`] was called (or the leadership is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -300,6 +336,15 @@ impl Drop for AbortOnDrop {
 /// A dedicated session with keepalives, its connection driven by a task that
 /// forwards `NOTIFY` payloads to the returned channel and ends with the client.
 async fn connect(database_url: &str, application: &str) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>), tokio_postgres::Error> {
+    connect_driven(database_url, application).await.map(|(client, notices, _)| (client, notices))
+}
+
+/// [`connect`], with the task driving the connection: it ends once the
+/// client is dropped and the server was told the session ends.
+async fn connect_driven(
+    database_url: &str,
+    application: &str,
+) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
     let mut config: tokio_postgres::Config = database_url.parse()?;
     config
         .application_name(application)
@@ -310,7 +355,7 @@ async fn connect(database_url: &str, application: &str) -> Result<(tokio_postgre
         .keepalives_retries(3);
     let (client, mut connection) = config.connect(NoTls).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let driven = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -325,7 +370,7 @@ async fn connect(database_url: &str, application: &str) -> Result<(tokio_postgre
             }
         }
     });
-    Ok((client, rx))
+    Ok((client, rx, driven))
 }
 
 /// Held for the length of a restore or an import; dropping it closes its
@@ -372,6 +417,10 @@ where
     tokio::spawn(async move {
         loop {
             leadership.until_leading().await;
+            if leadership.leading.has_changed().is_err() {
+                // The leadership task ended (the worker stops): never leading again.
+                return;
+            }
             let mut lost = leadership.clone();
             tokio::select! {
                 _ = job() => {}

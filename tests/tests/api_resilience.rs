@@ -126,3 +126,41 @@ fn exits_zero_on_sigterm() {
     assert!(status.success(), "{status}");
     assert!(worker.log().contains("shutting down"), "{}", worker.log());
 }
+
+/// A stop while the leader lease's renewal waits on the database: the
+/// worker lets it be answered and ends its session before it exits, so
+/// PostgreSQL never writes an answer to a client that is gone (which it
+/// logs as a lost or reset client connection).
+#[test]
+fn a_stop_during_a_lease_renewal_waits_for_its_answer_and_ends_the_session() {
+    let pg = TempPostgres::start_new();
+    let mut worker = Worker::start(&pg);
+    let mut admin = pg.client();
+    wait_until(Duration::from_secs(30), "the worker to lead", || {
+        admin.query_one("SELECT count(*) FROM omni_leader_lease WHERE expires_at > now()", &[]).unwrap().get::<_, i64>(0).eq(&1).then_some(())
+    });
+    // The next renewal waits behind this lock.
+    let mut holder = pg.client();
+    let mut lock = holder.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE omni_leader_lease IN EXCLUSIVE MODE").unwrap();
+    wait_until(Duration::from_secs(10), "a renewal to wait on the lock", || {
+        let waiting: i64 = admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'omni-leader' AND wait_event_type = 'Lock'", &[])
+            .unwrap()
+            .get(0);
+        (waiting == 1).then_some(())
+    });
+    worker.child.signal_group(libc::SIGTERM);
+    wait_until(Duration::from_secs(10), "the worker to begin its stop", || worker.log().contains("shutting down").then_some(()));
+    assert!(worker.child.try_status().is_none(), "the worker waits for the renewal's answer before it exits:\n{}", worker.log());
+    lock.commit().unwrap();
+    let status = worker.child.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}\n{}", worker.log());
+    wait_until(Duration::from_secs(10), "the leader's session to be gone", || {
+        admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'omni-leader'", &[]).unwrap().get::<_, i64>(0).eq(&0).then_some(())
+    });
+    let log = pg.log();
+    for lost in ["could not send data to client", "connection to client lost", "could not receive data from client", "unexpected EOF on client connection"] {
+        assert!(!log.contains(lost), "PostgreSQL logged {lost:?}:\n{log}");
+    }
+}
