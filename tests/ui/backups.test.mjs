@@ -3,7 +3,9 @@
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { API_KEY, launchBrowser, localStorageLength, openPage, screenshots, signIn, startStack, waitFor } from './harness.mjs';
 
@@ -81,6 +83,46 @@ test('create → listed → delete → gone', async () => {
     assert.deepEqual(page.problems, []);
   } finally {
     await context.close();
+  }
+});
+
+test('an encrypted backup (OMNI_ENCRYPT_LOCAL) is marked so in the list and downloads as the age file it is', async () => {
+  // A stack of its own: the variables are read at the start.
+  const keys = fs.mkdtempSync(path.join(os.tmpdir(), 'omni-ui-age-'));
+  const identity = path.join(keys, 'key.txt');
+  try {
+    execFileSync('age-keygen', ['-o', identity], { stdio: 'ignore' });
+  } catch (error) {
+    assert.fail(`age-keygen (Debian's age package) makes this test's key: ${error.message}`);
+  }
+  const recipient = fs.readFileSync(identity, 'utf8').match(/# public key: (age1\w+)/)[1];
+  const sealed = await startStack('backups-sealed', { extraEnv: () => ({ OMNI_ENCRYPT_LOCAL: 'true', OMNI_ENCRYPT_RECIPIENTS: recipient }) });
+  const { context, page } = await openPage(browser, sealed);
+  try {
+    await signIn(page);
+    await page.goto('/backups');
+    await page.getByRole('heading', { name: 'Backups', level: 1 }).waitFor();
+    await page.getByRole('button', { name: 'Create backup' }).click();
+    const created = page.locator('#backup-message').filter({ hasText: 'Backup created' });
+    await created.waitFor({ timeout: 60000 });
+    const filename = (await created.innerText()).match(/omni_backup_\d{8}_\d{6}\.sql/)[0];
+    const row = page.locator(`tr[data-filename="${filename}"]`);
+    await row.waitFor();
+    assert.equal((await row.locator('[data-field="encrypted"]').innerText()).trim(), 'Encrypted');
+    await screenshots(page, 'backups-encrypted');
+
+    const [download] = await Promise.all([page.waitForEvent('download'), row.getByRole('button', { name: `Download ${filename}` }).click()]);
+    assert.equal(download.suggestedFilename(), `${filename}.age`);
+    const bytes = fs.readFileSync(await download.path());
+    assert.equal(bytes.subarray(0, 22).toString(), 'age-encryption.org/v1\n', 'the download is the encrypted file');
+    // Debian's age opens it with the identity: the dump inside is PostgreSQL's.
+    const plain = execFileSync('age', ['-d', '-i', identity], { input: bytes }).toString();
+    assert.match(plain, /PostgreSQL database dump/);
+    assert.deepEqual(page.problems, []);
+  } finally {
+    await context.close();
+    await sealed.stop();
+    fs.rmSync(keys, { recursive: true, force: true });
   }
 });
 

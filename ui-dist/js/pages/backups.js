@@ -393,11 +393,13 @@ export async function render(main) {
         h('th', { scope: 'col' }, 'Created'),
         h('th', { scope: 'col' }, h('span', { class: 'visually-hidden' }, 'Actions')))),
       h('tbody', {}, backups.map((backup) => h('tr', { dataset: { filename: backup.filename } },
-        h('td', { class: 'file mono' }, backup.filename),
+        h('td', { class: 'file mono' }, backup.filename, backup.encrypted
+          ? [' ', h('span', { class: 'badge badge-info', dataset: { field: 'encrypted' }, title: 'Kept encrypted with age (OMNI_ENCRYPT_LOCAL): the download is the encrypted file, and a restore needs OMNI_DECRYPT_IDENTITY_FILE' }, 'Encrypted')]
+          : null),
         h('td', { class: 'num', 'data-label': 'Size' }, formatBytes(backup.size_bytes)),
         h('td', { 'data-label': 'Created' }, h('time', { datetime: backup.created_at }, formatDate(backup.created_at))),
         h('td', { 'data-label': 'Actions' }, h('div', { class: 'row-actions' },
-          h('button', { type: 'button', class: 'btn btn-sm', onclick: () => download(backup.filename), 'aria-label': `Download ${backup.filename}` }, 'Download'),
+          h('button', { type: 'button', class: 'btn btn-sm', onclick: () => download(backup.filename, backup.encrypted), 'aria-label': `Download ${backup.filename}` }, 'Download'),
           h('button', { type: 'button', class: 'btn btn-sm', onclick: () => restore(backup.filename), 'aria-label': `Restore ${backup.filename}` }, 'Restore'),
           h('button', { type: 'button', class: 'btn btn-sm btn-danger', onclick: () => remove(backup.filename), 'aria-label': `Delete ${backup.filename}` }, 'Delete'))))))));
   }
@@ -418,7 +420,8 @@ export async function render(main) {
     }
   }
 
-  async function download(filename) {
+  // An encrypted backup downloads as the age file it is (`<name>.age`).
+  async function download(filename, encrypted) {
     if (!NAME.test(filename)) return;
     try {
       const response = await authedFetch(`/api/v1/backup/download/${encodeURIComponent(filename)}`);
@@ -429,7 +432,7 @@ export async function render(main) {
         throw errorFrom(response, body);
       }
       const url = URL.createObjectURL(await response.blob());
-      const link = h('a', { href: url, download: filename, hidden: true });
+      const link = h('a', { href: url, download: encrypted ? `${filename}.age` : filename, hidden: true });
       document.body.append(link);
       link.click();
       link.remove();
