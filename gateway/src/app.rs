@@ -381,7 +381,7 @@ async fn supervise(
     // PostgreSQL (embedded) or the external URL.
     let (policy, postgres_commands) = match &config.database {
         Database::Embedded(embedded) => {
-            match start_embedded(config, embedded, replication.as_ref(), &hold, running, signals, &worker_policy, worker_account.uid).await? {
+            match start_embedded(config, embedded, replication.as_ref(), &hold, running, signals, &worker_policy).await? {
                 Some((policy, postgres)) => (policy, Some(postgres)),
                 None => return Ok(()),
             }
@@ -418,7 +418,6 @@ async fn start_embedded(
     running: &mut Running,
     signals: &mut Signals,
     worker_policy: &dyn Fn(&str, Option<PathBuf>) -> WorkerPolicy,
-    worker_uid: u32,
 ) -> Result<Option<(WorkerPolicy, mpsc::Sender<supervise::Command>)>> {
     let board = running.board.clone();
     tracing::info!("looking for PostgreSQL binaries");
@@ -460,7 +459,7 @@ async fn start_embedded(
     // PostgreSQL accepts connections on the app database. Its process
     // is started now, to be ready to connect by then; meanwhile the
     // gateway serves /gateway/status, which says why it waits.
-    let mut policy = worker_policy(&cluster.url_for(cluster::APP_DATABASE, worker_uid), Some(cluster.binaries.dir.clone()));
+    let mut policy = worker_policy(&cluster.url(cluster::APP_DATABASE), Some(cluster.binaries.dir.clone()));
     policy.prestart().await;
     // After a major upgrade: its record on the status board, and the
     // planner statistics rebuilt once PostgreSQL is ready (pg/upgrade.rs).

@@ -79,28 +79,6 @@ impl Cluster {
         format!("postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}", self.password, self.port)
     }
 
-    /// Connection URL for `database` for a client running as `uid`: through
-    /// the Unix socket when `uid` is PostgreSQL's account, the only one that
-    /// may enter the socket's private directory (a query over a Unix socket
-    /// costs both sides less than over loopback TCP); over TCP otherwise.
-    pub fn url_for(&self, database: &str, uid: u32) -> String {
-        if uid != self.account.uid {
-            return self.url(database);
-        }
-        // libpq and tokio-postgres take a percent-encoded socket directory as the host.
-        let dir: String = self
-            .socket_dir
-            .as_os_str()
-            .as_encoded_bytes()
-            .iter()
-            .map(|&b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        format!("postgres://{SUPERUSER}:{}@{dir}:{}/{database}", self.password, self.port)
-    }
-
     /// tokio-postgres connection settings for health checks.
     pub fn pg_config(&self, database: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
