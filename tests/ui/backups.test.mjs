@@ -28,6 +28,20 @@ async function backupsUnavailable() {
   return `GET /api/v1/backup/list answered ${response.status} ${body.slice(0, 200)}`;
 }
 
+/** Signs in, creates a backup with the page's button, and waits for its row. */
+async function createFromPage(page) {
+  await signIn(page);
+  await page.goto('/backups');
+  await page.getByRole('heading', { name: 'Backups', level: 1 }).waitFor();
+  await page.getByRole('button', { name: 'Create backup' }).click();
+  const created = page.locator('#backup-message').filter({ hasText: 'Backup created' });
+  await created.waitFor({ timeout: 60000 });
+  const filename = (await created.innerText()).match(/omni_backup_\d{8}_\d{6}\.sql/)[0];
+  const row = page.locator(`tr[data-filename="${filename}"]`);
+  await row.waitFor();
+  return { filename, row };
+}
+
 test('the backups page renders at both widths', async () => {
   const { context, page } = await openPage(browser, stack);
   try {
@@ -48,16 +62,7 @@ test('create → listed → delete → gone', async () => {
   assert.equal(await backupsUnavailable(), null, 'the backups API answers');
   const { context, page } = await openPage(browser, stack);
   try {
-    await signIn(page);
-    await page.goto('/backups');
-    await page.getByRole('heading', { name: 'Backups', level: 1 }).waitFor();
-    await page.getByRole('button', { name: 'Create backup' }).click();
-    const created = page.locator('#backup-message').filter({ hasText: 'Backup created' });
-    await created.waitFor({ timeout: 60000 });
-    const filename = (await created.innerText()).match(/omni_backup_\d{8}_\d{6}\.sql/)[0];
-
-    const row = page.locator(`tr[data-filename="${filename}"]`);
-    await row.waitFor();
+    const { filename, row } = await createFromPage(page);
     assert.match(await row.locator('td[data-label="Size"]').innerText(), /\d+(\.\d)? (B|KB|MB|GB)/);
     assert.notEqual((await row.locator('td[data-label="Created"]').innerText()).trim(), '—');
     await screenshots(page, 'backups-list');
@@ -99,15 +104,7 @@ test('an encrypted backup (OMNI_ENCRYPT_LOCAL) is marked so in the list and down
   const sealed = await startStack('backups-sealed', { extraEnv: () => ({ OMNI_ENCRYPT_LOCAL: 'true', OMNI_ENCRYPT_RECIPIENTS: recipient }) });
   const { context, page } = await openPage(browser, sealed);
   try {
-    await signIn(page);
-    await page.goto('/backups');
-    await page.getByRole('heading', { name: 'Backups', level: 1 }).waitFor();
-    await page.getByRole('button', { name: 'Create backup' }).click();
-    const created = page.locator('#backup-message').filter({ hasText: 'Backup created' });
-    await created.waitFor({ timeout: 60000 });
-    const filename = (await created.innerText()).match(/omni_backup_\d{8}_\d{6}\.sql/)[0];
-    const row = page.locator(`tr[data-filename="${filename}"]`);
-    await row.waitFor();
+    const { filename, row } = await createFromPage(page);
     assert.equal((await row.locator('[data-field="encrypted"]').innerText()).trim(), 'Encrypted');
     await screenshots(page, 'backups-encrypted');
 
