@@ -21,7 +21,9 @@
 //!   session is gone from the server (it stopped, was killed, or the row
 //!   came over in a failover) is replaced at the next tick of another
 //!   worker; one that vanished without closing its connection, once its
-//!   lease expires: within [`LEASE_TTL`] plus one tick.
+//!   lease expires: within [`LEASE_TTL`] plus one tick. A stopping worker
+//!   ends its session between two renewals ([`Leadership::stop`]), so the
+//!   server never answers a renewal to a process that is gone.
 //! * **One cluster operation at a time** ([`exclusive`]): a restore or an
 //!   import holds `OPERATION_KEY` on a session of its own for its whole run;
 //!   a second one, on any worker, is refused at once instead of queueing.
