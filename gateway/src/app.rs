@@ -234,6 +234,7 @@ pub async fn run(config: Config) -> Result<i32> {
     let metrics = Arc::new(Metrics::default().with_wal_dir(streams_wal.then(|| config.wal.dir.clone())));
     let history = crate::serve::metrics_history::History::default();
     history.spawn(metrics.clone(), board.clone(), background.tracker(), background.token());
+    crate::serve::trim::spawn(metrics.clone(), background.tracker(), background.token());
     let surface = Arc::new(Surface {
         board: board.clone(),
         proxy: Proxy {

@@ -21,6 +21,7 @@ pub mod metrics_history;
 pub mod observe;
 pub mod plain;
 pub mod proxy;
+pub mod trim;
 pub mod upstream;
 
 use std::convert::Infallible;
