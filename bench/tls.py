@@ -232,7 +232,10 @@ def open_idle(port, ca, protocol):
 
 
 def settle(pid_rss):
-    """RSS once it stops moving (a connection's last buffers freed): two equal readings 200 ms apart, at most 5 s."""
+    """RSS once it stops moving (a connection's last buffers freed): two equal readings 200 ms apart, at most 5 s,
+    from 2 s after the last request (the gateway gives a burst's freed memory back at its first quiet second,
+    serve/trim.rs, as it would for any client that stays connected)."""
+    time.sleep(2)
     last = pid_rss()
     for _ in range(25):
         time.sleep(0.2)
