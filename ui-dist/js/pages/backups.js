@@ -399,7 +399,7 @@ export async function render(main) {
         h('td', { class: 'num', 'data-label': 'Size' }, formatBytes(backup.size_bytes)),
         h('td', { 'data-label': 'Created' }, h('time', { datetime: backup.created_at }, formatDate(backup.created_at))),
         h('td', { 'data-label': 'Actions' }, h('div', { class: 'row-actions' },
-          h('button', { type: 'button', class: 'btn btn-sm', onclick: () => download(backup.filename, backup.encrypted), 'aria-label': `Download ${backup.filename}` }, 'Download'),
+          h('button', { type: 'button', class: 'btn btn-sm', onclick: () => download(backup.filename), 'aria-label': `Download ${backup.filename}` }, 'Download'),
           h('button', { type: 'button', class: 'btn btn-sm', onclick: () => restore(backup.filename), 'aria-label': `Restore ${backup.filename}` }, 'Restore'),
           h('button', { type: 'button', class: 'btn btn-sm btn-danger', onclick: () => remove(backup.filename), 'aria-label': `Delete ${backup.filename}` }, 'Delete'))))))));
   }
@@ -420,8 +420,9 @@ export async function render(main) {
     }
   }
 
-  // An encrypted backup downloads as the age file it is (`<name>.age`).
-  async function download(filename, encrypted) {
+  // Saved under the name the server gives (Content-Disposition): an
+  // encrypted backup is the age file it is, `<name>.age`.
+  async function download(filename) {
     if (!NAME.test(filename)) return;
     try {
       const response = await authedFetch(`/api/v1/backup/download/${encodeURIComponent(filename)}`);
@@ -432,7 +433,8 @@ export async function render(main) {
         throw errorFrom(response, body);
       }
       const url = URL.createObjectURL(await response.blob());
-      const link = h('a', { href: url, download: encrypted ? `${filename}.age` : filename, hidden: true });
+      const named = /filename="([^"]+)"/.exec(response.headers.get('content-disposition') || '');
+      const link = h('a', { href: url, download: named ? named[1] : filename, hidden: true });
       document.body.append(link);
       link.click();
       link.remove();
