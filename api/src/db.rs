@@ -71,6 +71,15 @@ impl DbState {
     }
 }
 
+/// Why [`Db::checkout`] has no connection.
+#[derive(Debug)]
+pub enum NoClient {
+    /// Every connection is in use for longer than [`CHECKOUT_TIMEOUT`].
+    Busy,
+    /// The database is away: no dial until this pause is over.
+    Away(Duration),
+}
+
 /// The pause between dials while the database is away, and the last
 /// verdict on why it is away.
 #[derive(Default)]
@@ -156,9 +165,20 @@ impl Db {
 
     /// A verified connection, or a 503 error (with `Retry-After`) for the client.
     pub async fn client(&self) -> Result<Client, ApiError> {
+        match self.checkout().await {
+            Ok(client) => Ok(client),
+            Err(NoClient::Busy) => Err(ApiError::database_busy()),
+            Err(NoClient::Away(pause)) => Err(self.away(pause).await),
+        }
+    }
+
+    /// A verified connection, or why there is none without asking the hosts
+    /// why (that probe takes up to [`PROBE_TIMEOUT`]): for work that has
+    /// another way to go, such as a batch whose requests then go alone.
+    pub async fn checkout(&self) -> Result<Client, NoClient> {
         let paused = self.redial.lock().unwrap_or_else(|e| e.into_inner()).pause_left();
         if let Some(left) = paused {
-            return Err(self.away(left).await);
+            return Err(NoClient::Away(left));
         }
         match self.pool.get().await {
             Ok(client) => {
@@ -166,11 +186,10 @@ impl Db {
                 Ok(client)
             }
             // Every connection busy: the database is fine, the pool is full.
-            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => Err(ApiError::database_busy()),
+            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => Err(NoClient::Busy),
             Err(error) => {
                 tracing::warn!(%error, "no database connection");
-                let pause = self.redial.lock().unwrap_or_else(|e| e.into_inner()).failed();
-                Err(self.away(pause).await)
+                Err(NoClient::Away(self.redial.lock().unwrap_or_else(|e| e.into_inner()).failed()))
             }
         }
     }

@@ -21,10 +21,20 @@
 //! elsewhere cannot stall it and two workers on one database cannot deadlock
 //! through it, and it holds each key once (a second write of a key waits for
 //! the next batch, keeping the order of writes).
+//!
+//! A request waits at most [`PATIENCE`] to be taken into a batch. While the
+//! database is away a batch can take seconds to find that out (a dial
+//! through a proxy that holds it while retrying a dead node); the requests
+//! behind it then withdraw and go the usual path, which refuses them with a
+//! 503 at once during the pool's pause between dials, instead of queueing
+//! behind one hung batch after another. A request is withdrawn only if no
+//! batch took it, so a write is never both batched and done alone.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -34,6 +44,17 @@ use crate::preferences::Owner;
 
 /// Most requests one statement carries; a bigger backlog goes in the next.
 const MAX_BATCH: usize = 256;
+
+/// How long a request waits to be taken into a batch before it goes the
+/// usual path. A batch answers in milliseconds while the database does;
+/// this is for a batch stuck on one that does not.
+const PATIENCE: Duration = Duration::from_millis(300);
+
+/// A request's place: waiting in line, taken into a batch, or withdrawn by
+/// its caller (who went the usual path). Each moves from `WAITING` once.
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
 
 /// Anonymous owners: the new value may be no longer than the one it replaces
 /// (the byte limit counts anonymous storage; see `preferences`).
@@ -76,6 +97,18 @@ struct Request {
     key: String,
     value: String,
     answer: oneshot::Sender<Answer>,
+    place: Arc<AtomicU8>,
+}
+
+impl Request {
+    /// Takes it into a batch, unless its caller has withdrawn it.
+    fn take(&self) -> bool {
+        self.place.compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    fn withdrawn(&self) -> bool {
+        self.place.load(Ordering::Acquire) == WITHDRAWN
+    }
 }
 
 /// One kind of batched request: its statements, and whether a batch may
@@ -121,21 +154,34 @@ impl Batches {
         self.ask(&self.reads, READ, owner, key, "").await?.ok()
     }
 
-    /// The batch's answer; `None` when the batch's task is gone.
     async fn ask(&self, queue: &OnceLock<mpsc::Sender<Request>>, kind: Kind, owner: Owner, key: &str, value: &str) -> Option<Answer> {
-        let (answer, asked) = oneshot::channel();
-        self.send(queue, kind, Request { owner, key: key.to_owned(), value: value.to_owned(), answer }).await?;
-        asked.await.ok()
-    }
-
-    async fn send(&self, queue: &OnceLock<mpsc::Sender<Request>>, kind: Kind, request: Request) -> Option<()> {
         let queue = queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(4 * MAX_BATCH);
             let db = self.db.clone();
             tokio::spawn(run(receiver, kind, move |statement, batch| run_batch(db.clone(), statement, kind, batch)));
             sender
         });
-        queue.send(request).await.ok()
+        ask(queue, owner, key, value).await
+    }
+}
+
+/// The answer of the batch that takes this request; `None` when none took
+/// it within [`PATIENCE`] (it is withdrawn, and no batch will) or the
+/// batch's task is gone.
+async fn ask(queue: &mpsc::Sender<Request>, owner: Owner, key: &str, value: &str) -> Option<Answer> {
+    let (answer, mut asked) = oneshot::channel();
+    let place = Arc::new(AtomicU8::new(WAITING));
+    let request = Request { owner, key: key.to_owned(), value: value.to_owned(), answer, place: place.clone() };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    // Not queued in time: not queued at all (`send` is cancel-safe).
+    tokio::time::timeout_at(deadline, queue.send(request)).await.ok()?.ok()?;
+    if let Ok(answer) = tokio::time::timeout_at(deadline, &mut asked).await {
+        return answer.ok();
+    }
+    match place.compare_exchange(WAITING, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => None,
+        // A batch has it: the answer comes once that statement ends.
+        Err(_) => asked.await.ok(),
     }
 }
 
@@ -170,14 +216,24 @@ fn take_batch(waiting: &mut VecDeque<Request>, one_per_key: bool) -> (Vec<Reques
     let mut seen = HashSet::new();
     let (mut sessions, mut accounts, mut later) = (Vec::new(), Vec::new(), VecDeque::new());
     while let Some(request) = waiting.pop_front() {
+        if request.withdrawn() {
+            continue;
+        }
         let id = match request.owner {
             Owner::Session(id) => (0, id.as_u128()),
             Owner::Account(id) => (1, id as u128),
         };
-        let repeated = one_per_key && !seen.insert((id, request.key.clone()));
+        let repeated = one_per_key && seen.contains(&(id, request.key.clone()));
         if repeated || sessions.len() + accounts.len() == MAX_BATCH {
             later.push_back(request);
-        } else if id.0 == 0 {
+            continue;
+        }
+        // Withdrawn just now, its caller gone the usual path: dropped.
+        if !request.take() {
+            continue;
+        }
+        seen.insert((id, request.key.clone()));
+        if id.0 == 0 {
             sessions.push(request);
         } else {
             accounts.push(request);
@@ -198,7 +254,7 @@ async fn run_batch(db: Db, statement: &'static str, kind: Kind, batch: Vec<Reque
     let accounts: Vec<i64> = batch.iter().filter_map(|r| r.owner.account()).collect();
     let owners: &(dyn ToSql + Sync) = if sessions.is_empty() { &accounts } else { &sessions };
     let rows = async {
-        let client = db.client().await.ok()?;
+        let client = db.checkout().await.ok()?;
         let statement = client.prepare_cached(statement).await.ok()?;
         // An error is not answered here: every request of the batch retries
         // on its own path, which reports it (or succeeds, after a deadlock).
@@ -226,7 +282,58 @@ mod tests {
     use super::*;
 
     fn request(owner: Owner, key: &str) -> Request {
-        Request { owner, key: key.into(), value: "v".into(), answer: oneshot::channel().0 }
+        Request { owner, key: key.into(), value: "v".into(), answer: oneshot::channel().0, place: Arc::default() }
+    }
+
+    #[test]
+    fn a_withdrawn_request_is_never_taken_nor_holds_its_key() {
+        let session = Owner::Session(uuid::Uuid::from_u128(7));
+        let mut waiting: VecDeque<Request> = [request(session, "theme"), request(session, "theme"), request(session, "lang")].into_iter().collect();
+        waiting[0].place.store(WITHDRAWN, Ordering::Release);
+        let (sessions, _) = take_batch(&mut waiting, true);
+        assert_eq!(sessions.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["theme", "lang"], "the second write of theme goes in its place");
+        assert!(sessions.iter().all(|r| r.place.load(Ordering::Acquire) == TAKEN));
+        assert!(waiting.is_empty());
+    }
+
+    /// A batch that hangs (a dial to a database that is not there) keeps
+    /// the requests behind it no longer than [`PATIENCE`]; they are not in
+    /// the next batch, whose statement their callers' usual path replaced.
+    #[tokio::test]
+    async fn requests_behind_a_hung_batch_withdraw_after_their_patience_and_are_not_run_later() {
+        let (sender, receiver) = mpsc::channel(4 * MAX_BATCH);
+        let (release, released) = tokio::sync::watch::channel(false);
+        let ran: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let seen = ran.clone();
+        tokio::spawn(run(receiver, OVERWRITE, move |_, batch: Vec<Request>| {
+            let (mut released, ran) = (released.clone(), seen.clone());
+            async move {
+                if batch.is_empty() {
+                    return;
+                }
+                ran.lock().unwrap().extend(batch.iter().map(|r| r.key.clone()));
+                released.wait_for(|go| *go).await.unwrap();
+                for request in batch {
+                    let _ = request.answer.send(Ok(Some(request.value)));
+                }
+            }
+        }));
+        let owner = Owner::Account(1);
+        let first = tokio::spawn({
+            let sender = sender.clone();
+            async move { ask(&sender, owner, "first", "v").await }
+        });
+        while ran.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let asked = std::time::Instant::now();
+        assert_eq!(ask(&sender, owner, "second", "v").await, None, "withdrawn: the caller goes the usual path");
+        let waited = asked.elapsed();
+        assert!(waited >= PATIENCE && waited < PATIENCE * 3, "withdrawn after its patience, not before or much later: {waited:?}");
+        release.send(true).unwrap();
+        assert_eq!(first.await.unwrap(), Some(Ok(Some("v".into()))), "a taken request waits for its batch");
+        assert_eq!(ask(&sender, owner, "third", "v").await, Some(Ok(Some("v".into()))));
+        assert_eq!(*ran.lock().unwrap(), ["first", "third"], "the withdrawn request was in no batch");
     }
 
     #[test]
