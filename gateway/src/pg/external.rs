@@ -13,12 +13,18 @@
 //! (its HA engine is promoting one) rather than `unavailable`, in `/health`
 //! and `/gateway/status`. Either way `/health` answers 503 until a primary
 //! accepts writes again, and the worker is kept (it is not what is broken).
+//!
+//! One check at a time, shared: a `/health` asked while a check is under way
+//! gets that check's answer. While the server is away a check takes its
+//! whole [`CHECK_TIMEOUT`] and the probe after it; monitors asking meanwhile
+//! would otherwise queue behind it for the one connection, one full check
+//! after another.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use omni_contract::redact::url_password as redact;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 /// How long `/health` waits for the external server before calling it down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,13 +59,28 @@ pub struct ExternalDatabase {
     client: Mutex<Option<tokio_postgres::Client>>,
     /// The URL without its password, for messages.
     pub display_url: String,
+    /// Where the check under way will say its answer ([`ExternalDatabase::state`]).
+    under_way: std::sync::Mutex<Option<watch::Receiver<Option<Checked>>>>,
+}
+
+/// A check's answer: the state, and what is wrong when it is not ready.
+type Checked = (State, Option<String>);
+
+/// Clears the check under way when its task ends or is dropped, so the
+/// next caller starts one.
+struct UnderWay<'a>(&'a std::sync::Mutex<Option<watch::Receiver<Option<Checked>>>>);
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 impl ExternalDatabase {
     pub fn new(url: &str) -> Result<Self> {
         let mut config: tokio_postgres::Config = url.parse().with_context(|| format!("DATABASE_URL={} is not a valid PostgreSQL URL", redact(url)))?;
         config.application_name("omni-gateway").connect_timeout(CHECK_TIMEOUT);
-        Ok(ExternalDatabase { config, client: Mutex::new(None), display_url: redact(url) })
+        Ok(ExternalDatabase { config, client: Mutex::new(None), display_url: redact(url), under_way: std::sync::Mutex::new(None) })
     }
 
     /// `SELECT 1` within [`CHECK_TIMEOUT`]; the error says what to check.
@@ -88,8 +109,35 @@ impl ExternalDatabase {
 
 impl ExternalDatabase {
     /// [`ExternalDatabase::check`], and on failure whether the database is
-    /// failing over: `(state, what is wrong)`.
-    pub async fn state(&self) -> (State, Option<String>) {
+    /// failing over: `(state, what is wrong)`. The answer of the check under
+    /// way if there is one, else of a new one.
+    pub async fn state(&self) -> Checked {
+        let (joined, answer) = {
+            let mut under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
+            match under_way.as_ref() {
+                Some(answer) => (Some(answer.clone()), None),
+                None => {
+                    let (answer, told) = watch::channel(None);
+                    *under_way = Some(told);
+                    (None, Some(answer))
+                }
+            }
+        };
+        if let Some(mut told) = joined {
+            let checked = told.wait_for(Option::is_some).await.ok().and_then(|checked| checked.clone());
+            // `None`: that check was dropped before its answer; ask anew.
+            return match checked {
+                Some(checked) => checked,
+                None => self.check_state().await,
+            };
+        }
+        let _clear = UnderWay(&self.under_way);
+        let checked = self.check_state().await;
+        answer.expect("this call started the check").send_replace(Some(checked.clone()));
+        checked
+    }
+
+    async fn check_state(&self) -> Checked {
         match self.check().await {
             Ok(()) => (State::Ready, None),
             Err(e) if omni_contract::leader::failover_under_way(&self.config, PROBE_TIMEOUT).await => (
@@ -105,5 +153,49 @@ impl ExternalDatabase {
     pub async fn status_json(&self) -> (serde_json::Value, Option<String>) {
         let (state, problem) = self.state().await;
         (serde_json::json!({ "kind": "external", "url": self.display_url, "state": state.as_str(), "detail": problem }), problem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A server that accepts connections and never answers, as a proxy does
+    /// while it retries a dead node: a check takes its whole timeout. Five
+    /// `/health` asked together share one check (and its one probe), and all
+    /// are answered when it ends, instead of queueing for the connection.
+    #[tokio::test]
+    async fn health_asked_during_a_check_gets_that_checks_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counting = accepted.clone();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counting.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let db = Arc::new(ExternalDatabase::new(&format!("postgresql://omni@127.0.0.1:{port}/omni")).unwrap());
+        let started = tokio::time::Instant::now();
+        let asks: Vec<_> = (0..5)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move { db.state().await })
+            })
+            .collect();
+        for ask in asks {
+            let (state, problem) = ask.await.unwrap();
+            assert_eq!(state, State::Unavailable);
+            assert!(problem.is_some_and(|p| p.contains("did not answer SELECT 1 within 2 s")));
+        }
+        let took = started.elapsed();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "one check and one probe for five callers");
+        assert!(took < CHECK_TIMEOUT + PROBE_TIMEOUT + Duration::from_millis(500), "all answered when the one check ended: {took:?}");
+        assert!(db.under_way.lock().unwrap().is_none(), "the next call starts a check of its own");
+        server.abort();
     }
 }
