@@ -30,9 +30,11 @@ fi
 
 [[ "${1:-}" == --install-only ]] && exit 0
 
-# `--example` alone would build only the sandbox, not the worker it starts.
-cargo build --quiet -p omni-api --bin omni-api
-cargo build --quiet -p omni-tests --example sandbox
+# The worker and the sandbox that starts it. Built for the whole workspace:
+# `-p omni-api` or `-p omni-tests` alone would unify dependencies' features
+# differently and compile them all again (minutes in CI, right after the
+# test build, whose dependencies these are).
+cargo build --quiet --workspace --bins --examples
 
 # The sandbox lives as long as its stdin: closing our end stops it, and so
 # does this script dying for any reason.
