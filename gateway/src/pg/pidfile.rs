@@ -592,16 +592,18 @@ mod tests {
         for p in [&base, &data, &fake] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
+        // Each in a process group of its own, killed whole: the stand-in's
+        // `sleep 1` would otherwise outlive the test.
         struct Kill(Vec<std::process::Child>);
         impl Drop for Kill {
             fn drop(&mut self) {
                 for c in &mut self.0 {
-                    let _ = c.kill();
+                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGKILL);
                     let _ = c.wait();
                 }
             }
         }
-        let spawn = |cmd: &mut Command| cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+        let spawn = |cmd: &mut Command| cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0).spawn().unwrap();
         let procs = Kill(vec![
             // PostgreSQL with -D this directory, working in `/` as far as anyone can see.
             spawn(Command::new(&fake).arg("-D").arg(&data).current_dir("/")),
