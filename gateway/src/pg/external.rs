@@ -164,8 +164,8 @@ mod tests {
 
     /// A server that accepts connections and never answers, as a proxy does
     /// while it retries a dead node: a check takes its whole timeout. Five
-    /// `/health` asked together share one check (and its one probe), and all
-    /// are answered when it ends, instead of queueing for the connection.
+    /// `/health` asked together share one check (and its one probe) instead
+    /// of queueing for the connection, one full check after another.
     #[tokio::test]
     async fn health_asked_during_a_check_gets_that_checks_answer() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -180,7 +180,6 @@ mod tests {
             }
         });
         let db = Arc::new(ExternalDatabase::new(&format!("postgresql://omni@127.0.0.1:{port}/omni")).unwrap());
-        let started = tokio::time::Instant::now();
         let asks: Vec<_> = (0..5)
             .map(|_| {
                 let db = db.clone();
@@ -192,9 +191,7 @@ mod tests {
             assert_eq!(state, State::Unavailable);
             assert!(problem.is_some_and(|p| p.contains("did not answer SELECT 1 within 2 s")));
         }
-        let took = started.elapsed();
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "one check and one probe for five callers");
-        assert!(took < CHECK_TIMEOUT + PROBE_TIMEOUT + Duration::from_millis(500), "all answered when the one check ended: {took:?}");
         assert!(db.under_way.lock().unwrap().is_none(), "the next call starts a check of its own");
         server.abort();
     }
