@@ -356,9 +356,11 @@ async fn log_lines(name: String, output: Output, stream: impl AsyncRead + Unpin)
     let mut lines = BufReader::new(stream).lines();
     // The level of the last PostgreSQL message, for its DETAIL/HINT lines.
     let mut last = Level::INFO;
+    let mut stopping = false;
     while let Ok(Some(line)) = lines.next_line().await {
         let line = strip_escapes(&line);
-        let parsed = parse_line(output, &line, last);
+        stopping = stopping || (line.contains("received ") && line.ends_with(SHUTDOWN_REQUESTED));
+        let parsed = parse_line(output, &line, last, stopping);
         last = parsed.level;
         emit(&name, &parsed);
     }
@@ -377,14 +379,25 @@ struct Parsed {
 /// clusters' logs, probes); expected, so never reported as errors.
 const EXPECTED: &[&str] = &["the database system is starting up", "the database system is shutting down", "terminating connection due to administrator command"];
 
+/// How the postmaster's line for a stop asked of it ends (`received fast
+/// shutdown request`, and smart or immediate).
+const SHUTDOWN_REQUESTED: &str = " shutdown request";
+
+/// How PostgreSQL words a connection still authenticating when a stop ends
+/// it: it reports any interrupt of authentication as a timeout. Expected once
+/// the stop was asked (a `pg_receivewal` or a check dialing just then); before
+/// that, a client really did hold its authentication for a minute.
+const ENDED_AUTHENTICATING: &str = "canceling authentication due to timeout";
+
 /// `pg_receivewal`'s lines when the server it streams from stops (at every
 /// stop of the gateway: the streamer stops after PostgreSQL, `app.rs`):
 /// expected; the supervisor says whether the exit was.
 const EXPECTED_TEXT: &[&str] = &["replication stream was terminated before stop point", "pg_receivewal: error: disconnected"];
 
-fn parse_line(output: Output, line: &str, previous: Level) -> Parsed {
+/// `stopping`: the server was asked to stop, earlier in this output.
+fn parse_line(output: Output, line: &str, previous: Level, stopping: bool) -> Parsed {
     match output {
-        Output::Postgres { routine } => parse_postgres(line, routine, previous),
+        Output::Postgres { routine } => parse_postgres(line, routine, previous, stopping),
         Output::Json => parse_json(line).unwrap_or_else(|| Parsed { level: Level::WARN, pid: None, message: line.to_owned() }),
         Output::Text { routine } => {
             let lower = line.to_ascii_lowercase();
@@ -406,7 +419,7 @@ fn parse_line(output: Output, line: &str, previous: Level) -> Parsed {
 /// `[1234] FATAL:  message` → error, pid 1234, `FATAL: message`. The
 /// severity word is dropped where the level says the same (LOG, WARNING,
 /// ERROR) and kept where it says more (FATAL, PANIC, DETAIL, HINT …).
-fn parse_postgres(line: &str, routine: Level, previous: Level) -> Parsed {
+fn parse_postgres(line: &str, routine: Level, previous: Level, stopping: bool) -> Parsed {
     let (pid, rest) = match line.strip_prefix('[').and_then(|r| r.split_once("] ")) {
         Some((digits, rest)) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => (digits.parse().ok(), rest),
         _ => (None, line),
@@ -417,7 +430,7 @@ fn parse_postgres(line: &str, routine: Level, previous: Level) -> Parsed {
         return Parsed { level, pid, message: rest.to_owned() };
     };
     let text = text.trim_start();
-    let expected = EXPECTED.iter().any(|m| text.contains(m));
+    let expected = EXPECTED.iter().any(|m| text.contains(m)) || (stopping && text.contains(ENDED_AUTHENTICATING));
     let (level, keep_word) = match word {
         "LOG" | "INFO" | "NOTICE" => (routine, false),
         "WARNING" => (Level::WARN, false),
@@ -660,7 +673,7 @@ mod tests {
     const PG: Output = Output::Postgres { routine: Level::INFO };
 
     fn pg(line: &str, previous: Level) -> Parsed {
-        parse_line(PG, line, previous)
+        parse_line(PG, line, previous, false)
     }
 
     #[test]
@@ -675,32 +688,37 @@ mod tests {
         // Caused by the gateway's own stops: expected.
         let stop = pg("[9] FATAL:  terminating connection due to administrator command", Level::INFO);
         assert_eq!((stop.level, stop.message.as_str()), (Level::INFO, "terminating connection due to administrator command"));
+        // A connection still authenticating when the stop came: expected
+        // then, and an error before (a client held it for a minute).
+        let ended = "[9] FATAL:  canceling authentication due to timeout";
+        assert_eq!(pg(ended, Level::INFO).level, Level::ERROR);
+        assert_eq!(parse_line(PG, ended, Level::INFO, true).level, Level::INFO);
         // A routine level of debug (postgres --single) quiets LOG lines only.
         let quiet = Output::Postgres { routine: Level::DEBUG };
-        assert_eq!(parse_line(quiet, "[1] LOG:  checkpoint starting", Level::INFO).level, Level::DEBUG);
-        assert_eq!(parse_line(quiet, "[1] ERROR:  syntax error", Level::INFO).level, Level::ERROR);
-        assert_eq!(parse_line(quiet, "backend> ", Level::INFO).level, Level::DEBUG);
+        assert_eq!(parse_line(quiet, "[1] LOG:  checkpoint starting", Level::INFO, false).level, Level::DEBUG);
+        assert_eq!(parse_line(quiet, "[1] ERROR:  syntax error", Level::INFO, false).level, Level::ERROR);
+        assert_eq!(parse_line(quiet, "backend> ", Level::INFO, false).level, Level::DEBUG);
     }
 
     #[test]
     fn worker_json_lines_keep_level_message_and_fields_but_not_their_timestamp() {
         let line = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"WARN","message":"slow","elapsed_ms":12,"path":"/api/v1/x","target":"omni_api::x"}"#;
-        let p = parse_line(Output::Json, line, Level::INFO);
+        let p = parse_line(Output::Json, line, Level::INFO, false);
         assert_eq!(p.level, Level::WARN);
         assert_eq!(p.message, "slow elapsed_ms=12 path=/api/v1/x");
         assert!(!p.message.contains("2026"));
         let multi = r#"{"level":"DEBUG","message":"executing CREATE TABLE x (\n    a int\n)"}"#;
-        assert_eq!(parse_line(Output::Json, multi, Level::INFO).message, "executing CREATE TABLE x ( a int )");
+        assert_eq!(parse_line(Output::Json, multi, Level::INFO, false).message, "executing CREATE TABLE x ( a int )");
         // Anything else the worker prints (a panic) is not lost, and stands out.
-        assert_eq!(parse_line(Output::Json, "thread 'main' panicked at src/main.rs:1", Level::INFO).level, Level::WARN);
+        assert_eq!(parse_line(Output::Json, "thread 'main' panicked at src/main.rs:1", Level::INFO, false).level, Level::WARN);
     }
 
     #[test]
     fn tool_text_is_routine_except_errors_and_warnings() {
         let initdb = Output::Text { routine: Level::DEBUG };
-        assert_eq!(parse_line(initdb, "creating subdirectories ... ok", Level::INFO).level, Level::DEBUG);
-        assert_eq!(parse_line(initdb, "initdb: error: directory \"x\" exists but is not empty", Level::INFO).level, Level::ERROR);
-        assert_eq!(parse_line(initdb, "initdb: warning: enabling \"trust\" authentication", Level::INFO).level, Level::WARN);
+        assert_eq!(parse_line(initdb, "creating subdirectories ... ok", Level::INFO, false).level, Level::DEBUG);
+        assert_eq!(parse_line(initdb, "initdb: error: directory \"x\" exists but is not empty", Level::INFO, false).level, Level::ERROR);
+        assert_eq!(parse_line(initdb, "initdb: warning: enabling \"trust\" authentication", Level::INFO, false).level, Level::WARN);
     }
 
     #[test]
