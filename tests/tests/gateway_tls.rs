@@ -380,3 +380,112 @@ fn an_idle_tls_connection_is_closed_after_the_header_timeout() {
     assert!(ok, "{err}");
     assert_eq!(out, "200 1\n200 0\n200 0\n200 0\n200 0\n200 0\n", "one connection kept across the requests");
 }
+
+/// One HTTP/1.1 connection over TLS (`openssl s_client`), read response by response.
+struct Http1Client {
+    client: ChildGuard,
+    to_gateway: std::process::ChildStdin,
+    from_gateway: BufReader<std::process::ChildStdout>,
+}
+
+impl Http1Client {
+    fn connect(port: u16) -> Http1Client {
+        let mut client = ChildGuard::spawn(
+            Command::new("openssl")
+                .args(["s_client", "-quiet", "-alpn", "http/1.1", "-servername", "localhost", "-connect", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let to_gateway = client.child_mut().stdin.take().unwrap();
+        let from_gateway = BufReader::new(client.child_mut().stdout.take().unwrap());
+        Http1Client { client, to_gateway, from_gateway }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.to_gateway.write_all(bytes).unwrap();
+        self.to_gateway.flush().unwrap();
+    }
+
+    /// The next response's status line and lower-cased head (its body, of
+    /// `Content-Length`, read and dropped).
+    fn response(&mut self) -> (String, String) {
+        let mut status = String::new();
+        self.from_gateway.read_line(&mut status).unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(self.from_gateway.read_line(&mut line).unwrap() > 0, "the connection closed inside a response head: {status}{head}");
+            if line.trim().is_empty() {
+                break;
+            }
+            head.push_str(&line.to_ascii_lowercase());
+        }
+        let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |n| n.trim().parse::<usize>().unwrap());
+        let mut body = vec![0; length];
+        self.from_gateway.read_exact(&mut body).unwrap();
+        (status.trim().to_owned(), head)
+    }
+}
+
+/// `/metrics`' value of `name` (a counter or gauge without labels).
+fn metric(tls: &Tls, name: &str) -> u64 {
+    let (_, _, text) = tls.get("--http1.1", "/metrics", &[]);
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in /metrics")).parse().unwrap()
+}
+
+/// An HTTP/1.1 connection over TLS quiet for a second gives its HTTP
+/// buffers back (parked, `serve/park.rs`) and is served again on the next
+/// request, on the same connection and without `Connection: close`: after
+/// a park, with a request whose first half came before a park, and with a
+/// protocol switch. A parked connection still ends at the idle limit.
+#[test]
+fn a_quiet_https_connection_is_parked_and_served_again_on_the_same_connection() {
+    let dir = workdir();
+    let tls = start(dir.path(), &[("OMNI_HEADER_TIMEOUT_S", "5")]);
+    let parks = |tls: &Tls| metric(tls, "omni_https_parks_total");
+    let request = b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut client = Http1Client::connect(tls.gw.port);
+    client.send(request);
+    let (status, head) = client.response();
+    assert!(status.starts_with("HTTP/1.1 200") && !head.contains("connection: close"), "{status}\n{head}");
+
+    // Parked: counted, and shown as parked now (curl's own connections close at once).
+    wait_until(Duration::from_secs(10), "the quiet connection to be parked", || (parks(&tls) >= 1).then_some(()));
+    assert_eq!(metric(&tls, "omni_https_connections_parked"), 1);
+    client.send(request);
+    let (status, head) = client.response();
+    assert!(status.starts_with("HTTP/1.1 200") && !head.contains("connection: close"), "after a park: {status}\n{head}");
+
+    // Half a request, a park (the half kept), then the rest.
+    let (first, rest) = request.split_at(20);
+    client.send(first);
+    wait_until(Duration::from_secs(10), "the connection to be parked with half a request read", || (parks(&tls) >= 2).then_some(()));
+    client.send(rest);
+    let (status, head) = client.response();
+    assert!(status.starts_with("HTTP/1.1 200") && !head.contains("connection: close"), "a request across a park: {status}\n{head}");
+
+    // A protocol switch after a park: the 101, then bytes both ways.
+    wait_until(Duration::from_secs(10), "the connection to be parked again", || (parks(&tls) >= 3).then_some(()));
+    client.send(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n");
+    let (status, _) = client.response();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    client.send(b"ping through the tunnel\n");
+    let mut echo = String::new();
+    client.from_gateway.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "ping through the tunnel\n");
+    client.client.kill9();
+
+    // A parked connection is still ended at the idle limit (5 s here).
+    let mut idle = Http1Client::connect(tls.gw.port);
+    idle.send(request);
+    let (status, _) = idle.response();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    idle.from_gateway.read_to_end(&mut rest).unwrap();
+    let lasted = answered.elapsed();
+    assert!(rest.is_empty(), "nothing but the close after the response: {:?}", String::from_utf8_lossy(&rest));
+    assert!(lasted >= Duration::from_millis(4500) && lasted < Duration::from_secs(30), "closed {lasted:?} after the response, not at the 5 s idle limit");
+    assert!(parks(&tls) >= 4, "the idle connection was parked before it was closed");
+}

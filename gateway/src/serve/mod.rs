@@ -19,6 +19,7 @@ pub mod logring;
 pub mod metrics;
 pub mod metrics_history;
 pub mod observe;
+pub mod park;
 pub mod plain;
 pub mod proxy;
 pub mod trim;
@@ -87,12 +88,14 @@ pub struct Https {
     pub acme: Option<Arc<crate::tls::acme::Acme>>,
     /// `Strict-Transport-Security`, `None` with `OMNI_HSTS_MAX_AGE=0`.
     hsts: Option<hyper::header::HeaderValue>,
+    /// Idle HTTP/1.1 connections parked ([`park`]).
+    parks: park::Parks,
 }
 
 impl Https {
     pub fn new(live: Arc<crate::tls::Live>, settings: crate::tls::settings::HttpsSettings, acme: Option<Arc<crate::tls::acme::Acme>>) -> Https {
         let hsts = (settings.hsts_max_age > 0).then(|| hyper::header::HeaderValue::from_str(&format!("max-age={}", settings.hsts_max_age)).expect("digits are a valid header value"));
-        Https { acceptor: tokio_rustls::TlsAcceptor::from(crate::tls::server_config(live.clone())), live, settings, acme, hsts }
+        Https { acceptor: tokio_rustls::TlsAcceptor::from(crate::tls::server_config(live.clone())), live, settings, acme, hsts, parks: park::Parks::default() }
     }
 
     /// The `tls` member of `/gateway/status`.
@@ -138,14 +141,16 @@ impl Https {
         doc
     }
 
-    /// `/metrics` lines: when the served certificate expires.
+    /// `/metrics` lines: when the served certificate expires, and the
+    /// parked connections.
     fn metrics(&self) -> String {
         let (reloads, last_error) = self.live.reloads();
-        format!(
+        let tls = format!(
             "# HELP omni_tls_certificate_expiry_seconds When the certificate served on the HTTPS port expires (Unix seconds).\n# TYPE omni_tls_certificate_expiry_seconds gauge\nomni_tls_certificate_expiry_seconds {}\n# HELP omni_tls_reloads_total Certificate file changes read since start.\n# TYPE omni_tls_reloads_total counter\nomni_tls_reloads_total {reloads}\n# HELP omni_tls_reload_failed 1 when the last change of the certificate files was refused (the previous certificate is still served).\n# TYPE omni_tls_reload_failed gauge\nomni_tls_reload_failed {}\n",
             self.live.info().not_after,
             u8::from(last_error.is_some()),
-        ) + &self.acme.as_ref().map_or_else(String::new, |acme| {
+        );
+        tls + &self.parks.metrics() + &self.acme.as_ref().map_or_else(String::new, |acme| {
             let status = acme.status();
             format!(
                 "# HELP omni_tls_acme_last_error 1 when the last attempt to obtain a certificate by ACME failed (see tls.last_error in /gateway/status).\n# TYPE omni_tls_acme_last_error gauge\nomni_tls_acme_last_error {}\n# HELP omni_tls_acme_orders_total Certificates obtained by ACME since start.\n# TYPE omni_tls_acme_orders_total counter\nomni_tls_acme_orders_total {}\n",
@@ -419,7 +424,7 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
                     // Boxed: the handshake's state goes with it instead of
                     // staying in the connection's task.
                     if let Some(tls) = Box::pin(handshake(&https, stream, peer, shared.handshake_timeout, &close_all)).await {
-                        serve_tls(&shared, tls, peer, &stop, &close_all).await;
+                        serve_tls(&shared, &https, tls, peer, &stop, &close_all).await;
                     }
                     drop(permit);
                 });
@@ -480,8 +485,9 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
 ///
 /// And it is built once the client has sent something, as the auto builder
 /// did: a client that connects ahead of time (browsers do) costs only its
-/// TLS state until then.
-async fn serve_tls(shared: &Shared, tls: Box<tokio_rustls::server::TlsStream<TcpStream>>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
+/// TLS state until then. An HTTP/1.1 connection is also taken apart again
+/// whenever it is quiet, its TLS stream kept ([`park`]).
+async fn serve_tls(shared: &Shared, https: &Https, tls: Box<tokio_rustls::server::TlsStream<TcpStream>>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
     let idle_limit = shared.handshake_timeout;
     // Nothing decrypted waits in rustls (else the socket may stay quiet): wait for bytes.
     if tls.get_ref().1.wants_read() {
@@ -495,18 +501,20 @@ async fn serve_tls(shared: &Shared, tls: Box<tokio_rustls::server::TlsStream<Tcp
         }
     }
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let io = Watched { io: tls, started: std::time::Instant::now(), last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)) };
-    let (started, last_ms) = (io.started, io.last_ms.clone());
+    let io = Watched { io: tls, activity: Activity::new() };
+    let activity = io.activity.clone();
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let idle = || {
-        in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
-            && started.elapsed().saturating_sub(Duration::from_millis(last_ms.load(std::sync::atomic::Ordering::Relaxed))) >= idle_limit
-    };
     let service = boxed(service(&shared.surface, peer, false, Some(in_flight.clone())));
+    if alpn.as_deref() == Some(b"http/1.1") {
+        let upgrades = park::UpgradeSlot::default();
+        let limits = park::Limits { idle_limit, peer, stop, close_all, in_flight: &in_flight, parks: &https.parks };
+        let service = park::AskingUpgrades { service, upgrades: upgrades.clone() };
+        return Box::pin(park::serve(&shared.http1, io, service, upgrades, limits)).await;
+    }
+    let idle = || in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0 && activity.quiet() >= idle_limit;
     let ends = Ends { idle: &idle, idle_limit, peer, stop, close_all };
     match alpn.as_deref() {
         Some(b"h2") => ends.serve(Box::pin(shared.tls_http2.serve_connection(TokioIo::new(io), service)), |c| c.graceful_shutdown()).await,
-        Some(b"http/1.1") => ends.serve(Box::pin(shared.http1.serve_connection(TokioIo::new(io), service).with_upgrades()), |c| c.graceful_shutdown()).await,
         _ => ends.serve(Box::pin(shared.tls_http.serve_connection_with_upgrades(TokioIo::new(io), service)), |c| c.graceful_shutdown()).await,
     }
 }
@@ -598,18 +606,44 @@ impl hyper::body::Body for Counted {
     }
 }
 
-/// A connection's stream that notes when a byte last moved either way.
-struct Watched<T> {
-    io: T,
+/// When a connection's bytes last moved either way, and how many writes it
+/// made (shared by [`Watched`] and whoever watches it).
+pub struct Activity {
     started: std::time::Instant,
     /// Milliseconds from `started` to the last byte read or written.
-    last_ms: Arc<std::sync::atomic::AtomicU64>,
+    last_ms: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
 }
 
-impl<T> Watched<T> {
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity { started: std::time::Instant::now(), last_ms: Default::default(), writes: Default::default() })
+    }
+
+    /// How long no byte has moved.
+    pub fn quiet(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed)))
+    }
+
+    /// Writes that wrote something, so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn touch(&self) {
         self.last_ms.store(self.started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
+
+    fn wrote(&self) {
+        self.touch();
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A connection's stream that notes its [`Activity`].
+pub struct Watched<T> {
+    pub io: T,
+    pub activity: Arc<Activity>,
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
@@ -617,7 +651,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            self.activity.touch();
         }
         polled
     }
@@ -627,7 +661,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
     fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
         let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
         if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -635,7 +669,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
     fn poll_write_vectored(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
         let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -702,15 +736,15 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpSt
 type Handling = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
 /// `service` with each request's handling boxed ([`Handling`]).
-fn boxed<S>(service: S) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone
+fn boxed<S>(service: S) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = Handling> + Send + Clone + Unpin
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send + 'static> + Send + Sync + Clone + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send + 'static> + Send + Sync + Clone + Unpin + 'static,
 {
     hyper::service::service_fn(move |req: Request<Incoming>| Box::pin(service.call(req)) as Handling)
 }
 
 /// The request handler of one connection; `draining` for those accepted after a stop began.
-fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone {
+fn service(surface: &Arc<Surface>, peer: SocketAddr, draining: bool, in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send + Clone + Unpin {
     let surface = surface.clone();
     let mut peer = crate::serve::proxy::Peer::new(peer);
     peer.https = surface.https.is_some();

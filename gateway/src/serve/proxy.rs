@@ -156,7 +156,7 @@ impl Proxy {
     }
 
     async fn forward(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = wants_upgrade(req.headers()).then(|| client_switch(&mut req));
         let (mut req, body) = req.into_parts();
         let mut body = match prepare_body(&req.headers, body).await {
             Ok(b) => b,
@@ -304,7 +304,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn wants_upgrade(h: &HeaderMap) -> bool {
+pub fn wants_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
@@ -313,17 +313,40 @@ fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
+/// A client's stream after a protocol switch.
+trait Switched: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Switched for T {}
+
+/// The client's stream once the `101` is written to it.
+type ClientSwitch = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Switched>, String>> + Send>>;
+
+/// Where a request that asks for a protocol switch gets its client's
+/// stream: from hyper's upgrades, or from the connection that serves it
+/// without them (`park.rs`, HTTP/1.1 over TLS).
+fn client_switch(req: &mut Request<Incoming>) -> ClientSwitch {
+    match req.extensions_mut().remove::<crate::serve::park::ClientUpgrade>().and_then(|asked| asked.take()) {
+        Some(switched) => Box::pin(async move {
+            switched.await.map(|s| Box::new(s) as Box<dyn Switched>).map_err(|_| "the client's connection ended before the switch".to_owned())
+        }),
+        None => {
+            let upgrade = hyper::upgrade::on(req);
+            Box::pin(async move { upgrade.await.map(|u| Box::new(TokioIo::new(u)) as Box<dyn Switched>).map_err(|e| e.to_string()) })
+        }
+    }
+}
+
 /// Phase 5: the response the client receives.
-fn client_response(mut resp: Response<crate::serve::upstream::Pooled>, client_upgrade: Option<hyper::upgrade::OnUpgrade>, tunnels: &TaskTracker, close_tunnels: &CancellationToken) -> Response<Body> {
+fn client_response(mut resp: Response<crate::serve::upstream::Pooled>, client_upgrade: Option<ClientSwitch>, tunnels: &TaskTracker, close_tunnels: &CancellationToken) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let close = close_tunnels.clone();
             tunnels.spawn(async move {
                 let splice = async {
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((client, upstream)) => {
-                            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                    match tokio::try_join!(client_upgrade, async { upstream_upgrade.await.map_err(|e| e.to_string()) }) {
+                        Ok((mut client, upstream)) => {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
                         }
                         Err(e) => tracing::debug!("upgrade failed: {e}"),
                     }
