@@ -7,11 +7,13 @@
 //! connection's memory goes"). A long-running gateway that saw one burst
 //! would otherwise keep that for good. So once a second the proxy's request
 //! counter is read, and after a request `malloc_trim(0)` runs (on a blocking
-//! thread: it walks every arena) at the first second without one, and again
-//! [`LATE_TRIM`] later if it stays quiet: by then the pool to the worker has
-//! closed the connections the burst left idle (`upstream.rs`,
-//! `POOL_IDLE_TIMEOUT`), whose memory would otherwise stay with malloc too.
-//! Under steady traffic it never runs; while idle, twice.
+//! thread: it walks every arena) at the first second without one; again
+//! once the quiet HTTPS connections have given their buffers back
+//! (`park.rs`) and the pool to the worker has closed a burst's surplus
+//! (`upstream.rs`), [`PARKED_TRIM`]; and once more [`LATE_TRIM`] later if
+//! it stays quiet, when the pool has closed every connection idle past its
+//! timeout (`POOL_IDLE_TIMEOUT`). Whatever those free would otherwise stay
+//! with malloc. Under steady traffic it never runs; while idle, three times.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,12 @@ use crate::serve::metrics::Metrics;
 
 /// How often the request counter is read.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// The second trim, in quiet seconds: past the pool's idle timeout (20 s)
+/// A trim once the quiet HTTPS connections are parked (`park.rs`: after a
+/// second without a byte) and the pool to the worker has closed a burst's
+/// surplus (`upstream.rs`: after two seconds, checked every second), in
+/// quiet seconds.
+const PARKED_TRIM: u32 = 4;
+/// The last trim, in quiet seconds: past the pool's idle timeout (20 s)
 /// and its eviction pass (every 10 s).
 const LATE_TRIM: u32 = 32;
 
@@ -38,7 +45,7 @@ fn step(quiet: Option<u32>, moved: bool) -> (Option<u32>, bool) {
         None => (None, false),
         Some(q) => {
             let q = q.saturating_add(1);
-            (Some(q), q == 1 || q == LATE_TRIM)
+            (Some(q), q == 1 || q == PARKED_TRIM || q == LATE_TRIM)
         }
     }
 }
@@ -93,17 +100,17 @@ mod tests {
     }
 
     #[test]
-    fn trims_at_the_first_quiet_second_and_once_more_later_never_while_traffic_flows() {
+    fn trims_at_the_first_quiet_second_once_parked_and_once_more_later_never_while_traffic_flows() {
         let late = LATE_TRIM as usize;
         // Idle from the start: nothing to give back.
         assert_eq!(trims([false; 100]), Vec::<usize>::new());
         // Steady traffic: never.
         assert_eq!(trims([true; 100]), Vec::<usize>::new());
-        // A burst in seconds 1-3, then quiet: at second 4 and LATE_TRIM quiet seconds after the burst.
+        // A burst in seconds 1-3, then quiet: at second 4, once its connections are parked, and LATE_TRIM quiet seconds after the burst.
         let burst = [true, true, true].into_iter().chain([false; 100]);
-        assert_eq!(trims(burst), vec![4, 3 + late]);
+        assert_eq!(trims(burst), vec![4, 7, 3 + late]);
         // Traffic again before the late trim: it starts over from the new quiet.
         let twice = [true].into_iter().chain([false; 10]).chain([true]).chain([false; 100]);
-        assert_eq!(trims(twice), vec![2, 13, 12 + late]);
+        assert_eq!(trims(twice), vec![2, 5, 13, 16, 12 + late]);
     }
 }

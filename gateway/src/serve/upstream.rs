@@ -161,6 +161,20 @@ const POOL_MAX_IDLE: usize = 128;
 /// have, so the pool never hands out a connection about to be closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Idle connections kept past [`POOL_SURPLUS_AFTER`], the most recently
+/// used: enough for the next requests after a lull.
+const POOL_KEEP_WARM: usize = 8;
+
+/// How long an idle connection beyond the [`POOL_KEEP_WARM`] most recent is
+/// kept. Requests take the most recently used first, so under steady load
+/// the ones at the bottom of the stack are those the load no longer needs:
+/// a burst's surplus, closed two seconds after it (with its memory, here
+/// and in the worker) instead of twenty.
+const POOL_SURPLUS_AFTER: Duration = Duration::from_secs(2);
+
+/// How often the pool looks for connections to close.
+const POOL_EVICT_EVERY: Duration = Duration::from_secs(1);
+
 /// One thread's keep-alive connections to one worker.
 pub struct WorkerPool {
     socket: Arc<Path>,
@@ -195,9 +209,9 @@ impl WorkerPool {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 loop {
-                    tokio::time::sleep(POOL_IDLE_TIMEOUT / 2).await;
+                    tokio::time::sleep(POOL_EVICT_EVERY).await;
                     match weak.upgrade() {
-                        Some(pool) => pool.evict(),
+                        Some(pool) => pool.evict(Instant::now()),
                         None => return,
                     }
                 }
@@ -206,9 +220,16 @@ impl WorkerPool {
         pool
     }
 
-    fn evict(&self) {
+    /// Closes, as of `now`, the idle connections kept too long.
+    fn evict(&self, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+        let warm_from = idle.len().saturating_sub(POOL_KEEP_WARM);
+        let mut i = 0;
+        idle.retain(|(sender, since)| {
+            let keep = !sender.is_closed() && now.saturating_duration_since(*since) < if i >= warm_from { POOL_IDLE_TIMEOUT } else { POOL_SURPLUS_AFTER };
+            i += 1;
+            keep
+        });
     }
 
     fn take(&self) -> Option<SendRequest<Body>> {
@@ -337,7 +358,8 @@ mod tests {
     /// A worker stand-in on a Unix socket: answers `ok` (with `Connection:
     /// close` when `close`), counting the connections it accepts.
     async fn socket_server(close: bool) -> (Arc<Path>, Arc<AtomicUsize>, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("omni-pool-test-{}-{close}", std::process::id()));
+        static SERVERS: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!("omni-pool-test-{}-{}", std::process::id(), SERVERS.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path: Arc<Path> = dir.join("api.sock").into();
@@ -385,6 +407,28 @@ mod tests {
             assert_eq!(get(&pool).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bursts_surplus_is_closed_after_two_seconds_and_the_most_recent_kept_warm_until_the_idle_timeout() {
+        let (path, accepted, dir) = socket_server(false).await;
+        let pool = WorkerPool::new(path);
+        let burst = POOL_KEEP_WARM + 4;
+        let answers = futures::future::join_all((0..burst).map(|_| get(&pool))).await;
+        assert!(answers.iter().all(|a| a == "ok"));
+        assert_eq!((accepted.load(Ordering::SeqCst), pool.idle.lock().unwrap().len()), (burst, burst));
+        let newest: Vec<_> = pool.idle.lock().unwrap()[burst - POOL_KEEP_WARM..].iter().map(|(_, since)| *since).collect();
+        let now = Instant::now();
+        pool.evict(now + POOL_SURPLUS_AFTER / 2);
+        assert_eq!(pool.idle.lock().unwrap().len(), burst, "nothing is surplus yet");
+        pool.evict(now + POOL_SURPLUS_AFTER);
+        let kept: Vec<_> = pool.idle.lock().unwrap().iter().map(|(_, since)| *since).collect();
+        assert_eq!(kept, newest, "the most recently used are kept warm");
+        pool.evict(now + POOL_IDLE_TIMEOUT);
+        assert!(pool.idle.lock().unwrap().is_empty(), "nothing outlives the idle timeout");
+        assert_eq!(get(&pool).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), burst + 1, "a request after it connects anew");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
