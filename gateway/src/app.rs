@@ -498,6 +498,12 @@ fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_
     // new cluster's first base backup, do not slow the service's own start.
     // Nothing is missed meanwhile: its slot keeps the WAL until it is streamed.
     let mut deferred_wal = None;
+    if !config.wal.enabled && config.wal.encrypt_local {
+        // No archive to seal: the worker's logical backups alone are encrypted (said here).
+        if let Err(e) = crate::repository::config::local_crypt(config, None) {
+            tracing::warn!("{e:#}");
+        }
+    }
     if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
         let (jobs, asked) = (running.stage("jobs"), running.shutdown.asked());
         if let Err(e) = crate::repository::config::local_crypt(config, None) {

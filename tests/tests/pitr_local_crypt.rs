@@ -13,7 +13,7 @@
 //! under the data root; `age -d` gives a dump that loads), listed, counted
 //! by retention and uploaded as they are, and restored through the API only
 //! with `OMNI_DECRYPT_IDENTITY_FILE` (409 `identity_needed` without it,
-//! nothing changed).
+//! nothing changed); with `OMNI_WAL_DIR=off`, they alone.
 
 use crate::gateway;
 
@@ -272,6 +272,32 @@ fn backups_listed(port: u16) -> Vec<serde_json::Value> {
     let list = Request::new("GET", "/api/v1/backup/list").api_key().send_to(port);
     assert_eq!(list.status, 200, "{}", list.text());
     list.json()["backups"].as_array().unwrap().clone()
+}
+
+/// Without a WAL archive (`OMNI_WAL_DIR=off`) there is only the logical
+/// backups to encrypt: the start is not refused, says so, and a backup is
+/// an age file that Debian's `age` opens into the dump.
+#[test]
+fn pitr_local_crypt_with_the_wal_archive_off_keeps_the_logical_backups_encrypted() {
+    let keys = workdir();
+    let (key, public) = keygen(keys.path(), "key.txt");
+    let dir = workdir();
+    let gw = GatewayBuilder::new(dir.path())
+        .env("OMNI_API_KEY", TEST_API_KEY)
+        .env("OMNI_WAL_DIR", "off")
+        .env("OMNI_ENCRYPT_LOCAL", "true")
+        .env("OMNI_ENCRYPT_RECIPIENTS", public)
+        .start();
+    assert!(gw.log().contains("OMNI_ENCRYPT_LOCAL: the logical backups of") && gw.log().contains("there is no WAL archive"), "{}", gw.log());
+    let created = Request::new("POST", "/api/v1/backup/create").api_key().send_to(gw.port);
+    assert_eq!(created.status, 200, "{}\n{}", created.text(), gw.log());
+    let name = created.json()["backup_file"].as_str().unwrap().to_owned();
+    let local = dir.path().join(format!("data/backups/{name}.age"));
+    assert!(is_age(&local), "{} is not an age file: {:?}", local.display(), backup_files(dir.path()));
+    assert!(!dir.path().join(format!("data/backups/{name}")).exists(), "a plain copy is left beside it");
+    assert!(age_decrypt(&key, &local, false).starts_with(b"--\n-- PostgreSQL database dump"), "age -d gives the dump");
+    let listed = backups_listed(gw.port);
+    assert!(listed.iter().any(|b| b["filename"] == name.as_str() && b["encrypted"] == true), "{listed:?}");
 }
 
 #[test]

@@ -556,9 +556,6 @@ fn parse_wal(p: &Parser<'_>) -> Result<WalConfig, ConfigError> {
             .ok_or_else(|| p.invalid("OMNI_BACKUP_DRILL_INTERVAL", "expected a duration such as 7d, 1d or 12h"))?,
         encrypt_local: p.bool("OMNI_ENCRYPT_LOCAL")?,
     };
-    if wal.encrypt_local && !wal.enabled {
-        return Err(p.invalid("OMNI_ENCRYPT_LOCAL", "it encrypts the WAL archive, which OMNI_WAL_DIR=off turns off"));
-    }
     if wal.sync && !wal.enabled {
         return Err(p.invalid("OMNI_WAL_SYNC", "commits cannot wait for a WAL streamer that OMNI_WAL_DIR=off turns off"));
     }

@@ -113,7 +113,11 @@ pub fn local_crypt(config: &Config, identity: Option<&std::path::Path>) -> anyho
     if config.wal.encrypt_local {
         let encryption = encryption(config)?;
         let to = encryption.sealer().map(|s| s.describe()).unwrap_or_else(|e| e.to_string());
-        tracing::info!("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments in {} and the logical backups of {} are kept encrypted ({to}); restores need OMNI_DECRYPT_IDENTITY_FILE or --identity", config.wal.dir.display(), config.backup_dir.display());
+        if config.wal.enabled {
+            tracing::info!("OMNI_ENCRYPT_LOCAL: base backups and completed WAL segments in {} and the logical backups of {} are kept encrypted ({to}); restores need OMNI_DECRYPT_IDENTITY_FILE or --identity", config.wal.dir.display(), config.backup_dir.display());
+        } else {
+            tracing::info!("OMNI_ENCRYPT_LOCAL: the logical backups of {} are kept encrypted ({to}; there is no WAL archive, OMNI_WAL_DIR=off); restores need OMNI_DECRYPT_IDENTITY_FILE or --identity", config.backup_dir.display());
+        }
         crate::pitr::sealed::set_encryption(encryption);
     }
     Ok(())
