@@ -233,9 +233,10 @@ def open_idle(port, ca, protocol):
 
 def settle(pid_rss):
     """RSS once it stops moving (a connection's last buffers freed): two equal readings 200 ms apart, at most 5 s,
-    from 2 s after the last request (the gateway gives a burst's freed memory back at its first quiet second,
-    serve/trim.rs, as it would for any client that stays connected)."""
-    time.sleep(2)
+    from 5 s after the last request, as a client that stays connected would see it. By then the gateway has parked
+    its quiet HTTP/1.1 connections (serve/park.rs, after 1 s), closed the burst's surplus connections to the worker
+    (serve/upstream.rs, after 2 s) and given the freed memory back (serve/trim.rs, at the 4th quiet second)."""
+    time.sleep(5)
     last = pid_rss()
     for _ in range(25):
         time.sleep(0.2)
