@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::proxy::{wants_upgrade, ClientUpgrade, Switched};
 use super::{Body, Watched};
 
 /// How long an HTTP/1.1 connection over TLS is quiet before it is parked.
@@ -97,39 +98,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-/// A client's stream after a protocol switch, for the proxy's tunnel.
-pub type Switched = Rewind<TlsIo>;
-
-/// Where a request that asks for a protocol switch gets its client's
-/// stream once the `101` is written: in the request's extensions, taken by
-/// the proxy instead of `hyper::upgrade::on` (which a connection served
-/// without hyper's upgrades cannot answer).
-/// (Request extensions must be `Clone`: the receiver is taken once.)
-#[derive(Clone)]
-pub struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<Switched>>>>);
-
-impl ClientUpgrade {
-    /// The client's stream, once switched; `None` if taken already.
-    pub fn take(&self) -> Option<oneshot::Receiver<Switched>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
 /// The connection's side of [`ClientUpgrade`]: the sender of the request
 /// that asked last.
 #[derive(Clone, Default)]
-pub struct UpgradeSlot(Arc<Mutex<Option<oneshot::Sender<Switched>>>>);
+pub struct UpgradeSlot(Arc<Mutex<Option<oneshot::Sender<Box<dyn Switched>>>>>);
 
 impl UpgradeSlot {
     /// For a request that asks for a protocol switch: its end of the channel.
     pub fn ask<B>(&self, req: &mut Request<B>) {
         let (tx, rx) = oneshot::channel();
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-        req.extensions_mut().insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
+        req.extensions_mut().insert(ClientUpgrade::new(rx));
     }
 
     /// The sender of a switch still awaited (its tunnel waits).
-    fn awaited(&self) -> Option<oneshot::Sender<Switched>> {
+    fn awaited(&self) -> Option<oneshot::Sender<Box<dyn Switched>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|tx| !tx.is_closed())
     }
 }
@@ -148,7 +131,7 @@ impl<S: hyper::service::Service<Request<Incoming>>> hyper::service::Service<Requ
     type Future = S::Future;
 
     fn call(&self, mut req: Request<Incoming>) -> S::Future {
-        if super::proxy::wants_upgrade(req.headers()) {
+        if wants_upgrade(req.headers()) {
             self.upgrades.ask(&mut req);
         }
         self.service.call(req)
@@ -260,7 +243,7 @@ where
         io = rewind.io;
         if let Some(tunnel) = upgrades.awaited() {
             // Switched protocols: the stream is the tunnel's now.
-            let _ = tunnel.send(Rewind::new(ahead, io));
+            let _ = tunnel.send(Box::new(Rewind::new(ahead, io)));
             return;
         }
         if !parking || ending {

@@ -20,6 +20,7 @@
 //! up in time, 502 when the worker failed the request, 504 on timeout.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -314,9 +315,27 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// A client's stream after a protocol switch.
-trait Switched: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub trait Switched: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Switched for T {}
+
+/// Where a request that asks for a protocol switch gets its client's stream
+/// once the `101` is written, from a connection that does the switch itself
+/// (`park.rs`) instead of hyper's upgrades: in the request's extensions.
+/// (Extensions must be `Clone`: the receiver is taken once.)
+#[derive(Clone)]
+pub struct ClientUpgrade(Arc<Mutex<Option<tokio::sync::oneshot::Receiver<Box<dyn Switched>>>>>);
+
+impl ClientUpgrade {
+    pub fn new(switched: tokio::sync::oneshot::Receiver<Box<dyn Switched>>) -> ClientUpgrade {
+        ClientUpgrade(Arc::new(Mutex::new(Some(switched))))
+    }
+
+    /// The client's stream, once switched; `None` if taken already.
+    fn take(&self) -> Option<tokio::sync::oneshot::Receiver<Box<dyn Switched>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 /// The client's stream once the `101` is written to it.
 type ClientSwitch = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Switched>, String>> + Send>>;
@@ -325,10 +344,8 @@ type ClientSwitch = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bo
 /// stream: from hyper's upgrades, or from the connection that serves it
 /// without them (`park.rs`, HTTP/1.1 over TLS).
 fn client_switch(req: &mut Request<Incoming>) -> ClientSwitch {
-    match req.extensions_mut().remove::<crate::serve::park::ClientUpgrade>().and_then(|asked| asked.take()) {
-        Some(switched) => Box::pin(async move {
-            switched.await.map(|s| Box::new(s) as Box<dyn Switched>).map_err(|_| "the client's connection ended before the switch".to_owned())
-        }),
+    match req.extensions_mut().remove::<ClientUpgrade>().and_then(|asked| asked.take()) {
+        Some(switched) => Box::pin(async move { switched.await.map_err(|_| "the client's connection ended before the switch".to_owned()) }),
         None => {
             let upgrade = hyper::upgrade::on(req);
             Box::pin(async move { upgrade.await.map(|u| Box::new(TokioIo::new(u)) as Box<dyn Switched>).map_err(|e| e.to_string()) })
