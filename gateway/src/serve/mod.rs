@@ -489,6 +489,19 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
 /// whenever it is quiet, its TLS stream kept ([`park`]).
 async fn serve_tls(shared: &Shared, https: &Https, tls: Box<tokio_rustls::server::TlsStream<TcpStream>>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
     let idle_limit = shared.handshake_timeout;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = boxed(service(&shared.surface, peer, false, Some(in_flight.clone())));
+    if alpn.as_deref() == Some(b"http/1.1") {
+        // Everything the connection keeps for its life is allocated here,
+        // before its first request: not among a burst's short-lived
+        // allocations, whose pages it would keep from going back.
+        let io = Watched { io: tls, activity: Activity::new() };
+        let upgrades = park::UpgradeSlot::default();
+        let limits = park::Limits { idle_limit, peer, stop, close_all, in_flight: &in_flight, parks: &https.parks };
+        let service = park::AskingUpgrades { service, upgrades: upgrades.clone() };
+        return Box::pin(park::serve(&shared.http1, io, service, upgrades, limits)).await;
+    }
     // Nothing decrypted waits in rustls (else the socket may stay quiet): wait for bytes.
     if tls.get_ref().1.wants_read() {
         tokio::select! {
@@ -500,17 +513,8 @@ async fn serve_tls(shared: &Shared, https: &Https, tls: Box<tokio_rustls::server
             _ = tokio::time::sleep(idle_limit) => return,
         }
     }
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let io = Watched { io: tls, activity: Activity::new() };
     let activity = io.activity.clone();
-    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let service = boxed(service(&shared.surface, peer, false, Some(in_flight.clone())));
-    if alpn.as_deref() == Some(b"http/1.1") {
-        let upgrades = park::UpgradeSlot::default();
-        let limits = park::Limits { idle_limit, peer, stop, close_all, in_flight: &in_flight, parks: &https.parks };
-        let service = park::AskingUpgrades { service, upgrades: upgrades.clone() };
-        return Box::pin(park::serve(&shared.http1, io, service, upgrades, limits)).await;
-    }
     let idle = || in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0 && activity.quiet() >= idle_limit;
     let ends = Ends { idle: &idle, idle_limit, peer, stop, close_all };
     match alpn.as_deref() {

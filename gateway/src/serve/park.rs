@@ -195,7 +195,28 @@ where
     let mut ahead = Bytes::new();
     let mut check = tokio::time::interval(Duration::from_millis(250));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut parked = None;
     loop {
+        // Waits for the client's bytes, before the first request and while
+        // parked; bytes read already, or decrypted and waiting in rustls,
+        // are served at once.
+        if ahead.is_empty() && io.io.get_ref().1.wants_read() {
+            tokio::select! {
+                ready = io.io.get_ref().0.readable() => if ready.is_err() {
+                    return;
+                },
+                _ = stop.cancelled() => {
+                    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
+                    return;
+                }
+                _ = close_all.cancelled() => return,
+                _ = tokio::time::sleep(idle_limit.saturating_sub(activity.quiet())) => {
+                    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
+                    return;
+                }
+            }
+        }
+        drop(parked.take());
         let writes_at_build = activity.writes();
         let mut conn = http1.serve_connection(TokioIo::new(Rewind::new(std::mem::take(&mut ahead), io)), service.clone());
         let mut parking = false;
@@ -251,25 +272,8 @@ where
             let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
             return;
         }
-        // Parked: hyper's connection and its buffers are gone. Bytes read
-        // already, or decrypted and waiting in rustls, are served at once.
-        let _parked = parks.park();
-        if ahead.is_empty() && io.io.get_ref().1.wants_read() {
-            tokio::select! {
-                ready = io.io.get_ref().0.readable() => if ready.is_err() {
-                    return;
-                },
-                _ = stop.cancelled() => {
-                    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
-                    return;
-                }
-                _ = close_all.cancelled() => return,
-                _ = tokio::time::sleep(idle_limit.saturating_sub(activity.quiet())) => {
-                    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
-                    return;
-                }
-            }
-        }
+        // Parked: hyper's connection and its buffers are gone.
+        parked = Some(parks.park());
     }
 }
 
