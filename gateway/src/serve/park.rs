@@ -218,14 +218,15 @@ where
         }
         drop(parked.take());
         let writes_at_build = activity.writes();
-        let mut conn = http1.serve_connection(TokioIo::new(Rewind::new(std::mem::take(&mut ahead), io)), service.clone());
+        // Boxed: while parked, the task keeps no room for it.
+        let mut conn = Box::new(http1.serve_connection(TokioIo::new(Rewind::new(std::mem::take(&mut ahead), io)), service.clone()));
         let mut parking = false;
         let mut ending = false;
         let ended = loop {
             tokio::select! {
                 done = poll_fn(|cx| conn.poll_without_shutdown(cx)) => break done,
                 _ = stop.cancelled(), if !ending => {
-                    Pin::new(&mut conn).graceful_shutdown();
+                    Pin::new(&mut *conn).graceful_shutdown();
                     ending = true;
                 }
                 _ = close_all.cancelled() => return,
@@ -236,10 +237,10 @@ where
                             tracing::debug!("closing the idle connection of {peer}: it did not end gracefully");
                             return;
                         }
-                        Pin::new(&mut conn).graceful_shutdown();
+                        Pin::new(&mut *conn).graceful_shutdown();
                         ending = true;
                     } else if idle && !parking && !ending && activity.writes() > writes_at_build && activity.quiet() >= PARK_AFTER {
-                        Pin::new(&mut conn).graceful_shutdown();
+                        Pin::new(&mut *conn).graceful_shutdown();
                         parking = true;
                     }
                 }
@@ -248,7 +249,7 @@ where
         if ended.is_err() {
             return;
         }
-        let parts = conn.into_parts();
+        let parts = (*conn).into_parts();
         let rewind = parts.io.into_inner();
         // Copied out, at their own size: hyper's read buffer (8 KiB) would
         // stay allocated behind even an empty `Bytes` taken from it.
