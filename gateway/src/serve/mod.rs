@@ -484,9 +484,10 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
 /// that named no protocol still gets the auto builder.
 ///
 /// And it is built once the client has sent something, as the auto builder
-/// did: a client that connects ahead of time (browsers do) costs only its
-/// TLS state until then. An HTTP/1.1 connection is also taken apart again
-/// whenever it is quiet, its TLS stream kept ([`park`]).
+/// did: a client that connects ahead of time (browsers do) costs its TLS
+/// state and its task's, but no HTTP buffers, until then. An HTTP/1.1
+/// connection is also taken apart again whenever it is quiet, its TLS
+/// stream kept ([`park`]).
 async fn serve_tls(shared: &Shared, https: &Https, tls: Box<tokio_rustls::server::TlsStream<TcpStream>>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
     let idle_limit = shared.handshake_timeout;
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
