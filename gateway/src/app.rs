@@ -498,17 +498,16 @@ fn start_wal(config: &Config, running: &mut Running, hold: &StartGate, postgres_
     // new cluster's first base backup, do not slow the service's own start.
     // Nothing is missed meanwhile: its slot keeps the WAL until it is streamed.
     let mut deferred_wal = None;
-    if !config.wal.enabled && config.wal.encrypt_local {
-        // No archive to seal: the worker's logical backups alone are encrypted (said here).
+    let archive = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled);
+    // The archive's keys; without an archive, OMNI_ENCRYPT_LOCAL still
+    // encrypts the worker's logical backups, and the start says so.
+    if archive.is_some() || (!config.wal.enabled && config.wal.encrypt_local) {
         if let Err(e) = crate::repository::config::local_crypt(config, None) {
             tracing::warn!("{e:#}");
         }
     }
-    if let Some(cluster) = running.cluster.clone().filter(|c| !c.memory_mode && config.wal.enabled) {
+    if let Some(cluster) = archive {
         let (jobs, asked) = (running.stage("jobs"), running.shutdown.asked());
-        if let Err(e) = crate::repository::config::local_crypt(config, None) {
-            tracing::warn!("{e:#}");
-        }
         crate::pitr::spawn_sealer(&cluster, config.wal.clone(), jobs);
         let base_backups = crate::pitr::spawn_base_backups(&cluster, config.wal.clone(), config.backup_interval, jobs, asked.clone());
         // The off-site copy is drilled after each local drill, when there is one.

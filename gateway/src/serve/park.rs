@@ -40,26 +40,26 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::proxy::{wants_upgrade, ClientUpgrade, Switched};
+use super::proxy::{wants_upgrade, ClientUpgrade, SwitchedTo};
 use super::{Body, Watched};
 
 /// How long an HTTP/1.1 connection over TLS is quiet before it is parked.
 /// A second: a client between two requests of one page load is not parked,
 /// and one that waits longer pays for two buffers (microseconds) when it
 /// comes back.
-pub const PARK_AFTER: Duration = Duration::from_secs(1);
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// The stream of a TLS client, as the connection's task holds it.
 pub type TlsIo = Watched<Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// A stream with bytes already read from it in front.
-pub struct Rewind<T> {
+struct Rewind<T> {
     ahead: Bytes,
     io: T,
 }
 
 impl<T> Rewind<T> {
-    pub fn new(ahead: Bytes, io: T) -> Rewind<T> {
+    fn new(ahead: Bytes, io: T) -> Rewind<T> {
         Rewind { ahead, io }
     }
 }
@@ -101,7 +101,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 /// The connection's side of [`ClientUpgrade`]: the sender of the request
 /// that asked last.
 #[derive(Clone, Default)]
-pub struct UpgradeSlot(Arc<Mutex<Option<oneshot::Sender<Box<dyn Switched>>>>>);
+pub struct UpgradeSlot(Arc<Mutex<Option<SwitchedTo>>>);
 
 impl UpgradeSlot {
     /// For a request that asks for a protocol switch: its end of the channel.
@@ -112,7 +112,7 @@ impl UpgradeSlot {
     }
 
     /// The sender of a switch still awaited (its tunnel waits).
-    fn awaited(&self) -> Option<oneshot::Sender<Box<dyn Switched>>> {
+    fn awaited(&self) -> Option<SwitchedTo> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|tx| !tx.is_closed())
     }
 }
@@ -206,12 +206,12 @@ where
                     return;
                 },
                 _ = stop.cancelled() => {
-                    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
+                    close(&mut io).await;
                     return;
                 }
                 _ = close_all.cancelled() => return,
                 _ = tokio::time::sleep(idle_limit.saturating_sub(activity.quiet())) => {
-                    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
+                    close(&mut io).await;
                     return;
                 }
             }
@@ -270,7 +270,7 @@ where
         }
         if !parking || ending {
             // The client asked to close (or spoke HTTP/1.0), or the gateway stops.
-            let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
+            close(&mut io).await;
             return;
         }
         // Parked: hyper's connection and its buffers are gone.
@@ -280,3 +280,9 @@ where
 
 /// How long a closing connection's TLS goodbye may take to send.
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Ends the connection with TLS's goodbye (`close_notify`), sent within
+/// [`CLOSE_WITHIN`].
+async fn close(io: &mut TlsIo) {
+    let _ = tokio::time::timeout(CLOSE_WITHIN, io.shutdown()).await;
+}

@@ -319,20 +319,24 @@ pub trait Switched: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send 
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Switched for T {}
 
+/// The way a client's switched stream is handed over, once.
+pub type SwitchedTo = tokio::sync::oneshot::Sender<Box<dyn Switched>>;
+type SwitchedFrom = tokio::sync::oneshot::Receiver<Box<dyn Switched>>;
+
 /// Where a request that asks for a protocol switch gets its client's stream
 /// once the `101` is written, from a connection that does the switch itself
 /// (`park.rs`) instead of hyper's upgrades: in the request's extensions.
 /// (Extensions must be `Clone`: the receiver is taken once.)
 #[derive(Clone)]
-pub struct ClientUpgrade(Arc<Mutex<Option<tokio::sync::oneshot::Receiver<Box<dyn Switched>>>>>);
+pub struct ClientUpgrade(Arc<Mutex<Option<SwitchedFrom>>>);
 
 impl ClientUpgrade {
-    pub fn new(switched: tokio::sync::oneshot::Receiver<Box<dyn Switched>>) -> ClientUpgrade {
+    pub fn new(switched: SwitchedFrom) -> ClientUpgrade {
         ClientUpgrade(Arc::new(Mutex::new(Some(switched))))
     }
 
     /// The client's stream, once switched; `None` if taken already.
-    fn take(&self) -> Option<tokio::sync::oneshot::Receiver<Box<dyn Switched>>> {
+    fn take(&self) -> Option<SwitchedFrom> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }

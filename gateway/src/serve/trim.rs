@@ -31,7 +31,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// quiet seconds.
 const PARKED_TRIM: u32 = 4;
 /// The last trim, in quiet seconds: past the pool's idle timeout (20 s)
-/// and its eviction pass (every 10 s).
+/// and its eviction pass (every second).
 const LATE_TRIM: u32 = 32;
 
 /// Quiet seconds after the last request (`None`: no request since the
