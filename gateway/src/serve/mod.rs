@@ -81,7 +81,7 @@ pub struct Surface {
 /// HTTPS on the gateway's port: TLS from the certificate `live` holds
 /// (replaced while serving), then HTTP/2 or HTTP/1.1 as ALPN chose.
 pub struct Https {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub config: Arc<rustls::ServerConfig>,
     pub live: Arc<crate::tls::Live>,
     pub settings: crate::tls::settings::HttpsSettings,
     /// With `OMNI_TLS_DOMAINS`: the ACME client's status.
@@ -95,7 +95,7 @@ pub struct Https {
 impl Https {
     pub fn new(live: Arc<crate::tls::Live>, settings: crate::tls::settings::HttpsSettings, acme: Option<Arc<crate::tls::acme::Acme>>) -> Https {
         let hsts = (settings.hsts_max_age > 0).then(|| hyper::header::HeaderValue::from_str(&format!("max-age={}", settings.hsts_max_age)).expect("digits are a valid header value"));
-        Https { acceptor: tokio_rustls::TlsAcceptor::from(crate::tls::server_config(live.clone())), live, settings, acme, hsts, parks: park::Parks::default() }
+        Https { config: crate::tls::server_config(live.clone()), live, settings, acme, hsts, parks: park::Parks::default() }
     }
 
     /// The `tls` member of `/gateway/status`.
@@ -488,9 +488,9 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
 /// state and its task's, but no HTTP buffers, until then. An HTTP/1.1
 /// connection is also taken apart again whenever it is quiet, its TLS
 /// stream kept ([`park`]).
-async fn serve_tls(shared: &Shared, https: &Https, tls: Box<tokio_rustls::server::TlsStream<TcpStream>>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
+async fn serve_tls(shared: &Shared, https: &Https, tls: Box<crate::tls::stream::TlsStream>, peer: SocketAddr, stop: &CancellationToken, close_all: &CancellationToken) {
     let idle_limit = shared.handshake_timeout;
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let service = boxed(service(&shared.surface, peer, false, Some(in_flight.clone())));
     if alpn.as_deref() == Some(b"http/1.1") {
@@ -504,9 +504,9 @@ async fn serve_tls(shared: &Shared, https: &Https, tls: Box<tokio_rustls::server
         return Box::pin(park::serve(&shared.http1, io, service, upgrades, limits)).await;
     }
     // Nothing decrypted waits in rustls (else the socket may stay quiet): wait for bytes.
-    if tls.get_ref().1.wants_read() {
+    if !tls.has_unread() {
         tokio::select! {
-            ready = tls.get_ref().0.readable() => if ready.is_err() {
+            ready = tls.tcp().readable() => if ready.is_err() {
                 return;
             },
             _ = stop.cancelled() => return,
@@ -695,9 +695,9 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
 /// The TLS handshake of a new client, within `timeout`; `None` (logged at
 /// debug: scanners and clients that distrust the certificate do this all
 /// day) when it fails, times out, or the gateway is closing.
-async fn handshake(https: &Https, stream: TcpStream, peer: SocketAddr, timeout: Duration, close_all: &CancellationToken) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
+async fn handshake(https: &Https, stream: TcpStream, peer: SocketAddr, timeout: Duration, close_all: &CancellationToken) -> Option<Box<crate::tls::stream::TlsStream>> {
     tokio::select! {
-        done = tokio::time::timeout(timeout, https.acceptor.accept(stream)) => match done {
+        done = tokio::time::timeout(timeout, crate::tls::stream::accept(stream, https.config.clone())) => match done {
             Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
                 tracing::debug!("TLS handshake with {peer} failed: {e}");

@@ -36,7 +36,6 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +49,7 @@ use super::{Body, Watched};
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// The stream of a TLS client, as the connection's task holds it.
-pub type TlsIo = Watched<Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+pub type TlsIo = Watched<Box<crate::tls::stream::TlsStream>>;
 
 /// A stream with bytes already read from it in front.
 struct Rewind<T> {
@@ -200,9 +199,9 @@ where
         // Waits for the client's bytes, before the first request and while
         // parked; bytes read already, or decrypted and waiting in rustls,
         // are served at once.
-        if ahead.is_empty() && io.io.get_ref().1.wants_read() {
+        if ahead.is_empty() && !io.io.has_unread() {
             tokio::select! {
-                ready = io.io.get_ref().0.readable() => if ready.is_err() {
+                ready = io.io.tcp().readable() => if ready.is_err() {
                     return;
                 },
                 _ = stop.cancelled() => {

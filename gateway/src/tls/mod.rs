@@ -17,6 +17,8 @@
 //!   a new pair that fails the checks is logged and the old one stays.
 //! * ALPN offers `h2` then `http/1.1` (and `acme-tls/1`, whose handshakes
 //!   get the TLS-ALPN-01 challenge certificate of [`Live::put_alpn_challenge`]).
+//! * Each client's stream is rustls' unbuffered connection with buffers of
+//!   its own, freed while the connection is idle ([`stream`]).
 //! * Certificates obtained by ACME (`OMNI_TLS_DOMAINS`): [`acme`]; with an
 //!   external database kept in it for every gateway on it ([`shared`]), the
 //!   private keys sealed with `OMNI_TLS_SECRET_FILE` ([`seal`]).
@@ -25,6 +27,7 @@ pub mod acme;
 pub mod seal;
 pub mod settings;
 pub mod shared;
+pub mod stream;
 
 use std::{
     path::{Path, PathBuf},
