@@ -280,6 +280,9 @@ fn invalid(e: rustls::Error) -> io::Error {
 impl AsyncRead for TlsStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if this.has_unread() {
                 let n = buf.remaining().min(this.plain.len() - this.taken);
