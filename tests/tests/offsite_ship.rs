@@ -178,6 +178,10 @@ fn offsite_a_store_that_ignores_conditional_writes_is_found_out_and_nothing_is_o
     // Another installation's object where this one's segment goes once it
     // is whole: looked up first, found, never overwritten; uploads stop and say why.
     let mut db = gw.db();
+    // A write first: right after a WAL switch (the base backup's) the WAL
+    // position is at a segment's boundary, where pg_walfile_name names the
+    // segment before it, complete and uploaded already.
+    db.batch_execute("CREATE TABLE planted_before (id int)").unwrap();
     let segment: String = db.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[]).unwrap().get(0);
     let planted = format!("{gen}/wal/{segment}.lz4");
     let (repo, rt) = client(&store, "look");

@@ -142,6 +142,10 @@ fn offsite_write_only_credentials_run_without_deleting_and_an_overwrite_is_refus
 
     // An object already there under the name the current segment takes
     // once it is whole, with other content: never overwritten, uploads stop.
+    // A row first: right after a WAL switch (the base backup's) the WAL
+    // position is at a segment's boundary, where pg_walfile_name names the
+    // segment before it, complete and uploaded already.
+    db.batch_execute("INSERT INTO wonly_rows VALUES (0)").unwrap();
     let current: String = db.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[]).unwrap().get(0);
     let planted = format!("{wal}{current}.lz4");
     let junk = b"not this cluster's WAL: planted before the segment was complete".to_vec();
