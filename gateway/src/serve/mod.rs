@@ -503,7 +503,7 @@ async fn serve_tls(shared: &Shared, https: &Https, tls: Box<crate::tls::stream::
         let service = park::AskingUpgrades { service, upgrades: upgrades.clone() };
         return Box::pin(park::serve(&shared.http1, io, service, upgrades, limits)).await;
     }
-    // Nothing decrypted waits in rustls (else the socket may stay quiet): wait for bytes.
+    // Nothing decrypted waits in the TLS stream (else the socket may stay quiet): wait for bytes.
     if !tls.has_unread() {
         tokio::select! {
             ready = tls.tcp().readable() => if ready.is_err() {

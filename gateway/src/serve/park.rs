@@ -197,8 +197,8 @@ where
     let mut parked = None;
     loop {
         // Waits for the client's bytes, before the first request and while
-        // parked; bytes read already, or decrypted and waiting in rustls,
-        // are served at once.
+        // parked; bytes read already, or decrypted and waiting in the TLS
+        // stream, are served at once.
         if ahead.is_empty() && !io.io.has_unread() {
             tokio::select! {
                 ready = io.io.tcp().readable() => if ready.is_err() {
