@@ -156,21 +156,7 @@ impl TlsStream {
                         self.plain.extend_from_slice(payload);
                     }
                 }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    let start = self.outgoing.len();
-                    let mut room = 512;
-                    loop {
-                        self.outgoing.resize(start + room, 0);
-                        match encode.encode(&mut self.outgoing[start..]) {
-                            Ok(n) => break self.outgoing.truncate(start + n),
-                            Err(EncodeError::InsufficientSize(size)) => room = size.required_size,
-                            Err(e) => {
-                                self.outgoing.truncate(start);
-                                return Err(io::Error::other(e));
-                            }
-                        }
-                    }
-                }
+                ConnectionState::EncodeTlsData(mut encode) => append(&mut self.outgoing, 512, |out| encode.encode(out))?,
                 // Sent from `outgoing` in order, before anything encoded later.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 ConnectionState::PeerClosed => self.peer_closed = true,
@@ -183,11 +169,11 @@ impl TlsStream {
                     done = Some(match then {
                         Then::Nothing => None,
                         Then::Encrypt(data) => {
-                            encrypt_into(&mut self.outgoing, data.len() + 1024, |out| traffic.encrypt(data, out))?;
+                            append(&mut self.outgoing, data.len() + 1024, |out| traffic.encrypt(data, out))?;
                             Some(data.len())
                         }
                         Then::CloseNotify => {
-                            encrypt_into(&mut self.outgoing, 64, |out| traffic.queue_close_notify(out))?;
+                            append(&mut self.outgoing, 64, |out| traffic.queue_close_notify(out))?;
                             Some(0)
                         }
                     });
@@ -209,10 +195,7 @@ impl TlsStream {
             let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let start = self.outgoing.len();
-                    self.outgoing.resize(start + 512, 0);
-                    let n = encode.encode(&mut self.outgoing[start..]).unwrap_or(0);
-                    self.outgoing.truncate(start + n);
+                    let _ = append(&mut self.outgoing, 512, |out| encode.encode(out));
                 }
                 Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
                 _ => return,
@@ -253,22 +236,48 @@ impl TlsStream {
     }
 }
 
-/// Appends what `encrypt` writes to `out`, with `room` bytes to start
-/// with and as many as it says it needs after that.
-fn encrypt_into(out: &mut Vec<u8>, mut room: usize, mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>) -> io::Result<()> {
+/// Appends to `out` what `write` encodes or encrypts into the slice it is
+/// given: `room` bytes to start with, then as many as rustls says it needs.
+fn append<E: Room>(out: &mut Vec<u8>, mut room: usize, mut write: impl FnMut(&mut [u8]) -> Result<usize, E>) -> io::Result<()> {
     let start = out.len();
     loop {
         out.resize(start + room, 0);
-        match encrypt(&mut out[start..]) {
+        match write(&mut out[start..]) {
             Ok(n) => {
                 out.truncate(start + n);
                 return Ok(());
             }
-            Err(EncryptError::InsufficientSize(size)) => room = size.required_size,
-            Err(e) => {
-                out.truncate(start);
-                return Err(io::Error::other(e));
-            }
+            Err(e) => match e.needs() {
+                Some(needed) => room = needed,
+                None => {
+                    out.truncate(start);
+                    return Err(io::Error::other(e));
+                }
+            },
+        }
+    }
+}
+
+/// rustls' errors of the unbuffered API that can say how much room an
+/// encoding needs.
+trait Room: std::error::Error + Send + Sync + 'static {
+    fn needs(&self) -> Option<usize>;
+}
+
+impl Room for EncodeError {
+    fn needs(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(size) => Some(size.required_size),
+            _ => None,
+        }
+    }
+}
+
+impl Room for EncryptError {
+    fn needs(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(size) => Some(size.required_size),
+            _ => None,
         }
     }
 }
