@@ -13,6 +13,8 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 /// The JSON body of every error response; the gateway's own errors use it too.
 pub use omni_contract::error_body::ErrorBody;
 
@@ -130,31 +132,40 @@ pub fn error_response(status: StatusCode, code: &str, detail: String) -> Respons
 
 /// `Json<T>` with rejections in the API's error shape: every malformed body
 /// (syntax, wrong types, missing fields, invalid UTF-8) is a 400, unlike
-/// axum's 422 for type errors, and an oversized one a 413.
+/// axum's 422 for type errors, and an oversized one a 413. The body must be
+/// a JSON object: serde would also fill a struct from an array of its fields
+/// in order (`[null, null]`), which no schema of ours allows.
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as JSON with Content-Type: application/json",
-                ),
-                JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("invalid_json", rejection.body_text()),
-                JsonRejection::JsonDataError(_) => ApiError::bad_request("invalid_body", rejection.body_text()),
-                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
-                other => ApiError::bad_request("invalid_body", other.body_text()),
-            }),
+        // Content type, size and syntax first, as axum checks them.
+        let Json(raw) = Json::<Box<RawValue>>::from_request(req, state).await.map_err(json_rejection)?;
+        if !raw.get().starts_with('{') {
+            return Err(ApiError::bad_request("invalid_body", "the body must be a JSON object"));
         }
+        let Json(value) = Json::<T>::from_bytes(raw.get().as_bytes()).map_err(json_rejection)?;
+        Ok(ApiJson(value))
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("invalid_json", rejection.body_text()),
+        JsonRejection::JsonDataError(_) => ApiError::bad_request("invalid_body", rejection.body_text()),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
+        other => ApiError::bad_request("invalid_body", other.body_text()),
     }
 }
 

@@ -38,6 +38,9 @@ fn hostile_requests_get_4xx_json_and_change_nothing() {
         ("value of the wrong type", prefs().json(&json!({"key": "a", "value": {"nested": true}})), 400),
         ("missing value", prefs().json(&json!({"key": "a"})), 400),
         ("array instead of object", prefs().json(&json!([])), 400),
+        // serde fills a struct from an array of its fields in order.
+        ("array of the fields in order", prefs().json(&json!(["theme", "light"])), 400),
+        ("string instead of object", prefs().json(&json!("theme")), 400),
         ("unknown field", prefs().json(&json!({"key": "a", "value": "b", "session_id": session})), 400),
         ("deeply nested JSON", prefs().raw_body("application/json", deep_nesting), 400),
         ("10 MB body", prefs().raw_body("application/json", vec![b' '; 10 * 1024 * 1024]), 413),
