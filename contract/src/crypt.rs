@@ -243,19 +243,18 @@ impl Sealer {
     /// Wraps `out`: what is written to the returned writer lands in `out`
     /// encrypted. [`Sealed::finish`] must be called (it writes the last chunk).
     pub fn wrap<W: Write>(&self, out: W) -> io::Result<Sealed<W>> {
-        let encryptor = match self {
-            Sealer::Plain => return Ok(Sealed::Plain(out)),
+        match self {
+            Sealer::Plain => Ok(Sealed::Plain(out)),
             Sealer::Keys(keys) => {
                 let named: Vec<Named> = keys.iter().map(Named).collect();
-                age::Encryptor::with_recipients(named.iter().map(|n| n as &dyn age::Recipient)).map_err(io::Error::other)?
+                Ok(Sealed::Age(AgeWriter::new(named.iter().map(|n| n as &dyn age::Recipient), out)?))
             }
             Sealer::Passphrase(passphrase) => {
                 let mut recipient = age::scrypt::Recipient::new(passphrase.clone());
                 recipient.set_work_factor(PASSPHRASE_LOG_N);
-                age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient)).map_err(io::Error::other)?
+                Ok(Sealed::Age(AgeWriter::new(std::iter::once(&recipient as &dyn age::Recipient), out)?))
             }
-        };
-        Ok(Sealed::Age(encryptor.wrap_output(out)?))
+        }
     }
 
     /// `plain` encrypted, in memory (manifests, WAL chunks, small files).
@@ -284,7 +283,7 @@ impl Sealer {
 /// A writer that encrypts (or passes through, when plain).
 pub enum Sealed<W: Write> {
     Plain(W),
-    Age(age::stream::StreamWriter<W>),
+    Age(AgeWriter<W>),
 }
 
 impl<W: Write> Write for Sealed<W> {
@@ -308,6 +307,125 @@ impl<W: Write> Sealed<W> {
             Sealed::Plain(w) => Ok(w),
             Sealed::Age(w) => w.finish(),
         }
+    }
+}
+
+/// Plaintext bytes per chunk of an age payload.
+const CHUNK: usize = 64 * 1024;
+/// ChaCha20-Poly1305's tag after each chunk.
+const TAG: usize = 16;
+
+/// An age v1 file written to `out` (age-encryption.org/v1): the header made
+/// here from the `age` crate's recipients (their stanzas, the file key they
+/// wrap), the payload sealed with ring's ChaCha20-Poly1305. The `age`
+/// crate's own writer seals with RustCrypto's portable code and a new
+/// buffer per chunk: 1 GiB took it 0.84 s of CPU here against 0.44 s for
+/// Debian's `age` CLI, and encryption's share of an upload is what issue 28
+/// bounds. The format is age's, so its reader and the CLI open these files
+/// (`tests::ring_payload_opens_with_the_age_crate_and_the_cli`).
+///
+/// The payload is STREAM: a 16-byte nonce, then 64 KiB chunks, each sealed
+/// with the key HKDF-SHA-256(nonce, "payload", file key) under the nonce
+/// `counter (11 bytes, big-endian) ‖ last (1 byte)`. The last chunk may be
+/// full; it is empty only when the whole payload is.
+pub struct AgeWriter<W: Write> {
+    out: W,
+    key: ring::aead::LessSafeKey,
+    counter: u128,
+    /// Plaintext not sealed yet, room for its tag included.
+    chunk: Vec<u8>,
+}
+
+impl<W: Write> AgeWriter<W> {
+    fn new<'a>(recipients: impl Iterator<Item = &'a dyn age::Recipient>, mut out: W) -> io::Result<AgeWriter<W>> {
+        use age::secrecy::ExposeSecret;
+        use base64::{prelude::BASE64_STANDARD_NO_PAD, Engine};
+        let random = ring::rand::SystemRandom::new();
+        let fill = |bytes: &mut [u8]| ring::rand::SecureRandom::fill(&random, bytes).map_err(|_| io::Error::other("no randomness from the system"));
+        let file_key = FileKey::try_init_with_mut(|key| fill(key))?;
+        let mut header = AGE_MAGIC.to_vec();
+        for recipient in recipients {
+            let (stanzas, _labels) = recipient.wrap_file_key(&file_key).map_err(io::Error::other)?;
+            for stanza in stanzas {
+                header.extend_from_slice(b"-> ");
+                header.extend_from_slice(stanza.tag.as_bytes());
+                for arg in &stanza.args {
+                    header.push(b' ');
+                    header.extend_from_slice(arg.as_bytes());
+                }
+                header.push(b'\n');
+                // The body in lines of 64 columns; the last one shorter (empty if need be).
+                let body = BASE64_STANDARD_NO_PAD.encode(&stanza.body);
+                let mut lines = body.as_bytes().chunks(64).peekable();
+                let mut last_full = true;
+                while let Some(line) = lines.next() {
+                    header.extend_from_slice(line);
+                    header.push(b'\n');
+                    last_full = line.len() == 64 && lines.peek().is_none();
+                }
+                if body.is_empty() || last_full {
+                    header.push(b'\n');
+                }
+            }
+        }
+        header.extend_from_slice(b"---");
+        let mac_key = age_core::primitives::hkdf(&[], b"header", file_key.expose_secret());
+        let mac = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &mac_key), &header);
+        header.push(b' ');
+        header.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(mac.as_ref()).as_bytes());
+        header.push(b'\n');
+        let mut nonce = [0u8; 16];
+        fill(&mut nonce)?;
+        header.extend_from_slice(&nonce);
+        let payload_key = age_core::primitives::hkdf(&nonce, b"payload", file_key.expose_secret());
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &payload_key).expect("a 32-byte key");
+        out.write_all(&header)?;
+        Ok(AgeWriter { out, key: ring::aead::LessSafeKey::new(key), counter: 0, chunk: Vec::with_capacity(CHUNK + TAG) })
+    }
+
+    /// Seals what `chunk` holds and writes it out.
+    fn seal(&mut self, last: bool) -> io::Result<()> {
+        // 11 bytes of counter: 2^88 chunks of 64 KiB, more than any disk holds.
+        if self.counter >> 88 != 0 {
+            return Err(io::Error::other("an age payload cannot have more than 2^88 chunks"));
+        }
+        let mut nonce = [0u8; 12];
+        nonce[..11].copy_from_slice(&self.counter.to_be_bytes()[5..]);
+        nonce[11] = u8::from(last);
+        let nonce = ring::aead::Nonce::assume_unique_for_key(nonce);
+        self.key
+            .seal_in_place_append_tag(nonce, ring::aead::Aad::empty(), &mut self.chunk)
+            .map_err(|_| io::Error::other("sealing a chunk failed"))?;
+        self.out.write_all(&self.chunk)?;
+        self.chunk.clear();
+        self.counter += 1;
+        Ok(())
+    }
+
+    /// Seals the last chunk; `out` is returned (not flushed).
+    pub fn finish(mut self) -> io::Result<W> {
+        self.seal(true)?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for AgeWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // A full chunk is sealed only once more follows: the last one,
+        // sealed by `finish`, carries the flag.
+        if self.chunk.len() == CHUNK {
+            self.seal(false)?;
+        }
+        let n = buf.len().min(CHUNK - self.chunk.len());
+        self.chunk.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -578,6 +696,45 @@ mod tests {
         keys.open(std::fs::File::open(&from_cli).unwrap(), "from-cli.age").unwrap().read_to_end(&mut back).unwrap();
         assert!(back == std::fs::read(&plain).unwrap());
         assert!(header_recipients(&std::fs::read(&from_cli).unwrap()).is_empty());
+    }
+
+    /// AgeWriter at the payload's edges (empty, one byte, a chunk exactly,
+    /// two chunks, two and a byte), written in pieces that straddle chunks:
+    /// the age crate and Debian's CLI both read back every byte, and the
+    /// file is the size age's format gives it.
+    #[test]
+    fn ring_payload_opens_with_the_age_crate_and_the_cli() {
+        let cli = age_cli();
+        let dir = Scratch::new("ring");
+        let identity = x25519::Identity::generate();
+        let key_file = dir.0.join("key.txt");
+        std::fs::write(&key_file, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+        let keys = Keys::load(&key_file, "OMNI_DECRYPT_IDENTITY_FILE").unwrap();
+        let sealer = Encryption::from_settings(&EncryptSettings { recipients: Some(identity.to_public().to_string()), ..Default::default() }).unwrap().sealer().unwrap();
+        for size in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 2 * CHUNK + 1] {
+            let plain = bytes(size);
+            let mut w = sealer.wrap(Vec::new()).unwrap();
+            for piece in plain.chunks(7_777) {
+                w.write_all(piece).unwrap();
+            }
+            let sealed = w.finish().unwrap();
+            let header = header_len(&sealed).unwrap();
+            let chunks = size.div_ceil(CHUNK).max(1);
+            assert_eq!(sealed.len(), header + 16 + size + chunks * TAG, "size {size}");
+            assert_eq!(keys.open_bytes(&sealed, "x").unwrap(), plain, "size {size}: the age crate read other bytes");
+            let file = dir.0.join(format!("{size}.age"));
+            std::fs::write(&file, &sealed).unwrap();
+            let run = Command::new(cli).arg("-d").arg("-i").arg(&key_file).arg(&file).output().unwrap();
+            assert!(run.status.success(), "size {size}: age -d: {}", String::from_utf8_lossy(&run.stderr));
+            assert!(run.stdout == plain, "size {size}: age -d gave other bytes");
+        }
+        // A damaged tag in the middle chunk is refused, not skipped.
+        let mut w = sealer.wrap(Vec::new()).unwrap();
+        w.write_all(&bytes(3 * CHUNK)).unwrap();
+        let mut sealed = w.finish().unwrap();
+        let at = header_len(&sealed).unwrap() + 16 + (CHUNK + TAG) + 100;
+        sealed[at] ^= 1;
+        assert!(matches!(keys.open_bytes(&sealed, "x"), Err(CryptError::Damaged { .. })));
     }
 
     #[test]
