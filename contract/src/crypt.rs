@@ -247,12 +247,12 @@ impl Sealer {
             Sealer::Plain => Ok(Sealed::Plain(out)),
             Sealer::Keys(keys) => {
                 let named: Vec<Named> = keys.iter().map(Named).collect();
-                Ok(Sealed::Age(AgeWriter::new(named.iter().map(|n| n as &dyn age::Recipient), out)?))
+                Ok(Sealed::Age(Box::new(AgeWriter::new(named.iter().map(|n| n as &dyn age::Recipient), out)?)))
             }
             Sealer::Passphrase(passphrase) => {
                 let mut recipient = age::scrypt::Recipient::new(passphrase.clone());
                 recipient.set_work_factor(PASSPHRASE_LOG_N);
-                Ok(Sealed::Age(AgeWriter::new(std::iter::once(&recipient as &dyn age::Recipient), out)?))
+                Ok(Sealed::Age(Box::new(AgeWriter::new(std::iter::once(&recipient as &dyn age::Recipient), out)?)))
             }
         }
     }
@@ -283,7 +283,8 @@ impl Sealer {
 /// A writer that encrypts (or passes through, when plain).
 pub enum Sealed<W: Write> {
     Plain(W),
-    Age(AgeWriter<W>),
+    /// Boxed: an AgeWriter is some 600 bytes (ring's key), a plain writer a handful.
+    Age(Box<AgeWriter<W>>),
 }
 
 impl<W: Write> Write for Sealed<W> {
@@ -305,7 +306,7 @@ impl<W: Write> Sealed<W> {
     pub fn finish(self) -> io::Result<W> {
         match self {
             Sealed::Plain(w) => Ok(w),
-            Sealed::Age(w) => w.finish(),
+            Sealed::Age(w) => (*w).finish(),
         }
     }
 }
