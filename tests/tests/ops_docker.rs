@@ -11,7 +11,8 @@
 //! start; after `kill -9` acknowledged data is there; `doctor` passes inside
 //! a healthy container; a second `omni-gateway run` inside it refuses and
 //! leaves the live `postmaster.pid` alone, while a PostgreSQL killed inside
-//! it is restarted; nothing that serves runs as root; with
+//! it is restarted, at once even when a backend it left behind would hold
+//! its shared memory for a minute; nothing that serves runs as root; with
 //! `OMNI_RESTORE_IF_EMPTY=true` a new container on an empty volume comes up
 //! with the data of a previous one from the off-site repository (a `file://`
 //! repository on a bind mount), and its second start does not restore again.
@@ -217,6 +218,43 @@ fn a_postgres_killed_inside_the_container_is_restarted_without_ptrace_rights() {
     eprintln!("postgres killed in the container: ready again after {:.1} s", restarted.elapsed().as_secs_f64());
     assert!(!c.logs().contains("may belong to a running PostgreSQL"), "{}", c.logs());
     assert_eq!(read_preference(port, "before").as_deref(), Some("kill"));
+}
+
+#[test]
+fn a_backend_a_killed_postgres_left_asking_for_a_checkpoint_is_ended_and_postgres_restarts_without_waiting_for_it() {
+    // A backend that asks for a checkpoint after its postmaster died (the
+    // first base backup's `--checkpoint=fast`, here a `CHECKPOINT` after a
+    // busy loop, which never looks for the postmaster) retries its signal to
+    // the dead checkpointer for a minute, holding the shared memory: a new
+    // postmaster is refused until it is gone. The gateway, PID 1 without
+    // CAP_SYS_PTRACE, cannot read its working directory; it ends it as an
+    // orphan it adopted, of the account that owns the data directory.
+    let volume = Volume::new("data");
+    let (c, port) = start_gateway("pgorphan", &format!("{}:/var/lib/omni", volume.name));
+    wait_health_200(&c, port, Duration::from_secs(120));
+    write_preference(port, "before", "orphan");
+    let postgres = || Request::get("/gateway/status").send_to(port).json()["components"][0].clone();
+    let old = postgres()["pid"].as_i64().expect("postgres pid");
+    let pg_port = c.exec_ok(&["sed", "-n", "4p", "/var/lib/omni/data/postgres/postmaster.pid"]);
+    let sql = "DO $$ BEGIN PERFORM count(*) FROM generate_series(1, 20000000); END $$; CHECKPOINT";
+    c.exec_ok(&[
+        "sh",
+        "-c",
+        &format!("PGPASSWORD=\"$(cat /var/lib/omni/data/postgres.password)\" setsid psql -h 127.0.0.1 -p {pg_port} -U postgres -d postgres -c '{sql}' >/dev/null 2>&1 &"),
+    ]);
+    wait_until(Duration::from_secs(30), "the busy backend to run", || c.exec_ok(&["ps", "-eo", "args"]).lines().any(|l| l.starts_with("postgres:") && l.ends_with(" DO")).then_some(()));
+    c.exec_ok(&["kill", "-9", &old.to_string()]);
+    let killed = Instant::now();
+    // The orphan's own limit is 60 s after its CHECKPOINT began.
+    wait_until(Duration::from_secs(40), "PostgreSQL to be restarted and ready", || {
+        let now = postgres();
+        (now["state"] == "ready" && now["pid"].as_i64().is_some_and(|p| p != old)).then_some(())
+    });
+    eprintln!("postgres killed beside a backend asking for a checkpoint: ready again after {:.1} s", killed.elapsed().as_secs_f64());
+    let logs = c.logs();
+    assert!(logs.contains("left server processes running") && logs.contains("they can never serve again"), "the orphan must be ended, and said so:\n{logs}");
+    wait_health_200(&c, port, Duration::from_secs(30));
+    assert_eq!(read_preference(port, "before").as_deref(), Some("orphan"));
 }
 
 #[test]

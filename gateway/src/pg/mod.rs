@@ -126,6 +126,10 @@ async fn until_ready(board: &Board) {
 /// streamer's first one runs right after a start) only once its current file
 /// is out. Until they are gone a new postmaster is refused; waiting up to
 /// this long for them turns a failed start and a backoff into one start.
+/// What is left after it is ended by the start's check of the pid file
+/// (`pidfile::clear_stale`): a backend that was asking for a checkpoint
+/// when the postmaster died (`pg_basebackup --checkpoint=fast` starting)
+/// would retry its signal for a minute (PostgreSQL's `RequestCheckpoint`).
 const ORPHAN_GRACE: Duration = Duration::from_secs(5);
 
 async fn wait_for_orphaned_backends(data_dir: &Path) {

@@ -434,25 +434,34 @@ pub fn clear_stale(dir: &Path) -> Result<()> {
 /// Ends (SIGKILL) the server processes of a postmaster that died: each
 /// runs in its own process group (PostgreSQL makes every child a group
 /// leader), so the supervisor's group kill misses them, and a startup
-/// process in crash recovery can outlive its postmaster by a minute. Only
-/// processes the gateway adopted (it is their subreaper, or PID 1) that are
-/// called `postgres` and work in `dir` are touched: the server processes of
-/// a postmaster this gateway started on this data directory. Returns their pids.
+/// process in crash recovery, or a backend that was asking for a
+/// checkpoint, can outlive its postmaster by a minute. Only processes the
+/// gateway adopted (it is their subreaper, or PID 1; not a child it started
+/// itself) that are called `postgres` are touched: server processes of a
+/// postmaster this gateway started, which can never serve again. Those that
+/// work in another directory are left alone; where the working directory
+/// cannot be read (root without `CAP_SYS_PTRACE`, in a container), those of
+/// the account that owns `dir`. Returns their pids.
 fn end_adopted_orphans(dir: &Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
     let me = std::process::id().to_string();
     let Ok(dir) = dir.canonicalize() else { return Vec::new() };
+    let Ok(owner) = std::fs::metadata(&dir).map(|m| m.uid().to_string()) else { return Vec::new() };
     let mut ended = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
         let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_string();
-        if field("PPid:") != me || field("Name:") != "postgres" {
+        if field("PPid:") != me || field("Name:") != "postgres" || crate::process::child::is_own_child(pid as u32) {
             continue;
         }
-        if std::fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() != Some(dir.as_path()) {
-            continue;
-        }
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+        let ours = match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            Ok(cwd) => cwd == dir,
+            // "Uid:" is real, effective, saved, filesystem: the real one.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => field("Uid:").split_whitespace().next() == Some(owner.as_str()),
+            Err(_) => false,
+        };
+        if ours && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
             ended.push(pid);
         }
     }

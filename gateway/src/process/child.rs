@@ -139,6 +139,12 @@ impl ChildSpec {
 /// a child of ours before it is registered.
 static TRACKED: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
 
+/// Whether `pid` is a child started here and not yet reaped (not an
+/// orphan the gateway adopted).
+pub fn is_own_child(pid: u32) -> bool {
+    TRACKED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| t.contains(&pid))
+}
+
 /// Stops tracking `pid` once its owner has reaped it.
 pub fn forget(pid: u32) {
     if let Some(set) = TRACKED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
