@@ -52,14 +52,22 @@ def get_json(url):
 
 
 def cpu_ticks(pid):
+    """(user, system) CPU ticks of `pid`."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
 
 
 def tree_cpu_ticks(pid):
-    """CPU ticks of `pid` and its children (nginx: the master and its workers)."""
+    """(user, system) CPU ticks of `pid` and its children (nginx: the master and its workers)."""
     children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    return cpu_ticks(pid) + sum(cpu_ticks(int(c)) for c in children)
+    ticks = [cpu_ticks(pid)] + [cpu_ticks(int(c)) for c in children]
+    return sum(t[0] for t in ticks), sum(t[1] for t in ticks)
+
+
+def machine_busy_ticks():
+    """CPU ticks the whole machine spent busy (every process and the kernel: all but idle and iowait)."""
+    fields = [int(f) for f in open("/proc/stat").readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
 
 
 def rss_kib(pid):
@@ -159,15 +167,23 @@ http {{
         # One connection, one request at a time: the latency a proxy adds
         # when it is not queueing behind a saturated machine.
         unloaded = {name: [] for name, _, _ in targets}
-        # The proxies' own CPU time (nginx: master and workers) per request.
-        cpu = {name: [0, 0] for name, _, pid in targets if pid}
+        # The proxies' own CPU time (nginx: master and workers) per request,
+        # user and system apart; and the whole machine's (wrk, the worker,
+        # the proxy, the kernel) per request on every path.
+        cpu = {name: [0, 0, 0] for name, _, pid in targets if pid}
+        machine = {name: [0, 0] for name, _, _ in targets}
         for i in range(ROUNDS):
             for name, port, pid in targets:
-                before = tree_cpu_ticks(pid) if pid else 0
+                before = tree_cpu_ticks(pid) if pid else (0, 0)
+                busy_before = machine_busy_ticks()
                 rps, p50, p99, total = wrk(port)
+                machine[name][0] += machine_busy_ticks() - busy_before
+                machine[name][1] += total
                 if pid:
-                    cpu[name][0] += tree_cpu_ticks(pid) - before
-                    cpu[name][1] += total
+                    after = tree_cpu_ticks(pid)
+                    cpu[name][0] += after[0] - before[0]
+                    cpu[name][1] += after[1] - before[1]
+                    cpu[name][2] += total
                 results[name].append((rps, p50, p99))
                 print(f"round {i + 1}/{ROUNDS} {name:9} {rps:9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms", flush=True)
                 _, p50_1, p99_1, _ = wrk(port, connections=1, threads=1)
@@ -190,11 +206,20 @@ http {{
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in results.items()}
     d, g, n = med["direct"], med["gateway"], med["nginx"]
     one = {k: tuple(statistics.median(r[i] for r in v) for i in range(2)) for k, v in unloaded.items()}
-    cpu_us = {k: v[0] / CLK_TCK / v[1] * 1e6 for k, v in cpu.items()}
+    cpu_us = {k: (v[0] + v[1]) / CLK_TCK / v[2] * 1e6 for k, v in cpu.items()}
+    user_us = {k: v[0] / CLK_TCK / v[2] * 1e6 for k, v in cpu.items()}
+    sys_us = {k: v[1] / CLK_TCK / v[2] * 1e6 for k, v in cpu.items()}
+    machine_us = {k: v[0] / CLK_TCK / v[1] * 1e6 for k, v in machine.items()}
+    # On a saturated machine requests/s is the cores over the whole
+    # machine's CPU per request: 1.2x nginx's requests/s leaves the proxy
+    # what 1.2x takes off nginx's whole-machine figure, less what the
+    # direct path (wrk and the worker) costs without a proxy.
+    budget_12 = machine_us["nginx"] / 1.2 - machine_us["direct"]
     if gw_b:
         b = med["gateway-b"]
         print(f"gateway {g[0]:.0f} req/s, gateway-b {b[0]:.0f} req/s: a ÷ b {g[0] / b[0]:.3f}; ÷ nginx: a {g[0] / n[0]:.3f}, b {b[0] / n[0]:.3f}; "
-              f"CPU per request a {cpu_us['gateway']:.1f} µs, b {cpu_us['gateway-b']:.1f} µs, nginx {cpu_us['nginx']:.1f} µs; "
+              f"CPU per request a {cpu_us['gateway']:.1f} µs (user {user_us['gateway']:.1f}), b {cpu_us['gateway-b']:.1f} µs (user {user_us['gateway-b']:.1f}), "
+              f"nginx {cpu_us['nginx']:.1f} µs (user {user_us['nginx']:.1f}); "
               f"1 connection over direct a {(one['gateway'][0] - one['direct'][0]) * 1000:.0f} µs, b {(one['gateway-b'][0] - one['direct'][0]) * 1000:.0f} µs")
         print(f"p99 a {g[2]:.3f} ms, b {b[2]:.3f} ms, nginx {n[2]:.3f} ms (a ÷ b {g[2] / b[2]:.3f}); "
               f"p50 over direct at {CONNECTIONS} connections a {(g[1] - d[1]) * 1000:.0f} µs, b {(b[1] - d[1]) * 1000:.0f} µs, nginx {(n[1] - d[1]) * 1000:.0f} µs; "
@@ -225,8 +250,14 @@ http {{
         f"- gateway ÷ nginx throughput: **{g[0] / n[0]:.2f}** (target ≥ 1.2); gateway p99 ÷ nginx p99: **{g[2] / n[2]:.2f}** (target ≤ 1.0)",
         f"- gateway p50 overhead over direct, one connection: **{(one['gateway'][0] - one['direct'][0]) * 1000:.0f} µs** (target ≤ 60 µs); "
         f"at {CONNECTIONS} connections on a saturated machine: {(g[1] - d[1]) * 1000:.0f} µs (nginx: {(n[1] - d[1]) * 1000:.0f} µs)",
-        f"- CPU per proxied request: gateway {cpu_us['gateway']:.1f} µs, nginx (master and workers) {cpu_us['nginx']:.1f} µs; "
+        f"- CPU per proxied request: gateway {cpu_us['gateway']:.1f} µs (user {user_us['gateway']:.1f}, system {sys_us['gateway']:.1f}), "
+        f"nginx (master and workers) {cpu_us['nginx']:.1f} µs (user {user_us['nginx']:.1f}, system {sys_us['nginx']:.1f}); "
         f"gateway resident memory after the runs: {rss / 1024:.1f} MiB",
+        f"- The whole machine's CPU per request (wrk, worker, proxy, kernel): direct {machine_us['direct']:.1f} µs, "
+        f"through the gateway {machine_us['gateway']:.1f} µs, through nginx {machine_us['nginx']:.1f} µs. "
+        f"At {CONNECTIONS} connections the 2 cores are saturated, so 1.2× nginx's requests/s needs the whole machine at "
+        f"{machine_us['nginx'] / 1.2:.1f} µs per request: {budget_12:.1f} µs for the proxy over the direct path, "
+        f"against the gateway's system time alone of {sys_us['gateway']:.1f} µs (nginx's {sys_us['nginx']:.1f})",
     ]
     write_section("Proxy", "\n".join(lines))
     one_over = lambda k: (one[k][0] - one["direct"][0]) * 1000
@@ -244,6 +275,11 @@ http {{
         ("proxy.nginx.p50_over_direct_1_connection", round(one_over("nginx")), "µs"),
         ("proxy.gateway.cpu_per_request", round(cpu_us["gateway"], 1), "µs"),
         ("proxy.nginx.cpu_per_request", round(cpu_us["nginx"], 1), "µs"),
+        ("proxy.gateway.system_cpu_per_request", round(sys_us["gateway"], 1), "µs"),
+        ("proxy.nginx.system_cpu_per_request", round(sys_us["nginx"], 1), "µs"),
+        ("proxy.direct.machine_cpu_per_request", round(machine_us["direct"], 1), "µs"),
+        ("proxy.gateway.machine_cpu_per_request", round(machine_us["gateway"], 1), "µs"),
+        ("proxy.nginx.machine_cpu_per_request", round(machine_us["nginx"], 1), "µs"),
         ("proxy.gateway.rss_after", round(rss / 1024, 1), "MiB"),
     ])
     print("\n".join(lines))
