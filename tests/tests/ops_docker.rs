@@ -203,21 +203,35 @@ fn a_postgres_killed_inside_the_container_is_restarted_without_ptrace_rights() {
     // The gateway (root without CAP_SYS_PTRACE or CAP_IPC_OWNER) must judge
     // the dead postmaster's pid file stale and restart it, not refuse.
     let volume = Volume::new("data");
-    let (c, port) = start_gateway("pgkill", &format!("{}:/var/lib/omni", volume.name));
-    wait_health_200(&c, port, Duration::from_secs(120));
-    write_preference(port, "before", "kill");
-    let postgres = || Request::get("/gateway/status").send_to(port).json()["components"][0].clone();
-    let old = postgres()["pid"].as_i64().expect("postgres pid");
+    let (c, port, old) = healthy_with_a_preference("pgkill", &volume);
     c.exec_ok(&["kill", "-9", &old.to_string()]);
-    let restarted = Instant::now();
-    wait_until(Duration::from_secs(60), "PostgreSQL to be restarted and ready", || {
-        let now = postgres();
+    let took = wait_postgres_replaced(&c, port, old, Duration::from_secs(60));
+    eprintln!("postgres killed in the container: ready again after {:.1} s", took.as_secs_f64());
+    assert!(!c.logs().contains("may belong to a running PostgreSQL"), "{}", c.logs());
+    assert_eq!(read_preference(port, "before").as_deref(), Some("pgkill"));
+}
+
+/// A gateway container on `volume`, healthy, with the preference `before`
+/// written; and its PostgreSQL's pid.
+fn healthy_with_a_preference(label: &str, volume: &Volume) -> (Container, u16, i64) {
+    let (c, port) = start_gateway(label, &format!("{}:/var/lib/omni", volume.name));
+    wait_health_200(&c, port, Duration::from_secs(120));
+    write_preference(port, "before", label);
+    let pid = Request::get("/gateway/status").send_to(port).json()["components"][0]["pid"].as_i64().expect("postgres pid");
+    (c, port, pid)
+}
+
+/// Waits (up to `within`) for a PostgreSQL other than `old` to be ready and
+/// the gateway healthy; how long the new one took to be ready.
+fn wait_postgres_replaced(c: &Container, port: u16, old: i64, within: Duration) -> Duration {
+    let since = Instant::now();
+    wait_until(within, "PostgreSQL to be restarted and ready", || {
+        let now = Request::get("/gateway/status").send_to(port).json()["components"][0].clone();
         (now["state"] == "ready" && now["pid"].as_i64().is_some_and(|p| p != old)).then_some(())
     });
-    wait_health_200(&c, port, Duration::from_secs(30));
-    eprintln!("postgres killed in the container: ready again after {:.1} s", restarted.elapsed().as_secs_f64());
-    assert!(!c.logs().contains("may belong to a running PostgreSQL"), "{}", c.logs());
-    assert_eq!(read_preference(port, "before").as_deref(), Some("kill"));
+    let took = since.elapsed();
+    wait_health_200(c, port, Duration::from_secs(30));
+    took
 }
 
 #[test]
@@ -230,11 +244,7 @@ fn a_backend_a_killed_postgres_left_asking_for_a_checkpoint_is_ended_and_postgre
     // CAP_SYS_PTRACE, cannot read its working directory; it ends it as an
     // orphan it adopted, of the account that owns the data directory.
     let volume = Volume::new("data");
-    let (c, port) = start_gateway("pgorphan", &format!("{}:/var/lib/omni", volume.name));
-    wait_health_200(&c, port, Duration::from_secs(120));
-    write_preference(port, "before", "orphan");
-    let postgres = || Request::get("/gateway/status").send_to(port).json()["components"][0].clone();
-    let old = postgres()["pid"].as_i64().expect("postgres pid");
+    let (c, port, old) = healthy_with_a_preference("pgorphan", &volume);
     let pg_port = c.exec_ok(&["sed", "-n", "4p", "/var/lib/omni/data/postgres/postmaster.pid"]);
     let sql = "DO $$ BEGIN PERFORM count(*) FROM generate_series(1, 20000000); END $$; CHECKPOINT";
     c.exec_ok(&[
@@ -244,17 +254,12 @@ fn a_backend_a_killed_postgres_left_asking_for_a_checkpoint_is_ended_and_postgre
     ]);
     wait_until(Duration::from_secs(30), "the busy backend to run", || c.exec_ok(&["ps", "-eo", "args"]).lines().any(|l| l.starts_with("postgres:") && l.ends_with(" DO")).then_some(()));
     c.exec_ok(&["kill", "-9", &old.to_string()]);
-    let killed = Instant::now();
     // The orphan's own limit is 60 s after its CHECKPOINT began.
-    wait_until(Duration::from_secs(40), "PostgreSQL to be restarted and ready", || {
-        let now = postgres();
-        (now["state"] == "ready" && now["pid"].as_i64().is_some_and(|p| p != old)).then_some(())
-    });
-    eprintln!("postgres killed beside a backend asking for a checkpoint: ready again after {:.1} s", killed.elapsed().as_secs_f64());
+    let took = wait_postgres_replaced(&c, port, old, Duration::from_secs(40));
+    eprintln!("postgres killed beside a backend asking for a checkpoint: ready again after {:.1} s", took.as_secs_f64());
     let logs = c.logs();
     assert!(logs.contains("left server processes running") && logs.contains("they can never serve again"), "the orphan must be ended, and said so:\n{logs}");
-    wait_health_200(&c, port, Duration::from_secs(30));
-    assert_eq!(read_preference(port, "before").as_deref(), Some("orphan"));
+    assert_eq!(read_preference(port, "before").as_deref(), Some("pgorphan"));
 }
 
 #[test]
