@@ -68,6 +68,12 @@ MODE_VARS = ("OMNI_ENCRYPT_RECIPIENTS", "OMNI_ENCRYPT_RECIPIENTS_FILE", "OMNI_EN
 REPOS = {"plain": (1, "/pgbackrest-plain"), "aes": (2, "/pgbackrest-aes")}
 
 
+def machine_busy_seconds():
+    """CPU seconds the whole machine has spent busy (all but idle and iowait)."""
+    fields = [int(f) for f in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def need_age_keygen():
     if not shutil.which("age-keygen"):
         print("installing age (apt-get)", file=sys.stderr)
@@ -172,6 +178,7 @@ def main():
             backup = gw.call("POST", "/api/v1/backup/base")
             t1 = time.perf_counter()
             cpu_before = cpu_seconds(gw.proc.pid)
+            busy_before = machine_busy_seconds()
             manifest = f"gw-{mode}/{gen}/base/{backup['id']}/manifest.json"
             while not s3.exists(manifest):
                 if time.perf_counter() - t1 > 1800:
@@ -179,6 +186,10 @@ def main():
                 time.sleep(0.02)
             t2 = time.perf_counter()
             cpu = cpu_seconds(gw.proc.pid) - cpu_before
+            # How busy the cores were during the upload (every process: the
+            # gateway, the S3 server, PostgreSQL): a saturated machine's wall
+            # time follows its CPU; an idle share means waiting somewhere.
+            busy = (machine_busy_seconds() - busy_before) / ((t2 - t1) * os.cpu_count())
             size = sum(f.stat().st_size for f in (wal_dir / "base" / backup["id"]).rglob("*") if f.is_file())
             stored = sum(s3.keys(f"gw-{mode}/{gen}/base/{backup['id']}/").values())
             sizes[f"gateway {mode}"] = (size, stored)
@@ -188,7 +199,7 @@ def main():
             # Per GB of the base backup as PostgreSQL gave it (a sealed one is compressed on disk).
             results[f"gw_upload_cpu_{mode}"].append(cpu / (sizes["gateway plain"][0] / 1e9 if mode == "local" and "gateway plain" in sizes else size / 1e9))
             print(f"round {i + 1} gateway {mode}: base backup {t2 - t0:.1f} s (local {t1 - t0:.1f} s, upload {t2 - t1:.1f} s, {size / 1e6:.0f} MB, "
-                  f"{stored / 1e6:.0f} MB stored, {cpu:.2f} s CPU)", file=sys.stderr, flush=True)
+                  f"{stored / 1e6:.0f} MB stored, {cpu:.2f} s CPU; the cores {busy:.0%} busy during the upload)", file=sys.stderr, flush=True)
 
         def pgbackrest_backup(i, repo):
             n = REPOS[repo][0]
