@@ -91,6 +91,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds():
+    """CPU time the whole machine has spent busy so far: every process and
+    the kernel, all of /proc/stat's first line but idle and iowait."""
+    fields = [int(f) for f in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def tcp_worker(pid):
     """A second worker like the gateway's (`pid`), listening on a TCP port,
     for the paths that cannot use the gateway's: the direct floor and nginx.

@@ -52,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import offsite  # noqa: E402  (the S3 server, gateway and pgBackRest of bench/offsite.py)
-from common import ROOT, cpu_seconds, write_json, write_section  # noqa: E402
+from common import ROOT, cpu_seconds, machine_busy_seconds, write_json, write_section  # noqa: E402
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 SIZE_MB = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
@@ -66,12 +66,6 @@ MODES = {"plain": {}, "age": {}, "local": {}}
 MODE_VARS = ("OMNI_ENCRYPT_RECIPIENTS", "OMNI_ENCRYPT_RECIPIENTS_FILE", "OMNI_ENCRYPT_PASSPHRASE_FILE", "OMNI_ENCRYPT_LOCAL")
 # pgBackRest's repositories: the number, its path, encrypted or not.
 REPOS = {"plain": (1, "/pgbackrest-plain"), "aes": (2, "/pgbackrest-aes")}
-
-
-def machine_busy_seconds():
-    """CPU seconds the whole machine has spent busy (all but idle and iowait)."""
-    fields = [int(f) for f in open("/proc/stat").readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def need_age_keygen():

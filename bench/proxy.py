@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, tcp_worker, wait_healthy, write_json, write_section  # noqa: E402
+from common import ROOT, free_port, machine_busy_seconds, tcp_worker, wait_healthy, write_json, write_section  # noqa: E402
 
 GATEWAY = ROOT / "target" / "release" / "omni-gateway"
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -62,12 +62,6 @@ def tree_cpu_ticks(pid):
     children = open(f"/proc/{pid}/task/{pid}/children").read().split()
     ticks = [cpu_ticks(pid)] + [cpu_ticks(int(c)) for c in children]
     return sum(t[0] for t in ticks), sum(t[1] for t in ticks)
-
-
-def machine_busy_ticks():
-    """CPU ticks the whole machine spent busy (every process and the kernel: all but idle and iowait)."""
-    fields = [int(f) for f in open("/proc/stat").readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]
 
 
 def rss_kib(pid):
@@ -175,9 +169,9 @@ http {{
         for i in range(ROUNDS):
             for name, port, pid in targets:
                 before = tree_cpu_ticks(pid) if pid else (0, 0)
-                busy_before = machine_busy_ticks()
+                busy_before = machine_busy_seconds()
                 rps, p50, p99, total = wrk(port)
-                machine[name][0] += machine_busy_ticks() - busy_before
+                machine[name][0] += machine_busy_seconds() - busy_before
                 machine[name][1] += total
                 if pid:
                     after = tree_cpu_ticks(pid)
@@ -209,7 +203,7 @@ http {{
     cpu_us = {k: (v[0] + v[1]) / CLK_TCK / v[2] * 1e6 for k, v in cpu.items()}
     user_us = {k: v[0] / CLK_TCK / v[2] * 1e6 for k, v in cpu.items()}
     sys_us = {k: v[1] / CLK_TCK / v[2] * 1e6 for k, v in cpu.items()}
-    machine_us = {k: v[0] / CLK_TCK / v[1] * 1e6 for k, v in machine.items()}
+    machine_us = {k: v[0] / v[1] * 1e6 for k, v in machine.items()}
     # On a saturated machine requests/s is the cores over the whole
     # machine's CPU per request: 1.2x nginx's requests/s leaves the proxy
     # what 1.2x takes off nginx's whole-machine figure, less what the
