@@ -31,6 +31,31 @@ fn relay_tools(gateway_pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// The private socket directories of the gateway `gateway_pid` in the
+/// temporary directory (`omni-api-<pid>-…`, `omni-pg-<pid>-…`).
+fn socket_dirs_of(gateway_pid: u32) -> Vec<std::path::PathBuf> {
+    let marks = [format!("omni-api-{gateway_pid}-"), format!("omni-pg-{gateway_pid}-")];
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|name| marks.iter().any(|m| name.starts_with(m.as_str()))))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(parent)
+        })
+        .collect()
+}
+
 /// The `pg_restore` into the target, once it runs (waiting on the test's lock).
 fn wait_restore_running(gw: &Gateway) -> i32 {
     let gateway_pid = gw.child.pid();
@@ -88,10 +113,18 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     let mut gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
     let restore = wait_restore_running(&gw);
     let gateway_pid = gw.child.pid();
+    let children = children_of(gateway_pid);
     // The gateway alone, as `kill -9 <pid>` does (not its process group).
     // SAFETY: kill(2) on the gateway's pid, which the guard has not reaped.
     unsafe { libc::kill(gateway_pid as libc::pid_t, libc::SIGKILL) };
     gw.child.wait_exit(Duration::from_secs(10));
+    // Its private socket directories (the worker's, PostgreSQL's) had no
+    // cleanup: they are still there, until the next start.
+    let sockets = socket_dirs_of(gateway_pid);
+    for kind in ["omni-api", "omni-pg"] {
+        let named = |p: &std::path::PathBuf| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{kind}-{gateway_pid}-"));
+        assert!(sockets.iter().any(named), "the killed gateway's {kind}-{gateway_pid}-* directory is missing: {sockets:?}");
+    }
     wait_until(Duration::from_secs(15), "no pg_dump/pg_restore of the killed gateway", || relay_tools(gateway_pid).is_empty().then_some(()));
     // Reparented once the gateway is gone, it may take a moment to die of
     // its parent-death signal: waited for, not asked once.
@@ -105,8 +138,13 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
     // moment later; a start before that refuses its live postmaster.pid.
     let data = dir.path().join("data/postgres");
     wait_until(Duration::from_secs(15), "the killed gateway's PostgreSQL to exit", || gateway::postgres_pids_on(&data).is_empty().then_some(()));
+    // Every child dies of its parent-death signal; a live one's socket would keep its directory.
+    wait_until(Duration::from_secs(15), "the killed gateway's children to exit", || children.iter().all(|pid| !alive(*pid)).then_some(()));
     let gw = GatewayBuilder::new(dir.path()).env("PGSERVE_REPLICATION_URL", &target_url).start();
     wait_until(Duration::from_secs(60), "the killed gateway's copy directory to be swept", || (!killed_work.exists()).then_some(()));
+    // Started, the gateway has made its own socket directories and removed the killed one's.
+    assert!(socket_dirs_of(gateway_pid).is_empty(), "left after the next start: {:?}", socket_dirs_of(gateway_pid));
+    assert_eq!(socket_dirs_of(gw.child.pid()).len(), 2, "the new gateway's own socket directories: {:?}", socket_dirs_of(gw.child.pid()));
     held.rollback().unwrap();
     let tables = kit::wait_identical(&gw, &target_url, Duration::from_secs(60));
     assert_eq!(tables["public.items"].lines().count(), 100);
@@ -114,15 +152,9 @@ fn the_relays_pg_restore_runs_unprivileged_and_is_gone_after_a_stop_and_after_ki
 
 /// Live `pg_dump` processes whose parent is `parent`.
 fn pg_dumps_of(parent: u32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            stat.contains("(pg_dump)") && ppid == Some(parent) && alive(*pid)
-        })
+    children_of(parent)
+        .into_iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains("(pg_dump)") && alive(*pid))
         .collect()
 }
 

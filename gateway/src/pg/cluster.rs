@@ -797,11 +797,7 @@ pub(crate) fn pick_free_port() -> Result<u16> {
 
 /// A private directory for PostgreSQL's Unix socket, given to its account.
 pub(crate) fn make_socket_dir(account: &Account) -> Result<PathBuf> {
-    let dir = privilege::private_temp_dir("omni-pg")?;
-    if account.switch {
-        std::os::unix::fs::chown(&dir, Some(account.uid), Some(account.gid))?;
-    }
-    Ok(dir)
+    privilege::private_temp_dir("omni-pg", account.run_as())
 }
 
 pub(crate) fn random_password() -> String {

@@ -220,15 +220,76 @@ pub fn prepare_settings_file(file: &Path, account: &Account) -> Result<()> {
     Ok(())
 }
 
-/// A new short private directory (mode 0700, this process's account) in
-/// the temporary directory, `<prefix>-<pid>-<random>`: for Unix sockets,
-/// whose paths are limited to ~100 bytes, so they cannot live under an
-/// arbitrarily deep data directory.
-pub fn private_temp_dir(prefix: &str) -> Result<PathBuf> {
+/// A new short private directory (mode 0700) in the temporary directory,
+/// `<prefix>-<pid>-<random>`, given to `owner` when set (this process's
+/// account otherwise): for Unix sockets, whose paths are limited to ~100
+/// bytes, so they cannot live under an arbitrarily deep data directory.
+/// What killed processes left under the same prefix goes first
+/// ([`remove_left_temp_dirs`]).
+pub fn private_temp_dir(prefix: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     use rand::distributions::{Alphanumeric, DistString};
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
+    let tmp = std::env::temp_dir();
+    remove_left_temp_dirs(&tmp, prefix, owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid));
+    let dir = tmp.join(format!("{prefix}-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
     std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("could not create the private directory {}", dir.display()))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).with_context(|| format!("could not give {} to uid {uid}", dir.display()))?;
+    }
     Ok(dir)
+}
+
+/// Removes the directories [`private_temp_dir`] made for `prefix` that a
+/// process ended without its cleanup (`kill -9`, the OOM killer, a power
+/// cut with a persistent `/tmp`) left in `tmp`: those owned by `owner`
+/// whose process is gone and where no socket answers (an orphaned
+/// PostgreSQL of such a gateway still listens in its directory, and a
+/// gateway in another PID namespace sharing this `/tmp` is not "gone").
+/// A directory whose pid a new process has taken stays until that one ends.
+fn remove_left_temp_dirs(tmp: &Path, prefix: &str, owner: u32) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| temp_dir_pid(name, prefix)) else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !meta.is_dir() || meta.uid() != owner || has_listening_socket(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::debug!("removed {}, left by process {pid}, which is gone", path.display()),
+            Err(e) => tracing::debug!("could not remove {} (left by process {pid}): {e}", path.display()),
+        }
+    }
+}
+
+/// The pid in a name `<prefix>-<pid>-<6 letters or digits>`.
+fn temp_dir_pid(name: &str, prefix: &str) -> Option<u32> {
+    let (pid, random) = name.strip_prefix(prefix)?.strip_prefix('-')?.split_once('-')?;
+    if random.len() != 6 || !random.bytes().all(|b| b.is_ascii_alphanumeric()) || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether a Unix socket in `dir` has a listener, or `dir` cannot be read
+/// (then it is not known to be dead). The connection is attempted without
+/// blocking: a listener whose queue is full is alive too.
+fn has_listening_socket(dir: &Path) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return true };
+    entries.flatten().any(|entry| {
+        if !entry.file_type().is_ok_and(|t| t.is_socket()) {
+            return false;
+        }
+        let Ok(addr) = UnixAddr::new(&entry.path()) else { return true };
+        let Ok(fd) = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None) else { return true };
+        !matches!(connect(fd.as_raw_fd(), &addr), Err(Errno::ECONNREFUSED | Errno::ENOENT))
+    })
 }
 
 /// Checks that `account` can run `program` (only when switching), since
@@ -280,4 +341,60 @@ pub fn become_account(account: &Account) -> Result<()> {
     nix::unistd::setgid(gid).with_context(|| format!("switching to the group of {}", account.name))?;
     nix::unistd::setuid(Uid::from_raw(account.uid)).with_context(|| format!("switching to user {}", account.name))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid no process has: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn only_directories_of_gone_processes_with_no_live_socket_are_removed() {
+        let tmp = std::env::temp_dir().join(format!("omni-privilege-test-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let dead = dead_pid();
+        let dir = |name: String| {
+            let path = tmp.join(name);
+            std::fs::create_dir(&path).unwrap();
+            path
+        };
+        // Gone, its socket dead (bound, then closed): removed.
+        let stale = dir(format!("omni-x-{dead}-abc123"));
+        drop(std::os::unix::net::UnixListener::bind(stale.join("s.sock")).unwrap());
+        // Gone, empty: removed.
+        let empty = dir(format!("omni-x-{dead}-def456"));
+        // Gone, but a socket in it still listens (an orphaned server): kept.
+        let listening = dir(format!("omni-x-{dead}-ghi789"));
+        let _listener = std::os::unix::net::UnixListener::bind(listening.join("s.sock")).unwrap();
+        // Alive (this process; pid 1): kept.
+        let mine = dir(format!("omni-x-{}-jkl012", std::process::id()));
+        let init = dir("omni-x-1-mno345".to_string());
+        // Not a name it makes (another prefix, a shorter suffix): kept.
+        let other = dir(format!("omni-xy-{dead}-pqr678"));
+        let short = dir(format!("omni-x-{dead}-stu"));
+        // A link with the name, to a directory: neither it nor its target goes.
+        let target = dir("target".to_string());
+        std::fs::write(target.join("keep"), "").unwrap();
+        let link = tmp.join(format!("omni-x-{dead}-vwx901"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        remove_left_temp_dirs(&tmp, "omni-x", me);
+        assert!(!stale.exists() && !empty.exists(), "the gone process's directories are left");
+        for kept in [&listening, &mine, &init, &other, &short, &link, &target.join("keep")] {
+            assert!(kept.symlink_metadata().is_ok(), "{} was removed", kept.display());
+        }
+        // Another owner's directories are not this one's to remove.
+        let foreign = dir(format!("omni-x-{dead}-yza234"));
+        remove_left_temp_dirs(&tmp, "omni-x", me + 1);
+        assert!(foreign.exists(), "a directory of another owner was removed");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 }

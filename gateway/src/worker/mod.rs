@@ -263,7 +263,7 @@ struct SocketDir {
 
 impl SocketDir {
     fn make() -> Result<SocketDir> {
-        Ok(SocketDir { path: crate::process::privilege::private_temp_dir("omni-api")? })
+        Ok(SocketDir { path: crate::process::privilege::private_temp_dir("omni-api", None)? })
     }
 
     /// Removes every socket's name but `keep`'s (a replaced or crashed
