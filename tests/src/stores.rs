@@ -125,6 +125,25 @@ pub struct StoreServer {
     starts: u32,
 }
 
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        if self.kind != Kind::Seaweed {
+            return;
+        }
+        if let Some(mut child) = self.child.take() {
+            child.kill9();
+        }
+        // /tmp/seaweedfs-<service>-grpc-<port>.sock, one per gRPC port of this server.
+        let ports: Vec<String> = self.weed_ports.values().map(|p| format!("-{p}.sock")).collect();
+        for entry in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("seaweedfs-") && ports.iter().any(|p| name.ends_with(p.as_str())) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 impl StoreServer {
     /// Starts a server of `kind` with [`BUCKET`] created in it.
     pub fn start_new(kind: Kind) -> StoreServer {
@@ -280,6 +299,8 @@ impl StoreServer {
                 tool("weed"),
                 vec![
                     "server".into(),
+                    format!("-filer.localSocket={}", self.data.path().join("filer.sock").display()),
+                    format!("-s3.localSocket={}", self.data.path().join("s3.sock").display()),
                     "-ip=127.0.0.1".into(),
                     "-ip.bind=127.0.0.1".into(),
                     format!("-dir={}", data.display()),
@@ -340,7 +361,14 @@ impl StoreServer {
                 ],
             ),
         };
-        let mut command = isolated_command(&program, self.data.path(), &BTreeMap::new(), &log);
+        // SeaweedFS writes its log files in the temporary directory: the
+        // test's own. Its sockets are in it too, but for the gRPC ones,
+        // always in /tmp: those are removed when the server is dropped.
+        let env = match self.kind {
+            Kind::Seaweed => BTreeMap::from([("TMPDIR".to_string(), self.data.path().display().to_string())]),
+            _ => BTreeMap::new(),
+        };
+        let mut command = isolated_command(&program, self.data.path(), &env, &log);
         command.args(&args);
         self.child = Some(ChildGuard::spawn(&mut command));
         self.wait_serving();
