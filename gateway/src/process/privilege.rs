@@ -220,32 +220,50 @@ pub fn prepare_settings_file(file: &Path, account: &Account) -> Result<()> {
     Ok(())
 }
 
+/// The file in each directory [`private_temp_dir`] makes that names its
+/// maker: `<PID namespace> <pid>` (`pid:[4026531836] 1234`).
+pub const MAKER_FILE: &str = ".maker";
+
 /// A new short private directory (mode 0700) in the temporary directory,
 /// `<prefix>-<pid>-<random>`, given to `owner` when set (this process's
 /// account otherwise): for Unix sockets, whose paths are limited to ~100
 /// bytes, so they cannot live under an arbitrarily deep data directory.
-/// What killed processes left under the same prefix goes first
-/// ([`remove_left_temp_dirs`]).
+/// Its [`MAKER_FILE`] names this process. What killed processes left under
+/// the same prefix goes first ([`remove_left_temp_dirs`]).
 pub fn private_temp_dir(prefix: &str, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     use rand::distributions::{Alphanumeric, DistString};
     let tmp = std::env::temp_dir();
     remove_left_temp_dirs(&tmp, prefix, owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid));
     let dir = tmp.join(format!("{prefix}-{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::thread_rng(), 6)));
     std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("could not create the private directory {}", dir.display()))?;
+    if let Some(namespace) = pid_namespace() {
+        // Without it the directory is never removed by another start: nothing worse.
+        let _ = std::fs::write(dir.join(MAKER_FILE), format!("{namespace} {}\n", std::process::id()));
+    }
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).with_context(|| format!("could not give {} to uid {uid}", dir.display()))?;
     }
     Ok(dir)
 }
 
+/// This process's PID namespace, as /proc names it (`pid:[4026531836]`).
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid").ok().map(|link| link.to_string_lossy().into_owned())
+}
+
 /// Removes the directories [`private_temp_dir`] made for `prefix` that a
 /// process ended without its cleanup (`kill -9`, the OOM killer, a power
-/// cut with a persistent `/tmp`) left in `tmp`: those owned by `owner`
-/// whose process is gone and where no socket answers (an orphaned
-/// PostgreSQL of such a gateway still listens in its directory, and a
-/// gateway in another PID namespace sharing this `/tmp` is not "gone").
-/// A directory whose pid a new process has taken stays until that one ends.
+/// cut with a persistent `/tmp`) left in `tmp`. Only those owned by
+/// `owner` whose [`MAKER_FILE`] names a process of this PID namespace that
+/// is gone, and where no socket has a listener (an orphaned PostgreSQL of
+/// such a gateway still listens in its directory). A process of another
+/// namespace sharing this `/tmp` (a container, `unshare --pid`) cannot be
+/// seen from here: its directories are never touched, even while its
+/// PostgreSQL restarts and no socket listens. A directory without the file
+/// (made by an older version) stays; so does one whose pid was taken again,
+/// until that process ends.
 fn remove_left_temp_dirs(tmp: &Path, prefix: &str, owner: u32) {
+    let Some(namespace) = pid_namespace() else { return };
     let Ok(entries) = std::fs::read_dir(tmp) else { return };
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|name| temp_dir_pid(name, prefix)) else { continue };
@@ -254,7 +272,11 @@ fn remove_left_temp_dirs(tmp: &Path, prefix: &str, owner: u32) {
         }
         let path = entry.path();
         let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
-        if !meta.is_dir() || meta.uid() != owner || has_listening_socket(&path) {
+        if !meta.is_dir() || meta.uid() != owner {
+            continue;
+        }
+        let made_here = std::fs::read_to_string(path.join(MAKER_FILE)).is_ok_and(|maker| maker.trim() == format!("{namespace} {pid}"));
+        if !made_here || has_listening_socket(&path) {
             continue;
         }
         match std::fs::remove_dir_all(&path) {
@@ -356,14 +378,18 @@ mod tests {
     }
 
     #[test]
-    fn only_directories_of_gone_processes_with_no_live_socket_are_removed() {
+    fn only_directories_of_gone_processes_of_this_namespace_with_no_live_socket_are_removed() {
         let tmp = std::env::temp_dir().join(format!("omni-privilege-test-{}", std::process::id()));
         std::fs::create_dir_all(&tmp).unwrap();
         let me = nix::unistd::geteuid().as_raw();
         let dead = dead_pid();
+        let namespace = pid_namespace().unwrap();
+        // A directory as private_temp_dir makes it: its maker named inside.
         let dir = |name: String| {
-            let path = tmp.join(name);
+            let path = tmp.join(&name);
             std::fs::create_dir(&path).unwrap();
+            let pid = name.split('-').nth(2).unwrap_or("0");
+            std::fs::write(path.join(MAKER_FILE), format!("{namespace} {pid}\n")).unwrap();
             path
         };
         // Gone, its socket dead (bound, then closed): removed.
@@ -380,6 +406,11 @@ mod tests {
         // Not a name it makes (another prefix, a shorter suffix): kept.
         let other = dir(format!("omni-xy-{dead}-pqr678"));
         let short = dir(format!("omni-x-{dead}-stu"));
+        // Made by a process of another PID namespace (its pid means nothing here), or by an older version: kept.
+        let other_namespace = dir(format!("omni-x-{dead}-nsp123"));
+        std::fs::write(other_namespace.join(MAKER_FILE), format!("pid:[1] {dead}\n")).unwrap();
+        let unnamed = dir(format!("omni-x-{dead}-old456"));
+        std::fs::remove_file(unnamed.join(MAKER_FILE)).unwrap();
         // A link with the name, to a directory: neither it nor its target goes.
         let target = dir("target".to_string());
         std::fs::write(target.join("keep"), "").unwrap();
@@ -388,7 +419,7 @@ mod tests {
 
         remove_left_temp_dirs(&tmp, "omni-x", me);
         assert!(!stale.exists() && !empty.exists(), "the gone process's directories are left");
-        for kept in [&listening, &mine, &init, &other, &short, &link, &target.join("keep")] {
+        for kept in [&listening, &mine, &init, &other, &short, &other_namespace, &unnamed, &link, &target.join("keep")] {
             assert!(kept.symlink_metadata().is_ok(), "{} was removed", kept.display());
         }
         // Another owner's directories are not this one's to remove.

@@ -267,12 +267,12 @@ impl SocketDir {
     }
 
     /// Removes every socket's name but `keep`'s (a replaced or crashed
-    /// instance's), so restarts do not pile them up.
+    /// instance's), so restarts do not pile them up; the maker file stays.
     fn remove_all_but(&self, keep: &Path) {
         let Ok(entries) = std::fs::read_dir(&self.path) else { return };
         for entry in entries.flatten() {
             let path = entry.path();
-            if path != keep {
+            if path != keep && entry.file_name() != crate::process::privilege::MAKER_FILE {
                 let _ = std::fs::remove_file(&path);
             }
         }
